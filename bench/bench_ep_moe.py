@@ -1,0 +1,88 @@
+"""Single-device EP MoE benchmark, seed-compatible CLI.
+
+    python bench/bench_ep_moe.py --batch-size 8 --hidden-dim 256 --warmup 5 --iters 20
+
+Times one MoE layer (route, dispatch, experts, combine) per mode and prints ms/iter. `--mode both`
+checks that the modes agree (and match reference/ on the first tokens) before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    MODES,
+    add_seed_flags,
+    check_seed_flags,
+    cuda_profiler,
+    measure_ceilings,
+    nvtx_range,
+    pick_device,
+    pick_dtype,
+    roofline,
+    time_fn,
+    write_record,
+)
+from bench.workload import agree, check_against_reference, config_from_args, floors, make_inputs  # noqa: E402
+from nanomoe_fn import moe_layer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the bench; returns the JSON rows."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_seed_flags(parser)
+    args = parser.parse_args(argv)
+    check_seed_flags(args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+    cfg = config_from_args(args)
+    params, x = make_inputs(cfg, args, dtype, device)
+    modes = list(MODES) if args.mode == "both" else [args.mode]
+
+    outs = {m: moe_layer(params, x, cfg, backend=MODES[m], capacity=args.tokens_per_expert) for m in modes}
+    err_ref = check_against_reference(outs[modes[0]], params, x, cfg)
+    for m in modes[1:]:
+        agree(outs[m], outs[modes[0]], dtype)
+
+    bytes_moved, flops = floors(params, x, cfg)
+    ceilings = measure_ceilings(device, dtype) if args.json else None
+    print(f"device={device} dtype={str(dtype).replace('torch.', '')} tokens={args.batch_size} "
+          f"hidden={cfg.hidden} experts={cfg.num_experts} top_k={cfg.top_k} expert_type={cfg.expert_type} "
+          f"ref_err={err_ref:.2e}")
+    rows = []
+    for m in modes:
+        def step(m: str = m) -> torch.Tensor:
+            with nvtx_range(f"moe_layer[{m}]"):
+                return moe_layer(params, x, cfg, backend=MODES[m], capacity=args.tokens_per_expert)
+
+        with cuda_profiler(args.cuda_profiler):
+            times = time_fn(step, device, args.warmup, args.iters)
+        med, mean = statistics.median(times), statistics.fmean(times)
+        print(f"{m}: {mean * 1e3:.3f} ms/iter (median {med * 1e3:.3f} ms)")
+        row = {"case": {"phase": "decode" if args.batch_size <= 256 else "prefill", "tokens": args.batch_size,
+                        "experts": cfg.num_experts, "top_k": cfg.top_k, "hidden": cfg.hidden,
+                        "expert_type": cfg.expert_type, "dtype": str(dtype).replace("torch.", "")},
+               "variant": m, "median_us": round(med * 1e6, 2), "mean_us": round(mean * 1e6, 2),
+               "gbps": round(bytes_moved / med / 1e9, 2), "tflops": round(flops / med / 1e12, 4)}
+        if ceilings:
+            row["roofline"] = round(roofline(med, bytes_moved, flops, ceilings), 6)
+        rows.append(row)
+    if len(rows) > 1:
+        base = rows[0]["median_us"]
+        for row in rows[1:]:
+            row["speedup_vs"] = {rows[0]["variant"]: round(base / row["median_us"], 3)}
+    if args.json:
+        write_record(args.json, "ep_moe", device, 1, ceilings, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Shared pieces of the benches: seed-compatible flags, timing, ceilings, floors and the JSON record.
+
+Every bench writes the DESIGN.md schema: {"bench", "command", "date", "device", "world_size",
+"versions", "ceilings": {"hbm_gbps", "bf16_tflops"}, "rows": [...]}. Ceilings are measured in the
+same run: a large device copy (bytes read + written) and a large matmul in the bench's dtype
+(bfloat16 on GPUs; on the CPU the bench dtype's rate is stored under the same key, and
+`ceilings.matmul_dtype` says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+# the seed's mode names, plus the backend names they stand for
+MODES = {"loop": "loop", "batched_gemm": "bmm"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_seed_flags(parser: argparse.ArgumentParser) -> None:
+    """The seed benchmark's flags and defaults, plus --expert-type, --dtype and --json."""
+    parser.add_argument("--batch-size", type=int, default=128, help="tokens per rank")
+    parser.add_argument("--hidden-dim", type=int, default=2048)
+    parser.add_argument("--num-experts", type=int, default=256)
+    parser.add_argument("--experts-per-token", type=int, default=8)
+    parser.add_argument("--max-num-tokens", type=int, default=None,
+                        help="largest batch the run must accept (default: --batch-size); checked")
+    parser.add_argument("--tokens-per-expert", type=int, default=None,
+                        help="fixed expert capacity: experts run on the masked [E, cap, H] layout; "
+                             "an expert receiving more rows is an error, never a drop")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--mode", default="both", choices=[*MODES, "both"])
+    parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    parser.add_argument("--cuda-profiler", action="store_true",
+                        help="wrap the timed loop in cudaProfilerStart/Stop (no-op without CUDA)")
+    parser.add_argument("--expert-type", default="linear", choices=["linear", "swiglu"],
+                        help="linear = the seed's Linear(H, H) experts; swiglu = DeepSeek-V3 experts")
+    parser.add_argument("--intermediate-dim", type=int, default=None, help="SwiGLU width (default: hidden)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="auto = float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--json", default=None, help="write results in the DESIGN.md schema to this path")
+
+
+def check_seed_flags(args: argparse.Namespace) -> None:
+    """Clear errors for flag values that cannot run."""
+    for name in ("batch_size", "hidden_dim", "num_experts", "experts_per_token", "iters"):
+        if getattr(args, name) < (0 if name == "batch_size" else 1):
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
+    if args.max_num_tokens is not None and args.batch_size > args.max_num_tokens:
+        raise SystemExit(f"--batch-size ({args.batch_size}) exceeds --max-num-tokens ({args.max_num_tokens})")
+    if args.experts_per_token > args.num_experts:
+        raise SystemExit(f"--experts-per-token ({args.experts_per_token}) must be <= --num-experts "
+                         f"({args.num_experts})")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The requested device, or cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but this torch build sees no CUDA device")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype auto -> float32 on CPU, bfloat16 on accelerators."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return DTYPES[name]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str) -> Iterator[None]:
+    """An NVTX range on CUDA builds with a GPU; nothing on CPU-only builds."""
+    if torch.cuda.is_available():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def cuda_profiler(enabled: bool) -> Iterator[None]:
+    """cudaProfilerStart/Stop around a region when enabled and CUDA is present; else nothing."""
+    if enabled and torch.cuda.is_available():
+        torch.cuda.profiler.start()
+        try:
+            yield
+        finally:
+            torch.cuda.profiler.stop()
+    else:
+        yield
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: int,
+            barrier: Callable[[], None] | None = None) -> list[float]:
+    """Per-iteration wall times in seconds (device synchronised around each call)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if barrier is not None:
+            barrier()
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    """Copy bandwidth (GB/s, read + write) and matmul rate (TFLOP/s) measured here and now."""
+    big = device.type == "cuda"
+    n_bytes = (1 << 31) if big else (1 << 26)
+    bufs = [torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_() for _ in range(2)]
+    t_copy = statistics.median(time_fn(lambda: bufs[1].copy_(bufs[0]), device, 3, 10))
+    bufs.clear()
+    mm_dtype = torch.bfloat16 if big else dtype
+    n = 8192 if big else 1024
+    a = torch.randn(n, n, device=device, dtype=mm_dtype)
+    b = torch.randn(n, n, device=device, dtype=mm_dtype)
+    t_mm = statistics.median(time_fn(lambda: a @ b, device, 3, 10))
+    return {"hbm_gbps": round(2 * n_bytes / t_copy / 1e9, 1), "bf16_tflops": round(2 * n ** 3 / t_mm / 1e12, 2),
+            "matmul_dtype": str(mm_dtype).replace("torch.", "")}
+
+
+def roofline(seconds: float, bytes_moved: float, flops: float, ceilings: dict) -> float:
+    """Floor time (max of bytes / bandwidth and FLOPs / matmul rate) over the measured time."""
+    floor = max(bytes_moved / (ceilings["hbm_gbps"] * 1e9), flops / (ceilings["bf16_tflops"] * 1e12))
+    return floor / seconds if seconds > 0 else 0.0
+
+
+def device_name(device: torch.device) -> str:
+    """'NVIDIA H200' style name, or 'cpu'."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def versions() -> dict:
+    """Versions of what the numbers depend on."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def write_record(path: str, bench: str, device: torch.device, world_size: int, ceilings: dict,
+                 rows: list[dict]) -> None:
+    """Write one bench run in the DESIGN.md schema."""
+    record = {
+        "bench": bench,
+        "command": " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]]),
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(device),
+        "world_size": world_size,
+        "versions": versions(),
+        "ceilings": ceilings,
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")

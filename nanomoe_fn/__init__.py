@@ -1,0 +1,31 @@
+"""NanoMoE functional core: pure stage functions over explicit parameter pytrees.
+
+route -> dispatch -> expert_ffn -> combine (moe_layer composes them); configs in config.py,
+parameters in params.py, expert placement in placement.py, comm backends in comm/.
+"""
+
+from nanomoe_fn.batch import ExpertBatch, Handle
+from nanomoe_fn.comm import COMM_BACKENDS, LocalComm, TorchComm, make_comm, supports_comm
+from nanomoe_fn.config import PRESETS, MoEConfig, preset
+from nanomoe_fn.dispatch import combine, dispatch
+from nanomoe_fn.expert_ffn import EXPERT_BACKENDS, expert_ffn, get_expert_backend
+from nanomoe_fn.layer import cast_params, moe_layer, shard_moe_params, shared_mlp
+from nanomoe_fn.params import (
+                               GateParams,
+                               LinearExperts,
+                               MoEParams,
+                               SharedMLP,
+                               SwiGLUExperts,
+                               expert_tensors,
+                               init_moe_params,
+)
+from nanomoe_fn.placement import Placement
+from nanomoe_fn.route import Routing, route
+
+__all__ = [
+    "COMM_BACKENDS", "EXPERT_BACKENDS", "PRESETS", "ExpertBatch", "GateParams", "Handle", "LinearExperts",
+    "LocalComm", "MoEConfig", "MoEParams", "Placement", "Routing", "SharedMLP", "SwiGLUExperts", "TorchComm",
+    "cast_params", "combine", "dispatch", "expert_ffn", "expert_tensors", "get_expert_backend",
+    "init_moe_params", "make_comm", "moe_layer", "preset", "route", "shard_moe_params", "shared_mlp",
+    "supports_comm",
+]

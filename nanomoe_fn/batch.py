@@ -1,0 +1,101 @@
+"""The records that pass between dispatch, expert_ffn and combine.
+
+Dimension legend: T tokens on this rank, k experts per token, H hidden, P_local expert slots on this
+rank, N (token, k) pairs this rank sends, M rows this rank's experts receive, C fixed capacity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from nanomoe_fn.tree import register_dataclass
+
+LAYOUTS = ("contiguous", "masked")
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertBatch:
+    """Rows for this rank's experts, in an explicit layout.
+
+    layout "contiguous": x [M, H], rows sorted by local expert; counts [P_local] rows per expert
+    (expert e owns rows offsets[e]:offsets[e] + counts[e], offsets = exclusive cumsum of counts).
+    layout "masked": x [P_local, C, H]; expert e's rows are x[e, :counts[e]], the rest is padding.
+    """
+
+    x: torch.Tensor
+    counts: torch.Tensor
+    layout: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"ExpertBatch.layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+    @property
+    def num_experts(self) -> int:
+        """P_local, the local expert slots the batch is laid out for."""
+        return int(self.counts.shape[0])
+
+    def with_x(self, x: torch.Tensor) -> ExpertBatch:
+        """The same layout and counts with new rows (an expert stage's output)."""
+        return replace(self, x=x)
+
+    def offsets(self) -> torch.Tensor:
+        """Exclusive cumsum of counts [P_local] (contiguous layout): first row of each expert."""
+        return torch.cumsum(self.counts, 0) - self.counts
+
+
+@dataclass(frozen=True, eq=False)
+class Handle:
+    """Everything combine needs to return expert rows to their tokens and reduce them.
+
+    send_order [N]: flat (t * k + j) index of each sent row, rows in send order (sorted by slot).
+    topk_weights [T, k] float32: the reduction weights.
+    recv_order [M] or None: for each row of the expert batch, its index in the received buffer
+    (None when the batch rows are the sent rows, as on one rank).
+    send_splits / recv_splits: rows sent to / received from each rank (host ints; None on one rank).
+    """
+
+    send_order: torch.Tensor
+    topk_weights: torch.Tensor
+    recv_order: torch.Tensor | None = None
+    send_splits: tuple[int, ...] | None = None
+    recv_splits: tuple[int, ...] | None = None
+
+
+def row_coords(batch: ExpertBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of a contiguous batch: (local expert [M], slot within that expert [M])."""
+    M, dev = batch.x.shape[0], batch.x.device
+    expert = torch.repeat_interleave(torch.arange(batch.num_experts, device=dev), batch.counts, output_size=M)
+    return expert, torch.arange(M, device=dev) - batch.offsets()[expert]
+
+
+def to_masked(batch: ExpertBatch, capacity: int) -> ExpertBatch:
+    """Contiguous -> masked [P_local, capacity, H] (zero padding). An expert with more rows than
+    `capacity` is an error (async on accelerators), never a silent drop."""
+    from nanomoe_fn.checks import check_values
+
+    if batch.layout != "contiguous":
+        raise ValueError(f"to_masked expects a contiguous batch, got layout {batch.layout!r}")
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    if batch.num_experts:
+        check_values(batch.counts.max() <= capacity,
+                     f"an expert received more rows than the capacity ({capacity}); raise the capacity")
+    expert, slot = row_coords(batch)
+    xp = batch.x.new_zeros((batch.num_experts, capacity, batch.x.shape[1]))
+    xp[expert, slot] = batch.x
+    return ExpertBatch(xp, batch.counts, "masked")
+
+
+def to_contiguous(masked: ExpertBatch, like: ExpertBatch) -> ExpertBatch:
+    """Masked -> the contiguous row order of `like` (the batch that to_masked was given)."""
+    if masked.layout != "masked":
+        raise ValueError(f"to_contiguous expects a masked batch, got layout {masked.layout!r}")
+    expert, slot = row_coords(like)
+    return like.with_x(masked.x[expert, slot])
+
+
+register_dataclass(ExpertBatch, static=("layout",))
+register_dataclass(Handle, static=("send_splits", "recv_splits"))

@@ -1,0 +1,93 @@
+"""Static MoE hyper-parameters: a frozen, hashable config with named presets.
+
+Dimension legend: H hidden, I expert intermediate, E routed experts, k experts per token (top-k),
+G expert groups (n_group), S shared experts.
+
+The config is static (hashable, usable as a torch.compile / lru_cache key); tensors live in the
+parameter pytrees of nanomoe_fn/params.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+EXPERT_TYPES = ("swiglu", "linear")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """One MoE layer's shape and routing rule.
+
+    expert_type "swiglu" is DeepSeek-V3's expert (gate/up [2I, H], down [H, I]); "linear" is the seed
+    benchmark's expert, one bias-free Linear(H, H).
+    score_func "softmax" (Mixtral/DeepSeek-V2 style) or "sigmoid" (DeepSeek-V3, with a correction
+    bias that only affects which experts are chosen, never their weights).
+    Grouped top-k: experts split into n_group groups, the best topk_group groups are kept per token,
+    top_k experts are chosen among them.
+    """
+
+    hidden: int
+    intermediate: int
+    num_experts: int
+    top_k: int
+    score_func: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False
+    n_shared_experts: int = 0
+    expert_type: str = "swiglu"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "intermediate", "num_experts", "top_k", "n_group", "topk_group"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"MoEConfig.score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
+        if self.expert_type not in EXPERT_TYPES:
+            raise ValueError(f"MoEConfig.expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
+        if self.num_experts % self.n_group != 0:
+            raise ValueError(f"MoEConfig.n_group ({self.n_group}) must divide num_experts ({self.num_experts})")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"MoEConfig.topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+        if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(
+                f"MoEConfig.top_k ({self.top_k}) exceeds the experts in the kept groups "
+                f"({self.topk_group} groups x {self.num_experts // self.n_group} experts)"
+            )
+        if self.correction_bias and self.score_func != "sigmoid":
+            raise ValueError("MoEConfig.correction_bias needs score_func='sigmoid' (DeepSeek-V3 routing)")
+        if self.n_shared_experts < 0:
+            raise ValueError(f"MoEConfig.n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+
+    def with_(self, **changes: object) -> MoEConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, MoEConfig] = {
+    # small enough for float64 reference loops in tests
+    "tiny": MoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2, score_func="sigmoid",
+                      n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                      correction_bias=True, n_shared_experts=1),
+    # the seed benchmark: 256 linear experts of Linear(2048, 2048), top-8, softmax routing
+    "seed": MoEConfig(hidden=2048, intermediate=2048, num_experts=256, top_k=8, expert_type="linear"),
+    # DeepSeek-V3's MoE layer (ANCHORS.md)
+    "deepseek-v3": MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, score_func="sigmoid",
+                             n_group=8, topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5,
+                             correction_bias=True, n_shared_experts=1),
+}
+
+
+def preset(name: str) -> MoEConfig:
+    """The named preset config: 'tiny', 'seed' or 'deepseek-v3'."""
+    if name not in PRESETS:
+        raise ValueError(f"preset name must be one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]

@@ -1,0 +1,25 @@
+"""`dispatch` and `combine`: both halves of a comm backend's exchange, back to back.
+
+Dimension legend: T tokens, H hidden, k experts per token.
+A schedule that overlaps communication calls the halves (comm.dispatch_send / dispatch_recv,
+combine_send / combine_recv) itself; these are the plain sequential composition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanomoe_fn.batch import ExpertBatch, Handle
+from nanomoe_fn.comm.base import Comm
+from nanomoe_fn.placement import Placement
+from nanomoe_fn.route import Routing
+
+
+def dispatch(x: torch.Tensor, routing: Routing, comm: Comm, placement: Placement) -> tuple[ExpertBatch, Handle]:
+    """Move each (token, k) row of x [T, H] to the rank owning its slot; rows sorted by local expert."""
+    return comm.dispatch_recv(comm.dispatch_send(x, routing, placement))
+
+
+def combine(y: ExpertBatch, handle: Handle, comm: Comm) -> torch.Tensor:
+    """Return expert outputs to their tokens and sum them with the top-k weights -> [T, H]."""
+    return comm.combine_recv(comm.combine_send(y, handle))

@@ -1,0 +1,138 @@
+"""`expert_ffn`: run each local expert on its rows. Backends by name in a registry.
+
+Dimension legend: P_local local expert slots, M rows, C capacity (rows per expert, padded), H hidden,
+I intermediate. SwiGLU: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T with w13 = [w1; w3] [P, 2I, H];
+linear: y = x @ w.T. The activation is computed in float32 and rounded to the weights' dtype before
+the down projection, as the fused kernels do.
+
+Backends here: `loop` (one GEMM pair per expert; the obviously right baseline) and `bmm` (rows
+scattered into a padded [P_active, C, H] batch and one batched GEMM per projection). `triton` and
+`deepgemm` join the registry from kernels/ when their issue lands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nanomoe_fn.batch import ExpertBatch, row_coords
+from nanomoe_fn.checks import check_tensor
+from nanomoe_fn.config import MoEConfig
+from nanomoe_fn.params import Experts, SwiGLUExperts, expert_tensors
+
+
+def swiglu_act(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * up over the last dim [.., 2I] -> [.., I], in float32, rounded to `dtype`."""
+    gate, up = h.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(dtype)
+
+
+def _check(experts: Experts, batch: ExpertBatch) -> None:
+    ws = expert_tensors(experts)
+    P, H = ws[0].shape[0], ws[0].shape[-1]
+    if batch.num_experts != P:
+        raise ValueError(f"batch.counts must have one entry per local expert ({P}), got {batch.num_experts}")
+    check_tensor("batch.x", batch.x, dim=2 if batch.layout == "contiguous" else 3, dtypes=(ws[0].dtype,),
+                 device=ws[0].device)
+    if batch.x.shape[-1] != H:
+        raise ValueError(f"batch.x must have hidden size {H} (the experts'), got {batch.x.shape[-1]}")
+    if batch.layout == "masked" and batch.x.shape[0] != P:
+        raise ValueError(f"masked batch.x must be [{P}, C, {H}], got {tuple(batch.x.shape)}")
+
+
+def _apply(experts: Experts, e: int, rows: torch.Tensor, out: torch.Tensor) -> None:
+    """Expert e on rows [m, H], written into out [m, H] (no temporary for the output)."""
+    if isinstance(experts, SwiGLUExperts):
+        torch.mm(swiglu_act(rows @ experts.w13[e].T, rows.dtype), experts.w2[e].T, out=out)
+    else:
+        torch.mm(rows, experts.w[e].T, out=out)
+
+
+def _loop(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
+    # host copy of the counts: a Python loop over experts needs them (the slow baseline; not for decode)
+    counts = batch.counts.tolist()
+    y = torch.zeros_like(batch.x) if batch.layout == "masked" else torch.empty_like(batch.x)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        if batch.layout == "masked":
+            _apply(experts, e, batch.x[e, :c], y[e, :c])
+        else:
+            _apply(experts, e, batch.x[start : start + c], y[start : start + c])
+            start += c
+    return batch.with_x(y)
+
+
+def _bmm_padded(experts: Experts, xp: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+    """[P_sel, C, H] -> [P_sel, C, H] for the experts at `slots` (all experts when None)."""
+    ws = expert_tensors(experts) if slots is None else tuple(w.index_select(0, slots) for w in
+                                                               expert_tensors(experts))
+    if isinstance(experts, SwiGLUExperts):
+        return torch.bmm(swiglu_act(torch.bmm(xp, ws[0].transpose(1, 2)), xp.dtype), ws[1].transpose(1, 2))
+    return torch.bmm(xp, ws[0].transpose(1, 2))
+
+
+def _bmm(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
+    if batch.layout == "masked":
+        return batch.with_x(_bmm_padded(experts, batch.x, None))
+    H = batch.x.shape[1]
+    P = batch.num_experts
+    # host copy of the counts: the padded batch's shape depends on them (prefill-style path);
+    # experts with no rows are left out so their weights are never read
+    counts_host = batch.counts.tolist()
+    active = [e for e, c in enumerate(counts_host) if c]
+    if not active:
+        return batch.with_x(batch.x.new_empty((0, H)))
+    cap = max(counts_host)
+    dense = len(active) == P
+    slots = None if dense else torch.tensor(active, device=batch.x.device)
+    # each row's (position of its expert among the active ones, slot within that expert)
+    rank_of = torch.cumsum(batch.counts > 0, 0) - 1
+    row_expert, row_slot = row_coords(batch)
+    row_active = rank_of[row_expert]
+    xp = batch.x.new_zeros((len(active), cap, H))
+    xp[row_active, row_slot] = batch.x
+    y = _bmm_padded(experts, xp, slots)
+    return batch.with_x(y[row_active, row_slot])
+
+
+@dataclass(frozen=True)
+class ExpertBackend:
+    """A named expert-compute backend: `supports(cfg, device) -> (ok, reason)` and `run(experts, batch)`."""
+
+    name: str
+    supports: Callable[[MoEConfig, torch.device], tuple[bool, str]]
+    run: Callable[[Experts, ExpertBatch], ExpertBatch]
+
+
+def _always(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
+    return True, ""
+
+
+EXPERT_BACKENDS: dict[str, ExpertBackend] = {
+    "loop": ExpertBackend("loop", _always, _loop),
+    "bmm": ExpertBackend("bmm", _always, _bmm),
+}
+
+
+def get_expert_backend(name: str, cfg: MoEConfig, device: torch.device | str) -> ExpertBackend:
+    """The backend called `name`, or ValueError saying why it cannot run this config on `device`."""
+    if name not in EXPERT_BACKENDS:
+        raise ValueError(f"expert backend must be one of {sorted(EXPERT_BACKENDS)}, got {name!r}")
+    backend = EXPERT_BACKENDS[name]
+    ok, reason = backend.supports(cfg, torch.device(device))
+    if not ok:
+        raise ValueError(f"expert backend {name!r} cannot run here: {reason}")
+    return backend
+
+
+def expert_ffn(expert_params: Experts, batch: ExpertBatch, backend: str = "bmm") -> ExpertBatch:
+    """Apply each local expert to its rows; the output keeps the batch's layout and counts."""
+    if backend not in EXPERT_BACKENDS:
+        raise ValueError(f"expert backend must be one of {sorted(EXPERT_BACKENDS)}, got {backend!r}")
+    _check(expert_params, batch)
+    return EXPERT_BACKENDS[backend].run(expert_params, batch)

@@ -1,0 +1,76 @@
+"""`moe_layer`: route -> dispatch -> expert_ffn -> combine, plus the shared experts.
+
+Dimension legend: T tokens on this rank, H hidden, E logical experts, P physical slots, W ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils import _pytree as pytree
+
+from nanomoe_fn.batch import to_contiguous, to_masked
+from nanomoe_fn.comm.base import Comm
+from nanomoe_fn.comm.local import LocalComm
+from nanomoe_fn.config import MoEConfig
+from nanomoe_fn.dispatch import combine, dispatch
+from nanomoe_fn.expert_ffn import expert_ffn, get_expert_backend, swiglu_act
+from nanomoe_fn.params import MoEParams, SharedMLP, select_experts
+from nanomoe_fn.placement import Placement
+from nanomoe_fn.route import route
+
+
+def shared_mlp(params: SharedMLP, x: torch.Tensor) -> torch.Tensor:
+    """The shared experts as one dense SwiGLU: x [T, H] -> [T, H]."""
+    return swiglu_act(x @ params.w13.T, x.dtype) @ params.w2.T
+
+
+def shard_moe_params(params: MoEParams, placement: Placement, rank: int) -> MoEParams:
+    """This rank's view: its physical slots' experts (copied from the logical ones); router and
+    shared experts replicated."""
+    n_logical = params.experts.num_experts
+    if placement.num_logical != n_logical:
+        raise ValueError(f"placement has {placement.num_logical} logical experts, params have {n_logical}")
+    local = select_experts(params.experts, placement.local_slots(rank))
+    return MoEParams(gate=params.gate, experts=local, shared=params.shared)
+
+
+def moe_layer(
+    params: MoEParams,
+    x: torch.Tensor,
+    cfg: MoEConfig,
+    comm: Comm | None = None,
+    placement: Placement | None = None,
+    backend: str = "bmm",
+    capacity: int | None = None,
+) -> torch.Tensor:
+    """One MoE layer on this rank's tokens x [T, H] -> [T, H].
+
+    params holds this rank's local experts (see shard_moe_params); with the default local comm and
+    identity placement they are all the experts. With `capacity`, experts run on the masked
+    layout [P_local, capacity, H] (fixed shapes; more rows than capacity is an error, not a drop).
+    """
+    comm = comm if comm is not None else LocalComm()
+    placement = placement if placement is not None else Placement.identity(cfg.num_experts, comm.world_size)
+    get_expert_backend(backend, cfg, x.device)
+    if params.experts.num_experts != placement.local_experts:
+        raise ValueError(f"params.experts must hold this rank's {placement.local_experts} slots, "
+                         f"got {params.experts.num_experts} (use shard_moe_params)")
+    routing = route(params.gate, x, cfg)
+    batch, handle = dispatch(x, routing, comm, placement)
+    if capacity is None:
+        y = expert_ffn(params.experts, batch, backend)
+    else:
+        y = to_contiguous(expert_ffn(params.experts, to_masked(batch, capacity), backend), batch)
+    out = combine(y, handle, comm)
+    if params.shared is not None:
+        out = out + shared_mlp(params.shared, x)
+    return out
+
+
+def cast_params(params: MoEParams, dtype: torch.dtype) -> MoEParams:
+    """Cast expert and shared weights to `dtype`; the router stays float32."""
+    return MoEParams(
+        gate=params.gate,
+        experts=pytree.tree_map(lambda t: t.to(dtype), params.experts),
+        shared=None if params.shared is None else pytree.tree_map(lambda t: t.to(dtype), params.shared),
+    )

@@ -1,0 +1,110 @@
+"""Expert placement: which physical expert slot on which rank holds which logical expert.
+
+Dimension legend: E logical experts, P physical slots (E + redundant), W ranks (EP world size),
+P_local = P // W slots per rank, R max replicas of one logical expert, T tokens, k experts per token.
+
+Physical slot p lives on rank p // P_local as local expert p % P_local. The identity placement has
+P == E and phy2log == arange(E). EPLB (nanomoe_fn/eplb.py) produces placements with redundant slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """Logical <-> physical expert tables for one MoE layer.
+
+    phy2log [P] int64: logical expert held by each physical slot.
+    log2phy [E, R] int64: physical replicas of each logical expert, padded with -1.
+    logcnt [E] int64: replica count of each logical expert (>= 1).
+    """
+
+    phy2log: torch.Tensor
+    log2phy: torch.Tensor
+    logcnt: torch.Tensor
+    world_size: int
+
+    @property
+    def num_logical(self) -> int:
+        """E, the number of logical experts."""
+        return int(self.log2phy.shape[0])
+
+    @property
+    def num_physical(self) -> int:
+        """P, the number of physical slots over all ranks."""
+        return int(self.phy2log.shape[0])
+
+    @property
+    def local_experts(self) -> int:
+        """P_local, physical slots per rank."""
+        return self.num_physical // self.world_size
+
+    @staticmethod
+    def from_phy2log(phy2log: torch.Tensor, num_logical: int, world_size: int) -> Placement:
+        """Build a placement from the physical -> logical table; checks every expert has a slot."""
+        phy2log = torch.as_tensor(phy2log, dtype=torch.int64).cpu()
+        if phy2log.dim() != 1:
+            raise ValueError(f"phy2log must be 1-D [P], got shape {tuple(phy2log.shape)}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        P = phy2log.numel()
+        if P % world_size != 0:
+            raise ValueError(
+                f"world_size ({world_size}) must divide the physical experts ({P}); "
+                f"pick a world size that divides it or add redundant slots"
+            )
+        if P and (int(phy2log.min()) < 0 or int(phy2log.max()) >= num_logical):
+            raise ValueError(f"phy2log entries must lie in [0, {num_logical}), got range "
+                             f"[{int(phy2log.min())}, {int(phy2log.max())}]")
+        logcnt = torch.bincount(phy2log, minlength=num_logical)
+        if num_logical and int(logcnt.min()) < 1:
+            missing = torch.nonzero(logcnt == 0).flatten()[:8].tolist()
+            raise ValueError(f"every logical expert needs a physical slot; missing e.g. {missing}")
+        R = int(logcnt.max()) if num_logical else 1
+        log2phy = torch.full((num_logical, R), -1, dtype=torch.int64)
+        order = torch.argsort(phy2log, stable=True)
+        starts = torch.cumsum(logcnt, 0) - logcnt
+        rank_in_expert = torch.arange(P) - starts[phy2log[order]]
+        log2phy[phy2log[order], rank_in_expert] = order
+        return Placement(phy2log, log2phy, logcnt, world_size)
+
+    @staticmethod
+    def identity(num_experts: int, world_size: int) -> Placement:
+        """Expert e in slot e: rank r holds experts [r * E / W, (r + 1) * E / W)."""
+        return Placement.from_phy2log(torch.arange(num_experts), num_experts, world_size)
+
+    def to(self, device: torch.device | str) -> Placement:
+        """The same tables on another device (routing remaps on the tokens' device)."""
+        return Placement(self.phy2log.to(device), self.log2phy.to(device), self.logcnt.to(device),
+                         self.world_size)
+
+    def physical_ids(self, topk_ids: torch.Tensor, rank: int = 0) -> torch.Tensor:
+        """Map logical topk_ids [T, k] to physical slots [T, k] (static policy).
+
+        Each (token, k) pair goes to the replica on the sender's own rank when there is one, else to
+        replica number (token index mod replica count), which spreads one hot expert's tokens over
+        its replicas without randomness. With one replica per expert this is phy = log2phy[id, 0].
+        """
+        log2phy = self.log2phy.to(topk_ids.device)
+        logcnt = self.logcnt.to(topk_ids.device)
+        ids = topk_ids.long()
+        if log2phy.shape[1] == 1:
+            return log2phy[ids, 0]
+        T = ids.shape[0]
+        spread = torch.arange(T, device=ids.device).unsqueeze(1) % logcnt[ids]
+        choice = log2phy[ids, spread]
+        reps = log2phy[ids]  # [T, k, R]
+        on_rank = (reps >= 0) & (reps // self.local_experts == rank)
+        local = torch.where(on_rank, reps, torch.full_like(reps, -1)).amax(-1)
+        return torch.where(local >= 0, local, choice)
+
+    def local_slots(self, rank: int) -> torch.Tensor:
+        """Logical expert of each local slot on `rank`: phy2log[rank * P_local:(rank + 1) * P_local]."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must lie in [0, {self.world_size}), got {rank}")
+        n = self.local_experts
+        return self.phy2log[rank * n : (rank + 1) * n]

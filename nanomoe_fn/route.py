@@ -1,0 +1,84 @@
+"""`route`: token -> top-k experts and weights (softmax, or DeepSeek-V3 sigmoid + bias + grouped top-k).
+
+Dimension legend: T tokens, H hidden, E experts, k experts per token, G expert groups (n_group).
+
+Logits are computed in float32 whatever the activation dtype: bf16 logits carry about three
+significant digits and would turn near-ties into arbitrary choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch.utils import _pytree as pytree
+
+from nanomoe_fn.checks import FLOAT_DTYPES, check_tensor, check_values
+from nanomoe_fn.config import MoEConfig
+from nanomoe_fn.params import GateParams
+
+
+@dataclass(frozen=True, eq=False)
+class Routing:
+    """topk_ids [T, k] int32 (logical experts, best first), topk_weights [T, k] float32."""
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """T."""
+        return int(self.topk_ids.shape[0])
+
+
+pytree.register_dataclass(Routing)
+
+
+def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
+    """Choose each token's top-k experts and their weights.
+
+    x [T, H] float. Scores: softmax over all experts, or sigmoid (DeepSeek-V3). With a correction
+    bias the choice uses score + bias but the weight is the plain score. With n_group > 1 only the
+    best topk_group groups are eligible (a group scores by its best expert, or by its top two when
+    there is a bias, as in DeepSeek-V3). Weights are renormalised if cfg.norm_topk_prob, then scaled
+    by cfg.routed_scaling_factor.
+    """
+    check_tensor("x", x, dim=2, dtypes=FLOAT_DTYPES)
+    w = check_tensor("gate_params.weight", gate_params.weight, dim=2, dtypes=FLOAT_DTYPES)
+    if x.shape[1] != cfg.hidden:
+        raise ValueError(f"x must be [T, hidden={cfg.hidden}], got shape {tuple(x.shape)}")
+    if tuple(w.shape) != (cfg.num_experts, cfg.hidden):
+        raise ValueError(f"gate_params.weight must be [{cfg.num_experts}, {cfg.hidden}], got {tuple(w.shape)}")
+    if x.device != w.device:
+        raise ValueError(f"x must be on {w.device} (where the gate weight is), got {x.device}")
+    bias = gate_params.bias
+    if cfg.correction_bias != (bias is not None):
+        raise ValueError(f"gate_params.bias must be {'a [E] tensor' if cfg.correction_bias else 'None'} "
+                         f"for this config (correction_bias={cfg.correction_bias})")
+
+    logits = x.float() @ w.float().T  # [T, E]
+    check_values(~torch.isnan(logits).any(), "router logits contain NaN (check x and gate_params.weight)")
+    if cfg.score_func == "softmax":
+        scores = logits.softmax(dim=-1)
+    else:
+        scores = logits.sigmoid()
+    choice = scores if bias is None else scores + bias.float()
+
+    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+        grouped = rearrange(choice, "t (g e) -> t g e", g=cfg.n_group)
+        if bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        keep = group_scores.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        mask = mask.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1)
+        choice = choice.masked_fill(~mask, float("-inf"))
+
+    topk_ids = choice.topk(cfg.top_k, dim=-1).indices  # [T, k], sorted best first
+    weights = scores.gather(1, topk_ids)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights * cfg.routed_scaling_factor
+    return Routing(topk_ids.to(torch.int32), weights.float())

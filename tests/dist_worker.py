@@ -1,0 +1,73 @@
+"""Code that runs inside spawned gloo ranks for tests/test_distributed.py (importable by child processes).
+
+Dimension legend: T tokens on a rank, H hidden, E experts, W ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from nanomoe_fn import MoEConfig, MoEParams, Placement, TorchComm, init_moe_params, moe_layer, shard_moe_params
+
+
+def case_inputs(case: dict, rank: int) -> tuple[MoEConfig, MoEParams, torch.Tensor]:
+    """The config, full parameters and rank `rank`'s tokens for one test case (same on every rank)."""
+    cfg = MoEConfig(**case["cfg"])
+    dtype = getattr(torch, case["dtype"])
+    params = init_moe_params(cfg, dtype, generator=torch.Generator().manual_seed(case["seed"]))
+    T = case["tokens"][rank]
+    x = torch.randn(T, cfg.hidden, generator=torch.Generator().manual_seed(case["seed"] * 31 + rank + 1))
+    if case.get("hot"):
+        # every token picks the same top-k experts: distinct positive weights on positive inputs
+        w = torch.zeros_like(params.gate.weight)
+        for j, e in enumerate(case["hot"]):
+            w[e] = 4.0 / (j + 1)
+        params = MoEParams(type(params.gate)(w, params.gate.bias), params.experts, params.shared)
+        x = x.abs() + 0.1
+    return cfg, params, x.to(dtype)
+
+
+def _init(rank: int, world_size: int, port: int, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def run_cases(rank: int, world_size: int, port: int, cases: list[dict], out_dir: str) -> None:
+    """EP forward of every case on this rank; saves each output to out_dir/case{i}_rank{rank}.pt."""
+    _init(rank, world_size, port, 60)
+    try:
+        comm = TorchComm(timeout_s=60)
+        for i, case in enumerate(cases):
+            cfg, params, x = case_inputs(case, rank)
+            placement = Placement.identity(cfg.num_experts, world_size)
+            out = moe_layer(shard_moe_params(params, placement, rank), x, cfg, comm, placement,
+                            backend=case["backend"], capacity=case.get("capacity"))
+            torch.save(out, os.path.join(out_dir, f"case{i}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_absent_peer(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Rank 0 runs a layer; the others never join the exchange. Rank 0 saves the error it gets."""
+    _init(rank, world_size, port, 30)
+    if rank != 0:
+        time.sleep(8)  # a peer that never arrives (then exits without a word)
+        return
+    cfg = MoEConfig(hidden=16, intermediate=8, num_experts=4, top_k=2)
+    params = init_moe_params(cfg, generator=torch.Generator().manual_seed(0))
+    placement = Placement.identity(4, world_size)
+    t0 = time.monotonic()
+    try:
+        moe_layer(shard_moe_params(params, placement, 0), torch.randn(3, 16), cfg,
+                  TorchComm(timeout_s=1.5), placement)
+        message = "no error"
+    except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
+        message = f"{type(err).__name__}: {err}"
+    with open(os.path.join(out_dir, "error.txt"), "w") as f:
+        f.write(f"{time.monotonic() - t0:.2f}\n{message}")

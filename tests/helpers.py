@@ -1,0 +1,56 @@
+"""Test helpers: dtype-scaled comparison with the float64 reference, and config/input drawing."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+import reference
+from nanomoe_fn import MoEConfig, MoEParams, expert_tensors
+
+# relative (norm-wise) error allowed against the float64 reference, by activation dtype
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# routing decisions whose relative top-k margin is below this are near-ties: float32 vs float64 may differ
+MIN_MARGIN = 2e-5
+
+
+def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output") -> None:
+    """NaN/Inf first, then shape, then norm-wise relative error within the dtype's tolerance."""
+    assert torch.isfinite(out).all(), f"{what} has NaN/Inf"
+    assert tuple(out.shape) == tuple(ref.shape), f"{what} shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    err = float((out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-12))
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g} ({dtype})"
+
+
+def route_kwargs(cfg: MoEConfig, params: MoEParams) -> dict:
+    """The reference router's keyword arguments for this config and parameters."""
+    return dict(score_func=cfg.score_func, bias=params.gate.bias, n_group=cfg.n_group,
+                topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                routed_scaling_factor=cfg.routed_scaling_factor)
+
+
+def reference_layer(params: MoEParams, x: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, float]:
+    """reference.moe_layer on these parameters: (out [T, H] float64, routing margin)."""
+    shared = None if params.shared is None else (params.shared.w13, params.shared.w2)
+    return reference.moe_layer(x, params.gate.weight, expert_tensors(params.experts), cfg.top_k,
+                               cfg.expert_type, shared, **route_kwargs(cfg, params))
+
+
+@st.composite
+def moe_configs(draw: st.DrawFn, max_experts: int = 64, max_hidden: int = 256) -> MoEConfig:
+    """Valid configs: experts 1-64, top-k 1-8, hidden 8-256, groups, both score functions, both expert types."""
+    E = draw(st.integers(1, max_experts))
+    n_group = draw(st.sampled_from([g for g in (1, 2, 4, 8) if E % g == 0]))
+    topk_group = draw(st.integers(1, n_group))
+    top_k = draw(st.integers(1, min(8, topk_group * (E // n_group))))
+    score_func = draw(st.sampled_from(["softmax", "sigmoid"]))
+    return MoEConfig(
+        hidden=draw(st.integers(8, max_hidden)), intermediate=draw(st.integers(4, 64)), num_experts=E,
+        top_k=top_k, score_func=score_func, n_group=n_group, topk_group=topk_group,
+        norm_topk_prob=draw(st.booleans()), routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
+        correction_bias=score_func == "sigmoid" and draw(st.booleans()),
+        n_shared_experts=draw(st.integers(0, 1)), expert_type=draw(st.sampled_from(["swiglu", "linear"])),
+    )
