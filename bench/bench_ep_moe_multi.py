@@ -38,7 +38,7 @@ from bench.common import (  # noqa: E402
     write_record,
 )
 from bench.workload import agree, config_from_args, floors, make_inputs  # noqa: E402
-from nanomoe_fn import Placement, TorchComm, moe_layer, shard_moe_params  # noqa: E402
+from nanomoe_fn import Placement, TorchComm, TorchFixedComm, moe_layer, shard_moe_params  # noqa: E402
 
 
 def free_port() -> int:
@@ -74,7 +74,10 @@ def _bench(rank: int, world_size: int, args: argparse.Namespace, device: torch.d
     params, x = make_inputs(cfg, args, dtype, device, rank)
     placement = Placement.identity(cfg.num_experts, world_size)
     local = shard_moe_params(params, placement, rank)
-    comm = TorchComm(timeout_s=args.timeout)
+    if args.comm == "torch_fixed":  # capacity = tokens per rank: can never overflow
+        comm = TorchFixedComm(max(1, args.batch_size), timeout_s=args.timeout)
+    else:
+        comm = TorchComm(timeout_s=args.timeout)
     modes = list(MODES) if args.mode == "both" else [args.mode]
 
     def layer(m: str) -> torch.Tensor:
@@ -107,7 +110,7 @@ def _bench(rank: int, world_size: int, args: argparse.Namespace, device: torch.d
         row = {"case": {"phase": "decode" if args.batch_size <= 256 else "prefill",
                         "tokens": args.batch_size, "experts": cfg.num_experts, "top_k": cfg.top_k,
                         "hidden": cfg.hidden, "expert_type": cfg.expert_type,
-                        "dtype": str(dtype).replace("torch.", ""), "comm": "torch", "backend": args.backend},
+                        "dtype": str(dtype).replace("torch.", ""), "comm": args.comm, "backend": args.backend},
                "variant": m, "median_us": round(med * 1e6, 2), "mean_us": round(mean * 1e6, 2),
                "gbps": round(bytes_moved / med / 1e9, 2), "tflops": round(flops / med / 1e12, 4)}
         if ceilings:
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--backend", default="nccl", choices=["nccl", "gloo"])
     parser.add_argument("--master-port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--comm", default="torch", choices=["torch", "torch_fixed"],
+                        help="torch: exact splits (one count exchange, a host sync); torch_fixed: fixed "
+                             "capacity = --batch-size rows per rank and expert, no host sync")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for its peers")
     args = parser.parse_args(argv)
     check_seed_flags(args)

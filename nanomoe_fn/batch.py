@@ -55,6 +55,9 @@ class Handle:
     recv_order [M] or None: for each row of the expert batch, its index in the received buffer
     (None when the batch rows are the sent rows, as on one rank).
     send_splits / recv_splits: rows sent to / received from each rank (host ints; None on one rank).
+    slot_pos [N] or None: fixed-capacity comms only: where each sent row sits in the [P * C] send buffer.
+    pack_index [P_local, W * C] or None: fixed-capacity comms only: where each received buffer row
+    went in the packed masked batch (W * C marks an empty row).
     """
 
     send_order: torch.Tensor
@@ -62,6 +65,8 @@ class Handle:
     recv_order: torch.Tensor | None = None
     send_splits: tuple[int, ...] | None = None
     recv_splits: tuple[int, ...] | None = None
+    slot_pos: torch.Tensor | None = None
+    pack_index: torch.Tensor | None = None
 
 
 def row_coords(batch: ExpertBatch) -> tuple[torch.Tensor, torch.Tensor]:

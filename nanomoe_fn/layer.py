@@ -47,7 +47,8 @@ def moe_layer(
 
     params holds this rank's local experts (see shard_moe_params); with the default local comm and
     identity placement they are all the experts. With `capacity`, experts run on the masked
-    layout [P_local, capacity, H] (fixed shapes; more rows than capacity is an error, not a drop).
+    layout [P_local, capacity, H] (fixed shapes; more rows than capacity is an error, not a drop);
+    a comm that already delivers the masked layout (torch_fixed) needs no conversion.
     """
     comm = comm if comm is not None else LocalComm()
     placement = placement if placement is not None else Placement.identity(cfg.num_experts, comm.world_size)
@@ -57,7 +58,7 @@ def moe_layer(
                          f"got {params.experts.num_experts} (use shard_moe_params)")
     routing = route(params.gate, x, cfg)
     batch, handle = dispatch(x, routing, comm, placement)
-    if capacity is None:
+    if capacity is None or batch.layout == "masked":
         y = expert_ffn(params.experts, batch, backend)
     else:
         y = to_contiguous(expert_ffn(params.experts, to_masked(batch, capacity), backend), batch)

@@ -12,7 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from nanomoe_fn import MoEConfig, MoEParams, Placement, TorchComm, init_moe_params, moe_layer, shard_moe_params
+from nanomoe_fn import (MoEConfig, MoEParams, Placement, TorchComm, TorchFixedComm, init_moe_params, moe_layer,
+                        shard_moe_params)
 
 
 def case_inputs(case: dict, rank: int) -> tuple[MoEConfig, MoEParams, torch.Tensor]:
@@ -42,9 +43,12 @@ def run_cases(rank: int, world_size: int, port: int, cases: list[dict], out_dir:
     """EP forward of every case on this rank; saves each output to out_dir/case{i}_rank{rank}.pt."""
     _init(rank, world_size, port, 60)
     try:
-        comm = TorchComm(timeout_s=60)
         for i, case in enumerate(cases):
             cfg, params, x = case_inputs(case, rank)
+            if case.get("comm") == "torch_fixed":
+                comm = TorchFixedComm(case["comm_capacity"], timeout_s=60)
+            else:
+                comm = TorchComm(timeout_s=60)
             placement = Placement.identity(cfg.num_experts, world_size)
             out = moe_layer(shard_moe_params(params, placement, rank), x, cfg, comm, placement,
                             backend=case["backend"], capacity=case.get("capacity"))
@@ -71,3 +75,22 @@ def run_absent_peer(rank: int, world_size: int, port: int, out_dir: str) -> None
         message = f"{type(err).__name__}: {err}"
     with open(os.path.join(out_dir, "error.txt"), "w") as f:
         f.write(f"{time.monotonic() - t0:.2f}\n{message}")
+
+
+def run_overflow(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Every token on the same experts with a fixed capacity of 1 row: each rank saves its error."""
+    _init(rank, world_size, port, 30)
+    try:
+        case = dict(cfg=dict(hidden=16, intermediate=8, num_experts=2 * world_size, top_k=2), dtype="float32",
+                    seed=5, tokens=[4] * world_size, hot=[0, 1])
+        cfg, params, x = case_inputs(case, rank)
+        placement = Placement.identity(cfg.num_experts, world_size)
+        try:
+            moe_layer(shard_moe_params(params, placement, rank), x, cfg, TorchFixedComm(1, timeout_s=3), placement)
+            message = "no error"
+        except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
+            message = f"{type(err).__name__}: {err}"
+        with open(os.path.join(out_dir, f"overflow_rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()

@@ -43,13 +43,19 @@ def draw_cases(world_size: int, n: int, seed: int) -> list[dict]:
         tokens = [rng.randint(0, 24) for _ in range(world_size)]
         if i == 0:
             tokens[-1] = 0  # a rank with zero tokens
+        fixed = i % 2 == 1  # every other case on the fixed-capacity (no host sync) comm
         cases.append(dict(cfg=cfg, dtype=rng.choice(["float32", "float16", "bfloat16"]), seed=seed * 100 + i,
                           tokens=tokens, backend=rng.choice(["loop", "bmm"]),
-                          capacity=max(1, sum(tokens)) if rng.random() < 0.3 else None))
+                          capacity=max(1, sum(tokens)) if not fixed and rng.random() < 0.3 else None,
+                          comm="torch_fixed" if fixed else "torch", comm_capacity=max(1, max(tokens))))
     base = dict(hidden=16, intermediate=8, num_experts=4 * world_size, top_k=2, expert_type="swiglu")
     cases.append(dict(cfg=base, dtype="float32", seed=7, tokens=[0] * world_size, backend="bmm"))
     cases.append(dict(cfg=base, dtype="float32", seed=8, tokens=[5] * world_size, backend="loop", hot=[1, 0]))
     cases.append(dict(cfg=base, dtype="float32", seed=9, tokens=[9] * world_size, backend="bmm", hot=[1, 0]))
+    cases.append(dict(cfg=base, dtype="float32", seed=10, tokens=[9] * world_size, backend="bmm", hot=[1, 0],
+                      comm="torch_fixed", comm_capacity=9))
+    cases.append(dict(cfg=base, dtype="float32", seed=11, tokens=[0] * world_size, backend="loop",
+                      comm="torch_fixed", comm_capacity=1))
     return cases
 
 
@@ -82,6 +88,14 @@ def test_absent_peer_times_out_naming_rank_and_stage(tmp_path):
     assert message.startswith("TimeoutError"), message
     assert "rank 0" in message and "dispatch/counts" in message, message
     assert float(seconds) < 10, f"took {seconds}s to notice a missing peer"
+
+
+def test_fixed_capacity_overflow_is_an_error_on_every_rank(tmp_path):
+    mp.start_processes(dist_worker.run_overflow, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    for rank in range(2):
+        message = (tmp_path / f"overflow_rank{rank}.txt").read_text()
+        assert message.startswith("ValueError") and "capacity=1" in message and f"rank {rank}" in message, message
 
 
 def test_tolerances_are_not_vacuous():

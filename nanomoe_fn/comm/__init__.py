@@ -3,7 +3,8 @@
 from nanomoe_fn.comm.base import Comm, make_comm, supports_comm
 from nanomoe_fn.comm.local import LocalComm
 from nanomoe_fn.comm.torch_dist import TorchComm
+from nanomoe_fn.comm.torch_fixed import TorchFixedComm
 
-COMM_BACKENDS = {"local": LocalComm, "torch": TorchComm}
+COMM_BACKENDS = {"local": LocalComm, "torch": TorchComm, "torch_fixed": TorchFixedComm}
 
-__all__ = ["COMM_BACKENDS", "Comm", "LocalComm", "TorchComm", "make_comm", "supports_comm"]
+__all__ = ["COMM_BACKENDS", "Comm", "LocalComm", "TorchComm", "TorchFixedComm", "make_comm", "supports_comm"]
