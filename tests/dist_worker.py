@@ -12,8 +12,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from nanomoe_fn import (MoEConfig, MoEParams, Placement, TorchComm, TorchFixedComm, init_moe_params, moe_layer,
-                        shard_moe_params)
+from nanomoe_fn import (
+    MoEConfig,
+    MoEParams,
+    Placement,
+    TorchComm,
+    TorchFixedComm,
+    init_moe_params,
+    moe_layer,
+    shard_moe_params,
+)
 
 
 def case_inputs(case: dict, rank: int) -> tuple[MoEConfig, MoEParams, torch.Tensor]:

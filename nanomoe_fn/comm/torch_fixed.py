@@ -87,7 +87,7 @@ class TorchFixedComm(TorchComm):
         """Unpack each slot's rows back into per-source blocks and start sending them home."""
         if y.layout != "masked":
             raise ValueError(f"torch_fixed combine expects the masked ExpertBatch it dispatched, got {y.layout!r}")
-        W, C = self.world_size, self.capacity
+        W = self.world_size
         P_local, _, H = y.x.shape
         if handle.pack_index is None or handle.slot_pos is None:
             raise ValueError("handle must come from TorchFixedComm.dispatch_recv (it has no slot tables)")
