@@ -41,6 +41,21 @@ def case_inputs(case: dict, rank: int) -> tuple[MoEConfig, MoEParams, torch.Tens
     return cfg, params, x.to(dtype)
 
 
+def case_placement(case: dict, cfg: MoEConfig, world_size: int) -> Placement:
+    """Identity, or extra slots holding copies of case["replicate"] (or case["redundant"] random experts),
+    all slots shuffled over the ranks."""
+    gen = torch.Generator().manual_seed(case["seed"] + 99)
+    if case.get("replicate"):
+        extra = torch.tensor(case["replicate"])
+    elif case.get("redundant"):
+        extra = torch.randint(0, cfg.num_experts, (case["redundant"],), generator=gen)
+    else:
+        return Placement.identity(cfg.num_experts, world_size)
+    phy2log = torch.cat([torch.arange(cfg.num_experts), extra])
+    return Placement.from_phy2log(phy2log[torch.randperm(phy2log.numel(), generator=gen)], cfg.num_experts,
+                                  world_size)
+
+
 def _init(rank: int, world_size: int, port: int, timeout_s: float) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -57,7 +72,7 @@ def run_cases(rank: int, world_size: int, port: int, cases: list[dict], out_dir:
                 comm = TorchFixedComm(case["comm_capacity"], timeout_s=60)
             else:
                 comm = TorchComm(timeout_s=60)
-            placement = Placement.identity(cfg.num_experts, world_size)
+            placement = case_placement(case, cfg, world_size)
             out = moe_layer(shard_moe_params(params, placement, rank), x, cfg, comm, placement,
                             backend=case["backend"], capacity=case.get("capacity"))
             torch.save(out, os.path.join(out_dir, f"case{i}_rank{rank}.pt"))

@@ -2,7 +2,8 @@
 
 Each test spawns W processes that run many cases (spawning is the slow part). Cases are drawn with a
 seeded generator over configs, dtypes, backends and token counts, plus the edge cases: a rank with
-zero tokens, all ranks with zero tokens, and every token on the same experts (one rank gets all work).
+zero tokens, all ranks with zero tokens, every token on the same experts (one rank gets all work), and placements with
+redundant slots (replicas of experts, shuffled over ranks, as EPLB produces).
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ def draw_cases(world_size: int, n: int, seed: int) -> list[dict]:
         cases.append(dict(cfg=cfg, dtype=rng.choice(["float32", "float16", "bfloat16"]), seed=seed * 100 + i,
                           tokens=tokens, backend=rng.choice(["loop", "bmm"]),
                           capacity=max(1, sum(tokens)) if not fixed and rng.random() < 0.3 else None,
-                          comm="torch_fixed" if fixed else "torch", comm_capacity=max(1, max(tokens))))
+                          comm="torch_fixed" if fixed else "torch", comm_capacity=max(1, max(tokens)),
+                          redundant=world_size * rng.choice([0, 1, 2])))
     base = dict(hidden=16, intermediate=8, num_experts=4 * world_size, top_k=2, expert_type="swiglu")
     cases.append(dict(cfg=base, dtype="float32", seed=7, tokens=[0] * world_size, backend="bmm"))
     cases.append(dict(cfg=base, dtype="float32", seed=8, tokens=[5] * world_size, backend="loop", hot=[1, 0]))
     cases.append(dict(cfg=base, dtype="float32", seed=9, tokens=[9] * world_size, backend="bmm", hot=[1, 0]))
     cases.append(dict(cfg=base, dtype="float32", seed=10, tokens=[9] * world_size, backend="bmm", hot=[1, 0],
                       comm="torch_fixed", comm_capacity=9))
+    # the hot experts replicated on every rank (EPLB-style redundant slots)
+    cases.append(dict(cfg=base, dtype="float32", seed=12, tokens=[9] * world_size, backend="bmm", hot=[1, 0],
+                      replicate=[1, 0] * world_size))
     cases.append(dict(cfg=base, dtype="float32", seed=11, tokens=[0] * world_size, backend="loop",
                       comm="torch_fixed", comm_capacity=1))
     return cases
