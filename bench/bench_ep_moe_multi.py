@@ -74,7 +74,7 @@ def _bench(rank: int, world_size: int, args: argparse.Namespace, device: torch.d
     params, x = make_inputs(cfg, args, dtype, device, rank)
     placement = Placement.identity(cfg.num_experts, world_size)
     local = shard_moe_params(params, placement, rank)
-    if args.comm == "torch_fixed":  # capacity = tokens per rank: can never overflow
+    if args.comm == "torch_fixed":  # sized for this batch: can never overflow
         comm = TorchFixedComm(max(1, args.batch_size), timeout_s=args.timeout)
     else:
         comm = TorchComm(timeout_s=args.timeout)
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="nccl", choices=["nccl", "gloo"])
     parser.add_argument("--master-port", type=int, default=None, help="default: a free port")
     parser.add_argument("--comm", default="torch", choices=["torch", "torch_fixed"],
-                        help="torch: exact splits (one count exchange, a host sync); torch_fixed: fixed "
-                             "capacity = --batch-size rows per rank and expert, no host sync")
+                        help="torch: exact splits (one count exchange, a host sync); torch_fixed: fixed-size "
+                             "blocks sized for --batch-size tokens per rank, no host sync")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for its peers")
     args = parser.parse_args(argv)
     check_seed_flags(args)

@@ -21,12 +21,23 @@ class Placement:
     phy2log [P] int64: logical expert held by each physical slot.
     log2phy [E, R] int64: physical replicas of each logical expert, padded with -1.
     logcnt [E] int64: replica count of each logical expert (>= 1).
+    remap_policy: how dispatch picks a replica for each (token, k) pair: "static" (a replica on the
+    sender's rank first) or "dynamic" (pairs dealt round-robin over the replicas; nanomoe_fn.eplb_runtime).
     """
 
     phy2log: torch.Tensor
     log2phy: torch.Tensor
     logcnt: torch.Tensor
     world_size: int
+    remap_policy: str = "static"
+
+    def __post_init__(self) -> None:
+        if self.remap_policy not in ("static", "dynamic"):
+            raise ValueError(f"remap_policy must be 'static' or 'dynamic', got {self.remap_policy!r}")
+
+    def with_policy(self, remap_policy: str) -> Placement:
+        """The same tables with another replica-choice policy."""
+        return Placement(self.phy2log, self.log2phy, self.logcnt, self.world_size, remap_policy)
 
     @property
     def num_logical(self) -> int:
@@ -80,15 +91,20 @@ class Placement:
     def to(self, device: torch.device | str) -> Placement:
         """The same tables on another device (routing remaps on the tokens' device)."""
         return Placement(self.phy2log.to(device), self.log2phy.to(device), self.logcnt.to(device),
-                         self.world_size)
+                         self.world_size, self.remap_policy)
 
     def physical_ids(self, topk_ids: torch.Tensor, rank: int = 0) -> torch.Tensor:
-        """Map logical topk_ids [T, k] to physical slots [T, k] (static policy).
+        """Map logical topk_ids [T, k] to physical slots [T, k] by this placement's remap_policy.
 
+        Static policy:
         Each (token, k) pair goes to the replica on the sender's own rank when there is one, else to
         replica number (token index mod replica count), which spreads one hot expert's tokens over
         its replicas without randomness. With one replica per expert this is phy = log2phy[id, 0].
         """
+        if self.remap_policy == "dynamic" and self.log2phy.shape[1] > 1:
+            from nanomoe_fn.eplb_runtime import remap_dynamic
+
+            return remap_dynamic(self, topk_ids, 0, rank)
         log2phy = self.log2phy.to(topk_ids.device)
         logcnt = self.logcnt.to(topk_ids.device)
         ids = topk_ids.long()

@@ -52,8 +52,9 @@ def case_placement(case: dict, cfg: MoEConfig, world_size: int) -> Placement:
     else:
         return Placement.identity(cfg.num_experts, world_size)
     phy2log = torch.cat([torch.arange(cfg.num_experts), extra])
-    return Placement.from_phy2log(phy2log[torch.randperm(phy2log.numel(), generator=gen)], cfg.num_experts,
-                                  world_size)
+    placement = Placement.from_phy2log(phy2log[torch.randperm(phy2log.numel(), generator=gen)], cfg.num_experts,
+                                       world_size)
+    return placement.with_policy(case.get("remap_policy", "static"))
 
 
 def _init(rank: int, world_size: int, port: int, timeout_s: float) -> None:
@@ -69,7 +70,7 @@ def run_cases(rank: int, world_size: int, port: int, cases: list[dict], out_dir:
         for i, case in enumerate(cases):
             cfg, params, x = case_inputs(case, rank)
             if case.get("comm") == "torch_fixed":
-                comm = TorchFixedComm(case["comm_capacity"], timeout_s=60)
+                comm = TorchFixedComm(case["comm_capacity"], case.get("rank_capacity"), timeout_s=60)
             else:
                 comm = TorchComm(timeout_s=60)
             placement = case_placement(case, cfg, world_size)
@@ -101,7 +102,7 @@ def run_absent_peer(rank: int, world_size: int, port: int, out_dir: str) -> None
 
 
 def run_overflow(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """Every token on the same experts with a fixed capacity of 1 row: each rank saves its error."""
+    """Every token on the same experts with a rank capacity of 1 row: each rank saves its error."""
     _init(rank, world_size, port, 30)
     try:
         case = dict(cfg=dict(hidden=16, intermediate=8, num_experts=2 * world_size, top_k=2), dtype="float32",
@@ -109,11 +110,54 @@ def run_overflow(rank: int, world_size: int, port: int, out_dir: str) -> None:
         cfg, params, x = case_inputs(case, rank)
         placement = Placement.identity(cfg.num_experts, world_size)
         try:
-            moe_layer(shard_moe_params(params, placement, rank), x, cfg, TorchFixedComm(1, timeout_s=3), placement)
+            comm = TorchFixedComm(4, rank_capacity=1, timeout_s=3)
+            moe_layer(shard_moe_params(params, placement, rank), x, cfg, comm, placement)
             message = "no error"
         except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
             message = f"{type(err).__name__}: {err}"
         with open(os.path.join(out_dir, f"overflow_rank{rank}.txt"), "w") as f:
             f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def skewed_case(world_size: int, rank: int) -> tuple[MoEConfig, MoEParams, torch.Tensor]:
+    """4 experts per rank; the router favours rank 0's experts (sharper logits), so load is skewed."""
+    case = dict(cfg=dict(hidden=16, intermediate=8, num_experts=4 * world_size, top_k=2, n_shared_experts=1),
+                dtype="float32", seed=21, tokens=[12] * world_size)
+    cfg, params, x = case_inputs(case, rank)
+    w = params.gate.weight.clone()
+    w[:4] *= 3.0
+    return cfg, MoEParams(type(params.gate)(w, None), params.experts, params.shared), x
+
+
+def run_rebalance(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Serve a skewed layer, record its load, rebalance (EPLB, redundant slots), move the expert weights
+    between ranks, serve again. Saves this rank's tokens' outputs before and after the move."""
+    from nanomoe_fn.eplb import placement_for_layer, rebalance_experts
+    from nanomoe_fn.eplb_move import replace_expert_weights
+    from nanomoe_fn.eplb_runtime import advance, global_load, init_recorder, record
+    from nanomoe_fn.route import route
+
+    _init(rank, world_size, port, 60)
+    try:
+        E, W = 4 * world_size, world_size
+        cfg, params, x = skewed_case(world_size, rank)
+        old = Placement.from_phy2log(torch.cat([torch.arange(E), torch.arange(W)]), E, W)  # one spare slot a rank
+        local = shard_moe_params(params, old, rank)
+        comm = TorchComm(timeout_s=60)
+        rec = init_recorder(window=4, num_layers=1, num_experts=E)
+        outs = []
+        for _ in range(3):
+            rec = advance(record(rec, route(params.gate, x, cfg).topk_ids, 0))
+            outs.append(moe_layer(local, x, cfg, comm, old))
+        load = global_load(rec)
+        phy2log, _, _ = rebalance_experts(load.double(), old.num_physical, 1, 1, W, "global")
+        new = placement_for_layer(phy2log, 0, E, W).with_policy("dynamic")
+        experts = replace_expert_weights(old, new, local.experts, rank, chunk_experts=1)
+        moved = MoEParams(local.gate, experts, local.shared)
+        outs.append(moe_layer(moved, x, cfg, comm, new))
+        torch.save({"outs": outs, "x": x, "load": load, "phy2log_old": old.phy2log, "phy2log_new": new.phy2log},
+                   os.path.join(out_dir, f"rebalance_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -49,16 +49,21 @@ def draw_cases(world_size: int, n: int, seed: int) -> list[dict]:
                           tokens=tokens, backend=rng.choice(["loop", "bmm"]),
                           capacity=max(1, sum(tokens)) if not fixed and rng.random() < 0.3 else None,
                           comm="torch_fixed" if fixed else "torch", comm_capacity=max(1, max(tokens)),
-                          redundant=world_size * rng.choice([0, 1, 2])))
+                          redundant=world_size * rng.choice([0, 1, 2]),
+                          remap_policy=rng.choice(["static", "dynamic"])))
     base = dict(hidden=16, intermediate=8, num_experts=4 * world_size, top_k=2, expert_type="swiglu")
     cases.append(dict(cfg=base, dtype="float32", seed=7, tokens=[0] * world_size, backend="bmm"))
     cases.append(dict(cfg=base, dtype="float32", seed=8, tokens=[5] * world_size, backend="loop", hot=[1, 0]))
     cases.append(dict(cfg=base, dtype="float32", seed=9, tokens=[9] * world_size, backend="bmm", hot=[1, 0]))
     cases.append(dict(cfg=base, dtype="float32", seed=10, tokens=[9] * world_size, backend="bmm", hot=[1, 0],
                       comm="torch_fixed", comm_capacity=9))
+    cases.append(dict(cfg=base, dtype="float32", seed=13, tokens=[7] * world_size, backend="loop",
+                      comm="torch_fixed", comm_capacity=8, rank_capacity=14))
     # the hot experts replicated on every rank (EPLB-style redundant slots)
     cases.append(dict(cfg=base, dtype="float32", seed=12, tokens=[9] * world_size, backend="bmm", hot=[1, 0],
                       replicate=[1, 0] * world_size))
+    cases.append(dict(cfg=base, dtype="float32", seed=14, tokens=[9] * world_size, backend="loop", hot=[0, 1],
+                      replicate=[0, 1] * world_size, remap_policy="dynamic", comm="torch_fixed", comm_capacity=9))
     cases.append(dict(cfg=base, dtype="float32", seed=11, tokens=[0] * world_size, backend="loop",
                       comm="torch_fixed", comm_capacity=1))
     return cases
@@ -100,7 +105,7 @@ def test_fixed_capacity_overflow_is_an_error_on_every_rank(tmp_path):
                        start_method="spawn")
     for rank in range(2):
         message = (tmp_path / f"overflow_rank{rank}.txt").read_text()
-        assert message.startswith("ValueError") and "capacity=1" in message and f"rank {rank}" in message, message
+        assert message.startswith("ValueError") and "rank_capacity=1" in message and f"rank {rank}" in message, message
 
 
 def test_tolerances_are_not_vacuous():
@@ -114,3 +119,23 @@ def test_tolerances_are_not_vacuous():
     wrong = moe_layer(type(params)(params.gate, other.experts, params.shared), x, cfg)
     err = float((wrong.double() - out.double()).norm() / out.double().norm())
     assert err > TOL[x.dtype]
+
+
+def test_ep_output_is_unchanged_across_a_rebalance(tmp_path):
+    from nanomoe_fn.eplb import balancedness, gpu_loads
+
+    W = 2
+    mp.start_processes(dist_worker.run_rebalance, args=(W, free_port(), str(tmp_path)), nprocs=W, join=True,
+                       start_method="spawn")
+    for rank in range(W):
+        saved = torch.load(tmp_path / f"rebalance_rank{rank}.pt")
+        cfg, params, x = dist_worker.skewed_case(W, rank)
+        assert torch.equal(saved["x"], x)
+        ref, _ = reference_layer(params, x, cfg)
+        for i, out in enumerate(saved["outs"]):  # 3 steps before the move, 1 after
+            assert_close_to_ref(out, ref, torch.float32, f"rank {rank} step {i}")
+        assert not torch.equal(saved["phy2log_old"], saved["phy2log_new"]), "rebalance moved nothing"
+        load = saved["load"].double()
+        before = balancedness(gpu_loads(load, saved["phy2log_old"][None], W))
+        after = balancedness(gpu_loads(load, saved["phy2log_new"][None], W))
+        assert float(after.min()) > float(before.min()), (before, after)
