@@ -1,6 +1,7 @@
 """NanoMoE functional core: pure stage functions over explicit parameter pytrees.
 
-route -> dispatch -> expert_ffn -> combine (moe_layer composes them); configs in config.py,
+route -> dispatch -> expert_ffn -> combine (moe_layer composes them); mla (DeepSeek-V3 attention,
+prefill and weight-absorbed decode over the compressed cache); configs in config.py,
 parameters in params.py, expert placement in placement.py, comm backends in comm/.
 """
 
@@ -10,6 +11,9 @@ from nanomoe_fn.config import PRESETS, MoEConfig, preset
 from nanomoe_fn.dispatch import combine, dispatch
 from nanomoe_fn.expert_ffn import EXPERT_BACKENDS, expert_ffn, get_expert_backend
 from nanomoe_fn.layer import cast_params, moe_layer, shard_moe_params, shared_mlp
+from nanomoe_fn.mla import MLAParams, init_mla_params, mla
+from nanomoe_fn.mla_cache import ContiguousCache, PagedCache, init_contiguous_cache, init_paged_cache
+from nanomoe_fn.mla_config import MLAConfig
 from nanomoe_fn.params import (
                                GateParams,
                                LinearExperts,
@@ -28,5 +32,6 @@ __all__ = [
     "TorchFixedComm",
     "cast_params", "combine", "dispatch", "expert_ffn", "expert_tensors", "get_expert_backend",
     "init_moe_params", "make_comm", "moe_layer", "preset", "route", "shard_moe_params", "shared_mlp",
-    "supports_comm",
+    "supports_comm", "mla", "MLAParams", "init_mla_params", "MLAConfig", "ContiguousCache", "PagedCache",
+    "init_contiguous_cache", "init_paged_cache",
 ]

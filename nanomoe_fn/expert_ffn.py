@@ -53,17 +53,16 @@ def _apply(experts: Experts, e: int, rows: torch.Tensor, out: torch.Tensor) -> N
 
 def _loop(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     # host copy of the counts: a Python loop over experts needs them (the slow baseline; not for decode)
-    counts = batch.counts.tolist()
-    y = torch.zeros_like(batch.x) if batch.layout == "masked" else torch.empty_like(batch.x)
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        if batch.layout == "masked":
+    active = [(e, c) for e, c in enumerate(batch.counts.tolist()) if c]
+    if batch.layout == "masked":
+        y = torch.zeros_like(batch.x)
+        for e, c in active:
             _apply(experts, e, batch.x[e, :c], y[e, :c])
-        else:
-            _apply(experts, e, batch.x[start : start + c], y[start : start + c])
-            start += c
+        return batch.with_x(y)
+    y = torch.empty_like(batch.x)
+    sizes = [c for _, c in active]
+    for (e, _), rows, out in zip(active, batch.x.split(sizes), y.split(sizes)):
+        _apply(experts, e, rows, out)
     return batch.with_x(y)
 
 

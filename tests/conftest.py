@@ -6,6 +6,10 @@ import os
 
 import pytest
 import torch
+
+# Triton kernels run on the CPU through the interpreter; it must be chosen before kernels/ is imported
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", deadline=None, max_examples=30, derandomize=True,

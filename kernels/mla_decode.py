@@ -1,0 +1,284 @@
+"""Triton MLA decode over the compressed cache: one shared latent KV head, split along the sequence.
+
+Dimension legend: R query rows (B sequences x S tokens each), N heads, C latent (value) dims,
+Dr rope dims, Dc = C + Dr key dims, L context per row, P pages, G page size, M pages per sequence,
+K splits of the context, BH heads per program, BN cache rows per tile, BV value dims per program.
+
+Stage 1 (`_mla_decode_partial`): program (head block x value slice, row, split) walks its slice of
+the row's context in tiles of BN rows. Each tile is loaded once and serves every head of the block
+through tl.dot (heads are the M dimension): scores = q_lat . k_lat^T + q_pe . k_pe^T, then
+acc += p . v with v = the tile's latent columns (the same bytes as k_lat). With K == 1 it writes the
+normalised output; otherwise a partial output and its base-2 log-sum-exp, which stage 2
+(`_mla_decode_reduce`) merges. Row lengths are read on the device: no host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the wrapper's tuning API)
+    DecodeTuning,
+    TensorDescriptor,
+    default_splits,
+    default_tuning,
+    pick_splits,
+    tma_unsupported,
+)
+
+
+# Reductions go through tl.reduce with triton.language's own combine functions, and zeros through
+# tl.full: tl.max/sum/min/zeros/cdiv are @jit functions decorated once when triton is imported, so a
+# test session that imported triton before setting TRITON_INTERPRET could not interpret them. (The
+# interpreter recognises these combine functions and reduces with numpy.)
+@triton.jit
+def _own_max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _own_min(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _own_add(a, b):
+    return a + b
+
+
+_maximum = getattr(tl.standard, "_elementwise_max", _own_max)
+_minimum = getattr(tl.standard, "_elementwise_min", _own_min)
+_add = getattr(tl.standard, "_sum_combine", _own_add)
+
+
+@triton.jit
+def _tile(acc, m_i, l_i, q_a, q_b, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr, seq, n0, end,
+          stride_kv0, stride_kv1, stride_bt, max_len, scale_log2, ha,
+          C: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, TMA: tl.constexpr,
+          MASKED: tl.constexpr, VSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+          BLOCK_R: tl.constexpr):
+    """One tile of BN cache rows from n0: scores for all heads of the block, online softmax, p . v.
+
+    k_a holds this program's BV latent columns (all of them when VSPLIT == 1): key and value at
+    once. With VSPLIT == 2 the other half k_b only scores."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_a = ha * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_b = (1 - ha) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_r = tl.arange(0, BLOCK_R)
+    if TMA and not MASKED:
+        if PAGED:   # BN divides the page: the tile is rows n0 % G .. of one page
+            row0 = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + n0 // PAGE) * PAGE + n0 % PAGE
+        else:
+            row0 = seq * max_len + n0
+        k_a = lat_desc.load([row0, ha * BLOCK_V])
+        k_pe = pe_desc.load([row0, 0])
+        if VSPLIT == 2:
+            k_b = lat_desc.load([row0, (1 - ha) * BLOCK_V])
+    else:
+        mask_n = offs_n < end
+        if PAGED:
+            page = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + offs_n // PAGE, mask=mask_n, other=0)
+            base = page.to(tl.int64) * stride_kv0 + (offs_n % PAGE) * stride_kv1
+        else:
+            base = seq.to(tl.int64) * stride_kv0 + offs_n.to(tl.int64) * stride_kv1
+        k_row = kv_ptr + base[:, None]
+        row_ok = mask_n[:, None] if MASKED else offs_n[:, None] >= 0   # full tiles: every row valid
+        k_a = tl.load(k_row + offs_a[None, :], mask=row_ok & (offs_a[None, :] < C), other=0.0)
+        k_pe = tl.load(k_row + C + offs_r[None, :], mask=row_ok & (offs_r[None, :] < DR), other=0.0)
+        if VSPLIT == 2:
+            k_b = tl.load(k_row + offs_b[None, :], mask=row_ok & (offs_b[None, :] < C), other=0.0)
+    qk = tl.dot(q_a, tl.trans(k_a))
+    if VSPLIT == 2:
+        qk = tl.dot(q_b, tl.trans(k_b), qk)
+    qk = tl.dot(q_pe, tl.trans(k_pe), qk) * scale_log2
+    if MASKED:
+        qk = tl.where((offs_n < end)[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(qk, 1, _maximum))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.reduce(p, 1, _add)
+    acc = tl.dot(p.to(k_a.dtype), k_a, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["S", "SPLITS", "max_len"])
+def _mla_decode_partial(
+    q_ptr, kv_ptr, lat_desc, pe_desc, bt_ptr, len_ptr, o_ptr, lse_ptr,
+    stride_qr, stride_qn, stride_kv0, stride_kv1, stride_bt,
+    stride_or, stride_on, stride_ok, stride_lr, stride_ln,
+    S, N, SPLITS, max_len, scale_log2,
+    C: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, TMA: tl.constexpr,
+    FINAL: tl.constexpr, VSPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid0 = tl.program_id(0)
+    row = tl.program_id(1)
+    split = tl.program_id(2)
+    hblk = pid0 // VSPLIT
+    ha = pid0 % VSPLIT                                      # which value slice this program owns
+    seq = row // S
+    ctx = tl.minimum(tl.load(len_ptr + row), max_len)      # never read past the cache
+    chunk = ((ctx + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, ctx)
+    end_full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+
+    offs_h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_a = ha * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_b = (1 - ha) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_h = offs_h < N
+    q_row = q_ptr + row.to(tl.int64) * stride_qr + offs_h[:, None] * stride_qn
+    q_a = tl.load(q_row + offs_a[None, :], mask=mask_h[:, None] & (offs_a[None, :] < C), other=0.0)
+    q_pe = tl.load(q_row + C + offs_r[None, :], mask=mask_h[:, None] & (offs_r[None, :] < DR), other=0.0)
+    q_b = q_pe
+    if VSPLIT == 2:
+        q_b = tl.load(q_row + offs_b[None, :], mask=mask_h[:, None] & (offs_b[None, :] < C), other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_H], 0.0, tl.float32)
+    acc = tl.full([BLOCK_H, BLOCK_V], 0.0, tl.float32)
+    if TMA:  # full tiles by TMA, then the row's ragged last tile by masked loads
+        for n0 in range(start, end_full, BLOCK_N):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q_a, q_b, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr, seq,
+                                  n0, end, stride_kv0, stride_kv1, stride_bt, max_len, scale_log2, ha,
+                                  C, DR, PAGE, PAGED, True, False, VSPLIT, BLOCK_N, BLOCK_V, BLOCK_R)
+        if end_full < end:
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q_a, q_b, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr, seq,
+                                  end_full, end, stride_kv0, stride_kv1, stride_bt, max_len, scale_log2, ha,
+                                  C, DR, PAGE, PAGED, True, True, VSPLIT, BLOCK_N, BLOCK_V, BLOCK_R)
+    else:    # one masked loop (a separate tail tile costs the mma.sync path registers)
+        for n0 in range(start, end, BLOCK_N):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q_a, q_b, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr, seq,
+                                  n0, end, stride_kv0, stride_kv1, stride_bt, max_len, scale_log2, ha,
+                                  C, DR, PAGE, PAGED, False, True, VSPLIT, BLOCK_N, BLOCK_V, BLOCK_R)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = o_ptr + row.to(tl.int64) * stride_or + offs_h[:, None] * stride_on + split * stride_ok
+    tl.store(o_ptrs + offs_a[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=mask_h[:, None] & (offs_a[None, :] < C))
+    if not FINAL:
+        if ha == 0:  # every value slice computes the same lse; one writes it
+            lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            tl.store(lse_ptr + row.to(tl.int64) * stride_lr + offs_h * stride_ln + split, lse, mask=mask_h)
+
+
+@triton.jit(do_not_specialize=["SPLITS"])
+def _mla_decode_reduce(
+    o_part_ptr, lse_ptr, out_ptr,
+    stride_pr, stride_pn, stride_pk, stride_lr, stride_ln, stride_or, stride_on,
+    N, C, SPLITS,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    hb = tl.program_id(0)
+    row = tl.program_id(1)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_h = offs_h < N
+    mask_c = offs_c < C
+    lse_rows = lse_ptr + row.to(tl.int64) * stride_lr + offs_h * stride_ln
+    lse = tl.load(lse_rows[:, None] + offs_k[None, :], mask=mask_h[:, None] & (offs_k[None, :] < SPLITS),
+                  other=float("-inf"))
+    m = tl.reduce(lse, 1, _maximum)
+    m = tl.where(m == float("-inf"), 0.0, m)            # all splits empty: weights are all 0
+    denom = tl.reduce(tl.exp2(lse - m[:, None]), 1, _add)
+    acc = tl.full([BLOCK_H, BLOCK_C], 0.0, tl.float32)
+    part = o_part_ptr + row.to(tl.int64) * stride_pr + offs_h[:, None] * stride_pn + offs_c[None, :]
+    for k in range(SPLITS):
+        w = tl.exp2(tl.load(lse_rows + k, mask=mask_h, other=float("-inf")) - m)
+        o_k = tl.load(part + k * stride_pk, mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        acc += w[:, None] * o_k
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    o_ptrs = out_ptr + row.to(tl.int64) * stride_or + offs_h[:, None] * stride_on + offs_c[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_c[None, :])
+
+
+def runs_interpreted() -> bool:
+    """True when these kernels were decorated under TRITON_INTERPRET=1 (they then take CPU tensors)."""
+    return type(_mla_decode_partial).__name__ == "InterpretedFunction"
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _descriptors(kv: torch.Tensor, c: int, dr: int, t: DecodeTuning, bv: int) -> tuple:
+    """TMA descriptors over the cache rows viewed as [rows, Dc]: latent slices and the rope key."""
+    why = tma_unsupported(kv, c, t)
+    if why:
+        raise ValueError(why)
+    flat = kv.view(-1, kv.shape[-1])
+    br = _pow2(dr)
+    return (TensorDescriptor(flat, [flat.shape[0], c], [flat.shape[1], 1], [t.block_n, bv]),
+            TensorDescriptor(flat[:, c:], [flat.shape[0], dr], [flat.shape[1], 1], [t.block_n, br]))
+
+
+def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lora_rank: int, sm_scale: float,
+               block_table: torch.Tensor | None = None, num_splits: int | None = None,
+               tuning: DecodeTuning | None = None) -> torch.Tensor:
+    """Attention of absorbed queries over the compressed cache; returns the latent output [R, N, C].
+
+    q [R, N, Dc] (latent-absorbed query ++ roped query), rows r = b * S + s; kv [B, L_max, Dc]
+    (contiguous) or [P, G, Dc] with block_table [B, M] int32 (paged); ctx_lens [R] int32: row r
+    attends to cache rows [0, ctx_lens[r]) of sequence r // S, where S = R // B. Rows with length 0
+    give 0. q and kv share a dtype (float16/bfloat16/float32); output has that dtype. No host sync.
+    """
+    if q.dim() != 3 or kv.dim() != 3 or q.shape[-1] != kv.shape[-1]:
+        raise ValueError(f"q must be [R, N, Dc] and kv [*, *, Dc], got {tuple(q.shape)} and "
+                         f"{tuple(kv.shape)}")
+    if q.dtype != kv.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q and kv must share a float16/bfloat16/float32 dtype, got {q.dtype} and {kv.dtype}")
+    if q.stride(-1) != 1 or kv.stride(-1) != 1:
+        raise ValueError("q and kv must have unit stride in their last dim")
+    rows, heads, dc = q.shape
+    dr = dc - kv_lora_rank
+    if not 0 < kv_lora_rank < dc:
+        raise ValueError(f"kv_lora_rank must be in (0, Dc={dc}), got {kv_lora_rank}")
+    if ctx_lens.shape != (rows,) or ctx_lens.dtype != torch.int32 or not ctx_lens.is_contiguous():
+        raise ValueError(f"ctx_lens must be contiguous [R={rows}] int32, got {tuple(ctx_lens.shape)} "
+                         f"{ctx_lens.dtype}")
+    paged = block_table is not None
+    batch = block_table.shape[0] if paged else kv.shape[0]
+    if rows % batch:
+        raise ValueError(f"rows R={rows} must be a multiple of the cache batch B={batch}")
+    if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(1) != 1):
+        raise ValueError(f"block_table must be [B, M] int32 with unit inner stride, got {block_table.dtype}")
+    max_len = block_table.shape[1] * kv.shape[1] if paged else kv.shape[1]
+    t = tuning or default_tuning(heads)
+    if tuning is None and t.tma and tma_unsupported(kv, kv_lora_rank, t):
+        t = replace(t, tma=False)                 # the default quietly uses plain loads instead
+    if t.value_splits not in (1, 2):
+        raise ValueError(f"tuning.value_splits must be 1 or 2, got {t.value_splits}")
+    bv = _pow2(kv_lora_rank) // t.value_splits
+    descs = _descriptors(kv, kv_lora_rank, dr, t, bv) if t.tma else (None, None)
+    head_programs = triton.cdiv(heads, t.block_h) * t.value_splits
+    k = num_splits or default_splits(rows, heads, max_len, t, q.device)
+    out = torch.empty(rows, heads, kv_lora_rank, dtype=q.dtype, device=q.device)
+    if k == 1:
+        o_part, lse = out.unsqueeze(2), out  # lse unused when FINAL
+    else:
+        o_part = torch.empty(rows, heads, k, kv_lora_rank, dtype=torch.float32, device=q.device)
+        lse = torch.empty(rows, heads, k, dtype=torch.float32, device=q.device)
+    bt = block_table if paged else ctx_lens
+    _mla_decode_partial[(head_programs, rows, k)](
+        q, kv, *descs, bt, ctx_lens, o_part, lse,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), bt.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        rows // batch, heads, k, max_len, sm_scale * 1.4426950408889634,
+        C=kv_lora_rank, DR=dr, PAGE=kv.shape[1] if paged else 1, PAGED=paged, TMA=t.tma, FINAL=k == 1,
+        VSPLIT=t.value_splits, BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_V=bv,
+        BLOCK_R=_pow2(dr), num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    if k > 1:
+        bh = 16
+        _mla_decode_reduce[(triton.cdiv(heads, bh), rows)](
+            o_part, lse, out,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1), heads, kv_lora_rank, k,
+            BLOCK_H=bh, BLOCK_C=_pow2(kv_lora_rank), BLOCK_K=max(2, triton.next_power_of_2(k)), num_warps=4,
+        )
+    return out

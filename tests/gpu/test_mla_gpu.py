@@ -1,0 +1,122 @@
+"""MLA on the GPU in bfloat16: Triton kernels at DeepSeek-V3 dims and the whole block vs the oracle.
+
+Dimension legend: B sequences, R query rows, N heads, C latent (512), Dr rope (64), Dc = 576,
+L context, S queries, Dn/Dv nope/value dims (128). Marked `gpu`; skipped without CUDA.
+Large shapes are checked against float64 torch math written out here (the loop oracle in
+reference/mla.py would take minutes); the whole block is checked against reference.mla itself.
+"""
+
+import pytest
+import torch
+
+import reference.mla as ref
+from nanomoe_fn.mla import init_mla_params, mla
+from nanomoe_fn.mla_cache import init_contiguous_cache, init_paged_cache
+from nanomoe_fn.mla_config import MLAConfig
+
+# kernels/ is imported inside the tests: importing it here, at collection on a CPU-only machine,
+# would decorate the kernels before the CPU test modules ask for the interpreter
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+BF16_TOL = 2e-2
+TUNINGS = [None, dict(block_h=64, block_n=64, num_warps=8), dict(block_h=16, block_n=64, num_warps=8),
+           dict(block_h=128, block_n=32, value_splits=2, tma=True), dict(block_h=64, block_n=32, tma=True)]
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "output holds NaN/Inf"
+    return float((out.double() - want).norm() / want.norm())
+
+
+def latent_decode_f64(q, kv, ctx, C, scale):
+    """q [R, N, Dc], kv [R, L, Dc] per row, ctx [R]: float64 softmax(q.k) . v with v = kv[..., :C]."""
+    q, kv = q.double(), kv.double()
+    s = torch.einsum("rnd,rld->rnl", q, kv) * scale
+    seen = torch.arange(kv.shape[1], device=q.device)[None, None, :] < ctx[:, None, None]
+    p = torch.softmax(s.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("rnl,rlc->rnc", p, kv[..., :C])
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("tuning", TUNINGS)
+def test_decode_bf16(heads, paged, tuning):
+    from kernels.mla_decode import DecodeTuning, mla_decode
+
+    tuning = None if tuning is None else DecodeTuning(**tuning)
+    g = torch.Generator(device="cuda").manual_seed(heads)
+    B, L, C, DR, page = 4, 4160, 512, 64, 64
+    kv = torch.randn(B, L, C + DR, device="cuda", generator=g).bfloat16()
+    q = torch.randn(B, heads, C + DR, device="cuda", generator=g).bfloat16()
+    ctx = torch.tensor([1, 63, 1000, 4160], dtype=torch.int32, device="cuda")
+    scale = 0.1352
+    want = latent_decode_f64(q, kv, ctx, C, scale)
+    for splits in ((None, 1, 7) if tuning is None else (None, 7)):
+        if paged:
+            perm = torch.randperm(B * L // page, device="cuda", generator=g)
+            pages = torch.empty(B * L // page, page, C + DR, dtype=kv.dtype, device="cuda")
+            pages[perm] = kv.reshape(-1, page, C + DR)
+            table = perm.reshape(B, L // page).int()
+            out = mla_decode(q, pages, ctx, C, scale, block_table=table, num_splits=splits, tuning=tuning)
+        else:
+            out = mla_decode(q, kv, ctx, C, scale, num_splits=splits, tuning=tuning)
+        assert rel_err(out, want) < BF16_TOL
+
+
+def test_decode_matches_loop_oracle():
+    from kernels.mla_decode import mla_decode
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kv = torch.randn(2, 70, 576, device="cuda", generator=g).bfloat16()
+    q = torch.randn(2, 3, 576, device="cuda", generator=g).bfloat16()
+    ctx = [70, 5]
+    out = mla_decode(q, kv, torch.tensor(ctx, dtype=torch.int32, device="cuda"), 512, 0.1)
+    assert rel_err(out.cpu(), ref.latent_decode(q, kv, ctx, 512, 0.1)) < BF16_TOL
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+def test_prefill_bf16(heads):
+    from kernels.mla_prefill import mla_prefill
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, S, L, DN, DR, DV = 2, 700, 1000, 128, 64, 128
+    q = torch.randn(B, S, heads, DN + DR, device="cuda", generator=g).bfloat16()
+    k_nope = torch.randn(B, L, heads, DN, device="cuda", generator=g).bfloat16()
+    k_pe = torch.randn(B, L, DR, device="cuda", generator=g).bfloat16()
+    v = torch.randn(B, L, heads, DV, device="cuda", generator=g).bfloat16()
+    short = torch.where(torch.arange(S) < 400, torch.arange(S), -1)        # 400 tokens, then padding
+    pos = torch.stack([torch.arange(L - S, L), short]).int().cuda()
+    scale = 192 ** -0.5
+    out = mla_prefill(q[..., :DN], q[..., DN:], k_nope, k_pe, v, pos, scale)
+    k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, heads, -1)], -1).double()
+    s = torch.einsum("bsnd,blnd->bnsl", q.double(), k) * scale
+    seen = torch.arange(L, device="cuda")[None, None, None, :] <= pos[:, None, :, None]
+    p = torch.softmax(s.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
+    want = torch.einsum("bnsl,blnd->bsnd", p, v.double())
+    assert rel_err(out, want) < BF16_TOL
+    assert (out[1, 400:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_mla_block_bf16(backend, paged):
+    cfg = MLAConfig.preset("tiny", page_size=64)
+    g = torch.Generator().manual_seed(2)
+    p = init_mla_params(cfg, torch.bfloat16, "cuda", generator=g)
+    lens = [70, 9, 1]
+    x = torch.randn(3, 70, cfg.hidden_size, generator=g).bfloat16().cuda()
+    pos = torch.full((3, 70), -1, dtype=torch.int64)
+    for b, n in enumerate(lens):
+        pos[b, :n] = torch.arange(n)
+    want, _ = ref.mla(p, x, lens, cfg)
+    if paged:
+        cache = init_paged_cache(3, 128, cfg.cache_dim, torch.bfloat16, "cuda", page_size=64, generator=g)
+    else:
+        cache = init_contiguous_cache(3, 128, cfg.cache_dim, torch.bfloat16, "cuda")
+    out, cache = mla(p, x[:, :60], pos[:, :60].cuda(), cache, cfg, backend)
+    outs = [out]
+    for s in range(60, 70):
+        step = torch.minimum(torch.full((3, 1), s), (pos >= 0).sum(1, keepdim=True) - 1)
+        o, cache = mla(p, torch.gather(x.cpu(), 1, step[:, :, None].expand(-1, -1, cfg.hidden_size)).cuda(),
+                       step.cuda(), cache, cfg, backend, check=False)
+        outs.append(torch.where((pos[:, s:s + 1] >= 0)[:, :, None].cuda(), o, 0))
+    assert rel_err(torch.cat(outs, 1).cpu(), want) < BF16_TOL

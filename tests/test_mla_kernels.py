@@ -1,0 +1,178 @@
+"""Triton MLA kernels (decode over the compressed cache, expanded prefill) against the float64 oracle.
+
+Dimension legend: B sequences, S queries per sequence, R = B * S rows, N heads, C latent, Dr rope,
+Dc = C + Dr, L context, G page size. Runs under TRITON_INTERPRET=1 on CPU (float32/float16; the
+interpreter gets bfloat16 wrong); bfloat16 on the GPU lives in tests/gpu/test_mla_gpu.py.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+
+import kernels.mla_decode as _decode  # noqa: E402
+import kernels.mla_prefill as _prefill  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and not _decode.runs_interpreted():
+    # another module imported kernels/ before the variable was set: decorate the kernels again
+    importlib.reload(_decode)
+    importlib.reload(_prefill)
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import reference.mla as ref  # noqa: E402
+from kernels.mla_decode import DecodeTuning, mla_decode, pick_splits  # noqa: E402
+from kernels.mla_prefill import mla_prefill  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU kernel tests run under TRITON_INTERPRET=1")
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+
+
+def assert_close(out: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert torch.isfinite(out).all(), "output holds NaN/Inf"
+    err = float((out.double() - want).norm() / want.norm().clamp_min(1e-30))
+    assert err < TOL[dtype], f"relative error {err:.3g} over {TOL[dtype]} for {dtype}"
+
+
+def paginate(kv: torch.Tensor, page: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous kv [B, L, Dc] -> (pages [P, G, Dc] in a shuffled order, block_table [B, L/G] int32)."""
+    B, L, dc = kv.shape
+    m = L // page
+    perm = torch.randperm(B * m + 3, generator=g)                  # 3 spare pages nobody uses
+    pages = torch.randn(B * m + 3, page, dc, generator=g).to(kv.dtype)
+    table = perm[: B * m].reshape(B, m)
+    pages[table.reshape(-1)] = kv.reshape(B * m, page, dc)
+    return pages, table.to(torch.int32)
+
+
+def decode_case(dtype, B, S, N, C, DR, L, ctx, splits, tuning, paged, seed=0, page=8):
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(B, L, C + DR, generator=g).to(dtype)
+    q = torch.randn(B * S, N, C + DR, generator=g).to(dtype)
+    lens = torch.tensor(ctx, dtype=torch.int32)
+    scale = (C + DR) ** -0.5
+    if paged:
+        pages, table = paginate(kv, page, g)
+        out = mla_decode(q, pages, lens, C, scale, block_table=table, num_splits=splits, tuning=tuning)
+    else:
+        out = mla_decode(q, kv, lens, C, scale, num_splits=splits, tuning=tuning)
+    want = ref.latent_decode(q, kv.repeat_interleave(S, 0), ctx, C, scale)
+    assert out.shape == (B * S, N, C) and out.dtype == dtype
+    assert_close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_matches_reference(dtype, paged, splits):
+    decode_case(dtype, B=3, S=1, N=5, C=32, DR=16, L=40, ctx=[40, 1, 23], splits=splits,
+                tuning=DecodeTuning(block_h=16, block_n=16, num_warps=4), paged=paged)
+
+
+@pytest.mark.parametrize("tuning", [DecodeTuning(16, 16, 2, 4, 2), DecodeTuning(32, 32, 1, 4, 2)])
+def test_decode_tunings_and_multi_query(tuning):
+    """Value slices, wider head blocks, S = 2 queries per sequence with their own lengths, ctx 0."""
+    decode_case(torch.float32, B=2, S=2, N=19, C=24, DR=8, L=48, ctx=[47, 48, 0, 9], splits=2,
+                tuning=tuning, paged=True, seed=1)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("value_splits", [1, 2])
+def test_decode_tma_tiles(paged, value_splits):
+    """TMA descriptor loads for full tiles (ragged tails still masked), paged with BN dividing G."""
+    decode_case(torch.float32, B=3, S=1, N=17, C=24, DR=8, L=64, ctx=[64, 37, 5], splits=2,
+                tuning=DecodeTuning(16, 16, value_splits, 4, 2, tma=True), paged=paged, seed=2, page=32)
+
+
+@pytest.mark.parametrize("capacity", [64, 48])
+def test_decode_default_many_heads(capacity):
+    """The many-head default (128-head programs, value halves, TMA) and its plain-load fallback when
+    the tile does not divide the capacity."""
+    tuning = _decode.default_tuning(32)
+    assert tuning.tma and (_decode.tma_unsupported(torch.zeros(2, capacity, 48), 32, tuning) == "") == (
+        capacity == 64)
+    decode_case(torch.float32, B=2, S=1, N=32, C=32, DR=16, L=capacity, ctx=[capacity, 33], splits=None,
+                tuning=None, paged=False, seed=4)
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(1, 20), c=st.sampled_from([16, 20, 32]), dr=st.sampled_from([8, 16]),
+       ctx=st.lists(st.integers(0, 32), min_size=1, max_size=3), splits=st.sampled_from([None, 1, 2, 5]),
+       paged=st.booleans(), seed=st.integers(0, 999))
+def test_decode_property(n, c, dr, ctx, splits, paged, seed):
+    decode_case(torch.float32, B=len(ctx), S=1, N=n, C=c, DR=dr, L=32, ctx=ctx, splits=splits,
+                tuning=DecodeTuning(16, 16, 1, 4, 1), paged=paged, seed=seed)
+
+
+def test_pick_splits():
+    """The wave model that matched the H200 sweep (bench/results/mla_notes.md)."""
+    assert pick_splits(rows=1, head_programs=1, max_len=64, slots=132, block_n=64) == 1
+    assert pick_splits(rows=32, head_programs=1, max_len=16384, slots=264, block_n=32) == 8
+    assert pick_splits(rows=128, head_programs=1, max_len=16384, slots=264, block_n=32) == 2
+    assert pick_splits(rows=32, head_programs=2, max_len=16384, slots=132, block_n=32) == 2
+    assert pick_splits(rows=128, head_programs=2, max_len=4096, slots=132, block_n=32) == 1
+
+
+def prefill_case(dtype, B, S, N, DN, DR, DV, L, q_pos, seed=0, block_m=16, block_n=16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, N, DN + DR, generator=g).to(dtype)
+    k_nope = torch.randn(B, L, N, DN, generator=g).to(dtype)
+    k_pe = torch.randn(B, L, DR, generator=g).to(dtype)
+    v = torch.randn(B, L, N, DV, generator=g).to(dtype)
+    pos = torch.tensor(q_pos, dtype=torch.int32)
+    scale = 0.7 * (DN + DR) ** -0.5
+    out = mla_prefill(q[..., :DN], q[..., DN:], k_nope, k_pe, v, pos, scale, block_m=block_m, block_n=block_n,
+                      num_warps=4, num_stages=1)
+    for b in range(B):
+        k = torch.cat([k_nope[b], k_pe[b][:, None].expand(L, N, DR)], -1)
+        want = ref.attention(q[b], k, v[b], q_pos[b], scale)
+        assert_close(out[b], want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_matches_reference(dtype):
+    """Fresh prompt, a chunk after a cached prefix, and a short padded sequence in one launch."""
+    S, L = 37, 50
+    fresh = list(range(S))
+    chunk = list(range(L - S, L))
+    short = list(range(5)) + [-1] * (S - 5)
+    prefill_case(dtype, B=3, S=S, N=3, DN=16, DR=16, DV=16, L=L, q_pos=[fresh, chunk, short])
+
+
+def test_prefill_odd_dims_and_tiles():
+    prefill_case(torch.float32, B=1, S=20, N=2, DN=12, DR=8, DV=20, L=20, q_pos=[list(range(20))], seed=3,
+                 block_m=32, block_n=16)
+
+
+def test_wrapper_errors():
+    q = torch.zeros(2, 4, 48)
+    kv = torch.zeros(2, 16, 48)
+    lens = torch.ones(2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="dtype"):
+        mla_decode(q.half(), kv, lens, 32, 1.0)
+    with pytest.raises(ValueError, match="ctx_lens"):
+        mla_decode(q, kv, lens.long(), 32, 1.0)
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        mla_decode(q, kv, lens, 48, 1.0)
+    with pytest.raises(ValueError, match="unit stride"):
+        mla_decode(torch.zeros(2, 48, 4).transpose(1, 2), kv, lens, 32, 1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        mla_decode(torch.zeros(3, 4, 48), kv, torch.ones(3, dtype=torch.int32), 32, 1.0)
+    with pytest.raises(ValueError, match="block_table"):
+        mla_decode(q, kv, lens, 32, 1.0, block_table=torch.zeros(2, 2, dtype=torch.int64))
+    qn, qp, kn, kp, v = (torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 6, 2, 8),
+                         torch.zeros(1, 6, 8), torch.zeros(1, 6, 2, 8))
+    pos = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="k_pe"):
+        mla_prefill(qn, qp, kn, kp[:, :5], v, pos, 1.0)
+    with pytest.raises(ValueError, match="q_pos"):
+        mla_prefill(qn, qp, kn, kp, v, pos.long(), 1.0)
+    with pytest.raises(TypeError, match="v must be"):
+        mla_prefill(qn, qp, kn, kp, v.double(), pos, 1.0)
