@@ -12,6 +12,7 @@ import argparse
 import os
 import statistics
 import sys
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,18 +27,38 @@ from bench.common import (  # noqa: E402
     nvtx_range,
     pick_device,
     pick_dtype,
+    pick_modes,
     roofline,
     time_fn,
     write_record,
 )
 from bench.workload import agree, check_against_reference, config_from_args, floors, make_inputs  # noqa: E402
-from nanomoe_fn import moe_layer  # noqa: E402
+from nanomoe_fn import LocalComm, Placement, moe_layer  # noqa: E402
+
+# backends whose layer has no host sync, so the whole layer can be captured in a CUDA graph
+GRAPHABLE = ("triton", "deepgemm")
+
+
+def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], object]:
+    """Capture fn() (one MoE layer) in a CUDA graph; returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the bench; returns the JSON rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_seed_flags(parser)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time sync-free backends (triton, deepgemm) as CUDA-graph replays of the whole layer")
     args = parser.parse_args(argv)
     check_seed_flags(args)
     device = pick_device(args.device)
@@ -45,9 +66,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(args.seed)
     cfg = config_from_args(args)
     params, x = make_inputs(cfg, args, dtype, device)
-    modes = list(MODES) if args.mode == "both" else [args.mode]
+    modes = pick_modes(args.mode, cfg, device)
+    comm, placement = LocalComm(), Placement.identity(cfg.num_experts, 1).to(device)
 
-    outs = {m: moe_layer(params, x, cfg, backend=MODES[m], capacity=args.tokens_per_expert) for m in modes}
+    def layer(m: str) -> torch.Tensor:
+        return moe_layer(params, x, cfg, comm, placement, MODES[m], capacity=args.tokens_per_expert)
+
+    outs = {m: layer(m) for m in modes}
     err_ref = check_against_reference(outs[modes[0]], params, x, cfg)
     for m in modes[1:]:
         agree(outs[m], outs[modes[0]], dtype)
@@ -60,15 +85,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for m in modes:
         def step(m: str = m) -> torch.Tensor:
             with nvtx_range(f"moe_layer[{m}]"):
-                return moe_layer(params, x, cfg, backend=MODES[m], capacity=args.tokens_per_expert)
+                return layer(m)
 
+        use_graph = args.cuda_graph and device.type == "cuda" and MODES[m] in GRAPHABLE
+        if use_graph:
+            try:
+                step = graphed(step)  # noqa: F811 - the replay of the same layer
+            except RuntimeError as err:  # report and time it eagerly rather than lose the run
+                print(f"{m}: CUDA graph capture failed ({str(err).splitlines()[0]}); timing eagerly")
+                use_graph = False
         with cuda_profiler(args.cuda_profiler):
             times = time_fn(step, device, args.warmup, args.iters)
         med, mean = statistics.median(times), statistics.fmean(times)
-        print(f"{m}: {mean * 1e3:.3f} ms/iter (median {med * 1e3:.3f} ms)")
+        print(f"{m}: {mean * 1e3:.3f} ms/iter (median {med * 1e3:.3f} ms){'  [CUDA graph]' if use_graph else ''}")
         row = {"case": {"phase": "decode" if args.batch_size <= 256 else "prefill", "tokens": args.batch_size,
                         "experts": cfg.num_experts, "top_k": cfg.top_k, "hidden": cfg.hidden,
-                        "expert_type": cfg.expert_type, "dtype": str(dtype).replace("torch.", "")},
+                        "expert_type": cfg.expert_type, "dtype": str(dtype).replace("torch.", ""),
+                        "cuda_graph": use_graph},
                "variant": m, "median_us": round(med * 1e6, 2), "mean_us": round(mean * 1e6, 2),
                "gbps": round(bytes_moved / med / 1e9, 2), "tflops": round(flops / med / 1e12, 4)}
         rows.append(row)

@@ -33,6 +33,7 @@ from bench.common import (  # noqa: E402
     measure_ceilings,
     nvtx_range,
     pick_dtype,
+    pick_modes,
     roofline,
     time_fn,
     write_record,
@@ -78,7 +79,7 @@ def _bench(rank: int, world_size: int, args: argparse.Namespace, device: torch.d
         comm = TorchFixedComm(max(1, args.batch_size), timeout_s=args.timeout)
     else:
         comm = TorchComm(timeout_s=args.timeout)
-    modes = list(MODES) if args.mode == "both" else [args.mode]
+    modes = pick_modes(args.mode, cfg, device)
 
     def layer(m: str) -> torch.Tensor:
         return moe_layer(local, x, cfg, comm, placement, MODES[m], capacity=args.tokens_per_expert)

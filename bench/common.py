@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-# the seed's mode names, plus the backend names they stand for
-MODES = {"loop": "loop", "batched_gemm": "bmm"}
+# mode names (the seed's two first, then the faster backends), and the expert backend each stands for
+MODES = {"loop": "loop", "batched_gemm": "bmm", "triton": "triton", "fused_moe": "triton", "deepgemm": "deepgemm"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -41,7 +41,8 @@ def add_seed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--mode", default="both", choices=[*MODES, "both"])
+    parser.add_argument("--mode", default="both", choices=[*MODES, "both", "all"],
+                        help="both = loop + batched_gemm (the seed's); all = every backend that can run here")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     parser.add_argument("--cuda-profiler", action="store_true",
                         help="wrap the timed loop in cudaProfilerStart/Stop (no-op without CUDA)")
@@ -65,6 +66,28 @@ def check_seed_flags(args: argparse.Namespace) -> None:
     if args.experts_per_token > args.num_experts:
         raise SystemExit(f"--experts-per-token ({args.experts_per_token}) must be <= --num-experts "
                          f"({args.num_experts})")
+
+
+def pick_modes(mode: str, cfg: object, device: torch.device) -> list[str]:
+    """The modes to run: `both` = the seed's two, `all` = every distinct backend that supports cfg here
+    (the others are listed with the reason they cannot run); a single mode must be able to run."""
+    from nanomoe_fn import EXPERT_BACKENDS
+
+    if mode == "both":
+        return ["loop", "batched_gemm"]
+    if mode != "all":
+        ok, why = EXPERT_BACKENDS[MODES[mode]].supports(cfg, device)
+        if not ok:
+            raise SystemExit(f"--mode {mode}: backend {MODES[mode]!r} cannot run here: {why}")
+        return [mode]
+    modes = []
+    for m, backend in MODES.items():
+        ok, why = EXPERT_BACKENDS[backend].supports(cfg, device)
+        if ok and backend not in [MODES[x] for x in modes]:
+            modes.append(m)
+        elif not ok and m != "fused_moe":
+            print(f"skipping mode {m}: {why}")
+    return modes
 
 
 def pick_device(name: str | None) -> torch.device:

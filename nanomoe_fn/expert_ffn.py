@@ -5,9 +5,10 @@ I intermediate. SwiGLU: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T with w13 = [w1;
 linear: y = x @ w.T. The activation is computed in float32 and rounded to the weights' dtype before
 the down projection, as the fused kernels do.
 
-Backends here: `loop` (one GEMM pair per expert; the obviously right baseline) and `bmm` (rows
-scattered into a padded [P_active, C, H] batch and one batched GEMM per projection). `triton` and
-`deepgemm` join the registry from kernels/ when their issue lands.
+Backends, slowest first: `loop` (one GEMM pair per expert; the obviously right baseline), `bmm`
+(rows scattered into a padded [P_active, C, H] batch, one batched GEMM per projection), `triton`
+(grouped-GEMM Triton kernels, SwiGLU fused; kernels/fused_moe.py) and `deepgemm` (DeepGEMM's
+m-grouped GEMMs; kernels/deepgemm.py). `supports(cfg, device)` says why one cannot run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from nanomoe_fn.batch import ExpertBatch, row_coords
 from nanomoe_fn.checks import check_tensor
 from nanomoe_fn.config import MoEConfig
+from nanomoe_fn.expert_kernels import deepgemm_run, deepgemm_supports, triton_run, triton_supports
 from nanomoe_fn.params import Experts, SwiGLUExperts, expert_tensors
 
 
@@ -115,6 +117,8 @@ def _always(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
 EXPERT_BACKENDS: dict[str, ExpertBackend] = {
     "loop": ExpertBackend("loop", _always, _loop),
     "bmm": ExpertBackend("bmm", _always, _bmm),
+    "triton": ExpertBackend("triton", triton_supports, triton_run),
+    "deepgemm": ExpertBackend("deepgemm", deepgemm_supports, deepgemm_run),
 }
 
 

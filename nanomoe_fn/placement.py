@@ -34,10 +34,26 @@ class Placement:
     def __post_init__(self) -> None:
         if self.remap_policy not in ("static", "dynamic"):
             raise ValueError(f"remap_policy must be 'static' or 'dynamic', got {self.remap_policy!r}")
+        # one host check at construction (tables are built on the CPU; off the CPU assume not identity,
+        # which is always correct); to() and with_policy() carry the flag over
+        same = self.phy2log.numel() == self.log2phy.shape[0] and self.log2phy.shape[1] == 1
+        same = same and self.phy2log.device.type == "cpu" and bool(
+            torch.equal(self.phy2log, torch.arange(self.phy2log.numel())))
+        object.__setattr__(self, "_identity", same)
+
+    def _keep_flag(self, other: Placement) -> Placement:
+        object.__setattr__(other, "_identity", self._identity)
+        return other
+
+    @property
+    def is_identity(self) -> bool:
+        """Slot p holds logical expert p (no replicas). Read from the table's shape and a flag set at
+        construction, never from device data (no host sync)."""
+        return self._identity
 
     def with_policy(self, remap_policy: str) -> Placement:
         """The same tables with another replica-choice policy."""
-        return Placement(self.phy2log, self.log2phy, self.logcnt, self.world_size, remap_policy)
+        return self._keep_flag(Placement(self.phy2log, self.log2phy, self.logcnt, self.world_size, remap_policy))
 
     @property
     def num_logical(self) -> int:
@@ -90,8 +106,8 @@ class Placement:
 
     def to(self, device: torch.device | str) -> Placement:
         """The same tables on another device (routing remaps on the tokens' device)."""
-        return Placement(self.phy2log.to(device), self.log2phy.to(device), self.logcnt.to(device),
-                         self.world_size, self.remap_policy)
+        return self._keep_flag(Placement(self.phy2log.to(device), self.log2phy.to(device),
+                                         self.logcnt.to(device), self.world_size, self.remap_policy))
 
     def physical_ids(self, topk_ids: torch.Tensor, rank: int = 0) -> torch.Tensor:
         """Map logical topk_ids [T, k] to physical slots [T, k] by this placement's remap_policy.
@@ -101,6 +117,8 @@ class Placement:
         replica number (token index mod replica count), which spreads one hot expert's tokens over
         its replicas without randomness. With one replica per expert this is phy = log2phy[id, 0].
         """
+        if self.is_identity:  # slot e holds expert e: nothing to look up (and no table to move)
+            return topk_ids.long()
         if self.remap_policy == "dynamic" and self.log2phy.shape[1] > 1:
             from nanomoe_fn.eplb_runtime import remap_dynamic
 

@@ -24,7 +24,17 @@ from nanomoe_fn import (
 from nanomoe_fn.batch import to_contiguous, to_masked
 from tests.helpers import DTYPES, MIN_MARGIN, TOL, assert_close_to_ref, moe_configs, reference_layer
 
-BACKENDS = sorted(EXPERT_BACKENDS)
+# every backend that can run on this machine (triton through its interpreter on the CPU)
+BACKENDS = sorted(b for b, be in EXPERT_BACKENDS.items() if be.supports(preset("tiny"), torch.device("cpu"))[0])
+
+
+def runnable(backend: str, dtype: torch.dtype) -> bool:
+    """The Triton interpreter computes bfloat16 wrongly (a known limitation): bf16 Triton is a GPU test."""
+    return not (backend == "triton" and dtype == torch.bfloat16)
+
+
+def test_cpu_backends_include_triton():
+    assert {"loop", "bmm", "triton"} <= set(BACKENDS), BACKENDS
 
 
 def random_routing(T: int, E: int, k: int, gen: torch.Generator, hot: bool = False) -> Routing:
@@ -62,6 +72,7 @@ def test_dispatch_combine_roundtrip(T, E, k, H, seed, one_hot):
 @given(cfg=moe_configs(), M=st.integers(0, 48), dtype=st.sampled_from(DTYPES), backend=st.sampled_from(BACKENDS),
        masked=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_expert_ffn_matches_reference(cfg, M, dtype, backend, masked, seed):
+    assume(runnable(backend, dtype))
     gen = torch.Generator().manual_seed(seed)
     params = init_moe_params(cfg, dtype, generator=gen)
     E = cfg.num_experts
@@ -87,6 +98,7 @@ def test_expert_ffn_matches_reference(cfg, M, dtype, backend, masked, seed):
 @given(cfg=moe_configs(), T=st.integers(0, 48), dtype=st.sampled_from(DTYPES), backend=st.sampled_from(BACKENDS),
        capacity=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_moe_layer_matches_reference(cfg, T, dtype, backend, capacity, seed):
+    assume(runnable(backend, dtype))
     gen = torch.Generator().manual_seed(seed)
     params = init_moe_params(cfg, dtype, generator=gen)
     x = torch.randn(T, cfg.hidden, generator=gen).to(dtype)

@@ -30,7 +30,9 @@ def sort_pairs(phys_ids: torch.Tensor, num_physical: int) -> tuple[torch.Tensor,
     """Order the flattened pairs by slot. Returns (send_order [N] int64, counts [P] int64)."""
     flat = phys_ids.flatten().long()
     send_order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_physical)
+    # index_add_ rather than bincount: bincount sizes its output from the data (a host sync on GPUs)
+    counts = torch.zeros(num_physical, dtype=torch.int64, device=flat.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))
     return send_order, counts
 
 

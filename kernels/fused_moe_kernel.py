@@ -1,0 +1,215 @@
+"""Grouped GEMM over aligned expert rows (Triton), with the MoE epilogues fused.
+
+Dimension legend: R aligned rows (sorted_ids, padded per expert to align_m), NB = R // BLOCK_M row
+blocks, E experts, K reduction depth (H for gate/up and linear, I for down), N output columns
+(I for gate/up with SwiGLU, H otherwise), NW = weight rows per expert (2I for gate/up, else N),
+BM/BN/BK the tile (BLOCK_M x BLOCK_N output tile, BLOCK_K deep steps).
+
+One program computes a BM x BN output tile of one row block: every row of a block belongs to one
+expert (the alignment guarantees it), so the tile is A[rows of the block, :] @ W[expert, cols, :].T.
+- A rows: gathered through sorted_ids (row id // A_DIV: A_DIV = top-k maps a (token, k) pair to its
+  token) or, for the second GEMM, the aligned row position itself (the first GEMM's output).
+- SWIGLU: the program loads the gate tile (rows n) and the up tile (rows I + n) of the same output
+  columns and writes silu(gate) * up in float32 rounded to the output dtype: [rows, I], no [rows, 2I].
+- C rows: scattered to the row id (back to (token, k) order or the batch's own row) or the aligned
+  position; MUL_WEIGHT scales each row by row_weights[row id] (the top-k weight) before rounding.
+- Padding rows (sentinel ids) read zeros and are never stored. Blocks at or past num_padded exit at
+  once, so the grid is a static upper bound (CUDA-graph capturable).
+- BLOCK_TABLE: blocks come from kernels.moe_blocks (first row and expert per block) instead of
+  row pid_m * BLOCK_M of the alignment: BLOCK_M-row main blocks and align-block-row tail blocks,
+  so an expert pays for at most align_m - 1 padding rows rather than BLOCK_M - 1.
+- USE_TMA loads weight tiles with a host TensorDescriptor over W seen as [E*NW, K] (tiles past an
+  expert's rows land in masked-out columns; past the tensor, TMA fills zeros).
+Programs are ordered GROUP_M row blocks at a time for each column tile, so the row blocks of one
+expert (consecutive) share the weight tile through L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.moe_align import Alignment
+from kernels.moe_blocks import BlockTables, block_tables
+
+
+# token counts change every step: do not compile a variant per divisibility of these two
+@triton.jit(do_not_specialize=["num_rows", "num_blocks"])
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, b_desc, c_ptr, w_ptr, sorted_ids_ptr, block_rows_ptr, block_experts_ptr, used_ptr,
+    num_rows, N, K, num_blocks, align_m, stride_am, stride_be, stride_bn, stride_cm,
+    A_DIV: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SWIGLU: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_TABLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    if BLOCK_TABLE:
+        # kernels.moe_blocks: block pid_m starts at aligned row block_rows[pid_m]; used_ptr = blocks used
+        if pid_m >= tl.load(used_ptr):
+            return
+        row0 = tl.load(block_rows_ptr + pid_m)
+        expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    else:
+        # block pid_m is aligned rows pid_m * BLOCK_M ..; used_ptr = num_padded, block_experts = expert_ids
+        row0 = pid_m * BLOCK_M
+        if row0 >= tl.load(used_ptr):
+            return
+        # with BLOCK_M < align_m a block can be all padding (the tail of an expert's aligned segment)
+        if tl.load(sorted_ids_ptr + row0) >= num_rows:
+            return
+        expert = tl.load(block_experts_ptr + row0 // align_m).to(tl.int64)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    ids = tl.load(sorted_ids_ptr + offs_m)
+    row_ok = ids < num_rows
+
+    offs_k = tl.arange(0, BLOCK_K)
+    if GATHER_A:
+        a_rows = (ids // A_DIV).to(tl.int64)
+    else:
+        a_rows = offs_m.to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    # weight columns wrap (% N) so loads stay in bounds; wrapped columns are masked at the store
+    offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    up_ptrs = b_ptrs + N * stride_bn
+    tma_row = (expert * (2 * N if SWIGLU else N) + pid_n * BLOCK_N).to(tl.int32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - kk * BLOCK_K
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_TMA:
+            b = b_desc.load([tma_row, kk * BLOCK_K]).T
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc)
+        if SWIGLU:
+            if USE_TMA:
+                up = b_desc.load([tma_row + N, kk * BLOCK_K]).T
+            elif EVEN_K:
+                up = tl.load(up_ptrs)
+            else:
+                up = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
+            acc_up = tl.dot(a, up, acc_up)
+            up_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(w_ptr + ids, mask=row_ok, other=0.0)[:, None]
+    if SCATTER_C:
+        c_rows = ids.to(tl.int64)
+    else:
+        c_rows = offs_m.to(tl.int64)
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_cn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_cn[None, :] < N))
+
+
+def runs_interpreted() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then take CPU tensors)."""
+    return type(_moe_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def check_config(config: dict) -> dict:
+    """A launch config with every key (USE_TMA defaults to False, SPLIT_M to 0 = no tail split)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"config is missing {missing} (has {sorted(config)})")
+    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = config[k]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"config[{k!r}] must be a power of two >= 16, got {v!r}")
+    split = config.get("SPLIT_M", 0)
+    bad_split = not isinstance(split, int) or split < 16 or split & (split - 1) or split > config["BLOCK_M"]
+    if split and bad_split:
+        raise ValueError(f"config['SPLIT_M'] must be 0 or a power of two in [16, BLOCK_M], got {split!r}")
+    return {**{k: config[k] for k in CONFIG_KEYS}, "USE_TMA": bool(config.get("USE_TMA", False)),
+            "SPLIT_M": 0 if split == config["BLOCK_M"] else split}
+
+
+def _tma_descriptor(w: torch.Tensor, rows: int, block_n: int, block_k: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(w.view(rows, w.shape[-1]), [block_n, block_k])
+
+
+def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignment, config: dict, *,
+             gather_a: bool, scatter_c: bool, a_div: int = 1, swiglu: bool = False,
+             row_weights: torch.Tensor | None = None, tables: BlockTables | None = None) -> torch.Tensor:
+    """out[rows] = epilogue(A[rows] @ w[expert].T) for the aligned rows (see the module docstring).
+
+    a [*, K] (gathered rows, or [R, K] aligned), w [E, NW, K] contiguous, out [*, N] (N = NW // 2 with
+    swiglu), align from kernels.moe_align, row_weights [num_rows] float32 or None. BLOCK_M larger than
+    align.block_m runs main blocks of BLOCK_M rows and tail blocks of align.block_m rows (two launches;
+    `tables` = kernels.moe_blocks.block_tables(align, BLOCK_M), made here when not given). Returns out.
+    """
+    cfg = check_config(config)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    E, NW, K = w.shape
+    N = NW // 2 if swiglu else NW
+    tm, R, num_rows = align.block_m, align.sorted_ids.numel(), align.num_rows
+    if a.dim() != 2 or a.shape[1] != K or a.stride(1) != 1:
+        raise ValueError(f"a must be [rows, {K}] with unit stride in its last dim, got {tuple(a.shape)} "
+                         f"strides {a.stride()}")
+    if not w.is_contiguous():
+        raise ValueError("w must be contiguous [E, NW, K]")
+    if out.dim() != 2 or out.shape[1] != N or out.stride(1) != 1:
+        raise ValueError(f"out must be [rows, {N}] with unit stride in its last dim, got {tuple(out.shape)}")
+    if swiglu and NW % 2:
+        raise ValueError(f"swiglu weights need an even row count (gate then up), got {NW}")
+    if (tm % bm if bm <= tm else bm % tm) or align.expert_ids.numel() != R // tm:
+        raise ValueError(f"BLOCK_M={bm} and the alignment block {tm} must divide one another")
+    if not gather_a and a.shape[0] < R:
+        raise ValueError(f"a must hold all {R} aligned rows when it is not gathered, got {a.shape[0]}")
+    if row_weights is not None and (row_weights.dtype != torch.float32 or row_weights.numel() < num_rows):
+        raise ValueError(f"row_weights must be float32 with {num_rows} entries, got {row_weights.dtype} "
+                         f"{tuple(row_weights.shape)}")
+    if R == 0 or N == 0:
+        return out
+    # TMA needs 16-byte aligned rows; the interpreter emulates descriptors, so CPU tests cover the path
+    use_tma = cfg["USE_TMA"] and (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
+    desc = _tma_descriptor(w, E * NW, bn, bk) if use_tma else None
+
+    def launch(block_m, rows, experts, used, num_blocks):
+        if num_blocks == 0:
+            return
+        _moe_gemm_kernel[(num_blocks * triton.cdiv(N, bn),)](
+            a, w, desc, out, row_weights, align.sorted_ids, rows, experts, used,
+            num_rows, N, K, num_blocks, tm, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+            A_DIV=a_div, GATHER_A=gather_a, SCATTER_C=scatter_c, SWIGLU=swiglu,
+            MUL_WEIGHT=row_weights is not None, USE_TMA=use_tma, EVEN_K=K % bk == 0,
+            BLOCK_TABLE=rows is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
+            GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    if bm <= tm:
+        launch(bm, None, align.expert_ids, align.num_padded, R // bm)
+        return out
+    if tables is None:
+        tables = block_tables(align, bm)
+    if (tables.block_m, tables.tail_m) != (bm, tm):
+        raise ValueError(f"tables are for blocks of {tables.block_m}/{tables.tail_m} rows, need {bm}/{tm}")
+    launch(bm, tables.main_rows, tables.main_experts, tables.counts[0:1], tables.main_rows.numel())
+    launch(tm, tables.tail_rows, tables.tail_experts, tables.counts[1:2], tables.tail_rows.numel())
+    return out

@@ -1,0 +1,90 @@
+"""Block tables over an alignment: full BM-row blocks plus TM-row tail blocks per expert (Triton).
+
+Dimension legend: E experts, TM the alignment's block (each expert's rows padded to a multiple of TM),
+BM > TM the GEMM's main tile rows (a multiple of TM), NM / NT static upper bounds of main / tail
+blocks, NBIN histogram-style bins (a power of two > E).
+
+Why: with segments padded to BM, an expert with 257 rows and BM = 128 pays for 384 rows of MMA
+(about 20% waste at 256 rows per expert with uniform routing). Padding to TM = 64 instead and
+covering each segment with floor(p / BM) main blocks plus (p mod BM) / TM tail blocks computes at
+most TM - 1 padding rows per expert; the tails run as a second, small launch with BLOCK_M = TM.
+Tables are device tensors of static size (no host sync): `main_rows[NM]` (first aligned row of each
+block), `main_experts[NM]`, `tail_rows[NT]`, `tail_experts[NT]`, `counts[2]` = (main, tail) used.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.moe_align import Alignment
+
+
+class BlockTables(NamedTuple):
+    """Blocks of BM rows (main) and TM rows (tail) over an alignment; see the module docstring."""
+
+    main_rows: torch.Tensor
+    main_experts: torch.Tensor
+    tail_rows: torch.Tensor
+    tail_experts: torch.Tensor
+    counts: torch.Tensor
+    block_m: int
+    tail_m: int
+
+
+@triton.jit
+def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, tail_experts_ptr,
+                   counts_ptr, E, BM: tl.constexpr, TM: tl.constexpr, NBIN: tl.constexpr, BB: tl.constexpr):
+    bins = tl.arange(0, NBIN)
+    live = bins < E
+    padded = tl.load(padded_ptr + bins, mask=live, other=0)
+    seg_start = tl.cumsum(padded, axis=0) - padded
+    n_main = padded // BM
+    n_tail = (padded - n_main * BM) // TM
+    main_end = tl.cumsum(n_main, axis=0)
+    tail_end = tl.cumsum(n_tail, axis=0)
+    tl.store(counts_ptr, tl.sum(n_main, axis=0))
+    tl.store(counts_ptr + 1, tl.sum(n_tail, axis=0))
+    _fill_range(main_rows_ptr, main_experts_ptr, tl.sum(n_main, axis=0), main_end, main_end - n_main,
+                seg_start, BM, live, bins, BB)
+    _fill_range(tail_rows_ptr, tail_experts_ptr, tl.sum(n_tail, axis=0), tail_end, tail_end - n_tail,
+                seg_start + n_main * BM, TM, live, bins, BB)
+
+
+@triton.jit
+def _fill_range(rows_ptr, experts_ptr, used, ends, starts, seg_first, step, live, bins, BB: tl.constexpr):
+    # entry i belongs to expert e with starts[e] <= i < ends[e]: row = seg_first[e] + (i - starts[e]) * step
+    i_ = tl.arange(0, BB)
+    for i0 in range(0, used, BB):
+        i = i0 + i_
+        owner = tl.sum(((ends[None, :] <= i[:, None]) & live[None, :]).to(tl.int32), axis=1)
+        sel = bins[None, :] == owner[:, None]
+        first = tl.sum(tl.where(sel, seg_first[None, :], 0), axis=1)
+        lo = tl.sum(tl.where(sel, starts[None, :], 0), axis=1)
+        tl.store(rows_ptr + i, first + (i - lo) * step, mask=i < used)
+        tl.store(experts_ptr + i, owner, mask=i < used)
+
+
+def block_tables(align: Alignment, block_m: int) -> BlockTables:
+    """Main blocks of `block_m` rows and tail blocks of `align.block_m` rows covering every expert's
+    padded segment; block_m must be a multiple of align.block_m. One launch, no host sync."""
+    tm = align.block_m
+    if block_m <= tm or block_m % tm:
+        raise ValueError(f"block_m ({block_m}) must be a multiple of the alignment block ({tm}) and larger")
+    E = align.padded_counts.numel()
+    R = align.sorted_ids.numel()
+    dev = align.sorted_ids.device
+    n_main, n_tail = R // block_m, min(R // tm, E * (block_m // tm - 1))
+    buf = torch.empty(2 * n_main + 2 * n_tail + 2, dtype=torch.int32, device=dev)
+    main_rows, main_experts, tail_rows, tail_experts, counts = torch.split(
+        buf, [n_main, n_main, n_tail, n_tail, 2])
+    if E:
+        nbin = triton.next_power_of_2(E + 1)
+        _tables_kernel[(1,)](align.padded_counts, main_rows, main_experts, tail_rows, tail_experts, counts, E,
+                             BM=block_m, TM=tm, NBIN=nbin, BB=max(1, min(64, 8192 // nbin)))
+    else:
+        counts.zero_()
+    return BlockTables(main_rows, main_experts, tail_rows, tail_experts, counts, block_m, tm)

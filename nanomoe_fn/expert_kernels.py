@@ -1,0 +1,67 @@
+"""`triton` and `deepgemm` expert backends: adapters from ExpertBatch to the kernels in kernels/.
+
+Dimension legend: P_local local experts, M rows (contiguous layout), C capacity (masked layout), H hidden.
+Both take the batch's layout as is (contiguous rows + counts, or masked [P_local, C, H] + counts) and
+never sync with the host; rows past an expert's count are padding and stay unwritten (combine and
+to_contiguous never read them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nanomoe_fn.batch import ExpertBatch
+from nanomoe_fn.config import MoEConfig
+from nanomoe_fn.params import Experts, SwiGLUExperts, expert_tensors
+
+
+def _expert_type(experts: Experts) -> str:
+    return "swiglu" if isinstance(experts, SwiGLUExperts) else "linear"
+
+
+def triton_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
+    """Triton runs on CUDA GPUs, or on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return False, f"triton is not importable ({err}); pip install triton"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU), got {device}"
+
+
+def triton_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
+    """Grouped-GEMM Triton kernels (SwiGLU fused into the first GEMM's epilogue)."""
+    from kernels.fused_moe import fused_moe_contiguous, fused_moe_masked
+
+    ws, kind = expert_tensors(experts), _expert_type(experts)
+    if batch.layout == "masked":
+        return batch.with_x(fused_moe_masked(batch.x, batch.counts, ws, kind))
+    return batch.with_x(fused_moe_contiguous(batch.x, batch.counts, ws, kind))
+
+
+def deepgemm_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
+    """DeepGEMM: SwiGLU experts, bf16, Hopper, and the sgl-deep-gemm package (kernels/deepgemm.py)."""
+    if cfg.expert_type != "swiglu":
+        return False, f"the DeepGEMM adapter implements SwiGLU experts, not {cfg.expert_type!r}"
+    from kernels.deepgemm import supports
+
+    if device.type != "cuda":
+        return False, f"DeepGEMM needs a CUDA device, got {device}"
+    return supports()
+
+
+def deepgemm_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
+    """DeepGEMM m-grouped bf16 GEMMs (contiguous rows padded per expert, or masked) + torch SwiGLU."""
+    from kernels.deepgemm import deepgemm_moe_contiguous, deepgemm_moe_masked
+
+    if not isinstance(experts, SwiGLUExperts):
+        raise ValueError("the deepgemm backend needs SwiGLU experts")
+    ws = expert_tensors(experts)
+    if batch.layout == "masked":
+        return batch.with_x(deepgemm_moe_masked(batch.x, batch.counts, ws))
+    return batch.with_x(deepgemm_moe_contiguous(batch.x, batch.counts, ws))

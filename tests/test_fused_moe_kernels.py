@@ -1,0 +1,244 @@
+"""Triton fused MoE (kernels/moe_align, kernels/fused_moe) against the float64 oracle, on the CPU.
+
+Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate, cap rows per expert (masked).
+The kernels run under TRITON_INTERPRET=1, set before kernels/ is imported (the interpreter gets
+bfloat16 wrong: float32/float16 here, bfloat16 in tests/gpu/test_fused_moe_gpu.py).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import json  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import kernels.fused_moe as fm  # noqa: E402
+import kernels.fused_moe_kernel as fmk  # noqa: E402
+import kernels.moe_align as ma  # noqa: E402
+import kernels.moe_blocks as mb  # noqa: E402
+import reference  # noqa: E402
+from kernels import deepgemm  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and not fmk.runs_interpreted():
+    # another test module imported kernels/ before the variable was set: decorate the kernels again
+    for mod in (ma, mb, fmk, fm):
+        importlib.reload(mod)
+
+pytestmark = pytest.mark.skipif(not fmk.runs_interpreted() and not torch.cuda.is_available(),
+                                reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2),
+           dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=2),
+           dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, USE_TMA=True),
+           # 64-row main blocks plus 16-row tail blocks (kernels.moe_blocks)
+           dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16),
+           {"up": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_M=16,
+                       USE_TMA=True),
+            "down": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2),
+            "linear": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2,
+                           SPLIT_M=16)},
+           {"up": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2),
+            "down": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2),
+            "linear": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2)}]
+
+
+def make_experts(E, H, I, expert_type, dtype, g):
+    if expert_type == "linear":
+        return (torch.randn(E, H, H, generator=g) * H ** -0.5).to(DEV, dtype),
+    return ((torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(DEV, dtype),
+            (torch.randn(E, H, I, generator=g) * I ** -0.5).to(DEV, dtype))
+
+
+def assert_close(out, ref, dtype, what="output"):
+    assert torch.isfinite(out).all(), f"{what} has NaN/Inf"
+    assert tuple(out.shape) == tuple(ref.shape), f"{what} shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if ref.numel():
+        err = float((out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-12))
+        assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]} ({dtype})"
+
+
+@st.composite
+def problems(draw):
+    """(T, k, E, H, I, expert_type, dtype, ids [T, k], routing pattern)."""
+    E = draw(st.integers(1, 6))
+    k = draw(st.integers(1, min(E, 3)))
+    T = draw(st.integers(0, 40))
+    H = draw(st.sampled_from([16, 24, 40, 64]))
+    I = draw(st.sampled_from([16, 24, 48]))
+    seed = draw(st.integers(0, 2 ** 16))
+    g = torch.Generator().manual_seed(seed)
+    pattern = draw(st.sampled_from(["uniform", "one_expert", "skewed"]))
+    if pattern == "uniform" or T == 0:
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else \
+            torch.zeros(0, k, dtype=torch.int64)
+    elif pattern == "one_expert":  # every token's first choice is expert 0 (k distinct per token)
+        ids = torch.stack([torch.cat([torch.tensor([0]), 1 + torch.randperm(E - 1, generator=g)[:k - 1]])
+                           for _ in range(T)])
+    else:  # experts above E // 2 never chosen when k allows: empty experts
+        lo = max(k, (E + 1) // 2)
+        ids = torch.stack([torch.randperm(lo, generator=g)[:k] for _ in range(T)])
+    ids = ids.to(draw(st.sampled_from([torch.int32, torch.int64])))
+    return T, k, E, H, I, draw(st.sampled_from(["swiglu", "linear"])), \
+        draw(st.sampled_from([torch.float32, torch.float16])), ids, g
+
+
+@settings(max_examples=25)
+@given(problems(), st.sampled_from(range(len(CONFIGS))))
+def test_fused_moe_matches_reference(prob, ci):
+    T, k, E, H, I, expert_type, dtype, ids, g = prob
+    w = make_experts(E, H, I, expert_type, dtype, g)
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    tw = torch.rand(T, k, generator=g) + 0.1
+    out = fm.fused_moe(x, ids.to(DEV), tw.to(DEV), w, expert_type, config=CONFIGS[ci])
+    assert out.dtype == dtype
+    assert_close(out, reference.moe_experts(x, ids, tw, w, expert_type), dtype)
+
+
+def expert_rows(x, counts, w, expert_type):
+    """reference per row: row i of expert e -> expert_e(x[i]) (float64 [rows, H_out])."""
+    rows_e = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    return reference.moe_experts(x, rows_e[:, None], torch.ones(len(rows_e), 1), w, expert_type)
+
+
+@settings(max_examples=20)
+@given(st.lists(st.integers(0, 37), min_size=1, max_size=5), st.integers(0, 3),
+       st.sampled_from(["swiglu", "linear"]), st.sampled_from([torch.float32, torch.float16]),
+       st.sampled_from(range(len(CONFIGS))), st.integers(0, 2 ** 16))
+def test_contiguous_matches_reference(counts, extra, expert_type, dtype, ci, seed):
+    g = torch.Generator().manual_seed(seed)
+    E, H, I, n = len(counts), 24, 16, sum(counts)
+    w = make_experts(E, H, I, expert_type, dtype, g)
+    x = torch.randn(n + extra, H, generator=g).to(DEV, dtype)  # `extra` rows past sum(counts): unowned
+    out = fm.fused_moe_contiguous(x, torch.tensor(counts, device=DEV), w, expert_type, config=CONFIGS[ci])
+    assert out.shape == (n + extra, H)
+    assert_close(out[:n], expert_rows(x[:n], counts, w, expert_type), dtype)
+
+
+@settings(max_examples=20)
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=5), st.integers(0, 12),
+       st.sampled_from(["swiglu", "linear"]), st.sampled_from([torch.float32, torch.float16]),
+       st.sampled_from(range(len(CONFIGS))), st.integers(0, 2 ** 16))
+def test_masked_matches_reference(counts, slack, expert_type, dtype, ci, seed):
+    g = torch.Generator().manual_seed(seed)
+    E, H, I, cap = len(counts), 40, 24, max(counts) + slack
+    w = make_experts(E, H, I, expert_type, dtype, g)
+    x = torch.randn(E, cap, H, generator=g).to(DEV, dtype)
+    out = fm.fused_moe_masked(x, torch.tensor(counts, device=DEV), w, expert_type, config=CONFIGS[ci])
+    assert out.shape == (E, cap, H)
+    got = torch.cat([out[e, :c] for e, c in enumerate(counts)])
+    rows = torch.cat([x[e, :c] for e, c in enumerate(counts)])
+    assert_close(got, expert_rows(rows, counts, w, expert_type), dtype)
+
+
+@settings(max_examples=25)
+@given(problems(), st.sampled_from([16, 32, 64]))
+def test_align_groups_rows_by_expert(prob, block_m):
+    T, k, E, *_, ids, _ = prob
+    al = ma.moe_align(ids.to(DEV), E, block_m)
+    flat = ids.reshape(-1).tolist()
+    npad = int(al.num_padded[0])
+    counts = [flat.count(e) for e in range(E)]
+    assert npad == sum(-(-c // block_m) * block_m for c in counts) <= al.sorted_ids.numel()
+    sids, eids = al.sorted_ids[:npad].tolist(), al.expert_ids[: npad // block_m].tolist()
+    seen = []
+    for b, e in enumerate(eids):
+        block = [r for r in sids[b * block_m:(b + 1) * block_m] if r != len(flat)]
+        assert block and all(flat[r] == e for r in block), "a block mixes experts or is all padding"
+        seen += block
+    assert sorted(seen) == list(range(len(flat)))  # every row exactly once
+    assert all(sorted(r for r in seen if flat[r] == e) == [r for r in seen if flat[r] == e] for e in range(E))
+
+
+@settings(max_examples=20)
+@given(problems(), st.sampled_from([(16, 32), (16, 64), (32, 128), (64, 128)]))
+def test_block_tables_cover_each_segment(prob, sizes):
+    T, k, E, *_, ids, _ = prob
+    tm, bm = sizes
+    al = ma.moe_align(ids.to(DEV), E, tm)
+    bt = mb.block_tables(al, bm)
+    pc = al.padded_counts.tolist()
+    seg = [sum(pc[:e]) for e in range(E)]
+    want_main = [(seg[e] + j * bm, e) for e in range(E) for j in range(pc[e] // bm)]
+    want_tail = [(seg[e] + pc[e] // bm * bm + j * tm, e) for e in range(E) for j in range(pc[e] % bm // tm)]
+    n_main, n_tail = bt.counts.tolist()
+    assert list(zip(bt.main_rows[:n_main].tolist(), bt.main_experts[:n_main].tolist())) == want_main
+    assert list(zip(bt.tail_rows[:n_tail].tolist(), bt.tail_experts[:n_tail].tolist())) == want_tail
+    assert n_main <= bt.main_rows.numel() and n_tail <= bt.tail_rows.numel()
+
+
+def test_zero_tokens_and_bad_input():
+    g = torch.Generator().manual_seed(0)
+    w = make_experts(3, 16, 16, "swiglu", torch.float32, g)
+    x = torch.randn(4, 16, generator=g).to(DEV)
+    ids, tw = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]], device=DEV), torch.rand(4, 2, device=DEV)
+    cfg = CONFIGS[0]
+    assert fm.fused_moe(x[:0], ids[:0], tw[:0], w, config=cfg).shape == (0, 16)
+    no_rows = torch.zeros(3, dtype=torch.int64, device=DEV)
+    assert fm.fused_moe_contiguous(x[:0], no_rows, w, config=cfg).shape == (0, 16)
+    with pytest.raises(ValueError, match="expert ids outside"):
+        fm.fused_moe(x, ids + 1, tw, w, config=cfg, validate=True)
+    with pytest.raises(ValueError, match="expert_type"):
+        fm.fused_moe(x, ids, tw, w, "gelu", config=cfg)
+    with pytest.raises(ValueError, match="w13 must be"):
+        fm.fused_moe(x, ids, tw, (w[0], w[1][:, :8].contiguous()), config=cfg)
+    with pytest.raises(TypeError, match="w13 must match x"):
+        fm.fused_moe(x.half(), ids, tw, w, config=cfg)
+    with pytest.raises(TypeError, match="x must be one of"):
+        fm.fused_moe(x.long(), ids, tw, w, config=cfg)
+    with pytest.raises(ValueError, match="topk_weights"):
+        fm.fused_moe(x, ids, tw[:, :1], w, config=cfg)
+    with pytest.raises(TypeError, match="topk_ids must be int32 or int64"):
+        fm.fused_moe(x, ids.float(), tw, w, config=cfg)
+    with pytest.raises(ValueError, match="top-k"):
+        fm.fused_moe(x, torch.zeros(4, 4, dtype=torch.int64, device=DEV), torch.rand(4, 4, device=DEV), w,
+                     config=cfg)
+    with pytest.raises(ValueError, match="counts must"):
+        fm.fused_moe_contiguous(x, torch.tensor([3, 3, 3], device=DEV), w, config=cfg, validate=True)
+    with pytest.raises(ValueError, match="counts must lie"):
+        fm.fused_moe_masked(x.view(1, 4, 16).expand(3, 4, 16), torch.tensor([5, 0, 0], device=DEV), w,
+                            config=cfg, validate=True)
+    with pytest.raises(ValueError, match="power of two"):
+        fm.fused_moe(x, ids, tw, w, config={**cfg, "BLOCK_N": 24})
+    with pytest.raises(ValueError, match="missing"):
+        fm.fused_moe(x, ids, tw, w, config={"BLOCK_M": 16})
+
+
+def test_tuned_tables_load_and_default_warns(tmp_path, monkeypatch):
+    for path in fm.TUNED_DIR.glob("*.json"):  # the shipped tables parse and hold valid configs
+        raw = json.loads(path.read_text())
+        assert all(fmk.check_config(c) for m, c in raw.items() if not m.startswith("_")), path
+    name = fm.config_name("up", 4, 32, 16, torch.float32, "cpu")
+    (tmp_path / name).write_text(json.dumps({"_meta": {}, "64": CONFIGS[0], "4096": CONFIGS[1]}))
+    monkeypatch.setattr(fm, "TUNED_DIR", tmp_path)
+    fm._load_table.cache_clear()
+    try:
+        assert fm.get_config("up", 4, 32, 16, torch.float32, 100, torch.device("cpu"))["BLOCK_M"] == 16
+        assert fm.get_config("up", 4, 32, 16, torch.float32, 3000, torch.device("cpu"))["BLOCK_M"] == 32
+        fm._warn_default.cache_clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                fm.get_config("down", 4, 16, 32, torch.float32, 100, torch.device("cpu"))
+        assert len([w for w in caught if "no tuned config" in str(w.message)]) == 1
+    finally:
+        fm._load_table.cache_clear()
+
+
+def test_deepgemm_says_why_not():
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests cover DeepGEMM")
+    ok, why = deepgemm.supports()
+    assert not ok and "CUDA" in why
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    w = (torch.zeros(2, 128, 64, dtype=torch.bfloat16), torch.zeros(2, 64, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="deepgemm backend cannot run"):
+        deepgemm.deepgemm_moe_contiguous(x, torch.tensor([2, 2]), w)
