@@ -17,29 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.reduce_ops import add as _add
+from kernels.reduce_ops import maximum as _maximum
+from kernels.reduce_ops import minimum as _minimum
 
-# Reductions go through tl.reduce with triton.language's own combine functions, and zeros through
-# tl.full: tl.max/sum/min/zeros/cdiv are @jit functions decorated once when triton is imported, so a
-# test session that imported triton before setting TRITON_INTERPRET could not interpret them. (The
-# interpreter recognises these combine functions and reduces with numpy.)
-@triton.jit
-def _own_max(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _own_min(a, b):
-    return tl.minimum(a, b)
-
-
-@triton.jit
-def _own_add(a, b):
-    return a + b
-
-
-_maximum = getattr(tl.standard, "_elementwise_max", _own_max)
-_minimum = getattr(tl.standard, "_elementwise_min", _own_min)
-_add = getattr(tl.standard, "_sum_combine", _own_add)
+# tl.reduce combine functions and tl.full zeros: see kernels/reduce_ops.py for why not tl.max/tl.sum
 
 
 @triton.jit
