@@ -61,3 +61,20 @@ def test_multi_rank_bench_gloo(tmp_path):
 def test_nvtx_and_profiler_are_noops_without_cuda():
     with nvtx_range("x"), cuda_profiler(True):
         pass
+
+
+@pytest.mark.slow
+def test_dispatch_bench_gloo(tmp_path):
+    out = tmp_path / "d.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_dispatch.py"), "--world-size", "2", "--backend", "gloo",
+           "--quick", "--dtype", "float32", "--warmup", "1", "--iters", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out) as f:
+        rec = json.load(f)
+    assert rec["bench"] == "dispatch" and rec["world_size"] == 2
+    variants = {r["variant"] for r in rec["rows"]}
+    assert variants == {"torch", "torch_fixed", "gloo_a2a"}
+    for r in rec["rows"]:
+        assert r["dispatch_us"] > 0 and r["gbps"] > 0
+        assert (r["variant"] == "gloo_a2a") == ("combine_us" not in r)
