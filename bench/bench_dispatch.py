@@ -22,10 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
-from bench.bench_ep_moe_multi import free_port  # noqa: E402
-from bench.common import DTYPES, time_fn, write_record  # noqa: E402
+from bench.common import DTYPES, spawn_ranks, time_fn, write_record  # noqa: E402
 from nanomoe_fn import Placement, Routing, TorchComm, TorchFixedComm, combine, dispatch  # noqa: E402
 
 # (phase, experts, top_k, hidden, tokens per rank)
@@ -127,9 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.backend == "nccl" and torch.cuda.device_count() < args.world_size:
         raise SystemExit(f"--backend nccl needs {args.world_size} GPUs, found {torch.cuda.device_count()}")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(args.master_port or free_port())
-    mp.spawn(run_rank, args=(args.world_size, args), nprocs=args.world_size, join=True)
+    spawn_ranks(run_rank, args.world_size, args.master_port, args)
 
 
 if __name__ == "__main__":

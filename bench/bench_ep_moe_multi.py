@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 from datetime import timedelta
@@ -23,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from bench.common import (  # noqa: E402
     MODES,
@@ -35,18 +33,12 @@ from bench.common import (  # noqa: E402
     pick_dtype,
     pick_modes,
     roofline,
+    spawn_ranks,
     time_fn,
     write_record,
 )
 from bench.workload import agree, config_from_args, floors, make_inputs  # noqa: E402
 from nanomoe_fn import Placement, TorchComm, TorchFixedComm, moe_layer, shard_moe_params  # noqa: E402
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_rank(rank: int, world_size: int, args: argparse.Namespace) -> None:
@@ -145,9 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.world_size < 1:
         raise SystemExit(f"--world-size must be >= 1, got {args.world_size}")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(args.master_port or free_port())
-    mp.spawn(run_rank, args=(args.world_size, args), nprocs=args.world_size, join=True)
+    spawn_ranks(run_rank, args.world_size, args.master_port, args)
 
 
 if __name__ == "__main__":

@@ -112,10 +112,11 @@ class Placement:
     def physical_ids(self, topk_ids: torch.Tensor, rank: int = 0) -> torch.Tensor:
         """Map logical topk_ids [T, k] to physical slots [T, k] by this placement's remap_policy.
 
-        Static policy:
-        Each (token, k) pair goes to the replica on the sender's own rank when there is one, else to
-        replica number (token index mod replica count), which spreads one hot expert's tokens over
-        its replicas without randomness. With one replica per expert this is phy = log2phy[id, 0].
+        static: each (token, k) pair goes to the replica on the sender's own rank when there is one,
+        else to replica number (token index mod replica count), which spreads one hot expert's tokens
+        over its replicas without randomness. dynamic: eplb_runtime.remap_dynamic (equal shares per
+        replica). With one replica per expert both are phy = log2phy[id, 0]. Keep the placement on the
+        tokens' device (`to(device)` once): the tables are moved here otherwise, every call.
         """
         if self.is_identity:  # slot e holds expert e: nothing to look up (and no table to move)
             return topk_ids.long()

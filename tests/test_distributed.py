@@ -10,23 +10,17 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from bench.common import free_port
 from nanomoe_fn import init_moe_params, moe_layer
 from tests import dist_worker
 from tests.helpers import MIN_MARGIN, TOL, assert_close_to_ref, reference_layer
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def draw_cases(world_size: int, n: int, seed: int) -> list[dict]:

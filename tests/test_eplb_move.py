@@ -5,7 +5,6 @@ Dimension legend: E logical experts, P physical slots, W ranks, S_old / S_new lo
 
 from __future__ import annotations
 
-import socket
 import time
 from datetime import timedelta
 
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.common import free_port
 from nanomoe_fn.eplb import (
     begin_move,
     finish_move,
@@ -137,10 +137,7 @@ def _gloo_worker(rank: int, W: int, port: int, mode: str) -> None:
 
 def _spawn(W: int, mode: str, limit_s: float = 90.0) -> None:
     """Run _gloo_worker on W processes; fail (never hang) if they are not done within limit_s."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_gloo_worker, args=(W, port, mode), nprocs=W, join=False)
+    ctx = mp.spawn(_gloo_worker, args=(W, free_port(), mode), nprocs=W, join=False)
     deadline = time.monotonic() + limit_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:

@@ -60,9 +60,8 @@ class TorchFixedComm(TorchComm):
         send_order, counts = sort_pairs(phys, placement.num_physical)
         send_counts = rearrange(counts, "(w p) -> w p", w=W).contiguous()
         per_rank = send_counts.sum(1)
-        if W:
-            check_values(per_rank.max() <= C, f"rank {self.rank}: more than rank_capacity={C} rows for one "
-                                              f"destination rank; raise rank_capacity (or leave it None)")
+        check_values(per_rank.max() <= C, f"rank {self.rank}: more than rank_capacity={C} rows for one "
+                                          f"destination rank; raise rank_capacity (or leave it None)")
         dest = phys.flatten().long()[send_order] // P_local
         within = torch.arange(send_order.numel(), device=x.device) - (torch.cumsum(per_rank, 0) - per_rank)[dest]
         slot_pos = dest * C + within.clamp_max(C - 1)  # each sent row's place in the [W * C] send buffer
