@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.common import DTYPES, spawn_ranks, time_fn, write_record  # noqa: E402
+from bench.common import DTYPES, sig, spawn_ranks, time_fn, write_record  # noqa: E402
 from nanomoe_fn import Placement, Routing, TorchComm, TorchFixedComm, combine, dispatch  # noqa: E402
 
 # (phase, experts, top_k, hidden, tokens per rank)
@@ -79,7 +79,7 @@ def _one_case(case: tuple, rank: int, W: int, device: torch.device, args: argpar
         td, tc_max, nbytes = t.tolist()
         row = {"case": {"phase": phase, "tokens": T, "experts": E, "top_k": k, "hidden": H, "dtype": args.dtype},
                "variant": name, "median_us": round(td * 1e6, 2), "dispatch_us": round(td * 1e6, 2),
-               "gbps": round(nbytes / td / 1e9, 2)}
+               "gbps": sig(nbytes / td / 1e9)}
         if tc is not None:
             row["combine_us"] = round(tc_max * 1e6, 2)
         out.append(row)

@@ -29,6 +29,7 @@ from bench.common import (  # noqa: E402
     pick_dtype,
     pick_modes,
     roofline,
+    sig,
     time_fn,
     write_record,
 )
@@ -103,12 +104,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "expert_type": cfg.expert_type, "dtype": str(dtype).replace("torch.", ""),
                         "cuda_graph": use_graph},
                "variant": m, "median_us": round(med * 1e6, 2), "mean_us": round(mean * 1e6, 2),
-               "gbps": round(bytes_moved / med / 1e9, 2), "tflops": round(flops / med / 1e12, 4)}
+               "gbps": sig(bytes_moved / med / 1e9), "tflops": sig(flops / med / 1e12)}
         rows.append(row)
     # ceilings after the timed loops: the big matmul's thread pool otherwise slows small CPU work
     ceilings = measure_ceilings(device, dtype) if args.json else None
     for row in rows if ceilings else []:
-        row["roofline"] = round(roofline(row["median_us"] * 1e-6, bytes_moved, flops, ceilings), 6)
+        row["roofline"] = sig(roofline(row["median_us"] * 1e-6, bytes_moved, flops, ceilings))
     if len(rows) > 1:
         base = rows[0]["median_us"]
         for row in rows[1:]:

@@ -33,6 +33,7 @@ from bench.common import (  # noqa: E402
     pick_dtype,
     pick_modes,
     roofline,
+    sig,
     spawn_ranks,
     time_fn,
     write_record,
@@ -104,12 +105,12 @@ def _bench(rank: int, world_size: int, args: argparse.Namespace, device: torch.d
                         "hidden": cfg.hidden, "expert_type": cfg.expert_type,
                         "dtype": str(dtype).replace("torch.", ""), "comm": args.comm, "backend": args.backend},
                "variant": m, "median_us": round(med * 1e6, 2), "mean_us": round(mean * 1e6, 2),
-               "gbps": round(bytes_moved / med / 1e9, 2), "tflops": round(flops / med / 1e12, 4)}
+               "gbps": sig(bytes_moved / med / 1e9), "tflops": sig(flops / med / 1e12)}
         rows.append(row)
     # ceilings after the timed loops: the big matmul's thread pool otherwise slows small CPU work
     ceilings = measure_ceilings(device, dtype) if args.json and rank == 0 else None
     for row in rows if ceilings else []:
-        row["roofline"] = round(roofline(row["median_us"] * 1e-6, bytes_moved, flops, ceilings), 6)
+        row["roofline"] = sig(roofline(row["median_us"] * 1e-6, bytes_moved, flops, ceilings))
     if rank == 0 and args.json:
         write_record(args.json, "ep_moe_multi", device, world_size, ceilings, rows)
 

@@ -174,6 +174,11 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
             "matmul_dtype": str(mm_dtype).replace("torch.", "")}
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """x to `digits` significant digits: tiny CPU rates stay non-zero where round(x, 2) gives 0.0."""
+    return float(f"{x:.{digits}g}")
+
+
 def roofline(seconds: float, bytes_moved: float, flops: float, ceilings: dict) -> float:
     """Floor time (max of bytes / bandwidth and FLOPs / matmul rate) over the measured time."""
     floor = max(bytes_moved / (ceilings["hbm_gbps"] * 1e9), flops / (ceilings["bf16_tflops"] * 1e12))
