@@ -87,8 +87,7 @@ def get_config(op: str, E: int, N: int, K: int, dtype: torch.dtype, M: int, devi
     name = config_name(op, E, N, K, dtype, _device_name(device))
     table = _load_table(name)
     if not table:
-        if device.type == "cuda":  # under the CPU interpreter a tile choice has no speed to lose
-            _warn_default(name)
+        _warn_default(name)
         return check_config(default_config(op, M, E))
     lm = math.log(max(M, 1))
     return table[min(table, key=lambda m: abs(math.log(m) - lm))]
