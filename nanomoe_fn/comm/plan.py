@@ -7,7 +7,6 @@ All vectorised; no loop over tokens and no host sync.
 from __future__ import annotations
 
 import torch
-from einops import einsum, rearrange
 
 from nanomoe_fn.batch import Handle
 from nanomoe_fn.checks import FLOAT_DTYPES, INT_DTYPES, check_expert_ids, check_tensor
@@ -41,13 +40,37 @@ def gather_rows(x: torch.Tensor, send_order: torch.Tensor, top_k: int) -> torch.
     return x.index_select(0, send_order // top_k)
 
 
-def reduce_pairs(y_sent: torch.Tensor, handle: Handle) -> torch.Tensor:
-    """Undo the send order and sum each token's k expert outputs with its weights -> [T, H].
+# float32 working set of one combine chunk: [tokens, k, H] rows widened for the weighted sum
+REDUCE_CHUNK_BYTES = 256 << 20
 
-    Accumulates in float32 and returns y's dtype.
+
+def invert_order(order: torch.Tensor) -> torch.Tensor:
+    """inv [N] with inv[order[i]] = i: where each pair sits in send order."""
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), dtype=order.dtype, device=order.device)
+    return inv
+
+
+def reduce_pairs(y: torch.Tensor, handle: Handle, pair_rows: torch.Tensor | None = None,
+                 chunk_bytes: int = REDUCE_CHUNK_BYTES) -> torch.Tensor:
+    """Sum each token's k expert rows with its top-k weights -> [T, H] in y's dtype.
+
+    y [R, H]: expert output rows. pair_rows [N = T * k]: the row of y holding pair t * k + j
+    (default: y is in send order, so the inverse of handle.send_order). The sum runs in float32
+    over token chunks: each gathers its T_c * k rows in y's dtype, widens them and takes one
+    [1, k] x [k, H] product per token, so the float32 temporaries stay under chunk_bytes
+    (one [T * k, H] float32 buffer would be 3.7 GB at 16k tokens of DeepSeek-V3).
     """
     T, k = handle.topk_weights.shape
-    pairs = torch.empty((T * k, y_sent.shape[-1]), dtype=torch.float32, device=y_sent.device)
-    pairs[handle.send_order] = y_sent.float()
-    out = einsum(rearrange(pairs, "(t k) h -> t k h", k=k), handle.topk_weights.float(), "t k h, t k -> t h")
-    return out.to(y_sent.dtype)
+    H = y.shape[-1]
+    if pair_rows is None:
+        pair_rows = invert_order(handle.send_order)
+    idx = pair_rows.view(T, k)
+    w = handle.topk_weights.float().unsqueeze(1)  # [T, 1, k]
+    out = y.new_empty((T, H))
+    step = max(1, chunk_bytes // max(1, 4 * k * H))  # tokens per chunk: a host int, no sync
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        rows = y.index_select(0, idx[t0:t1].flatten()).view(t1 - t0, k, H).float()
+        out[t0:t1] = torch.bmm(w[t0:t1], rows).squeeze(1)
+    return out

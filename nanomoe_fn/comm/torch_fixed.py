@@ -21,7 +21,7 @@ from einops import rearrange
 
 from nanomoe_fn.batch import ExpertBatch, Handle
 from nanomoe_fn.checks import check_values
-from nanomoe_fn.comm.plan import check_dispatch_args, gather_rows, reduce_pairs, sort_pairs
+from nanomoe_fn.comm.plan import check_dispatch_args, gather_rows, invert_order, reduce_pairs, sort_pairs
 from nanomoe_fn.comm.torch_dist import TorchComm, _wait
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import Routing
@@ -110,4 +110,5 @@ class TorchFixedComm(TorchComm):
         """Wait; pick each pair's row out of the blocks and reduce with the top-k weights."""
         work, home, handle = pending
         _wait(self.rank, self.timeout_s, work)
-        return reduce_pairs(home.index_select(0, handle.slot_pos), handle)
+        # pair t * k + j sits in send-order row inv[p], which went to block row slot_pos[inv[p]]
+        return reduce_pairs(home, handle, handle.slot_pos[invert_order(handle.send_order)])
