@@ -15,12 +15,12 @@ GEMM ("linear"). Entry points by layout:
 - `fused_moe_masked(x [E, cap, H], counts [E]) -> [E, cap, H]`: decode's masked layout.
 Rows that no expert owns (past sum(counts), or past counts[e] in the masked layout) are not written.
 
-Block configs come from kernels/tuned/*.json, one file per (op, E, N, K, dtype, GPU name) with
-entries keyed by M; the nearest M (in log scale) wins. Files are read once (lru_cache), never
-inside a forward after the first; a missing file falls back to `default_config` with a one-time
-warning. `config=` overrides: a flat dict for every GEMM or {"up"/"down"/"linear": dict}; keys
-BLOCK_M/N/K, GROUP_M, num_warps, num_stages, USE_TMA (weights through TMA), SPLIT_M (pad experts to
-SPLIT_M rows and run the BLOCK_M blocks plus SPLIT_M-row tail blocks; 0 = pad to BLOCK_M).
+Block configs come from kernels/tuned/*.json, one file per (op, E, N, K, dtype, GPU name) with entries
+keyed by M; the nearest M (in log scale) wins. The directory is read once, when this module is imported
+(`TABLES`), so a forward only looks up a dict; a missing table falls back to `default_config` with a
+warning once per table name. `config=` overrides: a flat dict for every GEMM or {"up"/"down"/"linear":
+dict}; keys BLOCK_M/N/K, GROUP_M, num_warps, num_stages, USE_TMA (weights through TMA), SPLIT_M (pad
+experts to SPLIT_M rows and run the BLOCK_M blocks plus SPLIT_M-row tail blocks; 0 = pad to BLOCK_M).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import json
 import math
 import pathlib
 import warnings
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 
@@ -48,13 +50,17 @@ def config_name(op: str, E: int, N: int, K: int, dtype: torch.dtype, device_name
     return f"E={E},N={N},K={K},op={op},dtype={str(dtype).replace('torch.', '')},device={dev}.json"
 
 
-@functools.cache
-def _load_table(name: str) -> dict[int, dict] | None:
-    path = TUNED_DIR / name
-    if not path.exists():
-        return None
-    raw = json.loads(path.read_text())
-    return {int(m): check_config(c) for m, c in raw.items() if not m.startswith("_")}
+def load_tables(directory: pathlib.Path) -> Mapping[str, dict[int, dict]]:
+    """Every tuned table in `directory`: file name -> {M: checked config} (read-only mapping)."""
+    tables = {}
+    for path in sorted(directory.glob("*.json")):
+        raw = json.loads(path.read_text())
+        tables[path.name] = {int(m): check_config(c) for m, c in raw.items() if not m.startswith("_")}
+    return MappingProxyType(tables)
+
+
+# read at import, never in a forward; bench/tune_fused_moe.py writes new tables for the next process
+TABLES = load_tables(TUNED_DIR)
 
 
 @functools.cache
@@ -85,7 +91,7 @@ def default_config(op: str, M: int, E: int) -> dict:
 def get_config(op: str, E: int, N: int, K: int, dtype: torch.dtype, M: int, device: torch.device) -> dict:
     """The tuned config nearest to M rows for this GEMM on this device, else `default_config`."""
     name = config_name(op, E, N, K, dtype, _device_name(device))
-    table = _load_table(name)
+    table = TABLES.get(name)
     if not table:
         _warn_default(name)
         return check_config(default_config(op, M, E))

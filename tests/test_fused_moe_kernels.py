@@ -215,24 +215,20 @@ def test_zero_tokens_and_bad_input():
 
 
 def test_tuned_tables_load_and_default_warns(tmp_path, monkeypatch):
-    for path in fm.TUNED_DIR.glob("*.json"):  # the shipped tables parse and hold valid configs
-        raw = json.loads(path.read_text())
-        assert all(fmk.check_config(c) for m, c in raw.items() if not m.startswith("_")), path
+    shipped = sorted(p.name for p in fm.TUNED_DIR.glob("*.json"))
+    assert shipped and sorted(fm.TABLES) == shipped  # loaded at import, every entry a checked config
+    assert all(table for table in fm.TABLES.values())
     name = fm.config_name("up", 4, 32, 16, torch.float32, "cpu")
     (tmp_path / name).write_text(json.dumps({"_meta": {}, "64": CONFIGS[0], "4096": CONFIGS[1]}))
-    monkeypatch.setattr(fm, "TUNED_DIR", tmp_path)
-    fm._load_table.cache_clear()
-    try:
-        assert fm.get_config("up", 4, 32, 16, torch.float32, 100, torch.device("cpu"))["BLOCK_M"] == 16
-        assert fm.get_config("up", 4, 32, 16, torch.float32, 3000, torch.device("cpu"))["BLOCK_M"] == 32
-        fm._warn_default.cache_clear()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(3):
-                fm.get_config("down", 4, 16, 32, torch.float32, 100, torch.device("cpu"))
-        assert len([w for w in caught if "no tuned config" in str(w.message)]) == 1
-    finally:
-        fm._load_table.cache_clear()
+    monkeypatch.setattr(fm, "TABLES", fm.load_tables(tmp_path))
+    assert fm.get_config("up", 4, 32, 16, torch.float32, 100, torch.device("cpu"))["BLOCK_M"] == 16
+    assert fm.get_config("up", 4, 32, 16, torch.float32, 3000, torch.device("cpu"))["BLOCK_M"] == 32
+    fm._warn_default.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            fm.get_config("down", 4, 16, 32, torch.float32, 100, torch.device("cpu"))
+    assert len([w for w in caught if "no tuned config" in str(w.message)]) == 1
 
 
 def test_deepgemm_says_why_not():
