@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,7 +55,8 @@ def make_routing(T: int, E: int, k: int, device: str, seed: int = 1) -> tuple[to
     return ids, torch.rand(T, k, generator=g, device=device) + 0.1
 
 
-def reference_rows(x, ids, tw, weights, expert_type, tokens: torch.Tensor) -> torch.Tensor:
+def reference_rows(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights: tuple[torch.Tensor, ...],
+                   expert_type: str, tokens: torch.Tensor) -> torch.Tensor:
     """float32 expert FFN for the sampled tokens [S] -> [S, H_out] (loops over their experts)."""
     out = []
     for t in tokens.tolist():
@@ -73,7 +75,8 @@ def reference_rows(x, ids, tw, weights, expert_type, tokens: torch.Tensor) -> to
     return torch.stack(out)
 
 
-def sorted_layout(ids: torch.Tensor, E: int, align_m: int):
+def sorted_layout(ids: torch.Tensor, E: int,
+                  align_m: int) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor, int]:
     """Setup for the torch-glue variants (host work, untimed): (slot of each (token, k) pair within its
     expert [T*k], counts [E] host list, padded position of each pair [T*k], m_indices [R] int32 with
     -1 on padding, R) for experts padded to multiples of align_m."""
@@ -95,7 +98,8 @@ def sorted_layout(ids: torch.Tensor, E: int, align_m: int):
     return slot.to(dev), counts_t.tolist(), pos.to(dev), m_idx.to(dev), R
 
 
-def build_variants(x, ids, tw, weights, expert_type, names):
+def build_variants(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights: tuple[torch.Tensor, ...],
+                   expert_type: str, names: list[str]) -> dict[str, Callable[[], torch.Tensor]]:
     """{variant: zero-argument fn -> [T, H_out]}; setup (alignment, padding) runs here, untimed."""
     T, H = x.shape
     k, E = ids.shape[1], weights[0].shape[0]
@@ -144,7 +148,8 @@ def build_variants(x, ids, tw, weights, expert_type, names):
     return fns
 
 
-def run_case(E, T, k, H, I, expert_type, weights, names, ceilings, warm_only, check_tokens=6):
+def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: tuple[torch.Tensor, ...],
+             names: list[str], ceilings: dict, warm_only: bool, check_tokens: int = 6) -> list[dict]:
     """Rows of the JSON for one (E, T): check each variant, then time it (median of do_bench)."""
     import triton.testing
 

@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -49,7 +50,7 @@ SPLITS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # CPU smoke runs of the triton paths
 
 
-def bench_us(fn, rep_ms: int) -> float:
+def bench_us(fn: Callable[[], object], rep_ms: int) -> float:
     """Median microseconds of fn: CUDA events via do_bench (L2 flushed before each call), else wall clock."""
     if torch.cuda.is_available():
         import triton.testing
@@ -64,7 +65,7 @@ def bench_us(fn, rep_ms: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def graph_us(fn, rep_ms: int) -> float:
+def graph_us(fn: Callable[[], object], rep_ms: int) -> float:
     """Median microseconds of one CUDA-graph replay of fn (decode is launched from graphs in serving;
     this keeps Python launch overhead out of small shapes). Plain timing off the GPU."""
     if not torch.cuda.is_available():
@@ -96,12 +97,14 @@ def ceilings(dev: str, rep_ms: int) -> dict:
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    """Relative L2 error of out against want in float32; inf when out holds a non-finite value."""
     if not torch.isfinite(out).all():
         return float("inf")
     return float((out.float() - want.float()).norm() / want.float().norm())
 
 
-def row(case: dict, variant: str, us: float, nbytes: float, flops: float, ceil: dict, **extra) -> dict:
+def row(case: dict, variant: str, us: float, nbytes: float, flops: float, ceil: dict, **extra: object) -> dict:
+    """One JSON row: rates and roofline (floor / us, floor from ceil), then the extra keys."""
     floor = max(nbytes / (ceil["hbm_gbps"] * 1e3), flops / (ceil["bf16_tflops"] * 1e6))
     out = {"case": case, "variant": variant, "median_us": round(us, 2),
            "gbps": round(nbytes / us / 1e3, 1), "tflops": round(flops / us / 1e6, 1),
@@ -110,7 +113,9 @@ def row(case: dict, variant: str, us: float, nbytes: float, flops: float, ceil: 
     return out
 
 
-def decode_case(heads: int, batch: int, ctx: int, args, ceil: dict, dev: str, sweep: list) -> list[dict]:
+def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil: dict, dev: str,
+                sweep: list) -> list[dict]:
+    """Rows of one decode shape: torch, triton (paged, contiguous), triton_best with --tune (trials go to sweep)."""
     g = torch.Generator(device=dev).manual_seed(batch * 7 + heads)
     dtype = torch.bfloat16
     kv = torch.randn(batch, ctx, DC, device=dev, dtype=dtype, generator=g)
@@ -181,7 +186,8 @@ def decode_case(heads: int, batch: int, ctx: int, args, ceil: dict, dev: str, sw
     return rows
 
 
-def prefill_case(heads: int, tokens: int, args, ceil: dict, dev: str) -> list[dict]:
+def prefill_case(heads: int, tokens: int, args: argparse.Namespace, ceil: dict, dev: str) -> list[dict]:
+    """Rows of one causal prefill (batch 1): torch, triton (default tile), triton_best over tiles with --tune."""
     g = torch.Generator(device=dev).manual_seed(tokens + heads)
     dtype = torch.bfloat16
     q = torch.randn(1, tokens, heads, DN + DR, device=dev, dtype=dtype, generator=g)
@@ -232,6 +238,7 @@ def write(path: str | None, ceil: dict, rows: list, sweep: list) -> None:
 
 
 def main() -> None:
+    """Run the decode and prefill shapes, print a summary and write the JSON as it goes."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write results here (DESIGN.md schema)")
     ap.add_argument("--quick", action="store_true", help="a small subset of shapes")

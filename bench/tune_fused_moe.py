@@ -22,6 +22,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 from bench.bench_expert_ffn import make_routing, make_weights  # noqa: E402
 from kernels.fused_moe import TUNED_DIR, _device_name, config_name, default_config, fused_moe_aligned  # noqa: E402
 from kernels.fused_moe_kernel import check_config, moe_gemm  # noqa: E402
-from kernels.moe_align import moe_align  # noqa: E402
+from kernels.moe_align import Alignment, moe_align  # noqa: E402
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8, tma=False, split=0):
@@ -78,7 +79,8 @@ def candidates(op: str, per_expert: float | None) -> list[dict]:
 class Case:
     """Inputs of one (E, T) and, per BLOCK_M, its alignment and the buffers each GEMM writes."""
 
-    def __init__(self, E, T, k, H, I, expert_type, weights):
+    def __init__(self, E: int, T: int, k: int, H: int, I: int, expert_type: str,
+                 weights: tuple[torch.Tensor, ...]) -> None:
         self.E, self.T, self.k, self.H, self.I, self.type, self.w = E, T, k, H, I, expert_type, weights
         dev = weights[0].device
         self.x = torch.randn(T, H, device=dev, dtype=weights[0].dtype)
@@ -86,7 +88,7 @@ class Case:
         self.row_w = tw.reshape(-1).contiguous()
         self.aligns = {}
 
-    def align(self, bm):
+    def align(self, bm: int) -> tuple[Alignment, torch.Tensor, torch.Tensor]:
         """Alignment to bm-row blocks, with the down GEMM's input and the output buffers for it."""
         if bm not in self.aligns:
             al = moe_align(self.ids, self.E, bm)
@@ -96,7 +98,8 @@ class Case:
             self.aligns[bm] = (al, inter, out)
         return self.aligns[bm]
 
-    def stage(self, op, cfg):
+    def stage(self, op: str, cfg: dict) -> Callable[[], torch.Tensor]:
+        """Zero-argument call of one GEMM ("up", "down" or "linear") with cfg on this case's buffers."""
         al, inter, out = self.align(cfg["SPLIT_M"] or cfg["BLOCK_M"])
         meta = (al, cfg)
         if op == "up":
@@ -108,7 +111,7 @@ class Case:
         return lambda: moe_gemm(self.x, self.w[0], out, *meta, gather_a=True, scatter_c=True, a_div=self.k,
                                 row_weights=self.row_w)
 
-    def whole(self, first, down):
+    def whole(self, first: dict, down: dict | None) -> Callable[[], torch.Tensor]:
         """The whole FFN with these configs (alignment = the larger BLOCK_M) -> [T*k, H_out] in pair order."""
         tm = min(c["SPLIT_M"] or c["BLOCK_M"] for c in (first, down) if c is not None)
         al = moe_align(self.ids, self.E, tm)
@@ -132,7 +135,8 @@ def _compile_worker(args) -> list[tuple[str, dict, str]]:
     return failed
 
 
-def compile_all(ops, E, tokens, H, I, k, expert_type, dtype, device, workers) -> list:
+def compile_all(ops: list[str], E: int, tokens: list[int], H: int, I: int, k: int, expert_type: str,
+                dtype: torch.dtype, device: str, workers: int) -> list[tuple[str, dict, str]]:
     """Compile the candidates the timing run will try, spread over `workers` processes."""
     jobs = []
     for op in ops:
@@ -151,13 +155,15 @@ def compile_all(ops, E, tokens, H, I, k, expert_type, dtype, device, workers) ->
     return failed
 
 
-def time_us(fn) -> float:
+def time_us(fn: Callable[[], object]) -> float:
+    """Median microseconds of fn (do_bench; short runs: enough to rank candidates)."""
     import triton.testing
 
     return 1e3 * triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
 
 
-def write_tables(best: dict, E, H, I, H_out, dtype, device_name, meta) -> list[str]:
+def write_tables(best: dict, E: int, H: int, I: int, H_out: int, dtype: torch.dtype, device_name: str,
+                 meta: dict) -> list[str]:
     """Merge {op: {M: cfg}} into kernels/tuned; returns the paths written."""
     dims = {"up": (I, H), "down": (H, I), "linear": (H_out, H)}
     TUNED_DIR.mkdir(parents=True, exist_ok=True)
@@ -175,6 +181,7 @@ def write_tables(best: dict, E, H, I, H_out, dtype, device_name, meta) -> list[s
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Tune each token count's configs and merge the winners into kernels/tuned (or only compile them)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--expert-type", default="swiglu", choices=["swiglu", "linear"])
     p.add_argument("--experts", type=int, default=32)

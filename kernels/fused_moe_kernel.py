@@ -191,7 +191,11 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
     use_tma = cfg["USE_TMA"] and (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
     desc = _tma_descriptor(w, E * NW, bn, bk) if use_tma else None
 
-    def launch(block_m, rows, experts, used, num_blocks):
+    def launch(block_m: int, rows: torch.Tensor | None, experts: torch.Tensor, used: torch.Tensor,
+               num_blocks: int) -> None:
+        """Run the kernel over num_blocks blocks of block_m rows (a static grid; unused blocks exit)."""
+        # rows None: blocks of the alignment, used = num_padded rows; else a block table's first rows,
+        # used [1] = its blocks in use. experts [num_blocks]: the expert of each block.
         if num_blocks == 0:
             return
         _moe_gemm_kernel[(num_blocks * triton.cdiv(N, bn),)](

@@ -14,6 +14,7 @@ kv_a_proj [C+Dr, H], kv_a_norm [C], kv_b_proj [N*(Dn+Dv), C], o_proj [H, N*Dv] (
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ def yarn_scale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def inv_freq(cfg) -> list[float]:
+def inv_freq(cfg: Any) -> list[float]:
     """YaRN inverse frequencies of DeepSeek-V3, one per rotated pair, written out term by term."""
     dim, base, factor = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_factor
 
@@ -53,7 +54,7 @@ def inv_freq(cfg) -> list[float]:
     return out
 
 
-def rope(x: torch.Tensor, pos: int, cfg) -> torch.Tensor:
+def rope(x: torch.Tensor, pos: int, cfg: Any) -> torch.Tensor:
     """Rotate interleaved pairs of x [..., Dr] by pos * inv_freq, times the YaRN rope mscale."""
     x = _f64(x).clone()
     m = yarn_scale(cfg.rope_factor, cfg.mscale) / yarn_scale(cfg.rope_factor, cfg.mscale_all_dim)
@@ -66,7 +67,7 @@ def rope(x: torch.Tensor, pos: int, cfg) -> torch.Tensor:
     return out
 
 
-def softmax_scale(cfg) -> float:
+def softmax_scale(cfg: Any) -> float:
     """Dqk**-0.5 * mscale(factor, mscale_all_dim)**2."""
     m = yarn_scale(cfg.rope_factor, cfg.mscale_all_dim)
     return (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 * m * m
@@ -104,7 +105,7 @@ def latent_decode(q: torch.Tensor, kv: torch.Tensor, ctx: list[int], kv_lora_ran
     return out
 
 
-def mla(params, x: torch.Tensor, lengths: list[int], cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def mla(params: Any, x: torch.Tensor, lengths: list[int], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Full MLA over x [B, S, H] where sequence b holds lengths[b] tokens at positions 0.. (rest padding).
 
     Returns (out [B, S, H] with zero padding rows, cache rows [B, S, Dc]: normed latent ++ roped k_pe).

@@ -10,6 +10,7 @@ G expert groups.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -144,7 +145,7 @@ def moe_layer(
     top_k: int,
     expert_type: str = "swiglu",
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
-    **route_kwargs,
+    **route_kwargs: Any,
 ) -> tuple[torch.Tensor, float]:
     """The whole MoE layer: route, run each token's experts, weight, sum, add the shared expert.
 
