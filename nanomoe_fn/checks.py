@@ -29,8 +29,9 @@ INT_DTYPES = (torch.int32, torch.int64)
 
 
 def check_values(ok: torch.Tensor, message: str) -> None:
-    """Assert a boolean scalar tensor: ValueError now on the CPU, an async device assert elsewhere."""
-    if ok.device.type == "cpu":
+    """Assert a boolean scalar tensor: ValueError now on the CPU, an async device assert elsewhere
+    and inside torch.compile (a host check there would break the graph)."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok):
             raise ValueError(message)
     else:
