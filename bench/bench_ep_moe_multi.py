@@ -68,8 +68,8 @@ def _bench(rank: int, world_size: int, args: argparse.Namespace, device: torch.d
     params, x = make_inputs(cfg, args, dtype, device, rank)
     placement = Placement.identity(cfg.num_experts, world_size)
     local = shard_moe_params(params, placement, rank)
-    if args.comm == "torch_fixed":  # sized for this batch: can never overflow
-        comm = TorchFixedComm(max(1, args.batch_size), timeout_s=args.timeout)
+    if args.comm == "torch_fixed":  # sized for the largest batch: can never overflow
+        comm = TorchFixedComm(max(1, args.max_num_tokens or args.batch_size), timeout_s=args.timeout)
     else:
         comm = TorchComm(timeout_s=args.timeout)
     modes = pick_modes(args.mode, cfg, device)
@@ -124,12 +124,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--master-port", type=int, default=None, help="default: a free port")
     parser.add_argument("--comm", default="torch", choices=["torch", "torch_fixed"],
                         help="torch: exact splits (one count exchange, a host sync); torch_fixed: fixed-size "
-                             "blocks sized for --batch-size tokens per rank, no host sync")
+                             "blocks sized for --max-num-tokens (default --batch-size) tokens per rank, "
+                             "no host sync; it delivers the masked layout itself (no --tokens-per-expert)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for its peers")
     args = parser.parse_args(argv)
     check_seed_flags(args)
-    if args.device not in (None, "cuda", "cpu"):
+    if args.device not in (None, "cuda" if args.backend == "nccl" else "cpu"):
         raise SystemExit("--device: the multi-rank bench places ranks itself (cuda:<rank> for nccl, cpu for gloo)")
+    if args.comm == "torch_fixed" and args.tokens_per_expert is not None:
+        raise SystemExit("--tokens-per-expert does not apply to --comm torch_fixed: it delivers the masked "
+                         "[E_local, W * max-num-tokens, H] layout itself")
     if args.backend == "nccl" and torch.cuda.device_count() < (args.world_size if "RANK" not in os.environ else 1):
         raise SystemExit(f"--backend nccl needs {args.world_size} CUDA devices, this machine has "
                          f"{torch.cuda.device_count()}; use --backend gloo on CPU")

@@ -29,7 +29,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def add_seed_flags(parser: argparse.ArgumentParser) -> None:
-    """The seed benchmark's flags and defaults, plus --expert-type, --dtype and --json."""
+    """The seed benchmark's flags and defaults, plus --tokens-per-expert, --device, --cuda-profiler,
+    --expert-type, --intermediate-dim, --dtype and --json; --max-num-tokens is checked against
+    --batch-size and sizes the fixed-capacity comm of the multi-rank bench."""
     parser.add_argument("--batch-size", type=int, default=128, help="tokens per rank")
     parser.add_argument("--hidden-dim", type=int, default=2048)
     parser.add_argument("--num-experts", type=int, default=256)

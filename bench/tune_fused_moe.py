@@ -5,12 +5,13 @@
 
 Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate, M = T*k rows (the table key).
 
-Each GEMM ("up": gate/up with SwiGLU, "down", or "linear") is timed alone over a small candidate
-space (tile, warps, stages, L2 grouping, TMA for weights), on the bench's workload (uniform top-k
-routing, rows aligned by kernels.moe_align). For SwiGLU the three fastest of each GEMM are then timed
-together through kernels.fused_moe.fused_moe_aligned (their alignment is the larger BLOCK_M) and the
-best pair is kept. `--compile-only` compiles every candidate in parallel worker processes (Triton's
-on-disk cache then serves the timing run). Results merge into the existing table files.
+Each GEMM ("up": gate/up with SwiGLU, "down", or "linear") is timed alone over a small candidate space
+(tile, warps, stages, L2 grouping, TMA for weights), on the bench's workload (uniform top-k routing,
+rows aligned by kernels.moe_align). For SwiGLU the four fastest of each GEMM are then timed together in
+pairs through kernels.fused_moe.fused_moe_aligned (rows aligned to the smaller of the pair's SPLIT_M /
+BLOCK_M, as in kernels.fused_moe.stage_configs) and the best pair is kept. `--compile-only` compiles
+every candidate in parallel worker processes (Triton's on-disk cache then serves the timing run).
+Results merge into the existing table files.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Case:
                                 row_weights=self.row_w)
 
     def whole(self, first: dict, down: dict | None) -> Callable[[], torch.Tensor]:
-        """The whole FFN with these configs (alignment = the larger BLOCK_M) -> [T*k, H_out] in pair order."""
+        """The whole FFN with these configs (aligned to the smaller SPLIT_M / BLOCK_M) -> [T*k, H_out], pair order."""
         tm = min(c["SPLIT_M"] or c["BLOCK_M"] for c in (first, down) if c is not None)
         al = moe_align(self.ids, self.E, tm)
         return lambda: fused_moe_aligned(self.x, al, self.w, self.type, first, down, a_div=self.k,

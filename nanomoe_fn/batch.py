@@ -55,9 +55,10 @@ class Handle:
     recv_order [M] or None: for each row of the expert batch, its index in the received buffer
     (None when the batch rows are the sent rows, as on one rank).
     send_splits / recv_splits: rows sent to / received from each rank (host ints; None on one rank).
-    slot_pos [N] or None: fixed-capacity comms only: where each sent row sits in the [P * C] send buffer.
-    pack_index [P_local, W * C] or None: fixed-capacity comms only: where each received buffer row
-    went in the packed masked batch (W * C marks an empty row).
+    slot_pos [N] or None: fixed-capacity comms only: where each sent row sits in the [W * C] send
+    buffer (C rows per destination rank).
+    pack_index [W * C] or None: fixed-capacity comms only: for each received buffer row, its flat
+    index in the masked batch [P_local * W * T_max] (P_local * W * T_max marks an empty row).
     """
 
     send_order: torch.Tensor

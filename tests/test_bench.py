@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench import bench_ep_moe
+from bench import bench_ep_moe, bench_ep_moe_multi
 from bench.common import cuda_profiler, nvtx_range
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +44,8 @@ def test_single_device_bench_rejects_bad_flags():
         bench_ep_moe.main(["--num-experts", "4", "--experts-per-token", "8", "--device", "cpu"])
     with pytest.raises(SystemExit, match="max-num-tokens"):
         bench_ep_moe.main(["--batch-size", "9", "--max-num-tokens", "8", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="tokens-per-expert"):  # refused before any rank starts
+        bench_ep_moe_multi.main(["--backend", "gloo", "--comm", "torch_fixed", "--tokens-per-expert", "4"])
 
 
 @pytest.mark.slow
