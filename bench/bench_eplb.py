@@ -152,7 +152,7 @@ def write_plot(plot: dict, path: str, W: int, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: skipping --plot (pip install matplotlib)")
+        print("matplotlib is not installed: skipping --plot (pip install -e '.[plot]')")
         return
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / max(len(plot), 1)

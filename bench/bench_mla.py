@@ -8,9 +8,9 @@ batch 1) does 2 * N * (Dqk + Dv) * S * (S + 1) / 2 FLOPs. The floor is the large
 measured copy bandwidth and FLOPs over the measured bf16 matmul rate, both measured in the same run;
 `roofline` = floor / median. Variants: triton (paged cache, page 64), triton_contiguous, torch (the
 library's torch backend, contiguous cache), and with --tune triton_best (best tuning and split count
-found for that shape). Decode rows time CUDA-graph replays (as serving launches decode); prefill
-rows eager calls. Usage: python bench/bench_mla.py [--quick] [--tune] [--json PATH]; on the GPU
-machine bench/gpu/mla_gpu.sh runs the GPU tests and then this with --tune.
+found for that shape; decode only on the ANCHORS shapes). Decode rows time CUDA-graph replays (as
+serving launches decode); prefill rows eager calls. Usage: python bench/bench_mla.py [--quick] [--tune]
+[--json PATH]; on the GPU machine bench/gpu/mla_gpu.sh runs the GPU tests and then this with --tune.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Combine functions for tl.reduce, shared by the Triton kernels of kernels/.
+"""Combine functions for tl.reduce, shared by the MLA Triton kernels (mla_decode, mla_prefill).
 
-Reductions go through tl.reduce with triton.language's own combine functions, and zeros through
+Their reductions go through tl.reduce with triton.language's own combine functions, and zeros through
 tl.full: tl.max/sum/min/zeros/cdiv are @jit functions decorated once when triton is imported, so a
 test session that imported triton before setting TRITON_INTERPRET could not interpret them. (The
 interpreter recognises these combine functions and reduces with numpy.)

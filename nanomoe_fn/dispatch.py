@@ -16,7 +16,8 @@ from nanomoe_fn.route import Routing
 
 
 def dispatch(x: torch.Tensor, routing: Routing, comm: Comm, placement: Placement) -> tuple[ExpertBatch, Handle]:
-    """Move each (token, k) row of x [T, H] to the rank owning its slot; rows sorted by local expert."""
+    """Move each (token, k) row of x [T, H] to the rank owning its slot; rows grouped by local expert
+    (contiguous, or the masked [P_local, C, H] layout for fixed-capacity comms)."""
     return comm.dispatch_recv(comm.dispatch_send(x, routing, placement))
 
 

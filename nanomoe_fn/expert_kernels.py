@@ -45,9 +45,13 @@ def triton_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
 
 
 def deepgemm_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
-    """DeepGEMM: SwiGLU experts, bf16, Hopper, and the sgl-deep-gemm package (kernels/deepgemm.py)."""
+    """DeepGEMM: SwiGLU experts with hidden and intermediate multiples of 64, a Hopper or Blackwell
+    GPU and the sgl-deep-gemm package (kernels/deepgemm.py); bf16 tensors are checked when it runs."""
     if cfg.expert_type != "swiglu":
         return False, f"the DeepGEMM adapter implements SwiGLU experts, not {cfg.expert_type!r}"
+    if cfg.hidden % 64 or cfg.intermediate % 64:
+        return False, (f"DeepGEMM needs hidden ({cfg.hidden}) and intermediate ({cfg.intermediate}) "
+                       f"to be multiples of 64")
     from kernels.deepgemm import supports
 
     if device.type != "cuda":

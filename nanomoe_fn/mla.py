@@ -173,7 +173,8 @@ def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache:
     decode when S == 1. Both give the same result. The cache's kv buffer is updated in place.
     check=True validates position values against the cache with one host sync; a decode loop that
     already guarantees them (or CUDA-graph capture) passes check=False and has no host sync.
-    The prefill path always syncs once to size the expanded K/V by the longest context.
+    The prefill path always syncs: to size the expanded K/V by the longest context, and (S > 1)
+    for the boolean index of its padded cache writes.
     """
     path = path or ("decode" if x.shape[1] == 1 else "prefill")
     _check_inputs(x, positions, cache, cfg, backend, path)

@@ -112,11 +112,12 @@ class Placement:
     def physical_ids(self, topk_ids: torch.Tensor, rank: int = 0) -> torch.Tensor:
         """Map logical topk_ids [T, k] to physical slots [T, k] by this placement's remap_policy.
 
-        static: each (token, k) pair goes to the replica on the sender's own rank when there is one,
-        else to replica number (token index mod replica count), which spreads one hot expert's tokens
-        over its replicas without randomness. dynamic: eplb_runtime.remap_dynamic (equal shares per
-        replica). With one replica per expert both are phy = log2phy[id, 0]. Keep the placement on the
-        tokens' device (`to(device)` once): the tables are moved here otherwise, every call.
+        static: each (token, k) pair goes to the replica on the sender's own rank when there is one, else to
+        replica number (token index mod replica count), which spreads one hot expert's tokens over its
+        replicas without randomness. dynamic: eplb_runtime.remap_dynamic (equal shares per replica) at step 0,
+        so an uneven share's extra pair rotates over ranks but not over steps (call remap_dynamic with the
+        recorder's step for that). With one replica per expert both are phy = log2phy[id, 0]. Keep the
+        placement on the tokens' device (`to(device)` once): the tables are moved here otherwise, every call.
         """
         if self.is_identity:  # slot e holds expert e: nothing to look up (and no table to move)
             return topk_ids.long()

@@ -240,3 +240,15 @@ def test_deepgemm_says_why_not():
     w = (torch.zeros(2, 128, 64, dtype=torch.bfloat16), torch.zeros(2, 64, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="deepgemm backend cannot run"):
         deepgemm.deepgemm_moe_contiguous(x, torch.tensor([2, 2]), w)
+
+
+def test_deepgemm_backend_names_the_unsupported_shape():
+    from nanomoe_fn import MoEConfig
+    from nanomoe_fn.expert_kernels import deepgemm_supports
+
+    cuda = torch.device("cuda")
+    ok, why = deepgemm_supports(MoEConfig(hidden=96, intermediate=128, num_experts=4, top_k=2), cuda)
+    assert not ok and "hidden (96)" in why and "multiples of 64" in why
+    ok, why = deepgemm_supports(MoEConfig(hidden=64, intermediate=64, num_experts=4, top_k=2,
+                                          expert_type="linear"), cuda)
+    assert not ok and "SwiGLU" in why

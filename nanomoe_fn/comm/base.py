@@ -28,7 +28,8 @@ class Comm(Protocol):
         """Start moving each (token, k) row of x [T, H] to the rank that owns its slot."""
 
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, Handle]:
-        """Finish dispatch: this rank's rows sorted by local expert, and the handle for combine."""
+        """Finish dispatch: this rank's rows grouped by local expert (contiguous or masked, per comm),
+        and the handle for combine."""
 
     def combine_send(self, y: ExpertBatch, handle: Handle) -> Any:
         """Start returning expert outputs (same layout as dispatch's batch) to their source ranks."""

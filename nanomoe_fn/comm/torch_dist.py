@@ -4,9 +4,10 @@ Dimension legend: T tokens on this rank, k experts per token, H hidden, W ranks,
 rank, N = T * k rows sent, M rows received.
 
 Dispatch is one count exchange ([W, P_local] ints) and one payload exchange; combine is one payload
-exchange back. The payload split sizes must be known on the host, so dispatch_send reads the counts
-back once (a host sync: this is the prefill-style path; a fixed-capacity decode path is separate
-work). Every wait has a timeout and fails with the rank and stage named, never an endless hang.
+exchange back. The payload split sizes must be known on the host, so dispatch_send reads the counts back
+once (a host sync: this is the prefill-style path; comm/torch_fixed.py is the sync-free fixed-capacity
+path for decode). Every wait has a timeout and fails with the rank and stage named, never an endless
+hang.
 """
 
 from __future__ import annotations
