@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
+from kernels.activation import swiglu_act
 from kernels.moe_align import moe_align_contiguous
 
 # versions that import but compute wrong results on the GPU machine's torch (ANCHORS.md)
@@ -88,11 +88,6 @@ def alignment() -> int:
     return int(get()) if get is not None else 128
 
 
-def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.float().chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(h.dtype)
-
-
 def deepgemm_grouped_ffn(a: torch.Tensor, m_indices: torch.Tensor, w13: torch.Tensor,
                          w2: torch.Tensor) -> torch.Tensor:
     """SwiGLU FFN on the padded contiguous layout: a [R, H] bf16, m_indices [R] int32 -> [R, H]."""
@@ -104,7 +99,7 @@ def deepgemm_grouped_ffn(a: torch.Tensor, m_indices: torch.Tensor, w13: torch.Te
     h = a.new_empty((R, w13.shape[1]))
     dg.m_grouped_bf16_gemm_nt_contiguous(a, w13, h, m_indices)
     y = a.new_empty((R, H))
-    dg.m_grouped_bf16_gemm_nt_contiguous(_swiglu(h), w2, y, m_indices)
+    dg.m_grouped_bf16_gemm_nt_contiguous(swiglu_act(h, h.dtype), w2, y, m_indices)
     return y
 
 
@@ -156,5 +151,5 @@ def deepgemm_moe_masked(x: torch.Tensor, counts: torch.Tensor, weights: tuple[to
     h = x.new_empty((E, cap + pad, w13.shape[1]))
     dg.m_grouped_bf16_gemm_nt_masked(xp, w13, h, masked_m, expected)
     y = x.new_empty((E, cap + pad, H))
-    dg.m_grouped_bf16_gemm_nt_masked(_swiglu(h), w2, y, masked_m, expected)
+    dg.m_grouped_bf16_gemm_nt_masked(swiglu_act(h, h.dtype), w2, y, masked_m, expected)
     return y[:, :cap]

@@ -17,24 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from kernels.activation import swiglu_act
 from nanomoe_fn.batch import ExpertBatch, row_coords
 from nanomoe_fn.checks import check_tensor
 from nanomoe_fn.config import MoEConfig
 from nanomoe_fn.expert_kernels import deepgemm_run, deepgemm_supports, triton_run, triton_supports
 from nanomoe_fn.params import Experts, SwiGLUExperts, expert_tensors
-
-
-def swiglu_act(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """silu(gate) * up over the last dim [.., 2I] -> [.., I], in float32, rounded to `dtype`.
-
-    One float32 [.., I] temporary, updated in place (widening all of h first would write [.., 2I]
-    float32 and two more [.., I] results: ~25% more bytes at prefill sizes, same values).
-    """
-    gate, up = h.chunk(2, dim=-1)
-    act = F.silu(gate.float(), inplace=True) if gate.dtype != torch.float32 else F.silu(gate)
-    return act.mul_(up).to(dtype)
 
 
 def _check(experts: Experts, batch: ExpertBatch) -> None:

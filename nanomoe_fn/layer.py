@@ -8,12 +8,13 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
+from kernels.activation import swiglu_act
 from nanomoe_fn.batch import to_contiguous, to_masked
 from nanomoe_fn.comm.base import Comm
 from nanomoe_fn.comm.local import LocalComm
 from nanomoe_fn.config import MoEConfig
 from nanomoe_fn.dispatch import combine, dispatch
-from nanomoe_fn.expert_ffn import expert_ffn, get_expert_backend, swiglu_act
+from nanomoe_fn.expert_ffn import expert_ffn, get_expert_backend
 from nanomoe_fn.params import MoEParams, SharedMLP, select_experts
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import route
