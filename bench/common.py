@@ -15,13 +15,14 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
 
 import torch
+
+from nanomoe_fn.comm.launch import free_port, spawn_ranks  # noqa: F401  (re-exported for the benches)
 
 # mode names (the seed's two first, then the faster backends), and the expert backend each stands for
 MODES = {"loop": "loop", "batched_gemm": "bmm", "triton": "triton", "fused_moe": "triton", "deepgemm": "deepgemm"}
@@ -204,22 +205,6 @@ def versions() -> dict:
     if torch.version.cuda:
         out["cuda"] = torch.version.cuda
     return out
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_ranks(fn: Callable, world_size: int, master_port: int | None, *args: object) -> None:
-    """Run fn(rank, world_size, *args) in world_size processes rendezvousing on 127.0.0.1."""
-    import torch.multiprocessing as mp
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(master_port or free_port())
-    mp.spawn(fn, args=(world_size, *args), nprocs=world_size, join=True)
 
 
 def write_record(path: str, bench: str, device: torch.device, world_size: int, ceilings: dict,

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from bench.common import free_port
 from nanomoe_fn import init_moe_params, moe_layer
+from nanomoe_fn.comm.launch import free_port
 from tests import dist_worker
 from tests.helpers import MIN_MARGIN, TOL, assert_close_to_ref, reference_layer
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.common import free_port
+from nanomoe_fn.comm.launch import free_port
 from nanomoe_fn.eplb import (
     begin_move,
     finish_move,
