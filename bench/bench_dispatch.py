@@ -1,13 +1,30 @@
-"""Dispatch / combine latency and bandwidth per comm backend, next to a plain all_to_all_single.
+"""Dispatch / combine latency and bandwidth of every comm backend in one run, next to a plain all_to_all_single.
 
     python bench/bench_dispatch.py --world-size 2 --backend gloo --quick          # CPU
-    python bench/bench_dispatch.py --world-size 4 --backend nccl --json bench/results/dispatch_h200.json
+    python bench/bench_dispatch.py --world-size 2 --backend nccl --cases headline --json out.json
 
-Cases: DeepSeek-V3 decode (128 tokens/rank) and prefill (4096 tokens/rank) at hidden 7168, top-8
-of 256 experts, and the five rows of the public dispatch/combine table (ANCHORS.md). Routing is
-uniform random top-k. GB/s per rank = bytes this rank receives in dispatch (one row per (token, k)
-pair, the torch backends' payload) over the dispatch time; the a2a baseline moves the same rows.
-Each rank checks that dispatch then combine with an identity expert returns sum_k(w) * x.
+Dimension legend: T tokens per rank, H hidden, E experts (= physical slots, identity placement),
+k experts per token, W ranks, P_local = E / W slots per rank.
+
+Cases: `headline` = DeepSeek-V3 decode (128 tokens/rank) and prefill (4096) at H 7168, top-8 of 256;
+`table` = the five rows of the public dispatch/combine table (ANCHORS.md); `default` = both; `quick`
+= small CPU cases. Routing is uniform random top-k. Variants (`--variants`): `torch`, `torch_fixed`
+(decode cases), `nvlink` (mode decode / prefill by phase), `deepep` (normal), `deepep_ll` (low
+latency, decode cases), the baseline `nccl_a2a` (`gloo_a2a` on gloo: one all_to_all_single of the
+same (token, k) pair rows, splits known in advance), and on request the raw DeepEP peers
+`deepep_raw` / `deepep_ll_raw` (bench/deepep_peer.py). A variant runs where `supports_comm` says it
+can (else it is listed under "skipped" with the reason); a variant whose build, check or timing
+fails is listed under "failed" and the exit code is non-zero.
+
+Each rank checks every variant first: dispatch then combine with an identity expert returns
+sum_k(w) * x, and the per-expert counts equal the pairs this rank's experts must receive (from all
+ranks' routing). Timing: each iteration (after a barrier) calls dispatch then combine, CUDA events
+around each; reported is the slowest rank's median. Sync-free variants (torch_fixed, nvlink decode,
+deepep_ll) also time CUDA-graph replays: graph_dispatch_us, graph_combine_us and graph_round_us
+(one graph of dispatch + combine, what a decode layer pays).
+GB/s per rank = bytes of the rows a rank receives, one row per (token, destination rank), local rows
+included (DeepEP's accounting), H * itemsize bytes each, over the dispatch time; the same bytes for
+every variant (mean over ranks). `pair_rows` = rows per (token, k) pair received, for reference.
 """
 
 from __future__ import annotations
@@ -16,6 +33,7 @@ import argparse
 import os
 import statistics
 import sys
+import traceback
 from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,14 +41,34 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.common import DTYPES, sig, spawn_ranks, time_fn, write_record  # noqa: E402
-from nanomoe_fn import Placement, Routing, TorchComm, TorchFixedComm, combine, dispatch  # noqa: E402
+from bench import deepep_peer  # noqa: E402
+from bench.common import (  # noqa: E402
+    DTYPES,
+    all_ranks_ok,
+    capture_graph,
+    ranks_errors,
+    release_comm,
+    sig,
+    slowest,
+    spawn_ranks,
+    time_back_to_back,
+    time_pair,
+    write_record,
+)
+from nanomoe_fn import Placement, Routing, combine, dispatch  # noqa: E402
+from nanomoe_fn.comm.base import make_comm, supports_comm  # noqa: E402
 
 # (phase, experts, top_k, hidden, tokens per rank)
-CASES = [("decode", 256, 8, 7168, 128), ("prefill", 256, 8, 7168, 4096),
-         ("decode", 8, 2, 6144, 16), ("decode", 64, 6, 2048, 32), ("decode", 128, 4, 2880, 128),
+HEADLINE = [("decode", 256, 8, 7168, 128), ("prefill", 256, 8, 7168, 4096)]
+TABLE = [("decode", 8, 2, 6144, 16), ("decode", 64, 6, 2048, 32), ("decode", 128, 4, 2880, 128),
          ("decode", 128, 8, 4096, 256), ("decode", 256, 8, 7168, 256)]
+CASES = HEADLINE + TABLE
 QUICK = [("decode", 256, 8, 512, 32), ("prefill", 256, 8, 512, 512), ("decode", 64, 6, 256, 32)]
+CASE_SETS = {"default": CASES, "headline": HEADLINE, "table": TABLE, "quick": QUICK}
+COMMS = ["torch", "torch_fixed", "nvlink", "deepep", "deepep_ll"]
+VARIANTS = [*COMMS, "nccl_a2a"]
+SYNC_FREE = ("torch_fixed", "deepep_ll")  # + nvlink in decode mode: CUDA-graph capturable
+DECODE_ONLY = ("torch_fixed", "deepep_ll", "deepep_ll_raw")
 
 
 def _routing(T: int, E: int, k: int, device: torch.device, seed: int) -> Routing:
@@ -39,74 +77,254 @@ def _routing(T: int, E: int, k: int, device: torch.device, seed: int) -> Routing
     return Routing(ids.to(device, torch.int32), torch.rand(T, k, generator=gen).to(device))
 
 
-def _one_case(case: tuple, rank: int, W: int, device: torch.device, args: argparse.Namespace) -> list[dict]:
+def comm_spec(variant: str, case: tuple, dtype: torch.dtype, timeout_s: float) -> tuple[str, dict]:
+    """(registry name, constructor options) of a comm variant for a case."""
     phase, E, k, H, T = case
-    dtype = DTYPES[args.dtype]
-    placement = Placement.identity(E, W)
-    routing = _routing(T, E, k, device, args.seed + rank)
-    x = torch.randn(T, H, generator=torch.Generator().manual_seed(rank)).to(device, dtype)
-    expected = (x.double() * routing.topk_weights.double().sum(1, keepdim=True)).to(dtype)
-    rows = []
-    comms = {"torch": TorchComm(timeout_s=args.timeout),
-             "torch_fixed": TorchFixedComm(max(T, 1), timeout_s=args.timeout)}
-    for name, comm in comms.items():
-        batch, handle = dispatch(x, routing, comm, placement)
-        out = combine(batch, handle, comm)
-        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
-        received = int(batch.counts.sum()) * H * x.element_size()
-        t_d = time_fn(lambda c=comm: dispatch(x, routing, c, placement), device, args.warmup, args.iters,
-                      barrier=dist.barrier)
-        t_c = time_fn(lambda c=comm, b=batch, h=handle: combine(b, h, c), device, args.warmup, args.iters,
-                      barrier=dist.barrier)
-        rows.append((name, statistics.median(t_d), statistics.median(t_c), received))
-    # baseline: one all_to_all_single of the same pair rows, splits known in advance
-    phys = routing.topk_ids.long().flatten() // placement.local_experts
+    if variant == "torch":
+        return "torch", {"timeout_s": timeout_s}
+    if variant == "torch_fixed":
+        return "torch_fixed", {"max_tokens": T, "timeout_s": timeout_s}
+    sizes = {"max_tokens": T, "hidden": H, "top_k": k, "num_slots": E, "dtype": dtype, "timeout_s": timeout_s}
+    if variant == "nvlink":
+        return "nvlink", {**sizes, "mode": "decode" if phase == "decode" else "prefill"}
+    return "deepep", {**sizes, "mode": "normal" if variant == "deepep" else "low_latency"}
+
+
+class _Run:
+    """One rank's state for one case: inputs, the expected answers, and what was recorded."""
+
+    def __init__(self, case: tuple, rank: int, W: int, device: torch.device, args: argparse.Namespace) -> None:
+        self.case, self.rank, self.W, self.device, self.args = case, rank, W, device, args
+        phase, E, k, H, T = case
+        self.dtype = DTYPES[args.dtype]
+        self.placement = Placement.identity(E, W).to(device)
+        self.routing = _routing(T, E, k, device, args.seed + rank)
+        self.x = torch.randn(T, H, generator=torch.Generator().manual_seed(rank)).to(device, self.dtype)
+        self.expected = (self.x.double() * self.routing.topk_weights.double().sum(1, keepdim=True)).to(self.dtype)
+        # every rank's routing: pairs and token rows each rank must receive
+        ids = [torch.empty_like(self.routing.topk_ids) for _ in range(W)]
+        dist.all_gather(ids, self.routing.topk_ids.contiguous())
+        phys = torch.stack([self.placement.physical_ids(i, r) for r, i in enumerate(ids)]).long()  # [W, T, k]
+        P_local = self.placement.local_experts
+        self.expected_counts = torch.bincount(phys.flatten(), minlength=E)[rank * P_local:(rank + 1) * P_local]
+        dest = phys // P_local
+        token_rows = torch.stack([(dest == r).any(-1).sum() for r in range(W)])  # [W] rows per (token, rank)
+        self.pair_rows = int((dest == rank).sum())
+        self.token_rows = int(token_rows[rank])
+        self.bytes_per_rank = float(token_rows.double().mean()) * H * self.x.element_size()
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+        self.failed: list[dict] = []
+
+    def case_dict(self) -> dict:
+        phase, E, k, H, T = self.case
+        return {"phase": phase, "tokens": T, "experts": E, "top_k": k, "hidden": H, "dtype": self.args.dtype,
+                "world_size": self.W}
+
+    def skip(self, variant: str, reason: str) -> None:
+        if self.rank == 0:
+            print(f"  skipping {variant}: {reason}")
+        self.skipped.append({"case": self.case_dict(), "variant": variant, "reason": reason})
+
+    def fail(self, variant: str, stage: str, error: str) -> None:
+        if self.rank == 0:
+            print(f"  FAILED {variant} at {stage}: {error}")
+        self.failed.append({"case": self.case_dict(), "variant": variant, "stage": stage, "error": error})
+
+    def check(self, out: torch.Tensor, counts: torch.Tensor | None) -> str:
+        """'' when out equals sum_k(w) * x and counts equal the expected per-expert counts, else why not."""
+        if counts is not None and not torch.equal(counts.long().cpu(), self.expected_counts.cpu()):
+            return (f"rank {self.rank}: counts {counts.sum()} rows != expected {self.expected_counts.sum()} "
+                    f"(per-expert counts differ)")
+        try:
+            torch.testing.assert_close(out, self.expected, rtol=2e-2, atol=2e-2)
+        except AssertionError as err:
+            return f"rank {self.rank}: combine(dispatch(x)) != sum_k(w) * x: {' '.join(str(err).splitlines()[1:3])}"
+        return ""
+
+    def add_row(self, variant: str, t_d: list[float], t_c: list[float] | None, extra: dict) -> None:
+        med = slowest([statistics.median(t_d), statistics.median(t_c) if t_c else 0.0], self.device)
+        row = {"case": self.case_dict(), "variant": variant, "median_us": round(med[0] * 1e6, 2),
+               "dispatch_us": round(med[0] * 1e6, 2), "gbps": sig(self.bytes_per_rank / med[0] / 1e9),
+               "recv_rows": self.token_rows, "pair_rows": self.pair_rows}
+        if t_c:
+            row["combine_us"] = round(med[1] * 1e6, 2)
+            row["combine_gbps"] = sig(self.bytes_per_rank / med[1] / 1e9)
+            row["round_us"] = round((med[0] + med[1]) * 1e6, 2)
+        row.update(extra)
+        self.rows.append(row)
+
+
+def _graph_fields(run: _Run, comm: object, variant: str) -> dict:
+    """CUDA-graph replays of dispatch, of combine, and of both in one graph; checked before timing."""
+    a, barrier = run.args, dist.barrier
+    out: dict = {}
+    try:
+        # whole rounds only: a comm may allow one dispatch in flight (dispatch, its combine, the next)
+        def round_trip() -> torch.Tensor:
+            return combine(*dispatch(run.x, run.routing, comm, run.placement), comm)
+
+        g_d, bh = capture_graph(lambda: dispatch(run.x, run.routing, comm, run.placement), warm_fn=round_trip)
+        g_c, y = capture_graph(lambda: combine(*bh, comm), warmup=0)
+        g_r, y_r = capture_graph(round_trip, warmup=0)
+        ok = True
+    except Exception as err:  # noqa: BLE001 - recorded; the eager rows stand
+        ok, out["graph_error"] = False, f"rank {run.rank}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    if not all_ranks_ok(ok, run.device):
+        out["graph_error"] = ranks_errors(out.get("graph_error", ""))
+        print(f"  {variant}: CUDA graph capture failed: {out['graph_error']}")
+        return out
+    g_d.replay(), g_c.replay()
+    why = run.check(y, bh[0].counts)
+    g_r.replay()
+    why = why or run.check(y_r, None)
+    if not all_ranks_ok(not why, run.device):
+        out["graph_error"] = ranks_errors(why)
+        run.fail(variant, "graph check", out["graph_error"])
+        return out
+    # replays back to back (one barrier first): ranks run in lockstep as in a decode loop
+    t = time_back_to_back(g_d.replay, g_c.replay, run.device, a.warmup, a.iters, barrier)
+    t_r = time_back_to_back(g_r.replay, None, run.device, a.warmup, a.iters, barrier)
+    med = slowest([statistics.median(v[0] for v in t), statistics.median(v[1] for v in t),
+                   statistics.median(v[0] for v in t_r)], run.device)
+    return {"graph_dispatch_us": round(med[0] * 1e6, 2), "graph_combine_us": round(med[1] * 1e6, 2),
+            "graph_round_us": round(med[2] * 1e6, 2)}
+
+
+def _comm_variant(run: _Run, variant: str) -> None:
+    """Build, check and time one comm variant; failures are recorded, never raised."""
+    name, opts = comm_spec(variant, run.case, run.dtype, run.args.timeout)
+    try:
+        ok, why = supports_comm(name, **opts)
+    except Exception as err:  # noqa: BLE001 - a supports() that raises is a reason too
+        ok, why = False, f"supports() raised {type(err).__name__}: {err}"
+    if not all_ranks_ok(ok, run.device):
+        run.skip(variant, ranks_errors(why))
+        return
+    comm, stage, err_msg = None, "build", ""
+    try:
+        comm = make_comm(name, **opts)
+        stage = "check"
+        batch, handle = dispatch(run.x, run.routing, comm, run.placement)
+        err_msg = run.check(combine(batch, handle, comm), batch.counts)
+    except Exception as err:  # noqa: BLE001
+        err_msg = f"{type(err).__name__}: {err}"
+        traceback.print_exc()
+    if not all_ranks_ok(not err_msg, run.device):
+        run.fail(variant, stage, ranks_errors(err_msg))
+        if comm is not None:
+            release_comm(comm)
+        return
+    try:
+        state: dict = {}
+
+        def d() -> None:
+            state["bh"] = dispatch(run.x, run.routing, comm, run.placement)
+
+        t = time_pair(d, lambda: combine(*state["bh"], comm), run.device, run.args.warmup, run.args.iters,
+                      dist.barrier)
+        extra = {"mode": opts["mode"]} if "mode" in opts else {}
+        graphable = variant in SYNC_FREE or (variant == "nvlink" and opts["mode"] == "decode")
+        if graphable and run.device.type == "cuda" and not run.args.no_graph:
+            extra.update(_graph_fields(run, comm, variant))
+        run.add_row(variant, [v[0] for v in t], [v[1] for v in t], extra)
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        run.fail(variant, "timing", f"{type(err).__name__}: {err}")
+    release_comm(comm)
+
+
+def _a2a_variant(run: _Run, variant: str) -> None:
+    """Baseline: one all_to_all_single of the same (token, k) pair rows, splits known in advance."""
+    H, W, k = run.x.shape[1], run.W, run.routing.topk_ids.shape[1]
+    phys = run.placement.physical_ids(run.routing.topk_ids, run.rank).long().flatten() // run.placement.local_experts
     send_splits = torch.bincount(phys, minlength=W)
     recv_splits = torch.empty_like(send_splits)
     dist.all_to_all_single(recv_splits, send_splits)
-    send = x.repeat_interleave(k, 0)[torch.argsort(phys, stable=True)]
+    send = run.x.repeat_interleave(k, 0)[torch.argsort(phys, stable=True)]
     recv = send.new_empty((int(recv_splits.sum()), H))
     ss, rs = send_splits.tolist(), recv_splits.tolist()
-    t_a = time_fn(lambda: dist.all_to_all_single(recv, send, rs, ss), device, args.warmup, args.iters,
-                  barrier=dist.barrier)
-    rows.append(("nccl_a2a" if args.backend == "nccl" else "gloo_a2a", statistics.median(t_a), None,
-                 recv.numel() * recv.element_size()))
-    out = []
-    for name, td, tc, nbytes in rows:
-        # the slowest rank sets the pace
-        t = torch.tensor([td, tc or 0.0, nbytes], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        td, tc_max, nbytes = t.tolist()
-        row = {"case": {"phase": phase, "tokens": T, "experts": E, "top_k": k, "hidden": H, "dtype": args.dtype},
-               "variant": name, "median_us": round(td * 1e6, 2), "dispatch_us": round(td * 1e6, 2),
-               "gbps": sig(nbytes / td / 1e9)}
-        if tc is not None:
-            row["combine_us"] = round(tc_max * 1e6, 2)
-        out.append(row)
-    return out
+    t = time_pair(lambda: dist.all_to_all_single(recv, send, rs, ss), None, run.device, run.args.warmup,
+                  run.args.iters, dist.barrier)
+    run.add_row(variant, [v[0] for v in t], None, {})
+
+
+def _peer_variant(run: _Run, variant: str) -> None:
+    """Raw DeepEP Buffer calls (bench/deepep_peer.py), checked and timed like the comms."""
+    ok, why = deepep_peer.supports(variant, run.case, run.dtype, run.device)
+    if not all_ranks_ok(ok, run.device):
+        run.skip(variant, ranks_errors(why))
+        return
+    try:
+        t, err_msg = deepep_peer.run(variant, run, run.args.warmup, run.args.iters)
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        t, err_msg = None, f"{type(err).__name__}: {err}"
+    if not all_ranks_ok(not err_msg, run.device):
+        run.fail(variant, "peer", ranks_errors(err_msg))
+        return
+    run.add_row(variant, [v[0] for v in t], [v[1] for v in t], {})
+
+
+def _one_case(case: tuple, rank: int, W: int, device: torch.device, args: argparse.Namespace) -> _Run:
+    run = _Run(case, rank, W, device, args)
+    if rank == 0:
+        phase, E, k, H, T = case
+        print(f"{phase} E={E} k={k} H={H} T={T}: {run.token_rows} token rows / {run.pair_rows} pairs to rank 0")
+    a2a = "nccl_a2a" if args.backend == "nccl" else "gloo_a2a"
+    for variant in args.variants:
+        if variant in DECODE_ONLY and case[0] != "decode":
+            run.skip(variant, "decode-only variant (prefill sizes are refused)")
+        elif variant == "nccl_a2a":
+            _a2a_variant(run, a2a)
+        elif variant in deepep_peer.VARIANTS:
+            _peer_variant(run, variant)
+        else:
+            _comm_variant(run, variant)
+    base = {r["variant"]: r["dispatch_us"] for r in run.rows}.get(a2a)
+    for r in run.rows:
+        if base and r["variant"] != a2a:
+            r["speedup_vs"] = {a2a: round(base / r["dispatch_us"], 3)}
+    return run
 
 
 def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
-    """One rank: every case, then rank 0 prints and writes the JSON."""
+    """One rank: every case, then rank 0 prints and writes the JSON; exit 1 if any variant failed."""
     if args.backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // W))
-    dist.init_process_group(args.backend, rank=rank, world_size=W, timeout=timedelta(seconds=args.timeout))
+    dist.init_process_group(args.backend, rank=rank, world_size=W, timeout=timedelta(seconds=args.timeout),
+                            **({"device_id": device} if device.type == "cuda" else {}))
     try:
-        rows = [r for case in (QUICK if args.quick else CASES) for r in _one_case(case, rank, W, device, args)]
+        runs = [_one_case(case, rank, W, device, args) for case in CASE_SETS[args.cases]]
+        rows = [r for run in runs for r in run.rows]
+        failed = [f for run in runs for f in run.failed]
         if rank == 0:
-            for r in rows:
-                c = r["case"]
-                print(f"{c['phase']:7s} E={c['experts']:3d} k={c['top_k']} H={c['hidden']:5d} T={c['tokens']:5d} "
-                      f"{r['variant']:11s} dispatch {r['dispatch_us']:9.1f} us  combine "
-                      f"{r.get('combine_us', float('nan')):9.1f} us  {r['gbps']:7.2f} GB/s/rank")
+            _print_table(rows)
             if args.json:
-                write_record(args.json, "dispatch", device, W, {}, rows)
+                write_record(args.json, "dispatch", device, W, {}, rows,
+                             {"skipped": [s for run in runs for s in run.skipped], "failed": failed})
+        any_failed = not all_ranks_ok(not failed, device)
     finally:
         dist.destroy_process_group()
+    if any_failed:
+        if rank == 0:
+            print("FAILED variants: " + "; ".join(f"{f['variant']} ({f['case']['phase']} T={f['case']['tokens']}) "
+                                                  f"at {f['stage']}" for f in failed))
+        sys.exit(1)
+
+
+def _print_table(rows: list[dict]) -> None:
+    for r in rows:
+        c = r["case"]
+        graph = "" if "graph_round_us" not in r else (
+            f"  graph {r['graph_dispatch_us']:.1f}/{r['graph_combine_us']:.1f} round {r['graph_round_us']:.1f} us")
+        print(f"{c['phase']:7s} E={c['experts']:3d} k={c['top_k']} H={c['hidden']:5d} T={c['tokens']:5d} "
+              f"{r['variant']:13s} dispatch {r['dispatch_us']:9.1f} us  combine "
+              f"{r.get('combine_us', float('nan')):9.1f} us  {r['gbps']:8.2f} GB/s/rank{graph}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,17 +333,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"])
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    p.add_argument("--quick", action="store_true", help="small cases that fit a CPU")
+    p.add_argument("--cases", default="default", choices=list(CASE_SETS))
+    p.add_argument("--quick", action="store_true", help="same as --cases quick: small cases that fit a CPU")
+    p.add_argument("--variants", default="all",
+                   help=f"comma list of {VARIANTS + list(deepep_peer.VARIANTS)}; all = {','.join(VARIANTS)}")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for its peers")
     p.add_argument("--master-port", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    args.cases = "quick" if args.quick else args.cases
+    known = VARIANTS + list(deepep_peer.VARIANTS) + ["gloo_a2a"]
+    args.variants = VARIANTS if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in known]
+    if bad or not args.variants:
+        raise SystemExit(f"--variants: unknown {bad}; choose from {known} or all")
+    args.variants = ["nccl_a2a" if v == "gloo_a2a" else v for v in args.variants]
     if args.backend == "nccl" and torch.cuda.device_count() < args.world_size:
         raise SystemExit(f"--backend nccl needs {args.world_size} GPUs, found {torch.cuda.device_count()}")
-    spawn_ranks(run_rank, args.world_size, args.master_port, args)
+    if args.iters < 1 or args.warmup < 0:
+        raise SystemExit(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} / {args.warmup}")
+    try:
+        spawn_ranks(run_rank, args.world_size, args.master_port, args)
+    except Exception as err:  # a rank exited non-zero: failed variants were printed above
+        raise SystemExit(f"bench_dispatch: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
 
 
 if __name__ == "__main__":

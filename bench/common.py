@@ -161,6 +161,136 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     return times
 
 
+def time_events(fn: Callable[[], object], device: torch.device, warmup: int, iters: int,
+                barrier: Callable[[], None] | None = None) -> list[float]:
+    """Per-iteration times in seconds: CUDA events around each call on GPUs (the host work of a call
+    that keeps the device idle is inside the span), wall time on the CPU; an optional barrier (after
+    a device sync) before each iteration so every rank starts together."""
+    return [t[0] for t in time_pair(fn, None, device, warmup, iters, barrier)]
+
+
+def time_back_to_back(first: Callable[[], object], second: Callable[[], object] | None, device: torch.device,
+                      warmup: int, iters: int, barrier: Callable[[], None] | None = None) -> list[tuple[float, float]]:
+    """Like time_pair, but the iterations run back to back with no sync or barrier between them (one
+    barrier before): the steady state of a decode loop, where every rank replays in lockstep, so the
+    start-up skew between ranks that a per-iteration barrier leaves in each sample is not counted.
+    For CUDA-graph replays (the host only launches); CUDA events between the calls."""
+    for _ in range(warmup):
+        first()
+        if second is not None:
+            second()
+    sync(device)
+    if barrier is not None:
+        barrier()
+        sync(device)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * iters + 1)]
+    for i in range(iters):
+        ev[2 * i].record()
+        first()
+        ev[2 * i + 1].record()
+        if second is not None:
+            second()
+    ev[-1].record()
+    ev[-1].synchronize()
+    return [(ev[2 * i].elapsed_time(ev[2 * i + 1]) * 1e-3, ev[2 * i + 1].elapsed_time(ev[2 * i + 2]) * 1e-3)
+            for i in range(iters)]
+
+
+def time_pair(first: Callable[[], object], second: Callable[[], object] | None, device: torch.device,
+              warmup: int, iters: int, barrier: Callable[[], None] | None = None) -> list[tuple[float, float]]:
+    """Per iteration (seconds of first(), seconds of second()) with the two called back to back, as a
+    layer calls dispatch then combine; second may be None (0.0 is returned for it). CUDA events on
+    GPUs, wall time on the CPU."""
+    for _ in range(warmup):
+        first()
+        if second is not None:
+            second()
+    sync(device)
+    cuda = device.type == "cuda"
+    out = []
+    for _ in range(iters):
+        sync(device)
+        if barrier is not None:
+            barrier()
+            sync(device)  # the barrier is a collective on NCCL: done before the clock starts
+        if cuda:
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ev[0].record()
+            first()
+            ev[1].record()
+            if second is not None:
+                second()
+            ev[2].record()
+            ev[2].synchronize()
+            out.append((ev[0].elapsed_time(ev[1]) * 1e-3, ev[1].elapsed_time(ev[2]) * 1e-3))
+        else:
+            t0 = time.perf_counter()
+            first()
+            t1 = time.perf_counter()
+            if second is not None:
+                second()
+            out.append((t1 - t0, time.perf_counter() - t1))
+    return out
+
+
+def capture_graph(fn: Callable[[], object], warmup: int = 2,
+                  warm_fn: Callable[[], object] | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Warm up on a side stream (warm_fn, default fn, `warmup` times), then capture one call of fn in a
+    CUDA graph; returns (graph, the captured call's static outputs). Other threads (a process group's
+    watchdog) may keep making CUDA calls during the capture (capture_error_mode="thread_local")."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            (warm_fn or fn)()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = fn()
+    torch.cuda.synchronize()
+    return graph, out
+
+
+def slowest(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum over the ranks of the default process group (a collective)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    """True when every rank of the default process group passes ok=True (a collective)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def ranks_errors(msg: str) -> str:
+    """Every rank's error message (empty ones left out), joined: call where all ranks learned of a failure."""
+    import torch.distributed as dist
+
+    msgs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(msgs, msg)
+    return " | ".join(dict.fromkeys(m for m in msgs if m))  # the same reason once
+
+
+def release_comm(comm: object) -> None:
+    """Free a comm's buffers (its close() or destroy() where it has one) and the cached device memory."""
+    for name in ("close", "destroy"):
+        fn = getattr(comm, name, None)
+        if callable(fn):
+            fn()
+            break
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
     """Copy bandwidth (GB/s, read + write) and matmul rate (TFLOP/s) measured here and now."""
     big = device.type == "cuda"
@@ -208,8 +338,9 @@ def versions() -> dict:
 
 
 def write_record(path: str, bench: str, device: torch.device, world_size: int, ceilings: dict,
-                 rows: list[dict]) -> None:
-    """Write one bench run in the DESIGN.md schema."""
+                 rows: list[dict], extra: dict | None = None) -> None:
+    """Write one bench run in the DESIGN.md schema; `extra` adds top-level fields (e.g. "skipped" and
+    "failed" lists of variants with their reasons)."""
     record = {
         "bench": bench,
         "command": " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]]),
@@ -219,6 +350,7 @@ def write_record(path: str, bench: str, device: torch.device, world_size: int, c
         "versions": versions(),
         "ceilings": ceilings,
         "rows": rows,
+        **(extra or {}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

@@ -41,6 +41,29 @@ def floors(params: MoEParams, x: torch.Tensor, cfg: MoEConfig) -> tuple[float, f
     return float(bytes_moved), float(2 * ids.numel() * per_expert)
 
 
+def rank_floors(params: MoEParams, x: torch.Tensor, cfg: MoEConfig, rank: int, world_size: int) -> tuple[float,
+                                                                                                          float]:
+    """floors() for one EP rank of an identity placement (a collective over the default process group):
+    the weights of this rank's experts that any rank's token picked, read once, plus the rows it
+    receives in and sends out, and 2 * rows received * weights-per-expert FLOPs; the max over the ranks
+    (the slowest rank sets the layer's pace). Every rank must hold the same number of tokens."""
+    import torch.distributed as dist
+
+    ids = route(params.gate, x, cfg).topk_ids.long()
+    every = [torch.empty_like(ids) for _ in range(world_size)]
+    dist.all_gather(every, ids)
+    ids_all = torch.cat(every).flatten()
+    per_rank = cfg.num_experts // world_size
+    mine = ids_all[(ids_all >= rank * per_rank) & (ids_all < (rank + 1) * per_rank)]
+    per_expert = sum(w[0].numel() for w in expert_tensors(params.experts))
+    itemsize = expert_tensors(params.experts)[0].element_size()
+    rows = float(mine.numel())
+    bytes_moved = torch.unique(mine).numel() * per_expert * itemsize + 2 * rows * x.shape[1] * x.element_size()
+    out = torch.tensor([float(bytes_moved), 2 * rows * per_expert], dtype=torch.float64, device=x.device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return float(out[0]), float(out[1])
+
+
 def check_against_reference(out: torch.Tensor, params: MoEParams, x: torch.Tensor, cfg: MoEConfig,
                             n_tokens: int = 4) -> float:
     """Relative error of the first tokens' outputs against reference/ (float64); raises if too large."""

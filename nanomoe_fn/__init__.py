@@ -6,7 +6,7 @@ parameters in params.py, expert placement in placement.py, comm backends in comm
 """
 
 from nanomoe_fn.batch import ExpertBatch, Handle
-from nanomoe_fn.comm import COMM_BACKENDS, LocalComm, TorchComm, TorchFixedComm, make_comm, supports_comm
+from nanomoe_fn.comm import COMM_BACKENDS, LocalComm, NvlinkComm, TorchComm, TorchFixedComm, make_comm, supports_comm
 from nanomoe_fn.config import PRESETS, MoEConfig, preset
 from nanomoe_fn.dispatch import combine, dispatch
 from nanomoe_fn.expert_ffn import EXPERT_BACKENDS, expert_ffn, get_expert_backend
@@ -28,8 +28,8 @@ from nanomoe_fn.route import Routing, route
 
 __all__ = [
     "COMM_BACKENDS", "EXPERT_BACKENDS", "PRESETS", "ExpertBatch", "GateParams", "Handle", "LinearExperts",
-    "LocalComm", "MoEConfig", "MoEParams", "Placement", "Routing", "SharedMLP", "SwiGLUExperts", "TorchComm",
-    "TorchFixedComm",
+    "LocalComm", "MoEConfig", "NvlinkComm", "MoEParams", "Placement", "Routing", "SharedMLP", "SwiGLUExperts",
+    "TorchComm", "TorchFixedComm",
     "cast_params", "combine", "dispatch", "expert_ffn", "expert_tensors", "get_expert_backend",
     "init_moe_params", "make_comm", "moe_layer", "preset", "route", "shard_moe_params", "shared_mlp",
     "supports_comm", "mla", "MLAParams", "init_mla_params", "MLAConfig", "ContiguousCache", "PagedCache",

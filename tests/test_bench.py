@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from bench import bench_ep_moe, bench_ep_moe_multi
+from bench import bench_dispatch, bench_ep_moe, bench_ep_moe_multi
 from bench.common import cuda_profiler, nvtx_range
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,26 @@ def test_single_device_bench_rejects_bad_flags():
         bench_ep_moe_multi.main(["--backend", "gloo", "--comm", "torch_fixed", "--tokens-per-expert", "4"])
 
 
+@pytest.mark.parametrize("flags, match", [
+    (["--comm", "nvlink"], "--comm nvlink needs CUDA"),
+    (["--comm", "torch,deepep_ll"], "--comm deepep_ll needs CUDA"),
+    (["--comm", "mpi"], "--comm: unknown"),
+    (["--comm", "torch_fixed", "--cuda-graph"], "--cuda-graph needs CUDA"),
+    (["--backend", "nccl", "--comm", "torch", "--cuda-graph"], "needs a sync-free comm"),
+    (["--backend", "nccl", "--comm", "deepep", "--cuda-graph"], "needs a sync-free comm"),
+    (["--backend", "nccl", "--comm", "torch_fixed", "--cuda-graph", "--mode", "loop"], "cannot be captured"),
+])
+def test_multi_bench_refuses_what_cannot_run(flags, match):
+    """Refused with a message before any rank starts (on a CPU, and for impossible graph captures anywhere)."""
+    with pytest.raises(SystemExit, match=match):
+        bench_ep_moe_multi.main(["--backend", "gloo", *flags] if "--backend" not in flags else flags)
+
+
+def test_dispatch_bench_rejects_unknown_variant():
+    with pytest.raises(SystemExit, match="--variants: unknown"):
+        bench_dispatch.main(["--backend", "gloo", "--variants", "torch,carrier_pigeon"])
+
+
 @pytest.mark.slow
 def test_multi_rank_bench_gloo(tmp_path):
     out = tmp_path / "m.json"
@@ -58,6 +79,20 @@ def test_multi_rank_bench_gloo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "loop:" in proc.stdout and "batched_gemm:" in proc.stdout
     check_record(str(out), "ep_moe_multi", 2, ["loop", "batched_gemm"])
+
+
+@pytest.mark.slow
+def test_multi_rank_bench_gloo_comm_list(tmp_path):
+    """--comm torch_fixed,torch: one process, each comm checked against the single-rank layer and timed."""
+    out = tmp_path / "m.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_ep_moe_multi.py"), "--world-size", "2",
+           "--backend", "gloo", "--mode", "batched_gemm", "--batch-size", "4", "--hidden-dim", "32",
+           "--num-experts", "8", "--warmup", "1", "--iters", "3", "--comm", "torch_fixed,torch", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = check_record(str(out), "ep_moe_multi", 2, ["batched_gemm", "batched_gemm"])
+    assert [r["case"]["comm"] for r in rec["rows"]] == ["torch_fixed", "torch"]
+    assert all(r["case"]["cuda_graph"] is False for r in rec["rows"]) and "failed" not in rec
 
 
 def test_nvtx_and_profiler_are_noops_without_cuda():
@@ -77,6 +112,23 @@ def test_dispatch_bench_gloo(tmp_path):
     assert rec["bench"] == "dispatch" and rec["world_size"] == 2
     variants = {r["variant"] for r in rec["rows"]}
     assert variants == {"torch", "torch_fixed", "gloo_a2a"}
+    assert rec["failed"] == []
     for r in rec["rows"]:
-        assert r["dispatch_us"] > 0 and r["gbps"] > 0
+        assert r["dispatch_us"] > 0 and r["gbps"] > 0 and r["median_us"] == r["dispatch_us"]
         assert (r["variant"] == "gloo_a2a") == ("combine_us" not in r)
+        assert "graph_round_us" not in r  # no CUDA graphs on a CPU
+        # one row per (token, destination rank) <= one row per (token, k) pair, and at least 1 per token
+        assert r["case"]["tokens"] <= r["recv_rows"] <= r["pair_rows"] <= r["case"]["tokens"] * 2 * r["case"]["top_k"]
+        if r["variant"] != "gloo_a2a":
+            assert r["speedup_vs"]["gloo_a2a"] > 0 and r["combine_gbps"] > 0
+    # every case's rows share one byte count: GB/s * us equal across variants of a case
+    by_case: dict = {}
+    for r in rec["rows"]:
+        by_case.setdefault(json.dumps(r["case"], sort_keys=True), []).append(r["gbps"] * r["dispatch_us"])
+    for vals in by_case.values():
+        assert max(vals) == pytest.approx(min(vals), rel=1e-3)
+    skipped = {(s["variant"], s["case"]["phase"]) for s in rec["skipped"]}
+    assert ("torch_fixed", "prefill") in skipped  # decode-only: prefill sizes are refused
+    assert all(s["reason"] for s in rec["skipped"])
+    if not torch.cuda.is_available():  # GPU-only comms are skipped with their reason, never silently
+        assert {"nvlink", "deepep", "deepep_ll"} <= {v for v, _ in skipped}

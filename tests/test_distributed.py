@@ -138,3 +138,31 @@ def test_ep_output_is_unchanged_across_a_rebalance(tmp_path):
         before = balancedness(gpu_loads(load, saved["phy2log_old"][None], W))
         after = balancedness(gpu_loads(load, saved["phy2log_new"][None], W))
         assert float(after.min()) > float(before.min()), (before, after)
+
+
+def test_torch_fixed_refuses_prefill_sized_buffers():
+    # one in-process gloo rank: the refusal is host arithmetic at the first dispatch, before any buffer exists
+    import torch.distributed as dist
+
+    from nanomoe_fn import Placement, Routing
+    from nanomoe_fn.comm.torch_fixed import TorchFixedComm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="max_buffer_bytes"):
+            TorchFixedComm(8, max_buffer_bytes=0)
+        comm = TorchFixedComm(4096)  # prefill-sized, DeepSeek-V3 dims: masked batch [256, 4096, 7168] bf16
+        x = torch.zeros(2, 7168, dtype=torch.bfloat16)
+        routing = Routing(torch.arange(16, dtype=torch.int32).view(2, 8), torch.full((2, 8), 0.125))
+        need = comm.buffer_bytes(7168, torch.bfloat16, 8, 256)
+        assert need == (256 * 4096 + 3 * 4096 * 8) * 7168 * 2
+        with pytest.raises(ValueError, match=r"max_tokens=4096 would need 15\.\d\d GiB.*`torch` or `nvlink`"):
+            comm.dispatch_send(x, routing, Placement.identity(256, 1))
+        small = TorchFixedComm(2, max_buffer_bytes=need)  # decode-sized: runs
+        batch, handle = small.dispatch_recv(small.dispatch_send(x, routing, Placement.identity(256, 1)))
+        assert batch.layout == "masked" and tuple(batch.x.shape) == (256, 2, 7168)
+        assert int(batch.counts.sum()) == 16
+        comm.close()
+        small.close()
+    finally:
+        dist.destroy_process_group()

@@ -14,15 +14,16 @@ from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import Routing
 
 
-def check_dispatch_args(x: torch.Tensor, routing: Routing, placement: Placement) -> None:
-    """Shapes, dtypes, devices and id ranges of dispatch's inputs."""
+def check_dispatch_args(x: torch.Tensor, routing: Routing, placement: Placement, values: bool = True) -> None:
+    """Shapes, dtypes, devices and (with `values`) id ranges of dispatch's inputs."""
     check_tensor("x", x, dim=2, dtypes=FLOAT_DTYPES)
     ids = check_tensor("routing.topk_ids", routing.topk_ids, dim=2, dtypes=INT_DTYPES, device=x.device)
     w = check_tensor("routing.topk_weights", routing.topk_weights, dim=2, device=x.device)
     if ids.shape[0] != x.shape[0] or tuple(w.shape) != tuple(ids.shape):
         raise ValueError(f"routing must be [T={x.shape[0]}, k] ids and weights, got topk_ids "
                          f"{tuple(ids.shape)} and topk_weights {tuple(w.shape)}")
-    check_expert_ids("routing.topk_ids", ids, placement.num_logical)
+    if values:
+        check_expert_ids("routing.topk_ids", ids, placement.num_logical)
 
 
 def sort_pairs(phys_ids: torch.Tensor, num_physical: int) -> tuple[torch.Tensor, torch.Tensor]:
