@@ -34,8 +34,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kernels.ep_nvlink_plan import MAX_TOKENS as MAX_PLAN_TOKENS
-from kernels.ep_nvlink_plan import plan_decode
 from nanomoe_fn.batch import ExpertBatch
 from nanomoe_fn.comm.nvlink_plan import local_plan, pair_rows, received_counts
 from nanomoe_fn.comm.plan import check_dispatch_args
@@ -72,9 +70,9 @@ class NvlinkComm:
             raise ValueError(f"comm backend 'nvlink' is unavailable: {why}")
         import torch.distributed._symmetric_memory as symm_mem
 
-        from kernels import ep_nvlink
+        from kernels import ep_nvlink, ep_nvlink_plan  # Triton: imported only when the comm is built
 
-        self._k = ep_nvlink
+        self._k, self._plan = ep_nvlink, ep_nvlink_plan
         self.group = group if group is not None else dist.group.WORLD
         self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
         W = self.world_size
@@ -157,7 +155,7 @@ class NvlinkComm:
         """Exchange counts (on the GPU), then write each token into the ranks that own its slots."""
         self.check()
         fast = self.layout == "masked" and isinstance(x, torch.Tensor) and x.dim() == 2 and \
-            x.shape[0] <= MAX_PLAN_TOKENS  # decode: the plan in one launch
+            x.shape[0] <= self._plan.MAX_TOKENS  # decode: the plan in one launch
         # the fast path checks expert ids inside its plan kernel (one launch fewer than a separate check)
         check_dispatch_args(x, routing, placement, values=not fast)
         T, H = x.shape
@@ -180,7 +178,7 @@ class NvlinkComm:
         n_all = torch.empty((W, P + W), dtype=torch.int64, device=self.device)
         err, x = self._err.data_ptr(), x.contiguous()
         if fast:
-            row, has, tok_idx, within, dest = plan_decode(phys, P, W, self.epoch, err)
+            row, has, tok_idx, within, dest = self._plan.plan_decode(phys, P, W, self.epoch, err)
             self._k.exchange_counts(row, self._bufs["cnt"], n_all, self.epoch, err, self.rank, self._timeout_ns, 1)
             self._k.put_tokens(x, has, tok_idx, dest, weights, self._bufs, self.rank, Tm,
                                masked=(phys, within, n_all, P // W, W * Tm))
