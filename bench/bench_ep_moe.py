@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
     MODES,
+    UsageError,
     add_seed_flags,
     check_seed_flags,
     cuda_profiler,
@@ -29,6 +30,7 @@ from bench.common import (  # noqa: E402
     pick_dtype,
     pick_modes,
     roofline,
+    run_cli,
     sig,
     time_fn,
     write_record,
@@ -63,11 +65,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     check_seed_flags(args)
     device = pick_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device (this run is on {device}); leave it out on the CPU")
     dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     cfg = config_from_args(args)
-    params, x = make_inputs(cfg, args, dtype, device)
     modes = pick_modes(args.mode, cfg, device)
+    if args.cuda_graph and not any(MODES[m] in GRAPHABLE for m in modes):
+        raise UsageError(f"--cuda-graph: none of the modes {modes} can be captured (they read counts on the host); "
+                         f"use --mode {' / '.join(m for m in MODES if MODES[m] in GRAPHABLE)} or all")
+    params, x = make_inputs(cfg, args, dtype, device)
     comm, placement = LocalComm(), Placement.identity(cfg.num_experts, 1).to(device)
 
     def layer(m: str) -> torch.Tensor:
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 return layer(m)
 
         use_graph = args.cuda_graph and device.type == "cuda" and MODES[m] in GRAPHABLE
+        if args.cuda_graph and not use_graph:
+            print(f"{m}: timed eagerly (reads counts on the host, cannot be captured in a CUDA graph)")
         if use_graph:
             try:
                 step = graphed(step)  # noqa: F811 - the replay of the same layer
@@ -120,4 +129,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "bench_ep_moe.py")

@@ -20,6 +20,12 @@ sync-free). --cuda-graph times CUDA-graph replays of the whole layer for the syn
 bmm on their masked batches); `loop` reads counts on the host and is timed eagerly under `--mode
 both/all`; other combinations are refused. On CUDA the parameters are drawn on the device (same
 seed -> same weights on every rank), so DeepSeek-V3 sizes start in seconds.
+
+Every flag is checked once, in the parent, before any rank starts (a mistake: one line
+`bench_ep_moe_multi.py: error: ...`, exit status 2): sizes >= 1, --world-size dividing --num-experts,
+GPUs for nccl, a --master-port in 1..65535 that is free now. The ranks' first exchange is a handshake
+(nanomoe_fn/comm/handshake.py): ranks started with different flags (torchrun) fail together with an
+error naming the field that differs, instead of meeting in a collective of mismatched shapes.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch.distributed as dist  # noqa: E402
 
 from bench.common import (  # noqa: E402
     MODES,
+    UsageError,
     add_seed_flags,
     all_ranks_ok,
     capture_graph,
@@ -50,6 +57,7 @@ from bench.common import (  # noqa: E402
     ranks_errors,
     release_comm,
     roofline,
+    run_cli,
     sig,
     spawn_ranks,
     time_back_to_back,
@@ -59,6 +67,8 @@ from bench.common import (  # noqa: E402
 from bench.workload import agree, config_from_args, make_inputs, rank_floors  # noqa: E402
 from nanomoe_fn import Placement, moe_layer, shard_moe_params  # noqa: E402
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
+from nanomoe_fn.comm.handshake import handshake  # noqa: E402
+from nanomoe_fn.comm.launch import check_port, check_world_size, spawn_error_line  # noqa: E402
 from nanomoe_fn.params import GateParams, LinearExperts, MoEParams, SharedMLP, SwiGLUExperts  # noqa: E402
 
 COMMS = ("torch", "torch_fixed", "nvlink", "deepep", "deepep_ll")
@@ -116,6 +126,15 @@ def device_inputs(cfg: object, args: argparse.Namespace, dtype: torch.dtype, dev
     return MoEParams(gate=gate, experts=experts, shared=shared), x
 
 
+def static_config(args: argparse.Namespace, cfg: object, dtype: torch.dtype) -> dict:
+    """What every rank must agree on (compared by the handshake): the layer config, dtype, sizes, the
+    comms and modes in order, and the loop counts (each iteration is a collective)."""
+    return {type(cfg).__name__: cfg, "dtype": dtype, "batch_size": args.batch_size,
+            "max_num_tokens": args.max_num_tokens, "tokens_per_expert": args.tokens_per_expert,
+            "comm": list(args.comm), "comm_mode": args.comm_mode, "mode": args.mode, "cuda_graph": args.cuda_graph,
+            "warmup": args.warmup, "iters": args.iters, "seed": args.seed, "backend": args.backend}
+
+
 def run_rank(rank: int, world_size: int, args: argparse.Namespace) -> None:
     """One EP rank: init the process group, check, time, and (rank 0) report."""
     if args.backend == "nccl":
@@ -170,8 +189,9 @@ def _bench(rank: int, world_size: int, args: argparse.Namespace, device: torch.d
     """Every --comm in turn; returns True when a comm failed (recorded in the JSON's "failed")."""
     dtype = pick_dtype(args.dtype, device)
     cfg = config_from_args(args)
-    if cfg.num_experts % world_size:
-        raise SystemExit(f"--world-size ({world_size}) must divide --num-experts ({cfg.num_experts})")
+    # the first exchange: ranks launched with different flags fail together, naming the field (the
+    # world size against --num-experts and every other flag were checked in the parent, before spawning)
+    handshake(static_config(args, cfg, dtype), timeout_s=args.timeout)
     params, x = (device_inputs if device.type == "cuda" else make_inputs)(cfg, args, dtype, device, rank)
     placement = Placement.identity(cfg.num_experts, world_size).to(device)
     local = shard_moe_params(params, placement, rank)
@@ -249,34 +269,35 @@ def check_comm_flags(args: argparse.Namespace) -> None:
     args.comm = [c.strip() for c in args.comm.split(",") if c.strip()]
     bad = [c for c in args.comm if c not in COMMS]
     if bad or not args.comm:
-        raise SystemExit(f"--comm: unknown {bad}; choose from {list(COMMS)} (a comma list runs each)")
+        raise UsageError(f"--comm: unknown {bad}; choose from {list(COMMS)} (a comma list runs each)")
     for c in args.comm:
         name = "deepep" if c.startswith("deepep") else c
         if c in GPU_COMMS and args.backend != "nccl":
-            raise SystemExit(f"--comm {c} needs CUDA GPUs with --backend nccl (this is --backend {args.backend})")
+            raise UsageError(f"--comm {c} needs CUDA GPUs with --backend nccl (this is --backend {args.backend})")
         masked = c in ("torch_fixed", "deepep_ll") or (c == "nvlink" and comm_mode(c, args) == "decode")
         if masked and args.tokens_per_expert is not None:
-            raise SystemExit(f"--tokens-per-expert does not apply to --comm {c}: it delivers the masked "
+            raise UsageError(f"--tokens-per-expert does not apply to --comm {c}: it delivers the masked "
                              "[E_local, W * max-num-tokens, H] layout itself")
         if args.cuda_graph and not sync_free(c, args):
-            raise SystemExit(f"--cuda-graph needs a sync-free comm (torch_fixed, nvlink in decode mode, deepep_ll); "
+            raise UsageError(f"--cuda-graph needs a sync-free comm (torch_fixed, nvlink in decode mode, deepep_ll); "
                              f"--comm {c}{' (' + str(comm_mode(c, args)) + ')' if comm_mode(c, args) else ''} "
                              "reads counts on the host")
         if name not in COMM_BACKENDS:
-            raise SystemExit(f"--comm {c}: the {name!r} comm backend is not registered in nanomoe_fn.comm "
+            raise UsageError(f"--comm {c}: the {name!r} comm backend is not registered in nanomoe_fn.comm "
                              f"(known: {sorted(COMM_BACKENDS)})")
     if args.cuda_graph and args.backend != "nccl":
-        raise SystemExit("--cuda-graph needs CUDA GPUs (--backend nccl)")
+        raise UsageError("--cuda-graph needs CUDA GPUs (--backend nccl)")
     if args.cuda_graph and args.mode in MODES and MODES[args.mode] not in GRAPH_BACKENDS:
-        raise SystemExit(f"--cuda-graph: --mode {args.mode} reads expert counts on the host and cannot be captured; "
+        raise UsageError(f"--cuda-graph: --mode {args.mode} reads expert counts on the host and cannot be captured; "
                          f"use one of {[m for m in MODES if MODES[m] in GRAPH_BACKENDS]}, both or all")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse flags; spawn ranks (or be one under torchrun)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's flags (the seed's plus the multi-rank ones)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_seed_flags(parser)
-    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks to spawn (default 2; under torchrun: its WORLD_SIZE)")
     parser.add_argument("--backend", default="nccl", choices=["nccl", "gloo"])
     parser.add_argument("--master-port", type=int, default=None, help="default: a free port")
     parser.add_argument("--comm", default="torch",
@@ -288,24 +309,60 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time CUDA-graph replays of the whole layer (sync-free comms and expert backends)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for its peers")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse and check flags (once, here); spawn ranks (or be one under torchrun)."""
+    args = build_parser().parse_args(argv)
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    check_launch_flags(args, torchrun)
+    if torchrun:  # launched by torchrun: this process is one rank
+        run_rank(int(os.environ["RANK"]), args.world_size, args)
+        return
+    try:
+        spawn_ranks(run_rank, args.world_size, args.master_port, args)
+    except Exception as err:  # a rank failed: one line naming it (its own output is above)
+        raise SystemExit(f"bench_ep_moe_multi: {spawn_error_line(err)}") from err
+
+
+def check_launch_flags(args: argparse.Namespace, torchrun: bool) -> None:
+    """Every flag checked once, in the parent, before any rank starts (UsageError, one line each);
+    sets args.world_size (torchrun's WORLD_SIZE under torchrun, default 2)."""
     check_seed_flags(args)
     check_comm_flags(args)
     if args.device not in (None, "cuda" if args.backend == "nccl" else "cpu"):
-        raise SystemExit("--device: the multi-rank bench places ranks itself (cuda:<rank> for nccl, cpu for gloo)")
-    if args.backend == "nccl" and torch.cuda.device_count() < (args.world_size if "RANK" not in os.environ else 1):
-        raise SystemExit(f"--backend nccl needs {args.world_size} CUDA devices, this machine has "
-                         f"{torch.cuda.device_count()}; use --backend gloo on CPU")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
-        return
-    if args.world_size < 1:
-        raise SystemExit(f"--world-size must be >= 1, got {args.world_size}")
+        raise UsageError("--device: the multi-rank bench places ranks itself (cuda:<rank> for nccl, cpu for gloo)")
+    if not 0 < args.timeout < float("inf"):
+        raise UsageError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    if torchrun:
+        env_world = int(os.environ["WORLD_SIZE"])
+        if args.world_size is not None and args.world_size != env_world:
+            raise UsageError(f"--world-size {args.world_size} differs from torchrun's WORLD_SIZE={env_world}; "
+                             "leave --world-size out under torchrun")
+        if args.master_port is not None:
+            raise UsageError("--master-port does not apply under torchrun (it sets the rendezvous); "
+                             "use torchrun's --master-port")
+        args.world_size = env_world
+    elif args.world_size is None:
+        args.world_size = 2
     try:
-        spawn_ranks(run_rank, args.world_size, args.master_port, args)
-    except Exception as err:  # a rank failed: its own message is printed above
-        raise SystemExit(f"bench_ep_moe_multi: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        check_world_size(args.world_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.num_experts % args.world_size:
+        raise UsageError(f"--world-size ({args.world_size}) must divide --num-experts ({args.num_experts})")
+    if args.backend == "nccl":
+        need, have = (1 if torchrun else args.world_size), torch.cuda.device_count()
+        if have < need:
+            raise UsageError(f"--backend nccl needs {need} CUDA device(s), this machine has {have}; "
+                             "use --backend gloo on CPU")
+    if args.master_port is not None and not torchrun:
+        try:
+            check_port(args.master_port)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "bench_ep_moe_multi.py")

@@ -58,17 +58,43 @@ def add_seed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write results in the DESIGN.md schema to this path")
 
 
+class UsageError(SystemExit):
+    """A command-line mistake, raised with its one-line message. `run_cli` prints it as argparse does
+    (`prog: error: ...`) and exits with status 2, no traceback; uncaught elsewhere it is still a
+    SystemExit that prints the message (status 1). str(err) is the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def run_cli(main: Callable[[], object], prog: str) -> None:
+    """Run a bench's main() as a command: a UsageError becomes `prog: error: <message>` on stderr and
+    exit status 2 (as argparse's own errors)."""
+    try:
+        main()
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def check_seed_flags(args: argparse.Namespace) -> None:
-    """Clear errors for flag values that cannot run."""
+    """Clear errors (UsageError, one line) for flag values that cannot run."""
     for name in ("batch_size", "hidden_dim", "num_experts", "experts_per_token", "iters"):
-        if getattr(args, name) < (0 if name == "batch_size" else 1):
-            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("intermediate_dim", "max_num_tokens", "tokens_per_expert"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 when given, got {getattr(args, name)}")
     if args.warmup < 0:
-        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.max_num_tokens is not None and args.batch_size > args.max_num_tokens:
-        raise SystemExit(f"--batch-size ({args.batch_size}) exceeds --max-num-tokens ({args.max_num_tokens})")
+        raise UsageError(f"--batch-size ({args.batch_size}) exceeds --max-num-tokens ({args.max_num_tokens})")
     if args.experts_per_token > args.num_experts:
-        raise SystemExit(f"--experts-per-token ({args.experts_per_token}) must be <= --num-experts "
+        raise UsageError(f"--experts-per-token ({args.experts_per_token}) must be <= --num-experts "
                          f"({args.num_experts})")
 
 
@@ -95,12 +121,20 @@ def pick_modes(mode: str, cfg: object, device: torch.device) -> list[str]:
 
 
 def pick_device(name: str | None) -> torch.device:
-    """The requested device, or cuda when available, else cpu."""
+    """The requested device (cpu or cuda[:i], checked: UsageError naming --device), or cuda when
+    available, else cpu."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda[:i], got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but this torch build sees no CUDA device")
+        raise UsageError("--device cuda asked for, but this torch build sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

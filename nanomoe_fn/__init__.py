@@ -5,8 +5,9 @@ prefill and weight-absorbed decode over the compressed cache); configs in config
 parameters in params.py, expert placement in placement.py, comm backends in comm/.
 """
 
-from nanomoe_fn.batch import ExpertBatch, Handle
+from nanomoe_fn.batch import ExpertBatch, Handle, HandleOrigin
 from nanomoe_fn.comm import COMM_BACKENDS, LocalComm, NvlinkComm, TorchComm, TorchFixedComm, make_comm, supports_comm
+from nanomoe_fn.comm.handshake import handshake
 from nanomoe_fn.config import PRESETS, MoEConfig, preset
 from nanomoe_fn.dispatch import combine, dispatch
 from nanomoe_fn.expert_ffn import EXPERT_BACKENDS, expert_ffn, get_expert_backend
@@ -20,6 +21,7 @@ from nanomoe_fn.params import (
                                MoEParams,
                                SharedMLP,
                                SwiGLUExperts,
+                               check_params,
                                expert_tensors,
                                init_moe_params,
 )
@@ -30,7 +32,8 @@ __all__ = [
     "COMM_BACKENDS", "EXPERT_BACKENDS", "PRESETS", "ExpertBatch", "GateParams", "Handle", "LinearExperts",
     "LocalComm", "MoEConfig", "NvlinkComm", "MoEParams", "Placement", "Routing", "SharedMLP", "SwiGLUExperts",
     "TorchComm", "TorchFixedComm",
-    "cast_params", "combine", "dispatch", "expert_ffn", "expert_tensors", "get_expert_backend",
+    "HandleOrigin", "cast_params", "check_params", "combine", "handshake", "dispatch", "expert_ffn",
+    "expert_tensors", "get_expert_backend",
     "init_moe_params", "make_comm", "moe_layer", "preset", "route", "shard_moe_params", "shared_mlp",
     "supports_comm", "mla", "MLAParams", "init_mla_params", "MLAConfig", "ContiguousCache", "PagedCache",
     "init_contiguous_cache", "init_paged_cache",

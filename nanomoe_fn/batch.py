@@ -46,6 +46,34 @@ class ExpertBatch:
         return torch.cumsum(self.counts, 0) - self.counts
 
 
+@dataclass(frozen=True)
+class HandleOrigin:
+    """Which dispatch made a handle and what it delivered: host values only (static in the pytree).
+
+    comm_id / call: the comm instance (a process-wide serial number, 0 = not recorded: made under
+    torch.compile) and its dispatch call number (0 = not recorded). comm_name: the comm's `name`.
+    layout, rows, hidden, dtype: the batch dispatch delivered, rows = its shape without the hidden
+    dim ((M,) contiguous, (P_local, C) masked). tokens, top_k: T and k of the dispatched routing.
+    """
+
+    comm_id: int
+    call: int
+    comm_name: str
+    layout: str
+    rows: tuple[int, ...]
+    hidden: int
+    dtype: torch.dtype
+    tokens: int
+    top_k: int
+
+    def describe(self) -> str:
+        """'a torch comm's dispatch #3 (contiguous [M=12, H=16] float32)' for error messages."""
+        dims = ", ".join(f"{n}={v}" for n, v in zip(("M",) if self.layout == "contiguous" else ("P_local", "C"),
+                                                     self.rows))
+        call = f"dispatch #{self.call}" if self.call else "dispatch"
+        return f"a {self.comm_name} comm's {call} ({self.layout} [{dims}, H={self.hidden}] {self.dtype})"
+
+
 @dataclass(frozen=True, eq=False)
 class Handle:
     """Everything combine needs to return expert rows to their tokens and reduce them.
@@ -59,6 +87,8 @@ class Handle:
     buffer (C rows per destination rank).
     pack_index [W * C] or None: fixed-capacity comms only: for each received buffer row, its flat
     index in the masked batch [P_local * W * T_max] (P_local * W * T_max marks an empty row).
+    origin: which comm and dispatch call made the handle and the batch it delivered (host values,
+    static in the pytree); None on a handle built by hand, which no comm's combine accepts.
     """
 
     send_order: torch.Tensor
@@ -68,6 +98,7 @@ class Handle:
     recv_splits: tuple[int, ...] | None = None
     slot_pos: torch.Tensor | None = None
     pack_index: torch.Tensor | None = None
+    origin: HandleOrigin | None = None
 
 
 def row_coords(batch: ExpertBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,4 +135,4 @@ def to_contiguous(masked: ExpertBatch, like: ExpertBatch) -> ExpertBatch:
 
 
 register_dataclass(ExpertBatch, static=("layout",))
-register_dataclass(Handle, static=("send_splits", "recv_splits"))
+register_dataclass(Handle, static=("send_splits", "recv_splits", "origin"))

@@ -7,6 +7,9 @@ decode path never waits on the host (the error then surfaces at the next synchro
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -44,3 +47,45 @@ def check_expert_ids(name: str, ids: torch.Tensor, num_experts: int) -> None:
         return
     check_values((ids.min() >= 0) & (ids.max() < num_experts),
                  f"{name} holds expert ids outside [0, {num_experts})")
+
+
+# ---- config fields: strict types (bool is not an int), finite floats, named ranges -------------------------
+
+def check_int_field(owner: str, name: str, v: object, minimum: int = 1) -> int:
+    """An int config field (bool and float refused) >= minimum; returns it as a plain int."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{owner}.{name} must be an int, got {type(v).__name__} {v!r}")
+    if v < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{owner}.{name} must be {what}, got {v!r}")
+    return int(v)
+
+
+def check_float_field(owner: str, name: str, v: object, gt: float | None = None, ge: float | None = None) -> float:
+    """A finite real config field (bool and str refused), > gt and >= ge when given; returns it as a float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{owner}.{name} must be a float, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{owner}.{name} must be finite, got {v!r}")
+    if gt is not None and not f > gt:
+        raise ValueError(f"{owner}.{name} must be > {gt:g}, got {v!r}")
+    if ge is not None and not f >= ge:
+        raise ValueError(f"{owner}.{name} must be >= {ge:g}, got {v!r}")
+    return f
+
+
+def check_bool_field(owner: str, name: str, v: object) -> bool:
+    """A bool config field (0/1 and strings refused)."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{owner}.{name} must be a bool, got {type(v).__name__} {v!r}")
+    return v
+
+
+def check_choice_field(owner: str, name: str, v: object, choices: tuple[str, ...]) -> str:
+    """A str config field that must be one of `choices`."""
+    if not isinstance(v, str):
+        raise TypeError(f"{owner}.{name} must be a str, one of {choices}, got {type(v).__name__} {v!r}")
+    if v not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {choices}, got {v!r}")
+    return v

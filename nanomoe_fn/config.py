@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from nanomoe_fn.checks import check_bool_field, check_choice_field, check_float_field, check_int_field
+
 SCORE_FUNCS = ("softmax", "sigmoid")
 EXPERT_TYPES = ("swiglu", "linear")
 
@@ -41,16 +43,20 @@ class MoEConfig:
     expert_type: str = "swiglu"
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "intermediate", "num_experts", "top_k", "n_group", "topk_group"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"MoEConfig.{name} must be a positive int, got {v!r}")
+        # types first (bool is not an int, floats must be finite); values are stored as plain int/float
+        fields = {name: check_int_field("MoEConfig", name, getattr(self, name))
+                  for name in ("hidden", "intermediate", "num_experts", "top_k", "n_group", "topk_group")}
+        fields["n_shared_experts"] = check_int_field("MoEConfig", "n_shared_experts", self.n_shared_experts, 0)
+        fields["routed_scaling_factor"] = check_float_field("MoEConfig", "routed_scaling_factor",
+                                                            self.routed_scaling_factor, gt=0.0)
+        for name in ("norm_topk_prob", "correction_bias"):
+            check_bool_field("MoEConfig", name, getattr(self, name))
+        check_choice_field("MoEConfig", "score_func", self.score_func, SCORE_FUNCS)
+        check_choice_field("MoEConfig", "expert_type", self.expert_type, EXPERT_TYPES)
+        for name, v in fields.items():
+            object.__setattr__(self, name, v)
         if self.top_k > self.num_experts:
             raise ValueError(f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
-        if self.score_func not in SCORE_FUNCS:
-            raise ValueError(f"MoEConfig.score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
-        if self.expert_type not in EXPERT_TYPES:
-            raise ValueError(f"MoEConfig.expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
         if self.num_experts % self.n_group != 0:
             raise ValueError(f"MoEConfig.n_group ({self.n_group}) must divide num_experts ({self.num_experts})")
         if self.topk_group > self.n_group:
@@ -62,10 +68,6 @@ class MoEConfig:
             )
         if self.correction_bias and self.score_func != "sigmoid":
             raise ValueError("MoEConfig.correction_bias needs score_func='sigmoid' (DeepSeek-V3 routing)")
-        if self.n_shared_experts < 0:
-            raise ValueError(f"MoEConfig.n_shared_experts must be >= 0, got {self.n_shared_experts}")
-        if not self.routed_scaling_factor > 0:
-            raise ValueError(f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
 
     def with_(self, **changes: object) -> MoEConfig:
         """A copy with some fields changed (validated again)."""

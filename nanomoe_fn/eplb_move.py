@@ -137,7 +137,8 @@ def run_move_round(plan: MovePlan, round_index: int, rank: int, weights: Any, st
                    group: dist.ProcessGroup | None = None, timeout_s: float = 60.0) -> None:
     """Round `round_index` of the plan on this rank: send its slots of `weights` (old layout), receive
     into `staging` (new layout, written in place). Every rank of the group must call it for the same
-    round. A peer that does not answer within timeout_s raises RuntimeError naming rank and round."""
+    round. A peer that does not answer within timeout_s, or is gone, raises RuntimeError naming rank and
+    round; `weights` are never written (received slots land in `staging` only, after the whole round)."""
     if not 0 <= round_index < plan.num_rounds:
         raise ValueError(f"round_index must lie in [0, {plan.num_rounds}), got {round_index}")
     old_leaves, _ = _leaves(weights, plan.old_local, "weights")
@@ -163,14 +164,16 @@ def run_move_round(plan: MovePlan, round_index: int, rank: int, weights: Any, st
         received.append((torch.tensor(slots, device=dev), bufs))
     if not ops:
         return
-    works = dist.batch_isend_irecv(ops)
-    try:
+    try:  # posting fails at once on a group whose peer is gone; the waits when a peer dies or stalls
+        works = dist.batch_isend_irecv(ops)
         for w in works:
             w.wait(timeout=timedelta(seconds=timeout_s))
-    except Exception as err:  # gloo raises RuntimeError on timeout, NCCL a DistBackendError
+    except Exception as err:  # gloo raises RuntimeError, NCCL a DistBackendError
         peers = sorted(set(out) | set(inc))
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RuntimeError(f"rank {rank}: EPLB weight move round {round_index} did not finish within "
-                           f"{timeout_s} s (peers {peers}): {err}") from err
+                           f"{timeout_s:g} s (peers {peers}; `weights` are unchanged, drop `staging`): "
+                           f"{cause}") from err
     for idx, bufs in received:
         for new_leaf, buf in zip(new_leaves, bufs):
             new_leaf[idx] = buf

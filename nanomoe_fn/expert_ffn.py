@@ -20,23 +20,40 @@ import torch
 
 from kernels.activation import swiglu_act
 from nanomoe_fn.batch import ExpertBatch, row_coords
-from nanomoe_fn.checks import check_tensor
+from nanomoe_fn.checks import INT_DTYPES, check_tensor, check_values
 from nanomoe_fn.config import MoEConfig
 from nanomoe_fn.expert_kernels import deepgemm_run, deepgemm_supports, triton_run, triton_supports
-from nanomoe_fn.params import Experts, SwiGLUExperts, expert_tensors
+from nanomoe_fn.params import Experts, LinearExperts, SwiGLUExperts, expert_tensors
 
 
 def _check(experts: Experts, batch: ExpertBatch) -> None:
+    """Argument checks naming `expert_params` / `batch.*`; the counts' values are checked on the device
+    (no host sync on GPUs): in [0, C] (masked) or summing to M (contiguous)."""
+    if not isinstance(experts, (SwiGLUExperts, LinearExperts)):
+        raise TypeError(f"expert_params must be SwiGLUExperts or LinearExperts, got {type(experts).__name__}")
+    if not isinstance(batch, ExpertBatch):
+        raise TypeError(f"batch must be an ExpertBatch (dispatch's output), got {type(batch).__name__}")
     ws = expert_tensors(experts)
     P, H = ws[0].shape[0], ws[0].shape[-1]
-    if batch.num_experts != P:
-        raise ValueError(f"batch.counts must have one entry per local expert ({P}), got {batch.num_experts}")
-    check_tensor("batch.x", batch.x, dim=2 if batch.layout == "contiguous" else 3, dtypes=(ws[0].dtype,),
-                 device=ws[0].device)
-    if batch.x.shape[-1] != H:
-        raise ValueError(f"batch.x must have hidden size {H} (the experts'), got {batch.x.shape[-1]}")
-    if batch.layout == "masked" and batch.x.shape[0] != P:
-        raise ValueError(f"masked batch.x must be [{P}, C, {H}], got {tuple(batch.x.shape)}")
+    x = check_tensor("batch.x", batch.x, dim=2 if batch.layout == "contiguous" else 3, dtypes=(ws[0].dtype,),
+                     device=ws[0].device)
+    counts = check_tensor("batch.counts", batch.counts, dim=1, dtypes=INT_DTYPES, device=x.device)
+    if counts.shape[0] != P:
+        raise ValueError(f"batch.counts must have one entry per local expert ({P}), got {counts.shape[0]}")
+    if x.shape[-1] != H:
+        raise ValueError(f"batch.x must have hidden size {H} (the experts'), got {x.shape[-1]}")
+    if batch.layout == "masked":
+        if x.shape[0] != P or x.shape[1] < 1:
+            raise ValueError(f"masked batch.x must be [{P}, C >= 1, {H}], got {tuple(x.shape)}")
+        if P:
+            lo, hi = torch.aminmax(counts)
+            check_values((lo >= 0) & (hi <= x.shape[1]), f"batch.counts must lie in [0, C={x.shape[1]}] (masked "
+                                                         f"batch.x [{P}, C, {H}]): an expert has more rows than C")
+    elif P:
+        check_values((counts.min() >= 0) & (counts.sum() == x.shape[0]),
+                     f"batch.counts must be >= 0 and sum to the {x.shape[0]} rows of batch.x (contiguous)")
+    elif x.shape[0]:
+        raise ValueError(f"batch.x has {x.shape[0]} rows but there are no local experts (batch.counts is empty)")
 
 
 def _apply(experts: Experts, e: int, rows: torch.Tensor, out: torch.Tensor) -> None:

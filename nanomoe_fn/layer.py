@@ -15,7 +15,7 @@ from nanomoe_fn.comm.local import LocalComm
 from nanomoe_fn.config import MoEConfig
 from nanomoe_fn.dispatch import combine, dispatch
 from nanomoe_fn.expert_ffn import expert_ffn, get_expert_backend
-from nanomoe_fn.params import MoEParams, SharedMLP, select_experts
+from nanomoe_fn.params import MoEParams, SharedMLP, check_params, select_experts
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import route
 
@@ -50,13 +50,15 @@ def moe_layer(
     identity placement they are all the experts. With `capacity`, experts run on the masked
     layout [P_local, capacity, H] (fixed shapes; more rows than capacity is an error, not a drop);
     a comm that already delivers the masked layout (torch_fixed) needs no conversion.
+    Parameters and x are checked against cfg first (check_params: host-only); NaN/inf in x or router
+    logits that overflow float32 are an error (a device assert on accelerators, see route).
     """
+    if not isinstance(cfg, MoEConfig):
+        raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
     comm = comm if comm is not None else LocalComm()
     placement = placement if placement is not None else Placement.identity(cfg.num_experts, comm.world_size)
+    check_params(params, cfg, x, num_experts=placement.local_experts)
     get_expert_backend(backend, cfg, x.device)
-    if params.experts.num_experts != placement.local_experts:
-        raise ValueError(f"params.experts must hold this rank's {placement.local_experts} slots, "
-                         f"got {params.experts.num_experts} (use shard_moe_params)")
     routing = route(params.gate, x, cfg)
     batch, handle = dispatch(x, routing, comm, placement)
     if capacity is None or batch.layout == "masked":

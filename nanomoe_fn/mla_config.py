@@ -18,6 +18,8 @@ from types import MappingProxyType
 
 import torch
 
+from nanomoe_fn.checks import check_float_field, check_int_field
+
 
 @dataclass(frozen=True)
 class MLAConfig:
@@ -41,15 +43,20 @@ class MLAConfig:
     page_size: int = 64
 
     def __post_init__(self) -> None:
+        # the same standard as MoEConfig: bool is not an int, floats finite, sizes positive, field named
+        own = "MLAConfig"
         for name in ("hidden_size", "num_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
                      "qk_rope_head_dim", "v_head_dim", "original_max_position_embeddings", "page_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"MLAConfig.{name} must be a positive int, got {v!r}")
+            object.__setattr__(self, name, check_int_field(own, name, getattr(self, name)))
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"MLAConfig.qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
-        if self.rope_theta <= 1.0 or self.rope_factor <= 0.0 or self.rms_norm_eps <= 0.0:
-            raise ValueError("MLAConfig needs rope_theta > 1, rope_factor > 0 and rms_norm_eps > 0")
+        floats = dict(rope_theta=dict(gt=1.0), rope_factor=dict(gt=0.0), beta_fast=dict(gt=0.0),
+                      beta_slow=dict(gt=0.0), mscale=dict(ge=0.0), mscale_all_dim=dict(ge=0.0),
+                      rms_norm_eps=dict(gt=0.0))
+        for name, bounds in floats.items():
+            object.__setattr__(self, name, check_float_field(own, name, getattr(self, name), **bounds))
+        if self.beta_fast < self.beta_slow:
+            raise ValueError(f"MLAConfig.beta_fast ({self.beta_fast}) must be >= beta_slow ({self.beta_slow})")
 
     @property
     def qk_head_dim(self) -> int:

@@ -58,7 +58,9 @@ def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
                          f"for this config (correction_bias={cfg.correction_bias})")
 
     logits = x.float() @ w.float().T  # [T, E]
-    check_values(~torch.isnan(logits).any(), "router logits contain NaN (check x and gate_params.weight)")
+    # one reduction catches NaN/inf in x or the weight and activations too large for float32 logits
+    check_values(torch.isfinite(logits).all(), "router logits contain NaN/inf: x holds NaN/inf or values too "
+                 "large for float32 logits (check x and gate_params.weight)")
     if cfg.score_func == "softmax":
         scores = logits.softmax(dim=-1)
     else:

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 
 from nanomoe_fn.batch import ExpertBatch, Handle
-from nanomoe_fn.comm.plan import check_dispatch_args, gather_rows, reduce_pairs, sort_pairs
+from nanomoe_fn.comm.plan import (
+    check_combine,
+    check_dispatch_args,
+    check_pending,
+    gather_rows,
+    reduce_pairs,
+    sort_pairs,
+    stamp_handle,
+)
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import Routing
 
@@ -35,16 +43,19 @@ class LocalComm:
         phys = placement.physical_ids(routing.topk_ids)
         send_order, counts = sort_pairs(phys, placement.num_physical)
         rows = gather_rows(x, send_order, routing.topk_ids.shape[1])
-        return ExpertBatch(rows, counts), Handle(send_order, routing.topk_weights)
+        batch = ExpertBatch(rows, counts)
+        return batch, stamp_handle(self, batch, Handle(send_order, routing.topk_weights))
 
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, Handle]:
         """The batch is ready as sent."""
+        check_pending(isinstance(pending, tuple) and len(pending) == 2 and isinstance(pending[1], Handle),
+                      self, pending)
         return pending
 
     def combine_send(self, y: ExpertBatch, handle: Handle) -> Any:
-        """Nothing to send."""
-        if y.layout != "contiguous":
-            raise ValueError(f"local combine expects a contiguous ExpertBatch, got layout {y.layout!r}")
+        """Nothing to send. handle must be this comm's, from a dispatch not yet combined, and y the
+        contiguous batch it delivered (ValueError naming `handle` or `y` otherwise)."""
+        check_combine(self, y, handle)
         return y.x, handle
 
     def combine_recv(self, pending: Any) -> torch.Tensor:

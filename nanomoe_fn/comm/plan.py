@@ -1,14 +1,19 @@
 """Shared dispatch/combine arithmetic: sort (token, k) pairs by physical slot, and undo it.
 
 Dimension legend: T tokens, k experts per token, H hidden, P physical slots, N = T * k pairs.
-All vectorised; no loop over tokens and no host sync.
+All vectorised; no loop over tokens and no host sync. Also the host-side bookkeeping that ties a
+handle to the comm and dispatch call that made it (stamp_handle / check_combine).
 """
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
+from typing import Any
+
 import torch
 
-from nanomoe_fn.batch import Handle
+from nanomoe_fn.batch import ExpertBatch, Handle, HandleOrigin
 from nanomoe_fn.checks import FLOAT_DTYPES, INT_DTYPES, check_expert_ids, check_tensor
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import Routing
@@ -75,3 +80,88 @@ def reduce_pairs(y: torch.Tensor, handle: Handle, pair_rows: torch.Tensor | None
         rows = y.index_select(0, idx[t0:t1].flatten()).view(t1 - t0, k, H).float()
         out[t0:t1] = torch.bmm(w[t0:t1], rows).squeeze(1)
     return out
+
+
+# Handle bookkeeping (host only). Each comm instance gets a process-wide serial number and counts its
+# dispatches; a handle records both, and combine accepts it once: while its dispatch is still open
+# (several may be open at a time: overlapped micro-batches). Inside torch.compile nothing is recorded
+# or read (a per-call counter would force a recompile per call); the shape checks still run there.
+_COMM_SERIAL = itertools.count(1)
+MAX_OPEN_DISPATCHES = 256  # dispatches never combined are forgotten beyond this (memory stays flat)
+
+
+class _HandleBook:
+    """One comm's record: its serial number, its last dispatch call number, the calls not yet combined."""
+
+    __slots__ = ("comm_id", "calls", "open")
+
+    def __init__(self) -> None:
+        self.comm_id = next(_COMM_SERIAL)
+        self.calls = 0
+        self.open: set[int] = set()
+
+
+def _book(comm: Any) -> _HandleBook:
+    book = comm.__dict__.get("_handle_book")
+    if book is None:
+        book = comm._handle_book = _HandleBook()
+    return book
+
+
+def stamp_handle(comm: Any, batch: ExpertBatch, handle: Handle) -> Handle:
+    """handle with its origin: this comm, a new dispatch call number, and the batch it goes with."""
+    comm_id = call = 0
+    if not torch.compiler.is_compiling():
+        book = _book(comm)
+        book.calls += 1
+        comm_id, call = book.comm_id, book.calls
+        book.open.add(call)
+        if len(book.open) > MAX_OPEN_DISPATCHES:
+            book.open.discard(min(book.open))
+    T, k = handle.topk_weights.shape
+    origin = HandleOrigin(comm_id, call, comm.name, batch.layout, tuple(batch.x.shape[:-1]), batch.x.shape[-1],
+                          batch.x.dtype, T, k)
+    return replace(handle, origin=origin)
+
+
+def check_pending(ok: bool, comm: Any, pending: Any) -> None:
+    """dispatch_recv's argument must be what this comm's dispatch_send returned."""
+    if not ok:
+        raise ValueError(f"pending must be what this {comm.name} comm's dispatch_send returned, "
+                         f"got {type(pending).__name__}")
+
+
+def check_combine(comm: Any, y: Any, handle: Any) -> None:
+    """Before any exchange (so no peer waits on a rank that refuses): handle is this comm's own,
+    from a dispatch not yet combined, and y is the batch that dispatch delivered (layout, rows, H,
+    dtype). ValueError naming `handle` or `y` otherwise (TypeError for a y that is no ExpertBatch)."""
+    own = f"this {comm.name} comm's dispatch"
+    if not isinstance(y, ExpertBatch):
+        raise TypeError(f"y must be an ExpertBatch (expert_ffn's output for the batch {own} delivered), "
+                        f"got {type(y).__name__}")
+    if not isinstance(handle, Handle):
+        raise ValueError(f"handle must be the Handle that {own} returned, got {type(handle).__name__}")
+    o = handle.origin
+    if o is None:
+        raise ValueError(f"handle has no origin (built by hand?): pass the Handle that {own} returned")
+    compiling = torch.compiler.is_compiling()
+    book = None if compiling else _book(comm)
+    if o.comm_name != comm.name or (book is not None and o.comm_id and o.comm_id != book.comm_id):
+        raise ValueError(f"handle comes from another comm ({o.describe()}): pass the handle that {own} returned")
+    if book is not None and o.call and o.call not in book.open:
+        raise ValueError(f"handle is stale: {o.describe()} was already combined (each handle combines once; "
+                         f"this comm's latest is dispatch #{book.calls}; only its last {MAX_OPEN_DISPATCHES} "
+                         f"uncombined dispatches are kept)")
+    if tuple(handle.topk_weights.shape) != (o.tokens, o.top_k):
+        raise ValueError(f"handle.topk_weights must be [T={o.tokens}, k={o.top_k}] as dispatched, "
+                         f"got {tuple(handle.topk_weights.shape)}")
+    want = o.rows + (o.hidden,)
+    if y.layout != o.layout:
+        raise ValueError(f"y must be the {o.layout} ExpertBatch {list(want)} that the handle's dispatch delivered, "
+                         f"got layout {y.layout!r}")
+    check_tensor("y.x", y.x)
+    if tuple(y.x.shape) != want or y.x.dtype != o.dtype:
+        raise ValueError(f"y.x must be {list(want)} in {o.dtype} (the rows the handle's dispatch delivered), got "
+                         f"{list(y.x.shape)} in {y.x.dtype}")
+    if book is not None:
+        book.open.discard(o.call)

@@ -33,7 +33,14 @@ import torch
 import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch, Handle
-from nanomoe_fn.comm.plan import check_dispatch_args, invert_order, reduce_pairs
+from nanomoe_fn.comm.plan import (
+    check_combine,
+    check_dispatch_args,
+    check_pending,
+    invert_order,
+    reduce_pairs,
+    stamp_handle,
+)
 from nanomoe_fn.comm.watchdog import StageWatchdog
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import Routing
@@ -91,6 +98,7 @@ class TorchComm:
         self.watchdog = StageWatchdog(self.rank, self.timeout_s, group)
         self._tables: dict[tuple, torch.Tensor] = {}  # constant index tables by (name, sizes, device)
         self._host_splits: torch.Tensor | None = None  # pinned [2, W] int64: the one host read
+        self._failed: TimeoutError | None = None  # a failed host wait (CPU path): every later call raises it
 
     @staticmethod
     def supports(**options: Any) -> tuple[bool, str]:
@@ -103,7 +111,17 @@ class TorchComm:
 
     def check(self) -> None:
         """Raise the error of a stage that timed out on this rank (host attribute read, no sync)."""
+        if self._failed is not None:  # a host wait that failed (gloo): the comm stays failed
+            raise TimeoutError(*self._failed.args)
         self.watchdog.check()
+
+    def _host_wait(self, inflight: _InFlight) -> None:
+        """The host-side wait of the CPU path; its failure is kept, so every later call raises it at once."""
+        try:
+            _wait(self.rank, self.timeout_s, inflight)
+        except TimeoutError as err:
+            self._failed = err
+            raise
 
     def close(self) -> None:
         """Stop the watchdog thread (the process group stays as it is)."""
@@ -137,7 +155,7 @@ class TorchComm:
             if watch:
                 self.watchdog.arm(inflight.stage, device=device)
         else:
-            _wait(self.rank, self.timeout_s, inflight)
+            self._host_wait(inflight)
 
     def _start_read(self, sums: torch.Tensor, stage: str) -> Any:
         """Start the one host read of sums [2, W]. GPU: a non-blocking copy into pinned memory and an
@@ -159,12 +177,12 @@ class TorchComm:
         try:
             started.synchronize()  # releases the GIL: the watchdog thread runs (and aborts) meanwhile
         finally:
-            self.watchdog.check()  # an absent peer: the error, not the garbage counts
+            self.check()  # an absent peer: the error, not the garbage counts
         return self._host_splits.tolist()
 
     def _phys(self, x: torch.Tensor, routing: Routing, placement: Placement) -> torch.Tensor:
         """Checks; the physical slot of each (token, k) pair, flat [N] int64."""
-        self.watchdog.check()
+        self.check()
         check_dispatch_args(x, routing, placement)
         if placement.world_size != self.world_size:
             raise ValueError(f"placement.world_size ({placement.world_size}) must equal the process "
@@ -182,7 +200,7 @@ class TorchComm:
         # watched through the host read. CPU: a host wait with the timeout.
         exchange = self._a2a(cnt[1], cnt[0], None, None, "dispatch/counts", async_op=not on_gpu)
         if not on_gpu:
-            _wait(self.rank, self.timeout_s, exchange)
+            self._host_wait(exchange)
         read = self._start_read(cnt.view(2, W, P_local).sum(2), "dispatch/counts")
         # queued behind the read, so on GPUs they run while the host waits for it
         send_order = torch.argsort(phys, stable=True)  # [N]: pairs sorted by slot (rank, then local expert)
@@ -203,22 +221,21 @@ class TorchComm:
 
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, Handle]:
         """Join the payload exchange and gather the received rows into expert order."""
+        check_pending(isinstance(pending, tuple) and len(pending) == 5 and isinstance(pending[3], Handle)
+                      and pending[3].recv_order is not None, self, pending)
         inflight, recv, counts, handle, dtype = pending
-        self.watchdog.check()
+        self.check()
         self._join(inflight, recv.device)
         batch_x = recv.index_select(0, handle.recv_order).view(dtype)  # [M, H]
-        return ExpertBatch(batch_x, counts), handle
+        batch = ExpertBatch(batch_x, counts)
+        return batch, stamp_handle(self, batch, handle)
 
     def combine_send(self, y: ExpertBatch, handle: Handle) -> Any:
         """Put rows back in received order and start sending them home."""
-        self.watchdog.check()
-        if y.layout != "contiguous":
-            raise ValueError(f"torch combine expects a contiguous ExpertBatch, got layout {y.layout!r}")
+        self.check()
+        check_combine(self, y, handle)  # host only, before the exchange: a refusing rank leaves no peer waiting
         if handle.recv_order is None or handle.send_splits is None or handle.recv_splits is None:
             raise ValueError("handle must come from TorchComm.dispatch_recv (it has no split tables)")
-        if y.x.dim() != 2 or y.x.shape[0] != handle.recv_order.shape[0]:
-            raise ValueError(f"y.x must be [{handle.recv_order.shape[0]}, H] (the rows dispatch delivered), "
-                             f"got {tuple(y.x.shape)}")
         yw = wide_rows(y.x.contiguous())
         back = torch.empty_like(yw).index_copy_(0, handle.recv_order, yw)  # back[recv_order[i]] = y[i]
         home = yw.new_empty((sum(handle.send_splits), yw.shape[1]))
@@ -229,6 +246,6 @@ class TorchComm:
     def combine_recv(self, pending: Any) -> torch.Tensor:
         """Join the exchange and reduce this rank's rows with the top-k weights -> [T, H]."""
         inflight, home, handle, pair_rows, dtype = pending
-        self.watchdog.check()
+        self.check()
         self._join(inflight, home.device)
         return reduce_pairs(home.view(dtype), handle, pair_rows)

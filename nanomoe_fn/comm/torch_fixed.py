@@ -30,7 +30,7 @@ import torch
 
 from nanomoe_fn.batch import ExpertBatch, Handle
 from nanomoe_fn.checks import check_values
-from nanomoe_fn.comm.plan import reduce_pairs
+from nanomoe_fn.comm.plan import check_combine, check_pending, reduce_pairs, stamp_handle
 from nanomoe_fn.comm.torch_dist import TorchComm, wide_rows
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import Routing
@@ -126,23 +126,22 @@ class TorchFixedComm(TorchComm):
 
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, Handle]:
         """Join the payload; move each received row to its expert: masked [P_local, W * T_max, H]."""
+        check_pending(isinstance(pending, tuple) and len(pending) == 5 and isinstance(pending[3], Handle)
+                      and pending[3].pack_index is not None, self, pending)
         payload, recv, counts, handle, (P_local, cap, dtype) = pending
-        self.watchdog.check()
+        self.check()
         self._join(payload, recv.device)
         packed = recv.new_empty((P_local * cap + recv.shape[0], recv.shape[1]))  # + spare rows for the padding
         packed.index_copy_(0, handle.pack_index, recv)
-        return ExpertBatch(packed[: P_local * cap].view(P_local, cap, -1).view(dtype), counts, "masked"), handle
+        batch = ExpertBatch(packed[: P_local * cap].view(P_local, cap, -1).view(dtype), counts, "masked")
+        return batch, stamp_handle(self, batch, handle)
 
     def combine_send(self, y: ExpertBatch, handle: Handle) -> Any:
         """Gather each block row back out of the masked batch and start sending blocks home."""
-        self.watchdog.check()
-        if y.layout != "masked":
-            raise ValueError(f"torch_fixed combine expects the masked ExpertBatch it dispatched, got {y.layout!r}")
+        self.check()
+        check_combine(self, y, handle)  # host only, before the exchange: a refusing rank leaves no peer waiting
         if handle.pack_index is None or handle.slot_pos is None:
             raise ValueError("handle must come from TorchFixedComm.dispatch_recv (it has no slot tables)")
-        if y.x.dim() != 3 or y.x.shape[1] != self.world_size * self.max_tokens:
-            raise ValueError(f"y.x must be [P_local, W * max_tokens={self.world_size * self.max_tokens}, H], "
-                             f"got {tuple(y.x.shape)}")
         rows = y.x.shape[0] * y.x.shape[1]
         yw = wide_rows(y.x.reshape(rows, y.x.shape[2]))
         # padding block rows (pack_index >= rows) fetch any valid row: combine_recv never reads them
@@ -156,6 +155,6 @@ class TorchFixedComm(TorchComm):
     def combine_recv(self, pending: Any) -> torch.Tensor:
         """Join; pick each pair's row out of the blocks and reduce with the top-k weights -> [T, H]."""
         work, home, handle, pair_rows, dtype = pending
-        self.watchdog.check()
+        self.check()
         self._join(work, home.device)
         return reduce_pairs(home.view(dtype), handle, pair_rows)
