@@ -179,10 +179,26 @@ def run_move_round(plan: MovePlan, round_index: int, rank: int, weights: Any, st
             new_leaf[idx] = buf
 
 
-def finish_move(plan: MovePlan, rank: int, staging: Any) -> Any:
-    """Fill the duplicate slots (a second replica of one expert on this rank); returns `staging`."""
+def finish_move(plan: MovePlan, rank: int, staging: Any, group: dist.ProcessGroup | None = None,
+                timeout_s: float = 60.0) -> Any:
+    """Fill the duplicate slots (a second replica of one expert on this rank); returns `staging`.
+
+    With a process group of several ranks this is also the agreement step: every rank of the group must
+    reach it (one all_reduce) before any rank switches to the new placement. A rank that failed a round
+    never gets here, so the others raise RuntimeError naming this step within timeout_s and keep their
+    old placement and weights: no rank can end on the new placement while another stays on the old one
+    (a rank that only sent in the last rounds would otherwise finish although its peers failed)."""
+    leaves, _ = _leaves(staging, plan.new_local, "staging")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        done = torch.ones(1, dtype=torch.int32, device=leaves[0].device if leaves else torch.device("cpu"))
+        try:
+            dist.all_reduce(done, group=group, async_op=True).wait(timeout=timedelta(seconds=timeout_s))
+        except Exception as err:  # gloo raises RuntimeError, NCCL a DistBackendError
+            cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise RuntimeError(f"rank {rank}: EPLB weight move: not every rank finished its rounds (agreement step, "
+                               f"{timeout_s:g} s); keep the old placement and `weights`, drop `staging`: "
+                               f"{cause}") from err
     if plan.duplicates[rank]:
-        leaves, _ = _leaves(staging, plan.new_local, "staging")
         src, dst = (torch.tensor(c, device=leaves[0].device) for c in zip(*plan.duplicates[rank]))
         for leaf in leaves:
             leaf[dst] = leaf[src]
@@ -200,4 +216,4 @@ def replace_expert_weights(old: Placement, new: Placement, weights: Any, rank: i
     staging = begin_move(plan, rank, weights)
     for r in range(plan.num_rounds):
         run_move_round(plan, r, rank, weights, staging, group, timeout_s)
-    return finish_move(plan, rank, staging)
+    return finish_move(plan, rank, staging, group, timeout_s)

@@ -107,6 +107,23 @@ def _gloo_worker(rank: int, W: int, port: int, mode: str) -> None:
         else:
             time.sleep(3.0)
         return  # the timed-out pair is closed: no further collectives
+    if mode == "agreement":  # rank 0 only sends (its round completes); rank 1 stops before finishing
+        old = Placement.identity(4, 2)  # rank 0 holds experts 0, 1; rank 1 holds 2, 3
+        new = Placement.from_phy2log(torch.tensor([0, 1, 1, 2, 3, 0]), 4, 2)  # rank 1 gains expert 0 from rank 0
+        plan = plan_weight_moves(old, new, 1)
+        weights = _expert_weights(old, rank)
+        staging = begin_move(plan, rank, weights)
+        for r in range(plan.num_rounds):
+            run_move_round(plan, r, rank, weights, staging, timeout_s=1.0)
+        if rank == 1:
+            time.sleep(3.0)  # failed after its rounds (say): it never reaches the agreement step
+            return
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="rank 0: EPLB weight move: not every rank finished"):
+            finish_move(plan, 0, staging, timeout_s=1.0)
+        assert time.monotonic() - t0 < 2.5
+        assert all(torch.equal(a, b) for a, b in zip(leaves(weights), leaves(_expert_weights(old, 0))))
+        return
     state = record(init_recorder(2, 1, 4), torch.full((3, 1), rank), 0)  # rank r saw expert r 3 times
     assert torch.equal(global_load(state), torch.tensor([[3] * W + [0] * (4 - W)]))
     g = torch.Generator().manual_seed(1234)  # same cases on every rank
@@ -155,3 +172,10 @@ def test_replace_expert_weights_over_gloo(W: int) -> None:
 @pytest.mark.slow
 def test_replace_expert_weights_peer_timeout() -> None:
     _spawn(2, "timeout")
+
+
+@pytest.mark.slow
+def test_no_rank_switches_placement_unless_every_rank_finished() -> None:
+    # without the agreement step in finish_move, rank 0 (which only sends) would take the new placement
+    # while rank 1 stayed on the old one: every later dispatch would then route with different tables
+    _spawn(2, "agreement")
