@@ -389,7 +389,10 @@ def main(argv: list[str] | None = None) -> None:
                              f"use --backend gloo on the CPU")
         for key, value in NCCL_ENV.items():  # NVLink multicast stays off (inherited by the ranks)
             os.environ.setdefault(key, value)
-    common.spawn_ranks(run_rank, W, args.master_port, args)
+    try:
+        common.spawn_ranks(run_rank, W, args.master_port, args)
+    except ValueError as err:  # a bad or taken --master-port, refused before anything is spawned: one line
+        raise SystemExit(f"bench_eplb_layer: {err}") from err
 
 
 if __name__ == "__main__":
