@@ -21,6 +21,7 @@ import torch
 from einops import rearrange
 from torch.utils._pytree import register_dataclass
 
+from nanomoe_fn.checks import check_values
 from nanomoe_fn.mla_cache import MLACache, check_cache, check_positions, gather_rows, write_rows
 from nanomoe_fn.mla_config import MLAConfig, apply_rope, rope_cos_sin
 
@@ -171,7 +172,8 @@ def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache:
     sequences are right-padded with position -1 (their output rows are 0, nothing is written).
     path: "decode" (weight-absorbed, over the compressed cache) or "prefill" (expanded K/V); default
     decode when S == 1. Both give the same result. The cache's kv buffer is updated in place.
-    check=True validates position values against the cache with one host sync; a decode loop that
+    check=True validates position values against the cache with one host sync, and that x is finite (a
+    device assert on GPUs); a decode loop that
     already guarantees them (or CUDA-graph capture) passes check=False and has no host sync.
     The prefill path always syncs: to size the expanded K/V by the longest context, and (S > 1)
     for the boolean index of its padded cache writes.
@@ -180,6 +182,7 @@ def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache:
     _check_inputs(x, positions, cache, cfg, backend, path)
     if check:
         check_positions(cache, positions, allow_padding=x.shape[1] > 1)
+        check_values(torch.isfinite(x).all(), "x holds NaN/inf (mla's input activations)")
     cos, sin = rope_cos_sin(positions.clamp_min(0), cfg)          # [B, S, Dr/2]
     x = x.to(attn_params.q_a_proj.dtype)
     q_nope, q_pe = project_q(attn_params, x, cos, sin, cfg)

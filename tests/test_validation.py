@@ -238,3 +238,18 @@ def test_correct_layer_still_matches_reference(cfg, dtype):
     # this rank's shard of a 2-rank placement passes with the placement's slot count
     placement = Placement.identity(cfg.num_experts, 2)
     check_params(shard_moe_params(params, placement, 1), cfg, x, num_experts=placement.local_experts)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_mla_refuses_non_finite_x(bad):
+    from nanomoe_fn import MLAConfig, init_contiguous_cache, init_mla_params, mla
+
+    cfg = MLAConfig(hidden_size=64, num_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                    qk_rope_head_dim=8, v_head_dim=16)
+    params = init_mla_params(cfg, torch.float32)
+    x = torch.randn(2, 3, 64)
+    positions = torch.arange(3).expand(2, 3)
+    mla(params, x, positions, init_contiguous_cache(2, 8, cfg.cache_dim, torch.float32), cfg)  # finite: fine
+    x[1, 2, 5] = bad
+    with pytest.raises(ValueError, match="x holds NaN/inf"):
+        mla(params, x, positions, init_contiguous_cache(2, 8, cfg.cache_dim, torch.float32), cfg)
