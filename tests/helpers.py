@@ -54,3 +54,23 @@ def moe_configs(draw: st.DrawFn, max_experts: int = 64, max_hidden: int = 256) -
         correction_bias=score_func == "sigmoid" and draw(st.booleans()),
         n_shared_experts=draw(st.integers(0, 1)), expert_type=draw(st.sampled_from(["swiglu", "linear"])),
     )
+
+
+def spawn_bounded(fn: object, nprocs: int, args: tuple, limit_s: float, what: str = "spawned ranks") -> None:
+    """Run fn(rank, *args) in nprocs spawned processes; a rank's exception propagates (with its traceback),
+    and ranks still running after limit_s are killed and the test fails: a hang never eats the run."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + limit_s
+    try:
+        while not ctx.join(timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} did not finish within {limit_s:g} s (a hang): ranks killed")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

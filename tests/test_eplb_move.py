@@ -11,7 +11,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,6 +28,7 @@ from nanomoe_fn.eplb import (
     run_move_round,
 )
 from nanomoe_fn.placement import Placement
+from tests.helpers import spawn_bounded
 
 
 def _random_placement(g: torch.Generator, E: int, P: int, W: int) -> Placement:
@@ -154,13 +154,7 @@ def _gloo_worker(rank: int, W: int, port: int, mode: str) -> None:
 
 def _spawn(W: int, mode: str, limit_s: float = 90.0) -> None:
     """Run _gloo_worker on W processes; fail (never hang) if they are not done within limit_s."""
-    ctx = mp.spawn(_gloo_worker, args=(W, free_port(), mode), nprocs=W, join=False)
-    deadline = time.monotonic() + limit_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"gloo EPLB test with {W} ranks ({mode}) did not finish within {limit_s} s")
+    spawn_bounded(_gloo_worker, W, (W, free_port(), mode), limit_s, f"gloo EPLB test with {W} ranks ({mode})")
 
 
 @pytest.mark.slow

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils import _pytree as pytree
 
 from nanomoe_fn import ExpertBatch, Handle, LocalComm, Placement, TorchComm, TorchFixedComm, combine, dispatch
@@ -30,6 +29,7 @@ from nanomoe_fn.comm.nvlink import NvlinkComm, NvlinkHandle
 from nanomoe_fn.expert_ffn import expert_ffn
 from nanomoe_fn.params import LinearExperts
 from nanomoe_fn.route import Routing
+from tests.helpers import spawn_bounded
 
 
 def inputs(T: int = 6, H: int = 8, E: int = 4, k: int = 2, W: int = 1, seed: int = 0):
@@ -275,14 +275,7 @@ def two_rank_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
 
 
 def test_two_ranks_wrong_handle_raises_everywhere_without_hanging(tmp_path):
-    ctx = mp.start_processes(two_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 90
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-rank wrong-handle test did not finish within 90 s (a hang)")
+    spawn_bounded(two_rank_worker, 2, (2, free_port(), str(tmp_path)), 90, "the 2-rank wrong-handle test")
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, out in enumerate(res):
         for kind, other in (("torch", "torch_fixed"), ("torch_fixed", "torch")):

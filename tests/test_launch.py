@@ -21,6 +21,7 @@ from bench.common import UsageError, run_cli
 from nanomoe_fn import MoEConfig
 from nanomoe_fn.comm.handshake import config_fields, config_hash, describe_mismatch, handshake
 from nanomoe_fn.comm.launch import check_port, free_port, spawn_error_line, spawn_ranks
+from tests.helpers import spawn_bounded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch-size", "4", "--hidden-dim", "32", "--num-experts", "8", "--warmup", "0", "--iters", "1"]
@@ -214,16 +215,7 @@ def handshake_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
 
 def run_bounded(fn: object, world_size: int, args: tuple, bound_s: float) -> None:
     """Spawn world_size ranks of fn; fail (killing them) if they are not all done within bound_s."""
-    ctx = mp.start_processes(fn, args=(world_size, *args), nprocs=world_size, join=False, start_method="spawn")
-    deadline = time.monotonic() + bound_s
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"ranks still running after {bound_s}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_bounded(fn, world_size, (world_size, *args), bound_s)
 
 
 def test_handshake_two_gloo_ranks(tmp_path):

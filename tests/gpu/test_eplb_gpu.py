@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import reference
 from nanomoe_fn import MoEConfig, MoEParams, Placement, TorchComm, init_moe_params, moe_layer, shard_moe_params
@@ -34,7 +32,7 @@ from nanomoe_fn.eplb_move import begin_move, finish_move, plan_weight_moves, rep
 from nanomoe_fn.eplb_runtime import advance, global_load, init_recorder, record, tokens_per_gpu
 from nanomoe_fn.params import expert_tensors, select_experts
 from nanomoe_fn.route import route
-from tests.helpers import MIN_MARGIN, TOL
+from tests.helpers import MIN_MARGIN, TOL, spawn_bounded
 
 pytestmark = pytest.mark.gpu
 
@@ -155,15 +153,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def test_eplb_rebalance_and_weight_move_on_two_gpus(tmp_path, monkeypatch):
     for key, value in NCCL_ENV.items():  # NVLink multicast stays off; the ranks inherit this
         monkeypatch.setenv(key, value)
-    ctx = mp.start_processes(_worker, args=(W, free_port(), str(tmp_path)), nprocs=W, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + WALL_S
-    while not ctx.join(timeout=5):  # raises with the rank's traceback when a rank fails
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:  # the ranks this test started
-                if proc.is_alive():
-                    proc.terminate()
-            pytest.fail(f"EPLB GPU run did not finish within {WALL_S} s (a hang); ranks terminated")
+    spawn_bounded(_worker, W, (W, free_port(), str(tmp_path)), WALL_S, "EPLB GPU run")
     for rank in range(W):
         path = tmp_path / f"rank{rank}.json"
         assert path.exists(), f"rank {rank} wrote no summary"

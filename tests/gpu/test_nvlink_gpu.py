@@ -14,13 +14,12 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils import _pytree as pytree
 
 from nanomoe_fn import moe_layer, shard_moe_params
 from nanomoe_fn.comm.launch import free_port
 from tests import dist_worker
-from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer
+from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer, spawn_bounded
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -37,13 +36,7 @@ def _init(rank: int, port: int) -> torch.device:
 
 def _spawn(fn, *args) -> None:
     os.environ.update(SAFE_ENV)
-    ctx = mp.start_processes(fn, args=(free_port(), *args), nprocs=W, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise AssertionError("nvlink GPU workers did not finish within 240 s")
+    spawn_bounded(fn, W, (free_port(), *args), 240, "nvlink GPU workers")
 
 
 def draw_cases(n: int, seed: int) -> list[dict]:

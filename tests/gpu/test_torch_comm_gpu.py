@@ -25,7 +25,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils import _pytree as pytree
 
 from nanomoe_fn import MoEParams, moe_layer, shard_moe_params
@@ -34,7 +33,7 @@ from nanomoe_fn.comm.torch_dist import TorchComm
 from nanomoe_fn.comm.torch_fixed import TorchFixedComm
 from nanomoe_fn.route import route
 from tests.dist_worker import case_inputs, case_placement
-from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer
+from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer, spawn_bounded
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
@@ -219,14 +218,7 @@ def run_absent_peer(rank: int, port: int, comm_name: str, out_dir: str) -> None:
 def spawn(fn, args: tuple, wall_s: float) -> None:
     """Start W spawned ranks; kill them all and fail past `wall_s` seconds."""
     os.environ.update(NO_MULTICAST)
-    ctx = mp.start_processes(fn, args=args, nprocs=W, join=False, start_method="spawn")
-    deadline = time.monotonic() + wall_s
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{fn.__name__} did not finish within {wall_s:g}s: ranks killed (a hang)")
+    spawn_bounded(fn, W, args, wall_s, fn.__name__)
 
 
 @pytest.fixture(scope="module")
