@@ -45,7 +45,8 @@ def check_expert_ids(name: str, ids: torch.Tensor, num_experts: int) -> None:
     """Every id in `ids` must lie in [0, num_experts)."""
     if ids.numel() == 0:
         return
-    check_values((ids.min() >= 0) & (ids.max() < num_experts),
+    lo, hi = torch.aminmax(ids)  # one reduction (one kernel on GPUs) for both ends
+    check_values((lo >= 0) & (hi < num_experts),
                  f"{name} holds expert ids outside [0, {num_experts})")
 
 

@@ -30,31 +30,26 @@ def _compile(fn, types: dict, consts: dict) -> None:
 
 def _cases() -> list:
     from kernels import ep_nvlink as k
-    from kernels import ep_nvlink_plan as pl
+    from kernels import ep_nvlink_sync as sy
 
-    put = dict(x_ptr="*bf16", has_ptr="*i32", tok_idx_ptr="*i32", dest_ptr="*i32", pos_ptr="*i32", w_ptr="*fp32",
-               within_ptr="*i32", nall_ptr="*i64", tok_ptr="*bf16", tok_delta="*i64", meta_ptr="*i32",
-               meta_delta="*i64", wb_ptr="*fp32", wb_delta="*i64", src_ptr="*i32", src_delta="*i64")
-    cases = [(f"put_tokens[phys {ids}, pos {here}]", k._put_tokens_kernel, {**put, "phys_ptr": ids},
-              dict(K=8, KP=8, POS_HERE=here, BLOCK=1024)) for ids in ("*i32", "*i64") for here in (True, False)]
+    put = dict(x_ptr="*bf16", w_ptr="*fp32", has_ptr="*i32", ctr_ptr="*i32", epoch_ptr="*i64", err_addr="i64",
+               tok_ptr="*bf16", tok_delta="*i64", meta_ptr="*i32", meta_delta="*i64", wb_ptr="*fp32", wb_delta="*i64")
+    cases = [(f"put_tokens[phys {ids}]", k._put_kernel, {**put, "phys_ptr": ids}, dict(K=8, KP=8, BLOCK=1024))
+             for ids in ("*i32", "*i64")]
+    expand = dict(x_ptr="*bf16", tok_ptr="*bf16", meta_ptr="*i32", cnt_ptr="*i64", base_ptr="*i64", rows_ptr="*i32",
+                  counts_ptr="*i64", xe_ptr="*bf16")
+    cases += [(f"expand[masked {m}]", k._expand_kernel, expand, dict(K=8, KP=8, MASKED=m, COUNTS=m, PLB=128,
+                                                                     BLOCK=1024)) for m in (True, False)]
     cases += [
-        ("expand", k._expand_kernel, dict(tok_ptr="*bf16", meta_ptr="*i32", nall_ptr="*i64", counts_ptr="*i64",
-                                          xe_ptr="*bf16"), dict(K=8, COUNTS=True, PLB=128, BLOCK=1024)),
-        ("combine", k._combine_kernel, dict(y_ptr="*bf16", meta_ptr="*i32", wb_ptr="*fp32", src_ptr="*i32",
-                                            nall_ptr="*i64", comb_ptr="*bf16", comb_delta="*i64"),
-         dict(K=8, BLOCK=1024)),
+        ("combine", k._combine_kernel, dict(y_ptr="*bf16", rows_ptr="*i32", wb_ptr="*fp32", cnt_ptr="*i64",
+                                            comb_ptr="*bf16", comb_delta="*i64"), dict(K=8, KP=8, BLOCK=1024)),
         ("sum_partials", k._sum_partials_kernel, dict(comb_ptr="*fp16", has_ptr="*i32", out_ptr="*fp16"),
          dict(BLOCK=1024)),
-        ("exchange_counts", k._exchange_counts_kernel, dict(row_ptr="*i64", cnt_ptr="*i64", cnt_delta="*i64",
-                                                            out_ptr="*i64", epoch_ptr="*i64", err_addr="i64",
-                                                            timeout_ns="i64"), dict(STAGE=1, BLOCK=512)),
-        ("signal_wait", k._signal_wait_kernel, dict(flag_ptr="*i64", flag_delta="*i64", epoch_ptr="*i64",
-                                                    err_addr="i64", timeout_ns="i64"), dict(STAGE=2)),
     ]
-    cases += [(f"plan[{ids}]", pl._plan_kernel, dict(phys_ptr=ids, row_ptr="*i64", has_ptr="*i32",
-                                                     tok_idx_ptr="*i32", within_ptr="*i32", dest_ptr="*i32",
-                                                     epoch_ptr="*i64", err_addr="i64"),
-               dict(K=8, KP=8, TB=256, PB=32, WB=8)) for ids in ("*i32", "*i64")]
+    sig = dict(flag_ptr="*i64", flag_delta="*i64", epoch_ptr="*i64", err_addr="i64", ctr_ptr="*i32", cnt_ptr="*i64",
+               cnt_delta="*i64", timeout_ns="i64")
+    cases += [(f"signal_wait[counts {c}]", sy._signal_wait_kernel, sig, dict(STAGE=2, COUNTS=c, PLB=128))
+              for c in (True, False)]
     return cases
 
 

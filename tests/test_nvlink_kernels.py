@@ -1,11 +1,12 @@
-"""The `nvlink` comm's index math and data kernels, W ranks simulated in one process (CPU, interpreter).
+"""The `nvlink` comm's data kernels, W ranks simulated in one process (CPU, interpreter).
 
 Every simulated rank gets its own buffers; the kernels reach a "peer" buffer through the same delta
 tables the GPU comm builds from symmetric-memory mappings (element offsets between allocations). The
-two GPU-only synchronising kernels are replaced by their effect: the all-gathered count rows are
-stacked directly, and the ranks run phase by phase. Checked against plain loops:
-  - the expert batch each rank receives equals, row for row, the pairs routed to its experts
-    (grouped by local expert, sources in rank order, tokens in order), in both layouts;
+GPU-only signal kernel is replaced by its effect (each rank's slot counters copied into its peers'
+count rows, then zeroed), and the ranks run phase by phase. Checked against plain loops:
+  - the expert batch each rank receives holds, row for row, the pairs routed to its experts, grouped by
+    local expert, sources in rank order (the interpreter runs programs in order, so tokens come in
+    order too; on GPUs only each source's block inside an expert is fixed), in both layouts;
   - combine returns sum_j w[t, j] * f(expert, x[t]) for a per-expert function f, in float64.
 """
 
@@ -18,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanomoe_fn.comm.nvlink_plan import local_plan, pair_rows, received_counts
+from nanomoe_fn.comm.nvlink import contiguous_layout
 from nanomoe_fn.placement import Placement
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -35,25 +36,33 @@ def _symmetric(shape: tuple, dtype: torch.dtype, W: int) -> list[tuple[torch.Ten
     return out
 
 
+def _publish_counts(ctrs: list[torch.Tensor], cnts: list[torch.Tensor], tokens: list[int], P_local: int) -> None:
+    """What the dispatch signal does before its flags: rank r's counters of d's slots -> d's count row r."""
+    W = len(ctrs)
+    for r in range(W):
+        for d in range(W):
+            cnts[d][r, :P_local] = ctrs[r][d * P_local:(d + 1) * P_local].long()
+            cnts[d][r, P_local] = tokens[r]
+        ctrs[r].zero_()
+
+
 def _expert_fn(rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """A different affine map per physical slot: out = rows * (1 + slot / 8) + slot / 16."""
     s = slot.to(torch.float64).unsqueeze(-1)
     return rows.double() * (1 + s / 8) + s / 16
 
 
-@settings(max_examples=25)
+@settings(max_examples=25, deadline=None)
 @given(W=st.integers(1, 4), P_local=st.integers(1, 4), k=st.integers(1, 4), layout=st.sampled_from(["masked",
        "contiguous"]), H=st.sampled_from([8, 24, 1100]), dtype=st.sampled_from([torch.float32, torch.float16]),
        redundant=st.booleans(), seed=st.integers(0, 2**16))
 def test_nvlink_exchange_matches_loops(W, P_local, k, layout, H, dtype, redundant, seed):
     from kernels import ep_nvlink
-    from kernels.ep_nvlink_plan import plan_decode
 
     gen = torch.Generator().manual_seed(seed)
     P = W * P_local
     E = max(1, P - W) if redundant and P > W else P
-    if k > E:
-        k = E
+    k = min(k, E)
     phy2log = torch.cat([torch.arange(E), torch.randint(0, E, (P - E,), generator=gen)])
     placement = Placement.from_phy2log(phy2log[torch.randperm(P, generator=gen)], E, W)
     T_max = 5
@@ -63,46 +72,43 @@ def test_nvlink_exchange_matches_loops(W, P_local, k, layout, H, dtype, redundan
     ids = [torch.rand(T, E, generator=gen).topk(k, dim=1).indices.to(torch.int32) for T in tokens]
     ws = [torch.rand(T, k, generator=gen) for T in tokens]
     phys = [placement.physical_ids(ids[r], r) for r in range(W)]
+    phys = [p.contiguous() if seed % 2 else p.to(torch.int32).contiguous() for p in phys]  # both id dtypes
 
     names = {"tok": ((W * T_max, H), dtype), "meta": ((W * T_max, k), torch.int32),
-             "w": ((W * T_max, k), torch.float32), "src": ((W * T_max,), torch.int32),
+             "w": ((W * T_max, k), torch.float32), "cnt": ((W, P_local + 1), torch.int64),
              "comb": ((W, T_max, H), dtype)}
     sym = {n: _symmetric(s, dt, W) for n, (s, dt) in names.items()}
     bufs = [{n: sym[n][r] for n in names} for r in range(W)]
-    plans = [local_plan(phys[r], P, W) for r in range(W)]
-    n_all = torch.stack([p.row for p in plans])  # what exchange_counts gathers on the GPU
-    cap = W * T_max
+    ctrs = [torch.zeros(P, dtype=torch.int32) for _ in range(W)]
+    has = [torch.full((tokens[r], W), -1, dtype=torch.int32) for r in range(W)]
     for r in range(W):
-        pos = pair_rows(plans[r], n_all, r, P, W, layout, cap)
-        if layout == "masked":  # decode: the one-launch plan, pair rows computed inside put_tokens
-            epoch, err = torch.zeros(1, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
-            ph = phys[r].contiguous() if seed % 2 else phys[r].to(torch.int32).contiguous()  # both id dtypes
-            row, has, tok_idx, within, dest = plan_decode(ph, P, W, epoch, err.data_ptr())
-            assert int(epoch) == 1 and int(err[0]) == 0
-            for name, a, b in [("row", row, plans[r].row), ("has", has, plans[r].has), ("dest", dest, plans[r].dest)]:
-                assert torch.equal(a, b), f"plan_decode {name} differs from the torch plan"
-            assert torch.equal(tok_idx[has.bool()], plans[r].tok_idx[has.bool()])
-            pos_kernel = (phys[r] % P_local) * cap + (torch.cumsum(n_all[:, :P], 0) - n_all[:, :P])[r][phys[r]] + within
-            assert torch.equal(pos_kernel.int(), pos), "within from plan_decode gives other rows than pair_rows"
-            ep_nvlink.put_tokens(xs[r], has, tok_idx, dest, ws[r], bufs[r], r, T_max,
-                                 masked=(ph, within, n_all, P_local, cap))
-        else:
-            ep_nvlink.put_tokens(xs[r], plans[r].has, plans[r].tok_idx, plans[r].dest, ws[r], bufs[r], r, T_max,
-                                 pos=pos)
+        epoch, err = torch.zeros(1, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
+        ep_nvlink.put_tokens(xs[r], phys[r], ws[r], has[r], ctrs[r], epoch, err.data_ptr(), bufs[r], r, T_max, P)
+        assert int(epoch) == 1 and int(err[0]) == 0
+        want_has = torch.zeros(tokens[r], W, dtype=torch.int32)
+        for t in range(tokens[r]):
+            for j in range(k):
+                want_has[t, int(phys[r][t, j]) // P_local] = 1
+        assert torch.equal(has[r], want_has)
+        assert torch.equal(ctrs[r].long(), torch.bincount(phys[r].flatten().long(), minlength=P))
+    cnts = [bufs[r]["cnt"][0] for r in range(W)]
+    _publish_counts(ctrs, cnts, tokens, P_local)
 
-    ys = []
+    cap = W * T_max
+    ys, rows_tables = [], []
     for r in range(W):
-        counts = received_counts(n_all, r, P, W)[0]
+        rows = torch.full((W * T_max, k), -7, dtype=torch.int32)
         if layout == "masked":
             xe = torch.full((P_local, cap, H), float("nan"), dtype=dtype)
-            got_counts = torch.full((P_local,), -1, dtype=torch.int64)
-            ep_nvlink.expand_tokens(bufs[r]["tok"][0], bufs[r]["meta"][0], n_all, xe.view(-1, H), r, T_max,
-                                    got_counts)
-            assert torch.equal(got_counts, counts), "expand_tokens counts differ"
+            counts = torch.full((P_local,), -1, dtype=torch.int64)
+            ep_nvlink.expand_tokens(xs[r], bufs[r]["tok"][0], bufs[r]["meta"][0], cnts[r], xe.view(-1, H), rows, r,
+                                    T_max, counts=counts)
         else:
+            counts, base = contiguous_layout(cnts[r])
             xe = torch.full((int(counts.sum()), H), float("nan"), dtype=dtype)
-            ep_nvlink.expand_tokens(bufs[r]["tok"][0], bufs[r]["meta"][0], n_all, xe, r, T_max)
-        # expected rows of each local expert: sources in rank order, their pairs in (t, j) order
+            ep_nvlink.expand_tokens(xs[r], bufs[r]["tok"][0], bufs[r]["meta"][0], cnts[r], xe, rows, r, T_max,
+                                    base=base)
+        # expected rows of each local expert: sources in rank order, their pairs in token order
         row_slot = []
         for e in range(P_local):
             want = [xs[s][t] for s in range(W) for t in range(tokens[s]) for j in range(k)
@@ -112,6 +118,12 @@ def test_nvlink_exchange_matches_loops(W, P_local, k, layout, H, dtype, redundan
             if want:
                 assert torch.equal(got, torch.stack(want)), f"rank {r} expert {e}: rows differ"
             row_slot += [(e, r * P_local + e)] * len(want)
+        # every received pair has its row recorded, every other entry of a sent token is -1
+        for s in range(W):
+            for t in range(tokens[s]):
+                got_rows = rows[s * T_max + t]
+                mine = [int(phys[s][t, j]) // P_local == r for j in range(k)]
+                assert all((int(v) >= 0) == m for v, m in zip(got_rows, mine)), (s, t, got_rows, mine)
         slot = torch.tensor([s for _, s in row_slot], dtype=torch.int64)
         y = xe.clone()
         if layout == "masked":
@@ -121,13 +133,14 @@ def test_nvlink_exchange_matches_loops(W, P_local, k, layout, H, dtype, redundan
         else:
             y = _expert_fn(xe, slot).to(dtype)
         ys.append(y.reshape(-1, H).contiguous())
+        rows_tables.append(rows)
 
     for r in range(W):
         b = bufs[r]
-        ep_nvlink.combine_tokens(ys[r], b["meta"][0], b["w"][0], b["src"][0], n_all, b["comb"], r, T_max)
+        ep_nvlink.combine_tokens(ys[r], rows_tables[r], b["w"][0], cnts[r], b["comb"], r, T_max)
     for r in range(W):
         out = torch.full((tokens[r], H), float("nan"), dtype=dtype)
-        ep_nvlink.sum_partials(bufs[r]["comb"][0], plans[r].has, out)
+        ep_nvlink.sum_partials(bufs[r]["comb"][0], has[r], out)
         y_round = _expert_fn(xs[r].unsqueeze(1).expand(-1, k, -1), phys[r]).to(dtype).double()  # experts' rounding
         ref = (ws[r].double().unsqueeze(-1) * y_round).sum(1)
         assert torch.isfinite(out).all(), f"rank {r}: unwritten output rows"
@@ -136,27 +149,44 @@ def test_nvlink_exchange_matches_loops(W, P_local, k, layout, H, dtype, redundan
             assert err <= (1e-6 if dtype == torch.float32 else 4e-3), f"rank {r}: combine error {err:.3g}"
 
 
-def test_pair_rows_fill_each_expert_without_gaps():
-    # 2 ranks, 2 slots each: rank 1's pairs on slot 0 follow rank 0's, in both layouts
-    W, P = 2, 4
-    phys = [torch.tensor([[0, 3], [0, 1]]), torch.tensor([[0, 2], [1, 0], [3, 2]])]
-    plans = [local_plan(p, P, W) for p in phys]
-    n_all = torch.stack([p.row for p in plans])
-    assert n_all[:, :P].tolist() == [[2, 1, 0, 1], [2, 1, 2, 1]]
-    assert n_all[:, P:].tolist() == [[2, 1], [2, 2]]
-    masked = [pair_rows(plans[r], n_all, r, P, W, "masked", 6).tolist() for r in range(W)]
-    assert masked == [[[0, 6], [1, 6]], [[2, 0], [7, 3], [7, 1]]]
-    contig = [pair_rows(plans[r], n_all, r, P, W, "contiguous", 6).tolist() for r in range(W)]
-    # rank 0 holds slots 0 (4 rows) and 1 (2 rows); rank 1 holds slots 2 (2 rows) and 3 (2 rows)
-    assert contig == [[[0, 2], [1, 4]], [[2, 0], [5, 3], [3, 1]]]
+def test_contiguous_layout_places_sources_in_rank_order_inside_each_expert():
+    # 2 sources, 3 local experts: expert 0 gets 2 + 1 rows, expert 1 none, expert 2 gets 0 + 4
+    cnt = torch.tensor([[2, 0, 0, 5], [1, 0, 4, 3]])
+    counts, base = contiguous_layout(cnt)
+    assert counts.tolist() == [3, 0, 4]
+    assert base.tolist() == [[0, 3, 3], [2, 3, 3]]
 
 
-def test_plan_decode_reports_a_slot_out_of_range_and_drops_it():
-    from kernels.ep_nvlink_plan import plan_decode
+def test_put_reports_a_slot_out_of_range_and_drops_it():
+    from kernels import ep_nvlink
 
-    W, P = 2, 4
+    W, P, T_max, H, k = 2, 4, 2, 8, 2
     phys = torch.tensor([[0, 3], [1, 4]], dtype=torch.int32)  # slot 4 does not exist
+    names = {"tok": ((W * T_max, H), torch.float32), "meta": ((W * T_max, k), torch.int32),
+             "w": ((W * T_max, k), torch.float32)}
+    sym = {n: _symmetric(s, dt, W) for n, (s, dt) in names.items()}  # every rank's buffer stays alive
+    bufs = {n: b[0] for n, b in sym.items()}
     epoch, err = torch.zeros(1, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
-    row, has, _, _, _ = plan_decode(phys, P, W, epoch, err.data_ptr())
+    ctr, has = torch.zeros(P, dtype=torch.int32), torch.empty((2, W), dtype=torch.int32)
+    ep_nvlink.put_tokens(torch.randn(2, H), phys, torch.rand(2, k), has, ctr, epoch, err.data_ptr(), bufs, 0, T_max, P)
     assert err.tolist()[:2] == [1, 4], err
-    assert row[:P].tolist() == [1, 1, 0, 1] and has.tolist() == [[1, 1], [1, 0]]
+    assert ctr.tolist() == [1, 1, 0, 1] and has.tolist() == [[1, 1], [1, 0]]
+    assert sym["meta"][1][0][1].tolist() == [-1, -1], "token 1 has no valid pair on rank 1: codes -1"
+    # codes e * T_max + within: slot 3 is expert 1 of rank 1, slot 1 expert 1 of rank 0
+    assert sym["meta"][1][0][0].tolist() == [-1, 1 * T_max + 0] and sym["meta"][0][0][1].tolist() == [T_max, -1]
+
+
+def test_put_with_no_tokens_still_advances_the_epoch():
+    from kernels import ep_nvlink
+
+    W, P, T_max, H, k = 2, 4, 3, 8, 2
+    names = {"tok": ((W * T_max, H), torch.float16), "meta": ((W * T_max, k), torch.int32),
+             "w": ((W * T_max, k), torch.float32)}
+    sym = {n: _symmetric(s, dt, W) for n, (s, dt) in names.items()}
+    bufs = {n: b[1] for n, b in sym.items()}
+    epoch, err = torch.full((1,), 6, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
+    ctr = torch.zeros(P, dtype=torch.int32)
+    ep_nvlink.put_tokens(torch.empty(0, H, dtype=torch.float16), torch.empty(0, k, dtype=torch.int64),
+                         torch.empty(0, k), torch.empty((0, W), dtype=torch.int32), ctr, epoch, err.data_ptr(), bufs,
+                         1, T_max, P)
+    assert int(epoch) == 7 and int(err[0]) == 0 and ctr.tolist() == [0] * P

@@ -8,7 +8,8 @@
 #   STAGES="tests dispatch" bash bench/gpu/ep_gpu.sh       # a first call ...
 #   STAGES="layer eplb" bash bench/gpu/ep_gpu.sh           # ... and a second one (each call <= 10 min)
 #
-# Env: STAGES (any of: tests dispatch layer eplb), TESTS (tests/gpu/ file stems to run), LAYER_COMMS and
+# Env: STAGES (any of: tests profile dispatch layer eplb), TESTS (tests/gpu/ file stems to run),
+# DISPATCH_VARIANTS (bench_dispatch --variants for the headline case; default: all), LAYER_COMMS and
 # PREFILL_COMMS (the comms of the layer stage), TOTAL (seconds the script may take, default 560),
 # OUT (default /tmp/out), WORK (where results/ and logs/ accumulate, default /tmp/ep_gpu), ITERS.
 # $OUT gets only results.tgz (results/<bench>_<case>_h200x2.json), logs.tgz and summary.txt.
@@ -94,17 +95,27 @@ if has tests; then
   done
 fi
 
+if has profile; then  # where the time goes: nvlink per kernel, the torch comm's host side
+  run_step nvlink_profile 120 python3 bench/gpu/nvlink_profile.py --tokens 128 4096 --json "$RES/nvlink_profile_$TAG.json"
+  if [ -f bench/gpu/torch_comm_profile.py ]; then
+    run_step torch_comm_profile 150 python3 bench/gpu/torch_comm_profile.py --out "$RES"
+  fi
+fi
+
 if has dispatch; then
-  wait_deepep
+  [ -z "${DISPATCH_VARIANTS:-}" ] && wait_deepep
   D="python3 bench/bench_dispatch.py --world-size 2 --backend nccl --iters $ITERS --timeout 60"
-  run_step dispatch_headline 240 $D --cases headline --json "$RES/dispatch_headline_$TAG.json"
-  if python3 -c "import deep_ep" 2>/dev/null; then
+  run_step dispatch_headline 240 $D --cases headline ${DISPATCH_VARIANTS:+--variants $DISPATCH_VARIANTS} \
+    --json "$RES/dispatch_headline_$TAG.json"
+  if [ -n "${DISPATCH_VARIANTS:-}" ]; then
+    echo "SKIP   dispatch_headline_peers, dispatch_table (DISPATCH_VARIANTS given: headline only)" | tee -a "$STATUS"
+  elif python3 -c "import deep_ep" 2>/dev/null; then
     run_step dispatch_headline_peers 150 $D --cases headline --variants deepep_raw,deepep_ll_raw,nccl_a2a \
       --json "$RES/dispatch_headline_peers_$TAG.json"
   else
     echo "SKIP   dispatch_headline_peers (deep_ep does not import)" | tee -a "$STATUS"
   fi
-  run_step dispatch_table 240 $D --cases table --json "$RES/dispatch_table_$TAG.json"
+  [ -z "${DISPATCH_VARIANTS:-}" ] && run_step dispatch_table 240 $D --cases table --json "$RES/dispatch_table_$TAG.json"
 fi
 
 if has layer; then

@@ -4,7 +4,8 @@ replays (no barrier between them, so rank skew does not count), on 2 GPUs at Dee
     python bench/gpu/nvlink_profile.py [--tokens 128 4096] [--json PATH]
 
 Rank 0 prints, for each token count: the profiler's per-kernel table (device time per call) of eager
-dispatch+combine rounds, and the mean time of N graph replays of dispatch, combine and both (decode).
+dispatch+combine rounds, the medians of eager dispatch and combine over 30 rounds back to back (CUDA events,
+no barrier between rounds), and the mean time of N graph replays of dispatch + combine (decode).
 """
 
 from __future__ import annotations
@@ -56,6 +57,31 @@ def _graph_mean_us(fn, n: int, profile: bool = False) -> tuple[float, str]:
     return mean, table
 
 
+def round_trip_phases(comm, placement, routing, x):
+    """One eager round with CUDA events between dispatch and combine -> a callable returning the 3 events."""
+    def run():
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        ev[0].record()
+        b, h = dispatch(x, routing, comm, placement)
+        ev[1].record()
+        combine(b, h, comm)
+        ev[2].record()
+        return ev
+    return run
+
+
+def _eager_phases(run, n: int) -> dict:
+    """n eager rounds back to back after one barrier (ranks in lockstep, host launch cost included):
+    medians of dispatch and combine device-timeline spans, us."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    evs = [run() for _ in range(n)]
+    torch.cuda.synchronize()
+    d = sorted(a.elapsed_time(b) * 1e3 for a, b, _ in evs)
+    c = sorted(b.elapsed_time(e) * 1e3 for _, b, e in evs)
+    return {"dispatch": round(d[n // 2], 1), "combine": round(c[n // 2], 1)}
+
+
 def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     """One rank: profile eager rounds, then time graph replays."""
     os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
@@ -81,12 +107,18 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
             round_trip()
         torch.cuda.synchronize()
         dist.barrier()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        acts = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=acts) as prof:
             for _ in range(5):
-                round_trip()
+                with torch.profiler.record_function("dispatch"):
+                    b, h = dispatch(x, routing, comm, placement)
+                with torch.profiler.record_function("combine"):
+                    combine(b, h, comm)
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
-        res = {"mode": mode, "profile": table}
+        res = {"mode": mode, "profile": table,  # host side too: where eager calls spend their time
+               "cpu_profile": prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)}
+        res["eager_back_to_back_us"] = _eager_phases(round_trip_phases(comm, placement, routing, x), 30)
         if mode == "decode":
             b, h = dispatch(x, routing, comm, placement)
             combine(b, h, comm)
@@ -95,7 +127,9 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
         dist.barrier()
     if rank == 0:
         for T, res in out.items():
-            print(f"=== T={T} {res['mode']}: graph round {res.get('graph_round_us', float('nan')):.1f} us (mean of 50)")
+            graph = res.get("graph_round_us", float("nan"))
+            print(f"=== T={T} {res['mode']}: graph round {graph:.1f} us (mean of 50); "
+                  f"eager back to back (median us): {res['eager_back_to_back_us']}")
             print(res["profile"])
             if res.get("graph_profile"):
                 print(f"--- T={T}: the graph replays under the profiler (per-kernel totals over 50 replays)")

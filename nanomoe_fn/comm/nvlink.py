@@ -1,24 +1,30 @@
 """`nvlink` comm: dispatch/combine for the GPUs of one host, peers writing each other's memory directly.
 
 Dimension legend: T tokens on this rank (T <= T_max), k experts per token, H hidden, W ranks, P physical
-slots, P_local = P // W, L = P + W, cap = W * T_max, U = W * T_max received-token rows, Q expert rows.
+slots, P_local = P // W, cap = W * T_max rows per expert (masked layout), U = W * T_max received-token
+rows (source s owns rows s * T_max + t), M rows of the contiguous batch.
 
 Each rank allocates the same buffers in torch symmetric memory (CUDA backend, NVLink multicast never
-used) and maps its peers' copies. One dispatch:
-  1. exchange_counts: every rank's count row (rows per slot, tokens per destination) is all-gathered
-     through the peers' buffers (each entry tagged with a device-side epoch: no flags to reset);
-  2. put_tokens: each token is written ONCE into each rank that owns one of its slots, with a k-entry
-     table of the exact rows its pairs take there (nvlink_plan.py computes them from the counts);
-  3. signal_wait, then expand_tokens: each rank copies its received tokens into the expert layout.
+used) and maps its peers' copies. One dispatch is three kernels (kernels/ep_nvlink*.py):
+  1. put_tokens: each token is written ONCE into each peer that owns one of its slots (DeepEP's normal
+     mode accounting), with a k-entry code table: per pair, its local expert there and its index among
+     this rank's pairs of that slot (an atomic counter per slot); codes -1 for pairs elsewhere;
+  2. signal_wait: each rank publishes its count row to every peer (rows per slot there, its token count),
+     then the flags: after it every peer's tokens, codes and counts are here;
+  3. expand_tokens: each rank copies the received tokens (its own straight from x) into its expert layout;
+     a pair's row there is its expert's first row + the rows of that expert from lower ranks + its index.
 Combine: each rank sums the weighted expert rows of every received token (float32) and writes one
-partial row back to the token's rank; that rank adds its W partials (signal_wait between).
+partial row back to the token's rank; that rank adds its W partials (signal_wait between). No count
+exchange has to finish before the tokens move, so the whole dispatch is one round trip.
 
 mode "decode": masked batch [P_local, cap, H] (DeepGEMM's masked layout), no host sync at all, so the
 whole layer can be captured in a CUDA graph. mode "prefill": contiguous batch [M, H]; dispatch_recv
-reads M on the host once (the batch's shape depends on it).
+reads M on the host once, after the tokens arrived (the batch's shape depends on it). Inside one
+expert, the rows of one source come in the order its programs ran (not token order).
 
 One dispatch in flight per instance: dispatch, its combine, then the next dispatch (overlapped
-micro-batches each take their own NvlinkComm). Every wait runs on the GPU with a deadline: a peer that
+micro-batches each take their own NvlinkComm). x must stay unchanged until dispatch_recv returns (this
+rank's own tokens are copied from it there). Every wait runs on the GPU with a deadline: a peer that
 never arrives ends the wait after `timeout_s` and leaves (stage, rank) in a host-mapped error word;
 the next call on this comm (or `check()`) raises TimeoutError naming this rank, the stage and the
 missing peer. The comm is unusable after that (its peers' state is unknown).
@@ -35,59 +41,86 @@ import torch
 import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch
-from nanomoe_fn.comm.nvlink_plan import local_plan, pair_rows, received_counts
 from nanomoe_fn.comm.plan import check_dispatch_args
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import Routing
 
 MODES = {"decode": "masked", "prefill": "contiguous"}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-STAGES = {1: "dispatch/counts", 2: "dispatch/payload", 3: "combine/payload"}
+STAGES = {2: "dispatch/payload", 3: "combine/payload"}
 
 
 @dataclass(frozen=True, eq=False)
 class NvlinkHandle:
-    """What combine needs: has [T, W] int32 (ranks holding each token's pairs), n_all [W, L] int64 (every
-    rank's count row: tokens received from each source among them), and which comm and call made it."""
+    """What combine needs: has [T, W] int32 (ranks holding each token's pairs) and which comm and call made
+    it (the received tokens' expert rows stay in the comm's own tables until the next dispatch)."""
 
     has: torch.Tensor
-    n_all: torch.Tensor
     comm_id: int
     call: int
 
 
+def xe_itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of dtype."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def contiguous_layout(cnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the received count rows cnt [W, P_local + 1] int64: (rows per local expert [P_local], first row of
+    each source's rows of each expert in the contiguous batch [W, P_local]: experts in order, sources in rank
+    order inside each)."""
+    per_src = cnt[:, :-1]  # [W, P_local]
+    counts = per_src.sum(0)
+    first = torch.cumsum(counts, 0) - counts  # [P_local] each expert's first row
+    return counts, (first + torch.cumsum(per_src, 0) - per_src).contiguous()
+
+
 class NvlinkComm:
-    """Expert-parallel dispatch/combine over peer-mapped GPU memory (one host, any number of GPUs)."""
+    """Expert-parallel dispatch/combine over peer-mapped GPU memory (one host, any number of GPUs).
+
+    prefill_bound_bytes: in prefill mode, when the most rows this rank's experts can receive (W * max_tokens *
+    min(top_k, P_local)) fit in this many bytes, the batch is expanded into a buffer of that size at once and
+    the host reads M while the copy runs (the batch is a view of its first M rows, so the whole buffer lives
+    as long as the batch); larger bounds read M first and allocate exactly M rows.
+    """
 
     name = "nvlink"
 
     def __init__(self, max_tokens: int, hidden: int, top_k: int, num_slots: int,
                  dtype: torch.dtype = torch.bfloat16, mode: str = "decode", group: Any = None,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, prefill_bound_bytes: int = 4 << 30) -> None:
         ok, why = self.supports(max_tokens=max_tokens, hidden=hidden, top_k=top_k, num_slots=num_slots, dtype=dtype,
                                 mode=mode, group=group, timeout_s=timeout_s)
         if not ok:
             raise ValueError(f"comm backend 'nvlink' is unavailable: {why}")
         import torch.distributed._symmetric_memory as symm_mem
 
-        from kernels import ep_nvlink, ep_nvlink_plan  # Triton: imported only when the comm is built
+        from kernels import ep_nvlink, ep_nvlink_sync  # Triton: imported only when the comm is built
 
-        self._k, self._plan = ep_nvlink, ep_nvlink_plan
+        self._k, self._sync = ep_nvlink, ep_nvlink_sync
         self.group = group if group is not None else dist.group.WORLD
         self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
         W = self.world_size
         if num_slots % W:
             raise ValueError(f"num_slots ({num_slots}) must be divisible by the world size ({W})")
+        if (num_slots // W) * max_tokens >= 2**31:
+            raise ValueError(f"(num_slots / world size) * max_tokens must be < 2**31 (int32 pair codes), got "
+                             f"{num_slots // W} * {max_tokens}")
         self.max_tokens, self.hidden, self.top_k, self.num_slots = max_tokens, hidden, top_k, num_slots
         self.dtype, self.mode, self.layout = dtype, mode, MODES[mode]
         self.timeout_s, self._timeout_ns = float(timeout_s), int(timeout_s * 1e9)
+        self.prefill_bound_bytes = int(prefill_bound_bytes)
         self.device = torch.device("cuda", torch.cuda.current_device())
-        Tm, L = max_tokens, num_slots + W
+        Tm, P_local = max_tokens, num_slots // W
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # peer mappings only, never multicast
         shapes = {"tok": ((W * Tm, hidden), dtype), "meta": ((W * Tm, top_k), torch.int32),
-                  "w": ((W * Tm, top_k), torch.float32), "src": ((W * Tm,), torch.int32),
-                  "cnt": ((W, L), torch.int64), "flag": ((2, W), torch.int64), "comb": ((W, Tm, hidden), dtype)}
+                  "w": ((W * Tm, top_k), torch.float32), "cnt": ((W, P_local + 1), torch.int64),
+                  "flag": ((2, W), torch.int64), "comb": ((W, Tm, hidden), dtype)}
         local = {n: symm_mem.empty(*s, dtype=dt, device=self.device).zero_() for n, (s, dt) in shapes.items()}
+        # this rank's own tables: pairs counted per slot (zeroed again by each signal), expert rows per
+        # received pair (written by expand, read by combine)
+        self._ctr = torch.zeros(num_slots, dtype=torch.int32, device=self.device)
+        self._rows = torch.full((W * Tm, top_k), -1, dtype=torch.int32, device=self.device)
         torch.cuda.synchronize(self.device)  # flags and counts are zero before any peer can write them
         self._handles, self._bufs = [], {}
         for n, t in local.items():
@@ -108,6 +141,8 @@ class NvlinkComm:
         # the host with no CUDA call and no sync
         self._err = torch.zeros(4, dtype=torch.int32).pin_memory()
         self._err_np = self._err.numpy()
+        self._m_host = torch.zeros(1, dtype=torch.int64).pin_memory()  # prefill: M read back here
+        self._m_ready = torch.cuda.Event()
         self._calls, self._open = 0, False
         dist.barrier(group=self.group)
 
@@ -142,7 +177,7 @@ class NvlinkComm:
         """Raise the TimeoutError a GPU-side wait left in the error word (host read, no sync)."""
         if self._err_np[0] and self._err_np[1] == 4:
             raise ValueError(f"rank {self.rank}: routing.topk_ids holds expert ids outside [0, {self.num_slots}) "
-                             f"(found on the GPU by the nvlink decode plan; this comm is unusable now)")
+                             f"(found on the GPU by the nvlink dispatch; this comm is unusable now)")
         if self._err_np[0]:
             stage = STAGES.get(int(self._err_np[1]), "?")
             raise TimeoutError(f"rank {self.rank}: EP stage 'nvlink {stage}' timed out after {self.timeout_s:g}s "
@@ -152,12 +187,11 @@ class NvlinkComm:
         return self._bufs[name][0]
 
     def dispatch_send(self, x: torch.Tensor, routing: Routing, placement: Placement) -> Any:
-        """Exchange counts (on the GPU), then write each token into the ranks that own its slots."""
+        """Write each token into the ranks that own its slots (one kernel, no wait)."""
         self.check()
-        fast = self.layout == "masked" and isinstance(x, torch.Tensor) and x.dim() == 2 and \
-            x.shape[0] <= self._plan.MAX_TOKENS  # decode: the plan in one launch
-        # the fast path checks expert ids inside its plan kernel (one launch fewer than a separate check)
-        check_dispatch_args(x, routing, placement, values=not fast)
+        # expert ids are checked on the GPU by put_tokens (a bad slot: ValueError at the next call); a
+        # non-identity placement looks ids up in its tables first, so they are checked before that
+        check_dispatch_args(x, routing, placement, values=not placement.is_identity)
         T, H = x.shape
         if placement.world_size != self.world_size or placement.num_physical != self.num_slots:
             raise ValueError(f"placement must have world_size {self.world_size} and {self.num_slots} physical slots "
@@ -171,46 +205,56 @@ class NvlinkComm:
         if self._open:
             raise ValueError("this nvlink comm already has a dispatch in flight: combine it first (overlapped "
                              "micro-batches each need their own NvlinkComm)")
-        W, P, Tm = self.world_size, self.num_slots, self.max_tokens
         ids = routing.topk_ids
-        phys = (ids if placement.is_identity else placement.physical_ids(ids, self.rank)).contiguous()
+        phys = ids if placement.is_identity else placement.physical_ids(ids, self.rank)
+        phys = (phys if phys.dtype in (torch.int32, torch.int64) else phys.to(torch.int32)).contiguous()
         weights = routing.topk_weights.to(torch.float32).contiguous()
-        n_all = torch.empty((W, P + W), dtype=torch.int64, device=self.device)
-        err, x = self._err.data_ptr(), x.contiguous()
-        if fast:
-            row, has, tok_idx, within, dest = self._plan.plan_decode(phys, P, W, self.epoch, err)
-            self._k.exchange_counts(row, self._bufs["cnt"], n_all, self.epoch, err, self.rank, self._timeout_ns, 1)
-            self._k.put_tokens(x, has, tok_idx, dest, weights, self._bufs, self.rank, Tm,
-                               masked=(phys, within, n_all, P // W, W * Tm))
-        else:
-            plan = local_plan(phys.long(), P, W)
-            has = plan.has
-            self.epoch.add_(1)
-            self._k.exchange_counts(plan.row, self._bufs["cnt"], n_all, self.epoch, err, self.rank,
-                                    self._timeout_ns, 1)
-            pos = pair_rows(plan, n_all, self.rank, P, W, self.layout, W * Tm)
-            self._k.put_tokens(x, has, plan.tok_idx, plan.dest, weights, self._bufs, self.rank, Tm, pos=pos)
+        x = x.contiguous()
+        has = torch.empty((T, self.world_size), dtype=torch.int32, device=self.device)
+        self._k.put_tokens(x, phys, weights, has, self._ctr, self.epoch, self._err.data_ptr(), self._bufs,
+                           self.rank, self.max_tokens, self.num_slots)
         self._open, self._calls = True, self._calls + 1
-        return has, n_all
+        return x, has
 
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, NvlinkHandle]:
-        """Wait for every peer's tokens, then copy them into this rank's expert layout."""
-        has, n_all = pending
-        W, P, Tm, H = self.world_size, self.num_slots, self.max_tokens, self.hidden
-        flag = self._buf("flag")
-        self._k.signal_wait((flag[0], self._bufs["flag"][1]), self.epoch, self._err.data_ptr(), self.rank,
-                            self._timeout_ns, 2)
+        """Publish the counts and wait for every peer's tokens, then copy them into this rank's expert layout."""
+        x, has = pending
+        W, P_local, Tm, H = self.world_size, self.num_slots // self.world_size, self.max_tokens, self.hidden
+        flag, cnt = self._bufs["flag"], self._bufs["cnt"]
+        self._sync.signal_wait((flag[0][0], flag[1]), self.epoch, self._err.data_ptr(), self.rank,
+                               self._timeout_ns, 2, counts=(self._ctr, cnt, x.shape[0]))
         if self.layout == "masked":
-            xe = torch.empty((P // W, W * Tm, H), dtype=self.dtype, device=self.device)  # padding rows unread
-            counts = torch.empty(P // W, dtype=torch.int64, device=self.device)
-            self._k.expand_tokens(self._buf("tok"), self._buf("meta"), n_all, xe.view(-1, H), self.rank, Tm, counts)
+            xe = torch.empty((P_local, W * Tm, H), dtype=self.dtype, device=self.device)  # padding rows unread
+            counts = torch.empty(P_local, dtype=torch.int64, device=self.device)
+            self._k.expand_tokens(x, self._buf("tok"), self._buf("meta"), cnt[0], xe.view(-1, H), self._rows,
+                                  self.rank, Tm, counts=counts)
         else:
-            counts = received_counts(n_all, self.rank, P, W)[0]
-            M = int(counts.sum())  # host read: the contiguous batch's shape (prefill only)
-            self.check()
-            xe = torch.empty((M, H), dtype=self.dtype, device=self.device)
-            self._k.expand_tokens(self._buf("tok"), self._buf("meta"), n_all, xe, self.rank, Tm)
-        return ExpertBatch(xe, counts, self.layout), NvlinkHandle(has, n_all, id(self), self._calls)
+            counts, base = contiguous_layout(cnt[0])
+            self._m_host.copy_(counts.sum(), non_blocking=True)  # the one host read: M, the batch's rows
+            self._m_ready.record()
+            m_max = W * Tm * min(self.top_k, P_local)  # the most rows one rank's experts can receive
+            if m_max * H * xe_itemsize(self.dtype) <= self.prefill_bound_bytes:
+                # expand into an upper-bound buffer at once; the host reads M while the copy runs
+                xe = torch.empty((m_max, H), dtype=self.dtype, device=self.device)
+                self._k.expand_tokens(x, self._buf("tok"), self._buf("meta"), cnt[0], xe, self._rows, self.rank, Tm,
+                                      base=base)
+                M = self._read_rows(m_max)
+                xe = xe[:M]
+            else:
+                M = self._read_rows(m_max)
+                xe = torch.empty((M, H), dtype=self.dtype, device=self.device)
+                self._k.expand_tokens(x, self._buf("tok"), self._buf("meta"), cnt[0], xe, self._rows, self.rank, Tm,
+                                      base=base)
+        return ExpertBatch(xe, counts, self.layout), NvlinkHandle(has, id(self), self._calls)
+
+    def _read_rows(self, m_max: int) -> int:
+        """Wait for the copy of M (not for work queued after it) -> M, after checking the error word."""
+        self._m_ready.synchronize()
+        self.check()  # a peer that never arrived: its counts are garbage
+        M = int(self._m_host[0])
+        if not 0 <= M <= m_max:
+            raise RuntimeError(f"rank {self.rank}: nvlink received {M} rows, outside [0, {m_max}] (corrupt counts)")
+        return M
 
     def combine_send(self, y: ExpertBatch, handle: NvlinkHandle) -> Any:
         """Sum each received token's weighted expert rows here and write the partial sum to its rank."""
@@ -223,16 +267,16 @@ class NvlinkComm:
             raise ValueError(f"y must be the {self.layout} {self.dtype} batch this comm dispatched, got layout "
                              f"{y.layout!r} {y.x.dtype} {tuple(y.x.shape)}")
         yf = y.x.reshape(-1, self.hidden).contiguous()
-        self._k.combine_tokens(yf, self._buf("meta"), self._buf("w"), self._buf("src"), handle.n_all,
-                               self._bufs["comb"], self.rank, self.max_tokens)
+        self._k.combine_tokens(yf, self._rows, self._buf("w"), self._buf("cnt"), self._bufs["comb"], self.rank,
+                               self.max_tokens)
         return handle
 
     def combine_recv(self, pending: Any) -> torch.Tensor:
         """Wait for every peer's partial sums and add them: [T, H] in x's dtype."""
         handle = pending
-        flag = self._buf("flag")
-        self._k.signal_wait((flag[1], self._bufs["flag"][1]), self.epoch, self._err.data_ptr(), self.rank,
-                            self._timeout_ns, 3)
+        flag = self._bufs["flag"]
+        self._sync.signal_wait((flag[0][1], flag[1]), self.epoch, self._err.data_ptr(), self.rank,
+                               self._timeout_ns, 3)
         out = torch.empty((handle.has.shape[0], self.hidden), dtype=self.dtype, device=self.device)
         self._k.sum_partials(self._buf("comb"), handle.has, out)
         self._open = False

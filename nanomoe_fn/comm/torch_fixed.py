@@ -89,8 +89,11 @@ class TorchFixedComm(TorchComm):
         W, P_local, k = self.world_size, placement.local_experts, routing.topk_ids.shape[1]
         C, cap, dev = self.block_rows(k, P_local), W * self.max_tokens, x.device
         self._check_size(x.shape[1], x.dtype, k, P_local)
-        send_counts = phys.new_zeros(W * P_local)
-        send_counts.index_add_(0, phys, torch.ones_like(phys))
+        N = phys.shape[0]  # <= T_max * k: the cached tables below never grow (safe in captured graphs)
+        ones = self._table(("ones", self.max_tokens * k, dev), lambda: torch.ones(self.max_tokens * k,
+                                                                                  dtype=torch.int64, device=dev))
+        send_counts = torch.zeros(W * P_local, dtype=torch.int64, device=dev)
+        send_counts.index_add_(0, phys, ones[:N])
         send_counts = send_counts.view(W, P_local)
         per_rank = send_counts.sum(1)  # [W]
         check_values(per_rank.max() <= C, f"rank {self.rank}: more than rank_capacity={C} rows for one "
@@ -103,7 +106,8 @@ class TorchFixedComm(TorchComm):
         dest = phys.index_select(0, send_order) // P_local
         shift = self._table(("shift", W, C, dev), lambda: torch.arange(W, device=dev) * C) - (
             torch.cumsum(per_rank, 0) - per_rank)
-        slot_pos = (torch.arange(send_order.numel(), device=dev) + shift[dest]).clamp_(max=W * C - 1)
+        ramp = self._table(("ramp", self.max_tokens * k, dev), lambda: torch.arange(self.max_tokens * k, device=dev))
+        slot_pos = (ramp[:N] + shift[dest]).clamp_(max=W * C - 1)
         xw = wide_rows(x)
         send = xw.new_empty((W * C, xw.shape[1]))  # padding rows are sent as they are: nobody reads them
         send.index_copy_(0, slot_pos, xw.index_select(0, send_order // k))

@@ -179,5 +179,5 @@ def test_nvlink_absent_peer_times_out_naming_rank_and_stage(tmp_path):
     _spawn(_run_absent, str(tmp_path))
     seconds, message = (tmp_path / "absent.txt").read_text().split("\n", 1)
     assert message.startswith("TimeoutError"), message
-    assert "rank 0" in message and "dispatch/counts" in message and "rank 1" in message, message
+    assert "rank 0" in message and "dispatch/payload" in message and "rank 1" in message, message
     assert float(seconds) < 15, f"took {seconds}s to notice a missing peer"

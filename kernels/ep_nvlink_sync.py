@@ -1,0 +1,73 @@
+"""The `nvlink` comm's synchronising kernel: count rows and arrival flags between the GPUs of one host.
+
+Dimension legend: W ranks, P physical slots, P_local = P // W slots per rank, C1 = P_local + 1 entries of
+one source's count row.
+
+signal_wait is a barrier over a symmetric flag row [W] int64: program d raises this rank's flag at rank d
+(system-scope release: every write this rank made before, in earlier kernels or in this program, is
+visible at d first) and waits until d has raised its flag here (acquire). Before the dispatch barrier,
+program d also publishes this rank's count row for d into d's count buffer (rows per slot of d from the
+slot counters, then this rank's token count) and zeroes those counters for the next call. Flags carry the
+call's epoch, so nothing is reset. Every wait gives up after `timeout_ns` (%globaltimer) and writes
+(stage, peer) into a host-mapped error word: a peer that never arrives ends the wait instead of hanging
+the GPU. Atomics with memory scopes and %globaltimer: GPUs only (tests/test_kernels_compile.py compiles
+it for sm_90 on the CPU; the GPU tests run it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ep_nvlink import _report, check_arg
+
+
+@triton.jit
+def _now():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _signal_wait_kernel(flag_ptr, flag_delta, epoch_ptr, err_addr, ctr_ptr, cnt_ptr, cnt_delta, rank, T, P_local,
+                        timeout_ns, STAGE: tl.constexpr, COUNTS: tl.constexpr, PLB: tl.constexpr):
+    d = tl.program_id(0)
+    e = tl.load(epoch_ptr)
+    if COUNTS:
+        i = tl.arange(0, PLB)
+        m = i < P_local
+        n = tl.load(ctr_ptr + d * P_local + i, mask=m, other=0)
+        dst = cnt_ptr + tl.load(cnt_delta + d) + rank * (P_local + 1)
+        tl.store(dst + i, n.to(tl.int64), mask=m)
+        tl.store(dst + P_local + i, tl.zeros([PLB], dtype=tl.int64) + T, mask=i == 0)
+        tl.store(ctr_ptr + d * P_local + i, tl.zeros([PLB], dtype=tl.int32), mask=m)
+        tl.debug_barrier()  # every thread's stores before the one release below
+    tl.atomic_xchg(flag_ptr + tl.load(flag_delta + d) + rank, e, sem="release", scope="sys")
+    got = tl.atomic_add(flag_ptr + d, 0, sem="acquire", scope="sys")
+    t0 = _now()
+    waited = _now() - t0
+    while (got < e) & (waited < timeout_ns):
+        got = tl.atomic_add(flag_ptr + d, 0, sem="acquire", scope="sys")
+        waited = _now() - t0
+    if got < e:
+        _report(err_addr, STAGE, d)
+
+
+def signal_wait(flag: tuple, epoch: torch.Tensor, err_addr: int, rank: int, timeout_ns: int, stage: int,
+                counts: tuple | None = None) -> None:
+    """Barrier over the symmetric flag row flag = (buffer [W] int64, delta [W] int64): after it, every rank's
+    earlier writes into this rank's buffers are visible here. counts = (ctr [P] int32 slot counters,
+    (cnt [W, P_local + 1] int64 symmetric buffer, delta), T): publish this rank's count rows first. GPU only."""
+    W = flag[0].shape[0]
+    check_arg("flag", flag[0], (W,), torch.int64)
+    check_arg("epoch", epoch, (1,), torch.int64)
+    if counts is None:
+        ctr, cnt, T, P_local = flag[0], flag, 0, 1
+    else:
+        ctr, cnt, T = counts
+        P_local = cnt[0].shape[1] - 1
+        check_arg("ctr", ctr, (W * P_local,), torch.int32)
+        check_arg("cnt buffer", cnt[0], (W, P_local + 1), torch.int64)
+    _signal_wait_kernel[(W,)](flag[0], flag[1], epoch, err_addr, ctr, cnt[0], cnt[1], rank, T, P_local, timeout_ns,
+                              STAGE=stage, COUNTS=counts is not None, PLB=triton.next_power_of_2(P_local),
+                              num_warps=1)
