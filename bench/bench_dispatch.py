@@ -19,7 +19,9 @@ fails is listed under "failed" and the exit code is non-zero.
 Each rank checks every variant first: dispatch then combine with an identity expert returns
 sum_k(w) * x, and the per-expert counts equal the pairs this rank's experts must receive (from all
 ranks' routing). Timing: each iteration (after a barrier) calls dispatch then combine, CUDA events
-around each; reported is the slowest rank's median. Sync-free variants (torch_fixed, nvlink decode,
+around each; reported is the slowest rank's median. Between them, untimed, the identity experts: a
+gathered batch (nvlink prefill) is materialised into batch-row order, as an expert backend's output
+would be; other batches are passed on as they are. Sync-free variants (torch_fixed, nvlink decode,
 deepep_ll) also time CUDA-graph replays: graph_dispatch_us, graph_combine_us and graph_round_us
 (one graph of dispatch + combine, what a decode layer pays).
 GB/s per rank = bytes of the rows a rank receives, one row per (token, destination rank), local rows
@@ -206,7 +208,7 @@ def _comm_variant(run: _Run, variant: str) -> None:
         comm = make_comm(name, **opts)
         stage = "check"
         batch, handle = dispatch(run.x, run.routing, comm, run.placement)
-        err_msg = run.check(combine(batch, handle, comm), batch.counts)
+        err_msg = run.check(combine(batch.materialize(), handle, comm), batch.counts)
     except Exception as err:  # noqa: BLE001
         err_msg = f"{type(err).__name__}: {err}"
         traceback.print_exc()
@@ -221,8 +223,11 @@ def _comm_variant(run: _Run, variant: str) -> None:
         def d() -> None:
             state["bh"] = dispatch(run.x, run.routing, comm, run.placement)
 
-        t = time_pair(d, lambda: combine(*state["bh"], comm), run.device, run.args.warmup, run.args.iters,
-                      dist.barrier)
+        def identity_experts() -> None:  # untimed: a gathered batch's rows, in batch order (what experts return)
+            state["y"] = state["bh"][0].materialize()
+
+        t = time_pair(d, lambda: combine(state["y"], state["bh"][1], comm), run.device, run.args.warmup,
+                      run.args.iters, dist.barrier, middle=identity_experts)
         extra = {"mode": opts["mode"]} if "mode" in opts else {}
         graphable = variant in SYNC_FREE or (variant == "nvlink" and opts["mode"] == "decode")
         if graphable and run.device.type == "cuda" and not run.args.no_graph:

@@ -231,12 +231,15 @@ def time_back_to_back(first: Callable[[], object], second: Callable[[], object] 
 
 
 def time_pair(first: Callable[[], object], second: Callable[[], object] | None, device: torch.device,
-              warmup: int, iters: int, barrier: Callable[[], None] | None = None) -> list[tuple[float, float]]:
+              warmup: int, iters: int, barrier: Callable[[], None] | None = None,
+              middle: Callable[[], object] | None = None) -> list[tuple[float, float]]:
     """Per iteration (seconds of first(), seconds of second()) with the two called back to back, as a
-    layer calls dispatch then combine; second may be None (0.0 is returned for it). CUDA events on
-    GPUs, wall time on the CPU."""
+    layer calls dispatch then combine; second may be None (0.0 is returned for it). middle, when given,
+    runs between them untimed (the experts' place). CUDA events on GPUs, wall time on the CPU."""
     for _ in range(warmup):
         first()
+        if middle is not None:
+            middle()
         if second is not None:
             second()
     sync(device)
@@ -248,22 +251,28 @@ def time_pair(first: Callable[[], object], second: Callable[[], object] | None, 
             barrier()
             sync(device)  # the barrier is a collective on NCCL: done before the clock starts
         if cuda:
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
             ev[0].record()
             first()
             ev[1].record()
+            if middle is not None:
+                middle()
+            ev[2].record()
             if second is not None:
                 second()
-            ev[2].record()
-            ev[2].synchronize()
-            out.append((ev[0].elapsed_time(ev[1]) * 1e-3, ev[1].elapsed_time(ev[2]) * 1e-3))
+            ev[3].record()
+            ev[3].synchronize()
+            out.append((ev[0].elapsed_time(ev[1]) * 1e-3, ev[2].elapsed_time(ev[3]) * 1e-3))
         else:
             t0 = time.perf_counter()
             first()
             t1 = time.perf_counter()
+            if middle is not None:
+                middle()
+            t2 = time.perf_counter()
             if second is not None:
                 second()
-            out.append((t1 - t0, time.perf_counter() - t1))
+            out.append((t1 - t0, time.perf_counter() - t2))
     return out
 
 

@@ -38,12 +38,14 @@ def _report(err_addr, stage, peer):
 @triton.jit
 def _put_kernel(x_ptr, phys_ptr, w_ptr, has_ptr, ctr_ptr, epoch_ptr, err_addr, tok_ptr, tok_delta, meta_ptr,
                 meta_delta, wb_ptr, wb_delta, rank, T, W, T_max, H, P, P_local, K: tl.constexpr,
-                KP: tl.constexpr, BLOCK: tl.constexpr):
-    # one program per (token t, destination d, chunk c of H). Chunk 0 writes the token's pair codes and
+                KP: tl.constexpr, OWN_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # one program per (destination d, token t, chunk c of H); d varies fastest, so the programs that write
+    # to peers (NVLink) and to this rank (HBM) run side by side. Chunk 0 writes the token's pair codes and
     # weights into d's tables (codes -1 when it has no pair there); every chunk copies its part of the row
-    # when the token has a pair on d (a peer; d's own tokens are read from x by expand_tokens)
-    t = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1)
+    # when the token has a pair on d: to peers always, to this rank's own buffer only with OWN_ROWS (else
+    # expand_tokens reads this rank's tokens from x)
+    d = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2)
     if (t == 0) & (d == 0) & (c == 0):
         tl.store(epoch_ptr, tl.load(epoch_ptr) + 1)  # the call's epoch, read by the flags after this kernel
@@ -64,7 +66,7 @@ def _put_kernel(x_ptr, phys_ptr, w_ptr, has_ptr, ctr_ptr, epoch_ptr, err_addr, t
             tl.store(wb_ptr + tl.load(wb_delta + d) + row * K + j, tl.load(w_ptr + t * K + j, mask=jm), mask=jm)
             if (d == 0) & (tl.sum((jm & (ok == 0)).to(tl.int32), axis=0) > 0):
                 _report(err_addr, 4, -1)  # a slot outside [0, P): reported (ValueError next call), never written
-        if go & (d != rank):
+        if go & ((d != rank) | OWN_ROWS):
             offs = c * BLOCK + tl.arange(0, BLOCK)
             m = offs < H
             dst = tok_ptr + tl.load(tok_delta + d) + (rank * T_max + t) * H
@@ -74,7 +76,7 @@ def _put_kernel(x_ptr, phys_ptr, w_ptr, has_ptr, ctr_ptr, epoch_ptr, err_addr, t
 @triton.jit
 def _expand_kernel(x_ptr, tok_ptr, meta_ptr, cnt_ptr, base_ptr, rows_ptr, counts_ptr, xe_ptr, rank, W, T_max, H,
                    P_local, cap, K: tl.constexpr, KP: tl.constexpr, MASKED: tl.constexpr, COUNTS: tl.constexpr,
-                   PLB: tl.constexpr, BLOCK: tl.constexpr):
+                   GATHER: tl.constexpr, PLB: tl.constexpr, BLOCK: tl.constexpr):
     # one program per (received token row u, chunk of H), source s = u // T_max: each pair's row in the
     # expert layout (masked: e * cap + rows of e from lower sources; contiguous: base[s, e]) + within; the
     # chunk copied to each; chunk 0 records the rows for combine. Program (0, 0) also sums each local
@@ -93,10 +95,11 @@ def _expand_kernel(x_ptr, tok_ptr, meta_ptr, cnt_ptr, base_ptr, rows_ptr, counts
     if t < tl.load(cnt_ptr + s * C1 + P_local):
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = offs < H
-        if s == rank:  # loaded first: its latency overlaps the index math below
-            v = tl.load(x_ptr + t * H + offs, mask=m)
-        else:
-            v = tl.load(tok_ptr + u * H + offs, mask=m)
+        if not GATHER:
+            if s == rank:  # loaded first: its latency overlaps the index math below
+                v = tl.load(x_ptr + t * H + offs, mask=m)
+            else:
+                v = tl.load(tok_ptr + u * H + offs, mask=m)
         j = tl.arange(0, KP)
         jm = j < K
         codes = tl.load(meta_ptr + u * K + j, mask=jm, other=-1).to(tl.int64)
@@ -111,7 +114,9 @@ def _expand_kernel(x_ptr, tok_ptr, meta_ptr, cnt_ptr, base_ptr, rows_ptr, counts
         p = tl.where(here, base + codes % T_max, -1)  # [KP] the pairs' expert rows here
         if tl.program_id(1) == 0:
             tl.store(rows_ptr + u * K + j, p.to(tl.int32), mask=jm)
-        if tl.max(p, axis=0) >= 0:
+        if GATHER:  # the gathered batch: its rows p read token row u (no copy)
+            tl.store(xe_ptr + tl.maximum(p, 0), tl.zeros([KP], dtype=tl.int32) + u.to(tl.int32), mask=p >= 0)
+        elif tl.max(p, axis=0) >= 0:
             # the rows picked out of p in registers, stores unconditional but masked: no branch between them,
             # so they issue back to back (a [KP, BLOCK] tile store would hold KP x BLOCK values and addresses)
             for jj in tl.static_range(K):
@@ -120,13 +125,16 @@ def _expand_kernel(x_ptr, tok_ptr, meta_ptr, cnt_ptr, base_ptr, rows_ptr, counts
 
 
 @triton.jit
-def _combine_kernel(y_ptr, rows_ptr, wb_ptr, cnt_ptr, comb_ptr, comb_delta, rank, T_max, H, P_local,
+def _combine_kernel(y_ptr, rows_ptr, wb_ptr, cnt_ptr, comb_ptr, comb_delta, rank, W, T_max, H, P_local,
                     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
     # one program per (received token row u, chunk of H): its weighted expert rows summed here (float32), the
     # partial sum written once into the source's combine buffer at [rank, t]
-    u = tl.program_id(0).to(tl.int64)
-    s = u // T_max
-    t = u % T_max
+    # sources interleaved (program i takes source i % W): partial sums for peers (NVLink) and for this
+    # rank (HBM) are written side by side instead of one source after the other
+    i = tl.program_id(0).to(tl.int64)
+    s = i % W
+    t = i // W
+    u = s * T_max + t
     if t < tl.load(cnt_ptr + s * (P_local + 1) + P_local):
         j = tl.arange(0, KP)
         p = tl.load(rows_ptr + u * K + j, mask=j < K, other=-1).to(tl.int64)
@@ -169,13 +177,14 @@ def check_arg(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | Non
 
 
 def put_tokens(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, has: torch.Tensor, ctr: torch.Tensor,
-               epoch: torch.Tensor, err_addr: int, bufs: dict, rank: int, t_max: int, num_slots: int) -> None:
+               epoch: torch.Tensor, err_addr: int, bufs: dict, rank: int, t_max: int, num_slots: int,
+               own_rows: bool = False) -> None:
     """Send each token x [T, H] to every rank d owning one of its slots phys [T, k] (int32/int64): its row
-    (peers only) at rank * T_max + t of d's "tok", its pair codes (module docstring) and weights w [T, k]
-    float32 into d's "meta" / "w" (rows of tokens with no pair on d get codes -1). Writes has [T, W] int32
-    (1: token t has a pair on d), counts this rank's pairs per slot into ctr [P] int32 (zero before; the
-    codes' `within`), adds 1 to epoch [1] int64, and reports a slot outside [0, P) as (stage 4, -1) in the
-    int32 error word at err_addr. bufs: name -> (local buffer, delta [W] int64)."""
+    (peers only, unless own_rows) at rank * T_max + t of d's "tok", its pair codes (module docstring) and
+    weights w [T, k] float32 into d's "meta" / "w" (rows of tokens with no pair on d get codes -1). Writes
+    has [T, W] int32 (1: token t has a pair on d), counts this rank's pairs per slot into ctr [P] int32
+    (zero before; the codes' `within`), adds 1 to epoch [1] int64, and reports a slot outside [0, P) as
+    (stage 4, -1) in the int32 error word at err_addr. bufs: name -> (local buffer, delta [W] int64)."""
     T, H = x.shape
     W = has.shape[1] if has.dim() == 2 else 0
     k = phys.shape[1] if phys.dim() == 2 else 0
@@ -194,44 +203,48 @@ def put_tokens(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, has: torch.
     if T > t_max or num_slots % max(W, 1):
         raise ValueError(f"need T <= t_max and num_slots divisible by W, got T={T}, t_max={t_max}, "
                          f"num_slots={num_slots}, W={W}")
-    grid = (max(T, 1), W, triton.cdiv(H, BLOCK_H))  # at least one program: it advances the epoch
+    grid = (W, max(T, 1), triton.cdiv(H, BLOCK_H))  # at least one program: it advances the epoch
     _put_kernel[grid](x, phys, w, has, ctr, epoch, err_addr, tok[0], tok[1], meta[0], meta[1], wb[0], wb[1], rank,
-                      T, W, t_max, H, num_slots, num_slots // W, K=k, KP=triton.next_power_of_2(k), BLOCK=BLOCK_H,
-                      num_warps=4)
+                      T, W, t_max, H, num_slots, num_slots // W, K=k, KP=triton.next_power_of_2(k),
+                      OWN_ROWS=own_rows, BLOCK=BLOCK_H, num_warps=4)
 
 
 def expand_tokens(x: torch.Tensor, tok: torch.Tensor, meta: torch.Tensor, cnt: torch.Tensor, xe: torch.Tensor,
                   rows: torch.Tensor, rank: int, t_max: int, counts: torch.Tensor | None = None,
                   base: torch.Tensor | None = None) -> None:
-    """Copy each received token (rows of source s: the first cnt[s, P_local] of its block of tok [U, H];
-    this rank's own from x [T, H]) into its expert rows of xe [Q, H], and record them in rows [U, k] int32
-    (-1: none). cnt [W, P_local + 1] int64: per source, rows per local expert, then its token count.
-    Masked layout (counts [P_local] int64 given, written: rows per expert): expert e's rows start at
-    e * cap, cap = Q // P_local; contiguous layout (base [W, P_local] int64 given): source s's rows of
-    expert e start at base[s, e]."""
+    """Place each received token (rows of source s: the first cnt[s, P_local] of its block of tok [U, H]) in
+    the expert layout and record its pairs' rows there in rows [U, k] int32 (-1: none). cnt [W, P_local + 1]
+    int64: per source, rows per local expert, then its token count. Three layouts:
+      masked (counts [P_local] int64 given, written: rows per expert; xe [Q, H]): expert e's rows start at
+        e * cap, cap = Q // P_local; the token is copied there (this rank's own tokens from x [T, H]);
+      contiguous (base [W, P_local] int64 given; xe [Q, H]): source s's rows of expert e start at
+        base[s, e]; copied likewise;
+      gathered (base given; xe [Q] int32): no copy, xe[row] = u, the token row that batch row reads
+        (every token, this rank's own too, must be in tok: put_tokens(own_rows=True))."""
     U, H = tok.shape
     W, C1 = cnt.shape
     P_local = C1 - 1
     k = meta.shape[1]
+    gather = xe.dim() == 1
     check_arg("x", x, (x.shape[0], H), tok.dtype)
     check_arg("meta", meta, (U, k), torch.int32)
     check_arg("cnt", cnt, (W, C1), torch.int64)
-    check_arg("xe", xe, (xe.shape[0], H), tok.dtype)
+    check_arg("xe", xe, (xe.shape[0],) if gather else (xe.shape[0], H), torch.int32 if gather else tok.dtype)
     check_arg("rows", rows, (U, k), torch.int32)
-    if (counts is None) == (base is None):
-        raise ValueError("give exactly one of counts (masked layout) and base (contiguous layout)")
+    if (counts is None) == (base is None) or (gather and base is None):
+        raise ValueError("give exactly one of counts (masked layout) and base (contiguous or gathered layout)")
     if counts is not None:
         check_arg("counts", counts, (P_local,), torch.int64)
     else:
         check_arg("base", base, (W, P_local), torch.int64)
     if U != W * t_max:
         raise ValueError(f"tok must have W * t_max = {W * t_max} rows, got {U}")
-    grid = (U, triton.cdiv(H, BLOCK_H))
+    grid = (U, 1 if gather else triton.cdiv(H, BLOCK_H))
     _expand_kernel[grid](x, tok, meta, cnt, base if base is not None else cnt, rows,
                          counts if counts is not None else cnt, xe, rank, W, t_max, H, P_local,
                          xe.shape[0] // max(P_local, 1), K=k, KP=triton.next_power_of_2(k), MASKED=counts is not None,
-                         COUNTS=counts is not None, PLB=triton.next_power_of_2(max(1, P_local)), BLOCK=BLOCK_H,
-                         num_warps=4)
+                         COUNTS=counts is not None, GATHER=gather, PLB=triton.next_power_of_2(max(1, P_local)),
+                         BLOCK=BLOCK_H, num_warps=4)
 
 
 def combine_tokens(y: torch.Tensor, rows: torch.Tensor, wb: torch.Tensor, cnt: torch.Tensor, comb: tuple,
@@ -246,7 +259,7 @@ def combine_tokens(y: torch.Tensor, rows: torch.Tensor, wb: torch.Tensor, cnt: t
     check_arg("cnt", cnt, (U // t_max, C1), torch.int64)
     check_arg("comb buffer", comb[0], (W, t_max, H), y.dtype)
     grid = (U, triton.cdiv(H, BLOCK_H))
-    _combine_kernel[grid](y, rows, wb, cnt, comb[0], comb[1], rank, t_max, H, C1 - 1, K=k,
+    _combine_kernel[grid](y, rows, wb, cnt, comb[0], comb[1], rank, W, t_max, H, C1 - 1, K=k,
                           KP=triton.next_power_of_2(k), BLOCK=BLOCK_H, num_warps=4)
 
 

@@ -2,7 +2,8 @@
 
 Dimension legend: T tokens, k experts per token, H hidden, I expert intermediate, E experts,
 N rows of a batch (T*k pairs for the unsorted entry), cap rows per expert in the masked layout,
-R aligned rows (kernels.moe_align), M the row count a tuned config is looked up by.
+R aligned rows (kernels.moe_align), M the row count a tuned config is looked up by, G token rows a
+gathered batch reads through its index.
 
 Weights: SwiGLU (w13 [E, 2I, H] gate rows then up rows, w2 [E, H, I]) or linear ((w [E, H_out, H],),
 no bias). SwiGLU runs GEMM "up" (gate and up tiles of the same columns, silu(gate) * up in float32,
@@ -12,6 +13,8 @@ GEMM ("linear"). Entry points by layout:
   pairs; the down GEMM scales each pair by its top-k weight and writes [T*k, H] in pair order; a
   sum over k gives [T, H] (the whole MoE expert FFN, what reference.moe_experts computes).
 - `fused_moe_contiguous(rows [N, H] sorted by expert, counts [E]) -> [N, H]`: no weighting.
+- `fused_moe_gathered(rows [G, H], index [N], counts [E]) -> [N, H]`: as contiguous with batch row i
+  = rows[index[i]]; the first GEMM loads its A rows through the index (no [N, H] copy).
 - `fused_moe_masked(x [E, cap, H], counts [E]) -> [E, cap, H]`: decode's masked layout.
 Rows that no expert owns (past sum(counts), or past counts[e] in the masked layout) are not written.
 
@@ -36,7 +39,7 @@ from types import MappingProxyType
 import torch
 
 from kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted
-from kernels.moe_align import Alignment, moe_align, moe_align_contiguous, moe_align_masked
+from kernels.moe_align import Alignment, _check_ids, _check_values, moe_align, moe_align_contiguous, moe_align_masked
 from kernels.moe_blocks import block_tables
 
 EXPERT_TYPES = ("swiglu", "linear")
@@ -158,9 +161,10 @@ def stage_configs(config: dict | None, expert_type: str, E: int, H: int, I: int,
 
 def fused_moe_aligned(a: torch.Tensor, align: Alignment, weights: tuple[torch.Tensor, ...], expert_type: str,
                       first: dict, down: dict | None, a_div: int = 1, row_weights: torch.Tensor | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """The GEMMs on already aligned rows: out [align.num_rows, H_out], row r = expert(a[r // a_div]),
-    scaled by row_weights[r] when given. Checks are the caller's (the public wrappers)."""
+                      out: torch.Tensor | None = None, a_index: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEMMs on already aligned rows: out [align.num_rows, H_out], row r = expert(a[r // a_div])
+    (expert(a[a_index[r // a_div]]) with a_index), scaled by row_weights[r] when given. Checks are the
+    caller's (the public wrappers)."""
     w = weights
     H_out = w[-1].shape[1]
     if out is None:
@@ -170,10 +174,10 @@ def fused_moe_aligned(a: torch.Tensor, align: Alignment, weights: tuple[torch.Te
               if c is not None and c["BLOCK_M"] > align.block_m}
     if expert_type == "linear":
         return moe_gemm(a, w[0], out, align, first, gather_a=True, scatter_c=True, a_div=a_div,
-                        row_weights=row_weights, tables=tables.get(first["BLOCK_M"]))
+                        row_weights=row_weights, tables=tables.get(first["BLOCK_M"]), a_index=a_index)
     inter = a.new_empty((align.sorted_ids.numel(), w[0].shape[1] // 2))
     moe_gemm(a, w[0], inter, align, first, gather_a=True, scatter_c=False, a_div=a_div, swiglu=True,
-             tables=tables.get(first["BLOCK_M"]))
+             tables=tables.get(first["BLOCK_M"]), a_index=a_index)
     return moe_gemm(inter, w[1], out, align, down, gather_a=False, scatter_c=True, row_weights=row_weights,
                     tables=tables.get(down["BLOCK_M"]))
 
@@ -232,6 +236,32 @@ def fused_moe_contiguous(rows: torch.Tensor, counts: torch.Tensor, weights: tupl
         return rows.new_empty((0, H_out))
     align = moe_align_contiguous(counts, N, bm, validate=validate)
     return fused_moe_aligned(rows, align, weights, expert_type, first, down)
+
+
+def fused_moe_gathered(rows: torch.Tensor, index: torch.Tensor, counts: torch.Tensor,
+                       weights: tuple[torch.Tensor, ...], expert_type: str = "swiglu", config: dict | None = None,
+                       validate: bool = False) -> torch.Tensor:
+    """rows [G, H] token rows, index [N] int32/int64 in [0, G), counts [E] (expert e owns batch rows
+    offsets[e] .. offsets[e] + counts[e]) -> [N, H_out], row i = expert(rows[index[i]]), as
+    fused_moe_contiguous on rows[index] without making it. validate=True checks the index and counts
+    (async on GPUs); otherwise an index out of range is undefined. Rows past sum(counts) are unwritten."""
+    _check_x("rows", rows, 2)
+    G, H = rows.shape
+    E, I, H_out = _check_weights(weights, expert_type, rows, H)
+    _check_counts(counts, E)
+    if _check_ids("index", index, (1,)).device != rows.device:
+        raise ValueError(f"index must be on {rows.device} (with the rows), got {index.device}")
+    N = index.shape[0]
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    first, down, bm = stage_configs(config, expert_type, E, H, I, H_out, rows.dtype, N, rows.device)
+    if N == 0:
+        return rows.new_empty((0, H_out))
+    if validate:
+        lo, hi = torch.aminmax(index)
+        _check_values((lo >= 0) & (hi < G), f"index must lie in [0, {G}) (the rows)")
+    align = moe_align_contiguous(counts, N, bm, validate=validate)
+    return fused_moe_aligned(rows, align, weights, expert_type, first, down, a_index=index.contiguous())
 
 
 def fused_moe_masked(x: torch.Tensor, counts: torch.Tensor, weights: tuple[torch.Tensor, ...],

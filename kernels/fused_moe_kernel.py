@@ -9,6 +9,8 @@ One program computes a BM x BN output tile of one row block: every row of a bloc
 expert (the alignment guarantees it), so the tile is A[rows of the block, :] @ W[expert, cols, :].T.
 - A rows: gathered through sorted_ids (row id // A_DIV: A_DIV = top-k maps a (token, k) pair to its
   token) or, for the second GEMM, the aligned row position itself (the first GEMM's output).
+  A_INDEX (with GATHER_A): one more hop, A row = a_index[row id // A_DIV] (a gathered batch: batch row
+  m reads token row a_index[m]); padding rows load no index and stay masked.
 - SWIGLU: the program loads the gate tile (rows n) and the up tile (rows I + n) of the same output
   columns and writes silu(gate) * up in float32 rounded to the output dtype: [rows, I], no [rows, 2I].
 - C rows: scattered to the row id (back to (token, k) order or the batch's own row) or the aligned
@@ -37,9 +39,9 @@ from kernels.moe_blocks import BlockTables, block_tables
 # token counts change every step: do not compile a variant per divisibility of these two
 @triton.jit(do_not_specialize=["num_rows", "num_blocks"])
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, b_desc, c_ptr, w_ptr, sorted_ids_ptr, block_rows_ptr, block_experts_ptr, used_ptr,
+    a_ptr, b_ptr, b_desc, c_ptr, w_ptr, sorted_ids_ptr, block_rows_ptr, block_experts_ptr, used_ptr, a_index_ptr,
     num_rows, N, K, num_blocks, align_m, stride_am, stride_be, stride_bn, stride_cm,
-    A_DIV: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SWIGLU: tl.constexpr,
+    A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr, SWIGLU: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_TABLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -72,6 +74,8 @@ def _moe_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     if GATHER_A:
         a_rows = (ids // A_DIV).to(tl.int64)
+        if A_INDEX:
+            a_rows = tl.load(a_index_ptr + a_rows, mask=row_ok, other=0).to(tl.int64)
     else:
         a_rows = offs_m.to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
@@ -156,11 +160,14 @@ def _tma_descriptor(w: torch.Tensor, rows: int, block_n: int, block_k: int):
 
 def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignment, config: dict, *,
              gather_a: bool, scatter_c: bool, a_div: int = 1, swiglu: bool = False,
-             row_weights: torch.Tensor | None = None, tables: BlockTables | None = None) -> torch.Tensor:
+             row_weights: torch.Tensor | None = None, tables: BlockTables | None = None,
+             a_index: torch.Tensor | None = None) -> torch.Tensor:
     """out[rows] = epilogue(A[rows] @ w[expert].T) for the aligned rows (see the module docstring).
 
     a [*, K] (gathered rows, or [R, K] aligned), w [E, NW, K] contiguous, out [*, N] (N = NW // 2 with
-    swiglu), align from kernels.moe_align, row_weights [num_rows] float32 or None. BLOCK_M larger than
+    swiglu), align from kernels.moe_align, row_weights [num_rows] float32 or None, a_index (gather_a
+    only) contiguous int32/int64 [>= ceil(num_rows / a_div)] or None: A row = a_index[row id // a_div],
+    values in [0, a.shape[0]) (the caller's check). BLOCK_M larger than
     align.block_m runs main blocks of BLOCK_M rows and tail blocks of align.block_m rows (two launches;
     `tables` = kernels.moe_blocks.block_tables(align, BLOCK_M), made here when not given). Returns out.
     """
@@ -182,6 +189,10 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
         raise ValueError(f"BLOCK_M={bm} and the alignment block {tm} must divide one another")
     if not gather_a and a.shape[0] < R:
         raise ValueError(f"a must hold all {R} aligned rows when it is not gathered, got {a.shape[0]}")
+    if a_index is not None and (not gather_a or a_index.dim() != 1 or a_index.dtype not in (torch.int32, torch.int64)
+                                or not a_index.is_contiguous() or a_index.numel() * a_div < num_rows):
+        raise ValueError(f"a_index must be a contiguous int32/int64 [>= {-(-num_rows // a_div)}] with gather_a, "
+                         f"got {a_index.dtype} {tuple(a_index.shape)} (gather_a={gather_a})")
     if row_weights is not None and (row_weights.dtype != torch.float32 or row_weights.numel() < num_rows):
         raise ValueError(f"row_weights must be float32 with {num_rows} entries, got {row_weights.dtype} "
                          f"{tuple(row_weights.shape)}")
@@ -199,9 +210,9 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
         if num_blocks == 0:
             return
         _moe_gemm_kernel[(num_blocks * triton.cdiv(N, bn),)](
-            a, w, desc, out, row_weights, align.sorted_ids, rows, experts, used,
+            a, w, desc, out, row_weights, align.sorted_ids, rows, experts, used, a_index,
             num_rows, N, K, num_blocks, tm, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-            A_DIV=a_div, GATHER_A=gather_a, SCATTER_C=scatter_c, SWIGLU=swiglu,
+            A_DIV=a_div, GATHER_A=gather_a, A_INDEX=a_index is not None, SCATTER_C=scatter_c, SWIGLU=swiglu,
             MUL_WEIGHT=row_weights is not None, USE_TMA=use_tma, EVEN_K=K % bk == 0,
             BLOCK_TABLE=rows is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
             GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -1,7 +1,9 @@
 """The records that pass between dispatch, expert_ffn and combine.
 
 Dimension legend: T tokens on this rank, k experts per token, H hidden, P_local expert slots on this
-rank, N (token, k) pairs this rank sends, M rows this rank's experts receive, C fixed capacity.
+rank, N (token, k) pairs this rank sends, M rows this rank's experts receive (batch rows), C fixed
+capacity, R token rows a gathered batch reads its M rows from (R <= M usually: one token row per
+received token, shared by its experts on this rank).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from nanomoe_fn.tree import register_dataclass
 
-LAYOUTS = ("contiguous", "masked")
+LAYOUTS = ("contiguous", "masked", "gathered")
 
 
 @dataclass(frozen=True, eq=False)
@@ -22,27 +24,53 @@ class ExpertBatch:
     layout "contiguous": x [M, H], rows sorted by local expert; counts [P_local] rows per expert
     (expert e owns rows offsets[e]:offsets[e] + counts[e], offsets = exclusive cumsum of counts).
     layout "masked": x [P_local, C, H]; expert e's rows are x[e, :counts[e]], the rest is padding.
+    layout "gathered": x [R, H] token rows (any order; rows nobody reads are allowed), index [M] int32
+    or int64, counts [P_local] summing to M: batch row m is x[index[m]], grouped by local expert as in
+    "contiguous" (expert e owns batch rows offsets[e]:offsets[e] + counts[e]); a row of x may feed
+    several batch rows. `materialize()` makes the contiguous batch [M, H]; expert outputs are always
+    contiguous (`with_x`).
+    index is None for the other layouts.
     """
 
     x: torch.Tensor
     counts: torch.Tensor
     layout: str = "contiguous"
+    index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"ExpertBatch.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "gathered" and self.index is None:
+            raise ValueError("ExpertBatch.index must be given for the 'gathered' layout (batch row m is x[index[m]])")
+        if self.layout != "gathered" and self.index is not None:
+            raise ValueError(f"ExpertBatch.index must be None for the {self.layout!r} layout (only 'gathered' "
+                             f"batches read x through an index)")
 
     @property
     def num_experts(self) -> int:
         """P_local, the local expert slots the batch is laid out for."""
         return int(self.counts.shape[0])
 
+    @property
+    def num_rows(self) -> int:
+        """M, the batch rows of a contiguous or gathered batch (index.shape[0] when gathered)."""
+        return int((self.x if self.index is None else self.index).shape[0])
+
     def with_x(self, x: torch.Tensor) -> ExpertBatch:
-        """The same layout and counts with new rows (an expert stage's output)."""
+        """The same layout and counts with new rows (an expert stage's output); a gathered batch gives
+        the contiguous batch (x [M, H] in batch row order, the same counts)."""
+        if self.layout == "gathered":
+            return ExpertBatch(x, self.counts, "contiguous")
         return replace(self, x=x)
 
+    def materialize(self) -> ExpertBatch:
+        """Gathered -> contiguous (x.index_select(0, index): [M, H]); other layouts: self."""
+        if self.layout != "gathered":
+            return self
+        return ExpertBatch(self.x.index_select(0, self.index), self.counts, "contiguous")
+
     def offsets(self) -> torch.Tensor:
-        """Exclusive cumsum of counts [P_local] (contiguous layout): first row of each expert."""
+        """Exclusive cumsum of counts [P_local] (contiguous and gathered layouts): first row of each expert."""
         return torch.cumsum(self.counts, 0) - self.counts
 
 
@@ -52,8 +80,8 @@ class HandleOrigin:
 
     comm_id / call: the comm instance (a process-wide serial number, 0 = not recorded: made under
     torch.compile) and its dispatch call number (0 = not recorded). comm_name: the comm's `name`.
-    layout, rows, hidden, dtype: the batch dispatch delivered, rows = its shape without the hidden
-    dim ((M,) contiguous, (P_local, C) masked). tokens, top_k: T and k of the dispatched routing.
+    layout, rows, hidden, dtype: the batch dispatch delivered, rows = its batch rows ((M,) contiguous
+    and gathered, (P_local, C) masked). tokens, top_k: T and k of the dispatched routing.
     """
 
     comm_id: int
@@ -68,7 +96,7 @@ class HandleOrigin:
 
     def describe(self) -> str:
         """'a torch comm's dispatch #3 (contiguous [M=12, H=16] float32)' for error messages."""
-        dims = ", ".join(f"{n}={v}" for n, v in zip(("M",) if self.layout == "contiguous" else ("P_local", "C"),
+        dims = ", ".join(f"{n}={v}" for n, v in zip(("P_local", "C") if self.layout == "masked" else ("M",),
                                                      self.rows))
         call = f"dispatch #{self.call}" if self.call else "dispatch"
         return f"a {self.comm_name} comm's {call} ({self.layout} [{dims}, H={self.hidden}] {self.dtype})"
@@ -102,19 +130,20 @@ class Handle:
 
 
 def row_coords(batch: ExpertBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of a contiguous batch: (local expert [M], slot within that expert [M])."""
-    M, dev = batch.x.shape[0], batch.x.device
+    """For each row of a contiguous or gathered batch: (local expert [M], slot within that expert [M])."""
+    M, dev = batch.num_rows, batch.x.device
     expert = torch.repeat_interleave(torch.arange(batch.num_experts, device=dev), batch.counts, output_size=M)
     return expert, torch.arange(M, device=dev) - batch.offsets()[expert]
 
 
 def to_masked(batch: ExpertBatch, capacity: int) -> ExpertBatch:
-    """Contiguous -> masked [P_local, capacity, H] (zero padding). An expert with more rows than
-    `capacity` is an error (async on accelerators), never a silent drop."""
+    """Contiguous (or gathered, materialized first) -> masked [P_local, capacity, H] (zero padding). An
+    expert with more rows than `capacity` is an error (async on accelerators), never a silent drop."""
     from nanomoe_fn.checks import check_values
 
-    if batch.layout != "contiguous":
-        raise ValueError(f"to_masked expects a contiguous batch, got layout {batch.layout!r}")
+    if batch.layout not in ("contiguous", "gathered"):
+        raise ValueError(f"to_masked expects a contiguous or gathered batch, got layout {batch.layout!r}")
+    batch = batch.materialize()
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     if batch.num_experts:
@@ -127,12 +156,13 @@ def to_masked(batch: ExpertBatch, capacity: int) -> ExpertBatch:
 
 
 def to_contiguous(masked: ExpertBatch, like: ExpertBatch) -> ExpertBatch:
-    """Masked -> the contiguous row order of `like` (the batch that to_masked was given)."""
+    """Masked -> the contiguous row order of `like` (the batch that to_masked was given; a gathered
+    `like` gives a contiguous batch)."""
     if masked.layout != "masked":
         raise ValueError(f"to_contiguous expects a masked batch, got layout {masked.layout!r}")
     expert, slot = row_coords(like)
     return like.with_x(masked.x[expert, slot])
 
 
-register_dataclass(ExpertBatch, static=("layout",))
+register_dataclass(ExpertBatch, static=("layout",), optional=("index",))  # index: a child when gathered
 register_dataclass(Handle, static=("send_splits", "recv_splits", "origin"))

@@ -5,6 +5,10 @@ I intermediate. SwiGLU: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T with w13 = [w1;
 linear: y = x @ w.T. The activation is computed in float32 and rounded to the weights' dtype before
 the down projection, as the fused kernels do.
 
+Dimension legend (gathered batches): R token rows in batch.x, M batch rows (batch.index [M]).
+Every backend takes the three layouts of nanomoe_fn.batch; a gathered batch comes back contiguous
+[M, H] (`loop`, `bmm` and `deepgemm` materialize it first; `triton` loads its rows through the index).
+
 Backends, slowest first: `loop` (one GEMM pair per expert; the obviously right baseline), `bmm`
 (rows scattered into a padded [P_active, C, H] batch, one batched GEMM per projection), `triton`
 (grouped-GEMM Triton kernels, SwiGLU fused; kernels/fused_moe.py) and `deepgemm` (DeepGEMM's
@@ -27,15 +31,16 @@ from nanomoe_fn.params import Experts, LinearExperts, SwiGLUExperts, expert_tens
 
 
 def _check(experts: Experts, batch: ExpertBatch) -> None:
-    """Argument checks naming `expert_params` / `batch.*`; the counts' values are checked on the device
-    (no host sync on GPUs): in [0, C] (masked) or summing to M (contiguous)."""
+    """Argument checks naming `expert_params` / `batch.*`; the counts' and index's values are checked on
+    the device (no host sync on GPUs): counts in [0, C] (masked) or summing to M (contiguous, gathered),
+    index in [0, R) (gathered)."""
     if not isinstance(experts, (SwiGLUExperts, LinearExperts)):
         raise TypeError(f"expert_params must be SwiGLUExperts or LinearExperts, got {type(experts).__name__}")
     if not isinstance(batch, ExpertBatch):
         raise TypeError(f"batch must be an ExpertBatch (dispatch's output), got {type(batch).__name__}")
     ws = expert_tensors(experts)
     P, H = ws[0].shape[0], ws[0].shape[-1]
-    x = check_tensor("batch.x", batch.x, dim=2 if batch.layout == "contiguous" else 3, dtypes=(ws[0].dtype,),
+    x = check_tensor("batch.x", batch.x, dim=3 if batch.layout == "masked" else 2, dtypes=(ws[0].dtype,),
                      device=ws[0].device)
     counts = check_tensor("batch.counts", batch.counts, dim=1, dtypes=INT_DTYPES, device=x.device)
     if counts.shape[0] != P:
@@ -49,6 +54,17 @@ def _check(experts: Experts, batch: ExpertBatch) -> None:
             lo, hi = torch.aminmax(counts)
             check_values((lo >= 0) & (hi <= x.shape[1]), f"batch.counts must lie in [0, C={x.shape[1]}] (masked "
                                                          f"batch.x [{P}, C, {H}]): an expert has more rows than C")
+    elif batch.layout == "gathered":
+        index = check_tensor("batch.index", batch.index, dim=1, dtypes=INT_DTYPES, device=x.device)
+        M, R = index.shape[0], x.shape[0]
+        if P:
+            check_values((counts.min() >= 0) & (counts.sum() == M),
+                         f"batch.counts must be >= 0 and sum to the {M} rows of batch.index (gathered)")
+        elif M:
+            raise ValueError(f"batch.index has {M} rows but there are no local experts (batch.counts is empty)")
+        if M:
+            lo, hi = torch.aminmax(index)
+            check_values((lo >= 0) & (hi < R), f"batch.index must lie in [0, R={R}) (the rows of batch.x, gathered)")
     elif P:
         check_values((counts.min() >= 0) & (counts.sum() == x.shape[0]),
                      f"batch.counts must be >= 0 and sum to the {x.shape[0]} rows of batch.x (contiguous)")
@@ -65,6 +81,7 @@ def _apply(experts: Experts, e: int, rows: torch.Tensor, out: torch.Tensor) -> N
 
 
 def _loop(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
+    batch = batch.materialize()
     # host copy of the counts: a Python loop over experts needs them (the slow baseline; not for decode)
     active = [(e, c) for e, c in enumerate(batch.counts.tolist()) if c]
     if batch.layout == "masked":
@@ -89,6 +106,7 @@ def _bmm_padded(experts: Experts, xp: torch.Tensor, slots: torch.Tensor | None) 
 
 
 def _bmm(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
+    batch = batch.materialize()
     if batch.layout == "masked":
         return batch.with_x(_bmm_padded(experts, batch.x, None))
     H = batch.x.shape[1]
@@ -145,7 +163,8 @@ def get_expert_backend(name: str, cfg: MoEConfig, device: torch.device | str) ->
 
 
 def expert_ffn(expert_params: Experts, batch: ExpertBatch, backend: str = "bmm") -> ExpertBatch:
-    """Apply each local expert to its rows; the output keeps the batch's layout and counts."""
+    """Apply each local expert to its rows; the output keeps the batch's layout and counts (a gathered
+    batch gives the contiguous batch [M, H], rows in batch row order)."""
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"expert backend must be one of {sorted(EXPERT_BACKENDS)}, got {backend!r}")
     _check(expert_params, batch)

@@ -1,9 +1,11 @@
 """`triton` and `deepgemm` expert backends: adapters from ExpertBatch to the kernels in kernels/.
 
-Dimension legend: P_local local experts, M rows (contiguous layout), C capacity (masked layout), H hidden.
+Dimension legend: P_local local experts, M rows (contiguous layout), C capacity (masked layout), H hidden,
+R token rows of a gathered batch.
 Both take the batch's layout as is (contiguous rows + counts, or masked [P_local, C, H] + counts) and
 never sync with the host; rows past an expert's count are padding and stay unwritten (combine and
-to_contiguous never read them).
+to_contiguous never read them). A gathered batch (x [R, H] + index [M]) gives a contiguous [M, H]:
+triton loads the first GEMM's rows through the index; deepgemm materializes the batch first.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ def triton_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
 
 def triton_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     """Grouped-GEMM Triton kernels (SwiGLU fused into the first GEMM's epilogue)."""
-    from kernels.fused_moe import fused_moe_contiguous, fused_moe_masked
+    from kernels.fused_moe import fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
 
     ws, kind = expert_tensors(experts), _expert_type(experts)
     if batch.layout == "masked":
         return batch.with_x(fused_moe_masked(batch.x, batch.counts, ws, kind))
+    if batch.layout == "gathered":
+        return batch.with_x(fused_moe_gathered(batch.x, batch.index, batch.counts, ws, kind))
     return batch.with_x(fused_moe_contiguous(batch.x, batch.counts, ws, kind))
 
 
@@ -65,7 +69,7 @@ def deepgemm_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
 
     if not isinstance(experts, SwiGLUExperts):
         raise ValueError("the deepgemm backend needs SwiGLU experts")
-    ws = expert_tensors(experts)
+    ws, batch = expert_tensors(experts), batch.materialize()
     if batch.layout == "masked":
         return batch.with_x(deepgemm_moe_masked(batch.x, batch.counts, ws))
     return batch.with_x(deepgemm_moe_contiguous(batch.x, batch.counts, ws))

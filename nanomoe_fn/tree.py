@@ -2,7 +2,8 @@
 
 `torch.utils._pytree.register_dataclass` makes every field a child; records that also carry
 static metadata (a layout name, an int) keep it in the tree's context instead, so `tree_map` over
-a record only ever sees its tensors.
+a record only ever sees its tensors. Optional fields (None or a tensor) are children only when set:
+torch's pytree makes None a leaf, which `tree_map(lambda t: t.clone(), record)` would trip on.
 """
 
 from __future__ import annotations
@@ -13,20 +14,27 @@ from typing import Any
 from torch.utils import _pytree as pytree
 
 
-def register_dataclass(cls: type, static: tuple[str, ...] = ()) -> type:
-    """Register `cls` as a pytree node: fields in `static` go to the context, the rest are children."""
+def register_dataclass(cls: type, static: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> type:
+    """Register `cls` as a pytree node: fields in `static` go to the context, the rest are children;
+    a field in `optional` is left out of the children when it is None (the context then ends with the
+    tuple of child names present)."""
     names = [f.name for f in dataclasses.fields(cls)]
     children = [n for n in names if n not in static]
 
+    def present(obj: Any) -> list[str]:
+        return [n for n in children if n not in optional or getattr(obj, n) is not None]
+
     def flatten(obj: Any) -> tuple[list[Any], tuple[Any, ...]]:
-        return [getattr(obj, n) for n in children], tuple(getattr(obj, n) for n in static)
+        kids, ctx = present(obj), tuple(getattr(obj, n) for n in static)
+        return [getattr(obj, n) for n in kids], (ctx + (tuple(kids),) if optional else ctx)
 
     def unflatten(values: list[Any], context: tuple[Any, ...]) -> Any:
-        return cls(**dict(zip(children, values)), **dict(zip(static, context)))
+        kids, ctx = (context[-1], context[:-1]) if optional else (children, context)
+        return cls(**dict(zip(kids, values)), **dict(zip(static, ctx)))
 
     def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
         leaves, ctx = flatten(obj)
-        return [(pytree.GetAttrKey(n), v) for n, v in zip(children, leaves)], ctx
+        return [(pytree.GetAttrKey(n), v) for n, v in zip(present(obj), leaves)], ctx
 
     pytree.register_pytree_node(cls, flatten, unflatten, flatten_with_keys_fn=flatten_with_keys,
                                 serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")

@@ -126,6 +126,28 @@ def test_contiguous_matches_reference(counts, extra, expert_type, dtype, ci, see
 
 
 @settings(max_examples=20)
+@given(st.lists(st.integers(0, 37), min_size=1, max_size=5), st.integers(0, 3), st.integers(1, 40),
+       st.sampled_from(["swiglu", "linear"]), st.sampled_from([torch.float32, torch.float16]),
+       st.sampled_from([torch.int32, torch.int64]), st.sampled_from(range(len(CONFIGS))), st.integers(0, 2 ** 16))
+def test_gathered_matches_contiguous(counts, extra, R, expert_type, dtype, index_dtype, ci, seed):
+    """rows [R, H] read through index [n + extra] (repeats, unread rows) == contiguous on rows[index]."""
+    g = torch.Generator().manual_seed(seed)
+    E, H, I, n = len(counts), 24, 16, sum(counts)
+    w = make_experts(E, H, I, expert_type, dtype, g)
+    rows = torch.randn(R, H, generator=g).to(DEV, dtype)
+    index = torch.randint(0, R, (n + extra,), generator=g).to(DEV, index_dtype)
+    cnt = torch.tensor(counts, device=DEV)
+    out = fm.fused_moe_gathered(rows, index, cnt, w, expert_type, config=CONFIGS[ci], validate=True)
+    assert out.shape == (n + extra, H)
+    want = fm.fused_moe_contiguous(rows[index.long()], cnt, w, expert_type, config=CONFIGS[ci])
+    assert torch.equal(out[:n], want[:n])  # the same tiles on the same values
+    assert_close(out[:n], expert_rows(rows[index[:n].long()], counts, w, expert_type), dtype)
+    if n + extra:
+        with pytest.raises(ValueError, match=r"index must lie in \[0, "):
+            fm.fused_moe_gathered(rows, index - R, cnt, w, expert_type, config=CONFIGS[ci], validate=True)
+
+
+@settings(max_examples=20)
 @given(st.lists(st.integers(0, 20), min_size=1, max_size=5), st.integers(0, 12),
        st.sampled_from(["swiglu", "linear"]), st.sampled_from([torch.float32, torch.float16]),
        st.sampled_from(range(len(CONFIGS))), st.integers(0, 2 ** 16))
@@ -186,6 +208,11 @@ def test_zero_tokens_and_bad_input():
     assert fm.fused_moe(x[:0], ids[:0], tw[:0], w, config=cfg).shape == (0, 16)
     no_rows = torch.zeros(3, dtype=torch.int64, device=DEV)
     assert fm.fused_moe_contiguous(x[:0], no_rows, w, config=cfg).shape == (0, 16)
+    assert fm.fused_moe_gathered(x, ids[:0, 0], no_rows, w, config=cfg).shape == (0, 16)
+    with pytest.raises(TypeError, match="index must be int32 or int64"):
+        fm.fused_moe_gathered(x, ids[:, 0].float(), torch.tensor([2, 1, 1], device=DEV), w, config=cfg)
+    with pytest.raises(ValueError, match="index must have 1 dims"):
+        fm.fused_moe_gathered(x, ids, torch.tensor([2, 1, 1], device=DEV), w, config=cfg)
     with pytest.raises(ValueError, match="expert ids outside"):
         fm.fused_moe(x, ids + 1, tw, w, config=cfg, validate=True)
     with pytest.raises(ValueError, match="expert_type"):

@@ -34,12 +34,14 @@ def _cases() -> list:
 
     put = dict(x_ptr="*bf16", w_ptr="*fp32", has_ptr="*i32", ctr_ptr="*i32", epoch_ptr="*i64", err_addr="i64",
                tok_ptr="*bf16", tok_delta="*i64", meta_ptr="*i32", meta_delta="*i64", wb_ptr="*fp32", wb_delta="*i64")
-    cases = [(f"put_tokens[phys {ids}]", k._put_kernel, {**put, "phys_ptr": ids}, dict(K=8, KP=8, BLOCK=1024))
-             for ids in ("*i32", "*i64")]
+    cases = [(f"put_tokens[phys {ids}, own {own}]", k._put_kernel, {**put, "phys_ptr": ids},
+              dict(K=8, KP=8, OWN_ROWS=own, BLOCK=1024)) for ids in ("*i32", "*i64") for own in (False, True)]
     expand = dict(x_ptr="*bf16", tok_ptr="*bf16", meta_ptr="*i32", cnt_ptr="*i64", base_ptr="*i64", rows_ptr="*i32",
                   counts_ptr="*i64", xe_ptr="*bf16")
-    cases += [(f"expand[masked {m}]", k._expand_kernel, expand, dict(K=8, KP=8, MASKED=m, COUNTS=m, PLB=128,
-                                                                     BLOCK=1024)) for m in (True, False)]
+    cases += [(f"expand[masked {m}]", k._expand_kernel, expand, dict(K=8, KP=8, MASKED=m, COUNTS=m, GATHER=False,
+                                                                     PLB=128, BLOCK=1024)) for m in (True, False)]
+    cases += [("expand[gathered]", k._expand_kernel, {**expand, "xe_ptr": "*i32"},
+               dict(K=8, KP=8, MASKED=False, COUNTS=False, GATHER=True, PLB=128, BLOCK=1024))]
     cases += [
         ("combine", k._combine_kernel, dict(y_ptr="*bf16", rows_ptr="*i32", wb_ptr="*fp32", cnt_ptr="*i64",
                                             comb_ptr="*bf16", comb_delta="*i64"), dict(K=8, KP=8, BLOCK=1024)),
@@ -50,7 +52,20 @@ def _cases() -> list:
                cnt_delta="*i64", timeout_ns="i64")
     cases += [(f"signal_wait[counts {c}]", sy._signal_wait_kernel, sig, dict(STAGE=2, COUNTS=c, PLB=128))
               for c in (True, False)]
-    return cases
+    return cases + _fused_moe_cases()
+
+
+def _fused_moe_cases() -> list:
+    """The grouped GEMM's A_INDEX variants (a gathered batch's first GEMM: SwiGLU up, and linear)."""
+    from kernels import fused_moe_kernel as f
+
+    types = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", sorted_ids_ptr="*i32", block_rows_ptr="*i32",
+                 block_experts_ptr="*i32", used_ptr="*i32")
+    common = dict(b_desc=None, w_ptr=None, A_DIV=1, GATHER_A=True, A_INDEX=True, USE_TMA=False, EVEN_K=True,
+                  BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    return [(f"moe_gemm[{name}, a_index {ids}]", f._moe_gemm_kernel, {**types, "a_index_ptr": ids},
+             {**common, "SCATTER_C": not swiglu, "SWIGLU": swiglu, "MUL_WEIGHT": False, "BLOCK_TABLE": table})
+            for name, swiglu, table in (("up", True, True), ("linear", False, False)) for ids in ("*i32", "*i64")]
 
 
 def compile_all() -> list[str]:

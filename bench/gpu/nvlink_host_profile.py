@@ -26,6 +26,11 @@ from nanomoe_fn.comm.launch import spawn_ranks  # noqa: E402
 from nanomoe_fn.comm.nvlink import NvlinkComm  # noqa: E402
 
 
+def _round(x, routing, comm, placement) -> torch.Tensor:
+    b, h = dispatch(x, routing, comm, placement)
+    return combine(b.materialize(), h, comm)  # a gathered batch (prefill) in batch-row order, as experts return
+
+
 def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     """One rank: warm up, then profile args.rounds eager rounds per token count."""
     os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
@@ -42,13 +47,13 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
         placement = Placement.identity(E, W).to(dev)
         comm = NvlinkComm(T, H, k, E, torch.bfloat16, mode, timeout_s=60)
         for _ in range(5):
-            combine(*dispatch(x, routing, comm, placement), comm)
+            _round(x, routing, comm, placement)
         torch.cuda.synchronize()
         dist.barrier()
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.rounds):
-            combine(*dispatch(x, routing, comm, placement), comm)
+            _round(x, routing, comm, placement)
         prof.disable()
         torch.cuda.synchronize()
         if rank == 0:

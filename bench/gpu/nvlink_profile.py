@@ -58,14 +58,17 @@ def _graph_mean_us(fn, n: int, profile: bool = False) -> tuple[float, str]:
 
 
 def round_trip_phases(comm, placement, routing, x):
-    """One eager round with CUDA events between dispatch and combine -> a callable returning the 3 events."""
+    """One eager round with CUDA events around dispatch and combine (a gathered batch is materialised
+    between them, untimed) -> a callable returning the 4 events."""
     def run():
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         ev[0].record()
         b, h = dispatch(x, routing, comm, placement)
         ev[1].record()
-        combine(b, h, comm)
+        y = b.materialize()
         ev[2].record()
+        combine(y, h, comm)
+        ev[3].record()
         return ev
     return run
 
@@ -77,8 +80,8 @@ def _eager_phases(run, n: int) -> dict:
     dist.barrier()
     evs = [run() for _ in range(n)]
     torch.cuda.synchronize()
-    d = sorted(a.elapsed_time(b) * 1e3 for a, b, _ in evs)
-    c = sorted(b.elapsed_time(e) * 1e3 for _, b, e in evs)
+    d = sorted(e[0].elapsed_time(e[1]) * 1e3 for e in evs)
+    c = sorted(e[2].elapsed_time(e[3]) * 1e3 for e in evs)
     return {"dispatch": round(d[n // 2], 1), "combine": round(c[n // 2], 1)}
 
 
@@ -101,7 +104,7 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
 
         def round_trip(c=comm, p=placement, r=routing, xx=x) -> torch.Tensor:
             b, h = dispatch(xx, r, c, p)
-            return combine(b, h, c)
+            return combine(b.materialize(), h, c)
 
         for _ in range(3):
             round_trip()
@@ -112,8 +115,9 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
             for _ in range(5):
                 with torch.profiler.record_function("dispatch"):
                     b, h = dispatch(x, routing, comm, placement)
+                y = b.materialize()  # a gathered batch (prefill) in batch-row order, as the experts return
                 with torch.profiler.record_function("combine"):
-                    combine(b, h, comm)
+                    combine(y, h, comm)
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
         res = {"mode": mode, "profile": table,  # host side too: where eager calls spend their time
@@ -121,7 +125,7 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
         res["eager_back_to_back_us"] = _eager_phases(round_trip_phases(comm, placement, routing, x), 30)
         if mode == "decode":
             b, h = dispatch(x, routing, comm, placement)
-            combine(b, h, comm)
+            combine(b.materialize(), h, comm)
             res["graph_round_us"], res["graph_profile"] = _graph_mean_us(round_trip, 50, profile=True)
         out[T] = res
         dist.barrier()

@@ -2,7 +2,7 @@
 
 Dimension legend: T tokens on this rank (T <= T_max), k experts per token, H hidden, W ranks, P physical
 slots, P_local = P // W, cap = W * T_max rows per expert (masked layout), U = W * T_max received-token
-rows (source s owns rows s * T_max + t), M rows of the contiguous batch.
+rows (source s owns rows s * T_max + t), M rows of the gathered batch (pairs this rank's experts take).
 
 Each rank allocates the same buffers in torch symmetric memory (CUDA backend, NVLink multicast never
 used) and maps its peers' copies. One dispatch is three kernels (kernels/ep_nvlink*.py):
@@ -11,16 +11,21 @@ used) and maps its peers' copies. One dispatch is three kernels (kernels/ep_nvli
      this rank's pairs of that slot (an atomic counter per slot); codes -1 for pairs elsewhere;
   2. signal_wait: each rank publishes its count row to every peer (rows per slot there, its token count),
      then the flags: after it every peer's tokens, codes and counts are here;
-  3. expand_tokens: each rank copies the received tokens (its own straight from x) into its expert layout;
-     a pair's row there is its expert's first row + the rows of that expert from lower ranks + its index.
+  3. expand_tokens: a pair's row in the expert layout is its expert's first row + the rows of that expert
+     from lower ranks + its index; decode copies each token there (its own straight from x), prefill
+     only writes the row -> token index of a gathered batch.
 Combine: each rank sums the weighted expert rows of every received token (float32) and writes one
 partial row back to the token's rank; that rank adds its W partials (signal_wait between). No count
 exchange has to finish before the tokens move, so the whole dispatch is one round trip.
 
 mode "decode": masked batch [P_local, cap, H] (DeepGEMM's masked layout), no host sync at all, so the
-whole layer can be captured in a CUDA graph. mode "prefill": contiguous batch [M, H]; dispatch_recv
-reads M on the host once, after the tokens arrived (the batch's shape depends on it). Inside one
-expert, the rows of one source come in the order its programs ran (not token order).
+whole layer can be captured in a CUDA graph. mode "prefill": a gathered batch (batch.py): x is this
+comm's receive buffer [U, H] (every token once, this rank's own copied there by put), index [M] names
+the token row of each expert row, so no token is copied k times (the triton expert backend loads its
+rows through the index; the others materialise them). dispatch_recv reads M on the host once, while the
+index is being written. Inside one expert, the rows of one source come in the order its programs ran
+(not token order). The batch's x is overwritten by the next dispatch on this comm: run the experts on it
+before that (combine comes first anyway).
 
 One dispatch in flight per instance: dispatch, its combine, then the next dispatch (overlapped
 micro-batches each take their own NvlinkComm). x must stay unchanged until dispatch_recv returns (this
@@ -45,24 +50,21 @@ from nanomoe_fn.comm.plan import check_dispatch_args
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import Routing
 
-MODES = {"decode": "masked", "prefill": "contiguous"}
+MODES = {"decode": "masked", "prefill": "gathered"}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 STAGES = {2: "dispatch/payload", 3: "combine/payload"}
 
 
 @dataclass(frozen=True, eq=False)
 class NvlinkHandle:
-    """What combine needs: has [T, W] int32 (ranks holding each token's pairs) and which comm and call made
-    it (the received tokens' expert rows stay in the comm's own tables until the next dispatch)."""
+    """What combine needs: has [T, W] int32 (ranks holding each token's pairs), which comm and call made it,
+    and the rows of the expert outputs combine expects (P_local * cap masked, M gathered); the received
+    tokens' expert rows stay in the comm's own tables until the next dispatch."""
 
     has: torch.Tensor
     comm_id: int
     call: int
-
-
-def xe_itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element of dtype."""
-    return torch.empty((), dtype=dtype).element_size()
+    rows: int
 
 
 def contiguous_layout(cnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,19 +78,13 @@ def contiguous_layout(cnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class NvlinkComm:
-    """Expert-parallel dispatch/combine over peer-mapped GPU memory (one host, any number of GPUs).
-
-    prefill_bound_bytes: in prefill mode, when the most rows this rank's experts can receive (W * max_tokens *
-    min(top_k, P_local)) fit in this many bytes, the batch is expanded into a buffer of that size at once and
-    the host reads M while the copy runs (the batch is a view of its first M rows, so the whole buffer lives
-    as long as the batch); larger bounds read M first and allocate exactly M rows.
-    """
+    """Expert-parallel dispatch/combine over peer-mapped GPU memory (one host, any number of GPUs)."""
 
     name = "nvlink"
 
     def __init__(self, max_tokens: int, hidden: int, top_k: int, num_slots: int,
                  dtype: torch.dtype = torch.bfloat16, mode: str = "decode", group: Any = None,
-                 timeout_s: float = 60.0, prefill_bound_bytes: int = 4 << 30) -> None:
+                 timeout_s: float = 60.0) -> None:
         ok, why = self.supports(max_tokens=max_tokens, hidden=hidden, top_k=top_k, num_slots=num_slots, dtype=dtype,
                                 mode=mode, group=group, timeout_s=timeout_s)
         if not ok:
@@ -109,7 +105,6 @@ class NvlinkComm:
         self.max_tokens, self.hidden, self.top_k, self.num_slots = max_tokens, hidden, top_k, num_slots
         self.dtype, self.mode, self.layout = dtype, mode, MODES[mode]
         self.timeout_s, self._timeout_ns = float(timeout_s), int(timeout_s * 1e9)
-        self.prefill_bound_bytes = int(prefill_bound_bytes)
         self.device = torch.device("cuda", torch.cuda.current_device())
         Tm, P_local = max_tokens, num_slots // W
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # peer mappings only, never multicast
@@ -212,7 +207,7 @@ class NvlinkComm:
         x = x.contiguous()
         has = torch.empty((T, self.world_size), dtype=torch.int32, device=self.device)
         self._k.put_tokens(x, phys, weights, has, self._ctr, self.epoch, self._err.data_ptr(), self._bufs,
-                           self.rank, self.max_tokens, self.num_slots)
+                           self.rank, self.max_tokens, self.num_slots, own_rows=self.layout == "gathered")
         self._open, self._calls = True, self._calls + 1
         return x, has
 
@@ -233,19 +228,14 @@ class NvlinkComm:
             self._m_host.copy_(counts.sum(), non_blocking=True)  # the one host read: M, the batch's rows
             self._m_ready.record()
             m_max = W * Tm * min(self.top_k, P_local)  # the most rows one rank's experts can receive
-            if m_max * H * xe_itemsize(self.dtype) <= self.prefill_bound_bytes:
-                # expand into an upper-bound buffer at once; the host reads M while the copy runs
-                xe = torch.empty((m_max, H), dtype=self.dtype, device=self.device)
-                self._k.expand_tokens(x, self._buf("tok"), self._buf("meta"), cnt[0], xe, self._rows, self.rank, Tm,
-                                      base=base)
-                M = self._read_rows(m_max)
-                xe = xe[:M]
-            else:
-                M = self._read_rows(m_max)
-                xe = torch.empty((M, H), dtype=self.dtype, device=self.device)
-                self._k.expand_tokens(x, self._buf("tok"), self._buf("meta"), cnt[0], xe, self._rows, self.rank, Tm,
-                                      base=base)
-        return ExpertBatch(xe, counts, self.layout), NvlinkHandle(has, id(self), self._calls)
+            index = torch.empty(m_max, dtype=torch.int32, device=self.device)
+            # batch row -> token row, written while the host waits for M (no token row is copied)
+            self._k.expand_tokens(x, self._buf("tok"), self._buf("meta"), cnt[0], index, self._rows, self.rank, Tm,
+                                  base=base)
+            M = self._read_rows(m_max)
+            batch = ExpertBatch(self._buf("tok"), counts, "gathered", index[:M])
+            return batch, NvlinkHandle(has, id(self), self._calls, M)
+        return ExpertBatch(xe, counts, self.layout), NvlinkHandle(has, id(self), self._calls, P_local * W * Tm)
 
     def _read_rows(self, m_max: int) -> int:
         """Wait for the copy of M (not for work queued after it) -> M, after checking the error word."""
@@ -263,9 +253,12 @@ class NvlinkComm:
             raise ValueError("handle must come from this NvlinkComm's dispatch_recv")
         if handle.call != self._calls or not self._open:
             raise ValueError("handle is stale: it belongs to an earlier dispatch of this comm")
-        if y.layout != self.layout or y.x.dtype != self.dtype or y.x.shape[-1] != self.hidden:
-            raise ValueError(f"y must be the {self.layout} {self.dtype} batch this comm dispatched, got layout "
-                             f"{y.layout!r} {y.x.dtype} {tuple(y.x.shape)}")
+        want = "contiguous" if self.layout == "gathered" else self.layout  # expert outputs: batch row order
+        if y.layout != want or y.x.dtype != self.dtype or y.x.shape[-1] != self.hidden or \
+                y.x.numel() != handle.rows * self.hidden:
+            raise ValueError(f"y must be the expert outputs of the batch this comm dispatched ({want}, {handle.rows} "
+                             f"rows of {self.hidden}, {self.dtype}), got layout {y.layout!r} {y.x.dtype} "
+                             f"{tuple(y.x.shape)}")
         yf = y.x.reshape(-1, self.hidden).contiguous()
         self._k.combine_tokens(yf, self._rows, self._buf("w"), self._buf("cnt"), self._bufs["comb"], self.rank,
                                self.max_tokens)

@@ -119,8 +119,8 @@ def stamp_handle(comm: Any, batch: ExpertBatch, handle: Handle) -> Handle:
         if len(book.open) > MAX_OPEN_DISPATCHES:
             book.open.discard(min(book.open))
     T, k = handle.topk_weights.shape
-    origin = HandleOrigin(comm_id, call, comm.name, batch.layout, tuple(batch.x.shape[:-1]), batch.x.shape[-1],
-                          batch.x.dtype, T, k)
+    rows = (batch.num_rows,) if batch.layout == "gathered" else tuple(batch.x.shape[:-1])
+    origin = HandleOrigin(comm_id, call, comm.name, batch.layout, rows, batch.x.shape[-1], batch.x.dtype, T, k)
     return replace(handle, origin=origin)
 
 
@@ -134,7 +134,8 @@ def check_pending(ok: bool, comm: Any, pending: Any) -> None:
 def check_combine(comm: Any, y: Any, handle: Any) -> None:
     """Before any exchange (so no peer waits on a rank that refuses): handle is this comm's own,
     from a dispatch not yet combined, and y is the batch that dispatch delivered (layout, rows, H,
-    dtype). ValueError naming `handle` or `y` otherwise (TypeError for a y that is no ExpertBatch)."""
+    dtype; a gathered batch's experts give the contiguous batch [M, H]). ValueError naming `handle` or `y`
+    otherwise (TypeError for a y that is no ExpertBatch)."""
     own = f"this {comm.name} comm's dispatch"
     if not isinstance(y, ExpertBatch):
         raise TypeError(f"y must be an ExpertBatch (expert_ffn's output for the batch {own} delivered), "
@@ -156,8 +157,9 @@ def check_combine(comm: Any, y: Any, handle: Any) -> None:
         raise ValueError(f"handle.topk_weights must be [T={o.tokens}, k={o.top_k}] as dispatched, "
                          f"got {tuple(handle.topk_weights.shape)}")
     want = o.rows + (o.hidden,)
-    if y.layout != o.layout:
-        raise ValueError(f"y must be the {o.layout} ExpertBatch {list(want)} that the handle's dispatch delivered, "
+    layout = "contiguous" if o.layout == "gathered" else o.layout  # expert_ffn's output for a gathered batch
+    if y.layout != layout:
+        raise ValueError(f"y must be the {layout} ExpertBatch {list(want)} that the handle's dispatch delivered, "
                          f"got layout {y.layout!r}")
     check_tensor("y.x", y.x)
     if tuple(y.x.shape) != want or y.x.dtype != o.dtype:
