@@ -74,18 +74,19 @@ def _put_kernel(x_ptr, phys_ptr, w_ptr, has_ptr, ctr_ptr, epoch_ptr, err_addr, t
 
 
 @triton.jit
-def _expand_kernel(x_ptr, tok_ptr, meta_ptr, cnt_ptr, base_ptr, rows_ptr, counts_ptr, xe_ptr, rank, W, T_max, H,
-                   P_local, cap, K: tl.constexpr, KP: tl.constexpr, MASKED: tl.constexpr, COUNTS: tl.constexpr,
-                   GATHER: tl.constexpr, PLB: tl.constexpr, BLOCK: tl.constexpr):
+def _expand_kernel(x_ptr, tok_ptr, meta_ptr, cnt_ptr, base_ptr, rows_ptr, counts_ptr, out_ptr, rank, W, T_max, H,
+                   P_local, cap, K: tl.constexpr, KP: tl.constexpr, MASKED: tl.constexpr, PLB: tl.constexpr,
+                   BLOCK: tl.constexpr):
     # one program per (received token row u, chunk of H), source s = u // T_max: each pair's row in the
-    # expert layout (masked: e * cap + rows of e from lower sources; contiguous: base[s, e]) + within; the
-    # chunk copied to each; chunk 0 records the rows for combine. Program (0, 0) also sums each local
-    # expert's rows over sources (the masked batch's counts).
+    # expert layout + within, the expert's first row being e * cap + rows of e from lower sources (masked)
+    # or base[s, e] (gathered); chunk 0 records the rows for combine. Masked: the chunk is copied to each
+    # row, and program (0, 0) also sums each local expert's rows over sources (the batch's counts).
+    # Gathered (one chunk): out[row] = u, the token row that batch row reads; nothing is copied.
     u = tl.program_id(0).to(tl.int64)
     s = u // T_max
     t = u % T_max
     C1 = P_local + 1
-    if COUNTS:
+    if MASKED:
         if (u == 0) & (tl.program_id(1) == 0):
             ee = tl.arange(0, PLB)
             acc = tl.zeros([PLB], dtype=tl.int64)
@@ -95,7 +96,7 @@ def _expand_kernel(x_ptr, tok_ptr, meta_ptr, cnt_ptr, base_ptr, rows_ptr, counts
     if t < tl.load(cnt_ptr + s * C1 + P_local):
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = offs < H
-        if not GATHER:
+        if MASKED:
             if s == rank:  # loaded first: its latency overlaps the index math below
                 v = tl.load(x_ptr + t * H + offs, mask=m)
             else:
@@ -114,14 +115,14 @@ def _expand_kernel(x_ptr, tok_ptr, meta_ptr, cnt_ptr, base_ptr, rows_ptr, counts
         p = tl.where(here, base + codes % T_max, -1)  # [KP] the pairs' expert rows here
         if tl.program_id(1) == 0:
             tl.store(rows_ptr + u * K + j, p.to(tl.int32), mask=jm)
-        if GATHER:  # the gathered batch: its rows p read token row u (no copy)
-            tl.store(xe_ptr + tl.maximum(p, 0), tl.zeros([KP], dtype=tl.int32) + u.to(tl.int32), mask=p >= 0)
+        if not MASKED:
+            tl.store(out_ptr + tl.maximum(p, 0), tl.zeros([KP], dtype=tl.int32) + u.to(tl.int32), mask=p >= 0)
         elif tl.max(p, axis=0) >= 0:
             # the rows picked out of p in registers, stores unconditional but masked: no branch between them,
             # so they issue back to back (a [KP, BLOCK] tile store would hold KP x BLOCK values and addresses)
             for jj in tl.static_range(K):
                 pj = tl.sum(tl.where(j == jj, p, 0), axis=0)
-                tl.store(xe_ptr + tl.maximum(pj, 0) * H + offs, v, mask=m & (offs * 0 + pj >= 0))
+                tl.store(out_ptr + tl.maximum(pj, 0) * H + offs, v, mask=m & (offs * 0 + pj >= 0))
 
 
 @triton.jit
@@ -209,42 +210,40 @@ def put_tokens(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, has: torch.
                       OWN_ROWS=own_rows, BLOCK=BLOCK_H, num_warps=4)
 
 
-def expand_tokens(x: torch.Tensor, tok: torch.Tensor, meta: torch.Tensor, cnt: torch.Tensor, xe: torch.Tensor,
+def expand_tokens(x: torch.Tensor, tok: torch.Tensor, meta: torch.Tensor, cnt: torch.Tensor, out: torch.Tensor,
                   rows: torch.Tensor, rank: int, t_max: int, counts: torch.Tensor | None = None,
                   base: torch.Tensor | None = None) -> None:
     """Place each received token (rows of source s: the first cnt[s, P_local] of its block of tok [U, H]) in
     the expert layout and record its pairs' rows there in rows [U, k] int32 (-1: none). cnt [W, P_local + 1]
-    int64: per source, rows per local expert, then its token count. Three layouts:
-      masked (counts [P_local] int64 given, written: rows per expert; xe [Q, H]): expert e's rows start at
+    int64: per source, rows per local expert, then its token count. Two layouts:
+      masked (counts [P_local] int64 given, written: rows per expert; out [Q, H]): expert e's rows start at
         e * cap, cap = Q // P_local; the token is copied there (this rank's own tokens from x [T, H]);
-      contiguous (base [W, P_local] int64 given; xe [Q, H]): source s's rows of expert e start at
-        base[s, e]; copied likewise;
-      gathered (base given; xe [Q] int32): no copy, xe[row] = u, the token row that batch row reads
-        (every token, this rank's own too, must be in tok: put_tokens(own_rows=True))."""
+      gathered (base [W, P_local] int64 given: source s's first row of expert e; out [Q] int32): nothing is
+        copied, out[row] = u, the token row that batch row reads (every token, this rank's own too, must be
+        in tok: put_tokens(own_rows=True))."""
     U, H = tok.shape
     W, C1 = cnt.shape
     P_local = C1 - 1
     k = meta.shape[1]
-    gather = xe.dim() == 1
+    masked = counts is not None
+    if masked == (base is not None):
+        raise ValueError("give exactly one of counts (masked layout) and base (gathered layout)")
     check_arg("x", x, (x.shape[0], H), tok.dtype)
     check_arg("meta", meta, (U, k), torch.int32)
     check_arg("cnt", cnt, (W, C1), torch.int64)
-    check_arg("xe", xe, (xe.shape[0],) if gather else (xe.shape[0], H), torch.int32 if gather else tok.dtype)
     check_arg("rows", rows, (U, k), torch.int32)
-    if (counts is None) == (base is None) or (gather and base is None):
-        raise ValueError("give exactly one of counts (masked layout) and base (contiguous or gathered layout)")
-    if counts is not None:
+    if masked:
+        check_arg("out", out, (out.shape[0], H), tok.dtype)
         check_arg("counts", counts, (P_local,), torch.int64)
     else:
+        check_arg("out", out, (out.shape[0],), torch.int32)
         check_arg("base", base, (W, P_local), torch.int64)
     if U != W * t_max:
         raise ValueError(f"tok must have W * t_max = {W * t_max} rows, got {U}")
-    grid = (U, 1 if gather else triton.cdiv(H, BLOCK_H))
-    _expand_kernel[grid](x, tok, meta, cnt, base if base is not None else cnt, rows,
-                         counts if counts is not None else cnt, xe, rank, W, t_max, H, P_local,
-                         xe.shape[0] // max(P_local, 1), K=k, KP=triton.next_power_of_2(k), MASKED=counts is not None,
-                         COUNTS=counts is not None, GATHER=gather, PLB=triton.next_power_of_2(max(1, P_local)),
-                         BLOCK=BLOCK_H, num_warps=4)
+    grid = (U, triton.cdiv(H, BLOCK_H) if masked else 1)
+    _expand_kernel[grid](x, tok, meta, cnt, cnt if masked else base, rows, counts if masked else cnt, out, rank, W,
+                         t_max, H, P_local, out.shape[0] // max(P_local, 1), K=k, KP=triton.next_power_of_2(k),
+                         MASKED=masked, PLB=triton.next_power_of_2(max(1, P_local)), BLOCK=BLOCK_H, num_warps=4)
 
 
 def combine_tokens(y: torch.Tensor, rows: torch.Tensor, wb: torch.Tensor, cnt: torch.Tensor, comb: tuple,

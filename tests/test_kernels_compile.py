@@ -37,11 +37,10 @@ def _cases() -> list:
     cases = [(f"put_tokens[phys {ids}, own {own}]", k._put_kernel, {**put, "phys_ptr": ids},
               dict(K=8, KP=8, OWN_ROWS=own, BLOCK=1024)) for ids in ("*i32", "*i64") for own in (False, True)]
     expand = dict(x_ptr="*bf16", tok_ptr="*bf16", meta_ptr="*i32", cnt_ptr="*i64", base_ptr="*i64", rows_ptr="*i32",
-                  counts_ptr="*i64", xe_ptr="*bf16")
-    cases += [(f"expand[masked {m}]", k._expand_kernel, expand, dict(K=8, KP=8, MASKED=m, COUNTS=m, GATHER=False,
-                                                                     PLB=128, BLOCK=1024)) for m in (True, False)]
-    cases += [("expand[gathered]", k._expand_kernel, {**expand, "xe_ptr": "*i32"},
-               dict(K=8, KP=8, MASKED=False, COUNTS=False, GATHER=True, PLB=128, BLOCK=1024))]
+                  counts_ptr="*i64", out_ptr="*bf16")
+    cases += [("expand[masked]", k._expand_kernel, expand, dict(K=8, KP=8, MASKED=True, PLB=128, BLOCK=1024)),
+              ("expand[gathered]", k._expand_kernel, {**expand, "out_ptr": "*i32"},
+               dict(K=8, KP=8, MASKED=False, PLB=128, BLOCK=1024))]
     cases += [
         ("combine", k._combine_kernel, dict(y_ptr="*bf16", rows_ptr="*i32", wb_ptr="*fp32", cnt_ptr="*i64",
                                             comb_ptr="*bf16", comb_delta="*i64"), dict(K=8, KP=8, BLOCK=1024)),

@@ -1,18 +1,22 @@
 """Where the time of the `nvlink` comm goes: per-kernel device time (torch.profiler) and back-to-back CUDA-graph
 replays (no barrier between them, so rank skew does not count), on 2 GPUs at DeepSeek-V3 dims.
 
-    python bench/gpu/nvlink_profile.py [--tokens 128 4096] [--json PATH]
+    python bench/gpu/nvlink_profile.py [--tokens 128 4096] [--json PATH] [--cprofile ROUNDS]
 
 Rank 0 prints, for each token count: the profiler's per-kernel table (device time per call) of eager
 dispatch+combine rounds, the medians of eager dispatch and combine over 30 rounds back to back (CUDA events,
-no barrier between rounds), and the mean time of N graph replays of dispatch + combine (decode).
+no barrier between rounds), and the mean time of N graph replays of dispatch + combine (decode). With
+--cprofile, also the Python functions where ROUNDS eager rounds spend their host time (cProfile, rank 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import sys
 from datetime import timedelta
 
@@ -85,6 +89,21 @@ def _eager_phases(run, n: int) -> dict:
     return {"dispatch": round(d[n // 2], 1), "combine": round(c[n // 2], 1)}
 
 
+def _host_profile(run, rounds: int) -> str:
+    """cProfile of `rounds` eager rounds (one GPU sync at the end): the top functions by cumulative time."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(rounds):
+        run()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(28)
+    return text.getvalue()
+
+
 def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     """One rank: profile eager rounds, then time graph replays."""
     os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
@@ -123,6 +142,8 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
         res = {"mode": mode, "profile": table,  # host side too: where eager calls spend their time
                "cpu_profile": prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)}
         res["eager_back_to_back_us"] = _eager_phases(round_trip_phases(comm, placement, routing, x), 30)
+        if args.cprofile:
+            res["host_cprofile"] = _host_profile(round_trip, args.cprofile)
         if mode == "decode":
             b, h = dispatch(x, routing, comm, placement)
             combine(b.materialize(), h, comm)
@@ -135,6 +156,8 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
             print(f"=== T={T} {res['mode']}: graph round {graph:.1f} us (mean of 50); "
                   f"eager back to back (median us): {res['eager_back_to_back_us']}")
             print(res["profile"])
+            if res.get("host_cprofile"):
+                print(f"--- T={T}: host time of eager rounds (cProfile)\n{res['host_cprofile'][-6000:]}")
             if res.get("graph_profile"):
                 print(f"--- T={T}: the graph replays under the profiler (per-kernel totals over 50 replays)")
                 print(res["graph_profile"])
@@ -150,6 +173,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
     p.add_argument("--json", default=None)
+    p.add_argument("--cprofile", type=int, default=0, metavar="ROUNDS", help="also cProfile ROUNDS eager rounds")
     args = p.parse_args()
     spawn_ranks(run_rank, 2, None, args)
 
