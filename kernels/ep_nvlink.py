@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import Launcher
+
 BLOCK_H = 1024
 
 
@@ -167,6 +169,11 @@ def _sum_partials_kernel(comb_ptr, has_ptr, out_ptr, W, T_max, H, BLOCK: tl.cons
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
+# launched through kernels/launch.py: the compiled kernel called directly after its first launch
+_PUT, _EXPAND, _COMBINE, _SUM = (Launcher(k) for k in (_put_kernel, _expand_kernel, _combine_kernel,
+                                                       _sum_partials_kernel))
+
+
 def check_arg(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
     """Shape, dtype and contiguity of a kernel argument, with the argument's name in the error."""
     if tuple(t.shape) != tuple(shape):
@@ -205,7 +212,7 @@ def put_tokens(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, has: torch.
         raise ValueError(f"need T <= t_max and num_slots divisible by W, got T={T}, t_max={t_max}, "
                          f"num_slots={num_slots}, W={W}")
     grid = (W, max(T, 1), triton.cdiv(H, BLOCK_H))  # at least one program: it advances the epoch
-    _put_kernel[grid](x, phys, w, has, ctr, epoch, err_addr, tok[0], tok[1], meta[0], meta[1], wb[0], wb[1], rank,
+    _PUT(grid, x, phys, w, has, ctr, epoch, err_addr, tok[0], tok[1], meta[0], meta[1], wb[0], wb[1], rank,
                       T, W, t_max, H, num_slots, num_slots // W, K=k, KP=triton.next_power_of_2(k),
                       OWN_ROWS=own_rows, BLOCK=BLOCK_H, num_warps=4)
 
@@ -241,7 +248,7 @@ def expand_tokens(x: torch.Tensor, tok: torch.Tensor, meta: torch.Tensor, cnt: t
     if U != W * t_max:
         raise ValueError(f"tok must have W * t_max = {W * t_max} rows, got {U}")
     grid = (U, triton.cdiv(H, BLOCK_H) if masked else 1)
-    _expand_kernel[grid](x, tok, meta, cnt, cnt if masked else base, rows, counts if masked else cnt, out, rank, W,
+    _EXPAND(grid, x, tok, meta, cnt, cnt if masked else base, rows, counts if masked else cnt, out, rank, W,
                          t_max, H, P_local, out.shape[0] // max(P_local, 1), K=k, KP=triton.next_power_of_2(k),
                          MASKED=masked, PLB=triton.next_power_of_2(max(1, P_local)), BLOCK=BLOCK_H, num_warps=4)
 
@@ -258,7 +265,7 @@ def combine_tokens(y: torch.Tensor, rows: torch.Tensor, wb: torch.Tensor, cnt: t
     check_arg("cnt", cnt, (U // t_max, C1), torch.int64)
     check_arg("comb buffer", comb[0], (W, t_max, H), y.dtype)
     grid = (U, triton.cdiv(H, BLOCK_H))
-    _combine_kernel[grid](y, rows, wb, cnt, comb[0], comb[1], rank, W, t_max, H, C1 - 1, K=k,
+    _COMBINE(grid, y, rows, wb, cnt, comb[0], comb[1], rank, W, t_max, H, C1 - 1, K=k,
                           KP=triton.next_power_of_2(k), BLOCK=BLOCK_H, num_warps=4)
 
 
@@ -270,4 +277,4 @@ def sum_partials(comb: torch.Tensor, has: torch.Tensor, out: torch.Tensor) -> No
     check_arg("out", out, (T, H), comb.dtype)
     if T == 0:
         return
-    _sum_partials_kernel[(T, triton.cdiv(H, BLOCK_H))](comb, has, out, W, t_max, H, BLOCK=BLOCK_H, num_warps=4)
+    _SUM((T, triton.cdiv(H, BLOCK_H)), comb, has, out, W, t_max, H, BLOCK=BLOCK_H, num_warps=4)

@@ -103,10 +103,26 @@ class HandleOrigin:
 
 
 @dataclass(frozen=True, eq=False)
+class TokenRowPlan:
+    """How a token-row comm (`torch`: one row per (token, destination rank)) moved rows, for its combine.
+
+    pos [T, W] int64: the token's row among the rows sent to rank d (-1: none there). tab [W, C] int64: the
+    count table sent (rows to each rank in column C - 2). pair_rows [R_in, k] int32/int64: per received row,
+    each pair's batch row (-1: on another rank). pair_weights [R_in, k] float32: their weights (0 there).
+    """
+
+    pos: torch.Tensor
+    tab: torch.Tensor
+    pair_rows: torch.Tensor
+    pair_weights: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
 class Handle:
     """Everything combine needs to return expert rows to their tokens and reduce them.
 
-    send_order [N]: flat (t * k + j) index of each sent row, rows in send order (sorted by slot).
+    send_order [N] or None: flat (t * k + j) index of each sent row, rows in send order (sorted by slot);
+    None for token-row comms (see token_rows).
     topk_weights [T, k] float32: the reduction weights.
     recv_order [M] or None: for each row of the expert batch, its index in the received buffer
     (None when the batch rows are the sent rows, as on one rank).
@@ -115,17 +131,19 @@ class Handle:
     buffer (C rows per destination rank).
     pack_index [W * C] or None: fixed-capacity comms only: for each received buffer row, its flat
     index in the masked batch [P_local * W * T_max] (P_local * W * T_max marks an empty row).
+    token_rows: TokenRowPlan or None: token-row comms only (`torch`): the rows' places both ways.
     origin: which comm and dispatch call made the handle and the batch it delivered (host values,
     static in the pytree); None on a handle built by hand, which no comm's combine accepts.
     """
 
-    send_order: torch.Tensor
+    send_order: torch.Tensor | None
     topk_weights: torch.Tensor
     recv_order: torch.Tensor | None = None
     send_splits: tuple[int, ...] | None = None
     recv_splits: tuple[int, ...] | None = None
     slot_pos: torch.Tensor | None = None
     pack_index: torch.Tensor | None = None
+    token_rows: TokenRowPlan | None = None
     origin: HandleOrigin | None = None
 
 
@@ -165,4 +183,6 @@ def to_contiguous(masked: ExpertBatch, like: ExpertBatch) -> ExpertBatch:
 
 
 register_dataclass(ExpertBatch, static=("layout",), optional=("index",))  # index: a child when gathered
-register_dataclass(Handle, static=("send_splits", "recv_splits", "origin"))
+register_dataclass(TokenRowPlan)
+register_dataclass(Handle, static=("send_splits", "recv_splits", "origin"),
+                   optional=("send_order", "recv_order", "slot_pos", "pack_index", "token_rows"))

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from nanomoe_fn import ExpertBatch, Handle, LocalComm, Placement, TorchComm, TorchFixedComm, combine, dispatch
+from nanomoe_fn import ExpertBatch, Handle, LocalComm, Placement, TorchComm, TorchFixedComm, combine
+from nanomoe_fn import dispatch as dispatch_batch
 from nanomoe_fn.batch import to_masked
 from nanomoe_fn.comm.deepep import DeepEPComm, DeepEPHandle
 from nanomoe_fn.comm.launch import free_port
@@ -37,6 +38,13 @@ def inputs(T: int = 6, H: int = 8, E: int = 4, k: int = 2, W: int = 1, seed: int
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32).view(T, k)
     return torch.randn(T, H, generator=g), Routing(ids, torch.rand(T, k, generator=g)), Placement.identity(E, W)
+
+
+def dispatch(x: torch.Tensor, routing: Routing, comm, placement: Placement) -> tuple[ExpertBatch, Handle]:
+    """dispatch with the batch in batch-row order: what identity experts give combine (a gathered batch, as
+    the torch comm delivers, materialised)."""
+    batch, handle = dispatch_batch(x, routing, comm, placement)
+    return batch.materialize(), handle
 
 
 def expected(x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -93,7 +101,7 @@ def test_handle_of_the_other_layout(kind, other):
     comm, foreign = make(kind), make(other)
     batch, _ = dispatch(x, routing, comm, placement)
     _, theirs = dispatch(x, routing, foreign, placement)
-    layout = "masked" if other == "torch_fixed" else "contiguous"
+    layout = {"torch_fixed": "masked", "torch": "gathered"}.get(other, "contiguous")
     with pytest.raises(ValueError, match=rf"^handle comes from another comm \(a {other} comm's dispatch #1 \({layout}"):
         comm.combine_send(batch, theirs)
 
@@ -143,8 +151,9 @@ def test_dispatch_recv_refuses_another_comms_pending(kind):
     x, routing, placement = inputs()
     comm, other = make(kind), make("torch_fixed" if kind == "torch" else "torch")
     pending = other.dispatch_send(x, routing, placement)
+    got = "_Pending" if kind == "torch_fixed" else "tuple"  # the other comm's record
     with pytest.raises(ValueError, match=rf"^pending must be what this {kind} comm's dispatch_send returned, "
-                                         r"got tuple"):
+                                         rf"got {got}"):
         comm.dispatch_recv(pending)
     other.dispatch_recv(pending)
     with pytest.raises(ValueError, match=r"^pending must be .*got Tensor"):

@@ -51,7 +51,24 @@ def _cases() -> list:
                cnt_delta="*i64", timeout_ns="i64")
     cases += [(f"signal_wait[counts {c}]", sy._signal_wait_kernel, sig, dict(STAGE=2, COUNTS=c, PLB=128))
               for c in (True, False)]
-    return cases + _fused_moe_cases()
+    cases += [("count_layout", sy._layout_kernel, dict(cnt_ptr="*i64", counts_ptr="*i64", base_ptr="*i64",
+                                                       m_addr="i64"), dict(WB=2, PLB=128, STORE_M=True))]
+    return cases + _rows_cases() + _fused_moe_cases()
+
+
+def _rows_cases() -> list:
+    """The `torch` comm's token-row kernels (kernels/ep_rows.py)."""
+    from kernels import ep_rows as r
+
+    pack = dict(x_ptr="*bf16", phys_ptr="*i32", w_ptr="*fp32", tab_ptr="*i64", pos_ptr="*i64", rows_ptr="*bf16")
+    return [("rows.pack", r._pack_kernel, pack, dict(K=8, KP=8, BLOCK=1024)),
+            ("rows.unpack", r._unpack_kernel, dict(recv_ptr="*bf16", tab_ptr="*i64", base_ptr="*i64", ctr_ptr="*i64",
+                                                   index_ptr="*i32", prow_ptr="*i32", pw_ptr="*fp32"),
+             dict(K=8, KP=8)),
+            ("rows.partial", r._partial_kernel, dict(y_ptr="*bf16", prow_ptr="*i32", pw_ptr="*fp32", out_ptr="*bf16"),
+             dict(K=8, KP=8, BLOCK=1024)),
+            ("rows.sum_home", r._sum_home_kernel, dict(home_ptr="*bf16", tab_ptr="*i64", pos_ptr="*i64",
+                                                       out_ptr="*bf16"), dict(BLOCK=1024))]
 
 
 def _fused_moe_cases() -> list:

@@ -20,7 +20,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanomoe_fn.comm.nvlink import contiguous_layout
 from nanomoe_fn.placement import Placement
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -35,6 +34,17 @@ def _symmetric(shape: tuple, dtype: torch.dtype, W: int) -> list[tuple[torch.Ten
         delta = [(o.data_ptr() - b.data_ptr()) // b.element_size() for o in bufs]
         out.append((b, torch.tensor(delta, dtype=torch.int64)))
     return out
+
+
+def _count_layout(cnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ep_nvlink_sync.count_layout on cnt [W, P_local + 1] -> (counts, base, M), outputs pre-filled with junk."""
+    from kernels import ep_nvlink_sync
+
+    W, P_local = cnt.shape[0], cnt.shape[1] - 1
+    counts, base = torch.full((P_local,), -9, dtype=torch.int64), torch.full((W, P_local), -9, dtype=torch.int64)
+    m_word = torch.full((1,), -9, dtype=torch.int64)  # stands for the pinned host word
+    ep_nvlink_sync.count_layout(cnt, counts, base, m_word.data_ptr())
+    return counts, base, int(m_word[0])
 
 
 def _publish_counts(ctrs: list[torch.Tensor], cnts: list[torch.Tensor], tokens: list[int], P_local: int) -> None:
@@ -107,8 +117,8 @@ def test_nvlink_exchange_matches_loops(W, P_local, k, layout, H, dtype, redundan
             ep_nvlink.expand_tokens(xs[r], bufs[r]["tok"][0], bufs[r]["meta"][0], cnts[r], xe.view(-1, H), rows, r,
                                     T_max, counts=counts)
         else:  # gathered: only the row -> token index is written; the batch rows are tok[index]
-            counts, base = contiguous_layout(cnts[r])
-            M = int(counts.sum())
+            counts, base, M = _count_layout(cnts[r])
+            assert M == int(counts.sum())
             index = torch.full((M + 3,), -5, dtype=torch.int32)  # an upper bound, as the comm allocates
             ep_nvlink.expand_tokens(xs[r], bufs[r]["tok"][0], bufs[r]["meta"][0], cnts[r], index, rows, r, T_max,
                                     base=base)
@@ -155,12 +165,25 @@ def test_nvlink_exchange_matches_loops(W, P_local, k, layout, H, dtype, redundan
             assert err <= (1e-6 if dtype == torch.float32 else 4e-3), f"rank {r}: combine error {err:.3g}"
 
 
-def test_contiguous_layout_places_sources_in_rank_order_inside_each_expert():
+def test_count_layout_places_sources_in_rank_order_inside_each_expert():
     # 2 sources, 3 local experts: expert 0 gets 2 + 1 rows, expert 1 none, expert 2 gets 0 + 4
-    cnt = torch.tensor([[2, 0, 0, 5], [1, 0, 4, 3]])
-    counts, base = contiguous_layout(cnt)
-    assert counts.tolist() == [3, 0, 4]
+    counts, base, M = _count_layout(torch.tensor([[2, 0, 0, 5], [1, 0, 4, 3]]))
+    assert counts.tolist() == [3, 0, 4] and M == 7
     assert base.tolist() == [[0, 3, 3], [2, 3, 3]]
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 9), st.integers(0, 2**16))
+def test_count_layout_matches_a_loop(W, P_local, seed):
+    cnt = torch.randint(0, 6, (W, P_local + 1), generator=torch.Generator().manual_seed(seed))
+    counts, base, M = _count_layout(cnt)
+    row, want = 0, torch.zeros(W, P_local, dtype=torch.int64)
+    for e in range(P_local):  # experts in order, sources in rank order inside each
+        for s in range(W):
+            want[s, e] = row
+            row += int(cnt[s, e])
+    assert counts.tolist() == cnt[:, :-1].sum(0).tolist() and M == row
+    assert torch.equal(base, want)
 
 
 def test_put_reports_a_slot_out_of_range_and_drops_it():

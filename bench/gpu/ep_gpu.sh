@@ -8,7 +8,7 @@
 #   STAGES="tests dispatch" bash bench/gpu/ep_gpu.sh       # a first call ...
 #   STAGES="layer eplb" bash bench/gpu/ep_gpu.sh           # ... and a second one (each call <= 10 min)
 #
-# Env: STAGES (any of: tests profile dispatch layer eplb), TESTS (tests/gpu/ file stems to run),
+# Env: STAGES (any of: tests profile dispatch layer eplb), TESTS (tests/gpu/ file stems to run), PROFILES,
 # DISPATCH_VARIANTS (bench_dispatch --variants for the headline case; default: all), LAYER_COMMS and
 # PREFILL_COMMS (the comms of the layer stage), TOTAL (seconds the script may take, default 560),
 # OUT (default /tmp/out), WORK (where results/ and logs/ accumulate, default /tmp/ep_gpu), ITERS.
@@ -95,11 +95,15 @@ if has tests; then
   done
 fi
 
-if has profile; then  # where the time goes: nvlink per kernel, the torch comm's host side
-  run_step nvlink_profile 120 python3 bench/gpu/nvlink_profile.py --tokens 128 4096 --json "$RES/nvlink_profile_$TAG.json"
-  if [ -f bench/gpu/torch_comm_profile.py ]; then
-    run_step torch_comm_profile 150 python3 bench/gpu/torch_comm_profile.py --out "$RES"
-  fi
+if has profile; then  # where the time goes: host cost per step, nvlink per kernel, the torch comm's host side
+  for p in ${PROFILES:-host_costs nvlink_profile torch_comm_profile}; do
+    case $p in
+      host_costs) run_step host_costs 120 python3 bench/gpu/host_costs.py --json "$RES/host_costs_$TAG.json" ;;
+      nvlink_profile) run_step nvlink_profile 120 python3 bench/gpu/nvlink_profile.py --tokens 128 4096 \
+                        --json "$RES/nvlink_profile_$TAG.json" ;;
+      torch_comm_profile) run_step torch_comm_profile 150 python3 bench/gpu/torch_comm_profile.py --out "$RES" ;;
+    esac
+  done
 fi
 
 if has dispatch; then

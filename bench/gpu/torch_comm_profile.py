@@ -62,7 +62,7 @@ def _round(comm: TorchComm, x: torch.Tensor, routing: Routing, placement: Placem
            times: list[float] | None = None, label: bool = False) -> torch.Tensor:
     """One dispatch + identity expert + combine; appends the host time of each stage to `times` (s)."""
     steps = (lambda _: comm.dispatch_send(x, routing, placement), comm.dispatch_recv,
-             lambda bh: comm.combine_send(*bh), comm.combine_recv)
+             lambda bh: comm.combine_send(bh[0].materialize(), bh[1]), comm.combine_recv)  # gathered -> rows
     value = None
     for name, step in zip(STAGES, steps):
         t0 = time.perf_counter()

@@ -13,7 +13,8 @@ used) and maps its peers' copies. One dispatch is three kernels (kernels/ep_nvli
      then the flags: after it every peer's tokens, codes and counts are here;
   3. expand_tokens: a pair's row in the expert layout is its expert's first row + the rows of that expert
      from lower ranks + its index; decode copies each token there (its own straight from x), prefill
-     only writes the row -> token index of a gathered batch.
+     only writes the row -> token index of a gathered batch (after count_layout, one program, has turned the
+     count rows into each source's first row per expert and M).
 Combine: each rank sums the weighted expert rows of every received token (float32) and writes one
 partial row back to the token's rank; that rank adds its W partials (signal_wait between). No count
 exchange has to finish before the tokens move, so the whole dispatch is one round trip.
@@ -65,16 +66,6 @@ class NvlinkHandle:
     comm_id: int
     call: int
     rows: int
-
-
-def contiguous_layout(cnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the received count rows cnt [W, P_local + 1] int64: (rows per local expert [P_local], first row of
-    each source's rows of each expert in the contiguous batch [W, P_local]: experts in order, sources in rank
-    order inside each)."""
-    per_src = cnt[:, :-1]  # [W, P_local]
-    counts = per_src.sum(0)
-    first = torch.cumsum(counts, 0) - counts  # [P_local] each expert's first row
-    return counts, (first + torch.cumsum(per_src, 0) - per_src).contiguous()
 
 
 class NvlinkComm:
@@ -136,7 +127,9 @@ class NvlinkComm:
         # the host with no CUDA call and no sync
         self._err = torch.zeros(4, dtype=torch.int32).pin_memory()
         self._err_np = self._err.numpy()
-        self._m_host = torch.zeros(1, dtype=torch.int64).pin_memory()  # prefill: M read back here
+        self._m_host = torch.zeros(1, dtype=torch.int64).pin_memory()  # prefill: M, written there by the GPU
+        self._m_np = self._m_host.numpy()
+        self._base = torch.empty((W, P_local), dtype=torch.int64, device=self.device)  # prefill layout, per call
         self._m_ready = torch.cuda.Event()
         self._calls, self._open = 0, False
         dist.barrier(group=self.group)
@@ -224,14 +217,15 @@ class NvlinkComm:
             self._k.expand_tokens(x, self._buf("tok"), self._buf("meta"), cnt[0], xe.view(-1, H), self._rows,
                                   self.rank, Tm, counts=counts)
         else:
-            counts, base = contiguous_layout(cnt[0])
-            self._m_host.copy_(counts.sum(), non_blocking=True)  # the one host read: M, the batch's rows
+            counts = torch.empty(P_local, dtype=torch.int64, device=self.device)
+            # rows per expert, each source's first rows, and M straight into pinned memory: the one host read
+            self._sync.count_layout(cnt[0], counts, self._base, self._m_host.data_ptr())
             self._m_ready.record()
             m_max = W * Tm * min(self.top_k, P_local)  # the most rows one rank's experts can receive
             index = torch.empty(m_max, dtype=torch.int32, device=self.device)
             # batch row -> token row, written while the host waits for M (no token row is copied)
             self._k.expand_tokens(x, self._buf("tok"), self._buf("meta"), cnt[0], index, self._rows, self.rank, Tm,
-                                  base=base)
+                                  base=self._base)
             M = self._read_rows(m_max)
             batch = ExpertBatch(self._buf("tok"), counts, "gathered", index[:M])
             return batch, NvlinkHandle(has, id(self), self._calls, M)
@@ -241,7 +235,7 @@ class NvlinkComm:
         """Wait for the copy of M (not for work queued after it) -> M, after checking the error word."""
         self._m_ready.synchronize()
         self.check()  # a peer that never arrived: its counts are garbage
-        M = int(self._m_host[0])
+        M = int(self._m_np[0])
         if not 0 <= M <= m_max:
             raise RuntimeError(f"rank {self.rank}: nvlink received {M} rows, outside [0, {m_max}] (corrupt counts)")
         return M

@@ -62,23 +62,34 @@ def reduce_pairs(y: torch.Tensor, handle: Handle, pair_rows: torch.Tensor | None
     """Sum each token's k expert rows with its top-k weights -> [T, H] in y's dtype.
 
     y [R, H]: expert output rows. pair_rows [N = T * k]: the row of y holding pair t * k + j
-    (default: y is in send order, so the inverse of handle.send_order). The sum runs in float32
-    over token chunks: each gathers its T_c * k rows in y's dtype, widens them and takes one
-    [1, k] x [k, H] product per token, so the float32 temporaries stay under chunk_bytes
-    (one [T * k, H] float32 buffer would be 3.7 GB at 16k tokens of DeepSeek-V3).
+    (default: y is in send order, so the inverse of handle.send_order). See weighted_rows.
     """
     T, k = handle.topk_weights.shape
-    H = y.shape[-1]
     if pair_rows is None:
         pair_rows = invert_order(handle.send_order)
-    idx = pair_rows.view(T, k)
-    w = handle.topk_weights.float().unsqueeze(1)  # [T, 1, k]
+    return weighted_rows(y, pair_rows.view(T, k), handle.topk_weights, chunk_bytes=chunk_bytes)
+
+
+def weighted_rows(y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None,
+                  chunk_bytes: int = REDUCE_CHUNK_BYTES) -> torch.Tensor:
+    """out [T, H] in y's dtype, out[t] = sum_j weights[t, j] * y[rows[t, j]] over the j where mask (default
+    all), in float32. y [R, H], rows [T, k], weights [T, k]. The sum runs over token chunks: each gathers
+    its T_c * k rows in y's dtype, widens them and takes one [1, k] x [k, H] product per token, so the float32
+    temporaries stay under chunk_bytes (one [T * k, H] float32 buffer would be 3.7 GB at 16k tokens of
+    DeepSeek-V3). Rows outside the mask are read from row 0 and zeroed (never multiplied: inf * 0 is NaN).
+    """
+    T, k = rows.shape
+    H = y.shape[-1]
+    w = weights.float().unsqueeze(1)  # [T, 1, k]
     out = y.new_empty((T, H))
     step = max(1, chunk_bytes // max(1, 4 * k * H))  # tokens per chunk: a host int, no sync
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
-        rows = y.index_select(0, idx[t0:t1].flatten()).view(t1 - t0, k, H).float()
-        out[t0:t1] = torch.bmm(w[t0:t1], rows).squeeze(1)
+        idx = rows[t0:t1] if mask is None else torch.where(mask[t0:t1], rows[t0:t1], 0)
+        part = y.index_select(0, idx.flatten()).view(t1 - t0, k, H).float()
+        if mask is not None:
+            part = torch.where(mask[t0:t1].unsqueeze(-1), part, 0.0)
+        out[t0:t1] = torch.bmm(w[t0:t1], part).squeeze(1)
     return out
 
 

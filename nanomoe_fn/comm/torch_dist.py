@@ -1,28 +1,30 @@
-"""`torch` comm: dispatch/combine over torch.distributed all_to_all_single (NCCL on GPUs, gloo on CPU).
+"""`torch` comm: dispatch/combine over torch.distributed all-to-all (NCCL on GPUs, gloo on CPU).
 
-Dimension legend: T tokens on this rank, k experts per token, H hidden, W ranks, P_local slots per
-rank, N = T * k rows sent, M rows received, Hw = H * itemsize / 8 (rows moved as 8-byte words).
+Dimension legend: T tokens on this rank, k experts per token, H hidden, W ranks, P slots, P_local = P // W,
+L row length, R_out rows sent, R_in rows received, M batch rows (pairs this rank's experts take).
 
-Dispatch is one count exchange ([W, P_local] ints) and one payload exchange; combine is one payload
-exchange back. The payload split sizes must be known on the host, so dispatch_send reads the counts
-back once: one small D2H copy ([2, W * P_local] ints into pinned memory) and one event synchronize, the
-only host sync of this comm (it is the prefill-style path; comm/torch_fixed.py is the sync-free
-fixed-capacity path for decode). Nothing else waits on the host on GPUs: the count exchange runs on
-the current stream and each payload exchange on NCCL's stream, joined by `Work.wait()` without a
-timeout (a stream wait). A peer that never arrives is caught by the comm's StageWatchdog
-(comm/watchdog.py): an error naming the rank and stage, never a hang. On CPU (gloo) every wait is
-`Work.wait(timeout)` on the host, which raises the same kind of error.
+One row per (token, destination rank) (comm/token_rows.py): a token crosses to a rank once however many
+of its k experts live there, with its slot ids and weights packed into the row, so the receiver needs
+nothing else to place it (k = 8 over 2 ranks: about 4x fewer bytes than one row per pair). Dispatch:
+  1. pack: count this rank's pairs per slot and rows per rank into the count table tab [W, P_local + 2]
+     (with the ids outside [0, P) found here) and write the rows (on GPUs one Triton kernel,
+     kernels/ep_rows.py, into per-destination blocks; on CPUs torch ops);
+  2. exchange the count tables (one small all_to_all_single) and read them on the host: the payload's
+     split sizes must be known there (one D2H copy and one event wait, the only host sync of this comm;
+     on GPUs the batch layout is computed from the received table while the host waits). An id outside
+     [0, P) on any rank is in every rank's table: every rank raises ValueError there, no rows move;
+  3. exchange the rows (all_to_all on GPUs, sent from the blocks; all_to_all_single on CPUs);
+  4. dispatch_recv: the stream waits for the rows, then each pair gets its batch row (experts in order,
+     source ranks in order inside each). The batch is "gathered" (batch.py): x is the received rows
+     [R_in, H] (a view with row stride L), index [M] their batch rows; nothing is copied k times.
+Combine: each received row's pairs are summed with their weights here (float32), one partial row goes
+back to the token's rank (one all_to_all_single), and that rank adds its partial rows.
 
-Order of work on GPUs (one stream unless said): the count exchange and its copy to the host, then the
-sort of the pairs and the row gather (queued behind the copy, so they run while the host waits for
-it), the host read, the payload exchange on NCCL's stream, and one host-to-device copy of the
-per-expert counts and the receive-side order, both built on the host from the counts it read (numpy,
-while the rows travel: no device sort, no small kernels); dispatch_recv is one stream wait and one
-gather. Combine: one scatter back, the exchange, the inverse of the send order (queued while the rows
-travel), the weighted sum. Host work per call is kept to few torch ops (each is a kernel launch on
-GPUs): constant tables (ones, 0..n-1) are cached, int32 ids are sorted as they are. Row copies move
-8-byte words where the row size allows (same bytes, fewer and wider loads): results are
-bit-identical to plain row indexing.
+Nothing else waits on the host on GPUs: the count exchange runs on the current stream, each payload
+exchange on NCCL's stream joined by `Work.wait()` without a timeout (a stream wait). A peer that never
+arrives is caught by the comm's StageWatchdog (comm/watchdog.py): an error naming the rank and stage,
+never a hang. On CPU (gloo) every wait is `Work.wait(timeout)` on the host, which raises the same kind
+of error. The helpers `_a2a`, `_join`, `_table` and `wide_rows` are shared with comm/torch_fixed.py.
 """
 
 from __future__ import annotations
@@ -35,23 +37,38 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanomoe_fn.batch import ExpertBatch, Handle
-from nanomoe_fn.comm.plan import (
-    check_combine,
-    check_dispatch_args,
-    check_pending,
-    reduce_pairs,
-    stamp_handle,
-)
+from nanomoe_fn.batch import ExpertBatch, Handle, TokenRowPlan
+from nanomoe_fn.comm import token_rows
+from nanomoe_fn.comm.plan import check_combine, check_dispatch_args, check_pending, stamp_handle
 from nanomoe_fn.comm.watchdog import StageWatchdog
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import Routing
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # rows the Triton kernels move (GPUs)
 
 
 @dataclass
 class _InFlight:
     work: Any
     stage: str
+
+
+@dataclass
+class _Pending:
+    """What dispatch_send hands to dispatch_recv."""
+
+    inflight: _InFlight
+    recv: torch.Tensor  # [R_in, L]
+    counts: torch.Tensor  # [P_local] rows per local expert
+    base: torch.Tensor | None  # [W, P_local] each source's first batch row per expert (kernel path)
+    tab: torch.Tensor  # [2, W, P_local + 2]: sent, received
+    pos: torch.Tensor  # [T, W]
+    M: int
+    kernels: Any
+    hidden: int
+    hm: int
+    topk_weights: torch.Tensor
+    splits: tuple[tuple[int, ...], tuple[int, ...]]  # rows sent to / received from each rank
 
 
 def _wait(rank: int, timeout_s: float, inflight: _InFlight) -> None:
@@ -76,24 +93,6 @@ def wide_rows(t: torch.Tensor) -> torch.Tensor:
             and (t.storage_offset() * size) % 8 == 0):
         return t.view(torch.int64)
     return t
-
-
-def recv_plan(cnt: np.ndarray, W: int, P_local: int, pin: bool) -> tuple[list[int], list[int], torch.Tensor]:
-    """From the exchanged counts cnt [2, W * P_local] (row 0 sent per slot, row 1 received per (source rank,
-    local expert)): (send splits [W], recv splits [W], plan [P_local + M] int64 on the host, pinned with `pin`)
-    where plan[:P_local] = rows per local expert and plan[P_local:] = recv_order, the received row of each
-    batch row. Received rows come grouped by source rank, then local expert; the batch wants them by expert,
-    then source rank (what a stable sort of their expert ids gives): segment (e, w) of the batch is rows
-    recv_start[w, e] ... of the received buffer."""
-    c = cnt.reshape(2, W, P_local)
-    seg = c[1].T.ravel()  # [P_local * W] rows of segment (e, w), in batch order
-    M = int(seg.sum())
-    recv_start = (np.cumsum(c[1].ravel()) - c[1].ravel()).reshape(W, P_local).T.ravel()  # by (e, w)
-    plan = torch.empty(P_local + M, dtype=torch.int64, pin_memory=pin)
-    out = plan.numpy()
-    out[:P_local] = c[1].sum(0)
-    out[P_local:] = np.repeat(recv_start - (np.cumsum(seg) - seg), seg) + np.arange(M)
-    return c[0].sum(1).tolist(), c[1].sum(1).tolist(), plan
 
 
 class TorchComm:
@@ -177,18 +176,6 @@ class TorchComm:
         else:
             self._host_wait(inflight)
 
-    def _ramp(self, name: str, n: int, device: torch.device) -> torch.Tensor:
-        """First n entries of a cached int64 table, ones ("ones") or 0, 1, 2, ... ("arange"), grown to the next
-        power of two when n outgrows it: one entry per (name, device), so the cache stays flat however T
-        varies. Only for this (never graph-captured) comm: a grown table frees the old one."""
-        t = self._tables.get((name, device))
-        if t is None or t.shape[0] < n:
-            size = 1 << max(6, (n - 1).bit_length())
-            self._tables.pop((name, device), None)
-            t = self._table((name, device), lambda: torch.ones(size, dtype=torch.int64, device=device)
-                            if name == "ones" else torch.arange(size, device=device))
-        return t[:n]
-
     def _start_read(self, cnt: torch.Tensor, stage: str) -> Any:
         """Start the one host read of cnt [2, W * P_local]. GPU: a non-blocking copy into pinned memory and an
         event (which the watchdog polls too); work queued after this does not delay the read."""
@@ -212,73 +199,127 @@ class TorchComm:
             self.check()  # an absent peer: the error, not the garbage counts
         return self._host_splits.numpy()
 
-    def _phys(self, x: torch.Tensor, routing: Routing, placement: Placement) -> torch.Tensor:
-        """Checks; the physical slot of each (token, k) pair, flat [N] (int32 or int64)."""
+    def _phys(self, x: torch.Tensor, routing: Routing, placement: Placement, values: bool = True) -> torch.Tensor:
+        """Checks (ids' values too with `values`); the physical slot of each (token, k) pair, flat [N]."""
         self.check()
-        check_dispatch_args(x, routing, placement)
+        check_dispatch_args(x, routing, placement, values=values)
         if placement.world_size != self.world_size:
             raise ValueError(f"placement.world_size ({placement.world_size}) must equal the process "
                              f"group's world size ({self.world_size})")
-        # identity: the ids are the slots, int32 or int64 as given (no widening copy: index_add_ and the
-        # stable argsort take either and give the same counts and order)
+        # identity: the ids are the slots, int32 or int64 as given (no widening copy)
         ids = routing.topk_ids if placement.is_identity else placement.physical_ids(routing.topk_ids, self.rank)
         return ids.reshape(-1)
 
+    @staticmethod
+    def _kernels(x: torch.Tensor) -> Any:
+        """The Triton kernels (kernels/ep_rows.py) for rows of x on a GPU, else None (torch ops)."""
+        if x.is_cuda and x.dtype in KERNEL_DTYPES:
+            from kernels import ep_nvlink_sync, ep_rows  # Triton: imported only on GPUs
+
+            return ep_rows, ep_nvlink_sync
+        return None
+
     def dispatch_send(self, x: torch.Tensor, routing: Routing, placement: Placement) -> Any:
-        """Exchange counts, read them (the one host sync), start the payload exchange."""
-        phys = self._phys(x, routing, placement)
-        W, P_local, k, dev = self.world_size, placement.local_experts, routing.topk_ids.shape[1], x.device
-        on_gpu = x.is_cuda
-        cnt = torch.zeros((2, W * P_local), dtype=torch.int64, device=dev)  # row 0: rows sent per slot; 1: received
-        cnt[0].index_add_(0, phys, self._ramp("ones", phys.shape[0], dev))
-        # GPU: on the current stream (async_op=False launches there, no host wait); its completion is
-        # watched through the host read. CPU: a host wait with the timeout.
-        exchange = self._a2a(cnt[1], cnt[0], None, None, "dispatch/counts", async_op=not on_gpu)
+        """Pack the token rows, exchange and read the count tables (the one host sync), start the rows."""
+        # ids outside [0, P) are found by pack and reported by every rank after the count exchange; a
+        # non-identity placement looks the ids up in its tables first, so they are checked before that
+        phys = self._phys(x, routing, placement, values=not placement.is_identity)
+        (T, k), H, W, P_local = routing.topk_ids.shape, x.shape[1], self.world_size, placement.local_experts
+        dev, on_gpu, kern = x.device, x.is_cuda, self._kernels(x)
+        hm, L = token_rows.row_layout(H, x.dtype, k)
+        phys = phys.view(T, k)
+        w = routing.topk_weights.to(torch.float32).contiguous()
+        tab = torch.zeros((2, W, P_local + 2), dtype=torch.int64, device=dev)  # [sent, received]
+        if kern is not None:
+            pos, rows = torch.empty((T, W), dtype=torch.int64, device=dev), x.new_empty((W * T, L))
+            kern[0].pack_rows(x.contiguous(), phys.contiguous(), w, tab[0], pos, rows, hm)
+        else:
+            sent, pos, rows = token_rows.pack_rows(x, phys, w, P_local, W, hm, L)
+            tab[0].copy_(sent)
+        # GPU: on the current stream (async_op=False launches there, no host wait); watched through the read
+        exchange = self._a2a(tab[1], tab[0], None, None, "dispatch/counts", async_op=not on_gpu)
         if not on_gpu:
             self._host_wait(exchange)
-        read = self._start_read(cnt, "dispatch/counts")
-        # queued behind the read, so on GPUs they run while the host waits for it
-        send_order = torch.argsort(phys, stable=True)  # [N]: pairs sorted by slot (rank, then local expert)
-        rows = wide_rows(x).index_select(0, send_order // k)  # [N, Hw]
-        send_splits, recv_splits, plan = recv_plan(self._finish_read(read), W, P_local, on_gpu)
-        recv = rows.new_empty((plan.shape[0] - P_local, rows.shape[1]))  # [M, Hw]
-        inflight = self._a2a(recv, rows, recv_splits, send_splits, "dispatch/payload")
-        # the per-expert counts and the receive-side order, built on the host from the counts it read (no
-        # sort on the device), go over in one copy, queued while the payload travels on NCCL's stream
-        plan = plan.to(dev, non_blocking=True)  # [P_local + M]
-        counts, recv_order = plan[:P_local], plan[P_local:]
-        handle = Handle(send_order, routing.topk_weights, recv_order, tuple(send_splits), tuple(recv_splits))
-        return inflight, recv, counts, handle, x.dtype
+        base = None
+        if kern is not None:  # the batch layout from the received table, queued while the host waits
+            counts = torch.empty(P_local, dtype=torch.int64, device=dev)
+            base = torch.empty((W, P_local), dtype=torch.int64, device=dev)
+            kern[1].count_layout(tab[1], counts, base)
+        host = self._finish_read(self._start_read(tab, "dispatch/counts"))  # [2, W, P_local + 2]
+        bad = host[1, :, P_local + 1]
+        if bad.any():
+            ranks = [r for r in range(W) if bad[r]]
+            raise ValueError(f"rank {self.rank}: routing.topk_ids holds expert ids outside [0, {W * P_local}) on "
+                             f"rank(s) {ranks} ({int(bad.sum())} ids; found by dispatch, no rows were sent)")
+        send_splits, recv_splits = host[0, :, P_local].tolist(), host[1, :, P_local].tolist()
+        if kern is None:
+            counts = torch.from_numpy(host[1, :, :P_local].sum(0)).to(dev)
+        recv = x.new_empty((sum(recv_splits), L))
+        if kern is not None:  # rows leave from their destinations' blocks of T rows
+            ins = [rows[d * T: d * T + n] for d, n in enumerate(send_splits)]
+            inflight = self._a2a_list(list(recv.split(recv_splits)), ins, "dispatch/payload")
+        else:
+            inflight = self._a2a(recv, rows, recv_splits, send_splits, "dispatch/payload")
+        return _Pending(inflight, recv, counts, base, tab, pos, int(host[1, :, :P_local].sum()), kern, H, hm,
+                        routing.topk_weights, (tuple(send_splits), tuple(recv_splits)))
+
+    def _a2a_list(self, outs: list[torch.Tensor], ins: list[torch.Tensor], stage: str) -> _InFlight:
+        """all_to_all of per-rank tensors (NCCL), asynchronous."""
+        try:
+            work = dist.all_to_all(outs, ins, group=self.group, async_op=True)
+        except RuntimeError as err:
+            raise TimeoutError(f"rank {self.rank}: EP stage '{stage}' could not reach its peers: "
+                               f"{str(err).splitlines()[0]}") from err
+        return _InFlight(work, stage)
 
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, Handle]:
-        """Join the payload exchange and gather the received rows into expert order."""
-        check_pending(isinstance(pending, tuple) and len(pending) == 5 and isinstance(pending[3], Handle)
-                      and pending[3].recv_order is not None, self, pending)
-        inflight, recv, counts, handle, dtype = pending
+        """Join the row exchange and give each received pair its batch row (a gathered batch)."""
+        check_pending(isinstance(pending, _Pending), self, pending)
+        p = pending
         self.check()
-        self._join(inflight, recv.device)
-        batch_x = recv.index_select(0, handle.recv_order).view(dtype)  # [M, H]
-        batch = ExpertBatch(batch_x, counts)
+        self._join(p.inflight, p.recv.device)
+        R, k, dev = p.recv.shape[0], p.topk_weights.shape[1], p.recv.device
+        P_local = p.counts.shape[0]
+        if p.kernels is not None:
+            index = torch.empty(p.M, dtype=torch.int32, device=dev)
+            pair_rows = torch.empty((R, k), dtype=torch.int32, device=dev)
+            pair_weights = torch.empty((R, k), dtype=torch.float32, device=dev)
+            ctr = torch.zeros(self.world_size * P_local, dtype=torch.int64, device=dev)
+            p.kernels[0].unpack_rows(p.recv, p.tab[1], p.base, ctr, index, pair_rows, pair_weights, self.rank, p.hm)
+        else:
+            index, pair_rows, pair_weights = token_rows.unpack_rows(p.recv, p.M, P_local, self.rank, p.hm, k)
+        batch = ExpertBatch(p.recv[:, :p.hidden], p.counts, "gathered", index)  # rows of stride L
+        plan = TokenRowPlan(p.pos, p.tab[0], pair_rows, pair_weights)
+        handle = Handle(None, p.topk_weights, None, p.splits[0], p.splits[1], token_rows=plan)
         return batch, stamp_handle(self, batch, handle)
 
     def combine_send(self, y: ExpertBatch, handle: Handle) -> Any:
-        """Put rows back in received order and start sending them home."""
+        """Sum each received row's pairs with their weights here and send the partial rows home."""
         self.check()
         check_combine(self, y, handle)  # host only, before the exchange: a refusing rank leaves no peer waiting
-        if handle.recv_order is None or handle.send_splits is None or handle.recv_splits is None:
-            raise ValueError("handle must come from TorchComm.dispatch_recv (it has no split tables)")
-        yw = wide_rows(y.x.contiguous())
-        back = torch.empty_like(yw).index_copy_(0, handle.recv_order, yw)  # back[recv_order[i]] = y[i]
-        home = yw.new_empty((sum(handle.send_splits), yw.shape[1]))
-        inflight = self._a2a(home, back, list(handle.send_splits), list(handle.recv_splits), "combine/payload")
-        # row of `home` per pair (inv[send_order[i]] = i, as plan.invert_order), queued while rows travel
-        order = handle.send_order
-        pair_rows = torch.empty_like(order).index_copy_(0, order, self._ramp("arange", order.shape[0], order.device))
-        return inflight, home, handle, pair_rows, y.x.dtype
+        plan = handle.token_rows
+        if plan is None or handle.send_splits is None or handle.recv_splits is None:
+            raise ValueError("handle must come from TorchComm.dispatch_recv (it has no token-row plan)")
+        yx = y.x.contiguous()
+        kern = self._kernels(yx)
+        if kern is not None:
+            part = yx.new_empty((plan.pair_rows.shape[0], yx.shape[1]))
+            kern[0].partial_rows(yx, plan.pair_rows, plan.pair_weights, part)
+        else:
+            part = token_rows.partial_rows(yx, plan.pair_rows, plan.pair_weights)
+        home = part.new_empty((sum(handle.send_splits), part.shape[1]))
+        inflight = self._a2a(home, part, list(handle.send_splits), list(handle.recv_splits), "combine/payload")
+        return inflight, home, handle
 
     def combine_recv(self, pending: Any) -> torch.Tensor:
-        """Join the exchange and reduce this rank's rows with the top-k weights -> [T, H]."""
-        inflight, home, handle, pair_rows, dtype = pending
+        """Join the exchange and add each token's partial rows -> [T, H]."""
+        inflight, home, handle = pending
         self.check()
         self._join(inflight, home.device)
-        return reduce_pairs(home.view(dtype), handle, pair_rows)
+        plan = handle.token_rows
+        kern = self._kernels(home)
+        if kern is None:
+            return token_rows.sum_home(home, plan.tab[:, -2], plan.pos)
+        out = home.new_empty((plan.pos.shape[0], home.shape[1]))
+        kern[0].sum_home(home, plan.tab, plan.pos, out)
+        return out
