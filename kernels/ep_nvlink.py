@@ -184,15 +184,28 @@ def check_arg(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | Non
         raise ValueError(f"{name} must be contiguous")
 
 
+def check_put_buffers(ctr: torch.Tensor, epoch: torch.Tensor, bufs: dict, W: int, t_max: int, H: int, k: int,
+                      dtype: torch.dtype, num_slots: int) -> None:
+    """The buffers put_tokens writes (a comm checks them once, when it makes them)."""
+    check_arg("ctr", ctr, (num_slots,), torch.int32)
+    check_arg("epoch", epoch, (1,), torch.int64)
+    check_arg("tok buffer", bufs["tok"][0], (W * t_max, H), dtype)
+    check_arg("meta buffer", bufs["meta"][0], (W * t_max, k), torch.int32)
+    check_arg("w buffer", bufs["w"][0], (W * t_max, k), torch.float32)
+    if num_slots % max(W, 1):
+        raise ValueError(f"num_slots ({num_slots}) must be divisible by W ({W})")
+
+
 def put_tokens(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, has: torch.Tensor, ctr: torch.Tensor,
                epoch: torch.Tensor, err_addr: int, bufs: dict, rank: int, t_max: int, num_slots: int,
-               own_rows: bool = False) -> None:
+               own_rows: bool = False, buffers_checked: bool = False) -> None:
     """Send each token x [T, H] to every rank d owning one of its slots phys [T, k] (int32/int64): its row
     (peers only, unless own_rows) at rank * T_max + t of d's "tok", its pair codes (module docstring) and
     weights w [T, k] float32 into d's "meta" / "w" (rows of tokens with no pair on d get codes -1). Writes
     has [T, W] int32 (1: token t has a pair on d), counts this rank's pairs per slot into ctr [P] int32
     (zero before; the codes' `within`), adds 1 to epoch [1] int64, and reports a slot outside [0, P) as
-    (stage 4, -1) in the int32 error word at err_addr. bufs: name -> (local buffer, delta [W] int64)."""
+    (stage 4, -1) in the int32 error word at err_addr. bufs: name -> (local buffer, delta [W] int64).
+    buffers_checked: ctr, epoch and bufs passed check_put_buffers already (a comm's own, fixed buffers)."""
     T, H = x.shape
     W = has.shape[1] if has.dim() == 2 else 0
     k = phys.shape[1] if phys.dim() == 2 else 0
@@ -202,19 +215,15 @@ def put_tokens(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, has: torch.
         raise TypeError(f"phys must be int32 or int64, got {phys.dtype}")
     check_arg("w", w, (T, k), torch.float32)
     check_arg("has", has, (T, W), torch.int32)
-    check_arg("ctr", ctr, (num_slots,), torch.int32)
-    check_arg("epoch", epoch, (1,), torch.int64)
-    tok, meta, wb = (bufs[n] for n in ("tok", "meta", "w"))
-    check_arg("tok buffer", tok[0], (W * t_max, H), x.dtype)
-    check_arg("meta buffer", meta[0], (W * t_max, k), torch.int32)
-    check_arg("w buffer", wb[0], (W * t_max, k), torch.float32)
-    if T > t_max or num_slots % max(W, 1):
-        raise ValueError(f"need T <= t_max and num_slots divisible by W, got T={T}, t_max={t_max}, "
-                         f"num_slots={num_slots}, W={W}")
+    if not buffers_checked:
+        check_put_buffers(ctr, epoch, bufs, W, t_max, H, k, x.dtype, num_slots)
+    if T > t_max:
+        raise ValueError(f"need T <= t_max, got T={T}, t_max={t_max}")
+    tok, meta, wb = bufs["tok"], bufs["meta"], bufs["w"]
     grid = (W, max(T, 1), triton.cdiv(H, BLOCK_H))  # at least one program: it advances the epoch
-    _PUT(grid, x, phys, w, has, ctr, epoch, err_addr, tok[0], tok[1], meta[0], meta[1], wb[0], wb[1], rank,
-                      T, W, t_max, H, num_slots, num_slots // W, K=k, KP=triton.next_power_of_2(k),
-                      OWN_ROWS=own_rows, BLOCK=BLOCK_H, num_warps=4)
+    _PUT(grid, x, phys, w, has, ctr, epoch, err_addr, tok[0], tok[1], meta[0], meta[1], wb[0], wb[1], rank, T, W,
+         t_max, H, num_slots, num_slots // W, K=k, KP=triton.next_power_of_2(k), OWN_ROWS=own_rows, BLOCK=BLOCK_H,
+         num_warps=4)
 
 
 def expand_tokens(x: torch.Tensor, tok: torch.Tensor, meta: torch.Tensor, cnt: torch.Tensor, out: torch.Tensor,
@@ -248,9 +257,9 @@ def expand_tokens(x: torch.Tensor, tok: torch.Tensor, meta: torch.Tensor, cnt: t
     if U != W * t_max:
         raise ValueError(f"tok must have W * t_max = {W * t_max} rows, got {U}")
     grid = (U, triton.cdiv(H, BLOCK_H) if masked else 1)
-    _EXPAND(grid, x, tok, meta, cnt, cnt if masked else base, rows, counts if masked else cnt, out, rank, W,
-                         t_max, H, P_local, out.shape[0] // max(P_local, 1), K=k, KP=triton.next_power_of_2(k),
-                         MASKED=masked, PLB=triton.next_power_of_2(max(1, P_local)), BLOCK=BLOCK_H, num_warps=4)
+    _EXPAND(grid, x, tok, meta, cnt, cnt if masked else base, rows, counts if masked else cnt, out, rank, W, t_max,
+            H, P_local, out.shape[0] // max(P_local, 1), K=k, KP=triton.next_power_of_2(k), MASKED=masked,
+            PLB=triton.next_power_of_2(max(1, P_local)), BLOCK=BLOCK_H, num_warps=4)
 
 
 def combine_tokens(y: torch.Tensor, rows: torch.Tensor, wb: torch.Tensor, cnt: torch.Tensor, comb: tuple,
@@ -265,8 +274,8 @@ def combine_tokens(y: torch.Tensor, rows: torch.Tensor, wb: torch.Tensor, cnt: t
     check_arg("cnt", cnt, (U // t_max, C1), torch.int64)
     check_arg("comb buffer", comb[0], (W, t_max, H), y.dtype)
     grid = (U, triton.cdiv(H, BLOCK_H))
-    _COMBINE(grid, y, rows, wb, cnt, comb[0], comb[1], rank, W, t_max, H, C1 - 1, K=k,
-                          KP=triton.next_power_of_2(k), BLOCK=BLOCK_H, num_warps=4)
+    _COMBINE(grid, y, rows, wb, cnt, comb[0], comb[1], rank, W, t_max, H, C1 - 1, K=k, KP=triton.next_power_of_2(k),
+             BLOCK=BLOCK_H, num_warps=4)
 
 
 def sum_partials(comb: torch.Tensor, has: torch.Tensor, out: torch.Tensor) -> None:

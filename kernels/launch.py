@@ -36,7 +36,9 @@ def _hooks_set() -> bool:
     except ImportError:  # a Triton without knobs has no such hooks to honour
         return False
     rt = knobs.runtime
-    return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
+    # None (older Triton) or a HookChain with no calls (newer) means none is set
+    return any(h is not None and bool(getattr(h, "calls", True))
+               for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
 def spec_key(args: tuple) -> tuple | None:

@@ -123,6 +123,7 @@ class NvlinkComm:
             self._handles.append(hdl)
             self._bufs[n] = (t, delta)
         self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
+        ep_nvlink.check_put_buffers(self._ctr, self.epoch, self._bufs, W, Tm, hidden, top_k, dtype, num_slots)
         # error word [set, stage, peer, 0] in pinned host memory the kernels write directly (UVA), read by
         # the host with no CUDA call and no sync
         self._err = torch.zeros(4, dtype=torch.int32).pin_memory()
@@ -200,7 +201,8 @@ class NvlinkComm:
         x = x.contiguous()
         has = torch.empty((T, self.world_size), dtype=torch.int32, device=self.device)
         self._k.put_tokens(x, phys, weights, has, self._ctr, self.epoch, self._err.data_ptr(), self._bufs,
-                           self.rank, self.max_tokens, self.num_slots, own_rows=self.layout == "gathered")
+                           self.rank, self.max_tokens, self.num_slots, own_rows=self.layout == "gathered",
+                           buffers_checked=True)
         self._open, self._calls = True, self._calls + 1
         return x, has
 
