@@ -19,11 +19,14 @@ fails is listed under "failed" and the exit code is non-zero.
 Each rank checks every variant first: dispatch then combine with an identity expert returns
 sum_k(w) * x, and the per-expert counts equal the pairs this rank's experts must receive (from all
 ranks' routing). Timing: each iteration (after a barrier) calls dispatch then combine, CUDA events
-around each; reported is the slowest rank's median. Between them, untimed, the identity experts: a
-gathered batch (nvlink prefill) is materialised into batch-row order, as an expert backend's output
-would be; other batches are passed on as they are. Sync-free variants (torch_fixed, nvlink decode,
-deepep_ll) also time CUDA-graph replays: graph_dispatch_us, graph_combine_us and graph_round_us
-(one graph of dispatch + combine, what a decode layer pays).
+around each; reported is the slowest rank's median (the start-up skew the barrier leaves between ranks
+counts: the rank that starts first waits for its peers). On GPUs the same calls are also timed back to
+back, no barrier between iterations (b2b_dispatch_us, b2b_combine_us, b2b_gbps): the steady state of a
+layer loop, ranks in lockstep, host time between the calls still counted. Between dispatch and combine,
+untimed, the identity experts: a gathered batch (nvlink prefill, torch) is materialised into batch-row
+order, as an expert backend's output would be; other batches are passed on as they are. Sync-free
+variants (torch_fixed, nvlink decode, deepep_ll) also time CUDA-graph replays: graph_dispatch_us,
+graph_combine_us and graph_round_us (one graph of dispatch + combine, what a decode layer pays).
 GB/s per rank = bytes of the rows a rank receives, one row per (token, destination rank), local rows
 included (DeepEP's accounting), H * itemsize bytes each, over the dispatch time; the same bytes for
 every variant (mean over ranks). `pair_rows` = rows per (token, k) pair received, for reference.
@@ -144,6 +147,14 @@ class _Run:
             return f"rank {self.rank}: combine(dispatch(x)) != sum_k(w) * x: {' '.join(str(err).splitlines()[1:3])}"
         return ""
 
+    def b2b_fields(self, t: list[tuple[float, float]]) -> dict:
+        """Rows of eager calls timed back to back (no barrier between iterations): the slowest rank's medians."""
+        med = slowest([statistics.median(v[0] for v in t), statistics.median(v[1] for v in t)], self.device)
+        out = {"b2b_dispatch_us": round(med[0] * 1e6, 2), "b2b_gbps": sig(self.bytes_per_rank / med[0] / 1e9)}
+        if med[1] > 0:
+            out.update(b2b_combine_us=round(med[1] * 1e6, 2), b2b_combine_gbps=sig(self.bytes_per_rank / med[1] / 1e9))
+        return out
+
     def add_row(self, variant: str, t_d: list[float], t_c: list[float] | None, extra: dict) -> None:
         med = slowest([statistics.median(t_d), statistics.median(t_c) if t_c else 0.0], self.device)
         row = {"case": self.case_dict(), "variant": variant, "median_us": round(med[0] * 1e6, 2),
@@ -226,9 +237,12 @@ def _comm_variant(run: _Run, variant: str) -> None:
         def identity_experts() -> None:  # untimed: a gathered batch's rows, in batch order (what experts return)
             state["y"] = state["bh"][0].materialize()
 
-        t = time_pair(d, lambda: combine(state["y"], state["bh"][1], comm), run.device, run.args.warmup,
-                      run.args.iters, dist.barrier, middle=identity_experts)
+        c = lambda: combine(state["y"], state["bh"][1], comm)  # noqa: E731
+        t = time_pair(d, c, run.device, run.args.warmup, run.args.iters, dist.barrier, middle=identity_experts)
         extra = {"mode": opts["mode"]} if "mode" in opts else {}
+        if run.device.type == "cuda":
+            extra.update(run.b2b_fields(time_back_to_back(d, c, run.device, run.args.warmup, run.args.iters,
+                                                          dist.barrier, middle=identity_experts)))
         graphable = variant in SYNC_FREE or (variant == "nvlink" and opts["mode"] == "decode")
         if graphable and run.device.type == "cuda" and not run.args.no_graph:
             extra.update(_graph_fields(run, comm, variant))
@@ -249,9 +263,12 @@ def _a2a_variant(run: _Run, variant: str) -> None:
     send = run.x.repeat_interleave(k, 0)[torch.argsort(phys, stable=True)]
     recv = send.new_empty((int(recv_splits.sum()), H))
     ss, rs = send_splits.tolist(), recv_splits.tolist()
-    t = time_pair(lambda: dist.all_to_all_single(recv, send, rs, ss), None, run.device, run.args.warmup,
-                  run.args.iters, dist.barrier)
-    run.add_row(variant, [v[0] for v in t], None, {})
+    a2a = lambda: dist.all_to_all_single(recv, send, rs, ss)  # noqa: E731
+    t = time_pair(a2a, None, run.device, run.args.warmup, run.args.iters, dist.barrier)
+    extra = {}
+    if run.device.type == "cuda":
+        extra = run.b2b_fields(time_back_to_back(a2a, None, run.device, run.args.warmup, run.args.iters, dist.barrier))
+    run.add_row(variant, [v[0] for v in t], None, extra)
 
 
 def _peer_variant(run: _Run, variant: str) -> None:
@@ -268,7 +285,7 @@ def _peer_variant(run: _Run, variant: str) -> None:
     if not all_ranks_ok(not err_msg, run.device):
         run.fail(variant, "peer", ranks_errors(err_msg))
         return
-    run.add_row(variant, [v[0] for v in t], [v[1] for v in t], {})
+    run.add_row(variant, [v[0] for v in t[0]], [v[1] for v in t[0]], run.b2b_fields(t[1]))
 
 
 def _one_case(case: tuple, rank: int, W: int, device: torch.device, args: argparse.Namespace) -> _Run:
@@ -327,6 +344,8 @@ def _print_table(rows: list[dict]) -> None:
         c = r["case"]
         graph = "" if "graph_round_us" not in r else (
             f"  graph {r['graph_dispatch_us']:.1f}/{r['graph_combine_us']:.1f} round {r['graph_round_us']:.1f} us")
+        b2b = "" if "b2b_dispatch_us" not in r else f"  b2b {r['b2b_dispatch_us']:.1f}/{r.get('b2b_combine_us', 0):.1f}"
+        graph += b2b
         print(f"{c['phase']:7s} E={c['experts']:3d} k={c['top_k']} H={c['hidden']:5d} T={c['tokens']:5d} "
               f"{r['variant']:13s} dispatch {r['dispatch_us']:9.1f} us  combine "
               f"{r.get('combine_us', float('nan')):9.1f} us  {r['gbps']:8.2f} GB/s/rank{graph}")

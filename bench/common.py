@@ -204,30 +204,36 @@ def time_events(fn: Callable[[], object], device: torch.device, warmup: int, ite
 
 
 def time_back_to_back(first: Callable[[], object], second: Callable[[], object] | None, device: torch.device,
-                      warmup: int, iters: int, barrier: Callable[[], None] | None = None) -> list[tuple[float, float]]:
+                      warmup: int, iters: int, barrier: Callable[[], None] | None = None,
+                      middle: Callable[[], object] | None = None) -> list[tuple[float, float]]:
     """Like time_pair, but the iterations run back to back with no sync or barrier between them (one
-    barrier before): the steady state of a decode loop, where every rank replays in lockstep, so the
-    start-up skew between ranks that a per-iteration barrier leaves in each sample is not counted.
-    For CUDA-graph replays (the host only launches); CUDA events between the calls."""
+    barrier before): the steady state of a layer loop, where every rank runs in lockstep, so the start-up
+    skew between ranks that a per-iteration barrier leaves in each sample is not counted. CUDA events
+    around first and second (middle runs between them, untimed); host time that leaves the GPU idle
+    between the events counts. GPUs only."""
     for _ in range(warmup):
         first()
+        if middle is not None:
+            middle()
         if second is not None:
             second()
     sync(device)
     if barrier is not None:
         barrier()
         sync(device)
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * iters + 1)]
-    for i in range(iters):
-        ev[2 * i].record()
+    ev = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(iters)]
+    for e in ev:
+        e[0].record()
         first()
-        ev[2 * i + 1].record()
+        e[1].record()
+        if middle is not None:
+            middle()
+        e[2].record()
         if second is not None:
             second()
-    ev[-1].record()
-    ev[-1].synchronize()
-    return [(ev[2 * i].elapsed_time(ev[2 * i + 1]) * 1e-3, ev[2 * i + 1].elapsed_time(ev[2 * i + 2]) * 1e-3)
-            for i in range(iters)]
+        e[3].record()
+    ev[-1][3].synchronize()
+    return [(e[0].elapsed_time(e[1]) * 1e-3, e[2].elapsed_time(e[3]) * 1e-3) for e in ev]
 
 
 def time_pair(first: Callable[[], object], second: Callable[[], object] | None, device: torch.device,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench.common import all_ranks_ok, ranks_errors, time_pair
+from bench.common import all_ranks_ok, ranks_errors, time_back_to_back, time_pair
 
 VARIANTS = ("deepep_raw", "deepep_ll_raw")
 LL_HIDDEN = (2048, 2560, 4096, 5120, 6144, 7168, 8192)  # DeepEP v1.2.1 SWITCH_HIDDEN (csrc/kernels/launch.cuh)
@@ -50,7 +50,7 @@ def supports(variant: str, case: tuple, dtype: torch.dtype, device: torch.device
     return True, ""
 
 
-def _normal(run: Any, warmup: int, iters: int) -> tuple[list[tuple[float, float]], str]:
+def _normal(run: Any, warmup: int, iters: int) -> tuple[tuple[list, list], str]:
     import deep_ep
 
     group, W, E = dist.group.WORLD, run.W, run.case[1]
@@ -83,7 +83,8 @@ def _normal(run: Any, warmup: int, iters: int) -> tuple[list[tuple[float, float]
         if not why and not torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2):
             why = f"rank {run.rank}: combine(dispatch(x)) != x * ranks per token"
         ok = all_ranks_ok(not why, run.device)  # every rank times, or none does
-        times = time_pair(d, c, run.device, warmup, iters, dist.barrier) if ok else []
+        times = (time_pair(d, c, run.device, warmup, iters, dist.barrier),
+                 time_back_to_back(d, c, run.device, warmup, iters, dist.barrier)) if ok else ([], [])
         why = "" if ok else ranks_errors(why)
     finally:
         torch.cuda.synchronize()
@@ -92,7 +93,7 @@ def _normal(run: Any, warmup: int, iters: int) -> tuple[list[tuple[float, float]
     return times, why
 
 
-def _low_latency(run: Any, warmup: int, iters: int) -> tuple[list[tuple[float, float]], str]:
+def _low_latency(run: Any, warmup: int, iters: int) -> tuple[tuple[list, list], str]:
     import deep_ep
 
     group, W, E, T = dist.group.WORLD, run.W, run.case[1], run.case[4]
@@ -115,7 +116,8 @@ def _low_latency(run: Any, warmup: int, iters: int) -> tuple[list[tuple[float, f
         d()
         why = run.check(c(), state["recv_count"])
         ok = all_ranks_ok(not why, run.device)  # every rank times, or none does
-        times = time_pair(d, c, run.device, warmup, iters, dist.barrier) if ok else []
+        times = (time_pair(d, c, run.device, warmup, iters, dist.barrier),
+                 time_back_to_back(d, c, run.device, warmup, iters, dist.barrier)) if ok else ([], [])
         why = "" if ok else ranks_errors(why)
     finally:
         torch.cuda.synchronize()
@@ -124,9 +126,10 @@ def _low_latency(run: Any, warmup: int, iters: int) -> tuple[list[tuple[float, f
     return times, why
 
 
-def run(variant: str, bench_run: Any, warmup: int, iters: int) -> tuple[list[tuple[float, float]], str]:
+def run(variant: str, bench_run: Any, warmup: int, iters: int) -> tuple[tuple[list, list], str]:
     """Check, then time, one raw peer on bench_dispatch's case state (x, routing, expected counts);
-    returns ([(dispatch s, combine s)] per iteration, '' or why the check failed)."""
+    returns (([(dispatch s, combine s)] per iteration with a barrier before each, the same back to back),
+    '' or why the check failed)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     return (_normal if variant == "deepep_raw" else _low_latency)(bench_run, warmup, iters)

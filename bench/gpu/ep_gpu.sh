@@ -9,7 +9,8 @@
 #   STAGES="layer eplb" bash bench/gpu/ep_gpu.sh           # ... and a second one (each call <= 10 min)
 #
 # Env: STAGES (any of: tests profile dispatch layer eplb), TESTS (tests/gpu/ file stems to run), PROFILES,
-# DISPATCH_VARIANTS (bench_dispatch --variants for the headline case; default: all), LAYER_COMMS and
+# DISPATCH_VARIANTS (bench_dispatch --variants for the headline case; default: all), DISPATCH_TABLE=0 (skip
+# the public-table cases), LAYER_COMMS and
 # PREFILL_COMMS (the comms of the layer stage), TOTAL (seconds the script may take, default 560),
 # OUT (default /tmp/out), WORK (where results/ and logs/ accumulate, default /tmp/ep_gpu), ITERS.
 # $OUT gets only results.tgz (results/<bench>_<case>_h200x2.json), logs.tgz and summary.txt.
@@ -119,7 +120,7 @@ if has dispatch; then
   else
     echo "SKIP   dispatch_headline_peers (deep_ep does not import)" | tee -a "$STATUS"
   fi
-  [ -z "${DISPATCH_VARIANTS:-}" ] && run_step dispatch_table 240 $D --cases table --json "$RES/dispatch_table_$TAG.json"
+  [ -z "${DISPATCH_VARIANTS:-}" ] && [ "${DISPATCH_TABLE:-1}" != 0 ] && run_step dispatch_table 240 $D --cases table --json "$RES/dispatch_table_$TAG.json"
 fi
 
 if has layer; then
@@ -178,6 +179,7 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         if rec.get("bench") == "dispatch":
             g = f" graph {r['graph_dispatch_us']}/{r['graph_combine_us']} round {r['graph_round_us']}" \
                 if "graph_round_us" in r else (f" graph_error={r['graph_error'][:60]}" if "graph_error" in r else "")
+            g += f" b2b {r['b2b_dispatch_us']}/{r.get('b2b_combine_us', 0)} ({r['b2b_gbps']} GB/s)" if "b2b_gbps" in r else ""
             print(f"  {c['phase']:7s} T={c['tokens']:5d} H={c['hidden']:5d} E={c['experts']:3d} {r['variant']:13s} "
                   f"d {r['dispatch_us']:8.1f} c {r.get('combine_us', 0):8.1f} us {r['gbps']:7.1f} GB/s{g}")
         else:
