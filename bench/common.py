@@ -209,8 +209,9 @@ def time_back_to_back(first: Callable[[], object], second: Callable[[], object] 
     """Like time_pair, but the iterations run back to back with no sync or barrier between them (one
     barrier before): the steady state of a layer loop, where every rank runs in lockstep, so the start-up
     skew between ranks that a per-iteration barrier leaves in each sample is not counted. CUDA events
-    around first and second (middle runs between them, untimed); host time that leaves the GPU idle
-    between the events counts. GPUs only."""
+    around first and second (middle runs between them, untimed; without middle, second's span runs to
+    the next iteration's start, two events per iteration as CUDA-graph replays need: host calls between
+    replays would show as GPU idle time); host time that leaves the GPU idle counts. GPUs only."""
     for _ in range(warmup):
         first()
         if middle is not None:
@@ -221,19 +222,30 @@ def time_back_to_back(first: Callable[[], object], second: Callable[[], object] 
     if barrier is not None:
         barrier()
         sync(device)
-    ev = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(iters)]
-    for e in ev:
+    if middle is None:  # two events per iteration: fewer host calls between replays (graphs are host-light)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * iters + 1)]
+        for i in range(iters):
+            ev[2 * i].record()
+            first()
+            ev[2 * i + 1].record()
+            if second is not None:
+                second()
+        ev[-1].record()
+        ev[-1].synchronize()
+        return [(ev[2 * i].elapsed_time(ev[2 * i + 1]) * 1e-3, ev[2 * i + 1].elapsed_time(ev[2 * i + 2]) * 1e-3)
+                for i in range(iters)]
+    ev4 = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(iters)]
+    for e in ev4:
         e[0].record()
         first()
         e[1].record()
-        if middle is not None:
-            middle()
+        middle()
         e[2].record()
         if second is not None:
             second()
         e[3].record()
-    ev[-1][3].synchronize()
-    return [(e[0].elapsed_time(e[1]) * 1e-3, e[2].elapsed_time(e[3]) * 1e-3) for e in ev]
+    ev4[-1][3].synchronize()
+    return [(e[0].elapsed_time(e[1]) * 1e-3, e[2].elapsed_time(e[3]) * 1e-3) for e in ev4]
 
 
 def time_pair(first: Callable[[], object], second: Callable[[], object] | None, device: torch.device,
