@@ -121,6 +121,35 @@ def run_overflow(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def run_bad_ids(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Rank 1 dispatches an expert id outside [0, E) through the torch comm: every rank saves its error,
+    then every rank runs a good round on the same comm (it must still work) and saves whether it matched."""
+    _init(rank, world_size, port, 30)
+    try:
+        from nanomoe_fn import Routing, combine, dispatch
+
+        E, k, H, T = 4 * world_size, 2, 8, 5
+        g = torch.Generator().manual_seed(rank)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+        w, x = torch.rand(T, k, generator=g), torch.randn(T, H, generator=g)
+        bad = ids.clone()
+        if rank == 1:
+            bad[2, 1] = E + 5
+        comm, placement = TorchComm(timeout_s=5), Placement.identity(E, world_size)
+        try:
+            dispatch(x, Routing(bad, w), comm, placement)
+            message = "no error"
+        except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
+            message = f"{type(err).__name__}: {err}"
+        batch, handle = dispatch(x, Routing(ids, w), comm, placement)
+        out = combine(batch.materialize(), handle, comm)  # identity experts
+        ok = torch.allclose(out, x * w.sum(1, keepdim=True), rtol=1e-5, atol=1e-6)
+        with open(os.path.join(out_dir, f"bad_ids_rank{rank}.txt"), "w") as f:
+            f.write(f"{ok}\n{message}")
+    finally:
+        dist.destroy_process_group()
+
+
 def skewed_case(world_size: int, rank: int) -> tuple[MoEConfig, MoEParams, torch.Tensor]:
     """4 experts per rank; the router favours rank 0's experts (sharper logits), so load is skewed."""
     case = dict(cfg=dict(hidden=16, intermediate=8, num_experts=4 * world_size, top_k=2, n_shared_experts=1),

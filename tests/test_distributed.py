@@ -107,6 +107,17 @@ def test_fixed_capacity_overflow_is_an_error_on_every_rank(tmp_path):
         assert message.startswith("ValueError") and "rank_capacity=1" in message and f"rank {rank}" in message, message
 
 
+def test_torch_comm_reports_bad_ids_on_every_rank_and_stays_usable(tmp_path):
+    # rank 1 holds an id outside [0, 8): both ranks learn it from the count exchange and raise, no rows move
+    mp.start_processes(dist_worker.run_bad_ids, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    for rank in range(2):
+        ok, message = (tmp_path / f"bad_ids_rank{rank}.txt").read_text().split("\n", 1)
+        assert message.startswith(f"ValueError: rank {rank}: routing.topk_ids holds expert ids outside [0, 8) on "
+                                  f"rank(s) [1] (1 ids"), message
+        assert ok == "True", f"rank {rank}: the round after the refused one was wrong"
+
+
 def test_tolerances_are_not_vacuous():
     # the distributed comparison above uses these; make sure they would catch a wrong expert
     cfg_case = draw_cases(2, 1, seed=0)[0]
