@@ -24,7 +24,7 @@ Nothing else waits on the host on GPUs: the count exchange runs on the current s
 exchange on NCCL's stream joined by `Work.wait()` without a timeout (a stream wait). A peer that never
 arrives is caught by the comm's StageWatchdog (comm/watchdog.py): an error naming the rank and stage,
 never a hang. On CPU (gloo) every wait is `Work.wait(timeout)` on the host, which raises the same kind
-of error. The helpers `_a2a`, `_join`, `_table` and `wide_rows` are shared with comm/torch_fixed.py.
+of error. The helpers `_a2a`, `_join` and `_table` are shared with comm/torch_fixed.py.
 """
 
 from __future__ import annotations
@@ -85,18 +85,8 @@ def _wait(rank: int, timeout_s: float, inflight: _InFlight) -> None:
         raise TimeoutError(f"rank {rank}: EP stage '{inflight.stage}' timed out after {timeout_s:g}s")
 
 
-def wide_rows(t: torch.Tensor) -> torch.Tensor:
-    """t [R, H] viewed as 8-byte words [R, Hw] when its rows allow (same bytes), else t itself.
-    Row gathers/scatters then copy 8 bytes per element instead of 2 (bf16)."""
-    size = t.element_size()
-    if (t.dim() == 2 and size < 8 and t.is_contiguous() and (t.shape[1] * size) % 8 == 0
-            and (t.storage_offset() * size) % 8 == 0):
-        return t.view(torch.int64)
-    return t
-
-
 class TorchComm:
-    """all_to_all_single dispatch/combine over an initialised torch.distributed process group.
+    """All-to-all dispatch/combine of token rows over an initialised torch.distributed process group.
 
     timeout_s: how long a stage may wait for peers (on GPUs keep it below the process group's own
     timeout, the backstop; see comm/watchdog.py). After a timeout the comm is unusable: every call
@@ -116,7 +106,7 @@ class TorchComm:
         self.timeout_s = float(timeout_s)
         self.watchdog = StageWatchdog(self.rank, self.timeout_s, group)
         self._tables: dict[tuple, torch.Tensor] = {}  # constant index tables by (name, sizes, device)
-        self._host_splits: torch.Tensor | None = None  # pinned [2, W * P_local] int64: the one host read
+        self._host_splits: torch.Tensor | None = None  # pinned count tables [2, W, C] int64: the one host read
         self._failed: TimeoutError | None = None  # a failed host wait (CPU path): every later call raises it
 
     @staticmethod
@@ -177,8 +167,8 @@ class TorchComm:
             self._host_wait(inflight)
 
     def _start_read(self, cnt: torch.Tensor, stage: str) -> Any:
-        """Start the one host read of cnt [2, W * P_local]. GPU: a non-blocking copy into pinned memory and an
-        event (which the watchdog polls too); work queued after this does not delay the read."""
+        """Start the one host read of the count tables cnt [2, W, C]. GPU: a non-blocking copy into pinned
+        memory and an event (which the watchdog polls too); work queued after this does not delay the read."""
         if not cnt.is_cuda:
             return cnt.numpy()
         if self._host_splits is None or self._host_splits.shape != cnt.shape:
@@ -190,7 +180,7 @@ class TorchComm:
         return done
 
     def _finish_read(self, started: Any) -> np.ndarray:
-        """Wait for the read (one event synchronize, no polling loop) -> the counts [2, W * P_local] (numpy)."""
+        """Wait for the read (one event synchronize, no polling loop) -> the count tables [2, W, C] (numpy)."""
         if isinstance(started, np.ndarray):
             return started
         try:
