@@ -10,8 +10,7 @@
 #
 # Env: STAGES (any of: tests profile dispatch layer eplb), TESTS (tests/gpu/ file stems to run), PROFILES,
 # DISPATCH_VARIANTS (bench_dispatch --variants for the headline case; default: all), DISPATCH_TABLE=0 (skip
-# the public-table cases), LAYER_COMMS and
-# PREFILL_COMMS (the comms of the layer stage), TOTAL (seconds the script may take, default 560),
+# the public-table cases), LAYER_COMMS and PREFILL_COMMS (the comms of the layer stage; - for none), TOTAL (seconds the script may take, default 560),
 # OUT (default /tmp/out), WORK (where results/ and logs/ accumulate, default /tmp/ep_gpu), ITERS.
 # $OUT gets only results.tgz (results/<bench>_<case>_h200x2.json), logs.tgz and summary.txt.
 set -uo pipefail
@@ -128,19 +127,23 @@ if has layer; then
   L="python3 bench/bench_ep_moe_multi.py --world-size 2 --backend nccl --dtype bfloat16 --timeout 60"
   graph_flag() { case $1 in torch_fixed|nvlink|deepep_ll) echo --cuda-graph ;; esac; }
   for c in ${LAYER_COMMS:-torch torch_fixed nvlink deepep deepep_ll}; do  # seed default shape: 256 linear experts, H 2048, 128 tok
+    [ "$c" = - ] && continue  # LAYER_COMMS=- : none
     run_step "ep_moe_multi_seed_$c" 120 $L --expert-type linear --mode triton --comm $c $(graph_flag $c) \
       --json "$RES/ep_moe_multi_seed_${c}_$TAG.json"
   done
   for c in ${LAYER_COMMS:-torch torch_fixed nvlink deepep deepep_ll}; do  # the README's small sizes
+    [ "$c" = - ] && continue
     run_step "ep_moe_multi_small_$c" 90 $L --expert-type linear --mode triton --batch-size 8 --hidden-dim 256 \
       --comm $c $(graph_flag $c) --json "$RES/ep_moe_multi_small_${c}_$TAG.json"
   done
   V3="--expert-type swiglu --hidden-dim 7168 --intermediate-dim 2048 --num-experts 256 --mode triton"
   for c in ${LAYER_COMMS:-torch torch_fixed nvlink deepep deepep_ll}; do  # DeepSeek-V3 dims, 128 local experts per rank
+    [ "$c" = - ] && continue
     run_step "ep_moe_multi_v3_t128_$c" 150 $L $V3 --batch-size 128 --comm $c $(graph_flag $c) \
       --json "$RES/ep_moe_multi_v3_t128_${c}_$TAG.json"
   done
   for c in ${PREFILL_COMMS:-torch nvlink deepep}; do  # prefill: the decode-only comms (torch_fixed, deepep_ll) are left out
+    [ "$c" = - ] && continue
     run_step "ep_moe_multi_v3_t4096_$c" 180 $L $V3 --batch-size 4096 --comm $c \
       --json "$RES/ep_moe_multi_v3_t4096_${c}_$TAG.json"
   done

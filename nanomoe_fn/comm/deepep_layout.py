@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from nanomoe_fn.comm.plan import REDUCE_CHUNK_BYTES
+from nanomoe_fn.comm.plan import REDUCE_CHUNK_BYTES, weighted_rows
+from nanomoe_fn.comm.token_rows import KERNEL_DTYPES
 
 MODES = ("normal", "low_latency")
 # csrc/kernels/launch.cuh SWITCH_HIDDEN: the hidden sizes the low-latency kernels are compiled for
@@ -141,25 +142,21 @@ def token_weighted_sum(y: torch.Tensor, pair_rows: torch.Tensor, weights: torch.
 
     y [M, H] expert outputs (batch rows); pair_rows [R * k] from expert_order (M = no expert here);
     weights [R, k] float32 (DeepEP's recv_topk_weights). Pairs without a row add exactly 0 (masked,
-    never multiplied, so a non-finite row cannot leak into other tokens). Float32 sums over token
-    chunks keep the temporaries under chunk_bytes, as plan.reduce_pairs does.
+    never multiplied, so a non-finite row cannot leak into other tokens). Float32 sums: on GPUs with
+    bf16/fp16/fp32 rows one Triton kernel that reads each row once (kernels/ep_rows.py, the `torch` comm's
+    partial sums); elsewhere plan.weighted_rows over token chunks (temporaries under chunk_bytes).
     """
     R, k = weights.shape
     M, H = y.shape
-    out = y.new_empty((R, H))
-    if R == 0:
-        return out
+    if R == 0 or M == 0:  # no local pair at all (then R == 0 for real DeepEP output; kept total for safety)
+        return y.new_zeros((R, H))
     idx = pair_rows.view(R, k)
     have = idx < M
-    w = torch.where(have, weights.float(), torch.zeros((), dtype=torch.float32, device=weights.device))
-    safe = idx.clamp_max(max(M - 1, 0))
-    step = max(1, chunk_bytes // max(1, 4 * k * H))  # tokens per chunk: a host int, no sync
-    for t0 in range(0, R, step):
-        t1 = min(R, t0 + step)
-        if M == 0:  # no local pair at all (then R == 0 for real DeepEP output; kept total for safety)
-            out[t0:t1] = 0
-            continue
-        rows = y.index_select(0, safe[t0:t1].flatten()).view(t1 - t0, k, H).float()
-        rows.masked_fill_(~have[t0:t1].unsqueeze(-1), 0.0)
-        out[t0:t1] = torch.bmm(w[t0:t1].unsqueeze(1), rows).squeeze(1)
-    return out
+    if y.is_cuda and y.dtype in KERNEL_DTYPES:
+        from kernels import ep_rows  # Triton: imported only on GPUs
+
+        out = y.new_empty((R, H))
+        ep_rows.partial_rows(y.contiguous(), torch.where(have, idx, -1).to(torch.int32),
+                             weights.to(torch.float32).contiguous(), out)
+        return out
+    return weighted_rows(y, idx.clamp_max(M - 1), weights, mask=have, chunk_bytes=chunk_bytes)

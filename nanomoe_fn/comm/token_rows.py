@@ -22,6 +22,7 @@ import torch
 from nanomoe_fn.comm.plan import weighted_rows
 
 META_BYTES_PER_PAIR = 8  # int32 slot id + float32 weight
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # rows the Triton kernels take (GPUs)
 
 
 def row_layout(hidden: int, dtype: torch.dtype, top_k: int) -> tuple[int, int]:

@@ -44,8 +44,6 @@ from nanomoe_fn.comm.watchdog import StageWatchdog
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import Routing
 
-KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # rows the Triton kernels move (GPUs)
-
 
 @dataclass
 class _InFlight:
@@ -203,7 +201,7 @@ class TorchComm:
     @staticmethod
     def _kernels(x: torch.Tensor) -> Any:
         """The Triton kernels (kernels/ep_rows.py) for rows of x on a GPU, else None (torch ops)."""
-        if x.is_cuda and x.dtype in KERNEL_DTYPES:
+        if x.is_cuda and x.dtype in token_rows.KERNEL_DTYPES:
             from kernels import ep_nvlink_sync, ep_rows  # Triton: imported only on GPUs
 
             return ep_rows, ep_nvlink_sync
