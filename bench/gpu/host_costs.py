@@ -114,7 +114,7 @@ class StepTimer:
             setattr(owner, attr, self._wrap(fn, label))
         self.on = False
 
-    def _wrap(self, fn, label):
+    def _wrap(self, fn: object, label: str) -> object:
         def timed(*a, **kw):
             t = time.perf_counter()
             try:
@@ -125,10 +125,12 @@ class StepTimer:
         return timed
 
     def restore(self) -> None:
+        """Put the original functions back."""
         for owner, attr, fn in reversed(self._saved):
             setattr(owner, attr, fn)
 
     def medians(self) -> dict:
+        """Median host us per wrapped function."""
         return {k: round(statistics.median(v), 1) for k, v in self.times.items()}
 
 

@@ -10,9 +10,10 @@ crosses to a rank once however many of its k experts live there (DeepEP's normal
 per pair. The count table tab [W, P_local + 2] int64 holds, per destination rank d: this rank's pairs per
 local expert of d, its rows to d, and the ids outside [0, P) found on this rank (in every row).
 
-These are the torch-op versions (any device, any dtype, rows sent in token order); on GPUs with bf16,
-fp16 or fp32 rows the comm runs the Triton kernels of kernels/ep_rows.py instead (rows in the order the
-programs ran, sent from per-destination blocks). tests/test_token_rows.py checks one against the other.
+These are the torch-op versions (any device, any dtype, rows sent in token order; pack and unpack read
+sizes on the host, a sync on GPUs: they are the CPU path); on GPUs with bf16, fp16 or fp32 rows the comm
+runs the Triton kernels of kernels/ep_rows.py instead (rows in the order the programs ran, sent from
+per-destination blocks). tests/test_token_rows.py checks one against the other.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # rows the Trito
 
 def row_layout(hidden: int, dtype: torch.dtype, top_k: int) -> tuple[int, int]:
     """(HM, L): where the pair data starts and the row length, in elements of dtype (16-byte aligned)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     hm = -(-hidden * size // 16) * 16 // size
     meta = -(-top_k * META_BYTES_PER_PAIR // 16) * 16 // size
     return hm, hm + meta
