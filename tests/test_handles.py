@@ -146,6 +146,16 @@ def test_handle_not_from_a_dispatch(kind):
         comm.combine_send(batch, replace(handle, topk_weights=handle.topk_weights[:5]))
 
 
+def test_torch_combine_refuses_the_gathered_batch_itself():
+    x, routing, placement = inputs()
+    comm = make("torch")
+    batch, handle = dispatch_batch(x, routing, comm, placement)
+    assert batch.layout == "gathered" and batch.x.stride(0) > batch.x.shape[1]  # received rows, packed pair data after
+    with pytest.raises(ValueError, match=r"^y must be the contiguous ExpertBatch \[12, 8\] .*got layout 'gathered'"):
+        comm.combine_send(batch, handle)
+    torch.testing.assert_close(combine(batch.materialize(), handle, comm), expected(x, routing))
+
+
 @pytest.mark.parametrize("kind", ["torch", "torch_fixed"])
 def test_dispatch_recv_refuses_another_comms_pending(kind):
     x, routing, placement = inputs()
