@@ -203,6 +203,17 @@ def time_events(fn: Callable[[], object], device: torch.device, warmup: int, ite
     return [t[0] for t in time_pair(fn, None, device, warmup, iters, barrier)]
 
 
+def _warm(first: Callable[[], object], middle: Callable[[], object] | None, second: Callable[[], object] | None,
+          warmup: int) -> None:
+    """warmup untimed rounds of first, middle, second (the last two when given)."""
+    for _ in range(warmup):
+        first()
+        if middle is not None:
+            middle()
+        if second is not None:
+            second()
+
+
 def time_back_to_back(first: Callable[[], object], second: Callable[[], object] | None, device: torch.device,
                       warmup: int, iters: int, barrier: Callable[[], None] | None = None,
                       middle: Callable[[], object] | None = None) -> list[tuple[float, float]]:
@@ -212,12 +223,7 @@ def time_back_to_back(first: Callable[[], object], second: Callable[[], object] 
     around first and second (middle runs between them, untimed; without middle, second's span runs to
     the next iteration's start, two events per iteration as CUDA-graph replays need: host calls between
     replays would show as GPU idle time); host time that leaves the GPU idle counts. GPUs only."""
-    for _ in range(warmup):
-        first()
-        if middle is not None:
-            middle()
-        if second is not None:
-            second()
+    _warm(first, middle, second, warmup)
     sync(device)
     if barrier is not None:
         barrier()
@@ -254,12 +260,7 @@ def time_pair(first: Callable[[], object], second: Callable[[], object] | None, 
     """Per iteration (seconds of first(), seconds of second()) with the two called back to back, as a
     layer calls dispatch then combine; second may be None (0.0 is returned for it). middle, when given,
     runs between them untimed (the experts' place). CUDA events on GPUs, wall time on the CPU."""
-    for _ in range(warmup):
-        first()
-        if middle is not None:
-            middle()
-        if second is not None:
-            second()
+    _warm(first, middle, second, warmup)
     sync(device)
     cuda = device.type == "cuda"
     out = []

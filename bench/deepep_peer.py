@@ -83,14 +83,19 @@ def _normal(run: Any, warmup: int, iters: int) -> tuple[tuple[list, list], str]:
         if not why and not torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2):
             why = f"rank {run.rank}: combine(dispatch(x)) != x * ranks per token"
         ok = all_ranks_ok(not why, run.device)  # every rank times, or none does
-        times = (time_pair(d, c, run.device, warmup, iters, dist.barrier),
-                 time_back_to_back(d, c, run.device, warmup, iters, dist.barrier)) if ok else ([], [])
+        times = _time_both(d, c, run, warmup, iters) if ok else ([], [])
         why = "" if ok else ranks_errors(why)
     finally:
         torch.cuda.synchronize()
         dist.barrier()
         buf.destroy()
     return times, why
+
+
+def _time_both(d: Any, c: Any, run: Any, warmup: int, iters: int) -> tuple[list, list]:
+    """(per-call times with a barrier before each, the same back to back) of dispatch d and combine c."""
+    return (time_pair(d, c, run.device, warmup, iters, dist.barrier),
+            time_back_to_back(d, c, run.device, warmup, iters, dist.barrier))
 
 
 def _low_latency(run: Any, warmup: int, iters: int) -> tuple[tuple[list, list], str]:
@@ -116,8 +121,7 @@ def _low_latency(run: Any, warmup: int, iters: int) -> tuple[tuple[list, list], 
         d()
         why = run.check(c(), state["recv_count"])
         ok = all_ranks_ok(not why, run.device)  # every rank times, or none does
-        times = (time_pair(d, c, run.device, warmup, iters, dist.barrier),
-                 time_back_to_back(d, c, run.device, warmup, iters, dist.barrier)) if ok else ([], [])
+        times = _time_both(d, c, run, warmup, iters) if ok else ([], [])
         why = "" if ok else ranks_errors(why)
     finally:
         torch.cuda.synchronize()

@@ -64,11 +64,14 @@ class Launcher:
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
+        self._direct: bool | None = None  # set at the first call
         self._compiled: dict[tuple, Any] = {}
 
     def __call__(self, grid: tuple, *args: Any, **meta: Any) -> None:
         """Launch on the current CUDA stream (or run in the interpreter)."""
-        if _interpreting() or not torch.cuda.is_available() or _hooks_set():
+        if self._direct is None:  # fixed for the process: the interpreter is chosen before Triton is imported
+            self._direct = not _interpreting() and torch.cuda.is_available()
+        if not self._direct or _hooks_set():
             self.kernel[grid](*args, **meta)
             return
         key = spec_key(args)
