@@ -62,9 +62,9 @@ def _rows_cases() -> list:
 
     pack = dict(x_ptr="*bf16", phys_ptr="*i32", w_ptr="*fp32", tab_ptr="*i64", pos_ptr="*i64", rows_ptr="*bf16")
     return [("rows.pack", r._pack_kernel, pack, dict(K=8, KP=8, BLOCK=1024)),
-            ("rows.unpack", r._unpack_kernel, dict(recv_ptr="*bf16", tab_ptr="*i64", base_ptr="*i64", ctr_ptr="*i64",
+            ("rows.unpack", r._unpack_kernel, dict(recv_ptr="*bf16", tab_ptr="*i64", counts_ptr="*i64",
                                                    index_ptr="*i32", prow_ptr="*i32", pw_ptr="*fp32"),
-             dict(K=8, KP=8)),
+             dict(K=8, KP=8, WB=2, PLB=128)),
             ("rows.partial", r._partial_kernel, dict(y_ptr="*bf16", prow_ptr="*i32", pw_ptr="*fp32", out_ptr="*bf16"),
              dict(K=8, KP=8, BLOCK=1024)),
             ("rows.sum_home", r._sum_home_kernel, dict(home_ptr="*bf16", tab_ptr="*i64", pos_ptr="*i64",

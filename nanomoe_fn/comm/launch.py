@@ -71,3 +71,58 @@ def spawn_ranks(fn: Callable, world_size: int, master_port: int | None, *args: o
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(master_port or free_port())
     mp.spawn(fn, args=(world_size, *args), nprocs=world_size, join=True)
+
+
+def _cpu_list(text: str) -> set[int]:
+    """'0-3,8,10-11' -> {0, 1, 2, 3, 8, 10, 11}."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def pin_rank_cpu(rank: int, device_index: int | None = None) -> int | None:
+    """Bind this process to one CPU for EP rank `rank` (Linux): a physical core (first thread of its
+    siblings) among the cores this process may use, near GPU `device_index` when sysfs says which cores
+    are, the (rank + 1)-th of them (ranks get distinct cores; core 0 is left to the system). Host time is
+    most of an eager decode dispatch, and a rank whose thread moves between cores runs it slower.
+    Returns the CPU, or None where affinity cannot be read or set (then nothing changes)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = os.sched_getaffinity(0)
+    near = None
+    if device_index is not None:
+        try:
+            import torch
+
+            p = torch.cuda.get_device_properties(device_index)
+            bus = f"{p.pci_domain_id:04x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0"
+            text = _read(f"/sys/bus/pci/devices/{bus}/local_cpulist")
+            near = _cpu_list(text) & allowed if text else None
+        except (AttributeError, RuntimeError, ValueError):
+            near = None
+    pool = sorted(near or allowed)
+    cores = []
+    for cpu in pool:  # one CPU per physical core
+        sib = _read(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        first = min(_cpu_list(sib)) if sib else cpu
+        if first == cpu or first not in pool:
+            cores.append(cpu)
+    if not cores:
+        return None
+    cpu = cores[(rank + 1) % len(cores)]
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError:
+        return None
+    return cpu

@@ -4,8 +4,10 @@ Dimension legend: T tokens on this rank, k experts per token, H hidden, W ranks,
 L row length, HM where the pair data starts in a row (both in elements of x's dtype), R_out rows sent,
 R_in rows received, M batch rows (pairs this rank's experts take).
 
-A row holds the token's H values, then (from element HM, 16-byte aligned) its k slot ids as int32 and its k
-weights as float32, so one exchange moves the rows and everything the receiver needs to place them: a token
+A row holds the token's H values, then (from element HM, 16-byte aligned) its k slot ids as int32, its k
+weights as float32 and its k pair numbers as int32 (a pair's number among the sender's pairs of its slot: its
+place among that sender's rows of that expert at the receiver), so one exchange moves the rows and
+everything the receiver needs to place them: a token
 crosses to a rank once however many of its k experts live there (DeepEP's normal-mode accounting), not once
 per pair. The count table tab [W, P_local + 2] int64 holds, per destination rank d: this rank's pairs per
 local expert of d, its rows to d, and the ids outside [0, P) found on this rank (in every row).
@@ -22,7 +24,7 @@ import torch
 
 from nanomoe_fn.comm.plan import weighted_rows
 
-META_BYTES_PER_PAIR = 8  # int32 slot id + float32 weight
+META_BYTES_PER_PAIR = 12  # int32 slot id + float32 weight + int32 pair number
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # rows the Triton kernels take (GPUs)
 
 
@@ -34,10 +36,11 @@ def row_layout(hidden: int, dtype: torch.dtype, top_k: int) -> tuple[int, int]:
     return hm, hm + meta
 
 
-def pair_meta(rows: torch.Tensor, hm: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pair data of rows [R, L]: (slot ids [R, k] int32, weights [R, k] float32), views into rows."""
+def pair_meta(rows: torch.Tensor, hm: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pair data of rows [R, L]: (slot ids [R, k] int32, weights [R, k] float32, pair numbers [R, k]
+    int32), views into rows."""
     words = rows[:, hm:].view(torch.int32)
-    return words[:, :top_k], words[:, top_k:2 * top_k].view(torch.float32)
+    return words[:, :top_k], words[:, top_k:2 * top_k].view(torch.float32), words[:, 2 * top_k:3 * top_k]
 
 
 def pack_rows(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, P_local: int, W: int,
@@ -61,9 +64,14 @@ def pack_rows(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, P_local: int
     first = torch.cumsum(tab[:, P_local], 0) - tab[:, P_local]  # [W] each block's first row
     packed = x.new_zeros((T, L))
     packed[:, :H] = x
-    slots, weights = pair_meta(packed, hm, p.shape[1])
+    slots, weights, nums = pair_meta(packed, hm, p.shape[1])
     slots.copy_(phys)
     weights.copy_(w)
+    flat = torch.where(ok, p, P).flatten()  # a pair's number: earlier pairs (token order) of its slot
+    order = torch.argsort(flat, stable=True)
+    rank_in_slot = torch.empty_like(flat)
+    rank_in_slot[order] = torch.arange(flat.numel(), device=dev) - (torch.cumsum(pairs, 0) - pairs)[flat[order]]
+    nums.copy_(rank_in_slot.view(T, p.shape[1]))
     dst = torch.where(has, first + pos, -1)  # [T, W]
     tok = torch.arange(T, device=dev).unsqueeze(1).expand(T, W)[has]  # tokens, (t, d) in row-major order
     rows = packed.new_empty((int(tab[:, P_local].sum()), L))
@@ -78,7 +86,7 @@ def unpack_rows(recv: torch.Tensor, M: int, P_local: int, rank: int, hm: int,
     local expert, then source rank, then receive order; pair_rows [R_in, k] int64: each pair's batch row, -1
     where the pair is elsewhere; pair_weights [R_in, k] float32, 0 there)."""
     R = recv.shape[0]
-    slots, weights = pair_meta(recv, hm, top_k)
+    slots, weights, _ = pair_meta(recv, hm, top_k)
     slots = slots.long()
     here = (slots >= 0) & (slots // P_local == rank)
     r = torch.arange(R, device=recv.device).unsqueeze(1)

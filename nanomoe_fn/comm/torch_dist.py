@@ -10,12 +10,13 @@ nothing else to place it (k = 8 over 2 ranks: about 4x fewer bytes than one row 
      (with the ids outside [0, P) found here) and write the rows (on GPUs one Triton kernel,
      kernels/ep_rows.py, into per-destination blocks; on CPUs torch ops);
   2. exchange the count tables (one small all_to_all_single) and read them on the host: the payload's
-     split sizes must be known there (one D2H copy and one event wait, the only host sync of this comm;
-     on GPUs one small kernel computes the batch layout from the received table first). An id outside
-     [0, P) on any rank is in every rank's table: every rank raises ValueError there, no rows move;
+     split sizes must be known there (one D2H copy and one event wait, the only host sync of this comm).
+     An id outside [0, P) on any rank is in every rank's table: every rank raises ValueError there, no
+     rows move;
   3. exchange the rows (all_to_all on GPUs, sent from the blocks; all_to_all_single on CPUs);
   4. dispatch_recv: the stream waits for the rows, then each pair gets its batch row (experts in order,
-     source ranks in order inside each). The batch is "gathered" (batch.py): x is the received rows
+     source ranks in order inside each; on GPUs one kernel, from the received table and the pair numbers
+     packed in the rows). The batch is "gathered" (batch.py): x is the received rows
      [R_in, H] (a view with row stride L), index [M] their batch rows; nothing is copied k times.
 Combine: each received row's pairs are summed with their weights here (float32), one partial row goes
 back to the token's rank (one all_to_all_single), and that rank adds its partial rows.
@@ -24,7 +25,9 @@ Nothing else waits on the host on GPUs: the count exchange runs on the current s
 exchange on NCCL's stream joined by `Work.wait()` without a timeout (a stream wait). A peer that never
 arrives is caught by the comm's StageWatchdog (comm/watchdog.py): an error naming the rank and stage,
 never a hang. On CPU (gloo) every wait is `Work.wait(timeout)` on the host, which raises the same kind
-of error. The helpers `_a2a`, `_join` and `_table` are shared with comm/torch_fixed.py.
+of error. Host time is most of a decode dispatch (its kernels take a few us each), so the GPU path keeps
+its Python short: the process group's methods are called directly, one kernel per step. The helpers
+`_a2a`, `_join` and `_table` are shared with comm/torch_fixed.py.
 """
 
 from __future__ import annotations
@@ -57,8 +60,6 @@ class _Pending:
 
     inflight: _InFlight
     recv: torch.Tensor  # [R_in, L]
-    counts: torch.Tensor  # [P_local] rows per local expert
-    base: torch.Tensor | None  # [W, P_local] each source's first batch row per expert (kernel path)
     tab: torch.Tensor  # [2, W, P_local + 2]: sent, received
     pos: torch.Tensor  # [T, W]
     M: int
@@ -67,6 +68,14 @@ class _Pending:
     hm: int
     topk_weights: torch.Tensor
     splits: tuple[tuple[int, ...], tuple[int, ...]]  # rows sent to / received from each rank
+
+
+def _a2a_options(async_op: bool) -> Any:
+    """AllToAllOptions; asyncOp=False (torch versions that have it) runs NCCL on the current stream."""
+    opts = dist.AllToAllOptions()
+    if hasattr(opts, "asyncOp"):
+        opts.asyncOp = async_op
+    return opts
 
 
 def _wait(rank: int, timeout_s: float, inflight: _InFlight) -> None:
@@ -102,6 +111,9 @@ class TorchComm:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.timeout_s = float(timeout_s)
+        # the process group's own methods, bound once: dist.all_to_all* add ~15 us of Python per call
+        self._pg = group if group is not None else dist.distributed_c10d._get_default_group()
+        self._opts = {a: _a2a_options(a) for a in (False, True)}
         self.watchdog = StageWatchdog(self.rank, self.timeout_s, group)
         self._tables: dict[tuple, torch.Tensor] = {}  # constant index tables by (name, sizes, device)
         self._host_splits: torch.Tensor | None = None  # pinned count tables [2, W, C] int64: the one host read
@@ -144,14 +156,20 @@ class TorchComm:
                 self._tables[key] = t
         return t
 
-    def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
-             in_splits: list[int] | None, stage: str, async_op: bool = True) -> _InFlight:
-        """Launch all_to_all_single. async_op=False on CUDA runs it on the current stream (no host wait)."""
+    def _a2a(self, out: Any, inp: Any, out_splits: list[int] | None, in_splits: list[int] | None, stage: str,
+             async_op: bool = True) -> _InFlight:
+        """Launch all_to_all_single (tensors) or all_to_all (lists of per-rank tensors, NCCL) through the
+        process group's own method. async_op=False on CUDA runs it on the current stream (no host wait)."""
         try:
-            work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
+            if isinstance(out, list):
+                work = self._pg.alltoall(out, inp, self._opts[async_op])
+            else:
+                work = self._pg.alltoall_base(out, inp, out_splits or [], in_splits or [], self._opts[async_op])
         except RuntimeError as err:
             raise TimeoutError(f"rank {self.rank}: EP stage '{stage}' could not reach its peers: "
                                f"{str(err).splitlines()[0]}") from err
+        if not async_op:
+            work.wait()  # NCCL: the stream waits (a no-op where asyncOp already put it there); gloo: done
         return _InFlight(work, stage)
 
     def _join(self, inflight: _InFlight, device: torch.device, watch: bool = True) -> None:
@@ -202,9 +220,9 @@ class TorchComm:
     def _kernels(x: torch.Tensor) -> Any:
         """The Triton kernels (kernels/ep_rows.py) for rows of x on a GPU, else None (torch ops)."""
         if x.is_cuda and x.dtype in token_rows.KERNEL_DTYPES:
-            from kernels import ep_nvlink_sync, ep_rows  # Triton: imported only on GPUs
+            from kernels import ep_rows  # Triton: imported only on GPUs
 
-            return ep_rows, ep_nvlink_sync
+            return ep_rows
         return None
 
     def dispatch_send(self, x: torch.Tensor, routing: Routing, placement: Placement) -> Any:
@@ -213,26 +231,20 @@ class TorchComm:
         # non-identity placement looks the ids up in its tables first, so they are checked before that
         phys = self._phys(x, routing, placement, values=not placement.is_identity)
         (T, k), H, W, P_local = routing.topk_ids.shape, x.shape[1], self.world_size, placement.local_experts
-        dev, on_gpu, kern = x.device, x.is_cuda, self._kernels(x)
+        kern = self._kernels(x)
         hm, L = token_rows.row_layout(H, x.dtype, k)
-        phys = phys.view(T, k)
         w = routing.topk_weights.to(torch.float32).contiguous()
-        tab = torch.zeros((2, W, P_local + 2), dtype=torch.int64, device=dev)  # [sent, received]
-        if kern is not None:
-            pos, rows = torch.empty((T, W), dtype=torch.int64, device=dev), x.new_empty((W * T, L))
-            kern[0].pack_rows(x.contiguous(), phys.contiguous(), w, tab[0], pos, rows, hm)
+        tab = torch.zeros((2, W, P_local + 2), dtype=torch.int64, device=x.device)  # [sent, received]
+        sent, got = tab.unbind(0)
+        if kern is not None:  # rows into per-destination blocks of T rows (the order the programs ran)
+            pos, rows = torch.empty((T, W), dtype=torch.int64, device=x.device), x.new_empty((W * T, L))
+            kern.pack_rows(x.contiguous(), phys.view(T, k).contiguous(), w, sent, pos, rows, hm)
+            # on the current stream (no host wait); watched through the read
+            self._a2a(got, sent, None, None, "dispatch/counts", async_op=False)
         else:
-            sent, pos, rows = token_rows.pack_rows(x, phys, w, P_local, W, hm, L)
-            tab[0].copy_(sent)
-        # GPU: on the current stream (async_op=False launches there, no host wait); watched through the read
-        exchange = self._a2a(tab[1], tab[0], None, None, "dispatch/counts", async_op=not on_gpu)
-        if not on_gpu:
-            self._host_wait(exchange)
-        base = None
-        if kern is not None:  # the batch layout from the received table (a 1-2 us kernel before the copy)
-            counts = torch.empty(P_local, dtype=torch.int64, device=dev)
-            base = torch.empty((W, P_local), dtype=torch.int64, device=dev)
-            kern[1].count_layout(tab[1], counts, base)
+            packed, pos, rows = token_rows.pack_rows(x, phys.view(T, k), w, P_local, W, hm, L)
+            sent.copy_(packed)
+            self._host_wait(self._a2a(got, sent, None, None, "dispatch/counts"))
         host = self._finish_read(self._start_read(tab, "dispatch/counts"))  # [2, W, P_local + 2]
         bad = host[1, :, P_local + 1]
         if bad.any():
@@ -240,43 +252,35 @@ class TorchComm:
             raise ValueError(f"rank {self.rank}: routing.topk_ids holds expert ids outside [0, {W * P_local}) on "
                              f"rank(s) {ranks} ({int(bad.sum())} ids; found by dispatch, no rows were sent)")
         send_splits, recv_splits = host[0, :, P_local].tolist(), host[1, :, P_local].tolist()
-        if kern is None:
-            counts = torch.from_numpy(host[1, :, :P_local].sum(0)).to(dev)
         recv = x.new_empty((sum(recv_splits), L))
-        if kern is not None:  # rows leave from their destinations' blocks of T rows
-            ins = [rows[d * T: d * T + n] for d, n in enumerate(send_splits)]
-            inflight = self._a2a_list(list(recv.split(recv_splits)), ins, "dispatch/payload")
+        if kern is not None:  # destination d's rows: the first send_splits[d] rows of its block
+            ins = rows.split([n for c in send_splits for n in (c, T - c)])[::2]
+            inflight = self._a2a(list(recv.split(recv_splits)), list(ins), None, None, "dispatch/payload")
         else:
             inflight = self._a2a(recv, rows, recv_splits, send_splits, "dispatch/payload")
-        return _Pending(inflight, recv, counts, base, tab, pos, int(host[1, :, :P_local].sum()), kern, H, hm,
+        return _Pending(inflight, recv, tab, pos, int(host[1, :, :P_local].sum()), kern, H, hm,
                         routing.topk_weights, (tuple(send_splits), tuple(recv_splits)))
-
-    def _a2a_list(self, outs: list[torch.Tensor], ins: list[torch.Tensor], stage: str) -> _InFlight:
-        """all_to_all of per-rank tensors (NCCL), asynchronous."""
-        try:
-            work = dist.all_to_all(outs, ins, group=self.group, async_op=True)
-        except RuntimeError as err:
-            raise TimeoutError(f"rank {self.rank}: EP stage '{stage}' could not reach its peers: "
-                               f"{str(err).splitlines()[0]}") from err
-        return _InFlight(work, stage)
 
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, Handle]:
         """Join the row exchange and give each received pair its batch row (a gathered batch)."""
         check_pending(isinstance(pending, _Pending), self, pending)
         p = pending
         self.check()
-        self._join(p.inflight, p.recv.device)
-        R, k, dev = p.recv.shape[0], p.topk_weights.shape[1], p.recv.device
-        P_local = p.counts.shape[0]
+        R, k, dev, got = p.recv.shape[0], p.topk_weights.shape[1], p.recv.device, p.tab[1]
+        P_local = got.shape[1] - 2
         if p.kernels is not None:
+            p.inflight.work.wait()  # the stream waits for the rows; watched once unpack is queued
+            counts = torch.empty(P_local, dtype=torch.int64, device=dev)
             index = torch.empty(p.M, dtype=torch.int32, device=dev)
             pair_rows = torch.empty((R, k), dtype=torch.int32, device=dev)
             pair_weights = torch.empty((R, k), dtype=torch.float32, device=dev)
-            ctr = torch.zeros(self.world_size * P_local, dtype=torch.int64, device=dev)
-            p.kernels[0].unpack_rows(p.recv, p.tab[1], p.base, ctr, index, pair_rows, pair_weights, self.rank, p.hm)
+            p.kernels.unpack_rows(p.recv, got, counts, index, pair_rows, pair_weights, self.rank, p.hm)
+            self.watchdog.arm(p.inflight.stage, device=dev)
         else:
+            self._join(p.inflight, dev)
+            counts = got[:, :P_local].sum(0)
             index, pair_rows, pair_weights = token_rows.unpack_rows(p.recv, p.M, P_local, self.rank, p.hm, k)
-        batch = ExpertBatch(p.recv[:, :p.hidden], p.counts, "gathered", index)  # rows of stride L
+        batch = ExpertBatch(p.recv[:, :p.hidden], counts, "gathered", index)  # rows of stride L
         plan = TokenRowPlan(p.pos, p.tab[0], pair_rows, pair_weights)
         handle = Handle(None, p.topk_weights, None, p.splits[0], p.splits[1], token_rows=plan)
         return batch, stamp_handle(self, batch, handle)
@@ -292,7 +296,7 @@ class TorchComm:
         kern = self._kernels(yx)
         if kern is not None:
             part = yx.new_empty((plan.pair_rows.shape[0], yx.shape[1]))
-            kern[0].partial_rows(yx, plan.pair_rows, plan.pair_weights, part)
+            kern.partial_rows(yx, plan.pair_rows, plan.pair_weights, part)
         else:
             part = token_rows.partial_rows(yx, plan.pair_rows, plan.pair_weights)
         home = part.new_empty((sum(handle.send_splits), part.shape[1]))
@@ -309,5 +313,5 @@ class TorchComm:
         if kern is None:
             return token_rows.sum_home(home, plan.tab[:, -2], plan.pos)
         out = home.new_empty((plan.pos.shape[0], home.shape[1]))
-        kern[0].sum_home(home, plan.tab, plan.pos, out)
+        kern.sum_home(home, plan.tab, plan.pos, out)
         return out
