@@ -62,7 +62,6 @@ from bench.common import (  # noqa: E402
 )
 from nanomoe_fn import Placement, Routing, combine, dispatch  # noqa: E402
 from nanomoe_fn.comm.base import make_comm, supports_comm  # noqa: E402
-from nanomoe_fn.comm.launch import pin_rank_cpu  # noqa: E402
 
 # (phase, experts, top_k, hidden, tokens per rank)
 HEADLINE = [("decode", 256, 8, 7168, 128), ("prefill", 256, 8, 7168, 4096)]
@@ -319,12 +318,9 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // W))
-    cpu = pin_rank_cpu(rank, device.index if device.type == "cuda" else None) if args.pin_cpus else None
     dist.init_process_group(args.backend, rank=rank, world_size=W, timeout=timedelta(seconds=args.timeout),
                             **({"device_id": device} if device.type == "cuda" else {}))
     try:
-        cpus = [None] * W
-        dist.all_gather_object(cpus, cpu)
         runs = [_one_case(case, rank, W, device, args) for case in CASE_SETS[args.cases]]
         rows = [r for run in runs for r in run.rows]
         failed = [f for run in runs for f in run.failed]
@@ -332,8 +328,7 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
             _print_table(rows)
             if args.json:
                 write_record(args.json, "dispatch", device, W, {}, rows,
-                             {"skipped": [s for run in runs for s in run.skipped], "failed": failed,
-                              "pinned_cpus": cpus if args.pin_cpus else None})
+                             {"skipped": [s for run in runs for s in run.skipped], "failed": failed})
         any_failed = not all_ranks_ok(not failed, device)
     finally:
         dist.destroy_process_group()
@@ -373,8 +368,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for its peers")
     p.add_argument("--master-port", type=int, default=None)
     p.add_argument("--json", default=None)
-    p.add_argument("--pin-cpus", action="store_true",
-                   help="bind each rank to one physical core near its GPU (the eager comms are host-bound)")
     args = p.parse_args(argv)
     args.cases = "quick" if args.quick else args.cases
     known = VARIANTS + list(deepep_peer.VARIANTS) + ["gloo_a2a"]

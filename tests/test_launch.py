@@ -20,7 +20,7 @@ from bench import bench_ep_moe, bench_ep_moe_multi
 from bench.common import UsageError, run_cli
 from nanomoe_fn import MoEConfig
 from nanomoe_fn.comm.handshake import config_fields, config_hash, describe_mismatch, handshake
-from nanomoe_fn.comm.launch import _cpu_list, check_port, free_port, pin_rank_cpu, spawn_error_line, spawn_ranks
+from nanomoe_fn.comm.launch import check_port, free_port, spawn_error_line, spawn_ranks
 from tests.helpers import spawn_bounded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,26 +140,6 @@ def test_spawn_error_line_names_the_rank():
 
 
 # ---- the handshake's field names and messages (no processes) ---------------------------------------------------
-
-def test_cpu_lists_parse_like_sysfs_writes_them():
-    assert _cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
-    assert _cpu_list("5") == {5} and _cpu_list("") == set()
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
-def test_pin_rank_cpu_binds_one_allowed_cpu_and_ranks_differ_where_cores_allow():
-    before = os.sched_getaffinity(0)
-    try:
-        got = [pin_rank_cpu(r) for r in range(2) if os.sched_setaffinity(0, before) is None]
-        assert all(c in before for c in got)
-        assert os.sched_getaffinity(0) == {got[-1]}  # the process now runs on exactly that CPU
-        cores = {min(_cpu_list(open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read()))
-                 for c in before if os.path.exists(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list")}
-        if len(cores) >= 2:
-            assert got[0] != got[1]
-    finally:
-        os.sched_setaffinity(0, before)
-
 
 def test_config_fields_names_and_stable_hash():
     cfg = MoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2)

@@ -9,8 +9,7 @@
 #   STAGES="layer eplb" bash bench/gpu/ep_gpu.sh           # ... and a second one (each call <= 10 min)
 #
 # Env: STAGES (any of: tests profile dispatch layer eplb), TESTS (tests/gpu/ file stems to run), PROFILES,
-# HOST_COSTS_FLAGS (extra flags of host_costs.py, e.g. --pin-too), DISPATCH_PINNED=1 (the headline again with
-# --pin-cpus),
+# HOST_COSTS_FLAGS (extra flags of host_costs.py),
 # DISPATCH_VARIANTS (bench_dispatch --variants for the headline case; default: all), DISPATCH_TABLE=0 (skip
 # the public-table cases), LAYER_COMMS and PREFILL_COMMS (the comms of the layer stage; - for none), TOTAL (seconds the script may take, default 560),
 # OUT (default /tmp/out), WORK (where results/ and logs/ accumulate, default /tmp/ep_gpu), ITERS.
@@ -113,10 +112,6 @@ if has dispatch; then
   D="python3 bench/bench_dispatch.py --world-size 2 --backend nccl --iters $ITERS --timeout 60"
   run_step dispatch_headline 240 $D --cases headline ${DISPATCH_VARIANTS:+--variants $DISPATCH_VARIANTS} \
     --json "$RES/dispatch_headline_$TAG.json"
-  if [ "${DISPATCH_PINNED:-0}" = 1 ]; then  # the same, each rank bound to one core near its GPU
-    run_step dispatch_headline_pinned 240 $D --cases headline --pin-cpus ${DISPATCH_VARIANTS:+--variants $DISPATCH_VARIANTS} \
-      --json "$RES/dispatch_headline_pinned_$TAG.json"
-  fi
   if [ -n "${DISPATCH_VARIANTS:-}" ]; then
     echo "SKIP   dispatch_headline_peers, dispatch_table (DISPATCH_VARIANTS given: headline only)" | tee -a "$STATUS"
   elif python3 -c "import deep_ep" 2>/dev/null; then

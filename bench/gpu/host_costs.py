@@ -9,8 +9,7 @@ Dimension legend: T tokens per rank, H hidden (7168), E experts (256), k (8), W 
 Everything is host wall time (time.perf_counter), no profiler: (1) per-call cost of small operations, the GPU
 kept busy-free (a sync every 100 calls); (2) each comm's steps, timed by wrapping the functions a call goes
 through (the wrapper adds ~0.3 us), for eager rounds with a device sync and barrier before each, medians over
-rounds, for each rank (`comms.rankN`), and with --pin-too again with each rank bound to one core. Rank 0
-prints and writes the JSON.
+rounds, for each rank (`comms.rankN`). Rank 0 prints and writes the JSON.
 """
 
 from __future__ import annotations
@@ -189,19 +188,15 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", rank=rank, world_size=W, timeout=timedelta(seconds=120), device_id=dev)
     res = {"small_ops_us": small_ops(dev), "comms": {}}
-    from nanomoe_fn.comm.launch import pin_rank_cpu
     from nanomoe_fn.comm.nvlink import NvlinkComm
     from nanomoe_fn.comm.torch_dist import TorchComm
-    for pinned in (False, True) if args.pin_too else (False,):
-        cpu = pin_rank_cpu(rank, rank) if pinned else None
-        tag = f"_pinned_cpu{cpu}" if pinned else ""
-        for T in args.tokens:
-            mode = "decode" if T <= 256 else "prefill"
-            comm = NvlinkComm(T, 7168, 8, 256, torch.bfloat16, mode, timeout_s=60)
-            res["comms"][f"nvlink_t{T}{tag}"] = comm_steps(comm, "nvlink", T, dev)
-            tc = TorchComm(timeout_s=60)
-            res["comms"][f"torch_t{T}{tag}"] = comm_steps(tc, "torch", T, dev)
-            tc.close()
+    for T in args.tokens:
+        mode = "decode" if T <= 256 else "prefill"
+        comm = NvlinkComm(T, 7168, 8, 256, torch.bfloat16, mode, timeout_s=60)
+        res["comms"][f"nvlink_t{T}"] = comm_steps(comm, "nvlink", T, dev)
+        tc = TorchComm(timeout_s=60)
+        res["comms"][f"torch_t{T}"] = comm_steps(tc, "torch", T, dev)
+        tc.close()
     every = [None] * W
     dist.all_gather_object(every, res["comms"])  # each rank's host runs at its own speed: keep both
     res["comms"] = {f"rank{r}": c for r, c in enumerate(every)}
@@ -221,7 +216,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
     p.add_argument("--json", default=None)
-    p.add_argument("--pin-too", action="store_true", help="repeat the comm steps with each rank bound to one core")
     spawn_ranks(run_rank, 2, None, p.parse_args())
 
 

@@ -168,8 +168,8 @@ class TorchComm:
         except RuntimeError as err:
             raise TimeoutError(f"rank {self.rank}: EP stage '{stage}' could not reach its peers: "
                                f"{str(err).splitlines()[0]}") from err
-        if not async_op:
-            work.wait()  # NCCL: the stream waits (a no-op where asyncOp already put it there); gloo: done
+        if not async_op and work is not None:  # None: NCCL ran it on the current stream (asyncOp=False)
+            work.wait()  # the stream waits (NCCL of older torch) or the host (gloo)
         return _InFlight(work, stage)
 
     def _join(self, inflight: _InFlight, device: torch.device, watch: bool = True) -> None:
