@@ -1,9 +1,17 @@
-"""`moe_layer`: route -> dispatch -> expert_ffn -> combine, plus the shared experts.
+"""`moe_layer`: route -> dispatch -> expert_ffn -> combine, plus the shared experts, as a program of stages.
 
 Dimension legend: T tokens on this rank, H hidden, E logical experts, P physical slots, W ranks.
+
+MOE_PROGRAM names the stages and the values between them (nanomoe_fn/pipeline: stages as data);
+`moe_layer` runs it sequentially, `run_moe` under any plan of it (two-batch overlap, the shared experts
+inside the dispatch window). Values: x [T, H] -> routing -> dispatch_pending -> batch, handle -> y ->
+combine_pending -> routed [T, H]; shared_out [T, H] (or None); out = routed + shared_out.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils import _pytree as pytree
@@ -13,9 +21,11 @@ from nanomoe_fn.batch import to_contiguous, to_masked
 from nanomoe_fn.comm.base import Comm
 from nanomoe_fn.comm.local import LocalComm
 from nanomoe_fn.config import MoEConfig
-from nanomoe_fn.dispatch import combine, dispatch
 from nanomoe_fn.expert_ffn import expert_ffn, get_expert_backend
 from nanomoe_fn.params import MoEParams, SharedMLP, check_params, select_experts
+from nanomoe_fn.pipeline.program import Program, Stage
+from nanomoe_fn.pipeline.run import run
+from nanomoe_fn.pipeline.schedule import Plan, sequential
 from nanomoe_fn.placement import Placement
 from nanomoe_fn.route import route
 
@@ -35,6 +45,103 @@ def shard_moe_params(params: MoEParams, placement: Placement, rank: int) -> MoEP
     return MoEParams(gate=params.gate, experts=local, shared=params.shared)
 
 
+@dataclass(frozen=True)
+class MoEContext:
+    """What the MoE layer's stages need besides parameters and values: static per call (one per
+    micro-batch when micro-batches need their own comm)."""
+
+    cfg: MoEConfig
+    comm: Comm
+    placement: Placement
+    backend: str = "bmm"
+    capacity: int | None = None
+
+
+def _route(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
+    return {"routing": route(params.gate, env["x"], ctx.cfg)}
+
+
+def _dispatch_send(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
+    return {"dispatch_pending": ctx.comm.dispatch_send(env["x"], env["routing"], ctx.placement)}
+
+
+def _dispatch_recv(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
+    batch, handle = ctx.comm.dispatch_recv(env["dispatch_pending"])
+    return {"batch": batch, "handle": handle}
+
+
+def _experts(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
+    batch = env["batch"]
+    if ctx.capacity is None or batch.layout == "masked":
+        return {"y": expert_ffn(params.experts, batch, ctx.backend)}
+    return {"y": to_contiguous(expert_ffn(params.experts, to_masked(batch, ctx.capacity), ctx.backend), batch)}
+
+
+def _combine_send(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
+    return {"combine_pending": ctx.comm.combine_send(env["y"], env["handle"])}
+
+
+def _combine_recv(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
+    return {"routed": ctx.comm.combine_recv(env["combine_pending"])}
+
+
+def _shared(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
+    return {"shared_out": None if params.shared is None else shared_mlp(params.shared, env["x"])}
+
+
+def _add(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
+    shared = env["shared_out"]
+    return {"out": env["routed"] if shared is None else env["routed"] + shared}
+
+
+def _split_tokens(inputs: dict, n: int) -> list[dict]:
+    """x [T, H] -> n micro-batches of consecutive tokens, sizes differing by at most one (some may be empty)."""
+    T = inputs["x"].shape[0]
+    bounds = [T * i // n for i in range(n + 1)]
+    return [{**inputs, "x": inputs["x"][bounds[i]:bounds[i + 1]]} for i in range(n)]
+
+
+def _merge_tokens(outs: list) -> torch.Tensor:
+    return torch.cat(outs, 0)
+
+
+MOE_PROGRAM = Program(
+    "moe",
+    (Stage("route", _route, ("x",), ("routing",)),
+     Stage("dispatch_send", _dispatch_send, ("x", "routing"), ("dispatch_pending",), "send", "dispatch"),
+     Stage("dispatch_recv", _dispatch_recv, ("dispatch_pending",), ("batch", "handle"), "recv", "dispatch"),
+     Stage("experts", _experts, ("batch",), ("y",)),
+     Stage("combine_send", _combine_send, ("y", "handle"), ("combine_pending",), "send", "combine"),
+     Stage("combine_recv", _combine_recv, ("combine_pending",), ("routed",), "recv", "combine"),
+     Stage("shared", _shared, ("x",), ("shared_out",)),
+     Stage("add", _add, ("routed", "shared_out"), ("out",))),
+    ("x",), "out", _split_tokens, _merge_tokens).check()
+_SEQUENTIAL = sequential(MOE_PROGRAM)
+
+
+def run_moe(
+    plan: Plan,
+    params: MoEParams,
+    x: torch.Tensor,
+    cfg: MoEConfig,
+    comm: Comm | Sequence[Comm] | None = None,
+    placement: Placement | None = None,
+    backend: str = "bmm",
+    capacity: int | None = None,
+) -> torch.Tensor:
+    """The MoE layer (moe_layer's arguments) under a plan of MOE_PROGRAM (sequential, two_batch_overlap,
+    a shared-expert-overlap program...). comm: one comm, or one per micro-batch (two for two-batch
+    overlap on a comm with one dispatch in flight per instance, such as nvlink)."""
+    if not isinstance(cfg, MoEConfig):
+        raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+    comms = list(comm) if isinstance(comm, (list, tuple)) else [comm if comm is not None else LocalComm()]
+    placement = placement if placement is not None else Placement.identity(cfg.num_experts, comms[0].world_size)
+    check_params(params, cfg, x, num_experts=placement.local_experts)
+    get_expert_backend(backend, cfg, x.device)
+    ctxs = [MoEContext(cfg, c, placement, backend, capacity) for c in comms]
+    return run(plan, params, {"x": x}, ctxs if len(ctxs) > 1 else ctxs[0])
+
+
 def moe_layer(
     params: MoEParams,
     x: torch.Tensor,
@@ -44,7 +151,8 @@ def moe_layer(
     backend: str = "bmm",
     capacity: int | None = None,
 ) -> torch.Tensor:
-    """One MoE layer on this rank's tokens x [T, H] -> [T, H].
+    """One MoE layer on this rank's tokens x [T, H] -> [T, H]: `sequential` of MOE_PROGRAM's stages
+    (route, dispatch, experts, combine, shared experts, sum).
 
     params holds this rank's local experts (see shard_moe_params); with the default local comm and
     identity placement they are all the experts. With `capacity`, experts run on the masked
@@ -53,22 +161,7 @@ def moe_layer(
     Parameters and x are checked against cfg first (check_params: host-only); NaN/inf in x or router
     logits that overflow float32 are an error (a device assert on accelerators, see route).
     """
-    if not isinstance(cfg, MoEConfig):
-        raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
-    comm = comm if comm is not None else LocalComm()
-    placement = placement if placement is not None else Placement.identity(cfg.num_experts, comm.world_size)
-    check_params(params, cfg, x, num_experts=placement.local_experts)
-    get_expert_backend(backend, cfg, x.device)
-    routing = route(params.gate, x, cfg)
-    batch, handle = dispatch(x, routing, comm, placement)
-    if capacity is None or batch.layout == "masked":
-        y = expert_ffn(params.experts, batch, backend)
-    else:
-        y = to_contiguous(expert_ffn(params.experts, to_masked(batch, capacity), backend), batch)
-    out = combine(y, handle, comm)
-    if params.shared is not None:
-        out = out + shared_mlp(params.shared, x)
-    return out
+    return run_moe(_SEQUENTIAL, params, x, cfg, comm, placement, backend, capacity)
 
 
 def cast_params(params: MoEParams, dtype: torch.dtype) -> MoEParams:

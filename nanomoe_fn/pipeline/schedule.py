@@ -1,0 +1,90 @@
+"""Schedules: which micro-batch runs which stage when. A plan is data; `run` (run.py) executes it.
+
+Dimension legend: none (plans hold stage names and micro-batch numbers, not tensors).
+
+- `sequential(program)`: one micro-batch, the program's order.
+- `shared_expert_overlap(program)`: the shared-expert FFN moved into the dispatch window (right after
+  dispatch's send half), so it runs while the tokens are in flight instead of after combine.
+- `two_batch_overlap(program)`: the batch split in two micro-batches; each runs its stages up to and
+  including a send half, then yields to the other. One micro-batch's exchange is in flight while the
+  other computes (route, experts, shared FFN): the order of SGLang's two-batch overlap, as a plan.
+- `auto_schedule(program, tokens, threshold)`: two-batch overlap at `tokens` >= threshold, else
+  sequential (splitting a small decode batch costs more than the overlap saves). Every rank must
+  choose the same plan (each micro-batch is one more round of collectives), so `tokens` must be a value
+  all ranks share (the step's largest per-rank batch, or a fixed bucket), never this rank's own T alone.
+
+`format_plan(plan)` prints what runs when, one row per step, one column per micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from nanomoe_fn.pipeline.program import Program, Stage, move_after
+
+
+@dataclass(frozen=True)
+class Plan:
+    """steps: (micro-batch, stage) in execution order; micro_batches: how many the input is split into."""
+
+    name: str
+    program: Program
+    micro_batches: int
+    steps: tuple[tuple[int, Stage], ...]
+
+
+def sequential(program: Program) -> Plan:
+    """The program's stages in order, one micro-batch."""
+    program.check()
+    return Plan("sequential", program, 1, tuple((0, s) for s in program.stages))
+
+
+def shared_expert_overlap(program: Program, shared: str = "shared", window: str = "dispatch_send") -> Program:
+    """The program with stage `shared` right after `window` (the send half whose exchange it overlaps)."""
+    if program.stage(window).kind != "send":
+        raise ValueError(f"window must be a send stage, got {window!r} ({program.stage(window).kind})")
+    return replace(move_after(program, shared, window), name=f"{program.name}+shared_overlap")
+
+
+def _phases(program: Program) -> list[list[Stage]]:
+    """The stages cut after every send half: each phase ends where an exchange goes into flight."""
+    phases: list[list[Stage]] = [[]]
+    for s in program.stages:
+        phases[-1].append(s)
+        if s.kind == "send":
+            phases.append([])
+    return [p for p in phases if p]
+
+
+def two_batch_overlap(program: Program) -> Plan:
+    """Two micro-batches, phase by phase: mb0 phase i, mb1 phase i, mb0 phase i + 1, ... (module docstring)."""
+    program.check()
+    steps = [(mb, s) for phase in _phases(program) for mb in (0, 1) for s in phase]
+    return Plan("two_batch_overlap", program, 2, tuple(steps))
+
+
+def auto_schedule(program: Program, tokens: int, threshold: int) -> Plan:
+    """two_batch_overlap(program) when tokens >= threshold, else sequential(program) (module docstring:
+    `tokens` must be the same on every rank)."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"tokens must be an int >= 0 (shared by every rank), got {tokens!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise ValueError(f"threshold must be an int >= 1, got {threshold!r}")
+    return two_batch_overlap(program) if tokens >= threshold else sequential(program)
+
+
+def format_plan(plan: Plan) -> str:
+    """A table of the plan: step, then per micro-batch the stage it runs (kind marked: > send, < recv)."""
+    mark = {"send": " >", "recv": " <", "compute": ""}
+    cells = [[""] * plan.micro_batches for _ in plan.steps]
+    for i, (mb, s) in enumerate(plan.steps):
+        cells[i][mb] = s.name + mark[s.kind]
+    heads = ["step"] + [f"micro-batch {mb}" for mb in range(plan.micro_batches)]
+    width = [max(len(heads[0]), len(str(len(cells))))] + [
+        max([len(heads[c + 1])] + [len(row[c]) for row in cells]) for c in range(plan.micro_batches)]
+    lines = [f"{plan.name} of {plan.program.name} (> starts an exchange, < finishes it)",
+             " | ".join(h.ljust(w) for h, w in zip(heads, width))]
+    lines.append("-+-".join("-" * w for w in width))
+    lines += [" | ".join([str(i).ljust(width[0])] + [c.ljust(w) for c, w in zip(row, width[1:])])
+              for i, row in enumerate(cells)]
+    return "\n".join(lines)
