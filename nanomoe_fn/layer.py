@@ -10,8 +10,9 @@ combine_pending -> routed [T, H]; shared_out [T, H] (or None); out = routed + sh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -57,44 +58,54 @@ class MoEContext:
     capacity: int | None = None
 
 
-def _route(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
-    return {"routing": route(params.gate, env["x"], ctx.cfg)}
+def moe_stages(src: str = "x", dst: str = "out", params_of: Callable[[Any], MoEParams] = lambda p: p,
+               ctx_of: Callable[[Any], MoEContext] = lambda c: c) -> tuple[Stage, ...]:
+    """The MoE layer's stages on tokens env[src] [T, H] -> env[dst] [T, H]: route, dispatch (send, recv),
+    experts, combine (send, recv), shared experts, sum. params_of / ctx_of pick the MoE parameters and
+    MoEContext out of a bigger layer's (the decoder layer's) parameters and context."""
+
+    def route_(p: Any, env: dict, c: Any) -> dict:
+        return {"routing": route(params_of(p).gate, env[src], ctx_of(c).cfg)}
+
+    def dispatch_send(p: Any, env: dict, c: Any) -> dict:
+        ctx = ctx_of(c)
+        return {"dispatch_pending": ctx.comm.dispatch_send(env[src], env["routing"], ctx.placement)}
+
+    def dispatch_recv(p: Any, env: dict, c: Any) -> dict:
+        batch, handle = ctx_of(c).comm.dispatch_recv(env["dispatch_pending"])
+        return {"batch": batch, "handle": handle}
+
+    def experts(p: Any, env: dict, c: Any) -> dict:
+        ctx, ex, batch = ctx_of(c), params_of(p).experts, env["batch"]
+        if ctx.capacity is None or batch.layout == "masked":
+            return {"y": expert_ffn(ex, batch, ctx.backend)}
+        return {"y": to_contiguous(expert_ffn(ex, to_masked(batch, ctx.capacity), ctx.backend), batch)}
+
+    def combine_send(p: Any, env: dict, c: Any) -> dict:
+        return {"combine_pending": ctx_of(c).comm.combine_send(env["y"], env["handle"])}
+
+    def combine_recv(p: Any, env: dict, c: Any) -> dict:
+        return {"routed": ctx_of(c).comm.combine_recv(env["combine_pending"])}
+
+    def shared(p: Any, env: dict, c: Any) -> dict:
+        sh = params_of(p).shared
+        return {"shared_out": None if sh is None else shared_mlp(sh, env[src])}
+
+    def add(p: Any, env: dict, c: Any) -> dict:
+        sh = env["shared_out"]
+        return {dst: env["routed"] if sh is None else env["routed"] + sh}
+
+    return (Stage("route", route_, (src,), ("routing",)),
+            Stage("dispatch_send", dispatch_send, (src, "routing"), ("dispatch_pending",), "send", "dispatch"),
+            Stage("dispatch_recv", dispatch_recv, ("dispatch_pending",), ("batch", "handle"), "recv", "dispatch"),
+            Stage("experts", experts, ("batch",), ("y",)),
+            Stage("combine_send", combine_send, ("y", "handle"), ("combine_pending",), "send", "combine"),
+            Stage("combine_recv", combine_recv, ("combine_pending",), ("routed",), "recv", "combine"),
+            Stage("shared", shared, (src,), ("shared_out",)),
+            Stage("add", add, ("routed", "shared_out"), (dst,)))
 
 
-def _dispatch_send(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
-    return {"dispatch_pending": ctx.comm.dispatch_send(env["x"], env["routing"], ctx.placement)}
-
-
-def _dispatch_recv(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
-    batch, handle = ctx.comm.dispatch_recv(env["dispatch_pending"])
-    return {"batch": batch, "handle": handle}
-
-
-def _experts(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
-    batch = env["batch"]
-    if ctx.capacity is None or batch.layout == "masked":
-        return {"y": expert_ffn(params.experts, batch, ctx.backend)}
-    return {"y": to_contiguous(expert_ffn(params.experts, to_masked(batch, ctx.capacity), ctx.backend), batch)}
-
-
-def _combine_send(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
-    return {"combine_pending": ctx.comm.combine_send(env["y"], env["handle"])}
-
-
-def _combine_recv(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
-    return {"routed": ctx.comm.combine_recv(env["combine_pending"])}
-
-
-def _shared(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
-    return {"shared_out": None if params.shared is None else shared_mlp(params.shared, env["x"])}
-
-
-def _add(params: MoEParams, env: dict, ctx: MoEContext) -> dict:
-    shared = env["shared_out"]
-    return {"out": env["routed"] if shared is None else env["routed"] + shared}
-
-
-def _split_tokens(inputs: dict, n: int) -> list[dict]:
+def split_tokens(inputs: dict, n: int) -> list[dict]:
     """x [T, H] -> n micro-batches of consecutive tokens, sizes differing by at most one (some may be empty)."""
     T = inputs["x"].shape[0]
     bounds = [T * i // n for i in range(n + 1)]
@@ -105,17 +116,7 @@ def _merge_tokens(outs: list) -> torch.Tensor:
     return torch.cat(outs, 0)
 
 
-MOE_PROGRAM = Program(
-    "moe",
-    (Stage("route", _route, ("x",), ("routing",)),
-     Stage("dispatch_send", _dispatch_send, ("x", "routing"), ("dispatch_pending",), "send", "dispatch"),
-     Stage("dispatch_recv", _dispatch_recv, ("dispatch_pending",), ("batch", "handle"), "recv", "dispatch"),
-     Stage("experts", _experts, ("batch",), ("y",)),
-     Stage("combine_send", _combine_send, ("y", "handle"), ("combine_pending",), "send", "combine"),
-     Stage("combine_recv", _combine_recv, ("combine_pending",), ("routed",), "recv", "combine"),
-     Stage("shared", _shared, ("x",), ("shared_out",)),
-     Stage("add", _add, ("routed", "shared_out"), ("out",))),
-    ("x",), "out", _split_tokens, _merge_tokens).check()
+MOE_PROGRAM = Program("moe", moe_stages(), ("x",), "out", split_tokens, _merge_tokens).check()
 _SEQUENTIAL = sequential(MOE_PROGRAM)
 
 
