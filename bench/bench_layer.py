@@ -1,0 +1,282 @@
+"""One MoE layer (with its shared expert) under every schedule of the pipeline transform, per comm.
+
+    python bench/bench_layer.py --world-size 2 --backend nccl --comms torch,nvlink --json $OUT/layer.json
+    python bench/bench_layer.py --quick        # 2 gloo ranks, small sizes (what the CPU test runs)
+
+Dimension legend: T tokens per rank, H hidden, I expert intermediate, E experts, k experts per token, W ranks.
+
+Sizes: DeepSeek-V3 (H 7168, I 2048, E 256 sharded over the ranks, top-8 in 8 groups of which 4, one shared
+expert, bf16), decode at --decode-tokens and prefill at --prefill-tokens per rank; --quick: H 64, I 32,
+E 16, top-4, float32, a few tokens, gloo. Schedules (nanomoe_fn/pipeline): sequential, shared_overlap
+(the shared expert inside dispatch's window), tbo (two-batch overlap), tbo+shared; --compile adds each
+under torch.compile (graph breaks allowed: the comms are not traced). Before timing, every schedule's
+output is compared with sequential's on the same tokens (a mismatch fails the row, nothing is timed).
+
+Per row (DESIGN.md schema, bench "layer"): median_us (CUDA events around each call after a barrier; the
+slowest rank's median), b2b_us (back to back, GPUs), speedup_vs.sequential; TBO rows carry ideal_us and
+share_of_ideal, shared-overlap rows shared_hidden. Stage times: each stage of the sequential plan timed
+alone with events around it (stage_us, at T and at T/2); ideal TBO time = 2 * max(compute, comm) of the
+T/2 stages + the split's own cost (slicing, one concat of the outputs), compute = route + experts +
+shared + add, comm = the four exchange halves; share_of_ideal = (sequential / tbo) / (sequential / ideal).
+shared_hidden = (sequential - shared_overlap) / the shared stage's time. --profile DIR writes one
+torch.profiler trace per comm and schedule of the first case (rank 0), with NVTX ranges per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import traceback
+from dataclasses import replace
+from datetime import timedelta
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from bench.bench_ep_moe_multi import comm_options, device_inputs  # noqa: E402
+from bench.common import (  # noqa: E402
+    all_ranks_ok,
+    release_comm,
+    sig,
+    slowest,
+    spawn_ranks,
+    time_back_to_back,
+    time_events,
+    write_record,
+)
+from nanomoe_fn import MoEConfig, Placement, shard_moe_params  # noqa: E402
+from nanomoe_fn.comm.base import make_comm  # noqa: E402
+from nanomoe_fn.layer import MOE_PROGRAM, run_moe  # noqa: E402
+from nanomoe_fn.pipeline import Plan, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
+
+SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: sequential(shared_expert_overlap(p)),
+             "tbo": lambda p: two_batch_overlap(p), "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p))}
+COMPUTE = ("route", "experts", "shared", "add")
+TWO_INSTANCES = ("nvlink", "deepep", "deepep_ll")  # one dispatch in flight per instance: one per micro-batch
+
+
+def v3_config(quick: bool) -> MoEConfig:
+    """DeepSeek-V3's MoE layer, or the --quick stand-in."""
+    if quick:
+        return MoEConfig(hidden=64, intermediate=32, num_experts=16, top_k=4, score_func="sigmoid",
+                         correction_bias=True, n_group=4, topk_group=2, n_shared_experts=1)
+    return MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, score_func="sigmoid",
+                     correction_bias=True, n_group=8, topk_group=4, norm_topk_prob=True,
+                     routed_scaling_factor=2.5, n_shared_experts=1)
+
+
+def timed_stages(plan: Plan, device: torch.device) -> tuple[Plan, dict]:
+    """The plan with CUDA events (wall clock on CPU) around each stage; times[name] collects seconds."""
+    import time
+
+    times: dict[str, list] = {}
+
+    def wrap(stage):  # noqa: ANN001, ANN202 - a Stage
+        def fn(p, env, c):  # noqa: ANN001, ANN202
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                out = stage.fn(p, env, c)
+                b.record()
+                times.setdefault(stage.name, []).append((a, b))
+            else:
+                t = time.perf_counter()
+                out = stage.fn(p, env, c)
+                times.setdefault(stage.name, []).append(time.perf_counter() - t)
+            return out
+        return replace(stage, fn=fn)
+
+    return replace(plan, steps=tuple((mb, wrap(s)) for mb, s in plan.steps)), times
+
+
+def stage_medians(times: dict, device: torch.device) -> dict:
+    """Median seconds per stage, the slowest rank's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        times = {k: [a.elapsed_time(b) * 1e-3 for a, b in v] for k, v in times.items()}
+    names = sorted(times)
+    meds = slowest([statistics.median(times[n]) for n in names], device)
+    return dict(zip(names, meds))
+
+
+def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.Namespace, rank: int, W: int,
+             device: torch.device, dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
+    """Every schedule of one (comm, phase, T): checked against sequential, then timed -> (rows, failures)."""
+    case = {"phase": phase, "tokens": T, "experts": cfg.num_experts, "top_k": cfg.top_k, "hidden": cfg.hidden,
+            "intermediate": cfg.intermediate, "comm": comm_name, "world_size": W}
+    ns = argparse.Namespace(batch_size=T, max_num_tokens=T, comm_mode="auto", timeout=args.timeout, seed=args.seed)
+    params, x = device_inputs(cfg, ns, dtype, device, rank)
+    placement = Placement.identity(cfg.num_experts, W).to(device)
+    local = shard_moe_params(params, placement, rank)
+    rows, failed, comms = [], [], []
+    barrier = (lambda: dist.barrier()) if W > 1 else None
+    try:
+        name, opts = comm_options(comm_name, ns, cfg, placement, dtype)
+        comms = [make_comm(name, **opts) for _ in range(2 if comm_name in TWO_INSTANCES else 1)]
+        plans = {s: make(MOE_PROGRAM) for s, make in SCHEDULES.items()}
+
+        def call(plan: Plan, xs: torch.Tensor = x):
+            return run_moe(plan, local, xs, cfg, comms if plan.micro_batches == 2 else comms[0], placement,
+                           args.expert_backend)
+
+        variants = {s: (lambda p=p: call(p)) for s, p in plans.items()}
+        if args.compile:
+            for s, p in plans.items():
+                variants[s + "+compile"] = torch.compile(lambda p=p: call(p))
+        want = call(plans["sequential"])
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        bad = {}
+        for v, fn in variants.items():
+            err = float((fn().float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+            if err > tol:
+                bad[v] = f"differs from sequential: relative error {err:.3g} > {tol:g}"
+        if not all_ranks_ok(not bad, device):
+            return [], [{"case": case, "variant": v, "error": e} for v, e in bad.items()] or [
+                {"case": case, "variant": "any", "error": "another rank's schedules differ from sequential"}]
+        med = {}
+        for v, fn in variants.items():
+            t = slowest([statistics.median(time_events(fn, device, args.warmup, args.iters, barrier))], device)[0]
+            med[v] = t
+            row = {"case": case, "variant": v, "median_us": sig(t * 1e6)}
+            if device.type == "cuda":
+                b2b = time_back_to_back(fn, None, device, args.warmup, args.iters, barrier)
+                row["b2b_us"] = sig(slowest([statistics.median(a + b for a, b in b2b)], device)[0] * 1e6)
+            rows.append(row)
+        alone = {}
+        for label, xs in (("T", x), ("T/2", x[: T // 2])):
+            plan, times = timed_stages(plans["sequential"], device)
+            for _ in range(args.warmup + args.iters):
+                if barrier:
+                    barrier()
+                call(plan, xs)
+            alone[label] = stage_medians({k: v[args.warmup:] for k, v in times.items()}, device)
+        half = alone["T/2"]
+        comm_t = sum(v for k, v in half.items() if k not in COMPUTE)
+        compute_t = sum(v for k, v in half.items() if k in COMPUTE)
+        split_t = statistics.median(time_events(lambda: torch.cat([want[: T // 2], want[T // 2:]]), device,
+                                                args.warmup, args.iters))
+        ideal = 2 * max(comm_t, compute_t) + split_t
+        for row in rows:
+            v, base = row["variant"], med["sequential" + ("+compile" if row["variant"].endswith("+compile") else "")]
+            row["speedup_vs"] = {"sequential": sig(base / med[v])}
+            row["stage_us"] = {k: sig(s * 1e6) for k, s in alone["T"].items()}
+            if v.startswith("tbo"):
+                row["ideal_us"] = sig(ideal * 1e6)
+                row["share_of_ideal"] = sig((base / med[v]) / (base / ideal))
+            if "shared" in v and not v.startswith("tbo"):
+                row["shared_hidden"] = sig((base - med[v]) / max(alone["T"]["shared"], 1e-9))
+        if args.profile and not args.profiled:  # the first case of each comm; every rank runs the calls
+            profile(variants, args.profile, f"{comm_name}_{phase}_t{T}", trace=rank == 0)
+            args.profiled = True
+        return rows, failed
+    except Exception as err:  # noqa: BLE001 - a comm that cannot run here is a failed row, not a crash
+        traceback.print_exc()
+        return rows, [{"case": case, "variant": "setup", "error": f"{type(err).__name__}: {err}"}]
+    finally:
+        for c in comms:
+            release_comm(c)
+
+
+def profile(variants: dict, out_dir: str, tag: str, trace: bool) -> None:
+    """A torch.profiler trace (chrome JSON) of three calls of each variant, written where `trace` (rank 0);
+    every rank makes the calls (they are collectives)."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    os.makedirs(out_dir, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for v, fn in variants.items():
+        with torch_profile(activities=acts) if trace else contextlib.nullcontext() as prof:
+            for _ in range(3):
+                fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        if trace:
+            prof.export_chrome_trace(os.path.join(out_dir, f"layer_{tag}_{v.replace('+', '_')}.json"))
+
+
+def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
+    """One rank: every comm, phase and size; rank 0 prints and writes the JSON; exit 1 if a row failed."""
+    if args.backend == "nccl":
+        torch.cuda.set_device(rank)
+        device, dtype = torch.device("cuda", rank), torch.bfloat16
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+        torch.set_num_threads(1)
+    dist.init_process_group(args.backend, rank=rank, world_size=W, timeout=timedelta(seconds=args.timeout),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    cfg = v3_config(args.quick)
+    rows, failed = [], []
+    try:
+        for comm in args.comms:
+            args.profiled = False
+            for phase, sizes in (("decode", args.decode_tokens), ("prefill", args.prefill_tokens)):
+                for T in sizes:
+                    r, f = one_case(comm, phase, T, cfg, args, rank, W, device, dtype)
+                    rows += r
+                    failed += f
+                    if rank == 0:
+                        for row in r:
+                            print(f"{comm:10s} {phase:7s} T={T:6d} {row['variant']:24s} {row['median_us']:10.1f} us "
+                                  f"x{row['speedup_vs']['sequential']:.3f}"
+                                  + (f" share_of_ideal {row['share_of_ideal']}" if "share_of_ideal" in row else "")
+                                  + (f" shared_hidden {row['shared_hidden']}" if "shared_hidden" in row else ""))
+                        for x in f:
+                            print(f"FAILED {comm} {phase} T={T} {x['variant']}: {x['error']}")
+        if rank == 0 and args.json:
+            write_record(args.json, "layer", device, W, {}, rows, {"failed": failed})
+    finally:
+        dist.destroy_process_group()
+    if failed:
+        sys.exit(1)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of token counts, got {text!r}") from None
+    if any(n < 0 for n in sizes):
+        raise argparse.ArgumentTypeError(f"token counts must be >= 0, got {text!r}")
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, then spawn --world-size ranks."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"])
+    p.add_argument("--comms", default="torch", help="comma list of comm backends (torch, torch_fixed, nvlink, ...)")
+    p.add_argument("--decode-tokens", type=_sizes, default=[32, 64, 128, 256])
+    p.add_argument("--prefill-tokens", type=_sizes, default=[4096, 16384])
+    p.add_argument("--expert-backend", default="triton")
+    p.add_argument("--compile", action="store_true", help="also each schedule under torch.compile")
+    p.add_argument("--profile", default=None, help="folder for torch.profiler traces of the first case per comm")
+    p.add_argument("--quick", action="store_true", help="2 gloo ranks, small sizes, float32 (the CPU test)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    args.comms = [c for c in args.comms.split(",") if c]
+    if args.quick:
+        args.backend, args.expert_backend = "gloo", ("bmm" if args.expert_backend == "triton" else args.expert_backend)
+        if args.decode_tokens == [32, 64, 128, 256]:
+            args.decode_tokens = [1, 6]
+        if args.prefill_tokens == [4096, 16384]:
+            args.prefill_tokens = [24]
+        args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 3)
+    if args.backend == "nccl" and torch.cuda.device_count() < args.world_size:
+        p.error(f"--backend nccl needs {args.world_size} GPUs, this machine has {torch.cuda.device_count()}")
+    spawn_ranks(run_rank, args.world_size, None, args)
+
+
+if __name__ == "__main__":
+    main()
