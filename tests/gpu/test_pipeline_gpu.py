@@ -1,0 +1,104 @@
+"""Every schedule of the pipeline transform on 2 GPUs: sequential, shared-expert overlap, two-batch overlap and
+both give the same MoE layer output as sequential and the single-rank layer, for the torch, torch_fixed and
+nvlink comms (nvlink and two-batch overlap: one comm instance per micro-batch), decode and prefill sizes, a
+rank whose second micro-batch is empty.
+
+Each test spawns one NCCL rank per GPU; ranks save their outputs and the parent compares on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils import _pytree as pytree
+
+from nanomoe_fn import TorchComm, TorchFixedComm, moe_layer, shard_moe_params
+from nanomoe_fn.comm.launch import free_port
+from nanomoe_fn.layer import MOE_PROGRAM, run_moe
+from nanomoe_fn.pipeline import sequential, shared_expert_overlap, two_batch_overlap
+from tests import dist_worker
+from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer, spawn_bounded
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+W = 2
+PLANS = {"sequential": lambda: sequential(MOE_PROGRAM),
+         "shared_overlap": lambda: sequential(shared_expert_overlap(MOE_PROGRAM)),
+         "tbo": lambda: two_batch_overlap(MOE_PROGRAM),
+         "tbo+shared": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM))}
+
+
+def _init(rank: int, port: int) -> torch.device:
+    os.environ.update(SAFE_ENV)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
+                            timeout=timedelta(seconds=60))
+    return torch.device("cuda", rank)
+
+
+def _on(dev: torch.device, tree):
+    return pytree.tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _comms(case: dict, cfg, placement, dtype, n: int) -> list:
+    if case["comm"] == "torch":
+        return [TorchComm(timeout_s=30) for _ in range(n)]
+    if case["comm"] == "torch_fixed":
+        return [TorchFixedComm(max(1, max(case["tokens"])), timeout_s=30) for _ in range(n)]
+    from nanomoe_fn.comm.nvlink import NvlinkComm
+
+    return [NvlinkComm(max(1, max(case["tokens"])), cfg.hidden, cfg.top_k, placement.num_physical, dtype,
+                       case["mode"], timeout_s=30) for _ in range(n)]
+
+
+CASES = [
+    dict(comm="torch", mode="prefill", tokens=[37, 20], dtype="bfloat16", backend="triton", seed=1),
+    dict(comm="torch", mode="decode", tokens=[1, 6], dtype="bfloat16", backend="bmm", seed=2),
+    dict(comm="torch_fixed", mode="decode", tokens=[9, 9], dtype="bfloat16", backend="triton", seed=3),
+    dict(comm="nvlink", mode="decode", tokens=[16, 1], dtype="bfloat16", backend="triton", seed=4),
+    dict(comm="nvlink", mode="prefill", tokens=[40, 33], dtype="bfloat16", backend="triton", seed=5),
+    dict(comm="nvlink", mode="decode", tokens=[5, 0], dtype="float32", backend="loop", seed=6),
+]
+CFG = dict(hidden=256, intermediate=64, num_experts=8, top_k=2, n_shared_experts=1)
+
+
+def _run(rank: int, port: int, out_dir: str) -> None:
+    dev = _init(rank, port)
+    try:
+        for i, case in enumerate(CASES):
+            case = {**case, "cfg": CFG}
+            cfg, params, x = dist_worker.case_inputs(case, rank)
+            placement = dist_worker.case_placement(case, cfg, W)
+            local = _on(dev, shard_moe_params(params, placement, rank))
+            outs = {}
+            for name, make in PLANS.items():
+                plan = make()
+                comms = _comms(case, cfg, placement, x.dtype, plan.micro_batches)
+                outs[name] = run_moe(plan, local, x.to(dev), cfg, comms if len(comms) > 1 else comms[0],
+                                     placement.to(dev), case["backend"]).cpu()
+            torch.save(outs, os.path.join(out_dir, f"case{i}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_schedule_equals_sequential_and_single_rank_on_two_gpus(tmp_path):
+    os.environ.update(SAFE_ENV)
+    spawn_bounded(_run, W, (free_port(), str(tmp_path)), 300, "pipeline GPU workers")
+    for i, case in enumerate(CASES):
+        case = {**case, "cfg": CFG}
+        for rank in range(W):
+            cfg, params, x = dist_worker.case_inputs(case, rank)
+            outs = torch.load(tmp_path / f"case{i}_rank{rank}.pt")
+            what = f"case {i} ({case['comm']} {case['mode']} {case['backend']}) rank {rank}"
+            ref, margin = reference_layer(params, x, cfg)
+            if margin > MIN_MARGIN:
+                assert_close_to_ref(outs["sequential"], ref, x.dtype, what)
+                assert_close_to_ref(outs["sequential"], moe_layer(params, x, cfg, backend="loop").double(), x.dtype,
+                                    what + " vs single rank")
+            for name, out in outs.items():
+                assert out.shape == x.shape and out.dtype == x.dtype, what + " " + name
+                assert_close_to_ref(out, outs["sequential"].double(), x.dtype, f"{what} {name} vs sequential")
