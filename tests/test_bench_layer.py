@@ -35,5 +35,10 @@ def test_layer_bench_quick_rows(tmp_path):
     traces = sorted(os.listdir(tmp_path / "prof"))  # the first case of each comm, every schedule
     assert traces == sorted(f"layer_{c}_decode_t1_{v}.json" for c in ("torch", "torch_fixed")
                             for v in ("sequential", "shared_overlap", "tbo", "tbo_shared"))
-    names = {e.get("name", "") for e in json.loads((tmp_path / "prof" / traces[0]).read_text())["traceEvents"]}
-    assert any("alltoall" in n.lower() or "all_to_all" in n.lower() for n in names), "no collective in the trace"
+    def names(trace: str) -> set:
+        return {e.get("name", "") for e in json.loads((tmp_path / "prof" / trace).read_text())["traceEvents"]}
+
+    seq, tbo = names("layer_torch_decode_t1_sequential.json"), names("layer_torch_decode_t1_tbo.json")
+    assert any("alltoall" in n.lower() or "all_to_all" in n.lower() for n in seq), "no collective in the trace"
+    assert {f"moe/{s}/mb0" for s in STAGES} <= seq and not any("/mb1" in n for n in seq)  # one range per stage
+    assert {f"moe/{s}/mb{mb}" for s in STAGES for mb in (0, 1)} <= tbo

@@ -5,8 +5,10 @@ Dimension legend: none (values are whatever the program's stages pass; the MoE l
 Each micro-batch has its own environment (name -> value) and its own context (the comm, placement,
 config...); a schedule that keeps two exchanges in flight at once on a comm that allows one dispatch
 in flight per instance (nvlink) gets one context per micro-batch. Every step runs inside a named scope
-(`program/stage/mbN`): an NVTX range on GPUs, so a profiler timeline shows the overlap; nothing on CPUs
-or while torch.compile traces. The steps run on the current stream in plan order: an exchange overlaps
+(`program/stage/mbN`), so a timeline shows what ran when: a torch.profiler range while that profiler
+records, an NVTX range (for nsys) when NANOMOE_NVTX=1 was set at import and CUDA is there, else nothing
+(a range costs ~6 us of host time on a fast CPU, and eager decode is host-bound), and nothing while
+torch.compile traces. The steps run on the current stream in plan order: an exchange overlaps
 the other micro-batch's compute through the comm's own asynchrony (NCCL's stream for `torch`, DeepEP's
 async handles), not through streams chosen here.
 """
@@ -14,19 +16,28 @@ async handles), not through streams chosen here.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.autograd import profiler as _profiler
 
 from nanomoe_fn.pipeline.schedule import Plan
 
+_NVTX = os.environ.get("NANOMOE_NVTX", "0") not in ("", "0")
+
 
 def scope(name: str) -> contextlib.AbstractContextManager:
-    """An NVTX range named `name` on a CUDA build with a GPU (not while torch.compile traces), else nothing."""
-    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+    """A range named `name` for the timeline (module docstring): torch.profiler's while it records, NVTX
+    with NANOMOE_NVTX=1 on CUDA, else (and while torch.compile traces) nothing."""
+    if torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    return torch.cuda.nvtx.range(name)
+    if _profiler._is_profiler_enabled:
+        return _profiler.record_function(name)
+    if _NVTX and torch.cuda.is_available():
+        return torch.cuda.nvtx.range(name)
+    return contextlib.nullcontext()
 
 
 def run(plan: Plan, params: Any, inputs: dict, ctx: Any | Sequence[Any]) -> Any:
