@@ -9,7 +9,8 @@ Sizes: DeepSeek-V3 (H 7168, I 2048, E 256 sharded over the ranks, top-8 in 8 gro
 expert, bf16), decode at --decode-tokens and prefill at --prefill-tokens per rank; --quick: H 64, I 32,
 E 16, top-4, float32, a few tokens, gloo. Schedules (nanomoe_fn/pipeline): sequential, shared_overlap
 (the shared expert inside dispatch's window), tbo (two-batch overlap), tbo+shared; --compile adds each
-under torch.compile (graph breaks allowed: the comms are not traced). Before timing, every schedule's
+under torch.compile (graph breaks allowed: the comms are not traced), --cuda-graph each replayed as a CUDA
+graph where the comm is sync-free (torch_fixed, nvlink at decode sizes, deepep_ll). Before timing, every schedule's
 output is compared with sequential's on the same tokens (a mismatch fails the row, nothing is timed).
 
 Per row (DESIGN.md schema, bench "layer"): median_us (CUDA events around each call after a barrier; the
@@ -40,6 +41,7 @@ import torch.distributed as dist  # noqa: E402
 from bench.bench_ep_moe_multi import comm_options, device_inputs  # noqa: E402
 from bench.common import (  # noqa: E402
     all_ranks_ok,
+    capture_graph,
     release_comm,
     sig,
     slowest,
@@ -56,6 +58,11 @@ from nanomoe_fn.pipeline import Plan, sequential, shared_expert_overlap, two_bat
 SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: sequential(shared_expert_overlap(p)),
              "tbo": lambda p: two_batch_overlap(p), "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p))}
 COMPUTE = ("route", "experts", "shared", "add")
+
+
+def sync_free(comm: str, T: int) -> bool:
+    """Whether the comm never reads device data on the host at this size (a CUDA graph can hold the layer)."""
+    return comm in ("torch_fixed", "deepep_ll") or (comm == "nvlink" and T <= 256)
 TWO_INSTANCES = ("nvlink", "deepep", "deepep_ll")  # one dispatch in flight per instance: one per micro-batch
 
 
@@ -127,6 +134,10 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
         if args.compile:
             for s, p in plans.items():
                 variants[s + "+compile"] = torch.compile(lambda p=p: call(p))
+        if args.cuda_graph and device.type == "cuda" and sync_free(comm_name, T):
+            for s, p in plans.items():
+                graph, static_out = capture_graph(lambda p=p: call(p))
+                variants[s + "+graph"] = lambda g=graph, o=static_out: (g.replay(), o)[1]
         want = call(plans["sequential"])
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         bad = {}
@@ -161,7 +172,8 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
                                                 args.warmup, args.iters))
         ideal = 2 * max(comm_t, compute_t) + split_t
         for row in rows:
-            v, base = row["variant"], med["sequential" + ("+compile" if row["variant"].endswith("+compile") else "")]
+            v = row["variant"]
+            base = med["sequential" + next((t for t in ("+compile", "+graph") if v.endswith(t)), "")]
             row["speedup_vs"] = {"sequential": sig(base / med[v])}
             row["stage_us"] = {k: sig(s * 1e6) for k, s in alone["T"].items()}
             if v.startswith("tbo"):
@@ -257,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefill-tokens", type=_sizes, default=[4096, 16384])
     p.add_argument("--expert-backend", default="triton")
     p.add_argument("--compile", action="store_true", help="also each schedule under torch.compile")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also each schedule replayed as a CUDA graph, for the sync-free comms (torch_fixed, nvlink "
+                        "decode, deepep_ll)")
     p.add_argument("--profile", default=None, help="folder for torch.profiler traces of the first case per comm")
     p.add_argument("--quick", action="store_true", help="2 gloo ranks, small sizes, float32 (the CPU test)")
     p.add_argument("--warmup", type=int, default=3)
