@@ -69,7 +69,7 @@ from nanomoe_fn import Placement, moe_layer, shard_moe_params  # noqa: E402
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
 from nanomoe_fn.comm.handshake import handshake  # noqa: E402
 from nanomoe_fn.comm.launch import check_port, check_world_size, spawn_error_line  # noqa: E402
-from nanomoe_fn.params import GateParams, LinearExperts, MoEParams, SharedMLP, SwiGLUExperts  # noqa: E402
+from nanomoe_fn.moe.params import GateParams, LinearExperts, MoEParams, SharedMLP, SwiGLUExperts  # noqa: E402
 
 COMMS = ("torch", "torch_fixed", "nvlink", "deepep", "deepep_ll")
 GPU_COMMS = ("nvlink", "deepep", "deepep_ll")

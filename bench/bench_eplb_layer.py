@@ -49,11 +49,11 @@ import reference  # noqa: E402
 from bench import common  # noqa: E402
 from nanomoe_fn import MoEConfig, Placement, Routing, SwiGLUExperts, TorchComm, TorchFixedComm  # noqa: E402
 from nanomoe_fn.comm.base import Comm  # noqa: E402
-from nanomoe_fn.dispatch import combine, dispatch  # noqa: E402
 from nanomoe_fn.eplb import balancedness, gpu_loads, placement_for_layer, rebalance_experts  # noqa: E402
-from nanomoe_fn.eplb_move import plan_weight_moves, replace_expert_weights  # noqa: E402
-from nanomoe_fn.eplb_runtime import global_load, init_recorder, record  # noqa: E402
-from nanomoe_fn.expert_ffn import expert_ffn, get_expert_backend  # noqa: E402
+from nanomoe_fn.eplb.move import plan_weight_moves, replace_expert_weights  # noqa: E402
+from nanomoe_fn.eplb.recorder import global_load, init_recorder, record  # noqa: E402
+from nanomoe_fn.moe.dispatch import combine, dispatch  # noqa: E402
+from nanomoe_fn.moe.experts import expert_ffn, get_expert_backend  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

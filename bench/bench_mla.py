@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import device_name, versions  # noqa: E402
 from kernels.mla_decode import DecodeTuning, default_splits, default_tuning, mla_decode  # noqa: E402
 from kernels.mla_prefill import mla_prefill  # noqa: E402
-from nanomoe_fn.mla import decode_attention, prefill_attention  # noqa: E402
-from nanomoe_fn.mla_cache import ContiguousCache  # noqa: E402
-from nanomoe_fn.mla_config import MLAConfig  # noqa: E402
+from nanomoe_fn.attention.cache import ContiguousCache  # noqa: E402
+from nanomoe_fn.attention.config import MLAConfig  # noqa: E402
+from nanomoe_fn.attention.mla import decode_attention, prefill_attention  # noqa: E402
 
 C, DR, DC, DN, DV, PAGE = 512, 64, 576, 128, 128, 64
 # (heads, batch, context) -> (SGLang Triton MLA decode us, plain torch us), from ../shared/ANCHORS.md

@@ -5,17 +5,18 @@ prefill and weight-absorbed decode over the compressed cache); configs in config
 parameters in params.py, expert placement in placement.py, comm backends in comm/.
 """
 
+from nanomoe_fn.attention.cache import ContiguousCache, PagedCache, init_contiguous_cache, init_paged_cache
+from nanomoe_fn.attention.config import MLAConfig
+from nanomoe_fn.attention.mla import MLAParams, init_mla_params, mla
 from nanomoe_fn.batch import ExpertBatch, Handle, HandleOrigin
 from nanomoe_fn.comm import COMM_BACKENDS, LocalComm, NvlinkComm, TorchComm, TorchFixedComm, make_comm, supports_comm
 from nanomoe_fn.comm.handshake import handshake
-from nanomoe_fn.config import PRESETS, MoEConfig, preset
-from nanomoe_fn.dispatch import combine, dispatch
-from nanomoe_fn.expert_ffn import EXPERT_BACKENDS, expert_ffn, get_expert_backend
-from nanomoe_fn.layer import cast_params, moe_layer, shard_moe_params, shared_mlp
-from nanomoe_fn.mla import MLAParams, init_mla_params, mla
-from nanomoe_fn.mla_cache import ContiguousCache, PagedCache, init_contiguous_cache, init_paged_cache
-from nanomoe_fn.mla_config import MLAConfig
-from nanomoe_fn.params import (
+from nanomoe_fn.eplb.placement import Placement
+from nanomoe_fn.moe.config import PRESETS, MoEConfig, preset
+from nanomoe_fn.moe.dispatch import combine, dispatch
+from nanomoe_fn.moe.experts import EXPERT_BACKENDS, expert_ffn, get_expert_backend
+from nanomoe_fn.moe.layer import cast_params, moe_layer, shard_moe_params, shared_mlp
+from nanomoe_fn.moe.params import (
                                GateParams,
                                LinearExperts,
                                MoEParams,
@@ -25,8 +26,7 @@ from nanomoe_fn.params import (
                                expert_tensors,
                                init_moe_params,
 )
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing, route
+from nanomoe_fn.moe.route import Routing, route
 
 __all__ = [
     "COMM_BACKENDS", "EXPERT_BACKENDS", "PRESETS", "ExpertBatch", "GateParams", "Handle", "LinearExperts",

@@ -26,7 +26,7 @@ from nanomoe_fn.eplb import (
     tokens_per_gpu,
     windowed_load,
 )
-from nanomoe_fn.placement import Placement
+from nanomoe_fn.eplb.placement import Placement
 
 
 @st.composite

@@ -27,9 +27,9 @@ from nanomoe_fn.batch import to_masked
 from nanomoe_fn.comm.deepep import DeepEPComm, DeepEPHandle
 from nanomoe_fn.comm.launch import free_port
 from nanomoe_fn.comm.nvlink import NvlinkComm, NvlinkHandle
-from nanomoe_fn.expert_ffn import expert_ffn
-from nanomoe_fn.params import LinearExperts
-from nanomoe_fn.route import Routing
+from nanomoe_fn.moe.experts import expert_ffn
+from nanomoe_fn.moe.params import LinearExperts
+from nanomoe_fn.moe.route import Routing
 from tests.helpers import spawn_bounded
 
 

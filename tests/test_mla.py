@@ -30,9 +30,9 @@ from hypothesis import strategies as st  # noqa: E402
 from torch.utils._pytree import tree_map  # noqa: E402
 
 import reference.mla as ref  # noqa: E402
-from nanomoe_fn.mla import MLAParams, init_mla_params, mla  # noqa: E402
-from nanomoe_fn.mla_cache import ContiguousCache, PagedCache, init_contiguous_cache, init_paged_cache  # noqa: E402
-from nanomoe_fn.mla_config import MLAConfig, rope_cos_sin, yarn_inv_freq  # noqa: E402
+from nanomoe_fn.attention.cache import ContiguousCache, PagedCache, init_contiguous_cache, init_paged_cache  # noqa: E402
+from nanomoe_fn.attention.config import MLAConfig, rope_cos_sin, yarn_inv_freq  # noqa: E402
+from nanomoe_fn.attention.mla import MLAParams, init_mla_params, mla  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interp = pytest.mark.skipif(not INTERPRET, reason="CPU triton tests run under TRITON_INTERPRET=1")

@@ -55,8 +55,8 @@ from nanomoe_fn.comm.deepep_layout import (
     world_reason,
 )
 from nanomoe_fn.comm.plan import check_dispatch_args
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing
+from nanomoe_fn.eplb.placement import Placement
+from nanomoe_fn.moe.route import Routing
 
 _OPTIONS = ("mode", "hidden", "num_slots", "max_tokens", "top_k", "dtype", "group", "timeout_s")
 

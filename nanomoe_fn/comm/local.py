@@ -19,8 +19,8 @@ from nanomoe_fn.comm.plan import (
     sort_pairs,
     stamp_handle,
 )
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing
+from nanomoe_fn.eplb.placement import Placement
+from nanomoe_fn.moe.route import Routing
 
 
 class LocalComm:

@@ -15,8 +15,8 @@ from einops import rearrange
 from torch.utils import _pytree as pytree
 
 from nanomoe_fn.checks import FLOAT_DTYPES, check_tensor, check_values
-from nanomoe_fn.config import MoEConfig
-from nanomoe_fn.params import GateParams
+from nanomoe_fn.moe.config import MoEConfig
+from nanomoe_fn.moe.params import GateParams
 
 
 @dataclass(frozen=True, eq=False)

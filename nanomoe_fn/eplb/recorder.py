@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanomoe_fn.placement import Placement
+from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.tree import register_dataclass
 
 # Odd multipliers (golden ratio, murmur-style) that scramble (step, rank, expert) into a rotation.

@@ -4,7 +4,7 @@ Dimension legend: E logical experts, P physical slots (E + redundant), W ranks (
 P_local = P // W slots per rank, R max replicas of one logical expert, T tokens, k experts per token.
 
 Physical slot p lives on rank p // P_local as local expert p % P_local. The identity placement has
-P == E and phy2log == arange(E). EPLB (nanomoe_fn/eplb.py) produces placements with redundant slots.
+P == E and phy2log == arange(E). EPLB (nanomoe_fn/eplb/rebalance.py) produces placements with redundant slots.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class Placement:
     log2phy [E, R] int64: physical replicas of each logical expert, padded with -1.
     logcnt [E] int64: replica count of each logical expert (>= 1).
     remap_policy: how dispatch picks a replica for each (token, k) pair: "static" (a replica on the
-    sender's rank first) or "dynamic" (pairs dealt round-robin over the replicas; nanomoe_fn.eplb_runtime).
+    sender's rank first) or "dynamic" (pairs dealt round-robin over the replicas; nanomoe_fn.eplb.recorder).
     """
 
     phy2log: torch.Tensor
@@ -122,7 +122,7 @@ class Placement:
         if self.is_identity:  # slot e holds expert e: nothing to look up (and no table to move)
             return topk_ids.long()
         if self.remap_policy == "dynamic" and self.log2phy.shape[1] > 1:
-            from nanomoe_fn.eplb_runtime import remap_dynamic
+            from nanomoe_fn.eplb.recorder import remap_dynamic
 
             return remap_dynamic(self, topk_ids, 0, rank)
         log2phy = self.log2phy.to(topk_ids.device)

@@ -21,9 +21,9 @@ import torch
 from einops import rearrange
 from torch.utils._pytree import register_dataclass
 
+from nanomoe_fn.attention.cache import MLACache, check_cache, check_positions, gather_rows, write_rows
+from nanomoe_fn.attention.config import MLAConfig, apply_rope, rope_cos_sin
 from nanomoe_fn.checks import check_values
-from nanomoe_fn.mla_cache import MLACache, check_cache, check_positions, gather_rows, write_rows
-from nanomoe_fn.mla_config import MLAConfig, apply_rope, rope_cos_sin
 
 BACKENDS = ("torch", "triton")
 

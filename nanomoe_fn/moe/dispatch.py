@@ -11,8 +11,8 @@ import torch
 
 from nanomoe_fn.batch import ExpertBatch, Handle
 from nanomoe_fn.comm.base import Comm
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing
+from nanomoe_fn.eplb.placement import Placement
+from nanomoe_fn.moe.route import Routing
 
 
 def dispatch(x: torch.Tensor, routing: Routing, comm: Comm, placement: Placement) -> tuple[ExpertBatch, Handle]:

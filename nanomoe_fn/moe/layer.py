@@ -12,12 +12,12 @@ from kernels.activation import swiglu_act
 from nanomoe_fn.batch import to_contiguous, to_masked
 from nanomoe_fn.comm.base import Comm
 from nanomoe_fn.comm.local import LocalComm
-from nanomoe_fn.config import MoEConfig
-from nanomoe_fn.dispatch import combine, dispatch
-from nanomoe_fn.expert_ffn import expert_ffn, get_expert_backend
-from nanomoe_fn.params import MoEParams, SharedMLP, check_params, select_experts
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import route
+from nanomoe_fn.eplb.placement import Placement
+from nanomoe_fn.moe.config import MoEConfig
+from nanomoe_fn.moe.dispatch import combine, dispatch
+from nanomoe_fn.moe.experts import expert_ffn, get_expert_backend
+from nanomoe_fn.moe.params import MoEParams, SharedMLP, check_params, select_experts
+from nanomoe_fn.moe.route import route
 
 
 def shared_mlp(params: SharedMLP, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from nanomoe_fn.checks import FLOAT_DTYPES, check_tensor
-from nanomoe_fn.config import MoEConfig
+from nanomoe_fn.moe.config import MoEConfig
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,7 +25,7 @@ import heapq
 
 import torch
 
-from nanomoe_fn.eplb_move import (
+from nanomoe_fn.eplb.move import (
     MovePlan,
     begin_move,
     finish_move,
@@ -33,7 +33,8 @@ from nanomoe_fn.eplb_move import (
     replace_expert_weights,
     run_move_round,
 )
-from nanomoe_fn.eplb_runtime import (
+from nanomoe_fn.eplb.placement import Placement
+from nanomoe_fn.eplb.recorder import (
     RecorderState,
     advance,
     global_load,
@@ -44,7 +45,6 @@ from nanomoe_fn.eplb_runtime import (
     tokens_per_gpu,
     windowed_load,
 )
-from nanomoe_fn.placement import Placement
 
 POLICIES = ("hierarchical", "global")
 
