@@ -6,5 +6,28 @@ load), rebalance.py (the host-side rebalancer), move.py (moving expert weights b
 works; none of these modules imports another room's stage.
 """
 
-from nanomoe_fn.eplb.rebalance import *  # noqa: F403 - the EPLB API, as nanomoe_fn.eplb was one module
-from nanomoe_fn.eplb.rebalance import __all__  # noqa: F401
+from nanomoe_fn.eplb.move import (
+    MovePlan,
+    begin_move,
+    finish_move,
+    plan_weight_moves,
+    replace_expert_weights,
+    run_move_round,
+)
+from nanomoe_fn.eplb.placement import Placement, remap, remap_dynamic, tokens_per_gpu
+from nanomoe_fn.eplb.rebalance import (
+    POLICIES,
+    balancedness,
+    gpu_loads,
+    identity_placements,
+    placement_for_layer,
+    rebalance_experts,
+)
+from nanomoe_fn.eplb.recorder import RecorderState, advance, global_load, init_recorder, record, windowed_load
+
+__all__ = [
+    "POLICIES", "MovePlan", "Placement", "RecorderState", "advance", "balancedness", "begin_move", "finish_move",
+    "global_load", "gpu_loads", "identity_placements", "init_recorder", "placement_for_layer",
+    "plan_weight_moves", "rebalance_experts", "record", "remap", "remap_dynamic", "replace_expert_weights",
+    "run_move_round", "tokens_per_gpu", "windowed_load",
+]

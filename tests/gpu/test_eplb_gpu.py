@@ -29,7 +29,8 @@ from nanomoe_fn import MoEConfig, MoEParams, Placement, TorchComm, init_moe_para
 from nanomoe_fn.comm.launch import free_port
 from nanomoe_fn.eplb import balancedness, placement_for_layer, rebalance_experts
 from nanomoe_fn.eplb.move import begin_move, finish_move, plan_weight_moves, replace_expert_weights, run_move_round
-from nanomoe_fn.eplb.recorder import advance, global_load, init_recorder, record, tokens_per_gpu
+from nanomoe_fn.eplb.placement import tokens_per_gpu
+from nanomoe_fn.eplb.recorder import advance, global_load, init_recorder, record
 from nanomoe_fn.moe.params import expert_tensors, select_experts
 from nanomoe_fn.moe.route import route
 from tests.helpers import MIN_MARGIN, TOL, spawn_bounded
