@@ -1,32 +1,38 @@
 """NanoMoE functional core: pure stage functions over explicit parameter pytrees.
 
-route -> dispatch -> expert_ffn -> combine (moe_layer composes them); mla (DeepSeek-V3 attention,
-prefill and weight-absorbed decode over the compressed cache); configs in config.py,
-parameters in params.py, expert placement in placement.py, comm backends in comm/.
+Rooms: moe/ (route -> dispatch -> expert_ffn -> combine, composed by moe_layer; its config and
+parameter records), attention/ (mla: DeepSeek-V3 attention, prefill and weight-absorbed decode over
+the compressed cache), comm/ (comm backends), eplb/ (expert placement, load recording, rebalancing,
+weight moves). batch.py holds the records that pass between stages, checks.py the argument checks,
+tree.py the one pytree registration. Every public name is re-exported here.
 """
 
+from nanomoe_fn.attention.backends import MLA_BACKENDS, get_mla_backend
 from nanomoe_fn.attention.cache import ContiguousCache, PagedCache, init_contiguous_cache, init_paged_cache
 from nanomoe_fn.attention.config import MLAConfig
-from nanomoe_fn.attention.mla import MLAParams, init_mla_params, mla
-from nanomoe_fn.batch import ExpertBatch, Handle, HandleOrigin
+from nanomoe_fn.attention.mla import mla
+from nanomoe_fn.attention.params import MLAParams, init_mla_params
+from nanomoe_fn.batch import ExpertBatch, Handle, HandleOrigin, Routing
 from nanomoe_fn.comm import COMM_BACKENDS, LocalComm, NvlinkComm, TorchComm, TorchFixedComm, make_comm, supports_comm
 from nanomoe_fn.comm.handshake import handshake
 from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.moe.config import PRESETS, MoEConfig, preset
 from nanomoe_fn.moe.dispatch import combine, dispatch
 from nanomoe_fn.moe.experts import EXPERT_BACKENDS, expert_ffn, get_expert_backend
-from nanomoe_fn.moe.layer import cast_params, moe_layer, shard_moe_params, shared_mlp
+from nanomoe_fn.moe.layer import moe_layer, shared_mlp
 from nanomoe_fn.moe.params import (
-                               GateParams,
-                               LinearExperts,
-                               MoEParams,
-                               SharedMLP,
-                               SwiGLUExperts,
-                               check_params,
-                               expert_tensors,
-                               init_moe_params,
+    GateParams,
+    LinearExperts,
+    MoEParams,
+    SharedMLP,
+    SwiGLUExperts,
+    cast_params,
+    check_params,
+    expert_tensors,
+    init_moe_params,
+    shard_moe_params,
 )
-from nanomoe_fn.moe.route import Routing, route
+from nanomoe_fn.moe.route import route
 
 __all__ = [
     "COMM_BACKENDS", "EXPERT_BACKENDS", "PRESETS", "ExpertBatch", "GateParams", "Handle", "LinearExperts",
@@ -36,5 +42,5 @@ __all__ = [
     "expert_tensors", "get_expert_backend",
     "init_moe_params", "make_comm", "moe_layer", "preset", "route", "shard_moe_params", "shared_mlp",
     "supports_comm", "mla", "MLAParams", "init_mla_params", "MLAConfig", "ContiguousCache", "PagedCache",
-    "init_contiguous_cache", "init_paged_cache",
+    "init_contiguous_cache", "init_paged_cache", "MLA_BACKENDS", "get_mla_backend",
 ]

@@ -12,9 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
-from nanomoe_fn.batch import ExpertBatch, Handle
+from nanomoe_fn.batch import ExpertBatch, Handle, Routing
 from nanomoe_fn.eplb.placement import Placement
-from nanomoe_fn.moe.route import Routing
 
 
 class Comm(Protocol):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from nanomoe_fn.batch import ExpertBatch, Handle
+from nanomoe_fn.batch import ExpertBatch, Handle, Routing
 from nanomoe_fn.comm.plan import (
     check_combine,
     check_dispatch_args,
@@ -20,7 +20,6 @@ from nanomoe_fn.comm.plan import (
     stamp_handle,
 )
 from nanomoe_fn.eplb.placement import Placement
-from nanomoe_fn.moe.route import Routing
 
 
 class LocalComm:

@@ -6,7 +6,6 @@ Dimension legend: T tokens on this rank, H hidden, E logical experts, P physical
 from __future__ import annotations
 
 import torch
-from torch.utils import _pytree as pytree
 
 from kernels.activation import swiglu_act
 from nanomoe_fn.batch import to_contiguous, to_masked
@@ -16,23 +15,13 @@ from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.moe.config import MoEConfig
 from nanomoe_fn.moe.dispatch import combine, dispatch
 from nanomoe_fn.moe.experts import expert_ffn, get_expert_backend
-from nanomoe_fn.moe.params import MoEParams, SharedMLP, check_params, select_experts
+from nanomoe_fn.moe.params import MoEParams, SharedMLP, check_params
 from nanomoe_fn.moe.route import route
 
 
 def shared_mlp(params: SharedMLP, x: torch.Tensor) -> torch.Tensor:
     """The shared experts as one dense SwiGLU: x [T, H] -> [T, H]."""
     return swiglu_act(x @ params.w13.T, x.dtype) @ params.w2.T
-
-
-def shard_moe_params(params: MoEParams, placement: Placement, rank: int) -> MoEParams:
-    """This rank's view: its physical slots' experts (copied from the logical ones); router and
-    shared experts replicated."""
-    n_logical = params.experts.num_experts
-    if placement.num_logical != n_logical:
-        raise ValueError(f"placement has {placement.num_logical} logical experts, params have {n_logical}")
-    local = select_experts(params.experts, placement.local_slots(rank))
-    return MoEParams(gate=params.gate, experts=local, shared=params.shared)
 
 
 def moe_layer(
@@ -46,7 +35,7 @@ def moe_layer(
 ) -> torch.Tensor:
     """One MoE layer on this rank's tokens x [T, H] -> [T, H].
 
-    params holds this rank's local experts (see shard_moe_params); with the default local comm and
+    params holds this rank's local experts (see params.shard_moe_params); with the default local comm and
     identity placement they are all the experts. With `capacity`, experts run on the masked
     layout [P_local, capacity, H] (fixed shapes; more rows than capacity is an error, not a drop);
     a comm that already delivers the masked layout (torch_fixed) needs no conversion.
@@ -69,12 +58,3 @@ def moe_layer(
     if params.shared is not None:
         out = out + shared_mlp(params.shared, x)
     return out
-
-
-def cast_params(params: MoEParams, dtype: torch.dtype) -> MoEParams:
-    """Cast expert and shared weights to `dtype`; the router stays float32."""
-    return MoEParams(
-        gate=params.gate,
-        experts=pytree.tree_map(lambda t: t.to(dtype), params.experts),
-        shared=None if params.shared is None else pytree.tree_map(lambda t: t.to(dtype), params.shared),
-    )
