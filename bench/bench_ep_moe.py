@@ -20,23 +20,21 @@ import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
     MODES,
-    UsageError,
     add_seed_flags,
     check_seed_flags,
-    cuda_profiler,
     measure_ceilings,
-    nvtx_range,
     pick_device,
     pick_dtype,
     pick_modes,
     roofline,
-    run_cli,
     sig,
     time_fn,
     write_record,
 )
 from bench.workload import agree, check_against_reference, config_from_args, floors, make_inputs  # noqa: E402
 from nanomoe_fn import LocalComm, Placement, moe_layer  # noqa: E402
+from nanomoe_fn.cli_util import UsageError, run_cli  # noqa: E402
+from nanomoe_fn.profiling import cuda_profiler, nvtx_range  # noqa: E402
 
 # backends whose layer has no host sync, so the whole layer can be captured in a CUDA graph
 GRAPHABLE = ("triton", "deepgemm")
@@ -56,6 +54,13 @@ def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], object]:
     return graph.replay
 
 
+def check_capturable(modes: list[str]) -> None:
+    """--cuda-graph needs at least one mode whose backend has no host sync (UsageError, one line)."""
+    if not any(MODES[m] in GRAPHABLE for m in modes):
+        raise UsageError(f"--cuda-graph: none of the modes {modes} can be captured (they read counts on the host); "
+                         f"use --mode {' / '.join(m for m in MODES if MODES[m] in GRAPHABLE)} or all")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the bench; returns the JSON rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="time sync-free backends (triton, deepgemm) as CUDA-graph replays of the whole layer")
     args = parser.parse_args(argv)
     check_seed_flags(args)
+    if args.cuda_graph and args.mode != "all":  # known from the flag alone, on any device
+        check_capturable(["loop", "batched_gemm"] if args.mode == "both" else [args.mode])
     device = pick_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device (this run is on {device}); leave it out on the CPU")
@@ -71,9 +78,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(args.seed)
     cfg = config_from_args(args)
     modes = pick_modes(args.mode, cfg, device)
-    if args.cuda_graph and not any(MODES[m] in GRAPHABLE for m in modes):
-        raise UsageError(f"--cuda-graph: none of the modes {modes} can be captured (they read counts on the host); "
-                         f"use --mode {' / '.join(m for m in MODES if MODES[m] in GRAPHABLE)} or all")
+    if args.cuda_graph:
+        check_capturable(modes)
     params, x = make_inputs(cfg, args, dtype, device)
     comm, placement = LocalComm(), Placement.identity(cfg.num_experts, 1).to(device)
 

@@ -44,20 +44,16 @@ import torch.distributed as dist  # noqa: E402
 
 from bench.common import (  # noqa: E402
     MODES,
-    UsageError,
     add_seed_flags,
     all_ranks_ok,
     capture_graph,
     check_seed_flags,
-    cuda_profiler,
     measure_ceilings,
-    nvtx_range,
     pick_dtype,
     pick_modes,
     ranks_errors,
     release_comm,
     roofline,
-    run_cli,
     sig,
     spawn_ranks,
     time_back_to_back,
@@ -66,10 +62,12 @@ from bench.common import (  # noqa: E402
 )
 from bench.workload import agree, config_from_args, make_inputs, rank_floors  # noqa: E402
 from nanomoe_fn import Placement, moe_layer, shard_moe_params  # noqa: E402
+from nanomoe_fn.cli_util import UsageError, run_cli  # noqa: E402
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
 from nanomoe_fn.comm.handshake import handshake  # noqa: E402
 from nanomoe_fn.comm.launch import check_port, check_world_size, spawn_error_line  # noqa: E402
-from nanomoe_fn.params import GateParams, LinearExperts, MoEParams, SharedMLP, SwiGLUExperts  # noqa: E402
+from nanomoe_fn.moe.params import GateParams, LinearExperts, MoEParams, SharedMLP, SwiGLUExperts  # noqa: E402
+from nanomoe_fn.profiling import cuda_profiler, nvtx_range  # noqa: E402
 
 COMMS = ("torch", "torch_fixed", "nvlink", "deepep", "deepep_ll")
 GPU_COMMS = ("nvlink", "deepep", "deepep_ll")

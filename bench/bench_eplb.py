@@ -41,7 +41,7 @@ from nanomoe_fn.eplb import (  # noqa: E402
     tokens_per_gpu,
     windowed_load,
 )
-from nanomoe_fn.placement import Placement  # noqa: E402
+from nanomoe_fn.eplb.placement import Placement  # noqa: E402
 
 SKEWS = ("zipf", "hot_groups", "drift", "churn")
 

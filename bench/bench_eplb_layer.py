@@ -9,14 +9,15 @@ Dimension legend: T tokens per rank, H hidden, I expert intermediate, E logical 
 slots, P = E + R physical slots, W ranks, S = P // W slots per rank, k experts per token.
 
 Routing bypasses the router: each rank draws topk_ids [T, k] (k distinct experts per token) from the
-skew, exactly, and calls dispatch -> expert_ffn -> combine itself (no router, no shared expert):
+skew, exactly (nanomoe_fn/eplb/skew.py), and calls dispatch -> expert_ffn -> combine itself (no router,
+no shared expert):
   zipf<a>  expert popularity ~ 1 / rank^a, a seeded permutation (the same on every rank) says which
            expert holds which rank; k experts per token drawn without replacement (Gumbel top-k).
   hot1     one hot expert h (seeded, the same on every rank) in every token, plus k - 1 others uniform.
 Top-k weights are uniform in [0.5, 1.5], normalised per token. Per skew and token count:
   identity      P = E, every rank holds E / W experts; the layer is timed.
-  weight_move   the load (eplb_runtime recorder, summed over ranks) is rebalanced with R redundant slots
-                and the expert weights are moved with eplb_move.replace_expert_weights (P2P over the
+  weight_move   the load (nanomoe_fn.eplb.recorder, summed over ranks) is rebalanced with R redundant slots
+                and the expert weights are moved with nanomoe_fn.eplb.move.replace_expert_weights (P2P over the
                 process group: NCCL on GPUs); timed forward, then moved back (round trip checked bit
                 for bit), --move-reps times; the moved weights must equal the logical experts their new
                 slots name, bit for bit.
@@ -49,11 +50,13 @@ import reference  # noqa: E402
 from bench import common  # noqa: E402
 from nanomoe_fn import MoEConfig, Placement, Routing, SwiGLUExperts, TorchComm, TorchFixedComm  # noqa: E402
 from nanomoe_fn.comm.base import Comm  # noqa: E402
-from nanomoe_fn.dispatch import combine, dispatch  # noqa: E402
 from nanomoe_fn.eplb import balancedness, gpu_loads, placement_for_layer, rebalance_experts  # noqa: E402
-from nanomoe_fn.eplb_move import plan_weight_moves, replace_expert_weights  # noqa: E402
-from nanomoe_fn.eplb_runtime import global_load, init_recorder, record  # noqa: E402
-from nanomoe_fn.expert_ffn import expert_ffn, get_expert_backend  # noqa: E402
+from nanomoe_fn.eplb.move import plan_weight_moves, replace_expert_weights  # noqa: E402
+from nanomoe_fn.eplb.recorder import global_load, init_recorder, record  # noqa: E402
+from nanomoe_fn.eplb.skew import draw_routing  # noqa: E402
+from nanomoe_fn.moe.dispatch import combine, dispatch  # noqa: E402
+from nanomoe_fn.moe.experts import expert_ffn, get_expert_backend  # noqa: E402
+from nanomoe_fn.profiling import nvtx_range  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -81,25 +84,6 @@ def expert_weights(cfg: MoEConfig, ids: list[int], dtype: torch.dtype, device: t
         w13[j].copy_(_hash_uniform(w13[j].numel(), key, device).mul_((3 / H) ** 0.5).view(2 * I_, H))
         w2[j].copy_(_hash_uniform(w2[j].numel(), key + 1, device).mul_((3 / I_) ** 0.5).view(H, I_))
     return SwiGLUExperts(w13, w2)
-
-
-def draw_routing(skew: str, T: int, E: int, k: int, seed: int, rank: int, device: torch.device) -> Routing:
-    """This rank's drawn routing (see the module docstring): topk_ids [T, k] int64, weights [T, k] float32."""
-    shared = torch.Generator().manual_seed(seed)  # which experts are hot: the same on every rank
-    if skew.startswith("zipf"):
-        a = float(skew[4:])
-        log_pop = -a * torch.log(torch.arange(1, E + 1, dtype=torch.float32))  # [E] by popularity rank
-        logits = log_pop[torch.argsort(torch.randperm(E, generator=shared))]  # [E] by expert id
-    elif skew == "hot1":
-        logits = torch.zeros(E)
-        logits[int(torch.randint(E, (1,), generator=shared))] = 1e4  # beats any Gumbel noise
-    else:
-        raise ValueError(f"skew must be 'zipf<exponent>' or 'hot1', got {skew!r}")
-    gen = torch.Generator(device=device).manual_seed(seed * 7919 + 1 + rank)
-    u = torch.rand(T, E, generator=gen, device=device).clamp_(1e-12, 1 - 1e-12)
-    ids = (logits.to(device) - torch.log(-torch.log(u))).topk(k, dim=-1).indices  # Gumbel top-k [T, k]
-    w = torch.rand(T, k, generator=gen, device=device) + 0.5
-    return Routing(ids, w / w.sum(-1, keepdim=True))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -208,7 +192,7 @@ class Env:
               pl: Placement) -> list[float]:
         """Seconds per iteration of the layer, slowest rank."""
         def step() -> None:
-            with common.nvtx_range(f"eplb_layer[{name}]"):
+            with nvtx_range(f"eplb_layer[{name}]"):
                 self.layer(experts, x, routing, pl)
         times = common.time_fn(step, self.device, self.args.warmup, self.args.iters, barrier=dist.barrier)
         return _slowest(times, self.device)

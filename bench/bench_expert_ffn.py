@@ -31,48 +31,11 @@ from bench.common import measure_ceilings, write_record  # noqa: E402
 from kernels import deepgemm  # noqa: E402
 from kernels.fused_moe import fused_moe, fused_moe_aligned, stage_configs  # noqa: E402
 from kernels.moe_align import moe_align  # noqa: E402
+from reference.expert_rows import make_routing, make_weights, reference_rows  # noqa: E402
 
 QUICK_TOKENS = (64, 256, 1024, 4096)
 FULL_TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
 FULL_EXPERTS = (256, 128, 64, 32)
-
-
-def make_weights(E: int, H: int, I: int, expert_type: str, dtype: torch.dtype, device: str,
-                 seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Random experts scaled like a trained layer (outputs of order one); never zeros."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    if expert_type == "linear":
-        return (torch.randn(E, H, H, generator=g, device=device, dtype=dtype) * H ** -0.5,)
-    w13 = torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dtype) * H ** -0.5
-    w2 = torch.randn(E, H, I, generator=g, device=device, dtype=dtype) * I ** -0.5
-    return w13, w2
-
-
-def make_routing(T: int, E: int, k: int, device: str, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """topk_ids [T, k] int32 (k distinct experts, uniform) and topk_weights [T, k] float32."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.rand(T, E, generator=g, device=device).topk(k, dim=1).indices.to(torch.int32)
-    return ids, torch.rand(T, k, generator=g, device=device) + 0.1
-
-
-def reference_rows(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights: tuple[torch.Tensor, ...],
-                   expert_type: str, tokens: torch.Tensor) -> torch.Tensor:
-    """float32 expert FFN for the sampled tokens [S] -> [S, H_out] (loops over their experts)."""
-    out = []
-    for t in tokens.tolist():
-        acc = 0
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            xt = x[t].float()
-            if expert_type == "linear":
-                y = weights[0][e].float() @ xt
-            else:
-                gu = weights[0][e].float() @ xt
-                gate, up = gu.chunk(2)
-                y = weights[1][e].float() @ (F.silu(gate) * up).to(x.dtype).float()
-            acc = acc + float(tw[t, j]) * y
-        out.append(acc)
-    return torch.stack(out)
 
 
 def sorted_layout(ids: torch.Tensor, E: int,

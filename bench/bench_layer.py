@@ -52,7 +52,7 @@ from bench.common import (  # noqa: E402
 )
 from nanomoe_fn import MoEConfig, Placement, shard_moe_params  # noqa: E402
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
-from nanomoe_fn.layer import MOE_PROGRAM, run_moe  # noqa: E402
+from nanomoe_fn.moe.layer import MOE_PROGRAM, run_moe  # noqa: E402
 from nanomoe_fn.pipeline import Plan, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
 
 SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: sequential(shared_expert_overlap(p)),

@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import device_name, versions  # noqa: E402
 from kernels.mla_decode import DecodeTuning, default_splits, default_tuning, mla_decode  # noqa: E402
 from kernels.mla_prefill import mla_prefill  # noqa: E402
-from nanomoe_fn.mla import decode_attention, prefill_attention  # noqa: E402
-from nanomoe_fn.mla_cache import ContiguousCache  # noqa: E402
-from nanomoe_fn.mla_config import MLAConfig  # noqa: E402
+from nanomoe_fn.attention.backends import torch_decode, torch_prefill  # noqa: E402
+from nanomoe_fn.attention.cache import ContiguousCache  # noqa: E402
+from nanomoe_fn.attention.config import MLAConfig  # noqa: E402
 
 C, DR, DC, DN, DV, PAGE = 512, 64, 576, 128, 128, 64
 # (heads, batch, context) -> (SGLang Triton MLA decode us, plain torch us), from ../shared/ANCHORS.md
@@ -144,7 +144,7 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
     qs, pos = q[:, None], (lens - 1)[:, None]
     t_torch = None
     try:
-        t_torch = graph_us(lambda: decode_attention(qs, cache, pos, cfg, "torch"), rep)
+        t_torch = graph_us(lambda: torch_decode(qs, cache, pos, cfg), rep)
         rows.append(row(case, "torch", t_torch, nbytes, flops, ceil, speedup_vs=speedups(t_torch, None)))
     except torch.OutOfMemoryError:
         print(f"skip torch decode {case}: out of memory", flush=True)
@@ -203,7 +203,7 @@ def prefill_case(heads: int, tokens: int, args: argparse.Namespace, ceil: dict, 
     qn, qp = q[..., :DN], q[..., DN:]
     t_torch = None
     try:
-        t_torch = bench_us(lambda: prefill_attention(qn, qp, k_nope, k_pe, v, pos, cfg, "torch"), rep)
+        t_torch = bench_us(lambda: torch_prefill(qn, qp, k_nope, k_pe, v, pos, cfg), rep)
         rows.append(row(case, "torch", t_torch, nbytes, flops, ceil))
     except (torch.OutOfMemoryError, RuntimeError) as e:
         print(f"skip torch prefill {case}: {str(e)[:120]}", flush=True)

@@ -10,7 +10,6 @@ same run: a large device copy (bytes read + written) and a large matmul in the b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -18,10 +17,11 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
+from nanomoe_fn.cli_util import UsageError
 from nanomoe_fn.comm.launch import free_port, spawn_ranks  # noqa: F401  (re-exported for the benches)
 
 # mode names (the seed's two first, then the faster backends), and the expert backend each stands for
@@ -56,29 +56,6 @@ def add_seed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto = float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--json", default=None, help="write results in the DESIGN.md schema to this path")
-
-
-class UsageError(SystemExit):
-    """A command-line mistake, raised with its one-line message. `run_cli` prints it as argparse does
-    (`prog: error: ...`) and exits with status 2, no traceback; uncaught elsewhere it is still a
-    SystemExit that prints the message (status 1). str(err) is the message."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def run_cli(main: Callable[[], object], prog: str) -> None:
-    """Run a bench's main() as a command: a UsageError becomes `prog: error: <message>` on stderr and
-    exit status 2 (as argparse's own errors)."""
-    try:
-        main()
-    except UsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
 
 
 def check_seed_flags(args: argparse.Namespace) -> None:
@@ -149,32 +126,6 @@ def sync(device: torch.device) -> None:
     """Wait for queued device work (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """An NVTX range on CUDA builds with a GPU; nothing on CPU-only builds."""
-    if torch.cuda.is_available():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
-        yield
-
-
-@contextlib.contextmanager
-def cuda_profiler(enabled: bool) -> Iterator[None]:
-    """cudaProfilerStart/Stop around a region when enabled and CUDA is present; else nothing."""
-    if enabled and torch.cuda.is_available():
-        torch.cuda.profiler.start()
-        try:
-            yield
-        finally:
-            torch.cuda.profiler.stop()
-    else:
-        yield
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: int,

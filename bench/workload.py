@@ -11,7 +11,7 @@ import torch
 
 import reference
 from nanomoe_fn import MoEConfig, MoEParams, expert_tensors, init_moe_params
-from nanomoe_fn.route import route
+from nanomoe_fn.moe.route import route
 
 
 def config_from_args(args: argparse.Namespace) -> MoEConfig:

@@ -38,8 +38,9 @@ from types import MappingProxyType
 
 import torch
 
+from kernels.checks import check_values
 from kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted
-from kernels.moe_align import Alignment, _check_ids, _check_values, moe_align, moe_align_contiguous, moe_align_masked
+from kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
 from kernels.moe_blocks import block_tables
 
 EXPERT_TYPES = ("swiglu", "linear")
@@ -259,7 +260,7 @@ def fused_moe_gathered(rows: torch.Tensor, index: torch.Tensor, counts: torch.Te
         return rows.new_empty((0, H_out))
     if validate:
         lo, hi = torch.aminmax(index)
-        _check_values((lo >= 0) & (hi < G), f"index must lie in [0, {G}) (the rows)")
+        check_values((lo >= 0) & (hi < G), f"index must lie in [0, {G}) (the rows)")
     align = moe_align_contiguous(counts, N, bm, validate=validate)
     return fused_moe_aligned(rows, align, weights, expert_type, first, down, a_index=index.contiguous())
 

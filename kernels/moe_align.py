@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.checks import check_values
+
 
 class Alignment(NamedTuple):
     """Rows grouped by expert and padded to `block_m`; every tensor lives on the rows' device.
@@ -178,14 +180,6 @@ def _check_block_m(block_m: int) -> None:
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m!r}")
 
 
-def _check_values(ok: torch.Tensor, message: str) -> None:
-    if ok.device.type == "cpu":
-        if not bool(ok):
-            raise ValueError(message)
-    else:
-        torch._assert_async(ok, message)
-
-
 def _check_ids(name: str, t: object, dims: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -211,7 +205,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, validate: 
         ids = ids.contiguous()
     n = ids.numel()
     if validate and n:
-        _check_values(((ids >= 0) & (ids < num_experts)).all(),
+        check_values(((ids >= 0) & (ids < num_experts)).all(),
                       f"topk_ids holds expert ids outside [0, {num_experts})")
     out = _empty(n + min(num_experts, n) * (block_m - 1), block_m, n, num_experts, ids.device)
     if n == 0:
@@ -255,7 +249,7 @@ def moe_align_contiguous(counts: torch.Tensor, num_rows: int, block_m: int, vali
     if num_rows < 0:
         raise ValueError(f"num_rows must be >= 0, got {num_rows}")
     if validate and counts.numel():
-        _check_values((counts >= 0).all() & (counts.sum() <= num_rows),
+        check_values((counts >= 0).all() & (counts.sum() <= num_rows),
                       f"counts must be >= 0 and sum to at most the {num_rows} rows")
     return _align_counts(counts, block_m, num_rows, 0, masked=False)
 
@@ -270,6 +264,6 @@ def moe_align_masked(counts: torch.Tensor, capacity: int, block_m: int, validate
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
     if validate and counts.numel():
-        _check_values(((counts >= 0) & (counts <= capacity)).all(),
+        check_values(((counts >= 0) & (counts <= capacity)).all(),
                       f"counts must lie in [0, capacity={capacity}]")
     return _align_counts(counts, block_m, counts.shape[0] * capacity, capacity, masked=True)

@@ -1,4 +1,5 @@
-"""The records that pass between dispatch, expert_ffn and combine.
+"""The records that pass between the stages: Routing (route -> dispatch), ExpertBatch and Handle
+(dispatch -> experts -> combine). Comms and stages import these records, never each other.
 
 Dimension legend: T tokens on this rank, k experts per token, H hidden, P_local expert slots on this
 rank, N (token, k) pairs this rank sends, M rows this rank's experts receive (batch rows), C fixed
@@ -15,6 +16,19 @@ import torch
 from nanomoe_fn.tree import register_dataclass
 
 LAYOUTS = ("contiguous", "masked", "gathered")
+
+
+@dataclass(frozen=True, eq=False)
+class Routing:
+    """route's output: topk_ids [T, k] int32 (logical experts, best first), topk_weights [T, k] float32."""
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """T."""
+        return int(self.topk_ids.shape[0])
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,6 +196,7 @@ def to_contiguous(masked: ExpertBatch, like: ExpertBatch) -> ExpertBatch:
     return like.with_x(masked.x[expert, slot])
 
 
+register_dataclass(Routing)
 register_dataclass(ExpertBatch, static=("layout",), optional=("index",))  # index: a child when gathered
 register_dataclass(TokenRowPlan)
 register_dataclass(Handle, static=("send_splits", "recv_splits", "origin"),

@@ -3,6 +3,8 @@
 Value checks on tensor contents (NaN logits, expert ids out of range) need the data: on the CPU
 they raise ValueError at once; on an accelerator they become asynchronous device asserts, so the
 decode path never waits on the host (the error then surfaces at the next synchronisation).
+`check_values` is defined once, in kernels/checks.py (kernels/ import nothing from nanomoe_fn), and
+re-exported here: every stage and kernel wrapper uses that one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 import numbers
 
 import torch
+
+from kernels.checks import check_values  # the one definition, shared with kernels/ (which sit below nanomoe_fn)
 
 
 def check_tensor(name: str, t: object, dim: int | None = None, dtypes: tuple[torch.dtype, ...] | None = None,
@@ -29,16 +33,6 @@ def check_tensor(name: str, t: object, dim: int | None = None, dtypes: tuple[tor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
-
-
-def check_values(ok: torch.Tensor, message: str) -> None:
-    """Assert a boolean scalar tensor: ValueError now on the CPU, an async device assert elsewhere
-    and inside torch.compile (a host check there would break the graph)."""
-    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(ok):
-            raise ValueError(message)
-    else:
-        torch._assert_async(ok, message)
 
 
 def check_expert_ids(name: str, ids: torch.Tensor, num_experts: int) -> None:

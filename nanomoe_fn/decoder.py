@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
+from nanomoe_fn.attention.cache import ContiguousCache, MLACache
+from nanomoe_fn.attention.config import MLAConfig
+from nanomoe_fn.attention.mla import mla, rms_norm
+from nanomoe_fn.attention.params import MLAParams
 from nanomoe_fn.comm.base import Comm
-from nanomoe_fn.layer import MoEContext, moe_stages, shared_mlp
-from nanomoe_fn.mla import MLAParams, mla, rms_norm
-from nanomoe_fn.mla_cache import ContiguousCache, MLACache
-from nanomoe_fn.mla_config import MLAConfig
-from nanomoe_fn.params import MoEParams, SharedMLP
+from nanomoe_fn.moe.layer import MoEContext, moe_stages, shared_mlp
+from nanomoe_fn.moe.params import MoEParams, SharedMLP
 from nanomoe_fn.pipeline.program import Program, Stage
 from nanomoe_fn.pipeline.run import run
 from nanomoe_fn.pipeline.schedule import Plan, sequential
@@ -186,7 +187,7 @@ def decoder_context(mla_cfg: MLAConfig, attn_backend: str = "torch", moe_cfg: An
     if moe_cfg is None:
         return DecoderContext(mla_cfg, attn_backend, None, check)
     from nanomoe_fn.comm.local import LocalComm
-    from nanomoe_fn.placement import Placement
+    from nanomoe_fn.eplb.placement import Placement
 
     comm = comm if comm is not None else LocalComm()
     placement = placement if placement is not None else Placement.identity(moe_cfg.num_experts, comm.world_size)

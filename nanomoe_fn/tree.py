@@ -1,4 +1,8 @@
-"""Pytree registration for frozen dataclasses with static (non-tensor) fields.
+"""Pytree registration for frozen dataclasses with static (non-tensor) fields: the package's one mechanism.
+
+Every record is registered with `register_dataclass` below (batch.py, moe/params.py,
+attention/params.py, attention/cache.py, eplb/recorder.py), never with torch's own helpers, so all of
+them flatten the same way.
 
 `torch.utils._pytree.register_dataclass` makes every field a child; records that also carry
 static metadata (a layout name, an int) keep it in the tree's context instead, so `tree_map` over

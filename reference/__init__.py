@@ -1,4 +1,5 @@
-"""Naive float64 oracles for NanoMoE. Imports nothing from nanomoe_fn or kernels."""
+"""Naive float64 oracles for NanoMoE (moe.py, mla.py), plus expert_rows.py: kernel-level inputs and a
+float32 per-token check for large sizes. Imports nothing from nanomoe_fn or kernels."""
 
 from reference.moe import linear, moe_experts, moe_layer, route, route_scores, swiglu
 

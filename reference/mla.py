@@ -1,4 +1,4 @@
-"""Naive float64 DeepSeek-V3 multi-head latent attention (MLA): the oracle for nanomoe_fn.mla.
+"""Naive float64 DeepSeek-V3 multi-head latent attention (MLA): the oracle for nanomoe_fn.attention.mla.
 
 Imports nothing from nanomoe_fn or kernels. Everything is upcast to float64 on the CPU. K and V are
 materialised per head from the latent (no weight absorption); attention loops over tokens and heads.

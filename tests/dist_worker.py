@@ -164,9 +164,9 @@ def run_rebalance(rank: int, world_size: int, port: int, out_dir: str) -> None:
     """Serve a skewed layer, record its load, rebalance (EPLB, redundant slots), move the expert weights
     between ranks, serve again. Saves this rank's tokens' outputs before and after the move."""
     from nanomoe_fn.eplb import placement_for_layer, rebalance_experts
-    from nanomoe_fn.eplb_move import replace_expert_weights
-    from nanomoe_fn.eplb_runtime import advance, global_load, init_recorder, record
-    from nanomoe_fn.route import route
+    from nanomoe_fn.eplb.move import replace_expert_weights
+    from nanomoe_fn.eplb.recorder import advance, global_load, init_recorder, record
+    from nanomoe_fn.moe.route import route
 
     _init(rank, world_size, port, 60)
     try:

@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-import nanomoe_fn.eplb_move as eplb_move
+import nanomoe_fn.eplb.move as eplb_move
 from nanomoe_fn import MoEConfig, MoEParams, Placement, TorchComm, TorchFixedComm, init_moe_params, moe_layer
-from nanomoe_fn.layer import shard_moe_params
+from nanomoe_fn.moe.params import shard_moe_params
 
 COMM_TIMEOUT_S = 2.0  # TorchComm(timeout_s) and run_move_round(timeout_s) of every rank
 PG_TIMEOUT_S = 5.0  # the process group's own timeout: a bit larger than the comm's (rendezvous, teardown)

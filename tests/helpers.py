@@ -1,6 +1,14 @@
-"""Test helpers: dtype-scaled comparison with the float64 reference, and config/input drawing."""
+"""Test helpers: dtype-scaled comparison with the float64 reference, config/input drawing, bounded rank
+spawning, and bench command lines run as subprocesses (tests never import bench/)."""
 
 from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
@@ -74,3 +82,31 @@ def spawn_bounded(fn: object, nprocs: int, args: tuple, limit_s: float, what: st
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # torchrun's: not inherited
+
+
+def run_commands(commands: Mapping[Any, Sequence[str] | tuple[Sequence[str], Mapping[str, str]]],
+                 timeout_s: float = 240.0, parallel: int | None = None) -> dict[Any, subprocess.CompletedProcess]:
+    """Run command lines as they are typed, `python <argv...>` from the repository root, each its own
+    `sys.executable` process, `parallel` at a time (default: cores + 1; torch's import, ~1.5 s of CPU,
+    dominates a refused command line, so they share the cores instead of queueing).
+
+    commands: {key: argv} or {key: (argv, env overrides)}, argv starting with the script's path
+    (e.g. ["bench/bench_ep_moe.py", "--iters", "1"]). The environment is this one without torchrun's
+    variables (a command is no rank unless its overrides say so). Returns {key: CompletedProcess} with
+    text stdout/stderr; a command past timeout_s raises subprocess.TimeoutExpired (after killing it).
+    """
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+
+    def one(spec: Sequence[str] | tuple[Sequence[str], Mapping[str, str]]) -> subprocess.CompletedProcess:
+        argv, extra = (spec if isinstance(spec, tuple) else (spec, {}))
+        return subprocess.run([sys.executable, *argv], cwd=ROOT, env={**base, **extra}, capture_output=True,
+                              text=True, timeout=timeout_s)
+
+    workers = parallel or (os.cpu_count() or 1) + 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {key: pool.submit(one, spec) for key, spec in commands.items()}
+        return {key: f.result() for key, f in futures.items()}

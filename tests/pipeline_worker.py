@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from nanomoe_fn import TorchComm, TorchFixedComm, shard_moe_params
-from nanomoe_fn.layer import MOE_PROGRAM, run_moe
+from nanomoe_fn.moe.layer import MOE_PROGRAM, run_moe
 from nanomoe_fn.pipeline import sequential, shared_expert_overlap, two_batch_overlap
 from tests.dist_worker import _init, case_inputs, case_placement
 

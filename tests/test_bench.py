@@ -1,4 +1,8 @@
-"""The seed-compatible benches run on a CPU-only build, check themselves, and write the JSON schema."""
+"""The seed-compatible benches run on a CPU-only build, check themselves, and write the JSON schema.
+
+Benches are run as their users run them, `python bench/<bench>.py ...` in a subprocess (tests never
+import bench/); the command lines that need no second rank share one fixture and run side by side.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from bench import bench_dispatch, bench_ep_moe, bench_ep_moe_multi
-from bench.common import cuda_profiler, nvtx_range
+from nanomoe_fn.profiling import cuda_profiler, nvtx_range
+from tests.helpers import run_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_KEYS = {"bench", "command", "date", "device", "world_size", "versions", "ceilings", "rows"}
@@ -30,43 +34,74 @@ def check_record(path: str, bench: str, world_size: int, variants: list[str]) ->
     return rec
 
 
+SINGLE = ["bench/bench_ep_moe.py", "--batch-size", "4", "--hidden-dim", "32", "--num-experts", "16", "--warmup", "1",
+          "--iters", "3", "--device", "cpu", "--cuda-profiler"]
+MULTI = ["bench/bench_ep_moe_multi.py", "--backend", "gloo"]
+# command lines refused before any rank starts: (argv, status, the one stderr line's start)
+REFUSED = {
+    "single_experts_per_token": (["bench/bench_ep_moe.py", "--num-experts", "4", "--experts-per-token", "8",
+                                  "--device", "cpu"], 2, "bench_ep_moe.py: error: --experts-per-token"),
+    "single_max_num_tokens": (["bench/bench_ep_moe.py", "--batch-size", "9", "--max-num-tokens", "8", "--device",
+                               "cpu"], 2, "bench_ep_moe.py: error: --batch-size (9) exceeds --max-num-tokens"),
+    "multi_tokens_per_expert": ([*MULTI, "--comm", "torch_fixed", "--tokens-per-expert", "4"], 2,
+                                "bench_ep_moe_multi.py: error: --tokens-per-expert does not apply"),
+    "nvlink": ([*MULTI, "--comm", "nvlink"], 2, "bench_ep_moe_multi.py: error: --comm nvlink needs CUDA"),
+    "deepep_ll": ([*MULTI, "--comm", "torch,deepep_ll"], 2,
+                  "bench_ep_moe_multi.py: error: --comm deepep_ll needs CUDA"),
+    "mpi": ([*MULTI, "--comm", "mpi"], 2, "bench_ep_moe_multi.py: error: --comm: unknown"),
+    "graph_on_gloo": ([*MULTI, "--comm", "torch_fixed", "--cuda-graph"], 2,
+                      "bench_ep_moe_multi.py: error: --cuda-graph needs CUDA"),
+    "graph_torch": (["bench/bench_ep_moe_multi.py", "--backend", "nccl", "--comm", "torch", "--cuda-graph"], 2,
+                    "bench_ep_moe_multi.py: error: --cuda-graph needs a sync-free comm"),
+    "graph_deepep": (["bench/bench_ep_moe_multi.py", "--backend", "nccl", "--comm", "deepep", "--cuda-graph"], 2,
+                     "bench_ep_moe_multi.py: error: --cuda-graph needs a sync-free comm"),
+    "graph_loop": (["bench/bench_ep_moe_multi.py", "--backend", "nccl", "--comm", "torch_fixed", "--cuda-graph",
+                    "--mode", "loop"], 2, "bench_ep_moe_multi.py: error: --cuda-graph: --mode loop reads expert "
+                   "counts on the host and cannot be captured"),
+    "dispatch_variant": (["bench/bench_dispatch.py", "--backend", "gloo", "--variants", "torch,carrier_pigeon"], 1,
+                         "--variants: unknown ['carrier_pigeon']"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every command line of this module that needs no second rank, run once, side by side."""
+    out = tmp_path_factory.mktemp("bench")
+    cmds = {key: argv for key, (argv, _, _) in REFUSED.items()}
+    for expert_type in ("linear", "swiglu"):
+        cmds[expert_type] = [*SINGLE, "--expert-type", expert_type, "--json", str(out / f"{expert_type}.json")]
+    return {"dir": out, **run_commands(cmds)}
+
+
 @pytest.mark.parametrize("expert_type", ["linear", "swiglu"])
-def test_single_device_bench(tmp_path, expert_type):
-    out = tmp_path / "r.json"
-    rows = bench_ep_moe.main(["--batch-size", "4", "--hidden-dim", "32", "--num-experts", "16", "--warmup", "1",
-                              "--iters", "3", "--expert-type", expert_type, "--device", "cpu", "--cuda-profiler",
-                              "--json", str(out)])
-    assert len(rows) == 2
-    check_record(str(out), "ep_moe", 1, ["loop", "batched_gemm"])
+def test_single_device_bench(runs, expert_type):
+    proc = runs[expert_type]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if "ms/iter" in line] == ["loop", "batched_gemm"]
+    check_record(str(runs["dir"] / f"{expert_type}.json"), "ep_moe", 1, ["loop", "batched_gemm"])
 
 
-def test_single_device_bench_rejects_bad_flags():
-    with pytest.raises(SystemExit, match="experts-per-token"):
-        bench_ep_moe.main(["--num-experts", "4", "--experts-per-token", "8", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="max-num-tokens"):
-        bench_ep_moe.main(["--batch-size", "9", "--max-num-tokens", "8", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="tokens-per-expert"):  # refused before any rank starts
-        bench_ep_moe_multi.main(["--backend", "gloo", "--comm", "torch_fixed", "--tokens-per-expert", "4"])
+def test_single_device_bench_rejects_bad_flags(runs):
+    for key in ("single_experts_per_token", "single_max_num_tokens", "multi_tokens_per_expert"):
+        assert_refused(runs[key], *REFUSED[key][1:])  # the multi-rank one: refused before any rank starts
 
 
-@pytest.mark.parametrize("flags, match", [
-    (["--comm", "nvlink"], "--comm nvlink needs CUDA"),
-    (["--comm", "torch,deepep_ll"], "--comm deepep_ll needs CUDA"),
-    (["--comm", "mpi"], "--comm: unknown"),
-    (["--comm", "torch_fixed", "--cuda-graph"], "--cuda-graph needs CUDA"),
-    (["--backend", "nccl", "--comm", "torch", "--cuda-graph"], "needs a sync-free comm"),
-    (["--backend", "nccl", "--comm", "deepep", "--cuda-graph"], "needs a sync-free comm"),
-    (["--backend", "nccl", "--comm", "torch_fixed", "--cuda-graph", "--mode", "loop"], "cannot be captured"),
-])
-def test_multi_bench_refuses_what_cannot_run(flags, match):
+@pytest.mark.parametrize("key", ["nvlink", "deepep_ll", "mpi", "graph_on_gloo", "graph_torch", "graph_deepep",
+                                 "graph_loop"])
+def test_multi_bench_refuses_what_cannot_run(runs, key):
     """Refused with a message before any rank starts (on a CPU, and for impossible graph captures anywhere)."""
-    with pytest.raises(SystemExit, match=match):
-        bench_ep_moe_multi.main(["--backend", "gloo", *flags] if "--backend" not in flags else flags)
+    assert_refused(runs[key], *REFUSED[key][1:])
 
 
-def test_dispatch_bench_rejects_unknown_variant():
-    with pytest.raises(SystemExit, match="--variants: unknown"):
-        bench_dispatch.main(["--backend", "gloo", "--variants", "torch,carrier_pigeon"])
+def test_dispatch_bench_rejects_unknown_variant(runs):
+    assert_refused(runs["dispatch_variant"], *REFUSED["dispatch_variant"][1:])
+
+
+def assert_refused(proc, status: int, start: str) -> None:
+    """Exit status `status`, nothing on stdout (no rank ran), one stderr line starting with `start`."""
+    assert proc.returncode == status, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(start), proc.stderr
 
 
 @pytest.mark.slow
@@ -95,7 +130,7 @@ def test_multi_rank_bench_gloo_comm_list(tmp_path):
     assert all(r["case"]["cuda_graph"] is False for r in rec["rows"]) and "failed" not in rec
 
 
-def test_nvtx_and_profiler_are_noops_without_cuda():
+def test_nvtx_and_profiler_are_noops_without_cuda():  # the benches' markers, from the package
     with nvtx_range("x"), cuda_profiler(True):
         pass
 

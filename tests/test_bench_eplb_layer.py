@@ -1,4 +1,8 @@
-"""bench/bench_eplb_layer.py on 2 gloo ranks at tiny sizes: it runs, checks itself and writes the schema.
+"""bench/bench_eplb_layer.py on 2 gloo ranks at tiny sizes: it runs, checks itself and writes the schema;
+and the skewed routing it draws (nanomoe_fn/eplb/skew.py) follows the skew.
+
+The bench runs as a user runs it, in a subprocess (tests never import bench/); its command lines share
+one fixture and run side by side.
 
 Dimension legend: T tokens per rank, E experts, R redundant slots, W ranks.
 """
@@ -11,18 +15,33 @@ import math
 import pytest
 import torch
 
-from bench import bench_eplb_layer
+from nanomoe_fn.eplb.skew import draw_routing
+from tests.helpers import run_commands
 
 SKEWS = ["zipf1.0", "hot1"]
 VARIANTS = ["identity", "eplb_static", "eplb_dynamic", "weight_move"]
+BENCH = ["bench/bench_eplb_layer.py", "--backend", "gloo"]
+REFUSED = {  # (flags, a part of the one-line message)
+    "divide": (["--num-experts", "8", "--redundant", "1"], "divide"),
+    "skews": (["--skews", "zipfx"], "skews"),
+    "top_k": (["--num-experts", "4", "--top-k", "8"], "top-k"),
+}
 
 
-def test_bench_eplb_layer_gloo(tmp_path):
-    out = tmp_path / "eplb.json"
-    bench_eplb_layer.main(["--world-size", "2", "--backend", "gloo", "--hidden-dim", "32", "--intermediate-dim", "16",
-                           "--num-experts", "8", "--top-k", "2", "--tokens", "16,0", "--redundant", "2", "--iters", "2",
-                           "--warmup", "1", "--move-reps", "2", "--chunk-experts", "1", "--json", str(out)])
-    rec = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """The gloo run and the refused command lines, side by side."""
+    out = tmp_path_factory.mktemp("eplb_layer") / "eplb.json"
+    cmds = {key: [*BENCH, *flags] for key, (flags, _) in REFUSED.items()}
+    cmds["run"] = [*BENCH, "--world-size", "2", "--hidden-dim", "32", "--intermediate-dim", "16", "--num-experts", "8",
+                   "--top-k", "2", "--tokens", "16,0", "--redundant", "2", "--iters", "2", "--warmup", "1",
+                   "--move-reps", "2", "--chunk-experts", "1", "--json", str(out)]
+    return {"json": out, **run_commands(cmds)}
+
+
+def test_bench_eplb_layer_gloo(runs):
+    assert runs["run"].returncode == 0, runs["run"].stderr[-2000:]
+    rec = json.loads(runs["json"].read_text())
     assert rec["bench"] == "eplb" and rec["world_size"] == 2 and rec["device"] == "cpu"
     assert rec["ceilings"]["hbm_gbps"] > 0
     cases = {(r["case"]["skew"], r["case"]["tokens"]) for r in rec["rows"]}
@@ -59,7 +78,7 @@ def test_bench_eplb_layer_gloo(tmp_path):
 def test_drawn_routing_follows_the_skew():
     T, E, k = 2000, 16, 4
     cpu = torch.device("cpu")
-    hot = bench_eplb_layer.draw_routing("hot1", T, E, k, seed=3, rank=0, device=cpu)
+    hot = draw_routing("hot1", T, E, k, seed=3, rank=0, device=cpu)
     ids = hot.topk_ids
     h = int(ids[0, 0])
     assert bool((ids == h).any(-1).all()), "every token must pick the hot expert"
@@ -69,19 +88,17 @@ def test_drawn_routing_follows_the_skew():
     assert float(others.max() / others.mean()) < 1.5, "the other experts must be drawn uniformly"
     assert torch.allclose(hot.topk_weights.sum(-1), torch.ones(T)) and bool((hot.topk_weights > 0).all())
     # the same hot expert on every rank, different tokens' draws
-    other_rank = bench_eplb_layer.draw_routing("hot1", T, E, k, seed=3, rank=1, device=cpu).topk_ids
+    other_rank = draw_routing("hot1", T, E, k, seed=3, rank=1, device=cpu).topk_ids
     assert bool((other_rank == h).any(-1).all()) and not torch.equal(other_rank, ids)
-    zipf = bench_eplb_layer.draw_routing("zipf1.0", T, E, k, seed=3, rank=0, device=cpu).topk_ids
+    zipf = draw_routing("zipf1.0", T, E, k, seed=3, rank=0, device=cpu).topk_ids
     counts = torch.bincount(zipf.flatten(), minlength=E).sort(descending=True).values.double()
     assert float(counts[0] / counts[-1]) > 4, counts  # skewed: popular experts far above unpopular ones
     with pytest.raises(ValueError, match="skew"):
-        bench_eplb_layer.draw_routing("flat", T, E, k, seed=3, rank=0, device=cpu)
+        draw_routing("flat", T, E, k, seed=3, rank=0, device=cpu)
 
 
-def test_bench_eplb_layer_rejects_bad_flags():
-    with pytest.raises(SystemExit, match="divide"):
-        bench_eplb_layer.main(["--backend", "gloo", "--num-experts", "8", "--redundant", "1"])
-    with pytest.raises(SystemExit, match="skews"):
-        bench_eplb_layer.main(["--backend", "gloo", "--skews", "zipfx"])
-    with pytest.raises(SystemExit, match="top-k"):
-        bench_eplb_layer.main(["--backend", "gloo", "--num-experts", "4", "--top-k", "8"])
+def test_bench_eplb_layer_rejects_bad_flags(runs):
+    for key, (_, part) in REFUSED.items():
+        proc = runs[key]
+        assert proc.returncode == 1 and proc.stdout == "", (key, proc.returncode, proc.stderr[-2000:])
+        assert proc.stderr.count("\n") == 1 and part in proc.stderr, (key, proc.stderr)

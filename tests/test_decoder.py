@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 import reference
 from nanomoe_fn import MLAConfig, MoEConfig, init_contiguous_cache, init_mla_params, init_moe_params, mla, moe_layer
+from nanomoe_fn.attention.cache import init_paged_cache
+from nanomoe_fn.attention.mla import rms_norm
 from nanomoe_fn.decoder import (
     DECODER_DENSE_PROGRAM,
     DECODER_MOE_PROGRAM,
@@ -23,9 +25,7 @@ from nanomoe_fn.decoder import (
     decoder_layer,
     split_sequences,
 )
-from nanomoe_fn.mla import rms_norm
-from nanomoe_fn.mla_cache import init_paged_cache
-from nanomoe_fn.params import SharedMLP
+from nanomoe_fn.moe.params import SharedMLP
 from nanomoe_fn.pipeline import sequential, shared_expert_overlap, two_batch_overlap
 from reference import mla as ref_mla
 from tests.helpers import route_kwargs

@@ -26,7 +26,8 @@ from nanomoe_fn.eplb import (
     tokens_per_gpu,
     windowed_load,
 )
-from nanomoe_fn.placement import Placement
+from nanomoe_fn.eplb.placement import Placement
+from tests.helpers import run_commands
 
 
 @st.composite
@@ -247,14 +248,14 @@ def test_recorder_and_remap_do_not_sync_on_cuda() -> None:
 
 
 def test_bench_eplb_writes_the_schema(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """bench/bench_eplb.py as a user runs it (a subprocess: tests never import bench/)."""
     import json
 
-    from bench import bench_eplb
-
     out = tmp_path / "eplb.json"
-    bench_eplb.main(["--experts", "32", "--groups", "4", "--top-k", "2", "--tokens", "64", "--window", "2",
-                     "--layers", "1", "--gpus", "2,4", "--redundant", "0,4", "--skews", "zipf,churn",
-                     "--json", str(out)])
+    proc = run_commands({0: ["bench/bench_eplb.py", "--experts", "32", "--groups", "4", "--top-k", "2", "--tokens",
+                             "64", "--window", "2", "--layers", "1", "--gpus", "2,4", "--redundant", "0,4", "--skews",
+                             "zipf,churn", "--json", str(out)]})[0]
+    assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text())
     assert rec["bench"] == "eplb" and rec["device"] == "cpu"
     assert {r["variant"] for r in rec["rows"]} == {"identity", "eplb"}

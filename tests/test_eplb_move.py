@@ -27,7 +27,7 @@ from nanomoe_fn.eplb import (
     replace_expert_weights,
     run_move_round,
 )
-from nanomoe_fn.placement import Placement
+from nanomoe_fn.eplb.placement import Placement
 from tests.helpers import spawn_bounded
 
 

@@ -271,7 +271,7 @@ def test_deepgemm_says_why_not():
 
 def test_deepgemm_backend_names_the_unsupported_shape():
     from nanomoe_fn import MoEConfig
-    from nanomoe_fn.expert_kernels import deepgemm_supports
+    from nanomoe_fn.moe.expert_kernels import deepgemm_supports
 
     cuda = torch.device("cuda")
     ok, why = deepgemm_supports(MoEConfig(hidden=96, intermediate=128, num_experts=4, top_k=2), cuda)

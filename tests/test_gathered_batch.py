@@ -21,7 +21,7 @@ import reference  # noqa: E402
 from nanomoe_fn import EXPERT_BACKENDS, ExpertBatch, expert_ffn, preset  # noqa: E402
 from nanomoe_fn.batch import Handle, row_coords, to_contiguous, to_masked  # noqa: E402
 from nanomoe_fn.comm.plan import check_combine, stamp_handle  # noqa: E402
-from nanomoe_fn.params import LinearExperts, SwiGLUExperts  # noqa: E402
+from nanomoe_fn.moe.params import LinearExperts, SwiGLUExperts  # noqa: E402
 from tests.helpers import assert_close_to_ref  # noqa: E402
 
 TRITON = "triton" in EXPERT_BACKENDS and EXPERT_BACKENDS["triton"].supports(preset("tiny"), torch.device("cpu"))[0]

@@ -23,13 +23,12 @@ from torch.utils import _pytree as pytree
 
 from nanomoe_fn import ExpertBatch, Handle, LocalComm, Placement, TorchComm, TorchFixedComm, combine
 from nanomoe_fn import dispatch as dispatch_batch
-from nanomoe_fn.batch import to_masked
+from nanomoe_fn.batch import Routing, to_masked
 from nanomoe_fn.comm.deepep import DeepEPComm, DeepEPHandle
 from nanomoe_fn.comm.launch import free_port
 from nanomoe_fn.comm.nvlink import NvlinkComm, NvlinkHandle
-from nanomoe_fn.expert_ffn import expert_ffn
-from nanomoe_fn.params import LinearExperts
-from nanomoe_fn.route import Routing
+from nanomoe_fn.moe.experts import expert_ffn
+from nanomoe_fn.moe.params import LinearExperts
 from tests.helpers import spawn_bounded
 
 

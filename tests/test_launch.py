@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
-import sys
 import time
 from datetime import timedelta
 
@@ -16,20 +16,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench import bench_ep_moe, bench_ep_moe_multi
-from bench.common import UsageError, run_cli
 from nanomoe_fn import MoEConfig
+from nanomoe_fn.cli_util import UsageError, run_cli
 from nanomoe_fn.comm.handshake import config_fields, config_hash, describe_mismatch, handshake
 from nanomoe_fn.comm.launch import check_port, free_port, spawn_error_line, spawn_ranks
-from tests.helpers import spawn_bounded
+from tests.helpers import run_commands, spawn_bounded
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch-size", "4", "--hidden-dim", "32", "--num-experts", "8", "--warmup", "0", "--iters", "1"]
 
 
 # ---- CLI mistakes: refused in the parent, before anything is spawned -------------------------------------------
+# Each bench command line runs as a user runs it, in a subprocess (tests never import bench/); those of this
+# module run once, side by side, in the `cli` fixture. "Nothing spawned": a spawned rank would print (its
+# results, or its own error) and the refusal is exactly one stderr line, with stdout empty.
 
-@pytest.mark.parametrize("flags, match", [
+MULTI_FLAGS = [
     (["--world-size", "3", "--num-experts", "8"], r"^--world-size \(3\) must divide --num-experts \(8\)$"),
     (["--world-size", "0"], r"^--world-size must be an int >= 1, got 0$"),
     (["--batch-size", "0"], r"^--batch-size must be >= 1, got 0$"),
@@ -45,86 +46,110 @@ SMALL = ["--batch-size", "4", "--hidden-dim", "32", "--num-experts", "8", "--war
     (["--master-port", "70000"], r"^--master-port must be in 1\.\.65535, got 70000$"),
     (["--device", "cuda:0"], r"^--device: the multi-rank bench places ranks itself"),
     (["--cuda-graph", "--comm", "torch_fixed"], r"^--cuda-graph needs CUDA GPUs"),
-])
-def test_multi_bench_flags_refused_in_parent(flags, match, monkeypatch):
-    """Each mistake: a UsageError (a SystemExit) with one line, and no rank is ever spawned."""
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(bench_ep_moe_multi, "spawn_ranks", _no_spawn)
-    with pytest.raises(UsageError, match=match) as info:
-        bench_ep_moe_multi.main(["--backend", "gloo", *flags])
-    assert "\n" not in str(info.value)
+]
+SINGLE_FLAGS = [
+    (["--cuda-graph", "--device", "cpu", "--mode", "triton"],
+     r"^--cuda-graph needs a CUDA device \(this run is on cpu\)"),
+    (["--batch-size", "0", "--device", "cpu"], r"^--batch-size must be >= 1, got 0$"),
+    (["--device", "foo"], r"^--device: expected cpu or cuda\[:i\], got 'foo'$"),
+    (["--device", "meta"], r"^--device: expected cpu or cuda\[:i\], got 'meta'$"),
+]
+MULTI = "bench/bench_ep_moe_multi.py"
+SINGLE = "bench/bench_ep_moe.py"
+TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2"}
+
+
+@pytest.fixture(scope="module")
+def cli() -> dict:
+    """{key: CompletedProcess} of every refused command line below, with one port held taken meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cmds = {("multi", i): [MULTI, "--backend", "gloo", *flags] for i, (flags, _) in enumerate(MULTI_FLAGS)}
+        cmds |= {("single", i): [SINGLE, *flags] for i, (flags, _) in enumerate(SINGLE_FLAGS)}
+        if torch.cuda.device_count() < 2:  # elsewhere it would run
+            cmds["nccl"] = [MULTI, "--backend", "nccl", "--comm", "torch"]
+        cmds |= {
+            "port": [MULTI, "--backend", "gloo", "--master-port", str(port)],
+            "torchrun_world": ([MULTI, "--backend", "gloo", "--world-size", "4"], TORCHRUN),
+            "torchrun_port": ([MULTI, "--backend", "gloo", "--master-port", "29500"], TORCHRUN),
+            "graph_modes": [SINGLE, "--cuda-graph", "--mode", "both"],
+        }
+        return {"taken_port": port, **run_commands(cmds)}
+
+
+def refusal(proc: subprocess.CompletedProcess, prog: str) -> str:
+    """The one-line message of a refused command line: status 2, stdout empty, `prog: error: <message>`."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"{prog}: error: "), proc.stderr
+    return proc.stderr[len(f"{prog}: error: "):-1]
+
+
+@pytest.mark.parametrize("case", range(len(MULTI_FLAGS)), ids=[" ".join(f) for f, _ in MULTI_FLAGS])
+def test_multi_bench_flags_refused_in_parent(cli, case):
+    """Each mistake: exit status 2 with one line, and no rank is ever spawned."""
+    assert re.search(MULTI_FLAGS[case][1], refusal(cli[("multi", case)], "bench_ep_moe_multi.py"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs a machine with fewer than 2 GPUs")
+def test_multi_bench_nccl_without_gpus_refused(cli):
+    assert re.search(r"^--backend nccl needs 2 CUDA device\(s\), this machine has \d+; use ",
+                     refusal(cli["nccl"], "bench_ep_moe_multi.py"))
+
+
+def test_taken_master_port_refused_in_one_line(cli):
+    port = cli["taken_port"]  # held by the fixture while its command lines ran
+    assert re.search(rf"^--master-port {port} cannot be used: .*in use", refusal(cli["port"], "bench_ep_moe_multi.py"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        with pytest.raises(ValueError, match=r"^master_port \d+ cannot be used"):  # the helper, for every bench
+            spawn_ranks(_no_spawn, 2, taken)
+    assert check_port(taken) == taken  # free again once the socket is closed
 
 
 def _no_spawn(*_args: object) -> None:
     raise AssertionError("a rank was spawned for a flag mistake")
 
 
-@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs a machine with fewer than 2 GPUs")
-def test_multi_bench_nccl_without_gpus_refused(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(bench_ep_moe_multi, "spawn_ranks", _no_spawn)
-    with pytest.raises(UsageError, match=r"^--backend nccl needs 2 CUDA device\(s\), this machine has \d+; use "):
-        bench_ep_moe_multi.main(["--backend", "nccl", "--comm", "torch"])
+def test_torchrun_flags_that_do_not_apply(cli):
+    assert re.search(r"^--world-size 4 differs from torchrun's WORLD_SIZE=2",
+                     refusal(cli["torchrun_world"], "bench_ep_moe_multi.py"))
+    assert re.search(r"^--master-port does not apply under torchrun",
+                     refusal(cli["torchrun_port"], "bench_ep_moe_multi.py"))
 
 
-def test_taken_master_port_refused_in_one_line(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(bench_ep_moe_multi, "spawn_ranks", _no_spawn)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        with pytest.raises(UsageError, match=rf"^--master-port {port} cannot be used: .*in use") as info:
-            bench_ep_moe_multi.main(["--backend", "gloo", "--master-port", str(port)])
-        assert "\n" not in str(info.value)
-        with pytest.raises(ValueError, match=r"^master_port \d+ cannot be used"):  # the helper, for every bench
-            spawn_ranks(_no_spawn, 2, port)
-    assert check_port(port) == port  # free again once the socket is closed
+@pytest.mark.parametrize("case", range(len(SINGLE_FLAGS)), ids=[" ".join(f) for f, _ in SINGLE_FLAGS])
+def test_single_bench_flags_refused(cli, case):
+    assert re.search(SINGLE_FLAGS[case][1], refusal(cli[("single", case)], "bench_ep_moe.py"))
 
 
-def test_torchrun_flags_that_do_not_apply(monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(bench_ep_moe_multi, "run_rank", _no_spawn)
-    with pytest.raises(UsageError, match=r"^--world-size 4 differs from torchrun's WORLD_SIZE=2"):
-        bench_ep_moe_multi.main(["--backend", "gloo", "--world-size", "4"])
-    with pytest.raises(UsageError, match=r"^--master-port does not apply under torchrun"):
-        bench_ep_moe_multi.main(["--backend", "gloo", "--master-port", "29500"])
-
-
-@pytest.mark.parametrize("flags, match", [
-    (["--cuda-graph", "--device", "cpu"], r"^--cuda-graph needs a CUDA device \(this run is on cpu\)"),
-    (["--batch-size", "0", "--device", "cpu"], r"^--batch-size must be >= 1, got 0$"),
-    (["--device", "foo"], r"^--device: expected cpu or cuda\[:i\], got 'foo'$"),
-    (["--device", "meta"], r"^--device: expected cpu or cuda\[:i\], got 'meta'$"),
-])
-def test_single_bench_flags_refused(flags, match):
-    if "--device" in flags and torch.cuda.is_available() and "--cuda-graph" in flags:
-        pytest.skip("a CUDA machine runs --cuda-graph")
-    with pytest.raises(UsageError, match=match):
-        bench_ep_moe.main(flags)
-
-
-def test_single_bench_cuda_graph_with_no_capturable_mode(monkeypatch):
-    """On a GPU, --cuda-graph with only host-reading modes (loop, batched_gemm) would be silently eager."""
-    monkeypatch.setattr(bench_ep_moe, "pick_device", lambda name: torch.device("cuda"))
-    monkeypatch.setattr(bench_ep_moe, "make_inputs", _no_spawn)  # refused before any tensor is made
-    with pytest.raises(UsageError, match=r"^--cuda-graph: none of the modes \['loop', 'batched_gemm'\] can be "):
-        bench_ep_moe.main(["--cuda-graph", "--mode", "both"])
+def test_single_bench_cuda_graph_with_no_capturable_mode(cli):
+    """--cuda-graph with only host-reading modes (loop, batched_gemm) would be silently eager: refused from the
+    flags alone, before the device is even looked at (so on any machine)."""
+    assert re.search(r"^--cuda-graph: none of the modes \['loop', 'batched_gemm'\] can be ",
+                     refusal(cli["graph_modes"], "bench_ep_moe.py"))
 
 
 def test_run_cli_prints_one_line_and_exits_2(capsys):
+    def main() -> None:
+        raise UsageError("--batch-size must be >= 1, got 0")
+
     with pytest.raises(SystemExit) as info:
-        run_cli(lambda: bench_ep_moe.main(["--batch-size", "0", "--device", "cpu"]), "bench_ep_moe.py")
+        run_cli(main, "bench_ep_moe.py")
     assert info.value.code == 2
     assert capsys.readouterr().err == "bench_ep_moe.py: error: --batch-size must be >= 1, got 0\n"
+    with pytest.raises(UsageError, match=r"^x$") as info:  # a UsageError is a SystemExit whose str is the message
+        raise UsageError("x")
+    assert isinstance(info.value, SystemExit) and "\n" not in str(info.value)
 
 
-def test_command_line_exit_status_and_message():
+def test_command_line_exit_status_and_message(cli):
     """As a user runs it: status 2, exactly one stderr line, no traceback."""
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_ep_moe_multi.py"), "--backend", "gloo",
-           "--world-size", "3", "--num-experts", "8"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = cli[("multi", 0)]  # --world-size 3 --num-experts 8
     assert proc.returncode == 2
     assert proc.stderr == "bench_ep_moe_multi.py: error: --world-size (3) must divide --num-experts (8)\n"
 
@@ -234,26 +259,16 @@ def test_handshake_two_gloo_ranks(tmp_path):
     assert r0["absent_s"] < 10
 
 
-def bench_rank_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """bench_ep_moe_multi's rank with flags that differ per rank (as two torchrun command lines might)."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    args = bench_ep_moe_multi.build_parser().parse_args(
-        ["--backend", "gloo", "--mode", "batched_gemm", *SMALL, "--hidden-dim", "32" if rank == 0 else "16",
-         "--timeout", "20"])
-    bench_ep_moe_multi.check_launch_flags(args, torchrun=False)
-    try:
-        bench_ep_moe_multi.run_rank(rank, world_size, args)
-        message = "ok"
-    except BaseException as err:  # noqa: BLE001 - the test inspects whatever was raised
-        message = f"{type(err).__name__}: {err}"
-    with open(os.path.join(out_dir, f"bench{rank}.txt"), "w") as f:
-        f.write(message)
-
-
-def test_bench_ranks_with_different_flags_fail_together(tmp_path):
-    """Without the handshake these ranks meet in an all_gather of different shapes: a native gloo abort."""
-    run_bounded(bench_rank_worker, 2, (free_port(), str(tmp_path)), bound_s=60)
-    for r in (0, 1):
-        msg = (tmp_path / f"bench{r}.txt").read_text()
-        assert msg == (f"ValueError: rank {r}: handshake: ranks disagree on their config: "
-                       "rank 1 has MoEConfig.hidden=16, rank 0 has 32 (also differing: MoEConfig.intermediate)")
+def test_bench_ranks_with_different_flags_fail_together():
+    """Two torchrun-style ranks of bench_ep_moe_multi.py started with different flags (as two torchrun command
+    lines might): without the handshake they meet in an all_gather of different shapes, a native gloo abort."""
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = run_commands({r: ([MULTI, "--backend", "gloo", "--mode", "batched_gemm", *SMALL, "--hidden-dim",
+                               "32" if r == 0 else "16", "--timeout", "20"], {**env, "RANK": str(r)})
+                          for r in (0, 1)}, timeout_s=90)
+    for r, proc in procs.items():
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        last = proc.stderr.rstrip("\n").splitlines()[-1].removeprefix(f"[rank{r}]: ")  # torch tags rank output
+        assert last == (
+            f"ValueError: rank {r}: handshake: ranks disagree on their config: "
+            "rank 1 has MoEConfig.hidden=16, rank 0 has 32 (also differing: MoEConfig.intermediate)"), proc.stderr

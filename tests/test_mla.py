@@ -30,9 +30,12 @@ from hypothesis import strategies as st  # noqa: E402
 from torch.utils._pytree import tree_map  # noqa: E402
 
 import reference.mla as ref  # noqa: E402
-from nanomoe_fn.mla import MLAParams, init_mla_params, mla  # noqa: E402
-from nanomoe_fn.mla_cache import ContiguousCache, PagedCache, init_contiguous_cache, init_paged_cache  # noqa: E402
-from nanomoe_fn.mla_config import MLAConfig, rope_cos_sin, yarn_inv_freq  # noqa: E402
+from nanomoe_fn.attention.backends import MLA_BACKENDS, get_mla_backend  # noqa: E402
+from nanomoe_fn.attention.cache import ContiguousCache, PagedCache, init_contiguous_cache, init_paged_cache  # noqa: E402
+from nanomoe_fn.attention.config import MLAConfig  # noqa: E402
+from nanomoe_fn.attention.mla import mla  # noqa: E402
+from nanomoe_fn.attention.params import MLAParams, init_mla_params  # noqa: E402
+from nanomoe_fn.attention.rope import rope_cos_sin, yarn_inv_freq  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interp = pytest.mark.skipif(not INTERPRET, reason="CPU triton tests run under TRITON_INTERPRET=1")
@@ -197,7 +200,7 @@ def test_errors():
     cfg = MLAConfig.preset("tiny")
     p, x, pos, g = setup(cfg, [4, 4])
     cache = init_contiguous_cache(2, 8, cfg.cache_dim, torch.float32)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match=r"^MLA backend must be one of \['torch', 'triton'\], got 'cuda'$"):
         mla(p, x, pos, cache, cfg, "cuda")
     with pytest.raises(ValueError, match="x must be"):
         mla(p, x[..., :10], pos, cache, cfg)
@@ -224,3 +227,21 @@ def test_errors():
     with pytest.raises(ValueError, match="num_pages"):
         init_paged_cache(2, 8, cfg.cache_dim, torch.float32, page_size=4, num_pages=3)
     assert isinstance(cache, ContiguousCache)
+
+
+def test_backend_registry():
+    """MLA backends by name, as the expert backends: each says whether it can run here and why not."""
+    cfg = MLAConfig.preset("tiny")
+    assert sorted(MLA_BACKENDS) == ["torch", "triton"]
+    for name, backend in MLA_BACKENDS.items():
+        assert backend.name == name
+        ok, reason = backend.supports(cfg, torch.device("cpu"))
+        assert isinstance(ok, bool) and isinstance(reason, str) and (ok or reason)
+    assert MLA_BACKENDS["torch"].supports(cfg, torch.device("cpu")) == (True, "")
+    assert MLA_BACKENDS["triton"].supports(cfg, torch.device("cpu"))[0] == INTERPRET
+    if not INTERPRET:
+        with pytest.raises(ValueError, match=r"^MLA backend 'triton' cannot run here: it needs CUDA tensors"):
+            get_mla_backend("triton", cfg, "cpu")
+    assert get_mla_backend("torch", cfg, "cpu") is MLA_BACKENDS["torch"]
+    with pytest.raises(ValueError, match=r"^MLA backend must be one of \['torch', 'triton'\], got 'flash'$"):
+        get_mla_backend("flash", cfg, "cpu")

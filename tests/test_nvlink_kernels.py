@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanomoe_fn.placement import Placement
+from nanomoe_fn.eplb.placement import Placement
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the CPU simulation runs the Triton kernels through the interpreter")

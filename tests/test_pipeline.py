@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from nanomoe_fn import LocalComm, MoEConfig, Placement, init_moe_params, moe_layer
 from nanomoe_fn.comm.launch import free_port
-from nanomoe_fn.layer import MOE_PROGRAM, run_moe
+from nanomoe_fn.moe.layer import MOE_PROGRAM, run_moe
 from nanomoe_fn.pipeline import (
     Program,
     Stage,

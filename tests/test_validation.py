@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from nanomoe_fn import LocalComm, MoEConfig, Placement, init_moe_params, moe_layer, route, shard_moe_params
-from nanomoe_fn.mla_config import MLAConfig
-from nanomoe_fn.params import LinearExperts, SharedMLP, SwiGLUExperts, check_params
+from nanomoe_fn.attention.config import MLAConfig
+from nanomoe_fn.moe.params import LinearExperts, SharedMLP, SwiGLUExperts, check_params
 from tests.helpers import assert_close_to_ref, reference_layer
 
 BASE = dict(hidden=16, intermediate=8, num_experts=8, top_k=2)

@@ -1,7 +1,7 @@
 """The comm backend interface: dispatch and combine, each split into a send half and a receive half.
 
 Splitting every exchange lets a schedule (two-batch overlap, shared-expert overlap) put compute
-between the halves; `dispatch` and `combine` in nanomoe_fn/dispatch.py just call both halves.
+between the halves; `dispatch` and `combine` in nanomoe_fn/moe/dispatch.py just call both halves.
 
 Dimension legend: T tokens, H hidden, P_local local expert slots.
 """
@@ -12,9 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
-from nanomoe_fn.batch import ExpertBatch, Handle
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing
+from nanomoe_fn.batch import ExpertBatch, Handle, Routing
+from nanomoe_fn.eplb.placement import Placement
 
 
 class Comm(Protocol):

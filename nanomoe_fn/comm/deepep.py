@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanomoe_fn.batch import ExpertBatch
+from nanomoe_fn.batch import ExpertBatch, Routing
 from nanomoe_fn.comm.deepep_layout import (
     check_options,
     environment_reason,
@@ -55,8 +55,7 @@ from nanomoe_fn.comm.deepep_layout import (
     world_reason,
 )
 from nanomoe_fn.comm.plan import check_dispatch_args
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing
+from nanomoe_fn.eplb.placement import Placement
 
 _OPTIONS = ("mode", "hidden", "num_slots", "max_tokens", "top_k", "dtype", "group", "timeout_s")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from nanomoe_fn.batch import ExpertBatch, Handle
+from nanomoe_fn.batch import ExpertBatch, Handle, Routing
 from nanomoe_fn.comm.plan import (
     check_combine,
     check_dispatch_args,
@@ -19,8 +19,7 @@ from nanomoe_fn.comm.plan import (
     sort_pairs,
     stamp_handle,
 )
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing
+from nanomoe_fn.eplb.placement import Placement
 
 
 class LocalComm:

@@ -46,10 +46,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanomoe_fn.batch import ExpertBatch
+from nanomoe_fn.batch import ExpertBatch, Routing
 from nanomoe_fn.comm.plan import check_dispatch_args
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing
+from nanomoe_fn.eplb.placement import Placement
 
 MODES = {"decode": "masked", "prefill": "gathered"}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

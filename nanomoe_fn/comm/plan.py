@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from nanomoe_fn.batch import ExpertBatch, Handle, HandleOrigin
+from nanomoe_fn.batch import ExpertBatch, Handle, HandleOrigin, Routing
 from nanomoe_fn.checks import FLOAT_DTYPES, INT_DTYPES, check_expert_ids, check_tensor
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing
+from nanomoe_fn.eplb.placement import Placement
 
 
 def check_dispatch_args(x: torch.Tensor, routing: Routing, placement: Placement, values: bool = True) -> None:

@@ -40,12 +40,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanomoe_fn.batch import ExpertBatch, Handle, TokenRowPlan
+from nanomoe_fn.batch import ExpertBatch, Handle, Routing, TokenRowPlan
 from nanomoe_fn.comm import token_rows
 from nanomoe_fn.comm.plan import check_combine, check_dispatch_args, check_pending, stamp_handle
 from nanomoe_fn.comm.watchdog import StageWatchdog
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing
+from nanomoe_fn.eplb.placement import Placement
 
 
 @dataclass

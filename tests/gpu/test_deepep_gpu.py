@@ -2,7 +2,7 @@
 
 Dimension legend: T tokens on a rank, H hidden, E logical experts, S physical slots, k top-k, W ranks.
 
-Two NCCL ranks (NVLink multicast off) run nanomoe_fn.layer.moe_layer with DeepEPComm in both modes and
+Two NCCL ranks (NVLink multicast off) run nanomoe_fn.moe.layer.moe_layer with DeepEPComm in both modes and
 the `bmm` and `triton` expert backends, bf16, over drawn cases (uniform, skewed V3-style grouped sigmoid
 routing, a rank with zero tokens, all ranks empty, one hot expert set, redundant slots static and
 dynamic). Each rank also runs the single-rank layer on its tokens; the parent compares everything with
@@ -121,9 +121,9 @@ def _graph_check(comm, local, x_d, x2_d, cfg, placement, backend: str) -> dict:
 def _run_rank(rank: int, hidden: int, cases: list[dict], note, dev: torch.device) -> dict:
     from nanomoe_fn.batch import Handle
     from nanomoe_fn.comm.deepep import DeepEPComm
-    from nanomoe_fn.expert_ffn import expert_ffn
-    from nanomoe_fn.layer import shared_mlp
-    from nanomoe_fn.route import route
+    from nanomoe_fn.moe.experts import expert_ffn
+    from nanomoe_fn.moe.layer import shared_mlp
+    from nanomoe_fn.moe.route import route
 
     S, k = SHAPES[hidden]
     comms = {}

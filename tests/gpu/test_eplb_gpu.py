@@ -28,10 +28,11 @@ import reference
 from nanomoe_fn import MoEConfig, MoEParams, Placement, TorchComm, init_moe_params, moe_layer, shard_moe_params
 from nanomoe_fn.comm.launch import free_port
 from nanomoe_fn.eplb import balancedness, placement_for_layer, rebalance_experts
-from nanomoe_fn.eplb_move import begin_move, finish_move, plan_weight_moves, replace_expert_weights, run_move_round
-from nanomoe_fn.eplb_runtime import advance, global_load, init_recorder, record, tokens_per_gpu
-from nanomoe_fn.params import expert_tensors, select_experts
-from nanomoe_fn.route import route
+from nanomoe_fn.eplb.move import begin_move, finish_move, plan_weight_moves, replace_expert_weights, run_move_round
+from nanomoe_fn.eplb.placement import tokens_per_gpu
+from nanomoe_fn.eplb.recorder import advance, global_load, init_recorder, record
+from nanomoe_fn.moe.params import expert_tensors, select_experts
+from nanomoe_fn.moe.route import route
 from tests.helpers import MIN_MARGIN, TOL, spawn_bounded
 
 pytestmark = pytest.mark.gpu

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import reference
-from bench.bench_expert_ffn import make_routing, make_weights, reference_rows
 from kernels import deepgemm
 from kernels.fused_moe import fused_moe, fused_moe_contiguous, fused_moe_masked
 from kernels.moe_align import moe_align
+from reference.expert_rows import make_routing, make_weights, reference_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 BF16_TOL = 2e-2

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import reference.mla as ref
-from nanomoe_fn.mla import init_mla_params, mla
-from nanomoe_fn.mla_cache import init_contiguous_cache, init_paged_cache
-from nanomoe_fn.mla_config import MLAConfig
+from nanomoe_fn.attention.cache import init_contiguous_cache, init_paged_cache
+from nanomoe_fn.attention.config import MLAConfig
+from nanomoe_fn.attention.mla import mla
+from nanomoe_fn.attention.params import init_mla_params
 
 # kernels/ is imported inside the tests: importing it here, at collection on a CPU-only machine,
 # would decorate the kernels before the CPU test modules ask for the interpreter

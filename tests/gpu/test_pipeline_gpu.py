@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from nanomoe_fn import TorchComm, TorchFixedComm, moe_layer, shard_moe_params
 from nanomoe_fn.comm.launch import free_port
-from nanomoe_fn.layer import MOE_PROGRAM, run_moe
+from nanomoe_fn.moe.layer import MOE_PROGRAM, run_moe
 from nanomoe_fn.pipeline import sequential, shared_expert_overlap, two_batch_overlap
 from tests import dist_worker
 from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer, spawn_bounded

@@ -31,7 +31,7 @@ from nanomoe_fn import MoEParams, moe_layer, shard_moe_params
 from nanomoe_fn.comm.launch import free_port
 from nanomoe_fn.comm.torch_dist import TorchComm
 from nanomoe_fn.comm.torch_fixed import TorchFixedComm
-from nanomoe_fn.route import route
+from nanomoe_fn.moe.route import route
 from tests.dist_worker import case_inputs, case_placement
 from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer, spawn_bounded
 

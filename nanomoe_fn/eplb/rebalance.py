@@ -16,7 +16,8 @@ placement on the same counts (falls back to identity plus same-GPU replicas, whi
 Loads of replicas assume an expert's tokens split evenly over its replicas, which is what
 `remap_dynamic` does per step; the static same-rank-first remap only approximates it.
 This file runs on the host at rebalance time (every ~1000 steps), not on the decode path; the per-step
-parts (recorder, remap) live in eplb_runtime.py, weight re-placement in eplb_move.py.
+parts live in recorder.py (load) and placement.py (remap), weight re-placement in move.py; the
+package nanomoe_fn.eplb re-exports all of them.
 """
 
 from __future__ import annotations
@@ -25,26 +26,7 @@ import heapq
 
 import torch
 
-from nanomoe_fn.eplb_move import (
-    MovePlan,
-    begin_move,
-    finish_move,
-    plan_weight_moves,
-    replace_expert_weights,
-    run_move_round,
-)
-from nanomoe_fn.eplb_runtime import (
-    RecorderState,
-    advance,
-    global_load,
-    init_recorder,
-    record,
-    remap,
-    remap_dynamic,
-    tokens_per_gpu,
-    windowed_load,
-)
-from nanomoe_fn.placement import Placement
+from nanomoe_fn.eplb.placement import Placement
 
 POLICIES = ("hierarchical", "global")
 
@@ -243,10 +225,3 @@ def identity_placements(num_layers: int, num_experts: int, world_size: int) -> l
     """One identity Placement per layer (the starting point before the first rebalance)."""
     return [Placement.identity(num_experts, world_size) for _ in range(num_layers)]
 
-
-__all__ = [
-    "POLICIES", "MovePlan", "RecorderState", "advance", "balancedness", "begin_move", "finish_move",
-    "global_load", "gpu_loads", "identity_placements", "init_recorder", "placement_for_layer",
-    "plan_weight_moves", "rebalance_experts", "record", "remap", "remap_dynamic", "replace_expert_weights",
-    "run_move_round", "tokens_per_gpu", "windowed_load",
-]

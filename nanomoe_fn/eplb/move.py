@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from nanomoe_fn.placement import Placement
+from nanomoe_fn.eplb.placement import Placement
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Dimension legend: H hidden, I expert intermediate, E routed experts, k experts p
 G expert groups (n_group), S shared experts.
 
 The config is static (hashable, usable as a torch.compile / lru_cache key); tensors live in the
-parameter pytrees of nanomoe_fn/params.py.
+parameter pytrees of nanomoe_fn/moe/params.py.
 """
 
 from __future__ import annotations

@@ -10,55 +10,22 @@ Two paths share the projections and the compressed cache (normed latent ++ roped
 - decode (weight absorption): fold kv_b_proj's key half into the query (q_lat = q_nope . W_uk) and
   its value half into the output (o = o_lat . W_uv^T), attending over the cache as one shared KV head
   of width Dc; the cache is read once per step and never expanded.
-Backends: "torch" (plain matmuls, the readable baseline) and "triton" (kernels/mla_*.py).
+Backends by name in MLA_BACKENDS (backends.py): "torch" (plain matmuls, the readable baseline) and
+"triton" (kernels/mla_*.py); `mla(..., backend=name)` goes through get_mla_backend, whose error names
+the backend and why it cannot run. The parameter record MLAParams is in params.py, the cache in cache.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from einops import rearrange
-from torch.utils._pytree import register_dataclass
 
+from nanomoe_fn.attention.backends import MLABackend, get_mla_backend
+from nanomoe_fn.attention.cache import MLACache, check_cache, check_positions, gather_rows, write_rows
+from nanomoe_fn.attention.config import MLAConfig
+from nanomoe_fn.attention.params import MLAParams
+from nanomoe_fn.attention.rope import apply_rope, rope_cos_sin
 from nanomoe_fn.checks import check_values
-from nanomoe_fn.mla_cache import MLACache, check_cache, check_positions, gather_rows, write_rows
-from nanomoe_fn.mla_config import MLAConfig, apply_rope, rope_cos_sin
-
-BACKENDS = ("torch", "triton")
-
-
-@dataclass(frozen=True, eq=False)
-class MLAParams:
-    """One attention block's weights in Linear layout [out, in], named as in DeepSeek-V3's safetensors."""
-
-    q_a_proj: torch.Tensor    # [Q, H]
-    q_a_norm: torch.Tensor    # [Q]            (q_a_layernorm)
-    q_b_proj: torch.Tensor    # [N * Dqk, Q]   per head: nope then rope
-    kv_a_proj: torch.Tensor   # [C + Dr, H]    (kv_a_proj_with_mqa): latent then rope key
-    kv_a_norm: torch.Tensor   # [C]            (kv_a_layernorm)
-    kv_b_proj: torch.Tensor   # [N * (Dn + Dv), C]  per head: key (W_uk) then value (W_uv)
-    o_proj: torch.Tensor      # [H, N * Dv]
-
-
-register_dataclass(MLAParams)
-
-
-def init_mla_params(cfg: MLAConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                    generator: torch.Generator | None = None) -> MLAParams:
-    """Random weights N(0, 1/fan_in), drawn on the CPU so a seed gives the same weights anywhere; norms 1."""
-    N, H, Q, C = cfg.num_heads, cfg.hidden_size, cfg.q_lora_rank, cfg.kv_lora_rank
-
-    def w(out_f: int, in_f: int) -> torch.Tensor:
-        t = torch.randn(out_f, in_f, generator=generator) * in_f ** -0.5
-        return t.to(device=device, dtype=dtype)
-
-    return MLAParams(
-        q_a_proj=w(Q, H), q_a_norm=torch.ones(Q, dtype=dtype, device=device),
-        q_b_proj=w(N * cfg.qk_head_dim, Q),
-        kv_a_proj=w(C + cfg.qk_rope_head_dim, H), kv_a_norm=torch.ones(C, dtype=dtype, device=device),
-        kv_b_proj=w(N * (cfg.qk_nope_head_dim + cfg.v_head_dim), C), o_proj=w(H, N * cfg.v_head_dim),
-    )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,53 +64,12 @@ def out_proj(params: MLAParams, o: torch.Tensor) -> torch.Tensor:
     return rearrange(o, "b s n d -> b s (n d)") @ params.o_proj.T
 
 
-def decode_attention(q: torch.Tensor, cache: MLACache, positions: torch.Tensor, cfg: MLAConfig,
-                     backend: str) -> torch.Tensor:
-    """Absorbed queries q [B, S, N, Dc] over the cache; query (b, s) sees rows [0, positions[b, s]].
-
-    Returns the latent output o_lat [B, S, N, C]; padded queries (position -1) give 0. No host sync.
-    """
-    B, S, N, _ = q.shape
-    ctx = (positions + 1).to(torch.int32)                       # [B, S]; 0 for padding
-    if backend == "triton":
-        from kernels.mla_decode import mla_decode
-        bt = getattr(cache, "block_table", None)
-        rows = rearrange(q, "b s n d -> (b s) n d").contiguous()
-        o = mla_decode(rows, cache.kv, ctx.reshape(-1).contiguous(), cfg.kv_lora_rank, cfg.softmax_scale,
-                       block_table=bt)
-        return rearrange(o, "(b s) n c -> b s n c", b=B)
-    kv = gather_rows(cache, cache.capacity)                      # [B, L, Dc]
-    scores = torch.einsum("bsnd,bld->bsnl", q * cfg.softmax_scale, kv)      # [B, S, N, L], q's dtype
-    seen = torch.arange(kv.shape[1], device=q.device) < ctx[:, :, None, None]
-    p = torch.softmax(scores.masked_fill_(~seen, float("-inf")), dim=-1,
-                      dtype=torch.promote_types(q.dtype, torch.float32))  # float32 (float64 stays)
-    o = torch.einsum("bsnl,blc->bsnc", p.to(kv.dtype), kv[..., : cfg.kv_lora_rank])
-    return torch.where(ctx[:, :, None, None] > 0, o, 0.0)       # padding rows: softmax of nothing
-
-
-def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
-                      v: torch.Tensor, positions: torch.Tensor, cfg: MLAConfig, backend: str) -> torch.Tensor:
-    """Causal attention of the expanded path; q_* [B, S, N, *], k_nope/v [B, L, N, *], k_pe [B, L, Dr].
-
-    Query (b, s) sees keys [0, positions[b, s]]. Returns [B, S, N, Dv]; padding rows are 0.
-    """
-    if backend == "triton":
-        from kernels.mla_prefill import mla_prefill
-        pos = positions.to(torch.int32).contiguous()
-        return mla_prefill(q_nope, q_pe, k_nope, k_pe, v, pos, cfg.softmax_scale)
-    L = k_nope.shape[1]
-    q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)                                  # [B, N, S, Dqk]
-    k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, cfg.num_heads, -1)], dim=-1).transpose(1, 2)
-    seen = torch.arange(L, device=q.device) <= positions[:, None, :, None].clamp_min(0)    # [B, 1, S, L]
-    o = torch.nn.functional.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=seen,
-                                                         scale=cfg.softmax_scale)
-    return o.transpose(1, 2) * (positions >= 0)[:, :, None, None]
-
-
 def _check_inputs(x: torch.Tensor, positions: torch.Tensor, cache: MLACache, cfg: MLAConfig, backend: str,
-                  path: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+                  path: str) -> MLABackend:
+    """Host-only checks of mla's arguments (no sync); returns the backend (get_mla_backend's errors)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    impl = get_mla_backend(backend, cfg, x.device)
     if path not in ("decode", "prefill"):
         raise ValueError(f"path must be 'decode', 'prefill' or None, got {path!r}")
     if x.dim() != 3 or x.shape[-1] != cfg.hidden_size:
@@ -155,12 +81,8 @@ def _check_inputs(x: torch.Tensor, positions: torch.Tensor, cache: MLACache, cfg
                          f"{tuple(positions.shape)} {positions.dtype}")
     if positions.device != x.device:
         raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
-    if backend == "triton" and x.device.type != "cuda":
-        from kernels.mla_decode import runs_interpreted
-        if not runs_interpreted():
-            raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before kernels/ "
-                             "is imported, for CPU tensors)")
     check_cache(cache, x.shape[0], cfg.cache_dim, x.device)
+    return impl
 
 
 def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache: MLACache, cfg: MLAConfig,
@@ -179,7 +101,7 @@ def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache:
     for the boolean index of its padded cache writes.
     """
     path = path or ("decode" if x.shape[1] == 1 else "prefill")
-    _check_inputs(x, positions, cache, cfg, backend, path)
+    impl = _check_inputs(x, positions, cache, cfg, backend, path)
     if check:
         check_positions(cache, positions, allow_padding=x.shape[1] > 1)
         check_values(torch.isfinite(x).all(), "x holds NaN/inf (mla's input activations)")
@@ -190,7 +112,7 @@ def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache:
     w_uk, w_uv = _kv_b(attn_params, cfg)
     if path == "decode":
         q = torch.cat([torch.einsum("bsnd,ndc->bsnc", q_nope, w_uk), q_pe], dim=-1)
-        o_lat = decode_attention(q.to(cache.kv.dtype), cache, positions, cfg, backend)
+        o_lat = impl.decode(q.to(cache.kv.dtype), cache, positions, cfg)
         o = torch.einsum("bsnc,nvc->bsnv", o_lat.to(w_uv.dtype), w_uv)
     else:
         length = int(positions.max()) + 1                         # the documented prefill sync
@@ -198,6 +120,6 @@ def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache:
         latent, k_pe = rows.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         k_nope = torch.einsum("blc,ndc->blnd", latent, w_uk)
         v = torch.einsum("blc,nvc->blnv", latent, w_uv)
-        o = prefill_attention(q_nope, q_pe, k_nope, k_pe, v, positions, cfg, backend)
+        o = impl.prefill(q_nope, q_pe, k_nope, k_pe, v, positions, cfg)
     out = out_proj(attn_params, o) * (positions >= 0)[:, :, None]
     return out, cache

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import register_dataclass
+
+from nanomoe_fn.tree import register_dataclass
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,6 +28,7 @@ class ContiguousCache:
 
     @property
     def batch(self) -> int:
+        """B, the sequences."""
         return int(self.kv.shape[0])
 
     @property
@@ -45,6 +47,7 @@ class PagedCache:
 
     @property
     def batch(self) -> int:
+        """B, the sequences."""
         return int(self.block_table.shape[0])
 
     @property

@@ -3,36 +3,19 @@
 Dimension legend: T tokens, H hidden, E experts, k experts per token, G expert groups (n_group).
 
 Logits are computed in float32 whatever the activation dtype: bf16 logits carry about three
-significant digits and would turn near-ties into arbitrary choices.
+significant digits and would turn near-ties into arbitrary choices. The Routing record lives in
+nanomoe_fn/batch.py with the other records that pass between stages.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from einops import rearrange
-from torch.utils import _pytree as pytree
 
+from nanomoe_fn.batch import Routing
 from nanomoe_fn.checks import FLOAT_DTYPES, check_tensor, check_values
-from nanomoe_fn.config import MoEConfig
-from nanomoe_fn.params import GateParams
-
-
-@dataclass(frozen=True, eq=False)
-class Routing:
-    """topk_ids [T, k] int32 (logical experts, best first), topk_weights [T, k] float32."""
-
-    topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        """T."""
-        return int(self.topk_ids.shape[0])
-
-
-pytree.register_dataclass(Routing)
+from nanomoe_fn.moe.config import MoEConfig
+from nanomoe_fn.moe.params import GateParams
 
 
 def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:

@@ -1,10 +1,12 @@
-"""Parameter pytrees for one MoE layer and the one place that creates them from a config.
+"""Parameter pytrees for one MoE layer: the records, and the one place that creates, checks, shards
+and casts them.
 
 Dimension legend: E experts (logical, or local physical slots after sharding), H hidden,
-I expert intermediate, S shared experts.
+I expert intermediate, S shared experts, W ranks.
 
-Each parameter record is a frozen dataclass of tensors registered with torch.utils._pytree, so
-`tree_map` casts, moves and compares whole layers: `tree_map(lambda t: t.to(dev), params)`.
+Each parameter record is a frozen dataclass of tensors registered as a pytree with
+nanomoe_fn.tree.register_dataclass (the one mechanism for every record), so `tree_map` casts, moves
+and compares whole layers: `tree_map(lambda t: t.to(dev), params)`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from nanomoe_fn.checks import FLOAT_DTYPES, check_tensor
-from nanomoe_fn.config import MoEConfig
+from nanomoe_fn.eplb.placement import Placement
+from nanomoe_fn.moe.config import MoEConfig
+from nanomoe_fn.tree import register_dataclass
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,8 +74,11 @@ class MoEParams:
 
 Experts = SwiGLUExperts | LinearExperts
 
-for _cls in (GateParams, SwiGLUExperts, LinearExperts, SharedMLP, MoEParams):
-    pytree.register_dataclass(_cls)
+register_dataclass(GateParams, optional=("bias",))
+register_dataclass(SwiGLUExperts)
+register_dataclass(LinearExperts)
+register_dataclass(SharedMLP)
+register_dataclass(MoEParams, optional=("shared",))
 
 
 def expert_tensors(experts: Experts) -> tuple[torch.Tensor, ...]:
@@ -119,6 +126,25 @@ def select_experts(experts: Experts, slots: torch.Tensor) -> Experts:
     """The experts at logical ids `slots` [E_sel], in that order (copies; replicas are exact copies)."""
     slots = slots.to(expert_tensors(experts)[0].device)
     return pytree.tree_map(lambda t: t.index_select(0, slots).contiguous(), experts)
+
+
+def shard_moe_params(params: MoEParams, placement: Placement, rank: int) -> MoEParams:
+    """This rank's view: its physical slots' experts (copied from the logical ones); router and
+    shared experts replicated."""
+    n_logical = params.experts.num_experts
+    if placement.num_logical != n_logical:
+        raise ValueError(f"placement has {placement.num_logical} logical experts, params have {n_logical}")
+    local = select_experts(params.experts, placement.local_slots(rank))
+    return MoEParams(gate=params.gate, experts=local, shared=params.shared)
+
+
+def cast_params(params: MoEParams, dtype: torch.dtype) -> MoEParams:
+    """Cast expert and shared weights to `dtype`; the router stays float32."""
+    return MoEParams(
+        gate=params.gate,
+        experts=pytree.tree_map(lambda t: t.to(dtype), params.experts),
+        shared=None if params.shared is None else pytree.tree_map(lambda t: t.to(dtype), params.shared),
+    )
 
 
 def _check_weight(name: str, t: object, dims: tuple[tuple[str, int], ...], device: torch.device | None,

@@ -1,10 +1,13 @@
-"""Expert placement: which physical expert slot on which rank holds which logical expert.
+"""Expert placement: which physical expert slot on which rank holds which logical expert, and the remap
+of routed (token, k) pairs from logical experts to physical slots (static and dynamic: all of it here).
 
 Dimension legend: E logical experts, P physical slots (E + redundant), W ranks (EP world size),
 P_local = P // W slots per rank, R max replicas of one logical expert, T tokens, k experts per token.
 
 Physical slot p lives on rank p // P_local as local expert p % P_local. The identity placement has
-P == E and phy2log == arange(E). EPLB (nanomoe_fn/eplb.py) produces placements with redundant slots.
+P == E and phy2log == arange(E). EPLB (nanomoe_fn/eplb/rebalance.py) produces placements with redundant slots.
+The remap (physical_ids, remap_dynamic, remap) runs once per MoE layer per step, so it never syncs with
+the host (no `.item()`, `.tolist()` or data-dependent shapes); the tables are built on the host once.
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# Odd multipliers (golden ratio, murmur-style) that scramble (step, rank, expert) into a rotation.
+_MIX_STEP, _MIX_RANK, _MIX_EXPERT = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
+_MOD = 2_147_483_647
 
 
 @dataclass(frozen=True, eq=False)
@@ -22,7 +29,7 @@ class Placement:
     log2phy [E, R] int64: physical replicas of each logical expert, padded with -1.
     logcnt [E] int64: replica count of each logical expert (>= 1).
     remap_policy: how dispatch picks a replica for each (token, k) pair: "static" (a replica on the
-    sender's rank first) or "dynamic" (pairs dealt round-robin over the replicas; nanomoe_fn.eplb_runtime).
+    sender's rank first) or "dynamic" (pairs dealt round-robin over the replicas: remap_dynamic).
     """
 
     phy2log: torch.Tensor
@@ -114,7 +121,7 @@ class Placement:
 
         static: each (token, k) pair goes to the replica on the sender's own rank when there is one, else to
         replica number (token index mod replica count), which spreads one hot expert's tokens over its
-        replicas without randomness. dynamic: eplb_runtime.remap_dynamic (equal shares per replica) at step 0,
+        replicas without randomness. dynamic: remap_dynamic (equal shares per replica) at step 0,
         so an uneven share's extra pair rotates over ranks but not over steps (call remap_dynamic with the
         recorder's step for that). With one replica per expert both are phy = log2phy[id, 0]. Keep the
         placement on the tokens' device (`to(device)` once): the tables are moved here otherwise, every call.
@@ -122,8 +129,6 @@ class Placement:
         if self.is_identity:  # slot e holds expert e: nothing to look up (and no table to move)
             return topk_ids.long()
         if self.remap_policy == "dynamic" and self.log2phy.shape[1] > 1:
-            from nanomoe_fn.eplb_runtime import remap_dynamic
-
             return remap_dynamic(self, topk_ids, 0, rank)
         log2phy = self.log2phy.to(topk_ids.device)
         logcnt = self.logcnt.to(topk_ids.device)
@@ -144,3 +149,57 @@ class Placement:
             raise ValueError(f"rank must lie in [0, {self.world_size}), got {rank}")
         n = self.local_experts
         return self.phy2log[rank * n : (rank + 1) * n]
+
+
+def remap_dynamic(placement: Placement, topk_ids: torch.Tensor, step: torch.Tensor | int = 0,
+                  rank: int = 0) -> torch.Tensor:
+    """Logical topk_ids [T, k] -> physical slots [T, k], each expert's pairs dealt round-robin over its
+    replicas, so every replica gets an equal share (counts differ by at most one) in every batch.
+
+    The deal starts at a replica chosen by hashing (step, rank, expert), so the extra pair of an
+    uneven share rotates over replicas across steps and ranks. Deterministic given (step, rank);
+    `step` may be a device tensor (e.g. RecorderState.step). Ids < 0 map to -1. The placement's tables
+    should already be on topk_ids' device (`placement.to(device)` once at setup).
+    """
+    log2phy = placement.log2phy.to(topk_ids.device)
+    logcnt = placement.logcnt.to(topk_ids.device)
+    ids = topk_ids.long()
+    if log2phy.shape[1] == 1:
+        return torch.where(ids >= 0, log2phy[ids.clamp(min=0), 0], -1)
+    E = log2phy.shape[0]
+    flat = ids.reshape(-1)
+    key = torch.where(flat >= 0, flat, E)  # invalid pairs sort last, into their own bucket
+    order = torch.argsort(key, stable=True)
+    first = torch.zeros(E + 2, dtype=torch.int64, device=ids.device)
+    first.index_add_(0, key + 1, torch.ones_like(key))
+    first = torch.cumsum(first, 0)  # first[e] = position of expert e's first pair in sort order
+    nth = torch.empty_like(order)  # [T * k] how many earlier pairs of the batch chose the same expert
+    nth[order] = torch.arange(order.numel(), device=ids.device) - first[key[order]]
+    e = flat.clamp(min=0)
+    # An int step stays a kernel scalar (a new device tensor would be a blocking host-to-device copy).
+    base = step * _MIX_STEP + rank * _MIX_RANK
+    base = base % _MOD if isinstance(base, int) else base
+    mix = (base + e * _MIX_EXPERT) % _MOD  # [T * k] non-negative (floor modulo)
+    replica = (nth + mix) % logcnt[e]
+    phys = log2phy[e, replica]
+    return torch.where(flat >= 0, phys, -1).view_as(ids)
+
+
+def remap(placement: Placement, topk_ids: torch.Tensor, rank: int = 0, policy: str = "static",
+          step: torch.Tensor | int = 0) -> torch.Tensor:
+    """Logical topk_ids [T, k] -> physical slots [T, k] by policy: `static` (a replica on this rank
+    first: Placement.physical_ids) or `dynamic` (equal share per replica: remap_dynamic)."""
+    if policy == "static":
+        return placement.physical_ids(topk_ids, rank)
+    if policy == "dynamic":
+        return remap_dynamic(placement, topk_ids, step, rank)
+    raise ValueError(f"policy must be 'static' or 'dynamic', got {policy!r}")
+
+
+def tokens_per_gpu(phys_ids: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """Routed pairs each rank receives [W] (int64) for physical ids [T, k]; ids < 0 are not counted."""
+    flat = phys_ids.reshape(-1).long()
+    valid = flat >= 0
+    gpu = torch.where(valid, flat, 0) // placement.local_experts
+    out = torch.zeros(placement.world_size, dtype=torch.int64, device=phys_ids.device)
+    return out.index_add_(0, gpu, valid.long())

@@ -15,35 +15,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from kernels.activation import swiglu_act
 from nanomoe_fn.batch import to_contiguous, to_masked
 from nanomoe_fn.comm.base import Comm
 from nanomoe_fn.comm.local import LocalComm
-from nanomoe_fn.config import MoEConfig
-from nanomoe_fn.expert_ffn import expert_ffn, get_expert_backend
-from nanomoe_fn.params import MoEParams, SharedMLP, check_params, select_experts
+from nanomoe_fn.eplb.placement import Placement
+from nanomoe_fn.moe.config import MoEConfig
+from nanomoe_fn.moe.experts import expert_ffn, get_expert_backend
+from nanomoe_fn.moe.params import MoEParams, SharedMLP, check_params
+from nanomoe_fn.moe.route import route
 from nanomoe_fn.pipeline.program import Program, Stage
 from nanomoe_fn.pipeline.run import run
 from nanomoe_fn.pipeline.schedule import Plan, sequential
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import route
 
 
 def shared_mlp(params: SharedMLP, x: torch.Tensor) -> torch.Tensor:
     """The shared experts as one dense SwiGLU: x [T, H] -> [T, H]."""
     return swiglu_act(x @ params.w13.T, x.dtype) @ params.w2.T
-
-
-def shard_moe_params(params: MoEParams, placement: Placement, rank: int) -> MoEParams:
-    """This rank's view: its physical slots' experts (copied from the logical ones); router and
-    shared experts replicated."""
-    n_logical = params.experts.num_experts
-    if placement.num_logical != n_logical:
-        raise ValueError(f"placement has {placement.num_logical} logical experts, params have {n_logical}")
-    local = select_experts(params.experts, placement.local_slots(rank))
-    return MoEParams(gate=params.gate, experts=local, shared=params.shared)
 
 
 @dataclass(frozen=True)
@@ -155,7 +144,7 @@ def moe_layer(
     """One MoE layer on this rank's tokens x [T, H] -> [T, H]: `sequential` of MOE_PROGRAM's stages
     (route, dispatch, experts, combine, shared experts, sum).
 
-    params holds this rank's local experts (see shard_moe_params); with the default local comm and
+    params holds this rank's local experts (see params.shard_moe_params); with the default local comm and
     identity placement they are all the experts. With `capacity`, experts run on the masked
     layout [P_local, capacity, H] (fixed shapes; more rows than capacity is an error, not a drop);
     a comm that already delivers the masked layout (torch_fixed) needs no conversion.
@@ -163,12 +152,3 @@ def moe_layer(
     logits that overflow float32 are an error (a device assert on accelerators, see route).
     """
     return run_moe(_SEQUENTIAL, params, x, cfg, comm, placement, backend, capacity)
-
-
-def cast_params(params: MoEParams, dtype: torch.dtype) -> MoEParams:
-    """Cast expert and shared weights to `dtype`; the router stays float32."""
-    return MoEParams(
-        gate=params.gate,
-        experts=pytree.tree_map(lambda t: t.to(dtype), params.experts),
-        shared=None if params.shared is None else pytree.tree_map(lambda t: t.to(dtype), params.shared),
-    )

@@ -15,8 +15,8 @@ import os
 import torch
 
 from nanomoe_fn.batch import ExpertBatch
-from nanomoe_fn.config import MoEConfig
-from nanomoe_fn.params import Experts, SwiGLUExperts, expert_tensors
+from nanomoe_fn.moe.config import MoEConfig
+from nanomoe_fn.moe.params import Experts, SwiGLUExperts, expert_tensors
 
 
 def _expert_type(experts: Experts) -> str:

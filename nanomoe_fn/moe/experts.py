@@ -25,9 +25,9 @@ import torch
 from kernels.activation import swiglu_act
 from nanomoe_fn.batch import ExpertBatch, row_coords
 from nanomoe_fn.checks import INT_DTYPES, check_tensor, check_values
-from nanomoe_fn.config import MoEConfig
-from nanomoe_fn.expert_kernels import deepgemm_run, deepgemm_supports, triton_run, triton_supports
-from nanomoe_fn.params import Experts, LinearExperts, SwiGLUExperts, expert_tensors
+from nanomoe_fn.moe.config import MoEConfig
+from nanomoe_fn.moe.expert_kernels import deepgemm_run, deepgemm_supports, triton_run, triton_supports
+from nanomoe_fn.moe.params import Experts, LinearExperts, SwiGLUExperts, expert_tensors
 
 
 def _check(experts: Experts, batch: ExpertBatch) -> None:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from nanomoe_fn.batch import ExpertBatch, Handle
+from nanomoe_fn.batch import ExpertBatch, Handle, Routing
 from nanomoe_fn.comm.base import Comm
-from nanomoe_fn.placement import Placement
-from nanomoe_fn.route import Routing
+from nanomoe_fn.eplb.placement import Placement
 
 
 def dispatch(x: torch.Tensor, routing: Routing, comm: Comm, placement: Placement) -> tuple[ExpertBatch, Handle]:
