@@ -31,7 +31,7 @@ if [ "${TESTS:-1}" != 0 ]; then
   step test_pipeline_gpu 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs tests/gpu/test_pipeline_gpu.py
 fi
 step bench_layer 420 python3 bench/bench_layer.py --world-size 2 --backend nccl --comms "${COMMS:-torch,nvlink}" \
-  --decode-tokens "${DECODE:-32,128,256}" --prefill-tokens "${PREFILL:-4096}" ${COMPILE:+--compile} ${GRAPH:+--cuda-graph} \
+  --decode-tokens "${DECODE:-32,128,256}" --prefill-tokens "${PREFILL-4096}" ${COMPILE:+--compile} ${GRAPH:+--cuda-graph} \
   --profile /tmp/layer_traces --json "$OUT/results/layer_$TAG.json"
 grep -vE "Warning|warn\(" /tmp/layer_logs/bench_layer.log | grep -E "^[a-z_]+ +(decode|prefill)|FAILED" >> "$OUT/summary.txt"
 tail -5 /tmp/layer_logs/test_pipeline_gpu.log >> "$OUT/summary.txt" 2>/dev/null
