@@ -6,9 +6,10 @@ thread issues, stage by stage, and when the GPU runs it.
 Dimension legend: none (times in microseconds from the start of the plotted call).
 
 Rows: per micro-batch, the host span of each stage (the `program/stage/mbN` ranges the pipeline executor
-records while the profiler runs), and per CUDA stream the GPU span of each stage's kernels (torch.profiler's
-gpu_user_annotation events, or the kernels inside each host range). One figure per trace, stacked; the
-iteration picks which of the traced calls (each starts at a micro-batch 0 `route`). Needs matplotlib
+records while the profiler runs), and per CUDA stream and micro-batch the GPU span of each stage's kernels
+(torch.profiler's gpu_user_annotation events, matched to their host range by its External id). One panel
+per trace, stacked; the iteration picks which of the traced calls (each starts at a micro-batch 0 `route`).
+Needs matplotlib
 (`pip install -e '.[plot]'`).
 """
 
@@ -36,10 +37,9 @@ def stage_spans(trace: dict, iteration: int) -> tuple[list, list]:
     pick = [e for e in host if t0 <= e["ts"] < t1]
     rows_h = [(f"host mb{RANGE.match(e['name'])['mb']}", RANGE.match(e["name"])["stage"], e["ts"] - t0, e["dur"])
               for e in pick]
-    end = max(e["ts"] + e["dur"] for e in pick)
-    rows_g = [(f"GPU stream {e.get('args', {}).get('stream', '?')} mb{RANGE.match(e['name'])['mb']}",
-               RANGE.match(e["name"])["stage"], e["ts"] - t0, e["dur"])
-              for e in gpu if t0 <= e["ts"] < max(end, t0) + 50_000 and e["ts"] < t1 + 50_000]
+    ids = {e.get("args", {}).get("External id") for e in pick}  # a GPU range carries its host range's id
+    rows_g = [(f"GPU stream {e.get('tid', '?')} mb{RANGE.match(e['name'])['mb']}", RANGE.match(e["name"])["stage"],
+               e["ts"] - t0, e["dur"]) for e in gpu if e.get("args", {}).get("External id") in ids]
     return rows_h, rows_g
 
 
