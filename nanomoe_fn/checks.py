@@ -84,3 +84,15 @@ def check_choice_field(owner: str, name: str, v: object, choices: tuple[str, ...
     if v not in choices:
         raise ValueError(f"{owner}.{name} must be one of {choices}, got {v!r}")
     return v
+
+
+def pick_backend(kind: str, registry: dict, name: str, cfg: object, device: torch.device | str) -> object:
+    """registry[name] after its supports(cfg, device); else ValueError naming the `kind` of backend, the
+    name and why (an unknown name lists the known ones)."""
+    if name not in registry:
+        raise ValueError(f"{kind} backend must be one of {sorted(registry)}, got {name!r}")
+    backend = registry[name]
+    ok, reason = backend.supports(cfg, torch.device(device))
+    if not ok:
+        raise ValueError(f"{kind} backend {name!r} cannot run here: {reason}")
+    return backend

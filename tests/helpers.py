@@ -110,3 +110,19 @@ def run_commands(commands: Mapping[Any, Sequence[str] | tuple[Sequence[str], Map
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {key: pool.submit(one, spec) for key, spec in commands.items()}
         return {key: f.result() for key, f in futures.items()}
+
+
+GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def init_nccl_rank(rank: int, port: int, world_size: int, timeout_s: float = 60.0) -> torch.device:
+    """One spawned GPU test rank: NVLink multicast off, its GPU current, an NCCL process group -> its device."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(GPU_SAFE_ENV)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return torch.device("cuda", rank)

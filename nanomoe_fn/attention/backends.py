@@ -19,6 +19,7 @@ from einops import rearrange
 
 from nanomoe_fn.attention.cache import MLACache, gather_rows
 from nanomoe_fn.attention.config import MLAConfig
+from nanomoe_fn.checks import pick_backend
 
 
 def torch_decode(q: torch.Tensor, cache: MLACache, positions: torch.Tensor, cfg: MLAConfig) -> torch.Tensor:
@@ -107,10 +108,4 @@ MLA_BACKENDS: dict[str, MLABackend] = {
 
 def get_mla_backend(name: str, cfg: MLAConfig, device: torch.device | str) -> MLABackend:
     """The backend called `name`, or ValueError naming it and saying why it cannot run `cfg` on `device`."""
-    if name not in MLA_BACKENDS:
-        raise ValueError(f"MLA backend must be one of {sorted(MLA_BACKENDS)}, got {name!r}")
-    backend = MLA_BACKENDS[name]
-    ok, reason = backend.supports(cfg, torch.device(device))
-    if not ok:
-        raise ValueError(f"MLA backend {name!r} cannot run here: {reason}")
-    return backend
+    return pick_backend("MLA", MLA_BACKENDS, name, cfg, device)

@@ -24,7 +24,7 @@ import torch
 
 from kernels.activation import swiglu_act
 from nanomoe_fn.batch import ExpertBatch, row_coords
-from nanomoe_fn.checks import INT_DTYPES, check_tensor, check_values
+from nanomoe_fn.checks import INT_DTYPES, check_tensor, check_values, pick_backend
 from nanomoe_fn.moe.config import MoEConfig
 from nanomoe_fn.moe.expert_kernels import deepgemm_run, deepgemm_supports, triton_run, triton_supports
 from nanomoe_fn.moe.params import Experts, LinearExperts, SwiGLUExperts, expert_tensors
@@ -153,13 +153,7 @@ EXPERT_BACKENDS: dict[str, ExpertBackend] = {
 
 def get_expert_backend(name: str, cfg: MoEConfig, device: torch.device | str) -> ExpertBackend:
     """The backend called `name`, or ValueError saying why it cannot run this config on `device`."""
-    if name not in EXPERT_BACKENDS:
-        raise ValueError(f"expert backend must be one of {sorted(EXPERT_BACKENDS)}, got {name!r}")
-    backend = EXPERT_BACKENDS[name]
-    ok, reason = backend.supports(cfg, torch.device(device))
-    if not ok:
-        raise ValueError(f"expert backend {name!r} cannot run here: {reason}")
-    return backend
+    return pick_backend("expert", EXPERT_BACKENDS, name, cfg, device)
 
 
 def expert_ffn(expert_params: Experts, batch: ExpertBatch, backend: str = "bmm") -> ExpertBatch:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import time
-from datetime import timedelta
 
 import pytest
 import torch
@@ -19,19 +18,22 @@ from torch.utils import _pytree as pytree
 from nanomoe_fn import moe_layer, shard_moe_params
 from nanomoe_fn.comm.launch import free_port
 from tests import dist_worker
-from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer, spawn_bounded
+from tests.helpers import (
+    GPU_SAFE_ENV,
+    MIN_MARGIN,
+    assert_close_to_ref,
+    init_nccl_rank,
+    reference_layer,
+    spawn_bounded,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+SAFE_ENV = GPU_SAFE_ENV
 W = 2
 
 
 def _init(rank: int, port: int) -> torch.device:
-    os.environ.update(SAFE_ENV)
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
-                            timeout=timedelta(seconds=60))
-    return torch.device("cuda", rank)
+    return init_nccl_rank(rank, port, W)
 
 
 def _spawn(fn, *args) -> None:

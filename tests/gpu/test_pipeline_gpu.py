@@ -9,7 +9,6 @@ Each test spawns one NCCL rank per GPU; ranks save their outputs and the parent 
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -21,10 +20,17 @@ from nanomoe_fn.comm.launch import free_port
 from nanomoe_fn.moe.layer import MOE_PROGRAM, run_moe
 from nanomoe_fn.pipeline import sequential, shared_expert_overlap, two_batch_overlap
 from tests import dist_worker
-from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer, spawn_bounded
+from tests.helpers import (
+    GPU_SAFE_ENV,
+    MIN_MARGIN,
+    assert_close_to_ref,
+    init_nccl_rank,
+    reference_layer,
+    spawn_bounded,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+SAFE_ENV = GPU_SAFE_ENV
 W = 2
 PLANS = {"sequential": lambda: sequential(MOE_PROGRAM),
          "shared_overlap": lambda: sequential(shared_expert_overlap(MOE_PROGRAM)),
@@ -33,11 +39,7 @@ PLANS = {"sequential": lambda: sequential(MOE_PROGRAM),
 
 
 def _init(rank: int, port: int) -> torch.device:
-    os.environ.update(SAFE_ENV)
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
-                            timeout=timedelta(seconds=60))
-    return torch.device("cuda", rank)
+    return init_nccl_rank(rank, port, W)
 
 
 def _on(dev: torch.device, tree):
