@@ -72,12 +72,25 @@ def _check(experts: Experts, batch: ExpertBatch) -> None:
         raise ValueError(f"batch.x has {x.shape[0]} rows but there are no local experts (batch.counts is empty)")
 
 
+def _swiglu_expert(w13: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert: w13 [2I, H], w2 [H, I], rows [m, H] -> [m, H]."""
+    return swiglu_act(rows @ w13.T, rows.dtype) @ w2.T
+
+
+def _linear_expert(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One linear expert: w [H, H], rows [m, H] -> [m, H]."""
+    return rows @ w.T
+
+
+def one_expert(experts: Experts) -> Callable[..., torch.Tensor]:
+    """The math of one expert, f(*weights of that expert, rows [m, H]) -> [m, H]: the `loop` backend calls it
+    per expert, `bmm` vmaps it over the experts (torch.func.vmap: the same function, batched)."""
+    return _swiglu_expert if isinstance(experts, SwiGLUExperts) else _linear_expert
+
+
 def _apply(experts: Experts, e: int, rows: torch.Tensor, out: torch.Tensor) -> None:
-    """Expert e on rows [m, H], written into out [m, H] (no temporary for the output)."""
-    if isinstance(experts, SwiGLUExperts):
-        torch.mm(swiglu_act(rows @ experts.w13[e].T, rows.dtype), experts.w2[e].T, out=out)
-    else:
-        torch.mm(rows, experts.w[e].T, out=out)
+    """Expert e on rows [m, H], written into out [m, H]."""
+    out.copy_(one_expert(experts)(*(w[e] for w in expert_tensors(experts)), rows))
 
 
 def _loop(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
@@ -100,9 +113,7 @@ def _bmm_padded(experts: Experts, xp: torch.Tensor, slots: torch.Tensor | None) 
     """[P_sel, C, H] -> [P_sel, C, H] for the experts at `slots` (all experts when None)."""
     ws = expert_tensors(experts) if slots is None else tuple(w.index_select(0, slots) for w in
                                                                expert_tensors(experts))
-    if isinstance(experts, SwiGLUExperts):
-        return torch.bmm(swiglu_act(torch.bmm(xp, ws[0].transpose(1, 2)), xp.dtype), ws[1].transpose(1, 2))
-    return torch.bmm(xp, ws[0].transpose(1, 2))
+    return torch.func.vmap(one_expert(experts))(*ws, xp)  # batched matmuls over the expert dim
 
 
 def _bmm(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
