@@ -29,6 +29,8 @@ from nanomoe_fn.attention.config import MLAConfig
 from nanomoe_fn.attention.mla import mla, rms_norm
 from nanomoe_fn.attention.params import MLAParams
 from nanomoe_fn.comm.base import Comm
+from nanomoe_fn.comm.local import LocalComm
+from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.moe.layer import MoEContext, moe_stages, shared_mlp
 from nanomoe_fn.moe.params import MoEParams, SharedMLP
 from nanomoe_fn.pipeline.program import Program, Stage
@@ -181,14 +183,11 @@ def decoder_layer(params: DecoderParams, x: torch.Tensor, positions: torch.Tenso
 
 
 def decoder_context(mla_cfg: MLAConfig, attn_backend: str = "torch", moe_cfg: Any = None,
-                    comm: Comm | None = None, placement: Any = None, backend: str = "bmm",
+                    comm: Comm | None = None, placement: Placement | None = None, backend: str = "bmm",
                     capacity: int | None = None, check: bool = True) -> DecoderContext:
     """A DecoderContext; with moe_cfg its MoEContext (local comm and identity placement by default)."""
     if moe_cfg is None:
         return DecoderContext(mla_cfg, attn_backend, None, check)
-    from nanomoe_fn.comm.local import LocalComm
-    from nanomoe_fn.eplb.placement import Placement
-
     comm = comm if comm is not None else LocalComm()
     placement = placement if placement is not None else Placement.identity(moe_cfg.num_experts, comm.world_size)
     return DecoderContext(mla_cfg, attn_backend, MoEContext(moe_cfg, comm, placement, backend, capacity), check)

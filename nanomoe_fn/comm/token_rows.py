@@ -56,7 +56,8 @@ def pack_rows(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, P_local: int
     has = torch.zeros((T, W + 1), dtype=torch.bool, device=dev).scatter_(1, dest, True)[:, :W]
     tab = torch.zeros((W, P_local + 2), dtype=torch.int64, device=dev)
     pairs = torch.zeros(P + 1, dtype=torch.int64, device=dev)
-    pairs.index_add_(0, torch.where(ok, p, P).flatten(), torch.ones(p.numel(), dtype=torch.int64, device=dev))
+    flat = torch.where(ok, p, P).flatten()  # slot of each pair in token order, P for ids outside [0, P)
+    pairs.index_add_(0, flat, torch.ones(p.numel(), dtype=torch.int64, device=dev))
     tab[:, :P_local] = pairs[:P].view(W, P_local)
     tab[:, P_local] = has.sum(0)
     tab[:, P_local + 1] = (~ok).sum()
@@ -67,7 +68,7 @@ def pack_rows(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, P_local: int
     slots, weights, nums = pair_meta(packed, hm, p.shape[1])
     slots.copy_(phys)
     weights.copy_(w)
-    flat = torch.where(ok, p, P).flatten()  # a pair's number: earlier pairs (token order) of its slot
+    # a pair's number: the earlier pairs (token order) of its slot
     order = torch.argsort(flat, stable=True)
     rank_in_slot = torch.empty_like(flat)
     rank_in_slot[order] = torch.arange(flat.numel(), device=dev) - (torch.cumsum(pairs, 0) - pairs)[flat[order]]

@@ -26,7 +26,7 @@ exchange on NCCL's stream joined by `Work.wait()` without a timeout (a stream wa
 arrives is caught by the comm's StageWatchdog (comm/watchdog.py): an error naming the rank and stage,
 never a hang. On CPU (gloo) every wait is `Work.wait(timeout)` on the host, which raises the same kind
 of error. Host time is most of a decode dispatch (its kernels take a few us each), so the GPU path keeps
-its Python short: the process group's methods are called directly, one kernel per step. The helpers
+its Python short: one kernel per step, one watchdog arm per dispatch. The helpers
 `_a2a`, `_join` and `_table` are shared with comm/torch_fixed.py.
 """
 
@@ -69,14 +69,6 @@ class _Pending:
     splits: tuple[tuple[int, ...], tuple[int, ...]]  # rows sent to / received from each rank
 
 
-def _a2a_options(async_op: bool) -> Any:
-    """AllToAllOptions; asyncOp=False (torch versions that have it) runs NCCL on the current stream."""
-    opts = dist.AllToAllOptions()
-    if hasattr(opts, "asyncOp"):
-        opts.asyncOp = async_op
-    return opts
-
-
 def _wait(rank: int, timeout_s: float, inflight: _InFlight) -> None:
     """Host wait for a CPU (gloo) collective; a peer that does not arrive in time raises TimeoutError
     naming the stage. Never used for CUDA tensors (there the stream waits, see TorchComm._join)."""
@@ -110,9 +102,6 @@ class TorchComm:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.timeout_s = float(timeout_s)
-        # the process group's own methods, bound once: dist.all_to_all* add ~15 us of Python per call
-        self._pg = group if group is not None else dist.distributed_c10d._get_default_group()
-        self._opts = {a: _a2a_options(a) for a in (False, True)}
         self.watchdog = StageWatchdog(self.rank, self.timeout_s, group)
         self._tables: dict[tuple, torch.Tensor] = {}  # constant index tables by (name, sizes, device)
         self._host_splits: torch.Tensor | None = None  # pinned count tables [2, W, C] int64: the one host read
@@ -157,18 +146,16 @@ class TorchComm:
 
     def _a2a(self, out: Any, inp: Any, out_splits: list[int] | None, in_splits: list[int] | None, stage: str,
              async_op: bool = True) -> _InFlight:
-        """Launch all_to_all_single (tensors) or all_to_all (lists of per-rank tensors, NCCL) through the
-        process group's own method. async_op=False on CUDA runs it on the current stream (no host wait)."""
+        """Launch all_to_all_single (tensors) or all_to_all (lists of per-rank tensors, NCCL).
+        async_op=False on CUDA runs it on the current stream (no host wait)."""
         try:
             if isinstance(out, list):
-                work = self._pg.alltoall(out, inp, self._opts[async_op])
+                work = dist.all_to_all(out, inp, group=self.group, async_op=async_op)
             else:
-                work = self._pg.alltoall_base(out, inp, out_splits or [], in_splits or [], self._opts[async_op])
+                work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
         except RuntimeError as err:
             raise TimeoutError(f"rank {self.rank}: EP stage '{stage}' could not reach its peers: "
                                f"{str(err).splitlines()[0]}") from err
-        if not async_op and work is not None:  # None: NCCL ran it on the current stream (asyncOp=False)
-            work.wait()  # the stream waits (NCCL of older torch) or the host (gloo)
         return _InFlight(work, stage)
 
     def _join(self, inflight: _InFlight, device: torch.device, watch: bool = True) -> None:
