@@ -43,10 +43,10 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import nanomoe_reference as reference  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import reference  # noqa: E402
 from bench import common  # noqa: E402
 from nanomoe_fn import MoEConfig, Placement, Routing, SwiGLUExperts, TorchComm, TorchFixedComm  # noqa: E402
 from nanomoe_fn.comm.base import Comm  # noqa: E402

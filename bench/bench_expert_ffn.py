@@ -26,12 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from nanomoe_kernels import deepgemm  # noqa: E402
+from nanomoe_kernels.fused_moe import fused_moe, fused_moe_aligned, stage_configs  # noqa: E402
+from nanomoe_kernels.moe_align import moe_align  # noqa: E402
+from nanomoe_reference.expert_rows import make_routing, make_weights, reference_rows  # noqa: E402
 
 from bench.common import measure_ceilings, write_record  # noqa: E402
-from kernels import deepgemm  # noqa: E402
-from kernels.fused_moe import fused_moe, fused_moe_aligned, stage_configs  # noqa: E402
-from kernels.moe_align import moe_align  # noqa: E402
-from reference.expert_rows import make_routing, make_weights, reference_rows  # noqa: E402
 
 QUICK_TOKENS = (64, 256, 1024, 4096)
 FULL_TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)

@@ -28,9 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nanomoe_kernels.mla_decode import DecodeTuning, default_splits, default_tuning, mla_decode  # noqa: E402
+from nanomoe_kernels.mla_prefill import mla_prefill  # noqa: E402
+
 from bench.common import device_name, versions  # noqa: E402
-from kernels.mla_decode import DecodeTuning, default_splits, default_tuning, mla_decode  # noqa: E402
-from kernels.mla_prefill import mla_prefill  # noqa: E402
 from nanomoe_fn.attention.backends import torch_decode, torch_prefill  # noqa: E402
 from nanomoe_fn.attention.cache import ContiguousCache  # noqa: E402
 from nanomoe_fn.attention.config import MLAConfig  # noqa: E402

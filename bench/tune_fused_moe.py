@@ -28,11 +28,10 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-
-from kernels.fused_moe import TUNED_DIR, _device_name, config_name, default_config, fused_moe_aligned  # noqa: E402
-from kernels.fused_moe_kernel import check_config, moe_gemm  # noqa: E402
-from kernels.moe_align import Alignment, moe_align  # noqa: E402
-from reference.expert_rows import make_routing, make_weights  # noqa: E402
+from nanomoe_kernels.fused_moe import TUNED_DIR, _device_name, config_name, default_config, fused_moe_aligned  # noqa: E402
+from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm  # noqa: E402
+from nanomoe_kernels.moe_align import Alignment, moe_align  # noqa: E402
+from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8, tma=False, split=0):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
+import nanomoe_reference as reference
 import torch
 
-import reference
 from nanomoe_fn import MoEConfig, MoEParams, expert_tensors, init_moe_params
 from nanomoe_fn.moe.route import route
 

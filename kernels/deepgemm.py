@@ -20,9 +20,8 @@ from __future__ import annotations
 import functools
 
 import torch
-
-from kernels.activation import swiglu_act
-from kernels.moe_align import moe_align_contiguous
+from nanomoe_kernels.activation import swiglu_act
+from nanomoe_kernels.moe_align import moe_align_contiguous
 
 # versions that import but compute wrong results on the GPU machine's torch (ANCHORS.md)
 _BAD_VERSIONS = ("0.1.5", "0.1.6", "0.1.7", "0.2.0", "0.2.1", "0.2.2")

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.launch import Launcher
+from nanomoe_kernels.launch import Launcher
 
 BLOCK_H = 1024
 

@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.ep_nvlink import check_arg
-from kernels.launch import Launcher
+from nanomoe_kernels.ep_nvlink import check_arg
+from nanomoe_kernels.launch import Launcher
 
 BLOCK_H = 1024
 

@@ -37,11 +37,10 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 import torch
-
-from kernels.checks import check_values
-from kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted
-from kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
-from kernels.moe_blocks import block_tables
+from nanomoe_kernels.checks import check_values
+from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted
+from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
+from nanomoe_kernels.moe_blocks import block_tables
 
 EXPERT_TYPES = ("swiglu", "linear")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -31,9 +31,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.moe_align import Alignment
-from kernels.moe_blocks import BlockTables, block_tables
+from nanomoe_kernels.moe_align import Alignment
+from nanomoe_kernels.moe_blocks import BlockTables, block_tables
 
 
 # token counts change every step: do not compile a variant per divisibility of these two

@@ -19,8 +19,7 @@ from dataclasses import replace
 import torch
 import triton
 import triton.language as tl
-
-from kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the wrapper's tuning API)
+from nanomoe_kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the wrapper's tuning API)
     DecodeTuning,
     TensorDescriptor,
     default_splits,
@@ -28,8 +27,8 @@ from kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the wrapper'
     pick_splits,
     tma_unsupported,
 )
-from kernels.reduce_ops import add as _add
-from kernels.reduce_ops import maximum as _maximum
+from nanomoe_kernels.reduce_ops import add as _add
+from nanomoe_kernels.reduce_ops import maximum as _maximum
 
 # tl.reduce combine functions: see kernels/reduce_ops.py for why not tl.max/tl.sum
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.reduce_ops import add as _add
-from kernels.reduce_ops import maximum as _maximum
-from kernels.reduce_ops import minimum as _minimum
+from nanomoe_kernels.reduce_ops import add as _add
+from nanomoe_kernels.reduce_ops import maximum as _maximum
+from nanomoe_kernels.reduce_ops import minimum as _minimum
 
 # tl.reduce combine functions and tl.full zeros: see kernels/reduce_ops.py for why not tl.max/tl.sum
 

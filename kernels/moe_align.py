@@ -32,8 +32,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-
-from kernels.checks import check_values
+from nanomoe_kernels.checks import check_values
 
 
 class Alignment(NamedTuple):

@@ -19,8 +19,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-
-from kernels.moe_align import Alignment
+from nanomoe_kernels.moe_align import Alignment
 
 
 class BlockTables(NamedTuple):

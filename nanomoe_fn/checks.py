@@ -13,8 +13,7 @@ import math
 import numbers
 
 import torch
-
-from kernels.checks import check_values  # the one definition, shared with kernels/ (which sit below nanomoe_fn)
+from nanomoe_kernels.checks import check_values  # the one definition, shared with kernels/ (which sit below nanomoe_fn)
 
 
 def check_tensor(name: str, t: object, dim: int | None = None, dtypes: tuple[torch.dtype, ...] | None = None,

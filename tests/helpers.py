@@ -10,10 +10,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import nanomoe_reference as reference
 import torch
 from hypothesis import strategies as st
 
-import reference
 from nanomoe_fn import MoEConfig, MoEParams, expert_tensors
 
 # relative (norm-wise) error allowed against the float64 reference, by activation dtype

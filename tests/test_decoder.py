@@ -8,12 +8,13 @@ Dimension legend: B sequences, S new tokens per sequence, H hidden.
 
 from __future__ import annotations
 
+import nanomoe_reference as reference
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nanomoe_reference import mla as ref_mla
 
-import reference
 from nanomoe_fn import MLAConfig, MoEConfig, init_contiguous_cache, init_mla_params, init_moe_params, mla, moe_layer
 from nanomoe_fn.attention.cache import init_paged_cache
 from nanomoe_fn.attention.mla import rms_norm
@@ -27,7 +28,6 @@ from nanomoe_fn.decoder import (
 )
 from nanomoe_fn.moe.params import SharedMLP
 from nanomoe_fn.pipeline import sequential, shared_expert_overlap, two_batch_overlap
-from reference import mla as ref_mla
 from tests.helpers import route_kwargs
 
 H = 32

@@ -16,16 +16,15 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import warnings  # noqa: E402
 
+import nanomoe_kernels.fused_moe as fm  # noqa: E402
+import nanomoe_kernels.fused_moe_kernel as fmk  # noqa: E402
+import nanomoe_kernels.moe_align as ma  # noqa: E402
+import nanomoe_kernels.moe_blocks as mb  # noqa: E402
+import nanomoe_reference as reference  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import kernels.fused_moe as fm  # noqa: E402
-import kernels.fused_moe_kernel as fmk  # noqa: E402
-import kernels.moe_align as ma  # noqa: E402
-import kernels.moe_blocks as mb  # noqa: E402
-import reference  # noqa: E402
-from kernels import deepgemm  # noqa: E402
+from nanomoe_kernels import deepgemm  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not fmk.runs_interpreted():
     # another test module imported kernels/ before the variable was set: decorate the kernels again

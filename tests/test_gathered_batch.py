@@ -12,12 +12,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import nanomoe_reference as reference  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
 
-import reference  # noqa: E402
 from nanomoe_fn import EXPERT_BACKENDS, ExpertBatch, expert_ffn, preset  # noqa: E402
 from nanomoe_fn.batch import Handle, row_coords, to_contiguous, to_masked  # noqa: E402
 from nanomoe_fn.comm.plan import check_combine, stamp_handle  # noqa: E402

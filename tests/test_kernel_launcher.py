@@ -8,8 +8,7 @@ import os
 
 import pytest
 import torch
-
-from kernels.launch import spec_key
+from nanomoe_kernels.launch import spec_key
 
 
 def test_spec_key_separates_what_triton_specializes_on():
@@ -34,8 +33,7 @@ def test_spec_key_separates_what_triton_specializes_on():
 def test_launcher_runs_the_kernel_in_the_interpreter():
     import triton
     import triton.language as tl
-
-    from kernels.launch import Launcher
+    from nanomoe_kernels.launch import Launcher
 
     @triton.jit
     def _axpb(x_ptr, out_ptr, a, n, B: tl.constexpr):

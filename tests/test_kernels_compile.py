@@ -29,8 +29,8 @@ def _compile(fn, types: dict, consts: dict) -> None:
 
 
 def _cases() -> list:
-    from kernels import ep_nvlink as k
-    from kernels import ep_nvlink_sync as sy
+    from nanomoe_kernels import ep_nvlink as k
+    from nanomoe_kernels import ep_nvlink_sync as sy
 
     put = dict(x_ptr="*bf16", w_ptr="*fp32", has_ptr="*i32", ctr_ptr="*i32", epoch_ptr="*i64", err_addr="i64",
                tok_ptr="*bf16", tok_delta="*i64", meta_ptr="*i32", meta_delta="*i64", wb_ptr="*fp32", wb_delta="*i64")
@@ -58,7 +58,7 @@ def _cases() -> list:
 
 def _rows_cases() -> list:
     """The `torch` comm's token-row kernels (kernels/ep_rows.py)."""
-    from kernels import ep_rows as r
+    from nanomoe_kernels import ep_rows as r
 
     pack = dict(x_ptr="*bf16", phys_ptr="*i32", w_ptr="*fp32", tab_ptr="*i64", pos_ptr="*i64", rows_ptr="*bf16")
     return [("rows.pack", r._pack_kernel, pack, dict(K=8, KP=8, BLOCK=1024)),
@@ -73,7 +73,7 @@ def _rows_cases() -> list:
 
 def _fused_moe_cases() -> list:
     """The grouped GEMM's A_INDEX variants (a gathered batch's first GEMM: SwiGLU up, and linear)."""
-    from kernels import fused_moe_kernel as f
+    from nanomoe_kernels import fused_moe_kernel as f
 
     types = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", sorted_ids_ptr="*i32", block_rows_ptr="*i32",
                  block_experts_ptr="*i32", used_ptr="*i32")

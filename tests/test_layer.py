@@ -2,12 +2,12 @@
 
 import os
 
+import nanomoe_reference as reference
 import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import reference
 from nanomoe_fn import (
     EXPERT_BACKENDS,
     ExpertBatch,

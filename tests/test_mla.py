@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 
-import kernels.mla_decode as _decode  # noqa: E402
-import kernels.mla_prefill as _prefill  # noqa: E402
+import nanomoe_kernels.mla_decode as _decode  # noqa: E402
+import nanomoe_kernels.mla_prefill as _prefill  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not _decode.runs_interpreted():
     # another module imported kernels/ before the variable was set: decorate the kernels again
@@ -24,12 +24,12 @@ if os.environ.get("TRITON_INTERPRET") == "1" and not _decode.runs_interpreted():
     importlib.reload(_prefill)
 
 
+import nanomoe_reference.mla as ref  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch.utils._pytree import tree_map  # noqa: E402
 
-import reference.mla as ref  # noqa: E402
 from nanomoe_fn.attention.backends import MLA_BACKENDS, get_mla_backend  # noqa: E402
 from nanomoe_fn.attention.cache import ContiguousCache, PagedCache, init_contiguous_cache, init_paged_cache  # noqa: E402
 from nanomoe_fn.attention.config import MLAConfig  # noqa: E402

@@ -14,21 +14,20 @@ if not torch.cuda.is_available():
 
 import importlib  # noqa: E402
 
-import kernels.mla_decode as _decode  # noqa: E402
-import kernels.mla_prefill as _prefill  # noqa: E402
+import nanomoe_kernels.mla_decode as _decode  # noqa: E402
+import nanomoe_kernels.mla_prefill as _prefill  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not _decode.runs_interpreted():
     # another module imported kernels/ before the variable was set: decorate the kernels again
     importlib.reload(_decode)
     importlib.reload(_prefill)
 
+import nanomoe_reference.mla as ref  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import reference.mla as ref  # noqa: E402
-from kernels.mla_decode import DecodeTuning, mla_decode, pick_splits  # noqa: E402
-from kernels.mla_prefill import mla_prefill  # noqa: E402
+from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode, pick_splits  # noqa: E402
+from nanomoe_kernels.mla_prefill import mla_prefill  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU kernel tests run under TRITON_INTERPRET=1")

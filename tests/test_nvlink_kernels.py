@@ -38,7 +38,7 @@ def _symmetric(shape: tuple, dtype: torch.dtype, W: int) -> list[tuple[torch.Ten
 
 def _count_layout(cnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """ep_nvlink_sync.count_layout on cnt [W, P_local + 1] -> (counts, base, M), outputs pre-filled with junk."""
-    from kernels import ep_nvlink_sync
+    from nanomoe_kernels import ep_nvlink_sync
 
     W, P_local = cnt.shape[0], cnt.shape[1] - 1
     counts, base = torch.full((P_local,), -9, dtype=torch.int64), torch.full((W, P_local), -9, dtype=torch.int64)
@@ -69,7 +69,7 @@ def _expert_fn(rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
        dtype=st.sampled_from([torch.float32, torch.float16]),
        redundant=st.booleans(), seed=st.integers(0, 2**16))
 def test_nvlink_exchange_matches_loops(W, P_local, k, layout, H, dtype, redundant, seed):
-    from kernels import ep_nvlink
+    from nanomoe_kernels import ep_nvlink
 
     gen = torch.Generator().manual_seed(seed)
     P = W * P_local
@@ -187,7 +187,7 @@ def test_count_layout_matches_a_loop(W, P_local, seed):
 
 
 def test_put_reports_a_slot_out_of_range_and_drops_it():
-    from kernels import ep_nvlink
+    from nanomoe_kernels import ep_nvlink
 
     W, P, T_max, H, k = 2, 4, 2, 8, 2
     phys = torch.tensor([[0, 3], [1, 4]], dtype=torch.int32)  # slot 4 does not exist
@@ -206,7 +206,7 @@ def test_put_reports_a_slot_out_of_range_and_drops_it():
 
 
 def test_put_with_no_tokens_still_advances_the_epoch():
-    from kernels import ep_nvlink
+    from nanomoe_kernels import ep_nvlink
 
     W, P, T_max, H, k = 2, 4, 3, 8, 2
     names = {"tok": ((W * T_max, H), torch.float16), "meta": ((W * T_max, k), torch.int32),

@@ -1,11 +1,11 @@
 """route vs the float64 reference router, and its errors."""
 
+import nanomoe_reference as reference
 import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import reference
 from nanomoe_fn import init_moe_params, preset, route
 from tests.helpers import DTYPES, MIN_MARGIN, moe_configs, route_kwargs
 

@@ -43,7 +43,7 @@ def _bits(row: torch.Tensor) -> torch.Tensor:
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.lists(st.integers(0, 5), min_size=3, max_size=3),
        st.sampled_from([8, 20]), st.sampled_from([torch.float32, torch.float16]), st.integers(0, 2**16))
 def test_kernels_match_torch_ops_and_a_loop(W, P_local, k, T, H, dtype, seed):
-    from kernels import ep_rows
+    from nanomoe_kernels import ep_rows
 
     k = min(k, W * P_local)
     T = T[:W]
@@ -112,7 +112,7 @@ def test_kernels_match_torch_ops_and_a_loop(W, P_local, k, T, H, dtype, seed):
 
 
 def test_pack_counts_ids_outside_the_slots_in_every_row():
-    from kernels import ep_rows
+    from nanomoe_kernels import ep_rows
 
     W, P_local, k, H = 2, 3, 2, 8
     xs, ids, ws = _case(W, P_local, k, [4, 4], H, torch.float32, 5, bad=True)

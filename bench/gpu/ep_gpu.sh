@@ -28,6 +28,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 DEEPEP_PID=""
+. bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
 if [ -d .deepep ]; then
   export PYTHONPATH=$PWD/.deepep:$PYTHONPATH
   if [ -f .deepep/build.sh ]; then

@@ -3,6 +3,7 @@
 # GPU layer tests, and the seed-shape benches (bf16). Writes JSON and logs under $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+. bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"

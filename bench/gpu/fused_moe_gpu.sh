@@ -16,6 +16,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     || echo "wheel install failed"
 fi
 export PYTHONPATH=$PWD/.site:$PWD
+. bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 python3 -c "import deep_gemm; print('deep_gemm', deep_gemm.__version__)" 2>&1 | tail -1

@@ -6,6 +6,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD
+. bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning tests/gpu/test_layer_gpu.py -k "deepgemm or triton" \
   2>&1 | tail -4 | tee -a "$OUT/run.log"
 python3 bench/bench_ep_moe.py --mode all --cuda-graph --expert-type linear --dtype bfloat16 \

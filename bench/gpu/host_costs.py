@@ -155,7 +155,7 @@ def comm_steps(comm, name: str, T: int, dev: torch.device, rounds: int = 30) -> 
         targets += [(comm, a, a) for a in ("_phys", "_a2a", "_start_read", "_finish_read", "_join")]
         targets += [(torch_mod, "check_dispatch_args", "check_dispatch_args"),
                     (torch_mod, "check_combine", "check_combine")]
-        from kernels import ep_rows
+        from nanomoe_kernels import ep_rows
         targets += [(ep_rows, n, f"k.{n}") for n in ("pack_rows", "unpack_rows", "partial_rows", "sum_home")]
     timer = StepTimer(targets)
     total = []

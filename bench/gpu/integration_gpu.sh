@@ -9,6 +9,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
 fi
+. bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning tests/gpu/test_layer_gpu.py tests/gpu/test_fused_moe_gpu.py \
   tests/gpu/test_mla_gpu.py 2>&1 | tail -12 | tee -a "$OUT/run.log"
 python3 bench/bench_ep_moe.py --mode all --expert-type linear --dtype bfloat16 \

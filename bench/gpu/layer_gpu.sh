@@ -13,6 +13,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD
+. bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
 OUT=${OUT:-/tmp/out}; TOTAL=${TOTAL:-540}; TAG=h200x2
 mkdir -p "$OUT/results" /tmp/layer_logs /tmp/layer_traces
 : > "$OUT/summary.txt"

@@ -5,6 +5,7 @@
 # TOTAL_S bounds the whole script (default 285 s); the bench rewrites its JSON after every case.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+. bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 start=$SECONDS
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"

@@ -56,7 +56,7 @@ def triton_supports(cfg: MLAConfig, device: torch.device) -> tuple[bool, str]:
     """Triton runs on CUDA tensors, or on CPU tensors through its interpreter (TRITON_INTERPRET=1 set
     before kernels/ is imported)."""
     try:
-        from kernels.mla_decode import runs_interpreted
+        from nanomoe_kernels.mla_decode import runs_interpreted
     except ImportError as err:
         return False, f"triton is not importable ({err}); pip install triton"
     if device.type == "cuda" or runs_interpreted():
@@ -67,7 +67,7 @@ def triton_supports(cfg: MLAConfig, device: torch.device) -> tuple[bool, str]:
 
 def triton_decode(q: torch.Tensor, cache: MLACache, positions: torch.Tensor, cfg: MLAConfig) -> torch.Tensor:
     """torch_decode through the split-KV Triton kernel (contiguous or paged cache); no host sync."""
-    from kernels.mla_decode import mla_decode
+    from nanomoe_kernels.mla_decode import mla_decode
 
     B = q.shape[0]
     ctx = (positions + 1).to(torch.int32)                       # [B, S]; 0 for padding
@@ -81,7 +81,7 @@ def triton_decode(q: torch.Tensor, cache: MLACache, positions: torch.Tensor, cfg
 def triton_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
                    v: torch.Tensor, positions: torch.Tensor, cfg: MLAConfig) -> torch.Tensor:
     """torch_prefill through the Triton flash-attention kernel."""
-    from kernels.mla_prefill import mla_prefill
+    from nanomoe_kernels.mla_prefill import mla_prefill
 
     return mla_prefill(q_nope, q_pe, k_nope, k_pe, v, positions.to(torch.int32).contiguous(), cfg.softmax_scale)
 

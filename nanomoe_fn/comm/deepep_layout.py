@@ -153,7 +153,7 @@ def token_weighted_sum(y: torch.Tensor, pair_rows: torch.Tensor, weights: torch.
     idx = pair_rows.view(R, k)
     have = idx < M
     if y.is_cuda and y.dtype in KERNEL_DTYPES:
-        from kernels import ep_rows  # Triton: imported only on GPUs
+        from nanomoe_kernels import ep_rows  # Triton: imported only on GPUs
 
         out = y.new_empty((R, H))
         ep_rows.partial_rows(y.contiguous(), torch.where(have, idx, -1).to(torch.int32),

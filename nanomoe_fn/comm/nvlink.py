@@ -80,8 +80,7 @@ class NvlinkComm:
         if not ok:
             raise ValueError(f"comm backend 'nvlink' is unavailable: {why}")
         import torch.distributed._symmetric_memory as symm_mem
-
-        from kernels import ep_nvlink, ep_nvlink_sync  # Triton: imported only when the comm is built
+        from nanomoe_kernels import ep_nvlink, ep_nvlink_sync  # Triton: imported only when the comm is built
 
         self._k, self._sync = ep_nvlink, ep_nvlink_sync
         self.group = group if group is not None else dist.group.WORLD

@@ -206,7 +206,7 @@ class TorchComm:
     def _kernels(x: torch.Tensor) -> Any:
         """The Triton kernels (kernels/ep_rows.py) for rows of x on a GPU, else None (torch ops)."""
         if x.is_cuda and x.dtype in token_rows.KERNEL_DTYPES:
-            from kernels import ep_rows  # Triton: imported only on GPUs
+            from nanomoe_kernels import ep_rows  # Triton: imported only on GPUs
 
             return ep_rows
         return None

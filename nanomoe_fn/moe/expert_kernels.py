@@ -38,7 +38,7 @@ def triton_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
 
 def triton_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     """Grouped-GEMM Triton kernels (SwiGLU fused into the first GEMM's epilogue)."""
-    from kernels.fused_moe import fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
+    from nanomoe_kernels.fused_moe import fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
 
     ws, kind = expert_tensors(experts), _expert_type(experts)
     if batch.layout == "masked":
@@ -56,7 +56,7 @@ def deepgemm_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
     if cfg.hidden % 64 or cfg.intermediate % 64:
         return False, (f"DeepGEMM needs hidden ({cfg.hidden}) and intermediate ({cfg.intermediate}) "
                        f"to be multiples of 64")
-    from kernels.deepgemm import supports
+    from nanomoe_kernels.deepgemm import supports
 
     if device.type != "cuda":
         return False, f"DeepGEMM needs a CUDA device, got {device}"
@@ -65,7 +65,7 @@ def deepgemm_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
 
 def deepgemm_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     """DeepGEMM m-grouped bf16 GEMMs (contiguous rows padded per expert, or masked) + torch SwiGLU."""
-    from kernels.deepgemm import deepgemm_moe_contiguous, deepgemm_moe_masked
+    from nanomoe_kernels.deepgemm import deepgemm_moe_contiguous, deepgemm_moe_masked
 
     if not isinstance(experts, SwiGLUExperts):
         raise ValueError("the deepgemm backend needs SwiGLU experts")

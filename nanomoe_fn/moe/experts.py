@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from nanomoe_kernels.activation import swiglu_act
 
-from kernels.activation import swiglu_act
 from nanomoe_fn.batch import ExpertBatch, row_coords
 from nanomoe_fn.checks import INT_DTYPES, check_tensor, check_values, pick_backend
 from nanomoe_fn.moe.config import MoEConfig

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from nanomoe_kernels.activation import swiglu_act
 
-from kernels.activation import swiglu_act
 from nanomoe_fn.batch import to_contiguous, to_masked
 from nanomoe_fn.comm.base import Comm
 from nanomoe_fn.comm.local import LocalComm

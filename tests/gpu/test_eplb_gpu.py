@@ -20,11 +20,11 @@ import json
 import os
 from datetime import timedelta
 
+import nanomoe_reference as reference
 import pytest
 import torch
 import torch.distributed as dist
 
-import reference
 from nanomoe_fn import MoEConfig, MoEParams, Placement, TorchComm, init_moe_params, moe_layer, shard_moe_params
 from nanomoe_fn.comm.launch import free_port
 from nanomoe_fn.eplb import balancedness, placement_for_layer, rebalance_experts

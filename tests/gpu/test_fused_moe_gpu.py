@@ -5,14 +5,13 @@ Small shapes go through reference.moe_experts (float64 loops); DeepSeek-V3 dims 
 checked on sampled tokens against float32 torch math written out here. Marked `gpu`.
 """
 
+import nanomoe_reference as reference
 import pytest
 import torch
-
-import reference
-from kernels import deepgemm
-from kernels.fused_moe import fused_moe, fused_moe_contiguous, fused_moe_masked
-from kernels.moe_align import moe_align
-from reference.expert_rows import make_routing, make_weights, reference_rows
+from nanomoe_kernels import deepgemm
+from nanomoe_kernels.fused_moe import fused_moe, fused_moe_contiguous, fused_moe_masked
+from nanomoe_kernels.moe_align import moe_align
+from nanomoe_reference.expert_rows import make_routing, make_weights, reference_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 BF16_TOL = 2e-2

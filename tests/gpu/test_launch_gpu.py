@@ -12,8 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_launcher_matches_triton_launch_across_specializations():
     import triton
     import triton.language as tl
-
-    from kernels.launch import Launcher
+    from nanomoe_kernels.launch import Launcher
 
     @triton.jit
     def _scaled_copy(x_ptr, out_ptr, n, stride, a, B: tl.constexpr):

@@ -6,10 +6,10 @@ Large shapes are checked against float64 torch math written out here (the loop o
 reference/mla.py would take minutes); the whole block is checked against reference.mla itself.
 """
 
+import nanomoe_reference.mla as ref
 import pytest
 import torch
 
-import reference.mla as ref
 from nanomoe_fn.attention.cache import init_contiguous_cache, init_paged_cache
 from nanomoe_fn.attention.config import MLAConfig
 from nanomoe_fn.attention.mla import mla
@@ -41,7 +41,7 @@ def latent_decode_f64(q, kv, ctx, C, scale):
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("tuning", TUNINGS)
 def test_decode_bf16(heads, paged, tuning):
-    from kernels.mla_decode import DecodeTuning, mla_decode
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
 
     tuning = None if tuning is None else DecodeTuning(**tuning)
     g = torch.Generator(device="cuda").manual_seed(heads)
@@ -64,7 +64,7 @@ def test_decode_bf16(heads, paged, tuning):
 
 
 def test_decode_matches_loop_oracle():
-    from kernels.mla_decode import mla_decode
+    from nanomoe_kernels.mla_decode import mla_decode
 
     g = torch.Generator(device="cuda").manual_seed(0)
     kv = torch.randn(2, 70, 576, device="cuda", generator=g).bfloat16()
@@ -76,7 +76,7 @@ def test_decode_matches_loop_oracle():
 
 @pytest.mark.parametrize("heads", [16, 128])
 def test_prefill_bf16(heads):
-    from kernels.mla_prefill import mla_prefill
+    from nanomoe_kernels.mla_prefill import mla_prefill
 
     g = torch.Generator(device="cuda").manual_seed(1)
     B, S, L, DN, DR, DV = 2, 700, 1000, 128, 64, 128
