@@ -1,4 +1,4 @@
-"""Naive float64 DeepSeek-V3 multi-head latent attention (MLA): the oracle for nanomoe_fn.attention.mla.
+"""Naive float64 DeepSeek-V3 / V2 multi-head latent attention (MLA): the oracle for nanomoe_fn.attention.mla.
 
 Imports nothing from nanomoe_fn or kernels. Everything is upcast to float64 on the CPU. K and V are
 materialised per head from the latent (no weight absorption); attention loops over tokens and heads.
@@ -6,9 +6,15 @@ materialised per head from the latent (no weight absorption); attention loops ov
 Dimension legend: B sequences, S tokens per sequence (from position 0), H hidden, N heads,
 Q q_lora_rank, C kv_lora_rank, Dn/Dr/Dv nope/rope/value head dims, Dc = C + Dr, L keys, R query rows.
 
-`params` is any object with attributes q_a_proj [Q, H], q_a_norm [Q], q_b_proj [N*(Dn+Dr), Q],
-kv_a_proj [C+Dr, H], kv_a_norm [C], kv_b_proj [N*(Dn+Dv), C], o_proj [H, N*Dv] (Linear layout
-[out, in]); `cfg` any object with MLAConfig's field names.
+`params` is any object with attributes kv_a_proj [C+Dr, H], kv_a_norm [C], kv_b_proj [N*(Dn+Dv), C],
+o_proj [H, N*Dv] (Linear layout [out, in]) and either q_a_proj [Q, H], q_a_norm [Q], q_b_proj
+[N*(Dn+Dr), Q] or (cfg.q_lora_rank None) q_proj [N*(Dn+Dr), H]; with cfg.attention_bias also q_a_bias [Q]
+(low-rank path only), kv_a_bias [C+Dr], o_bias [H]. `cfg` any object with MLAConfig's field names.
+
+Rope, written from transformers' modeling_rope_utils / DeepSeek attention: rope_type 'default' (theta),
+'linear' (theta, frequencies / factor) or 'yarn' (DeepSeek's blend, ramp ends floored/ceiled when
+yarn_truncate); cos/sin times the yarn attention factor; pairs (2i, 2i+1) when rope_interleave, else
+(i, i + Dr/2); softmax scale Dqk**-0.5 times yarn_scale(factor, mscale_all_dim)**2 unless 'default' or 0.
 """
 
 from __future__ import annotations
@@ -35,42 +41,66 @@ def yarn_scale(factor: float, mscale: float) -> float:
 
 
 def inv_freq(cfg: Any) -> list[float]:
-    """YaRN inverse frequencies of DeepSeek-V3, one per rotated pair, written out term by term."""
+    """Inverse frequencies, one per rotated pair, written out term by term for cfg.rope_type."""
     dim, base, factor = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_factor
+    original = [base ** (-2 * i / dim) for i in range(dim // 2)]
+    if cfg.rope_type == "default":
+        return original
+    if cfg.rope_type == "linear":
+        return [f / factor for f in original]
+    assert cfg.rope_type == "yarn", cfg.rope_type
 
     def turns_dim(turns: float) -> float:
         ctx = cfg.original_max_position_embeddings
         return dim * math.log(ctx / (turns * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(turns_dim(cfg.beta_fast)), 0)
-    high = min(math.ceil(turns_dim(cfg.beta_slow)), dim - 1)
+    low, high = turns_dim(cfg.beta_fast), turns_dim(cfg.beta_slow)
+    if cfg.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     out = []
     for i in range(dim // 2):
-        original = base ** (-2 * i / dim)
         ramp = min(max((i - low) / (high - low), 0.0), 1.0)   # 0: keep original, 1: interpolate
-        out.append(original / factor * ramp + original * (1 - ramp))
+        out.append(original[i] / factor * ramp + original[i] * (1 - ramp))
     return out
 
 
+def rope_magnitude(cfg: Any) -> float:
+    """The cos/sin scale: 1 unless yarn; yarn: the explicit attention factor, else the mscale ratio when
+    mscale and mscale_all_dim are both non-zero, else yarn_scale(factor, 1)."""
+    if cfg.rope_type != "yarn":
+        return 1.0
+    if cfg.rope_attention_factor is not None:
+        return cfg.rope_attention_factor
+    if cfg.mscale != 0 and cfg.mscale_all_dim != 0:
+        return yarn_scale(cfg.rope_factor, cfg.mscale) / yarn_scale(cfg.rope_factor, cfg.mscale_all_dim)
+    return yarn_scale(cfg.rope_factor, 1.0)
+
+
 def rope(x: torch.Tensor, pos: int, cfg: Any) -> torch.Tensor:
-    """Rotate interleaved pairs of x [..., Dr] by pos * inv_freq, times the YaRN rope mscale."""
+    """Rotate the pairs of x [..., Dr] by pos * inv_freq, times rope_magnitude(cfg)."""
     x = _f64(x).clone()
-    m = yarn_scale(cfg.rope_factor, cfg.mscale) / yarn_scale(cfg.rope_factor, cfg.mscale_all_dim)
+    m = rope_magnitude(cfg)
+    half = x.shape[-1] // 2
     out = torch.empty_like(x)
     for i, f in enumerate(inv_freq(cfg)):
         c, s = math.cos(pos * f) * m, math.sin(pos * f) * m
-        a, b = x[..., 2 * i], x[..., 2 * i + 1]
-        out[..., 2 * i] = a * c - b * s
-        out[..., 2 * i + 1] = a * s + b * c
+        ia, ib = (2 * i, 2 * i + 1) if cfg.rope_interleave else (i, i + half)
+        a, b = x[..., ia], x[..., ib]
+        out[..., ia] = a * c - b * s
+        out[..., ib] = a * s + b * c
     return out
 
 
 def softmax_scale(cfg: Any) -> float:
-    """Dqk**-0.5 * mscale(factor, mscale_all_dim)**2."""
-    m = yarn_scale(cfg.rope_factor, cfg.mscale_all_dim)
-    return (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 * m * m
+    """Dqk**-0.5, times yarn_scale(factor, mscale_all_dim)**2 for non-default rope with mscale_all_dim != 0."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    if cfg.rope_type != "default" and cfg.mscale_all_dim != 0:
+        m = yarn_scale(cfg.rope_factor, cfg.mscale_all_dim)
+        scale = scale * m * m
+    return scale
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: list[int],
@@ -105,6 +135,16 @@ def latent_decode(q: torch.Tensor, kv: torch.Tensor, ctx: list[int], kv_lora_ran
     return out
 
 
+def _q_heads(params: Any, xt: torch.Tensor, cfg: Any) -> torch.Tensor:
+    """One token's query [N * (Dn + Dr)] through q_proj, or q_a_proj (+ bias), its norm and q_b_proj."""
+    if cfg.q_lora_rank is None:
+        return _f64(params.q_proj) @ xt
+    qa = _f64(params.q_a_proj) @ xt
+    if cfg.attention_bias:
+        qa = qa + _f64(params.q_a_bias)
+    return _f64(params.q_b_proj) @ rms_norm(qa, params.q_a_norm, cfg.latent_norm_eps)
+
+
 def mla(params: Any, x: torch.Tensor, lengths: list[int], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Full MLA over x [B, S, H] where sequence b holds lengths[b] tokens at positions 0.. (rest padding).
 
@@ -113,9 +153,8 @@ def mla(params: Any, x: torch.Tensor, lengths: list[int], cfg: Any) -> tuple[tor
     x = _f64(x)
     N, Dn, Dr, Dv, C = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                         cfg.kv_lora_rank)
-    eps = cfg.rms_norm_eps
-    wq_a, wq_b, wkv_a, wkv_b, wo = (_f64(params.q_a_proj), _f64(params.q_b_proj), _f64(params.kv_a_proj),
-                                    _f64(params.kv_b_proj), _f64(params.o_proj))
+    eps = cfg.latent_norm_eps
+    wkv_a, wkv_b, wo = _f64(params.kv_a_proj), _f64(params.kv_b_proj), _f64(params.o_proj)
     B, S, H = x.shape
     out = torch.zeros(B, S, H, dtype=torch.float64)
     cache = torch.zeros(B, S, C + Dr, dtype=torch.float64)
@@ -128,8 +167,10 @@ def mla(params: Any, x: torch.Tensor, lengths: list[int], cfg: Any) -> tuple[tor
         k = torch.zeros(n, N, Dn + Dr, dtype=torch.float64)
         v = torch.zeros(n, N, Dv, dtype=torch.float64)
         for t in range(n):
-            qt = (wq_b @ rms_norm(wq_a @ x[b, t], params.q_a_norm, eps)).reshape(N, Dn + Dr)
+            qt = _q_heads(params, x[b, t], cfg).reshape(N, Dn + Dr)
             kv_t = wkv_a @ x[b, t]
+            if cfg.attention_bias:
+                kv_t = kv_t + _f64(params.kv_a_bias)
             latent = rms_norm(kv_t[:C], params.kv_a_norm, eps)
             k_pe = rope(kv_t[C:], t, cfg)
             cache[b, t] = torch.cat([latent, k_pe])
@@ -141,4 +182,6 @@ def mla(params: Any, x: torch.Tensor, lengths: list[int], cfg: Any) -> tuple[tor
         o = attention(q, k, v, list(range(n)), scale)           # [n, N, Dv]
         for t in range(n):
             out[b, t] = wo @ o[t].reshape(N * Dv)
+            if cfg.attention_bias:
+                out[b, t] += _f64(params.o_bias)
     return out, cache

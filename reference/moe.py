@@ -51,8 +51,13 @@ def route(
     topk_group: int = 1,
     norm_topk_prob: bool = False,
     routed_scaling_factor: float = 1.0,
+    group_score: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """DeepSeek-V3 routing, one token at a time.
+    """DeepSeek-V3 / V2 routing, one token at a time.
+
+    With n_group > 1 a group is scored from its members' choice scores by group_score: "max" (the best
+    one, DeepSeek-V2) or "top2_sum" (the two best added, DeepSeek-V3); None: "top2_sum" when a bias is
+    given, else "max".
 
     Returns (topk_ids [T, k] int64 sorted by descending choice score, topk_weights [T, k] float64,
     margin): margin is the smallest relative gap (gap / magnitude), over tokens, between the last
@@ -70,6 +75,9 @@ def route(
         return (a - b) / max(abs(a), abs(b), 1e-300)
 
     per_group = E // n_group
+    rule = group_score if group_score is not None else ("max" if bias is None else "top2_sum")
+    if rule not in ("max", "top2_sum"):
+        raise ValueError(f"group_score must be 'max', 'top2_sum' or None, got {group_score!r}")
     for t in range(T):
         allowed = list(range(E))
         if n_group > 1:
@@ -77,8 +85,7 @@ def route(
             for g in range(n_group):
                 members = sorted((float(choice[t, e]) for e in range(g * per_group, (g + 1) * per_group)),
                                  reverse=True)
-                # without a correction bias DeepSeek scores a group by its best expert, with one by its top two
-                gscores.append(members[0] if bias is None else sum(members[:2]))
+                gscores.append(members[0] if rule == "max" else sum(members[:2]))
             order = sorted(range(n_group), key=lambda g: -gscores[g])
             if topk_group < n_group:
                 margin = min(margin, gap(gscores[order[topk_group - 1]], gscores[order[topk_group]]))

@@ -1,8 +1,12 @@
-"""DeepSeek-V3 multi-head latent attention (MLA) as pure functions over explicit parameters.
+"""DeepSeek-V3 / V2 multi-head latent attention (MLA) as pure functions over explicit parameters.
 
 Dimension legend: B sequences, S new tokens per sequence (right-padded with position -1), H hidden,
 N heads, Q q_lora_rank, C kv_lora_rank (latent), Dn/Dr/Dv nope/rope/value head dims,
 Dqk = Dn + Dr, Dc = C + Dr (cache row), L keys (context) per sequence.
+
+The projections follow the config (config.py): q through the low-rank path (q_a_proj, norm, q_b_proj) or
+one q_proj (V2-Lite); optional biases on q_a_proj, kv_a_proj and o_proj; rope on either pair layout.
+Everything config-specific happens before the attention cores, which only see q and the cache.
 
 Two paths share the projections and the compressed cache (normed latent ++ roped shared key):
 - prefill: expand the context's latent through kv_b_proj into per-head K [L, N, Dqk] and V
@@ -23,7 +27,7 @@ from einops import rearrange
 from nanomoe_fn.attention.backends import MLABackend, get_mla_backend
 from nanomoe_fn.attention.cache import MLACache, check_cache, check_positions, gather_rows, write_rows
 from nanomoe_fn.attention.config import MLAConfig
-from nanomoe_fn.attention.params import MLAParams
+from nanomoe_fn.attention.params import MLAParams, check_mla_params
 from nanomoe_fn.attention.rope import apply_rope, rope_cos_sin
 from nanomoe_fn.checks import check_values
 
@@ -35,22 +39,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(ct)).to(x.dtype)
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T (+ b): a Linear in [out, in] layout with an optional bias."""
+    y = x @ w.T
+    return y if b is None else y + b
+
+
 def project_q(params: MLAParams, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               cfg: MLAConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, S, H] -> (q_nope [B, S, N, Dn], q_pe [B, S, N, Dr] roped) through the q low-rank path."""
-    q = rms_norm(x @ params.q_a_proj.T, params.q_a_norm, cfg.rms_norm_eps) @ params.q_b_proj.T
+    """x [B, S, H] -> (q_nope [B, S, N, Dn], q_pe [B, S, N, Dr] roped), through the q low-rank path
+    (q_a_proj (+ q_a_bias), q_a_norm, q_b_proj) or q_proj when cfg.q_lora_rank is None."""
+    if cfg.q_lora_rank is None:
+        q = x @ params.q_proj.T
+    else:
+        q_lat = rms_norm(_linear(x, params.q_a_proj, params.q_a_bias), params.q_a_norm, cfg.latent_norm_eps)
+        q = q_lat @ params.q_b_proj.T
     q = rearrange(q, "b s (n d) -> b s n d", n=cfg.num_heads)
     q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-    return q_nope, apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
+    return q_nope, apply_rope(q_pe, cos[:, :, None], sin[:, :, None], cfg.rope_interleave)
 
 
 def project_kv(params: MLAParams, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                cfg: MLAConfig) -> torch.Tensor:
-    """x [B, S, H] -> cache rows [B, S, Dc] = normed latent ++ roped shared key."""
-    kv = x @ params.kv_a_proj.T
+    """x [B, S, H] -> cache rows [B, S, Dc] = normed latent ++ roped shared key (in cfg's pair layout)."""
+    kv = _linear(x, params.kv_a_proj, params.kv_a_bias)
     latent, k_pe = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-    latent = rms_norm(latent, params.kv_a_norm, cfg.rms_norm_eps)
-    return torch.cat([latent, apply_rope(k_pe, cos, sin)], dim=-1)
+    latent = rms_norm(latent, params.kv_a_norm, cfg.latent_norm_eps)
+    return torch.cat([latent, apply_rope(k_pe, cos, sin, cfg.rope_interleave)], dim=-1)
 
 
 def _kv_b(params: MLAParams, cfg: MLAConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,13 +75,14 @@ def _kv_b(params: MLAParams, cfg: MLAConfig) -> tuple[torch.Tensor, torch.Tensor
 
 
 def out_proj(params: MLAParams, o: torch.Tensor) -> torch.Tensor:
-    """o [B, S, N, Dv] -> [B, S, H]."""
-    return rearrange(o, "b s n d -> b s (n d)") @ params.o_proj.T
+    """o [B, S, N, Dv] -> [B, S, H] (+ o_bias)."""
+    return _linear(rearrange(o, "b s n d -> b s (n d)"), params.o_proj, params.o_bias)
 
 
-def _check_inputs(x: torch.Tensor, positions: torch.Tensor, cache: MLACache, cfg: MLAConfig, backend: str,
-                  path: str) -> MLABackend:
+def _check_inputs(params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache: MLACache, cfg: MLAConfig,
+                  backend: str, path: str) -> MLABackend:
     """Host-only checks of mla's arguments (no sync); returns the backend (get_mla_backend's errors)."""
+    check_mla_params(params, cfg)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     impl = get_mla_backend(backend, cfg, x.device)
@@ -101,12 +117,12 @@ def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache:
     for the boolean index of its padded cache writes.
     """
     path = path or ("decode" if x.shape[1] == 1 else "prefill")
-    impl = _check_inputs(x, positions, cache, cfg, backend, path)
+    impl = _check_inputs(attn_params, x, positions, cache, cfg, backend, path)
     if check:
         check_positions(cache, positions, allow_padding=x.shape[1] > 1)
         check_values(torch.isfinite(x).all(), "x holds NaN/inf (mla's input activations)")
     cos, sin = rope_cos_sin(positions.clamp_min(0), cfg)          # [B, S, Dr/2]
-    x = x.to(attn_params.q_a_proj.dtype)
+    x = x.to(attn_params.kv_a_proj.dtype)
     q_nope, q_pe = project_q(attn_params, x, cos, sin, cfg)
     cache = write_rows(cache, project_kv(attn_params, x, cos, sin, cfg), positions)
     w_uk, w_uv = _kv_b(attn_params, cfg)

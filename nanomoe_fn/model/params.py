@@ -18,7 +18,7 @@ from nanomoe_fn.attention.params import init_mla_params
 from nanomoe_fn.decoder import DecoderParams
 from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.model.config import ModelConfig
-from nanomoe_fn.moe.params import SharedMLP, cast_params, init_moe_params, shard_moe_params
+from nanomoe_fn.moe.params import SharedMLP, init_moe_params, shard_moe_params
 from nanomoe_fn.tree import register_dataclass
 
 
@@ -35,32 +35,39 @@ class ModelParams:
 register_dataclass(ModelParams)
 
 
+def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, device=gen.device)  # where the generator lives (float32)
+
+
 def _dense(H: int, I_: int, dtype: torch.dtype, device: torch.device | str, gen: torch.Generator) -> SharedMLP:
-    w13 = torch.randn(2 * I_, H, generator=gen) * H ** -0.5
-    w2 = torch.randn(H, I_, generator=gen) * I_ ** -0.5
+    w13 = _randn(gen, 2 * I_, H) * H ** -0.5
+    w2 = _randn(gen, H, I_) * I_ ** -0.5
     return SharedMLP(w13=w13.to(device=device, dtype=dtype), w2=w2.to(device=device, dtype=dtype))
 
 
 def _norm(n: int, dtype: torch.dtype, device: torch.device | str, gen: torch.Generator) -> torch.Tensor:
     # near 1, not exactly 1, so a test notices a norm weight that is dropped or misplaced
-    return (1.0 + 0.1 * torch.randn(n, generator=gen)).to(device=device, dtype=dtype)
+    return (1.0 + 0.1 * _randn(gen, n)).to(device=device, dtype=dtype)
 
 
 def init_model_params(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                      seed: int = 0, placement: Placement | None = None, rank: int = 0) -> ModelParams:
-    """Random weights N(0, 1/fan_in) drawn on the CPU from `seed` (the same model on every rank and device);
-    MoE layers keep the experts of `rank` under `placement` (default: all experts, one rank).
+                      seed: int = 0, placement: Placement | None = None, rank: int = 0,
+                      generator_device: torch.device | str | None = None) -> ModelParams:
+    """Random weights N(0, 1/fan_in) drawn from `seed` on the CPU (the same model on every rank and device),
+    or on generator_device (e.g. the GPU: DeepSeek-V3 sizes in seconds; the same model on every rank of
+    that device type); MoE layers keep the experts of `rank` under `placement` (default: all, one rank).
 
     Routers stay float32. Embedding rows are N(0, 1)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=generator_device or "cpu").manual_seed(seed)
     H = cfg.hidden
-    embed = torch.randn(cfg.vocab_size, H, generator=gen).to(device=device, dtype=dtype)
+    embed = _randn(gen, cfg.vocab_size, H).to(device=device, dtype=dtype)
     layers = []
     for i in range(cfg.num_layers):
         attn = init_mla_params(cfg.mla, dtype=dtype, device=device, generator=gen)
         attn_norm, ffn_norm = _norm(H, dtype, device, gen), _norm(H, dtype, device, gen)
         if cfg.is_moe_layer(i):
-            moe = cast_params(init_moe_params(cfg.moe, torch.float32, "cpu", gen), dtype)
+            # full layer drawn, then this rank's experts kept: every rank draws the same numbers
+            moe = init_moe_params(cfg.moe, dtype, gen.device, gen)
             moe = moe if placement is None else shard_moe_params(moe, placement, rank)
             moe = torch.utils._pytree.tree_map(lambda t: t.to(device), moe)
             layers.append(DecoderParams(attn_norm, attn, ffn_norm, moe=moe))
@@ -68,6 +75,6 @@ def init_model_params(cfg: ModelConfig, dtype: torch.dtype = torch.float32, devi
             layers.append(DecoderParams(attn_norm, attn, ffn_norm,
                                         dense=_dense(H, cfg.dense_intermediate, dtype, device, gen)))
     norm = _norm(H, dtype, device, gen)
-    lm_head = embed if cfg.tie_word_embeddings else (
-        torch.randn(cfg.vocab_size, H, generator=gen) * H ** -0.5).to(device=device, dtype=dtype)
+    lm_head = embed if cfg.tie_word_embeddings else (_randn(gen, cfg.vocab_size, H) * H ** -0.5).to(
+        device=device, dtype=dtype)
     return ModelParams(embed=embed, layers=tuple(layers), norm=norm, lm_head=lm_head)

@@ -15,6 +15,8 @@ from nanomoe_fn.checks import check_bool_field, check_choice_field, check_float_
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 EXPERT_TYPES = ("swiglu", "linear")
+GROUP_SCORES = ("max", "top2_sum")
+ACTIVATIONS = ("silu",)
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,12 @@ class MoEConfig:
     score_func "softmax" (Mixtral/DeepSeek-V2 style) or "sigmoid" (DeepSeek-V3, with a correction
     bias that only affects which experts are chosen, never their weights).
     Grouped top-k: experts split into n_group groups, the best topk_group groups are kept per token,
-    top_k experts are chosen among them.
+    top_k experts are chosen among them (nothing to do when n_group == 1 or topk_group == n_group).
+    group_score says how a group is scored from its experts' choice scores (score + bias when there is
+    a bias): "max" (its best expert: DeepSeek-V2's group_limited_greedy) or "top2_sum" (the sum of its
+    two best: DeepSeek-V3's noaux_tc, which transformers' V3 applies always, with or without a bias);
+    None picks "top2_sum" when correction_bias else "max" (the rule `group_rule` returns).
+    activation: the SwiGLU experts' gate activation (transformers' hidden_act); only "silu".
     """
 
     hidden: int
@@ -41,6 +48,8 @@ class MoEConfig:
     correction_bias: bool = False
     n_shared_experts: int = 0
     expert_type: str = "swiglu"
+    group_score: str | None = None
+    activation: str = "silu"
 
     def __post_init__(self) -> None:
         # types first (bool is not an int, floats must be finite); values are stored as plain int/float
@@ -53,6 +62,9 @@ class MoEConfig:
             check_bool_field("MoEConfig", name, getattr(self, name))
         check_choice_field("MoEConfig", "score_func", self.score_func, SCORE_FUNCS)
         check_choice_field("MoEConfig", "expert_type", self.expert_type, EXPERT_TYPES)
+        check_choice_field("MoEConfig", "activation", self.activation, ACTIVATIONS)
+        if self.group_score is not None:
+            check_choice_field("MoEConfig", "group_score", self.group_score, GROUP_SCORES)
         for name, v in fields.items():
             object.__setattr__(self, name, v)
         if self.top_k > self.num_experts:
@@ -68,6 +80,13 @@ class MoEConfig:
             )
         if self.correction_bias and self.score_func != "sigmoid":
             raise ValueError("MoEConfig.correction_bias needs score_func='sigmoid' (DeepSeek-V3 routing)")
+
+    @property
+    def group_rule(self) -> str:
+        """How a group is scored: group_score, or (None) "top2_sum" with a correction bias, else "max"."""
+        if self.group_score is not None:
+            return self.group_score
+        return "top2_sum" if self.correction_bias else "max"
 
     def with_(self, **changes: object) -> MoEConfig:
         """A copy with some fields changed (validated again)."""

@@ -88,8 +88,10 @@ def expert_tensors(experts: Experts) -> tuple[torch.Tensor, ...]:
 
 def _normal(shape: tuple[int, ...], std: float, dtype: torch.dtype, device: torch.device | str,
             gen: torch.Generator | None) -> torch.Tensor:
-    # draw in float32 on the CPU so every dtype/device sees the same numbers for one seed
-    return (torch.randn(shape, generator=gen) * std).to(device=device, dtype=dtype)
+    # draw in float32 where the generator lives: a CPU generator gives every dtype/device the same numbers for
+    # one seed; a device generator draws in place (DeepSeek-V3 sizes in milliseconds, not minutes)
+    src = gen.device if gen is not None else torch.device("cpu")
+    return torch.randn(shape, generator=gen, device=src).mul_(std).to(device=device, dtype=dtype)
 
 
 def init_moe_params(

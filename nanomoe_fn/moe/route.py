@@ -23,9 +23,10 @@ def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
 
     x [T, H] float. Scores: softmax over all experts, or sigmoid (DeepSeek-V3). With a correction
     bias the choice uses score + bias but the weight is the plain score. With n_group > 1 only the
-    best topk_group groups are eligible (a group scores by its best expert, or by its top two when
-    there is a bias, as in DeepSeek-V3). Weights are renormalised if cfg.norm_topk_prob, then scaled
-    by cfg.routed_scaling_factor.
+    best topk_group groups are eligible; a group scores by cfg.group_rule: "max" (its best choice score,
+    DeepSeek-V2's group_limited_greedy) or "top2_sum" (its two best summed, DeepSeek-V3); cfg.group_score
+    None means "top2_sum" with a correction bias, else "max". Weights are renormalised if
+    cfg.norm_topk_prob, then scaled by cfg.routed_scaling_factor.
     """
     check_tensor("x", x, dim=2, dtypes=FLOAT_DTYPES)
     w = check_tensor("gate_params.weight", gate_params.weight, dim=2, dtypes=FLOAT_DTYPES)
@@ -52,9 +53,9 @@ def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
 
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
         grouped = rearrange(choice, "t (g e) -> t g e", g=cfg.n_group)
-        if bias is None:
+        if cfg.group_rule == "max":
             group_scores = grouped.amax(dim=-1)
-        else:
+        else:  # "top2_sum" (one expert per group: its score)
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
         keep = group_scores.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
         mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)

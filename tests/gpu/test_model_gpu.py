@@ -1,0 +1,94 @@
+"""The whole model on GPUs: generation with the decode step in a CUDA graph equals eager generation (Triton and
+torch backends, contiguous and paged caches, float32 and bf16), logits equal transformers' in float32 with the
+Triton backends, and expert-parallel generation on 2 GPUs (prefill over the torch comm, decode over nvlink in
+a CUDA graph) equals single-GPU generation token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from nanomoe_fn.comm.launch import free_port
+from nanomoe_fn.model.config import model_preset
+from nanomoe_fn.model.forward import ModelContext, init_caches, model_forward
+from nanomoe_fn.model.generate import generate
+from nanomoe_fn.model.params import init_model_params
+from nanomoe_fn.model.sampling import SamplingConfig
+from tests.helpers import init_nccl_rank, spawn_bounded
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backends", [("torch", "bmm"), ("triton", "triton")])
+@pytest.mark.parametrize("paged", [False, True])
+def test_graph_generation_equals_eager(dtype, backends, paged):
+    cfg = model_preset("tiny")
+    params = init_model_params(cfg, dtype, "cuda", seed=4)
+    ctx = ModelContext(cfg, attn_backend=backends[0], expert_backend=backends[1])
+    s = SamplingConfig(max_new_tokens=20, ignore_eos=True)
+    eager = generate(params, PROMPTS, ctx, s, paged=paged)
+    graph = generate(params, PROMPTS, ctx, s, paged=paged, cuda_graph=True)
+    assert graph == eager
+    sampled = SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)
+    assert generate(params, PROMPTS, ctx, sampled, cuda_graph=True) == generate(params, PROMPTS, ctx, sampled)
+
+
+def test_logits_match_transformers_with_triton_backends():
+    pytest.importorskip("transformers")
+    from nanomoe_fn.model.from_transformers import params_from_hf
+    from nanomoe_fn.model.hf_config import config_from_hf
+    from tests.hf_models import tiny_v3
+
+    model = tiny_v3("random").cuda()
+    cfg = config_from_hf(model.config.to_dict())
+    params = params_from_hf(model, cfg)
+    ids = torch.randint(2, cfg.vocab_size, (2, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    ctx = ModelContext(cfg, attn_backend="triton", expert_backend="triton")
+    caches = init_caches(cfg, 2, 32, torch.float32, "cuda")
+    got, caches = model_forward(params, ids[:, :8], torch.arange(8, device="cuda").expand(2, 8), caches, ctx)
+    assert float((got - want[:, :8]).norm() / want[:, :8].norm()) < 2e-3
+    for t in range(8, 12):
+        step, caches = model_forward(params, ids[:, t:t + 1], torch.full((2, 1), t, device="cuda"), caches, ctx)
+        assert float((step[:, 0] - want[:, t]).norm() / want[:, t].norm()) < 2e-3
+
+
+def _ep_rank(rank: int, port: int, out_dir: str) -> None:
+    from nanomoe_fn.comm.nvlink import NvlinkComm
+    from nanomoe_fn.comm.torch_dist import TorchComm
+    from nanomoe_fn.eplb.placement import Placement
+
+    device = init_nccl_rank(rank, port, 2)
+    cfg = model_preset("tiny")
+    placement = Placement.identity(cfg.moe.num_experts, 2)
+    params = init_model_params(cfg, torch.float32, device, seed=6, placement=placement, rank=rank)
+    mine = PROMPTS[rank::2]
+    ctx = ModelContext(cfg, TorchComm(timeout_s=60), placement, "triton", "triton")
+    dctx = ModelContext(cfg, NvlinkComm(len(mine), cfg.hidden, cfg.moe.top_k, placement.num_physical, torch.float32,
+                                        timeout_s=60), placement, "triton", "triton")
+    s = SamplingConfig(max_new_tokens=16, ignore_eos=True)
+    out = {"graph": generate(params, mine, ctx, s, cuda_graph=True, decode_ctx=dctx),
+           "eager": generate(params, mine, ctx, s)}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ep_generation_on_two_gpus_equals_one(tmp_path):
+    spawn_bounded(_ep_rank, 2, (free_port(), str(tmp_path)), 300, "EP model ranks")
+    cfg = model_preset("tiny")
+    params = init_model_params(cfg, torch.float32, "cuda", seed=6)
+    ctx = ModelContext(cfg, attn_backend="triton", expert_backend="triton")
+    s = SamplingConfig(max_new_tokens=16, ignore_eos=True)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        want = generate(params, PROMPTS[rank::2], ctx, s)
+        assert got["eager"] == want and got["graph"] == want
