@@ -33,7 +33,7 @@ TIMINGS = {"eager": ("", "eager, barrier before each call"), "b2b": ("b2b_", "ba
 HEADLINE_TOKENS = {"decode": 128, "prefill": 4096}
 SCHEDULES = ("sequential", "shared_overlap", "tbo", "tbo+shared")
 BACKENDS = ("loop", "bmm", "deepgemm", "triton+align", "triton", "floor")  # legend order, one color each
-BACKEND_NAMES = {"batched_gemm": "bmm", "fused_moe": "triton"}
+BACKEND_NAMES = {"batched_gemm": "bmm", "fused_moe": "triton"}  # the benches' mode names
 
 
 def rows(results: str, pattern: str, key: Callable | None = None) -> list[tuple[str, dict, dict, dict]]:
@@ -86,12 +86,9 @@ def dispatch_data(results: str) -> tuple[dict, list[str]]:
         if any(c.get(k) != v for k, v in V3.items()) or HEADLINE_TOKENS.get(c.get("phase")) != c.get("tokens") \
                 or r["variant"] not in COMMS:
             continue
-        entry: dict = {"source": os.path.basename(path)}
-        for timing, (pre, _) in TIMINGS.items():
-            if f"{pre}dispatch_us" in r:
-                comb = None if r["variant"] == "nccl_a2a" else r.get(f"{pre}combine_us")
-                entry[timing] = {"dispatch_us": r[f"{pre}dispatch_us"], "combine_us": comb}
-        data.setdefault(c["phase"], {})[r["variant"]] = entry
+        data.setdefault(c["phase"], {})[r["variant"]] = {"source": os.path.basename(path)} | {
+            t: {"dispatch_us": r[f"{pre}dispatch_us"], "combine_us": None if r["variant"] == "nccl_a2a"
+                else r.get(f"{pre}combine_us")} for t, (pre, _) in TIMINGS.items() if f"{pre}dispatch_us" in r}
     data = {ph: {k: data[ph][k] for k in COMMS if k in data[ph]} for ph in HEADLINE_TOKENS if ph in data}
     return data, sorted({os.path.join(results, e["source"]) for ph in data.values() for e in ph.values()})
 
@@ -137,9 +134,7 @@ def eplb_data(results: str) -> tuple[dict, list[str]]:
         gpus = sorted(set(s["identity"]) & set(s["eplb"]))
         data.setdefault("simulated", {})[skew] = {"gpus": gpus, **{k: [s[k][g] for g in gpus] for k in s}}
         data["eplb_label"] = f"EPLB global, +{most} redundant"
-    if layer:
-        data["layer"] = list(layer.values())
-    return data, sorted(used)
+    return data | ({"layer": list(layer.values())} if layer else {}), sorted(used)
 
 
 def _footnote(fig: object, sources: list[str], note: str = "") -> float:
@@ -152,8 +147,7 @@ def _footnote(fig: object, sources: list[str], note: str = "") -> float:
 
 def _style(ax: object, title: str, ylabel: str, ticks: list[str] | None = None, plt: object = None) -> None:
     """Title, y label, category tick labels (with plt: plain-number log-x ticks at these x values), a grid."""
-    ax.set_title(title, fontsize=10)
-    ax.set_ylabel(ylabel)
+    ax.set(title=title, ylabel=ylabel)
     if plt is not None:
         ax.set(xscale="log", xticks=ticks)
         plain = plt.FuncFormatter(lambda v, _: f"{v:g}")
@@ -190,10 +184,10 @@ def draw_dispatch(plt: object, data: dict, sources: list[str]) -> tuple[object, 
     width = 0.8 / len(TIMINGS)
     for ax, (phase, comms) in zip(axes[0], data.items()):
         for x, entry in enumerate(comms.values()):
-            for i, timing in enumerate(t for t in TIMINGS if t in entry):
+            for timing in (t for t in TIMINGS if t in entry):
                 d, c = entry[timing]["dispatch_us"], entry[timing]["combine_us"] or 0.0
                 pos = x - 0.4 + width * (list(TIMINGS).index(timing) + 0.5)
-                ax.bar(pos, d, width, color=colors[timing], label=TIMINGS[timing][1] if i == 0 and x == 0 else None)
+                ax.bar(pos, d, width, color=colors[timing])
                 ax.bar(pos, c, width, bottom=d, color=colors[timing], alpha=0.45, hatch="//")
                 ax.text(pos, d + c, f"{d + c:.0f}", ha="center", va="bottom", fontsize=6.5, rotation=90)
         _style(ax, f"{phase}, {HEADLINE_TOKENS[phase]} tokens/rank", "dispatch + combine (hatched), median us",
@@ -220,11 +214,13 @@ def draw_overlap(plt: object, data: dict, sources: list[str]) -> tuple[object, f
                 pos, ms = x - 0.4 + width * (i + 0.5), g["us"][name] / 1e3
                 ax.bar(pos, ms, width, color=colors[name], label=name if x == 0 else None)
                 if seq and name != "sequential":
-                    ax.text(pos, ms, f"{seq / g['us'][name]:.2f}x", ha="center", va="bottom", fontsize=6)
+                    ax.text(pos, ms, f"{seq / g['us'][name]:.2f}x", ha="center", va="bottom", fontsize=6, zorder=3,
+                            bbox={"fc": "white", "ec": "none", "pad": 0.3, "alpha": 0.8})
                 if g["ideal_us"] and name.startswith("tbo"):
                     ax.plot([pos - width / 2, pos + width / 2], [g["ideal_us"] / 1e3] * 2, color="black", lw=1.5,
                             label="tbo ideal (stage model)" if x == 0 and name == "tbo" else None)
         _style(ax, panel["source"], "per-call median ms", [g["label"] for g in panel["groups"]])
+        ax.margins(y=0.25)  # room for the legend above the tallest bars
         ax.legend(fontsize=8, ncol=5, loc="upper left")
     fig.suptitle("MoE layer schedules on 2 H200s (DeepSeek-V3 MoE, triton experts); labels: speed-up vs sequential")
     return fig, _footnote(fig, sources, "tbo = two-batch overlap, shared_overlap = shared experts in the dispatch "
@@ -290,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         sys.exit("bench/plot.py: error: matplotlib is not installed (pip install -e '.[plot]')")
     matplotlib.use("Agg")
+    matplotlib.rcParams.update({"axes.titlesize": 10, "figure.titlesize": 12})
     import matplotlib.pyplot as plt
 
     if not os.path.isdir(args.results):

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     for name in BENCHES:
         if name != "bench-multi":
-            b = sub.add_parser(name, help=f"run bench/{BENCHES[name]} of the source checkout")
+            b = sub.add_parser(name, help=f"run bench/{BENCHES[name]} of the source checkout", add_help=False)
             if name == "bench":
                 b.add_argument("--multi", action="store_true", help="bench_ep_moe_multi.py (several ranks)")
             b.add_argument("flags", nargs=argparse.REMAINDER, help="flags passed to the benchmark")
@@ -212,7 +212,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `nanomoe` console script."""
-    a = _parser().parse_args(argv)
+    parser = _parser()
+    a, unknown = parser.parse_known_args(argv)
+    if a.command == "generate" and unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if a.command != "generate":  # every other flag (--help included) belongs to the benchmark
+        a.flags = [*unknown, *a.flags]
     try:
         return cmd_generate(a) if a.command == "generate" else cmd_bench(a)
     except KeyboardInterrupt:

@@ -67,5 +67,5 @@ def test_errors_are_one_line(args, needle):
 
 
 def test_bench_subcommand_runs_the_checkout_benchmark():
-    r = nanomoe("bench", "--help")
+    r = nanomoe("bench", "--help")  # the benchmark's own flags
     assert r.returncode == 0 and "--mode" in r.stdout and "--expert-type" in r.stdout, r.stdout + r.stderr

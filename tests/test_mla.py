@@ -34,7 +34,7 @@ from nanomoe_fn.attention.backends import MLA_BACKENDS, get_mla_backend  # noqa:
 from nanomoe_fn.attention.cache import ContiguousCache, PagedCache, init_contiguous_cache, init_paged_cache  # noqa: E402
 from nanomoe_fn.attention.config import MLAConfig  # noqa: E402
 from nanomoe_fn.attention.mla import mla  # noqa: E402
-from nanomoe_fn.attention.params import MLAParams, init_mla_params  # noqa: E402
+from nanomoe_fn.attention.params import MLAParams, check_mla_params, init_mla_params  # noqa: E402
 from nanomoe_fn.attention.rope import rope_cos_sin, yarn_inv_freq  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,8 +52,10 @@ def setup(cfg: MLAConfig, lens: list[int], dtype=torch.float32, seed=0, perturb=
     g = torch.Generator().manual_seed(seed)
     p = init_mla_params(cfg, dtype, generator=g)
     if perturb:  # norms away from 1 so a missing norm weight shows
-        bump = [0.3 * torch.rand(n, generator=g).to(dtype) for n in (cfg.q_lora_rank, cfg.kv_lora_rank)]
-        p = dataclasses.replace(p, q_a_norm=p.q_a_norm + bump[0], kv_a_norm=p.kv_a_norm + bump[1])
+        bump = [0.3 * torch.rand(n, generator=g).to(dtype) for n in (cfg.q_lora_rank or 1, cfg.kv_lora_rank)]
+        p = dataclasses.replace(p, kv_a_norm=p.kv_a_norm + bump[1])
+        if p.q_a_norm is not None:
+            p = dataclasses.replace(p, q_a_norm=p.q_a_norm + bump[0])
     S = max(lens)
     x = torch.randn(len(lens), S, cfg.hidden_size, generator=g).to(dtype)
     pos = torch.full((len(lens), S), -1, dtype=torch.int64)
@@ -245,3 +247,54 @@ def test_backend_registry():
     assert get_mla_backend("torch", cfg, "cpu") is MLA_BACKENDS["torch"]
     with pytest.raises(ValueError, match=r"^MLA backend must be one of \['torch', 'triton'\], got 'flash'$"):
         get_mla_backend("flash", cfg, "cpu")
+
+
+# DeepSeek-V2 / HF features (tests/test_hf_modules.py compares them with transformers itself)
+FEATURES = {
+    "v2-lite": dict(q_lora_rank=None, mscale=0.707, mscale_all_dim=0.707),
+    "bias-rotate-half": dict(attention_bias=True, rope_interleave=False),
+    "no-q-lora-bias-default-rope": dict(q_lora_rank=None, attention_bias=True, rope_type="default"),
+    "linear-rope": dict(rope_type="linear", rope_factor=2.0, mscale_all_dim=0.5, latent_norm_eps=1e-3),
+    "yarn-untruncated-factor": dict(yarn_truncate=False, rope_attention_factor=1.2, original_max_position_embeddings=40,
+                                    rope_theta=100.0, beta_fast=4.0),
+}
+
+
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_features_match_reference(name):
+    cfg = MLAConfig.preset("tiny", **FEATURES[name])
+    lens = [7, 4]
+    p, x, pos, g = setup(cfg, lens, dtype=torch.float64, seed=5)
+    want, want_rows = ref.mla(p, x, lens, cfg)
+    backends = ("torch", "triton") if INTERPRET else ("torch",)
+    for backend in backends:
+        dtype = torch.float64 if backend == "torch" else torch.float32
+        pc, xc = tree_map(lambda t, d=dtype: t.to(d), p), x.to(dtype)
+        out, cache = mla(pc, xc, pos, make_cache("contiguous", cfg, 2, 12, dtype, g), cfg, backend, path="prefill")
+        assert_close(out, want, dtype)
+        for b, n in enumerate(lens):
+            assert_close(cache.kv[b, :n], want_rows[b, :n], dtype)
+        out, _ = run_incremental(pc, xc, pos, cfg, make_cache("paged", cfg, 2, 12, dtype, g), backend, 2)
+        assert_close(out, want, dtype)
+
+
+def test_optional_params_and_their_check():
+    cfg = MLAConfig.preset("tiny", q_lora_rank=None, attention_bias=True)
+    p = init_mla_params(cfg, torch.float32, generator=torch.Generator().manual_seed(0))
+    assert p.q_a_proj is None and p.q_a_norm is None and p.q_b_proj is None and p.q_a_bias is None
+    assert p.q_proj.shape == (4 * 32, 64) and p.kv_a_bias.shape == (48,) and p.o_bias.shape == (64,)
+    half = tree_map(lambda t: t.half(), p)
+    assert isinstance(half, MLAParams) and half.q_proj.dtype == torch.float16 and half.q_a_proj is None
+    low = MLAConfig.preset("tiny")
+    check_mla_params(init_mla_params(low, torch.float32), low)
+    with pytest.raises(ValueError, match=r"^attn_params\.q_a_proj must be a \[32, 64\] tensor for this config, got "
+                                         r"None"):
+        check_mla_params(p, dataclasses.replace(cfg, q_lora_rank=32))
+    with pytest.raises(ValueError, match=r"^attn_params\.q_a_bias must be None for this config"):
+        check_mla_params(init_mla_params(dataclasses.replace(low, attention_bias=True), torch.float32), low)
+    x, pos = torch.randn(1, 2, 64), torch.arange(2)[None]
+    with pytest.raises(ValueError, match=r"attn_params\.o_bias must be a \[64\] tensor"):
+        mla(dataclasses.replace(p, o_bias=None), x, pos, init_contiguous_cache(1, 4, cfg.cache_dim, torch.float32), cfg)
+    default = MLAConfig.preset("tiny", rope_type="default")
+    assert default.softmax_scale == 32 ** -0.5 and default.rope_mscale == 1.0
+    assert MLAConfig.preset("tiny", mscale=0.5, mscale_all_dim=0.0).rope_mscale == pytest.approx(0.1 * 3.6888794541 + 1)

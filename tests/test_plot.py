@@ -143,14 +143,17 @@ def test_real_results_values(real_run):
         with open(os.path.join(ROOT, "bench", "results", name)) as f:
             return json.load(f)["rows"]
 
-    newest = [r for r in rows("dispatch_headline_torch_s6_h200x2.json") if r["variant"] == "nvlink"
-              and r["case"]["phase"] == "decode"][0]
-    got = side("dispatch")["decode"]["nvlink"]
-    assert got["source"] == "dispatch_headline_torch_s6_h200x2.json"
-    assert got["graph"] == {"dispatch_us": newest["graph_dispatch_us"], "combine_us": newest["graph_combine_us"]}
-    ll = [r for r in rows("dispatch_headline_h200x2.json") if r["variant"] == "deepep_ll"][0]
-    assert side("dispatch")["decode"]["deepep_ll"]["eager"]["dispatch_us"] == ll["dispatch_us"]
-    assert "deepep_ll" not in side("dispatch")["prefill"] and "torch_fixed" not in side("dispatch")["prefill"]
+    dispatch = side("dispatch")
+    assert set(dispatch["decode"]) == {"torch", "torch_fixed", "nvlink", "deepep", "deepep_ll", "nccl_a2a"}
+    assert set(dispatch["prefill"]) == {"torch", "nvlink", "deepep", "nccl_a2a"}  # the decode-only comms refuse it
+    for phase, tokens in (("decode", 128), ("prefill", 4096)):
+        for comm, got in dispatch[phase].items():  # every bar is its source file's row
+            (row,) = [r for r in rows(got["source"]) if r["variant"] == comm and r["case"]["tokens"] == tokens
+                      and r["case"]["hidden"] == 7168]
+            assert got["eager"]["dispatch_us"] == row["dispatch_us"] and got["eager"]["combine_us"] == (
+                None if comm == "nccl_a2a" else row["combine_us"]), (phase, comm)
+            assert ("graph" in got) == ("graph_dispatch_us" in row)
+    assert dispatch["decode"]["nvlink"]["source"] == "dispatch_headline_torch_s6_h200x2.json"  # run 18, the newest
     ffn = {(r["case"]["tokens"], r["variant"]): r for r in rows("expert_ffn_h200.json")}
     got = side("expert_backends")
     assert got["ffn"]["triton"]["us"] == [ffn[(t, "triton")]["median_us"] for t in (64, 256, 1024, 4096)]

@@ -45,6 +45,8 @@ MOE_BAD = [
     (dict(norm_topk_prob=1), TypeError, r"MoEConfig\.norm_topk_prob must be a bool"),
     (dict(correction_bias="yes", score_func="sigmoid"), TypeError, r"MoEConfig\.correction_bias must be a bool"),
     (dict(score_func=None), TypeError, r"MoEConfig\.score_func must be a str"),
+    (dict(activation="gelu"), ValueError, r"MoEConfig\.activation must be one of \('silu',\), got 'gelu'"),
+    (dict(group_score="sum"), ValueError, r"MoEConfig\.group_score must be one of \('max', 'top2_sum'\)"),
 ]
 
 
@@ -80,6 +82,15 @@ MLA_BAD = [
     (dict(beta_slow=64.0), ValueError, r"MLAConfig\.beta_fast \(32.0\) must be >= beta_slow"),
     (dict(mscale=-1.0), ValueError, r"MLAConfig\.mscale must be >= 0"),
     (dict(mscale_all_dim="1"), TypeError, r"MLAConfig\.mscale_all_dim must be a float"),
+    (dict(q_lora_rank=0), ValueError, r"MLAConfig\.q_lora_rank must be a positive int"),
+    (dict(rope_type="dynamic"), ValueError, r"MLAConfig\.rope_type must be one of \('default', 'linear', 'yarn'\)"),
+    (dict(rope_interleave=1), TypeError, r"MLAConfig\.rope_interleave must be a bool"),
+    (dict(yarn_truncate=None), TypeError, r"MLAConfig\.yarn_truncate must be a bool"),
+    (dict(attention_bias="no"), TypeError, r"MLAConfig\.attention_bias must be a bool"),
+    (dict(latent_norm_eps=0.0), ValueError, r"MLAConfig\.latent_norm_eps must be > 0"),
+    (dict(rope_attention_factor=0.0), ValueError, r"MLAConfig\.rope_attention_factor must be > 0"),
+    (dict(rope_attention_factor=1.2, rope_type="linear"), ValueError,
+     r"MLAConfig\.rope_attention_factor applies to rope_type 'yarn' only"),
 ]
 
 
