@@ -69,3 +69,76 @@ def test_errors_are_one_line(args, needle):
 def test_bench_subcommand_runs_the_checkout_benchmark():
     r = nanomoe("bench", "--help")  # the benchmark's own flags
     assert r.returncode == 0 and "--mode" in r.stdout and "--expert-type" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny DeepSeek-V3 checkpoint written by transformers' save_pretrained, with a tiny BPE tokenizer."""
+    pytest.importorskip("transformers")
+    from tests.hf_models import tiny_v3
+    from tests.model_fixtures import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("ckpt")
+    model = tiny_v3("random", vocab_size=320)
+    model.save_pretrained(path)
+    tiny_tokenizer(path)
+    return path, model
+
+
+def test_generate_from_checkpoint_equals_transformers(checkpoint):
+    path, model = checkpoint
+    from nanomoe_fn.model.tokenizer import load_tokenizer
+
+    r = nanomoe("generate", "--checkpoint", str(path), "--prompt", "hello experts", "--max-new-tokens", "12",
+                "--ignore-eos", "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["outputs"][0]
+    ids = load_tokenizer(path).encode("hello experts")
+    with torch.no_grad():
+        x = torch.tensor([ids])  # starts with the BOS (id 0): an explicit mask, or transformers masks it as padding
+        want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+    assert got["tokens"] == want
+    assert got["text"] == load_tokenizer(path).decode(want)
+
+
+def _without(name):
+    return lambda t: {k: v for k, v in t.items() if k != name}
+
+
+def _with(name, value):
+    return lambda t: {**t, name: value}
+
+
+@pytest.mark.parametrize("change,needle", [
+    (_without("model.layers.2.mlp.experts.3.up_proj.weight"), "missing tensor 'model.layers.2.mlp.experts.3.up_proj"),
+    (_with("model.norm.weight", torch.ones(7)), "model.norm.weight"),
+    (_with("model.layers.0.input_layernorm.weight", torch.ones(64, dtype=torch.int64)),
+     "model.layers.0.input_layernorm.weight"),
+])
+def test_bad_checkpoint_is_one_line(checkpoint, tmp_path, change, needle):
+    import shutil
+
+    from tests.model_fixtures import rewrite
+
+    src, _ = checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    rewrite(bad, change)
+    r = nanomoe("generate", "--checkpoint", str(bad), "--device", "cpu")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_unknown_config_field_is_one_line(checkpoint, tmp_path):
+    import shutil
+
+    from tests.model_fixtures import rewrite
+
+    src, _ = checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    rewrite(bad, config={**json.loads((src / "config.json").read_text()), "frobnicate_experts": 3})
+    r = nanomoe("generate", "--checkpoint", str(bad), "--device", "cpu")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "frobnicate_experts" in lines[0], r.stderr

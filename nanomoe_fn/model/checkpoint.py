@@ -4,9 +4,10 @@ Dimension legend: V vocabulary, H hidden, Ld layers, E routed experts (logical),
 expert slots, I expert intermediate, S shared experts, b0 x b1 an FP8 scale block.
 
 Loading reads config.json (hf_config.config_from_hf) and the tensors named in names.py from a single
-model.safetensors, a model.safetensors.index.json with its shards, or any *.safetensors in the folder.
-Headers are checked first (every expected name present, nothing unexpected, then each tensor's shape and
-dtype as it is read), so a bad checkpoint fails in one line naming the tensor before memory is spent.
+model.safetensors.index.json with its shards, else model.safetensors, else every *.safetensors in the folder.
+Names are checked before any tensor is read (every expected one present, nothing unexpected that is not
+ignorable), each tensor's shape and dtype from its header just before its data: a bad checkpoint fails in
+one line naming the tensor or field.
 Under expert parallelism a rank reads only the experts of its local slots (Placement.local_slots), each
 once even when replicated; others' expert tensors are never opened. FP8 weights (float8_e4m3fn with
 '<name>_scale_inv') are dequantised to float32 on `device`, then cast. Routers stay float32.
@@ -30,6 +31,7 @@ from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.model import names
 from nanomoe_fn.model.config import ModelConfig
 from nanomoe_fn.model.fp8 import DEFAULT_BLOCK, dequantize_blocks, scale_shape
+from nanomoe_fn.model.hf_config import config_from_hf, config_to_hf
 from nanomoe_fn.model.params import ModelParams
 from nanomoe_fn.moe.params import GateParams, MoEParams, SharedMLP, SwiGLUExperts
 
@@ -172,14 +174,12 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
                     placement: Placement | None = None, rank: int = 0) -> tuple[ModelConfig, ModelParams]:
     """A Hugging Face DeepSeek-V3 / V2 / V2-Lite checkpoint folder -> (config, params) (module docstring);
     with `placement`, MoE layers hold only `rank`'s local slots' experts."""
-    from nanomoe_fn.model.hf_config import config_from_hf
-
     root = Path(path)
     raw = read_config(root)
     try:
         cfg = config_from_hf(raw)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"checkpoint {root}: {CONFIG}: {e}") from e
+        raise ValueError(f"checkpoint {root}: {e}") from e  # e names config.json and the field
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", DEFAULT_BLOCK))
     return cfg, load_params(root, cfg, dtype=dtype, device=device, placement=placement, rank=rank, block=block)
 
@@ -248,8 +248,6 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], max_shard_b
 def save_checkpoint(path: str | Path, cfg: ModelConfig, params: ModelParams, *, max_shard_bytes: int = 4 << 30) -> None:
     """Write config.json (hf_config.config_to_hf) and the weights under DeepSeek's names, sharded with an
     index past max_shard_bytes; refuses params holding only some experts (an expert-parallel shard)."""
-    from nanomoe_fn.model.hf_config import config_to_hf
-
     tensors = named_tensors(cfg, params)
     save_tensors(path, tensors, max_shard_bytes)
     (Path(path) / CONFIG).write_text(json.dumps(config_to_hf(cfg), indent=2))

@@ -29,7 +29,8 @@ mscale and mscale_all_dim 0 = not given, truncate True). The q_a / kv_a layernor
 
 config_to_hf writes the dict back (deepseek_v3 for sigmoid + bias + top2_sum routing, deepseek_v2 for
 softmax + max); transformers' config classes load it and config_from_hf maps it to an equal ModelConfig.
-Rope fields the rope type ignores are not written: they come back as MLAConfig's defaults.
+Rope fields the rope type ignores are not written: they come back as MLAConfig's defaults; a MoEConfig
+group_score None comes back explicit ("max" for V2, "top2_sum" for V3: the same routing).
 """
 
 from __future__ import annotations
@@ -161,8 +162,9 @@ def _check_quant(q: object) -> None:
             raise ValueError(f"config.json: unknown field 'quantization_config.{k}'")
     if q.get("quant_method") != "fp8":
         raise _bad("quantization_config.quant_method", "'fp8' (the loader dequantises fp8 only)", q.get("quant_method"))
-    if list(q.get("weight_block_size") or []) != [128, 128]:
-        raise _bad("quantization_config.weight_block_size", "[128, 128]", q.get("weight_block_size"))
+    block = q.get("weight_block_size")
+    if not isinstance(block, (list, tuple)) or list(block) != [128, 128]:
+        raise _bad("quantization_config.weight_block_size", "[128, 128]", block)
     for k, want in (("activation_scheme", "dynamic"), ("fmt", "e4m3")):
         if q.get(k, want) != want:
             raise _bad(f"quantization_config.{k}", repr(want), q[k])
