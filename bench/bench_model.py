@@ -49,7 +49,7 @@ def step_bytes(cfg: ModelConfig, params: ModelParams, B: int, context: int, worl
     total = 0.0
     for layer in params.layers:
         for t in torch.utils._pytree.tree_leaves(layer):
-            total += t.numel() * t.element_size()
+            total += 0 if t is None else t.numel() * t.element_size()
         if layer.moe is not None:
             w = layer.moe.experts
             expert_bytes = (w.w13.numel() * w.w13.element_size() + w.w2.numel() * w.w2.element_size())
@@ -202,6 +202,8 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # the CPU smoke run: the torch backends (the Triton ones are GPU kernels)
+        args.attn_backend, args.expert_backend = "torch", "bmm"
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=W)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ceilings = measure_ceilings(device, dtype)

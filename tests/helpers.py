@@ -37,7 +37,7 @@ def route_kwargs(cfg: MoEConfig, params: MoEParams) -> dict:
     """The reference router's keyword arguments for this config and parameters."""
     return dict(score_func=cfg.score_func, bias=params.gate.bias, n_group=cfg.n_group,
                 topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
-                routed_scaling_factor=cfg.routed_scaling_factor)
+                routed_scaling_factor=cfg.routed_scaling_factor, group_score=cfg.group_score)
 
 
 def reference_layer(params: MoEParams, x: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, float]:
@@ -61,6 +61,7 @@ def moe_configs(draw: st.DrawFn, max_experts: int = 64, max_hidden: int = 256) -
         norm_topk_prob=draw(st.booleans()), routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])),
         correction_bias=score_func == "sigmoid" and draw(st.booleans()),
         n_shared_experts=draw(st.integers(0, 1)), expert_type=draw(st.sampled_from(["swiglu", "linear"])),
+        group_score=draw(st.sampled_from([None, "max", "top2_sum"])),
     )
 
 

@@ -76,15 +76,17 @@ def check_mla_params(params: MLAParams, cfg: MLAConfig) -> None:
 
 def init_mla_params(cfg: MLAConfig, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
                     generator: torch.Generator | None = None) -> MLAParams:
-    """Random weights N(0, 1/fan_in), drawn on the CPU so a seed gives the same weights anywhere; norms 1;
-    biases N(0, 0.1^2). Fields the config does not have stay None."""
+    """Random weights N(0, 1/fan_in), drawn where the generator lives (the CPU by default, so a seed gives the
+    same weights anywhere); norms 1; biases N(0, 0.1^2). Fields the config does not have stay None."""
+    src = generator.device if generator is not None else torch.device("cpu")
+
     def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name.endswith("_norm"):
             t = torch.ones(shape)
         elif name.endswith("_bias"):
-            t = torch.randn(shape, generator=generator) * 0.1
+            t = torch.randn(shape, generator=generator, device=src) * 0.1
         else:
-            t = torch.randn(shape, generator=generator) * shape[1] ** -0.5
+            t = torch.randn(shape, generator=generator, device=src) * shape[1] ** -0.5
         return t.to(device=device, dtype=dtype)
 
     # draw in the historic order (q path, kv path, o) so a seed keeps giving the same low-rank weights

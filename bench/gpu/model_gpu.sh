@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole model on the GPU machine (issue 12): the model's GPU tests, then bench_model.py at DeepSeek-V3 dims
+# (4 layers: 1 dense + 3 MoE of 256 experts, bf16) next to transformers on one GPU, and with EP on 2 GPUs.
+#
+#   STAGES="tests one" bash bench/gpu/model_gpu.sh     # a first call (each call <= 10 min) ...
+#   STAGES="ep" bash bench/gpu/model_gpu.sh            # ... and a second one
+#
+# Env: STAGES (any of: tests one ep), BATCH (default "1 32"), PROMPT (512), STEPS (16), TOTAL (seconds, 560).
+# $OUT gets results/ (model_h200.json, model_ep_h200x2.json), logs/ and summary.txt.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD
+. bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
+OUT=${OUT:-/tmp/out}; STAGES=${STAGES:-"tests one"}; TOTAL=${TOTAL:-560}
+BATCH=${BATCH:-"1 32"}; PROMPT=${PROMPT:-512}; STEPS=${STEPS:-16}
+RES=$OUT/results; LOGS=$OUT/logs; mkdir -p "$RES" "$LOGS"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOGS/gpu.txt" 2>&1
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
+  >> "$LOGS/gpu.txt" 2>&1
+
+step() {  # step NAME LIMIT CMD...: bounded by timeout and by what is left of TOTAL
+  local name=$1 limit=$2; shift 2
+  local left=$(( TOTAL - SECONDS - 15 ))
+  (( left < 30 )) && { echo "SKIP $name (${left}s left)" | tee -a "$OUT/summary.txt"; return 0; }
+  (( limit > left )) && limit=$left
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  printf '%-24s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( SECONDS - t0 ))" \
+    "$(grep -E 'passed|failed|Error' "$LOGS/$name.log" | tail -1 | cut -c1-160)" | tee -a "$OUT/summary.txt"
+}
+
+has tests && step tests 240 python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_model_gpu.py
+has one && step one 330 env CUDA_VISIBLE_DEVICES=0 python3 bench/bench_model.py --preset deepseek-v3-4l \
+  --batch $BATCH --prompt-len "$PROMPT" --steps "$STEPS" --json "$RES/model_h200.json"
+has ep && step ep 400 python3 bench/bench_model.py --preset deepseek-v3-4l --world-size 2 --variants nanomoe \
+  --batch $BATCH --prompt-len "$PROMPT" --steps "$STEPS" --decode-comm nvlink --json "$RES/model_ep_h200x2.json"
+grep -h "^{" "$LOGS"/one.log "$LOGS"/ep.log 2>/dev/null | tail -20 >> "$OUT/summary.txt"
+cat "$OUT/summary.txt"

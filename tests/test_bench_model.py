@@ -1,0 +1,36 @@
+"""bench/bench_model.py on the CPU (a smoke run of the tiny preset, as a subprocess): one device next to
+transformers (the same weights give the same greedy tokens in float32), and 2 gloo ranks with EP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import ROOT, run_commands
+
+pytest.importorskip("transformers")
+
+
+def test_bench_model_rows(tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    base = ["bench/bench_model.py", "--preset", "tiny", "--batch", "1", "2", "--prompt-len", "6",
+            "--steps", "4"]
+    runs = run_commands({"one": [*base, "--device", "cpu", "--json", str(one)],
+                         "two": [*base, "--world-size", "2", "--decode-comm", "torch", "--json", str(two)]},
+                        timeout_s=300)
+    for name, r in runs.items():
+        assert r.returncode == 0, f"{name}: {r.stderr[-2000:]}"
+    rec = json.loads(one.read_text())
+    assert rec["bench"] == "model" and rec["world_size"] == 1 and ROOT
+    rows = {(r["variant"], r["batch"]): r for r in rec["rows"]}
+    assert set(rows) == {("transformers", 1), ("transformers", 2), ("nanomoe", 1), ("nanomoe", 2)}
+    for b in (1, 2):
+        ours, hf = rows["nanomoe", b], rows["transformers", b]
+        assert ours["speedup_vs"]["transformers"] == pytest.approx(ours["decode_tok_s"] / hf["decode_tok_s"], rel=0.02)
+        assert ours["tokens_agree"] == 5  # every greedy token (float32, the same weights)
+        assert ours["decode_tok_s"] == pytest.approx(b / (ours["decode_step_ms"] * 1e-3), rel=0.01)
+        assert 0 < ours["floor_step_ms"] < ours["decode_step_ms"]
+    ep = json.loads(two.read_text())
+    assert ep["world_size"] == 2 and [r["batch"] for r in ep["rows"]] == [1, 2]
+    assert all(r["decode_comm"] == "torch" and r["decode_tok_s"] > 0 for r in ep["rows"])
