@@ -121,8 +121,9 @@ def time_transformers(model, ids: torch.Tensor, steps: int, device: torch.device
 
 
 def time_ours(params: ModelParams, ctx: ModelContext, ids: torch.Tensor, steps: int, graph: bool,
-              device: torch.device, decode_ctx: ModelContext | None = None) -> dict:
-    """The same as time_transformers through model_forward (eager) or a captured DecodeGraph."""
+              device: torch.device, decode_ctx: ModelContext | None = None, compiled: bool = False) -> dict:
+    """The same as time_transformers through model_forward (eager) or a captured DecodeGraph (of
+    torch.compile(model_forward) when compiled)."""
     cfg, (B, P) = ctx.cfg, ids.shape
     dctx = decode_ctx or ctx
     dtype = params.layers[0].attn.kv_a_proj.dtype
@@ -146,7 +147,8 @@ def time_ours(params: ModelParams, ctx: ModelContext, ids: torch.Tensor, steps: 
             t0 = time.perf_counter()
             step_pos = torch.full((B, 1), P + t, device=device)
             if graph:
-                g = g or DecodeGraph(params, caches, dctx, nxt[:, None], step_pos)
+                fwd = torch.compile(model_forward, dynamic=False) if compiled and g is None else model_forward
+                g = g or DecodeGraph(params, caches, dctx, nxt[:, None], step_pos, fwd)
                 logits = g(nxt[:, None], step_pos)
             else:
                 logits, caches = model_forward(params, nxt[:, None], step_pos, caches, dctx)
@@ -180,15 +182,24 @@ def run_one_device(args: argparse.Namespace, cfg: ModelConfig, device: torch.dev
         hf = time_transformers(model, ids, args.steps, device) if "transformers" in args.variants else None
         if hf is not None:
             rows.append(row("transformers", B, args.prompt_len, False, hf, floor_s))
+            hf_row = rows[-1]
             print(rows[-1], flush=True)
-        for graph in ([False, True] if device.type == "cuda" and args.graph else [False]):
+        modes = [(False, False)] + ([(True, False)] if device.type == "cuda" and args.graph else [])
+        for graph, compiled in modes + ([(True, True)] if args.compile and device.type == "cuda" else []):
             if "nanomoe" not in args.variants:
                 break
-            r = time_ours(params, ctx, ids, args.steps, graph, device)
-            rows.append(row("nanomoe", B, args.prompt_len, graph, r, floor_s))
+            try:
+                r = time_ours(params, ctx, ids, args.steps, graph, device, compiled=compiled)
+            except Exception as err:  # noqa: BLE001 - the experimental compiled variant reports its failure
+                if not compiled:
+                    raise
+                rows.append({"variant": "nanomoe", "batch": B, "graph": True, "compile": True,
+                             "failed": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+                print(rows[-1], flush=True)
+                continue
+            rows.append({**row("nanomoe", B, args.prompt_len, graph, r, floor_s), "compile": compiled})
             if hf is not None:
-                rows[-1]["speedup_vs"] = {"transformers": round(rows[-1]["decode_tok_s"] / rows[-2 - graph]
-                                                                ["decode_tok_s"], 2)}
+                rows[-1]["speedup_vs"] = {"transformers": round(rows[-1]["decode_tok_s"] / hf_row["decode_tok_s"], 2)}
                 # greedy tokens of sequence 0 that agree with transformers' before the first difference (bf16)
                 a, b = r["tokens"][0], hf["tokens"][0]
                 rows[-1]["tokens_agree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
@@ -245,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="nanomoe,transformers", help="comma list of nanomoe, transformers")
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
                    help="also our decode step in a CUDA graph (CUDA only)")
+    p.add_argument("--compile", action="store_true",
+                   help="also the graph of torch.compile(model_forward) (experimental, CUDA only)")
     p.add_argument("--attn-backend", default="triton")
     p.add_argument("--expert-backend", default="triton")
     p.add_argument("--world-size", type=int, default=1)

@@ -92,6 +92,8 @@ def _dense_ffn(p: DecoderParams, env: dict, c: DecoderContext) -> dict:
 
 def _ffn_residual(p: DecoderParams, env: dict, c: DecoderContext) -> dict:
     x1 = env["x1"]
+    if x1.shape[1] == 1:  # decode: every position is valid, nothing to mask
+        return {"out": x1 + env["ffn_out"].view(x1.shape)}
     keep = (env["positions"] >= 0)[..., None].to(x1.dtype)
     return {"out": x1 + env["ffn_out"].view(x1.shape) * keep}
 

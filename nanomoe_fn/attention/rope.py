@@ -11,6 +11,7 @@ The rope types (default, linear, yarn) and the cos/sin magnitude are described i
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,9 +44,13 @@ def yarn_inv_freq(cfg: MLAConfig, device: torch.device | str = "cpu") -> torch.T
     return inter * (1 - keep) + extra * keep
 
 
+@functools.lru_cache(maxsize=64)
 def rope_inv_freq(cfg: MLAConfig, device: torch.device | str = "cpu") -> torch.Tensor:
     """[F] float64 inverse frequencies for cfg.rope_type: theta ** (-2i / Dr) ('default'), the same divided by
-    rope_factor ('linear'), or yarn_inv_freq ('yarn')."""
+    rope_factor ('linear'), or yarn_inv_freq ('yarn').
+
+    A constant of (cfg, device), so it is built once per device (cached; callers never write to it): a decode
+    step then spends no kernels on it."""
     if cfg.rope_type == "yarn":
         return yarn_inv_freq(cfg, device)
     exps = torch.arange(0, cfg.qk_rope_head_dim, 2, dtype=torch.float64, device=device) / cfg.qk_rope_head_dim

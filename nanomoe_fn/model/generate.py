@@ -65,12 +65,12 @@ class DecodeGraph:
     out; the caches' lens advance inside the graph, their kv buffers are written in place."""
 
     def __init__(self, params: ModelParams, caches: tuple[MLACache, ...], ctx: ModelContext,
-                 tokens: torch.Tensor, positions: torch.Tensor) -> None:
+                 tokens: torch.Tensor, positions: torch.Tensor, forward: Callable = model_forward) -> None:
         self.tokens, self.positions = tokens.clone(), positions.clone()
         ctx = replace(ctx, check=False)
 
-        def step() -> torch.Tensor:
-            logits, new = model_forward(params, self.tokens, self.positions, caches, ctx)
+        def step() -> torch.Tensor:  # forward: model_forward, or e.g. torch.compile(model_forward)
+            logits, new = forward(params, self.tokens, self.positions, caches, ctx)
             for c, n in zip(caches, new):
                 c.lens.copy_(n.lens)
             return logits[:, 0]
@@ -81,8 +81,15 @@ class DecodeGraph:
             step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.logits = step()
+        except RuntimeError as err:
+            raise ValueError(
+                "cuda_graph=True: the decode step cannot be captured in a CUDA graph because a stage reads device "
+                f"values on the host (expert backend {ctx.expert_backend!r}, comm {type(ctx.comm).__name__}); use "
+                "the 'triton' or 'deepgemm' expert backend and a sync-free comm (local, nvlink, torch_fixed). "
+                f"Capture failed with: {str(err).splitlines()[0]}") from err
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Replay on new inputs -> logits [B, V] (a static buffer, overwritten by the next replay)."""

@@ -25,7 +25,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backends", [("torch", "bmm"), ("triton", "triton")])
+@pytest.mark.parametrize("backends", [("torch", "triton"), ("triton", "triton")])
 @pytest.mark.parametrize("paged", [False, True])
 def test_graph_generation_equals_eager(dtype, backends, paged):
     cfg = model_preset("tiny")
@@ -37,6 +37,13 @@ def test_graph_generation_equals_eager(dtype, backends, paged):
     assert graph == eager
     sampled = SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)
     assert generate(params, PROMPTS, ctx, sampled, cuda_graph=True) == generate(params, PROMPTS, ctx, sampled)
+
+
+def test_uncapturable_backend_is_named():
+    cfg = model_preset("tiny")
+    params = init_model_params(cfg, torch.float32, "cuda", seed=4)
+    with pytest.raises(ValueError, match="expert backend 'bmm'"):  # its contiguous path reads counts on the host
+        generate(params, PROMPTS, ModelContext(cfg, expert_backend="bmm"), cuda_graph=True)
 
 
 def test_logits_match_transformers_with_triton_backends():
@@ -71,7 +78,7 @@ def _ep_rank(rank: int, port: int, out_dir: str) -> None:
     params = init_model_params(cfg, torch.float32, device, seed=6, placement=placement, rank=rank)
     mine = PROMPTS[rank::2]
     ctx = ModelContext(cfg, TorchComm(timeout_s=60), placement, "triton", "triton")
-    dctx = ModelContext(cfg, NvlinkComm(len(mine), cfg.hidden, cfg.moe.top_k, placement.num_physical, torch.float32,
+    dctx = ModelContext(cfg, NvlinkComm(2, cfg.hidden, cfg.moe.top_k, placement.num_physical, torch.float32,
                                         timeout_s=60), placement, "triton", "triton")
     s = SamplingConfig(max_new_tokens=16, ignore_eos=True)
     out = {"graph": generate(params, mine, ctx, s, cuda_graph=True, decode_ctx=dctx),
