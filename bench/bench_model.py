@@ -42,21 +42,55 @@ from nanomoe_fn.model.hf_config import config_to_hf  # noqa: E402
 from nanomoe_fn.model.params import ModelParams, init_model_params  # noqa: E402
 
 
-def step_bytes(cfg: ModelConfig, params: ModelParams, B: int, context: int, world_size: int = 1) -> float:
-    """Bytes one decode step must read on one rank: every weight but the routed experts and the embedding,
-    the experts B tokens are expected to pick (E * (1 - (1 - k/E)^(B*W)) distinct of E, spread over W
-    ranks), one embedding row per token, and the cache rows attended."""
-    total = 0.0
+def picked_experts(params: ModelParams, ctx: ModelContext, tokens: torch.Tensor, positions: torch.Tensor,
+                   caches: tuple) -> list[int]:
+    """Distinct experts of this rank each MoE layer's router picks for one decode step of every rank's tokens
+    (an eager step with the route stage recorded; under EP the picks are all-gathered)."""
+    from dataclasses import replace
+
+    from nanomoe_fn.decoder import DECODER_MOE_PROGRAM
+    from nanomoe_fn.pipeline.schedule import sequential
+
+    picks: list[torch.Tensor] = []
+
+    def record(stage):  # noqa: ANN001, ANN202 - a Stage
+        def fn(p, env, c):  # noqa: ANN001, ANN202
+            out = stage.fn(p, env, c)
+            picks.append(out["routing"].topk_ids)
+            return out
+        return replace(stage, fn=fn)
+
+    plan = sequential(DECODER_MOE_PROGRAM)
+    plan = replace(plan, steps=tuple((mb, record(st) if st.name == "route" else st) for mb, st in plan.steps))
+    plans = tuple(plan if ctx.cfg.is_moe_layer(i) else None for i in range(ctx.cfg.num_layers))
+    with torch.no_grad():
+        model_forward(params, tokens, positions, caches, replace(ctx, plans=plans))
+    W = ctx.comm.world_size
+    local = set(ctx.placement.local_slots(ctx.comm.rank).tolist()) if W > 1 else None
+    counts = []
+    for ids in picks:
+        if W > 1:
+            every = [torch.empty_like(ids) for _ in range(W)]
+            dist.all_gather(every, ids.contiguous())
+            ids = torch.cat(every)
+        chosen = set(ids.flatten().tolist())
+        counts.append(len(chosen if local is None else chosen & local))
+    return counts
+
+
+def step_bytes(cfg: ModelConfig, params: ModelParams, B: int, context: int, picked: list[int]) -> float:
+    """Bytes one decode step must read on one rank: every weight but the routed experts no token picked
+    (picked[j]: the distinct local experts of MoE layer j, from picked_experts), the LM head, one embedding
+    row per token, and the cache rows attended."""
+    total, j = 0.0, 0
     for layer in params.layers:
         for t in torch.utils._pytree.tree_leaves(layer):
             total += 0 if t is None else t.numel() * t.element_size()
         if layer.moe is not None:
             w = layer.moe.experts
-            expert_bytes = (w.w13.numel() * w.w13.element_size() + w.w2.numel() * w.w2.element_size())
-            local = w.num_experts
-            E, k = cfg.moe.num_experts, cfg.moe.top_k
-            picked = E * (1 - (1 - k / E) ** (B * world_size)) / world_size
-            total -= expert_bytes / local * (local - min(local, picked))
+            per_expert = (w.w13.numel() * w.w13.element_size() + w.w2.numel() * w.w2.element_size()) / w.num_experts
+            total -= per_expert * (w.num_experts - picked[j])
+            j += 1
     total += params.lm_head.numel() * params.lm_head.element_size() + params.norm.numel() * 2
     total += B * cfg.hidden * params.embed.element_size()
     total += cfg.num_layers * B * context * cfg.mla.cache_dim * params.embed.element_size()
@@ -131,7 +165,7 @@ def time_ours(params: ModelParams, ctx: ModelContext, ids: torch.Tensor, steps: 
     last = torch.full((B,), P - 1, device=device)
 
     def prefill():
-        caches = init_caches(cfg, B, P + steps + 2, dtype, device)
+        caches = init_caches(cfg, B, P + steps + 2, dtype, device)  # + the step picked_experts runs
         logits, caches = model_forward(params, ids, pos, caches, ctx, logits_at=last)
         return caches, logits.argmax(-1)
 
@@ -157,16 +191,27 @@ def time_ours(params: ModelParams, ctx: ModelContext, ids: torch.Tensor, steps: 
             sync(device)
             times.append(time.perf_counter() - t0)
             tokens.append(nxt)
+        picked = picked_experts(params, dctx, nxt[:, None], torch.full((B, 1), P + steps, device=device), caches)
     return {"prefill_ms": round(t_prefill * 1e3, 3), "step_times": times[2:] if graph else times[1:],
-            "tokens": torch.stack(tokens, 1).tolist()}
+            "tokens": torch.stack(tokens, 1).tolist(), "picked": picked}
 
 
-def row(variant: str, B: int, P: int, graph: bool, r: dict, floor_s: float, W: int = 1) -> dict:
+def row(variant: str, B: int, P: int, graph: bool, r: dict, W: int = 1) -> dict:
     step = statistics.median(r["step_times"])
     return {"variant": variant, "batch": B, "prompt_len": P, "graph": graph, "world_size": W,
             "prefill_ms": r["prefill_ms"], "prefill_tok_s": round(B * P * W / (r["prefill_ms"] * 1e-3), 1),
-            "decode_step_ms": round(step * 1e3, 3), "decode_tok_s": round(B * W / step, 1),
-            "floor_step_ms": round(floor_s * 1e3, 3), "share_of_floor": round(floor_s / step, 3)}
+            "decode_step_ms": round(step * 1e3, 3), "decode_tok_s": round(B * W / step, 1)}
+
+
+def add_floor(rows: list[dict], cfg: ModelConfig, params: ModelParams, B: int, context: int, picked: list[int],
+              ceilings: dict) -> None:
+    """floor_step_ms (the step's bytes, with the experts our eager step picked, over the measured bandwidth) and
+    share_of_floor on each timed row of this batch size."""
+    floor_s = step_bytes(cfg, params, B, context, picked) / (ceilings["hbm_gbps"] * 1e9)
+    for r in rows:
+        if "decode_step_ms" in r:
+            r.update(picked_experts=picked, floor_step_ms=round(floor_s * 1e3, 3),
+                     share_of_floor=round(floor_s / (r["decode_step_ms"] * 1e-3), 3))
 
 
 def run_one_device(args: argparse.Namespace, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
@@ -174,16 +219,15 @@ def run_one_device(args: argparse.Namespace, cfg: ModelConfig, device: torch.dev
     model = build_transformers(cfg, dtype, device, args.seed)
     params = params_from_hf(model, cfg)
     ctx = ModelContext(cfg, attn_backend=args.attn_backend, expert_backend=args.expert_backend, check=False)
-    rows = []
+    rows: list[dict] = []
     for B in args.batch:
         ids = torch.randint(2, cfg.vocab_size, (B, args.prompt_len), generator=torch.Generator().manual_seed(B))
         ids = ids.to(device)
-        floor_s = step_bytes(cfg, params, B, args.prompt_len + args.steps) / (ceilings["hbm_gbps"] * 1e9)
+        first, picked = len(rows), None
         hf = time_transformers(model, ids, args.steps, device) if "transformers" in args.variants else None
         if hf is not None:
-            rows.append(row("transformers", B, args.prompt_len, False, hf, floor_s))
+            rows.append(row("transformers", B, args.prompt_len, False, hf))
             hf_row = rows[-1]
-            print(rows[-1], flush=True)
         modes = [(False, False)] + ([(True, False)] if device.type == "cuda" and args.graph else [])
         for graph, compiled in modes + ([(True, True)] if args.compile and device.type == "cuda" else []):
             if "nanomoe" not in args.variants:
@@ -197,13 +241,17 @@ def run_one_device(args: argparse.Namespace, cfg: ModelConfig, device: torch.dev
                              "failed": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
                 print(rows[-1], flush=True)
                 continue
-            rows.append({**row("nanomoe", B, args.prompt_len, graph, r, floor_s), "compile": compiled})
+            rows.append({**row("nanomoe", B, args.prompt_len, graph, r), "compile": compiled})
+            picked = picked or r["picked"]
             if hf is not None:
                 rows[-1]["speedup_vs"] = {"transformers": round(rows[-1]["decode_tok_s"] / hf_row["decode_tok_s"], 2)}
                 # greedy tokens of sequence 0 that agree with transformers' before the first difference (bf16)
                 a, b = r["tokens"][0], hf["tokens"][0]
                 rows[-1]["tokens_agree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-            print(rows[-1], flush=True)
+        if picked is not None:
+            add_floor(rows[first:], cfg, params, B, args.prompt_len + args.steps, picked, ceilings)
+        for r in rows[first:]:
+            print(r, flush=True)
     write_record(args.json, "model", device, 1, ceilings, rows, {"preset": args.preset})
 
 
@@ -231,16 +279,18 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
                             args.expert_backend, check=False)
         ids = torch.randint(2, cfg.vocab_size, (B, args.prompt_len),
                             generator=torch.Generator().manual_seed(B * W + rank)).to(device)
-        floor_s = step_bytes(cfg, params, B, args.prompt_len + args.steps, W) / (ceilings["hbm_gbps"] * 1e9)
+        first = len(rows)
         for graph in ([False, True] if device.type == "cuda" and args.graph else [False]):
             dist.barrier()
             r = time_ours(params, ctx, ids, args.steps, graph, device, dctx)
             slow = [torch.tensor([statistics.median(r["step_times"]), r["prefill_ms"]], device=device)]
             dist.all_reduce(slow[0], op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
             r = {**r, "step_times": [float(slow[0][0])], "prefill_ms": round(float(slow[0][1]), 3)}
-            rows.append({**row("nanomoe", B, args.prompt_len, graph, r, floor_s, W), "decode_comm": args.decode_comm})
-            if rank == 0:
-                print(rows[-1], flush=True)
+            rows.append({**row("nanomoe", B, args.prompt_len, graph, r, W), "decode_comm": args.decode_comm})
+        add_floor(rows[first:], cfg, params, B, args.prompt_len + args.steps, r["picked"], ceilings)
+        if rank == 0:
+            for r in rows[first:]:
+                print(r, flush=True)
     if rank == 0:
         write_record(args.json, "model", device, W, ceilings, rows, {"preset": args.preset})
     dist.destroy_process_group()

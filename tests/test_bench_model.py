@@ -31,6 +31,11 @@ def test_bench_model_rows(tmp_path):
         assert ours["tokens_agree"] == 5  # every greedy token (float32, the same weights)
         assert ours["decode_tok_s"] == pytest.approx(b / (ours["decode_step_ms"] * 1e-3), rel=0.01)
         assert 0 < ours["floor_step_ms"] < ours["decode_step_ms"]
+        # distinct experts each of the 2 MoE layers picked for b tokens (top-2 of 8)
+        assert len(ours["picked_experts"]) == 2 and all(2 <= c <= min(8, 2 * b) for c in ours["picked_experts"])
+        assert hf["floor_step_ms"] == ours["floor_step_ms"]
     ep = json.loads(two.read_text())
     assert ep["world_size"] == 2 and [r["batch"] for r in ep["rows"]] == [1, 2]
     assert all(r["decode_comm"] == "torch" and r["decode_tok_s"] > 0 for r in ep["rows"])
+    # this rank's share (4 of 8 experts) of what both ranks' tokens picked
+    assert all(0 <= c <= 4 for r in ep["rows"] for c in r["picked_experts"])
