@@ -65,6 +65,7 @@ def triton_supports(cfg: MLAConfig, device: torch.device) -> tuple[bool, str]:
                    f"tensors), got tensors on {device}")
 
 
+@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
 def triton_decode(q: torch.Tensor, cache: MLACache, positions: torch.Tensor, cfg: MLAConfig) -> torch.Tensor:
     """torch_decode through the split-KV Triton kernel (contiguous or paged cache); no host sync."""
     from nanomoe_kernels.mla_decode import mla_decode
@@ -78,6 +79,7 @@ def triton_decode(q: torch.Tensor, cache: MLACache, positions: torch.Tensor, cfg
     return rearrange(o, "(b s) n c -> b s n c", b=B)
 
 
+@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
 def triton_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
                    v: torch.Tensor, positions: torch.Tensor, cfg: MLAConfig) -> torch.Tensor:
     """torch_prefill through the Triton flash-attention kernel."""

@@ -36,6 +36,7 @@ def triton_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
     return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU), got {device}"
 
 
+@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
 def triton_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     """Grouped-GEMM Triton kernels (SwiGLU fused into the first GEMM's epilogue)."""
     from nanomoe_kernels.fused_moe import fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
@@ -63,6 +64,7 @@ def deepgemm_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
     return supports()
 
 
+@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
 def deepgemm_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     """DeepGEMM m-grouped bf16 GEMMs (contiguous rows padded per expert, or masked) + torch SwiGLU."""
     from nanomoe_kernels.deepgemm import deepgemm_moe_contiguous, deepgemm_moe_masked
