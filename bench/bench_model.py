@@ -280,13 +280,15 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
         ids = torch.randint(2, cfg.vocab_size, (B, args.prompt_len),
                             generator=torch.Generator().manual_seed(B * W + rank)).to(device)
         first = len(rows)
-        for graph in ([False, True] if device.type == "cuda" and args.graph else [False]):
+        modes = [(False, False)] + ([(True, False)] if device.type == "cuda" and args.graph else [])
+        for graph, compiled in modes + ([(True, True)] if args.compile and device.type == "cuda" else []):
             dist.barrier()
-            r = time_ours(params, ctx, ids, args.steps, graph, device, dctx)
+            r = time_ours(params, ctx, ids, args.steps, graph, device, dctx, compiled)
             slow = [torch.tensor([statistics.median(r["step_times"]), r["prefill_ms"]], device=device)]
             dist.all_reduce(slow[0], op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
             r = {**r, "step_times": [float(slow[0][0])], "prefill_ms": round(float(slow[0][1]), 3)}
-            rows.append({**row("nanomoe", B, args.prompt_len, graph, r, W), "decode_comm": args.decode_comm})
+            rows.append({**row("nanomoe", B, args.prompt_len, graph, r, W), "compile": compiled,
+                         "decode_comm": args.decode_comm})
         add_floor(rows[first:], cfg, params, B, args.prompt_len + args.steps, r["picked"], ceilings)
         if rank == 0:
             for r in rows[first:]:

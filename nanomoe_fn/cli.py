@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-backend", default=None, help="loop, bmm, triton, deepgemm (default: triton on CUDA)")
     g.add_argument("--paged", action="store_true", help="paged MLA caches")
     g.add_argument("--cuda-graph", action="store_true", help="decode steps as CUDA graph replays")
+    g.add_argument("--compile", action="store_true", help="decode steps through torch.compile (compiles first)")
     g.add_argument("--nproc", type=int, default=1, help="expert-parallel ranks to spawn (default 1)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     for name in BENCHES:
@@ -147,7 +148,7 @@ def _generate_rank(rank: int, world: int, a: argparse.Namespace) -> dict | None:
         bar = tqdm(total=a.max_new_tokens - 1, desc="decode", unit="tok", file=sys.stderr)
     t1 = time.perf_counter()
     outs = generate(params, [prompts[i] for i in mine], ctx, s, paged=a.paged, cuda_graph=a.cuda_graph,
-                    progress=(lambda k: bar.update(1)) if bar else None)
+                    progress=(lambda k: bar.update(1)) if bar else None, compile=a.compile)
     if bar is not None:
         bar.close()
     t_gen = time.perf_counter() - t1

@@ -137,3 +137,10 @@ def test_bad_prompts_are_refused():
         generate(params, [[5]], ctx, cuda_graph=True)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=1.5)
+
+
+def test_compiled_decode_equals_eager():
+    cfg, params, ctx = tiny()
+    prompts = [[5, 6, 7], [8, 9]]
+    s = SamplingConfig(max_new_tokens=6, ignore_eos=True)
+    assert generate(params, prompts, ctx, s, compile=True) == generate(params, prompts, ctx, s)

@@ -102,10 +102,12 @@ class DecodeGraph:
 def generate(params: ModelParams, prompts: Sequence[Sequence[int]], ctx: ModelContext,
              sampling: SamplingConfig | None = None, *, paged: bool = False, cuda_graph: bool = False,
              check_every: int = 8, progress: Callable[[int], None] | None = None,
-             decode_ctx: ModelContext | None = None) -> list[list[int]]:
+             decode_ctx: ModelContext | None = None, compile: bool = False) -> list[list[int]]:
     """Token ids of each prompt -> the generated token ids of each (the stop token included when one ended
     it). progress(k) is called after each decode step with the steps done. decode_ctx: the context of the
-    decode steps when it differs from the prefill's (e.g. a low-latency comm for decode), same config."""
+    decode steps when it differs from the prefill's (e.g. a low-latency comm for decode), same config.
+    compile: run the decode steps through torch.compile(model_forward) (inductor fuses the elementwise glue
+    between the Triton kernels; the first step compiles, which takes a while)."""
     s = sampling or SamplingConfig()
     cfg, dctx = ctx.cfg, decode_ctx or ctx
     if dctx.cfg != cfg:
@@ -138,7 +140,7 @@ def generate(params: ModelParams, prompts: Sequence[Sequence[int]], ctx: ModelCo
     out = torch.zeros(B, N, dtype=torch.int64, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     nxt = sample(logits, s, gen)
-    graph = None
+    graph, fwd = None, (torch.compile(model_forward, dynamic=False) if compile else model_forward)
     for t in range(N):
         out[:, t] = nxt
         done |= torch.isin(nxt, stops)
@@ -146,10 +148,10 @@ def generate(params: ModelParams, prompts: Sequence[Sequence[int]], ctx: ModelCo
             break
         step_tok, step_pos = nxt[:, None], (lens + t)[:, None]
         if cuda_graph and B:
-            graph = graph or DecodeGraph(params, caches, dctx, step_tok, step_pos)
+            graph = graph or DecodeGraph(params, caches, dctx, step_tok, step_pos, fwd)
             logits = graph(step_tok, step_pos)
         else:
-            logits, caches = model_forward(params, step_tok, step_pos, caches, dctx)
+            logits, caches = fwd(params, step_tok, step_pos, caches, dctx)
             logits = logits[:, 0]
         nxt = sample(logits, s, gen)
         if progress is not None:

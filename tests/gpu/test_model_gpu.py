@@ -35,6 +35,8 @@ def test_graph_generation_equals_eager(dtype, backends, paged):
     eager = generate(params, PROMPTS, ctx, s, paged=paged)
     graph = generate(params, PROMPTS, ctx, s, paged=paged, cuda_graph=True)
     assert graph == eager
+    if backends[0] == "triton" and not paged:  # inductor-compiled glue between the Triton kernels, in the graph
+        assert generate(params, PROMPTS, ctx, s, cuda_graph=True, compile=True) == eager
     sampled = SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True)
     assert generate(params, PROMPTS, ctx, sampled, cuda_graph=True) == generate(params, PROMPTS, ctx, sampled)
 
@@ -82,6 +84,7 @@ def _ep_rank(rank: int, port: int, out_dir: str) -> None:
                                         timeout_s=60), placement, "triton", "triton")
     s = SamplingConfig(max_new_tokens=16, ignore_eos=True)
     out = {"graph": generate(params, mine, ctx, s, cuda_graph=True, decode_ctx=dctx),
+           "compiled": generate(params, mine, ctx, s, cuda_graph=True, decode_ctx=dctx, compile=True),
            "eager": generate(params, mine, ctx, s)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
@@ -98,4 +101,4 @@ def test_ep_generation_on_two_gpus_equals_one(tmp_path):
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         want = generate(params, PROMPTS[rank::2], ctx, s)
-        assert got["eager"] == want and got["graph"] == want
+        assert got["eager"] == want and got["graph"] == want and got["compiled"] == want
