@@ -6,7 +6,7 @@
 #   STAGES="ep" bash bench/gpu/model_gpu.sh            # ... and a second one
 #
 # Env: STAGES (any of: tests ep one), BATCH (default "1 32"), PROMPT (512), STEPS (16), TOTAL (seconds, 560),
-# ONE_FLAGS (extra bench_model.py flags of the one-GPU run, e.g. --compile).
+# ONE_FLAGS and EP_FLAGS (extra bench_model.py flags of the one-GPU and the EP run, e.g. --compile).
 # $OUT gets results/ (model_h200.json, model_ep_h200x2.json), logs/ and summary.txt.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -34,7 +34,7 @@ step() {  # step NAME LIMIT CMD...: bounded by timeout and by what is left of TO
 
 has tests && step tests 240 python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_model_gpu.py
 has ep && step ep 240 python3 bench/bench_model.py --preset deepseek-v3-4l --world-size 2 --variants nanomoe \
-  --batch $BATCH --prompt-len "$PROMPT" --steps "$STEPS" --decode-comm nvlink --json "$RES/model_ep_h200x2.json"
+  --batch $BATCH --prompt-len "$PROMPT" --steps "$STEPS" --decode-comm nvlink ${EP_FLAGS:-} --json "$RES/model_ep_h200x2.json"
 has one && step one 330 env CUDA_VISIBLE_DEVICES=0 python3 bench/bench_model.py --preset deepseek-v3-4l \
   --batch $BATCH --prompt-len "$PROMPT" --steps "$STEPS" ${ONE_FLAGS:-} --json "$RES/model_h200.json"
 grep -h "^{" "$LOGS"/one.log "$LOGS"/ep.log 2>/dev/null | tail -20 >> "$OUT/summary.txt"
