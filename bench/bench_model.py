@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import measure_ceilings, pick_device, sync, write_record  # noqa: E402
+from model_floor import add_floor, picked_experts  # noqa: E402
 
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
 from nanomoe_fn.comm.launch import spawn_ranks  # noqa: E402
@@ -40,61 +41,6 @@ from nanomoe_fn.model.from_transformers import params_from_hf  # noqa: E402
 from nanomoe_fn.model.generate import DecodeGraph  # noqa: E402
 from nanomoe_fn.model.hf_config import config_to_hf  # noqa: E402
 from nanomoe_fn.model.params import ModelParams, init_model_params  # noqa: E402
-
-
-def picked_experts(params: ModelParams, ctx: ModelContext, tokens: torch.Tensor, positions: torch.Tensor,
-                   caches: tuple) -> list[int]:
-    """Distinct experts of this rank each MoE layer's router picks for one decode step of every rank's tokens
-    (an eager step with the route stage recorded; under EP the picks are all-gathered)."""
-    from dataclasses import replace
-
-    from nanomoe_fn.decoder import DECODER_MOE_PROGRAM
-    from nanomoe_fn.pipeline.schedule import sequential
-
-    picks: list[torch.Tensor] = []
-
-    def record(stage):  # noqa: ANN001, ANN202 - a Stage
-        def fn(p, env, c):  # noqa: ANN001, ANN202
-            out = stage.fn(p, env, c)
-            picks.append(out["routing"].topk_ids)
-            return out
-        return replace(stage, fn=fn)
-
-    plan = sequential(DECODER_MOE_PROGRAM)
-    plan = replace(plan, steps=tuple((mb, record(st) if st.name == "route" else st) for mb, st in plan.steps))
-    plans = tuple(plan if ctx.cfg.is_moe_layer(i) else None for i in range(ctx.cfg.num_layers))
-    with torch.no_grad():
-        model_forward(params, tokens, positions, caches, replace(ctx, plans=plans))
-    W = ctx.comm.world_size
-    local = set(ctx.placement.local_slots(ctx.comm.rank).tolist()) if W > 1 else None
-    counts = []
-    for ids in picks:
-        if W > 1:
-            every = [torch.empty_like(ids) for _ in range(W)]
-            dist.all_gather(every, ids.contiguous())
-            ids = torch.cat(every)
-        chosen = set(ids.flatten().tolist())
-        counts.append(len(chosen if local is None else chosen & local))
-    return counts
-
-
-def step_bytes(cfg: ModelConfig, params: ModelParams, B: int, context: int, picked: list[int]) -> float:
-    """Bytes one decode step must read on one rank: every weight but the routed experts no token picked
-    (picked[j]: the distinct local experts of MoE layer j, from picked_experts), the LM head, one embedding
-    row per token, and the cache rows attended."""
-    total, j = 0.0, 0
-    for layer in params.layers:
-        for t in torch.utils._pytree.tree_leaves(layer):
-            total += 0 if t is None else t.numel() * t.element_size()
-        if layer.moe is not None:
-            w = layer.moe.experts
-            per_expert = (w.w13.numel() * w.w13.element_size() + w.w2.numel() * w.w2.element_size()) / w.num_experts
-            total -= per_expert * (w.num_experts - picked[j])
-            j += 1
-    total += params.lm_head.numel() * params.lm_head.element_size() + params.norm.numel() * 2
-    total += B * cfg.hidden * params.embed.element_size()
-    total += cfg.num_layers * B * context * cfg.mla.cache_dim * params.embed.element_size()
-    return total
 
 
 def build_transformers(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int):
@@ -201,17 +147,6 @@ def row(variant: str, B: int, P: int, graph: bool, r: dict, W: int = 1) -> dict:
     return {"variant": variant, "batch": B, "prompt_len": P, "graph": graph, "world_size": W,
             "prefill_ms": r["prefill_ms"], "prefill_tok_s": round(B * P * W / (r["prefill_ms"] * 1e-3), 1),
             "decode_step_ms": round(step * 1e3, 3), "decode_tok_s": round(B * W / step, 1)}
-
-
-def add_floor(rows: list[dict], cfg: ModelConfig, params: ModelParams, B: int, context: int, picked: list[int],
-              ceilings: dict) -> None:
-    """floor_step_ms (the step's bytes, with the experts our eager step picked, over the measured bandwidth) and
-    share_of_floor on each timed row of this batch size."""
-    floor_s = step_bytes(cfg, params, B, context, picked) / (ceilings["hbm_gbps"] * 1e9)
-    for r in rows:
-        if "decode_step_ms" in r:
-            r.update(picked_experts=picked, floor_step_ms=round(floor_s * 1e3, 3),
-                     share_of_floor=round(floor_s / (r["decode_step_ms"] * 1e-3), 3))
 
 
 def run_one_device(args: argparse.Namespace, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:

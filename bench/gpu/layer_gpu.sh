@@ -17,17 +17,8 @@ export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; TOTAL=${TOTAL:-540}; TAG=h200x2
 mkdir -p "$OUT/results" /tmp/layer_logs /tmp/layer_traces
 : > "$OUT/summary.txt"
-step() {  # step NAME LIMIT CMD...
-  local name=$1 limit=$2; shift 2
-  local left=$(( TOTAL - SECONDS - 15 ))
-  (( left < 30 )) && { echo "SKIP $name (budget)" | tee -a "$OUT/summary.txt"; return 0; }
-  (( limit > left )) && limit=$left
-  local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" > "/tmp/layer_logs/$name.log" 2>&1
-  local rc=$?
-  echo "$name rc=$rc $(( SECONDS - t0 ))s: $(grep -E 'passed|failed|FAILED|Error' "/tmp/layer_logs/$name.log" | tail -1 | cut -c1-200)" \
-    | tee -a "$OUT/summary.txt"
-}
+LOGS=/tmp/layer_logs
+. bench/gpu/step.sh  # step NAME LIMIT CMD...
 if [ "${TESTS:-1}" != 0 ]; then
   step test_pipeline_gpu 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs tests/gpu/test_pipeline_gpu.py
 fi

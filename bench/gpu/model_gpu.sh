@@ -20,17 +20,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOGS/gpu.txt" 2>&1
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
   >> "$LOGS/gpu.txt" 2>&1
 
-step() {  # step NAME LIMIT CMD...: bounded by timeout and by what is left of TOTAL
-  local name=$1 limit=$2; shift 2
-  local left=$(( TOTAL - SECONDS - 15 ))
-  (( left < 30 )) && { echo "SKIP $name (${left}s left)" | tee -a "$OUT/summary.txt"; return 0; }
-  (( limit > left )) && limit=$left
-  local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
-  local rc=$?
-  printf '%-24s rc=%-3s %4ss  %s\n' "$name" "$rc" "$(( SECONDS - t0 ))" \
-    "$(grep -E 'passed|failed|Error' "$LOGS/$name.log" | tail -1 | cut -c1-160)" | tee -a "$OUT/summary.txt"
-}
+. bench/gpu/step.sh  # step NAME LIMIT CMD...
 
 has tests && step tests 240 python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_model_gpu.py
 has ep && step ep 240 python3 bench/bench_model.py --preset deepseek-v3-4l --world-size 2 --variants nanomoe \

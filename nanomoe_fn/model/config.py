@@ -17,6 +17,7 @@ from types import MappingProxyType
 from nanomoe_fn.attention.config import MLAConfig
 from nanomoe_fn.checks import check_bool_field, check_int_field
 from nanomoe_fn.moe.config import MoEConfig
+from nanomoe_fn.moe.config import preset as moe_preset
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,12 @@ PRESETS = MappingProxyType({
         mla=MLAConfig.preset("tiny"),
         moe=MoEConfig(hidden=64, intermediate=32, num_experts=8, top_k=2, score_func="sigmoid", n_group=2,
                       topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, correction_bias=True,
-                      n_shared_experts=1),
+                      n_shared_experts=1, group_score="top2_sum"),
         max_position_embeddings=512, bos_token_id=0, eos_token_ids=(1,)),
     # DeepSeek-V3's dims at reduced depth (bench/bench_model.py): 1 dense + 3 MoE layers of 256 experts
     "deepseek-v3-4l": ModelConfig(
         vocab_size=129280, num_layers=4, first_k_dense=1, dense_intermediate=18432,
-        mla=MLAConfig.preset("deepseek-v3"),
-        moe=MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, score_func="sigmoid", n_group=8,
-                      topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5, correction_bias=True,
-                      n_shared_experts=1),
+        mla=MLAConfig.preset("deepseek-v3"), moe=moe_preset("deepseek-v3").with_(group_score="top2_sum"),
         max_position_embeddings=163840, bos_token_id=0, eos_token_ids=(1,)),
 })
 
