@@ -100,11 +100,10 @@ def _load(a: argparse.Namespace, device: Any, placement_world: int, rank: int) -
         placement = Placement.identity(cfg.moe.num_experts, placement_world)
         params = init_model_params(cfg, dtype, device, a.seed, placement, rank)
         return cfg, params, placement, ByteTokenizer()
-    from nanomoe_fn.model.checkpoint import load_checkpoint, read_config
-    from nanomoe_fn.model.hf_config import config_from_hf
+    from nanomoe_fn.model.checkpoint import load_checkpoint, read_model_config
     from nanomoe_fn.model.tokenizer import load_tokenizer
 
-    cfg = config_from_hf(read_config(a.checkpoint))  # the placement needs the expert count before the load
+    cfg = read_model_config(a.checkpoint)  # the placement needs the expert count before the load
     placement = Placement.identity(cfg.moe.num_experts, placement_world)
     cfg, params = load_checkpoint(a.checkpoint, dtype=dtype, device=device, placement=placement, rank=rank)
     return cfg, params, placement, load_tokenizer(a.checkpoint)

@@ -30,7 +30,8 @@ def test_bench_model_rows(tmp_path):
         assert ours["speedup_vs"]["transformers"] == pytest.approx(ours["decode_tok_s"] / hf["decode_tok_s"], rel=0.02)
         assert ours["tokens_agree"] == 5  # every greedy token (float32, the same weights)
         assert ours["decode_tok_s"] == pytest.approx(b / (ours["decode_step_ms"] * 1e-3), rel=0.01)
-        assert 0 < ours["floor_step_ms"] < ours["decode_step_ms"]
+        assert ours["floor_step_ms"] > 0 and ours["share_of_floor"] == pytest.approx(
+            ours["floor_step_ms"] / ours["decode_step_ms"], rel=0.01, abs=1e-3)
         # distinct experts each of the 2 MoE layers picked for b tokens (top-2 of 8)
         assert len(ours["picked_experts"]) == 2 and all(2 <= c <= min(8, 2 * b) for c in ours["picked_experts"])
         assert hf["floor_step_ms"] == ours["floor_step_ms"]

@@ -170,16 +170,23 @@ def load_params(path: str | Path, cfg: ModelConfig, *, dtype: torch.dtype = torc
     return ModelParams(embed=embed, layers=tuple(layers), norm=norm, lm_head=lm_head)
 
 
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The checkpoint folder's config.json as a ModelConfig (errors name the folder, config.json and the field);
+    e.g. to size a placement before load_checkpoint."""
+    root = Path(path)
+    try:
+        return config_from_hf(read_config(root))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"checkpoint {root}: {e}") from e  # e names config.json and the field
+
+
 def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
                     placement: Placement | None = None, rank: int = 0) -> tuple[ModelConfig, ModelParams]:
     """A Hugging Face DeepSeek-V3 / V2 / V2-Lite checkpoint folder -> (config, params) (module docstring);
     with `placement`, MoE layers hold only `rank`'s local slots' experts."""
     root = Path(path)
     raw = read_config(root)
-    try:
-        cfg = config_from_hf(raw)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"checkpoint {root}: {e}") from e  # e names config.json and the field
+    cfg = read_model_config(root)
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", DEFAULT_BLOCK))
     return cfg, load_params(root, cfg, dtype=dtype, device=device, placement=placement, rank=rank, block=block)
 

@@ -18,18 +18,9 @@ import torch
 from nanomoe_fn.attention.params import MLAParams
 from nanomoe_fn.decoder import DecoderParams
 from nanomoe_fn.model.config import ModelConfig
+from nanomoe_fn.model.names import MLA_NAMES
 from nanomoe_fn.model.params import ModelParams
 from nanomoe_fn.moe.params import GateParams, MoEParams, SharedMLP, SwiGLUExperts
-
-
-def _w(mod: Any, name: str) -> torch.Tensor | None:
-    sub = getattr(mod, name, None)
-    return None if sub is None else sub.weight.detach()
-
-
-def _b(mod: Any, name: str) -> torch.Tensor | None:
-    sub = getattr(mod, name, None)
-    return None if sub is None or getattr(sub, "bias", None) is None else sub.bias.detach()
 
 
 def _mlp(m: Any) -> SharedMLP:
@@ -38,12 +29,13 @@ def _mlp(m: Any) -> SharedMLP:
 
 
 def _attn(a: Any) -> MLAParams:
-    fields = dict(q_a_proj=_w(a, "q_a_proj"), q_a_norm=_w(a, "q_a_layernorm"), q_b_proj=_w(a, "q_b_proj"),
-                  q_proj=_w(a, "q_proj"), kv_a_proj=_w(a, "kv_a_proj_with_mqa"), kv_a_norm=_w(a, "kv_a_layernorm"),
-                  kv_b_proj=_w(a, "kv_b_proj"), o_proj=_w(a, "o_proj"), q_a_bias=_b(a, "q_a_proj"),
-                  kv_a_bias=_b(a, "kv_a_proj_with_mqa"), o_bias=_b(a, "o_proj"))
-    known = MLAParams.__dataclass_fields__
-    return MLAParams(**{k: v for k, v in fields.items() if k in known})
+    """The attention module's tensors by names.MLA_NAMES (the checkpoint's names are its attribute paths)."""
+    fields = {}
+    for field, name in MLA_NAMES.items():
+        sub, attr = name.rsplit(".", 1)
+        t = getattr(getattr(a, sub, None), attr, None)  # None where this config has no such tensor
+        fields[field] = None if t is None else t.detach()
+    return MLAParams(**fields)
 
 
 def params_from_hf(model: Any, cfg: ModelConfig) -> ModelParams:

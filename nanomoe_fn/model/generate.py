@@ -112,6 +112,7 @@ def generate(params: ModelParams, prompts: Sequence[Sequence[int]], ctx: ModelCo
     cfg, dctx = ctx.cfg, decode_ctx or ctx
     if dctx.cfg != cfg:
         raise ValueError("decode_ctx must hold the same ModelConfig as ctx")
+    dctx = replace(dctx, check=False)  # sampled tokens and consecutive positions are valid: no per-step syncs
     prompts = _check_prompts(prompts, cfg.vocab_size)
     device, dtype = params.embed.device, params.layers[0].attn.kv_a_proj.dtype
     if cuda_graph and device.type != "cuda":
@@ -123,8 +124,8 @@ def generate(params: ModelParams, prompts: Sequence[Sequence[int]], ctx: ModelCo
     if P + N > cfg.max_position_embeddings:
         raise ValueError(f"the longest prompt ({P} tokens) plus max_new_tokens ({N}) exceeds the model's "
                          f"max_position_embeddings ({cfg.max_position_embeddings})")
-    stops = torch.tensor(sorted(set(s.stop_tokens) | (set() if s.ignore_eos else set(cfg.eos_token_ids))) or [-1],
-                         device=device)
+    stop_ids = set(s.stop_tokens) | (set() if s.ignore_eos else set(cfg.eos_token_ids))
+    stops = torch.tensor(sorted(stop_ids) or [-1], device=device)
     gen = torch.Generator(device=device).manual_seed(s.seed)
     capacity = P + N
     caches = (init_caches(cfg, B, capacity, dtype, device, paged=paged) if B else
@@ -156,13 +157,12 @@ def generate(params: ModelParams, prompts: Sequence[Sequence[int]], ctx: ModelCo
         nxt = sample(logits, s, gen)
         if progress is not None:
             progress(t + 1)
-    return [_cut(row, stops) for row in out.tolist()]
+    return [_cut(row, stop_ids) for row in out.tolist()]
 
 
-def _cut(row: list[int], stops: torch.Tensor) -> list[int]:
+def _cut(row: list[int], stop_ids: set[int]) -> list[int]:
     """The row up to and including its first stop token (a row without one ran all N steps)."""
-    stop_set = set(stops.tolist())
     for i, tok in enumerate(row):
-        if tok in stop_set:
+        if tok in stop_ids:
             return row[: i + 1]
     return row
