@@ -1,174 +1,152 @@
-"""Expert-FFN kernel bench: the whole routed-expert FFN of one MoE layer on one GPU, per backend.
+"""Expert-FFN kernel bench: the whole routed-expert FFN of one MoE layer on one GPU, per backend and peer.
 
     python bench/bench_expert_ffn.py --quick --json bench/results/expert_ffn_h200.json
+    python bench/bench_expert_ffn.py --ranking --json bench/results/ranking_h200.json
 
-Dimension legend: T tokens, k top-k, E local experts, H hidden, I intermediate, R aligned rows.
+Dimension legend: T tokens, k top-k, E local experts, H hidden, I intermediate.
 
 Each case is gate/up GEMM + silu(gate) * up + down GEMM + top-k weighted sum into [T, H] (SwiGLU;
 --seed-shape adds the seed's linear experts: E=256, H=2048, T=128), with routing drawn uniformly
-(k distinct experts per token). As in ANCHORS.md, rows arrive already sorted/aligned (setup, not
-timed) for every variant; the `triton+align` row also times the align step (kernels.moe_align).
-Variants: `triton` (kernels.fused_moe), `deepgemm` (kernels.deepgemm, contiguous, torch glue),
-`bmm` (padded [E, cap, H] torch.bmm, written here as the baseline). Every variant is checked against
-a float32 reference on sampled tokens before timing. Floors: weight bytes of the experts hit over the
-measured copy bandwidth, FLOPs over the measured bf16 matmul rate (both measured in this run);
-`roofline` = floor / median. phase = decode when rows per expert (T*k/E) <= 64, else prefill.
+(k distinct experts per token). As in ANCHORS.md, the rows are sorted/aligned ahead (setup, not timed)
+for every variant but `triton+align`, which also times its align step. The variants and exactly what each
+times: bench/expert_ffn_variants.py (ours: loop, bmm, triton, triton+align, deepgemm; peers:
+deepgemm_glue, bmm_padded, sglang). Every variant is checked against a float32 reference on sampled tokens
+before timing. Floors: weight bytes of the experts hit over the measured copy bandwidth, FLOPs over the
+measured bf16 matmul rate (both measured in this run); `roofline` = floor / median. phase = decode when
+rows per expert (T*k/E) <= 64, else prefill. Rows carry `speedup_vs` (the peer's median / this median)
+for the peers sglang, deepgemm_glue, bmm_padded and triton that ran in the same case.
+
+--ranking: T in 64..16384 x E in 32..256 at V3 dims with loop, bmm, triton, deepgemm (shorter timing
+windows; `loop` skipped where it would take over ~50 ms a call), then a table of the order and the
+violations of the expected one: loop slower than bmm slower than triton, and deepgemm within 5% of
+triton (or faster) at T >= 1024.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from nanomoe_kernels import deepgemm  # noqa: E402
-from nanomoe_kernels.fused_moe import fused_moe, fused_moe_aligned, stage_configs  # noqa: E402
-from nanomoe_kernels.moe_align import moe_align  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights, reference_rows  # noqa: E402
 
-from bench.common import measure_ceilings, write_record  # noqa: E402
+from bench.common import measure_ceilings, sig, time_fn, write_record  # noqa: E402
+from bench.expert_ffn_variants import PEERS, VARIANTS, build_variants  # noqa: E402
 
 QUICK_TOKENS = (64, 256, 1024, 4096)
 FULL_TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
 FULL_EXPERTS = (256, 128, 64, 32)
+RANK_TOKENS = (64, 256, 1024, 4096, 16384)
+RANK_EXPERTS = (32, 64, 128, 256)
+RANK_VARIANTS = ("loop", "bmm", "triton", "deepgemm")
+LOOP_LIMIT_MS = 50.0  # --ranking skips `loop` above this estimated time per call
 
 
-def sorted_layout(ids: torch.Tensor, E: int,
-                  align_m: int) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor, int]:
-    """Setup for the torch-glue variants (host work, untimed): (slot of each (token, k) pair within its
-    expert [T*k], counts [E] host list, padded position of each pair [T*k], m_indices [R] int32 with
-    -1 on padding, R) for experts padded to multiples of align_m."""
-    flat = ids.reshape(-1).long().cpu()
-    order = torch.sort(flat, stable=True).indices
-    counts_t = torch.bincount(flat, minlength=E)
-    padded = (counts_t + align_m - 1) // align_m * align_m
-    starts = torch.cumsum(padded, 0) - padded
-    offsets = torch.cumsum(counts_t, 0) - counts_t
-    e_sorted = flat[order]
-    rank = torch.arange(flat.numel()) - offsets[e_sorted]
-    slot = torch.empty_like(flat)
-    slot[order] = rank
-    pos = starts[flat] + slot
-    R = max(int(padded.sum()), align_m)
-    m_idx = torch.full((R,), -1, dtype=torch.int32)
-    m_idx[pos] = flat.to(torch.int32)
-    dev = ids.device
-    return slot.to(dev), counts_t.tolist(), pos.to(dev), m_idx.to(dev), R
+def loop_estimate_ms(T: int, E: int, k: int, H: int, I: int) -> float:
+    """A rough `loop` time on an H200: FLOPs at 300 TFLOP/s plus ~64 us of launches per expert hit."""
+    hit = E * (1 - (1 - 1 / E) ** (T * k))
+    return 2 * T * k * 3 * H * I / 300e12 * 1e3 + hit * 0.064
 
 
-def build_variants(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights: tuple[torch.Tensor, ...],
-                   expert_type: str, names: list[str]) -> dict[str, Callable[[], torch.Tensor]]:
-    """{variant: zero-argument fn -> [T, H_out]}; setup (alignment, padding) runs here, untimed."""
-    T, H = x.shape
-    k, E = ids.shape[1], weights[0].shape[0]
-    H_out = weights[-1].shape[1]
-    I = weights[0].shape[1] // 2
-    fns = {}
-    if "triton" in names:
-        first, down, bm = stage_configs(None, expert_type, E, H, I, H_out, x.dtype, T * k, x.device)
-        al = moe_align(ids, E, bm)
-        row_w = tw.reshape(-1).contiguous()
+def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int) -> float:
+    """Median ms of fn: triton's do_bench on a GPU (a rep_ms window); on the CPU (a dry run under the
+    interpreter) the median of 3 wall-clock calls."""
+    if device.type != "cuda":
+        return statistics.median(time_fn(fn, device, 1, 3)) * 1e3
+    import triton.testing
 
-        def triton_fn():
-            pairs = fused_moe_aligned(x, al, weights, expert_type, first, down, a_div=k, row_weights=row_w)
-            return pairs.view(T, k, H_out).sum(1)
-
-        fns["triton"] = triton_fn
-        fns["triton+align"] = lambda: fused_moe(x, ids, tw, weights, expert_type)
-    wk = tw.to(x.dtype).reshape(T, k, 1)
-    if "deepgemm" in names and expert_type == "swiglu":
-        ok, why = deepgemm.supports(x, weights)
-        if not ok:
-            print(f"  deepgemm skipped: {why}")
-        else:
-            _, _, pos, m_idx, R = sorted_layout(ids, E, deepgemm.alignment())
-            a = x.new_zeros((R, H))
-            a[pos] = x.repeat_interleave(k, 0)
-            fns["deepgemm"] = lambda: (deepgemm.deepgemm_grouped_ffn(a, m_idx, *weights).index_select(0, pos)
-                                       .view(T, k, H_out) * wk).sum(1)
-    if "bmm" in names:
-        slot, counts, _, _, _ = sorted_layout(ids, E, 1)
-        cap = max(max(counts), 1)
-        flat_e = ids.reshape(-1).long()
-        xp = x.new_zeros((E, cap, H))
-        xp[flat_e, slot] = x.repeat_interleave(k, 0)
-        w_t = [w.transpose(1, 2) for w in weights]
-
-        def bmm_fn():
-            if expert_type == "linear":
-                y = torch.bmm(xp, w_t[0])
-            else:
-                gate, up = torch.bmm(xp, w_t[0]).float().chunk(2, dim=-1)
-                y = torch.bmm((F.silu(gate) * up).to(x.dtype), w_t[1])
-            return (y[flat_e, slot].view(T, k, H_out) * wk).sum(1)
-
-        fns["bmm"] = bmm_fn
-    return fns
+    return triton.testing.do_bench(fn, warmup=min(25, rep_ms // 4), rep=rep_ms, return_mode="median")
 
 
 def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: tuple[torch.Tensor, ...],
-             names: list[str], ceilings: dict, warm_only: bool, check_tokens: int = 6) -> list[dict]:
-    """Rows of the JSON for one (E, T): check each variant, then time it (median of do_bench)."""
-    import triton.testing
-
+             names: list[str], ceilings: dict, warm_only: bool, opts: argparse.Namespace, skipped: list[dict],
+             rep_ms: int = 200, check_tokens: int = 6) -> list[dict]:
+    """Rows of the JSON for one (E, T): check each variant, then time it (time_ms)."""
     dev = weights[0].device
     x = torch.randn(T, H, device=dev, dtype=weights[0].dtype)
     ids, tw = make_routing(T, E, k, str(dev), seed=T)
-    fns = build_variants(x, ids, tw, weights, expert_type, names)
+    case = {"phase": "decode" if T * k <= 64 * E else "prefill", "tokens": T, "experts": E, "top_k": k,
+            "hidden": H, "intermediate": I if expert_type == "swiglu" else None, "expert_type": expert_type,
+            "dtype": str(x.dtype).replace("torch.", "")}
+    built = build_variants(x, ids, tw, weights, expert_type, names, opts.sgl_config, opts.sgl_folder)
+    for name, why in built.skipped.items():
+        print(f"  E={E:3d} T={T:5d} {name:13s} skipped: {why}")
+        skipped.append({"variant": name, "case": case, "reason": why})
     sample = torch.linspace(0, T - 1, min(check_tokens, T), device=dev).long().unique()
     ref = None if warm_only else reference_rows(x, ids, tw, weights, expert_type, sample)
     hit = int(torch.unique(ids).numel())
-    per_expert = sum(w[0].numel() for w in weights) * weights[0].element_size()
-    wbytes = hit * per_expert
+    wbytes = hit * sum(w[0].numel() for w in weights) * weights[0].element_size()
     flops = 2 * T * k * sum(w[0].numel() for w in weights)
     rows = []
-    for name, fn in fns.items():
+    for name, fn in built.fns.items():
         out = fn()
         if warm_only:
             continue
         err = float((out[sample].float() - ref).norm() / ref.norm())
-        ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        ms = time_ms(fn, dev, rep_ms)
         sec = ms * 1e-3
         floor = max(wbytes / (ceilings["hbm_gbps"] * 1e9), flops / (ceilings["bf16_tflops"] * 1e12))
-        rows.append({
-            "case": {"phase": "decode" if T * k <= 64 * E else "prefill", "tokens": T, "experts": E,
-                     "top_k": k, "hidden": H, "intermediate": I if expert_type == "swiglu" else None,
-                     "expert_type": expert_type, "dtype": str(x.dtype).replace("torch.", "")},
-            "variant": name, "median_us": round(ms * 1e3, 1), "gbps": round(wbytes / sec / 1e9, 1),
-            "tflops": round(flops / sec / 1e12, 2), "roofline": round(floor / sec, 3),
-            "floor_us": round(floor * 1e6, 1), "check_rel_err": round(err, 5), "ok": err < 2e-2,
-        })
-        r = rows[-1]
-        if name.startswith("triton"):
-            first, down, _ = stage_configs(None, expert_type, E, H, I, weights[-1].shape[1], x.dtype, T * k,
-                                           dev)
-            r["config"] = {"up" if expert_type == "swiglu" else "linear": first, "down": down}
+        r = {"case": case, "variant": name, "median_us": round(ms * 1e3, 1), "gbps": round(wbytes / sec / 1e9, 1),
+             "tflops": round(flops / sec / 1e12, 2), "roofline": round(floor / sec, 3),
+             "floor_us": round(floor * 1e6, 1), "check_rel_err": round(err, 5), "ok": err < 2e-2}
+        if name in built.configs:
+            r["config"] = built.configs[name]
+        rows.append(r)
         print(f"  E={E:3d} T={T:5d} {name:13s} {r['median_us']:9.1f} us  {r['tflops']:7.1f} TFLOP/s "
               f"{r['gbps']:7.1f} GB/s  roofline {r['roofline']:.3f}  err {err:.1e}"
               f"{'' if r['ok'] else ' BAD'}")
     for r in rows:
-        vs = {o["variant"]: round(o["median_us"] / r["median_us"], 3) for o in rows
-              if o["variant"] in ("bmm", "deepgemm") and o is not r}
+        vs = {o["variant"]: sig(o["median_us"] / r["median_us"], 3) for o in rows
+              if o["variant"] in PEERS and o is not r}
         if vs:
             r["speedup_vs"] = vs
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the bench; returns the JSON rows."""
+def ranking_table(rows: list[dict]) -> list[dict]:
+    """Per (E, T): the variants fastest first and the violations of loop > bmm > triton (slowest first) and
+    of deepgemm <= 1.05 x triton at T >= 1024; printed as a table."""
+    by_case: dict[tuple[int, int], dict[str, float]] = {}
+    for r in rows:
+        by_case.setdefault((r["case"]["experts"], r["case"]["tokens"]), {})[r["variant"]] = r["median_us"]
+    print(f"\nranking (median us; expected loop > bmm > triton, deepgemm <= 1.05 x triton at T >= 1024)\n"
+          f"{'E':>4} {'T':>6} " + " ".join(f"{v:>10}" for v in RANK_VARIANTS) + "  order (fastest first) / flags")
+    table = []
+    for (E, T), us in sorted(by_case.items()):
+        flags = []
+        for slow, fast in (("loop", "bmm"), ("bmm", "triton")):
+            if slow in us and fast in us and us[fast] >= us[slow]:
+                flags.append(f"{fast} not faster than {slow}")
+        if T >= 1024 and "deepgemm" in us and "triton" in us and us["deepgemm"] > 1.05 * us["triton"]:
+            flags.append(f"deepgemm {us['deepgemm'] / us['triton']:.2f}x triton")
+        order = sorted(us, key=us.get)
+        table.append({"experts": E, "tokens": T, "us": us, "order": order, "violations": flags})
+        cells = " ".join(f"{us[v]:10.1f}" if v in us else f"{'-':>10}" for v in RANK_VARIANTS)
+        print(f"{E:4d} {T:6d} {cells}  {' < '.join(order)}" + (f"  VIOLATES: {'; '.join(flags)}" if flags else ""))
+    return table
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, with .names the checked variant list (argparse error on an unknown one)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="E=32, T in 64/256/1024/4096 (the issue's sizes)")
+    p.add_argument("--ranking", action="store_true",
+                   help="T 64..16384 x E 32..256 with loop,bmm,triton,deepgemm and the ranking table")
     p.add_argument("--experts", type=int, nargs="*", default=None)
     p.add_argument("--tokens", type=int, nargs="*", default=None)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--variants", default="triton,deepgemm,bmm")
+    p.add_argument("--variants", default=None, help=f"comma-separated, of {','.join(VARIANTS)} (default: all; "
+                                                    f"--ranking: {','.join(RANK_VARIANTS)})")
+    p.add_argument("--sgl-config", default="tuned",
+                   help="SGLang peer tile: tuned (by rows per expert), default (SGLang's fallback) or a JSON dict")
+    p.add_argument("--sgl-folder", default=None, help="where sglang 0.5.23's kernel files are (default: .peers/sgl)")
     p.add_argument("--seed-shape", action="store_true",
                    help="also the seed's linear experts (E=256, H=2048, T=128)")
     p.add_argument("--warm-only", action="store_true", help="run each variant once (JIT warm-up), no timing")
@@ -176,28 +154,49 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run under TRITON_INTERPRET=1")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = p.parse_args(argv)
+    names = (args.variants or ",".join(RANK_VARIANTS if args.ranking else VARIANTS)).split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    args.names = names
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the bench; returns the JSON rows."""
+    args = parse(argv)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_expert_ffn needs a CUDA GPU (or --device cpu with TRITON_INTERPRET=1)")
-    names = args.variants.split(",")
-    experts = args.experts or ((32,) if args.quick else FULL_EXPERTS)
-    tokens = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
+    experts = args.experts or (RANK_EXPERTS if args.ranking else (32,) if args.quick else FULL_EXPERTS)
+    tokens = args.tokens or (RANK_TOKENS if args.ranking else QUICK_TOKENS if args.quick else FULL_TOKENS)
     ceilings = {} if args.warm_only else measure_ceilings(dev, dtype)
     print(f"ceilings: {ceilings}")
-    rows = []
+    rows, skipped = [], []
+    k, H, I = args.top_k, args.hidden, args.intermediate
     torch.manual_seed(0)
     for E in experts:
-        weights = make_weights(E, args.hidden, args.intermediate, "swiglu", dtype, args.device)
+        weights = make_weights(E, H, I, "swiglu", dtype, args.device)
         for T in tokens:
-            rows += run_case(E, T, args.top_k, args.hidden, args.intermediate, "swiglu", weights, names,
-                             ceilings, args.warm_only)
+            names = list(args.names)
+            if args.ranking and "loop" in names and loop_estimate_ms(T, E, k, H, I) > LOOP_LIMIT_MS:
+                names.remove("loop")
+                why = f"estimated {loop_estimate_ms(T, E, k, H, I):.0f} ms a call > {LOOP_LIMIT_MS:.0f} ms"
+                print(f"  E={E:3d} T={T:5d} loop          skipped: {why}")
+                skipped.append({"variant": "loop", "case": {"tokens": T, "experts": E}, "reason": why})
+            rows += run_case(E, T, k, H, I, "swiglu", weights, names, ceilings, args.warm_only, args, skipped,
+                             rep_ms=100 if args.ranking else 200)
         del weights
     if args.seed_shape:
         weights = make_weights(256, 2048, 0, "linear", dtype, args.device)
-        rows += run_case(256, 128, 8, 2048, 0, "linear", weights, names, ceilings, args.warm_only)
+        rows += run_case(256, 128, 8, 2048, 0, "linear", weights, args.names, ceilings, args.warm_only, args,
+                         skipped)
+    extra = {"skipped": skipped}
+    if args.ranking and rows:
+        extra["ranking"] = ranking_table(rows)
     if args.json and not args.warm_only:
-        write_record(args.json, "expert_ffn", dev, 1, ceilings, rows)
-    print(f"{'E':>4} {'T':>6} {'variant':14s} {'us':>9} {'roofline':>8}")
+        write_record(args.json, "expert_ffn", dev, 1, ceilings, rows, extra)
+    print(f"\n{'E':>4} {'T':>6} {'variant':14s} {'us':>9} {'roofline':>8}")
     for r in rows:
         c = r["case"]
         print(f"{c['experts']:4d} {c['tokens']:6d} {r['variant']:14s} {r['median_us']:9.1f} "

@@ -34,9 +34,9 @@ from nanomoe_kernels.moe_align import Alignment, moe_align  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8, tma=False, split=0):
+def _cfg(bm, bn, bk, warps, stages, group=8, tma=False, split=0, merge=False, a_tma=False):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages,
-                USE_TMA=tma, SPLIT_M=split)
+                USE_TMA=tma, SPLIT_M=split, MERGE_TAIL=merge, A_TMA=a_tma)
 
 
 def _space(*groups) -> list[tuple[tuple[int, int], dict]]:
@@ -47,7 +47,13 @@ def _with_split(cs, split=64):
     return cs + [(*c[:5], c[5] if len(c) > 5 else 8, c[6] if len(c) > 6 else False, split) for c in cs]
 
 
-# (rows-per-expert range a config is tried for, config): (BM, BN, BK, warps, stages[, GROUP_M, TMA, SPLIT_M]).
+def _merged(cs, split=64):
+    """The TMA configs again with 64-row tails in the same launch (MERGE_TAIL)."""
+    return [(*c[:5], c[5] if len(c) > 5 else 8, True, split, True) for c in cs]
+
+
+# (rows-per-expert range a config is tried for, config):
+# (BM, BN, BK, warps, stages[, GROUP_M, TMA, SPLIT_M, MERGE_TAIL, A_TMA]).
 # "up" holds two accumulators (gate, up), so its column tiles are half the others'. The space is the
 # neighbourhood of what won on an H200 (bench/results/expert_ffn_notes.md), plus 64-row tail splits.
 SMALL, LARGE = (0, 96), (48, 1 << 30)
@@ -55,12 +61,16 @@ _UP = _space(
     (SMALL, [(32, 128, 128, 8, 3), (32, 128, 128, 8, 4), (32, 64, 128, 4, 4), (32, 64, 128, 4, 4, 8, True),
              (64, 64, 128, 4, 4, 8, True), (16, 64, 128, 4, 4), (32, 128, 128, 8, 3, 8, True)]),
     (LARGE, _with_split([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3, 8, True),
-                         (128, 128, 64, 8, 4, 8, True)]) + [(128, 128, 64, 8, 3, 16)]))
+                         (128, 128, 64, 8, 4, 8, True)]) + [(128, 128, 64, 8, 3, 16)]
+     + _merged([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3, 16)])))
 _DOWN = _space(
     (SMALL, [(32, 256, 128, 8, 3), (32, 256, 128, 8, 4), (64, 256, 64, 8, 4, 8, True), (64, 128, 64, 4, 4),
              (32, 128, 128, 4, 4), (32, 128, 128, 4, 4, 8, True), (16, 128, 128, 4, 4, 8, True)]),
     (LARGE, _with_split([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 64, 8, 3, 8, True),
-                         (128, 256, 64, 8, 4, 8, True)]) + [(128, 256, 64, 8, 3, 16)]))
+                         (128, 256, 64, 8, 4, 8, True)]) + [(128, 256, 64, 8, 3, 16)]
+     + _merged([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4)])
+     + [(*c, True) for c in _merged([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4)])]
+     + [(128, 256, 64, 8, s, 8, True, 0, False, True) for s in (3, 4)]))
 _LINEAR = _space(
     (SMALL, [(16, 128, 128, 4, 4, 8, True), (16, 128, 128, 4, 4), (16, 256, 128, 8, 3, 8, True),
              (16, 64, 128, 4, 4), (16, 128, 256, 4, 3), (32, 128, 128, 4, 4, 8, True)]))

@@ -1,6 +1,7 @@
 """Adapter over DeepGEMM's bf16 m-grouped GEMMs (package `deep_gemm` from `sgl-deep-gemm`), optional.
 
-Dimension legend: E experts, H hidden, I expert intermediate, N rows of a contiguous batch,
+Dimension legend: E experts, H hidden, I expert intermediate, T tokens, k experts per token,
+N rows of a contiguous batch, G token rows a gathered batch reads through its index,
 R rows after padding each expert to the alignment A (DeepGEMM's m alignment for the contiguous
 layout, 128 on Hopper; asked from the package), cap rows per expert in the masked layout.
 
@@ -9,8 +10,13 @@ DeepGEMM computes D = A @ B[g].T per group g, bf16 in, bf16 out:
   -1 for padding (a block whose first row is -1 is skipped); every group starts at a multiple of A.
 - masked: A [E, cap, H], D [E, cap, rows], masked_m [E] int32 rows used per group, expected_m an
   int hint of the typical masked_m (it picks the kernel's tile).
-The whole SwiGLU expert FFN here is two grouped GEMMs plus torch glue: silu(gate) * up in float32
-rounded to bf16, and for the contiguous layout a gather into the padded order and a scatter back.
+The whole SwiGLU expert FFN here is two grouped GEMMs plus Triton glue (kernels/moe_permute.py):
+`permute_rows` gathers rows into the padded order and writes m_indices, `silu_mul` is silu(gate) * up
+in float32 rounded to bf16 (padding rows skipped), `unpermute_sum` reads each token's rows back and
+sums them with the top-k weights. No host sync anywhere: with an alignment made ahead (or moe_align
+inside the capture) the whole path captures into a CUDA graph. Entry points mirror kernels/fused_moe:
+`deepgemm_fused_moe` (x [T, H] + top-k routing -> [T, H]), `deepgemm_moe_contiguous`,
+`deepgemm_moe_gathered` and `deepgemm_moe_masked`.
 Known-good build: sgl-deep-gemm 0.1.4.post1 with apache-tvm-ffi 0.1.11 on torch 2.11 (0.1.5.post3 to
 0.2.2 load but misread tensors; see ANCHORS.md). `supports` says why DeepGEMM cannot run.
 """
@@ -20,8 +26,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from nanomoe_kernels.activation import swiglu_act
-from nanomoe_kernels.moe_align import moe_align_contiguous
+from nanomoe_kernels.checks import check_values
+from nanomoe_kernels.moe_align import Alignment, moe_align, moe_align_contiguous
+from nanomoe_kernels.moe_permute import permute_rows, silu_mul, unpermute_sum
 
 # versions that import but compute wrong results on the GPU machine's torch (ANCHORS.md)
 _BAD_VERSIONS = ("0.1.5", "0.1.6", "0.1.7", "0.2.0", "0.2.1", "0.2.2")
@@ -89,7 +96,9 @@ def alignment() -> int:
 
 def deepgemm_grouped_ffn(a: torch.Tensor, m_indices: torch.Tensor, w13: torch.Tensor,
                          w2: torch.Tensor) -> torch.Tensor:
-    """SwiGLU FFN on the padded contiguous layout: a [R, H] bf16, m_indices [R] int32 -> [R, H]."""
+    """SwiGLU FFN on the padded contiguous layout: a [R, H] bf16, m_indices [R] int32 -> [R, H].
+
+    Rows with m_indices -1 are padding: their output rows are unspecified (never meant to be read)."""
     dg = _require(a, (w13, w2))
     R, H = a.shape
     if m_indices.dtype != torch.int32 or m_indices.shape != (R,) or not m_indices.is_contiguous():
@@ -98,35 +107,90 @@ def deepgemm_grouped_ffn(a: torch.Tensor, m_indices: torch.Tensor, w13: torch.Te
     h = a.new_empty((R, w13.shape[1]))
     dg.m_grouped_bf16_gemm_nt_contiguous(a, w13, h, m_indices)
     y = a.new_empty((R, H))
-    dg.m_grouped_bf16_gemm_nt_contiguous(swiglu_act(h, h.dtype), w2, y, m_indices)
+    dg.m_grouped_bf16_gemm_nt_contiguous(silu_mul(h, m_indices=m_indices), w2, y, m_indices)
     return y
+
+
+def _check_alignment(align: Alignment, num_rows: int) -> None:
+    A = alignment()
+    if align.block_m % A or align.num_rows != num_rows:
+        raise ValueError(f"align must pad experts to a multiple of DeepGEMM's alignment ({A}) and sort "
+                         f"{num_rows} rows, got block_m={align.block_m}, num_rows={align.num_rows}")
+
+
+def deepgemm_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       weights: tuple[torch.Tensor, ...], align: Alignment | None = None,
+                       validate: bool = False) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H] bf16 -> [T, H] (the contract
+    of kernels.fused_moe.fused_moe, SwiGLU experts).
+
+    align: moe_align(topk_ids, E, alignment()) made ahead (a bench timing the FFN alone, or a CUDA graph
+    replaying with fixed routing); None aligns here. The weighted k-sum is in float32,
+    rounded once. Ids outside [0, E) are an error with validate=True (async on GPUs); otherwise their
+    pairs add nothing."""
+    _require(x, tuple(weights))
+    w13, w2 = weights
+    E = w13.shape[0]
+    if x.dim() != 2 or x.shape[1] != w13.shape[2]:
+        raise ValueError(f"x must be [T, H={w13.shape[2]}], got {tuple(x.shape)}")
+    T = x.shape[0]
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids must be [{T}, k], got {getattr(topk_ids, 'shape', topk_ids)}")
+    k = topk_ids.shape[1]
+    if not 1 <= k <= E:
+        raise ValueError(f"top-k must lie in [1, E={E}], got {k}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if align is None:
+        align = moe_align(topk_ids, E, alignment(), validate=validate)
+    _check_alignment(align, T * k)
+    if T == 0:
+        return x.new_zeros((0, x.shape[1]))
+    a, m_indices = permute_rows(x, align, a_div=k)
+    return unpermute_sum(deepgemm_grouped_ffn(a, m_indices, w13, w2), align, T, k, topk_weights)
+
+
+def _batch_ffn(rows: torch.Tensor, index: torch.Tensor | None, N: int, counts: torch.Tensor,
+               weights: tuple[torch.Tensor, ...], validate: bool) -> torch.Tensor:
+    """[N, H], batch row i = expert(rows[i]) (rows[index[i]] with an index); see the two callers."""
+    _require(rows, tuple(weights))
+    w13, w2 = weights
+    if rows.dim() != 2 or rows.shape[1] != w13.shape[2]:
+        raise ValueError(f"rows must be [rows, H={w13.shape[2]}], got {tuple(rows.shape)}")
+    if counts.dim() != 1 or counts.shape[0] != w13.shape[0]:
+        raise ValueError(f"counts must be [E={w13.shape[0]}], got {tuple(counts.shape)}")
+    if N == 0:
+        return rows.new_empty((0, rows.shape[1]))
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    align = moe_align_contiguous(counts, N, alignment(), validate=validate)
+    a, m_indices = permute_rows(rows, align, a_index=index)
+    return unpermute_sum(deepgemm_grouped_ffn(a, m_indices, w13, w2), align, N, 1)
 
 
 def deepgemm_moe_contiguous(rows: torch.Tensor, counts: torch.Tensor, weights: tuple[torch.Tensor, ...],
                             validate: bool = False) -> torch.Tensor:
     """rows [N, H] sorted by expert, counts [E] -> [N, H] (row i = its expert's SwiGLU FFN, no weighting).
 
-    Pads each expert's rows to `alignment()` (a gather), runs `deepgemm_grouped_ffn` and scatters the
-    rows back; no host sync. Rows past sum(counts) are left unwritten.
+    Pads each expert's rows to `alignment()` (permute_rows), runs `deepgemm_grouped_ffn` and reads the
+    rows back (unpermute_sum); no host sync. Rows past sum(counts) come back as zeros.
     """
-    _require(rows, tuple(weights))
-    w13, w2 = weights
-    N, H = rows.shape
-    if counts.dim() != 1 or counts.shape[0] != w13.shape[0]:
-        raise ValueError(f"counts must be [E={w13.shape[0]}], got {tuple(counts.shape)}")
-    out = rows.new_empty((N + 1, H))  # the extra row takes the padding's scatter
-    if N == 0:
-        return out[:0]
-    al = moe_align_contiguous(counts, N, alignment(), validate=validate)
-    R = al.sorted_ids.numel()
-    pos = torch.arange(R, device=rows.device)
-    live = (pos < al.num_padded) & (al.sorted_ids < N)
-    src = torch.where(live, al.sorted_ids, N).long()  # entries past num_padded were never written
-    m_indices = torch.where(live, al.expert_ids.repeat_interleave(al.block_m), -1).to(torch.int32)
-    a = rows.index_select(0, src.clamp(max=N - 1))
-    y = deepgemm_grouped_ffn(a, m_indices.contiguous(), w13, w2)
-    out.index_copy_(0, src, y)
-    return out[:N]
+    return _batch_ffn(rows, None, rows.shape[0] if rows.dim() == 2 else 0, counts, weights, validate)
+
+
+def deepgemm_moe_gathered(rows: torch.Tensor, index: torch.Tensor, counts: torch.Tensor,
+                          weights: tuple[torch.Tensor, ...], validate: bool = False) -> torch.Tensor:
+    """rows [G, H] token rows, index [N] int32/int64 in [0, G), counts [E] -> [N, H], row i =
+    expert(rows[index[i]]): deepgemm_moe_contiguous on rows[index] without making it (permute_rows
+    reads through the index). validate=True checks the index (async on GPUs)."""
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"index must be a 1-dim int32/int64 tensor, got {getattr(index, 'shape', index)}")
+    if index.device != rows.device:
+        raise ValueError(f"index must be on {rows.device} (with the rows), got {index.device}")
+    if validate and index.numel():
+        lo, hi = torch.aminmax(index)
+        check_values((lo >= 0) & (hi < rows.shape[0]), f"index must lie in [0, {rows.shape[0]}) (the rows)")
+    return _batch_ffn(rows, index.contiguous(), index.shape[0], counts, weights, validate)
 
 
 def deepgemm_moe_masked(x: torch.Tensor, counts: torch.Tensor, weights: tuple[torch.Tensor, ...],
@@ -150,5 +214,6 @@ def deepgemm_moe_masked(x: torch.Tensor, counts: torch.Tensor, weights: tuple[to
     h = x.new_empty((E, cap + pad, w13.shape[1]))
     dg.m_grouped_bf16_gemm_nt_masked(xp, w13, h, masked_m, expected)
     y = x.new_empty((E, cap + pad, H))
-    dg.m_grouped_bf16_gemm_nt_masked(swiglu_act(h, h.dtype), w2, y, masked_m, expected)
+    # rows past masked_m[e] are neither read nor written by silu_mul
+    dg.m_grouped_bf16_gemm_nt_masked(silu_mul(h, masked_m=masked_m), w2, y, masked_m, expected)
     return y[:, :cap]

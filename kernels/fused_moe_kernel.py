@@ -21,7 +21,11 @@ expert (the alignment guarantees it), so the tile is A[rows of the block, :] @ W
   row pid_m * BLOCK_M of the alignment: BLOCK_M-row main blocks and align-block-row tail blocks,
   so an expert pays for at most align_m - 1 padding rows rather than BLOCK_M - 1.
 - USE_TMA loads weight tiles with a host TensorDescriptor over W seen as [E*NW, K] (tiles past an
-  expert's rows land in masked-out columns; past the tensor, TMA fills zeros).
+  expert's rows land in masked-out columns; past the tensor, TMA fills zeros). A_TMA does the same for
+  A when A is not gathered (the down GEMM's aligned [R, I] rows; padding rows are masked at the store).
+- MERGED: one launch over moe_blocks' merged list (per expert: main blocks, then its tail block), so
+  a tail tile (TAIL_M rows) runs next to the main tiles that read the same weights and L2 serves it;
+  two launches would read the weights of every expert with a tail twice from HBM.
 Programs are ordered GROUP_M row blocks at a time for each column tile, so the row blocks of one
 expert (consecutive) share the weight tile through L2.
 """
@@ -35,37 +39,14 @@ from nanomoe_kernels.moe_align import Alignment
 from nanomoe_kernels.moe_blocks import BlockTables, block_tables
 
 
-# token counts change every step: do not compile a variant per divisibility of these two
-@triton.jit(do_not_specialize=["num_rows", "num_blocks"])
-def _moe_gemm_kernel(
-    a_ptr, b_ptr, b_desc, c_ptr, w_ptr, sorted_ids_ptr, block_rows_ptr, block_experts_ptr, used_ptr, a_index_ptr,
-    num_rows, N, K, num_blocks, align_m, stride_am, stride_be, stride_bn, stride_cm,
-    A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr, SWIGLU: tl.constexpr,
-    MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_TABLE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    if BLOCK_TABLE:
-        # kernels.moe_blocks: block pid_m starts at aligned row block_rows[pid_m]; used_ptr = blocks used
-        if pid_m >= tl.load(used_ptr):
-            return
-        row0 = tl.load(block_rows_ptr + pid_m)
-        expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
-    else:
-        # block pid_m is aligned rows pid_m * BLOCK_M ..; used_ptr = num_padded, block_experts = expert_ids
-        row0 = pid_m * BLOCK_M
-        if row0 >= tl.load(used_ptr):
-            return
-        # with BLOCK_M < align_m a block can be all padding (the tail of an expert's aligned segment)
-        if tl.load(sorted_ids_ptr + row0) >= num_rows:
-            return
-        expert = tl.load(block_experts_ptr + row0 // align_m).to(tl.int64)
+@triton.jit
+def _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert, pid_n,
+               num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm,
+               A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr,
+               SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, A_TMA: tl.constexpr,
+               EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One BLOCK_M x BLOCK_N output tile: aligned rows row0.. (all of one expert) times that expert's
+    weight columns pid_n * BLOCK_N..; the epilogues of the module docstring; stores its valid rows."""
     offs_m = row0 + tl.arange(0, BLOCK_M)
     ids = tl.load(sorted_ids_ptr + offs_m)
     row_ok = ids < num_rows
@@ -88,7 +69,9 @@ def _moe_gemm_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kk * BLOCK_K
-        if EVEN_K:
+        if A_TMA:  # contiguous A rows (the down GEMM): padding rows hold garbage, masked at the store
+            a = a_desc.load([row0.to(tl.int32), kk * BLOCK_K])
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -124,6 +107,62 @@ def _moe_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_cn[None, :] < N))
 
 
+# token counts change every step: do not compile a variant per divisibility of these two
+@triton.jit(do_not_specialize=["num_rows", "num_blocks"])
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, b_desc, a_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, block_rows_ptr, block_experts_ptr,
+    used_ptr, a_index_ptr,
+    num_rows, N, K, num_blocks, align_m, stride_am, stride_be, stride_bn, stride_cm,
+    A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr, SWIGLU: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_TABLE: tl.constexpr, MERGED: tl.constexpr, TAIL_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    if MERGED:
+        # kernels.moe_blocks merged list: each expert's main blocks then its tail blocks, in one launch
+        # (a tail tile runs beside the main tiles that read the same weight tile, so L2 serves it);
+        # used_ptr = the (main, tail) counts; code = expert | is_tail << 30
+        if pid_m >= tl.load(used_ptr) + tl.load(used_ptr + 1):
+            return
+        row0 = tl.load(block_rows_ptr + pid_m)
+        code = tl.load(block_experts_ptr + pid_m)
+        expert = (code & 0x3FFFFFFF).to(tl.int64)
+        if code >= 0x40000000:
+            _gemm_tile(a_ptr, b_ptr, b_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
+                       pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
+                       A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, TAIL_M, BLOCK_N, BLOCK_K)
+        else:
+            _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
+                       pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
+                       A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+        return
+    if BLOCK_TABLE:
+        # kernels.moe_blocks: block pid_m starts at aligned row block_rows[pid_m]; used_ptr = blocks used
+        if pid_m >= tl.load(used_ptr):
+            return
+        row0 = tl.load(block_rows_ptr + pid_m)
+        expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    else:
+        # block pid_m is aligned rows pid_m * BLOCK_M ..; used_ptr = num_padded, block_experts = expert_ids
+        row0 = pid_m * BLOCK_M
+        if row0 >= tl.load(used_ptr):
+            return
+        # with BLOCK_M < align_m a block can be all padding (the tail of an expert's aligned segment)
+        if tl.load(sorted_ids_ptr + row0) >= num_rows:
+            return
+        expert = tl.load(block_experts_ptr + row0 // align_m).to(tl.int64)
+    _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert, pid_n,
+               num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A, A_INDEX, SCATTER_C,
+               SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
 def runs_interpreted() -> bool:
     """True when the kernels were decorated under TRITON_INTERPRET=1 (they then take CPU tensors)."""
     return type(_moe_gemm_kernel).__name__ == "InterpretedFunction"
@@ -133,7 +172,8 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_sta
 
 
 def check_config(config: dict) -> dict:
-    """A launch config with every key (USE_TMA defaults to False, SPLIT_M to 0 = no tail split)."""
+    """A launch config with every key (USE_TMA, A_TMA and MERGE_TAIL default to False, SPLIT_M to 0 = no
+    tail split)."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -148,7 +188,8 @@ def check_config(config: dict) -> dict:
     if split and bad_split:
         raise ValueError(f"config['SPLIT_M'] must be 0 or a power of two in [16, BLOCK_M], got {split!r}")
     return {**{k: config[k] for k in CONFIG_KEYS}, "USE_TMA": bool(config.get("USE_TMA", False)),
-            "SPLIT_M": 0 if split == config["BLOCK_M"] else split}
+            "SPLIT_M": 0 if split == config["BLOCK_M"] else split, "A_TMA": bool(config.get("A_TMA", False)),
+            "MERGE_TAIL": bool(config.get("MERGE_TAIL", False))}
 
 
 def _tma_descriptor(w: torch.Tensor, rows: int, block_n: int, block_k: int):
@@ -167,8 +208,9 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
     swiglu), align from kernels.moe_align, row_weights [num_rows] float32 or None, a_index (gather_a
     only) contiguous int32/int64 [>= ceil(num_rows / a_div)] or None: A row = a_index[row id // a_div],
     values in [0, a.shape[0]) (the caller's check). BLOCK_M larger than
-    align.block_m runs main blocks of BLOCK_M rows and tail blocks of align.block_m rows (two launches;
-    `tables` = kernels.moe_blocks.block_tables(align, BLOCK_M), made here when not given). Returns out.
+    align.block_m runs main blocks of BLOCK_M rows and tail blocks of align.block_m rows (two launches,
+    or one with MERGE_TAIL; `tables` = kernels.moe_blocks.block_tables(align, BLOCK_M), made here when
+    not given). A_TMA loads A tiles through TMA when A is not gathered (the down GEMM). Returns out.
     """
     cfg = check_config(config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -198,23 +240,33 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
     if R == 0 or N == 0:
         return out
     # TMA needs 16-byte aligned rows; the interpreter emulates descriptors, so CPU tests cover the path
-    use_tma = cfg["USE_TMA"] and (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
+    tma_ok = (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
+    use_tma = cfg["USE_TMA"] and tma_ok
     desc = _tma_descriptor(w, E * NW, bn, bk) if use_tma else None
+    a_tma = (cfg["A_TMA"] and tma_ok and not gather_a and a.is_contiguous() and a.data_ptr() % 16 == 0)
+    merged = cfg["MERGE_TAIL"] and bm > tm
+
+    def a_desc(block_m: int):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        return TensorDescriptor.from_tensor(a, [block_m, bk]) if a_tma else None
 
     def launch(block_m: int, rows: torch.Tensor | None, experts: torch.Tensor, used: torch.Tensor,
                num_blocks: int) -> None:
         """Run the kernel over num_blocks blocks of block_m rows (a static grid; unused blocks exit)."""
         # rows None: blocks of the alignment, used = num_padded rows; else a block table's first rows,
-        # used [1] = its blocks in use. experts [num_blocks]: the expert of each block.
+        # used [1] = its blocks in use (merged: [2], main and tail). experts [num_blocks]: each block's expert.
         if num_blocks == 0:
             return
         _moe_gemm_kernel[(num_blocks * triton.cdiv(N, bn),)](
-            a, w, desc, out, row_weights, align.sorted_ids, rows, experts, used, a_index,
+            a, w, desc, a_desc(block_m), a_desc(tm) if merged else None, out, row_weights, align.sorted_ids,
+            rows, experts, used, a_index,
             num_rows, N, K, num_blocks, tm, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
             A_DIV=a_div, GATHER_A=gather_a, A_INDEX=a_index is not None, SCATTER_C=scatter_c, SWIGLU=swiglu,
-            MUL_WEIGHT=row_weights is not None, USE_TMA=use_tma, EVEN_K=K % bk == 0,
-            BLOCK_TABLE=rows is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
-            GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            MUL_WEIGHT=row_weights is not None, USE_TMA=use_tma, A_TMA=a_tma, EVEN_K=K % bk == 0,
+            BLOCK_TABLE=rows is not None, MERGED=merged and block_m == bm, TAIL_M=tm, BLOCK_M=block_m,
+            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
 
     if bm <= tm:
@@ -224,6 +276,9 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
         tables = block_tables(align, bm)
     if (tables.block_m, tables.tail_m) != (bm, tm):
         raise ValueError(f"tables are for blocks of {tables.block_m}/{tables.tail_m} rows, need {bm}/{tm}")
+    if merged:
+        launch(bm, tables.merged_rows, tables.merged_codes, tables.counts, tables.merged_rows.numel())
+        return out
     launch(bm, tables.main_rows, tables.main_experts, tables.counts[0:1], tables.main_rows.numel())
     launch(tm, tables.tail_rows, tables.tail_experts, tables.counts[1:2], tables.tail_rows.numel())
     return out

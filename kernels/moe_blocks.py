@@ -9,7 +9,9 @@ Why: with segments padded to BM, an expert with 257 rows and BM = 128 pays for 3
 covering each segment with floor(p / BM) main blocks plus (p mod BM) / TM tail blocks computes at
 most TM - 1 padding rows per expert; the tails run as a second, small launch with BLOCK_M = TM.
 Tables are device tensors of static size (no host sync): `main_rows[NM]` (first aligned row of each
-block), `main_experts[NM]`, `tail_rows[NT]`, `tail_experts[NT]`, `counts[2]` = (main, tail) used.
+block), `main_experts[NM]`, `tail_rows[NT]`, `tail_experts[NT]`, `counts[2]` = (main, tail) used, and
+the merged list for a single launch: `merged_rows[NM + NT]`, `merged_codes[NM + NT]` = expert | 2^30
+for a tail block, each expert's main blocks followed by its tail blocks (so they run side by side).
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ class BlockTables(NamedTuple):
     tail_rows: torch.Tensor
     tail_experts: torch.Tensor
     counts: torch.Tensor
+    merged_rows: torch.Tensor
+    merged_codes: torch.Tensor
     block_m: int
     tail_m: int
 
 
 @triton.jit
 def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, tail_experts_ptr,
-                   counts_ptr, E, BM: tl.constexpr, TM: tl.constexpr, NBIN: tl.constexpr, BB: tl.constexpr):
+                   counts_ptr, merged_rows_ptr, merged_codes_ptr, E, BM: tl.constexpr, TM: tl.constexpr,
+                   NBIN: tl.constexpr, BB: tl.constexpr):
     bins = tl.arange(0, NBIN)
     live = bins < E
     padded = tl.load(padded_ptr + bins, mask=live, other=0)
@@ -51,6 +56,23 @@ def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, t
                 seg_start, BM, live, bins, BB)
     _fill_range(tail_rows_ptr, tail_experts_ptr, tl.sum(n_tail, axis=0), tail_end, tail_end - n_tail,
                 seg_start + n_main * BM, TM, live, bins, BB)
+    # merged: expert e's entries are its n_main main blocks, then its n_tail tail blocks
+    n_all = n_main + n_tail
+    all_end = tl.cumsum(n_all, axis=0)
+    all_start = all_end - n_all
+    used_all = tl.sum(n_all, axis=0)
+    i_ = tl.arange(0, BB)
+    for i0 in range(0, used_all, BB):
+        i = i0 + i_
+        owner = tl.sum(((all_end[None, :] <= i[:, None]) & live[None, :]).to(tl.int32), axis=1)
+        sel = bins[None, :] == owner[:, None]
+        j = i - tl.sum(tl.where(sel, all_start[None, :], 0), axis=1)
+        nm = tl.sum(tl.where(sel, n_main[None, :], 0), axis=1)
+        seg = tl.sum(tl.where(sel, seg_start[None, :], 0), axis=1)
+        tail = j >= nm
+        row = seg + tl.where(tail, nm * BM + (j - nm) * TM, j * BM)
+        tl.store(merged_rows_ptr + i, row, mask=i < used_all)
+        tl.store(merged_codes_ptr + i, owner | tl.where(tail, 0x40000000, 0), mask=i < used_all)
 
 
 @triton.jit
@@ -77,13 +99,15 @@ def block_tables(align: Alignment, block_m: int) -> BlockTables:
     R = align.sorted_ids.numel()
     dev = align.sorted_ids.device
     n_main, n_tail = R // block_m, min(R // tm, E * (block_m // tm - 1))
-    buf = torch.empty(2 * n_main + 2 * n_tail + 2, dtype=torch.int32, device=dev)
-    main_rows, main_experts, tail_rows, tail_experts, counts = torch.split(
-        buf, [n_main, n_main, n_tail, n_tail, 2])
+    buf = torch.empty(4 * n_main + 4 * n_tail + 2, dtype=torch.int32, device=dev)
+    main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes = torch.split(
+        buf, [n_main, n_main, n_tail, n_tail, 2, n_main + n_tail, n_main + n_tail])
     if E:
         nbin = triton.next_power_of_2(E + 1)
-        _tables_kernel[(1,)](align.padded_counts, main_rows, main_experts, tail_rows, tail_experts, counts, E,
-                             BM=block_m, TM=tm, NBIN=nbin, BB=max(1, min(64, 8192 // nbin)))
+        _tables_kernel[(1,)](align.padded_counts, main_rows, main_experts, tail_rows, tail_experts, counts,
+                             merged_rows, merged_codes, E, BM=block_m, TM=tm, NBIN=nbin,
+                             BB=max(1, min(64, 8192 // nbin)))
     else:
         counts.zero_()
-    return BlockTables(main_rows, main_experts, tail_rows, tail_experts, counts, block_m, tm)
+    return BlockTables(main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes,
+                       block_m, tm)

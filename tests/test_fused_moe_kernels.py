@@ -49,7 +49,16 @@ CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_
                            SPLIT_M=16)},
            {"up": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2),
             "down": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2),
-            "linear": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2)}]
+            "linear": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2)},
+           # main and tail blocks in one launch; the down GEMM's A rows through TMA
+           dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16,
+                MERGE_TAIL=True, USE_TMA=True, A_TMA=True),
+           {"up": dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2, SPLIT_M=16,
+                       MERGE_TAIL=True),
+            "down": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, A_TMA=True,
+                         MERGE_TAIL=True),
+            "linear": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2, SPLIT_M=16,
+                           MERGE_TAIL=True)}]
 
 
 def make_experts(E, H, I, expert_type, dtype, g):
@@ -196,6 +205,11 @@ def test_block_tables_cover_each_segment(prob, sizes):
     assert list(zip(bt.main_rows[:n_main].tolist(), bt.main_experts[:n_main].tolist())) == want_main
     assert list(zip(bt.tail_rows[:n_tail].tolist(), bt.tail_experts[:n_tail].tolist())) == want_tail
     assert n_main <= bt.main_rows.numel() and n_tail <= bt.tail_rows.numel()
+    # the merged list: each expert's main blocks then its tail blocks, tails flagged by 2^30
+    want_merged = [item for e in range(E) for item in
+                   [(r, e) for r, ee in want_main if ee == e] + [(r, e | 1 << 30) for r, ee in want_tail if ee == e]]
+    got = list(zip(bt.merged_rows[:n_main + n_tail].tolist(), bt.merged_codes[:n_main + n_tail].tolist()))
+    assert got == want_merged
 
 
 def test_zero_tokens_and_bad_input():

@@ -5,7 +5,7 @@ R token rows of a gathered batch.
 Both take the batch's layout as is (contiguous rows + counts, or masked [P_local, C, H] + counts) and
 never sync with the host; rows past an expert's count are padding and stay unwritten (combine and
 to_contiguous never read them). A gathered batch (x [R, H] + index [M]) gives a contiguous [M, H]:
-triton loads the first GEMM's rows through the index; deepgemm materializes the batch first.
+triton loads the first GEMM's rows through the index, deepgemm's permute kernel reads through it.
 """
 
 from __future__ import annotations
@@ -64,14 +64,18 @@ def deepgemm_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
     return supports()
 
 
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
+@torch.compiler.disable  # DeepGEMM and Triton kernels: opaque to torch.compile
 def deepgemm_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
-    """DeepGEMM m-grouped bf16 GEMMs (contiguous rows padded per expert, or masked) + torch SwiGLU."""
-    from nanomoe_kernels.deepgemm import deepgemm_moe_contiguous, deepgemm_moe_masked
+    """DeepGEMM m-grouped bf16 GEMMs with Triton glue (kernels/moe_permute.py): contiguous and gathered
+    rows are permuted into the padded layout (a gathered batch through its index, never materialized),
+    masked batches run as they are; SwiGLU's activation is a Triton kernel between the GEMMs."""
+    from nanomoe_kernels.deepgemm import deepgemm_moe_contiguous, deepgemm_moe_gathered, deepgemm_moe_masked
 
     if not isinstance(experts, SwiGLUExperts):
         raise ValueError("the deepgemm backend needs SwiGLU experts")
-    ws, batch = expert_tensors(experts), batch.materialize()
+    ws = expert_tensors(experts)
     if batch.layout == "masked":
         return batch.with_x(deepgemm_moe_masked(batch.x, batch.counts, ws))
+    if batch.layout == "gathered":
+        return batch.with_x(deepgemm_moe_gathered(batch.x, batch.index, batch.counts, ws))
     return batch.with_x(deepgemm_moe_contiguous(batch.x, batch.counts, ws))

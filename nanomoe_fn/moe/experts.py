@@ -1,16 +1,17 @@
 """`expert_ffn`: run each local expert on its rows. Backends by name in a registry.
 
-Dimension legend: P_local local expert slots, M rows, C capacity (rows per expert, padded), H hidden,
-I intermediate. SwiGLU: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T with w13 = [w1; w3] [P, 2I, H];
-linear: y = x @ w.T. The activation is computed in float32 and rounded to the weights' dtype before
-the down projection, as the fused kernels do.
+Dimension legend: P_local local expert slots, P_sel experts a padded batch holds, M rows, C capacity
+(rows per expert, padded), H hidden, I intermediate. SwiGLU: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+with w13 = [w1; w3] [P, 2I, H]; linear: y = x @ w.T. The activation is computed in float32 and rounded to
+the weights' dtype before the down projection, as the fused kernels do.
 
 Dimension legend (gathered batches): R token rows in batch.x, M batch rows (batch.index [M]).
 Every backend takes the three layouts of nanomoe_fn.batch; a gathered batch comes back contiguous
-[M, H] (`loop`, `bmm` and `deepgemm` materialize it first; `triton` loads its rows through the index).
+[M, H] (`loop` and `deepgemm` materialize it first; `bmm` and `triton` load their rows through the index).
 
 Backends, slowest first: `loop` (one GEMM pair per expert; the obviously right baseline), `bmm`
-(rows scattered into a padded [P_active, C, H] batch, one batched GEMM per projection), `triton`
+(rows gathered into a padded [P_sel, C, H] batch by one index_select, C the largest count; one batched
+GEMM per projection, the activation in bounded float32 chunks; one index_select back), `triton`
 (grouped-GEMM Triton kernels, SwiGLU fused; kernels/fused_moe.py) and `deepgemm` (DeepGEMM's
 m-grouped GEMMs; kernels/deepgemm.py). `supports(cfg, device)` says why one cannot run.
 """
@@ -21,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from nanomoe_kernels.activation import swiglu_act
 
-from nanomoe_fn.batch import ExpertBatch, row_coords
+from nanomoe_fn.batch import ExpertBatch
 from nanomoe_fn.checks import INT_DTYPES, check_tensor, check_values, pick_backend
 from nanomoe_fn.moe.config import MoEConfig
 from nanomoe_fn.moe.expert_kernels import deepgemm_run, deepgemm_supports, triton_run, triton_supports
@@ -84,7 +86,7 @@ def _linear_expert(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def one_expert(experts: Experts) -> Callable[..., torch.Tensor]:
     """The math of one expert, f(*weights of that expert, rows [m, H]) -> [m, H]: the `loop` backend calls it
-    per expert, `bmm` vmaps it over the experts (torch.func.vmap: the same function, batched)."""
+    per expert; `bmm` runs the same math batched over experts (`_bmm_experts`)."""
     return _swiglu_expert if isinstance(experts, SwiGLUExperts) else _linear_expert
 
 
@@ -109,36 +111,77 @@ def _loop(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     return batch.with_x(y)
 
 
-def _bmm_padded(experts: Experts, xp: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
-    """[P_sel, C, H] -> [P_sel, C, H] for the experts at `slots` (all experts when None)."""
-    ws = expert_tensors(experts) if slots is None else tuple(w.index_select(0, slots) for w in
-                                                               expert_tensors(experts))
-    return torch.func.vmap(one_expert(experts))(*ws, xp)  # batched matmuls over the expert dim
+# float32 bytes of one activation chunk: the temporary stays this small at any batch size (and on an H200,
+# whose L2 holds 50 MB, silu's float32 output is mostly read back from L2 by the multiply)
+ACT_CHUNK_BYTES = 32 << 20
+# rows per expert where a bf16 GEMM turns compute-bound on an H200 (715 TFLOP/s over 4.2 TB/s); the cost
+# model below counts an expert's weights as 1 (read once) and its padded rows as max(1, C / RIDGE_ROWS)
+RIDGE_ROWS = 170
+
+
+def batch_all_experts(P: int, active: int, C: int) -> bool:
+    """Whether `bmm` batches all P experts (weights read once; empty experts compute padding) rather than
+    only the `active` ones with their weights copied out (read, written, read again): by the cost model
+    above, all P unless that costs more."""
+    per = max(1.0, C / RIDGE_ROWS)
+    return active == P or P * per <= active * (2 + per)
+
+
+def _swiglu_chunked(h: torch.Tensor) -> torch.Tensor:
+    """swiglu_act over the rows of h [P_sel * C, 2I] -> [P_sel * C, I] in h's dtype, in chunks of
+    ACT_CHUNK_BYTES of float32: the same float32 math (silu(gate) in float32, times up, rounded once),
+    so the same bits as swiglu_act on all of h."""
+    rows, I = h.shape[0], h.shape[1] // 2
+    out = h.new_empty((rows, I))
+    step = max(1, ACT_CHUNK_BYTES // (4 * max(I, 1)))
+    for r0 in range(0, rows, step):
+        gate, up = h[r0:r0 + step].chunk(2, dim=-1)
+        act = F.silu(gate.float(), inplace=gate.dtype != torch.float32)  # a float32 gate is a view of h
+        torch.mul(act, up, out=out[r0:r0 + step])  # float32 product, rounded to h's dtype on the store
+    return out
+
+
+def _bmm_experts(experts: Experts, xp: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+    """The experts at `sel` (all when None) on their padded rows: xp [P_sel, C, H] -> [P_sel, C, H]."""
+    ws = expert_tensors(experts)
+    if sel is not None:
+        ws = tuple(w.index_select(0, sel) for w in ws)
+    if isinstance(experts, LinearExperts):
+        return torch.bmm(xp, ws[0].transpose(1, 2))
+    P_sel, C, _ = xp.shape
+    h = torch.bmm(xp, ws[0].transpose(1, 2))  # [P_sel, C, 2I]
+    act = _swiglu_chunked(h.view(P_sel * C, -1)).view(P_sel, C, -1)
+    del h
+    return torch.bmm(act, ws[1].transpose(1, 2))
 
 
 def _bmm(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
-    batch = batch.materialize()
-    if batch.layout == "masked":
-        return batch.with_x(_bmm_padded(experts, batch.x, None))
-    H = batch.x.shape[1]
-    P = batch.num_experts
-    # host copy of the counts: the padded batch's shape depends on them (prefill-style path);
-    # experts with no rows are left out so their weights are never read
+    if batch.layout == "masked":  # no host sync: every expert, its C rows
+        return batch.with_x(_bmm_experts(experts, batch.x, None))
+    H, P, M, dev = batch.x.shape[1], batch.num_experts, batch.num_rows, batch.x.device
+    # host copy of the counts: the padded batch's shape depends on them (prefill-style path)
     counts_host = batch.counts.tolist()
     active = [e for e, c in enumerate(counts_host) if c]
     if not active:
         return batch.with_x(batch.x.new_empty((0, H)))
-    cap = max(counts_host)
-    dense = len(active) == P
-    slots = None if dense else torch.tensor(active, device=batch.x.device)
-    # each row's (position of its expert among the active ones, slot within that expert)
-    rank_of = torch.cumsum(batch.counts > 0, 0) - 1
-    row_expert, row_slot = row_coords(batch)
-    row_active = rank_of[row_expert]
-    xp = batch.x.new_zeros((len(active), cap, H))
-    xp[row_active, row_slot] = batch.x
-    y = _bmm_padded(experts, xp, slots)
-    return batch.with_x(y[row_active, row_slot])
+    C = max(counts_host)
+    dense = batch_all_experts(P, len(active), C)
+    counts = batch.counts.long()
+    offsets = torch.cumsum(counts, 0) - counts
+    sel = None if dense else torch.tensor(active, device=dev)
+    if sel is not None:
+        counts, offsets = counts[sel], offsets[sel]
+    # source row of each padded slot [P_sel * C]: the expert's rows, then its last row again (any valid row
+    # would do: padding rows are computed and dropped, each output row depends on its own row only)
+    slot = torch.arange(C, device=dev)
+    src = (offsets[:, None] + torch.minimum(slot[None, :], (counts - 1).clamp(min=0)[:, None])).clamp(max=M - 1)
+    src = src.flatten() if batch.index is None else batch.index[src.flatten()]
+    xp = batch.x.index_select(0, src).view(-1, C, H)
+    # padded position of each batch row [M]: row m of expert e sits at rank(e) * C + (m - offsets[e])
+    shift = torch.arange(counts.shape[0], device=dev) * C - offsets
+    pos = torch.arange(M, device=dev) + torch.repeat_interleave(shift, counts, output_size=M)
+    y = _bmm_experts(experts, xp, sel)
+    return batch.with_x(y.view(-1, y.shape[-1]).index_select(0, pos))
 
 
 @dataclass(frozen=True)

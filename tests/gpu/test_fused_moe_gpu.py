@@ -1,14 +1,14 @@
-"""Triton fused MoE and the DeepGEMM adapter on the GPU in bfloat16, against float64/float32 references.
+"""Triton fused MoE on the GPU in bfloat16, against float64/float32 references.
 
 Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate, cap rows per expert (masked).
 Small shapes go through reference.moe_experts (float64 loops); DeepSeek-V3 dims (H=7168, I=2048) are
-checked on sampled tokens against float32 torch math written out here. Marked `gpu`.
+checked on sampled tokens against float32 torch math written out here. Marked `gpu`. The DeepGEMM
+adapter's tests live in test_deepgemm_gpu.py.
 """
 
 import nanomoe_reference as reference
 import pytest
 import torch
-from nanomoe_kernels import deepgemm
 from nanomoe_kernels.fused_moe import fused_moe, fused_moe_contiguous, fused_moe_masked
 from nanomoe_kernels.moe_align import moe_align
 from nanomoe_reference.expert_rows import make_routing, make_weights, reference_rows
@@ -21,7 +21,13 @@ CONFIGS = [None, SMALL, {**SMALL, "USE_TMA": True},
            {"up": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_M=64),
             "down": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
                          USE_TMA=True),
-            "linear": SMALL}]
+            "linear": SMALL},
+           # tails in the main launch (MERGE_TAIL), the down GEMM's A rows through TMA (A_TMA)
+           {"up": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_M=64,
+                       USE_TMA=True, MERGE_TAIL=True),
+            "down": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
+                         USE_TMA=True, A_TMA=True, MERGE_TAIL=True),
+            "linear": {**SMALL, "BLOCK_M": 64, "SPLIT_M": 16, "MERGE_TAIL": True}}]
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
@@ -90,25 +96,6 @@ def test_align_large_matches_torch_sort():
     blocks = int(al.num_padded) // 64
     owner = torch.repeat_interleave(torch.arange(256, device="cuda"), padded // 64)
     assert torch.equal(al.expert_ids[:blocks].long(), owner)
-
-
-@pytest.mark.skipif(not deepgemm.supports()[0], reason=f"DeepGEMM unavailable: {deepgemm.supports()[1]}")
-def test_deepgemm_contiguous_and_masked():
-    E, H, I = 4, 512, 256
-    counts = torch.tensor([3, 0, 150, 40], device="cuda")
-    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda")
-    rows = torch.randn(int(counts.sum()), H, device="cuda", dtype=torch.bfloat16)
-    expert_of_row = torch.repeat_interleave(torch.arange(E, device="cuda"), counts)[:, None]
-    want = reference.moe_experts(rows, expert_of_row, torch.ones_like(expert_of_row, dtype=torch.float32), w)
-    assert deepgemm.alignment() in (64, 128, 256)
-    assert rel_err(deepgemm.deepgemm_moe_contiguous(rows, counts, w), want) < BF16_TOL
-    cap = 256
-    xm = torch.zeros(E, cap, H, device="cuda", dtype=torch.bfloat16)
-    starts = (torch.cumsum(counts, 0) - counts).tolist()
-    for e, (s, c) in enumerate(zip(starts, counts.tolist())):
-        xm[e, :c] = rows[s:s + c]
-    ym = deepgemm.deepgemm_moe_masked(xm, counts, w, expected_m=64)
-    assert rel_err(torch.cat([ym[e, :c] for e, c in enumerate(counts.tolist())]), want) < BF16_TOL
 
 
 @pytest.mark.parametrize("layout", ["unsorted", "masked"])

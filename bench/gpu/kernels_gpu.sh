@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Kernels at the floor (issue 13): GPU tests of the expert FFN, DeepGEMM glue and MLA decode, the tuner,
+# and the benches (the peers run in the same process as ours, so each figure sits next to its peers
+# measured in the same run).
+#
+#   STAGES="tests tune ffn mla" bash bench/gpu/kernels_gpu.sh       (device tool, nvidia-h200 or -x2;
+#                                                                   carry .whl and .peers)
+#   STAGES="ranking" bash bench/gpu/kernels_gpu.sh                   (the loop < bmm < triton grid)
+#
+# Env: STAGES (any of: tests tune ffn mla ranking), TOTAL (seconds, 560), TUNE_TOKENS (tuner sizes,
+# "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS (extra bench flags), TESTS (the
+# GPU test files). With two GPUs, GPU 1 runs the tests and then the ranking while GPU 0 tunes and times.
+# $OUT gets results/ (expert_ffn_h200.json, mla_h200.json, ranking_h200.json, tune_*.json, tuned.tar),
+# logs/ and summary.txt.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}; STAGES=${STAGES:-"tests tune ffn mla"}; TOTAL=${TOTAL:-560}
+RES=$OUT/results; LOGS=$OUT/logs; mkdir -p "$RES" "$LOGS"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
+    > "$LOGS/wheels.log" 2>&1 || echo "wheel install failed" | tee -a "$OUT/summary.txt"
+fi
+export PYTHONPATH=$PWD/.site:$PWD
+. bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
+{ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import deep_gemm; print('deep_gemm', deep_gemm.__version__)" 2>&1 | tail -1
+  ls .peers/sgl 2>&1; } > "$LOGS/gpu.txt" 2>&1
+. bench/gpu/step.sh  # step NAME LIMIT CMD...
+
+TESTS=${TESTS:-"tests/gpu/test_fused_moe_gpu.py tests/gpu/test_deepgemm_gpu.py tests/gpu/test_mla_gpu.py"}
+# shellcheck disable=SC2086
+run_tests() { step tests "${TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider $TESTS; }
+# shellcheck disable=SC2086
+run_ranking() { step ranking "${RANKING_LIMIT:-420}" python3 bench/bench_expert_ffn.py --ranking ${RANKING_FLAGS:-} \
+  --json "$RES/ranking_h200.json"; }
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # GPU 1: the tests, then the ranking grid, in the background
+  (export CUDA_VISIBLE_DEVICES=1; if has tests; then run_tests; fi; if has ranking; then run_ranking; fi) &
+  gpu1_pid=$!
+  STAGES=${STAGES/tests/}; STAGES=${STAGES/ranking/}
+fi
+export CUDA_VISIBLE_DEVICES=0
+has tests && run_tests
+if has tune; then
+  for E in ${TUNE_EXPERTS:-32}; do
+    # shellcheck disable=SC2086
+    step "tune_compile_e$E" 90 python3 bench/tune_fused_moe.py --compile-only --jobs 12 --experts "$E" \
+      --tokens ${TUNE_TOKENS:-1024 4096}
+    # shellcheck disable=SC2086
+    step "tune_e$E" 150 python3 bench/tune_fused_moe.py --experts "$E" --tokens ${TUNE_TOKENS:-1024 4096} \
+      --log "$RES/tune_e$E.json"
+  done
+  tar cf "$RES/tuned.tar" -C kernels tuned
+fi
+# shellcheck disable=SC2086
+has ffn && step ffn 200 python3 bench/bench_expert_ffn.py --quick --seed-shape \
+  --variants triton,triton+align,deepgemm,deepgemm_glue,sglang,bmm,bmm_padded,loop ${FFN_FLAGS:-} --json "$RES/expert_ffn_h200.json"
+# shellcheck disable=SC2086
+has mla && step mla 150 python3 bench/bench_mla.py --small-batch ${MLA_FLAGS:-} --json "$RES/mla_h200.json"
+has ranking && run_ranking
+[ -n "${gpu1_pid:-}" ] && wait "$gpu1_pid"
+for f in ffn mla ranking; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
+cat "$OUT/summary.txt"

@@ -1,0 +1,148 @@
+"""The DeepGEMM expert backend (kernels/deepgemm.py, glue in kernels/moe_permute.py) on the GPU in bfloat16.
+
+Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate, cap rows per expert (masked),
+S sampled tokens. `deepgemm_fused_moe` against the float64 oracle (reference.moe_experts) at small T and
+the float32 per-token check (reference_rows) on sampled tokens at large T and DeepSeek-V3 dims; the
+contiguous, gathered and masked batches through expert_ffn(backend="deepgemm") against backend="loop";
+CUDA-graph capture of the whole path. Marked `gpu`; skipped with supports()'s reason without DeepGEMM.
+"""
+
+import nanomoe_reference as reference
+import pytest
+import torch
+from nanomoe_kernels import deepgemm
+from nanomoe_kernels.moe_align import moe_align
+from nanomoe_reference.expert_rows import make_routing, make_weights, reference_rows
+
+from nanomoe_fn.batch import ExpertBatch, to_masked
+from nanomoe_fn.moe.experts import expert_ffn
+from nanomoe_fn.moe.params import SwiGLUExperts
+
+OK, WHY = deepgemm.supports() if torch.cuda.is_available() else (False, "needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not OK, reason=f"DeepGEMM unavailable: {WHY}")]
+BF16_TOL = 2e-2
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "output holds NaN/Inf"
+    return float((out.double().cpu() - want.double().cpu()).norm() / want.double().cpu().norm().clamp_min(1e-30))
+
+
+def case(T, E, k, H, I, seed=0):
+    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=seed)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids, tw = make_routing(T, E, k, "cuda", seed=seed + 1)
+    return x, ids, tw, w
+
+
+def check_fused(out, x, ids, tw, w):
+    T = x.shape[0]
+    if T <= 64:
+        assert rel_err(out, reference.moe_experts(x, ids, tw, w)) < BF16_TOL
+    else:
+        sample = torch.linspace(0, T - 1, 8, device="cuda").long().unique()
+        assert rel_err(out[sample], reference_rows(x, ids, tw, w, "swiglu", sample)) < BF16_TOL
+
+
+@pytest.mark.parametrize("T", [1, 64, 1024])
+def test_fused_moe_matches_reference(T):
+    x, ids, tw, w = case(T, 8, 4, 1024, 512, seed=T)
+    out = deepgemm.deepgemm_fused_moe(x, ids, tw, w)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    check_fused(out, x, ids, tw, w)
+    al = moe_align(ids, 8, deepgemm.alignment())  # a pre-made alignment gives the same result
+    assert torch.equal(deepgemm.deepgemm_fused_moe(x, ids, tw, w, align=al), out)
+
+
+def test_fused_moe_deepseek_dims():
+    """E=32, H=7168, I=2048, top-8, T=1024: sampled tokens vs float32."""
+    x, ids, tw, w = case(1024, 32, 8, 7168, 2048)
+    check_fused(deepgemm.deepgemm_fused_moe(x, ids, tw, w), x, ids, tw, w)
+
+
+def test_fused_moe_empty_and_bad_alignment():
+    x, ids, tw, w = case(0, 8, 2, 256, 128)
+    assert deepgemm.deepgemm_fused_moe(x, ids, tw, w).shape == (0, 256)
+    x, ids, tw, w = case(4, 8, 2, 256, 128)
+    with pytest.raises(ValueError, match="DeepGEMM's alignment"):
+        deepgemm.deepgemm_fused_moe(x, ids, tw, w, align=moe_align(ids, 8, 16))
+
+
+def batches(T, E, k, H, seed):
+    """(x [T, H], contiguous, gathered and masked batches of the (token, k) pairs grouped by expert)."""
+    x, ids, _, _ = case(T, E, k, H, 64, seed=seed)
+    flat = ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=E)
+    token = order // k
+    contiguous = ExpertBatch(x[token], counts, "contiguous")
+    cap = max(1, int(counts.max()))  # not a multiple of the alignment: the masked path pads it
+    return {"contiguous": contiguous, "gathered": ExpertBatch(x, counts, "gathered", index=token.to(torch.int32)),
+            "masked": to_masked(contiguous, cap)}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "gathered", "masked"])
+@pytest.mark.parametrize("T", [1, 64, 1024])
+def test_expert_ffn_backend_matches_loop(layout, T):
+    E, k, H, I = 8, 4, 1024, 512
+    w13, w2 = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=5)
+    experts = SwiGLUExperts(w13, w2)
+    batch = batches(T, E, k, H, seed=T)[layout]
+    got = expert_ffn(experts, batch, backend="deepgemm")
+    want = expert_ffn(experts, batch, backend="loop")
+    assert got.layout == want.layout
+    if layout == "masked":
+        c = batch.counts.tolist()
+        got_x = torch.cat([got.x[e, :n] for e, n in enumerate(c)])
+        want_x = torch.cat([want.x[e, :n] for e, n in enumerate(c)])
+    else:
+        got_x, want_x = got.x, want.x
+    assert rel_err(got_x, want_x) < BF16_TOL
+
+
+def test_contiguous_and_masked_against_float64():
+    E, H, I = 4, 512, 256
+    counts = torch.tensor([3, 0, 150, 40], device="cuda")
+    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda")
+    rows = torch.randn(int(counts.sum()), H, device="cuda", dtype=torch.bfloat16)
+    expert_of_row = torch.repeat_interleave(torch.arange(E, device="cuda"), counts)[:, None]
+    want = reference.moe_experts(rows, expert_of_row, torch.ones_like(expert_of_row, dtype=torch.float32), w)
+    assert deepgemm.alignment() in (64, 128, 256)
+    assert rel_err(deepgemm.deepgemm_moe_contiguous(rows, counts, w), want) < BF16_TOL
+    perm = torch.randperm(rows.shape[0], device="cuda")  # token rows in another order, read via the index
+    index = torch.argsort(perm)
+    assert rel_err(deepgemm.deepgemm_moe_gathered(rows[perm], index, counts, w), want) < BF16_TOL
+    cap = 256
+    xm = torch.zeros(E, cap, H, device="cuda", dtype=torch.bfloat16)
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    for e, (s, c) in enumerate(zip(starts, counts.tolist())):
+        xm[e, :c] = rows[s:s + c]
+    ym = deepgemm.deepgemm_moe_masked(xm, counts, w, expected_m=64)
+    assert rel_err(torch.cat([ym[e, :c] for e, c in enumerate(counts.tolist())]), want) < BF16_TOL
+
+
+@pytest.mark.parametrize("prealigned", [True, False])
+def test_cuda_graph_capture(prealigned):
+    """No host sync: the whole path (with or without the align step) captures and replays on new inputs."""
+    E, k, H, I = 8, 4, 512, 256
+    x, ids, tw, w = case(64, E, k, H, I, seed=3)
+    al = moe_align(ids, E, deepgemm.alignment()) if prealigned else None
+
+    def run():
+        return deepgemm.deepgemm_fused_moe(x, ids, tw, w, align=al)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # JIT-compile and warm up outside the capture
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    x2, ids2, tw2, _ = case(64, E, k, H, I, seed=4)
+    x.copy_(x2), tw.copy_(tw2)
+    if not prealigned:  # the alignment is inside the graph: new routing too
+        ids.copy_(ids2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, reference.moe_experts(x, ids, tw, w)) < BF16_TOL
