@@ -9,8 +9,11 @@ measured copy bandwidth and FLOPs over the measured bf16 matmul rate, both measu
 `roofline` = floor / median. Variants: triton (paged cache, page 64), triton_contiguous, torch (the
 library's torch backend, contiguous cache), and with --tune triton_best (best tuning and split count
 found for that shape; decode only on the ANCHORS shapes). Decode rows time CUDA-graph replays (as
-serving launches decode); prefill rows eager calls. Usage: python bench/bench_mla.py [--quick] [--tune]
-[--json PATH]; on the GPU machine bench/gpu/mla_gpu.sh runs the GPU tests and then this with --tune.
+serving launches decode); prefill rows eager calls. The few-sequence shapes (B = 1, 4 at L = 4k, 16k) add an sglang row
+(SGLang's Triton MLA decode through bench/peers_sgl.py, when it loads; else a row with peer_skipped)
+and a split-count sweep (tuning_sweep in the JSON). Usage: python bench/bench_mla.py [--quick] [--tune]
+[--small-batch] [--anchors] [--json PATH]; on the GPU machine bench/gpu/mla_gpu.sh runs the GPU tests
+and then this (with --tune by default).
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ DECODE_TUNINGS = {128: [DT(128, 32, 2, 8, 2), DT(128, 32, 2, 8, 2, tma=True), DT
                        DT(16, 64, 1, 8, 2, ctas_per_sm=2), DT(16, 128, 1, 8, 2),
                        DT(64, 32, 1, 8, 2, tma=True)]}
 PREFILL_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]   # first = the default
+SMALL_TUNINGS = {128: [DT(64, 64, 2, 4, 2, tma=True), DT(64, 32, 2, 4, 2, tma=True)],
+                 16: [DT(16, 64, 1, 4, 2, ctas_per_sm=2), DT(16, 32, 2, 4, 3, ctas_per_sm=2)]}
 SPLITS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+SMALL_SPLITS = [4, 8, 16, 32, 48, 64, 96, 128, 192, 256]   # few rows want many splits
+SMALL_SHAPES = [(h, b, c) for h in (128, 16) for b in (1, 4) for c in (4096, 16384)]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # CPU smoke runs of the triton paths
 
 
@@ -104,9 +111,14 @@ def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
     return float((out.float() - want.float()).norm() / want.float().norm())
 
 
+def floor_us(nbytes: float, flops: float, ceil: dict) -> float:
+    """The larger of bytes over the copy bandwidth and FLOPs over the matmul rate, in microseconds."""
+    return max(nbytes / (ceil["hbm_gbps"] * 1e3), flops / (ceil["bf16_tflops"] * 1e6))
+
+
 def row(case: dict, variant: str, us: float, nbytes: float, flops: float, ceil: dict, **extra: object) -> dict:
     """One JSON row: rates and roofline (floor / us, floor from ceil), then the extra keys."""
-    floor = max(nbytes / (ceil["hbm_gbps"] * 1e3), flops / (ceil["bf16_tflops"] * 1e6))
+    floor = floor_us(nbytes, flops, ceil)
     out = {"case": case, "variant": variant, "median_us": round(us, 2),
            "gbps": round(nbytes / us / 1e3, 1), "tflops": round(flops / us / 1e6, 1),
            "roofline": round(floor / us, 3)}
@@ -114,9 +126,27 @@ def row(case: dict, variant: str, us: float, nbytes: float, flops: float, ceil: 
     return out
 
 
+def sgl_decode(q: torch.Tensor, kv: torch.Tensor, scale: float, splits: int) -> tuple[Callable, torch.Tensor]:
+    """SGLang's Triton MLA decode over kv [B, L, Dc] (every row full, one token a slot), loaded by
+    bench/peers_sgl.py from the git-ignored .peers/sgl: (call, its output buffer). Raises with a reason."""
+    from bench.peers_sgl import load_sgl_decode  # here: the loader and the kernel files are optional
+
+    mod = load_sgl_decode()
+    batch, heads, _ = q.shape
+    k_buf = kv.reshape(-1, 1, DC)
+    ints = dict(dtype=torch.int32, device=q.device)
+    indptr, indices = torch.arange(batch + 1, **ints) * kv.shape[1], torch.arange(k_buf.shape[0], **ints)
+    logits = torch.empty(batch, heads, splits, C, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    n_splits, o = torch.full((batch,), splits, **ints), q.new_empty(batch, heads, C)
+    return (lambda: mod.decode_attention_fwd(q, k_buf, k_buf[..., :C], o, indptr, indices, logits, lse, n_splits,
+                                             splits, scale, 1.0, 1.0, has_mla=True)), o
+
+
 def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil: dict, dev: str,
                 sweep: list) -> list[dict]:
-    """Rows of one decode shape: torch, triton (paged, contiguous), triton_best with --tune (trials go to sweep)."""
+    """Rows of one decode shape: torch, sglang (when it loads), triton (paged, contiguous), triton_best
+    with --tune on anchor and small-batch shapes; small-batch shapes also sweep K (trials go to sweep)."""
     g = torch.Generator(device=dev).manual_seed(batch * 7 + heads)
     dtype = torch.bfloat16
     kv = torch.randn(batch, ctx, DC, device=dev, dtype=dtype, generator=g)
@@ -131,59 +161,75 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
     case = {"phase": "decode", "heads": heads, "batch": batch, "context": ctx, "page_size": PAGE}
     nbytes, flops = batch * ctx * DC * 2.0, 2.0 * batch * heads * ctx * (DC + C)
     rows, rep = [], args.rep_ms
-    anchor = ANCHORS.get((heads, batch, ctx))
+    anchor, small = ANCHORS.get((heads, batch, ctx)), (heads, batch, ctx) in SMALL_SHAPES
+    base: dict = {}                                        # variant -> us, for speedup_vs
 
-    def speedups(us: float, t_torch: float | None) -> dict:
-        s = {} if t_torch is None else {"torch": round(t_torch / us, 2)}
+    def speedups(us: float) -> dict:
+        s = {k: round(v / us, 2) for k, v in base.items()}
         if anchor:
             s.update({"anchor_sglang_triton": round(anchor[0] / us, 2),
                       "anchor_torch": round(anchor[1] / us, 2)})
         return s
 
+    def add(variant: str, us: float, **extra: object) -> None:
+        rows.append(row(case, variant, us, nbytes, flops, ceil, floor_us=round(floor_us(nbytes, flops, ceil), 2),
+                        speedup_vs=speedups(us), **extra))
+
     cfg = MLAConfig.preset("deepseek-v3", num_heads=heads)
     cache = ContiguousCache(kv=kv, lens=lens)
     qs, pos = q[:, None], (lens - 1)[:, None]
-    t_torch = None
     try:
-        t_torch = graph_us(lambda: torch_decode(qs, cache, pos, cfg), rep)
-        rows.append(row(case, "torch", t_torch, nbytes, flops, ceil, speedup_vs=speedups(t_torch, None)))
+        t = graph_us(lambda: torch_decode(qs, cache, pos, cfg), rep)
+        add("torch", t)
+        base["torch"] = t
     except torch.OutOfMemoryError:
         print(f"skip torch decode {case}: out of memory", flush=True)
     torch.cuda.empty_cache() if dev == "cuda" else None
     if dev != "cuda" and not INTERPRET:
         return rows
-    tun = default_tuning(heads)
-    dev_t = torch.device(dev)
-    cfg_info = {"tuning": tun.__dict__, "splits": default_splits(batch, heads, ctx, tun, dev_t)}
     want = mla_decode(q, pages, lens, C, scale, block_table=table)          # the tested default
-    t = graph_us(lambda: mla_decode(q, pages, lens, C, scale, block_table=table), rep)
-    rows.append(row(case, "triton", t, nbytes, flops, ceil, speedup_vs=speedups(t, t_torch), config=cfg_info))
-    t = graph_us(lambda: mla_decode(q, kv, lens, C, scale), rep)
-    rows.append(row(case, "triton_contiguous", t, nbytes, flops, ceil, speedup_vs=speedups(t, t_torch),
-                    config=cfg_info))
-    if args.tune and anchor:
-        best = (float("inf"), None, None)
-        for cand in DECODE_TUNINGS[heads]:
-            try:   # a candidate must compile here and agree with the tested default before it is timed
-                err = rel_err(mla_decode(q, pages, lens, C, scale, block_table=table, tuning=cand), want)
-            except Exception as e:  # noqa: BLE001 (report and go on: one tuning may not build on this stack)
-                err = f"{type(e).__name__}: {str(e)[:200]}"
-            if not isinstance(err, float) or err > 2e-2:
-                print(f"tuning {cand} rejected: {err}", flush=True)
-                sweep.append({"case": case, "tuning": cand.__dict__, "rejected": str(err)})
+    if small or args.small_batch or anchor:
+        try:   # best of a few split counts, as the anchors' "best split"; the output is checked first
+            best = (float("inf"), 0, 0.0)
+            for k in (8, 16, 32, 64):
+                fn, o = sgl_decode(q, kv, scale, k)
+                fn()
+                t = graph_us(fn, max(10, rep // 2))
+                best = min(best, (t, k, rel_err(o, want)), key=lambda x: x[0])
+            add("sglang", best[0], config={"num_kv_splits": best[1], "rel_err_vs_triton": round(best[2], 4)})
+            base["sglang"] = best[0]
+        except Exception as e:  # noqa: BLE001 (the peer is optional: record why it is missing)
+            rows.append({"case": case, "variant": "sglang", "peer_skipped": f"{type(e).__name__}: {str(e)[:200]}"})
+    tun = default_tuning(heads, batch)
+    dev_t = torch.device(dev)
+    k_def = default_splits(batch, heads, ctx, tun, dev_t)
+    cfg_info = {"tuning": tun.__dict__, "splits": k_def}
+    add("triton", graph_us(lambda: mla_decode(q, pages, lens, C, scale, block_table=table), rep), config=cfg_info)
+    add("triton_contiguous", graph_us(lambda: mla_decode(q, kv, lens, C, scale), rep), config=cfg_info)
+    if not ((args.tune and anchor) or small):
+        return rows
+    cands = [tun] + [c for c in DECODE_TUNINGS[heads] + SMALL_TUNINGS[heads] if c != tun] if args.tune else [tun]
+    splits = SMALL_SPLITS if small else SPLITS
+    best = (float("inf"), None, None)
+    for cand in cands:
+        try:   # a candidate must compile here and agree with the tested default before it is timed
+            err = rel_err(mla_decode(q, pages, lens, C, scale, block_table=table, tuning=cand), want)
+        except Exception as e:  # noqa: BLE001 (report and go on: one tuning may not build on this stack)
+            err = f"{type(e).__name__}: {str(e)[:200]}"
+        if not isinstance(err, float) or err > 2e-2:
+            print(f"tuning {cand} rejected: {err}", flush=True)
+            sweep.append({"case": case, "tuning": cand.__dict__, "rejected": str(err)})
+            continue
+        for k in sorted({default_splits(batch, heads, ctx, cand, dev_t), *splits}):
+            if k > 1 and k * 2 * cand.block_n > ctx:
                 continue
-            for k in sorted({default_splits(batch, heads, ctx, cand, dev_t), *SPLITS}):
-                if k > 1 and k * 4 * cand.block_n > ctx:
-                    continue
-                t = graph_us(lambda k=k, cand=cand: mla_decode(q, pages, lens, C, scale, block_table=table,
-                                                               num_splits=k, tuning=cand), max(10, rep // 4))
-                sweep.append({"case": case, "tuning": cand.__dict__, "splits": k, "median_us": round(t, 2)})
-                best = min(best, (t, cand, k), key=lambda x: x[0])
-        t, cand, k = best
-        t = graph_us(lambda: mla_decode(q, pages, lens, C, scale, block_table=table, num_splits=k,
-                                        tuning=cand), rep)
-        rows.append(row(case, "triton_best", t, nbytes, flops, ceil, speedup_vs=speedups(t, t_torch),
-                        config={"tuning": cand.__dict__, "splits": k}))
+            t = graph_us(lambda k=k, cand=cand: mla_decode(q, pages, lens, C, scale, block_table=table,
+                                                           num_splits=k, tuning=cand), max(10, rep // 4))
+            sweep.append({"case": case, "tuning": cand.__dict__, "splits": k, "median_us": round(t, 2)})
+            best = min(best, (t, cand, k), key=lambda x: x[0])
+    t, cand, k = best
+    t = graph_us(lambda: mla_decode(q, pages, lens, C, scale, block_table=table, num_splits=k, tuning=cand), rep)
+    add("triton_best", t, config={"tuning": cand.__dict__, "splits": k})
     return rows
 
 
@@ -238,6 +284,13 @@ def write(path: str | None, ceil: dict, rows: list, sweep: list) -> None:
         json.dump(result, f, indent=1)
 
 
+def summary(r: dict) -> str:
+    """One printed line of a row: N, B, L/S, variant, us, roofline, speedups (or why a peer was skipped)."""
+    c = r["case"]
+    return (f"N={c['heads']:3d} B={c['batch']:3d} L={c['context']:5d} {r['variant']:18s} {r.get('median_us', 0):9.1f} "
+            f"us  roofline {r.get('roofline', 0):.3f}  {r.get('speedup_vs', r.get('peer_skipped'))}")
+
+
 def main() -> None:
     """Run the decode and prefill shapes, print a summary and write the JSON as it goes."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -247,23 +300,34 @@ def main() -> None:
                     help="also sweep tunings and split counts on the anchor shapes (triton_best rows)")
     ap.add_argument("--heads", type=int, nargs="+", default=[128, 16])
     ap.add_argument("--rep-ms", type=int, default=50)
-    ap.add_argument("--phases", nargs="+", default=["decode", "prefill"])
+    ap.add_argument("--phases", nargs="+", help="decode and/or prefill (default both; decode only with "
+                    "--small-batch or --anchors)")
+    ap.add_argument("--small-batch", action="store_true",
+                    help="only the few-sequence decode rows (B=1, 4 at L=4k, 16k) with their split sweep")
+    ap.add_argument("--anchors", action="store_true", help="only the anchor decode shapes (with --small-batch: both)")
     ap.add_argument("--max-cache-gb", type=float, default=24.0,
                     help="skip decode shapes with a larger cache")
     args = ap.parse_args()
+    args.phases = args.phases or (["decode"] if args.small_batch or args.anchors else ["decode", "prefill"])
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ceil = ceilings(dev, args.rep_ms)
     print(f"device {dev}: ceilings {ceil}", flush=True)
     batches, contexts, tokens = ([1, 32, 128], [1024, 4096, 16384, 32768], [1024, 4096, 16384])
     if args.quick:
         batches, contexts, tokens = [1, 32], [1024, 16384], [1024, 4096]
-    if dev == "cpu":
+    if dev == "cpu":   # interpreter smoke run: tiny shapes, the small-batch sweep at L=256
         batches, contexts, tokens = [1, 2], [256], [128]
-    shapes = [(h, b, c) for h in args.heads for b in batches for c in contexts]
-    shapes += [k for k in ANCHORS if k not in shapes and k[0] in args.heads and dev == "cuda"]
+        SMALL_SHAPES[:] = [(h, b, 256) for h in (128, 16) for b in (1, 4)]
+    small = [k for k in SMALL_SHAPES if k[0] in args.heads]
+    anchors = [k for k in ANCHORS if k[0] in args.heads and dev == "cuda"]
+    if args.small_batch or args.anchors:
+        shapes = (small if args.small_batch else []) + (anchors if args.anchors else [])
+    else:
+        shapes = [(h, b, c) for h in args.heads for b in batches for c in contexts]
+        shapes += [k for k in anchors + small if k not in shapes]
     rows, sweep = [], []
-    if "decode" in args.phases:
-        for h, b, c in sorted(shapes, key=lambda s: (s not in ANCHORS, s)):   # anchors first
+    if "decode" in args.phases:   # anchors first, then the small-batch shapes, then the grid
+        for h, b, c in sorted(shapes, key=lambda s: (s not in ANCHORS, s not in SMALL_SHAPES, s)):
             if b * c * DC * 2 > args.max_cache_gb * 1e9:
                 print(f"skip decode heads={h} batch={b} context={c}: cache over --max-cache-gb", flush=True)
                 continue
@@ -271,8 +335,7 @@ def main() -> None:
             rows += new
             write(args.json, ceil, rows, sweep)
             for r in new:
-                print(f"decode N={h:3d} B={b:3d} L={c:5d} {r['variant']:18s} {r['median_us']:9.1f} us  "
-                      f"roofline {r['roofline']:.3f}  {r.get('speedup_vs', {})}", flush=True)
+                print("decode " + summary(r), flush=True)
     if "prefill" in args.phases:
         for h in args.heads:
             for s in tokens:
@@ -282,11 +345,9 @@ def main() -> None:
                 for r in new:
                     print(f"prefill N={h:3d} S={s:5d} {r['variant']:18s} {r['median_us']:9.1f} us  "
                           f"roofline {r['roofline']:.3f}  {r['tflops']} TFLOP/s", flush=True)
-    print("\nphase   N   B     L/S   variant              us        roofline  speedup_vs")
+    print("\nsummary")
     for r in rows:
-        c = r["case"]
-        print(f"{c['phase']:7s} {c['heads']:3d} {c['batch']:3d} {c['context']:6d}  {r['variant']:18s} "
-              f"{r['median_us']:10.1f}  {r['roofline']:.3f}  {r.get('speedup_vs', '')}")
+        print(f"{r['case']['phase']:7s} " + summary(r))
 
 
 if __name__ == "__main__":

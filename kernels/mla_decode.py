@@ -2,14 +2,17 @@
 
 Dimension legend: R query rows (B sequences x S tokens each), N heads, C latent (value) dims,
 Dr rope dims, Dc = C + Dr key dims, L context per row, P pages, G page size, M pages per sequence,
-K splits of the context, BH heads per program, BN cache rows per tile, BV value dims per program.
+K splits of the context, BH heads per program, BN cache rows per tile, BV value dims per program,
+BC value columns per reduce program.
 
 Stage 1 (`_mla_decode_partial`): program (head block x value slice, row, split) walks its slice of
 the row's context in tiles of BN rows. Each tile is loaded once and serves every head of the block
 through tl.dot (heads are the M dimension): scores = q_lat . k_lat^T + q_pe . k_pe^T, then
 acc += p . v with v = the tile's latent columns (the same bytes as k_lat). With K == 1 it writes the
 normalised output; otherwise a partial output and its base-2 log-sum-exp, which stage 2
-(`_mla_decode_reduce`) merges. Row lengths are read on the device: no host sync.
+(`_mla_decode_reduce`, grid over head blocks x rows x value-column blocks, so one row still spreads
+over the SMs) merges. A paged tile whose BN divides G reads one page id; smaller pages, one per row.
+Row lengths are read on the device: no host sync.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from nanomoe_kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the 
     TensorDescriptor,
     default_splits,
     default_tuning,
+    device_sms,
     pick_splits,
+    reduce_blocks,
     tma_unsupported,
 )
 from nanomoe_kernels.reduce_ops import add as _add
@@ -36,8 +41,8 @@ from nanomoe_kernels.reduce_ops import maximum as _maximum
 @triton.jit
 def _tile(acc, m_i, l_i, q_a, q_b, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr, seq, n0, end,
           stride_kv0, stride_kv1, stride_bt, max_len, scale_log2, ha,
-          C: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, TMA: tl.constexpr,
-          MASKED: tl.constexpr, VSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+          C: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, PAGE_TILE: tl.constexpr,
+          TMA: tl.constexpr, MASKED: tl.constexpr, VSPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
           BLOCK_R: tl.constexpr):
     """One tile of BN cache rows from n0: scores for all heads of the block, online softmax, p . v.
 
@@ -58,7 +63,10 @@ def _tile(acc, m_i, l_i, q_a, q_b, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr, seq,
             k_b = lat_desc.load([row0, (1 - ha) * BLOCK_V])
     else:
         mask_n = offs_n < end
-        if PAGED:
+        if PAGE_TILE:   # BN divides G: the tile lies in one page (n0 < end <= capacity: a real entry)
+            page = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + n0 // PAGE)
+            base = page.to(tl.int64) * stride_kv0 + (n0 % PAGE + tl.arange(0, BLOCK_N)) * stride_kv1
+        elif PAGED:     # pages shorter than a tile: one page id per cache row
             page = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + offs_n // PAGE, mask=mask_n, other=0)
             base = page.to(tl.int64) * stride_kv0 + (offs_n % PAGE) * stride_kv1
         else:
@@ -89,8 +97,8 @@ def _mla_decode_partial(
     stride_qr, stride_qn, stride_kv0, stride_kv1, stride_bt,
     stride_or, stride_on, stride_ok, stride_lr, stride_ln,
     S, N, SPLITS, max_len, scale_log2,
-    C: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, TMA: tl.constexpr,
-    FINAL: tl.constexpr, VSPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    C: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, PAGE_TILE: tl.constexpr,
+    TMA: tl.constexpr, FINAL: tl.constexpr, VSPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
@@ -124,16 +132,16 @@ def _mla_decode_partial(
         for n0 in range(start, end_full, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q_a, q_b, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr, seq,
                                   n0, end, stride_kv0, stride_kv1, stride_bt, max_len, scale_log2, ha,
-                                  C, DR, PAGE, PAGED, True, False, VSPLIT, BLOCK_N, BLOCK_V, BLOCK_R)
+                                  C, DR, PAGE, PAGED, PAGE_TILE, True, False, VSPLIT, BLOCK_N, BLOCK_V, BLOCK_R)
         if end_full < end:
             acc, m_i, l_i = _tile(acc, m_i, l_i, q_a, q_b, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr, seq,
                                   end_full, end, stride_kv0, stride_kv1, stride_bt, max_len, scale_log2, ha,
-                                  C, DR, PAGE, PAGED, True, True, VSPLIT, BLOCK_N, BLOCK_V, BLOCK_R)
+                                  C, DR, PAGE, PAGED, PAGE_TILE, True, True, VSPLIT, BLOCK_N, BLOCK_V, BLOCK_R)
     else:    # one masked loop (a separate tail tile costs the mma.sync path registers)
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q_a, q_b, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr, seq,
                                   n0, end, stride_kv0, stride_kv1, stride_bt, max_len, scale_log2, ha,
-                                  C, DR, PAGE, PAGED, False, True, VSPLIT, BLOCK_N, BLOCK_V, BLOCK_R)
+                                  C, DR, PAGE, PAGED, PAGE_TILE, False, True, VSPLIT, BLOCK_N, BLOCK_V, BLOCK_R)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = o_ptr + row.to(tl.int64) * stride_or + offs_h[:, None] * stride_on + split * stride_ok
@@ -150,30 +158,36 @@ def _mla_decode_reduce(
     o_part_ptr, lse_ptr, out_ptr,
     stride_pr, stride_pn, stride_pk, stride_lr, stride_ln, stride_or, stride_on,
     N, C, SPLITS,
-    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
 ):
-    hb = tl.program_id(0)
+    """Program (head block, row, value slice): out = sum_k 2^(lse_k - m) o_k / sum_k 2^(lse_k - m), the
+    K partials read CHUNK_K splits at a time as [BH, CHUNK_K, BC] tiles."""
     row = tl.program_id(1)
-    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, CHUNK_K)
     mask_h = offs_h < N
-    mask_c = offs_c < C
-    lse_rows = lse_ptr + row.to(tl.int64) * stride_lr + offs_h * stride_ln
-    lse = tl.load(lse_rows[:, None] + offs_k[None, :], mask=mask_h[:, None] & (offs_k[None, :] < SPLITS),
+    mask_hc = mask_h[:, None, None] & (offs_c < C)[None, None, :]
+    lse_rows = lse_ptr + row.to(tl.int64) * stride_lr + offs_h[:, None] * stride_ln
+    lse = tl.load(lse_rows + offs_k[None, :], mask=mask_h[:, None] & (offs_k[None, :] < SPLITS),
                   other=float("-inf"))
     m = tl.reduce(lse, 1, _maximum)
     m = tl.where(m == float("-inf"), 0.0, m)            # all splits empty: weights are all 0
     denom = tl.reduce(tl.exp2(lse - m[:, None]), 1, _add)
     acc = tl.full([BLOCK_H, BLOCK_C], 0.0, tl.float32)
-    part = o_part_ptr + row.to(tl.int64) * stride_pr + offs_h[:, None] * stride_pn + offs_c[None, :]
-    for k in range(SPLITS):
-        w = tl.exp2(tl.load(lse_rows + k, mask=mask_h, other=float("-inf")) - m)
-        o_k = tl.load(part + k * stride_pk, mask=mask_h[:, None] & mask_c[None, :], other=0.0)
-        acc += w[:, None] * o_k
+    part = (o_part_ptr + row.to(tl.int64) * stride_pr + offs_h[:, None, None].to(tl.int64) * stride_pn
+            + offs_c[None, None, :])
+    for k0 in range(0, SPLITS, CHUNK_K):
+        ks = k0 + offs_j
+        w = tl.exp2(tl.load(lse_rows + ks[None, :], mask=mask_h[:, None] & (ks[None, :] < SPLITS),
+                            other=float("-inf")) - m[:, None])
+        o_k = tl.load(part + ks[None, :, None] * stride_pk, mask=mask_hc & (ks < SPLITS)[None, :, None],
+                      other=0.0)
+        acc += tl.reduce(w[:, :, None] * o_k.to(tl.float32), 1, _add)
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     o_ptrs = out_ptr + row.to(tl.int64) * stride_or + offs_h[:, None] * stride_on + offs_c[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_c[None, :])
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & (offs_c < C)[None, :])
 
 
 def runs_interpreted() -> bool:
@@ -227,7 +241,7 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(1) != 1):
         raise ValueError(f"block_table must be [B, M] int32 with unit inner stride, got {block_table.dtype}")
     max_len = block_table.shape[1] * kv.shape[1] if paged else kv.shape[1]
-    t = tuning or default_tuning(heads)
+    t = tuning or default_tuning(heads, rows)
     if tuning is None and t.tma and tma_unsupported(kv, kv_lora_rank, t):
         t = replace(t, tma=False)                 # the default quietly uses plain loads instead
     if t.value_splits not in (1, 2):
@@ -235,7 +249,9 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     bv = _pow2(kv_lora_rank) // t.value_splits
     descs = _descriptors(kv, kv_lora_rank, dr, t, bv) if t.tma else (None, None)
     head_programs = triton.cdiv(heads, t.block_h) * t.value_splits
-    k = num_splits or default_splits(rows, heads, max_len, t, q.device)
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    k = num_splits or default_splits(rows, heads, max_len, t, q.device, kv_lora_rank, dc * q.element_size())
     out = torch.empty(rows, heads, kv_lora_rank, dtype=q.dtype, device=q.device)
     if k == 1:
         o_part, lse = out.unsqueeze(2), out  # lse unused when FINAL
@@ -248,16 +264,17 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), bt.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         rows // batch, heads, k, max_len, sm_scale * 1.4426950408889634,
-        C=kv_lora_rank, DR=dr, PAGE=kv.shape[1] if paged else 1, PAGED=paged, TMA=t.tma, FINAL=k == 1,
+        C=kv_lora_rank, DR=dr, PAGE=kv.shape[1] if paged else 1, PAGED=paged,
+        PAGE_TILE=paged and kv.shape[1] % t.block_n == 0, TMA=t.tma, FINAL=k == 1,
         VSPLIT=t.value_splits, BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_V=bv,
         BLOCK_R=_pow2(dr), num_warps=t.num_warps, num_stages=t.num_stages,
     )
     if k > 1:
-        bh = 16
-        _mla_decode_reduce[(triton.cdiv(heads, bh), rows)](
+        bh, bc, kc = reduce_blocks(rows, heads, kv_lora_rank, k, device_sms(q.device), t)
+        _mla_decode_reduce[(triton.cdiv(heads, bh), rows, triton.cdiv(kv_lora_rank, bc))](
             o_part, lse, out,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), heads, kv_lora_rank, k,
-            BLOCK_H=bh, BLOCK_C=_pow2(kv_lora_rank), BLOCK_K=max(2, triton.next_power_of_2(k)), num_warps=4,
+            BLOCK_H=bh, BLOCK_C=bc, BLOCK_K=max(2, triton.next_power_of_2(k)), CHUNK_K=kc, num_warps=4,
         )
     return out

@@ -1,7 +1,8 @@
 """Launch parameters of the Triton MLA decode (kernels/mla_decode.py): tile shapes, split count, TMA.
 
 Dimension legend: R query rows, N heads, C latent dims, L context, K splits of the context,
-BH heads per program, BN cache rows per tile, G page size. Plain Python: no kernels here.
+BH heads per program, BN cache rows per tile, G page size, BC value columns per reduce program,
+T tiles of the longest row. Plain Python: no kernels here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ except ImportError:  # older Triton: no host-side TMA descriptors; tuning.tma th
 @dataclass(frozen=True)
 class DecodeTuning:
     """Heads per program (BH), rows per tile (BN), value slices (2: each program owns C/2 value columns
-    and still scores all Dc), warps, stages, TMA loads of full tiles, programs resident per SM."""
+    and still scores all Dc), warps, stages, TMA loads of full tiles, programs resident per SM, and the
+    split reduction's blocks."""
 
     block_h: int = 64
     block_n: int = 64
@@ -29,40 +31,81 @@ class DecodeTuning:
     num_stages: int = 2
     tma: bool = False
     ctas_per_sm: int = 1
+    reduce_h: int = 0   # split reduction's heads / value columns per program (0: reduce_blocks picks)
+    reduce_c: int = 0
 
 
-def default_tuning(num_heads: int) -> DecodeTuning:
+MAX_SPLITS = 256      # pick_splits' largest K
+PROGRAM_TILES = 2.0   # a stage-1 program's fixed cost (query load, partial store), in tiles
+REDUCE_TILES = 2.0    # the reduction launch's fixed cost, in tiles
+SMALL_ROWS = 16       # default_tuning: at most this many query rows count as few (measured B = 1-16)
+
+
+def default_tuning(num_heads: int, rows: int | None = None) -> DecodeTuning:
     """Measured on H200 (bench/results/mla_notes.md): 16-head shards are memory-bound and want two
     small programs per SM; 128 heads are compute-bound and want 128-head programs over value halves
-    with TMA tile loads (mla_decode falls back to plain loads where TMA cannot serve the cache)."""
+    with TMA tile loads, except for few rows (<= SMALL_ROWS query rows), where 64-head, 4-warp programs
+    over 64-row tiles ran 7-25% faster (B = 1-16). mla_decode falls back to plain loads where TMA cannot."""
     if num_heads <= 16:
         return DecodeTuning(block_h=16, block_n=32, value_splits=1, num_warps=4, num_stages=3, ctas_per_sm=2)
+    if rows is not None and rows <= SMALL_ROWS:
+        return DecodeTuning(block_h=64, block_n=64, value_splits=2, num_warps=4, num_stages=2, tma=True)
     return DecodeTuning(block_h=128, block_n=32, value_splits=2, num_warps=8, num_stages=2, tma=True)
 
 
-def pick_splits(rows: int, head_programs: int, max_len: int, slots: int, block_n: int) -> int:
-    """Context splits K so that programs fill whole waves of `slots` (SMs x programs per SM).
+def pick_splits(rows: int, head_programs: int, max_len: int, slots: int, block_n: int,
+                partial_tiles: float = 0.0) -> int:
+    """Context splits K that minimise a wave model of the launch, in units of one program's tile time:
 
-    max_len bounds every row's context (the cache capacity), so K never leaves a split with fewer
-    than 4 tiles of the longest possible row. Chosen without looking at the real lengths (no sync).
+        waves(K) * (ceil(T / K) + PROGRAM_TILES) + [K > 1] * (REDUCE_TILES + K * partial_tiles)
+
+    with T = ceil(max_len / block_n) tiles and waves(K) = ceil(rows * head_programs * K / slots).
+    partial_tiles prices one split's float32 partial outputs (written, then read by the reduction)
+    against the cache; with it, 128 heads do not take absurd K. Every split keeps >= 2 tiles of the
+    longest possible row (max_len, the cache capacity) and K <= MAX_SPLITS; chosen without looking at
+    the real lengths (no sync). Ties go to the smaller K.
     """
+    tiles = -(-max_len // block_n)
     base = rows * head_programs
-    k_max = max(1, min(64, max_len // (4 * block_n)))
-    best, best_eff = 1, 0.0
-    for k in range(1, k_max + 1):
-        progs = base * k
-        eff = progs / (-(-progs // slots) * slots)
-        eff -= 0.01 * (k > 1) + 0.002 * k  # the reduction pass costs a little per split
-        if eff > best_eff + 0.02:
-            best, best_eff = k, eff
+    best, best_t = 1, float("inf")
+    for k in range(1, max(1, min(MAX_SPLITS, tiles // 2)) + 1):
+        t = -(-base * k // slots) * (-(-tiles // k) + PROGRAM_TILES)
+        t += (REDUCE_TILES + k * partial_tiles) if k > 1 else 0.0
+        if t < best_t * (1 - 1e-9):
+            best, best_t = k, t
     return best
 
 
-def default_splits(rows: int, heads: int, max_len: int, tuning: DecodeTuning, device: torch.device) -> int:
-    """pick_splits for this tuning on this device (SM count read from the device; 4 off the GPU)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+def device_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; 4 off the GPU (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def default_splits(rows: int, heads: int, max_len: int, tuning: DecodeTuning, device: torch.device,
+                   latent: int = 512, row_bytes: int = 1152) -> int:
+    """pick_splits for this tuning on this device; latent (C) and row_bytes (one cache row) price the
+    float32 partials: one split's are rows * heads * C * 8 bytes (written, then read), and the machine
+    moves slots tiles of block_n rows in one tile time."""
+    slots = device_sms(device) * tuning.ctas_per_sm
     head_programs = triton.cdiv(heads, tuning.block_h) * tuning.value_splits
-    return pick_splits(rows, head_programs, max_len, sms * tuning.ctas_per_sm, tuning.block_n)
+    partial = rows * heads * latent * 8 / (slots * tuning.block_n * row_bytes)
+    return pick_splits(rows, head_programs, max_len, slots, tuning.block_n, partial)
+
+
+def reduce_blocks(rows: int, heads: int, latent: int, splits: int, sms: int,
+                  tuning: DecodeTuning | None = None) -> tuple[int, int, int]:
+    """(BH, BC, CHUNK_K) of the split reduction: the widest blocks that still give >= 4 programs per SM
+    (few rows: 1-2 heads x 32-64 columns a program), tuning.reduce_h / reduce_c when set; a program
+    loads [BH, CHUNK_K, BC] <= 4096 partial values at a time."""
+    top_h = min(16, triton.next_power_of_2(heads))
+    top_c = min(128, max(16, triton.next_power_of_2(latent)))
+    bh, bc = top_h, top_c
+    while rows * -(-heads // bh) * -(-latent // bc) < 4 * sms and (bh > 1 or bc > min(32, top_c)):
+        bh, bc = (bh // 2, bc) if bh > 1 else (bh, bc // 2)
+    if tuning is not None:
+        bh, bc = tuning.reduce_h or bh, tuning.reduce_c or bc
+    kc = max(2, min(triton.next_power_of_2(splits), 4096 // (bh * bc)))
+    return bh, bc, kc
 
 
 def tma_unsupported(kv: torch.Tensor, c: int, t: DecodeTuning) -> str:

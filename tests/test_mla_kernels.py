@@ -26,7 +26,7 @@ import nanomoe_reference.mla as ref  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode, pick_splits  # noqa: E402
+from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode, pick_splits, reduce_blocks  # noqa: E402
 from nanomoe_kernels.mla_prefill import mla_prefill  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -91,13 +91,16 @@ def test_decode_tma_tiles(paged, value_splits):
 
 
 @pytest.mark.parametrize("capacity", [64, 48])
-def test_decode_default_many_heads(capacity):
-    """The many-head default (128-head programs, value halves, TMA) and its plain-load fallback when
-    the tile does not divide the capacity."""
-    tuning = _decode.default_tuning(32)
-    assert tuning.tma and (_decode.tma_unsupported(torch.zeros(2, capacity, 48), 32, tuning) == "") == (
-        capacity == 64)
-    decode_case(torch.float32, B=2, S=1, N=32, C=32, DR=16, L=capacity, ctx=[capacity, 33], splits=None,
+@pytest.mark.parametrize("batch", [2, 17])
+def test_decode_default_many_heads(capacity, batch):
+    """The many-head defaults (value halves, TMA: 64-head programs over 64-row tiles for <= 16 rows,
+    128-head programs over 32-row tiles above) and their plain-load fallback when the tile does not
+    divide the capacity."""
+    tuning = _decode.default_tuning(32, batch)
+    assert tuning.tma and tuning.block_n == (64 if batch <= 16 else 32)
+    assert (_decode.tma_unsupported(torch.zeros(2, capacity, 48), 32, tuning) == "") == (capacity == 64)
+    ctx = ([capacity, 33] * 9)[:batch]
+    decode_case(torch.float32, B=batch, S=1, N=32, C=32, DR=16, L=capacity, ctx=ctx, splits=None,
                 tuning=None, paged=False, seed=4)
 
 
@@ -111,12 +114,52 @@ def test_decode_property(n, c, dr, ctx, splits, paged, seed):
 
 
 def test_pick_splits():
-    """The wave model that matched the H200 sweep (bench/results/mla_notes.md)."""
+    """The wave model against the H200 sweeps (bench/results/mla_notes.md; the few-row choices are the
+    measured best of K in 4..256, bench_mla.py --small-batch): partial_tiles as default_splits prices
+    float32 partials of C = 512 against 576-wide bf16 cache rows."""
+    def part(rows, heads, block_n, slots):
+        return rows * heads * 512 * 8 / (slots * block_n * 1152)
+
     assert pick_splits(rows=1, head_programs=1, max_len=64, slots=132, block_n=64) == 1
     assert pick_splits(rows=32, head_programs=1, max_len=16384, slots=264, block_n=32) == 8
     assert pick_splits(rows=128, head_programs=1, max_len=16384, slots=264, block_n=32) == 2
     assert pick_splits(rows=32, head_programs=2, max_len=16384, slots=132, block_n=32) == 2
     assert pick_splits(rows=128, head_programs=2, max_len=4096, slots=132, block_n=32) == 1
+    for rows, max_len, want in [(1, 16384, 256), (1, 4096, 64), (4, 16384, 64), (4, 4096, 64)]:  # 16 heads
+        assert pick_splits(rows, 1, max_len, 264, 32, part(rows, 16, 32, 264)) == want
+    for rows, max_len, want in [(1, 16384, 32), (1, 4096, 32), (4, 16384, 8), (4, 4096, 8)]:     # 128 heads
+        assert pick_splits(rows, 4, max_len, 132, 64, part(rows, 128, 64, 132)) == want
+    assert pick_splits(1, 1, 256, 264, 32) == 4                    # >= 2 tiles of the capacity a split
+    assert pick_splits(1, 1, 16384, 132, 32, partial_tiles=1e3) == 1   # partials dearer than the cache
+
+
+def test_reduce_blocks():
+    """Few rows spread the reduction over heads and value columns; many rows keep wide blocks."""
+    assert reduce_blocks(rows=1, heads=16, latent=512, splits=256, sms=132) == (1, 32, 128)
+    assert reduce_blocks(rows=1, heads=128, latent=512, splits=32, sms=132) == (1, 64, 32)
+    assert reduce_blocks(rows=128, heads=16, latent=512, splits=2, sms=132) == (8, 128, 2)
+    assert reduce_blocks(3, 7, 40, 70, 4, DecodeTuning(reduce_h=4, reduce_c=16)) == (4, 16, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,ctx,splits", [(1, [256], 64), (1, [200], 96), (3, [256, 0, 77], 70)])
+@pytest.mark.parametrize("page", [0, 32, 8])
+def test_decode_many_splits(dtype, B, ctx, splits, page):
+    """Few rows over many splits (16 tiles of 16 rows: K > tiles leaves splits empty), a zero-length
+    row, N = 7 heads over 4-head reduce blocks and C = 40 over 16-column ones; contiguous, paged with
+    one page id per tile (G = 32) and with one per row (G = 8 < BN)."""
+    decode_case(dtype, B=B, S=1, N=7, C=40, DR=8, L=256, ctx=ctx, splits=splits, paged=page > 0,
+                tuning=DecodeTuning(16, 16, 1, 4, 1, reduce_h=4, reduce_c=16), page=page or 8, seed=B)
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 9), c=st.sampled_from([16, 24, 40]), ctx=st.lists(st.integers(0, 128), min_size=1,
+       max_size=3), splits=st.sampled_from([None, 9, 33, 64, 100]), page=st.sampled_from([0, 4, 16, 32]),
+       red=st.sampled_from([(0, 0), (1, 16), (2, 32), (4, 16)]), half=st.booleans(), seed=st.integers(0, 999))
+def test_decode_split_reduce_property(n, c, ctx, splits, page, red, half, seed):
+    decode_case(torch.float16 if half else torch.float32, B=len(ctx), S=1, N=n, C=c, DR=8, L=128, ctx=ctx,
+                splits=splits, tuning=DecodeTuning(16, 16, 1, 4, 1, reduce_h=red[0], reduce_c=red[1]),
+                paged=page > 0, seed=seed, page=page or 8)
 
 
 def prefill_case(dtype, B, S, N, DN, DR, DV, L, q_pos, seed=0, block_m=16, block_n=16):
@@ -166,6 +209,8 @@ def test_wrapper_errors():
         mla_decode(torch.zeros(3, 4, 48), kv, torch.ones(3, dtype=torch.int32), 32, 1.0)
     with pytest.raises(ValueError, match="block_table"):
         mla_decode(q, kv, lens, 32, 1.0, block_table=torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="num_splits"):
+        mla_decode(q, kv, lens, 32, 1.0, num_splits=0)
     qn, qp, kn, kp, v = (torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 6, 2, 8),
                          torch.zeros(1, 6, 8), torch.zeros(1, 6, 2, 8))
     pos = torch.zeros(1, 4, dtype=torch.int32)

@@ -10,8 +10,8 @@
 # Env: STAGES (any of: tests tune ffn mla ranking), TOTAL (seconds, 560), TUNE_TOKENS (tuner sizes,
 # "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS (extra bench flags), TESTS (the
 # GPU test files). With two GPUs, GPU 1 runs the tests and then the ranking while GPU 0 tunes and times.
-# $OUT gets results/ (expert_ffn_h200.json, mla_h200.json, ranking_h200.json, tune_*.json, tuned.tar),
-# logs/ and summary.txt.
+# $OUT gets results.tgz (results/: expert_ffn_h200.json, mla_h200.json, ranking_h200.json, tune_*.json,
+# tuned.tar; logs/) and summary.txt.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; STAGES=${STAGES:-"tests tune ffn mla"}; TOTAL=${TOTAL:-560}
@@ -61,4 +61,6 @@ has mla && step mla 150 python3 bench/bench_mla.py --small-batch ${MLA_FLAGS:-} 
 has ranking && run_ranking
 [ -n "${gpu1_pid:-}" ] && wait "$gpu1_pid"
 for f in ffn mla ranking; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
+# one archive: the device tool returns a limited number of files
+tar czf "$OUT/results.tgz" -C "$OUT" results logs && rm -rf "$RES" "$LOGS"
 cat "$OUT/summary.txt"

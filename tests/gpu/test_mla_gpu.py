@@ -37,6 +37,15 @@ def latent_decode_f64(q, kv, ctx, C, scale):
     return torch.einsum("rnl,rlc->rnc", p, kv[..., :C])
 
 
+def paged_copy(kv: torch.Tensor, page: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv [B, L, Dc] -> (pages [B * L / G, G, Dc] in a shuffled order, block_table [B, L / G] int32)."""
+    B, L, dc = kv.shape
+    perm = torch.randperm(B * L // page, device=kv.device, generator=g)
+    pages = torch.empty(B * L // page, page, dc, dtype=kv.dtype, device=kv.device)
+    pages[perm] = kv.reshape(-1, page, dc)
+    return pages, perm.reshape(B, L // page).int()
+
+
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("tuning", TUNINGS)
@@ -45,7 +54,7 @@ def test_decode_bf16(heads, paged, tuning):
 
     tuning = None if tuning is None else DecodeTuning(**tuning)
     g = torch.Generator(device="cuda").manual_seed(heads)
-    B, L, C, DR, page = 4, 4160, 512, 64, 64
+    B, L, C, DR = 4, 4160, 512, 64
     kv = torch.randn(B, L, C + DR, device="cuda", generator=g).bfloat16()
     q = torch.randn(B, heads, C + DR, device="cuda", generator=g).bfloat16()
     ctx = torch.tensor([1, 63, 1000, 4160], dtype=torch.int32, device="cuda")
@@ -53,14 +62,32 @@ def test_decode_bf16(heads, paged, tuning):
     want = latent_decode_f64(q, kv, ctx, C, scale)
     for splits in ((None, 1, 7) if tuning is None else (None, 7)):
         if paged:
-            perm = torch.randperm(B * L // page, device="cuda", generator=g)
-            pages = torch.empty(B * L // page, page, C + DR, dtype=kv.dtype, device="cuda")
-            pages[perm] = kv.reshape(-1, page, C + DR)
-            table = perm.reshape(B, L // page).int()
+            pages, table = paged_copy(kv, 64, g)
             out = mla_decode(q, pages, ctx, C, scale, block_table=table, num_splits=splits, tuning=tuning)
         else:
             out = mla_decode(q, kv, ctx, C, scale, num_splits=splits, tuning=tuning)
         assert rel_err(out, want) < BF16_TOL
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_bf16_few_rows(heads, batch, paged):
+    """Few sequences at L = 16k: the default tuning and split count (many splits, the parallel
+    reduction), and split counts past the tiles (empty splits); page 64 takes the one-page-id tiles."""
+    from nanomoe_kernels.mla_decode import mla_decode
+
+    g = torch.Generator(device="cuda").manual_seed(batch * heads)
+    L, C, DR = 16384, 512, 64
+    kv = torch.randn(batch, L, C + DR, device="cuda", generator=g).bfloat16()
+    q = torch.randn(batch, heads, C + DR, device="cuda", generator=g).bfloat16()
+    ctx = torch.tensor([L, 9000, 77, 0][:batch], dtype=torch.int32, device="cuda")
+    want = latent_decode_f64(q, kv, ctx, C, 0.1352)
+    pages, table = paged_copy(kv, 64, g) if paged else (kv, None)
+    for splits in (None, 3, 256):
+        out = mla_decode(q, pages, ctx, C, 0.1352, block_table=table, num_splits=splits)
+        assert rel_err(out, want) < BF16_TOL
+        assert batch == 1 or (out[3] == 0).all()
 
 
 def test_decode_matches_loop_oracle():
