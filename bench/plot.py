@@ -32,7 +32,8 @@ TIMINGS = {"eager": ("", "eager, barrier before each call"), "b2b": ("b2b_", "ba
            "graph": ("graph_", "CUDA graph replays")}
 HEADLINE_TOKENS = {"decode": 128, "prefill": 4096}
 SCHEDULES = ("sequential", "shared_overlap", "tbo", "tbo+shared")
-BACKENDS = ("loop", "bmm", "deepgemm", "triton+align", "triton", "floor")  # legend order, one color each
+# legend order, one color each; the peer drawn beside them (the other peer rows of the JSON stay in the JSON)
+BACKENDS = ("loop", "bmm", "deepgemm", "triton+align", "triton", "floor", "sglang")
 BACKEND_NAMES = {"batched_gemm": "bmm", "fused_moe": "triton"}  # the benches' mode names
 
 
@@ -56,7 +57,8 @@ def expert_data(results: str) -> tuple[dict, list[str]]:
     hold a point, a run that timed CUDA graphs (rows with a `cuda_graph` field) wins, then the faster one."""
     ffn, best, layer, used = {}, {}, {}, set()
     for path, _, r, c in rows(results, "expert_ffn*.json"):
-        if c.get("hidden") == 7168 and c.get("expert_type") == "swiglu" and "floor_us" in r:
+        if c.get("hidden") == 7168 and c.get("expert_type") == "swiglu" and "floor_us" in r \
+                and r["variant"] in BACKENDS:
             ffn.setdefault(r["variant"], {})[c["tokens"]] = r["median_us"]
             ffn.setdefault("floor", {})[c["tokens"]] = r["floor_us"]
             used.add(path)
@@ -163,7 +165,7 @@ def _style(ax: object, title: str, ylabel: str, ticks: list[str] | None = None, 
 def draw_expert_backends(plt: object, data: dict, sources: list[str]) -> tuple[object, float]:
     """Log-log time vs tokens per backend, one panel per source kind, the floor dashed."""
     titles = {"ffn": "expert FFN alone (bench_expert_ffn.py)", "layer": "whole MoE layer, one GPU (bench_ep_moe.py)"}
-    colors = dict(zip(BACKENDS, ("tab:green", "tab:red", "tab:orange", "tab:cyan", "tab:blue", "black")))
+    colors = dict(zip(BACKENDS, ("tab:green", "tab:red", "tab:orange", "tab:cyan", "tab:blue", "black", "tab:purple")))
     fig, axes = plt.subplots(1, len(data), figsize=(11, 4.6), squeeze=False)
     for ax, (name, panel) in zip(axes[0], data.items()):
         for backend, s in panel.items():

@@ -7,7 +7,7 @@ the weights' dtype before the down projection, as the fused kernels do.
 
 Dimension legend (gathered batches): R token rows in batch.x, M batch rows (batch.index [M]).
 Every backend takes the three layouts of nanomoe_fn.batch; a gathered batch comes back contiguous
-[M, H] (`loop` and `deepgemm` materialize it first; `bmm` and `triton` load their rows through the index).
+[M, H] (`loop` materializes it first; `bmm`, `triton` and `deepgemm` load their rows through the index).
 
 Backends, slowest first: `loop` (one GEMM pair per expert; the obviously right baseline), `bmm`
 (rows gathered into a padded [P_sel, C, H] batch by one index_select, C the largest count; one batched
