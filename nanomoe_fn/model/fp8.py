@@ -5,15 +5,16 @@ Dimension legend: O output rows, In input columns, b0 x b1 the block (DeepSeek-V
 Ob = ceil(O / b0), Ib = ceil(In / b1) blocks per dim.
 
 The loader dequantises at load time (checkpoint.py); quantize_blocks is the inverse, for tests and tools.
+Both are the 2-D case of nanomoe_kernels.fp8_quant (the one implementation of the scheme: scale = amax / 448,
+1 for an all-zero block; partial last blocks scaled over the elements they have).
 """
 
 from __future__ import annotations
 
 import torch
+from nanomoe_kernels.fp8_quant import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, dequant_fp8_blocks, quant_fp8_blocks
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-DEFAULT_BLOCK = (128, 128)
+__all__ = ["DEFAULT_BLOCK", "FP8_DTYPE", "FP8_MAX", "dequantize_blocks", "quantize_blocks", "scale_shape"]
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, int]:
@@ -22,30 +23,18 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = DEFAULT_BLOCK) 
     return -(-O // block[0]), -(-In // block[1])
 
 
-def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
-    """[Ob, Ib] -> [O, In]: every element gets its block's scale (the last blocks may be partial)."""
-    return scale.repeat_interleave(block[0], 0)[: shape[0]].repeat_interleave(block[1], 1)[:, : shape[1]]
-
-
 def dequantize_blocks(w: torch.Tensor, scale_inv: torch.Tensor,
                       block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
     """fp8 w [O, In] times its block scales scale_inv [Ob, Ib] -> float32 [O, In] (on w's device)."""
     if w.dim() != 2 or tuple(scale_inv.shape) != scale_shape(tuple(w.shape), block):
         raise ValueError(f"FP8 weight {tuple(w.shape)} needs scales of shape {scale_shape(tuple(w.shape), block)} "
                          f"for blocks {tuple(block)}, got {tuple(scale_inv.shape)}")
-    scale = scale_inv.to(device=w.device, dtype=torch.float32)
-    return w.to(torch.float32) * _expand(scale, tuple(w.shape), block)
+    return dequant_fp8_blocks(w, scale_inv, tuple(block))
 
 
 def quantize_blocks(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """w [O, In] -> (fp8 [O, In], scale_inv [Ob, Ib] float32), each block scaled so its largest magnitude
     maps to FP8_MAX (an all-zero block gets scale 1)."""
-    O, In = w.shape
-    Ob, Ib = scale_shape((O, In), block)
-    # pad to whole blocks with zeros (they never raise a block's max), then amax per block
-    pad = torch.zeros(Ob * block[0], Ib * block[1], dtype=torch.float32, device=w.device)
-    pad[:O, :In] = w.float()
-    amax = pad.abs().view(Ob, block[0], Ib, block[1]).amax(dim=(1, 3))
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (w.float() / _expand(scale, (O, In), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
+    if w.dim() != 2:
+        raise ValueError(f"quantize_blocks takes a 2-D weight [O, In], got shape {tuple(w.shape)}")
+    return quant_fp8_blocks(w, tuple(block))

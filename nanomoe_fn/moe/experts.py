@@ -14,6 +14,9 @@ Backends, slowest first: `loop` (one GEMM pair per expert; the obviously right b
 GEMM per projection, the activation in bounded float32 chunks; one index_select back), `triton`
 (grouped-GEMM Triton kernels, SwiGLU fused; kernels/fused_moe.py) and `deepgemm` (DeepGEMM's
 m-grouped GEMMs; kernels/deepgemm.py). `supports(cfg, device)` says why one cannot run.
+`triton_fp8` (kernels/fused_moe_fp8.py) takes SwiGLUExpertsFP8 (block-scaled FP8 weights) and batch rows
+in bf16/fp16/fp32 and only those; every other backend takes bf16/fp16/fp32 records only (ExpertBackend.fp8
+says which, `_check` refuses the other kind by name).
 """
 
 from __future__ import annotations
@@ -26,24 +29,50 @@ import torch.nn.functional as F
 from nanomoe_kernels.activation import swiglu_act
 
 from nanomoe_fn.batch import ExpertBatch
-from nanomoe_fn.checks import INT_DTYPES, check_tensor, check_values, pick_backend
+from nanomoe_fn.checks import FLOAT_DTYPES, INT_DTYPES, check_tensor, check_values, pick_backend
 from nanomoe_fn.moe.config import MoEConfig
-from nanomoe_fn.moe.expert_kernels import deepgemm_run, deepgemm_supports, triton_run, triton_supports
-from nanomoe_fn.moe.params import Experts, LinearExperts, SwiGLUExperts, expert_tensors
+from nanomoe_fn.moe.expert_kernels import (
+    deepgemm_run,
+    deepgemm_supports,
+    triton_fp8_run,
+    triton_fp8_supports,
+    triton_run,
+    triton_supports,
+)
+from nanomoe_fn.moe.params import (
+    Experts,
+    FP8Experts,
+    LinearExperts,
+    LinearExpertsFP8,
+    SwiGLUExperts,
+    SwiGLUExpertsFP8,
+    expert_tensors,
+    refuse_fp8,
+)
 
 
-def _check(experts: Experts, batch: ExpertBatch) -> None:
+def _check(experts: Experts | FP8Experts, batch: ExpertBatch, backend: str = "bmm") -> None:
     """Argument checks naming `expert_params` / `batch.*`; the counts' and index's values are checked on
     the device (no host sync on GPUs): counts in [0, C] (masked) or summing to M (contiguous, gathered),
-    index in [0, R) (gathered)."""
-    if not isinstance(experts, (SwiGLUExperts, LinearExperts)):
+    index in [0, R) (gathered). An FP8 record goes to an FP8 backend only, and the other way round;
+    with FP8 weights batch.x is bf16/fp16/fp32."""
+    fp8 = EXPERT_BACKENDS[backend].fp8
+    if fp8 and not isinstance(experts, SwiGLUExpertsFP8):
+        raise TypeError(f"expert backend {backend!r} runs SwiGLUExpertsFP8 (block-scaled FP8 weights), got "
+                        f"{type(experts).__name__}: quantize with nanomoe_fn.moe.fp8_params.quantize_experts, "
+                        f"or pick a bf16/fp16/fp32 backend")
+    if not fp8 and isinstance(experts, (SwiGLUExpertsFP8, LinearExpertsFP8)):
+        raise TypeError(f"expert backend {backend!r} runs bf16/fp16/fp32 experts, got {type(experts).__name__} "
+                        f"(block-scaled FP8 weights): use backend='triton_fp8', or dequantize first with "
+                        f"nanomoe_fn.moe.fp8_params.dequantize_experts")
+    if not isinstance(experts, (SwiGLUExperts, LinearExperts, SwiGLUExpertsFP8)):
         raise TypeError(f"expert_params must be SwiGLUExperts or LinearExperts, got {type(experts).__name__}")
     if not isinstance(batch, ExpertBatch):
         raise TypeError(f"batch must be an ExpertBatch (dispatch's output), got {type(batch).__name__}")
     ws = expert_tensors(experts)
     P, H = ws[0].shape[0], ws[0].shape[-1]
-    x = check_tensor("batch.x", batch.x, dim=3 if batch.layout == "masked" else 2, dtypes=(ws[0].dtype,),
-                     device=ws[0].device)
+    x = check_tensor("batch.x", batch.x, dim=3 if batch.layout == "masked" else 2,
+                     dtypes=FLOAT_DTYPES[:3] if fp8 else (ws[0].dtype,), device=ws[0].device)
     counts = check_tensor("batch.counts", batch.counts, dim=1, dtypes=INT_DTYPES, device=x.device)
     if counts.shape[0] != P:
         raise ValueError(f"batch.counts must have one entry per local expert ({P}), got {counts.shape[0]}")
@@ -96,6 +125,7 @@ def _apply(experts: Experts, e: int, rows: torch.Tensor, out: torch.Tensor) -> N
 
 
 def _loop(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
+    refuse_fp8(experts, "expert backend 'loop'")
     batch = batch.materialize()
     # host copy of the counts: a Python loop over experts needs them (the slow baseline; not for decode)
     active = [(e, c) for e, c in enumerate(batch.counts.tolist()) if c]
@@ -156,6 +186,7 @@ def _bmm_experts(experts: Experts, xp: torch.Tensor, sel: torch.Tensor | None) -
 
 
 def _bmm(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
+    refuse_fp8(experts, "expert backend 'bmm'")
     if batch.layout == "masked":  # no host sync: every expert, its C rows
         return batch.with_x(_bmm_experts(experts, batch.x, None))
     H, P, M, dev = batch.x.shape[1], batch.num_experts, batch.num_rows, batch.x.device
@@ -186,11 +217,13 @@ def _bmm(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
 
 @dataclass(frozen=True)
 class ExpertBackend:
-    """A named expert-compute backend: `supports(cfg, device) -> (ok, reason)` and `run(experts, batch)`."""
+    """A named expert-compute backend: `supports(cfg, device) -> (ok, reason)` and `run(experts, batch)`;
+    fp8: it takes FP8 records (SwiGLUExpertsFP8) instead of bf16/fp16/fp32 ones."""
 
     name: str
     supports: Callable[[MoEConfig, torch.device], tuple[bool, str]]
     run: Callable[[Experts, ExpertBatch], ExpertBatch]
+    fp8: bool = False
 
 
 def _always(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
@@ -202,6 +235,7 @@ EXPERT_BACKENDS: dict[str, ExpertBackend] = {
     "bmm": ExpertBackend("bmm", _always, _bmm),
     "triton": ExpertBackend("triton", triton_supports, triton_run),
     "deepgemm": ExpertBackend("deepgemm", deepgemm_supports, deepgemm_run),
+    "triton_fp8": ExpertBackend("triton_fp8", triton_fp8_supports, triton_fp8_run, fp8=True),
 }
 
 
@@ -210,10 +244,10 @@ def get_expert_backend(name: str, cfg: MoEConfig, device: torch.device | str) ->
     return pick_backend("expert", EXPERT_BACKENDS, name, cfg, device)
 
 
-def expert_ffn(expert_params: Experts, batch: ExpertBatch, backend: str = "bmm") -> ExpertBatch:
+def expert_ffn(expert_params: Experts | FP8Experts, batch: ExpertBatch, backend: str = "bmm") -> ExpertBatch:
     """Apply each local expert to its rows; the output keeps the batch's layout and counts (a gathered
-    batch gives the contiguous batch [M, H], rows in batch row order)."""
+    batch gives the contiguous batch [M, H], rows in batch row order). FP8 records need an FP8 backend."""
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"expert backend must be one of {sorted(EXPERT_BACKENDS)}, got {backend!r}")
-    _check(expert_params, batch)
+    _check(expert_params, batch, backend)
     return EXPERT_BACKENDS[backend].run(expert_params, batch)

@@ -2,7 +2,8 @@
 and casts them.
 
 Dimension legend: E experts (logical, or local physical slots after sharding), H hidden,
-I expert intermediate, S shared experts, W ranks.
+I expert intermediate, S shared experts, W ranks; FP8 records: b0 x b1 the scale block (128 x 128),
+Ib = ceil(I / b0), Hb = ceil(H / b0) row blocks.
 
 Each parameter record is a frozen dataclass of tensors registered as a pytree with
 nanomoe_fn.tree.register_dataclass (the one mechanism for every record), so `tree_map` casts, moves
@@ -56,6 +57,47 @@ class LinearExperts:
 
 
 @dataclass(frozen=True, eq=False)
+class SwiGLUExpertsFP8:
+    """E SwiGLU experts in DeepSeek-V3's block-scaled FP8 (real weight = fp8 * its block's scale; made by
+    nanomoe_fn.moe.fp8_params.quantize_experts): w13 [E, 2I, H] float8_e4m3fn (gate rows, then up rows),
+    w13_scale [E, 2 * Ib, Hb] float32 (the gate half's Ib row blocks, then the up half's: no block mixes
+    gate and up rows, as in a checkpoint's separate gate_proj/up_proj), w2 [E, H, I] fp8,
+    w2_scale [E, Hb, ceil(I / b1)] float32. With I % b0 == 0 (`halves_aligned`; DeepSeek-V3: I = 2048)
+    w13_scale is exactly the blocks of w13 as one [2I, H] weight, ceil(2I / b0) rows: what a kernel tiling
+    2I in b0-row blocks reads. block = (b0, b1) is static (pytree context: tree_map sees the tensors only)."""
+
+    w13: torch.Tensor
+    w13_scale: torch.Tensor
+    w2: torch.Tensor
+    w2_scale: torch.Tensor
+    block: tuple[int, int] = (128, 128)
+
+    @property
+    def num_experts(self) -> int:
+        """E."""
+        return int(self.w13.shape[0])
+
+    @property
+    def halves_aligned(self) -> bool:
+        """I % b0 == 0: the gate/up boundary falls on a scale block boundary."""
+        return int(self.w2.shape[-1]) % self.block[0] == 0
+
+
+@dataclass(frozen=True, eq=False)
+class LinearExpertsFP8:
+    """E linear experts in block-scaled FP8: w [E, H, H] float8_e4m3fn, w_scale [E, Hb, ceil(H / b1)] float32."""
+
+    w: torch.Tensor
+    w_scale: torch.Tensor
+    block: tuple[int, int] = (128, 128)
+
+    @property
+    def num_experts(self) -> int:
+        """E."""
+        return int(self.w.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
 class SharedMLP:
     """The shared experts fused into one dense SwiGLU: w13 [2*S*I, H], w2 [H, S*I]."""
 
@@ -73,17 +115,36 @@ class MoEParams:
 
 
 Experts = SwiGLUExperts | LinearExperts
+FP8Experts = SwiGLUExpertsFP8 | LinearExpertsFP8
 
 register_dataclass(GateParams, optional=("bias",))
 register_dataclass(SwiGLUExperts)
 register_dataclass(LinearExperts)
+register_dataclass(SwiGLUExpertsFP8, static=("block",))
+register_dataclass(LinearExpertsFP8, static=("block",))
 register_dataclass(SharedMLP)
 register_dataclass(MoEParams, optional=("shared",))
 
 
-def expert_tensors(experts: Experts) -> tuple[torch.Tensor, ...]:
-    """The experts' weight tensors in reference/ order: (w13, w2) for SwiGLU, (w,) for linear."""
-    return (experts.w13, experts.w2) if isinstance(experts, SwiGLUExperts) else (experts.w,)
+def expert_tensors(experts: Experts | FP8Experts) -> tuple[torch.Tensor, ...]:
+    """The experts' weight tensors in reference/ order: (w13, w2) for SwiGLU, (w,) for linear (the float8
+    weights of an FP8 record; their scales: expert_scales)."""
+    return (experts.w13, experts.w2) if isinstance(experts, (SwiGLUExperts, SwiGLUExpertsFP8)) else (experts.w,)
+
+
+def expert_scales(experts: Experts | FP8Experts) -> tuple[torch.Tensor, ...]:
+    """An FP8 record's block scales in expert_tensors order ((w13_scale, w2_scale) or (w_scale,)); () otherwise."""
+    if isinstance(experts, SwiGLUExpertsFP8):
+        return experts.w13_scale, experts.w2_scale
+    return (experts.w_scale,) if isinstance(experts, LinearExpertsFP8) else ()
+
+
+def refuse_fp8(experts: object, who: str) -> None:
+    """TypeError naming the record when `experts` is FP8: for code that runs bf16/fp16/fp32 weights only."""
+    if isinstance(experts, (SwiGLUExpertsFP8, LinearExpertsFP8)):
+        raise TypeError(f"{who} runs bf16/fp16/fp32 experts, got {type(experts).__name__} (block-scaled FP8 "
+                        f"weights): use an FP8 expert backend, or dequantize first with "
+                        f"nanomoe_fn.moe.fp8_params.dequantize_experts(experts, dtype)")
 
 
 def _normal(shape: tuple[int, ...], std: float, dtype: torch.dtype, device: torch.device | str,
@@ -141,7 +202,9 @@ def shard_moe_params(params: MoEParams, placement: Placement, rank: int) -> MoEP
 
 
 def cast_params(params: MoEParams, dtype: torch.dtype) -> MoEParams:
-    """Cast expert and shared weights to `dtype`; the router stays float32."""
+    """Cast expert and shared weights to `dtype`; the router stays float32. FP8 experts are refused (a cast
+    would drop their scales: dequantize_experts)."""
+    refuse_fp8(params.experts, "cast_params")
     return MoEParams(
         gate=params.gate,
         experts=pytree.tree_map(lambda t: t.to(dtype), params.experts),

@@ -1,0 +1,230 @@
+"""Block-scaled FP8 fused MoE: DeepSeek-V3's SwiGLU experts with float8_e4m3fn weights and activations.
+
+Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate, G = 128 the scale group,
+HG = H / 128, IG = I / 128, N rows of a contiguous or gathered batch, R token rows of a gathered batch,
+cap rows per expert (masked layout), RA aligned rows (moe_align's sorted_ids).
+
+Weights as DeepSeek-V3 ships them: w13_q float8_e4m3fn [E, 2I, H] (gate rows, then up rows) with
+w13_scale float32 [E, 2I/128, HG] (w13 = q * scale per 128 x 128 block), w2_q [E, H, I] with w2_scale
+[E, HG, IG]. H and I must be multiples of 128 (DeepSeek-V3: 7168 and 2048); other dims are refused.
+
+The FFN (kernels/fused_moe_fp8_kernel.py does the GEMMs):
+1. x quantised per row and 128-channel group: xq [rows, H] fp8 and xs [rows, HG] (x ~= xq * xs,
+   xs = amax / 448). Each token row once: every (token, k) pair reads its token's quantised row.
+2. gate/up GEMM with SwiGLU in float32, quantised per row and 128 columns in the epilogue: inter
+   [RA, I] fp8 + inter_scale [RA, IG] (never a bf16 [RA, I], never [RA, 2I]).
+3. down GEMM on inter, each row scaled by its top-k weight (fused_moe_fp8) and scattered to its row;
+   output in x's dtype; fused_moe_fp8 sums the k rows of a token.
+Entry points as kernels/fused_moe.py: `fused_moe_fp8(x [T, H], topk_ids, topk_weights, ...) -> [T, H]`,
+`fused_moe_fp8_contiguous(rows [N, H], counts [E], ...) -> [N, H]`, `fused_moe_fp8_gathered(rows [R, H],
+index [N], counts, ...) -> [N, H]` (the R token rows are quantised once and the up GEMM gathers them
+through the index: no [N, H] copy) and `fused_moe_fp8_masked(x [E, cap, H], counts, ...) -> [E, cap,
+H]` (all E * cap rows are quantised: no host sync on the counts; padding rows are never read). Rows no
+expert owns are left unwritten. No host syncs: CUDA-graph capturable.
+
+Configs: tables in kernels/tuned named by kernels.fused_moe.config_name with dtype float8_e4m3fn and op
+up/down (none ship yet: the GPU tuner writes them), else `default_config_fp8`. `config=` overrides as
+in kernels/fused_moe.py (a flat dict or {"up": .., "down": ..}); BLOCK_K must be 128 and the up GEMM's
+BLOCK_N 128 (its output scale groups are its tiles).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import torch
+from nanomoe_kernels.checks import check_values
+from nanomoe_kernels.fp8_quant import quant_fp8_groups
+from nanomoe_kernels.fused_moe import TABLES, TUNED_DIR, _check_counts, _check_x, _device_name, config_name
+from nanomoe_kernels.fused_moe_fp8_kernel import GROUP, check_fp8_config, moe_gemm_fp8
+from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
+from nanomoe_kernels.moe_blocks import block_tables
+
+FP8 = torch.float8_e4m3fn
+
+
+@functools.cache
+def _warn_default(name: str) -> None:
+    warnings.warn(f"kernels.fused_moe_fp8: no tuned config {TUNED_DIR / name}; using default_config_fp8",
+                  stacklevel=3)
+
+
+def default_config_fp8(op: str, M: int, E: int) -> dict:
+    """Fallback tile for the FP8 `op` ("up" or "down") with M rows over E experts, by rows per expert:
+    BLOCK_K = 128 (a scale group), BLOCK_N = 128 (the up GEMM's output groups); untuned guesses sized
+    for Hopper's shared memory (fp8 tiles are half the bytes of bf16 ones)."""
+    per_expert = M / max(E, 1)
+    if per_expert <= 8:
+        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if per_expert <= 48:
+        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64 if op == "up" else 128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8,
+                num_stages=3, SPLIT_M=64 if per_expert >= 128 else 0)
+
+
+def fp8_configs(config: dict | None, E: int, H: int, I: int, M: int, device: torch.device
+                ) -> tuple[dict, dict, int]:
+    """(up config, down config, alignment block = the smaller of their BLOCK_M / SPLIT_M)."""
+    cfgs = []
+    for op, (n, k) in {"up": (I, H), "down": (H, I)}.items():
+        if config is not None:
+            c = config[op] if op in config else config
+        else:
+            name = config_name(op, E, n, k, FP8, _device_name(device))
+            table = TABLES.get(name)
+            if table:
+                lm = math.log(max(M, 1))
+                c = table[min(table, key=lambda m: abs(math.log(m) - lm))]
+            else:
+                _warn_default(name)
+                c = default_config_fp8(op, M, E)
+        cfgs.append(check_fp8_config(c, quant_out=op == "up"))
+    return cfgs[0], cfgs[1], min(c["SPLIT_M"] or c["BLOCK_M"] for c in cfgs)
+
+
+def _check_fp8_weights(w13_q: torch.Tensor, w13_scale: torch.Tensor, w2_q: torch.Tensor,
+                       w2_scale: torch.Tensor, x: torch.Tensor, H: int) -> tuple[int, int]:
+    """(E, I) after checking the four weight tensors against x [.., H]."""
+    for name, w in (("w13_q", w13_q), ("w2_q", w2_q)):
+        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+            raise ValueError(f"{name} must be a 3-dim tensor [E, rows, cols], got {getattr(w, 'shape', w)}")
+        if w.dtype != FP8:
+            raise TypeError(f"{name} must be float8_e4m3fn (block-scaled FP8 weights), got {w.dtype}; "
+                            f"{w.dtype} weights run on kernels.fused_moe")
+        if w.device != x.device or not w.is_contiguous():
+            raise ValueError(f"{name} must be contiguous on {x.device}, got {w.device}")
+    E, I2, H_w = w13_q.shape
+    I = I2 // 2
+    if H_w != H or I2 % 2 or tuple(w2_q.shape) != (E, H, I):
+        raise ValueError(f"w13_q must be [E, 2I, H={H}] and w2_q [E, {H}, I], got {tuple(w13_q.shape)} and "
+                         f"{tuple(w2_q.shape)}")
+    for dim, size in (("hidden size H", H), ("intermediate size I", I)):
+        if size % GROUP:
+            raise ValueError(f"{dim}={size} must be a multiple of {GROUP} (the FP8 scale block)")
+    for name, s, shape in (("w13_scale", w13_scale, (E, 2 * I // GROUP, H // GROUP)),
+                           ("w2_scale", w2_scale, (E, H // GROUP, I // GROUP))):
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or tuple(s.shape) != shape:
+            raise ValueError(f"{name} must be float32 {list(shape)} (one scale per 128 x 128 block), got "
+                             f"{getattr(s, 'dtype', type(s).__name__)} {tuple(getattr(s, 'shape', ()))}")
+        if s.device != x.device or not s.is_contiguous():
+            raise ValueError(f"{name} must be contiguous on {x.device}")
+    return E, I
+
+
+def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q float8_e4m3fn [M, K], scales float32 [M, K/128]): kernels/fp8_quant.py's scheme
+    (scale = amax / 448, 1 for an all-zero group; q = x / scale rounded to nearest even)."""
+    return quant_fp8_groups(x if x.stride(1) == 1 else x.contiguous(), group=GROUP, scale_layout="row")
+
+
+def fp8_ffn_aligned(xq: torch.Tensor, xs: torch.Tensor, align: Alignment, w13_q: torch.Tensor,
+                    w13_scale: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor, up: dict, down: dict,
+                    out: torch.Tensor, a_div: int = 1, row_weights: torch.Tensor | None = None,
+                    a_index: torch.Tensor | None = None) -> torch.Tensor:
+    """The two FP8 GEMMs on aligned rows: out [align.num_rows, H] row r = expert(xq[r // a_div] * xs)
+    (through a_index when given), times row_weights[r] when given. Checks are the callers'."""
+    R, I = align.sorted_ids.numel(), w2_q.shape[2]
+    tables = {c["BLOCK_M"]: block_tables(align, c["BLOCK_M"]) for c in (up, down) if c["BLOCK_M"] > align.block_m}
+    inter = torch.empty((R, I), dtype=FP8, device=xq.device)
+    inter_scale = torch.empty((R, I // GROUP), dtype=torch.float32, device=xq.device)
+    moe_gemm_fp8(xq, xs, w13_q, w13_scale, inter, align, up, gather_a=True, scatter_c=False, a_div=a_div,
+                 swiglu=True, out_scale=inter_scale, tables=tables.get(up["BLOCK_M"]), a_index=a_index)
+    return moe_gemm_fp8(inter, inter_scale, w2_q, w2_scale, out, align, down, gather_a=False, scatter_c=True,
+                        row_weights=row_weights, tables=tables.get(down["BLOCK_M"]))
+
+
+def fused_moe_fp8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_q: torch.Tensor,
+                  w13_scale: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor, config: dict | None = None,
+                  validate: bool = False) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H] bf16/fp16/fp32 -> [T, H] in
+    x.dtype, with FP8 weights and activations (module docstring). topk_ids [T, k] int32/int64 in [0, E)
+    (validate=True checks it, async on GPUs), topk_weights [T, k] float."""
+    _check_x("x", x, 2)
+    T, H = x.shape
+    E, I = _check_fp8_weights(w13_q, w13_scale, w2_q, w2_scale, x, H)
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids must be [{T}, k], got {getattr(topk_ids, 'shape', topk_ids)}")
+    k = topk_ids.shape[1]
+    if not isinstance(topk_weights, torch.Tensor) or tuple(topk_weights.shape) != (T, k) \
+            or not topk_weights.is_floating_point():
+        raise ValueError(f"topk_weights must be a float tensor [{T}, {k}], got "
+                         f"{getattr(topk_weights, 'shape', topk_weights)}")
+    if not 1 <= k <= E:
+        raise ValueError(f"top-k must lie in [1, E={E}], got {k}")
+    up, down, bm = fp8_configs(config, E, H, I, T * k, x.device)
+    if T == 0:
+        return x.new_zeros((0, H))
+    align = moe_align(topk_ids, E, bm, validate=validate)
+    xq, xs = quant_rows(x)
+    row_w = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    pairs = fp8_ffn_aligned(xq, xs, align, w13_q, w13_scale, w2_q, w2_scale, up, down,
+                            x.new_empty((T * k, H)), a_div=k, row_weights=row_w)
+    return pairs.view(T, k, H).sum(dim=1) if k > 1 else pairs
+
+
+def fused_moe_fp8_contiguous(rows: torch.Tensor, counts: torch.Tensor, w13_q: torch.Tensor,
+                             w13_scale: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor,
+                             config: dict | None = None, validate: bool = False) -> torch.Tensor:
+    """rows [N, H] sorted by expert (expert e owns counts[e] rows after the previous experts') -> [N, H],
+    row i = expert(rows[i]) with FP8 math; no weighting. Rows past sum(counts) are left unwritten."""
+    _check_x("rows", rows, 2)
+    N, H = rows.shape
+    E, I = _check_fp8_weights(w13_q, w13_scale, w2_q, w2_scale, rows, H)
+    _check_counts(counts, E)
+    up, down, bm = fp8_configs(config, E, H, I, N, rows.device)
+    out = rows.new_empty((N, H))
+    if N == 0:
+        return out
+    align = moe_align_contiguous(counts, N, bm, validate=validate)
+    xq, xs = quant_rows(rows)
+    return fp8_ffn_aligned(xq, xs, align, w13_q, w13_scale, w2_q, w2_scale, up, down, out)
+
+
+def fused_moe_fp8_gathered(rows: torch.Tensor, index: torch.Tensor, counts: torch.Tensor, w13_q: torch.Tensor,
+                           w13_scale: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor,
+                           config: dict | None = None, validate: bool = False) -> torch.Tensor:
+    """rows [R, H] token rows, index [N] int32/int64 in [0, R), counts [E] -> [N, H], row i =
+    expert(rows[index[i]]): the R rows are quantised once and read through the index. validate=True
+    checks index and counts (async on GPUs). Rows past sum(counts) are left unwritten."""
+    _check_x("rows", rows, 2)
+    R, H = rows.shape
+    E, I = _check_fp8_weights(w13_q, w13_scale, w2_q, w2_scale, rows, H)
+    _check_counts(counts, E)
+    if _check_ids("index", index, (1,)).device != rows.device:
+        raise ValueError(f"index must be on {rows.device} (with the rows), got {index.device}")
+    N = index.shape[0]
+    up, down, bm = fp8_configs(config, E, H, I, N, rows.device)
+    out = rows.new_empty((N, H))
+    if N == 0:
+        return out
+    if validate:
+        lo, hi = torch.aminmax(index)
+        check_values((lo >= 0) & (hi < R), f"index must lie in [0, {R}) (the rows)")
+    align = moe_align_contiguous(counts, N, bm, validate=validate)
+    xq, xs = quant_rows(rows)
+    return fp8_ffn_aligned(xq, xs, align, w13_q, w13_scale, w2_q, w2_scale, up, down, out,
+                           a_index=index.contiguous())
+
+
+def fused_moe_fp8_masked(x: torch.Tensor, counts: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor,
+                         w2_q: torch.Tensor, w2_scale: torch.Tensor, config: dict | None = None,
+                         expected_m: int | None = None, validate: bool = False) -> torch.Tensor:
+    """x [E, cap, H], expert e's rows x[e, :counts[e]] -> [E, cap, H]; rows past counts[e] are left
+    unwritten. expected_m (rows per expert the caller expects; default cap) picks the config."""
+    _check_x("x", x, 3)
+    E_x, cap, H = x.shape
+    E, I = _check_fp8_weights(w13_q, w13_scale, w2_q, w2_scale, x, H)
+    if E_x != E:
+        raise ValueError(f"x must be [E={E}, cap, {H}] (one slab per expert), got {tuple(x.shape)}")
+    _check_counts(counts, E)
+    M = E * (cap if expected_m is None else max(1, expected_m))
+    up, down, bm = fp8_configs(config, E, H, I, M, x.device)
+    align = moe_align_masked(counts, cap, bm, validate=validate)
+    out = x.new_empty((E, cap, H))
+    if E * cap == 0:
+        return out
+    xq, xs = quant_rows(x.reshape(E * cap, H))
+    fp8_ffn_aligned(xq, xs, align, w13_q, w13_scale, w2_q, w2_scale, up, down, out.view(E * cap, H))
+    return out
