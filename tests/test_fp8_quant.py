@@ -62,7 +62,12 @@ def test_round_e4m3_is_torchs_cast():
     v = tricky_values()
     v = torch.cat([v, -v, torch.tensor([0.0, -0.0, 448.0, 463.9, 464.0, 1e4, 2.0**-10, 3 * 2.0**-10, 1e-30])])
     v = torch.cat([v, -v[-6:]])
-    assert torch.equal(as_bytes(ref.round_e4m3(v.double())), as_bytes(v.to(F8)))
+    # far past the range torch's casts differ by version (2.11 gives NaN for 1e4, 2.13 saturates to 448):
+    # compare where both agree, and saturate in the reference (the kernels clamp before they cast)
+    near = v.abs() < 1e3
+    assert torch.equal(as_bytes(ref.round_e4m3(v[near].double())), as_bytes(v[near].to(F8)))
+    far = ref.round_e4m3(v[~near].double())
+    assert far.numel() and torch.equal(far, 448.0 * v[~near].double().sign())
     assert ref.round_e4m3(torch.tensor([-0.0], dtype=torch.float64)).signbit().item()
 
 
