@@ -17,3 +17,18 @@ def check_values(ok: torch.Tensor, message: str) -> None:
             raise ValueError(message)
     else:
         torch._assert_async(ok, message)
+
+
+def check_routing(topk_ids: object, topk_weights: object, T: int, E: int) -> int:
+    """k after checking the routing of T tokens over E experts: topk_ids [T, k] and float topk_weights
+    [T, k] with 1 <= k <= E (shapes only; the ids' values are the align step's validate)."""
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids must be [{T}, k], got {getattr(topk_ids, 'shape', topk_ids)}")
+    k = topk_ids.shape[1]
+    if not isinstance(topk_weights, torch.Tensor) or tuple(topk_weights.shape) != (T, k) \
+            or not topk_weights.is_floating_point():
+        raise ValueError(f"topk_weights must be a float tensor [{T}, {k}], got "
+                         f"{getattr(topk_weights, 'shape', topk_weights)}")
+    if not 1 <= k <= E:
+        raise ValueError(f"top-k must lie in [1, E={E}], got {k}")
+    return k

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from nanomoe_kernels.checks import check_values
+from nanomoe_kernels.checks import check_routing, check_values
 from nanomoe_kernels.moe_align import Alignment, moe_align, moe_align_contiguous
 from nanomoe_kernels.moe_permute import permute_rows, silu_mul, unpermute_sum
 
@@ -134,11 +134,7 @@ def deepgemm_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
     if x.dim() != 2 or x.shape[1] != w13.shape[2]:
         raise ValueError(f"x must be [T, H={w13.shape[2]}], got {tuple(x.shape)}")
     T = x.shape[0]
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != T:
-        raise ValueError(f"topk_ids must be [{T}, k], got {getattr(topk_ids, 'shape', topk_ids)}")
-    k = topk_ids.shape[1]
-    if not 1 <= k <= E:
-        raise ValueError(f"top-k must lie in [1, E={E}], got {k}")
+    k = check_routing(topk_ids, topk_weights, T, E)
     if x.stride(1) != 1:
         x = x.contiguous()
     if align is None:

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 import torch
-from nanomoe_kernels.checks import check_values
+from nanomoe_kernels.checks import check_routing, check_values
 from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted
 from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
 from nanomoe_kernels.moe_blocks import block_tables
@@ -193,15 +193,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     _check_x("x", x, 2)
     T, H = x.shape
     E, I, H_out = _check_weights(weights, expert_type, x, H)
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != T:
-        raise ValueError(f"topk_ids must be [{T}, k], got {getattr(topk_ids, 'shape', topk_ids)}")
-    k = topk_ids.shape[1]
-    if not isinstance(topk_weights, torch.Tensor) or tuple(topk_weights.shape) != (T, k) \
-            or not topk_weights.is_floating_point():
-        raise ValueError(f"topk_weights must be a float tensor [{T}, {k}], got "
-                         f"{getattr(topk_weights, 'shape', topk_weights)}")
-    if not 1 <= k <= E:
-        raise ValueError(f"top-k must lie in [1, E={E}], got {k}")
+    k = check_routing(topk_ids, topk_weights, T, E)
     if x.stride(1) != 1:
         x = x.contiguous()
     first, down, bm = stage_configs(config, expert_type, E, H, I, H_out, x.dtype, T * k, x.device)

@@ -35,7 +35,7 @@ import math
 import warnings
 
 import torch
-from nanomoe_kernels.checks import check_values
+from nanomoe_kernels.checks import check_routing, check_values
 from nanomoe_kernels.fp8_quant import quant_fp8_groups
 from nanomoe_kernels.fused_moe import TABLES, TUNED_DIR, _check_counts, _check_x, _device_name, config_name
 from nanomoe_kernels.fused_moe_fp8_kernel import GROUP, check_fp8_config, moe_gemm_fp8
@@ -144,15 +144,7 @@ def fused_moe_fp8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     _check_x("x", x, 2)
     T, H = x.shape
     E, I = _check_fp8_weights(w13_q, w13_scale, w2_q, w2_scale, x, H)
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2 or topk_ids.shape[0] != T:
-        raise ValueError(f"topk_ids must be [{T}, k], got {getattr(topk_ids, 'shape', topk_ids)}")
-    k = topk_ids.shape[1]
-    if not isinstance(topk_weights, torch.Tensor) or tuple(topk_weights.shape) != (T, k) \
-            or not topk_weights.is_floating_point():
-        raise ValueError(f"topk_weights must be a float tensor [{T}, {k}], got "
-                         f"{getattr(topk_weights, 'shape', topk_weights)}")
-    if not 1 <= k <= E:
-        raise ValueError(f"top-k must lie in [1, E={E}], got {k}")
+    k = check_routing(topk_ids, topk_weights, T, E)
     up, down, bm = fp8_configs(config, E, H, I, T * k, x.device)
     if T == 0:
         return x.new_zeros((0, H))
