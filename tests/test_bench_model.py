@@ -27,7 +27,9 @@ def test_bench_model_rows(tmp_path):
     assert set(rows) == {("transformers", 1), ("transformers", 2), ("nanomoe", 1), ("nanomoe", 2)}
     for b in (1, 2):
         ours, hf = rows["nanomoe", b], rows["transformers", b]
-        assert ours["speedup_vs"]["transformers"] == pytest.approx(ours["decode_tok_s"] / hf["decode_tok_s"], rel=0.02)
+        # the bench rounds the ratio to 2 decimals: on a slow CPU it is ~0.04, where that rounding is 10% of it
+        assert ours["speedup_vs"]["transformers"] == pytest.approx(ours["decode_tok_s"] / hf["decode_tok_s"],
+                                                                   rel=0.02, abs=0.005)
         assert ours["tokens_agree"] == 5  # every greedy token (float32, the same weights)
         assert ours["decode_tok_s"] == pytest.approx(b / (ours["decode_step_ms"] * 1e-3), rel=0.01)
         assert ours["floor_step_ms"] > 0 and ours["share_of_floor"] == pytest.approx(
