@@ -10,26 +10,32 @@ Cases: `headline` = DeepSeek-V3 decode (128 tokens/rank) and prefill (4096) at H
 `table` = the five rows of the public dispatch/combine table (ANCHORS.md); `default` = both; `quick`
 = small CPU cases. Routing is uniform random top-k. Variants (`--variants`): `torch`, `torch_fixed`
 (decode cases), `nvlink` (mode decode / prefill by phase), `deepep` (normal), `deepep_ll` (low
-latency, decode cases), the baseline `nccl_a2a` (`gloo_a2a` on gloo: one all_to_all_single of the
-same (token, k) pair rows, splits known in advance), and on request the raw DeepEP peers
-`deepep_raw` / `deepep_ll_raw` (bench/deepep_peer.py). A variant runs where `supports_comm` says it
-can (else it is listed under "skipped" with the reason); a variant whose build, check or timing
-fails is listed under "failed" and the exit code is non-zero.
+latency, decode cases), `nvlink_fp8` / `deepep_ll_fp8` (those comms with FP8 dispatch: e4m3 rows plus
+their float32 scales per 128 channels; combine in bf16), the baseline `nccl_a2a` (`gloo_a2a` on gloo:
+one all_to_all_single of the same (token, k) pair rows, splits known in advance), and on request the
+raw DeepEP peers `deepep_raw` / `deepep_ll_raw` (bench/deepep_peer.py). A variant runs where
+`supports_comm` says it can (else it is listed under "skipped" with the reason); a variant whose build,
+check or timing fails is listed under "failed" and the exit code is non-zero.
 
 Each rank checks every variant first: dispatch then combine with an identity expert returns
 sum_k(w) * x, and the per-expert counts equal the pairs this rank's experts must receive (from all
-ranks' routing). Timing: each iteration (after a barrier) calls dispatch then combine, CUDA events
-around each; reported is the slowest rank's median (the start-up skew the barrier leaves between ranks
-counts: the rank that starts first waits for its peers). On GPUs the same calls are also timed back to
-back, no barrier between iterations (b2b_dispatch_us, b2b_combine_us, b2b_gbps): the steady state of a
-layer loop, ranks in lockstep, host time between the calls still counted. Between dispatch and combine,
-untimed, the identity experts: a gathered batch (nvlink prefill, torch) is materialised into batch-row
-order, as an expert backend's output would be; other batches are passed on as they are. Sync-free
-variants (torch_fixed, nvlink decode, deepep_ll) also time CUDA-graph replays: graph_dispatch_us,
-graph_combine_us and graph_round_us (one graph of dispatch + combine, what a decode layer pays).
+ranks' routing); FP8 variants: sum_k(w) * dequant(quant(x)) (x quantised here per 128 channels) within
+1e-2 relative, norm-wise (DeepEP rounds its scales its own way). Timing: each iteration (after a
+barrier) calls dispatch then combine, CUDA events around each; reported is the slowest rank's median
+(the start-up skew the barrier leaves between ranks counts: the rank that starts first waits for its
+peers). On GPUs the same calls are also timed back to back, no barrier between iterations
+(b2b_dispatch_us, b2b_combine_us, b2b_gbps): the steady state of a layer loop, ranks in lockstep, host
+time between the calls still counted. Between dispatch and combine, untimed, the identity experts: a
+gathered batch (nvlink prefill, torch) is materialised into batch-row order, as an expert backend's
+output would be, FP8 rows are dequantised to bf16 (what an FP8 backend returns); other batches are passed
+on as they are. Sync-free variants (torch_fixed, nvlink decode, deepep_ll, their FP8 twins) also time
+CUDA-graph replays: graph_dispatch_us, graph_combine_us and graph_round_us (one graph of dispatch +
+combine, what a decode layer pays; FP8 variants combine a fixed bf16 expert output there, the round
+graph having no expert stage, so only their split graphs are checked).
 GB/s per rank = bytes of the rows a rank receives, one row per (token, destination rank), local rows
-included (DeepEP's accounting), H * itemsize bytes each, over the dispatch time; the same bytes for
-every variant (mean over ranks). `pair_rows` = rows per (token, k) pair received, for reference.
+included (DeepEP's accounting), row_bytes each (H * itemsize; FP8 variants H + 4 * H / 128: e4m3 values
+and float32 scales), over the dispatch time (mean over ranks): `bytes_per_rank` in each row, the same for
+every variant of one payload. `pair_rows` = rows per (token, k) pair received, for reference.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ from bench.common import (  # noqa: E402
     time_pair,
     write_record,
 )
-from nanomoe_fn import Placement, Routing, combine, dispatch  # noqa: E402
+from nanomoe_fn import ExpertBatch, Placement, Routing, combine, dispatch  # noqa: E402
 from nanomoe_fn.comm.base import make_comm, supports_comm  # noqa: E402
 
 # (phase, experts, top_k, hidden, tokens per rank)
@@ -70,10 +76,11 @@ TABLE = [("decode", 8, 2, 6144, 16), ("decode", 64, 6, 2048, 32), ("decode", 128
 CASES = HEADLINE + TABLE
 QUICK = [("decode", 256, 8, 512, 32), ("prefill", 256, 8, 512, 512), ("decode", 64, 6, 256, 32)]
 CASE_SETS = {"default": CASES, "headline": HEADLINE, "table": TABLE, "quick": QUICK}
-COMMS = ["torch", "torch_fixed", "nvlink", "deepep", "deepep_ll"]
+COMMS = ["torch", "torch_fixed", "nvlink", "deepep", "deepep_ll", "nvlink_fp8", "deepep_ll_fp8"]
 VARIANTS = [*COMMS, "nccl_a2a"]
-SYNC_FREE = ("torch_fixed", "deepep_ll")  # + nvlink in decode mode: CUDA-graph capturable
-DECODE_ONLY = ("torch_fixed", "deepep_ll", "deepep_ll_raw")
+SYNC_FREE = ("torch_fixed", "deepep_ll", "deepep_ll_fp8")  # + nvlink(_fp8) in decode mode: CUDA-graph capturable
+DECODE_ONLY = ("torch_fixed", "deepep_ll", "deepep_ll_raw", "deepep_ll_fp8")
+FP8_VARIANTS = ("nvlink_fp8", "deepep_ll_fp8")  # dispatch e4m3 rows + scales (DeepSeek-V3's 1 x 128 groups)
 
 
 def _routing(T: int, E: int, k: int, device: torch.device, seed: int) -> Routing:
@@ -90,9 +97,24 @@ def comm_spec(variant: str, case: tuple, dtype: torch.dtype, timeout_s: float) -
     if variant == "torch_fixed":
         return "torch_fixed", {"max_tokens": T, "timeout_s": timeout_s}
     sizes = {"max_tokens": T, "hidden": H, "top_k": k, "num_slots": E, "dtype": dtype, "timeout_s": timeout_s}
-    if variant == "nvlink":
+    if variant in FP8_VARIANTS:
+        sizes["dispatch_dtype"] = torch.float8_e4m3fn
+    if variant.startswith("nvlink"):
         return "nvlink", {**sizes, "mode": "decode" if phase == "decode" else "prefill"}
     return "deepep", {**sizes, "mode": "normal" if variant == "deepep" else "low_latency"}
+
+
+def dequant_batch(batch: ExpertBatch) -> ExpertBatch:
+    """An FP8 batch's rows dequantised to bfloat16 in its layout (gathered: in batch row order, contiguous),
+    what an identity FP8 expert would return; any other batch materialised as it is."""
+    if batch.x_scale is None:
+        return batch.materialize()
+    q, s = batch.x, batch.x_scale
+    if batch.index is not None:  # gathered: the rows through the index (fp8 as bytes: any torch indexes those)
+        q = q.view(torch.uint8).index_select(0, batch.index).view(q.dtype)
+        s = s.index_select(0, batch.index)
+    y = (q.float().unflatten(-1, (s.shape[-1], -1)) * s.unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
+    return batch.with_x(y)
 
 
 class _Run:
@@ -116,7 +138,8 @@ class _Run:
         token_rows = torch.stack([(dest == r).any(-1).sum() for r in range(W)])  # [W] rows per (token, rank)
         self.pair_rows = int((dest == rank).sum())
         self.token_rows = int(token_rows[rank])
-        self.bytes_per_rank = float(token_rows.double().mean()) * H * self.x.element_size()
+        self.mean_rows = float(token_rows.double().mean())
+        self._expected_fp8: torch.Tensor | None = None
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
         self.failed: list[dict] = []
@@ -136,33 +159,60 @@ class _Run:
             print(f"  FAILED {variant} at {stage}: {error}")
         self.failed.append({"case": self.case_dict(), "variant": variant, "stage": stage, "error": error})
 
-    def check(self, out: torch.Tensor, counts: torch.Tensor | None) -> str:
-        """'' when out equals sum_k(w) * x and counts equal the expected per-expert counts, else why not."""
+    def row_bytes(self, variant: str) -> int:
+        """Bytes of one token row as the variant moves it (FP8: e4m3 values + float32 scales per 128)."""
+        H = self.case[3]
+        return H + 4 * (H // 128) if variant in FP8_VARIANTS else H * self.x.element_size()
+
+    def bytes_per_rank(self, variant: str) -> float:
+        """Bytes of the token rows a rank receives (mean over ranks), one per (token, destination rank)."""
+        return self.mean_rows * self.row_bytes(variant)
+
+    def expected_fp8(self) -> torch.Tensor:
+        """sum_k(w) * dequant(quant(x)), x quantised per token and 128 channels (float64)."""
+        if self._expected_fp8 is None:
+            from nanomoe_kernels.fp8_quant import quant_fp8_groups_torch
+
+            q, s = quant_fp8_groups_torch(self.x)
+            xq = q.double().unflatten(-1, (s.shape[1], -1)) * s.double().unsqueeze(-1)
+            self._expected_fp8 = xq.flatten(-2) * self.routing.topk_weights.double().sum(1, keepdim=True)
+        return self._expected_fp8
+
+    def check(self, out: torch.Tensor, counts: torch.Tensor | None, fp8: bool = False) -> str:
+        """'' when out equals sum_k(w) * x (fp8: of x quantised, within 1e-2 norm-wise) and counts equal the
+        expected per-expert counts, else why not."""
         if counts is not None and not torch.equal(counts.long().cpu(), self.expected_counts.cpu()):
             return (f"rank {self.rank}: counts {counts.sum()} rows != expected {self.expected_counts.sum()} "
                     f"(per-expert counts differ)")
+        if fp8:
+            want = self.expected_fp8()
+            err = float((out.double() - want).norm() / want.norm().clamp_min(1e-30))
+            return "" if err < 1e-2 else f"rank {self.rank}: FP8 combine(dispatch(x)) off by {err:.3g} (relative)"
         try:
             torch.testing.assert_close(out, self.expected, rtol=2e-2, atol=2e-2)
         except AssertionError as err:
             return f"rank {self.rank}: combine(dispatch(x)) != sum_k(w) * x: {' '.join(str(err).splitlines()[1:3])}"
         return ""
 
-    def b2b_fields(self, t: list[tuple[float, float]]) -> dict:
+    def b2b_fields(self, t: list[tuple[float, float]], variant: str) -> dict:
         """Rows of eager calls timed back to back (no barrier between iterations): the slowest rank's medians."""
         med = slowest([statistics.median(v[0] for v in t), statistics.median(v[1] for v in t)], self.device)
-        out = {"b2b_dispatch_us": round(med[0] * 1e6, 2), "b2b_gbps": sig(self.bytes_per_rank / med[0] / 1e9)}
+        nd, nc = self.bytes_per_rank(variant), self.bytes_per_rank("")  # combine moves rows in x's dtype
+        out = {"b2b_dispatch_us": round(med[0] * 1e6, 2), "b2b_gbps": sig(nd / med[0] / 1e9)}
         if med[1] > 0:
-            out.update(b2b_combine_us=round(med[1] * 1e6, 2), b2b_combine_gbps=sig(self.bytes_per_rank / med[1] / 1e9))
+            out.update(b2b_combine_us=round(med[1] * 1e6, 2), b2b_combine_gbps=sig(nc / med[1] / 1e9))
         return out
 
     def add_row(self, variant: str, t_d: list[float], t_c: list[float] | None, extra: dict) -> None:
         med = slowest([statistics.median(t_d), statistics.median(t_c) if t_c else 0.0], self.device)
+        nd, nc = self.bytes_per_rank(variant), self.bytes_per_rank("")
         row = {"case": self.case_dict(), "variant": variant, "median_us": round(med[0] * 1e6, 2),
-               "dispatch_us": round(med[0] * 1e6, 2), "gbps": sig(self.bytes_per_rank / med[0] / 1e9),
-               "recv_rows": self.token_rows, "pair_rows": self.pair_rows}
+               "dispatch_us": round(med[0] * 1e6, 2), "gbps": sig(nd / med[0] / 1e9),
+               "recv_rows": self.token_rows, "pair_rows": self.pair_rows, "row_bytes": self.row_bytes(variant),
+               "bytes_per_rank": round(nd)}
         if t_c:
             row["combine_us"] = round(med[1] * 1e6, 2)
-            row["combine_gbps"] = sig(self.bytes_per_rank / med[1] / 1e9)
+            row["combine_gbps"] = sig(nc / med[1] / 1e9)
             row["round_us"] = round((med[0] + med[1]) * 1e6, 2)
         row.update(extra)
         self.rows.append(row)
@@ -170,16 +220,21 @@ class _Run:
 
 def _graph_fields(run: _Run, comm: object, variant: str) -> dict:
     """CUDA-graph replays of dispatch, of combine, and of both in one graph; checked before timing."""
-    a, barrier = run.args, dist.barrier
+    a, barrier, fp8 = run.args, dist.barrier, variant in FP8_VARIANTS
     out: dict = {}
+    d = lambda: dispatch(run.x, run.routing, comm, run.placement)  # noqa: E731
     try:
         # whole rounds only: a comm may allow one dispatch in flight (dispatch, its combine, the next)
         def round_trip() -> torch.Tensor:
-            return combine(*dispatch(run.x, run.routing, comm, run.placement), comm)
+            b, h = d()
+            return combine(dequant_batch(b), h, comm)
 
-        g_d, bh = capture_graph(lambda: dispatch(run.x, run.routing, comm, run.placement), warm_fn=round_trip)
-        g_c, y = capture_graph(lambda: combine(*bh, comm), warmup=0)
-        g_r, y_r = capture_graph(round_trip, warmup=0)
+        g_d, bh = capture_graph(d, warm_fn=round_trip)
+        # FP8: a static bf16 expert output (refreshed from the dispatched rows before the check), combined in
+        # place of the experts; bf16: the dispatched batch itself
+        ys = dequant_batch(bh[0]) if fp8 else bh[0]
+        g_c, y = capture_graph(lambda: combine(ys, bh[1], comm), warmup=0)
+        g_r, y_r = capture_graph((lambda: combine(ys, d()[1], comm)) if fp8 else round_trip, warmup=0)
         ok = True
     except Exception as err:  # noqa: BLE001 - recorded; the eager rows stand
         ok, out["graph_error"] = False, f"rank {run.rank}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
@@ -187,10 +242,13 @@ def _graph_fields(run: _Run, comm: object, variant: str) -> dict:
         out["graph_error"] = ranks_errors(out.get("graph_error", ""))
         print(f"  {variant}: CUDA graph capture failed: {out['graph_error']}")
         return out
-    g_d.replay(), g_c.replay()
-    why = run.check(y, bh[0].counts)
+    g_d.replay()
+    if fp8:
+        ys.x.copy_(dequant_batch(bh[0]).x)
+    g_c.replay()
+    why = run.check(y, bh[0].counts, fp8)
     g_r.replay()
-    why = why or run.check(y_r, None)
+    why = why or ("" if fp8 else run.check(y_r, None))  # FP8: its static expert output is an earlier call's
     if not all_ranks_ok(not why, run.device):
         out["graph_error"] = ranks_errors(why)
         run.fail(variant, "graph check", out["graph_error"])
@@ -219,7 +277,7 @@ def _comm_variant(run: _Run, variant: str) -> None:
         comm = make_comm(name, **opts)
         stage = "check"
         batch, handle = dispatch(run.x, run.routing, comm, run.placement)
-        err_msg = run.check(combine(batch.materialize(), handle, comm), batch.counts)
+        err_msg = run.check(combine(dequant_batch(batch), handle, comm), batch.counts, variant in FP8_VARIANTS)
     except Exception as err:  # noqa: BLE001
         err_msg = f"{type(err).__name__}: {err}"
         traceback.print_exc()
@@ -235,15 +293,15 @@ def _comm_variant(run: _Run, variant: str) -> None:
             state["bh"] = dispatch(run.x, run.routing, comm, run.placement)
 
         def identity_experts() -> None:  # untimed: a gathered batch's rows, in batch order (what experts return)
-            state["y"] = state["bh"][0].materialize()
+            state["y"] = dequant_batch(state["bh"][0])  # FP8 rows: dequantised to bf16 too
 
         c = lambda: combine(state["y"], state["bh"][1], comm)  # noqa: E731
         t = time_pair(d, c, run.device, run.args.warmup, run.args.iters, dist.barrier, middle=identity_experts)
         extra = {"mode": opts["mode"]} if "mode" in opts else {}
         if run.device.type == "cuda":
             extra.update(run.b2b_fields(time_back_to_back(d, c, run.device, run.args.warmup, run.args.iters,
-                                                          dist.barrier, middle=identity_experts)))
-        graphable = variant in SYNC_FREE or (variant == "nvlink" and opts["mode"] == "decode")
+                                                          dist.barrier, middle=identity_experts), variant))
+        graphable = variant in SYNC_FREE or (name == "nvlink" and opts["mode"] == "decode")
         if graphable and run.device.type == "cuda" and not run.args.no_graph:
             extra.update(_graph_fields(run, comm, variant))
         run.add_row(variant, [v[0] for v in t], [v[1] for v in t], extra)
@@ -267,7 +325,8 @@ def _a2a_variant(run: _Run, variant: str) -> None:
     t = time_pair(a2a, None, run.device, run.args.warmup, run.args.iters, dist.barrier)
     extra = {}
     if run.device.type == "cuda":
-        extra = run.b2b_fields(time_back_to_back(a2a, None, run.device, run.args.warmup, run.args.iters, dist.barrier))
+        extra = run.b2b_fields(time_back_to_back(a2a, None, run.device, run.args.warmup, run.args.iters, dist.barrier),
+                               variant)
     run.add_row(variant, [v[0] for v in t], None, extra)
 
 
@@ -285,7 +344,7 @@ def _peer_variant(run: _Run, variant: str) -> None:
     if not all_ranks_ok(not err_msg, run.device):
         run.fail(variant, "peer", ranks_errors(err_msg))
         return
-    run.add_row(variant, [v[0] for v in t[0]], [v[1] for v in t[0]], run.b2b_fields(t[1]))
+    run.add_row(variant, [v[0] for v in t[0]], [v[1] for v in t[0]], run.b2b_fields(t[1], variant))
 
 
 def _one_case(case: tuple, rank: int, W: int, device: torch.device, args: argparse.Namespace) -> _Run:
@@ -348,7 +407,8 @@ def _print_table(rows: list[dict]) -> None:
         graph += b2b
         print(f"{c['phase']:7s} E={c['experts']:3d} k={c['top_k']} H={c['hidden']:5d} T={c['tokens']:5d} "
               f"{r['variant']:13s} dispatch {r['dispatch_us']:9.1f} us  combine "
-              f"{r.get('combine_us', float('nan')):9.1f} us  {r['gbps']:8.2f} GB/s/rank{graph}")
+              f"{r.get('combine_us', float('nan')):9.1f} us  {r['gbps']:8.2f} GB/s/rank ({r['row_bytes']} B rows)"
+              f"{graph}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,12 +7,15 @@ Dimension legend: T tokens, k top-k, E local experts, H hidden, I intermediate.
 
 Each case is gate/up GEMM + silu(gate) * up + down GEMM + top-k weighted sum into [T, H] (SwiGLU;
 --seed-shape adds the seed's linear experts: E=256, H=2048, T=128), with routing drawn uniformly
-(k distinct experts per token). As in ANCHORS.md, the rows are sorted/aligned ahead (setup, not timed)
-for every variant but `triton+align`, which also times its align step. The variants and exactly what each
-times: bench/expert_ffn_variants.py (ours: loop, bmm, triton, triton+align, deepgemm; peers:
-deepgemm_glue, bmm_padded, sglang). Every variant is checked against a float32 reference on sampled tokens
-before timing. Floors: weight bytes of the experts hit over the measured copy bandwidth, FLOPs over the
-measured bf16 matmul rate (both measured in this run); `roofline` = floor / median. phase = decode when
+(k distinct experts per token). The rows are sorted/aligned ahead (setup, not timed) for every variant
+but `triton+align`, which also times its align step. The variants and exactly what each times:
+bench/expert_ffn_variants.py (ours: loop, bmm, triton, triton+align, deepgemm; FP8: triton_fp8,
+deepgemm_fp8, triton_w8a16; peers: deepgemm_glue, bmm_padded, sglang). Every variant is checked against a float32
+reference on sampled tokens before timing. Floors: weight bytes of the experts hit over the measured copy
+bandwidth, FLOPs over the measured bf16 matmul rate (both measured in this run); `roofline` = floor /
+median. FP8 rows: 1-byte weights, the FP8 matmul rate measured with torch._scaled_mm, and the error bound
+FP8_ERR_BOUND against the reference on the dequantised weights (the activations' own error).
+--cuda-graph times the sync-free variants as CUDA graph replays (`cuda_graph` in each row). phase = decode when
 rows per expert (T*k/E) <= 64, else prefill. Rows carry `speedup_vs` (the peer's median / this median)
 for the peers sglang, deepgemm_glue, bmm_padded and triton that ran in the same case.
 
@@ -33,10 +36,11 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from nanomoe_kernels.fp8_quant import dequant_fp8_blocks, quant_fp8_blocks  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights, reference_rows  # noqa: E402
 
 from bench.common import measure_ceilings, sig, time_fn, write_record  # noqa: E402
-from bench.expert_ffn_variants import PEERS, VARIANTS, build_variants  # noqa: E402
+from bench.expert_ffn_variants import FP8_VARIANTS, PEERS, VARIANTS, build_variants  # noqa: E402
 
 QUICK_TOKENS = (64, 256, 1024, 4096)
 FULL_TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
@@ -45,6 +49,11 @@ RANK_TOKENS = (64, 256, 1024, 4096, 16384)
 RANK_EXPERTS = (32, 64, 128, 256)
 RANK_VARIANTS = ("loop", "bmm", "triton", "deepgemm")
 LOOP_LIMIT_MS = 50.0  # --ranking skips `loop` above this estimated time per call
+# FP8 rows against the unquantised float32 reference: e4m3 activations per 128 channels cost ~4.3% on
+# Gaussian inputs (x and the SwiGLU output both quantised; tests/test_fused_moe_fp8.py ACCURACY_BOUND)
+FP8_ERR_BOUND = 5e-2
+# variants with no host sync: --cuda-graph times them as graph replays (the decode path's real cost)
+GRAPH_VARIANTS = ("triton", "triton+align", "deepgemm", "triton_fp8", "deepgemm_fp8", "triton_w8a16", "sglang")
 
 
 def loop_estimate_ms(T: int, E: int, k: int, H: int, I: int) -> float:
@@ -53,13 +62,16 @@ def loop_estimate_ms(T: int, E: int, k: int, H: int, I: int) -> float:
     return 2 * T * k * 3 * H * I / 300e12 * 1e3 + hit * 0.064
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int) -> float:
-    """Median ms of fn: triton's do_bench on a GPU (a rep_ms window); on the CPU (a dry run under the
+def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int, graph: bool = False) -> float:
+    """Median ms of fn: triton's do_bench on a GPU (a rep_ms window), or do_bench_cudagraph (the calls
+    replayed from one CUDA graph: no host launch cost) with graph; on the CPU (a dry run under the
     interpreter) the median of 3 wall-clock calls."""
     if device.type != "cuda":
         return statistics.median(time_fn(fn, device, 1, 3)) * 1e3
     import triton.testing
 
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
     return triton.testing.do_bench(fn, warmup=min(25, rep_ms // 4), rep=rep_ms, return_mode="median")
 
 
@@ -79,6 +91,10 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
         skipped.append({"variant": name, "case": case, "reason": why})
     sample = torch.linspace(0, T - 1, min(check_tokens, T), device=dev).long().unique()
     ref = None if warm_only else reference_rows(x, ids, tw, weights, expert_type, sample)
+    ref8 = None  # FP8 rows: the reference on the dequantised weights (the error left is the activations')
+    if not warm_only and any(n in built.fns for n in FP8_VARIANTS):
+        ref8 = reference_rows(x, ids, tw, tuple(dequant_fp8_blocks(*quant_fp8_blocks(w)) for w in weights),
+                              expert_type, sample)
     hit = int(torch.unique(ids).numel())
     wbytes = hit * sum(w[0].numel() for w in weights) * weights[0].element_size()
     flops = 2 * T * k * sum(w[0].numel() for w in weights)
@@ -87,13 +103,26 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
         out = fn()
         if warm_only:
             continue
-        err = float((out[sample].float() - ref).norm() / ref.norm())
-        ms = time_ms(fn, dev, rep_ms)
+        fp8 = name in FP8_VARIANTS
+        want = ref8 if fp8 else ref
+        err = float((out[sample].float() - want).norm() / want.norm())
+        graph = opts.cuda_graph and name in GRAPH_VARIANTS
+        try:
+            ms = time_ms(fn, dev, rep_ms, graph)
+        except RuntimeError as e:  # a capture this variant does not support: time it eagerly
+            print(f"  {name}: CUDA graph capture failed ({str(e).splitlines()[0][:100]}); timed eagerly")
+            ms, graph = time_ms(fn, dev, rep_ms), False
         sec = ms * 1e-3
-        floor = max(wbytes / (ceilings["hbm_gbps"] * 1e9), flops / (ceilings["bf16_tflops"] * 1e12))
-        r = {"case": case, "variant": name, "median_us": round(ms * 1e3, 1), "gbps": round(wbytes / sec / 1e9, 1),
+        # FP8 rows: 1-byte weights (+ a float32 scale per 128 x 128 block), FLOPs at the measured FP8 rate
+        # (2x bf16's when none was measured); their error is the scheme's own (activations quantised)
+        nbytes = wbytes * (1 + 4 / 128 ** 2) / weights[0].element_size() if fp8 else wbytes
+        fp8_mma = fp8 and name != "triton_w8a16"  # W8A16 multiplies in bf16
+        rate = ceilings.get("fp8_tflops") or 2 * ceilings["bf16_tflops"] if fp8_mma else ceilings["bf16_tflops"]
+        floor = max(nbytes / (ceilings["hbm_gbps"] * 1e9), flops / (rate * 1e12))
+        r = {"case": case, "variant": name, "median_us": round(ms * 1e3, 1), "gbps": round(nbytes / sec / 1e9, 1),
              "tflops": round(flops / sec / 1e12, 2), "roofline": round(floor / sec, 3),
-             "floor_us": round(floor * 1e6, 1), "check_rel_err": round(err, 5), "ok": err < 2e-2}
+             "floor_us": round(floor * 1e6, 1), "check_rel_err": round(err, 5),
+             "ok": err < (FP8_ERR_BOUND if fp8_mma else 2e-2), "cuda_graph": graph}
         if name in built.configs:
             r["config"] = built.configs[name]
         rows.append(r)
@@ -150,6 +179,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed-shape", action="store_true",
                    help="also the seed's linear experts (E=256, H=2048, T=128)")
     p.add_argument("--warm-only", action="store_true", help="run each variant once (JIT warm-up), no timing")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help=f"time {', '.join(GRAPH_VARIANTS)} as CUDA graph replays (no host launch cost)")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run under TRITON_INTERPRET=1")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

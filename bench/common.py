@@ -316,8 +316,24 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
     a = torch.randn(n, n, device=device, dtype=mm_dtype)
     b = torch.randn(n, n, device=device, dtype=mm_dtype)
     t_mm = statistics.median(time_fn(lambda: a @ b, device, 3, 10))
-    return {"hbm_gbps": round(2 * n_bytes / t_copy / 1e9, 1), "bf16_tflops": round(2 * n ** 3 / t_mm / 1e12, 2),
-            "matmul_dtype": str(mm_dtype).replace("torch.", "")}
+    out = {"hbm_gbps": round(2 * n_bytes / t_copy / 1e9, 1), "bf16_tflops": sig(2 * n ** 3 / t_mm / 1e12),
+           "matmul_dtype": str(mm_dtype).replace("torch.", "")}
+    if big and torch.cuda.get_device_capability(device) >= (8, 9):
+        out["fp8_tflops"] = _fp8_rate(a, b, n)
+    return out
+
+
+def _fp8_rate(a: torch.Tensor, b: torch.Tensor, n: int) -> float | None:
+    """TFLOP/s of torch._scaled_mm on n x n float8_e4m3fn (per-tensor scales, bf16 out); None if it fails."""
+    fp8 = torch.float8_e4m3fn
+    a8, b8 = a.to(fp8), b.to(fp8).t()  # mat2 column-major, as _scaled_mm wants
+    one = torch.ones((), device=a.device, dtype=torch.float32)
+    try:
+        t = statistics.median(time_fn(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16),
+                                      a.device, 3, 10))
+    except (RuntimeError, TypeError):  # an older torch / cuBLAS without FP8
+        return None
+    return round(2 * n ** 3 / t / 1e12, 2)
 
 
 def sig(x: float, digits: int = 4) -> float:

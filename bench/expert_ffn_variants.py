@@ -12,7 +12,10 @@ with its align step timed) and `deepgemm` (kernels.deepgemm.deepgemm_fused_moe w
 alignment when that entry point exists, else the glue below). Peers: `deepgemm_glue` (DeepGEMM's grouped
 GEMMs with torch glue written here: padded rows, one gather back, the weighted sum in the input dtype),
 `bmm_padded` (a padded [E, C, H] torch.bmm written here) and `sglang` (SGLang's Triton fused MoE through
-bench/peers_sgl.py, its moe-align computed ahead in torch).
+bench/peers_sgl.py, its moe-align computed ahead in torch). FP8 (ours): `triton_fp8`
+(kernels.fused_moe_fp8.fused_moe_fp8) and `deepgemm_fp8` (kernels.deepgemm_fp8.deepgemm_fp8_fused_moe) on the
+bench's bf16 weights block-quantised (128 x 128, untimed), each timing its activation quantisation too, and
+`triton_w8a16` (kernels.fused_moe_w8a16.fused_moe_w8a16: the same weights, bf16 rows never quantised).
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from nanomoe_fn import ExpertBatch, expert_ffn
 from nanomoe_fn.comm.plan import weighted_rows
 from nanomoe_fn.moe.params import LinearExperts, SwiGLUExperts
 
-VARIANTS = ("loop", "bmm", "triton", "triton+align", "deepgemm", "deepgemm_glue", "bmm_padded", "sglang")
+VARIANTS = ("loop", "bmm", "triton", "triton+align", "deepgemm", "triton_fp8", "deepgemm_fp8", "triton_w8a16",
+            "deepgemm_glue", "bmm_padded", "sglang")
+# block-scaled FP8 weights: W8A8 (x and the SwiGLU output quantised inside) and W8A16 (bf16 rows)
+FP8_VARIANTS = ("triton_fp8", "deepgemm_fp8", "triton_w8a16")
 PEERS = ("sglang", "deepgemm_glue", "bmm_padded", "triton")  # rows carry speedup_vs against these
 
 
@@ -153,6 +159,41 @@ def _bmm_padded(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor,
     return fn
 
 
+def _fp8_variants(out: Built, x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor,
+                  weights: tuple[torch.Tensor, ...], names: list[str]) -> None:
+    from nanomoe_kernels.fp8_quant import quant_fp8_blocks
+    from nanomoe_kernels.fused_moe_fp8 import fp8_configs, fused_moe_fp8
+
+    if len(weights) != 2 or any(n % 128 for n in weights[1].shape[1:]):
+        for n in FP8_VARIANTS:
+            out.skipped[n] = "FP8 experts are SwiGLU with hidden and intermediate multiples of 128"
+        return
+    w8 = (*quant_fp8_blocks(weights[0]), *quant_fp8_blocks(weights[1]))
+    T, k = ids.shape
+    if "triton_fp8" in names:
+        out.fns["triton_fp8"] = lambda: fused_moe_fp8(x, ids, tw, *w8)
+        up, down, _ = fp8_configs(None, weights[0].shape[0], x.shape[1], weights[1].shape[2], T * k, x.device)
+        out.configs["triton_fp8"] = {"up": up, "down": down}
+    if "triton_w8a16" in names:
+        if x.dtype in (torch.bfloat16, torch.float16):
+            from nanomoe_kernels.fused_moe_w8a16 import fused_moe_w8a16
+
+            out.fns["triton_w8a16"] = lambda: fused_moe_w8a16(x, ids, tw, *w8)
+        else:
+            out.skipped["triton_w8a16"] = f"W8A16 rows are bfloat16/float16, the bench's are {x.dtype}"
+    if "deepgemm_fp8" in names:
+        try:
+            from nanomoe_kernels import deepgemm_fp8 as dg8
+        except ImportError as err:
+            out.skipped["deepgemm_fp8"] = f"kernels.deepgemm_fp8 is not importable: {err}"
+            return
+        ok, why = dg8.supports_fp8(x, w8)
+        if ok:
+            out.fns["deepgemm_fp8"] = lambda: dg8.deepgemm_fp8_fused_moe(x, ids, tw, *w8)
+        else:
+            out.skipped["deepgemm_fp8"] = why
+
+
 def build_variants(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights: tuple[torch.Tensor, ...],
                    expert_type: str, names: list[str], sgl_choice: str = "tuned",
                    sgl_folder: str | None = None) -> Built:
@@ -193,6 +234,8 @@ def build_variants(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights
                                        "alignment": deepgemm.alignment()}
         if ok and "deepgemm_glue" in names:
             out.fns["deepgemm_glue"] = _deepgemm_glue(x, ids, tw, weights)
+    if any(n in names for n in FP8_VARIANTS):
+        _fp8_variants(out, x, ids, tw, weights, names)
     if "bmm_padded" in names:
         out.fns["bmm_padded"] = _bmm_padded(x, ids, tw, weights)
     if "sglang" in names:

@@ -175,7 +175,7 @@ def time_us(fn: Callable[[], object]) -> float:
 def write_tables(best: dict, E: int, H: int, I: int, H_out: int, dtype: torch.dtype, device_name: str,
                  meta: dict) -> list[str]:
     """Merge {op: {M: cfg}} into kernels/tuned; returns the paths written."""
-    dims = {"up": (I, H), "down": (H, I), "linear": (H_out, H)}
+    dims = {"up": (I, H), "down": (H, I), "linear": (H_out, H), "up_w8a16": (I, H), "down_w8a16": (H, I)}
     TUNED_DIR.mkdir(parents=True, exist_ok=True)
     paths = []
     for op, table in best.items():

@@ -10,6 +10,8 @@ table [W] int64 gives, per rank, the element offset from the local buffer's addr
 buffer as mapped here, so `local_ptr + delta[d]` addresses rank d's copy. These kernels are plain loads,
 stores and relaxed GPU-scope atomics: they run under TRITON_INTERPRET=1 on the CPU, where the tests pass
 local tensors as the "peers". The arrival flags and count rows are in ep_nvlink_sync.py (GPU only).
+FP8 payload (put_tokens(fp8=True)): "tok" holds packed rows (kernels/fp8_pack.py: H fp8 bytes, then H / 128
+float32 scales), quantised by the put kernel on the way; the other kernels copy such rows as int16 words.
 
 A pair's code: local expert e (= slot % P_local) and `within`, its index among this rank's pairs of that
 slot, as e * T_max + within (-1: the pair is not on that rank). `within` comes from an atomic counter
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from nanomoe_kernels.fp8_pack import packed_row_bytes, quant_pack_chunk
 from nanomoe_kernels.launch import Launcher
 
 BLOCK_H = 1024
@@ -38,13 +41,14 @@ def _report(err_addr, stage, peer):
 
 @triton.jit
 def _put_kernel(x_ptr, phys_ptr, w_ptr, has_ptr, ctr_ptr, epoch_ptr, err_addr, tok_ptr, tok_delta, meta_ptr,
-                meta_delta, wb_ptr, wb_delta, rank, T, W, T_max, H, P, P_local, K: tl.constexpr,
-                KP: tl.constexpr, OWN_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                meta_delta, wb_ptr, wb_delta, rank, T, W, T_max, H, RB, P, P_local, K: tl.constexpr,
+                KP: tl.constexpr, OWN_ROWS: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr):
     # one program per (destination d, token t, chunk c of H); d varies fastest, so the programs that write
     # to peers (NVLink) and to this rank (HBM) run side by side. Chunk 0 writes the token's pair codes and
     # weights into d's tables (codes -1 when it has no pair there); every chunk copies its part of the row
     # when the token has a pair on d: to peers always, to this rank's own buffer only with OWN_ROWS (else
-    # expand_tokens reads this rank's tokens from x)
+    # expand_tokens reads this rank's tokens from x). FP8: the chunk is quantised straight into the packed
+    # row (fp8_pack's layout; tok rows of RB bytes), recomputed per destination instead of a kernel of its own
     d = tl.program_id(0)
     t = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2)
@@ -68,10 +72,14 @@ def _put_kernel(x_ptr, phys_ptr, w_ptr, has_ptr, ctr_ptr, epoch_ptr, err_addr, t
             if (d == 0) & (tl.sum((jm & (ok == 0)).to(tl.int32), axis=0) > 0):
                 _report(err_addr, 4, -1)  # a slot outside [0, P): reported (ValueError next call), never written
         if go & ((d != rank) | OWN_ROWS):
-            offs = c * BLOCK + tl.arange(0, BLOCK)
-            m = offs < H
-            dst = tok_ptr + tl.load(tok_delta + d) + (rank * T_max + t) * H
-            tl.store(dst + offs, tl.load(x_ptr + t * H + offs, mask=m), mask=m)
+            if FP8:  # packed rows: RB % 32 == 0 and peers' buffers 16-byte apart (checked), so stores vectorise
+                dst = tok_ptr + tl.multiple_of(tl.load(tok_delta + d), 16) + (rank * T_max + t) * RB
+                quant_pack_chunk(x_ptr + t * H, dst, c, H, BLOCK=BLOCK, GROUP=128)
+            else:
+                dst = tok_ptr + tl.load(tok_delta + d) + (rank * T_max + t) * RB
+                offs = c * BLOCK + tl.arange(0, BLOCK)
+                m = offs < H
+                tl.store(dst + offs, tl.load(x_ptr + t * H + offs, mask=m), mask=m)
 
 
 @triton.jit
@@ -83,6 +91,7 @@ def _expand_kernel(x_ptr, tok_ptr, meta_ptr, cnt_ptr, base_ptr, rows_ptr, counts
     # or base[s, e] (gathered); chunk 0 records the rows for combine. Masked: the chunk is copied to each
     # row, and program (0, 0) also sums each local expert's rows over sources (the batch's counts).
     # Gathered (one chunk): out[row] = u, the token row that batch row reads; nothing is copied.
+    # rank: the source whose rows are read from x (-1: every row is in tok)
     u = tl.program_id(0).to(tl.int64)
     s = u // T_max
     t = u % T_max
@@ -184,11 +193,13 @@ def check_arg(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype | Non
 
 
 def check_put_buffers(ctr: torch.Tensor, epoch: torch.Tensor, bufs: dict, W: int, t_max: int, H: int, k: int,
-                      dtype: torch.dtype, num_slots: int) -> None:
-    """The buffers put_tokens writes (a comm checks them once, when it makes them)."""
+                      dtype: torch.dtype, num_slots: int, fp8: bool = False) -> None:
+    """The buffers put_tokens writes (a comm checks them once, when it makes them); fp8: "tok" holds packed
+    FP8 rows, uint8 [W * t_max, packed_row_bytes(H)]."""
     check_arg("ctr", ctr, (num_slots,), torch.int32)
     check_arg("epoch", epoch, (1,), torch.int64)
-    check_arg("tok buffer", bufs["tok"][0], (W * t_max, H), dtype)
+    tok_row = (packed_row_bytes(H), torch.uint8) if fp8 else (H, dtype)
+    check_arg("tok buffer", bufs["tok"][0], (W * t_max, tok_row[0]), tok_row[1])
     check_arg("meta buffer", bufs["meta"][0], (W * t_max, k), torch.int32)
     check_arg("w buffer", bufs["w"][0], (W * t_max, k), torch.float32)
     if num_slots % max(W, 1):
@@ -197,14 +208,17 @@ def check_put_buffers(ctr: torch.Tensor, epoch: torch.Tensor, bufs: dict, W: int
 
 def put_tokens(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, has: torch.Tensor, ctr: torch.Tensor,
                epoch: torch.Tensor, err_addr: int, bufs: dict, rank: int, t_max: int, num_slots: int,
-               own_rows: bool = False, buffers_checked: bool = False) -> None:
+               own_rows: bool = False, buffers_checked: bool = False, fp8: bool = False) -> None:
     """Send each token x [T, H] to every rank d owning one of its slots phys [T, k] (int32/int64): its row
     (peers only, unless own_rows) at rank * T_max + t of d's "tok", its pair codes (module docstring) and
     weights w [T, k] float32 into d's "meta" / "w" (rows of tokens with no pair on d get codes -1). Writes
     has [T, W] int32 (1: token t has a pair on d), counts this rank's pairs per slot into ctr [P] int32
     (zero before; the codes' `within`), adds 1 to epoch [1] int64, and reports a slot outside [0, P) as
     (stage 4, -1) in the int32 error word at err_addr. bufs: name -> (local buffer, delta [W] int64).
-    buffers_checked: ctr, epoch and bufs passed check_put_buffers already (a comm's own, fixed buffers)."""
+    buffers_checked: ctr, epoch and bufs passed check_put_buffers already (a comm's own, fixed buffers).
+    fp8: "tok" holds packed FP8 rows (kernels/fp8_pack.py; H a multiple of 128): each row is quantised per
+    128 channels on its way, bit for bit as fp8_quant.quant_fp8_groups; its deltas must be multiples of 16
+    (bytes: the rows are stored as 16-byte vectors)."""
     T, H = x.shape
     W = has.shape[1] if has.dim() == 2 else 0
     k = phys.shape[1] if phys.dim() == 2 else 0
@@ -215,19 +229,19 @@ def put_tokens(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, has: torch.
     check_arg("w", w, (T, k), torch.float32)
     check_arg("has", has, (T, W), torch.int32)
     if not buffers_checked:
-        check_put_buffers(ctr, epoch, bufs, W, t_max, H, k, x.dtype, num_slots)
+        check_put_buffers(ctr, epoch, bufs, W, t_max, H, k, x.dtype, num_slots, fp8)
     if T > t_max:
         raise ValueError(f"need T <= t_max, got T={T}, t_max={t_max}")
     tok, meta, wb = bufs["tok"], bufs["meta"], bufs["w"]
     grid = (W, max(T, 1), triton.cdiv(H, BLOCK_H))  # at least one program: it advances the epoch
     _PUT(grid, x, phys, w, has, ctr, epoch, err_addr, tok[0], tok[1], meta[0], meta[1], wb[0], wb[1], rank, T, W,
-         t_max, H, num_slots, num_slots // W, K=k, KP=triton.next_power_of_2(k), OWN_ROWS=own_rows, BLOCK=BLOCK_H,
-         num_warps=4)
+         t_max, H, tok[0].shape[1], num_slots, num_slots // W, K=k, KP=triton.next_power_of_2(k), OWN_ROWS=own_rows,
+         FP8=fp8, BLOCK=BLOCK_H, num_warps=4)
 
 
 def expand_tokens(x: torch.Tensor, tok: torch.Tensor, meta: torch.Tensor, cnt: torch.Tensor, out: torch.Tensor,
                   rows: torch.Tensor, rank: int, t_max: int, counts: torch.Tensor | None = None,
-                  base: torch.Tensor | None = None) -> None:
+                  base: torch.Tensor | None = None, own_from_x: bool = True) -> None:
     """Place each received token (rows of source s: the first cnt[s, P_local] of its block of tok [U, H]) in
     the expert layout and record its pairs' rows there in rows [U, k] int32 (-1: none). cnt [W, P_local + 1]
     int64: per source, rows per local expert, then its token count. Two layouts:
@@ -235,7 +249,9 @@ def expand_tokens(x: torch.Tensor, tok: torch.Tensor, meta: torch.Tensor, cnt: t
         e * cap, cap = Q // P_local; the token is copied there (this rank's own tokens from x [T, H]);
       gathered (base [W, P_local] int64 given: source s's first row of expert e; out [Q] int32): nothing is
         copied, out[row] = u, the token row that batch row reads (every token, this rank's own too, must be
-        in tok: put_tokens(own_rows=True))."""
+        in tok: put_tokens(own_rows=True)).
+    own_from_x=False (masked): this rank's tokens are in tok too (put_tokens(own_rows=True)), x is unread.
+    Rows are copied as they are, whatever their dtype (packed FP8 rows: pass int16 views of tok and out)."""
     U, H = tok.shape
     W, C1 = cnt.shape
     P_local = C1 - 1
@@ -256,22 +272,24 @@ def expand_tokens(x: torch.Tensor, tok: torch.Tensor, meta: torch.Tensor, cnt: t
     if U != W * t_max:
         raise ValueError(f"tok must have W * t_max = {W * t_max} rows, got {U}")
     grid = (U, triton.cdiv(H, BLOCK_H) if masked else 1)
-    _EXPAND(grid, x, tok, meta, cnt, cnt if masked else base, rows, counts if masked else cnt, out, rank, W, t_max,
-            H, P_local, out.shape[0] // max(P_local, 1), K=k, KP=triton.next_power_of_2(k), MASKED=masked,
-            PLB=triton.next_power_of_2(max(1, P_local)), BLOCK=BLOCK_H, num_warps=4)
+    _EXPAND(grid, x, tok, meta, cnt, cnt if masked else base, rows, counts if masked else cnt, out,
+            rank if own_from_x else -1, W, t_max, H, P_local, out.shape[0] // max(P_local, 1), K=k,
+            KP=triton.next_power_of_2(k), MASKED=masked, PLB=triton.next_power_of_2(max(1, P_local)), BLOCK=BLOCK_H,
+            num_warps=4)
 
 
 def combine_tokens(y: torch.Tensor, rows: torch.Tensor, wb: torch.Tensor, cnt: torch.Tensor, comb: tuple,
                    rank: int, t_max: int) -> None:
     """For each received token row u: sum_j wb[u, j] * y[rows[u, j]] (float32; y [Q, H] expert outputs, rows
-    -1 skipped), written in comb's dtype into the source's combine buffer [W, T_max, H] at [rank, t]."""
+    -1 skipped), written in comb's dtype (y's may differ) into the source's combine buffer [W, T_max, H] at
+    [rank, t]."""
     U, k = rows.shape
     H = y.shape[1]
     W, C1 = cnt.shape
     check_arg("rows", rows, (U, k), torch.int32)
     check_arg("wb", wb, (U, k), torch.float32)
     check_arg("cnt", cnt, (U // t_max, C1), torch.int64)
-    check_arg("comb buffer", comb[0], (W, t_max, H), y.dtype)
+    check_arg("comb buffer", comb[0], (W, t_max, H))
     grid = (U, triton.cdiv(H, BLOCK_H))
     _COMBINE(grid, y, rows, wb, cnt, comb[0], comb[1], rank, W, t_max, H, C1 - 1, K=k, KP=triton.next_power_of_2(k),
              BLOCK=BLOCK_H, num_warps=4)

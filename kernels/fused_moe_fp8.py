@@ -36,7 +36,7 @@ import warnings
 
 import torch
 from nanomoe_kernels.checks import check_routing, check_values
-from nanomoe_kernels.fp8_quant import quant_fp8_groups
+from nanomoe_kernels.fp8_quant import quant_fp8_groups, runs_interpreted
 from nanomoe_kernels.fused_moe import TABLES, TUNED_DIR, _check_counts, _check_x, _device_name, config_name
 from nanomoe_kernels.fused_moe_fp8_kernel import GROUP, check_fp8_config, moe_gemm_fp8
 from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
@@ -64,15 +64,16 @@ def default_config_fp8(op: str, M: int, E: int) -> dict:
                 num_stages=3, SPLIT_M=64 if per_expert >= 128 else 0)
 
 
-def fp8_configs(config: dict | None, E: int, H: int, I: int, M: int, device: torch.device
-                ) -> tuple[dict, dict, int]:
-    """(up config, down config, alignment block = the smaller of their BLOCK_M / SPLIT_M)."""
+def fp8_configs(config: dict | None, E: int, H: int, I: int, M: int, device: torch.device,
+                w8a16: bool = False) -> tuple[dict, dict, int]:
+    """(up config, down config, alignment block = the smaller of their BLOCK_M / SPLIT_M); w8a16: the
+    W8A16 kernels' tables (ops up_w8a16 / down_w8a16: bf16 activations, the up GEMM's output unquantised)."""
     cfgs = []
     for op, (n, k) in {"up": (I, H), "down": (H, I)}.items():
         if config is not None:
             c = config[op] if op in config else config
         else:
-            name = config_name(op, E, n, k, FP8, _device_name(device))
+            name = config_name(op + ("_w8a16" if w8a16 else ""), E, n, k, FP8, _device_name(device))
             table = TABLES.get(name)
             if table:
                 lm = math.log(max(M, 1))
@@ -80,7 +81,7 @@ def fp8_configs(config: dict | None, E: int, H: int, I: int, M: int, device: tor
             else:
                 _warn_default(name)
                 c = default_config_fp8(op, M, E)
-        cfgs.append(check_fp8_config(c, quant_out=op == "up"))
+        cfgs.append(check_fp8_config(c, quant_out=op == "up" and not w8a16))
     return cfgs[0], cfgs[1], min(c["SPLIT_M"] or c["BLOCK_M"] for c in cfgs)
 
 
@@ -117,6 +118,40 @@ def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q float8_e4m3fn [M, K], scales float32 [M, K/128]): kernels/fp8_quant.py's scheme
     (scale = amax / 448, 1 for an all-zero group; q = x / scale rounded to nearest even)."""
     return quant_fp8_groups(x if x.stride(1) == 1 else x.contiguous(), group=GROUP, scale_layout="row")
+
+
+def check_rows(name: str, rows: object, dim: int, rows_scale: object) -> torch.Tensor:
+    """rows [.., H] in bf16/fp16/fp32 (rows_scale None) or float8_e4m3fn already quantised with rows_scale
+    float32 [.., H/128] beside it (any strides; unit stride in the last dim of rows)."""
+    if not isinstance(rows, torch.Tensor) or rows.dtype != FP8:
+        if rows_scale is not None:
+            raise ValueError(f"{name}_scale is for float8_e4m3fn {name} only (pre-quantised rows), got {name} "
+                             f"{getattr(rows, 'dtype', type(rows).__name__)}")
+        return _check_x(name, rows, dim)
+    if rows.dim() != dim or rows.stride(-1) != 1:
+        raise ValueError(f"{name} must have {dim} dims and unit stride in the last, got {tuple(rows.shape)} "
+                         f"strides {rows.stride()}")
+    want = (*rows.shape[:-1], rows.shape[-1] // GROUP)
+    if not isinstance(rows_scale, torch.Tensor) or rows_scale.dtype != torch.float32 or \
+            tuple(rows_scale.shape) != want or rows_scale.device != rows.device:
+        raise ValueError(f"float8_e4m3fn {name} need {name}_scale float32 {list(want)} on {rows.device} (one "
+                         f"scale per row and {GROUP} channels), got {getattr(rows_scale, 'dtype', rows_scale)} "
+                         f"{tuple(getattr(rows_scale, 'shape', ()))}")
+    if rows.device.type != "cuda" and not runs_interpreted():
+        raise ValueError(f"{name} is on {rows.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    return rows
+
+
+def rows_fp8(rows: torch.Tensor, rows_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [M, H] -> (fp8 rows, scales [M, H/128]): quantised here, or the given pre-quantised pair."""
+    return (rows, rows_scale) if rows_scale is not None else quant_rows(rows)
+
+
+def _out_dtype(rows: torch.Tensor, want: torch.dtype | None = None) -> torch.dtype:
+    """The output dtype: `want` (bf16/fp16/fp32) when given, else the rows' own, bfloat16 for FP8 rows."""
+    if want is not None and want not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {want}")
+    return want or (torch.bfloat16 if rows.dtype == FP8 else rows.dtype)
 
 
 def fp8_ffn_aligned(xq: torch.Tensor, xs: torch.Tensor, align: Alignment, w13_q: torch.Tensor,
@@ -158,29 +193,36 @@ def fused_moe_fp8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
 
 def fused_moe_fp8_contiguous(rows: torch.Tensor, counts: torch.Tensor, w13_q: torch.Tensor,
                              w13_scale: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor,
-                             config: dict | None = None, validate: bool = False) -> torch.Tensor:
+                             config: dict | None = None, validate: bool = False,
+                             rows_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+                         ) -> torch.Tensor:
     """rows [N, H] sorted by expert (expert e owns counts[e] rows after the previous experts') -> [N, H],
-    row i = expert(rows[i]) with FP8 math; no weighting. Rows past sum(counts) are left unwritten."""
-    _check_x("rows", rows, 2)
+    row i = expert(rows[i]) with FP8 math; no weighting. Rows past sum(counts) are left unwritten.
+    Pre-quantised rows: float8_e4m3fn rows with rows_scale [N, H/128]; the output is then bfloat16 (or
+    out_dtype: bf16/fp16/fp32, for any rows)."""
+    check_rows("rows", rows, 2, rows_scale)
     N, H = rows.shape
     E, I = _check_fp8_weights(w13_q, w13_scale, w2_q, w2_scale, rows, H)
     _check_counts(counts, E)
     up, down, bm = fp8_configs(config, E, H, I, N, rows.device)
-    out = rows.new_empty((N, H))
+    out = rows.new_empty((N, H), dtype=_out_dtype(rows, out_dtype))
     if N == 0:
         return out
     align = moe_align_contiguous(counts, N, bm, validate=validate)
-    xq, xs = quant_rows(rows)
+    xq, xs = rows_fp8(rows, rows_scale)
     return fp8_ffn_aligned(xq, xs, align, w13_q, w13_scale, w2_q, w2_scale, up, down, out)
 
 
 def fused_moe_fp8_gathered(rows: torch.Tensor, index: torch.Tensor, counts: torch.Tensor, w13_q: torch.Tensor,
                            w13_scale: torch.Tensor, w2_q: torch.Tensor, w2_scale: torch.Tensor,
-                           config: dict | None = None, validate: bool = False) -> torch.Tensor:
+                           config: dict | None = None, validate: bool = False,
+                           rows_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+                         ) -> torch.Tensor:
     """rows [R, H] token rows, index [N] int32/int64 in [0, R), counts [E] -> [N, H], row i =
-    expert(rows[index[i]]): the R rows are quantised once and read through the index. validate=True
-    checks index and counts (async on GPUs). Rows past sum(counts) are left unwritten."""
-    _check_x("rows", rows, 2)
+    expert(rows[index[i]]): the R rows are quantised once (or come pre-quantised: float8_e4m3fn with
+    rows_scale [R, H/128], bfloat16 output) and read through the index. validate=True checks index and
+    counts (async on GPUs). Rows past sum(counts) are left unwritten."""
+    check_rows("rows", rows, 2, rows_scale)
     R, H = rows.shape
     E, I = _check_fp8_weights(w13_q, w13_scale, w2_q, w2_scale, rows, H)
     _check_counts(counts, E)
@@ -188,24 +230,27 @@ def fused_moe_fp8_gathered(rows: torch.Tensor, index: torch.Tensor, counts: torc
         raise ValueError(f"index must be on {rows.device} (with the rows), got {index.device}")
     N = index.shape[0]
     up, down, bm = fp8_configs(config, E, H, I, N, rows.device)
-    out = rows.new_empty((N, H))
+    out = rows.new_empty((N, H), dtype=_out_dtype(rows, out_dtype))
     if N == 0:
         return out
     if validate:
         lo, hi = torch.aminmax(index)
         check_values((lo >= 0) & (hi < R), f"index must lie in [0, {R}) (the rows)")
     align = moe_align_contiguous(counts, N, bm, validate=validate)
-    xq, xs = quant_rows(rows)
+    xq, xs = rows_fp8(rows, rows_scale)
     return fp8_ffn_aligned(xq, xs, align, w13_q, w13_scale, w2_q, w2_scale, up, down, out,
                            a_index=index.contiguous())
 
 
 def fused_moe_fp8_masked(x: torch.Tensor, counts: torch.Tensor, w13_q: torch.Tensor, w13_scale: torch.Tensor,
                          w2_q: torch.Tensor, w2_scale: torch.Tensor, config: dict | None = None,
-                         expected_m: int | None = None, validate: bool = False) -> torch.Tensor:
+                         expected_m: int | None = None, validate: bool = False,
+                         rows_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+                         ) -> torch.Tensor:
     """x [E, cap, H], expert e's rows x[e, :counts[e]] -> [E, cap, H]; rows past counts[e] are left
-    unwritten. expected_m (rows per expert the caller expects; default cap) picks the config."""
-    _check_x("x", x, 3)
+    unwritten. expected_m (rows per expert the caller expects; default cap) picks the config.
+    Pre-quantised rows: float8_e4m3fn x with rows_scale [E, cap, H/128] (bfloat16 output)."""
+    check_rows("x", x, 3, rows_scale)
     E_x, cap, H = x.shape
     E, I = _check_fp8_weights(w13_q, w13_scale, w2_q, w2_scale, x, H)
     if E_x != E:
@@ -214,9 +259,12 @@ def fused_moe_fp8_masked(x: torch.Tensor, counts: torch.Tensor, w13_q: torch.Ten
     M = E * (cap if expected_m is None else max(1, expected_m))
     up, down, bm = fp8_configs(config, E, H, I, M, x.device)
     align = moe_align_masked(counts, cap, bm, validate=validate)
-    out = x.new_empty((E, cap, H))
+    out = x.new_empty((E, cap, H), dtype=_out_dtype(x, out_dtype))
     if E * cap == 0:
         return out
-    xq, xs = quant_rows(x.reshape(E * cap, H))
+    if rows_scale is None:
+        xq, xs = quant_rows(x.reshape(E * cap, H))
+    else:  # a comm's strided receive rows stay views where their strides allow
+        xq, xs = x.reshape(E * cap, H), rows_scale.reshape(E * cap, H // GROUP)
     fp8_ffn_aligned(xq, xs, align, w13_q, w13_scale, w2_q, w2_scale, up, down, out.view(E * cap, H))
     return out

@@ -25,8 +25,11 @@ MERGED single launch, GROUP_M ordering, sentinel rows masked and never stored); 
   bf16 kernel; otherwise the output rounds to c's dtype.
 Gathered A rows (A_DIV, A_INDEX) read the row and its scales through the same index.
 On sm_90 Triton's fp8 dot accumulates with Hopper's reduced-precision fp8 MMA inside one 128-deep step
-(its default); each step's partial is promoted into the float32 accumulator, as DeepGEMM does. No TMA
-yet (check_fp8_config refuses USE_TMA / A_TMA); launches go through kernels.launch.Launcher.
+(its default); each step's partial is promoted into the float32 accumulator, as DeepGEMM does.
+USE_TMA loads the weight tiles through a TensorDescriptor over W seen as [E*NW, K] (as the bf16 kernel);
+A_TMA is refused. K_STEPS (1, 2 or 4; K a multiple of 128 * K_STEPS) unrolls that many scale groups per
+loop iteration: more tile loads in flight per step, for the weight-bound decode sizes. Launches go
+through kernels.launch.Launcher.
 """
 
 from __future__ import annotations
@@ -34,97 +37,25 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from nanomoe_kernels.fp8_quant import _round_e4m3
-from nanomoe_kernels.fused_moe_kernel import check_config
+from nanomoe_kernels.fused_moe_fp8_tile import _fp8_tile
+from nanomoe_kernels.fused_moe_kernel import _tma_descriptor, check_config, runs_interpreted
 from nanomoe_kernels.launch import Launcher
 from nanomoe_kernels.moe_align import Alignment
 from nanomoe_kernels.moe_blocks import BlockTables, block_tables
 
-GROUP = 128
-_GROUP = tl.constexpr(GROUP)  # the kernels' name for it (a jit function reads constexpr globals only)
-
-
-@triton.jit
-def _fp8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
-              pid_n, num_rows, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
-              stride_bsn, stride_cm, stride_csm, stride_csk,
-              A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr,
-              SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT_OUT: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One BLOCK_M x BLOCK_N output tile of one expert's aligned rows; epilogues of the module docstring."""
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    ids = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = ids < num_rows
-    offs_k = tl.arange(0, BLOCK_K)
-    if GATHER_A:
-        a_rows = (ids // A_DIV).to(tl.int64)
-        if A_INDEX:
-            a_rows = tl.load(a_index_ptr + a_rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        a_rows = offs_m.to(tl.int64)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-    as_ptrs = as_ptr + a_rows * stride_asm
-    offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # wrapped columns are masked at the store
-    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
-    up_ptrs = b_ptrs + N * stride_bn
-    bs_row = bs_ptr + expert * stride_bse
-    if BLOCK_N <= _GROUP:
-        bs_ptrs = bs_row + ((pid_n * BLOCK_N) // _GROUP) * stride_bsn  # one weight block: a scalar per step
-    else:
-        bs_ptrs = bs_row + (offs_bn // _GROUP) * stride_bsn  # per column
-    up_bs_ptrs = bs_ptrs + (N // _GROUP) * stride_bsn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, K // BLOCK_K):
-        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        a_s = tl.load(as_ptrs + kk * stride_ask, mask=row_ok, other=0.0)
-        part = tl.dot(a, tl.load(b_ptrs), out_dtype=tl.float32)
-        if BLOCK_N <= _GROUP:
-            acc += part * (a_s * tl.load(bs_ptrs + kk))[:, None]
-        else:
-            acc += part * a_s[:, None] * tl.load(bs_ptrs + kk)[None, :]
-        if SWIGLU:
-            part = tl.dot(a, tl.load(up_ptrs), out_dtype=tl.float32)
-            if BLOCK_N <= _GROUP:
-                acc_up += part * (a_s * tl.load(up_bs_ptrs + kk))[:, None]
-            else:
-                acc_up += part * a_s[:, None] * tl.load(up_bs_ptrs + kk)[None, :]
-            up_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-
-    if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if MUL_WEIGHT:
-        acc = acc * tl.load(w_ptr + ids, mask=row_ok, other=0.0)[:, None]
-    if SCATTER_C:
-        c_rows = ids.to(tl.int64)
-    else:
-        c_rows = offs_m.to(tl.int64)
-    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_cn[None, :]
-    c_mask = row_ok[:, None] & (offs_cn[None, :] < N)
-    if QUANT_OUT:  # BLOCK_N == _GROUP: this tile is one scale group of each of its rows
-        amax = tl.max(tl.abs(acc), axis=1)
-        scale = tl.div_rn(amax, tl.full([BLOCK_M], 448.0, tl.float32))  # div_rn: a GPU's `/` is approximate
-        scale = tl.where(scale > 0.0, scale, 1.0)
-        q = _round_e4m3(tl.minimum(tl.maximum(tl.div_rn(acc, scale[:, None]), -448.0), 448.0))
-        tl.store(c_ptrs, q.to(c_ptr.dtype.element_ty), mask=c_mask)
-        tl.store(cs_ptr + c_rows * stride_csm + pid_n * stride_csk, scale, mask=row_ok)
-    else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+GROUP = 128  # the scale group (the tile's _GROUP)
 
 
 # token counts change every step: do not compile a variant per divisibility of these two
 @triton.jit(do_not_specialize=["num_rows", "num_blocks"])
 def _moe_gemm_fp8_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, block_rows_ptr, block_experts_ptr,
-    used_ptr, a_index_ptr,
+    a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, block_rows_ptr,
+    block_experts_ptr, used_ptr, a_index_ptr,
     num_rows, N, K, num_blocks, align_m, stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
     stride_bsn, stride_cm, stride_csm, stride_csk,
     A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr,
-    SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT_OUT: tl.constexpr, BLOCK_TABLE: tl.constexpr,
+    SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT_OUT: tl.constexpr, USE_TMA: tl.constexpr,
+    K_STEPS: tl.constexpr, A_FP8: tl.constexpr, BLOCK_TABLE: tl.constexpr,
     MERGED: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -142,15 +73,15 @@ def _moe_gemm_fp8_kernel(
         code = tl.load(block_experts_ptr + pid_m)
         expert = (code & 0x3FFFFFFF).to(tl.int64)
         if code >= 0x40000000:
-            _fp8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0,
+            _fp8_tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0,
                       expert, pid_n, num_rows, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                       stride_bse, stride_bsn, stride_cm, stride_csm, stride_csk, A_DIV, GATHER_A, A_INDEX,
-                      SCATTER_C, SWIGLU, MUL_WEIGHT, QUANT_OUT, TAIL_M, BLOCK_N, BLOCK_K)
+                      SCATTER_C, SWIGLU, MUL_WEIGHT, QUANT_OUT, USE_TMA, K_STEPS, A_FP8, TAIL_M, BLOCK_N, BLOCK_K)
         else:
-            _fp8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0,
+            _fp8_tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0,
                       expert, pid_n, num_rows, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                       stride_bse, stride_bsn, stride_cm, stride_csm, stride_csk, A_DIV, GATHER_A, A_INDEX,
-                      SCATTER_C, SWIGLU, MUL_WEIGHT, QUANT_OUT, BLOCK_M, BLOCK_N, BLOCK_K)
+                      SCATTER_C, SWIGLU, MUL_WEIGHT, QUANT_OUT, USE_TMA, K_STEPS, A_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
         return
     if BLOCK_TABLE:  # block pid_m starts at aligned row block_rows[pid_m]; used = blocks in use
         if pid_m >= tl.load(used_ptr):
@@ -164,10 +95,10 @@ def _moe_gemm_fp8_kernel(
         if tl.load(sorted_ids_ptr + row0) >= num_rows:  # all padding (BLOCK_M < align_m)
             return
         expert = tl.load(block_experts_ptr + row0 // align_m).to(tl.int64)
-    _fp8_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
+    _fp8_tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
               pid_n, num_rows, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
               stride_bsn, stride_cm, stride_csm, stride_csk, A_DIV, GATHER_A, A_INDEX, SCATTER_C, SWIGLU,
-              MUL_WEIGHT, QUANT_OUT, BLOCK_M, BLOCK_N, BLOCK_K)
+              MUL_WEIGHT, QUANT_OUT, USE_TMA, K_STEPS, A_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 _launch = Launcher(_moe_gemm_fp8_kernel)
@@ -184,9 +115,12 @@ def check_fp8_config(config: dict, quant_out: bool = False) -> dict:
     if cfg["BLOCK_N"] > 2 * GROUP or (quant_out and cfg["BLOCK_N"] != GROUP):
         want = f"{GROUP} (the quantised output's scale group)" if quant_out else f"<= {2 * GROUP}"
         raise ValueError(f"config['BLOCK_N'] must be {want} for FP8, got {cfg['BLOCK_N']}")
-    if cfg["USE_TMA"] or cfg["A_TMA"]:
-        raise ValueError("config: USE_TMA / A_TMA are not implemented by the FP8 kernel")
-    return cfg
+    if cfg["A_TMA"]:
+        raise ValueError("config: A_TMA is not implemented by the FP8 kernel (USE_TMA, for the weights, is)")
+    steps = config.get("K_STEPS", 1)
+    if steps not in (1, 2, 4) or isinstance(steps, bool):
+        raise ValueError(f"config['K_STEPS'] (scale groups per K iteration) must be 1, 2 or 4, got {steps!r}")
+    return {**cfg, "K_STEPS": int(steps)}
 
 
 def _check_scale(name: str, s: torch.Tensor, shape: tuple[int, ...], contiguous: bool = False) -> None:
@@ -197,14 +131,15 @@ def _check_scale(name: str, s: torch.Tensor, shape: tuple[int, ...], contiguous:
         raise ValueError(f"{name} must be contiguous")
 
 
-def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
                  out: torch.Tensor, align: Alignment, config: dict, *, gather_a: bool, scatter_c: bool,
                  a_div: int = 1, swiglu: bool = False, row_weights: torch.Tensor | None = None,
                  out_scale: torch.Tensor | None = None, tables: BlockTables | None = None,
                  a_index: torch.Tensor | None = None) -> torch.Tensor:
     """out[rows] = epilogue((a * a_scale)[rows] @ (w * w_scale)[expert].T) over the aligned rows.
 
-    a float8_e4m3fn [*, K] (unit stride in K), a_scale float32 [a rows, K/128] (any strides), w
+    a float8_e4m3fn [*, K] (unit stride in K), a_scale float32 [a rows, K/128] (any strides); or W8A16: a
+    bf16/fp16 [*, K] with a_scale None (each weight tile dequantised to a's dtype, no activation scales). w
     float8_e4m3fn [E, NW, K] and w_scale float32 [E, NW/128, K/128], both contiguous, K and NW multiples
     of 128. out [*, N] (N = NW / 2 with swiglu): float8_e4m3fn with out_scale float32 [out rows, N/128]
     (quantised output), else bf16/fp16/fp32. Gathering, scattering, row_weights, tables and a_index as
@@ -220,11 +155,16 @@ def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     N = NW // 2 if swiglu else NW
     if K % GROUP or N % GROUP or (swiglu and NW % 2):
         raise ValueError(f"w [E, NW={NW}, K={K}] needs K and the output columns N={N} to be multiples of {GROUP}")
+    if K % (GROUP * cfg["K_STEPS"]):
+        raise ValueError(f"config K_STEPS={cfg['K_STEPS']} needs K={K} to be a multiple of {GROUP * cfg['K_STEPS']}")
     _check_scale("w_scale", w_scale, (E, NW // GROUP, K // GROUP), contiguous=True)
-    if not isinstance(a, torch.Tensor) or a.dtype != fp8 or a.dim() != 2 or a.shape[1] != K or a.stride(1) != 1:
-        raise ValueError(f"a must be float8_e4m3fn [rows, {K}] with unit stride in K, got "
+    want = (fp8,) if a_scale is not None else (torch.bfloat16, torch.float16)
+    if not isinstance(a, torch.Tensor) or a.dtype not in want or a.dim() != 2 or a.shape[1] != K or a.stride(1) != 1:
+        raise ValueError(f"a must be {' or '.join(str(d) for d in want)} [rows, {K}] with unit stride in K "
+                         f"({'with' if a_scale is not None else 'without'} a_scale), got "
                          f"{getattr(a, 'dtype', a)} {tuple(getattr(a, 'shape', ()))}")
-    _check_scale("a_scale", a_scale, (a.shape[0], K // GROUP))
+    if a_scale is not None:
+        _check_scale("a_scale", a_scale, (a.shape[0], K // GROUP))
     if out.dim() != 2 or out.shape[1] != N or out.stride(1) != 1:
         raise ValueError(f"out must be [rows, {N}] with unit stride in its last dim, got {tuple(out.shape)}")
     if out_scale is not None:
@@ -246,10 +186,13 @@ def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
     if R == 0:
         return out
     # placeholders for the pointers a constexpr switches off: the launch takes tensors and ints only
-    os_ = out_scale if out_scale is not None else a_scale
-    rw = row_weights if row_weights is not None else a_scale
+    a_s = a_scale if a_scale is not None else w_scale
+    os_ = out_scale if out_scale is not None else a_s
+    rw = row_weights if row_weights is not None else a_s
     ai = a_index if a_index is not None else align.sorted_ids
     merged = cfg["MERGE_TAIL"] and bm > tm
+    # weights through TMA: W seen as [E * NW, K] (fp8 rows of K bytes, K % 128 == 0: 16-byte aligned)
+    desc = _tma_descriptor(w, E * NW, bn, bk) if cfg["USE_TMA"] and (w.is_cuda or runs_interpreted()) else None
 
     def launch(block_m: int, rows: torch.Tensor | None, experts: torch.Tensor, used: torch.Tensor,
                num_blocks: int) -> None:
@@ -257,12 +200,14 @@ def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
         if num_blocks == 0:
             return
         _launch(
-            (num_blocks * triton.cdiv(N, bn),), a, a_scale, w, w_scale, out, os_, rw, align.sorted_ids,
+            (num_blocks * triton.cdiv(N, bn),), a, a_s, w, desc, w_scale, out, os_, rw, align.sorted_ids,
             align.sorted_ids if rows is None else rows, experts, used, ai,
-            num_rows, N, K, num_blocks, tm, a.stride(0), a_scale.stride(0), a_scale.stride(1), w.stride(0),
+            num_rows, N, K, num_blocks, tm, a.stride(0), a_s.stride(0), a_s.stride(-1), w.stride(0),
             w.stride(1), w_scale.stride(0), w_scale.stride(1), out.stride(0), os_.stride(0), os_.stride(1),
             A_DIV=a_div, GATHER_A=gather_a, A_INDEX=a_index is not None, SCATTER_C=scatter_c, SWIGLU=swiglu,
-            MUL_WEIGHT=row_weights is not None, QUANT_OUT=out_scale is not None, BLOCK_TABLE=rows is not None,
+            MUL_WEIGHT=row_weights is not None, QUANT_OUT=out_scale is not None, USE_TMA=desc is not None,
+            K_STEPS=cfg["K_STEPS"], A_FP8=a_scale is not None,
+            BLOCK_TABLE=rows is not None,
             MERGED=merged and block_m == bm, TAIL_M=tm, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
             GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 

@@ -30,14 +30,15 @@ from nanomoe_fn.moe.config import PRESETS, MoEConfig, preset
 from nanomoe_fn.moe.dispatch import combine, dispatch
 from nanomoe_fn.moe.experts import EXPERT_BACKENDS, expert_ffn, get_expert_backend
 from nanomoe_fn.moe.layer import MOE_PROGRAM, MoEContext, moe_layer, moe_stages, run_moe, shared_mlp
+from nanomoe_fn.moe.param_checks import check_params
 from nanomoe_fn.moe.params import (
     GateParams,
     LinearExperts,
     MoEParams,
     SharedMLP,
     SwiGLUExperts,
+    SwiGLUExpertsFP8,
     cast_params,
-    check_params,
     expert_tensors,
     init_moe_params,
     shard_moe_params,
@@ -59,7 +60,7 @@ __all__ = [
     "COMM_BACKENDS", "EXPERT_BACKENDS", "PRESETS", "ExpertBatch", "GateParams", "Handle", "LinearExperts",
     "LocalComm", "MoEConfig", "NvlinkComm", "MoEParams", "Placement", "Routing", "SharedMLP", "SwiGLUExperts",
     "TorchComm", "TorchFixedComm",
-    "HandleOrigin", "cast_params", "check_params", "combine", "handshake", "dispatch", "expert_ffn",
+    "HandleOrigin", "SwiGLUExpertsFP8", "cast_params", "check_params", "combine", "handshake", "dispatch", "expert_ffn",
     "expert_tensors", "get_expert_backend",
     "init_moe_params", "make_comm", "moe_layer", "preset", "route", "shard_moe_params", "shared_mlp",
     "supports_comm", "mla", "MLAParams", "init_mla_params", "MLAConfig", "ContiguousCache", "PagedCache",

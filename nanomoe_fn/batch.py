@@ -16,6 +16,7 @@ import torch
 from nanomoe_fn.tree import register_dataclass
 
 LAYOUTS = ("contiguous", "masked", "gathered")
+FP8_GROUP = 128  # channels per activation scale of FP8 rows (DeepSeek-V3's 1 x 128)
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,12 +45,17 @@ class ExpertBatch:
     several batch rows. `materialize()` makes the contiguous batch [M, H]; expert outputs are always
     contiguous (`with_x`).
     index is None for the other layouts.
+    x_scale: None for bf16/fp16/fp32 rows. FP8 rows (a comm that sends float8_e4m3fn, DeepSeek-V3's
+    activation scheme): x float8_e4m3fn and x_scale float32 [..., H / 128] beside it (x's shape with the
+    last dim in 128-channel groups; row value = x * its group's scale). Strided views are allowed (a comm's
+    packed receive rows). Only FP8 expert backends take such a batch; their outputs are bfloat16.
     """
 
     x: torch.Tensor
     counts: torch.Tensor
     layout: str = "contiguous"
     index: torch.Tensor | None = None
+    x_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -59,6 +65,15 @@ class ExpertBatch:
         if self.layout != "gathered" and self.index is not None:
             raise ValueError(f"ExpertBatch.index must be None for the {self.layout!r} layout (only 'gathered' "
                              f"batches read x through an index)")
+        if (self.x.dtype == torch.float8_e4m3fn) != (self.x_scale is not None):
+            raise ValueError("ExpertBatch.x_scale must be given exactly when x is float8_e4m3fn (FP8 rows and "
+                             f"their per-128-channel scales), got x {self.x.dtype} and x_scale "
+                             f"{None if self.x_scale is None else tuple(self.x_scale.shape)}")
+        if self.x_scale is not None:
+            want = (*self.x.shape[:-1], -(-self.x.shape[-1] // FP8_GROUP))
+            if tuple(self.x_scale.shape) != want or self.x_scale.dtype != torch.float32:
+                raise ValueError(f"ExpertBatch.x_scale must be float32 {list(want)} (one scale per row and "
+                                 f"{FP8_GROUP} channels of x), got {self.x_scale.dtype} {tuple(self.x_scale.shape)}")
 
     @property
     def num_experts(self) -> int:
@@ -75,13 +90,14 @@ class ExpertBatch:
         the contiguous batch (x [M, H] in batch row order, the same counts)."""
         if self.layout == "gathered":
             return ExpertBatch(x, self.counts, "contiguous")
-        return replace(self, x=x)
+        return replace(self, x=x, x_scale=None)
 
     def materialize(self) -> ExpertBatch:
         """Gathered -> contiguous (x.index_select(0, index): [M, H]); other layouts: self."""
         if self.layout != "gathered":
             return self
-        return ExpertBatch(self.x.index_select(0, self.index), self.counts, "contiguous")
+        scale = None if self.x_scale is None else self.x_scale.index_select(0, self.index)
+        return ExpertBatch(self.x.index_select(0, self.index), self.counts, "contiguous", x_scale=scale)
 
     def offsets(self) -> torch.Tensor:
         """Exclusive cumsum of counts [P_local] (contiguous and gathered layouts): first row of each expert."""
@@ -197,7 +213,7 @@ def to_contiguous(masked: ExpertBatch, like: ExpertBatch) -> ExpertBatch:
 
 
 register_dataclass(Routing)
-register_dataclass(ExpertBatch, static=("layout",), optional=("index",))  # index: a child when gathered
+register_dataclass(ExpertBatch, static=("layout",), optional=("index", "x_scale"))  # children when set
 register_dataclass(TokenRowPlan)
 register_dataclass(Handle, static=("send_splits", "recv_splits", "origin"),
                    optional=("send_order", "recv_order", "slot_pos", "pack_index", "token_rows"))

@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default bfloat16 on CUDA, float32 on the CPU")
     g.add_argument("--attn-backend", default=None, help="torch or triton (default: triton on CUDA)")
-    g.add_argument("--expert-backend", default=None, help="loop, bmm, triton, deepgemm (default: triton on CUDA)")
+    g.add_argument("--expert-backend", default=None, help="loop, bmm, triton, deepgemm, or FP8 experts: triton_fp8, "
+                   "deepgemm_fp8 (default: triton on CUDA)")
     g.add_argument("--paged", action="store_true", help="paged MLA caches")
     g.add_argument("--cuda-graph", action="store_true", help="decode steps as CUDA graph replays")
     g.add_argument("--compile", action="store_true", help="decode steps through torch.compile (compiles first)")
@@ -93,19 +94,26 @@ def _load(a: argparse.Namespace, device: Any, placement_world: int, rank: int) -
     from nanomoe_fn.eplb.placement import Placement
     from nanomoe_fn.model.config import model_preset
     from nanomoe_fn.model.params import init_model_params
+    from nanomoe_fn.moe.experts import EXPERT_BACKENDS
 
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    fp8 = a.expert_backend in EXPERT_BACKENDS and EXPERT_BACKENDS[a.expert_backend].fp8  # experts kept in FP8
     if a.checkpoint is None:
         cfg = model_preset(a.preset)
         placement = Placement.identity(cfg.moe.num_experts, placement_world)
         params = init_model_params(cfg, dtype, device, a.seed, placement, rank)
+        if fp8:
+            from nanomoe_fn.model.params import with_fp8_experts
+
+            params = with_fp8_experts(params)
         return cfg, params, placement, ByteTokenizer()
     from nanomoe_fn.model.checkpoint import load_checkpoint, read_model_config
     from nanomoe_fn.model.tokenizer import load_tokenizer
 
     cfg = read_model_config(a.checkpoint)  # the placement needs the expert count before the load
     placement = Placement.identity(cfg.moe.num_experts, placement_world)
-    cfg, params = load_checkpoint(a.checkpoint, dtype=dtype, device=device, placement=placement, rank=rank)
+    cfg, params = load_checkpoint(a.checkpoint, dtype=dtype, device=device, placement=placement, rank=rank,
+                                  fp8_experts=fp8)
     return cfg, params, placement, load_tokenizer(a.checkpoint)
 
 

@@ -82,3 +82,15 @@ def quant_groups_ref(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, t
 def dequant_groups_ref(q: torch.Tensor, scales: torch.Tensor, group: int = 128) -> torch.Tensor:
     """q [M, K] times its group's scale (scales [M, G]) -> float64 [M, K]."""
     return dequant_blocks_ref(q, scales, (1, group))
+
+
+def swiglu_fp8_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """One FP8 SwiGLU expert as the FP8 kernels compute it, on rows x [N, H] and weights already dequantised
+    (w13 [2I, H] gate then up, w2 [H, I]): x quantised per row and `group` columns, gate/up and SwiGLU in
+    float64, the SwiGLU output [N, I] quantised the same way, then the down GEMM -> float64 [N, H]."""
+    xd = dequant_groups_ref(*quant_groups_ref(x.to(torch.float64), group), group)
+    w13, w2 = w13.to(torch.float64), w2.to(torch.float64)
+    inter = w13.shape[0] // 2
+    gate, up = xd @ w13[:inter].T, xd @ w13[inter:].T
+    act = gate * torch.sigmoid(gate) * up
+    return dequant_groups_ref(*quant_groups_ref(act, group), group) @ w2.T

@@ -150,6 +150,7 @@ def test_dispatch_bench_gloo(tmp_path):
     assert rec["failed"] == []
     for r in rec["rows"]:
         assert r["dispatch_us"] > 0 and r["gbps"] > 0 and r["median_us"] == r["dispatch_us"]
+        assert r["row_bytes"] == 4 * r["case"]["hidden"] and r["bytes_per_rank"] >= r["row_bytes"]  # float32 rows
         assert (r["variant"] == "gloo_a2a") == ("combine_us" not in r)
         assert "graph_round_us" not in r  # no CUDA graphs on a CPU
         # one row per (token, destination rank) <= one row per (token, k) pair, and at least 1 per token
@@ -166,4 +167,4 @@ def test_dispatch_bench_gloo(tmp_path):
     assert ("torch_fixed", "prefill") in skipped  # decode-only: prefill sizes are refused
     assert all(s["reason"] for s in rec["skipped"])
     if not torch.cuda.is_available():  # GPU-only comms are skipped with their reason, never silently
-        assert {"nvlink", "deepep", "deepep_ll"} <= {v for v, _ in skipped}
+        assert {"nvlink", "deepep", "deepep_ll", "nvlink_fp8", "deepep_ll_fp8"} <= {v for v, _ in skipped}

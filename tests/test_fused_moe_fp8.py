@@ -23,6 +23,7 @@ import nanomoe_kernels.fp8_quant as fq  # noqa: E402
 import nanomoe_kernels.fused_moe as fm  # noqa: E402
 import nanomoe_kernels.fused_moe_fp8 as f8  # noqa: E402
 import nanomoe_kernels.fused_moe_fp8_kernel as f8k  # noqa: E402
+import nanomoe_kernels.fused_moe_fp8_tile as f8t  # noqa: E402
 import nanomoe_kernels.fused_moe_kernel as fmk  # noqa: E402
 import nanomoe_kernels.moe_align as ma  # noqa: E402
 import nanomoe_kernels.moe_blocks as mb  # noqa: E402
@@ -30,7 +31,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not fmk.runs_interpreted():
-    for mod in (ma, mb, fq, fmk, fm, f8k, f8):  # imported before the variable was set: decorate again
+    for mod in (ma, mb, fq, fmk, fm, f8t, f8k, f8):  # imported before the variable was set: decorate again
         importlib.reload(mod)
 
 pytestmark = pytest.mark.skipif(not fmk.runs_interpreted(),
@@ -46,7 +47,11 @@ CONFIGS = [CFG,
            {"up": {**CFG, "BLOCK_M": 32, "GROUP_M": 2}, "down": {**CFG, "BLOCK_N": 64}},
            # 64-row main blocks + 16-row tails (moe_blocks), two launches; the down tile spans 2 weight blocks
            {"up": {**CFG, "BLOCK_M": 64, "SPLIT_M": 16}, "down": {**CFG, "BLOCK_M": 32, "BLOCK_N": 256}},
-           {**CFG, "BLOCK_M": 32, "SPLIT_M": 16, "MERGE_TAIL": True, "GROUP_M": 4}]
+           {**CFG, "BLOCK_M": 32, "SPLIT_M": 16, "MERGE_TAIL": True, "GROUP_M": 4},
+           # weights through TMA (the interpreter emulates the descriptors)
+           {"up": {**CFG, "USE_TMA": True}, "down": {**CFG, "BLOCK_M": 32, "BLOCK_N": 256, "USE_TMA": True}},
+           # two scale groups per K iteration (needs K % 256 == 0: the up GEMM at H=256, not the down at I=128)
+           {"up": {**CFG, "K_STEPS": 2, "USE_TMA": True}, "down": CFG}]
 
 
 def deq_rows(q, s):
@@ -234,8 +239,12 @@ def test_bad_inputs_name_the_argument():
         call(x, ids, tw, *w, config={**CFG, "BLOCK_K": 64})
     with pytest.raises(ValueError, match="BLOCK_N.. must be 128 .the quantised output"):
         call(x, ids, tw, *w, config={**CFG, "BLOCK_N": 64})
-    with pytest.raises(ValueError, match="TMA"):
-        call(x, ids, tw, *w, config={**CFG, "USE_TMA": True})
+    with pytest.raises(ValueError, match="K_STEPS=2 needs K=128 to be a multiple of 256"):
+        call(x, ids, tw, *w, config={**CFG, "K_STEPS": 2})
+    with pytest.raises(ValueError, match="K_STEPS.*must be 1, 2 or 4"):
+        call(x, ids, tw, *w, config={**CFG, "K_STEPS": 3})
+    with pytest.raises(ValueError, match="A_TMA"):
+        call(x, ids, tw, *w, config={**CFG, "A_TMA": True})
     with pytest.raises(ValueError, match="topk_weights"):
         call(x, ids, tw[:, :1], *w, config=CFG)
     with pytest.raises(ValueError, match="expert ids outside"):
@@ -292,5 +301,5 @@ def test_backend_triton_fp8_runs_fp8_records_only():
             expert_ffn(ex, batch, name)
     with pytest.raises(TypeError, match="expert backend 'triton_fp8' runs SwiGLUExpertsFP8.*got SwiGLUExperts"):
         expert_ffn(bf, batch, "triton_fp8")
-    with pytest.raises(TypeError, match="batch.x must have dtype in"):
+    with pytest.raises(ValueError, match="x_scale must be given exactly when x is float8_e4m3fn"):
         expert_ffn(ex, ExpertBatch(rows.to(FP8), torch.tensor(counts)), "triton_fp8")

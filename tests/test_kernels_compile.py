@@ -53,7 +53,7 @@ def _cases() -> list:
               for c in (True, False)]
     cases += [("count_layout", sy._layout_kernel, dict(cnt_ptr="*i64", counts_ptr="*i64", base_ptr="*i64",
                                                        m_addr="i64"), dict(WB=2, PLB=128, STORE_M=True))]
-    return cases + _rows_cases() + _fused_moe_cases()
+    return cases + _rows_cases() + _fused_moe_cases() + _fp8_cases()
 
 
 def _rows_cases() -> list:
@@ -86,6 +86,37 @@ def _fused_moe_cases() -> list:
             for name, swiglu, table, merged in (("up", True, True, False), ("linear", False, False, False),
                                                 ("up merged", True, True, True))
             for ids in ("*i32", "*i64")]
+
+
+def _fp8_cases() -> list:
+    """The FP8 grouped GEMM: the up GEMM (gathered A, SwiGLU, quantised output) and the down GEMM (weighted,
+    scattered), with weights by pointer and through TMA, merged tails."""
+    from nanomoe_kernels import fused_moe_fp8_kernel as f
+
+    types = dict(a_ptr="*fp8e4nv", as_ptr="*fp32", b_ptr="*fp8e4nv", bs_ptr="*fp32", c_ptr="*fp8e4nv",
+                 cs_ptr="*fp32", w_ptr="*fp32", sorted_ids_ptr="*i32", block_rows_ptr="*i32",
+                 block_experts_ptr="*i32", used_ptr="*i32", a_index_ptr="*i32")
+    out = []
+    for tma in (False, True):
+        desc = {"b_desc": "tensordesc<fp8e4nv[128, 128]>"} if tma else {}
+        common = dict(USE_TMA=tma, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, TAIL_M=16, A_INDEX=False, A_DIV=8,
+                      K_STEPS=2 if tma else 1, A_FP8=True)
+        if not tma:
+            common["b_desc"] = None
+        out += [(f"moe_gemm_fp8[up, tma {tma}]", f._moe_gemm_fp8_kernel, {**types, **desc},
+                 {**common, "GATHER_A": True, "SCATTER_C": False, "SWIGLU": True, "MUL_WEIGHT": False,
+                  "QUANT_OUT": True, "BLOCK_TABLE": True, "MERGED": True, "BLOCK_M": 64}),
+                (f"moe_gemm_fp8[down, tma {tma}]", f._moe_gemm_fp8_kernel, {**types, **desc, "c_ptr": "*bf16"},
+                 {**common, "GATHER_A": False, "SCATTER_C": True, "SWIGLU": False, "MUL_WEIGHT": True,
+                  "QUANT_OUT": False, "BLOCK_TABLE": False, "MERGED": False, "BLOCK_M": 16})]
+    # W8A16: bf16 A, each fp8 weight tile dequantised to bf16 (BLOCK_N 128: a scalar scale, 256: per column)
+    for bn in (128, 256):
+        out.append((f"moe_gemm_fp8[w8a16 up, BN {bn}]", f._moe_gemm_fp8_kernel,
+                    {**types, "a_ptr": "*bf16", "c_ptr": "*bf16", "b_desc": f"tensordesc<fp8e4nv[{bn}, 128]>"},
+                    dict(USE_TMA=True, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, TAIL_M=16, A_INDEX=False, A_DIV=8,
+                         K_STEPS=2, A_FP8=False, GATHER_A=True, SCATTER_C=False, SWIGLU=True, MUL_WEIGHT=False,
+                         QUANT_OUT=False, BLOCK_TABLE=True, MERGED=True, BLOCK_M=64)))
+    return out
 
 
 def compile_all() -> list[str]:

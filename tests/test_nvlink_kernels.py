@@ -219,3 +219,93 @@ def test_put_with_no_tokens_still_advances_the_epoch():
                          torch.empty(0, k), torch.empty((0, W), dtype=torch.int32), ctr, epoch, err.data_ptr(), bufs,
                          1, T_max, P)
     assert int(epoch) == 7 and int(err[0]) == 0 and ctr.tolist() == [0] * P
+
+
+def _pairs_of(phys: list[torch.Tensor], tokens: list[int], k: int, slot: int) -> list[tuple[int, int]]:
+    """(source, token) of every pair routed to `slot`: sources in rank order, tokens in order."""
+    return [(s, t) for s in range(len(phys)) for t in range(tokens[s]) for j in range(k) if int(phys[s][t, j]) == slot]
+
+
+@settings(max_examples=15, deadline=None)
+@given(W=st.integers(1, 3), P_local=st.integers(1, 3), k=st.integers(1, 3),
+       layout=st.sampled_from(["masked", "gathered"]), H=st.sampled_from([128, 384, 1152]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float16]),
+       seed=st.integers(0, 2**16))
+def test_nvlink_fp8_exchange_delivers_packed_rows(W, P_local, k, layout, H, dtype, seed):
+    """FP8 payload: each rank receives exactly the packed rows (fp8 bytes + scales) of the pairs routed to it,
+    their views equal quant_fp8_groups of the sent tokens bit for bit, and combine of a per-expert function of
+    the dequantised rows returns the weighted sum (combine stays in x's dtype)."""
+    from nanomoe_kernels import ep_nvlink
+    from nanomoe_kernels.fp8_pack import pack_fp8_rows_torch, packed_row_bytes, unpack_fp8_rows
+    from nanomoe_kernels.fp8_quant import quant_fp8_groups
+
+    gen = torch.Generator().manual_seed(seed)
+    P, T_max, RB, G = W * P_local, 4, packed_row_bytes(H), H // 128
+    k = min(k, P)
+    tokens = [int(torch.randint(0, T_max + 1, (1,), generator=gen)) for _ in range(W)]
+    xs = [(torch.randn(T, H, generator=gen) * 4 ** torch.randn(T, 1, generator=gen)).to(dtype) for T in tokens]
+    if tokens[0]:
+        xs[0][0, :128] = 0  # an all-zero group: scale 1
+    phys = [torch.rand(T, P, generator=gen).topk(k, dim=1).indices.to(torch.int32) for T in tokens]
+    ws = [torch.rand(T, k, generator=gen) for T in tokens]
+    names = {"tok": ((W * T_max, RB), torch.uint8), "meta": ((W * T_max, k), torch.int32),
+             "w": ((W * T_max, k), torch.float32), "cnt": ((W, P_local + 1), torch.int64),
+             "comb": ((W, T_max, H), dtype)}
+    sym = {n: _symmetric(s, dt, W) for n, (s, dt) in names.items()}
+    bufs = [{n: sym[n][r] for n in names} for r in range(W)]
+    ctrs = [torch.zeros(P, dtype=torch.int32) for _ in range(W)]
+    has = [torch.empty((tokens[r], W), dtype=torch.int32) for r in range(W)]
+    for r in range(W):  # own rows go into tok too, in both layouts
+        epoch, err = torch.zeros(1, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
+        ep_nvlink.put_tokens(xs[r], phys[r], ws[r], has[r], ctrs[r], epoch, err.data_ptr(), bufs[r], r, T_max, P,
+                             own_rows=True, fp8=True)
+        assert int(err[0]) == 0
+    cnts = [bufs[r]["cnt"][0] for r in range(W)]
+    _publish_counts(ctrs, cnts, tokens, P_local)
+    ys, rows_tables = [], []
+    for r in range(W):
+        tok = bufs[r]["tok"][0]
+        rows = torch.full((W * T_max, k), -7, dtype=torch.int32)
+        if layout == "masked":
+            xe = torch.full((P_local, W * T_max, RB), 0xA5, dtype=torch.uint8)
+            counts = torch.full((P_local,), -1, dtype=torch.int64)
+            t16 = tok.view(torch.int16)
+            ep_nvlink.expand_tokens(t16, t16, bufs[r]["meta"][0], cnts[r], xe.view(torch.int16).view(-1, RB // 2),
+                                    rows, r, T_max, counts=counts, own_from_x=False)
+        else:
+            counts, base, M = _count_layout(cnts[r])
+            index = torch.full((M,), -5, dtype=torch.int32)
+            ep_nvlink.expand_tokens(tok, tok, bufs[r]["meta"][0], cnts[r], index, rows, r, T_max, base=base)
+            xe = tok.index_select(0, index.long())  # the gathered batch's rows, materialised
+        q_all, s_all = unpack_fp8_rows(xe, H)
+        y = torch.zeros((*xe.shape[:-1], H), dtype=dtype)
+        for e in range(P_local):
+            pairs = _pairs_of(phys, tokens, k, r * P_local + e)
+            assert int(counts[e]) == len(pairs), f"rank {r} expert {e}: {int(counts[e])} rows != {len(pairs)}"
+            if not pairs:
+                continue
+            lo, n = int(counts[:e].sum()), len(pairs)
+            at = (e, slice(0, n)) if layout == "masked" else (slice(lo, lo + n),)  # expert e's rows in the batch
+            sent = torch.stack([xs[s][t] for s, t in pairs])
+            if dtype != torch.bfloat16:  # the interpreter converts some bfloat16 values unlike torch (the twin)
+                want = pack_fp8_rows_torch(sent)[:, :H + 4 * G]
+                assert torch.equal(xe[at][:, :H + 4 * G], want), f"rank {r} expert {e}: packed rows differ"
+            q, sc = quant_fp8_groups(sent)  # the Triton quantiser: bit for bit
+            assert torch.equal(q_all[at].view(torch.uint8), q.view(torch.uint8)) and torch.equal(s_all[at], sc)
+            deq = (q_all[at].double().view(len(pairs), G, 128) * s_all[at].double()[..., None]).view(len(pairs), H)
+            y[at] = _expert_fn(deq, torch.full((len(pairs),), r * P_local + e)).to(dtype)
+        ys.append(y.reshape(-1, H).contiguous())
+        rows_tables.append(rows)
+    for r in range(W):
+        ep_nvlink.combine_tokens(ys[r], rows_tables[r], bufs[r]["w"][0], cnts[r], bufs[r]["comb"], r, T_max)
+    for r in range(W):
+        out = torch.full((tokens[r], H), float("nan"), dtype=dtype)
+        ep_nvlink.sum_partials(bufs[r]["comb"][0], has[r], out)
+        if not tokens[r]:
+            continue
+        q, sc = quant_fp8_groups(xs[r])
+        deq = (q.double().view(tokens[r], G, 128) * sc.double()[..., None]).view(tokens[r], H)
+        y_round = _expert_fn(deq.unsqueeze(1).expand(-1, k, -1), phys[r]).to(dtype).double()
+        ref = (ws[r].double().unsqueeze(-1) * y_round).sum(1)
+        err = float((out.double() - ref).norm() / ref.norm().clamp_min(1e-12))
+        assert err <= {torch.float32: 1e-6, torch.float16: 4e-3}.get(dtype, 1e-2), f"rank {r}: combine error {err:.3g}"

@@ -13,7 +13,8 @@ import torch
 
 from nanomoe_fn import LocalComm, MoEConfig, Placement, init_moe_params, moe_layer, route, shard_moe_params
 from nanomoe_fn.attention.config import MLAConfig
-from nanomoe_fn.moe.params import LinearExperts, SharedMLP, SwiGLUExperts, check_params
+from nanomoe_fn.moe.param_checks import check_params
+from nanomoe_fn.moe.params import LinearExperts, SharedMLP, SwiGLUExperts
 from tests.helpers import assert_close_to_ref, reference_layer
 
 BASE = dict(hidden=16, intermediate=8, num_experts=8, top_k=2)
@@ -115,7 +116,8 @@ P = _params()
 E, H, I_ = CFG.num_experts, CFG.hidden, CFG.intermediate
 BAD_PARAMS = {
     "linear experts for a swiglu config": (lambda: _swap(P, experts=LinearExperts(torch.zeros(E, H, H))), CFG,
-                                           TypeError, r"params\.experts must be SwiGLUExperts for cfg\.expert_type"),
+                                           TypeError, r"params\.experts must be SwiGLUExperts or SwiGLUExpertsFP8 "
+                                                      r"for cfg\.expert_type"),
     "swiglu experts for a linear config": (lambda: P, CFG.with_(expert_type="linear"), TypeError,
                                            r"params\.experts must be LinearExperts for cfg\.expert_type='linear', "
                                            r"got SwiGLUExperts"),

@@ -17,7 +17,10 @@ pairs by expert (deepep_layout, vectorised), and before combine reduces each rec
 expert rows with its top-k weights, so DeepEP's combine (a plain sum over ranks) returns the exact
 weighted sum.
 
-low_latency mode (decode; masked batch [P_local, C, H] + int32 counts, DeepGEMM's masked layout):
+low_latency mode (decode; masked batch [P_local, C, H] + int32 counts, DeepGEMM's masked layout; with
+dispatch_dtype=float8_e4m3fn DeepEP quantises per 128 channels as it sends (scale amax / 448 by its own
+rounding, amax >= 1e-4: close to, not bit-equal to, fp8_quant's) and the batch is FP8, x_scale DeepEP's
+column-major [P_local, C, H / 128] view; combine stays bf16):
 low_latency_dispatch / low_latency_combine with return_recv_hook=True: the send half issues the
 kernel that sends, the receive half calls the hook that receives, so other work can sit in between.
 No host sync; CUDA-graph capturable (a graph must hold whole dispatch + combine pairs: DeepEP
@@ -38,7 +41,6 @@ validated and kept for interface parity. Call close() on every rank (a collectiv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,6 +48,10 @@ import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch, Routing
 from nanomoe_fn.comm.deepep_layout import (
+    FP8,
+    DeepEPHandle,
+    _Combining,
+    _Dispatching,
     check_options,
     environment_reason,
     expert_order,
@@ -57,7 +63,7 @@ from nanomoe_fn.comm.deepep_layout import (
 from nanomoe_fn.comm.plan import check_dispatch_args
 from nanomoe_fn.eplb.placement import Placement
 
-_OPTIONS = ("mode", "hidden", "num_slots", "max_tokens", "top_k", "dtype", "group", "timeout_s")
+_OPTIONS = ("mode", "hidden", "num_slots", "max_tokens", "top_k", "dtype", "group", "timeout_s", "dispatch_dtype")
 
 
 def _import_deep_ep() -> tuple[Any, str | None]:
@@ -68,39 +74,6 @@ def _import_deep_ep() -> tuple[Any, str | None]:
         text = str(err).splitlines()[0] if str(err) else ""
         return None, f"{type(err).__name__}: {text}"
     return deep_ep, None
-
-
-@dataclass(frozen=True, eq=False)
-class DeepEPHandle:
-    """Everything combine needs. topk_idx [T', k] int64 physical slots and topk_weights [T', k] float32
-    as given to DeepEP (T' = max(T, 1): one padding token when T == 0); num_tokens = T.
-    normal mode: recv_weights [R, k] float32 (0 for experts elsewhere), pair_rows [R * k] (batch row of
-    each received pair, num_rows where its expert is elsewhere), num_rows = M."""
-
-    mode: str
-    owner: int
-    deep_handle: Any
-    topk_idx: torch.Tensor
-    topk_weights: torch.Tensor
-    num_tokens: int
-    recv_weights: torch.Tensor | None = None
-    pair_rows: torch.Tensor | None = None
-    num_rows: int = 0
-
-
-@dataclass
-class _Dispatching:
-    handle: DeepEPHandle
-    recv_x: torch.Tensor  # normal: [R, H]; low_latency: [P_local, C, H]
-    recv_meta: torch.Tensor  # normal: recv_topk_idx [R, k] (local ids, -1 elsewhere); low_latency: counts [P_local]
-    finish: Any  # normal: DeepEP's EventOverlap; low_latency: the receive hook
-
-
-@dataclass
-class _Combining:
-    out: torch.Tensor  # [T', H]
-    finish: Any
-    num_tokens: int
 
 
 class DeepEPComm:
@@ -114,10 +87,12 @@ class DeepEPComm:
     _live_low_latency = 0  # NVSHMEM is initialised once per process: one low-latency Buffer at a time
 
     def __init__(self, mode: str = "normal", *, hidden: int, num_slots: int, max_tokens: int, top_k: int,
-                 dtype: torch.dtype = torch.bfloat16, group: Any = None, timeout_s: float = 60.0) -> None:
-        check_options(mode, hidden, num_slots, max_tokens, top_k, dtype, timeout_s)
+                 dtype: torch.dtype = torch.bfloat16, group: Any = None, timeout_s: float = 60.0,
+                 dispatch_dtype: torch.dtype | None = None) -> None:
+        check_options(mode, hidden, num_slots, max_tokens, top_k, dtype, timeout_s, dispatch_dtype)
         ok, reason = self.supports(mode=mode, hidden=hidden, num_slots=num_slots, max_tokens=max_tokens,
-                                   top_k=top_k, dtype=dtype, group=group, timeout_s=timeout_s)
+                                   top_k=top_k, dtype=dtype, group=group, timeout_s=timeout_s,
+                                   dispatch_dtype=dispatch_dtype)
         if not ok:
             raise ValueError(f"comm backend 'deepep' is unavailable: {reason}")
         if mode == "low_latency" and DeepEPComm._live_low_latency:
@@ -126,6 +101,8 @@ class DeepEPComm:
         deep_ep, _ = _import_deep_ep()
         self.mode, self.hidden, self.num_slots, self.max_tokens, self.top_k = mode, hidden, num_slots, max_tokens, top_k
         self.dtype, self.timeout_s = dtype, float(timeout_s)
+        self.fp8 = dispatch_dtype == FP8  # low-latency FP8 dispatch: an FP8 masked batch (module docstring)
+        self.dispatch_dtype = FP8 if self.fp8 else dtype
         self.group = group if group is not None else dist.group.WORLD
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.local_slots = num_slots // self.world_size
@@ -154,7 +131,8 @@ class DeepEPComm:
             return False, f"unknown option(s) {unknown}; DeepEPComm takes {list(_OPTIONS)}"
         mode = options.get("mode", "normal")
         try:
-            check_options(mode, *(options.get(k) for k in _OPTIONS[1:6]), options.get("timeout_s"))
+            check_options(mode, *(options.get(k) for k in _OPTIONS[1:6]), options.get("timeout_s"),
+                          options.get("dispatch_dtype"))
         except (TypeError, ValueError) as err:
             return False, str(err)
         _, import_error = _import_deep_ep()
@@ -170,7 +148,7 @@ class DeepEPComm:
     def _handshake(self) -> None:
         """Every rank must build the same comm: a ValueError names the field the ranks disagree on."""
         mine = dict(mode=self.mode, hidden=self.hidden, num_slots=self.num_slots, max_tokens=self.max_tokens,
-                    top_k=self.top_k, dtype=str(self.dtype))
+                    top_k=self.top_k, dtype=str(self.dtype), dispatch_dtype=str(self.dispatch_dtype))
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.group)
         for field in mine:
@@ -239,7 +217,7 @@ class DeepEPComm:
             self._ll_enter("dispatch")
             recv_x, counts, deep_handle, _, hook = self._call(
                 "dispatch", buf.low_latency_dispatch, xs, idx, self.max_tokens, self.num_slots,
-                use_fp8=False, async_finish=False, return_recv_hook=True)
+                use_fp8=self.fp8, async_finish=False, return_recv_hook=True)
             return _Dispatching(DeepEPHandle("low_latency", id(self), deep_handle, idx, w, T), recv_x, counts, hook)
         per_rank, per_rdma, per_expert, in_rank, layout_done = self._call(
             "dispatch/layout", buf.get_dispatch_layout, idx, self.num_slots, previous_event=buf.capture(),
@@ -259,6 +237,8 @@ class DeepEPComm:
         if self.mode == "low_latency":
             self._call("dispatch/recv", pending.finish)  # the hook: launches the receiving kernel
             self._ll_in_flight -= 1
+            if self.fp8:  # (fp8 [P_local, C, H], float32 scales [P_local, C, H / 128], a column-major view)
+                return ExpertBatch(pending.recv_x[0], pending.recv_meta, "masked", x_scale=pending.recv_x[1]), h
             return ExpertBatch(pending.recv_x, pending.recv_meta, "masked"), h
         pending.finish.current_stream_wait()  # the stream waits on DeepEP's event; the host does not
         order, counts, pair_rows = expert_order(pending.recv_meta, self.local_slots, h.num_rows)

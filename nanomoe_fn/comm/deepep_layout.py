@@ -1,4 +1,5 @@
-"""Pure parts of the `deepep` comm: option checks and the per-token <-> per-expert row conversion.
+"""Pure parts of the `deepep` comm: option checks, its records (handle, pending halves) and the per-token
+<-> per-expert row conversion.
 
 Dimension legend: T tokens on this rank, k experts per token, H hidden, W ranks, P slots (all ranks),
 P_local = P // W slots per rank, R tokens this rank received in DeepEP's normal dispatch (one row per
@@ -9,6 +10,9 @@ Nothing here imports deep_ep or needs CUDA, so everything is tested on the CPU
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,9 +26,43 @@ LL_MAX_TOP_K = 11  # internode_ll.cu: kNumMaxTopK = 11 (dispatch and combine)
 NORMAL_WORLD_SIZES = (2, 4, 8)  # intranode kernels: SWITCH_RANKS(2, 4, 8) on one NVLink host
 NORMAL_MAX_LOCAL_SLOTS = 128  # intranode.cu notify_dispatch: num_experts / num_ranks <= kNumThreads (128)
 NORMAL_MAX_TOP_K = 32  # intranode.cu: EP_DEVICE_ASSERT(num_topk <= 32)
+FP8 = torch.float8_e4m3fn  # low-latency FP8 dispatch: fp8 rows + float32 scales per 128 channels
 HOW_TO_GET = ("build DeepEP v1.2.1 from its public source (github.com/deepseek-ai/DeepEP, tag v1.2.1) on the "
               "GPU machine with `python setup.py build_ext --inplace` (NVSHMEM is needed for low-latency mode) "
               "and put that folder on PYTHONPATH")
+
+
+@dataclass(frozen=True, eq=False)
+class DeepEPHandle:
+    """Everything combine needs. topk_idx [T', k] int64 physical slots and topk_weights [T', k] float32
+    as given to DeepEP (T' = max(T, 1): one padding token when T == 0); num_tokens = T.
+    normal mode: recv_weights [R, k] float32 (0 for experts elsewhere), pair_rows [R * k] (batch row of
+    each received pair, num_rows where its expert is elsewhere), num_rows = M."""
+
+    mode: str
+    owner: int
+    deep_handle: Any
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    num_tokens: int
+    recv_weights: torch.Tensor | None = None
+    pair_rows: torch.Tensor | None = None
+    num_rows: int = 0
+
+
+@dataclass
+class _Dispatching:
+    handle: DeepEPHandle
+    recv_x: Any  # normal: [R, H]; low_latency: [P_local, C, H], FP8: (fp8 rows, scales)
+    recv_meta: torch.Tensor  # normal: recv_topk_idx [R, k] (local ids, -1 elsewhere); low_latency: counts [P_local]
+    finish: Any  # normal: DeepEP's EventOverlap; low_latency: the receive hook
+
+
+@dataclass
+class _Combining:
+    out: torch.Tensor  # [T', H]
+    finish: Any
+    num_tokens: int
 
 
 def _positive_int(name: str, v: object) -> None:
@@ -36,8 +74,10 @@ def _positive_int(name: str, v: object) -> None:
 
 def check_options(mode: str | None = None, hidden: int | None = None, num_slots: int | None = None,
                   max_tokens: int | None = None, top_k: int | None = None, dtype: torch.dtype | None = None,
-                  timeout_s: float | None = None) -> None:
-    """Raise ValueError/TypeError naming the first bad option (None = not given, not checked)."""
+                  timeout_s: float | None = None, dispatch_dtype: torch.dtype | None = None) -> None:
+    """Raise ValueError/TypeError naming the first bad option (None = not given, not checked).
+    dispatch_dtype: None / bfloat16 (rows move in bf16) or float8_e4m3fn (low-latency mode only: DeepEP's
+    kernels quantise per 128 channels on the way, hidden a multiple of 512)."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for name, v in (("hidden", hidden), ("num_slots", num_slots), ("max_tokens", max_tokens), ("top_k", top_k)):
@@ -63,6 +103,13 @@ def check_options(mode: str | None = None, hidden: int | None = None, num_slots:
             raise ValueError(f"top_k={top_k} exceeds DeepEP's low-latency limit of {LL_MAX_TOP_K}")
     if mode == "normal" and top_k is not None and top_k > NORMAL_MAX_TOP_K:
         raise ValueError(f"top_k={top_k} exceeds DeepEP's normal-mode limit of {NORMAL_MAX_TOP_K}")
+    if dispatch_dtype not in (None, torch.bfloat16, FP8):
+        raise ValueError(f"dispatch_dtype must be None, torch.bfloat16 or {FP8}, got {dispatch_dtype}")
+    if dispatch_dtype == FP8 and mode != "low_latency":
+        raise ValueError(f"FP8 dispatch (dispatch_dtype={FP8}) is implemented for mode='low_latency' only (DeepEP's "
+                         f"low-latency kernels quantise on the way), got mode={mode!r}")
+    if dispatch_dtype == FP8 and hidden is not None and hidden % 512:
+        raise ValueError(f"DeepEP's FP8 low-latency dispatch needs hidden to be a multiple of 512, got {hidden}")
 
 
 def world_reason(mode: str, world_size: int, num_slots: int | None = None, max_tokens: int | None = None) -> str:

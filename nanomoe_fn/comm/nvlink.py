@@ -28,6 +28,13 @@ index is being written. Inside one expert, the rows of one source come in the or
 (not token order). The batch's x is overwritten by the next dispatch on this comm: run the experts on it
 before that (combine comes first anyway).
 
+dispatch_dtype=torch.float8_e4m3fn (FP8 dispatch; hidden a multiple of 128): put_tokens quantises each
+token per 128 channels (fp8_quant's scheme, bit for bit) straight into packed rows of the receive buffers,
+H fp8 bytes then H / 128 float32 scales (kernels/fp8_pack.py: 7392 bytes for H 7168, 0.52x a bf16 row);
+this rank's own rows go there too, and expand copies packed rows. The batch is FP8 (batch.py): x the fp8
+view [.., H] and x_scale the float32 view [.., H / 128] of the packed rows (strided, zero-copy; row stride
+RB bytes), for the FP8 expert backends. Combine stays in dtype (their outputs' dtype).
+
 One dispatch in flight per instance: dispatch, its combine, then the next dispatch (overlapped
 micro-batches each take their own NvlinkComm). x must stay unchanged until dispatch_recv returns (this
 rank's own tokens are copied from it there). Every wait runs on the GPU with a deadline: a peer that
@@ -47,11 +54,10 @@ import torch
 import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch, Routing
+from nanomoe_fn.comm.nvlink_buffers import FP8, MODES, buffer_shapes, map_symmetric, option_reason
 from nanomoe_fn.comm.plan import check_dispatch_args
 from nanomoe_fn.eplb.placement import Placement
 
-MODES = {"decode": "masked", "prefill": "gathered"}
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 STAGES = {2: "dispatch/payload", 3: "combine/payload"}
 
 
@@ -68,19 +74,23 @@ class NvlinkHandle:
 
 
 class NvlinkComm:
-    """Expert-parallel dispatch/combine over peer-mapped GPU memory (one host, any number of GPUs)."""
+    """Expert-parallel dispatch/combine over peer-mapped GPU memory (one host, any number of GPUs).
+
+    dtype: of x, of combine's output and of its partial sums. dispatch_dtype: None (rows move in dtype) or
+    torch.float8_e4m3fn (packed FP8 rows, an FP8 batch for the FP8 expert backends: module docstring).
+    """
 
     name = "nvlink"
 
     def __init__(self, max_tokens: int, hidden: int, top_k: int, num_slots: int,
                  dtype: torch.dtype = torch.bfloat16, mode: str = "decode", group: Any = None,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, dispatch_dtype: torch.dtype | None = None) -> None:
         ok, why = self.supports(max_tokens=max_tokens, hidden=hidden, top_k=top_k, num_slots=num_slots, dtype=dtype,
-                                mode=mode, group=group, timeout_s=timeout_s)
+                                mode=mode, group=group, timeout_s=timeout_s, dispatch_dtype=dispatch_dtype)
         if not ok:
             raise ValueError(f"comm backend 'nvlink' is unavailable: {why}")
-        import torch.distributed._symmetric_memory as symm_mem
         from nanomoe_kernels import ep_nvlink, ep_nvlink_sync  # Triton: imported only when the comm is built
+        from nanomoe_kernels.fp8_pack import packed_row_bytes, unpack_fp8_rows
 
         self._k, self._sync = ep_nvlink, ep_nvlink_sync
         self.group = group if group is not None else dist.group.WORLD
@@ -93,35 +103,23 @@ class NvlinkComm:
                              f"{num_slots // W} * {max_tokens}")
         self.max_tokens, self.hidden, self.top_k, self.num_slots = max_tokens, hidden, top_k, num_slots
         self.dtype, self.mode, self.layout = dtype, mode, MODES[mode]
+        self.fp8 = dispatch_dtype == FP8  # packed FP8 rows in "tok" and the masked batch
+        self.dispatch_dtype = FP8 if self.fp8 else dtype
+        self.row_bytes = packed_row_bytes(hidden) if self.fp8 else hidden * dtype.itemsize  # one token row sent
+        self._unpack = unpack_fp8_rows
         self.timeout_s, self._timeout_ns = float(timeout_s), int(timeout_s * 1e9)
         self.device = torch.device("cuda", torch.cuda.current_device())
         Tm, P_local = max_tokens, num_slots // W
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # peer mappings only, never multicast
-        shapes = {"tok": ((W * Tm, hidden), dtype), "meta": ((W * Tm, top_k), torch.int32),
-                  "w": ((W * Tm, top_k), torch.float32), "cnt": ((W, P_local + 1), torch.int64),
-                  "flag": ((2, W), torch.int64), "comb": ((W, Tm, hidden), dtype)}
-        local = {n: symm_mem.empty(*s, dtype=dt, device=self.device).zero_() for n, (s, dt) in shapes.items()}
         # this rank's own tables: pairs counted per slot (zeroed again by each signal), expert rows per
         # received pair (written by expand, read by combine)
         self._ctr = torch.zeros(num_slots, dtype=torch.int32, device=self.device)
         self._rows = torch.full((W * Tm, top_k), -1, dtype=torch.int32, device=self.device)
-        torch.cuda.synchronize(self.device)  # flags and counts are zero before any peer can write them
-        self._handles, self._bufs = [], {}
-        for n, t in local.items():
-            try:
-                hdl = symm_mem.rendezvous(t, self.group.group_name)
-            except Exception as err:  # noqa: BLE001 - any failure here means no peer mapping
-                raise RuntimeError(f"rank {self.rank}: the nvlink comm could not map its peers' buffers (all ranks "
-                                   f"must be GPUs of one host with peer access): {err}") from err
-            ptrs = [hdl.get_buffer(r, list(t.shape), t.dtype).data_ptr() for r in range(W)]
-            if any((p - t.data_ptr()) % t.element_size() for p in ptrs):
-                raise RuntimeError(f"rank {self.rank}: peer buffer '{n}' is not aligned to its element size")
-            delta = torch.tensor([(p - t.data_ptr()) // t.element_size() for p in ptrs], dtype=torch.int64,
-                                 device=self.device)
-            self._handles.append(hdl)
-            self._bufs[n] = (t, delta)
+        self._handles, self._bufs = map_symmetric(buffer_shapes(W, Tm, hidden, top_k, P_local, dtype, self.fp8),
+                                                  self.group, self.rank, W, self.device)
         self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)
-        ep_nvlink.check_put_buffers(self._ctr, self.epoch, self._bufs, W, Tm, hidden, top_k, dtype, num_slots)
+        ep_nvlink.check_put_buffers(self._ctr, self.epoch, self._bufs, W, Tm, hidden, top_k, dtype, num_slots,
+                                    self.fp8)
         # error word [set, stage, peer, 0] in pinned host memory the kernels write directly (UVA), read by
         # the host with no CUDA call and no sync
         self._err = torch.zeros(4, dtype=torch.int32).pin_memory()
@@ -136,19 +134,11 @@ class NvlinkComm:
     @staticmethod
     def supports(**options: Any) -> tuple[bool, str]:
         """Needs CUDA, an initialised process group whose ranks are GPUs of one host, and torch symmetric
-        memory; dtype bfloat16/float16/float32; mode decode|prefill; positive sizes."""
-        mode = options.get("mode", "decode")
-        if mode not in MODES:
-            return False, f"mode must be one of {sorted(MODES)}, got {mode!r}"
-        dtype = options.get("dtype", torch.bfloat16)
-        if dtype not in DTYPES:
-            return False, f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype}"
-        for name in ("max_tokens", "hidden", "top_k", "num_slots"):
-            v = options.get(name, 1)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                return False, f"{name} must be a positive int, got {v!r}"
-        if not options.get("timeout_s", 60.0) > 0:
-            return False, f"timeout_s must be > 0, got {options.get('timeout_s')}"
+        memory; dtype bfloat16/float16/float32; mode decode|prefill; positive sizes; dispatch_dtype None (=
+        dtype) or float8_e4m3fn (hidden a multiple of 128)."""
+        why = option_reason(**options)
+        if why:
+            return False, why
         if not torch.cuda.is_available():
             return False, "the nvlink comm needs CUDA GPUs (peers write each other's memory); on CPUs use 'torch'"
         if not dist.is_available() or not dist.is_initialized():
@@ -200,8 +190,8 @@ class NvlinkComm:
         x = x.contiguous()
         has = torch.empty((T, self.world_size), dtype=torch.int32, device=self.device)
         self._k.put_tokens(x, phys, weights, has, self._ctr, self.epoch, self._err.data_ptr(), self._bufs,
-                           self.rank, self.max_tokens, self.num_slots, own_rows=self.layout == "gathered",
-                           buffers_checked=True)
+                           self.rank, self.max_tokens, self.num_slots, own_rows=self.layout == "gathered" or self.fp8,
+                           buffers_checked=True, fp8=self.fp8)
         self._open, self._calls = True, self._calls + 1
         return x, has
 
@@ -209,15 +199,18 @@ class NvlinkComm:
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, NvlinkHandle]:
         """Publish the counts and wait for every peer's tokens, then copy them into this rank's expert layout."""
         x, has = pending
-        W, P_local, Tm, H = self.world_size, self.num_slots // self.world_size, self.max_tokens, self.hidden
+        W, P_local, Tm = self.world_size, self.num_slots // self.world_size, self.max_tokens
         flag, cnt = self._bufs["flag"], self._bufs["cnt"]
         self._sync.signal_wait((flag[0][0], flag[1]), self.epoch, self._err.data_ptr(), self.rank,
                                self._timeout_ns, 2, counts=(self._ctr, cnt, x.shape[0]))
+        tok = self._buf("tok").view(torch.int16) if self.fp8 else self._buf("tok")  # FP8: packed rows as words
+        x = tok if self.fp8 else x  # FP8: this rank's rows are in tok too (put quantised them there)
         if self.layout == "masked":
-            xe = torch.empty((P_local, W * Tm, H), dtype=self.dtype, device=self.device)  # padding rows unread
+            row = tok.shape[1]
+            xe = torch.empty((P_local, W * Tm, row), dtype=tok.dtype, device=self.device)  # padding rows unread
             counts = torch.empty(P_local, dtype=torch.int64, device=self.device)
-            self._k.expand_tokens(x, self._buf("tok"), self._buf("meta"), cnt[0], xe.view(-1, H), self._rows,
-                                  self.rank, Tm, counts=counts)
+            self._k.expand_tokens(x, tok, self._buf("meta"), cnt[0], xe.view(-1, row), self._rows, self.rank, Tm,
+                                  counts=counts, own_from_x=not self.fp8)
         else:
             counts = torch.empty(P_local, dtype=torch.int64, device=self.device)
             # rows per expert, each source's first rows, and M straight into pinned memory: the one host read
@@ -226,12 +219,19 @@ class NvlinkComm:
             m_max = W * Tm * min(self.top_k, P_local)  # the most rows one rank's experts can receive
             index = torch.empty(m_max, dtype=torch.int32, device=self.device)
             # batch row -> token row, written while the host waits for M (no token row is copied)
-            self._k.expand_tokens(x, self._buf("tok"), self._buf("meta"), cnt[0], index, self._rows, self.rank, Tm,
-                                  base=self._base)
+            self._k.expand_tokens(x, tok, self._buf("meta"), cnt[0], index, self._rows, self.rank, Tm, base=self._base)
             M = self._read_rows(m_max)
-            batch = ExpertBatch(self._buf("tok"), counts, "gathered", index[:M])
-            return batch, NvlinkHandle(has, id(self), self._calls, M)
-        return ExpertBatch(xe, counts, self.layout), NvlinkHandle(has, id(self), self._calls, P_local * W * Tm)
+            return self._batch(tok, counts, index[:M]), NvlinkHandle(has, id(self), self._calls, M)
+        return self._batch(xe, counts), NvlinkHandle(has, id(self), self._calls, P_local * W * Tm)
+
+    def _batch(self, rows: torch.Tensor, counts: torch.Tensor, index: torch.Tensor | None = None) -> ExpertBatch:
+        """The batch over received rows (masked [P_local, cap, ..] or, with index, gathered [U, ..]); FP8: the
+        fp8 and scale views of the packed rows (int16 words here)."""
+        layout = "gathered" if index is not None else "masked"
+        if not self.fp8:
+            return ExpertBatch(rows, counts, layout, index)
+        q, scale = self._unpack(rows.view(torch.uint8), self.hidden)
+        return ExpertBatch(q, counts, layout, index, x_scale=scale)
 
     def _read_rows(self, m_max: int) -> int:
         """Wait for the copy of M (not for work queued after it) -> M, after checking the error word."""
@@ -251,11 +251,12 @@ class NvlinkComm:
         if handle.call != self._calls or not self._open:
             raise ValueError("handle is stale: it belongs to an earlier dispatch of this comm")
         want = "contiguous" if self.layout == "gathered" else self.layout  # expert outputs: batch row order
-        if y.layout != want or y.x.dtype != self.dtype or y.x.shape[-1] != self.hidden or \
+        dtypes = (self.dtype, torch.bfloat16) if self.fp8 else (self.dtype,)  # FP8 backends output bfloat16
+        if y.layout != want or y.x.dtype not in dtypes or y.x.shape[-1] != self.hidden or \
                 y.x.numel() != handle.rows * self.hidden:
             raise ValueError(f"y must be the expert outputs of the batch this comm dispatched ({want}, {handle.rows} "
-                             f"rows of {self.hidden}, {self.dtype}), got layout {y.layout!r} {y.x.dtype} "
-                             f"{tuple(y.x.shape)}")
+                             f"rows of {self.hidden}, {' or '.join(map(str, dtypes))}), got layout {y.layout!r} "
+                             f"{y.x.dtype} {tuple(y.x.shape)}")
         yf = y.x.reshape(-1, self.hidden).contiguous()
         self._k.combine_tokens(yf, self._rows, self._buf("w"), self._buf("cnt"), self._bufs["comb"], self.rank,
                                self.max_tokens)

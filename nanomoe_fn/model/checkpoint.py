@@ -10,7 +10,8 @@ ignorable), each tensor's shape and dtype from its header just before its data: 
 one line naming the tensor or field.
 Under expert parallelism a rank reads only the experts of its local slots (Placement.local_slots), each
 once even when replicated; others' expert tensors are never opened. FP8 weights (float8_e4m3fn with
-'<name>_scale_inv') are dequantised to float32 on `device`, then cast. Routers stay float32.
+'<name>_scale_inv') are dequantised to float32 on `device`, then cast; with fp8_experts the routed experts stay
+FP8 (SwiGLUExpertsFP8, for the FP8 expert backends). Routers stay float32.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from nanomoe_fn.decoder import DecoderParams
 from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.model import names
 from nanomoe_fn.model.config import ModelConfig
-from nanomoe_fn.model.fp8 import DEFAULT_BLOCK, dequantize_blocks, scale_shape
+from nanomoe_fn.model.fp8 import DEFAULT_BLOCK, dequantize_blocks, quantize_blocks, scale_shape
 from nanomoe_fn.model.hf_config import config_from_hf, config_to_hf
 from nanomoe_fn.model.params import ModelParams
-from nanomoe_fn.moe.params import GateParams, MoEParams, SharedMLP, SwiGLUExperts
+from nanomoe_fn.moe.params import GateParams, MoEParams, SharedMLP, SwiGLUExperts, SwiGLUExpertsFP8
 
 CONFIG, INDEX, SINGLE = "config.json", "model.safetensors.index.json", "model.safetensors"
 _FLOATS = ("F32", "F16", "BF16", "F64")  # safetensors dtype names a weight may have
@@ -86,26 +87,42 @@ class _Reader:
             if base not in shapes and not names.is_ignored(n, cfg):
                 raise self.fail(f"unexpected tensor {n!r} (not a tensor of this config's model)")
 
-    def read(self, name: str, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
-        """Tensor `name` on `device` in its float dtype (FP8: dequantised to float32); shape and dtype are
-        checked from the header before the data is read."""
+    def _slices(self, name: str, shape: tuple[int, ...]) -> tuple[Any, Any]:
+        """(slice of `name`, slice of its FP8 scales or None); shape and dtypes checked from the headers."""
         sl = self._open(self.where[name]).get_slice(name)
         got, dt = tuple(sl.get_shape()), sl.get_dtype()
         if got != tuple(shape):
             raise self.fail(f"tensor {name!r} has shape {list(got)}, expected {list(shape)}")
-        if dt == _FP8:
-            sname = name + names.SCALE_SUFFIX
-            if sname not in self.where:
-                raise self.fail(f"tensor {name!r} is {_FP8} without its scales {sname!r}")
-            ssl = self._open(self.where[sname]).get_slice(sname)
-            want = scale_shape(got, self.block) if len(got) == 2 else None
-            if ssl.get_dtype() not in _FLOATS or tuple(ssl.get_shape()) != want:
-                raise self.fail(f"tensor {sname!r} has dtype {ssl.get_dtype()} shape {ssl.get_shape()}, expected "
-                                f"a float {list(want) if want else 'scale of a 2-D weight'} for blocks {self.block}")
-            return dequantize_blocks(sl[:].to(device), ssl[:].to(device), self.block)
-        if dt not in _FLOATS:
-            raise self.fail(f"tensor {name!r} has dtype {dt}, expected one of {list(_FLOATS)} or {_FP8} with scales")
-        return sl[:].to(device)
+        if dt != _FP8:
+            if dt not in _FLOATS:
+                raise self.fail(f"tensor {name!r} has dtype {dt}, expected one of {list(_FLOATS)} or {_FP8} with "
+                                f"scales")
+            return sl, None
+        sname = name + names.SCALE_SUFFIX
+        if sname not in self.where:
+            raise self.fail(f"tensor {name!r} is {_FP8} without its scales {sname!r}")
+        ssl = self._open(self.where[sname]).get_slice(sname)
+        want = scale_shape(got, self.block) if len(got) == 2 else None
+        if ssl.get_dtype() not in _FLOATS or tuple(ssl.get_shape()) != want:
+            raise self.fail(f"tensor {sname!r} has dtype {ssl.get_dtype()} shape {ssl.get_shape()}, expected "
+                            f"a float {list(want) if want else 'scale of a 2-D weight'} for blocks {self.block}")
+        return sl, ssl
+
+    def read(self, name: str, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+        """Tensor `name` on `device` in its float dtype (FP8: dequantised to float32)."""
+        sl, ssl = self._slices(name, shape)
+        if ssl is None:
+            return sl[:].to(device)
+        return dequantize_blocks(sl[:].to(device), ssl[:].to(device), self.block)
+
+    def read_fp8(self, name: str, shape: tuple[int, ...], device: torch.device | str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tensor `name` as (float8_e4m3fn [O, In], float32 block scales [Ob, Ib]) on `device`: an FP8 tensor
+        as stored, a bf16/fp16/fp32 one block-quantised here (the same scheme)."""
+        sl, ssl = self._slices(name, shape)
+        if ssl is None:
+            return quantize_blocks(sl[:].to(device).float(), self.block)
+        return sl[:].to(device), ssl[:].to(device).float()
 
 
 def _swiglu(read: Read, i: int, shared: bool) -> SharedMLP:
@@ -133,12 +150,34 @@ def _experts(read: Read, cfg: ModelConfig, i: int, slots: list[int], dtype: torc
     return SwiGLUExperts(w13=w13, w2=w2)
 
 
+def _experts_fp8(rd: _Reader, shapes: dict, cfg: ModelConfig, i: int, slots: list[int],
+                 device: torch.device | str) -> SwiGLUExpertsFP8:
+    """Layer i's experts of `slots` kept in block-scaled FP8 (moe/params.py's record): gate and up stacked into
+    w13 [P_local, 2I, H] with their scales [P_local, 2 * Ib, Hb] (gate blocks, then up blocks), down in w2."""
+    per: dict[int, tuple[torch.Tensor, ...]] = {}
+    for e in dict.fromkeys(slots):  # each expert read once, replicas share its tensors' values
+        gate, up, down = (rd.read_fp8(n, shapes[n], device) for n in
+                          (names.expert_name(i, e, p) for p in ("gate_proj", "up_proj", "down_proj")))
+        per[e] = (torch.cat((gate[0].view(torch.uint8), up[0].view(torch.uint8))).view(gate[0].dtype),
+                  torch.cat((gate[1], up[1])), *down)
+    if not slots:  # a rank with no expert slots: empty tensors of the record's shapes
+        H, I_, (b0, b1) = cfg.hidden, cfg.moe.intermediate, rd.block
+        fp8, f32 = torch.float8_e4m3fn, torch.float32
+        return SwiGLUExpertsFP8(torch.empty((0, 2 * I_, H), dtype=fp8, device=device),
+                                torch.empty((0, 2 * -(-I_ // b0), -(-H // b1)), dtype=f32, device=device),
+                                torch.empty((0, H, I_), dtype=fp8, device=device),
+                                torch.empty((0, -(-H // b0), -(-I_ // b1)), dtype=f32, device=device), rd.block)
+    return SwiGLUExpertsFP8(*(torch.stack([per[e][f] for e in slots]) for f in range(4)), block=rd.block)
+
+
 def load_params(path: str | Path, cfg: ModelConfig, *, dtype: torch.dtype = torch.bfloat16,
                 device: torch.device | str = "cpu", placement: Placement | None = None, rank: int = 0,
-                block: tuple[int, int] = DEFAULT_BLOCK) -> ModelParams:
+                block: tuple[int, int] = DEFAULT_BLOCK, fp8_experts: bool = False) -> ModelParams:
     """The tensors of the checkpoint at `path` for a given config (load_checkpoint reads the config too):
     everything in `dtype` on `device` but the routers (float32); MoE layers hold `rank`'s experts under
-    `placement` (default all E in order). block: the FP8 scale block (b0, b1)."""
+    `placement` (default all E in order). block: the FP8 scale block (b0, b1). fp8_experts: the routed
+    experts stay block-scaled FP8 (SwiGLUExpertsFP8, for the FP8 expert backends): FP8 tensors as stored,
+    others quantised at load; everything else is dequantised to `dtype` as usual."""
     root = Path(path)
     E = cfg.moe.num_experts
     if placement is not None and placement.num_logical != E:
@@ -163,7 +202,9 @@ def load_params(path: str | Path, cfg: ModelConfig, *, dtype: torch.dtype = torc
             bias = read(names.layer(i, names.ROUTER_BIAS), torch.float32) if cfg.moe.correction_bias else None
             gate = GateParams(read(names.layer(i, names.ROUTER_WEIGHT), torch.float32), bias)
             shared = _swiglu(read, i, shared=True) if cfg.moe.n_shared_experts else None
-            moe = MoEParams(gate, _experts(read, cfg, i, slots, dtype, device), shared)
+            experts = (_experts_fp8(rd, shapes, cfg, i, slots, device) if fp8_experts
+                       else _experts(read, cfg, i, slots, dtype, device))
+            moe = MoEParams(gate, experts, shared)
             layers.append(DecoderParams(norms[0], attn, norms[1], moe=moe))
         norm = read(names.NORM)
         lm_head = embed if cfg.tie_word_embeddings else read(names.LM_HEAD)
@@ -181,14 +222,17 @@ def read_model_config(path: str | Path) -> ModelConfig:
 
 
 def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                    placement: Placement | None = None, rank: int = 0) -> tuple[ModelConfig, ModelParams]:
+                    placement: Placement | None = None, rank: int = 0,
+                    fp8_experts: bool = False) -> tuple[ModelConfig, ModelParams]:
     """A Hugging Face DeepSeek-V3 / V2 / V2-Lite checkpoint folder -> (config, params) (module docstring);
-    with `placement`, MoE layers hold only `rank`'s local slots' experts."""
+    with `placement`, MoE layers hold only `rank`'s local slots' experts; fp8_experts keeps the routed experts
+    in block-scaled FP8 (load_params)."""
     root = Path(path)
     raw = read_config(root)
     cfg = read_model_config(root)
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", DEFAULT_BLOCK))
-    return cfg, load_params(root, cfg, dtype=dtype, device=device, placement=placement, rank=rank, block=block)
+    return cfg, load_params(root, cfg, dtype=dtype, device=device, placement=placement, rank=rank, block=block,
+                            fp8_experts=fp8_experts)
 
 
 def named_tensors(cfg: ModelConfig, params: ModelParams) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ checkpoint.py fills the same record from safetensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -78,3 +78,17 @@ def init_model_params(cfg: ModelConfig, dtype: torch.dtype = torch.float32, devi
     lm_head = embed if cfg.tie_word_embeddings else (_randn(gen, cfg.vocab_size, H) * H ** -0.5).to(
         device=device, dtype=dtype)
     return ModelParams(embed=embed, layers=tuple(layers), norm=norm, lm_head=lm_head)
+
+
+def with_fp8_experts(params: ModelParams) -> ModelParams:
+    """The same model with every MoE layer's routed experts block-quantised to FP8 (SwiGLUExpertsFP8, for
+    the FP8 expert backends); layers whose experts are FP8 already are kept."""
+    from nanomoe_fn.moe.fp8_params import quantize_experts
+    from nanomoe_fn.moe.params import SwiGLUExpertsFP8
+
+    def one(lay: DecoderParams) -> DecoderParams:
+        if lay.moe is None or isinstance(lay.moe.experts, SwiGLUExpertsFP8):
+            return lay
+        return replace(lay, moe=replace(lay.moe, experts=quantize_experts(lay.moe.experts)))
+
+    return replace(params, layers=tuple(one(lay) for lay in params.layers))

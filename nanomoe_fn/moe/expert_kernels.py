@@ -1,4 +1,4 @@
-"""`triton`, `deepgemm` and `triton_fp8` expert backends: adapters from ExpertBatch to the kernels in kernels/.
+"""`triton` and `deepgemm` expert backends: adapters from ExpertBatch to the bf16/fp16/fp32 kernels in kernels/.
 
 Dimension legend: P_local local experts, M rows (contiguous layout), C capacity (masked layout), H hidden,
 I intermediate, R token rows of a gathered batch.
@@ -6,10 +6,8 @@ Both take the batch's layout as is (contiguous rows + counts, or masked [P_local
 never sync with the host; rows past an expert's count are padding and stay unwritten (combine and
 to_contiguous never read them). A gathered batch (x [R, H] + index [M]) gives a contiguous [M, H]:
 triton loads the first GEMM's rows through the index, deepgemm's permute kernel reads through it.
-`triton_fp8` runs SwiGLUExpertsFP8 (DeepSeek-V3's 128 x 128 block-scaled float8_e4m3fn weights) through
-kernels/fused_moe_fp8.py: rows quantised per token and 128 channels, FP8 GEMMs, output in x's dtype; a
-gathered batch's R token rows are quantised once and read through the index. The other backends take
-bf16/fp16/fp32 records only (refuse_fp8).
+Both take bf16/fp16/fp32 records only (refuse_fp8); the FP8 backends (`triton_fp8`, `deepgemm_fp8`) are
+in expert_kernels_fp8.py.
 """
 
 from __future__ import annotations
@@ -20,9 +18,7 @@ import torch
 
 from nanomoe_fn.batch import ExpertBatch
 from nanomoe_fn.moe.config import MoEConfig
-from nanomoe_fn.moe.params import Experts, SwiGLUExperts, SwiGLUExpertsFP8, expert_tensors, refuse_fp8
-
-FP8_BLOCK = 128  # the kernels' scale block (DeepSeek-V3's), both ways
+from nanomoe_fn.moe.params import Experts, SwiGLUExperts, expert_tensors, refuse_fp8
 
 
 def _expert_type(experts: Experts) -> str:
@@ -88,36 +84,3 @@ def deepgemm_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
         return batch.with_x(deepgemm_moe_gathered(batch.x, batch.index, batch.counts, ws))
     return batch.with_x(deepgemm_moe_contiguous(batch.x, batch.counts, ws))
 
-
-def triton_fp8_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
-    """FP8 Triton kernels: SwiGLU experts with hidden and intermediate multiples of 128 (the scale block),
-    on a CUDA GPU with float8 tensor cores (sm_89+: Ada, Hopper, Blackwell) or the CPU interpreter."""
-    if cfg.expert_type != "swiglu":
-        return False, f"the FP8 Triton kernels implement SwiGLU experts, not {cfg.expert_type!r}"
-    if cfg.hidden % FP8_BLOCK or cfg.intermediate % FP8_BLOCK:
-        return False, (f"FP8 block scales need hidden ({cfg.hidden}) and intermediate ({cfg.intermediate}) to be "
-                       f"multiples of {FP8_BLOCK}")
-    ok, why = triton_supports(cfg, device)
-    if ok and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
-        return False, f"FP8 tensor cores need sm_89 or newer (Ada, Hopper, Blackwell), got sm_{major}{minor}"
-    return ok, why
-
-
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile
-def triton_fp8_run(experts: SwiGLUExpertsFP8, batch: ExpertBatch) -> ExpertBatch:
-    """Block-scaled FP8 grouped GEMMs (kernels/fused_moe_fp8.py) on an FP8 record; output in batch.x's dtype."""
-    from nanomoe_kernels import fused_moe_fp8 as f8
-
-    if not isinstance(experts, SwiGLUExpertsFP8):
-        raise TypeError(f"expert backend 'triton_fp8' runs SwiGLUExpertsFP8 (block-scaled FP8 weights), got "
-                        f"{type(experts).__name__}: quantize with nanomoe_fn.moe.fp8_params.quantize_experts")
-    if tuple(experts.block) != (FP8_BLOCK, FP8_BLOCK):
-        raise ValueError(f"expert backend 'triton_fp8' needs {FP8_BLOCK} x {FP8_BLOCK} scale blocks, got "
-                         f"experts.block={tuple(experts.block)}")
-    ws = (experts.w13, experts.w13_scale, experts.w2, experts.w2_scale)
-    if batch.layout == "masked":
-        return batch.with_x(f8.fused_moe_fp8_masked(batch.x, batch.counts, *ws))
-    if batch.layout == "gathered":
-        return batch.with_x(f8.fused_moe_fp8_gathered(batch.x, batch.index, batch.counts, *ws))
-    return batch.with_x(f8.fused_moe_fp8_contiguous(batch.x, batch.counts, *ws))

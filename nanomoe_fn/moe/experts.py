@@ -14,9 +14,13 @@ Backends, slowest first: `loop` (one GEMM pair per expert; the obviously right b
 GEMM per projection, the activation in bounded float32 chunks; one index_select back), `triton`
 (grouped-GEMM Triton kernels, SwiGLU fused; kernels/fused_moe.py) and `deepgemm` (DeepGEMM's
 m-grouped GEMMs; kernels/deepgemm.py). `supports(cfg, device)` says why one cannot run.
-`triton_fp8` (kernels/fused_moe_fp8.py) takes SwiGLUExpertsFP8 (block-scaled FP8 weights) and batch rows
-in bf16/fp16/fp32 and only those; every other backend takes bf16/fp16/fp32 records only (ExpertBackend.fp8
-says which, `_check` refuses the other kind by name).
+FP8 backends (moe/expert_kernels_fp8.py): `triton_fp8` (kernels/fused_moe_fp8.py), `deepgemm_fp8`
+(DeepGEMM's FP8 grouped GEMMs; kernels/deepgemm_fp8.py) and `triton_w8a16` (the FP8 weights with bf16/fp16
+rows never quantised; kernels/fused_moe_w8a16.py) take SwiGLUExpertsFP8 (block-scaled FP8 weights)
+and only those, with batch rows in bf16/fp16/fp32 (quantised per token and 128 channels inside) or already
+FP8 (batch.x float8_e4m3fn + batch.x_scale, from an FP8 dispatch; output bfloat16); every other backend
+takes bf16/fp16/fp32 records and rows only (ExpertBackend.fp8 says which, `_check` refuses the other kind
+by name).
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from nanomoe_kernels.activation import swiglu_act
 from nanomoe_fn.batch import ExpertBatch
 from nanomoe_fn.checks import FLOAT_DTYPES, INT_DTYPES, check_tensor, check_values, pick_backend
 from nanomoe_fn.moe.config import MoEConfig
-from nanomoe_fn.moe.expert_kernels import (
-    deepgemm_run,
-    deepgemm_supports,
+from nanomoe_fn.moe.expert_kernels import deepgemm_run, deepgemm_supports, triton_run, triton_supports
+from nanomoe_fn.moe.expert_kernels_fp8 import (
+    deepgemm_fp8_run,
+    deepgemm_fp8_supports,
     triton_fp8_run,
     triton_fp8_supports,
-    triton_run,
-    triton_supports,
+    triton_w8a16_run,
+    triton_w8a16_supports,
 )
 from nanomoe_fn.moe.params import (
     Experts,
@@ -71,8 +76,13 @@ def _check(experts: Experts | FP8Experts, batch: ExpertBatch, backend: str = "bm
         raise TypeError(f"batch must be an ExpertBatch (dispatch's output), got {type(batch).__name__}")
     ws = expert_tensors(experts)
     P, H = ws[0].shape[0], ws[0].shape[-1]
+    if batch.x_scale is not None and not fp8:
+        raise TypeError(f"batch.x holds FP8 rows (float8_e4m3fn with x_scale, from an FP8 dispatch): expert backend "
+                        f"{backend!r} runs bf16/fp16/fp32 rows; use an FP8 backend (triton_fp8, deepgemm_fp8) with "
+                        f"FP8 weights, or dispatch in bf16")
+    x_dtypes = FLOAT_DTYPES[:3] + (torch.float8_e4m3fn,) if fp8 else (ws[0].dtype,)
     x = check_tensor("batch.x", batch.x, dim=3 if batch.layout == "masked" else 2,
-                     dtypes=FLOAT_DTYPES[:3] if fp8 else (ws[0].dtype,), device=ws[0].device)
+                     dtypes=x_dtypes, device=ws[0].device)
     counts = check_tensor("batch.counts", batch.counts, dim=1, dtypes=INT_DTYPES, device=x.device)
     if counts.shape[0] != P:
         raise ValueError(f"batch.counts must have one entry per local expert ({P}), got {counts.shape[0]}")
@@ -236,6 +246,8 @@ EXPERT_BACKENDS: dict[str, ExpertBackend] = {
     "triton": ExpertBackend("triton", triton_supports, triton_run),
     "deepgemm": ExpertBackend("deepgemm", deepgemm_supports, deepgemm_run),
     "triton_fp8": ExpertBackend("triton_fp8", triton_fp8_supports, triton_fp8_run, fp8=True),
+    "deepgemm_fp8": ExpertBackend("deepgemm_fp8", deepgemm_fp8_supports, deepgemm_fp8_run, fp8=True),
+    "triton_w8a16": ExpertBackend("triton_w8a16", triton_w8a16_supports, triton_w8a16_run, fp8=True),
 }
 
 

@@ -23,7 +23,8 @@ from nanomoe_fn.comm.local import LocalComm
 from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.moe.config import MoEConfig
 from nanomoe_fn.moe.experts import expert_ffn, get_expert_backend
-from nanomoe_fn.moe.params import MoEParams, SharedMLP, check_params
+from nanomoe_fn.moe.param_checks import check_params
+from nanomoe_fn.moe.params import MoEParams, SharedMLP
 from nanomoe_fn.moe.route import route
 from nanomoe_fn.pipeline.program import Program, Stage
 from nanomoe_fn.pipeline.run import run

@@ -186,6 +186,17 @@ def _run_rank(rank: int, hidden: int, cases: list[dict], note, dev: torch.device
 
 def run_deepep_worker(rank: int, world_size: int, port: int, hidden: int, cases: list[dict], out_dir: str) -> None:
     """One rank: NCCL group on cuda:rank, all cases; saves out_rank{rank}.pt (errors: error_rank{rank}.txt)."""
+    _in_rank(rank, world_size, port, out_dir, lambda note, dev: _run_rank(rank, hidden, cases, note, dev))
+
+
+def run_deepep_fp8_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank of the FP8 low-latency test (its own processes: one low-latency Buffer per process)."""
+    _in_rank(rank, world_size, port, out_dir, lambda note, dev: _fp8_rank(rank, note, dev))
+
+
+def _in_rank(rank: int, world_size: int, port: int, out_dir: str, body) -> None:
+    """NCCL group on cuda:rank, results = body(note, device) saved to out_rank{rank}.pt, progress and errors
+    written beside it."""
     t0 = time.monotonic()
     progress = open(os.path.join(out_dir, f"progress_rank{rank}.txt"), "a", buffering=1)
 
@@ -199,7 +210,7 @@ def run_deepep_worker(rank: int, world_size: int, port: int, hidden: int, cases:
             extra["device_id"] = torch.device("cuda", rank)
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=120), **extra)
-        results = _run_rank(rank, hidden, cases, note, torch.device("cuda", rank))
+        results = body(note, torch.device("cuda", rank))
         torch.save(results, os.path.join(out_dir, f"out_rank{rank}.pt"))
         note("saved")
         dist.destroy_process_group()
@@ -222,9 +233,11 @@ def _tails(out_dir) -> str:
     return "\n".join(lines)
 
 
-def _spawn(hidden: int, cases: list[dict], out_dir) -> None:
-    ctx = mp.start_processes(run_deepep_worker, args=(W, free_port(), hidden, cases, str(out_dir)), nprocs=W,
-                             join=False, start_method="spawn")
+def _spawn(hidden: int | None, cases: list[dict], out_dir) -> None:
+    """Spawn the ranks: the layer cases for `hidden`, or (hidden None) the FP8 low-latency test."""
+    fn, args = ((run_deepep_fp8_worker, (W, free_port(), str(out_dir))) if hidden is None else
+                (run_deepep_worker, (W, free_port(), hidden, cases, str(out_dir))))
+    ctx = mp.start_processes(fn, args=args, nprocs=W, join=False, start_method="spawn")
     deadline = time.monotonic() + WALL_S
     try:
         while not ctx.join(timeout=5):
@@ -295,3 +308,124 @@ def test_deepep_layer_equals_reference_and_single_rank(hidden, tmp_path, monkeyp
             if torch.equal(got["replay1"], got["replay2"]):
                 failures.append(f"{tag}: both replays gave the same output for different inputs")
     assert not failures, f"{len(failures)} failures (tolerance {TOL[torch.bfloat16]:g}):\n" + "\n".join(failures)
+
+
+
+# ---- low-latency FP8 dispatch: DeepEP quantises on the way, the batch is FP8, combine stays bf16 ------------
+
+FP8_H, FP8_I, FP8_S, FP8_K, FP8_T = 7168, 256, 32, 8, 48
+FP8_BOUND, FP8_SAME = 5e-2, 2e-2  # vs float64; vs the layer quantising locally (DeepEP computes its scales with
+# its own arithmetic, so some values land one e4m3 step apart: 6.4e-3 and 1.18e-2 seen in runs 42 and 43)
+
+
+def fp8_rank_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s tokens bf16 [T, H] and routing (ids [T, k] int32, weights [T, k] float32), on the CPU."""
+    gen = torch.Generator().manual_seed(500 + rank)
+    x = torch.randn(FP8_T, FP8_H, generator=gen) * 4.0 ** torch.randn(FP8_T, 1, generator=gen)
+    ids = torch.rand(FP8_T, FP8_S, generator=gen).topk(FP8_K, dim=1).indices.to(torch.int32)
+    return x.to(torch.bfloat16), ids, torch.rand(FP8_T, FP8_K, generator=gen)
+
+
+def _fp8_layer(experts, routing, placement, comm, x: torch.Tensor) -> torch.Tensor:
+    """dispatch -> triton_fp8 experts -> combine."""
+    from nanomoe_fn import combine, dispatch
+    from nanomoe_fn.moe.experts import expert_ffn
+
+    batch, handle = dispatch(x, routing, comm, placement)
+    return combine(expert_ffn(experts, batch, "triton_fp8"), handle, comm)
+
+
+def _ffn64(w, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
+    """sum_j w[t, j] * FFN_{ids[t, j]}(x[t]) in float64 (unquantised x, dequantised weights)."""
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for e in range(w.w13.shape[0]):
+        t, j = torch.nonzero(ids == e, as_tuple=True)
+        h = x[t].double() @ w.w13[e].T
+        act = torch.nn.functional.silu(h[:, :FP8_I]) * h[:, FP8_I:]
+        out.index_add_(0, t, act @ w.w2[e].T * wts[t, j, None].double())
+    return out
+
+
+def _fp8_rank(rank: int, note, dev: torch.device) -> dict:
+    from nanomoe_fn import LocalComm, Placement, Routing, combine, dispatch
+    from nanomoe_fn.comm.deepep import DeepEPComm
+    from nanomoe_fn.moe.experts import expert_ffn
+    from nanomoe_fn.moe.fp8_params import dequantize_experts, quantize_experts
+    from nanomoe_fn.moe.params import SwiGLUExperts, SwiGLUExpertsFP8
+
+    gen = torch.Generator().manual_seed(78)
+    bf = SwiGLUExperts(torch.randn(FP8_S, 2 * FP8_I, FP8_H, generator=gen) * FP8_H ** -0.5,
+                       torch.randn(FP8_S, FP8_H, FP8_I, generator=gen) * FP8_I ** -0.5)
+    full = quantize_experts(pytree.tree_map(lambda t: t.to(dev), bf))
+    lo, hi = rank * FP8_S // W, (rank + 1) * FP8_S // W
+    local = SwiGLUExpertsFP8(full.w13[lo:hi], full.w13_scale[lo:hi], full.w2[lo:hi], full.w2_scale[lo:hi], full.block)
+    x, ids, wts = (t.to(dev) for t in fp8_rank_inputs(rank))
+    routing, placement = Routing(ids, wts), Placement.identity(FP8_S, W).to(dev)
+    note("building the FP8 low-latency comm")
+    comm = DeepEPComm("low_latency", hidden=FP8_H, num_slots=FP8_S, max_tokens=MAX_TOKENS, top_k=FP8_K,
+                      dispatch_dtype=torch.float8_e4m3fn)
+    batch, handle = dispatch(x, routing, comm, placement)
+    out: dict = {"layout": (batch.x.dtype, batch.x_scale.dtype, tuple(batch.x_scale.shape), batch.x_scale.stride())}
+    # each expert's valid rows, dequantised, against the tokens routed to it (any order): a bijection, every
+    # row within e4m3's rounding of its token
+    sent = [fp8_rank_inputs(r) for r in range(W)]
+    worst, bijective = 0.0, True
+    for e in range(hi - lo):
+        n = int(batch.counts[e])
+        got = batch.x[e, :n].float() * batch.x_scale[e, :n].repeat_interleave(128, -1)
+        want = torch.cat([xr[(ir == lo + e).any(1)] for xr, ir, _ in sent]).to(dev).float()
+        if n != want.shape[0]:
+            bijective = False
+        elif n:
+            match = torch.cdist(got, want).argmin(1)
+            bijective &= bool(torch.equal(match.sort().values, torch.arange(n, device=dev)))
+            worst = max(worst, float(((got - want[match]).norm(dim=1) / want[match].norm(dim=1)).max()))
+    out["rows"] = (bijective, worst)
+    out["layer"] = combine(expert_ffn(local, batch, "triton_fp8"), handle, comm).cpu()
+    out["local"] = _fp8_layer(full, routing, Placement.identity(FP8_S, 1).to(dev), LocalComm(), x).cpu()
+    out["ref"] = _ffn64(dequantize_experts(full, torch.float64), x, ids, wts).cpu()
+    note("cuda graph of the FP8 low-latency layer")
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _fp8_layer(local, routing, placement, comm, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        static_out = _fp8_layer(local, routing, placement, comm, static_x)
+    static_x.copy_(x * -0.5)
+    graph.replay()
+    out["graph"] = static_out.clone().cpu()
+    torch.cuda.synchronize()
+    out["graph_eager"] = _fp8_layer(local, routing, placement, comm, x * -0.5).cpu()
+    torch.cuda.synchronize()
+    note("closing")
+    comm.close()
+    return out
+
+
+def test_deepep_low_latency_fp8_dispatch(tmp_path, monkeypatch):
+    """use_fp8 low-latency dispatch: an FP8 masked batch (fp8 rows, DeepEP's column-major float32 scales),
+    rows within e4m3 rounding of the routed tokens; the layer (-> triton_fp8 -> bf16 combine) equals the
+    layer that quantises locally up to DeepEP's scale rounding, is within the FP8 bound of float64, and
+    replays in a CUDA graph."""
+    for name, value in NO_MULTICAST.items():
+        monkeypatch.setenv(name, value)
+    _spawn(None, [], tmp_path)
+    C = W * MAX_TOKENS
+    for rank in range(W):
+        got = torch.load(tmp_path / f"out_rank{rank}.pt")
+        assert got["layout"] == (torch.float8_e4m3fn, torch.float32, (FP8_S // W, C, FP8_H // 128),
+                                 (C * FP8_H // 128, 1, C)), got["layout"]
+        bijective, worst = got["rows"]
+        assert bijective and worst <= 2**-4, f"rank {rank}: rows {got['rows']}"
+        assert got["layer"].dtype == torch.bfloat16 and got["layer"].shape == (FP8_T, FP8_H)
+        rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
+        vs_ref, vs_local = rel(got["layer"], got["ref"]), rel(got["layer"], got["local"])
+        print(f"rank {rank}: FP8 layer vs float64 {vs_ref:.4g}, vs the locally quantised layer {vs_local:.4g}")
+        assert vs_ref < FP8_BOUND, f"rank {rank}: {vs_ref:.3g} from float64"
+        assert vs_local < FP8_SAME, f"rank {rank}: {vs_local:.3g} from the layer quantising locally"
+        assert torch.equal(got["graph"], got["graph_eager"]), f"rank {rank}: graph replay != eager"
