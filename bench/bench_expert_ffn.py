@@ -117,7 +117,7 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
         # (2x bf16's when none was measured); their error is the scheme's own (activations quantised)
         nbytes = wbytes * (1 + 4 / 128 ** 2) / weights[0].element_size() if fp8 else wbytes
         fp8_mma = fp8 and name != "triton_w8a16"  # W8A16 multiplies in bf16
-        rate = ceilings.get("fp8_tflops") or 2 * ceilings["bf16_tflops"] if fp8_mma else ceilings["bf16_tflops"]
+        rate = (ceilings.get("fp8_tflops") or 2 * ceilings["bf16_tflops"]) if fp8_mma else ceilings["bf16_tflops"]
         floor = max(nbytes / (ceilings["hbm_gbps"] * 1e9), flops / (rate * 1e12))
         r = {"case": case, "variant": name, "median_us": round(ms * 1e3, 1), "gbps": round(nbytes / sec / 1e9, 1),
              "tflops": round(flops / sec / 1e12, 2), "roofline": round(floor / sec, 3),

@@ -34,9 +34,9 @@ from nanomoe_kernels.moe_permute import permute_rows, silu_mul, unpermute_sum
 _BAD_VERSIONS = ("0.1.5", "0.1.6", "0.1.7", "0.2.0", "0.2.1", "0.2.2")
 
 
-@functools.cache
-def _deep_gemm() -> tuple[object | None, str]:
-    """(module, "") or (None, why it is unavailable); imported once."""
+def probe_deep_gemm(fns: tuple[str, ...]) -> tuple[object | None, str]:
+    """(module, "") when `deep_gemm` imports, is not a known-bad version and has every function in `fns`,
+    else (None, why). Uncached: each adapter caches its own answer."""
     try:
         import deep_gemm
     except Exception as err:  # ImportError, or its JIT/runtime failing to initialise
@@ -44,10 +44,23 @@ def _deep_gemm() -> tuple[object | None, str]:
     version = getattr(deep_gemm, "__version__", "unknown")
     if version.startswith(_BAD_VERSIONS):
         return None, f"deep_gemm {version} is known to misread tensors here; use sgl-deep-gemm 0.1.4.post1"
-    for fn in ("m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked"):
+    for fn in fns:
         if not hasattr(deep_gemm, fn):
             return None, f"deep_gemm {version} has no {fn}"
     return deep_gemm, ""
+
+
+def contiguous_alignment(dg: object) -> int:
+    """DeepGEMM's row alignment per group in the contiguous layout (128 on Hopper), asked from the module."""
+    get = getattr(dg, "get_mk_alignment_for_contiguous_layout", None) or \
+        getattr(dg, "get_m_alignment_for_contiguous_layout", None)
+    return int(get()) if get is not None else 128
+
+
+@functools.cache
+def _deep_gemm() -> tuple[object | None, str]:
+    """(module, "") or (None, why its bf16 grouped GEMMs are unavailable); imported once."""
+    return probe_deep_gemm(("m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked"))
 
 
 def supports(x: torch.Tensor | None = None,
@@ -89,9 +102,7 @@ def alignment() -> int:
     dg, why = _deep_gemm()
     if dg is None:
         raise ValueError(f"deepgemm backend cannot run: {why}")
-    get = getattr(dg, "get_mk_alignment_for_contiguous_layout", None) or \
-        getattr(dg, "get_m_alignment_for_contiguous_layout", None)
-    return int(get()) if get is not None else 128
+    return contiguous_alignment(dg)
 
 
 def deepgemm_grouped_ffn(a: torch.Tensor, m_indices: torch.Tensor, w13: torch.Tensor,

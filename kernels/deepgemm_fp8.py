@@ -36,9 +36,9 @@ import functools
 
 import torch
 from nanomoe_kernels.checks import check_routing, check_values
-from nanomoe_kernels.deepgemm import _BAD_VERSIONS
-from nanomoe_kernels.fp8_glue import FP8, GROUP, pack_masked_fp8, permute_fp8_rows, silu_mul_quant
-from nanomoe_kernels.fused_moe_fp8 import _check_fp8_weights, quant_rows
+from nanomoe_kernels.deepgemm import contiguous_alignment, probe_deep_gemm
+from nanomoe_kernels.fp8_glue import FP8, pack_masked_fp8, permute_fp8_rows, silu_mul_quant
+from nanomoe_kernels.fused_moe_fp8 import _check_fp8_weights, check_rows, quant_rows
 from nanomoe_kernels.moe_align import Alignment, moe_align, moe_align_contiguous
 from nanomoe_kernels.moe_permute import FLOAT_DTYPES, unpermute_sum
 
@@ -48,17 +48,7 @@ FP8_FNS = ("m_grouped_fp8_gemm_nt_contiguous", "fp8_m_grouped_gemm_nt_masked")
 @functools.cache
 def _deep_gemm_fp8() -> tuple[object | None, str]:
     """(module, "") or (None, why its FP8 grouped GEMMs are unavailable); imported once."""
-    try:
-        import deep_gemm
-    except Exception as err:  # ImportError, or its JIT/runtime failing to initialise
-        return None, f"deep_gemm is not importable ({type(err).__name__}: {err}); pip install sgl-deep-gemm"
-    version = getattr(deep_gemm, "__version__", "unknown")
-    if version.startswith(_BAD_VERSIONS):
-        return None, f"deep_gemm {version} is known to misread tensors here; use sgl-deep-gemm 0.1.4.post1"
-    for fn in FP8_FNS:
-        if not hasattr(deep_gemm, fn):
-            return None, f"deep_gemm {version} has no {fn}"
-    return deep_gemm, ""
+    return probe_deep_gemm(FP8_FNS)
 
 
 def supports_fp8(x: torch.Tensor | None = None,
@@ -104,30 +94,7 @@ def alignment_fp8() -> int:
     dg, why = _deep_gemm_fp8()
     if dg is None:
         raise ValueError(f"deepgemm_fp8 backend cannot run: {why}")
-    get = getattr(dg, "get_mk_alignment_for_contiguous_layout", None) or \
-        getattr(dg, "get_m_alignment_for_contiguous_layout", None)
-    return int(get()) if get is not None else 128
-
-
-def _check_rows(name: str, rows: object, dim: int, rows_scale: object) -> torch.Tensor:
-    """rows [.., H] bf16/fp16/fp32 (rows_scale None), or float8_e4m3fn with rows_scale float32 [.., HG]."""
-    if not isinstance(rows, torch.Tensor) or rows.dim() != dim:
-        raise ValueError(f"{name} must be a {dim}-dim tensor, got {getattr(rows, 'shape', type(rows).__name__)}")
-    if rows.dtype not in (*FLOAT_DTYPES, FP8):
-        raise TypeError(f"{name} must be bfloat16/float16/float32 or float8_e4m3fn, got {rows.dtype}")
-    if rows.dtype != FP8:
-        if rows_scale is not None:
-            raise ValueError(f"rows_scale is for float8_e4m3fn {name} only (pre-quantised rows), got {rows.dtype}")
-        return rows
-    want = (*rows.shape[:-1], rows.shape[-1] // GROUP)
-    if not isinstance(rows_scale, torch.Tensor) or rows_scale.dtype != torch.float32 or \
-            tuple(rows_scale.shape) != want or rows_scale.device != rows.device:
-        raise ValueError(f"float8_e4m3fn {name} need rows_scale float32 {list(want)} on {rows.device} (one scale "
-                         f"per row and {GROUP} channels), got {getattr(rows_scale, 'dtype', rows_scale)} "
-                         f"{tuple(getattr(rows_scale, 'shape', ()))}")
-    if rows.numel() and rows.stride(-1) != 1:
-        raise ValueError(f"float8_e4m3fn {name} must have unit stride in the last dim, got {rows.stride()}")
-    return rows
+    return contiguous_alignment(dg)
 
 
 def _out(y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -186,7 +153,7 @@ def deepgemm_fp8_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
 def _batch_ffn(rows: torch.Tensor, rows_scale: torch.Tensor | None, index: torch.Tensor | None, N: int,
                counts: torch.Tensor, weights: tuple[torch.Tensor, ...], validate: bool) -> torch.Tensor:
     """[N, H], batch row i = expert(rows[i]) (rows[index[i]] with an index); see the two callers."""
-    _check_rows("rows", rows, 2, rows_scale)
+    check_rows("rows", rows, 2, rows_scale)
     E, _ = _check_fp8_weights(*weights, rows, rows.shape[1])
     if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.shape[0] != E:
         raise ValueError(f"counts must be [E={E}], got {getattr(counts, 'shape', counts)}")
@@ -234,7 +201,7 @@ def deepgemm_fp8_moe_masked(x: torch.Tensor, counts: torch.Tensor, w13_q: torch.
     x bf16/fp16/fp32 (quantised here) or float8_e4m3fn with rows_scale [E, cap, HG] (output bfloat16).
     expected_m: typical rows per expert (default cap), DeepGEMM's tile hint. Counts are clamped to [0, cap]."""
     weights = (w13_q, w13_scale, w2_q, w2_scale)
-    _check_rows("x", x, 3, rows_scale)
+    check_rows("x", x, 3, rows_scale)
     E, cap, H = x.shape
     E_w, _ = _check_fp8_weights(*weights, x, H)
     if E_w != E or not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (E,):

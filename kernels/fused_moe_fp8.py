@@ -125,7 +125,7 @@ def check_rows(name: str, rows: object, dim: int, rows_scale: object) -> torch.T
     float32 [.., H/128] beside it (any strides; unit stride in the last dim of rows)."""
     if not isinstance(rows, torch.Tensor) or rows.dtype != FP8:
         if rows_scale is not None:
-            raise ValueError(f"{name}_scale is for float8_e4m3fn {name} only (pre-quantised rows), got {name} "
+            raise ValueError(f"rows_scale is for float8_e4m3fn {name} only (pre-quantised rows), got {name} "
                              f"{getattr(rows, 'dtype', type(rows).__name__)}")
         return _check_x(name, rows, dim)
     if rows.dim() != dim or rows.stride(-1) != 1:
@@ -134,7 +134,7 @@ def check_rows(name: str, rows: object, dim: int, rows_scale: object) -> torch.T
     want = (*rows.shape[:-1], rows.shape[-1] // GROUP)
     if not isinstance(rows_scale, torch.Tensor) or rows_scale.dtype != torch.float32 or \
             tuple(rows_scale.shape) != want or rows_scale.device != rows.device:
-        raise ValueError(f"float8_e4m3fn {name} need {name}_scale float32 {list(want)} on {rows.device} (one "
+        raise ValueError(f"float8_e4m3fn {name} need rows_scale float32 {list(want)} on {rows.device} (one "
                          f"scale per row and {GROUP} channels), got {getattr(rows_scale, 'dtype', rows_scale)} "
                          f"{tuple(getattr(rows_scale, 'shape', ()))}")
     if rows.device.type != "cuda" and not runs_interpreted():

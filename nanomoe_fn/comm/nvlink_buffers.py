@@ -60,8 +60,9 @@ def buffer_shapes(W: int, t_max: int, hidden: int, top_k: int, P_local: int, dty
 
 def map_symmetric(shapes: dict, group: Any, rank: int, W: int, device: torch.device) -> tuple[list, dict]:
     """Allocate each buffer in symmetric memory (zeroed) and map every rank's copy: (rendezvous handles,
-    here)}). A collective: every rank calls it with the same shapes. uint8 buffers (packed FP8 rows) must lie
-    a multiple of 16 bytes from their peers' (ep_nvlink's put kernel stores 16-byte vectors there)."""
+    {name: (this rank's buffer, delta [W] int64: element offsets to each rank's copy)}). A collective: every
+    rank calls it with the same shapes. uint8 buffers (packed FP8 rows) must lie a multiple of 16 bytes from
+    their peers' (ep_nvlink's put kernel stores 16-byte vectors there)."""
     import torch.distributed._symmetric_memory as symm_mem
 
     local = {n: symm_mem.empty(*s, dtype=dt, device=device).zero_() for n, (s, dt) in shapes.items()}
