@@ -8,14 +8,15 @@ k experts per token, W ranks, P_local = E / W slots per rank.
 
 Cases: `headline` = DeepSeek-V3 decode (128 tokens/rank) and prefill (4096) at H 7168, top-8 of 256;
 `table` = the five rows of the public dispatch/combine table (ANCHORS.md); `default` = both; `quick`
-= small CPU cases. Routing is uniform random top-k. Variants (`--variants`): `torch`, `torch_fixed`
-(decode cases), `nvlink` (mode decode / prefill by phase), `deepep` (normal), `deepep_ll` (low
-latency, decode cases), `nvlink_fp8` / `deepep_ll_fp8` (those comms with FP8 dispatch: e4m3 rows plus
-their float32 scales per 128 channels; combine in bf16), the baseline `nccl_a2a` (`gloo_a2a` on gloo:
-one all_to_all_single of the same (token, k) pair rows, splits known in advance), and on request the
-raw DeepEP peers `deepep_raw` / `deepep_ll_raw` (bench/deepep_peer.py). A variant runs where
-`supports_comm` says it can (else it is listed under "skipped" with the reason); a variant whose build,
-check or timing fails is listed under "failed" and the exit code is non-zero.
+= small CPU cases. Routing is uniform random top-k. Variants (`--variants`): `torch` (decode cases: its
+decode mode, TorchComm(max_tokens=T), fixed blocks and no host read; prefill: exact splits), `torch_exact`
+(exact splits at every size), `torch_fixed` (decode cases), `nvlink` (mode decode / prefill by phase),
+`deepep` (normal), `deepep_ll` (low latency, decode cases), `nvlink_fp8` / `deepep_ll_fp8` (those comms
+with FP8 dispatch: e4m3 rows plus their float32 scales per 128 channels; combine in bf16), the baseline
+`nccl_a2a` (`gloo_a2a` on gloo: one all_to_all_single of the same (token, k) pair rows, splits known in
+advance), and on request the raw DeepEP peers `deepep_raw` / `deepep_ll_raw` (bench/deepep_peer.py). A
+variant runs where `supports_comm` says it can (else it is listed under "skipped" with the reason); a
+variant whose build, check or timing fails is listed under "failed" and the exit code is non-zero.
 
 Each rank checks every variant first: dispatch then combine with an identity expert returns
 sum_k(w) * x, and the per-expert counts equal the pairs this rank's experts must receive (from all
@@ -23,7 +24,10 @@ ranks' routing); FP8 variants: sum_k(w) * dequant(quant(x)) (x quantised here pe
 1e-2 relative, norm-wise (DeepEP rounds its scales its own way). Timing: each iteration (after a
 barrier) calls dispatch then combine, CUDA events around each; reported is the slowest rank's median
 (the start-up skew the barrier leaves between ranks counts: the rank that starts first waits for its
-peers). On GPUs the same calls are also timed back to back, no barrier between iterations
+peers). The barrier (`--barrier`): `host` (default on GPUs) is dist.barrier, a device sync, then a
+shared-memory host barrier (bench/common.HostBarrier) that releases the ranks within microseconds of each
+other; `dist` is dist.barrier alone, whose release skew between our hosts (100-200 us) is then counted
+in every call. On GPUs the same calls are also timed back to back, no barrier between iterations
 (b2b_dispatch_us, b2b_combine_us, b2b_gbps): the steady state of a layer loop, ranks in lockstep, host
 time between the calls still counted. Between dispatch and combine, untimed, the identity experts: a
 gathered batch (nvlink prefill, torch) is materialised into batch-row order, as an expert backend's
@@ -45,6 +49,7 @@ import os
 import statistics
 import sys
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,6 +60,7 @@ import torch.distributed as dist  # noqa: E402
 from bench import deepep_peer  # noqa: E402
 from bench.common import (  # noqa: E402
     DTYPES,
+    HostBarrier,
     all_ranks_ok,
     capture_graph,
     ranks_errors,
@@ -76,7 +82,7 @@ TABLE = [("decode", 8, 2, 6144, 16), ("decode", 64, 6, 2048, 32), ("decode", 128
 CASES = HEADLINE + TABLE
 QUICK = [("decode", 256, 8, 512, 32), ("prefill", 256, 8, 512, 512), ("decode", 64, 6, 256, 32)]
 CASE_SETS = {"default": CASES, "headline": HEADLINE, "table": TABLE, "quick": QUICK}
-COMMS = ["torch", "torch_fixed", "nvlink", "deepep", "deepep_ll", "nvlink_fp8", "deepep_ll_fp8"]
+COMMS = ["torch", "torch_exact", "torch_fixed", "nvlink", "deepep", "deepep_ll", "nvlink_fp8", "deepep_ll_fp8"]
 VARIANTS = [*COMMS, "nccl_a2a"]
 SYNC_FREE = ("torch_fixed", "deepep_ll", "deepep_ll_fp8")  # + nvlink(_fp8) in decode mode: CUDA-graph capturable
 DECODE_ONLY = ("torch_fixed", "deepep_ll", "deepep_ll_raw", "deepep_ll_fp8")
@@ -92,8 +98,9 @@ def _routing(T: int, E: int, k: int, device: torch.device, seed: int) -> Routing
 def comm_spec(variant: str, case: tuple, dtype: torch.dtype, timeout_s: float) -> tuple[str, dict]:
     """(registry name, constructor options) of a comm variant for a case."""
     phase, E, k, H, T = case
-    if variant == "torch":
-        return "torch", {"timeout_s": timeout_s}
+    if variant in ("torch", "torch_exact"):  # torch at decode: its decode mode (fixed blocks, no host read)
+        decode = variant == "torch" and phase == "decode"
+        return "torch", {"timeout_s": timeout_s, **({"max_tokens": T} if decode else {})}
     if variant == "torch_fixed":
         return "torch_fixed", {"max_tokens": T, "timeout_s": timeout_s}
     sizes = {"max_tokens": T, "hidden": H, "top_k": k, "num_slots": E, "dtype": dtype, "timeout_s": timeout_s}
@@ -120,8 +127,9 @@ def dequant_batch(batch: ExpertBatch) -> ExpertBatch:
 class _Run:
     """One rank's state for one case: inputs, the expected answers, and what was recorded."""
 
-    def __init__(self, case: tuple, rank: int, W: int, device: torch.device, args: argparse.Namespace) -> None:
-        self.case, self.rank, self.W, self.device, self.args = case, rank, W, device, args
+    def __init__(self, case: tuple, rank: int, W: int, device: torch.device, args: argparse.Namespace,
+                 barrier: Callable[[], None]) -> None:
+        self.case, self.rank, self.W, self.device, self.args, self.barrier = case, rank, W, device, args, barrier
         phase, E, k, H, T = case
         self.dtype = DTYPES[args.dtype]
         self.placement = Placement.identity(E, W).to(device)
@@ -296,12 +304,15 @@ def _comm_variant(run: _Run, variant: str) -> None:
             state["y"] = dequant_batch(state["bh"][0])  # FP8 rows: dequantised to bf16 too
 
         c = lambda: combine(state["y"], state["bh"][1], comm)  # noqa: E731
-        t = time_pair(d, c, run.device, run.args.warmup, run.args.iters, dist.barrier, middle=identity_experts)
+        t = time_pair(d, c, run.device, run.args.warmup, run.args.iters, run.barrier, middle=identity_experts)
         extra = {"mode": opts["mode"]} if "mode" in opts else {}
+        if name == "torch":
+            extra["mode"] = "decode" if "max_tokens" in opts else "exact"
         if run.device.type == "cuda":
             extra.update(run.b2b_fields(time_back_to_back(d, c, run.device, run.args.warmup, run.args.iters,
                                                           dist.barrier, middle=identity_experts), variant))
-        graphable = variant in SYNC_FREE or (name == "nvlink" and opts["mode"] == "decode")
+        graphable = variant in SYNC_FREE or (name == "nvlink" and opts["mode"] == "decode") or (
+            name == "torch" and "max_tokens" in opts)
         if graphable and run.device.type == "cuda" and not run.args.no_graph:
             extra.update(_graph_fields(run, comm, variant))
         run.add_row(variant, [v[0] for v in t], [v[1] for v in t], extra)
@@ -322,7 +333,7 @@ def _a2a_variant(run: _Run, variant: str) -> None:
     recv = send.new_empty((int(recv_splits.sum()), H))
     ss, rs = send_splits.tolist(), recv_splits.tolist()
     a2a = lambda: dist.all_to_all_single(recv, send, rs, ss)  # noqa: E731
-    t = time_pair(a2a, None, run.device, run.args.warmup, run.args.iters, dist.barrier)
+    t = time_pair(a2a, None, run.device, run.args.warmup, run.args.iters, run.barrier)
     extra = {}
     if run.device.type == "cuda":
         extra = run.b2b_fields(time_back_to_back(a2a, None, run.device, run.args.warmup, run.args.iters, dist.barrier),
@@ -347,8 +358,9 @@ def _peer_variant(run: _Run, variant: str) -> None:
     run.add_row(variant, [v[0] for v in t[0]], [v[1] for v in t[0]], run.b2b_fields(t[1], variant))
 
 
-def _one_case(case: tuple, rank: int, W: int, device: torch.device, args: argparse.Namespace) -> _Run:
-    run = _Run(case, rank, W, device, args)
+def _one_case(case: tuple, rank: int, W: int, device: torch.device, args: argparse.Namespace,
+              barrier: Callable[[], None]) -> _Run:
+    run = _Run(case, rank, W, device, args, barrier)
     if rank == 0:
         phase, E, k, H, T = case
         print(f"{phase} E={E} k={k} H={H} T={T}: {run.token_rows} token rows / {run.pair_rows} pairs to rank 0")
@@ -379,16 +391,21 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // W))
     dist.init_process_group(args.backend, rank=rank, world_size=W, timeout=timedelta(seconds=args.timeout),
                             **({"device_id": device} if device.type == "cuda" else {}))
+    host = args.barrier == "host" and device.type == "cuda"
+    barrier = HostBarrier(rank, W, os.environ.get("MASTER_PORT", "0"), device) if host else dist.barrier
     try:
-        runs = [_one_case(case, rank, W, device, args) for case in CASE_SETS[args.cases]]
+        runs = [_one_case(case, rank, W, device, args, barrier) for case in CASE_SETS[args.cases]]
         rows = [r for run in runs for r in run.rows]
         failed = [f for run in runs for f in run.failed]
         if rank == 0:
             _print_table(rows)
             if args.json:
                 write_record(args.json, "dispatch", device, W, {}, rows,
-                             {"skipped": [s for run in runs for s in run.skipped], "failed": failed})
+                             {"skipped": [s for run in runs for s in run.skipped], "failed": failed,
+                              "per_call_barrier": "host" if host else "dist"})
         any_failed = not all_ranks_ok(not failed, device)
+        if host:
+            barrier.close()
     finally:
         dist.destroy_process_group()
     if any_failed:
@@ -422,6 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="all",
                    help=f"comma list of {VARIANTS + list(deepep_peer.VARIANTS)}; all = {','.join(VARIANTS)}")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--barrier", default="host", choices=["host", "dist"],
+                   help="per-call rows: dist.barrier then a shared-memory host barrier that releases the ranks "
+                        "together (host, GPUs), or dist.barrier alone (dist: the ranks' release skew counts)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)

@@ -12,12 +12,13 @@ each rank checks its EP output against the same layer run on one rank with all e
 `--mode both` checks the modes agree). Reported time per mode: the median over iterations of the
 slowest rank's time (CUDA events on GPUs, after a barrier).
 
---comm (a comma list runs each in turn): torch (exact splits, a host sync), torch_fixed (fixed
+--comm (a comma list runs each in turn): torch (exact splits, a host sync), torch_decode (the torch comm's
+decode mode, TorchComm(max_tokens): fixed token-row blocks, no host sync), torch_fixed (fixed
 blocks, no host sync), nvlink (ours; --comm-mode decode = masked, sync-free, or prefill; auto =
 decode up to 256 tokens/rank), deepep (DeepEP normal mode), deepep_ll (DeepEP low latency, masked,
 sync-free). --cuda-graph times CUDA-graph replays of the whole layer for the sync-free comms
-(torch_fixed, nvlink decode, deepep_ll) with the sync-free expert backends (triton, deepgemm, and
-bmm on their masked batches); `loop` reads counts on the host and is timed eagerly under `--mode
+(torch_decode, torch_fixed, nvlink decode, deepep_ll) with the sync-free expert backends (triton, deepgemm,
+and bmm on their masked batches); `loop` reads counts on the host and is timed eagerly under `--mode
 both/all`; other combinations are refused. On CUDA the parameters are drawn on the device (same
 seed -> same weights on every rank), so DeepSeek-V3 sizes start in seconds.
 
@@ -69,7 +70,7 @@ from nanomoe_fn.comm.launch import check_port, check_world_size, spawn_error_lin
 from nanomoe_fn.moe.params import GateParams, LinearExperts, MoEParams, SharedMLP, SwiGLUExperts  # noqa: E402
 from nanomoe_fn.profiling import cuda_profiler, nvtx_range  # noqa: E402
 
-COMMS = ("torch", "torch_fixed", "nvlink", "deepep", "deepep_ll")
+COMMS = ("torch", "torch_decode", "torch_fixed", "nvlink", "deepep", "deepep_ll")
 GPU_COMMS = ("nvlink", "deepep", "deepep_ll")
 GRAPH_BACKENDS = ("triton", "deepgemm", "bmm")  # bmm only on a masked batch, which every sync-free comm gives
 
@@ -83,7 +84,8 @@ def comm_mode(comm: str, args: argparse.Namespace) -> str | None:
 
 def sync_free(comm: str, args: argparse.Namespace) -> bool:
     """Whether the comm's dispatch/combine never read device data on the host (CUDA-graph capturable)."""
-    return comm in ("torch_fixed", "deepep_ll") or (comm == "nvlink" and comm_mode(comm, args) == "decode")
+    return comm in ("torch_decode", "torch_fixed", "deepep_ll") or (
+        comm == "nvlink" and comm_mode(comm, args) == "decode")
 
 
 def comm_options(comm: str, args: argparse.Namespace, cfg: object, placement: Placement,
@@ -92,6 +94,8 @@ def comm_options(comm: str, args: argparse.Namespace, cfg: object, placement: Pl
     T_max = max(1, args.max_num_tokens or args.batch_size)
     if comm == "torch":
         return "torch", {"timeout_s": args.timeout}
+    if comm == "torch_decode":
+        return "torch", {"max_tokens": T_max, "timeout_s": args.timeout}
     if comm == "torch_fixed":  # sized for the largest batch: can never overflow
         return "torch_fixed", {"max_tokens": T_max, "timeout_s": args.timeout}
     opts = {"max_tokens": T_max, "hidden": cfg.hidden, "top_k": cfg.top_k, "num_slots": placement.num_physical,
@@ -269,15 +273,16 @@ def check_comm_flags(args: argparse.Namespace) -> None:
     if bad or not args.comm:
         raise UsageError(f"--comm: unknown {bad}; choose from {list(COMMS)} (a comma list runs each)")
     for c in args.comm:
-        name = "deepep" if c.startswith("deepep") else c
+        name = "deepep" if c.startswith("deepep") else ("torch" if c == "torch_decode" else c)
         if c in GPU_COMMS and args.backend != "nccl":
             raise UsageError(f"--comm {c} needs CUDA GPUs with --backend nccl (this is --backend {args.backend})")
-        masked = c in ("torch_fixed", "deepep_ll") or (c == "nvlink" and comm_mode(c, args) == "decode")
+        masked = c in ("torch_decode", "torch_fixed", "deepep_ll") or (c == "nvlink" and comm_mode(c, args) == "decode")
         if masked and args.tokens_per_expert is not None:
             raise UsageError(f"--tokens-per-expert does not apply to --comm {c}: it delivers the masked "
                              "[E_local, W * max-num-tokens, H] layout itself")
         if args.cuda_graph and not sync_free(c, args):
-            raise UsageError(f"--cuda-graph needs a sync-free comm (torch_fixed, nvlink in decode mode, deepep_ll); "
+            raise UsageError(f"--cuda-graph needs a sync-free comm (torch_decode, torch_fixed, nvlink in decode mode, "
+                             f"deepep_ll); "
                              f"--comm {c}{' (' + str(comm_mode(c, args)) + ')' if comm_mode(c, args) else ''} "
                              "reads counts on the host")
         if name not in COMM_BACKENDS:
@@ -299,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="nccl", choices=["nccl", "gloo"])
     parser.add_argument("--master-port", type=int, default=None, help="default: a free port")
     parser.add_argument("--comm", default="torch",
-                        help=f"one of {list(COMMS)} or a comma list; torch: exact splits (a host sync); torch_fixed: "
-                             "fixed-size blocks for --max-num-tokens (default --batch-size) tokens per rank, no host "
-                             "sync, masked layout (no --tokens-per-expert); nvlink / deepep / deepep_ll need GPUs")
+                        help=f"one of {list(COMMS)} or a comma list; torch: exact splits (a host sync); torch_decode "
+                             "and torch_fixed: fixed-size blocks for --max-num-tokens (default --batch-size) tokens "
+                             "per rank, no host sync, masked layout (no --tokens-per-expert); nvlink / deepep / "
+                             "deepep_ll need GPUs")
     parser.add_argument("--comm-mode", default="auto", choices=["auto", "decode", "prefill"],
                         help="nvlink's mode; auto = decode up to 256 tokens/rank, else prefill")
     parser.add_argument("--cuda-graph", action="store_true",

@@ -165,6 +165,46 @@ def _warm(first: Callable[[], object], middle: Callable[[], object] | None, seco
             second()
 
 
+class HostBarrier:
+    """dist.barrier, then the ranks' hosts released together: each rank writes its round number into its slot
+    of a file in shared memory (/dev/shm) and spins until every slot has it, so ranks leave within about one
+    poll of each other (microseconds). dist.barrier alone (a collective plus a device sync on NCCL) lets the
+    hosts of our GPU machines leave 100-200 us apart, and a per-call timing would count that skew as comm
+    time. One host only (every bench here spawns its ranks on one host); key: a value all ranks share (the
+    rendezvous port)."""
+
+    def __init__(self, rank: int, world_size: int, key: str, device: torch.device, timeout_s: float = 120.0) -> None:
+        import numpy as np
+        import torch.distributed as dist
+
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else os.path.join(os.path.sep, "tmp")
+        self.path = os.path.join(root, f"nanomoe_barrier_{key}_{world_size}")
+        if rank == 0:
+            np.zeros(world_size, dtype=np.int64).tofile(self.path)
+        dist.barrier()
+        self.slots = np.memmap(self.path, dtype=np.int64, mode="r+", shape=(world_size,))
+        self.rank, self.round, self.device, self.timeout_s = rank, 0, device, timeout_s
+        self._dist = dist
+
+    def __call__(self) -> None:
+        """Wait for every rank (dist.barrier and a device sync), then leave together."""
+        self._dist.barrier()
+        sync(self.device)
+        self.round += 1
+        self.slots[self.rank] = self.round
+        deadline = time.monotonic() + self.timeout_s
+        while int(self.slots.min()) < self.round:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.rank}: HostBarrier round {self.round} timed out after "
+                                   f"{self.timeout_s:g}s (slots {self.slots.tolist()})")
+
+    def close(self) -> None:
+        """Drop the shared file (rank 0, after every rank is done with it)."""
+        self._dist.barrier()
+        if self.rank == 0 and os.path.exists(self.path):
+            os.remove(self.path)
+
+
 def time_back_to_back(first: Callable[[], object], second: Callable[[], object] | None, device: torch.device,
                       warmup: int, iters: int, barrier: Callable[[], None] | None = None,
                       middle: Callable[[], object] | None = None) -> list[tuple[float, float]]:

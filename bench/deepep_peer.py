@@ -94,7 +94,7 @@ def _normal(run: Any, warmup: int, iters: int) -> tuple[tuple[list, list], str]:
 
 def _time_both(d: Any, c: Any, run: Any, warmup: int, iters: int) -> tuple[list, list]:
     """(per-call times with a barrier before each, the same back to back) of dispatch d and combine c."""
-    return (time_pair(d, c, run.device, warmup, iters, dist.barrier),
+    return (time_pair(d, c, run.device, warmup, iters, run.barrier),
             time_back_to_back(d, c, run.device, warmup, iters, dist.barrier))
 
 

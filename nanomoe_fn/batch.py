@@ -139,12 +139,16 @@ class TokenRowPlan:
     pos [T, W] int64: the token's row among the rows sent to rank d (-1: none there). tab [W, C] int64: the
     count table sent (rows to each rank in column C - 2). pair_rows [R_in, k] int32/int64: per received row,
     each pair's batch row (-1: on another rank). pair_weights [R_in, k] float32: their weights (0 there).
+    block_rows (static): 0 for exact splits; BS > 0 for fixed blocks (the decode mode, comm/torch_blocks.py:
+    rank d's rows from row d * BS + 1 each way, batch rows flat over the masked batch; tab is then the blocks
+    sent [W * BS, L], each header row holding that destination's count table row).
     """
 
     pos: torch.Tensor
     tab: torch.Tensor
     pair_rows: torch.Tensor
     pair_weights: torch.Tensor
+    block_rows: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,6 +218,6 @@ def to_contiguous(masked: ExpertBatch, like: ExpertBatch) -> ExpertBatch:
 
 register_dataclass(Routing)
 register_dataclass(ExpertBatch, static=("layout",), optional=("index", "x_scale"))  # children when set
-register_dataclass(TokenRowPlan)
+register_dataclass(TokenRowPlan, static=("block_rows",))
 register_dataclass(Handle, static=("send_splits", "recv_splits", "origin"),
                    optional=("send_order", "recv_order", "slot_pos", "pack_index", "token_rows"))

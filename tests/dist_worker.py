@@ -71,6 +71,8 @@ def run_cases(rank: int, world_size: int, port: int, cases: list[dict], out_dir:
             cfg, params, x = case_inputs(case, rank)
             if case.get("comm") == "torch_fixed":
                 comm = TorchFixedComm(case["comm_capacity"], case.get("rank_capacity"), timeout_s=60)
+            elif case.get("comm") == "torch_decode":  # the torch comm's fixed blocks
+                comm = TorchComm(timeout_s=60, max_tokens=case["comm_capacity"])
             else:
                 comm = TorchComm(timeout_s=60)
             placement = case_placement(case, cfg, world_size)
@@ -121,7 +123,7 @@ def run_overflow(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_bad_ids(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def run_bad_ids(rank: int, world_size: int, port: int, out_dir: str, max_tokens: int | None = None) -> None:
     """Rank 1 dispatches an expert id outside [0, E) through the torch comm: every rank saves its error,
     then every rank runs a good round on the same comm (it must still work) and saves whether it matched."""
     _init(rank, world_size, port, 30)
@@ -135,7 +137,7 @@ def run_bad_ids(rank: int, world_size: int, port: int, out_dir: str) -> None:
         bad = ids.clone()
         if rank == 1:
             bad[2, 1] = E + 5
-        comm, placement = TorchComm(timeout_s=5), Placement.identity(E, world_size)
+        comm, placement = TorchComm(timeout_s=5, max_tokens=max_tokens), Placement.identity(E, world_size)
         try:
             dispatch(x, Routing(bad, w), comm, placement)
             message = "no error"

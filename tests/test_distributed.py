@@ -39,15 +39,15 @@ def draw_cases(world_size: int, n: int, seed: int) -> list[dict]:
         tokens = [rng.randint(0, 24) for _ in range(world_size)]
         if i == 0:
             tokens[-1] = 0  # a rank with zero tokens
-        fixed = i % 2 == 1  # every other case on the fixed-capacity (no host sync) comm
+        comm = ("torch", "torch_fixed", "torch_decode")[i % 3]  # the last two: no host sync
         dtype = rng.choice(["float32", "float16", "bfloat16"])
         # triton runs through its interpreter on the CPU, which gets bfloat16 wrong: bf16 Triton is a GPU test
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # set by the conftest where there is no GPU
         backends = ["loop", "bmm"] + (["triton"] if dtype != "bfloat16" and interpreted else [])
         cases.append(dict(cfg=cfg, dtype=dtype, seed=seed * 100 + i,
                           tokens=tokens, backend=rng.choice(backends),
-                          capacity=max(1, sum(tokens)) if not fixed and rng.random() < 0.3 else None,
-                          comm="torch_fixed" if fixed else "torch", comm_capacity=max(1, max(tokens)),
+                          capacity=max(1, sum(tokens)) if comm == "torch" and rng.random() < 0.3 else None,
+                          comm=comm, comm_capacity=max(1, max(tokens)) + rng.randint(0, 2),
                           redundant=world_size * rng.choice([0, 1, 2]),
                           remap_policy=rng.choice(["static", "dynamic"])))
     base = dict(hidden=16, intermediate=8, num_experts=4 * world_size, top_k=2, expert_type="swiglu")
@@ -65,6 +65,14 @@ def draw_cases(world_size: int, n: int, seed: int) -> list[dict]:
                       replicate=[0, 1] * world_size, remap_policy="dynamic", comm="torch_fixed", comm_capacity=9))
     cases.append(dict(cfg=base, dtype="float32", seed=11, tokens=[0] * world_size, backend="loop",
                       comm="torch_fixed", comm_capacity=1))
+    # the torch comm's decode mode: every token on two experts, replicas, an idle rank, all ranks idle
+    cases.append(dict(cfg=base, dtype="float32", seed=15, tokens=[9] * world_size, backend="bmm", hot=[1, 0],
+                      comm="torch_decode", comm_capacity=9))
+    cases.append(dict(cfg=base, dtype="float32", seed=16, tokens=[6] * (world_size - 1) + [0], backend="loop",
+                      hot=[0, 1], replicate=[0, 1] * world_size, remap_policy="dynamic", comm="torch_decode",
+                      comm_capacity=7))
+    cases.append(dict(cfg=base, dtype="float32", seed=17, tokens=[0] * world_size, backend="bmm",
+                      comm="torch_decode", comm_capacity=1))
     return cases
 
 
@@ -107,10 +115,12 @@ def test_fixed_capacity_overflow_is_an_error_on_every_rank(tmp_path):
         assert message.startswith("ValueError") and "rank_capacity=1" in message and f"rank {rank}" in message, message
 
 
-def test_torch_comm_reports_bad_ids_on_every_rank_and_stays_usable(tmp_path):
-    # rank 1 holds an id outside [0, 8): both ranks learn it from the count exchange and raise, no rows move
-    mp.start_processes(dist_worker.run_bad_ids, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+@pytest.mark.parametrize("max_tokens", [None, 5])
+def test_torch_comm_reports_bad_ids_on_every_rank_and_stays_usable(tmp_path, max_tokens):
+    # rank 1 holds an id outside [0, 8): both ranks learn it from the count tables and raise (exact splits:
+    # before the rows move; decode mode on CPUs: from the block headers, before unpack)
+    mp.start_processes(dist_worker.run_bad_ids, args=(2, free_port(), str(tmp_path), max_tokens), nprocs=2,
+                       join=True, start_method="spawn")
     for rank in range(2):
         ok, message = (tmp_path / f"bad_ids_rank{rank}.txt").read_text().split("\n", 1)
         assert message.startswith(f"ValueError: rank {rank}: routing.topk_ids holds expert ids outside [0, 8) on "
@@ -175,5 +185,37 @@ def test_torch_fixed_refuses_prefill_sized_buffers():
         assert int(batch.counts.sum()) == 16
         comm.close()
         small.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_decode_mode_refuses_bad_sizes_by_name():
+    # one in-process gloo rank: the decode mode's checks are host arithmetic before any exchange
+    import torch.distributed as dist
+
+    from nanomoe_fn import Placement, Routing, combine, dispatch
+    from nanomoe_fn.comm.torch_blocks import buffer_bytes
+    from nanomoe_fn.comm.torch_dist import TorchComm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        for bad in (0, -3, 2.5, True):
+            with pytest.raises(ValueError, match="max_tokens must be None or a positive int"):
+                TorchComm(max_tokens=bad)
+        x = torch.randn(3, 16)
+        routing = Routing(torch.tensor([[0, 1], [2, 3], [1, 2]], dtype=torch.int32), torch.full((3, 2), 0.5))
+        with pytest.raises(ValueError, match=r"x has 3 tokens, more than this torch comm's max_tokens=2"):
+            TorchComm(max_tokens=2).dispatch_send(x, routing, Placement.identity(4, 1))
+        need = buffer_bytes(4096, 1, 7168, torch.bfloat16, 8, 256)  # prefill-sized at V3 dims: 14 GiB
+        assert need > 2 << 30
+        with pytest.raises(ValueError, match=r"max_tokens=4096 needs 1\d\.\d\d GiB.*max_tokens=None"):
+            TorchComm(max_tokens=4096).dispatch_send(torch.zeros(2, 7168, dtype=torch.bfloat16),
+                                                     Routing(torch.arange(16, dtype=torch.int32).view(2, 8),
+                                                             torch.full((2, 8), 0.125)), Placement.identity(256, 1))
+        comm = TorchComm(max_tokens=5)  # one rank: the round is the identity on sum_k(w) * x
+        batch, handle = dispatch(x, routing, comm, Placement.identity(4, 1))
+        assert batch.layout == "masked" and tuple(batch.x.shape) == (4, 5, 16) and batch.counts.tolist() == [1, 2, 2, 1]
+        assert torch.allclose(combine(batch, handle, comm), x, rtol=1e-6, atol=1e-6)
+        comm.close()
     finally:
         dist.destroy_process_group()

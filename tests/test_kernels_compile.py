@@ -61,14 +61,17 @@ def _rows_cases() -> list:
     from nanomoe_kernels import ep_rows as r
 
     pack = dict(x_ptr="*bf16", phys_ptr="*i32", w_ptr="*fp32", tab_ptr="*i64", pos_ptr="*i64", rows_ptr="*bf16")
+    unpack = dict(recv_ptr="*bf16", tab_ptr="*i64", counts_ptr="*i64", index_ptr="*i32", xe_ptr="*bf16",
+                  prow_ptr="*i32", pw_ptr="*fp32", err_addr="i64")
     return [("rows.pack", r._pack_kernel, pack, dict(K=8, KP=8, BLOCK=1024)),
-            ("rows.unpack", r._unpack_kernel, dict(recv_ptr="*bf16", tab_ptr="*i64", counts_ptr="*i64",
-                                                   index_ptr="*i32", prow_ptr="*i32", pw_ptr="*fp32"),
-             dict(K=8, KP=8, WB=2, PLB=128)),
+            ("rows.pack[blocks]", r._pack_kernel, pack, dict(R0=1, K=8, KP=8, BLOCK=1024)),
+            *[(f"rows.unpack[fixed {fixed}]", r._unpack_kernel, unpack,
+               dict(R0=int(fixed), K=8, KP=8, WB=2, PLB=128, FIXED=fixed, BLOCK=1024)) for fixed in (False, True)],
             ("rows.partial", r._partial_kernel, dict(y_ptr="*bf16", prow_ptr="*i32", pw_ptr="*fp32", out_ptr="*bf16"),
              dict(K=8, KP=8, BLOCK=1024)),
-            ("rows.sum_home", r._sum_home_kernel, dict(home_ptr="*bf16", tab_ptr="*i64", pos_ptr="*i64",
-                                                       out_ptr="*bf16"), dict(BLOCK=1024))]
+            *[(f"rows.sum_home[fixed {fixed}]", r._sum_home_kernel, dict(home_ptr="*bf16", tab_ptr="*i64",
+                                                                         pos_ptr="*i64", out_ptr="*bf16"),
+               dict(R0=int(fixed), FIXED=fixed, BLOCK=1024)) for fixed in (False, True)]]
 
 
 def _fused_moe_cases() -> list:

@@ -130,3 +130,71 @@ def test_row_layout_aligns_the_pair_data():
         hm, L = token_rows.row_layout(H, dtype, 8)
         size = torch.empty((), dtype=dtype).element_size()
         assert hm >= H and (hm * size) % 16 == 0 and (L * size) % 16 == 0 and (L - hm) * size >= 96
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.lists(st.integers(0, 5), min_size=3, max_size=3),
+       st.integers(0, 2), st.sampled_from([8, 20]), st.sampled_from([torch.float32, torch.float16]),
+       st.integers(0, 2**16), st.booleans())
+def test_fixed_blocks_kernels_match_torch_ops_and_the_round(W, P_local, k, T, spare, H, dtype, seed, bad):
+    """The decode mode: fixed blocks of BS = T_max + 1 rows (a header row with the count table row, then the
+    rows), the masked batch, the partial rows and the sum at home, kernels == torch ops == sum_k(w) * x."""
+    from nanomoe_kernels import ep_rows
+
+    k = min(k, W * P_local)
+    T = T[:W]
+    xs, ids, ws = _case(W, P_local, k, T, H, dtype, seed, bad=bad)
+    hm, L = token_rows.block_layout(H, dtype, k, P_local)
+    t_max = max(max(T) + spare, 1)  # a comm's max_tokens >= 1
+    BS, cap = t_max + 1, W * t_max
+    poss, blocks = [], []
+    for r in range(W):
+        pos = torch.full((T[r], W), -7, dtype=torch.int64)
+        blk = torch.full((W * BS, L), 3.0, dtype=dtype)
+        token_rows.header_words(blk, BS, P_local + 2).zero_()
+        ep_rows.pack_blocks(xs[r], ids[r], ws[r], pos, blk, P_local, hm)
+        t_pos, t_blk = token_rows.pack_blocks(xs[r], ids[r], ws[r], P_local, W, hm, L, BS)
+        tab = token_rows.header_words(blk, BS, P_local + 2)
+        assert torch.equal(tab, token_rows.header_words(t_blk, BS, P_local + 2))
+        assert torch.equal(pos, t_pos)  # the interpreter runs the programs in token order
+        for d in range(W):
+            n = int(tab[d, P_local])
+            got, want = blk[d * BS + 1:d * BS + 1 + n], t_blk[d * BS + 1:d * BS + 1 + n]
+            assert torch.equal(_bits(got[:, :H]), _bits(want[:, :H]))  # the token, then its pair data
+            (slot, w, num), (t_slot, t_w, t_num) = token_rows.pair_meta(got, hm, k), token_rows.pair_meta(want, hm, k)
+            ok = (t_slot >= 0) & (t_slot < W * P_local)  # a bad pair's number means nothing
+            assert torch.equal(slot, t_slot) and torch.equal(w, t_w) and torch.equal(num[ok], t_num[ok])
+        poss.append(pos)
+        blocks.append(blk)
+    parts = []
+    for r in range(W):  # the exchange: rank r receives each source's block r, sources in rank order
+        recv = torch.cat([blocks[s][r * BS:(r + 1) * BS] for s in range(W)])
+        counts = torch.full((P_local,), -9, dtype=torch.int64)
+        xe = torch.full((P_local, cap, H), float("nan"), dtype=dtype)
+        prow, pw = torch.full((W * BS, k), -5, dtype=torch.int32), torch.full((W * BS, k), -1.0)
+        err = torch.zeros(4, dtype=torch.int32)
+        ep_rows.unpack_blocks(recv, counts, xe, prow, pw, err.data_ptr(), r, W, hm)
+        t_xe, t_counts, t_prow, t_pw, t_bad = token_rows.unpack_blocks(recv, P_local, r, W, hm, k, cap, H)
+        assert err.tolist() == ([1, 4, -1, 0] if bad and T[0] > 0 else [0, 0, 0, 0])
+        assert int(t_bad.sum()) == int(bool(bad and T[0]))
+        assert torch.equal(counts, t_counts) and torch.equal(prow.long(), t_prow) and torch.equal(pw, t_pw)
+        for e in range(P_local):  # per expert: its rows, sources in rank order, tokens in order
+            want = [xs[s][t] for s in range(W) for t in range(T[s]) if r * P_local + e in ids[s][t].tolist()]
+            assert int(counts[e]) == len(want)
+            if want:
+                assert torch.equal(xe[e, :len(want)], torch.stack(want)) and torch.equal(t_xe[e, :len(want)],
+                                                                                        torch.stack(want))
+        part = torch.full((W * BS, H), float("nan"), dtype=dtype)
+        ep_rows.partial_rows(xe.view(-1, H), prow, pw, part)  # identity experts: padding rows are never read
+        assert torch.allclose(part.float(), token_rows.partial_rows(t_xe.view(-1, H), t_prow, t_pw).float(),
+                              rtol=1e-3, atol=1e-3)
+        parts.append(part)
+    for r in range(W):  # home: each destination's block r, in destination order
+        home = torch.cat([parts[d][r * BS:(r + 1) * BS] for d in range(W)])
+        out = torch.full((T[r], H), float("nan"), dtype=dtype)
+        ep_rows.sum_home(home, None, poss[r], out, block_rows=BS)
+        t_out = token_rows.sum_home_blocks(home, poss[r], BS)
+        assert torch.allclose(out.float(), t_out.float(), rtol=1e-3, atol=1e-3)
+        ok = (ids[r] >= 0) & (ids[r] < W * P_local)
+        want = xs[r].double() * torch.where(ok, ws[r].double(), 0.0).sum(1, keepdim=True)
+        assert torch.allclose(out.double(), want, rtol=2e-3, atol=2e-3)

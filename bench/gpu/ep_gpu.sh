@@ -9,6 +9,7 @@
 #   STAGES="layer eplb" bash bench/gpu/ep_gpu.sh           # ... and a second one (each call <= 10 min)
 #
 # Env: STAGES (any of: tests profile dispatch layer eplb), TESTS (tests/gpu/ file stems to run), PROFILES,
+# DISPATCH_FLAGS (extra bench_dispatch flags, e.g. --barrier dist), TEST_FLAGS (extra pytest flags, e.g. -k),
 # HOST_COSTS_FLAGS (extra flags of host_costs.py),
 # DISPATCH_VARIANTS (bench_dispatch --variants for the headline case; default: all), DISPATCH_TABLE=0 (skip
 # the public-table cases), LAYER_COMMS and PREFILL_COMMS (the comms of the layer stage; - for none), TOTAL (seconds the script may take, default 560),
@@ -90,7 +91,7 @@ if has tests; then
   for t in ${TESTS:-test_torch_comm_gpu test_nvlink_gpu test_deepep_gpu test_layer_gpu}; do
     [ "$t" = test_deepep_gpu ] && wait_deepep
     if [ -f "tests/gpu/$t.py" ]; then
-      run_step "$t" 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs "tests/gpu/$t.py"
+      run_step "$t" 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs ${TEST_FLAGS:-} "tests/gpu/$t.py"
     else
       echo "SKIP   $t (tests/gpu/$t.py not in this tree)" | tee -a "$STATUS"
     fi
@@ -109,8 +110,8 @@ if has profile; then  # where the time goes: host cost per step, nvlink per kern
 fi
 
 if has dispatch; then
-  [ -z "${DISPATCH_VARIANTS:-}" ] && wait_deepep
-  D="python3 bench/bench_dispatch.py --world-size 2 --backend nccl --iters $ITERS --timeout 60"
+  [[ -z "${DISPATCH_VARIANTS:-}" || "${DISPATCH_VARIANTS}" == *deepep* ]] && wait_deepep
+  D="python3 bench/bench_dispatch.py --world-size 2 --backend nccl --iters $ITERS --timeout 60 ${DISPATCH_FLAGS:-}"
   run_step dispatch_headline 240 $D --cases headline ${DISPATCH_VARIANTS:+--variants $DISPATCH_VARIANTS} \
     --json "$RES/dispatch_headline_$TAG.json"
   if [ -n "${DISPATCH_VARIANTS:-}" ]; then
@@ -127,7 +128,7 @@ fi
 if has layer; then
   wait_deepep
   L="python3 bench/bench_ep_moe_multi.py --world-size 2 --backend nccl --dtype bfloat16 --timeout 60"
-  graph_flag() { case $1 in torch_fixed|nvlink|deepep_ll) echo --cuda-graph ;; esac; }
+  graph_flag() { case $1 in torch_decode|torch_fixed|nvlink|deepep_ll) echo --cuda-graph ;; esac; }
   for c in ${LAYER_COMMS:-torch torch_fixed nvlink deepep deepep_ll}; do  # seed default shape: 256 linear experts, H 2048, 128 tok
     [ "$c" = - ] && continue  # LAYER_COMMS=- : none
     run_step "ep_moe_multi_seed_$c" 120 $L --expert-type linear --mode triton --comm $c $(graph_flag $c) \

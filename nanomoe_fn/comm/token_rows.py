@@ -36,6 +36,12 @@ def row_layout(hidden: int, dtype: torch.dtype, top_k: int) -> tuple[int, int]:
     return hm, hm + meta
 
 
+def block_layout(hidden: int, dtype: torch.dtype, top_k: int, local_experts: int) -> tuple[int, int]:
+    """(HM, L) of fixed-block rows: row_layout's, with L long enough for a header row's P_local + 2 int64 words."""
+    hm, L = row_layout(hidden, dtype, top_k)
+    return hm, max(L, -(-(local_experts + 2) * 8 // 16) * 16 // dtype.itemsize)
+
+
 def pair_meta(rows: torch.Tensor, hm: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pair data of rows [R, L]: (slot ids [R, k] int32, weights [R, k] float32, pair numbers [R, k]
     int32), views into rows."""
@@ -112,3 +118,55 @@ def sum_home(home: torch.Tensor, sent: torch.Tensor, pos: torch.Tensor) -> torch
     at = torch.where(pos >= 0, first + pos, 0)  # [T, W]
     rows = home.index_select(0, at.flatten()).view(pos.shape[0], pos.shape[1], home.shape[1]).float()
     return torch.where((pos >= 0).unsqueeze(-1), rows, 0.0).sum(1).to(home.dtype)
+
+
+def header_words(blocks: torch.Tensor, block_rows: int, columns: int) -> torch.Tensor:
+    """The count table rows in the headers of fixed blocks [W * BS, L]: [W, columns] int64 (a strided view)."""
+    return blocks.view(-1, block_rows, blocks.shape[1])[:, 0].view(torch.int64)[:, :columns]
+
+
+def pack_blocks(x: torch.Tensor, phys: torch.Tensor, w: torch.Tensor, P_local: int, W: int, hm: int, L: int,
+                block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed blocks (the torch comm's decode mode): (pos [T, W] int64, blocks [W * BS, L]): block d is a header
+    row (the count table row for d in its first P_local + 2 int64 words) then the rows to d in token order,
+    zeros after them. BS = block_rows > T."""
+    tab, pos, rows = pack_rows(x, phys, w, P_local, W, hm, L)
+    blocks = x.new_zeros((W * block_rows, L))
+    header_words(blocks, block_rows, P_local + 2).copy_(tab)
+    first = 0
+    for d, n in enumerate(tab[:, P_local].tolist()):
+        blocks[d * block_rows + 1: d * block_rows + 1 + n] = rows[first:first + n]
+        first += n
+    return pos, blocks
+
+
+def unpack_blocks(recv: torch.Tensor, P_local: int, rank: int, W: int, hm: int, top_k: int, cap: int,
+                  hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed blocks received, recv [W * BS, L] -> (xe [P_local, cap, H] the masked batch (padding rows zero),
+    counts [P_local], pair_rows [W * BS, k] int64 (flat row of xe; -1: header, padding or elsewhere),
+    pair_weights [W * BS, k] float32, bad [W] ids outside [0, P) per source). Inside
+    an expert: sources in rank order, each source's rows in its order."""
+    R, BS = recv.shape[0], recv.shape[0] // W
+    tab = header_words(recv, BS, P_local + 2)
+    n = tab[:, P_local].tolist()
+    at = torch.cat([torch.arange(s * BS + 1, s * BS + 1 + n[s], device=recv.device) for s in range(W)])
+    M = int(tab[:, :P_local].sum())
+    index, prow, pw = unpack_rows(recv.index_select(0, at), M, P_local, rank, hm, top_k)
+    counts = tab[:, :P_local].sum(0)
+    expert = torch.repeat_interleave(torch.arange(P_local, device=recv.device), counts, output_size=M)
+    flat = expert * cap + torch.arange(M, device=recv.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    xe = recv.new_zeros((P_local * cap, hidden))
+    xe[flat] = recv[at[index], :hidden]
+    pair_rows = torch.full((R, top_k), -1, dtype=torch.int64, device=recv.device)
+    pair_weights = torch.zeros((R, top_k), dtype=torch.float32, device=recv.device)
+    pair_rows[at] = torch.cat([flat, flat.new_full((1,), -1)])[torch.where(prow >= 0, prow, M)]
+    pair_weights[at] = pw
+    return xe.view(P_local, cap, hidden), counts, pair_rows, pair_weights, tab[:, P_local + 1].clone()
+
+
+def sum_home_blocks(home: torch.Tensor, pos: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """home [W * BS, H] partial rows back in fixed blocks (block d's rows from row d * BS + 1), pos [T, W] ->
+    out [T, H]: per token the float32 sum of its rows, in home's dtype."""
+    W = pos.shape[1]
+    sent = torch.full((W,), block_rows, dtype=torch.int64, device=home.device)
+    return sum_home(home[1:] if home.shape[0] else home, sent, pos)

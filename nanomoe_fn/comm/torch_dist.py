@@ -28,11 +28,14 @@ never a hang. On CPU (gloo) every wait is `Work.wait(timeout)` on the host, whic
 of error. Host time is most of a decode dispatch (its kernels take a few us each), so the GPU path keeps
 its Python short: one kernel per step, one watchdog arm per dispatch. The helpers
 `_a2a`, `_join` and `_table` are shared with comm/torch_fixed.py.
+
+`TorchComm(max_tokens=T_max)` is the decode mode (comm/torch_blocks.py): fixed blocks of T_max + 1 rows per
+destination, no count exchange and no host read (one NCCL call and two kernels per dispatch), a masked batch;
+CUDA-graph capturable. max_tokens None: the exact splits above, for any batch size.
 """
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,23 +44,17 @@ import torch
 import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch, Handle, Routing, TokenRowPlan
-from nanomoe_fn.comm import token_rows
+from nanomoe_fn.comm import token_rows, torch_blocks
 from nanomoe_fn.comm.plan import check_combine, check_dispatch_args, check_pending, stamp_handle
-from nanomoe_fn.comm.watchdog import StageWatchdog
+from nanomoe_fn.comm.watchdog import InFlight, StageWatchdog, host_wait
 from nanomoe_fn.eplb.placement import Placement
-
-
-@dataclass
-class _InFlight:
-    work: Any
-    stage: str
 
 
 @dataclass
 class _Pending:
     """What dispatch_send hands to dispatch_recv."""
 
-    inflight: _InFlight
+    inflight: InFlight
     recv: torch.Tensor  # [R_in, L]
     tab: torch.Tensor  # [2, W, P_local + 2]: sent, received
     pos: torch.Tensor  # [T, W]
@@ -69,35 +66,33 @@ class _Pending:
     splits: tuple[tuple[int, ...], tuple[int, ...]]  # rows sent to / received from each rank
 
 
-def _wait(rank: int, timeout_s: float, inflight: _InFlight) -> None:
-    """Host wait for a CPU (gloo) collective; a peer that does not arrive in time raises TimeoutError
-    naming the stage. Never used for CUDA tensors (there the stream waits, see TorchComm._join)."""
-    try:
-        ok = inflight.work.wait(timeout=datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as err:  # gloo reports timeouts and vanished peers as RuntimeError
-        raise TimeoutError(
-            f"rank {rank}: EP stage '{inflight.stage}' failed waiting for peers "
-            f"(timeout {timeout_s:g}s): {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from err
-    if ok is False:
-        raise TimeoutError(f"rank {rank}: EP stage '{inflight.stage}' timed out after {timeout_s:g}s")
-
-
 class TorchComm:
     """All-to-all dispatch/combine of token rows over an initialised torch.distributed process group.
 
     timeout_s: how long a stage may wait for peers (on GPUs keep it below the process group's own
     timeout, the backstop; see comm/watchdog.py). After a timeout the comm is unusable: every call
-    raises the error (`check()`); `close()` stops the watchdog thread.
+    raises the error (`check()`); `close()` stops the watchdog thread. max_tokens: None (exact splits, one
+    host read per dispatch) or the most tokens a rank dispatches at once (the decode mode, module docstring;
+    its buffers may take at most max_buffer_bytes per dispatch).
     """
 
     name = "torch"
 
-    def __init__(self, group: Any = None, timeout_s: float = 60.0) -> None:
+    def __init__(self, group: Any = None, timeout_s: float = 60.0, max_tokens: int | None = None,
+                 max_buffer_bytes: int = torch_blocks.DEFAULT_MAX_BUFFER_BYTES) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("the torch comm needs torch.distributed initialised (init_process_group) first")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
+            raise ValueError(f"max_tokens must be None or a positive int (tokens per rank), got {max_tokens!r}")
+        if not isinstance(max_buffer_bytes, int) or max_buffer_bytes < 1:
+            raise ValueError(f"max_buffer_bytes must be a positive int, got {max_buffer_bytes!r}")
+        self.max_tokens, self.max_buffer_bytes = max_tokens, max_buffer_bytes
+        self._err: torch.Tensor | None = None  # decode mode on GPUs: [set, stage, peer, 0] the GPU writes (pinned)
+        self._err_np: Any = None  # its numpy view: read with no CUDA call
+        self._block_sizes: dict[tuple, tuple[int, int]] = {}  # decode mode: (HM, L) per shape, bound checked
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -106,6 +101,8 @@ class TorchComm:
         self._tables: dict[tuple, torch.Tensor] = {}  # constant index tables by (name, sizes, device)
         self._host_splits: torch.Tensor | None = None  # pinned count tables [2, W, C] int64: the one host read
         self._failed: TimeoutError | None = None  # a failed host wait (CPU path): every later call raises it
+        if max_tokens is not None and torch.cuda.is_available():
+            self.error_word_addr()  # pinned now, not inside a CUDA graph capture
 
     @staticmethod
     def supports(**options: Any) -> tuple[bool, str]:
@@ -120,12 +117,22 @@ class TorchComm:
         """Raise the error of a stage that timed out on this rank (host attribute read, no sync)."""
         if self._failed is not None:  # a host wait that failed (gloo): the comm stays failed
             raise TimeoutError(*self._failed.args)
+        if self._err_np is not None and self._err_np[0]:
+            raise ValueError(f"rank {self.rank}: routing.topk_ids held expert ids outside the slots on some rank "
+                             f"(found on the GPU by an earlier decode-mode dispatch; this comm is unusable now)")
         self.watchdog.check()
 
-    def _host_wait(self, inflight: _InFlight) -> None:
+    def error_word_addr(self) -> int:
+        """Address of the int32 error word [set, stage, peer, 0] in pinned host memory (decode mode on GPUs)."""
+        if self._err is None:
+            self._err = torch.zeros(4, dtype=torch.int32).pin_memory()
+            self._err_np = self._err.numpy()
+        return self._err.data_ptr()
+
+    def _host_wait(self, inflight: InFlight) -> None:
         """The host-side wait of the CPU path; its failure is kept, so every later call raises it at once."""
         try:
-            _wait(self.rank, self.timeout_s, inflight)
+            host_wait(self.rank, self.timeout_s, inflight)
         except TimeoutError as err:
             self._failed = err
             raise
@@ -145,7 +152,7 @@ class TorchComm:
         return t
 
     def _a2a(self, out: Any, inp: Any, out_splits: list[int] | None, in_splits: list[int] | None, stage: str,
-             async_op: bool = True) -> _InFlight:
+             async_op: bool = True) -> InFlight:
         """Launch all_to_all_single (tensors) or all_to_all (lists of per-rank tensors, NCCL).
         async_op=False on CUDA runs it on the current stream (no host wait)."""
         try:
@@ -156,9 +163,9 @@ class TorchComm:
         except RuntimeError as err:
             raise TimeoutError(f"rank {self.rank}: EP stage '{stage}' could not reach its peers: "
                                f"{str(err).splitlines()[0]}") from err
-        return _InFlight(work, stage)
+        return InFlight(work, stage)
 
-    def _join(self, inflight: _InFlight, device: torch.device, watch: bool = True) -> None:
+    def _join(self, inflight: InFlight, device: torch.device, watch: bool = True) -> None:
         """Make the current stream wait for a collective (GPU; then watch it unless a later stage's watch
         covers it) or wait on the host with the timeout (CPU)."""
         if device.type == "cuda":
@@ -212,7 +219,10 @@ class TorchComm:
         return None
 
     def dispatch_send(self, x: torch.Tensor, routing: Routing, placement: Placement) -> Any:
-        """Pack the token rows, exchange and read the count tables (the one host sync), start the rows."""
+        """Pack the token rows, exchange and read the count tables (the one host sync), start the rows
+        (decode mode: fixed blocks, one exchange, no host read)."""
+        if self.max_tokens is not None:
+            return torch_blocks.dispatch_send(self, x, routing, placement), placement.local_experts
         # ids outside [0, P) are found by pack and reported by every rank after the count exchange; a
         # non-identity placement looks the ids up in its tables first, so they are checked before that
         phys = self._phys(x, routing, placement, values=not placement.is_identity)
@@ -248,7 +258,11 @@ class TorchComm:
                         routing.topk_weights, (tuple(send_splits), tuple(recv_splits)))
 
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, Handle]:
-        """Join the row exchange and give each received pair its batch row (a gathered batch)."""
+        """Join the row exchange and give each received pair its batch row (a gathered batch; decode mode: a
+        masked batch)."""
+        if self.max_tokens is not None:
+            check_pending(isinstance(pending, tuple) and len(pending) == 2, self, pending)
+            return torch_blocks.dispatch_recv(self, *pending)
         check_pending(isinstance(pending, _Pending), self, pending)
         p = pending
         self.check()
@@ -278,7 +292,7 @@ class TorchComm:
         plan = handle.token_rows
         if plan is None or handle.send_splits is None or handle.recv_splits is None:
             raise ValueError("handle must come from TorchComm.dispatch_recv (it has no token-row plan)")
-        yx = y.x.contiguous()
+        yx = y.x.contiguous().view(-1, y.x.shape[-1])  # masked (decode mode): flat over [P_local * cap]
         kern = self._kernels(yx)
         if kern is not None:
             part = yx.new_empty((plan.pair_rows.shape[0], yx.shape[1]))
@@ -295,6 +309,8 @@ class TorchComm:
         self.check()
         self._join(inflight, home.device)
         plan = handle.token_rows
+        if plan.block_rows:
+            return torch_blocks.combine_recv(self, home, plan)
         kern = self._kernels(home)
         if kern is None:
             return token_rows.sum_home(home, plan.tab[:, -2], plan.pos)

@@ -31,10 +31,9 @@ import torch
 from nanomoe_fn.batch import ExpertBatch, Handle, Routing
 from nanomoe_fn.checks import check_values
 from nanomoe_fn.comm.plan import check_combine, check_pending, reduce_pairs, stamp_handle
+from nanomoe_fn.comm.torch_blocks import DEFAULT_MAX_BUFFER_BYTES
 from nanomoe_fn.comm.torch_dist import TorchComm
 from nanomoe_fn.eplb.placement import Placement
-
-DEFAULT_MAX_BUFFER_BYTES = 2 << 30  # 2 GiB: decode at DeepSeek-V3 dims (T_max 256, 2 ranks) needs ~1.1 GB
 
 
 def wide_rows(t: torch.Tensor) -> torch.Tensor:

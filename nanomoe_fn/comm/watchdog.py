@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import datetime
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # watchdogs whose threads run: stopped at interpreter exit
@@ -242,3 +244,25 @@ def _watch(ref: weakref.ref, stop: threading.Event, poll_s: float) -> None:
 def _stop_all() -> None:
     for wd in list(_LIVE):
         wd.close()
+
+
+@dataclass
+class InFlight:
+    """A started collective (its Work) and the stage named in its errors."""
+
+    work: Any
+    stage: str
+
+
+def host_wait(rank: int, timeout_s: float, inflight: InFlight) -> None:
+    """Host wait for a CPU (gloo) collective; a peer that does not arrive in time raises TimeoutError
+    naming the stage. Never used for CUDA tensors (there the stream waits, see comm/torch_dist.py, TorchComm._join)."""
+    try:
+        ok = inflight.work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as err:  # gloo reports timeouts and vanished peers as RuntimeError
+        raise TimeoutError(
+            f"rank {rank}: EP stage '{inflight.stage}' failed waiting for peers "
+            f"(timeout {timeout_s:g}s): {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
+    if ok is False:
+        raise TimeoutError(f"rank {rank}: EP stage '{inflight.stage}' timed out after {timeout_s:g}s")

@@ -1,10 +1,11 @@
-"""`torch` and `torch_fixed` comms over NCCL on 2 GPUs (one rank per GPU).
+"""`torch` (exact splits and its decode mode, "torch_decode") and `torch_fixed` comms over NCCL on 2 GPUs.
 
 - EP output == float64 reference == single-rank layer, for drawn cases (bf16 and float32, skewed
   routing, a rank with zero tokens, one hot expert, redundant slots), each layer called twice (the
   second call reuses the cached index tables and the pinned split buffer).
-- The torch_fixed layer captured in a CUDA graph (after warm-up on a side stream) and replayed with
-  new inputs gives the eager outputs.
+- The torch_fixed and torch_decode layers captured in a CUDA graph (after warm-up on a side stream) and
+  replayed with new inputs give the eager outputs.
+- torch_decode: an expert id outside the slots on rank 1 makes the next call raise ValueError on both ranks.
 - A peer that never arrives (rank 1 never calls the layer): rank 0 ends with a TimeoutError naming
   "rank 0" and the stage within ~15 s, and every later call raises at once.
 
@@ -38,7 +39,7 @@ from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer, spaw
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
 W = 2
-COMMS = ("torch", "torch_fixed")
+COMMS = ("torch", "torch_fixed", "torch_decode")
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -92,6 +93,8 @@ def layer_inputs(case: dict, rank: int) -> tuple:
 def make_comm(name: str, case: dict, timeout_s: float = 60.0) -> TorchComm:
     if name == "torch":
         return TorchComm(timeout_s=timeout_s)
+    if name == "torch_decode":  # a few spare rows per block
+        return TorchComm(timeout_s=timeout_s, max_tokens=max(1, max(case["tokens"])) + 3)
     return TorchFixedComm(max(1, max(case["tokens"])), case.get("rank_capacity"), timeout_s=timeout_s)
 
 
@@ -131,7 +134,9 @@ def run_cases(rank: int, port: int, cases: list[dict], out_dir: str) -> None:
                     raise RuntimeError(f"rank {rank} case {i} comm {name} {case}: {type(err).__name__}: {err}") from err
                 finally:
                     comm.close()
-        graph_check(rank, dev, out_dir)
+        for name in ("torch_fixed", "torch_decode"):
+            graph_check(rank, dev, out_dir, name)
+        bad_ids_check(rank, dev, out_dir)
     finally:
         dist.destroy_process_group()
 
@@ -141,11 +146,11 @@ GRAPH_CASE = dict(cfg=dict(hidden=256, intermediate=64, num_experts=32, top_k=8,
                   dtype="bfloat16", seed=901, tokens=[32, 32], backend="bmm")
 
 
-def graph_check(rank: int, dev: torch.device, out_dir: str) -> None:
-    """torch_fixed layer: eager on two inputs, then captured once and replayed on both."""
+def graph_check(rank: int, dev: torch.device, out_dir: str, name: str) -> None:
+    """A sync-free comm's layer: eager on two inputs, then captured once and replayed on both."""
     cfg, local, x, placement = _on_device(GRAPH_CASE, rank, dev)
     x2 = torch.randn(x.shape, generator=torch.Generator().manual_seed(55 + rank)).to(dev, x.dtype)
-    comm = TorchFixedComm(32, timeout_s=60)
+    comm = make_comm(name, GRAPH_CASE)
 
     def layer(inp: torch.Tensor) -> torch.Tensor:
         return moe_layer(local, inp, cfg, comm, placement, backend="bmm")
@@ -167,8 +172,31 @@ def graph_check(rank: int, dev: torch.device, out_dir: str) -> None:
         graph.replay()
         torch.cuda.synchronize()
         replayed.append(static_out.cpu())
-    torch.save({"eager": eager, "graph": replayed}, os.path.join(out_dir, f"graph_rank{rank}.pt"))
+    torch.save({"eager": eager, "graph": replayed}, os.path.join(out_dir, f"graph_{name}_rank{rank}.pt"))
     del graph
+    comm.close()
+
+
+def bad_ids_check(rank: int, dev: torch.device, out_dir: str) -> None:
+    """torch_decode: rank 1 routes one pair to slot E + 5; after the dispatch both ranks' next call raises."""
+    from nanomoe_fn import Placement, Routing, dispatch
+
+    E, k, H, T = 16, 2, 64, 8
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    if rank == 1:
+        ids[3, 0] = E + 5
+    comm = TorchComm(timeout_s=60, max_tokens=T)
+    x, w = torch.randn(T, H, device=dev, dtype=torch.bfloat16), torch.rand(T, k, device=dev)
+    dispatch(x, Routing(ids.to(dev), w), comm, Placement.identity(E, W).to(dev))
+    torch.cuda.synchronize()  # unpack has run on both ranks: the next call on the comm raises
+    try:
+        comm.check()
+        message = "no error"
+    except Exception as err:  # noqa: BLE001 - the parent inspects whatever was raised
+        message = f"{type(err).__name__}: {err}"
+    with open(os.path.join(out_dir, f"bad_ids_rank{rank}.txt"), "w") as f:
+        f.write(message)
     comm.close()
 
 
@@ -250,10 +278,11 @@ def test_torch_comms_on_nccl_equal_reference_and_single_rank(nccl_outputs):
     assert compared >= len(cases) * W * len(COMMS), f"only {compared} comparisons (too many near-ties)"
 
 
-def test_torch_fixed_cuda_graph_replay_equals_eager(nccl_outputs):
+@pytest.mark.parametrize("name", ["torch_fixed", "torch_decode"])
+def test_sync_free_comm_cuda_graph_replay_equals_eager(nccl_outputs, name):
     _, out_dir = nccl_outputs
     for rank in range(W):
-        saved = torch.load(os.path.join(out_dir, f"graph_rank{rank}.pt"))
+        saved = torch.load(os.path.join(out_dir, f"graph_{name}_rank{rank}.pt"))
         for j, (eager, replayed) in enumerate(zip(saved["eager"], saved["graph"])):
             assert torch.isfinite(replayed).all(), f"rank {rank} input {j}: replay has NaN/Inf"
             err = float((replayed.double() - eager.double()).norm() / eager.double().norm().clamp_min(1e-12))
@@ -268,12 +297,19 @@ TORCH_FIXED_ABSENT = pytest.mark.xfail(reason="torch_fixed: the watchdog did not
                                        strict=False)
 
 
-@pytest.mark.parametrize("comm_name", ["torch", pytest.param("torch_fixed", marks=TORCH_FIXED_ABSENT)])
+def test_torch_decode_reports_bad_ids_on_every_rank(nccl_outputs):
+    for rank in range(W):
+        message = open(os.path.join(nccl_outputs[1], f"bad_ids_rank{rank}.txt")).read()
+        assert message.startswith(f"ValueError: rank {rank}: routing.topk_ids held expert ids outside"), message
+
+
+@pytest.mark.parametrize("comm_name", ["torch", pytest.param("torch_fixed", marks=TORCH_FIXED_ABSENT),
+                                       pytest.param("torch_decode", marks=TORCH_FIXED_ABSENT)])
 def test_absent_peer_on_nccl_names_rank_and_stage(comm_name, tmp_path):
     spawn(run_absent_peer, (free_port(), comm_name, str(tmp_path)), wall_s=150)
     elapsed, later_s, message, later, aborted_with, sync_error = (tmp_path / "absent.txt").read_text().split("\n")
     detail = f"[{comm_name}] error: {message!r}; later call: {later!r}; abort: {aborted_with}; sync: {sync_error}"
-    stage = "dispatch/counts" if comm_name == "torch" else "dispatch/payload"
+    stage = "dispatch/counts" if comm_name == "torch" else "dispatch/payload"  # no count exchange in the others
     assert message.startswith("TimeoutError"), detail
     assert "rank 0" in message and f"'{stage}'" in message and "did not complete within 3s" in message, detail
     assert float(elapsed) < 15, f"took {elapsed}s to notice the missing peer; {detail}"
