@@ -210,7 +210,10 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     for B in args.batch:
         opts = ({"max_tokens": B, "hidden": cfg.hidden, "top_k": cfg.moe.top_k, "num_slots": placement.num_physical,
                  "dtype": dtype, "timeout_s": 120} if args.decode_comm == "nvlink" else {"timeout_s": 120})
-        dctx = ModelContext(cfg, make_comm(args.decode_comm, **opts), placement, args.attn_backend,
+        if args.decode_comm == "torch_decode":
+            opts["max_tokens"] = B
+        name = "torch" if args.decode_comm == "torch_decode" else args.decode_comm
+        dctx = ModelContext(cfg, make_comm(name, **opts), placement, args.attn_backend,
                             args.expert_backend, check=False)
         ids = torch.randint(2, cfg.vocab_size, (B, args.prompt_len),
                             generator=torch.Generator().manual_seed(B * W + rank)).to(device)
@@ -248,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn-backend", default="triton")
     p.add_argument("--expert-backend", default="triton")
     p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--decode-comm", default="nvlink", choices=["nvlink", "torch", "torch_fixed"])
+    p.add_argument("--decode-comm", default="nvlink", choices=["nvlink", "torch", "torch_decode", "torch_fixed"],
+                   help="torch_decode: the torch comm's decode mode (max_tokens = the batch)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_model.json")

@@ -16,6 +16,7 @@ experts an identity placement gives it; rank 0 prints every output in prompt ord
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -135,15 +136,19 @@ def _generate_rank(rank: int, world: int, a: argparse.Namespace) -> dict | None:
             dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     t0 = time.perf_counter()
     cfg, params, placement, tok = _load(a, device, world, rank)
-    comm = None
+    comm, decode_comm = None, None
+    texts = a.prompt or ["Hello"]
     if world > 1:
         from nanomoe_fn.comm.torch_dist import TorchComm
 
+        # prefill: exact splits; decode: one token per sequence, at most ceil(prompts / world) per rank (the
+        # same on every rank): the sync-free decode mode, which a CUDA-graph decode step can capture
         comm = TorchComm(timeout_s=300)
+        decode_comm = TorchComm(timeout_s=300, max_tokens=max(1, -(-len(texts) // world)))
     kw = dict(comm=comm) if comm is not None else {}
     ctx = ModelContext(cfg, placement=placement, attn_backend=a.attn_backend or ("triton" if cuda else "torch"),
                        expert_backend=a.expert_backend or ("triton" if cuda else "bmm"), **kw)
-    texts = a.prompt or ["Hello"]
+    dctx = None if decode_comm is None else dataclasses.replace(ctx, comm=decode_comm)
     prompts = [tok.encode(t) for t in texts]
     mine = list(range(rank, len(prompts), world))
     s = SamplingConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -155,7 +160,7 @@ def _generate_rank(rank: int, world: int, a: argparse.Namespace) -> dict | None:
         bar = tqdm(total=a.max_new_tokens - 1, desc="decode", unit="tok", file=sys.stderr)
     t1 = time.perf_counter()
     outs = generate(params, [prompts[i] for i in mine], ctx, s, paged=a.paged, cuda_graph=a.cuda_graph,
-                    progress=(lambda k: bar.update(1)) if bar else None, compile=a.compile)
+                    progress=(lambda k: bar.update(1)) if bar else None, decode_ctx=dctx, compile=a.compile)
     if bar is not None:
         bar.close()
     t_gen = time.perf_counter() - t1

@@ -192,3 +192,18 @@ def run_rebalance(rank: int, world_size: int, port: int, out_dir: str) -> None:
                    os.path.join(out_dir, f"rebalance_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def run_mismatched_max_tokens(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Each rank builds the torch comm's decode mode with its own max_tokens: each saves the error it gets."""
+    _init(rank, world_size, port, 30)
+    try:
+        try:
+            TorchComm(timeout_s=5, max_tokens=3 + rank)
+            message = "no error"
+        except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
+            message = f"{type(err).__name__}: {err}"
+        with open(os.path.join(out_dir, f"max_tokens_rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()

@@ -219,3 +219,12 @@ def test_torch_decode_mode_refuses_bad_sizes_by_name():
         comm.close()
     finally:
         dist.destroy_process_group()
+
+
+def test_torch_decode_mode_needs_one_max_tokens_on_every_rank(tmp_path):
+    mp.start_processes(dist_worker.run_mismatched_max_tokens, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    for rank in range(2):
+        message = (tmp_path / f"max_tokens_rank{rank}.txt").read_text()
+        assert message == (f"ValueError: rank {rank}: TorchComm(max_tokens=...) must be the same on every rank (its "
+                           f"blocks are equal splits), got [3, 4] (by rank)"), message

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch, Handle, Routing, TokenRowPlan
 from nanomoe_fn.comm import token_rows
@@ -53,6 +54,18 @@ class BlockPending:
     hidden: int
     hm: int
     inflight: Any  # the CPU path's exchange (None on GPUs: it runs on the current stream)
+
+
+def check_same_max_tokens(comm: Any) -> None:
+    """Every rank must build its decode-mode comm with the same max_tokens (the blocks are equal splits): one
+    all_gather_object at construction, ValueError on every rank naming each rank's value otherwise."""
+    if comm.world_size == 1:
+        return
+    every: list = [None] * comm.world_size
+    dist.all_gather_object(every, comm.max_tokens, group=comm.group)
+    if len(set(every)) > 1:
+        raise ValueError(f"rank {comm.rank}: TorchComm(max_tokens=...) must be the same on every rank (its blocks "
+                         f"are equal splits), got {every} (by rank)")
 
 
 def buffer_bytes(max_tokens: int, world_size: int, hidden: int, dtype: torch.dtype, top_k: int,

@@ -84,8 +84,7 @@ class TorchComm:
             raise ValueError("the torch comm needs torch.distributed initialised (init_process_group) first")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
-                                       or max_tokens < 1):
+        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):  # bool refused too
             raise ValueError(f"max_tokens must be None or a positive int (tokens per rank), got {max_tokens!r}")
         if not isinstance(max_buffer_bytes, int) or max_buffer_bytes < 1:
             raise ValueError(f"max_buffer_bytes must be a positive int, got {max_buffer_bytes!r}")
@@ -101,8 +100,10 @@ class TorchComm:
         self._tables: dict[tuple, torch.Tensor] = {}  # constant index tables by (name, sizes, device)
         self._host_splits: torch.Tensor | None = None  # pinned count tables [2, W, C] int64: the one host read
         self._failed: TimeoutError | None = None  # a failed host wait (CPU path): every later call raises it
-        if max_tokens is not None and torch.cuda.is_available():
-            self.error_word_addr()  # pinned now, not inside a CUDA graph capture
+        if max_tokens is not None:
+            torch_blocks.check_same_max_tokens(self)
+            if torch.cuda.is_available():
+                self.error_word_addr()  # pinned now, not inside a CUDA graph capture
 
     @staticmethod
     def supports(**options: Any) -> tuple[bool, str]:

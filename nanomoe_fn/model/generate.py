@@ -88,7 +88,8 @@ class DecodeGraph:
             raise ValueError(
                 "cuda_graph=True: the decode step cannot be captured in a CUDA graph because a stage reads device "
                 f"values on the host (expert backend {ctx.expert_backend!r}, comm {type(ctx.comm).__name__}); use "
-                "the 'triton' or 'deepgemm' expert backend and a sync-free comm (local, nvlink, torch_fixed). "
+                "the 'triton' or 'deepgemm' expert backend and a sync-free comm (local, nvlink, torch_fixed, or torch "
+                "with max_tokens: its decode mode). "
                 f"Capture failed with: {str(err).splitlines()[0]}") from err
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
