@@ -83,8 +83,11 @@ def _ep_rank(rank: int, port: int, out_dir: str) -> None:
     dctx = ModelContext(cfg, NvlinkComm(2, cfg.hidden, cfg.moe.top_k, placement.num_physical, torch.float32,
                                         timeout_s=60), placement, "triton", "triton")
     s = SamplingConfig(max_new_tokens=16, ignore_eos=True)
+    # the torch comm's decode mode: one max_tokens on both ranks (the most sequences a rank holds)
+    tctx = ModelContext(cfg, TorchComm(timeout_s=60, max_tokens=-(-len(PROMPTS) // 2)), placement, "triton", "triton")
     out = {"graph": generate(params, mine, ctx, s, cuda_graph=True, decode_ctx=dctx),
            "compiled": generate(params, mine, ctx, s, cuda_graph=True, decode_ctx=dctx, compile=True),
+           "graph_torch_decode": generate(params, mine, ctx, s, cuda_graph=True, decode_ctx=tctx),
            "eager": generate(params, mine, ctx, s)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
@@ -102,3 +105,4 @@ def test_ep_generation_on_two_gpus_equals_one(tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         want = generate(params, PROMPTS[rank::2], ctx, s)
         assert got["eager"] == want and got["graph"] == want and got["compiled"] == want
+        assert got["graph_torch_decode"] == want
