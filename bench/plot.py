@@ -22,11 +22,14 @@ from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V3 = {"hidden": 7168, "experts": 256, "top_k": 8}
-# dispatch files, oldest run first (runs 12, 12, 13, 16, 18 of gpu_tests_h200.md): a later run's row for the same
-# comm and phase replaces an earlier one's; files not named here count as newer, by name
+# dispatch files, oldest run first (runs 12, 12, 13, 16, 18, 42, 47, 48, 49, 49, 51, 51 of gpu_tests_h200.md): a
+# later run's row for the same comm and phase replaces an earlier one's; files not named here count as newer, by name
 DISPATCH_RUNS = ("dispatch_headline_h200x2.json", "dispatch_headline_peers_h200x2.json",
                  "dispatch_headline_final_nvlink_h200x2.json", "dispatch_headline_deepep_h200x2.json",
-                 "dispatch_headline_torch_s6_h200x2.json")
+                 "dispatch_headline_torch_s6_h200x2.json", "dispatch_fp8_h200x2.json",
+                 "dispatch_torch_decode_run47_h200x2.json", "dispatch_torch_decode_run48_h200x2.json",
+                 "dispatch_torch_decode_run49_h200x2.json", "dispatch_torch_decode_run49b_h200x2.json",
+                 "dispatch_torch_decode_distbarrier_run51_h200x2.json", "dispatch_torch_decode_run51_h200x2.json")
 COMMS = ("torch", "torch_fixed", "nvlink", "deepep", "deepep_ll", "nccl_a2a")
 TIMINGS = {"eager": ("", "eager, barrier before each call"), "b2b": ("b2b_", "back to back"),
            "graph": ("graph_", "CUDA graph replays")}

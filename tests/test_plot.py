@@ -153,7 +153,8 @@ def test_real_results_values(real_run):
             assert got["eager"]["dispatch_us"] == row["dispatch_us"] and got["eager"]["combine_us"] == (
                 None if comm == "nccl_a2a" else row["combine_us"]), (phase, comm)
             assert ("graph" in got) == ("graph_dispatch_us" in row)
-    assert dispatch["decode"]["nvlink"]["source"] == "dispatch_fp8_h200x2.json"  # run 42 (issue 14), the newest
+    assert dispatch["decode"]["nvlink"]["source"] == "dispatch_torch_decode_run51_h200x2.json"  # run 51, the newest
+    assert dispatch["decode"]["torch_fixed"]["source"] == "dispatch_headline_final_nvlink_h200x2.json"  # run 13
     ffn = {(r["case"]["tokens"], r["variant"]): r for r in rows("expert_ffn_h200.json")}
     got = side("expert_backends")
     assert got["ffn"]["triton"]["us"] == [ffn[(t, "triton")]["median_us"] for t in (64, 256, 1024, 4096)]
