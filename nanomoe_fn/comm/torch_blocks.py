@@ -14,6 +14,7 @@ host: unpack reads the headers on the GPU and copies each row to its pairs' plac
 the per-expert counts. Combine: per received row the weighted sum of its pairs (float32), blocks of partial
 rows back with equal splits, summed at home.
 
+Every rank builds its comm with the same max_tokens (checked once, at construction): the splits are equal.
 On GPUs a dispatch is two kernel launches and one NCCL call on the current stream (no count exchange, no
 host read), so a decode layer over it can be captured in a CUDA graph; the exact-split mode (max_tokens None,
 comm/torch_dist.py) exchanges counts and reads them on the host first, and suits any batch size. Bytes: W * BS
