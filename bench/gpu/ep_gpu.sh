@@ -9,7 +9,7 @@
 #   STAGES="layer eplb" bash bench/gpu/ep_gpu.sh           # ... and a second one (each call <= 10 min)
 #
 # Env: STAGES (any of: tests profile dispatch layer eplb), TESTS (tests/gpu/ file stems to run), PROFILES,
-# DISPATCH_FLAGS (extra bench_dispatch flags, e.g. --barrier dist), TEST_FLAGS (extra pytest flags, e.g. -k),
+# DISPATCH_FLAGS (extra bench_dispatch flags, e.g. --barrier dist),
 # HOST_COSTS_FLAGS (extra flags of host_costs.py),
 # DISPATCH_VARIANTS (bench_dispatch --variants for the headline case; default: all), DISPATCH_TABLE=0 (skip
 # the public-table cases), LAYER_COMMS and PREFILL_COMMS (the comms of the layer stage; - for none), TOTAL (seconds the script may take, default 560),
@@ -91,7 +91,7 @@ if has tests; then
   for t in ${TESTS:-test_torch_comm_gpu test_nvlink_gpu test_deepep_gpu test_layer_gpu}; do
     [ "$t" = test_deepep_gpu ] && wait_deepep
     if [ -f "tests/gpu/$t.py" ]; then
-      run_step "$t" 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs ${TEST_FLAGS:-} "tests/gpu/$t.py"
+      run_step "$t" 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs "tests/gpu/$t.py"
     else
       echo "SKIP   $t (tests/gpu/$t.py not in this tree)" | tee -a "$STATUS"
     fi
