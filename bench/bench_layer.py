@@ -19,7 +19,9 @@ share_of_ideal, shared-overlap rows shared_hidden. Stage times: each stage of th
 alone with events around it (stage_us, at T and at T/2); ideal TBO time = 2 * max(compute, comm) of the
 T/2 stages + the split's own cost (slicing, one concat of the outputs), compute = route + experts +
 shared + add, comm = the four exchange halves; share_of_ideal = (sequential / tbo) / (sequential / ideal).
-shared_hidden = (sequential - shared_overlap) / the shared stage's time. --profile DIR writes one
+shared_hidden = (sequential - shared_overlap) / the shared stage's time (for +graph rows: its GPU time, a graph of
+the shared FFN alone replayed; shared_us). The overlapped schedules run their exchanges on exchange streams
+(nanomoe_fn/pipeline/streams.py). --schedules picks a subset (sequential always runs). --profile DIR writes one
 torch.profiler trace per comm and schedule of the first case (rank 0), with NVTX ranges per stage.
 """
 
@@ -53,16 +55,18 @@ from bench.common import (  # noqa: E402
 from nanomoe_fn import MoEConfig, Placement, shard_moe_params  # noqa: E402
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
 from nanomoe_fn.moe.layer import MOE_PROGRAM, run_moe  # noqa: E402
-from nanomoe_fn.pipeline import Plan, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
+from nanomoe_fn.pipeline import Plan, Program, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
 
 SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: sequential(shared_expert_overlap(p)),
              "tbo": lambda p: two_batch_overlap(p), "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p))}
 COMPUTE = ("route", "experts", "shared", "add")
+SHARED_ONLY = sequential(Program("shared_only", tuple(s for s in MOE_PROGRAM.stages if s.name == "shared"), ("x",),
+                                 "shared_out"))
 
 
 def sync_free(comm: str, T: int) -> bool:
     """Whether the comm never reads device data on the host at this size (a CUDA graph can hold the layer)."""
-    return comm in ("torch_fixed", "deepep_ll") or (comm == "nvlink" and T <= 256)
+    return comm in ("torch_fixed", "torch_decode", "deepep_ll") or (comm == "nvlink" and T <= 256)
 TWO_INSTANCES = ("nvlink", "deepep", "deepep_ll")  # one dispatch in flight per instance: one per micro-batch
 
 
@@ -124,7 +128,7 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
     try:
         name, opts = comm_options(comm_name, ns, cfg, placement, dtype)
         comms = [make_comm(name, **opts) for _ in range(2 if comm_name in TWO_INSTANCES else 1)]
-        plans = {s: make(MOE_PROGRAM) for s, make in SCHEDULES.items()}
+        plans = {s: make(MOE_PROGRAM) for s, make in SCHEDULES.items() if s in args.schedules}
 
         def call(plan: Plan, xs: torch.Tensor = x):
             return run_moe(plan, local, xs, cfg, comms if plan.micro_batches == 2 else comms[0], placement,
@@ -134,10 +138,14 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
         if args.compile:
             for s, p in plans.items():
                 variants[s + "+compile"] = torch.compile(lambda p=p: call(p))
-        if args.cuda_graph and device.type == "cuda" and sync_free(comm_name, T):
+        graphs = args.cuda_graph and device.type == "cuda" and sync_free(comm_name, T)
+        if graphs:
             for s, p in plans.items():
                 graph, static_out = capture_graph(lambda p=p: call(p))
                 variants[s + "+graph"] = lambda g=graph, o=static_out: (g.replay(), o)[1]
+            # the shared FFN's own GPU time (a graph of it alone): what a graph row's shared overlap can hide
+            g_sh, _ = capture_graph(lambda: run_moe(SHARED_ONLY, local, x, cfg, comms[0], placement))
+            shared_graph_s = statistics.median(time_events(g_sh.replay, device, args.warmup, args.iters))
         want = call(plans["sequential"])
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         bad = {}
@@ -180,7 +188,9 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
                 row["ideal_us"] = sig(ideal * 1e6)
                 row["share_of_ideal"] = sig((base / med[v]) / (base / ideal))
             if "shared" in v and not v.startswith("tbo"):
-                row["shared_hidden"] = sig((base - med[v]) / max(alone["T"]["shared"], 1e-9))
+                shared_s = shared_graph_s if v.endswith("+graph") else alone["T"]["shared"]
+                row["shared_hidden"] = sig((base - med[v]) / max(shared_s, 1e-9))
+                row["shared_us"] = sig(shared_s * 1e6)
         if args.profile and not args.profiled:  # the first case of each comm; every rank runs the calls
             profile(variants, args.profile, f"{comm_name}_{phase}_t{T}", trace=rank == 0)
             args.profiled = True
@@ -226,10 +236,10 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     cfg = v3_config(args.quick)
     rows, failed = [], []
     try:
-        for comm in args.comms:
+        for comm, phases in args.comms:
             args.profiled = False
             for phase, sizes in (("decode", args.decode_tokens), ("prefill", args.prefill_tokens)):
-                for T in sizes:
+                for T in sizes if phase in phases else ():
                     r, f = one_case(comm, phase, T, cfg, args, rank, W, device, dtype)
                     rows += r
                     failed += f
@@ -259,15 +269,28 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _comm_phases(text: str, p: argparse.ArgumentParser) -> tuple[str, tuple[str, ...]]:
+    """'nvlink' -> (nvlink, both phases); 'torch_decode:decode' -> (torch_decode, (decode,))."""
+    name, _, phase = text.partition(":")
+    if phase not in ("", "decode", "prefill"):
+        p.error(f"--comms: {text!r}: the phase after ':' must be decode or prefill")
+    return name, (phase,) if phase else ("decode", "prefill")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, then spawn --world-size ranks."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"])
-    p.add_argument("--comms", default="torch", help="comma list of comm backends (torch, torch_fixed, nvlink, ...)")
+    p.add_argument("--comms", default="torch",
+                   help="comma list of comm backends (torch, torch_decode, torch_fixed, nvlink, deepep, deepep_ll), "
+                        "each optionally limited to one phase: torch_decode:decode,torch:prefill")
     p.add_argument("--decode-tokens", type=_sizes, default=[32, 64, 128, 256])
     p.add_argument("--prefill-tokens", type=_sizes, default=[4096, 16384])
     p.add_argument("--expert-backend", default="triton")
+    p.add_argument("--schedules", default=",".join(SCHEDULES),
+                   help=f"comma list of schedules to run (sequential is always run: the others are checked and "
+                        f"compared against it); default all of {list(SCHEDULES)}")
     p.add_argument("--compile", action="store_true", help="also each schedule under torch.compile")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also each schedule replayed as a CUDA graph, for the sync-free comms (torch_fixed, nvlink "
@@ -280,7 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    args.comms = [c for c in args.comms.split(",") if c]
+    args.comms = [_comm_phases(c, p) for c in args.comms.split(",") if c]
+    args.schedules = ["sequential"] + [s for s in args.schedules.split(",") if s and s != "sequential"]
+    unknown = [s for s in args.schedules if s not in SCHEDULES]
+    if unknown:
+        p.error(f"--schedules: unknown {unknown}; choose from {list(SCHEDULES)}")
     if args.quick:
         args.backend, args.expert_backend = "gloo", ("bmm" if args.expert_backend == "triton" else args.expert_backend)
         if args.decode_tokens == [32, 64, 128, 256]:

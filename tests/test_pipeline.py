@@ -103,7 +103,7 @@ def test_format_plan_shows_the_interleave():
     lines = text.splitlines()
     assert "micro-batch 0" in lines[1] and "micro-batch 1" in lines[1]
     row = {ln.split("|")[0].strip(): [c.strip() for c in ln.split("|")[1:]] for ln in lines[3:]}
-    assert row["0"] == ["route", ""] and row["2"] == ["", "route"] and row["1"] == ["dispatch_send >", ""]
+    assert row["0"] == ["route", ""] and row["2"] == ["", "route"] and row["1"] == ["dispatch_send > [s1]", ""]
     assert len(row) == 2 * len(MOE_PROGRAM.stages)
 
 

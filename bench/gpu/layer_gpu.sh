@@ -1,32 +1,47 @@
 #!/usr/bin/env bash
-# The pipeline transform on the 2-GPU machine in one go: the schedules' GPU test, then bench/bench_layer.py
-# (DeepSeek-V3 MoE layer, 128 local experts per rank) for each comm, decode and prefill sizes, with
-# torch.profiler traces of the first decode case.
+# The pipeline transform on the 2-GPU machine in one go: the schedules' GPU tests, then bench/bench_layer.py
+# (DeepSeek-V3 MoE layer, 128 local experts per rank), one run (and one JSON) per comm, so a comm that runs
+# out of time leaves the others' results; torch.profiler traces of each comm's first case.
 #
 #   bash bench/gpu/layer_gpu.sh
-#   COMMS=torch,nvlink DECODE=32,128 PREFILL=4096 COMPILE=1 GRAPH=1 bash bench/gpu/layer_gpu.sh
+#   COMMS="nvlink torch_decode:decode torch:prefill deepep_ll:decode deepep:prefill" DECODE=32,128 PREFILL=4096 \
+#     GRAPH=1 COMPILE=1 SCHEDULES=tbo,shared_overlap bash bench/gpu/layer_gpu.sh
 #
-# Env: COMMS (default torch,nvlink), DECODE / PREFILL (tokens per rank), COMPILE=1 (adds --compile), GRAPH=1
-# (adds --cuda-graph), TESTS=0
-# (skip the test), TOTAL (seconds, default 540), OUT (default /tmp/out). $OUT gets results/*.json,
-# traces.tgz and summary.txt.
+# Env: COMMS (space list, each `name` or `name:decode|prefill`; default nvlink), DECODE / PREFILL (tokens per
+# rank), GRAPH=1 (--cuda-graph), COMPILE=1 (--compile), SCHEDULES (--schedules), ITERS, TESTS (space list of
+# tests/gpu files without .py; default test_pipeline_gpu test_decoder_gpu; TESTS= runs none), TOTAL (seconds,
+# default 560), TAG (file suffix, default h200x2), OUT (default /tmp/out). $OUT gets results/*.json,
+# logs/ (one log per step), traces.tgz and summary.txt. A comm named deepep* builds DeepEP from .deepep
+# (carried; ../shared/device/prepare-deepep.sh) in the background first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD
 . bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
-OUT=${OUT:-/tmp/out}; TOTAL=${TOTAL:-540}; TAG=h200x2
-mkdir -p "$OUT/results" /tmp/layer_logs /tmp/layer_traces
+OUT=${OUT:-/tmp/out}; TOTAL=${TOTAL:-560}; TAG=${TAG:-h200x2}; COMMS=${COMMS:-nvlink}
+LOGS=$OUT/logs
+mkdir -p "$OUT/results" "$LOGS" /tmp/layer_traces
 : > "$OUT/summary.txt"
-LOGS=/tmp/layer_logs
 . bench/gpu/step.sh  # step NAME LIMIT CMD...
-if [ "${TESTS:-1}" != 0 ]; then
-  step test_pipeline_gpu 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs tests/gpu/test_pipeline_gpu.py
+DEEPEP_PID=""
+if [[ "$COMMS" == *deepep* && -f .deepep/build.sh ]]; then
+  export PYTHONPATH=$PWD/.deepep:$PYTHONPATH
+  bash .deepep/build.sh > "$LOGS/deepep_build.log" 2>&1 &
+  DEEPEP_PID=$!
 fi
-step bench_layer 420 python3 bench/bench_layer.py --world-size 2 --backend nccl --comms "${COMMS:-torch,nvlink}" \
-  --decode-tokens "${DECODE:-32,128,256}" --prefill-tokens "${PREFILL-4096}" ${COMPILE:+--compile} ${GRAPH:+--cuda-graph} \
-  --profile /tmp/layer_traces --json "$OUT/results/layer_$TAG.json"
-grep -vE "Warning|warn\(" /tmp/layer_logs/bench_layer.log | grep -E "^[a-z_]+ +(decode|prefill)|FAILED" >> "$OUT/summary.txt"
-tail -5 /tmp/layer_logs/test_pipeline_gpu.log >> "$OUT/summary.txt" 2>/dev/null
+for t in ${TESTS-test_pipeline_gpu test_decoder_gpu}; do
+  step "$t" 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs "tests/gpu/$t.py"
+done
+for c in $COMMS; do
+  if [[ "$c" == deepep* && -n "$DEEPEP_PID" ]]; then
+    wait "$DEEPEP_PID"; echo "DeepEP build rc=$?: $(tail -1 "$LOGS/deepep_build.log")" | tee -a "$OUT/summary.txt"
+    DEEPEP_PID=""
+  fi
+  name=${c/:/_}
+  step "layer_$name" "${LIMIT:-300}" python3 bench/bench_layer.py --world-size 2 --backend nccl --comms "$c" \
+    --decode-tokens "${DECODE:-32,128,256}" --prefill-tokens "${PREFILL-4096}" ${GRAPH:+--cuda-graph} \
+    ${COMPILE:+--compile} ${SCHEDULES:+--schedules "$SCHEDULES"} ${ITERS:+--iters "$ITERS"} \
+    --profile /tmp/layer_traces --json "$OUT/results/layer_${name}_$TAG.json"
+  grep -vE "Warning|warn\(" "$LOGS/layer_$name.log" | grep -E "^[a-z_]+ +(decode|prefill)|FAILED" >> "$OUT/summary.txt"
+done
 tar czf "$OUT/traces.tgz" -C /tmp layer_traces
-tar czf "$OUT/logs.tgz" -C /tmp layer_logs
 cat "$OUT/summary.txt"

@@ -8,14 +8,21 @@ in flight per instance (nvlink) gets one context per micro-batch. Every step run
 (`program/stage/mbN`), so a timeline shows what ran when: a torch.profiler range while that profiler
 records, an NVTX range (for nsys) when NANOMOE_NVTX=1 was set at import and CUDA is there, else nothing
 (a range costs ~6 us of host time on a fast CPU, and eager decode is host-bound), and nothing while
-torch.compile traces. The steps run on the current stream in plan order: an exchange overlaps
-the other micro-batch's compute through the comm's own asynchrony (NCCL's stream for `torch`, DeepEP's
-async handles), not through streams chosen here.
+torch.compile traces.
+
+Streams (streams.py, on CUDA): an exchange with work in its window runs on its micro-batch's exchange
+stream, so NVLink kernels, NCCL calls and their waits run beside the compute queued in the window (and a
+host read inside an exchange waits only for that exchange's stream, not for the other micro-batch's
+experts); events order the streams as the stages' declared values require. On CPUs, while torch.compile
+traces, and for plans whose exchanges have empty windows (sequential), every step runs on the current
+stream. The exchange streams are made once per device and micro-batch (high priority: an exchange's few
+blocks start ahead of queued GEMM blocks).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -40,11 +47,26 @@ def scope(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@functools.cache
+def exchange_stream(device_index: int, lane: int) -> torch.cuda.Stream:
+    """Exchange stream `lane` (>= 1) of a CUDA device: made once, high priority (module docstring)."""
+    lo, hi = torch.cuda.Stream.priority_range()
+    return torch.cuda.Stream(device=device_index, priority=min(lo, hi))
+
+
+def _device(inputs: dict) -> torch.device | None:
+    for v in inputs.values():
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return None
+
+
 def run(plan: Plan, params: Any, inputs: dict, ctx: Any | Sequence[Any]) -> Any:
     """Execute `plan` on inputs (a dict with the program's input names) -> the program's output.
 
     ctx: the context every stage gets, or a list/tuple with one per micro-batch. With more than one
-    micro-batch the program's `split` cuts the inputs and its `merge` joins the outputs.
+    micro-batch the program's `split` cuts the inputs and its `merge` joins the outputs. Exchanges with
+    work in their window run on exchange streams on CUDA (module docstring).
     """
     program, n = plan.program, plan.micro_batches
     missing = [k for k in program.inputs if k not in inputs]
@@ -59,10 +81,33 @@ def run(plan: Plan, params: Any, inputs: dict, ctx: Any | Sequence[Any]) -> Any:
         raise ValueError(f"program {program.name!r} has no split/merge: it cannot run as {n} micro-batches")
     else:
         envs = [dict(part) for part in program.split(inputs, n)]
-    for mb, stage in plan.steps:
-        env = envs[mb]
-        with scope(f"{program.name}/{stage.name}/mb{mb}"):
-            out = stage.fn(params, env, ctxs[mb])
-        env.update(out)
+    sp, dev = plan.streams, _device(inputs)
+    if sp.side_lanes and dev is not None and dev.type == "cuda" and not torch.compiler.is_compiling():
+        _run_on_streams(plan, params, envs, ctxs, dev)
+    else:
+        for mb, stage in plan.steps:
+            with scope(f"{program.name}/{stage.name}/mb{mb}"):
+                envs[mb].update(stage.fn(params, envs[mb], ctxs[mb]))
     outs = [env[program.output] for env in envs]
     return outs[0] if n == 1 else program.merge(outs)
+
+
+def _run_on_streams(plan: Plan, params: Any, envs: list[dict], ctxs: list, dev: torch.device) -> None:
+    """The steps on their lanes: fork the exchange streams, order them with events, join them (streams.py)."""
+    sp, main = plan.streams, torch.cuda.current_stream(dev)
+    lanes = {0: main} | {lane: exchange_stream(dev.index, lane) for lane in sp.side_lanes}
+    for lane in sp.side_lanes:
+        lanes[lane].wait_stream(main)
+    events: dict[int, torch.cuda.Event] = {}
+    for i, (mb, stage) in enumerate(plan.steps):
+        stream = lanes[sp.lanes[i]]
+        for w in sp.waits[i]:
+            stream.wait_event(events[w])
+        with scope(f"{plan.program.name}/{stage.name}/mb{mb}"), (
+                torch.cuda.stream(stream) if sp.lanes[i] else contextlib.nullcontext()):
+            envs[mb].update(stage.fn(params, envs[mb], ctxs[mb]))
+            if sp.records[i]:
+                events[i] = torch.cuda.Event()
+                events[i].record(stream)
+    for lane in sp.side_lanes:
+        main.wait_stream(lanes[lane])

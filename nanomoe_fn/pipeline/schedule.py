@@ -13,24 +13,31 @@ Dimension legend: none (plans hold stage names and micro-batch numbers, not tens
   choose the same plan (each micro-batch is one more round of collectives), so `tokens` must be a value
   all ranks share (the step's largest per-rank batch, or a fixed bucket), never this rank's own T alone.
 
-`format_plan(plan)` prints what runs when, one row per step, one column per micro-batch.
+`format_plan(plan)` prints what runs when, one row per step, one column per micro-batch, and which steps
+run on an exchange stream (streams.py: an exchange with work in its window runs beside that work).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from nanomoe_fn.pipeline.program import Program, Stage, move_after
+from nanomoe_fn.pipeline.streams import StreamPlan, stream_plan
 
 
 @dataclass(frozen=True)
 class Plan:
-    """steps: (micro-batch, stage) in execution order; micro_batches: how many the input is split into."""
+    """steps: (micro-batch, stage) in execution order; micro_batches: how many the input is split into;
+    streams: the lane of each step and the events between lanes (streams.py), derived from the steps."""
 
     name: str
     program: Program
     micro_batches: int
     steps: tuple[tuple[int, Stage], ...]
+    streams: StreamPlan = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "streams", stream_plan(self.steps))
 
 
 def sequential(program: Program) -> Plan:
@@ -74,15 +81,17 @@ def auto_schedule(program: Program, tokens: int, threshold: int) -> Plan:
 
 
 def format_plan(plan: Plan) -> str:
-    """A table of the plan: step, then per micro-batch the stage it runs (kind marked: > send, < recv)."""
+    """A table of the plan: step, then per micro-batch the stage it runs (kind marked: > send, < recv; [sN]:
+    on exchange stream N)."""
     mark = {"send": " >", "recv": " <", "compute": ""}
     cells = [[""] * plan.micro_batches for _ in plan.steps]
+    lanes = plan.streams.lanes
     for i, (mb, s) in enumerate(plan.steps):
-        cells[i][mb] = s.name + mark[s.kind]
+        cells[i][mb] = s.name + mark[s.kind] + (f" [s{lanes[i]}]" if lanes[i] else "")
     heads = ["step"] + [f"micro-batch {mb}" for mb in range(plan.micro_batches)]
     width = [max(len(heads[0]), len(str(len(cells))))] + [
         max([len(heads[c + 1])] + [len(row[c]) for row in cells]) for c in range(plan.micro_batches)]
-    lines = [f"{plan.name} of {plan.program.name} (> starts an exchange, < finishes it)",
+    lines = [f"{plan.name} of {plan.program.name} (> starts an exchange, < finishes it, [sN] on exchange stream N)",
              " | ".join(h.ljust(w) for h, w in zip(heads, width))]
     lines.append("-+-".join("-" * w for w in width))
     lines += [" | ".join([str(i).ljust(width[0])] + [c.ljust(w) for c, w in zip(row, width[1:])])

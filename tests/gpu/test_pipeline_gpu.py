@@ -1,7 +1,10 @@
 """Every schedule of the pipeline transform on 2 GPUs: sequential, shared-expert overlap, two-batch overlap and
-both give the same MoE layer output as sequential and the single-rank layer, for the torch, torch_fixed and
-nvlink comms (nvlink and two-batch overlap: one comm instance per micro-batch), decode and prefill sizes, a
-rank whose second micro-batch is empty.
+both give the same MoE layer output as sequential and the single-rank layer, for the torch (exact splits and
+decode mode), torch_fixed and nvlink comms (nvlink and two-batch overlap: one comm instance per micro-batch),
+decode and prefill sizes, a rank whose second micro-batch is empty. The overlapped schedules run their
+exchanges on exchange streams (pipeline/streams.py): at DeepSeek-like widths, over several rounds of new
+tokens (a missing event would show as a mismatch), and captured in a CUDA graph (nvlink and the torch decode
+mode), each replay equal to eager sequential on the same tokens.
 
 Each test spawns one NCCL rank per GPU; ranks save their outputs and the parent compares on the CPU.
 """
@@ -49,6 +52,8 @@ def _on(dev: torch.device, tree):
 def _comms(case: dict, cfg, placement, dtype, n: int) -> list:
     if case["comm"] == "torch":
         return [TorchComm(timeout_s=30) for _ in range(n)]
+    if case["comm"] == "torch_decode":
+        return [TorchComm(max_tokens=max(1, max(case["tokens"])), timeout_s=30) for _ in range(n)]
     if case["comm"] == "torch_fixed":
         return [TorchFixedComm(max(1, max(case["tokens"])), timeout_s=30) for _ in range(n)]
     from nanomoe_fn.comm.nvlink import NvlinkComm
@@ -64,6 +69,7 @@ CASES = [
     dict(comm="nvlink", mode="decode", tokens=[16, 1], dtype="bfloat16", backend="triton", seed=4),
     dict(comm="nvlink", mode="prefill", tokens=[40, 33], dtype="bfloat16", backend="triton", seed=5),
     dict(comm="nvlink", mode="decode", tokens=[5, 0], dtype="float32", backend="loop", seed=6),
+    dict(comm="torch_decode", mode="decode", tokens=[12, 3], dtype="bfloat16", backend="triton", seed=7),
 ]
 CFG = dict(hidden=256, intermediate=64, num_experts=8, top_k=2, n_shared_experts=1)
 
@@ -104,3 +110,71 @@ def test_every_schedule_equals_sequential_and_single_rank_on_two_gpus(tmp_path):
             for name, out in outs.items():
                 assert out.shape == x.shape and out.dtype == x.dtype, what + " " + name
                 assert_close_to_ref(out, outs["sequential"].double(), x.dtype, f"{what} {name} vs sequential")
+
+
+WIDE = dict(hidden=2048, intermediate=512, num_experts=32, top_k=8, n_shared_experts=1, score_func="sigmoid",
+            n_group=4, topk_group=2, correction_bias=True)
+STREAM_CASES = [dict(comm="nvlink", mode="prefill", tokens=[300, 180], graph=False),
+                dict(comm="torch", mode="prefill", tokens=[256, 256], graph=False),
+                dict(comm="nvlink", mode="decode", tokens=[64, 64], graph=True),
+                dict(comm="torch_decode", mode="decode", tokens=[64, 64], graph=True)]
+ROUNDS = 3
+
+
+def _stream_worker(rank: int, port: int, out_dir: str) -> None:
+    dev = _init(rank, port)
+    try:
+        for i, case in enumerate(STREAM_CASES):
+            case = {**case, "cfg": WIDE, "dtype": "bfloat16", "seed": 40 + i, "backend": "triton"}
+            cfg, params, _ = dist_worker.case_inputs(case, rank)
+            placement = dist_worker.case_placement(case, cfg, W).to(dev)
+            local = _on(dev, shard_moe_params(params, placement, rank))
+            gen = torch.Generator().manual_seed(1000 * i + rank)
+            xs = [torch.randn(case["tokens"][rank], cfg.hidden, generator=gen).to(dev, torch.bfloat16)
+                  for _ in range(ROUNDS)]
+            outs: dict = {}
+            for name, make in PLANS.items():
+                plan = make()
+                comms = _comms(case, cfg, placement, torch.bfloat16, plan.micro_batches)
+                comm = comms if len(comms) > 1 else comms[0]
+
+                def layer(x, plan=plan, comm=comm, local=local, cfg=cfg, placement=placement):
+                    return run_moe(plan, local, x, cfg, comm, placement, "triton")
+
+                outs[name] = [layer(x).cpu() for x in xs]  # back to back: events are all that orders the streams
+                if case["graph"] and name != "sequential":
+                    static_x = xs[0].clone()
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph wants
+                        for _ in range(2):
+                            layer(static_x)
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                        static_out = layer(static_x)
+                    replays = []
+                    for x in xs:
+                        static_x.copy_(x)
+                        graph.replay()
+                        replays.append(static_out.clone())
+                    outs[name + "+graph"] = [r.cpu() for r in replays]
+                    del graph
+            torch.save(outs, os.path.join(out_dir, f"stream{i}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_overlapped_schedules_on_exchange_streams_equal_sequential_every_round_and_in_graphs(tmp_path):
+    os.environ.update(SAFE_ENV)
+    spawn_bounded(_stream_worker, W, (free_port(), str(tmp_path)), 300, "pipeline stream workers")
+    for i, case in enumerate(STREAM_CASES):
+        for rank in range(W):
+            outs = torch.load(tmp_path / f"stream{i}_rank{rank}.pt")
+            want = len(PLANS) + (len(PLANS) - 1 if case["graph"] else 0)
+            assert len(outs) == want, f"stream case {i} rank {rank}: ran {sorted(outs)}"
+            for name, rounds in outs.items():
+                for j, out in enumerate(rounds):
+                    what = f"stream case {i} ({case['comm']} {case['mode']}) rank {rank} {name} round {j}"
+                    assert_close_to_ref(out, outs["sequential"][j].double(), torch.bfloat16, what + " vs sequential")
+            assert not torch.equal(outs["sequential"][0], outs["sequential"][1]), "the rounds' tokens must differ"
