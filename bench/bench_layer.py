@@ -19,9 +19,12 @@ share_of_ideal, shared-overlap rows shared_hidden. Stage times: each stage of th
 alone with events around it (stage_us, at T and at T/2); ideal TBO time = 2 * max(compute, comm) of the
 T/2 stages + the split's own cost (slicing, one concat of the outputs), compute = route + experts +
 shared + add, comm = the four exchange halves; share_of_ideal = (sequential / tbo) / (sequential / ideal).
-shared_hidden = (sequential - shared_overlap) / the shared stage's time (for +graph rows: its GPU time, a graph of
-the shared FFN alone replayed; shared_us). The overlapped schedules run their exchanges on exchange streams
-(nanomoe_fn/pipeline/streams.py). --schedules picks a subset (sequential always runs). --profile DIR writes one
+shared_hidden = (sequential - shared_overlap) / the shared stage's time (shared_us). +graph rows use GPU-only
+stage times instead (bench/layer_stages.py: each compute stage captured alone, the exchanges = the whole
+sequential graph minus them), for their ideal and shared_hidden, and carry stage_half_us. shared_stream runs
+the shared experts on their own stream from the layer's start; the overlapped schedules run their
+exchanges on exchange streams (nanomoe_fn/pipeline/streams.py). --schedules picks a subset (sequential
+always runs). --profile DIR writes one
 torch.profiler trace per comm and schedule of the first case (rank 0), with NVTX ranges per stage.
 """
 
@@ -32,7 +35,6 @@ import os
 import statistics
 import sys
 import traceback
-from dataclasses import replace
 from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,16 +54,17 @@ from bench.common import (  # noqa: E402
     time_events,
     write_record,
 )
+from bench.layer_stages import graph_stage_times, stage_medians, timed_stages  # noqa: E402
 from nanomoe_fn import MoEConfig, Placement, shard_moe_params  # noqa: E402
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
-from nanomoe_fn.moe.layer import MOE_PROGRAM, run_moe  # noqa: E402
-from nanomoe_fn.pipeline import Plan, Program, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
+from nanomoe_fn.moe.layer import MOE_PROGRAM, MoEContext, run_moe  # noqa: E402
+from nanomoe_fn.pipeline import Plan, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
 
 SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: sequential(shared_expert_overlap(p)),
-             "tbo": lambda p: two_batch_overlap(p), "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p))}
+             "shared_stream": lambda p: sequential(shared_expert_overlap(p, stream=True)),
+             "tbo": lambda p: two_batch_overlap(p), "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p)),
+             "tbo+shared_stream": lambda p: two_batch_overlap(shared_expert_overlap(p, stream=True))}
 COMPUTE = ("route", "experts", "shared", "add")
-SHARED_ONLY = sequential(Program("shared_only", tuple(s for s in MOE_PROGRAM.stages if s.name == "shared"), ("x",),
-                                 "shared_out"))
 
 
 def sync_free(comm: str, T: int) -> bool:
@@ -78,40 +81,6 @@ def v3_config(quick: bool) -> MoEConfig:
     return MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, score_func="sigmoid",
                      correction_bias=True, n_group=8, topk_group=4, norm_topk_prob=True,
                      routed_scaling_factor=2.5, n_shared_experts=1)
-
-
-def timed_stages(plan: Plan, device: torch.device) -> tuple[Plan, dict]:
-    """The plan with CUDA events (wall clock on CPU) around each stage; times[name] collects seconds."""
-    import time
-
-    times: dict[str, list] = {}
-
-    def wrap(stage):  # noqa: ANN001, ANN202 - a Stage
-        def fn(p, env, c):  # noqa: ANN001, ANN202
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                out = stage.fn(p, env, c)
-                b.record()
-                times.setdefault(stage.name, []).append((a, b))
-            else:
-                t = time.perf_counter()
-                out = stage.fn(p, env, c)
-                times.setdefault(stage.name, []).append(time.perf_counter() - t)
-            return out
-        return replace(stage, fn=fn)
-
-    return replace(plan, steps=tuple((mb, wrap(s)) for mb, s in plan.steps)), times
-
-
-def stage_medians(times: dict, device: torch.device) -> dict:
-    """Median seconds per stage, the slowest rank's."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        times = {k: [a.elapsed_time(b) * 1e-3 for a, b in v] for k, v in times.items()}
-    names = sorted(times)
-    meds = slowest([statistics.median(times[n]) for n in names], device)
-    return dict(zip(names, meds))
 
 
 def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.Namespace, rank: int, W: int,
@@ -143,9 +112,6 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
             for s, p in plans.items():
                 graph, static_out = capture_graph(lambda p=p: call(p))
                 variants[s + "+graph"] = lambda g=graph, o=static_out: (g.replay(), o)[1]
-            # the shared FFN's own GPU time (a graph of it alone): what a graph row's shared overlap can hide
-            g_sh, _ = capture_graph(lambda: run_moe(SHARED_ONLY, local, x, cfg, comms[0], placement))
-            shared_graph_s = statistics.median(time_events(g_sh.replay, device, args.warmup, args.iters))
         want = call(plans["sequential"])
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         bad = {}
@@ -178,17 +144,30 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
         compute_t = sum(v for k, v in half.items() if k in COMPUTE)
         split_t = statistics.median(time_events(lambda: torch.cat([want[: T // 2], want[T // 2:]]), device,
                                                 args.warmup, args.iters))
-        ideal = 2 * max(comm_t, compute_t) + split_t
+        ideal = {"": 2 * max(comm_t, compute_t) + split_t}
+        if graphs:  # GPU-only stage times for the graph rows (layer_stages.py)
+            ctx = MoEContext(cfg, comms[0], placement, args.expert_backend)
+            seq = plans["sequential"]
+            gt = {label: graph_stage_times(seq, local, xs, ctx, lambda xs=xs: call(seq, xs), device, args.warmup,
+                                           args.iters, barrier)
+                  for label, xs in (("T", x), ("T/2", x[: T // 2]))}
+            g_half = gt["T/2"]
+            ideal["+graph"] = 2 * max(g_half["exchanges"], sum(g_half[k] for k in COMPUTE)) + split_t
         for row in rows:
             v = row["variant"]
             base = med["sequential" + next((t for t in ("+compile", "+graph") if v.endswith(t)), "")]
             row["speedup_vs"] = {"sequential": sig(base / med[v])}
-            row["stage_us"] = {k: sig(s * 1e6) for k, s in alone["T"].items()}
-            if v.startswith("tbo"):
-                row["ideal_us"] = sig(ideal * 1e6)
-                row["share_of_ideal"] = sig((base / med[v]) / (base / ideal))
+            on_graph = v.endswith("+graph")
+            stages = gt["T"] if on_graph else alone["T"]
+            row["stage_us"] = {k: sig(s * 1e6) for k, s in stages.items()}
+            if on_graph:
+                row["stage_half_us"] = {k: sig(s * 1e6) for k, s in gt["T/2"].items()}
+            kind = "+graph" if on_graph else ""
+            if v.startswith("tbo") and kind in ideal:
+                row["ideal_us"] = sig(ideal[kind] * 1e6)
+                row["share_of_ideal"] = sig(ideal[kind] / med[v])
             if "shared" in v and not v.startswith("tbo"):
-                shared_s = shared_graph_s if v.endswith("+graph") else alone["T"]["shared"]
+                shared_s = stages["shared"]
                 row["shared_hidden"] = sig((base - med[v]) / max(shared_s, 1e-9))
                 row["shared_us"] = sig(shared_s * 1e6)
         if args.profile and not args.profiled:  # the first case of each comm; every rank runs the calls

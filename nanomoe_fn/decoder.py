@@ -163,6 +163,11 @@ DECODER_MOE_PROGRAM = _program("decoder_moe", moe_stages("tokens", "ffn_out", la
 DECODER_DENSE_PROGRAM = _program("decoder_dense", (Stage("dense_ffn", _dense_ffn, ("tokens",), ("ffn_out",)),))
 
 
+def _same(stages: tuple[Stage, ...]) -> set:
+    """What makes two stage tuples the same layer: each stage's function and values (its stream aside)."""
+    return {(s.name, s.fn, s.reads, s.writes, s.kind) for s in stages}
+
+
 def decoder_layer(params: DecoderParams, x: torch.Tensor, positions: torch.Tensor, cache: MLACache,
                   ctx: DecoderContext | Sequence[DecoderContext], plan: Plan | None = None
                   ) -> tuple[torch.Tensor, MLACache]:
@@ -174,8 +179,9 @@ def decoder_layer(params: DecoderParams, x: torch.Tensor, positions: torch.Tenso
     if (params.moe is None) == (params.dense is None):
         raise ValueError("params must hold exactly one of moe (an MoE layer) and dense (a dense FFN layer)")
     plan = plan if plan is not None else sequential(program)
-    if plan.program.stages[-1].name != "result" or set(plan.program.stages) != set(program.stages):
-        raise ValueError(f"plan must be a plan of {program.name} (its stages, any order), got {plan.program.name}")
+    if plan.program.stages[-1].name != "result" or _same(plan.program.stages) != _same(program.stages):
+        raise ValueError(f"plan must be a plan of {program.name} (its stages, any order, on any stream), got "
+                         f"{plan.program.name}")
     ctxs = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
     if params.moe is not None and any(c.moe is None for c in ctxs):
         raise ValueError("ctx.moe must be a MoEContext (comm, placement, backend) for an MoE decoder layer")

@@ -1,7 +1,7 @@
 """bench/bench_layer.py --quick on 2 gloo ranks (run as a command, as users run it): every schedule of every
 case is checked against sequential before it is timed, and each row carries what the DESIGN.md schema asks
 for the layer bench (speedup_vs.sequential; share_of_ideal and ideal_us on TBO rows; shared_hidden on the
-shared-overlap row; stage times of every stage)."""
+shared-overlap rows (dispatch window and own stream); stage times of every stage)."""
 
 from __future__ import annotations
 
@@ -29,12 +29,14 @@ def test_layer_bench_quick_rows(tmp_path):
         assert r["median_us"] > 0 and r["speedup_vs"]["sequential"] > 0, r
         assert set(r["stage_us"]) == STAGES, r["stage_us"]
         assert ("share_of_ideal" in r and r["ideal_us"] > 0) == v.startswith("tbo"), r
-        assert ("shared_hidden" in r) == (v == "shared_overlap"), r
-    assert {r["variant"] for r in rec["rows"]} == {"sequential", "shared_overlap", "tbo", "tbo+shared"}
+        assert ("shared_hidden" in r) == (v in ("shared_overlap", "shared_stream")), r
+    assert {r["variant"] for r in rec["rows"]} == {"sequential", "shared_overlap", "shared_stream", "tbo", "tbo+shared",
+                                                  "tbo+shared_stream"}
     assert [r["speedup_vs"]["sequential"] for r in rec["rows"] if r["variant"] == "sequential"] == [1.0] * 4
     traces = sorted(os.listdir(tmp_path / "prof"))  # the first case of each comm, every schedule
     assert traces == sorted(f"layer_{c}_decode_t1_{v}.json" for c in ("torch", "torch_fixed")
-                            for v in ("sequential", "shared_overlap", "tbo", "tbo_shared"))
+                            for v in ("sequential", "shared_overlap", "shared_stream", "tbo", "tbo_shared",
+                                      "tbo_shared_stream"))
     def names(trace: str) -> set:
         return {e.get("name", "") for e in json.loads((tmp_path / "prof" / trace).read_text())["traceEvents"]}
 

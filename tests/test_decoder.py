@@ -66,7 +66,9 @@ def _prefill_inputs(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.
 
 PLANS = {"shared_overlap": lambda p: sequential(shared_expert_overlap(p)) if p is DECODER_MOE_PROGRAM else None,
          "tbo": lambda p: two_batch_overlap(p),
-         "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p)) if p is DECODER_MOE_PROGRAM else None}
+         "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p)) if p is DECODER_MOE_PROGRAM else None,
+         "shared_stream": lambda p: sequential(shared_expert_overlap(p, stream=True))
+         if p is DECODER_MOE_PROGRAM else None}
 
 
 def test_sequential_equals_the_composition_and_the_reference():

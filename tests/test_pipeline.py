@@ -120,6 +120,8 @@ def test_run_checks_inputs_contexts_and_splitting():
 
 
 PLANS = {"shared_overlap": lambda: sequential(shared_expert_overlap(MOE_PROGRAM)),
+         "shared_stream": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, stream=True)),
+         "tbo+shared_stream": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM, stream=True)),
          "tbo": lambda: two_batch_overlap(MOE_PROGRAM),
          "tbo+shared": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM))}
 

@@ -3,7 +3,8 @@ order the lanes.
 
 - Sequential plans keep every step on the caller's stream (no events); an exchange with work in its window
   (the shared experts after dispatch's send, two-batch overlap's other micro-batch) runs on its
-  micro-batch's exchange stream.
+  micro-batch's exchange stream; a stage that names a stream (the shared experts) runs on its own, from as
+  early as its reads allow.
 - On drawn programs and schedules, every value a step reads was written before it in the happens-before
   order that the plan's lanes, fork, events and join give (simulated here on the CPU; the GPU runs are
   tests/gpu/test_pipeline_gpu.py), and an event is recorded only where another lane waits for it.
@@ -11,9 +12,11 @@ order the lanes.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanomoe_fn.decoder import DECODER_MOE_PROGRAM
 from nanomoe_fn.moe.layer import MOE_PROGRAM
 from nanomoe_fn.pipeline import Program, Stage, sequential, shared_expert_overlap, two_batch_overlap
 from nanomoe_fn.pipeline.streams import stream_plan
@@ -49,6 +52,21 @@ def test_two_batch_overlap_gives_each_micro_batch_its_exchange_stream():
     assert plan.streams.side_lanes == (1, 2)
 
 
+def test_a_stage_with_its_own_stream_runs_from_its_inputs_and_add_waits_for_it():
+    plan = sequential(shared_expert_overlap(MOE_PROGRAM, stream=True))
+    names = [s.name for _, s in plan.steps]
+    assert names[0] == "shared" and plan.streams.lanes[0] == 1 and plan.streams.high == (False,)
+    assert set(plan.streams.lanes[1:]) == {0}  # the exchanges' windows are empty: they stay on lane 0
+    assert [names[w] for w in plan.streams.waits[names.index("add")]] == ["shared"]
+    decoder = shared_expert_overlap(DECODER_MOE_PROGRAM, stream=True)  # reads "tokens": right after ffn_norm
+    order = [s.name for s in decoder.stages]
+    assert order.index("shared") == order.index("ffn_norm") + 1
+    tbo = two_batch_overlap(shared_expert_overlap(MOE_PROGRAM, stream=True))
+    assert tbo.streams.high == (False, True, False, True)  # shared mb0, exchanges mb0, shared mb1, exchanges mb1
+    with pytest.raises(ValueError, match="only compute stages name a stream"):
+        Stage("s", lambda p, e, c: {}, ("x",), ("y",), "send", "d", stream="side")
+
+
 def _happens_before(steps, sp) -> list[set]:
     """hb[i]: the steps that finish before step i starts on the GPU (lane order, events, the fork)."""
     hb: list[set] = []
@@ -73,7 +91,8 @@ def _programs(draw):
     for i in range(draw(st.integers(1, 7))):
         if draw(st.booleans()):
             reads = tuple(draw(st.lists(st.sampled_from(known), min_size=1, max_size=2, unique=True)))
-            stages.append(Stage(f"c{i}", lambda p, e, c: {}, reads, (f"v{i}",)))
+            stream = draw(st.sampled_from(["", "", "side", "other"]))
+            stages.append(Stage(f"c{i}", lambda p, e, c: {}, reads, (f"v{i}",), stream=stream))
             known.append(f"v{i}")
         else:
             reads = tuple(draw(st.lists(st.sampled_from(known), min_size=1, max_size=2, unique=True)))
@@ -108,6 +127,9 @@ def test_every_read_happens_after_its_write_on_drawn_plans(program, tbo):
         if s.kind == "recv":
             j = next(j for j, (m, t) in enumerate(steps) if m == mb and t.kind == "send" and t.pair == s.pair)
             assert (sp.lanes[i] != 0) == (i - j > 1) and sp.lanes[i] == sp.lanes[j]
+        if s.stream:  # a named stream: its own lane, shared with no other name or micro-batch
+            assert all(sp.lanes[i] != sp.lanes[k] for k, (m, t) in enumerate(steps)
+                       if (m, t.stream) != (mb, s.stream))
 
 
 def test_stream_plan_is_the_plans_own():

@@ -10,17 +10,19 @@
 # Env: COMMS (space list, each `name` or `name:decode|prefill`; default nvlink), DECODE / PREFILL (tokens per
 # rank), GRAPH=1 (--cuda-graph), COMPILE=1 (--compile), SCHEDULES (--schedules), ITERS, TESTS (space list of
 # tests/gpu files without .py; default test_pipeline_gpu test_decoder_gpu; TESTS= runs none), TOTAL (seconds,
-# default 560), TAG (file suffix, default h200x2), OUT (default /tmp/out). $OUT gets results/*.json,
-# logs/ (one log per step), traces.tgz and summary.txt. A comm named deepep* builds DeepEP from .deepep
+# default 560), TAG (file suffix, default h200x2), OUT (default /tmp/out). $OUT gets pack.tgz (results/*.json and
+# logs/, one log per step; packed again after every step, so a run cut short still returns what finished),
+# traces.tgz and summary.txt. A comm named deepep* builds DeepEP from .deepep
 # (carried; ../shared/device/prepare-deepep.sh) in the background first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD
 . bench/gpu/names.sh  # nanomoe_kernels / nanomoe_reference
 OUT=${OUT:-/tmp/out}; TOTAL=${TOTAL:-560}; TAG=${TAG:-h200x2}; COMMS=${COMMS:-nvlink}
-LOGS=$OUT/logs
-mkdir -p "$OUT/results" "$LOGS" /tmp/layer_traces
-: > "$OUT/summary.txt"
+WORK=/tmp/layer_work; LOGS=$WORK/logs
+mkdir -p "$OUT" "$WORK/results" "$LOGS" /tmp/layer_traces
+pack() { tar czf "$OUT/pack.tgz" -C "$WORK" results logs; }
+touch "$OUT/summary.txt"
 . bench/gpu/step.sh  # step NAME LIMIT CMD...
 DEEPEP_PID=""
 if [[ "$COMMS" == *deepep* && -f .deepep/build.sh ]]; then
@@ -30,6 +32,7 @@ if [[ "$COMMS" == *deepep* && -f .deepep/build.sh ]]; then
 fi
 for t in ${TESTS-test_pipeline_gpu test_decoder_gpu}; do
   step "$t" 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs "tests/gpu/$t.py"
+  pack
 done
 for c in $COMMS; do
   if [[ "$c" == deepep* && -n "$DEEPEP_PID" ]]; then
@@ -40,8 +43,9 @@ for c in $COMMS; do
   step "layer_$name" "${LIMIT:-300}" python3 bench/bench_layer.py --world-size 2 --backend nccl --comms "$c" \
     --decode-tokens "${DECODE:-32,128,256}" --prefill-tokens "${PREFILL-4096}" ${GRAPH:+--cuda-graph} \
     ${COMPILE:+--compile} ${SCHEDULES:+--schedules "$SCHEDULES"} ${ITERS:+--iters "$ITERS"} \
-    --profile /tmp/layer_traces --json "$OUT/results/layer_${name}_$TAG.json"
+    --profile /tmp/layer_traces --json "$WORK/results/layer_${name}_$TAG.json"
   grep -vE "Warning|warn\(" "$LOGS/layer_$name.log" | grep -E "^[a-z_]+ +(decode|prefill)|FAILED" >> "$OUT/summary.txt"
+  pack
 done
 tar czf "$OUT/traces.tgz" -C /tmp layer_traces
 cat "$OUT/summary.txt"

@@ -9,8 +9,9 @@ A stage is a plain function `fn(params, env, ctx) -> dict` over an environment o
 inside them, so every schedule runs the same functions on the same values.
 
 `Program.check()` proves a stage order is runnable: every read is produced earlier (or is an input),
-nothing is written twice, and each "recv" follows its "send". `move_after` is the one reordering
-primitive (shared-expert overlap uses it); it refuses a move that would read a value before it exists.
+nothing is written twice, and each "recv" follows its "send". `move_after` and `move_first` (as early as
+the stage's reads allow) are the reordering primitives (shared-expert overlap uses them); they refuse a
+move that would read a value before it exists.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class Stage:
     """One step of a layer: fn(params, env, ctx) -> {name: value for name in writes}.
 
     pair: for "send" / "recv" stages, the name of the exchange (e.g. "dispatch"), the same on both halves.
+    stream: for a compute stage off the critical path (the shared experts), the name of its own stream: it
+    runs beside the other stages, ordered only by the values it reads and writes (streams.py); "" = the
+    caller's stream. Exchanges never name one: their streams follow from the plan.
     """
 
     name: str
@@ -35,6 +39,7 @@ class Stage:
     writes: tuple[str, ...]
     kind: str = "compute"
     pair: str = ""
+    stream: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -42,6 +47,9 @@ class Stage:
         if (self.kind != "compute") != bool(self.pair):
             raise ValueError(f"Stage {self.name!r}: 'send' and 'recv' stages name their exchange in `pair` "
                              f"(and compute stages leave it empty), got kind {self.kind!r}, pair {self.pair!r}")
+        if self.stream and self.kind != "compute":
+            raise ValueError(f"Stage {self.name!r}: only compute stages name a stream (an exchange's follows from "
+                             f"the plan), got kind {self.kind!r}, stream {self.stream!r}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,16 @@ class Program:
         if self.output not in known:
             raise ValueError(f"program {self.name!r}: no stage writes the output {self.output!r}")
         return self
+
+
+def move_first(program: Program, stage: str) -> Program:
+    """The program with `stage` moved as early as its reads allow: right after the last stage that writes
+    one of them (first of all when it reads only inputs)."""
+    s = program.stage(stage)
+    writers = [i for i, x in enumerate(program.stages) if x.name != s.name and set(x.writes) & set(s.reads)]
+    if writers:
+        return move_after(program, stage, program.stages[max(writers)].name)
+    return replace(program, stages=(s,) + tuple(x for x in program.stages if x.name != s.name)).check()
 
 
 def move_after(program: Program, stage: str, anchor: str) -> Program:

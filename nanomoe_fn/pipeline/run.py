@@ -15,8 +15,8 @@ stream, so NVLink kernels, NCCL calls and their waits run beside the compute que
 host read inside an exchange waits only for that exchange's stream, not for the other micro-batch's
 experts); events order the streams as the stages' declared values require. On CPUs, while torch.compile
 traces, and for plans whose exchanges have empty windows (sequential), every step runs on the current
-stream. The exchange streams are made once per device and micro-batch (high priority: an exchange's few
-blocks start ahead of queued GEMM blocks).
+stream. A compute stage that names a stream (the shared experts) runs on its own. Side streams are made
+once per device and lane (exchanges at high priority: their few blocks start ahead of queued GEMM blocks).
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ def scope(name: str) -> contextlib.AbstractContextManager:
 
 
 @functools.cache
-def exchange_stream(device_index: int, lane: int) -> torch.cuda.Stream:
-    """Exchange stream `lane` (>= 1) of a CUDA device: made once, high priority (module docstring)."""
+def side_stream(device_index: int, lane: int, high: bool) -> torch.cuda.Stream:
+    """Side stream `lane` (>= 1) of a CUDA device, made once: high priority for exchanges (module docstring),
+    the default priority for a compute stage's own stream (off the critical path)."""
     lo, hi = torch.cuda.Stream.priority_range()
-    return torch.cuda.Stream(device=device_index, priority=min(lo, hi))
+    return torch.cuda.Stream(device=device_index, priority=min(lo, hi) if high else 0)
 
 
 def _device(inputs: dict) -> torch.device | None:
@@ -95,7 +96,7 @@ def run(plan: Plan, params: Any, inputs: dict, ctx: Any | Sequence[Any]) -> Any:
 def _run_on_streams(plan: Plan, params: Any, envs: list[dict], ctxs: list, dev: torch.device) -> None:
     """The steps on their lanes: fork the exchange streams, order them with events, join them (streams.py)."""
     sp, main = plan.streams, torch.cuda.current_stream(dev)
-    lanes = {0: main} | {lane: exchange_stream(dev.index, lane) for lane in sp.side_lanes}
+    lanes = {0: main} | {lane: side_stream(dev.index, lane, high) for lane, high in zip(sp.side_lanes, sp.high)}
     for lane in sp.side_lanes:
         lanes[lane].wait_stream(main)
     events: dict[int, torch.cuda.Event] = {}

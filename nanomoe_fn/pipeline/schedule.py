@@ -4,7 +4,8 @@ Dimension legend: none (plans hold stage names and micro-batch numbers, not tens
 
 - `sequential(program)`: one micro-batch, the program's order.
 - `shared_expert_overlap(program)`: the shared-expert FFN moved into the dispatch window (right after
-  dispatch's send half), so it runs while the tokens are in flight instead of after combine.
+  dispatch's send half), so it runs while the tokens are in flight instead of after combine; with
+  stream=True on its own stream from the layer's start, beside routing, the exchanges and the experts.
 - `two_batch_overlap(program)`: the batch split in two micro-batches; each runs its stages up to and
   including a send half, then yields to the other. One micro-batch's exchange is in flight while the
   other computes (route, experts, shared FFN): the order of SGLang's two-batch overlap, as a plan.
@@ -14,14 +15,15 @@ Dimension legend: none (plans hold stage names and micro-batch numbers, not tens
   all ranks share (the step's largest per-rank batch, or a fixed bucket), never this rank's own T alone.
 
 `format_plan(plan)` prints what runs when, one row per step, one column per micro-batch, and which steps
-run on an exchange stream (streams.py: an exchange with work in its window runs beside that work).
+run on a side stream (streams.py: an exchange with work in its window runs beside that work, and so does
+a stage that names its own stream).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from nanomoe_fn.pipeline.program import Program, Stage, move_after
+from nanomoe_fn.pipeline.program import Program, Stage, move_after, move_first
 from nanomoe_fn.pipeline.streams import StreamPlan, stream_plan
 
 
@@ -46,8 +48,17 @@ def sequential(program: Program) -> Plan:
     return Plan("sequential", program, 1, tuple((0, s) for s in program.stages))
 
 
-def shared_expert_overlap(program: Program, shared: str = "shared", window: str = "dispatch_send") -> Program:
-    """The program with stage `shared` right after `window` (the send half whose exchange it overlaps)."""
+def shared_expert_overlap(program: Program, shared: str = "shared", window: str = "dispatch_send",
+                          stream: bool = False) -> Program:
+    """The program with stage `shared` right after `window` (the send half whose exchange it overlaps), or,
+    with stream=True, on its own stream from as early as its inputs allow (it then runs beside routing,
+    dispatch and the experts: its GEMMs fill the time the GPU waits on small routing kernels, the host
+    and the exchange)."""
+    if stream:
+        moved = move_first(program, shared)
+        side = replace(moved.stage(shared), stream=shared)
+        stages = tuple(side if s.name == shared else s for s in moved.stages)
+        return replace(moved, stages=stages, name=f"{program.name}+shared_stream").check()
     if program.stage(window).kind != "send":
         raise ValueError(f"window must be a send stage, got {window!r} ({program.stage(window).kind})")
     return replace(move_after(program, shared, window), name=f"{program.name}+shared_overlap")
@@ -82,7 +93,7 @@ def auto_schedule(program: Program, tokens: int, threshold: int) -> Plan:
 
 def format_plan(plan: Plan) -> str:
     """A table of the plan: step, then per micro-batch the stage it runs (kind marked: > send, < recv; [sN]:
-    on exchange stream N)."""
+    on side stream N)."""
     mark = {"send": " >", "recv": " <", "compute": ""}
     cells = [[""] * plan.micro_batches for _ in plan.steps]
     lanes = plan.streams.lanes
@@ -91,7 +102,7 @@ def format_plan(plan: Plan) -> str:
     heads = ["step"] + [f"micro-batch {mb}" for mb in range(plan.micro_batches)]
     width = [max(len(heads[0]), len(str(len(cells))))] + [
         max([len(heads[c + 1])] + [len(row[c]) for row in cells]) for c in range(plan.micro_batches)]
-    lines = [f"{plan.name} of {plan.program.name} (> starts an exchange, < finishes it, [sN] on exchange stream N)",
+    lines = [f"{plan.name} of {plan.program.name} (> starts an exchange, < finishes it, [sN] on side stream N)",
              " | ".join(h.ljust(w) for h, w in zip(heads, width))]
     lines.append("-+-".join("-" * w for w in width))
     lines += [" | ".join([str(i).ljust(width[0])] + [c.ljust(w) for c, w in zip(row, width[1:])])

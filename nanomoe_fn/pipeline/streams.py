@@ -4,9 +4,11 @@ Dimension legend: none (lanes and step numbers, not tensors).
 
 Lane 0 is the caller's stream (compute). An exchange whose two halves have other steps between them (the
 window a schedule opened for overlap: the shared experts after dispatch's send, the other micro-batch's
-stages under two-batch overlap) runs both halves on lane 1 + mb, micro-batch mb's exchange stream, so its
-kernels and collectives run beside the compute queued in the window instead of behind it. An exchange with
-an empty window (sequential) stays on lane 0: a side stream would only add events.
+stages under two-batch overlap) runs both halves on its micro-batch's exchange lane, so its kernels and
+collectives run beside the compute queued in the window instead of behind it. An exchange with an empty
+window (sequential) stays on lane 0: a side stream would only add events. A compute stage that names a
+stream (Stage.stream: the shared experts off the critical path) gets a lane of its own per micro-batch.
+Side lanes are numbered 1, 2, ... in order of first use.
 
 Ordering, from the values the stages declare (Stage.reads / writes, per micro-batch environment):
 - fork: every side lane first waits for lane 0 where the plan starts (the inputs and the split's slices
@@ -32,25 +34,34 @@ from typing import Any
 class StreamPlan:
     """Per step of a plan: lanes[i] (0 = the caller's stream, 1 + mb = micro-batch mb's exchange stream),
     waits[i] (earlier steps whose events step i waits for), records[i] (record an event after step i).
-    side_lanes: the side lanes the plan uses (forked at its start, joined at its end)."""
+    side_lanes: the side lanes the plan uses (forked at its start, joined at its end); high[j]: whether
+    side_lanes[j] is an exchange lane (a high-priority stream) rather than a compute stage's own stream."""
 
     lanes: tuple[int, ...]
     waits: tuple[tuple[int, ...], ...]
     records: tuple[bool, ...]
     side_lanes: tuple[int, ...]
+    high: tuple[bool, ...]
 
 
 def stream_plan(steps: Sequence[tuple[int, Any]]) -> StreamPlan:
     """The StreamPlan of steps (micro-batch, Stage) in execution order (module docstring)."""
-    lanes = [0] * len(steps)
+    keys: list[Any] = [None] * len(steps)  # None: lane 0; else what names the side lane
     send_at: dict[tuple[int, str], int] = {}
     for i, (mb, s) in enumerate(steps):
-        if s.kind == "send":
+        if s.stream:
+            keys[i] = ("compute", s.stream, mb)
+        elif s.kind == "send":
             send_at[(mb, s.pair)] = i
         elif s.kind == "recv":
             j = send_at[(mb, s.pair)]
             if i - j > 1:  # something runs in the window: both halves on the micro-batch's exchange stream
-                lanes[i] = lanes[j] = 1 + mb
+                keys[i] = keys[j] = ("exchange", mb)
+    number: dict[Any, int] = {}
+    for k in keys:
+        if k is not None and k not in number:
+            number[k] = len(number) + 1
+    lanes = [0 if k is None else number[k] for k in keys]
     writer: dict[tuple[int, str], int] = {}
     waited: dict[tuple[int, int], int] = {}  # (lane, other lane) -> the latest step of the other it waited for
     waits: list[tuple[int, ...]] = []
@@ -67,4 +78,5 @@ def stream_plan(steps: Sequence[tuple[int, Any]]) -> StreamPlan:
         waits.append(tuple(sorted(latest.values())))
         for w in s.writes:
             writer[(mb, w)] = i
-    return StreamPlan(tuple(lanes), tuple(waits), tuple(records), tuple(sorted(set(lanes) - {0})))
+    return StreamPlan(tuple(lanes), tuple(waits), tuple(records), tuple(number.values()),
+                      tuple(k[0] == "exchange" for k in number))

@@ -31,7 +31,9 @@ MOE = MoEConfig(hidden=H, intermediate=256, num_experts=16, top_k=4, n_shared_ex
 PLANS = {"sequential": lambda: sequential(DECODER_MOE_PROGRAM),
          "shared_overlap": lambda: sequential(shared_expert_overlap(DECODER_MOE_PROGRAM)),
          "tbo": lambda: two_batch_overlap(DECODER_MOE_PROGRAM),
-         "tbo+shared": lambda: two_batch_overlap(shared_expert_overlap(DECODER_MOE_PROGRAM))}
+         "tbo+shared": lambda: two_batch_overlap(shared_expert_overlap(DECODER_MOE_PROGRAM)),
+         "shared_stream": lambda: sequential(shared_expert_overlap(DECODER_MOE_PROGRAM, stream=True)),
+         "tbo+shared_stream": lambda: two_batch_overlap(shared_expert_overlap(DECODER_MOE_PROGRAM, stream=True))}
 COMMS = ("nvlink", "torch")
 
 

@@ -38,7 +38,9 @@ W = 2
 PLANS = {"sequential": lambda: sequential(MOE_PROGRAM),
          "shared_overlap": lambda: sequential(shared_expert_overlap(MOE_PROGRAM)),
          "tbo": lambda: two_batch_overlap(MOE_PROGRAM),
-         "tbo+shared": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM))}
+         "tbo+shared": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM)),
+         "shared_stream": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, stream=True)),
+         "tbo+shared_stream": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM, stream=True))}
 
 
 def _init(rank: int, port: int) -> torch.device:
