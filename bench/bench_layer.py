@@ -22,7 +22,8 @@ shared + add, comm = the four exchange halves; share_of_ideal = (sequential / tb
 shared_hidden = (sequential - shared_overlap) / the shared stage's time (shared_us). +graph rows use GPU-only
 stage times instead (bench/layer_stages.py: each compute stage captured alone, the exchanges = the whole
 sequential graph minus them), for their ideal and shared_hidden, and carry stage_half_us. shared_stream runs
-the shared experts on their own stream from the layer's start; the overlapped schedules run their
+the shared experts on their own stream from the layer's start (_after_route, _after_send: launched after that
+stage instead); the overlapped schedules run their
 exchanges on exchange streams (nanomoe_fn/pipeline/streams.py). --schedules picks a subset (sequential
 always runs). --profile DIR writes one
 torch.profiler trace per comm and schedule of the first case (rank 0), with NVTX ranges per stage.
@@ -61,16 +62,21 @@ from nanomoe_fn.moe.layer import MOE_PROGRAM, MoEContext, run_moe  # noqa: E402
 from nanomoe_fn.pipeline import Plan, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
 
 SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: sequential(shared_expert_overlap(p)),
-             "shared_stream": lambda p: sequential(shared_expert_overlap(p, stream=True)),
+             "shared_stream": lambda p: sequential(shared_expert_overlap(p, window=None, stream=True)),
+             "shared_stream_after_route": lambda p: sequential(shared_expert_overlap(p, window="route", stream=True)),
+             "shared_stream_after_send": lambda p: sequential(shared_expert_overlap(p, stream=True)),
              "tbo": lambda p: two_batch_overlap(p), "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p)),
-             "tbo+shared_stream": lambda p: two_batch_overlap(shared_expert_overlap(p, stream=True))}
+             "tbo+shared_stream": lambda p: two_batch_overlap(shared_expert_overlap(p, window=None, stream=True))}
 COMPUTE = ("route", "experts", "shared", "add")
 
 
 def sync_free(comm: str, T: int) -> bool:
     """Whether the comm never reads device data on the host at this size (a CUDA graph can hold the layer)."""
     return comm in ("torch_fixed", "torch_decode", "deepep_ll") or (comm == "nvlink" and T <= 256)
-TWO_INSTANCES = ("nvlink", "deepep", "deepep_ll")  # one dispatch in flight per instance: one per micro-batch
+TWO_INSTANCES = ("nvlink", "deepep")  # one dispatch in flight per instance: one per micro-batch
+# one low-latency DeepEPComm per process (NVSHMEM initialises once) and one dispatch in flight per instance
+ONE_INSTANCE_ONLY = {"deepep_ll": "two-batch overlap needs two dispatches in flight; the deepep_ll comm allows one "
+                                  "per instance and one instance per process (NVSHMEM initialises once)"}
 
 
 def v3_config(quick: bool) -> MoEConfig:
@@ -98,6 +104,10 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
         name, opts = comm_options(comm_name, ns, cfg, placement, dtype)
         comms = [make_comm(name, **opts) for _ in range(2 if comm_name in TWO_INSTANCES else 1)]
         plans = {s: make(MOE_PROGRAM) for s, make in SCHEDULES.items() if s in args.schedules}
+        if comm_name in ONE_INSTANCE_ONLY:
+            for s in [s for s, p in plans.items() if p.micro_batches > 1]:
+                args.skipped.append({"case": case, "variant": s, "why": ONE_INSTANCE_ONLY[comm_name]})
+                del plans[s]
 
         def call(plan: Plan, xs: torch.Tensor = x):
             return run_moe(plan, local, xs, cfg, comms if plan.micro_batches == 2 else comms[0], placement,
@@ -214,6 +224,7 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
                             **({"device_id": device} if device.type == "cuda" else {}))
     cfg = v3_config(args.quick)
     rows, failed = [], []
+    args.skipped = []  # schedules a comm cannot run (ONE_INSTANCE_ONLY), with why
     try:
         for comm, phases in args.comms:
             args.profiled = False
@@ -231,7 +242,7 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
                         for x in f:
                             print(f"FAILED {comm} {phase} T={T} {x['variant']}: {x['error']}")
         if rank == 0 and args.json:
-            write_record(args.json, "layer", device, W, {}, rows, {"failed": failed})
+            write_record(args.json, "layer", device, W, {}, rows, {"failed": failed, "skipped": args.skipped})
     finally:
         dist.destroy_process_group()
     if failed:

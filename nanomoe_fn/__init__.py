@@ -49,6 +49,7 @@ from nanomoe_fn.pipeline import (
     Program,
     Stage,
     auto_schedule,
+    default_threshold,
     format_plan,
     run,
     sequential,
@@ -66,6 +67,7 @@ __all__ = [
     "supports_comm", "mla", "MLAParams", "init_mla_params", "MLAConfig", "ContiguousCache", "PagedCache",
     "init_contiguous_cache", "init_paged_cache", "MLA_BACKENDS", "get_mla_backend",
     "MOE_PROGRAM", "MoEContext", "moe_stages", "run_moe", "Plan", "Program", "Stage", "auto_schedule",
-    "format_plan", "run", "sequential", "shared_expert_overlap", "two_batch_overlap", "DECODER_DENSE_PROGRAM",
-    "DECODER_MOE_PROGRAM", "DecoderContext", "DecoderParams", "decoder_context", "decoder_layer",
+    "default_threshold", "format_plan", "run", "sequential", "shared_expert_overlap", "two_batch_overlap",
+    "DECODER_DENSE_PROGRAM", "DECODER_MOE_PROGRAM", "DecoderContext", "DecoderParams", "decoder_context",
+    "decoder_layer",
 ]

@@ -67,7 +67,7 @@ def _prefill_inputs(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.
 PLANS = {"shared_overlap": lambda p: sequential(shared_expert_overlap(p)) if p is DECODER_MOE_PROGRAM else None,
          "tbo": lambda p: two_batch_overlap(p),
          "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p)) if p is DECODER_MOE_PROGRAM else None,
-         "shared_stream": lambda p: sequential(shared_expert_overlap(p, stream=True))
+         "shared_stream": lambda p: sequential(shared_expert_overlap(p, window=None, stream=True))
          if p is DECODER_MOE_PROGRAM else None}
 
 

@@ -100,6 +100,11 @@ def test_tuned_kernel_tables_are_in_the_wheel(wheel):
         assert wheel.read(f"nanomoe_kernels/tuned/{name}") == (ROOT / "kernels" / "tuned" / name).read_bytes()
 
 
+def test_package_data_tables_are_in_the_wheel(wheel):
+    name = "nanomoe_fn/pipeline/tbo_thresholds.json"  # auto_schedule's measured defaults
+    assert wheel.read(name) == (ROOT / name).read_bytes()
+
+
 def test_metadata_names_the_extras_and_dependencies(wheel):
     meta, project = dist_info(wheel, "METADATA"), pyproject()["project"]
     assert f"Name: {project['name']}" in meta and f"Version: {project['version']}" in meta

@@ -27,6 +27,7 @@ from nanomoe_fn.pipeline import (
     Program,
     Stage,
     auto_schedule,
+    default_threshold,
     format_plan,
     move_after,
     run,
@@ -96,6 +97,16 @@ def test_auto_schedule_switches_at_its_threshold_and_checks_its_arguments():
         auto_schedule(MOE_PROGRAM, -1, 64)
     with pytest.raises(ValueError, match="threshold must be an int >= 1"):
         auto_schedule(MOE_PROGRAM, 8, 0)
+    # the measured defaults (tbo_thresholds.json): TBO lost at every size measured on 2 ranks; 1 rank has
+    # nothing to overlap; 8 ranks were not measured
+    assert default_threshold(2) is None and default_threshold(1) is None and default_threshold(8) is None
+    for W in (1, 2, 8):
+        assert auto_schedule(MOE_PROGRAM, 1 << 20, world_size=W).name == "sequential"
+    assert auto_schedule(MOE_PROGRAM, 64, threshold=64, world_size=2).name == "two_batch_overlap"  # explicit wins
+    with pytest.raises(ValueError, match="needs a threshold or the world_size"):
+        auto_schedule(MOE_PROGRAM, 8)
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+        default_threshold(0)
 
 
 def test_format_plan_shows_the_interleave():
@@ -120,8 +131,9 @@ def test_run_checks_inputs_contexts_and_splitting():
 
 
 PLANS = {"shared_overlap": lambda: sequential(shared_expert_overlap(MOE_PROGRAM)),
-         "shared_stream": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, stream=True)),
-         "tbo+shared_stream": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM, stream=True)),
+         "shared_stream": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, window=None, stream=True)),
+         "shared_stream_after_send": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, stream=True)),
+         "tbo+shared_stream": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM, window=None, stream=True)),
          "tbo": lambda: two_batch_overlap(MOE_PROGRAM),
          "tbo+shared": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM))}
 

@@ -53,15 +53,16 @@ def test_two_batch_overlap_gives_each_micro_batch_its_exchange_stream():
 
 
 def test_a_stage_with_its_own_stream_runs_from_its_inputs_and_add_waits_for_it():
-    plan = sequential(shared_expert_overlap(MOE_PROGRAM, stream=True))
+    plan = sequential(shared_expert_overlap(MOE_PROGRAM, window=None, stream=True))
     names = [s.name for _, s in plan.steps]
     assert names[0] == "shared" and plan.streams.lanes[0] == 1 and plan.streams.high == (False,)
     assert set(plan.streams.lanes[1:]) == {0}  # the exchanges' windows are empty: they stay on lane 0
     assert [names[w] for w in plan.streams.waits[names.index("add")]] == ["shared"]
-    decoder = shared_expert_overlap(DECODER_MOE_PROGRAM, stream=True)  # reads "tokens": right after ffn_norm
+    # the decoder's shared experts read "tokens": right after ffn_norm
+    decoder = shared_expert_overlap(DECODER_MOE_PROGRAM, window=None, stream=True)
     order = [s.name for s in decoder.stages]
     assert order.index("shared") == order.index("ffn_norm") + 1
-    tbo = two_batch_overlap(shared_expert_overlap(MOE_PROGRAM, stream=True))
+    tbo = two_batch_overlap(shared_expert_overlap(MOE_PROGRAM, window=None, stream=True))
     assert tbo.streams.high == (False, True, False, True)  # shared mb0, exchanges mb0, shared mb1, exchanges mb1
     with pytest.raises(ValueError, match="only compute stages name a stream"):
         Stage("s", lambda p, e, c: {}, ("x",), ("y",), "send", "d", stream="side")

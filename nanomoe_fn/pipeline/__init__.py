@@ -8,11 +8,12 @@ from nanomoe_fn.pipeline.run import run, scope
 from nanomoe_fn.pipeline.schedule import (
     Plan,
     auto_schedule,
+    default_threshold,
     format_plan,
     sequential,
     shared_expert_overlap,
     two_batch_overlap,
 )
 
-__all__ = ["Plan", "Program", "Stage", "auto_schedule", "format_plan", "move_after", "run", "scope",
-           "sequential", "shared_expert_overlap", "two_batch_overlap"]
+__all__ = ["Plan", "Program", "Stage", "auto_schedule", "default_threshold", "format_plan", "move_after", "run",
+           "scope", "sequential", "shared_expert_overlap", "two_batch_overlap"]

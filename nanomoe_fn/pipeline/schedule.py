@@ -5,12 +5,15 @@ Dimension legend: none (plans hold stage names and micro-batch numbers, not tens
 - `sequential(program)`: one micro-batch, the program's order.
 - `shared_expert_overlap(program)`: the shared-expert FFN moved into the dispatch window (right after
   dispatch's send half), so it runs while the tokens are in flight instead of after combine; with
-  stream=True on its own stream from the layer's start, beside routing, the exchanges and the experts.
+  stream=True on its own stream, launched after `window` (None: from the layer's start), beside the
+  exchanges and the experts.
 - `two_batch_overlap(program)`: the batch split in two micro-batches; each runs its stages up to and
   including a send half, then yields to the other. One micro-batch's exchange is in flight while the
   other computes (route, experts, shared FFN): the order of SGLang's two-batch overlap, as a plan.
 - `auto_schedule(program, tokens, threshold)`: two-batch overlap at `tokens` >= threshold, else
-  sequential (splitting a small decode batch costs more than the overlap saves). Every rank must
+  sequential (splitting a small decode batch costs more than the overlap saves). Without a threshold it
+  takes the measured default for the world size (tbo_thresholds.json: at 2 ranks TBO lost at every size
+  measured, so the default there is sequential). Every rank must
   choose the same plan (each micro-batch is one more round of collectives), so `tokens` must be a value
   all ranks share (the step's largest per-rank batch, or a fixed bucket), never this rank's own T alone.
 
@@ -21,7 +24,9 @@ a stage that names its own stream).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
+from importlib import resources
 
 from nanomoe_fn.pipeline.program import Program, Stage, move_after, move_first
 from nanomoe_fn.pipeline.streams import StreamPlan, stream_plan
@@ -48,20 +53,21 @@ def sequential(program: Program) -> Plan:
     return Plan("sequential", program, 1, tuple((0, s) for s in program.stages))
 
 
-def shared_expert_overlap(program: Program, shared: str = "shared", window: str = "dispatch_send",
+def shared_expert_overlap(program: Program, shared: str = "shared", window: str | None = "dispatch_send",
                           stream: bool = False) -> Program:
-    """The program with stage `shared` right after `window` (the send half whose exchange it overlaps), or,
-    with stream=True, on its own stream from as early as its inputs allow (it then runs beside routing,
-    dispatch and the experts: its GEMMs fill the time the GPU waits on small routing kernels, the host
-    and the exchange)."""
-    if stream:
-        moved = move_first(program, shared)
-        side = replace(moved.stage(shared), stream=shared)
-        stages = tuple(side if s.name == shared else s for s in moved.stages)
-        return replace(moved, stages=stages, name=f"{program.name}+shared_stream").check()
-    if program.stage(window).kind != "send":
-        raise ValueError(f"window must be a send stage, got {window!r} ({program.stage(window).kind})")
-    return replace(move_after(program, shared, window), name=f"{program.name}+shared_overlap")
+    """The program with stage `shared` right after `window`, the send half whose exchange it overlaps. With
+    stream=True the stage runs on its own stream, launched right after `window` (any stage, or None: as
+    early as its inputs allow), beside the exchanges and the experts."""
+    if not stream:
+        if window is None or program.stage(window).kind != "send":
+            kind = None if window is None else program.stage(window).kind
+            raise ValueError(f"window must be a send stage (or stream=True), got {window!r} ({kind})")
+        return replace(move_after(program, shared, window), name=f"{program.name}+shared_overlap")
+    moved = move_first(program, shared) if window is None else move_after(program, shared, window)
+    side = replace(moved.stage(shared), stream=shared)
+    stages = tuple(side if s.name == shared else s for s in moved.stages)
+    where = "start" if window is None else window
+    return replace(moved, stages=stages, name=f"{program.name}+shared_stream@{where}").check()
 
 
 def _phases(program: Program) -> list[list[Stage]]:
@@ -81,11 +87,27 @@ def two_batch_overlap(program: Program) -> Plan:
     return Plan("two_batch_overlap", program, 2, tuple(steps))
 
 
-def auto_schedule(program: Program, tokens: int, threshold: int) -> Plan:
+def default_threshold(world_size: int) -> int | None:
+    """Two-batch overlap's measured threshold at this world size (tbo_thresholds.json, package data), or None:
+    TBO lost at every size measured there, or the world size was not measured."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    table = json.loads(resources.files("nanomoe_fn.pipeline").joinpath("tbo_thresholds.json").read_text())
+    return table["thresholds"].get(str(world_size))
+
+
+def auto_schedule(program: Program, tokens: int, threshold: int | None = None, world_size: int | None = None) -> Plan:
     """two_batch_overlap(program) when tokens >= threshold, else sequential(program) (module docstring:
-    `tokens` must be the same on every rank)."""
+    `tokens` must be the same on every rank). threshold None: the measured default for world_size
+    (default_threshold; None there keeps TBO off)."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise ValueError(f"tokens must be an int >= 0 (shared by every rank), got {tokens!r}")
+    if threshold is None:
+        if world_size is None:
+            raise ValueError("auto_schedule needs a threshold or the world_size whose measured default it takes")
+        threshold = default_threshold(world_size)
+        if threshold is None:
+            return sequential(program)
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise ValueError(f"threshold must be an int >= 1, got {threshold!r}")
     return two_batch_overlap(program) if tokens >= threshold else sequential(program)

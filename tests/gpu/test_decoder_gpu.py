@@ -32,8 +32,10 @@ PLANS = {"sequential": lambda: sequential(DECODER_MOE_PROGRAM),
          "shared_overlap": lambda: sequential(shared_expert_overlap(DECODER_MOE_PROGRAM)),
          "tbo": lambda: two_batch_overlap(DECODER_MOE_PROGRAM),
          "tbo+shared": lambda: two_batch_overlap(shared_expert_overlap(DECODER_MOE_PROGRAM)),
-         "shared_stream": lambda: sequential(shared_expert_overlap(DECODER_MOE_PROGRAM, stream=True)),
-         "tbo+shared_stream": lambda: two_batch_overlap(shared_expert_overlap(DECODER_MOE_PROGRAM, stream=True))}
+         "shared_stream": lambda: sequential(shared_expert_overlap(DECODER_MOE_PROGRAM, window=None, stream=True)),
+         "shared_stream_after_send": lambda: sequential(shared_expert_overlap(DECODER_MOE_PROGRAM, stream=True)),
+         "tbo+shared_stream": lambda: two_batch_overlap(
+             shared_expert_overlap(DECODER_MOE_PROGRAM, window=None, stream=True))}
 COMMS = ("nvlink", "torch")
 
 

@@ -39,8 +39,9 @@ PLANS = {"sequential": lambda: sequential(MOE_PROGRAM),
          "shared_overlap": lambda: sequential(shared_expert_overlap(MOE_PROGRAM)),
          "tbo": lambda: two_batch_overlap(MOE_PROGRAM),
          "tbo+shared": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM)),
-         "shared_stream": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, stream=True)),
-         "tbo+shared_stream": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM, stream=True))}
+         "shared_stream": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, window=None, stream=True)),
+         "shared_stream_after_send": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, stream=True)),
+         "tbo+shared_stream": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM, window=None, stream=True))}
 
 
 def _init(rank: int, port: int) -> torch.device:
