@@ -34,7 +34,9 @@ COMMS = ("torch", "torch_fixed", "nvlink", "deepep", "deepep_ll", "nccl_a2a")
 TIMINGS = {"eager": ("", "eager, barrier before each call"), "b2b": ("b2b_", "back to back"),
            "graph": ("graph_", "CUDA graph replays")}
 HEADLINE_TOKENS = {"decode": 128, "prefill": 4096}
-SCHEDULES = ("sequential", "shared_overlap", "tbo", "tbo+shared")
+SCHEDULES = ("sequential", "shared_overlap", "shared_stream", "tbo", "tbo+shared")
+# the layer files the overlap figure draws, one panel each (run 54 of gpu_tests_h200.md: exchange streams)
+OVERLAP_RUNS = ("layer_nvlink_run54_h200x2.json", "layer_torch_prefill_run54_h200x2.json")
 # legend order, one color each; the peer drawn beside them (the other peer rows of the JSON stay in the JSON)
 BACKENDS = ("loop", "bmm", "deepgemm", "triton+align", "triton", "floor", "sglang")
 BACKEND_NAMES = {"batched_gemm": "bmm", "fused_moe": "triton"}  # the benches' mode names
@@ -100,11 +102,13 @@ def dispatch_data(results: str) -> tuple[dict, list[str]]:
 
 def overlap_data(results: str) -> tuple[dict, list[str]]:
     """{"panels": [{"source", "groups": [{"label", "us": {schedule: median_us}, "ideal_us"}]}]}, sources: one
-    panel per layer_*.json file (eager-only files first), one group per (comm, phase, tokens, graph or eager)."""
+    panel per file of OVERLAP_RUNS (every layer_*.json file, by name, where none of those is there), one group
+    per (comm, phase, tokens, graph or eager)."""
     found = rows(results, "layer_*.json")
-    graphs = {path for path, _, r, _ in found if r["variant"].endswith("+graph")}
+    found = [f for f in found if os.path.basename(f[0]) in OVERLAP_RUNS] or found
+    order = {name: i for i, name in enumerate(OVERLAP_RUNS)}
     panels: dict[str, dict] = {}
-    for path, _, r, c in sorted(found, key=lambda f: (f[0] in graphs, f[0])):
+    for path, _, r, c in sorted(found, key=lambda f: (order.get(os.path.basename(f[0]), len(order)), f[0])):
         name, graph = r["variant"].removesuffix("+graph"), r["variant"].endswith("+graph")
         if name in SCHEDULES:
             label = f"{c.get('comm')}\n{c.get('phase')} {c.get('tokens')}" + ("\nCUDA graph" if graph else "")
@@ -210,7 +214,7 @@ def draw_dispatch(plt: object, data: dict, sources: list[str]) -> tuple[object, 
 def draw_overlap(plt: object, data: dict, sources: list[str]) -> tuple[object, float]:
     """Grouped bars of the per-call median per schedule, speed-up vs sequential on top, TBO's ideal as a tick."""
     panels, width = data["panels"], 0.8 / len(SCHEDULES)
-    colors = dict(zip(SCHEDULES, ("tab:grey", "tab:cyan", "tab:red", "tab:purple")))
+    colors = dict(zip(SCHEDULES, ("tab:grey", "tab:cyan", "tab:blue", "tab:red", "tab:purple")))
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels) + 0.8), squeeze=False)
     for ax, panel in zip(axes[:, 0], panels):
         for x, g in enumerate(panel["groups"]):
@@ -229,8 +233,10 @@ def draw_overlap(plt: object, data: dict, sources: list[str]) -> tuple[object, f
         ax.legend(fontsize=8, ncol=5, loc="upper left")
     fig.suptitle("MoE layer schedules on 2 H200s (DeepSeek-V3 MoE, triton experts); labels: speed-up vs sequential")
     return fig, _footnote(fig, sources, "tbo = two-batch overlap, shared_overlap = shared experts in the dispatch "
-                          "window; a barrier before each call, slowest rank; tbo ideal = 2 x max(compute, comm) of "
-                          "the half-batch stages (each timed alone, eager) + the split")
+                          "window, shared_stream = on their own stream from the start; exchanges of overlapped "
+                          "schedules on side streams; a barrier before each call, slowest rank; tbo ideal = 2 x "
+                          "max(compute, comm) of the half-batch stages (eager: each timed alone; graph: GPU time) "
+                          "+ the split")
 
 
 def _eplb_layer(ax: object, groups: list[dict]) -> None:

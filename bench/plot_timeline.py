@@ -20,7 +20,7 @@ import json
 import os
 import re
 
-RANGE = re.compile(r"^(?P<program>[\w+]+)/(?P<stage>\w+)/mb(?P<mb>\d+)$")
+RANGE = re.compile(r"^(?P<program>[\w+@]+)/(?P<stage>\w+)/mb(?P<mb>\d+)$")
 
 
 def stage_spans(trace: dict, iteration: int) -> tuple[list, list]:

@@ -15,8 +15,10 @@ stream, so NVLink kernels, NCCL calls and their waits run beside the compute que
 host read inside an exchange waits only for that exchange's stream, not for the other micro-batch's
 experts); events order the streams as the stages' declared values require. On CPUs, while torch.compile
 traces, and for plans whose exchanges have empty windows (sequential), every step runs on the current
-stream. A compute stage that names a stream (the shared experts) runs on its own. Side streams are made
-once per device and lane (exchanges at high priority: their few blocks start ahead of queued GEMM blocks).
+stream. A compute stage that names a stream (the shared experts) runs on its own at the lowest priority,
+and lane 0's steps then run on a critical stream above it (forked from and joined to the current stream),
+so the critical path's small kernels are scheduled before that stage's queued GEMM blocks. Side streams are
+made once per device, lane and role (exchanges at the highest priority).
 """
 
 from __future__ import annotations
@@ -48,11 +50,14 @@ def scope(name: str) -> contextlib.AbstractContextManager:
 
 
 @functools.cache
-def side_stream(device_index: int, lane: int, high: bool) -> torch.cuda.Stream:
-    """Side stream `lane` (>= 1) of a CUDA device, made once: high priority for exchanges (module docstring),
-    the default priority for a compute stage's own stream (off the critical path)."""
-    lo, hi = torch.cuda.Stream.priority_range()
-    return torch.cuda.Stream(device=device_index, priority=min(lo, hi) if high else 0)
+def side_stream(device_index: int, lane: int, role: str) -> torch.cuda.Stream:
+    """The stream of `lane` on a CUDA device, made once. role: "exchange" (the highest priority: an exchange's
+    few blocks start ahead of queued GEMM blocks), "critical" (lane 0's steps, when the plan also has a
+    compute stage on its own stream: next priority) or "side" (such a compute stage: the default, lowest
+    priority, so it fills what the critical path leaves)."""
+    lo, hi = torch.cuda.Stream.priority_range()  # lo: the lowest priority (0), hi: the highest (negative)
+    priority = {"exchange": hi, "critical": min(lo, hi + 1) if hi < lo - 1 else hi, "side": lo}[role]
+    return torch.cuda.Stream(device=device_index, priority=priority)
 
 
 def _device(inputs: dict) -> torch.device | None:
@@ -94,21 +99,26 @@ def run(plan: Plan, params: Any, inputs: dict, ctx: Any | Sequence[Any]) -> Any:
 
 
 def _run_on_streams(plan: Plan, params: Any, envs: list[dict], ctxs: list, dev: torch.device) -> None:
-    """The steps on their lanes: fork the exchange streams, order them with events, join them (streams.py)."""
+    """The steps on their lanes: fork the side streams, order them with events, join them (streams.py).
+    A plan with a compute stage on its own stream runs lane 0 on a critical stream above that one's priority."""
     sp, main = plan.streams, torch.cuda.current_stream(dev)
-    lanes = {0: main} | {lane: side_stream(dev.index, lane, high) for lane, high in zip(sp.side_lanes, sp.high)}
-    for lane in sp.side_lanes:
-        lanes[lane].wait_stream(main)
+    lanes = {0: main} | {lane: side_stream(dev.index, lane, "exchange" if high else "side")
+                         for lane, high in zip(sp.side_lanes, sp.high)}
+    if not all(sp.high):
+        lanes[0] = side_stream(dev.index, 0, "critical")
+    forked = [s for s in lanes.values() if s != main]
+    for stream in forked:
+        stream.wait_stream(main)
     events: dict[int, torch.cuda.Event] = {}
     for i, (mb, stage) in enumerate(plan.steps):
         stream = lanes[sp.lanes[i]]
         for w in sp.waits[i]:
             stream.wait_event(events[w])
         with scope(f"{plan.program.name}/{stage.name}/mb{mb}"), (
-                torch.cuda.stream(stream) if sp.lanes[i] else contextlib.nullcontext()):
+                torch.cuda.stream(stream) if stream != main else contextlib.nullcontext()):
             envs[mb].update(stage.fn(params, envs[mb], ctxs[mb]))
             if sp.records[i]:
                 events[i] = torch.cuda.Event()
                 events[i].record(stream)
-    for lane in sp.side_lanes:
-        main.wait_stream(lanes[lane])
+    for stream in forked:
+        main.wait_stream(stream)
