@@ -54,7 +54,8 @@ from nanomoe_fn.eplb import balancedness, gpu_loads, placement_for_layer, rebala
 from nanomoe_fn.eplb.move import plan_weight_moves, replace_expert_weights  # noqa: E402
 from nanomoe_fn.eplb.recorder import global_load, init_recorder, record  # noqa: E402
 from nanomoe_fn.eplb.skew import draw_routing  # noqa: E402
-from nanomoe_fn.moe.dispatch import combine, dispatch  # noqa: E402
+from nanomoe_fn.moe.combine import combine
+from nanomoe_fn.moe.dispatch import dispatch  # noqa: E402
 from nanomoe_fn.moe.experts import expert_ffn, get_expert_backend  # noqa: E402
 from nanomoe_fn.profiling import nvtx_range  # noqa: E402
 

@@ -26,8 +26,9 @@ from nanomoe_fn.decoder import (
     decoder_layer,
 )
 from nanomoe_fn.eplb.placement import Placement
+from nanomoe_fn.moe.combine import combine
 from nanomoe_fn.moe.config import PRESETS, MoEConfig, preset
-from nanomoe_fn.moe.dispatch import combine, dispatch
+from nanomoe_fn.moe.dispatch import dispatch
 from nanomoe_fn.moe.experts import EXPERT_BACKENDS, expert_ffn, get_expert_backend
 from nanomoe_fn.moe.layer import MOE_PROGRAM, MoEContext, moe_layer, moe_stages, run_moe, shared_mlp
 from nanomoe_fn.moe.param_checks import check_params
