@@ -241,6 +241,9 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
                                   + (f" shared_hidden {row['shared_hidden']}" if "shared_hidden" in row else ""))
                         for x in f:
                             print(f"FAILED {comm} {phase} T={T} {x['variant']}: {x['error']}")
+                        for x in (s for s in args.skipped if s["case"]["comm"] == comm and s["case"]["tokens"] == T
+                                  and s["case"]["phase"] == phase):
+                            print(f"SKIPPED {comm} {phase} T={T} {x['variant']}: {x['why']}")
         if rank == 0 and args.json:
             write_record(args.json, "layer", device, W, {}, rows, {"failed": failed, "skipped": args.skipped})
     finally:

@@ -7,7 +7,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import nanomoe_reference as reference
@@ -127,3 +127,28 @@ def init_nccl_rank(rank: int, port: int, world_size: int, timeout_s: float = 60.
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
     return torch.device("cuda", rank)
+
+
+def graph_replays(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, inputs: Sequence[torch.Tensor],
+                  warmup: int = 2) -> list[torch.Tensor]:
+    """fn on a static copy of example, warmed up on a side stream (as torch.cuda.graph wants) and captured in a
+    CUDA graph; then one replay per input (copied into the static tensor) -> clones of the outputs. Other
+    threads (a process group's or a comm's watchdog) may keep making CUDA calls meanwhile (thread_local)."""
+    static = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = fn(static)
+    replays = []
+    for x in inputs:
+        static.copy_(x)
+        graph.replay()
+        replays.append(out.clone())
+    torch.cuda.synchronize()
+    del graph
+    return replays

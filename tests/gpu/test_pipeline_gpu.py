@@ -27,6 +27,7 @@ from tests.helpers import (
     GPU_SAFE_ENV,
     MIN_MARGIN,
     assert_close_to_ref,
+    graph_replays,
     init_nccl_rank,
     reference_layer,
     spawn_bounded,
@@ -146,23 +147,7 @@ def _stream_worker(rank: int, port: int, out_dir: str) -> None:
 
                 outs[name] = [layer(x).cpu() for x in xs]  # back to back: events are all that orders the streams
                 if case["graph"] and name != "sequential":
-                    static_x = xs[0].clone()
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph wants
-                        for _ in range(2):
-                            layer(static_x)
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                        static_out = layer(static_x)
-                    replays = []
-                    for x in xs:
-                        static_x.copy_(x)
-                        graph.replay()
-                        replays.append(static_out.clone())
-                    outs[name + "+graph"] = [r.cpu() for r in replays]
-                    del graph
+                    outs[name + "+graph"] = [r.cpu() for r in graph_replays(layer, xs[0], xs)]
             torch.save(outs, os.path.join(out_dir, f"stream{i}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

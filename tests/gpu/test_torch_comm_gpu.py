@@ -34,7 +34,7 @@ from nanomoe_fn.comm.torch_dist import TorchComm
 from nanomoe_fn.comm.torch_fixed import TorchFixedComm
 from nanomoe_fn.moe.route import route
 from tests.dist_worker import case_inputs, case_placement
-from tests.helpers import MIN_MARGIN, assert_close_to_ref, reference_layer, spawn_bounded
+from tests.helpers import MIN_MARGIN, assert_close_to_ref, graph_replays, reference_layer, spawn_bounded
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
@@ -156,24 +156,8 @@ def graph_check(rank: int, dev: torch.device, out_dir: str, name: str) -> None:
         return moe_layer(local, inp, cfg, comm, placement, backend="bmm")
 
     eager = [layer(x).cpu(), layer(x2).cpu()]
-    static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph wants
-        for _ in range(3):
-            layer(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer(static_x)
-    replayed = []
-    for inp in (x, x2):
-        static_x.copy_(inp)
-        graph.replay()
-        torch.cuda.synchronize()
-        replayed.append(static_out.cpu())
+    replayed = [r.cpu() for r in graph_replays(layer, x, (x, x2), warmup=3)]
     torch.save({"eager": eager, "graph": replayed}, os.path.join(out_dir, f"graph_{name}_rank{rank}.pt"))
-    del graph
     comm.close()
 
 
