@@ -9,9 +9,11 @@ Sizes: DeepSeek-V3 (H 7168, I 2048, E 256 sharded over the ranks, top-8 in 8 gro
 expert, bf16), decode at --decode-tokens and prefill at --prefill-tokens per rank; --quick: H 64, I 32,
 E 16, top-4, float32, a few tokens, gloo. Schedules (nanomoe_fn/pipeline): sequential, shared_overlap
 (the shared expert inside dispatch's window), tbo (two-batch overlap), tbo+shared; --compile adds each
-under torch.compile (graph breaks allowed: the comms are not traced), --cuda-graph each replayed as a CUDA
-graph where the comm is sync-free (torch_fixed, nvlink at decode sizes, deepep_ll). Before timing, every schedule's
-output is compared with sequential's on the same tokens (a mismatch fails the row, nothing is timed).
+under torch.compile (graph breaks allowed: the comms are not traced), --fullgraph each compiled as one graph
+with the comm behind custom ops (OpComm; the decode-mode comms: nvlink at decode, torch_decode), --cuda-graph
+each replayed as a CUDA graph where the comm is sync-free (torch_fixed, torch_decode, nvlink at decode sizes,
+deepep_ll). Before timing, every schedule's output is compared with sequential's on the same tokens (a
+mismatch fails the row, nothing is timed).
 
 Per row (DESIGN.md schema, bench "layer"): median_us (CUDA events around each call after a barrier; the
 slowest rank's median), b2b_us (back to back, GPUs), speedup_vs.sequential; TBO rows carry ideal_us and
@@ -58,6 +60,7 @@ from bench.common import (  # noqa: E402
 from bench.layer_stages import graph_stage_times, stage_medians, timed_stages  # noqa: E402
 from nanomoe_fn import MoEConfig, Placement, shard_moe_params  # noqa: E402
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
+from nanomoe_fn.comm.ops import OpComm, masked_rows  # noqa: E402
 from nanomoe_fn.moe.layer import MOE_PROGRAM, MoEContext, run_moe  # noqa: E402
 from nanomoe_fn.pipeline import Plan, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
 
@@ -117,6 +120,12 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
         if args.compile:
             for s, p in plans.items():
                 variants[s + "+compile"] = torch.compile(lambda p=p: call(p))
+        if args.fullgraph and all(masked_rows(c) is not None for c in comms):  # one graph: comms as custom ops
+            ops = [OpComm(c, placement) for c in comms]
+            for s, p in plans.items():
+                variants[s + "+fullgraph"] = torch.compile(
+                    lambda p=p: run_moe(p, local, x, cfg, ops if p.micro_batches == 2 else ops[0], placement,
+                                        args.expert_backend), fullgraph=True, dynamic=False)
         graphs = args.cuda_graph and device.type == "cuda" and sync_free(comm_name, T)
         if graphs:
             for s, p in plans.items():
@@ -165,7 +174,7 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
             ideal["+graph"] = 2 * max(g_half["exchanges"], sum(g_half[k] for k in COMPUTE)) + split_t
         for row in rows:
             v = row["variant"]
-            base = med["sequential" + next((t for t in ("+compile", "+graph") if v.endswith(t)), "")]
+            base = med["sequential" + next((t for t in ("+compile", "+graph", "+fullgraph") if v.endswith(t)), "")]
             row["speedup_vs"] = {"sequential": sig(base / med[v])}
             on_graph = v.endswith("+graph")
             stages = gt["T"] if on_graph else alone["T"]
@@ -285,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"comma list of schedules to run (sequential is always run: the others are checked and "
                         f"compared against it); default all of {list(SCHEDULES)}")
     p.add_argument("--compile", action="store_true", help="also each schedule under torch.compile")
+    p.add_argument("--fullgraph", action="store_true",
+                   help="also each schedule compiled as one graph (fullgraph=True), the comm behind custom ops "
+                        "(nanomoe_fn/comm/ops.py: decode-mode comms only)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also each schedule replayed as a CUDA graph, for the sync-free comms (torch_fixed, nvlink "
                         "decode, deepep_ll)")

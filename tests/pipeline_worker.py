@@ -48,3 +48,34 @@ def run_schedules(rank: int, world_size: int, port: int, cases: list[dict], out_
             torch.save(outs, os.path.join(out_dir, f"case{i}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def run_compiled(rank: int, world_size: int, port: int, case: dict, out_dir: str) -> None:
+    """One case through OpComm (the torch comm's decode mode behind custom ops): every schedule eager, and
+    compiled with fullgraph=True (aot_eager); also the plain comm eager. Saves {name: out}."""
+    from nanomoe_fn.comm.ops import OpComm
+
+    _init(rank, world_size, port, 60)
+    try:
+        cfg, params, x = case_inputs(case, rank)
+        placement = case_placement(case, cfg, world_size)
+        local = shard_moe_params(params, placement, rank)
+        T_max = max(case["tokens"])
+        outs = {"plain": run_moe(SCHEDULES["sequential"](), local, x, cfg, TorchComm(max_tokens=T_max, timeout_s=60),
+                                 placement, case["backend"])}
+        for name, make in SCHEDULES.items():
+            plan = make()
+            comm = OpComm(TorchComm(max_tokens=T_max, timeout_s=60), placement)
+
+            def layer(x: torch.Tensor, plan=plan, comm=comm) -> torch.Tensor:  # noqa: ANN001
+                return run_moe(plan, local, x, cfg, comm, placement, case["backend"])
+
+            outs[name] = layer(x)
+            torch._dynamo.reset()
+            compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+            outs[name + "+compile"] = compiled(x)
+            outs[name + "+compile/again"] = compiled(x.flip(0))  # a second call: the graph, not the trace
+            outs[name + "/again"] = layer(x.flip(0))
+        torch.save(outs, os.path.join(out_dir, f"compiled_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -8,8 +8,8 @@
 #     GRAPH=1 COMPILE=1 SCHEDULES=tbo,shared_overlap bash bench/gpu/layer_gpu.sh
 #
 # Env: COMMS (space list, each `name` or `name:decode|prefill`; default nvlink), DECODE / PREFILL (tokens per
-# rank), GRAPH=1 (--cuda-graph), COMPILE=1 (--compile), SCHEDULES (--schedules), ITERS, TESTS (space list of
-# tests/gpu files without .py; default test_pipeline_gpu test_decoder_gpu; TESTS= runs none), TOTAL (seconds,
+# rank), GRAPH=1 (--cuda-graph), COMPILE=1 (--compile), FULLGRAPH=1 (--fullgraph), SCHEDULES (--schedules),
+# ITERS, TESTS (space list of tests/gpu files without .py; default test_pipeline_gpu test_decoder_gpu; TESTS= runs none), TOTAL (seconds,
 # default 560), TAG (file suffix, default h200x2), OUT (default /tmp/out). $OUT gets pack.tgz (results/*.json and
 # logs/, one log per step; packed again after every step, so a run cut short still returns what finished),
 # traces.tgz and summary.txt. A comm named deepep* builds DeepEP from .deepep
@@ -42,7 +42,7 @@ for c in $COMMS; do
   name=${c/:/_}
   step "layer_$name" "${LIMIT:-300}" python3 bench/bench_layer.py --world-size 2 --backend nccl --comms "$c" \
     --decode-tokens "${DECODE:-32,128,256}" --prefill-tokens "${PREFILL-4096}" ${GRAPH:+--cuda-graph} \
-    ${COMPILE:+--compile} ${SCHEDULES:+--schedules "$SCHEDULES"} ${ITERS:+--iters "$ITERS"} \
+    ${COMPILE:+--compile} ${FULLGRAPH:+--fullgraph} ${SCHEDULES:+--schedules "$SCHEDULES"} ${ITERS:+--iters "$ITERS"} \
     --profile /tmp/layer_traces --json "$WORK/results/layer_${name}_$TAG.json"
   grep -vE "Warning|warn\(" "$LOGS/layer_$name.log" | grep -E "^[a-z_]+ +(decode|prefill)|FAILED|SKIPPED" >> "$OUT/summary.txt"
   pack

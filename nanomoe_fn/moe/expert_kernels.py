@@ -38,18 +38,38 @@ def triton_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
     return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU), got {device}"
 
 
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
 def triton_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
-    """Grouped-GEMM Triton kernels (SwiGLU fused into the first GEMM's epilogue)."""
-    from nanomoe_kernels.fused_moe import fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
-
+    """Grouped-GEMM Triton kernels (SwiGLU fused into the first GEMM's epilogue). Under torch.compile a
+    masked batch goes through the custom op nanomoe::fused_moe_masked (fixed shapes: it traces, so a layer
+    over a decode-mode comm compiles as one graph); the other layouts are a graph break."""
     refuse_fp8(experts, "expert backend 'triton'")
     ws, kind = expert_tensors(experts), _expert_type(experts)
+    if batch.layout == "masked" and torch.compiler.is_compiling():
+        return batch.with_x(torch.ops.nanomoe.fused_moe_masked(batch.x, batch.counts, list(ws), kind))
+    return batch.with_x(_triton_eager(ws, kind, batch))
+
+
+@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
+def _triton_eager(ws: tuple[torch.Tensor, ...], kind: str, batch: ExpertBatch) -> torch.Tensor:
+    from nanomoe_kernels.fused_moe import fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
+
     if batch.layout == "masked":
-        return batch.with_x(fused_moe_masked(batch.x, batch.counts, ws, kind))
+        return fused_moe_masked(batch.x, batch.counts, ws, kind)
     if batch.layout == "gathered":
-        return batch.with_x(fused_moe_gathered(batch.x, batch.index, batch.counts, ws, kind))
-    return batch.with_x(fused_moe_contiguous(batch.x, batch.counts, ws, kind))
+        return fused_moe_gathered(batch.x, batch.index, batch.counts, ws, kind)
+    return fused_moe_contiguous(batch.x, batch.counts, ws, kind)
+
+
+@torch.library.custom_op("nanomoe::fused_moe_masked", mutates_args=())
+def _fused_moe_masked_op(x: torch.Tensor, counts: torch.Tensor, ws: list[torch.Tensor], kind: str) -> torch.Tensor:
+    from nanomoe_kernels.fused_moe import fused_moe_masked
+
+    return fused_moe_masked(x, counts, tuple(ws), kind)
+
+
+@_fused_moe_masked_op.register_fake
+def _(x: torch.Tensor, counts: torch.Tensor, ws: list[torch.Tensor], kind: str) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], ws[-1].shape[1]))  # [P_local, C, H_out]: the last weight is [E, H_out, .]
 
 
 def deepgemm_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:

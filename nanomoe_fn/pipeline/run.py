@@ -91,8 +91,9 @@ def run(plan: Plan, params: Any, inputs: dict, ctx: Any | Sequence[Any]) -> Any:
     if sp.side_lanes and dev is not None and dev.type == "cuda" and not torch.compiler.is_compiling():
         _run_on_streams(plan, params, envs, ctxs, dev)
     else:
+        compiling = torch.compiler.is_compiling()  # no range names then: dynamo may see mb as a symbolic int
         for mb, stage in plan.steps:
-            with scope(f"{program.name}/{stage.name}/mb{mb}"):
+            with contextlib.nullcontext() if compiling else scope(f"{program.name}/{stage.name}/mb{mb}"):
                 envs[mb].update(stage.fn(params, envs[mb], ctxs[mb]))
     outs = [env[program.output] for env in envs]
     return outs[0] if n == 1 else program.merge(outs)

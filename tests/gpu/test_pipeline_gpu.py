@@ -4,7 +4,8 @@ decode mode), torch_fixed and nvlink comms (nvlink and two-batch overlap: one co
 decode and prefill sizes, a rank whose second micro-batch is empty. The overlapped schedules run their
 exchanges on exchange streams (pipeline/streams.py): at DeepSeek-like widths, over several rounds of new
 tokens (a missing event would show as a mismatch), and captured in a CUDA graph (nvlink and the torch decode
-mode), each replay equal to eager sequential on the same tokens.
+mode), each replay equal to eager sequential on the same tokens; there too sequential and two-batch overlap
+compiled as one graph (inductor, fullgraph=True) over OpComm (the comm's halves as custom ops).
 
 Each test spawns one NCCL rank per GPU; ranks save their outputs and the parent compares on the CPU.
 """
@@ -20,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from nanomoe_fn import TorchComm, TorchFixedComm, moe_layer, shard_moe_params
 from nanomoe_fn.comm.launch import free_port
+from nanomoe_fn.comm.ops import OpComm
 from nanomoe_fn.moe.layer import MOE_PROGRAM, run_moe
 from nanomoe_fn.pipeline import sequential, shared_expert_overlap, two_batch_overlap
 from tests import dist_worker
@@ -148,6 +150,13 @@ def _stream_worker(rank: int, port: int, out_dir: str) -> None:
                 outs[name] = [layer(x).cpu() for x in xs]  # back to back: events are all that orders the streams
                 if case["graph"] and name != "sequential":
                     outs[name + "+graph"] = [r.cpu() for r in graph_replays(layer, xs[0], xs)]
+                if case["graph"] and name in ("sequential", "tbo"):  # one graph over OpComm, inductor
+                    ops = [OpComm(c, placement) for c in comms]
+                    torch._dynamo.reset()
+                    compiled = torch.compile(lambda x, plan=plan, ops=ops, local=local, cfg=cfg, placement=placement:
+                                             run_moe(plan, local, x, cfg, ops if len(ops) > 1 else ops[0],
+                                                     placement, "triton"), fullgraph=True, dynamic=False)
+                    outs[name + "+fullgraph"] = [compiled(x).cpu() for x in xs]
             torch.save(outs, os.path.join(out_dir, f"stream{i}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -159,7 +168,7 @@ def test_overlapped_schedules_on_exchange_streams_equal_sequential_every_round_a
     for i, case in enumerate(STREAM_CASES):
         for rank in range(W):
             outs = torch.load(tmp_path / f"stream{i}_rank{rank}.pt")
-            want = len(PLANS) + (len(PLANS) - 1 if case["graph"] else 0)
+            want = len(PLANS) + (len(PLANS) - 1 + 2 if case["graph"] else 0)
             assert len(outs) == want, f"stream case {i} rank {rank}: ran {sorted(outs)}"
             for name, rounds in outs.items():
                 for j, out in enumerate(rounds):

@@ -1,0 +1,57 @@
+"""The MoE layer over a real comm as one graph: OpComm (nanomoe_fn/comm/ops.py) puts the torch comm's decode
+mode behind custom ops, and every schedule compiles with fullgraph=True (aot_eager on 2 gloo ranks) to the
+same output as eager, as the plain comm eagerly, and as the single-rank layer; a second compiled call on
+new tokens runs the graph (no retrace) and still matches. OpComm refuses comms whose batch size is not
+fixed in advance and halves called out of order, by name. (On GPUs: tests/gpu/test_pipeline_gpu.py
+compiles the decode layer over nvlink and the torch decode mode with inductor.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from nanomoe_fn import Placement, moe_layer
+from nanomoe_fn.comm.launch import free_port
+from nanomoe_fn.comm.ops import OpComm, masked_rows
+from tests import pipeline_worker
+
+
+def test_every_schedule_compiles_as_one_graph_over_a_real_comm(tmp_path):
+    case = dict(cfg=dict(hidden=16, intermediate=8, num_experts=8, top_k=3, n_shared_experts=1, score_func="sigmoid",
+                         correction_bias=True, n_group=2, topk_group=2),
+                dtype="float32", seed=11, tokens=[6, 6], backend="bmm")
+    W = 2
+    mp.start_processes(pipeline_worker.run_compiled, args=(W, free_port(), case, str(tmp_path)), nprocs=W,
+                       join=True, start_method="spawn")
+    for rank in range(W):
+        cfg, params, x = pipeline_worker.case_inputs(case, rank)
+        outs = torch.load(tmp_path / f"compiled_rank{rank}.pt")
+        assert len(outs) == 1 + 4 * len(pipeline_worker.SCHEDULES), sorted(outs)
+        single = moe_layer(params, x, cfg, backend="bmm")
+        again = moe_layer(params, x.flip(0), cfg, backend="bmm")
+        for name, out in outs.items():
+            want = again if name.endswith("again") else single
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, what=f"rank {rank} {name}": f"{what}: {m}")
+
+
+class _Gathered:
+    name, rank, world_size, max_tokens = "torch", 0, 1, None  # exact splits: a data-dependent batch
+
+
+def test_opcomm_refuses_comms_without_a_fixed_batch_and_halves_out_of_order():
+    assert masked_rows(_Gathered()) is None
+    with pytest.raises(ValueError, match="masked batch of a size fixed in advance"):
+        OpComm(_Gathered(), Placement.identity(8, 1))
+    fixed = _Gathered()
+    fixed.max_tokens = 4
+    op = OpComm(fixed, Placement.identity(8, 1))
+    assert op.rows == 4 and op.name == "op:torch"
+    with pytest.raises(RuntimeError, match="no dispatch in flight"):
+        op.dispatch_recv(torch.zeros(2, 16))
+    with pytest.raises(RuntimeError, match="no received dispatch"):
+        torch.ops.nanomoe.comm_combine_send(op.state, op.key, torch.zeros(8, 4, 16))
+    with pytest.raises(ValueError, match="placement must be the one"):
+        op.dispatch_send(torch.zeros(2, 16), None, Placement.identity(8, 1))
