@@ -17,6 +17,7 @@ from nanomoe_fn.attention.params import MLAParams, init_mla_params
 from nanomoe_fn.batch import ExpertBatch, Handle, HandleOrigin, Routing
 from nanomoe_fn.comm import COMM_BACKENDS, LocalComm, NvlinkComm, TorchComm, TorchFixedComm, make_comm, supports_comm
 from nanomoe_fn.comm.handshake import handshake
+from nanomoe_fn.comm.ops import OpComm
 from nanomoe_fn.decoder import (
     DECODER_DENSE_PROGRAM,
     DECODER_MOE_PROGRAM,
@@ -61,7 +62,7 @@ from nanomoe_fn.pipeline import (
 __all__ = [
     "COMM_BACKENDS", "EXPERT_BACKENDS", "PRESETS", "ExpertBatch", "GateParams", "Handle", "LinearExperts",
     "LocalComm", "MoEConfig", "NvlinkComm", "MoEParams", "Placement", "Routing", "SharedMLP", "SwiGLUExperts",
-    "TorchComm", "TorchFixedComm",
+    "TorchComm", "TorchFixedComm", "OpComm",
     "HandleOrigin", "SwiGLUExpertsFP8", "cast_params", "check_params", "combine", "handshake", "dispatch", "expert_ffn",
     "expert_tensors", "get_expert_backend",
     "init_moe_params", "make_comm", "moe_layer", "preset", "route", "shard_moe_params", "shared_mlp",
