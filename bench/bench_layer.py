@@ -69,7 +69,8 @@ SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: 
              "shared_stream_after_route": lambda p: sequential(shared_expert_overlap(p, window="route", stream=True)),
              "shared_stream_after_send": lambda p: sequential(shared_expert_overlap(p, stream=True)),
              "tbo": lambda p: two_batch_overlap(p), "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p)),
-             "tbo+shared_stream": lambda p: two_batch_overlap(shared_expert_overlap(p, window=None, stream=True))}
+             "tbo+shared_stream": lambda p: two_batch_overlap(shared_expert_overlap(p, window=None, stream=True)),
+             "tbo_compute_first": lambda p: two_batch_overlap(p, compute_first=True)}
 COMPUTE = ("route", "experts", "shared", "add")
 
 
@@ -77,9 +78,7 @@ def sync_free(comm: str, T: int) -> bool:
     """Whether the comm never reads device data on the host at this size (a CUDA graph can hold the layer)."""
     return comm in ("torch_fixed", "torch_decode", "deepep_ll") or (comm == "nvlink" and T <= 256)
 TWO_INSTANCES = ("nvlink", "deepep")  # one dispatch in flight per instance: one per micro-batch
-# one low-latency DeepEPComm per process (NVSHMEM initialises once) and one dispatch in flight per instance
-ONE_INSTANCE_ONLY = {"deepep_ll": "two-batch overlap needs two dispatches in flight; the deepep_ll comm allows one "
-                                  "per instance and one instance per process (NVSHMEM initialises once)"}
+# (deepep_ll: one instance per process, two exchanges in flight on it: two-batch overlap shares it)
 
 
 def v3_config(quick: bool) -> MoEConfig:
@@ -107,10 +106,6 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
         name, opts = comm_options(comm_name, ns, cfg, placement, dtype)
         comms = [make_comm(name, **opts) for _ in range(2 if comm_name in TWO_INSTANCES else 1)]
         plans = {s: make(MOE_PROGRAM) for s, make in SCHEDULES.items() if s in args.schedules}
-        if comm_name in ONE_INSTANCE_ONLY:
-            for s in [s for s, p in plans.items() if p.micro_batches > 1]:
-                args.skipped.append({"case": case, "variant": s, "why": ONE_INSTANCE_ONLY[comm_name]})
-                del plans[s]
 
         def call(plan: Plan, xs: torch.Tensor = x):
             return run_moe(plan, local, xs, cfg, comms if plan.micro_batches == 2 else comms[0], placement,
@@ -233,7 +228,6 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
                             **({"device_id": device} if device.type == "cuda" else {}))
     cfg = v3_config(args.quick)
     rows, failed = [], []
-    args.skipped = []  # schedules a comm cannot run (ONE_INSTANCE_ONLY), with why
     try:
         for comm, phases in args.comms:
             args.profiled = False
@@ -250,11 +244,8 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
                                   + (f" shared_hidden {row['shared_hidden']}" if "shared_hidden" in row else ""))
                         for x in f:
                             print(f"FAILED {comm} {phase} T={T} {x['variant']}: {x['error']}")
-                        for x in (s for s in args.skipped if s["case"]["comm"] == comm and s["case"]["tokens"] == T
-                                  and s["case"]["phase"] == phase):
-                            print(f"SKIPPED {comm} {phase} T={T} {x['variant']}: {x['why']}")
         if rank == 0 and args.json:
-            write_record(args.json, "layer", device, W, {}, rows, {"failed": failed, "skipped": args.skipped})
+            write_record(args.json, "layer", device, W, {}, rows, {"failed": failed})
     finally:
         dist.destroy_process_group()
     if failed:

@@ -12,7 +12,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULES = ("sequential", "shared_overlap", "shared_stream", "shared_stream_after_route", "shared_stream_after_send",
-             "tbo", "tbo+shared", "tbo+shared_stream")
+             "tbo", "tbo+shared", "tbo+shared_stream", "tbo_compute_first")
 STAGES = {"route", "dispatch_send", "dispatch_recv", "experts", "combine_send", "combine_recv", "shared", "add"}
 
 

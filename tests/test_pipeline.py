@@ -72,7 +72,8 @@ def test_move_after_refuses_reading_a_value_before_it_exists():
 
 
 @pytest.mark.parametrize("make", [lambda p: sequential(p), lambda p: two_batch_overlap(p),
-                                  lambda p: two_batch_overlap(shared_expert_overlap(p))])
+                                  lambda p: two_batch_overlap(shared_expert_overlap(p)),
+                                  lambda p: two_batch_overlap(p, compute_first=True)])
 def test_each_micro_batch_runs_every_stage_once_in_program_order(make):
     plan = make(MOE_PROGRAM)
     for mb in range(plan.micro_batches):
@@ -86,6 +87,8 @@ def test_overlap_plans_put_exchanges_under_the_other_micro_batch():
     # micro-batch 0's experts run while micro-batch 1's dispatch is in flight, and its combine under mb 1's experts
     assert steps.index((1, "dispatch_send")) < steps.index((0, "experts")) < steps.index((1, "dispatch_recv"))
     assert steps.index((0, "combine_send")) < steps.index((1, "experts")) < steps.index((0, "combine_recv"))
+    first = [(mb, s.name) for mb, s in two_batch_overlap(MOE_PROGRAM, compute_first=True).steps]
+    assert first[:4] == [(0, "route"), (1, "route"), (0, "dispatch_send"), (1, "dispatch_send")]
     shared = [s.name for s in shared_expert_overlap(MOE_PROGRAM).stages]
     assert shared.index("dispatch_send") + 1 == shared.index("shared") < shared.index("dispatch_recv")
 
@@ -134,6 +137,7 @@ PLANS = {"shared_overlap": lambda: sequential(shared_expert_overlap(MOE_PROGRAM)
          "shared_stream": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, window=None, stream=True)),
          "shared_stream_after_send": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, stream=True)),
          "tbo+shared_stream": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM, window=None, stream=True)),
+         "tbo_compute_first": lambda: two_batch_overlap(MOE_PROGRAM, compute_first=True),
          "tbo": lambda: two_batch_overlap(MOE_PROGRAM),
          "tbo+shared": lambda: two_batch_overlap(shared_expert_overlap(MOE_PROGRAM))}
 

@@ -109,9 +109,10 @@ def _programs(draw):
 
 
 @settings(max_examples=200, deadline=None)
-@given(_programs(), st.booleans())
-def test_every_read_happens_after_its_write_on_drawn_plans(program, tbo):
-    plan = two_batch_overlap(program) if tbo else sequential(program)
+@given(_programs(), st.sampled_from(["sequential", "tbo", "tbo_compute_first"]))
+def test_every_read_happens_after_its_write_on_drawn_plans(program, schedule):
+    plan = {"sequential": sequential, "tbo": two_batch_overlap,
+            "tbo_compute_first": lambda p: two_batch_overlap(p, compute_first=True)}[schedule](program)
     sp, steps = plan.streams, plan.steps
     hb = _happens_before(steps, sp)
     writer: dict = {}

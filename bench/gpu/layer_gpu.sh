@@ -44,7 +44,7 @@ for c in $COMMS; do
     --decode-tokens "${DECODE:-32,128,256}" --prefill-tokens "${PREFILL-4096}" ${GRAPH:+--cuda-graph} \
     ${COMPILE:+--compile} ${FULLGRAPH:+--fullgraph} ${SCHEDULES:+--schedules "$SCHEDULES"} ${ITERS:+--iters "$ITERS"} \
     --profile /tmp/layer_traces --json "$WORK/results/layer_${name}_$TAG.json"
-  grep -vE "Warning|warn\(" "$LOGS/layer_$name.log" | grep -E "^[a-z_]+ +(decode|prefill)|FAILED|SKIPPED" >> "$OUT/summary.txt"
+  grep -vE "Warning|warn\(" "$LOGS/layer_$name.log" | grep -E "^[a-z_]+ +(decode|prefill)|FAILED" >> "$OUT/summary.txt"
   pack
 done
 tar czf "$OUT/traces.tgz" -C /tmp layer_traces

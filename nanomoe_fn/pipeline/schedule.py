@@ -10,6 +10,7 @@ Dimension legend: none (plans hold stage names and micro-batch numbers, not tens
 - `two_batch_overlap(program)`: the batch split in two micro-batches; each runs its stages up to and
   including a send half, then yields to the other. One micro-batch's exchange is in flight while the
   other computes (route, experts, shared FFN): the order of SGLang's two-batch overlap, as a plan.
+  compute_first=True runs both micro-batches' routing before either dispatch starts.
 - `auto_schedule(program, tokens, threshold)`: two-batch overlap at `tokens` >= threshold, else
   sequential (splitting a small decode batch costs more than the overlap saves). Without a threshold it
   takes the measured default for the world size (tbo_thresholds.json: at 2 ranks TBO lost at every size
@@ -80,11 +81,22 @@ def _phases(program: Program) -> list[list[Stage]]:
     return [p for p in phases if p]
 
 
-def two_batch_overlap(program: Program) -> Plan:
-    """Two micro-batches, phase by phase: mb0 phase i, mb1 phase i, mb0 phase i + 1, ... (module docstring)."""
+def two_batch_overlap(program: Program, compute_first: bool = False) -> Plan:
+    """Two micro-batches, phase by phase: mb0 phase i, mb1 phase i, mb0 phase i + 1, ... (module docstring).
+    compute_first: both micro-batches' stages before their first send run before either send (for comms
+    that read counts on the host inside the send: the host has queued micro-batch 1's routing by then)."""
     program.check()
-    steps = [(mb, s) for phase in _phases(program) for mb in (0, 1) for s in phase]
-    return Plan("two_batch_overlap", program, 2, tuple(steps))
+    phases = _phases(program)
+    steps = [(mb, s) for phase in phases for mb in (0, 1) for s in phase]
+    if compute_first:
+        lead = [s for s in phases[0] if s.kind == "compute"]
+        rest = [s for s in phases[0] if s.kind != "compute"]
+        if [s.name for s in phases[0]] != [s.name for s in lead + rest]:
+            raise ValueError(f"compute_first needs the first phase of {program.name!r} to be compute stages, then "
+                             f"its send; got {[s.name for s in phases[0]]}")
+        first = [(0, s) for s in lead] + [(1, s) for s in lead] + [(mb, s) for mb in (0, 1) for s in rest]
+        steps = first + steps[2 * len(phases[0]):]
+    return Plan("two_batch_overlap" + ("+compute_first" if compute_first else ""), program, 2, tuple(steps))
 
 
 def default_threshold(world_size: int) -> int | None:
