@@ -78,7 +78,7 @@ def sync_free(comm: str, T: int) -> bool:
     """Whether the comm never reads device data on the host at this size (a CUDA graph can hold the layer)."""
     return comm in ("torch_fixed", "torch_decode", "deepep_ll") or (comm == "nvlink" and T <= 256)
 TWO_INSTANCES = ("nvlink", "deepep")  # one dispatch in flight per instance: one per micro-batch
-# (deepep_ll: one instance per process, two exchanges in flight on it: two-batch overlap shares it)
+# deepep_ll: one instance per process, which micro-batches cannot share (DeepEPComm.shares_micro_batches)
 
 
 def v3_config(quick: bool) -> MoEConfig:
@@ -106,6 +106,11 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
         name, opts = comm_options(comm_name, ns, cfg, placement, dtype)
         comms = [make_comm(name, **opts) for _ in range(2 if comm_name in TWO_INSTANCES else 1)]
         plans = {s: make(MOE_PROGRAM) for s, make in SCHEDULES.items() if s in args.schedules}
+        if comm_name == "deepep_ll":  # see TWO_INSTANCES: the layer refuses these plans, recorded as skipped
+            for s in [s for s, p in plans.items() if p.micro_batches > 1]:
+                args.skipped.append({"case": case, "variant": s, "why": "deepep_ll: one low-latency instance per "
+                                     "process, and micro-batches cannot share it (DeepEPComm.shares_micro_batches)"})
+                del plans[s]
 
         def call(plan: Plan, xs: torch.Tensor = x):
             return run_moe(plan, local, xs, cfg, comms if plan.micro_batches == 2 else comms[0], placement,
@@ -228,6 +233,7 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
                             **({"device_id": device} if device.type == "cuda" else {}))
     cfg = v3_config(args.quick)
     rows, failed = [], []
+    args.skipped = []  # schedules a comm cannot run, with why
     try:
         for comm, phases in args.comms:
             args.profiled = False
@@ -245,7 +251,7 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
                         for x in f:
                             print(f"FAILED {comm} {phase} T={T} {x['variant']}: {x['error']}")
         if rank == 0 and args.json:
-            write_record(args.json, "layer", device, W, {}, rows, {"failed": failed})
+            write_record(args.json, "layer", device, W, {}, rows, {"failed": failed, "skipped": args.skipped})
     finally:
         dist.destroy_process_group()
     if failed:

@@ -31,7 +31,7 @@ from nanomoe_fn.attention.params import MLAParams
 from nanomoe_fn.comm.base import Comm
 from nanomoe_fn.comm.local import LocalComm
 from nanomoe_fn.eplb.placement import Placement
-from nanomoe_fn.moe.layer import MoEContext, moe_stages, shared_mlp
+from nanomoe_fn.moe.layer import MoEContext, check_shared_comm, moe_stages, shared_mlp
 from nanomoe_fn.moe.params import MoEParams, SharedMLP
 from nanomoe_fn.pipeline.program import Program, Stage
 from nanomoe_fn.pipeline.run import run
@@ -185,6 +185,8 @@ def decoder_layer(params: DecoderParams, x: torch.Tensor, positions: torch.Tenso
     ctxs = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
     if params.moe is not None and any(c.moe is None for c in ctxs):
         raise ValueError("ctx.moe must be a MoEContext (comm, placement, backend) for an MoE decoder layer")
+    if params.moe is not None:
+        check_shared_comm(plan, [c.moe.comm for c in ctxs])
     out, new_cache, _ = run(plan, params, {"x": x, "positions": positions, "cache": cache,
                                            "part": ("seq", cache)}, ctxs if len(ctxs) > 1 else ctxs[0])
     return out, new_cache

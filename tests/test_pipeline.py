@@ -132,6 +132,15 @@ def test_run_checks_inputs_contexts_and_splitting():
     with pytest.raises(ValueError, match="no split/merge"):
         run(two_batch_overlap(whole), params, {"x": torch.zeros(2, 8)}, None)
 
+    class NoSharing(LocalComm):  # a comm whose one instance micro-batches cannot share (deepep_ll's case)
+        shares_micro_batches = False
+
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="comm 'local' cannot carry 2 micro-batches on one instance"):
+        run_moe(two_batch_overlap(MOE_PROGRAM), params, x, cfg, NoSharing())
+    two = run_moe(two_batch_overlap(MOE_PROGRAM), params, x, cfg, [NoSharing(), NoSharing()])  # one each: fine
+    torch.testing.assert_close(two, run_moe(sequential(MOE_PROGRAM), params, x, cfg, NoSharing()))
+
 
 PLANS = {"shared_overlap": lambda: sequential(shared_expert_overlap(MOE_PROGRAM)),
          "shared_stream": lambda: sequential(shared_expert_overlap(MOE_PROGRAM, window=None, stream=True)),

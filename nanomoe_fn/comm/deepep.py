@@ -86,6 +86,13 @@ class DeepEPComm:
     name = "deepep"
     _live_low_latency = 0  # NVSHMEM is initialised once per process: one low-latency Buffer at a time
 
+    @property
+    def shares_micro_batches(self) -> bool:
+        """Whether two micro-batches may keep exchanges in flight on this one instance (two-batch overlap
+        with one comm). Not in low-latency mode: that hung on 2 H200s (run 59 of gpu_tests_h200.md, each
+        exchange on its micro-batch's stream; not diagnosed), and a process holds one such instance."""
+        return self.mode != "low_latency"
+
     def __init__(self, mode: str = "normal", *, hidden: int, num_slots: int, max_tokens: int, top_k: int,
                  dtype: torch.dtype = torch.bfloat16, group: Any = None, timeout_s: float = 60.0,
                  dispatch_dtype: torch.dtype | None = None) -> None:

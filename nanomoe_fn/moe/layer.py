@@ -129,8 +129,17 @@ def run_moe(
     placement = placement if placement is not None else Placement.identity(cfg.num_experts, comms[0].world_size)
     check_params(params, cfg, x, num_experts=placement.local_experts)
     get_expert_backend(backend, cfg, x.device)
+    check_shared_comm(plan, comms)
     ctxs = [MoEContext(cfg, c, placement, backend, capacity) for c in comms]
     return run(plan, params, {"x": x}, ctxs if len(ctxs) > 1 else ctxs[0])
+
+
+def check_shared_comm(plan: Plan, comms: Sequence[Any]) -> None:
+    """A plan with several micro-batches over one comm needs a comm that lets them share it
+    (`shares_micro_batches`, default yes); ValueError naming the comm otherwise."""
+    if plan.micro_batches > 1 and len(comms) == 1 and not getattr(comms[0], "shares_micro_batches", True):
+        raise ValueError(f"comm {comms[0].name!r} cannot carry {plan.micro_batches} micro-batches on one instance "
+                         f"(plan {plan.name!r}): pass one comm per micro-batch, or a sequential plan")
 
 
 def moe_layer(
