@@ -2,7 +2,8 @@
 
 Dimension legend: none (lanes and step numbers, not tensors).
 
-Lane 0 is the caller's stream (compute). An exchange whose two halves have other steps between them (the
+Lane 0 is the critical path: the caller's stream (run.py moves it to a stream of its own, forked from the
+caller's, when the plan has a compute stage on a side lane, so it can outrank that stage). An exchange whose two halves have other steps between them (the
 window a schedule opened for overlap: the shared experts after dispatch's send, the other micro-batch's
 stages under two-batch overlap) runs both halves on its micro-batch's exchange lane, so its kernels and
 collectives run beside the compute queued in the window instead of behind it. An exchange with an empty
@@ -32,7 +33,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """Per step of a plan: lanes[i] (0 = the caller's stream, 1 + mb = micro-batch mb's exchange stream),
+    """Per step of a plan: lanes[i] (0 = the critical path, >= 1 a side lane: an exchange lane per micro-batch,
+    a lane per micro-batch for each named compute stream),
     waits[i] (earlier steps whose events step i waits for), records[i] (record an event after step i).
     side_lanes: the side lanes the plan uses (forked at its start, joined at its end); high[j]: whether
     side_lanes[j] is an exchange lane (a high-priority stream) rather than a compute stage's own stream."""
