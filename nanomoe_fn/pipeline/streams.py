@@ -3,13 +3,13 @@
 Dimension legend: none (lanes and step numbers, not tensors).
 
 Lane 0 is the critical path: the caller's stream (run.py moves it to a stream of its own, forked from the
-caller's, when the plan has a compute stage on a side lane, so it can outrank that stage). An exchange whose two halves have other steps between them (the
-window a schedule opened for overlap: the shared experts after dispatch's send, the other micro-batch's
-stages under two-batch overlap) runs both halves on its micro-batch's exchange lane, so its kernels and
-collectives run beside the compute queued in the window instead of behind it. An exchange with an empty
-window (sequential) stays on lane 0: a side stream would only add events. A compute stage that names a
-stream (Stage.stream: the shared experts off the critical path) gets a lane of its own per micro-batch.
-Side lanes are numbered 1, 2, ... in order of first use.
+caller's, when the plan has a compute stage on a side lane, so it can outrank that stage). An exchange whose
+two halves have other steps between them (the window a schedule opened for overlap: the shared experts after
+dispatch's send, the other micro-batch's stages under two-batch overlap) runs both halves on its micro-batch's
+exchange lane, so its kernels and collectives run beside the compute queued in the window instead of behind
+it. An exchange with an empty window (sequential) stays on lane 0: a side stream would only add events. A
+compute stage that names a stream (Stage.stream: the shared experts off the critical path) gets a lane of its
+own per micro-batch. Side lanes are numbered 1, 2, ... in order of first use.
 
 Ordering, from the values the stages declare (Stage.reads / writes, per micro-batch environment):
 - fork: every side lane first waits for lane 0 where the plan starts (the inputs and the split's slices
