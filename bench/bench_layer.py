@@ -106,10 +106,10 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
         name, opts = comm_options(comm_name, ns, cfg, placement, dtype)
         comms = [make_comm(name, **opts) for _ in range(2 if comm_name in TWO_INSTANCES else 1)]
         plans = {s: make(MOE_PROGRAM) for s, make in SCHEDULES.items() if s in args.schedules}
-        if comm_name == "deepep_ll":  # see TWO_INSTANCES: the layer refuses these plans, recorded as skipped
+        if len(comms) == 1 and not getattr(comms[0], "shares_micro_batches", True):  # the layer refuses these
             for s in [s for s, p in plans.items() if p.micro_batches > 1]:
-                args.skipped.append({"case": case, "variant": s, "why": "deepep_ll: one low-latency instance per "
-                                     "process, and micro-batches cannot share it (DeepEPComm.shares_micro_batches)"})
+                args.skipped.append({"case": case, "variant": s, "why": f"{comm_name}: micro-batches cannot share "
+                                     f"its one instance (shares_micro_batches), and one is all it allows"})
                 del plans[s]
 
         def call(plan: Plan, xs: torch.Tensor = x):

@@ -25,6 +25,7 @@ a stage that names its own stream).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -104,8 +105,13 @@ def default_threshold(world_size: int) -> int | None:
     TBO lost at every size measured there, or the world size was not measured."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    table = json.loads(resources.files("nanomoe_fn.pipeline").joinpath("tbo_thresholds.json").read_text())
-    return table["thresholds"].get(str(world_size))
+    return _thresholds().get(str(world_size))
+
+
+@functools.cache
+def _thresholds() -> dict:
+    """tbo_thresholds.json's table, read once (auto_schedule may run every step)."""
+    return json.loads(resources.files("nanomoe_fn.pipeline").joinpath("tbo_thresholds.json").read_text())["thresholds"]
 
 
 def auto_schedule(program: Program, tokens: int, threshold: int | None = None, world_size: int | None = None) -> Plan:
