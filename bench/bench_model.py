@@ -12,9 +12,15 @@ read over the HBM bandwidth measured in the same run) and, for our rows, speedup
 Several GPUs (--world-size W > 1, own spawn or torchrun): our model alone with expert parallelism (each
 rank its own B sequences, experts sharded by an identity placement), prefill over the torch comm and decode
 over --decode-comm; tokens/s summed over ranks.
+--expert-weights bf16,fp8 adds rows whose routed experts are block-scaled FP8 (DeepSeek-V3's checkpoint format,
+run by --fp8-expert-backend): the experts are rounded to their FP8 values first, so transformers and every row
+of ours run the same weight values; each row names its expert_weights and expert_backend, and its floor counts
+its own expert bytes (transformers' row: bf16).
 
   python bench/bench_model.py --preset deepseek-v3-4l --batch 1 32 --json bench/results/model_h200.json
   python bench/bench_model.py --preset tiny --device cpu --batch 1 2 --prompt-len 8 --steps 4   # a smoke run
+  TRITON_INTERPRET=1 python bench/bench_model.py --preset tiny-fp8 --device cpu --batch 1 --prompt-len 8 \
+      --steps 4 --expert-weights bf16,fp8                                                   # FP8 experts on a CPU
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from nanomoe_fn.model.forward import ModelContext, init_caches, model_forward  #
 from nanomoe_fn.model.from_transformers import params_from_hf  # noqa: E402
 from nanomoe_fn.model.generate import DecodeGraph  # noqa: E402
 from nanomoe_fn.model.hf_config import config_to_hf  # noqa: E402
-from nanomoe_fn.model.params import ModelParams, init_model_params  # noqa: E402
+from nanomoe_fn.model.params import ModelParams, init_model_params, with_fp8_experts  # noqa: E402
+from nanomoe_fn.moe.experts import EXPERT_BACKENDS  # noqa: E402
 
 
 def build_transformers(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int):
@@ -66,6 +73,16 @@ def build_transformers(cfg: ModelConfig, dtype: torch.dtype, device: torch.devic
             if bias is not None:
                 bias.normal_(0, 0.01)
     return model
+
+
+def expert_formats(params: ModelParams, args: argparse.Namespace) -> list[tuple[str, ModelParams, str]]:
+    """(expert weights, params, expert backend) per --expert-weights entry. With fp8 the routed experts are
+    block-quantised (DeepSeek-V3's checkpoint format) and `params`' own experts (transformers' tensors too,
+    when they are views of them) are overwritten with the FP8 values dequantised, so that every row, bf16
+    and transformers' included, runs the same weight values."""
+    fp8 = with_fp8_experts(params, write_back=True) if "fp8" in args.expert_weights else None
+    return [(fmt, params, args.expert_backend) if fmt == "bf16" else (fmt, fp8, args.fp8_expert_backend)
+            for fmt in args.expert_weights]
 
 
 def median_ms(times: list[float]) -> float:
@@ -152,42 +169,49 @@ def row(variant: str, B: int, P: int, graph: bool, r: dict, W: int = 1) -> dict:
 def run_one_device(args: argparse.Namespace, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
     ceilings = measure_ceilings(device, dtype)
     model = build_transformers(cfg, dtype, device, args.seed)
-    params = params_from_hf(model, cfg)
-    ctx = ModelContext(cfg, attn_backend=args.attn_backend, expert_backend=args.expert_backend, check=False)
+    base = params_from_hf(model, cfg)  # views of transformers' tensors
+    formats = expert_formats(base, args)
+    ctxs = {fmt: ModelContext(cfg, attn_backend=args.attn_backend, expert_backend=backend, check=False)
+            for fmt, _, backend in formats}
     rows: list[dict] = []
     for B in args.batch:
         ids = torch.randint(2, cfg.vocab_size, (B, args.prompt_len), generator=torch.Generator().manual_seed(B))
         ids = ids.to(device)
-        first, picked = len(rows), None
         hf = time_transformers(model, ids, args.steps, device) if "transformers" in args.variants else None
-        if hf is not None:
-            rows.append(row("transformers", B, args.prompt_len, False, hf))
-            hf_row = rows[-1]
+        hf_row = row("transformers", B, args.prompt_len, False, hf) if hf is not None else None
+        rows += [hf_row] if hf_row else []
         modes = [(False, False)] + ([(True, False)] if device.type == "cuda" and args.graph else [])
-        for graph, compiled in modes + ([(True, True)] if args.compile and device.type == "cuda" else []):
-            if "nanomoe" not in args.variants:
-                break
-            try:
-                r = time_ours(params, ctx, ids, args.steps, graph, device, compiled=compiled)
-            except Exception as err:  # noqa: BLE001 - the experimental compiled variant reports its failure
-                if not compiled:
-                    raise
-                rows.append({"variant": "nanomoe", "batch": B, "graph": True, "compile": True,
-                             "failed": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
-                print(rows[-1], flush=True)
-                continue
-            rows.append({**row("nanomoe", B, args.prompt_len, graph, r), "compile": compiled})
-            picked = picked or r["picked"]
-            if hf is not None:
-                rows[-1]["speedup_vs"] = {"transformers": round(rows[-1]["decode_tok_s"] / hf_row["decode_tok_s"], 2)}
-                # greedy tokens of sequence 0 that agree with transformers' before the first difference (bf16)
-                a, b = r["tokens"][0], hf["tokens"][0]
-                rows[-1]["tokens_agree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        if picked is not None:
-            add_floor(rows[first:], cfg, params, B, args.prompt_len + args.steps, picked, ceilings)
-        for r in rows[first:]:
-            print(r, flush=True)
-    write_record(args.json, "model", device, 1, ceilings, rows, {"preset": args.preset})
+        modes += [(True, True)] if args.compile and device.type == "cuda" else []
+        for fmt, params, backend in formats if "nanomoe" in args.variants else []:
+            first, picked = len(rows), None
+            for graph, compiled in modes:
+                try:
+                    r = time_ours(params, ctxs[fmt], ids, args.steps, graph, device, compiled=compiled)
+                except Exception as err:  # noqa: BLE001 - the experimental compiled variant reports its failure
+                    if not compiled:
+                        raise
+                    rows.append({"variant": "nanomoe", "batch": B, "graph": True, "compile": True,
+                                 "expert_weights": fmt, "failed": f"{type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:300]}"})
+                    continue
+                rows.append({**row("nanomoe", B, args.prompt_len, graph, r), "compile": compiled,
+                             "expert_weights": fmt, "expert_backend": backend})
+                picked = picked or r["picked"]
+                if hf is not None:
+                    rows[-1]["speedup_vs"] = {"transformers": round(rows[-1]["decode_tok_s"] / hf_row["decode_tok_s"],
+                                                                    2)}
+                    # greedy tokens of sequence 0 that agree with transformers' before the first difference
+                    a, b = r["tokens"][0], hf["tokens"][0]
+                    rows[-1]["tokens_agree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            if picked is not None:  # the floor of this format's bytes; transformers reads bf16 experts
+                add_floor(rows[first:], cfg, params, B, args.prompt_len + args.steps, picked, ceilings)
+                if hf_row is not None and "floor_step_ms" not in hf_row:
+                    add_floor([hf_row], cfg, base, B, args.prompt_len + args.steps, picked, ceilings)
+        for r in rows:
+            if r.get("batch") == B:
+                print(r, flush=True)
+    write_record(args.json, "model", device, 1, ceilings, rows,
+                 {"preset": args.preset, "expert_weights": args.expert_weights})
 
 
 def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
@@ -204,35 +228,37 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     placement = Placement.identity(cfg.moe.num_experts, W)
     params = init_model_params(cfg, dtype, device, args.seed, placement, rank,
                                generator_device=device if device.type == "cuda" else None)
-    ctx = ModelContext(cfg, make_comm("torch", timeout_s=120), placement, args.attn_backend, args.expert_backend,
-                       check=False)
+    formats = expert_formats(params, args)
+    prefill_comm = make_comm("torch", timeout_s=120)
     rows = []
     for B in args.batch:
         opts = ({"max_tokens": B, "hidden": cfg.hidden, "top_k": cfg.moe.top_k, "num_slots": placement.num_physical,
                  "dtype": dtype, "timeout_s": 120} if args.decode_comm == "nvlink" else {"timeout_s": 120})
         if args.decode_comm == "torch_decode":
             opts["max_tokens"] = B
-        name = "torch" if args.decode_comm == "torch_decode" else args.decode_comm
-        dctx = ModelContext(cfg, make_comm(name, **opts), placement, args.attn_backend,
-                            args.expert_backend, check=False)
+        decode_comm = make_comm("torch" if args.decode_comm == "torch_decode" else args.decode_comm, **opts)
         ids = torch.randint(2, cfg.vocab_size, (B, args.prompt_len),
                             generator=torch.Generator().manual_seed(B * W + rank)).to(device)
-        first = len(rows)
         modes = [(False, False)] + ([(True, False)] if device.type == "cuda" and args.graph else [])
-        for graph, compiled in modes + ([(True, True)] if args.compile and device.type == "cuda" else []):
-            dist.barrier()
-            r = time_ours(params, ctx, ids, args.steps, graph, device, dctx, compiled)
-            slow = [torch.tensor([statistics.median(r["step_times"]), r["prefill_ms"]], device=device)]
-            dist.all_reduce(slow[0], op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-            r = {**r, "step_times": [float(slow[0][0])], "prefill_ms": round(float(slow[0][1]), 3)}
-            rows.append({**row("nanomoe", B, args.prompt_len, graph, r, W), "compile": compiled,
-                         "decode_comm": args.decode_comm})
-        add_floor(rows[first:], cfg, params, B, args.prompt_len + args.steps, r["picked"], ceilings)
-        if rank == 0:
-            for r in rows[first:]:
-                print(r, flush=True)
+        for fmt, fparams, backend in formats:
+            ctx, dctx = (ModelContext(cfg, c, placement, args.attn_backend, backend, check=False)
+                         for c in (prefill_comm, decode_comm))
+            first = len(rows)
+            for graph, compiled in modes + ([(True, True)] if args.compile and device.type == "cuda" else []):
+                dist.barrier()
+                r = time_ours(fparams, ctx, ids, args.steps, graph, device, dctx, compiled)
+                slow = [torch.tensor([statistics.median(r["step_times"]), r["prefill_ms"]], device=device)]
+                dist.all_reduce(slow[0], op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+                r = {**r, "step_times": [float(slow[0][0])], "prefill_ms": round(float(slow[0][1]), 3)}
+                rows.append({**row("nanomoe", B, args.prompt_len, graph, r, W), "compile": compiled,
+                             "decode_comm": args.decode_comm, "expert_weights": fmt, "expert_backend": backend})
+            add_floor(rows[first:], cfg, fparams, B, args.prompt_len + args.steps, r["picked"], ceilings)
+            if rank == 0:
+                for r in rows[first:]:
+                    print(r, flush=True)
     if rank == 0:
-        write_record(args.json, "model", device, W, ceilings, rows, {"preset": args.preset})
+        write_record(args.json, "model", device, W, ceilings, rows,
+                     {"preset": args.preset, "expert_weights": args.expert_weights})
     dist.destroy_process_group()
 
 
@@ -249,7 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also the graph of torch.compile(model_forward) (experimental, CUDA only)")
     p.add_argument("--attn-backend", default="triton")
-    p.add_argument("--expert-backend", default="triton")
+    p.add_argument("--expert-backend", default="triton", help="the backend of the bf16 experts")
+    p.add_argument("--expert-weights", default="bf16",
+                   help="comma list of bf16, fp8: our rows per format of the routed experts. fp8: block-scaled "
+                        "(DeepSeek-V3's checkpoint format); every row, transformers' too, then runs the FP8 values")
+    p.add_argument("--fp8-expert-backend", default="triton_fp8",
+                   choices=sorted(n for n, b in EXPERT_BACKENDS.items() if b.fp8))
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--decode-comm", default="nvlink", choices=["nvlink", "torch", "torch_decode", "torch_fixed"],
                    help="torch_decode: the torch comm's decode mode (max_tokens = the batch)")
@@ -260,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     args.variants = [v for v in args.variants.split(",") if v]
     if bad := [v for v in args.variants if v not in ("nanomoe", "transformers")]:
         raise SystemExit(f"bench_model: --variants: unknown {bad}; expected nanomoe, transformers")
+    args.expert_weights = [f for f in args.expert_weights.split(",") if f]
+    if not args.expert_weights or (bad := [f for f in args.expert_weights if f not in ("bf16", "fp8")]):
+        raise SystemExit(f"bench_model: --expert-weights: expected a comma list of bf16, fp8, got "
+                         f"{args.expert_weights}")
     if any(b < 1 for b in args.batch) or args.prompt_len < 1 or args.steps < 3:
         raise SystemExit("bench_model: --batch and --prompt-len must be >= 1, --steps >= 3")
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:

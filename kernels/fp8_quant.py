@@ -178,18 +178,35 @@ def _quant(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch
     return q, scale
 
 
-def quant_fp8_blocks(w: torch.Tensor,
-                     block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+CHUNK_ELEMS = 1 << 26  # quant_fp8_blocks' float32 temporaries: ~3 x 256 MB per chunk of leading slices
+
+
+def quant_fp8_blocks(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
+                     chunk_elems: int = CHUNK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
     """w [.., N, K] (any float dtype; leading dims such as experts are batched) -> (q [.., N, K] float8_e4m3fn,
-    scales [.., Nb, Kb] float32), one scale per b0 x b1 block, the last ones partial. Torch: offline use
-    (it holds a float32 copy of w)."""
+    scales [.., Nb, Kb] float32), one scale per b0 x b1 block, the last ones partial. Torch: offline use.
+    The leading slices go through in chunks of about `chunk_elems` elements (at least one slice), so the
+    float32 temporaries stay near 3 x 4 x chunk_elems bytes whatever the weight's size (V3's 256 experts of a
+    layer are 15 G elements); the result does not depend on the chunking."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     if w.dim() < 2:
         raise ValueError(f"w must be [.., N, K] (at least 2-D), got shape {tuple(w.shape)}")
     if not w.dtype.is_floating_point or w.dtype == FP8_DTYPE:
         raise TypeError(f"w must have a float dtype to quantise (not {FP8_DTYPE}), got {w.dtype}")
-    return _quant(w, _block(block))
+    if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or chunk_elems < 1:
+        raise ValueError(f"chunk_elems must be a positive int, got {chunk_elems!r}")
+    block = _block(block)
+    *lead, N, K = w.shape
+    step = max(1, chunk_elems // max(1, N * K))
+    if w.numel() == 0 or step >= w.numel() // (N * K):
+        return _quant(w, block)
+    flat = w.reshape(-1, N, K)
+    q = torch.empty(flat.shape, dtype=FP8_DTYPE, device=w.device)
+    s = torch.empty((flat.shape[0], *block_scale_shape((N, K), block)), dtype=torch.float32, device=w.device)
+    for i in range(0, flat.shape[0], step):
+        q[i:i + step], s[i:i + step] = _quant(flat[i:i + step], block)
+    return q.view(*lead, N, K), s.view(*lead, *s.shape[1:])
 
 
 def dequant_fp8_blocks(q: torch.Tensor, scales: torch.Tensor,

@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from prompts")
     g.add_argument("--checkpoint", help="a Hugging Face checkpoint folder (config.json, *.safetensors, "
                    "tokenizer.json); default: a random model of --preset")
-    g.add_argument("--preset", default="tiny", help="model preset without --checkpoint (default tiny)")
+    g.add_argument("--preset", default="tiny", help="model preset without --checkpoint: tiny (default), "
+                   "tiny-fp8 (dims of 128: the FP8 expert backends run it), deepseek-v3-4l")
     g.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for a batch)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

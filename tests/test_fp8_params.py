@@ -5,6 +5,8 @@ the bf16 paths; model/fp8.py delegating to kernels/fp8_quant.py.
 Dimension legend: E experts, H hidden, I intermediate, b0 x b1 the scale block, Ib = ceil(I / b0).
 """
 
+from unittest import mock
+
 import pytest
 import torch
 from nanomoe_kernels.fp8_quant import quant_fp8_blocks
@@ -75,6 +77,13 @@ def test_dequantize_round_trip(dtype):
     fp8 = quantize_experts(experts)
     back = dequantize_experts(fp8, dtype)
     assert isinstance(back, SwiGLUExperts) and back.w13.dtype == dtype and back.w2.dtype == dtype
+    # written into another record (one expert per chunk): the same values, in place
+    into = SwiGLUExperts(torch.full_like(experts.w13, 7.0), torch.full_like(experts.w2, 7.0))
+    with mock.patch("nanomoe_fn.moe.fp8_params.CHUNK_ELEMS", 1):
+        assert dequantize_experts(fp8, torch.float16, out=into) is into
+    assert torch.equal(into.w13, back.w13) and torch.equal(into.w2, back.w2)
+    with pytest.raises(ValueError, match="out must be a SwiGLUExperts with the shapes"):
+        dequantize_experts(fp8, out=SwiGLUExperts(experts.w13[:1], experts.w2[:1]))
     I, Ib = 64, 1
     want13 = torch.cat([dequant_blocks_ref(fp8.w13[:, :I], fp8.w13_scale[:, :Ib]),
                         dequant_blocks_ref(fp8.w13[:, I:], fp8.w13_scale[:, Ib:])], dim=1)
@@ -168,3 +177,27 @@ def test_model_fp8_delegates():
         quantize_blocks(w[None])
     with pytest.raises(ValueError, match=r"needs scales of shape \(3, 2\)"):
         dequantize_blocks(q, s[:2])
+
+
+@pytest.mark.parametrize("write_back", [False, True])
+def test_model_with_fp8_experts(write_back):
+    """Every MoE layer's experts quantised; write_back rounds the bf16 experts (and what shares their tensors)
+    to exactly the FP8 values, in place; dense layers and the rest are the same objects."""
+    from nanomoe_fn.model.config import model_preset
+    from nanomoe_fn.model.params import init_model_params, with_fp8_experts
+
+    cfg = model_preset("tiny-fp8")
+    params = init_model_params(cfg, torch.bfloat16, "cpu", seed=3)
+    moe = [lay.moe for lay in params.layers if lay.moe is not None]
+    before = [SwiGLUExperts(m.experts.w13.clone(), m.experts.w2.clone()) for m in moe]
+    fp8 = with_fp8_experts(params, write_back=write_back)
+    assert with_fp8_experts(fp8).layers[1].moe.experts is fp8.layers[1].moe.experts  # FP8 already: kept
+    for m, q, old in zip(moe, (lay.moe for lay in fp8.layers if lay.moe is not None), before):
+        assert isinstance(q.experts, SwiGLUExpertsFP8) and q.gate is m.gate and q.shared is m.shared
+        ref = quantize_experts(old)  # quantised from the weights as they were
+        assert torch.equal(bytes_of(q.experts.w13), bytes_of(ref.w13)) and torch.equal(q.experts.w2_scale, ref.w2_scale)
+        want = dequantize_experts(q.experts, torch.bfloat16)
+        rounded = torch.equal(m.experts.w13, want.w13) and torch.equal(m.experts.w2, want.w2)
+        unchanged = torch.equal(m.experts.w13, old.w13) and torch.equal(m.experts.w2, old.w2)
+        assert (rounded, unchanged) == ((True, False) if write_back else (False, True))
+    assert fp8.layers[0].dense is params.layers[0].dense and fp8.embed is params.embed

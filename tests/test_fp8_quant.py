@@ -209,6 +209,10 @@ def test_block_quant_matches_reference(E, N, K, block, dtype, seed):
     qr, sr = ref.quant_blocks_ref(w, block)
     assert s.shape == (E, -(-N // block[0]), -(-K // block[1])) and s.dtype == torch.float32
     assert torch.equal(as_bytes(q), as_bytes(qr)) and torch.equal(s.double(), sr)
+    # in chunks of one expert (and of a 4-D weight's flattened leading slices): the same bytes
+    for w_, chunk in ((w, 1), (w.view(1, E, N, K)[:, :, :, :], max(1, N * K))):
+        qc, sc = fq.quant_fp8_blocks(w_, block, chunk_elems=chunk)
+        assert torch.equal(as_bytes(qc).view_as(as_bytes(q)), as_bytes(q)) and torch.equal(sc.view_as(s), s)
     deq = fq.dequant_fp8_blocks(q, s, block)
     assert torch.equal(deq.double(), ref.dequant_blocks_ref(q, s, block).float().double())
 
@@ -237,6 +241,8 @@ def test_argument_errors():
         fq.quant_fp8_groups_torch(x, scale_layout="col")
     with pytest.raises(ValueError, match="at least 2-D"):
         fq.quant_fp8_blocks(torch.randn(5))
+    with pytest.raises(ValueError, match="chunk_elems must be a positive int"):
+        fq.quant_fp8_blocks(torch.randn(2, 4, 4), chunk_elems=0)
     with pytest.raises(TypeError, match="w must have a float dtype"):
         fq.quant_fp8_blocks(x.to(F8))
     with pytest.raises(ValueError, match="block must be two positive ints"):

@@ -85,6 +85,14 @@ PRESETS = MappingProxyType({
                       topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, correction_bias=True,
                       n_shared_experts=1, group_score="top2_sum"),
         max_position_embeddings=512, bos_token_id=0, eos_token_ids=(1,)),
+    # the tiny model with hidden and expert dims of 128, the FP8 scale block: the FP8 expert backends run it
+    "tiny-fp8": ModelConfig(
+        vocab_size=256, num_layers=3, first_k_dense=1, dense_intermediate=96,
+        mla=MLAConfig.preset("tiny", hidden_size=128),
+        moe=MoEConfig(hidden=128, intermediate=128, num_experts=8, top_k=2, score_func="sigmoid", n_group=2,
+                      topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, correction_bias=True,
+                      n_shared_experts=1, group_score="top2_sum"),
+        max_position_embeddings=512, bos_token_id=0, eos_token_ids=(1,)),
     # DeepSeek-V3's dims at reduced depth (bench/bench_model.py): 1 dense + 3 MoE layers of 256 experts
     "deepseek-v3-4l": ModelConfig(
         vocab_size=129280, num_layers=4, first_k_dense=1, dense_intermediate=18432,
@@ -94,7 +102,7 @@ PRESETS = MappingProxyType({
 
 
 def model_preset(name: str, **overrides: object) -> ModelConfig:
-    """One of PRESETS by name ('tiny', 'deepseek-v3-4l'), with optional field overrides."""
+    """One of PRESETS by name ('tiny', 'tiny-fp8', 'deepseek-v3-4l'), with optional field overrides."""
     if name not in PRESETS:
         raise ValueError(f"model preset must be one of {sorted(PRESETS)}, got {name!r}")
     return replace(PRESETS[name], **overrides)

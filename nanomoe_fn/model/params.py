@@ -80,15 +80,21 @@ def init_model_params(cfg: ModelConfig, dtype: torch.dtype = torch.float32, devi
     return ModelParams(embed=embed, layers=tuple(layers), norm=norm, lm_head=lm_head)
 
 
-def with_fp8_experts(params: ModelParams) -> ModelParams:
+def with_fp8_experts(params: ModelParams, write_back: bool = False) -> ModelParams:
     """The same model with every MoE layer's routed experts block-quantised to FP8 (SwiGLUExpertsFP8, for
-    the FP8 expert backends); layers whose experts are FP8 already are kept."""
-    from nanomoe_fn.moe.fp8_params import quantize_experts
+    the FP8 expert backends); layers whose experts are FP8 already are kept. write_back: also overwrite
+    `params`' own bf16 experts in place with the FP8 values dequantised, so that they, and any model sharing
+    their tensors (transformers' modules behind params_from_hf), run the very weights the FP8 record holds."""
+    from nanomoe_fn.moe.fp8_params import dequantize_experts, quantize_experts
     from nanomoe_fn.moe.params import SwiGLUExpertsFP8
 
     def one(lay: DecoderParams) -> DecoderParams:
         if lay.moe is None or isinstance(lay.moe.experts, SwiGLUExpertsFP8):
             return lay
-        return replace(lay, moe=replace(lay.moe, experts=quantize_experts(lay.moe.experts)))
+        fp8 = quantize_experts(lay.moe.experts)
+        if write_back:
+            with torch.no_grad():
+                dequantize_experts(fp8, out=lay.moe.experts)
+        return replace(lay, moe=replace(lay.moe, experts=fp8))
 
     return replace(params, layers=tuple(one(lay) for lay in params.layers))

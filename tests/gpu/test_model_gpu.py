@@ -41,6 +41,28 @@ def test_graph_generation_equals_eager(dtype, backends, paged):
     assert generate(params, PROMPTS, ctx, sampled, cuda_graph=True) == generate(params, PROMPTS, ctx, sampled)
 
 
+@pytest.mark.parametrize("backend", ["triton_fp8", "triton_w8a16"])
+def test_fp8_expert_generation_graph_equals_eager(backend):
+    """FP8 experts (bench_model --expert-weights fp8): the decode step in a CUDA graph (and compiled glue)
+    generates the eager tokens; W8A16's logits are bf16 experts' on the same rounded weights."""
+    from nanomoe_fn.model.params import with_fp8_experts
+
+    cfg = model_preset("tiny-fp8")
+    params = init_model_params(cfg, torch.bfloat16, "cuda", seed=4)
+    fp8 = with_fp8_experts(params, write_back=True)
+    ctx = ModelContext(cfg, attn_backend="triton", expert_backend=backend)
+    s = SamplingConfig(max_new_tokens=12, ignore_eos=True)
+    eager = generate(fp8, PROMPTS, ctx, s)
+    assert generate(fp8, PROMPTS, ctx, s, cuda_graph=True) == eager
+    assert generate(fp8, PROMPTS, ctx, s, cuda_graph=True, compile=True) == eager
+    if backend == "triton_w8a16":  # bf16 activations: the logits of bf16 experts on the same rounded weights
+        ids = torch.tensor([p[:2] for p in PROMPTS], device="cuda")
+        pos = torch.arange(2, device="cuda").expand(3, 2)
+        logits = [model_forward(p, ids, pos, init_caches(cfg, 3, 4, torch.bfloat16, "cuda"), c)[0].float()
+                  for p, c in ((fp8, ctx), (params, ModelContext(cfg, attn_backend="triton", expert_backend="triton")))]
+        assert (logits[0] - logits[1]).norm() <= 0.05 * logits[1].norm()
+
+
 def test_uncapturable_backend_is_named():
     cfg = model_preset("tiny")
     params = init_model_params(cfg, torch.float32, "cuda", seed=4)
