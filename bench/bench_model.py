@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     args.variants = [v for v in args.variants.split(",") if v]
     if bad := [v for v in args.variants if v not in ("nanomoe", "transformers")]:
         raise SystemExit(f"bench_model: --variants: unknown {bad}; expected nanomoe, transformers")
-    args.expert_weights = [f for f in args.expert_weights.split(",") if f]
+    args.expert_weights = list(dict.fromkeys(f for f in args.expert_weights.split(",") if f))  # once each
     if not args.expert_weights or (bad := [f for f in args.expert_weights if f not in ("bf16", "fp8")]):
         raise SystemExit(f"bench_model: --expert-weights: expected a comma list of bf16, fp8, got "
                          f"{args.expert_weights}")

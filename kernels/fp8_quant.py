@@ -209,10 +209,12 @@ def quant_fp8_blocks(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
     return q.view(*lead, N, K), s.view(*lead, *s.shape[1:])
 
 
-def dequant_fp8_blocks(q: torch.Tensor, scales: torch.Tensor,
-                       block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
+def dequant_fp8_blocks(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
+                       out: torch.Tensor | None = None, chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor:
     """q [.., N, K] float8_e4m3fn times its block's scale (scales [.., Nb, Kb], any float dtype, any strides)
-    -> float32 [.., N, K] on q's device. Activation groups are blocks (1, g)."""
+    -> float32 [.., N, K] on q's device, or written into `out` (q's shape and device, any float dtype and
+    strides: the float32 product is rounded once into it). Activation groups are blocks (1, g). The leading
+    slices go through in chunks of about `chunk_elems` elements, as quant_fp8_blocks'."""
     block = _block(block)
     if not isinstance(q, torch.Tensor) or q.dtype != FP8_DTYPE or q.dim() < 2:
         raise TypeError(f"q must be a {FP8_DTYPE} tensor [.., N, K], got "
@@ -223,7 +225,25 @@ def dequant_fp8_blocks(q: torch.Tensor, scales: torch.Tensor,
         got = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
         raise ValueError(f"FP8 weight {tuple(q.shape)} needs float scales of shape {want} for blocks {block}, "
                          f"got {got}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.device != q.device
+          or not out.dtype.is_floating_point or out.dtype == FP8_DTYPE):
+        got = f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out must be a float tensor of q's shape {tuple(q.shape)} on {q.device}, got {got}")
+    if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or chunk_elems < 1:
+        raise ValueError(f"chunk_elems must be a positive int, got {chunk_elems!r}")
     N, K = q.shape[-2:]
-    s = scales.to(device=q.device, dtype=torch.float32)
-    s = s.repeat_interleave(block[0], dim=-2)[..., :N, :].repeat_interleave(block[1], dim=-1)[..., :K]
-    return q.to(torch.float32) * s
+    if q.numel() == 0:
+        return out
+    step = max(1, chunk_elems // (N * K))
+    qf, sf = q.reshape(-1, N, K), scales.reshape(-1, *scales.shape[-2:])
+    try:
+        of = out.view(-1, N, K)  # written through: a view of out, never a copy
+    except RuntimeError as err:
+        raise ValueError(f"out's leading dims must flatten to one without a copy, got strides {out.stride()}") from err
+    for i in range(0, qf.shape[0], step):
+        s = sf[i:i + step].to(device=q.device, dtype=torch.float32)
+        s = s.repeat_interleave(block[0], dim=-2)[..., :N, :].repeat_interleave(block[1], dim=-1)[..., :K]
+        of[i:i + step] = qf[i:i + step].to(torch.float32) * s
+    return out

@@ -24,6 +24,15 @@ from nanomoe_fn import (
 )
 
 
+def error_of(fn) -> str:  # noqa: ANN001 - any zero-argument callable
+    """'no error' when fn() returns, else 'ExceptionType: message' (the tests inspect whatever was raised)."""
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
 def case_inputs(case: dict, rank: int) -> tuple[MoEConfig, MoEParams, torch.Tensor]:
     """The config, full parameters and rank `rank`'s tokens for one test case (same on every rank)."""
     cfg = MoEConfig(**case["cfg"])
@@ -93,12 +102,8 @@ def run_absent_peer(rank: int, world_size: int, port: int, out_dir: str) -> None
     params = init_moe_params(cfg, generator=torch.Generator().manual_seed(0))
     placement = Placement.identity(4, world_size)
     t0 = time.monotonic()
-    try:
-        moe_layer(shard_moe_params(params, placement, 0), torch.randn(3, 16), cfg,
-                  TorchComm(timeout_s=1.5), placement)
-        message = "no error"
-    except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
-        message = f"{type(err).__name__}: {err}"
+    message = error_of(lambda: moe_layer(shard_moe_params(params, placement, 0), torch.randn(3, 16), cfg,
+                                         TorchComm(timeout_s=1.5), placement))
     with open(os.path.join(out_dir, "error.txt"), "w") as f:
         f.write(f"{time.monotonic() - t0:.2f}\n{message}")
 
@@ -111,12 +116,8 @@ def run_overflow(rank: int, world_size: int, port: int, out_dir: str) -> None:
                     seed=5, tokens=[4] * world_size, hot=[0, 1])
         cfg, params, x = case_inputs(case, rank)
         placement = Placement.identity(cfg.num_experts, world_size)
-        try:
-            comm = TorchFixedComm(4, rank_capacity=1, timeout_s=3)
-            moe_layer(shard_moe_params(params, placement, rank), x, cfg, comm, placement)
-            message = "no error"
-        except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
-            message = f"{type(err).__name__}: {err}"
+        message = error_of(lambda: moe_layer(shard_moe_params(params, placement, rank), x, cfg,
+                                             TorchFixedComm(4, rank_capacity=1, timeout_s=3), placement))
         with open(os.path.join(out_dir, f"overflow_rank{rank}.txt"), "w") as f:
             f.write(message)
     finally:
@@ -138,11 +139,7 @@ def run_bad_ids(rank: int, world_size: int, port: int, out_dir: str, max_tokens:
         if rank == 1:
             bad[2, 1] = E + 5
         comm, placement = TorchComm(timeout_s=5, max_tokens=max_tokens), Placement.identity(E, world_size)
-        try:
-            dispatch(x, Routing(bad, w), comm, placement)
-            message = "no error"
-        except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
-            message = f"{type(err).__name__}: {err}"
+        message = error_of(lambda: dispatch(x, Routing(bad, w), comm, placement))
         batch, handle = dispatch(x, Routing(ids, w), comm, placement)
         out = combine(batch.materialize(), handle, comm)  # identity experts
         ok = torch.allclose(out, x * w.sum(1, keepdim=True), rtol=1e-5, atol=1e-6)
@@ -198,11 +195,7 @@ def run_mismatched_max_tokens(rank: int, world_size: int, port: int, out_dir: st
     """Each rank builds the torch comm's decode mode with its own max_tokens: each saves the error it gets."""
     _init(rank, world_size, port, 30)
     try:
-        try:
-            TorchComm(timeout_s=5, max_tokens=3 + rank)
-            message = "no error"
-        except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
-            message = f"{type(err).__name__}: {err}"
+        message = error_of(lambda: TorchComm(timeout_s=5, max_tokens=3 + rank))
         with open(os.path.join(out_dir, f"max_tokens_rank{rank}.txt"), "w") as f:
             f.write(message)
     finally:

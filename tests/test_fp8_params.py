@@ -5,8 +5,6 @@ the bf16 paths; model/fp8.py delegating to kernels/fp8_quant.py.
 Dimension legend: E experts, H hidden, I intermediate, b0 x b1 the scale block, Ib = ceil(I / b0).
 """
 
-from unittest import mock
-
 import pytest
 import torch
 from nanomoe_kernels.fp8_quant import quant_fp8_blocks
@@ -77,13 +75,14 @@ def test_dequantize_round_trip(dtype):
     fp8 = quantize_experts(experts)
     back = dequantize_experts(fp8, dtype)
     assert isinstance(back, SwiGLUExperts) and back.w13.dtype == dtype and back.w2.dtype == dtype
-    # written into another record (one expert per chunk): the same values, in place
+    # written into another record: the same values, in place
     into = SwiGLUExperts(torch.full_like(experts.w13, 7.0), torch.full_like(experts.w2, 7.0))
-    with mock.patch("nanomoe_fn.moe.fp8_params.CHUNK_ELEMS", 1):
-        assert dequantize_experts(fp8, torch.float16, out=into) is into
+    assert dequantize_experts(fp8, torch.float16, out=into) is into
     assert torch.equal(into.w13, back.w13) and torch.equal(into.w2, back.w2)
-    with pytest.raises(ValueError, match="out must be a SwiGLUExperts with the shapes"):
+    with pytest.raises(ValueError, match="out must be a float tensor of q's shape"):
         dequantize_experts(fp8, out=SwiGLUExperts(experts.w13[:1], experts.w2[:1]))
+    with pytest.raises(TypeError, match="out must be a SwiGLUExperts .* got LinearExperts"):
+        dequantize_experts(fp8, out=LinearExperts(experts.w2))
     I, Ib = 64, 1
     want13 = torch.cat([dequant_blocks_ref(fp8.w13[:, :I], fp8.w13_scale[:, :Ib]),
                         dequant_blocks_ref(fp8.w13[:, I:], fp8.w13_scale[:, Ib:])], dim=1)

@@ -215,6 +215,10 @@ def test_block_quant_matches_reference(E, N, K, block, dtype, seed):
         assert torch.equal(as_bytes(qc).view_as(as_bytes(q)), as_bytes(q)) and torch.equal(sc.view_as(s), s)
     deq = fq.dequant_fp8_blocks(q, s, block)
     assert torch.equal(deq.double(), ref.dequant_blocks_ref(q, s, block).float().double())
+    # one expert per chunk, into a strided bf16 view: the float32 values rounded once
+    into = torch.full((E, N, 2 * K), 7.0, dtype=torch.bfloat16)[..., ::2]
+    assert fq.dequant_fp8_blocks(q, s, block, out=into, chunk_elems=1) is into
+    assert torch.equal(into, deq.to(torch.bfloat16))
 
 
 def test_weight_blocks_deepseek_shape_and_zero_block():
@@ -243,6 +247,11 @@ def test_argument_errors():
         fq.quant_fp8_blocks(torch.randn(5))
     with pytest.raises(ValueError, match="chunk_elems must be a positive int"):
         fq.quant_fp8_blocks(torch.randn(2, 4, 4), chunk_elems=0)
+    q, s = fq.quant_fp8_blocks(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="out must be a float tensor of q's shape"):
+        fq.dequant_fp8_blocks(q, s, out=torch.empty(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="out's leading dims must flatten"):
+        fq.dequant_fp8_blocks(q, s, out=torch.empty(3, 2, 4, 4).transpose(0, 1))
     with pytest.raises(TypeError, match="w must have a float dtype"):
         fq.quant_fp8_blocks(x.to(F8))
     with pytest.raises(ValueError, match="block must be two positive ints"):

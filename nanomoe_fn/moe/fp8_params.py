@@ -13,14 +13,7 @@ row blocks over the up half's. With I % b0 == 0 that is the same as quantising w
 from __future__ import annotations
 
 import torch
-from nanomoe_kernels.fp8_quant import (
-    CHUNK_ELEMS,
-    DEFAULT_BLOCK,
-    FP8_DTYPE,
-    block_scale_shape,
-    dequant_fp8_blocks,
-    quant_fp8_blocks,
-)
+from nanomoe_kernels.fp8_quant import DEFAULT_BLOCK, FP8_DTYPE, block_scale_shape, dequant_fp8_blocks, quant_fp8_blocks
 
 from nanomoe_fn.moe.params import Experts, FP8Experts, LinearExperts, LinearExpertsFP8, SwiGLUExperts, SwiGLUExpertsFP8
 
@@ -60,32 +53,26 @@ def dequantize_experts(experts: FP8Experts, dtype: torch.dtype = torch.bfloat16,
                        out: Experts | None = None) -> Experts:
     """SwiGLUExpertsFP8 / LinearExpertsFP8 -> SwiGLUExperts / LinearExperts in `dtype` (fp8 * scale computed in
     float32, then rounded once), for the backends that run bf16/fp16/fp32 weights. Experts go through in
-    chunks (float32 temporaries of about CHUNK_ELEMS elements). out: a record of the same kind and shapes to
-    write into (its dtype wins), for example another implementation's weights to round to the FP8 values."""
+    chunks (dequant_fp8_blocks). out: a record of that kind and the same shapes to write into (its dtype
+    wins), for example another implementation's weights to round to the FP8 values."""
     check_fp8_experts(experts)
     b = experts.block
-    pairs = ([(experts.w13, experts.w13_scale), (experts.w2, experts.w2_scale)]
-             if isinstance(experts, SwiGLUExpertsFP8) else [(experts.w, experts.w_scale)])
-    kind = SwiGLUExperts if isinstance(experts, SwiGLUExpertsFP8) else LinearExperts
-    if out is None:
-        out = kind(*(torch.empty(q.shape, dtype=dtype, device=q.device) for q, _ in pairs))
-    targets = (out.w13, out.w2) if isinstance(out, SwiGLUExperts) else (getattr(out, "w", None),)
-    if type(out) is not kind or any(not isinstance(t, torch.Tensor) or t.shape != q.shape
-                                    for t, (q, _) in zip(targets, pairs)):
-        raise ValueError(f"out must be a {kind.__name__} with the shapes "
-                         f"{[list(q.shape) for q, _ in pairs]}, got {type(out).__name__}")
     swiglu = isinstance(experts, SwiGLUExpertsFP8)
-    I_ = experts.w2.shape[-1] if swiglu else 0
-    Ib = -(-I_ // b[0])
-    for n, ((q, sc), t) in enumerate(zip(pairs, targets)):
-        step = max(1, CHUNK_ELEMS // max(1, q[0].numel()))
-        for i in range(0, q.shape[0], step):
-            j = slice(i, i + step)
-            if swiglu and n == 0:  # gate and up halves are blocked apart (module docstring)
-                t[j, :I_] = dequant_fp8_blocks(q[j, :I_], sc[j, :Ib], b)
-                t[j, I_:] = dequant_fp8_blocks(q[j, I_:], sc[j, Ib:], b)
-            else:
-                t[j] = dequant_fp8_blocks(q[j], sc[j], b)
+    kind = SwiGLUExperts if swiglu else LinearExperts
+    if out is None:
+        out = kind(*(torch.empty(w.shape, dtype=dtype, device=w.device)
+                     for w in ((experts.w13, experts.w2) if swiglu else (experts.w,))))
+    elif type(out) is not kind:
+        raise TypeError(f"out must be a {kind.__name__} (the record {type(experts).__name__} dequantises to), "
+                        f"got {type(out).__name__}")
+    if swiglu:  # gate and up halves are blocked apart (module docstring)
+        I_ = experts.w2.shape[-1]
+        Ib = -(-I_ // b[0])
+        dequant_fp8_blocks(experts.w13[:, :I_], experts.w13_scale[:, :Ib], b, out=out.w13[:, :I_])
+        dequant_fp8_blocks(experts.w13[:, I_:], experts.w13_scale[:, Ib:], b, out=out.w13[:, I_:])
+        dequant_fp8_blocks(experts.w2, experts.w2_scale, b, out=out.w2)
+    else:
+        dequant_fp8_blocks(experts.w, experts.w_scale, b, out=out.w)
     return out
 
 
