@@ -10,11 +10,12 @@ Each case is gate/up GEMM + silu(gate) * up + down GEMM + top-k weighted sum int
 (k distinct experts per token). The rows are sorted/aligned ahead (setup, not timed) for every variant
 but `triton+align`, which also times its align step. The variants and exactly what each times:
 bench/expert_ffn_variants.py (ours: loop, bmm, triton, triton+align, deepgemm; FP8: triton_fp8,
-deepgemm_fp8, triton_w8a16; peers: deepgemm_glue, bmm_padded, sglang). Every variant is checked against a float32
-reference on sampled tokens before timing. Floors: weight bytes of the experts hit over the measured copy
-bandwidth, FLOPs over the measured bf16 matmul rate (both measured in this run); `roofline` = floor /
-median. FP8 rows: 1-byte weights, the FP8 matmul rate measured with torch._scaled_mm, and the error bound
-FP8_ERR_BOUND against the reference on the dequantised weights (the activations' own error).
+triton_fp8_tiles, triton_fp8_hilo(_tiles), deepgemm_fp8, triton_w8a16; peers: deepgemm_glue, bmm_padded,
+sglang). Every variant is checked against a float32 reference on sampled tokens before timing. Floors: weight
+bytes of the experts hit over the measured copy bandwidth, FLOPs over the measured bf16 matmul rate (both
+measured in this run); `roofline` = floor / median. FP8 rows: 1-byte weights, the FP8 matmul rate measured
+with torch._scaled_mm, and the error bound FP8_ERR_BOUND against the reference on the dequantised weights (the
+activations' own error; `triton_fp8_hilo*`: 2e-2 as bf16's, and its floor counts its two MMAs per step).
 --cuda-graph times the sync-free variants as CUDA graph replays (`cuda_graph` in each row). phase = decode when
 rows per expert (T*k/E) <= 64, else prefill. Rows carry `speedup_vs` (the peer's median / this median)
 for the peers sglang, deepgemm_glue, bmm_padded and triton that ran in the same case.
@@ -53,7 +54,8 @@ LOOP_LIMIT_MS = 50.0  # --ranking skips `loop` above this estimated time per cal
 # Gaussian inputs (x and the SwiGLU output both quantised; tests/test_fused_moe_fp8.py ACCURACY_BOUND)
 FP8_ERR_BOUND = 5e-2
 # variants with no host sync: --cuda-graph times them as graph replays (the decode path's real cost)
-GRAPH_VARIANTS = ("triton", "triton+align", "deepgemm", "triton_fp8", "deepgemm_fp8", "triton_w8a16", "sglang")
+GRAPH_VARIANTS = ("triton", "triton+align", "deepgemm", "triton_fp8", "triton_fp8_tiles", "triton_fp8_hilo",
+                  "triton_fp8_hilo_tiles", "deepgemm_fp8", "triton_w8a16", "sglang")
 
 
 def loop_estimate_ms(T: int, E: int, k: int, H: int, I: int) -> float:
@@ -118,11 +120,13 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
         nbytes = wbytes * (1 + 4 / 128 ** 2) / weights[0].element_size() if fp8 else wbytes
         fp8_mma = fp8 and name != "triton_w8a16"  # W8A16 multiplies in bf16
         rate = (ceilings.get("fp8_tflops") or 2 * ceilings["bf16_tflops"]) if fp8_mma else ceilings["bf16_tflops"]
-        floor = max(nbytes / (ceilings["hbm_gbps"] * 1e9), flops / (rate * 1e12))
+        hilo = name.startswith("triton_fp8_hilo")
+        mma_flops = flops * (2 if hilo else 1)  # two MMAs per step (hi and lo)
+        floor = max(nbytes / (ceilings["hbm_gbps"] * 1e9), mma_flops / (rate * 1e12))
         r = {"case": case, "variant": name, "median_us": round(ms * 1e3, 1), "gbps": round(nbytes / sec / 1e9, 1),
              "tflops": round(flops / sec / 1e12, 2), "roofline": round(floor / sec, 3),
              "floor_us": round(floor * 1e6, 1), "check_rel_err": round(err, 5),
-             "ok": err < (FP8_ERR_BOUND if fp8_mma else 2e-2), "cuda_graph": graph}
+             "ok": err < (FP8_ERR_BOUND if fp8_mma and not hilo else 2e-2), "cuda_graph": graph}
         if name in built.configs:
             r["config"] = built.configs[name]
         rows.append(r)

@@ -14,12 +14,15 @@ GEMMs with torch glue written here: padded rows, one gather back, the weighted s
 `bmm_padded` (a padded [E, C, H] torch.bmm written here) and `sglang` (SGLang's Triton fused MoE through
 bench/peers_sgl.py, its moe-align computed ahead in torch). FP8 (ours): `triton_fp8`
 (kernels.fused_moe_fp8.fused_moe_fp8) and `deepgemm_fp8` (kernels.deepgemm_fp8.deepgemm_fp8_fused_moe) on the
-bench's bf16 weights block-quantised (128 x 128, untimed), each timing its activation quantisation too, and
-`triton_w8a16` (kernels.fused_moe_w8a16.fused_moe_w8a16: the same weights, bf16 rows never quantised).
+bench's bf16 weights block-quantised (128 x 128, untimed), each timing its activation quantisation too,
+`triton_fp8_hilo` (the same with act_terms=2: two-term activations), `triton_fp8_tiles` and
+`triton_fp8_hilo_tiles` (those two with the weights in tile_weights' block layout) and `triton_w8a16`
+(kernels.fused_moe_w8a16.fused_moe_w8a16: the same weights, bf16 rows never quantised).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,10 +37,13 @@ from nanomoe_fn import ExpertBatch, expert_ffn
 from nanomoe_fn.comm.plan import weighted_rows
 from nanomoe_fn.moe.params import LinearExperts, SwiGLUExperts
 
-VARIANTS = ("loop", "bmm", "triton", "triton+align", "deepgemm", "triton_fp8", "deepgemm_fp8", "triton_w8a16",
-            "deepgemm_glue", "bmm_padded", "sglang")
-# block-scaled FP8 weights: W8A8 (x and the SwiGLU output quantised inside) and W8A16 (bf16 rows)
-FP8_VARIANTS = ("triton_fp8", "deepgemm_fp8", "triton_w8a16")
+# block-scaled FP8 weights: W8A8 (x and the SwiGLU output quantised inside; _hilo: as two-term [hi | lo]
+# FP8 pairs, two MMAs per step; _tiles: the weights in the block layout of tile_weights) and W8A16 (bf16 rows)
+FP8_TRITON = {"triton_fp8": (1, False), "triton_fp8_tiles": (1, True), "triton_fp8_hilo": (2, False),
+              "triton_fp8_hilo_tiles": (2, True)}  # variant: (act_terms, block layout)
+FP8_VARIANTS = (*FP8_TRITON, "deepgemm_fp8", "triton_w8a16")
+VARIANTS = ("loop", "bmm", "triton", "triton+align", "deepgemm", *FP8_VARIANTS, "deepgemm_glue", "bmm_padded",
+            "sglang")
 PEERS = ("sglang", "deepgemm_glue", "bmm_padded", "triton")  # rows carry speedup_vs against these
 
 
@@ -163,6 +169,7 @@ def _fp8_variants(out: Built, x: torch.Tensor, ids: torch.Tensor, tw: torch.Tens
                   weights: tuple[torch.Tensor, ...], names: list[str]) -> None:
     from nanomoe_kernels.fp8_quant import quant_fp8_blocks
     from nanomoe_kernels.fused_moe_fp8 import fp8_configs, fused_moe_fp8
+    from nanomoe_kernels.fused_moe_fp8_kernel import tile_weights
 
     if len(weights) != 2 or any(n % 128 for n in weights[1].shape[1:]):
         for n in FP8_VARIANTS:
@@ -170,10 +177,13 @@ def _fp8_variants(out: Built, x: torch.Tensor, ids: torch.Tensor, tw: torch.Tens
         return
     w8 = (*quant_fp8_blocks(weights[0]), *quant_fp8_blocks(weights[1]))
     T, k = ids.shape
-    if "triton_fp8" in names:
-        out.fns["triton_fp8"] = lambda: fused_moe_fp8(x, ids, tw, *w8)
-        up, down, _ = fp8_configs(None, weights[0].shape[0], x.shape[1], weights[1].shape[2], T * k, x.device)
-        out.configs["triton_fp8"] = {"up": up, "down": down}
+    for name, (terms, tiles) in FP8_TRITON.items():
+        if name in names:
+            w = (tile_weights(w8[0]), w8[1], tile_weights(w8[2]), w8[3]) if tiles else w8
+            out.fns[name] = functools.partial(fused_moe_fp8, x, ids, tw, *w, act_terms=terms)
+            up, down, _ = fp8_configs(None, weights[0].shape[0], x.shape[1], weights[1].shape[2], T * k, x.device,
+                                      act_terms=terms, tiles=tiles)
+            out.configs[name] = {"up": up, "down": down}
     if "triton_w8a16" in names:
         if x.dtype in (torch.bfloat16, torch.float16):
             from nanomoe_kernels.fused_moe_w8a16 import fused_moe_w8a16

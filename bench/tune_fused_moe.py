@@ -175,7 +175,9 @@ def time_us(fn: Callable[[], object]) -> float:
 def write_tables(best: dict, E: int, H: int, I: int, H_out: int, dtype: torch.dtype, device_name: str,
                  meta: dict) -> list[str]:
     """Merge {op: {M: cfg}} into kernels/tuned; returns the paths written."""
-    dims = {"up": (I, H), "down": (H, I), "linear": (H_out, H), "up_w8a16": (I, H), "down_w8a16": (H, I)}
+    dims = {"up": (I, H), "down": (H, I), "linear": (H_out, H), "up_w8a16": (I, H), "down_w8a16": (H, I),
+            **{op + sfx: (I, H) if op == "up" else (H, I) for op in ("up", "down")
+               for sfx in ("_hilo", "_tiles", "_hilo_tiles")}}
     TUNED_DIR.mkdir(parents=True, exist_ok=True)
     paths = []
     for op, table in best.items():

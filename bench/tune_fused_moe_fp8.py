@@ -11,6 +11,8 @@ limits (BLOCK_K = 128, the up GEMM's BLOCK_N = 128; fp8 tiles are half the bytes
 up GEMM holds four float32 tiles: two accumulators and two per-step partials), then the four fastest of
 each are timed together through kernels.fused_moe_fp8.fp8_ffn_aligned, checked against the default
 configs' output, and the best pair is merged into the tables (dtype float8_e4m3fn in the file name).
+`--w8a16` tunes the W8A16 kernels (tables *_w8a16), `--hilo` the two-term activations (act_terms=2,
+tables *_hilo), `--tiles` (with or without --hilo) the weights in the block layout (tables *_tiles).
 `--compile-only` compiles every candidate in parallel worker processes first; `--check cpu` (under
 TRITON_INTERPRET=1) runs every candidate on a small case and checks that pairs agree (tests/test_tune_fp8.py).
 """
@@ -32,7 +34,7 @@ import torch  # noqa: E402
 from nanomoe_kernels.fp8_quant import quant_fp8_blocks  # noqa: E402
 from nanomoe_kernels.fused_moe import _device_name  # noqa: E402
 from nanomoe_kernels.fused_moe_fp8 import FP8, default_config_fp8, fp8_ffn_aligned, quant_rows  # noqa: E402
-from nanomoe_kernels.fused_moe_fp8_kernel import check_fp8_config, moe_gemm_fp8  # noqa: E402
+from nanomoe_kernels.fused_moe_fp8_kernel import check_fp8_config, is_tiled, moe_gemm_fp8, tile_weights  # noqa: E402
 from nanomoe_kernels.fused_moe_w8a16 import w8a16_ffn_aligned  # noqa: E402
 from nanomoe_kernels.moe_align import moe_align  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
@@ -40,9 +42,9 @@ from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E4
 from bench.tune_fused_moe import time_us, write_tables  # noqa: E402
 
 
-def _cfg(bm, bn, warps, stages, group=8, tma=False, split=0, merge=False, steps=1):
+def _cfg(bm, bn, warps, stages, group=8, tma=False, split=0, merge=False, steps=1, swap=False):
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=group, num_warps=warps, num_stages=stages,
-                USE_TMA=tma, SPLIT_M=split, MERGE_TAIL=merge, K_STEPS=steps)
+                USE_TMA=tma, SPLIT_M=split, MERGE_TAIL=merge, K_STEPS=steps, SWAP_AB=swap)
 
 
 SMALL, LARGE = (0, 96), (48, 1 << 30)
@@ -71,16 +73,33 @@ _UP += [(LARGE, (64, 128, 8, 2, 8, True, 0, False, 2))]
 _DOWN += [(SMALL, c) for c in [(16, 128, 4, 3, 8, True, 0, False, 2), (32, 128, 4, 3, 8, True, 0, False, 2),
                                (64, 128, 4, 3, 8, True, 0, False, 2), (32, 128, 4, 2, 8, False, 0, False, 2)]]
 _DOWN += [(LARGE, (128, 128, 8, 2, 8, True, 0, False, 2))]
+# the swapped MMA (SWAP_AB: weight rows on wgmma's M side, token rows on N) for the decode sizes, whose 16-32
+# row tiles are below wgmma's 64 rows; and down tiles of 256 columns with two scale groups per iteration
+def _tma(bm, bn, warps, stages, steps=1, swap=True):
+    return (bm, bn, warps, stages, 8, True, 0, False, steps, swap)
+
+
+_UP += [(SMALL, _tma(*c)) for c in [(16, 128, 4, 4), (32, 128, 4, 4), (32, 128, 4, 6), (16, 128, 4, 3, 2),
+                                    (32, 128, 4, 3, 2), (32, 128, 8, 3, 2), (64, 128, 4, 4), (32, 128, 4, 3),
+                                    (16, 128, 4, 3), (32, 128, 4, 2, 2), (16, 128, 4, 2, 2), (32, 128, 8, 4)]]
+_DOWN += [(SMALL, _tma(*c)) for c in [(16, 128, 4, 4), (32, 128, 4, 4), (32, 256, 8, 4), (16, 256, 8, 4),
+                                      (32, 128, 4, 3, 2), (32, 256, 8, 3, 2), (64, 128, 4, 4),
+                                      (32, 256, 8, 3, 2, False), (32, 128, 4, 3), (32, 128, 4, 6), (16, 128, 4, 6),
+                                      (32, 128, 4, 2, 2), (32, 64, 4, 6), (32, 128, 8, 6)]]
 SPACE = {"up": [(r, _cfg(*c)) for r, c in _UP], "down": [(r, _cfg(*c)) for r, c in _DOWN]}
+MODES = ("w8a8", "w8a16", "hilo")  # the kernels' activation schemes; tables op + "" / "_w8a16" / "_hilo"
 
 
-def candidates(op: str, per_expert: float | None, w8a16: bool = False) -> list[dict]:
+def candidates(op: str, per_expert: float | None, mode: str = "w8a8", tiles: bool = False) -> list[dict]:
     """The op's configs tried at this many rows per expert (all of them when None), valid, no duplicates
-    (W8A16: the same space, the up GEMM's output unquantised)."""
+    (W8A16: the same space without SWAP_AB, the up GEMM's output unquantised; tiles: no 256-wide TMA tiles,
+    which span two weight blocks)."""
     out = []
     for (lo, hi), c in SPACE[op]:
+        if (mode == "w8a16" and c["SWAP_AB"]) or (tiles and c["USE_TMA"] and c["BLOCK_N"] > 128):
+            continue
         if (per_expert is None or lo <= per_expert <= hi) and c not in out:
-            out.append(check_fp8_config(c, quant_out=op == "up" and not w8a16))
+            out.append(check_fp8_config(c, quant_out=op == "up" and mode != "w8a16"))
     return out
 
 
@@ -94,11 +113,12 @@ class Case:
     """One (E, T): quantised tokens, routing, and per alignment block the buffers each GEMM writes."""
 
     def __init__(self, E: int, T: int, k: int, H: int, I: int, w: tuple[torch.Tensor, ...],
-                 w8a16: bool = False) -> None:
-        self.E, self.T, self.k, self.H, self.I, self.w, self.w8a16 = E, T, k, H, I, w, w8a16
+                 mode: str = "w8a8") -> None:
+        self.E, self.T, self.k, self.H, self.I, self.w, self.mode = E, T, k, H, I, w, mode
+        self.w8a16, self.terms = mode == "w8a16", 2 if mode == "hilo" else 1
         dev = w[0].device
         self.x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
-        self.xq, self.xs = quant_rows(self.x)
+        self.xq, self.xs = quant_rows(self.x, self.terms)
         self.ids, tw = make_routing(T, E, k, str(dev), seed=T)
         self.row_w = tw.reshape(-1).contiguous()
         self.aligns = {}
@@ -109,7 +129,7 @@ class Case:
             al = moe_align(self.ids, self.E, bm)
             R = al.sorted_ids.numel()
             inter = torch.randn(R, self.I, device=self.x.device, dtype=self.x.dtype)
-            inter, inter_s = (inter, None) if self.w8a16 else quant_rows(inter)
+            inter, inter_s = (inter, None) if self.w8a16 else quant_rows(inter, self.terms)
             self.aligns[bm] = (al, inter, inter_s, self.x.new_empty((self.T * self.k, self.H)))
         return self.aligns[bm]
 
@@ -119,9 +139,10 @@ class Case:
         if op == "up":
             a, a_s = (self.x, None) if self.w8a16 else (self.xq, self.xs)
             return lambda: moe_gemm_fp8(a, a_s, self.w[0], self.w[1], inter, al, cfg, gather_a=True,
-                                        scatter_c=False, a_div=self.k, swiglu=True, out_scale=inter_s)
+                                        scatter_c=False, a_div=self.k, swiglu=True, out_scale=inter_s,
+                                        terms=self.terms)
         return lambda: moe_gemm_fp8(inter, inter_s, self.w[2], self.w[3], out, al, cfg, gather_a=False,
-                                    scatter_c=True, row_weights=self.row_w)
+                                    scatter_c=True, row_weights=self.row_w, terms=self.terms)
 
     def whole(self, up: dict, down: dict) -> Callable[[], torch.Tensor]:
         """Both GEMMs (rows aligned to the smaller SPLIT_M / BLOCK_M) -> [T*k, H] in pair order."""
@@ -130,14 +151,15 @@ class Case:
         if self.w8a16:
             return lambda: w8a16_ffn_aligned(self.x, al, *self.w, up, down, out, a_div=self.k, row_weights=self.row_w)
         return lambda: fp8_ffn_aligned(self.xq, self.xs, al, *self.w, up, down, out, a_div=self.k,
-                                       row_weights=self.row_w)
+                                       row_weights=self.row_w, terms=self.terms)
 
 
 def _compile_worker(args) -> list[tuple[str, dict, str]]:
     """Compile (by running once on a small case) each (op, config); returns the failures."""
-    H, I, k, device, jobs, w8a16 = args
+    H, I, k, device, jobs, mode, tiles = args
     E = max(k, 8)
-    case = Case(E, 16, k, H, I, fp8_weights(E, H, I, device), w8a16)
+    w = fp8_weights(E, H, I, device)
+    case = Case(E, 16, k, H, I, (tile_weights(w[0]), w[1], tile_weights(w[2]), w[3]) if tiles else w, mode)
     failed = []
     for op, cfg in jobs:
         try:
@@ -148,12 +170,12 @@ def _compile_worker(args) -> list[tuple[str, dict, str]]:
     return failed
 
 
-def compile_all(H: int, I: int, k: int, device: str, workers: int, w8a16: bool = False) -> None:
+def compile_all(H: int, I: int, k: int, device: str, workers: int, mode: str = "w8a8", tiles: bool = False) -> None:
     """Compile every candidate in `workers` processes (Triton's disk cache serves the timing run)."""
-    jobs = [(op, c) for op in ("up", "down") for c in candidates(op, None, w8a16)]
+    jobs = [(op, c) for op in ("up", "down") for c in candidates(op, None, mode, tiles)]
     chunks = [jobs[i::workers] for i in range(workers)]
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        failed = [f for fs in pool.map(_compile_worker, [(H, I, k, device, c, w8a16) for c in chunks if c])
+        failed = [f for fs in pool.map(_compile_worker, [(H, I, k, device, c, mode, tiles) for c in chunks if c])
                   for f in fs]
     print(f"compiled {len(jobs)} FP8 candidates, {len(failed)} failed")
     for op, cfg, why in failed:
@@ -180,9 +202,9 @@ def check_space(device: str) -> int:
         if not err < 1e-5:
             raise AssertionError(f"up {u} / down {d} differ from the first pair by {err:.2e}")
     # W8A16 (float16 rows: the interpreter's float16 is exact): every candidate once, pairs agree
-    w16 = Case(E, T, k, H, I, case.w, w8a16=True)
+    w16 = Case(E, T, k, H, I, case.w, mode="w8a16")
     w16.x, w16.row_w = case.x.half(), case.row_w
-    ups16, downs16 = candidates("up", None, True), candidates("down", None, True)
+    ups16, downs16 = candidates("up", None, "w8a16"), candidates("down", None, "w8a16")
     for op, cs in (("up", ups16), ("down", downs16)):
         for c in cs:
             w16.stage(op, c)()
@@ -191,13 +213,34 @@ def check_space(device: str) -> int:
         err = float((w16.whole(u, d)().float() - ref16).norm() / ref16.norm())
         if not err < 2e-3:
             raise AssertionError(f"W8A16 up {u} / down {d} differ from the first pair by {err:.2e}")
-    return len(ups) + len(downs) + len(pairs) + len(ups16) + len(downs16) + 3
+    # two-term activations: a few pairs, including the swapped MMA's, agree with the first pair
+    hilo = Case(E, T, k, H, I, case.w, mode="hilo")
+    hilo.x, hilo.row_w = case.x, case.row_w
+    hilo.xq, hilo.xs = quant_rows(hilo.x, 2)
+    swapped = [(u, d) for u, d in zip(ups, downs) if u["SWAP_AB"] or d["SWAP_AB"]][:2]
+    ref2 = hilo.whole(ups[0], downs[0])().float()
+    for u, d in [*pairs[:2], *swapped]:
+        err = float((hilo.whole(u, d)().float() - ref2).norm() / ref2.norm())
+        if not err < 1e-5:
+            raise AssertionError(f"two-term up {u} / down {d} differ from the first pair by {err:.2e}")
+    # block-layout weights: the same bytes out as the rows, for a few pairs (one- and two-term)
+    for c in (case, hilo):
+        rows_w = c.w
+        tiled_w = (tile_weights(rows_w[0]), rows_w[1], tile_weights(rows_w[2]), rows_w[3])
+        for u, d in [(ups[0], downs[0]), *swapped]:
+            want = c.whole(u, d)().float()
+            c.w = tiled_w
+            got = c.whole(u, d)().float()
+            c.w = rows_w
+            if not torch.equal(got, want):
+                raise AssertionError(f"block-layout weights differ from the rows for up {u} / down {d}")
+    return len(ups) + len(downs) + len(pairs) + len(ups16) + len(downs16) + 3 + 2 + 3 * len(swapped) + 2
 
 
 def rank_op(case: Case, op: str, log: list) -> list[tuple[float, dict]]:
     """(us, config) for each candidate of one GEMM at this case's rows per expert, fastest first."""
     times = []
-    for cfg in candidates(op, case.T * case.k / case.E, case.w8a16):
+    for cfg in candidates(op, case.T * case.k / case.E, case.mode, is_tiled(case.w[0])):
         try:
             us = time_us(case.stage(op, cfg))
         except Exception as err:  # out of resources at launch, an unsupported lowering, ...
@@ -223,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     p.add_argument("--log", default=None, help="write every timing here (JSON)")
     p.add_argument("--w8a16", action="store_true", help="tune the W8A16 kernels (bf16 rows, tables *_w8a16)")
+    p.add_argument("--hilo", action="store_true", help="tune two-term activations (act_terms=2, tables *_hilo)")
+    p.add_argument("--tiles", action="store_true", help="weights in the block layout (tile_weights; tables *_tiles)")
     p.add_argument("--check", default=None, metavar="DEVICE",
                    help="only run every candidate on a small case on DEVICE (cpu: under TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
@@ -230,16 +275,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"checked {check_space(args.check)} FP8 candidate runs")
         return
     E, k, H, I = args.experts, args.top_k, args.hidden, args.intermediate
+    if args.w8a16 and args.hilo:
+        p.error("--w8a16 and --hilo are different activation schemes: tune one at a time")
+    mode = "w8a16" if args.w8a16 else "hilo" if args.hilo else "w8a8"
+    if args.tiles and args.w8a16:
+        p.error("--tiles runs on the W8A8 kernels (one- or two-term activations), not --w8a16")
     if args.compile_only:
-        compile_all(H, I, k, "cuda", args.jobs, args.w8a16)
+        compile_all(H, I, k, "cuda", args.jobs, mode, args.tiles)
         return
     w = fp8_weights(E, H, I, "cuda")
+    if args.tiles:
+        w = (tile_weights(w[0]), w[1], tile_weights(w[2]), w[3])
     log, best, paths = [], {}, []
     meta = {"command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "triton": __import__("triton").__version__, "top_k": k,
             "key": "M = tokens * top_k rows"}
     for T in args.tokens:
-        case = Case(E, T, k, H, I, w, args.w8a16)
+        case = Case(E, T, k, H, I, w, mode)
         ranked = {op: rank_op(case, op, log) for op in ("up", "down")}
         safe = case.whole(*(check_fp8_config(default_config_fp8(op, T * k, E), op == "up" and not args.w8a16)
                             for op in ("up", "down")))().float()
@@ -257,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"T={T:5d} no candidate verified; keeping the defaults")
             continue
         us, up, down = min(timed, key=lambda t: t[0])
-        tag = "_w8a16" if args.w8a16 else ""
+        tag = ("" if mode == "w8a8" else "_" + mode) + ("_tiles" if args.tiles else "")
         best.setdefault("up" + tag, {})[T * k], best.setdefault("down" + tag, {})[T * k] = up, down
         print(f"T={T:5d} fp8{tag} whole best {us:8.1f} us  up {up}  down {down}")
         paths = write_tables(best, E, H, I, H, FP8, _device_name(w[0].device), meta)

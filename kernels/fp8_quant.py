@@ -12,7 +12,11 @@ The scheme, in float32 arithmetic (the same on every path, so all of them agree 
     amax  = max |x| over the block / group (exact)
     scale = amax / 448 (float32 division; 1 where that is 0: an all-zero block)
     q     = e4m3(clamp(x / scale, -448, 448))   (float32 division, then round to nearest even)
-and the real value is q * scale (`weight_scale_inv` in a checkpoint). Inputs must be finite (not checked:
+and the real value is q * scale (`weight_scale_inv` in a checkpoint). Two-term activations (terms=2) add
+    lo    = e4m3(clamp((x / scale - q) * 16, -448, 448))    (x / scale - q exact in float32)
+with the value (q + lo / 16) * scale: e4m3's 3 mantissa bits become ~7 (bf16 has 8), for FP8 MMAs at about
+bf16's accuracy; q's rounding error is at most 16 (half the spacing at 256-448), so lo never clamps. The
+two terms sit side by side, q [M, 2K] = [hi | lo]. Inputs must be finite (not checked:
 that would read values). The last block/group of a dim that is
 not a multiple of the block is partial: its scale comes from the elements it has.
 
@@ -46,6 +50,7 @@ SCALE_LAYOUTS = ("row", "col_tma")
 TMA_ALIGN = 4  # float32 scales per 16 bytes
 IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BM = 16
+LO_SCALE = 16.0  # terms=2: lo = (x / scale - hi) * LO_SCALE (fused_moe_fp8_tile's _LO = 1 / LO_SCALE)
 
 
 def _jit(**kw):
@@ -67,7 +72,7 @@ def _round_e4m3(v):
 
 @_jit(do_not_specialize=["M", "stride_sg"])
 def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sg,
-                         GROUP: tl.constexpr, BM: tl.constexpr):
+                         GROUP: tl.constexpr, BM: tl.constexpr, TERMS: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     g = tl.program_id(1)
     cols = g * GROUP + tl.arange(0, GROUP)
@@ -82,6 +87,9 @@ def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
     v = tl.minimum(tl.maximum(v, -448.0), 448.0)
     q = _round_e4m3(v)
     tl.store(q_ptr + r64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    if TERMS == 2:  # the lo term, K columns on
+        lo = _round_e4m3(tl.minimum(tl.maximum((v - q) * 16.0, -448.0), 448.0))
+        tl.store(q_ptr + r64[:, None] * stride_qm + K + cols[None, :], lo.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + r64 * stride_sm + g * stride_sg, scale, mask=row_ok)
 
 
@@ -102,7 +110,9 @@ def _scales(M: int, G: int, layout: str, device: torch.device) -> torch.Tensor:
     return torch.empty(G * m_pad, dtype=torch.float32, device=device).as_strided((M, G), (1, m_pad))
 
 
-def _check_groups(x: torch.Tensor, group: int, scale_layout: str, want_stride: bool) -> None:
+def _check_groups(x: torch.Tensor, group: int, scale_layout: str, want_stride: bool, terms: int = 1) -> None:
+    if terms not in (1, 2) or isinstance(terms, bool):
+        raise ValueError(f"terms must be 1 or 2 (two-term activations), got {terms!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -117,12 +127,12 @@ def _check_groups(x: torch.Tensor, group: int, scale_layout: str, want_stride: b
         raise ValueError(f"x must have contiguous rows (stride(1) == 1), got strides {tuple(x.stride())}")
 
 
-def quant_fp8_groups(x: torch.Tensor, group: int = GROUP,
-                     scale_layout: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
+def quant_fp8_groups(x: torch.Tensor, group: int = GROUP, scale_layout: str = "row",
+                     terms: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (float32/float16/bfloat16, rows contiguous) -> (q [M, K] float8_e4m3fn, scales [M, G] float32),
-    one scale per row per `group` columns (the Triton kernel; scale layouts in the module docstring).
-    No host sync: everything the launch needs comes from shapes."""
-    _check_groups(x, group, scale_layout, want_stride=True)
+    one scale per row per `group` columns (the Triton kernel; scale layouts in the module docstring);
+    terms=2: q [M, 2K] = [hi | lo] (the two-term scheme). No host sync: the launch needs shapes only."""
+    _check_groups(x, group, scale_layout, want_stride=True, terms=terms)
     if triton is None:
         raise RuntimeError("quant_fp8_groups needs Triton; use quant_fp8_groups_torch")
     if x.device.type == "cpu" and not runs_interpreted():
@@ -130,22 +140,33 @@ def quant_fp8_groups(x: torch.Tensor, group: int = GROUP,
                          "(or use quant_fp8_groups_torch)")
     M, K = x.shape
     G = -(-K // group)
-    q = torch.empty(M, K, dtype=FP8_DTYPE, device=x.device)
+    q = torch.empty(M, terms * K, dtype=FP8_DTYPE, device=x.device)
     scales = _scales(M, G, scale_layout, x.device)
     if M and K:
         _launch((triton.cdiv(M, _BM), G), x, q, scales, M, K, x.stride(0), q.stride(0), scales.stride(0),
-                scales.stride(1), GROUP=group, BM=_BM, num_warps=4)
+                scales.stride(1), GROUP=group, BM=_BM, TERMS=terms, num_warps=4)
     return q, scales
 
 
-def quant_fp8_groups_torch(x: torch.Tensor, group: int = GROUP,
-                           scale_layout: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
+def quant_fp8_groups_torch(x: torch.Tensor, group: int = GROUP, scale_layout: str = "row",
+                           terms: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The same as quant_fp8_groups, bit for bit, in torch (CPU paths; a second oracle). Any strides."""
-    _check_groups(x, group, scale_layout, want_stride=False)
+    _check_groups(x, group, scale_layout, want_stride=False, terms=terms)
     q, s = _quant(x, (1, group))
     out = _scales(x.shape[0], s.shape[1], scale_layout, x.device)
     out.copy_(s)
+    if terms == 2:
+        q = torch.cat([q, _lo_term(x, q, s, group)], dim=1)
     return q, out
+
+
+def _lo_term(x: torch.Tensor, hi: torch.Tensor, s: torch.Tensor, group: int) -> torch.Tensor:
+    """The two-term scheme's lo [M, K] of x [M, K] given hi [M, K] fp8 and scales s [M, G] (float32 math)."""
+    M, K = x.shape
+    sc = s.repeat_interleave(group, dim=1)[:, :K]
+    v = (x.to(torch.float32) / sc).clamp_(-FP8_MAX, FP8_MAX)
+    lo = ((v - hi.to(torch.float32)) * torch.full_like(v, LO_SCALE)).clamp_(-FP8_MAX, FP8_MAX)
+    return lo.to(FP8_DTYPE)
 
 
 def _block(block: object) -> tuple[int, int]:

@@ -28,8 +28,9 @@ On sm_90 Triton's fp8 dot accumulates with Hopper's reduced-precision fp8 MMA in
 (its default); each step's partial is promoted into the float32 accumulator, as DeepGEMM does.
 USE_TMA loads the weight tiles through a TensorDescriptor over W seen as [E*NW, K] (as the bf16 kernel);
 A_TMA is refused. K_STEPS (1, 2 or 4; K a multiple of 128 * K_STEPS) unrolls that many scale groups per
-loop iteration: more tile loads in flight per step, for the weight-bound decode sizes. Launches go
-through kernels.launch.Launcher.
+loop iteration: more tile loads in flight per step, for the weight-bound decode sizes. A_TERMS and SWAP_AB
+(the two-term activations and the swapped MMA) are kernels/fused_moe_fp8_tile.py's. Launches go through
+kernels.launch.Launcher.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _moe_gemm_fp8_kernel(
     stride_bsn, stride_cm, stride_csm, stride_csk,
     A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr,
     SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT_OUT: tl.constexpr, USE_TMA: tl.constexpr,
-    K_STEPS: tl.constexpr, A_FP8: tl.constexpr, BLOCK_TABLE: tl.constexpr,
+    K_STEPS: tl.constexpr, A_FP8: tl.constexpr, A_TERMS: tl.constexpr, SWAP_AB: tl.constexpr,
+    W_TILES: tl.constexpr, BLOCK_TABLE: tl.constexpr,
     MERGED: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -76,12 +78,14 @@ def _moe_gemm_fp8_kernel(
             _fp8_tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0,
                       expert, pid_n, num_rows, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                       stride_bse, stride_bsn, stride_cm, stride_csm, stride_csk, A_DIV, GATHER_A, A_INDEX,
-                      SCATTER_C, SWIGLU, MUL_WEIGHT, QUANT_OUT, USE_TMA, K_STEPS, A_FP8, TAIL_M, BLOCK_N, BLOCK_K)
+                      SCATTER_C, SWIGLU, MUL_WEIGHT, QUANT_OUT, USE_TMA, K_STEPS, A_FP8, A_TERMS, SWAP_AB,
+                      W_TILES, TAIL_M, BLOCK_N, BLOCK_K)
         else:
             _fp8_tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0,
                       expert, pid_n, num_rows, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                       stride_bse, stride_bsn, stride_cm, stride_csm, stride_csk, A_DIV, GATHER_A, A_INDEX,
-                      SCATTER_C, SWIGLU, MUL_WEIGHT, QUANT_OUT, USE_TMA, K_STEPS, A_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
+                      SCATTER_C, SWIGLU, MUL_WEIGHT, QUANT_OUT, USE_TMA, K_STEPS, A_FP8, A_TERMS, SWAP_AB,
+                      W_TILES, BLOCK_M, BLOCK_N, BLOCK_K)
         return
     if BLOCK_TABLE:  # block pid_m starts at aligned row block_rows[pid_m]; used = blocks in use
         if pid_m >= tl.load(used_ptr):
@@ -98,7 +102,8 @@ def _moe_gemm_fp8_kernel(
     _fp8_tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
               pid_n, num_rows, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
               stride_bsn, stride_cm, stride_csm, stride_csk, A_DIV, GATHER_A, A_INDEX, SCATTER_C, SWIGLU,
-              MUL_WEIGHT, QUANT_OUT, USE_TMA, K_STEPS, A_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
+              MUL_WEIGHT, QUANT_OUT, USE_TMA, K_STEPS, A_FP8, A_TERMS, SWAP_AB, W_TILES, BLOCK_M, BLOCK_N,
+              BLOCK_K)
 
 
 _launch = Launcher(_moe_gemm_fp8_kernel)
@@ -107,7 +112,8 @@ _launch = Launcher(_moe_gemm_fp8_kernel)
 def check_fp8_config(config: dict, quant_out: bool = False) -> dict:
     """kernels.fused_moe_kernel.check_config plus the FP8 kernel's limits: BLOCK_K = 128 (one scale group
     per K step), BLOCK_N <= 256 (one or two weight blocks per tile), BLOCK_N = 128 when the output is
-    quantised (a row's scale group must be one program's columns), no TMA (not implemented here)."""
+    quantised (a row's scale group must be one program's columns), no A_TMA; K_STEPS (default 1) and
+    SWAP_AB (default False) added."""
     cfg = check_config(config)
     if cfg["BLOCK_K"] != GROUP:
         raise ValueError(f"config['BLOCK_K'] must be {GROUP} for FP8 (one scale group per K step), "
@@ -120,7 +126,38 @@ def check_fp8_config(config: dict, quant_out: bool = False) -> dict:
     steps = config.get("K_STEPS", 1)
     if steps not in (1, 2, 4) or isinstance(steps, bool):
         raise ValueError(f"config['K_STEPS'] (scale groups per K iteration) must be 1, 2 or 4, got {steps!r}")
-    return {**cfg, "K_STEPS": int(steps)}
+    return {**cfg, "K_STEPS": int(steps), "SWAP_AB": bool(config.get("SWAP_AB", False))}
+
+
+def tile_weights(w: torch.Tensor) -> torch.Tensor:
+    """FP8 weights [E, NW, K] (NW, K multiples of 128) -> the block layout [E, NW/128, K/128, 128, 128],
+    contiguous: each 128 x 128 weight block's 16 KB in one run (the kernels' W_TILES; same math, faster
+    streaming at decode). untile_weights inverts it."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[1] % GROUP or w.shape[2] % GROUP:
+        raise ValueError(f"w must be [E, NW, K] with NW and K multiples of {GROUP}, got "
+                         f"{tuple(getattr(w, 'shape', ()))}")
+    E, NW, K = w.shape
+    return w.reshape(E, NW // GROUP, GROUP, K // GROUP, GROUP).permute(0, 1, 3, 2, 4).contiguous()
+
+
+def untile_weights(t: torch.Tensor) -> torch.Tensor:
+    """The block layout [E, NWb, KG, 128, 128] back to rows [E, NWb * 128, KG * 128] (contiguous)."""
+    if not is_tiled(t):
+        raise ValueError(f"t must be [E, NW/128, K/128, 128, 128], got {tuple(getattr(t, 'shape', ()))}")
+    E, NWb, KG = t.shape[:3]
+    return t.permute(0, 1, 3, 2, 4).reshape(E, NWb * GROUP, KG * GROUP)
+
+
+def is_tiled(w: object) -> bool:
+    """w is FP8 weights in the block layout [E, NW/128, K/128, 128, 128]."""
+    return isinstance(w, torch.Tensor) and w.dim() == 5 and tuple(w.shape[3:]) == (GROUP, GROUP)
+
+
+def weight_dims(w: torch.Tensor) -> tuple[int, int, int]:
+    """(E, NW, K) of FP8 weights in either layout."""
+    if is_tiled(w):
+        return int(w.shape[0]), int(w.shape[1]) * GROUP, int(w.shape[2]) * GROUP
+    return tuple(int(d) for d in w.shape)
 
 
 def _check_scale(name: str, s: torch.Tensor, shape: tuple[int, ...], contiguous: bool = False) -> None:
@@ -135,7 +172,7 @@ def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
                  out: torch.Tensor, align: Alignment, config: dict, *, gather_a: bool, scatter_c: bool,
                  a_div: int = 1, swiglu: bool = False, row_weights: torch.Tensor | None = None,
                  out_scale: torch.Tensor | None = None, tables: BlockTables | None = None,
-                 a_index: torch.Tensor | None = None) -> torch.Tensor:
+                 a_index: torch.Tensor | None = None, terms: int = 1) -> torch.Tensor:
     """out[rows] = epilogue((a * a_scale)[rows] @ (w * w_scale)[expert].T) over the aligned rows.
 
     a float8_e4m3fn [*, K] (unit stride in K), a_scale float32 [a rows, K/128] (any strides); or W8A16: a
@@ -143,30 +180,42 @@ def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
     float8_e4m3fn [E, NW, K] and w_scale float32 [E, NW/128, K/128], both contiguous, K and NW multiples
     of 128. out [*, N] (N = NW / 2 with swiglu): float8_e4m3fn with out_scale float32 [out rows, N/128]
     (quantised output), else bf16/fp16/fp32. Gathering, scattering, row_weights, tables and a_index as
-    kernels.fused_moe_kernel.moe_gemm. Returns out.
+    kernels.fused_moe_kernel.moe_gemm. terms=2 (FP8 a only): a is [*, 2K], each row [hi | lo] with a
+    value (hi + lo / 16) * a_scale (kernels/fp8_quant.py's two-term scheme), and a quantised out is [*, 2N]
+    written the same way. w may also be in the block layout [E, NW/128, K/128, 128, 128] (tile_weights;
+    TMA configs then need BLOCK_N <= 128). Returns out.
     """
     fp8 = torch.float8_e4m3fn
     cfg = check_fp8_config(config, quant_out=out_scale is not None)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if not isinstance(w, torch.Tensor) or w.dtype != fp8 or w.dim() != 3 or not w.is_contiguous():
-        raise ValueError(f"w must be a contiguous float8_e4m3fn [E, NW, K], got {getattr(w, 'dtype', w)} "
-                         f"{tuple(getattr(w, 'shape', ()))}")
-    E, NW, K = w.shape
+    tiled = is_tiled(w)
+    if not isinstance(w, torch.Tensor) or w.dtype != fp8 or w.dim() != (5 if tiled else 3) or not w.is_contiguous():
+        raise ValueError(f"w must be a contiguous float8_e4m3fn [E, NW, K] (or its [E, NW/128, K/128, 128, 128] "
+                         f"blocks), got {getattr(w, 'dtype', w)} {tuple(getattr(w, 'shape', ()))}")
+    E, NW, K = weight_dims(w)
+    if tiled and cfg["USE_TMA"] and bn > GROUP:
+        raise ValueError(f"config USE_TMA with block-layout weights needs BLOCK_N <= {GROUP}, got {bn}")
     N = NW // 2 if swiglu else NW
     if K % GROUP or N % GROUP or (swiglu and NW % 2):
         raise ValueError(f"w [E, NW={NW}, K={K}] needs K and the output columns N={N} to be multiples of {GROUP}")
     if K % (GROUP * cfg["K_STEPS"]):
         raise ValueError(f"config K_STEPS={cfg['K_STEPS']} needs K={K} to be a multiple of {GROUP * cfg['K_STEPS']}")
     _check_scale("w_scale", w_scale, (E, NW // GROUP, K // GROUP), contiguous=True)
+    if terms not in (1, 2) or isinstance(terms, bool) or (terms == 2 and a_scale is None):
+        raise ValueError(f"terms must be 1 or 2 (2: two-term FP8 activations, with a_scale), got {terms!r}")
+    if cfg["SWAP_AB"] and a_scale is None:
+        raise ValueError("config SWAP_AB is implemented for FP8 activations (with a_scale), not W8A16")
     want = (fp8,) if a_scale is not None else (torch.bfloat16, torch.float16)
-    if not isinstance(a, torch.Tensor) or a.dtype not in want or a.dim() != 2 or a.shape[1] != K or a.stride(1) != 1:
-        raise ValueError(f"a must be {' or '.join(str(d) for d in want)} [rows, {K}] with unit stride in K "
-                         f"({'with' if a_scale is not None else 'without'} a_scale), got "
+    if not isinstance(a, torch.Tensor) or a.dtype not in want or a.dim() != 2 or a.shape[1] != terms * K or \
+            a.stride(1) != 1:
+        raise ValueError(f"a must be {' or '.join(str(d) for d in want)} [rows, {terms * K}] with unit stride "
+                         f"in K ({'with' if a_scale is not None else 'without'} a_scale), got "
                          f"{getattr(a, 'dtype', a)} {tuple(getattr(a, 'shape', ()))}")
     if a_scale is not None:
         _check_scale("a_scale", a_scale, (a.shape[0], K // GROUP))
-    if out.dim() != 2 or out.shape[1] != N or out.stride(1) != 1:
-        raise ValueError(f"out must be [rows, {N}] with unit stride in its last dim, got {tuple(out.shape)}")
+    n_out = terms * N if out_scale is not None else N
+    if out.dim() != 2 or out.shape[1] != n_out or out.stride(1) != 1:
+        raise ValueError(f"out must be [rows, {n_out}] with unit stride in its last dim, got {tuple(out.shape)}")
     if out_scale is not None:
         if out.dtype != fp8:
             raise ValueError(f"out must be float8_e4m3fn when out_scale is given, got {out.dtype}")
@@ -192,7 +241,9 @@ def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
     ai = a_index if a_index is not None else align.sorted_ids
     merged = cfg["MERGE_TAIL"] and bm > tm
     # weights through TMA: W seen as [E * NW, K] (fp8 rows of K bytes, K % 128 == 0: 16-byte aligned)
-    desc = _tma_descriptor(w, E * NW, bn, bk) if cfg["USE_TMA"] and (w.is_cuda or runs_interpreted()) else None
+    # the rows of W (or of its blocks) through TMA: fp8 rows of K (128) bytes, 16-byte aligned
+    rows = w.numel() // w.shape[-1]
+    desc = _tma_descriptor(w, rows, bn, bk) if cfg["USE_TMA"] and (w.is_cuda or runs_interpreted()) else None
 
     def launch(block_m: int, rows: torch.Tensor | None, experts: torch.Tensor, used: torch.Tensor,
                num_blocks: int) -> None:
@@ -205,8 +256,9 @@ def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
             num_rows, N, K, num_blocks, tm, a.stride(0), a_s.stride(0), a_s.stride(-1), w.stride(0),
             w.stride(1), w_scale.stride(0), w_scale.stride(1), out.stride(0), os_.stride(0), os_.stride(1),
             A_DIV=a_div, GATHER_A=gather_a, A_INDEX=a_index is not None, SCATTER_C=scatter_c, SWIGLU=swiglu,
-            MUL_WEIGHT=row_weights is not None, QUANT_OUT=out_scale is not None, USE_TMA=desc is not None,
-            K_STEPS=cfg["K_STEPS"], A_FP8=a_scale is not None,
+            MUL_WEIGHT=row_weights is not None, QUANT_OUT=out_scale is not None,
+            USE_TMA=desc is not None, W_TILES=tiled,
+            K_STEPS=cfg["K_STEPS"], A_FP8=a_scale is not None, A_TERMS=terms, SWAP_AB=cfg["SWAP_AB"],
             BLOCK_TABLE=rows is not None,
             MERGED=merged and block_m == bm, TAIL_M=tm, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
             GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="default bfloat16 on CUDA, float32 on the CPU")
     g.add_argument("--attn-backend", default=None, help="torch or triton (default: triton on CUDA)")
     g.add_argument("--expert-backend", default=None, help="loop, bmm, triton, deepgemm, or FP8 experts: triton_fp8, "
-                   "deepgemm_fp8 (default: triton on CUDA)")
+                   "triton_fp8_hilo, deepgemm_fp8, triton_w8a16 (default: triton on CUDA)")
     g.add_argument("--paged", action="store_true", help="paged MLA caches")
     g.add_argument("--cuda-graph", action="store_true", help="decode steps as CUDA graph replays")
     g.add_argument("--compile", action="store_true", help="decode steps through torch.compile (compiles first)")

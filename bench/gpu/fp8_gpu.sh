@@ -5,7 +5,8 @@
 #   STAGES="tests tune ffn ep" bash bench/gpu/fp8_gpu.sh     (device tool, nvidia-h200-x2; carry .whl, .peers
 #                                                            and, for deepep, .deepep)
 #
-# Env: TUNE_FLAGS (extra tuner flags: --w8a16 tunes the W8A16 tables), STAGES (any of: tests tune ffn
+# Env: TUNE_FLAGS (extra tuner flags), TUNE_MODES (kernel variants tuned one after the other: any of w8a8
+# w8a16 hilo w8a8_tiles hilo_tiles; default w8a8), STAGES (any of: tests tune ffn
 # ffn_eager breakdown ep deepep; ffn times the sync-free variants as
 # CUDA-graph replays, ffn_eager all of them eagerly), TOTAL (seconds, 570), TUNE_EXPERTS ("32"), TUNE_TOKENS
 # ("64 256 1024 4096"), FFN_FLAGS (extra bench_expert_ffn flags), TESTS (single-GPU test files, run on GPU 1
@@ -36,7 +37,7 @@ if has deepep && [ -f .deepep/build.sh ]; then  # in the background: it compiles
   (bash .deepep/build.sh > "$LOGS/deepep_build.log" 2>&1; echo "deepep build rc=$?" >> "$LOGS/deepep_build.log") &
   deepep_pid=$!
 fi
-TESTS=${TESTS:-"tests/gpu/test_fused_moe_fp8_gpu.py tests/gpu/test_deepgemm_fp8_gpu.py"}
+TESTS=${TESTS:-"tests/gpu/test_fused_moe_fp8_gpu.py tests/gpu/test_fused_moe_fp8_hilo_gpu.py tests/gpu/test_deepgemm_fp8_gpu.py"}
 # shellcheck disable=SC2086
 run_tests() { step tests "${TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider $TESTS; }
 if [ "$NGPU" -ge 2 ] && has tests; then
@@ -47,19 +48,25 @@ fi
 export CUDA_VISIBLE_DEVICES=0
 has tests && run_tests
 if has tune; then
-  for E in ${TUNE_EXPERTS:-32}; do
-    # shellcheck disable=SC2086
-    step "tune_fp8_compile_e$E" 100 python3 bench/tune_fused_moe_fp8.py --compile-only --jobs 12 --experts "$E" \
-      ${TUNE_FLAGS:-}
-    # shellcheck disable=SC2086
-    step "tune_fp8_e$E" 150 python3 bench/tune_fused_moe_fp8.py --experts "$E" ${TUNE_FLAGS:-} \
-      --tokens ${TUNE_TOKENS:-64 256 1024 4096} --log "$RES/tune_fp8_e$E.json"
+  for mode in ${TUNE_MODES:-w8a8}; do
+    flag=""
+    [[ $mode == *w8a16* ]] && flag="--w8a16"
+    [[ $mode == *hilo* ]] && flag="$flag --hilo"
+    [[ $mode == *tiles* ]] && flag="$flag --tiles"
+    for E in ${TUNE_EXPERTS:-32}; do
+      # shellcheck disable=SC2086
+      step "tune_${mode}_compile_e$E" 100 python3 bench/tune_fused_moe_fp8.py --compile-only --jobs 12 \
+        --experts "$E" $flag ${TUNE_FLAGS:-}
+      # shellcheck disable=SC2086
+      step "tune_${mode}_e$E" 150 python3 bench/tune_fused_moe_fp8.py --experts "$E" $flag ${TUNE_FLAGS:-} \
+        --tokens ${TUNE_TOKENS:-64 256 1024 4096} --log "$RES/tune_${mode}_e$E.json"
+    done
   done
   tar cf "$RES/tuned.tar" -C kernels tuned
 fi
 # shellcheck disable=SC2086
 has ffn && step ffn 200 python3 bench/bench_expert_ffn.py --quick --cuda-graph \
-  --variants ${FFN_VARIANTS:-triton,triton_fp8,triton_w8a16,deepgemm,deepgemm_fp8,sglang} ${FFN_FLAGS:-} \
+  --variants ${FFN_VARIANTS:-triton,triton_fp8,triton_fp8_hilo,triton_w8a16,deepgemm,deepgemm_fp8,sglang} ${FFN_FLAGS:-} \
   --json "$RES/expert_ffn_fp8_h200.json"
 has ffn_eager && step ffn_eager 200 python3 bench/bench_expert_ffn.py --quick \
   --variants triton,triton_fp8,deepgemm,deepgemm_fp8,sglang --json "$RES/expert_ffn_fp8_eager_h200.json"
@@ -75,6 +82,6 @@ if has ep && [ "$NGPU" -ge 2 ]; then
   [ "${DISPATCH:-1}" != 0 ] && step dispatch_fp8 150 python3 bench/bench_dispatch.py --world-size 2 --backend nccl --timeout 60 \
     ${DISPATCH_FLAGS:---cases headline --variants nvlink,nvlink_fp8} --json "$RES/dispatch_fp8_h200x2.json"
 fi
-for f in ffn ffn_eager breakdown dispatch_fp8; do [ -f "$LOGS/$f.log" ] && tail -n 30 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
+for f in tune_w8a8_e32 tune_hilo_e32 tune_w8a8_tiles_e32 tune_hilo_tiles_e32 ffn ffn_eager breakdown dispatch_fp8; do [ -f "$LOGS/$f.log" ] && tail -n 30 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
 tar czf "$OUT/results.tgz" -C "$OUT" results logs && rm -rf "$RES" "$LOGS"
 cat "$OUT/summary.txt"

@@ -1,4 +1,5 @@
-"""`triton_fp8`, `deepgemm_fp8` and `triton_w8a16` expert backends: ExpertBatch -> the FP8 kernels in kernels/.
+"""The FP8 expert backends `triton_fp8`, `triton_fp8_hilo`, `deepgemm_fp8` and `triton_w8a16`: ExpertBatch ->
+the FP8 kernels in kernels/.
 
 Dimension legend: P_local local experts, M rows (contiguous layout), C capacity (masked layout), H hidden,
 I intermediate, R token rows of a gathered batch, HG = H / 128.
@@ -10,6 +11,9 @@ are quantised once and read through the index, never materialized). Batch rows a
 float8_e4m3fn with batch.x_scale float32 [..., HG] (a comm that sends FP8; strided views allowed), passed
 on as rows_scale; the output is then bfloat16.
 - `triton_fp8`: kernels/fused_moe_fp8.py (Triton FP8 grouped GEMMs, quantisation fused into the epilogue).
+- `triton_fp8_hilo`: the same kernels with two-term activations (act_terms=2: x and the SwiGLU output as
+  [hi | lo] FP8 pairs, two FP8 MMAs per step): ~1e-3 from the unquantised FFN where W8A8 is ~4e-2, at about
+  triton_fp8's speed where weight bytes bound the time (decode); FP8 batches (one-term) are refused.
 - `deepgemm_fp8`: kernels/deepgemm_fp8.py (DeepGEMM's FP8 m-grouped GEMMs, contiguous or masked, with the
   Triton glue of kernels/fp8_glue.py); Hopper (sm_90) and the sgl-deep-gemm package.
 - `triton_w8a16`: kernels/fused_moe_w8a16.py: the same FP8 weights, bf16/fp16 rows never quantised (each
@@ -62,17 +66,28 @@ def triton_fp8_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str
 
 
 @torch.compiler.disable  # Triton kernels: opaque to torch.compile
-def triton_fp8_run(experts: SwiGLUExpertsFP8, batch: ExpertBatch) -> ExpertBatch:
+def triton_fp8_run(experts: SwiGLUExpertsFP8, batch: ExpertBatch, act_terms: int = 1) -> ExpertBatch:
     """Block-scaled FP8 grouped GEMMs (kernels/fused_moe_fp8.py) on an FP8 record; output in batch.x's dtype
-    (bfloat16 for FP8 rows, whose batch.x_scale goes on as rows_scale)."""
+    (bfloat16 for FP8 rows, whose batch.x_scale goes on as rows_scale); act_terms=2: two-term activations."""
     from nanomoe_kernels import fused_moe_fp8 as f8
 
-    ws, scale = _fp8_weights(experts, "triton_fp8"), batch.x_scale
+    name = "triton_fp8" if act_terms == 1 else "triton_fp8_hilo"
+    ws, scale = _fp8_weights(experts, name), batch.x_scale
+    if scale is not None and act_terms == 2:
+        raise TypeError("expert backend 'triton_fp8_hilo' quantises bf16/fp16/fp32 rows itself (two terms); this "
+                        "batch holds one-term FP8 rows (an FP8 dispatch): use triton_fp8, or dispatch in bf16")
+    kw = dict(rows_scale=scale, act_terms=act_terms)
     if batch.layout == "masked":
-        return batch.with_x(f8.fused_moe_fp8_masked(batch.x, batch.counts, *ws, rows_scale=scale))
+        return batch.with_x(f8.fused_moe_fp8_masked(batch.x, batch.counts, *ws, **kw))
     if batch.layout == "gathered":
-        return batch.with_x(f8.fused_moe_fp8_gathered(batch.x, batch.index, batch.counts, *ws, rows_scale=scale))
-    return batch.with_x(f8.fused_moe_fp8_contiguous(batch.x, batch.counts, *ws, rows_scale=scale))
+        return batch.with_x(f8.fused_moe_fp8_gathered(batch.x, batch.index, batch.counts, *ws, **kw))
+    return batch.with_x(f8.fused_moe_fp8_contiguous(batch.x, batch.counts, *ws, **kw))
+
+
+@torch.compiler.disable  # Triton kernels: opaque to torch.compile
+def triton_fp8_hilo_run(experts: SwiGLUExpertsFP8, batch: ExpertBatch) -> ExpertBatch:
+    """triton_fp8 with two-term activations (module docstring): FP8 MMAs at about bf16's accuracy."""
+    return triton_fp8_run(experts, batch, act_terms=2)
 
 
 def deepgemm_fp8_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:

@@ -14,7 +14,8 @@ Backends, slowest first: `loop` (one GEMM pair per expert; the obviously right b
 GEMM per projection, the activation in bounded float32 chunks; one index_select back), `triton`
 (grouped-GEMM Triton kernels, SwiGLU fused; kernels/fused_moe.py) and `deepgemm` (DeepGEMM's
 m-grouped GEMMs; kernels/deepgemm.py). `supports(cfg, device)` says why one cannot run.
-FP8 backends (moe/expert_kernels_fp8.py): `triton_fp8` (kernels/fused_moe_fp8.py), `deepgemm_fp8`
+FP8 backends (moe/expert_kernels_fp8.py): `triton_fp8` (kernels/fused_moe_fp8.py; `triton_fp8_hilo` the same
+with two-term activations, about bf16's accuracy), `deepgemm_fp8`
 (DeepGEMM's FP8 grouped GEMMs; kernels/deepgemm_fp8.py) and `triton_w8a16` (the FP8 weights with bf16/fp16
 rows never quantised; kernels/fused_moe_w8a16.py) take SwiGLUExpertsFP8 (block-scaled FP8 weights)
 and only those, with batch rows in bf16/fp16/fp32 (quantised per token and 128 channels inside) or already
@@ -39,6 +40,7 @@ from nanomoe_fn.moe.expert_kernels import deepgemm_run, deepgemm_supports, trito
 from nanomoe_fn.moe.expert_kernels_fp8 import (
     deepgemm_fp8_run,
     deepgemm_fp8_supports,
+    triton_fp8_hilo_run,
     triton_fp8_run,
     triton_fp8_supports,
     triton_w8a16_run,
@@ -246,6 +248,7 @@ EXPERT_BACKENDS: dict[str, ExpertBackend] = {
     "triton": ExpertBackend("triton", triton_supports, triton_run),
     "deepgemm": ExpertBackend("deepgemm", deepgemm_supports, deepgemm_run),
     "triton_fp8": ExpertBackend("triton_fp8", triton_fp8_supports, triton_fp8_run, fp8=True),
+    "triton_fp8_hilo": ExpertBackend("triton_fp8_hilo", triton_fp8_supports, triton_fp8_hilo_run, fp8=True),
     "deepgemm_fp8": ExpertBackend("deepgemm_fp8", deepgemm_fp8_supports, deepgemm_fp8_run, fp8=True),
     "triton_w8a16": ExpertBackend("triton_w8a16", triton_w8a16_supports, triton_w8a16_run, fp8=True),
 }
