@@ -13,10 +13,11 @@ The scheme, in float32 arithmetic (the same on every path, so all of them agree 
     scale = amax / 448 (float32 division; 1 where that is 0: an all-zero block)
     q     = e4m3(clamp(x / scale, -448, 448))   (float32 division, then round to nearest even)
 and the real value is q * scale (`weight_scale_inv` in a checkpoint). Two-term activations (terms=2) add
-    lo    = e4m3(clamp((x / scale - q) * 16, -448, 448))    (x / scale - q exact in float32)
-with the value (q + lo / 16) * scale: e4m3's 3 mantissa bits become ~7 (bf16 has 8), for FP8 MMAs at about
-bf16's accuracy; q's rounding error is at most 16 (half the spacing at 256-448), so lo never clamps. The
-two terms sit side by side, q [M, 2K] = [hi | lo]. Inputs must be finite (not checked:
+    lo    = e4m3(x / scale - q)    (x / scale - q exact in float32; at most 16: half the spacing at 256-448)
+with the value (q + lo) * scale: e4m3's 3 mantissa bits become ~7 (bf16 has 8) wherever |x / scale| >= 1/4
+(below, lo's subnormal spacing 2^-9 bounds the error by 2^-10 * scale: nothing next to the group's amax of
+448 * scale), so FP8 MMAs reach about bf16's accuracy. Both terms share the scale, so an MMA adds them in one
+accumulator chain. They sit side by side, q [M, 2K] = [hi | lo]. Inputs must be finite (not checked:
 that would read values). The last block/group of a dim that is
 not a multiple of the block is partial: its scale comes from the elements it has.
 
@@ -50,7 +51,6 @@ SCALE_LAYOUTS = ("row", "col_tma")
 TMA_ALIGN = 4  # float32 scales per 16 bytes
 IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BM = 16
-LO_SCALE = 16.0  # terms=2: lo = (x / scale - hi) * LO_SCALE (fused_moe_fp8_tile's _LO = 1 / LO_SCALE)
 
 
 def _jit(**kw):
@@ -88,7 +88,7 @@ def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride
     q = _round_e4m3(v)
     tl.store(q_ptr + r64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     if TERMS == 2:  # the lo term, K columns on
-        lo = _round_e4m3(tl.minimum(tl.maximum((v - q) * 16.0, -448.0), 448.0))
+        lo = _round_e4m3(v - q)
         tl.store(q_ptr + r64[:, None] * stride_qm + K + cols[None, :], lo.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + r64 * stride_sm + g * stride_sg, scale, mask=row_ok)
 
@@ -165,8 +165,7 @@ def _lo_term(x: torch.Tensor, hi: torch.Tensor, s: torch.Tensor, group: int) -> 
     M, K = x.shape
     sc = s.repeat_interleave(group, dim=1)[:, :K]
     v = (x.to(torch.float32) / sc).clamp_(-FP8_MAX, FP8_MAX)
-    lo = ((v - hi.to(torch.float32)) * torch.full_like(v, LO_SCALE)).clamp_(-FP8_MAX, FP8_MAX)
-    return lo.to(FP8_DTYPE)
+    return (v - hi.to(torch.float32)).to(FP8_DTYPE)
 
 
 def _block(block: object) -> tuple[int, int]:

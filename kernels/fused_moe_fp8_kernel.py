@@ -181,7 +181,7 @@ def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
     of 128. out [*, N] (N = NW / 2 with swiglu): float8_e4m3fn with out_scale float32 [out rows, N/128]
     (quantised output), else bf16/fp16/fp32. Gathering, scattering, row_weights, tables and a_index as
     kernels.fused_moe_kernel.moe_gemm. terms=2 (FP8 a only): a is [*, 2K], each row [hi | lo] with a
-    value (hi + lo / 16) * a_scale (kernels/fp8_quant.py's two-term scheme), and a quantised out is [*, 2N]
+    value (hi + lo) * a_scale (kernels/fp8_quant.py's two-term scheme), and a quantised out is [*, 2N]
     written the same way. w may also be in the block layout [E, NW/128, K/128, 128, 128] (tile_weights;
     TMA configs then need BLOCK_N <= 128). Returns out.
     """

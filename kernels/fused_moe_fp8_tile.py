@@ -6,12 +6,13 @@ G = 128 the scale group. A_FP8: A is fp8 with per-row group scales, each group's
 into the float32 accumulator (DeepSeek-V3's W8A8 scheme); else A is bf16/fp16 and each weight tile is
 dequantised to A's dtype before one ordinary MMA chain (W8A16: no activation quantisation).
 A_TERMS = 2 (A_FP8 only; kernels/fp8_quant.py's two-term scheme): A's rows are [hi | lo], K columns each, a
-value (hi + lo / 16) * scale; each step's partial is dot(hi, b) + dot(lo, b) / 16, and a quantised output
-(QUANT_OUT) is written the same way, [hi | lo] of N columns each. SWAP_AB computes each partial as
-(b^T a^T)^T: the weight tile is then the MMA's M side (Hopper's wgmma needs M >= 64 rows per warp group, which
-decode tiles of 16-32 token rows do not have), the token rows its N side. W_TILES: the weights are stored
-as 128 x 128 blocks, each block's 16 KB contiguous ([E, NW/128, K/128, 128, 128]; kernels/fused_moe_fp8_kernel.py's
-tile_weights): a tile's K loop streams whole blocks where the [E, NW, K] rows give 128-byte runs.
+value (hi + lo) * scale; each step's partial is dot(lo, b) accumulated onto dot(hi, b) (one MMA chain), and a
+quantised output (QUANT_OUT) is written the same way, [hi | lo] of N columns each. SWAP_AB computes each partial
+as (b^T a^T)^T: the weight tile is then the MMA's M side (Hopper's wgmma needs M >= 64 rows per warp group,
+which decode tiles of 16-32 token rows do not have), the token rows its N side. W_TILES: the weights are stored
+as 128 x 128 blocks, each block's 16 KB contiguous ([E, NW/128, K/128, 128, 128];
+kernels/fused_moe_fp8_kernel.py's tile_weights): a tile's K loop streams whole blocks where the [E, NW, K] rows
+give 128-byte runs.
 """
 
 import triton
@@ -20,7 +21,6 @@ from nanomoe_kernels.fp8_quant import _round_e4m3
 
 _GROUP = tl.constexpr(128)  # the scale group (a jit function reads constexpr globals only)
 _BLOCK_BYTES = tl.constexpr(128 * 128)  # one fp8 weight block (W_TILES)
-_LO = tl.constexpr(0.0625)  # the lo term's weight (fp8_quant.LO_SCALE = 16)
 
 
 @triton.jit
@@ -38,8 +38,8 @@ def _mma(a, b, acc, SWAP_AB: tl.constexpr):
 def _partial(a, a_lo, b, zero, A_TERMS: tl.constexpr, SWAP_AB: tl.constexpr):
     """One scale group's float32 partial of fp8 A (hi, and lo when A_TERMS = 2) times the fp8 tile b; zero is
     a float32 zero tile of the partial's (possibly transposed) shape."""
-    if A_TERMS == 2:  # lo first, scaled, then hi accumulated onto it by the MMA
-        out = _mma(a, b, _mma(a_lo, b, zero, SWAP_AB) * _LO, SWAP_AB)
+    if A_TERMS == 2:  # both terms share the scale: lo accumulates onto hi in the MMA chain
+        out = _mma(a_lo, b, _mma(a, b, zero, SWAP_AB), SWAP_AB)
     else:
         out = _mma(a, b, zero, SWAP_AB)
     return out
@@ -181,7 +181,7 @@ def _fp8_tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted
         q = _round_e4m3(v)
         tl.store(c_ptrs, q.to(c_ptr.dtype.element_ty), mask=c_mask)
         if A_TERMS == 2:  # the lo term (v - q exact in float32), N columns on
-            lo = _round_e4m3(tl.minimum(tl.maximum((v - q) * 16.0, -448.0), 448.0))
+            lo = _round_e4m3(v - q)
             tl.store(c_ptrs + N, lo.to(c_ptr.dtype.element_ty), mask=c_mask)
         tl.store(cs_ptr + c_rows * stride_csm + pid_n * stride_csk, scale, mask=row_ok)
     else:

@@ -200,3 +200,30 @@ def test_model_with_fp8_experts(write_back):
         unchanged = torch.equal(m.experts.w13, old.w13) and torch.equal(m.experts.w2, old.w2)
         assert (rounded, unchanged) == ((True, False) if write_back else (False, True))
     assert fp8.layers[0].dense is params.layers[0].dense and fp8.embed is params.embed
+
+
+def test_block_layout_records():
+    """tile_experts / untile_experts: the weights' bytes move, the scales stay; the check, dequantisation and
+    the backends that run rows only (a clear refusal) all handle the block layout."""
+    from nanomoe_fn.moe.fp8_params import tile_experts, untile_experts
+
+    fp8 = quantize_experts(swiglu(3, 256, 128))
+    t = tile_experts(fp8)
+    assert t.tiled and not fp8.tiled and t.w13.shape == (3, 2, 2, 128, 128) and t.w2.shape == (3, 2, 1, 128, 128)
+    assert (t.hidden, t.intermediate, t.num_experts) == (256, 128, 3) and t.halves_aligned
+    assert t.w13_scale is fp8.w13_scale and tile_experts(t) is t and untile_experts(fp8) is fp8
+    check_fp8_experts(t)
+    back = untile_experts(t)
+    for a, b in ((back.w13, fp8.w13), (back.w2, fp8.w2)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert t.w13[1, 1, 0, 5, 7].view(torch.uint8) == fp8.w13[1, 128 + 5, 7].view(torch.uint8)
+    assert torch.equal(dequantize_experts(t, torch.float32).w13, dequantize_experts(fp8, torch.float32).w13)
+    with pytest.raises(ValueError, match="w2_scale"):
+        check_fp8_experts(SwiGLUExpertsFP8(t.w13, t.w13_scale, t.w2, t.w13_scale, t.block))
+    with pytest.raises(ValueError, match="multiples of 128"):
+        tile_experts(quantize_experts(swiglu(2, 192, 128)))
+    with pytest.raises(ValueError, match="tile_experts needs SwiGLUExpertsFP8"):
+        tile_experts(quantize_experts(swiglu(2, 256, 128), block=(64, 128)))
+    rows = torch.randn(5, 256).half()
+    with pytest.raises(ValueError, match="block layout .tile_experts.: use triton_fp8"):
+        expert_ffn(t, ExpertBatch(rows, torch.tensor([2, 0, 3])), "triton_w8a16")

@@ -93,7 +93,8 @@ def _fused_moe_cases() -> list:
 
 def _fp8_cases() -> list:
     """The FP8 grouped GEMM: the up GEMM (gathered A, SwiGLU, quantised output) and the down GEMM (weighted,
-    scattered), with weights by pointer and through TMA (with two-term A and the swapped MMA), merged tails."""
+    scattered), with weights by pointer and through TMA (with two-term A, the swapped MMA and block-layout
+    weights), merged tails."""
     from nanomoe_kernels import fused_moe_fp8_kernel as f
 
     types = dict(a_ptr="*fp8e4nv", as_ptr="*fp32", b_ptr="*fp8e4nv", bs_ptr="*fp32", c_ptr="*fp8e4nv",
@@ -103,7 +104,8 @@ def _fp8_cases() -> list:
     for tma in (False, True):
         desc = {"b_desc": "tensordesc<fp8e4nv[128, 128]>"} if tma else {}
         common = dict(USE_TMA=tma, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, TAIL_M=16, A_INDEX=False, A_DIV=8,
-                      K_STEPS=2 if tma else 1, A_FP8=True, A_TERMS=2 if tma else 1, SWAP_AB=tma)
+                      K_STEPS=2 if tma else 1, A_FP8=True, A_TERMS=2 if tma else 1, SWAP_AB=tma,
+                      W_TILES=tma)
         if not tma:
             common["b_desc"] = None
         out += [(f"moe_gemm_fp8[up, tma {tma}]", f._moe_gemm_fp8_kernel, {**types, **desc},
@@ -117,8 +119,9 @@ def _fp8_cases() -> list:
         out.append((f"moe_gemm_fp8[w8a16 up, BN {bn}]", f._moe_gemm_fp8_kernel,
                     {**types, "a_ptr": "*bf16", "c_ptr": "*bf16", "b_desc": f"tensordesc<fp8e4nv[{bn}, 128]>"},
                     dict(USE_TMA=True, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, TAIL_M=16, A_INDEX=False, A_DIV=8,
-                         K_STEPS=2, A_FP8=False, A_TERMS=1, SWAP_AB=False, GATHER_A=True, SCATTER_C=False,
-                         SWIGLU=True, MUL_WEIGHT=False, QUANT_OUT=False, BLOCK_TABLE=True, MERGED=True, BLOCK_M=64)))
+                         K_STEPS=2, A_FP8=False, A_TERMS=1, SWAP_AB=False, W_TILES=False, GATHER_A=True,
+                         SCATTER_C=False, SWIGLU=True, MUL_WEIGHT=False, QUANT_OUT=False, BLOCK_TABLE=True,
+                         MERGED=True, BLOCK_M=64)))
     return out
 
 

@@ -10,7 +10,8 @@ are quantised once and read through the index, never materialized). Batch rows a
 (quantised per token and 128 channels in the kernels; output in that dtype) or already FP8: batch.x
 float8_e4m3fn with batch.x_scale float32 [..., HG] (a comm that sends FP8; strided views allowed), passed
 on as rows_scale; the output is then bfloat16.
-- `triton_fp8`: kernels/fused_moe_fp8.py (Triton FP8 grouped GEMMs, quantisation fused into the epilogue).
+- `triton_fp8`: kernels/fused_moe_fp8.py (Triton FP8 grouped GEMMs, quantisation fused into the epilogue);
+  records in the block layout (moe/fp8_params.tile_experts) run here (and on triton_fp8_hilo) only.
 - `triton_fp8_hilo`: the same kernels with two-term activations (act_terms=2: x and the SwiGLU output as
   [hi | lo] FP8 pairs, two FP8 MMAs per step): ~1e-3 from the unquantised FFN where W8A8 is ~4e-2, at about
   triton_fp8's speed where weight bytes bound the time (decode); FP8 batches (one-term) are refused.
@@ -49,6 +50,10 @@ def _fp8_weights(experts: SwiGLUExpertsFP8, backend: str) -> tuple[torch.Tensor,
     if tuple(experts.block) != (FP8_BLOCK, FP8_BLOCK):
         raise ValueError(f"expert backend {backend!r} needs {FP8_BLOCK} x {FP8_BLOCK} scale blocks, got "
                          f"experts.block={tuple(experts.block)}")
+    if experts.tiled and not backend.startswith("triton_fp8"):
+        raise ValueError(f"expert backend {backend!r} runs FP8 weights as rows [E, 2I, H] / [E, H, I]; these are in "
+                         f"the block layout (tile_experts): use triton_fp8 / triton_fp8_hilo, or "
+                         f"nanomoe_fn.moe.fp8_params.untile_experts first")
     return experts.w13, experts.w13_scale, experts.w2, experts.w2_scale
 
 

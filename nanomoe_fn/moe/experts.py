@@ -77,7 +77,7 @@ def _check(experts: Experts | FP8Experts, batch: ExpertBatch, backend: str = "bm
     if not isinstance(batch, ExpertBatch):
         raise TypeError(f"batch must be an ExpertBatch (dispatch's output), got {type(batch).__name__}")
     ws = expert_tensors(experts)
-    P, H = ws[0].shape[0], ws[0].shape[-1]
+    P, H = ws[0].shape[0], experts.hidden if isinstance(experts, SwiGLUExpertsFP8) else ws[0].shape[-1]
     if batch.x_scale is not None and not fp8:
         raise TypeError(f"batch.x holds FP8 rows (float8_e4m3fn with x_scale, from an FP8 dispatch): expert backend "
                         f"{backend!r} runs bf16/fp16/fp32 rows; use an FP8 backend (triton_fp8, deepgemm_fp8) with "

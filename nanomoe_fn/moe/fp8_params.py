@@ -8,12 +8,15 @@ Hb = ceil(H / b0) row blocks, ceil(K / b1) column blocks of a weight with K colu
 SwiGLU's w13 [E, 2I, H] is quantised as its two halves (gate rows [0, I), up rows [I, 2I)), each with its own
 row blocks, so no scale block mixes gate and up rows whatever I is; w13_scale stacks the gate half's Ib
 row blocks over the up half's. With I % b0 == 0 that is the same as quantising w13 whole.
+`tile_experts` / `untile_experts` move a SwiGLU record's weights to and from the block layout (moe/params.py;
+kernels/fused_moe_fp8_kernel.py's tile_weights), where each 128 x 128 block's 16 KB is contiguous.
 """
 
 from __future__ import annotations
 
 import torch
 from nanomoe_kernels.fp8_quant import DEFAULT_BLOCK, FP8_DTYPE, block_scale_shape, dequant_fp8_blocks, quant_fp8_blocks
+from nanomoe_kernels.fused_moe_fp8_kernel import tile_weights, untile_weights
 
 from nanomoe_fn.moe.params import Experts, FP8Experts, LinearExperts, LinearExpertsFP8, SwiGLUExperts, SwiGLUExpertsFP8
 
@@ -49,6 +52,31 @@ def quantize_experts(experts: Experts, block: tuple[int, int] = DEFAULT_BLOCK) -
     raise TypeError(f"experts must be SwiGLUExperts or LinearExperts, got {type(experts).__name__}")
 
 
+def tile_experts(experts: SwiGLUExpertsFP8) -> SwiGLUExpertsFP8:
+    """A SwiGLU FP8 record (128 x 128 blocks, H and I multiples of 128) with its weights in the block layout
+    (a copy; the scales are shared). A record already in it is returned as is."""
+    check_fp8_experts(experts)
+    if not isinstance(experts, SwiGLUExpertsFP8) or tuple(experts.block) != DEFAULT_BLOCK:
+        raise ValueError(f"tile_experts needs SwiGLUExpertsFP8 with {DEFAULT_BLOCK} blocks, got "
+                         f"{type(experts).__name__} block={getattr(experts, 'block', None)}")
+    if experts.tiled:
+        return experts
+    H, I_ = experts.w2.shape[1:]
+    if H % DEFAULT_BLOCK[0] or I_ % DEFAULT_BLOCK[0]:
+        raise ValueError(f"the block layout needs H ({H}) and I ({I_}) to be multiples of {DEFAULT_BLOCK[0]}")
+    return SwiGLUExpertsFP8(tile_weights(experts.w13), experts.w13_scale, tile_weights(experts.w2),
+                            experts.w2_scale, experts.block)
+
+
+def untile_experts(experts: FP8Experts) -> FP8Experts:
+    """tile_experts' inverse: the weights back to rows [E, 2I, H] and [E, H, I] (a copy, or the record itself
+    when it is not tiled)."""
+    if not isinstance(experts, SwiGLUExpertsFP8) or not experts.tiled:
+        return experts
+    return SwiGLUExpertsFP8(untile_weights(experts.w13), experts.w13_scale, untile_weights(experts.w2),
+                            experts.w2_scale, experts.block)
+
+
 def dequantize_experts(experts: FP8Experts, dtype: torch.dtype = torch.bfloat16,
                        out: Experts | None = None) -> Experts:
     """SwiGLUExpertsFP8 / LinearExpertsFP8 -> SwiGLUExperts / LinearExperts in `dtype` (fp8 * scale computed in
@@ -56,6 +84,7 @@ def dequantize_experts(experts: FP8Experts, dtype: torch.dtype = torch.bfloat16,
     chunks (dequant_fp8_blocks). out: a record of that kind and the same shapes to write into (its dtype
     wins), for example another implementation's weights to round to the FP8 values."""
     check_fp8_experts(experts)
+    experts = untile_experts(experts)
     b = experts.block
     swiglu = isinstance(experts, SwiGLUExpertsFP8)
     kind = SwiGLUExperts if swiglu else LinearExperts
@@ -95,9 +124,12 @@ def check_fp8_experts(experts: object, name: str = "experts") -> None:
     b = _block(experts.block)
     if isinstance(experts, SwiGLUExpertsFP8):
         w2 = experts.w2
-        if not isinstance(w2, torch.Tensor) or w2.dim() != 3:
-            raise ValueError(f"{name}.w2 must be a tensor [E, H, I], got "
+        if not isinstance(w2, torch.Tensor) or w2.dim() not in (3, 5):
+            raise ValueError(f"{name}.w2 must be a tensor [E, H, I] (or its block layout), got "
                              f"{tuple(w2.shape) if isinstance(w2, torch.Tensor) else type(w2).__name__}")
+        if w2.dim() == 5:  # the block layout: the same checks on its shapes
+            _check_tiled(name, experts, b)
+            return
         E, H, I_ = w2.shape
         _check(f"{name}.w2", w2, FP8_DTYPE, (E, H, I_), None)
         _check(f"{name}.w13", experts.w13, FP8_DTYPE, (E, 2 * I_, H), w2.device)
@@ -112,3 +144,18 @@ def check_fp8_experts(experts: object, name: str = "experts") -> None:
         E, H = w.shape[:2]
         _check(f"{name}.w", w, FP8_DTYPE, (E, H, H), None)
         _check(f"{name}.w_scale", experts.w_scale, torch.float32, (E, *block_scale_shape((H, H), b)), w.device)
+
+
+def _check_tiled(name: str, experts: SwiGLUExpertsFP8, b: tuple[int, int]) -> None:
+    """check_fp8_experts for the block layout: 128 x 128 blocks, w2 [E, H/128, I/128, 128, 128], w13
+    [E, 2I/128, H/128, 128, 128], the scales as for the rows."""
+    g = DEFAULT_BLOCK[0]
+    w2 = experts.w2
+    if b != DEFAULT_BLOCK or tuple(w2.shape[3:]) != (g, g):
+        raise ValueError(f"{name}: the block layout needs {DEFAULT_BLOCK} blocks and w2 [E, H/{g}, I/{g}, {g}, {g}], "
+                         f"got block={b} w2 {tuple(w2.shape)}")
+    E, Hb, Ib = w2.shape[:3]
+    _check(f"{name}.w2", w2, FP8_DTYPE, (E, Hb, Ib, g, g), None)
+    _check(f"{name}.w13", experts.w13, FP8_DTYPE, (E, 2 * Ib, Hb, g, g), w2.device)
+    _check(f"{name}.w13_scale", experts.w13_scale, torch.float32, (E, 2 * Ib, Hb), w2.device)
+    _check(f"{name}.w2_scale", experts.w2_scale, torch.float32, (E, Hb, Ib), w2.device)

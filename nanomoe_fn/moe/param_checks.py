@@ -120,8 +120,11 @@ def _check_fp8(experts: SwiGLUExpertsFP8, n: int, H: int, I_: int, dev: torch.de
     experts.block), all on dev."""
     b0, b1 = experts.block
     Ib, Hb = -(-I_ // b0), -(-H // b0)
-    for name, t, dt, shape in (("w13", experts.w13, torch.float8_e4m3fn, (n, 2 * I_, H)),
-                               ("w2", experts.w2, torch.float8_e4m3fn, (n, H, I_)),
+    w13_shape, w2_shape = (n, 2 * I_, H), (n, H, I_)
+    if experts.tiled:  # the block layout (moe/params.py): 128 x 128 blocks, H and I multiples of 128
+        w13_shape, w2_shape = (n, 2 * Ib, Hb, b0, b1), (n, Hb, Ib, b0, b1)
+    for name, t, dt, shape in (("w13", experts.w13, torch.float8_e4m3fn, w13_shape),
+                               ("w2", experts.w2, torch.float8_e4m3fn, w2_shape),
                                ("w13_scale", experts.w13_scale, torch.float32, (n, 2 * Ib, -(-H // b1))),
                                ("w2_scale", experts.w2_scale, torch.float32, (n, Hb, -(-I_ // b1)))):
         if not isinstance(t, torch.Tensor) or t.dtype != dt or tuple(t.shape) != shape:

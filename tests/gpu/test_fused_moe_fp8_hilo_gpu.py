@@ -11,13 +11,12 @@ Marked `gpu`; needs sm_89+.
 
 import pytest
 import torch
-from nanomoe_kernels.fused_moe_fp8 import fused_moe_fp8, fused_moe_fp8_gathered, fused_moe_fp8_masked
+from nanomoe_kernels.fused_moe_fp8 import fused_moe_fp8
 from nanomoe_reference.expert_rows import make_routing
 
-from tests.gpu.test_fused_moe_fp8_gpu import FP8_OK, SAME_QUANT_TOL, SMALL, make_experts, reference, rel
+from tests.gpu.test_fused_moe_fp8_gpu import FP8_OK, HILO_TOL, SAME_QUANT_TOL, SMALL, make_experts, reference, rel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not FP8_OK, reason="needs a CUDA GPU with sm_89+")]
-HILO_TOL = 1e-2  # bf16 rounding of x's products and of the output rows (~3e-3), the two terms' ~1e-3
 ISSUE_BOUND = 3e-2  # the FP8 expert FFN against the unquantised float64 FFN on the dequantised weights
 # swapped vs unswapped: the swapped MMA is Hopper's wgmma, whose fp8 products accumulate with reduced precision
 # inside each 128-deep scale group (the unswapped 16-32 row tiles run mma.sync); a few of the intermediate's
@@ -62,29 +61,21 @@ def test_swapped_configs_match_references(T, ci, terms):
         assert rel(got, reference(x, ids, tw, w, same_quant=True)) < SAME_QUANT_TOL
 
 
-def test_hilo_layouts_and_backend():
+def test_hilo_backend():
+    """expert_ffn with backend triton_fp8_hilo on a row record and on its block layout (the same bytes); the
+    layouts themselves: tests/gpu/test_fused_moe_fp8_gpu.py::test_layouts[2]."""
     from nanomoe_fn import ExpertBatch, expert_ffn
+    from nanomoe_fn.moe.fp8_params import tile_experts
     from nanomoe_fn.moe.params import SwiGLUExpertsFP8
 
-    E, H, I = 6, 256, 128
-    w = make_experts(E, H, I, seed=1)
+    w = make_experts(6, 256, 128, seed=1)
     counts = torch.tensor([5, 0, 70, 1, 33, 0], device="cuda")
-    n = int(counts.sum())
-    rows = torch.randn(n, H, device="cuda").to(torch.bfloat16)
-    e_of = torch.repeat_interleave(torch.arange(E, device="cuda"), counts)[:, None]
-    ones = torch.ones(n, 1, device="cuda")
-    y = expert_ffn(SwiGLUExpertsFP8(*w), ExpertBatch(rows, counts), "triton_fp8_hilo")
-    assert rel(y.x, reference(rows, e_of, ones, w, same_quant=False)) < HILO_TOL
-    index = torch.randint(0, 40, (n,), device="cuda")
-    got = fused_moe_fp8_gathered(rows[:40], index, counts, *w, act_terms=2)
-    assert rel(got, reference(rows[index], e_of, ones, w, same_quant=False)) < HILO_TOL
-    xm = torch.zeros(E, 72, H, device="cuda", dtype=torch.bfloat16)
-    starts = (torch.cumsum(counts, 0) - counts).tolist()
-    for e, (s, c) in enumerate(zip(starts, counts.tolist())):
-        xm[e, :c] = rows[s:s + c]
-    ym = fused_moe_fp8_masked(xm, counts, *w, act_terms=2, expected_m=24)
-    got = torch.cat([ym[e, :c] for e, c in enumerate(counts.tolist())])
-    assert rel(got, reference(rows, e_of, ones, w, same_quant=False)) < HILO_TOL
+    rows = torch.randn(int(counts.sum()), 256, device="cuda").to(torch.bfloat16)
+    e_of = torch.repeat_interleave(torch.arange(6, device="cuda"), counts)[:, None]
+    fp8 = SwiGLUExpertsFP8(*w)
+    y = expert_ffn(fp8, ExpertBatch(rows, counts), "triton_fp8_hilo")
+    assert rel(y.x, reference(rows, e_of, torch.ones(len(e_of), 1, device="cuda"), w, same_quant=False)) < HILO_TOL
+    assert torch.equal(expert_ffn(tile_experts(fp8), ExpertBatch(rows, counts), "triton_fp8_hilo").x, y.x)
 
 
 def test_hilo_cuda_graph_capture():
