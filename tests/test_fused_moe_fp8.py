@@ -168,10 +168,11 @@ def test_fused_moe_fp8_matches_references(ci, dtype):
     assert err < ACCURACY_BOUND, f"FP8 FFN error {err:.3g} vs the unquantised float64 FFN > {ACCURACY_BOUND}"
 
 
-def expert_rows_ref(rows, counts, w):
-    """Reference (1) per row: row i of expert e (counts in order) -> expert_e(rows[i])."""
+def expert_rows_ref(rows, counts, w, ref=None):
+    """Reference (1) (or `ref`, e.g. ffn_unquantised) per row: row i of expert e (counts in order) ->
+    expert_e(rows[i])."""
     e_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    return ffn_same_quant(rows, e_of[:, None].to(torch.int32), torch.ones(len(e_of), 1), w)
+    return (ref or ffn_same_quant)(rows, e_of[:, None].to(torch.int32), torch.ones(len(e_of), 1), w)
 
 
 @pytest.mark.parametrize("ci", [0, 3])

@@ -11,32 +11,28 @@ dequantised weights with unquantised activations (tests/test_fused_moe_fp8.py's 
 terms land within HILO_BOUND of it where one term is ~4e-2. Runs under TRITON_INTERPRET=1.
 """
 
-import os
-
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib  # noqa: E402
-
-import nanomoe_kernels.fp8_quant as fq  # noqa: E402
-import nanomoe_kernels.fused_moe as fm  # noqa: E402
-import nanomoe_kernels.fused_moe_fp8 as f8  # noqa: E402
-import nanomoe_kernels.fused_moe_fp8_kernel as f8k  # noqa: E402
-import nanomoe_kernels.fused_moe_fp8_tile as f8t  # noqa: E402
-import nanomoe_kernels.fused_moe_kernel as fmk  # noqa: E402
-import nanomoe_kernels.moe_align as ma  # noqa: E402
-import nanomoe_kernels.moe_blocks as mb  # noqa: E402
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") == "1" and not fmk.runs_interpreted():
-    for mod in (ma, mb, fq, fmk, fm, f8t, f8k, f8):  # imported before the variable was set: decorate again
-        importlib.reload(mod)
-
-from tests.test_fused_moe_fp8 import CFG, act64, check_quantised, down64, ffn_unquantised, make_case, rel  # noqa: E402
+# the kernel modules come from tests.test_fused_moe_fp8, which turns on the interpreter on CPU-only machines and
+# decorates them again when they were imported before it was set
+from tests.test_fused_moe_fp8 import (
+    CFG,
+    act64,
+    check_quantised,
+    down64,
+    expert_rows_ref,
+    f8,
+    f8k,
+    ffn_unquantised,
+    fmk,
+    fq,
+    ma,
+    make_case,
+    rel,
+)
 
 pytestmark = pytest.mark.skipif(not fmk.runs_interpreted(),
                                 reason="CPU kernel tests run under TRITON_INTERPRET=1 (GPU: tests/gpu/)")
@@ -157,9 +153,8 @@ def test_fused_two_terms_accuracy(ci, dtype):
 
 
 def rows_ref(rows, counts, w):
-    """Unquantised float64 reference per row: row i of expert e (counts in order) -> expert_e(rows[i])."""
-    e_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    return ffn_unquantised(rows, e_of[:, None].to(torch.int32), torch.ones(len(e_of), 1), w)
+    """The unquantised float64 reference per row (tests/test_fused_moe_fp8.py's expert_rows_ref)."""
+    return expert_rows_ref(rows, counts, w, ffn_unquantised)
 
 
 @pytest.mark.parametrize("ci", [0, 3])
