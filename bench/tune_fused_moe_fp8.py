@@ -87,7 +87,6 @@ _DOWN += [(SMALL, _tma(*c)) for c in [(16, 128, 4, 4), (32, 128, 4, 4), (32, 256
                                       (32, 256, 8, 3, 2, False), (32, 128, 4, 3), (32, 128, 4, 6), (16, 128, 4, 6),
                                       (32, 128, 4, 2, 2), (32, 64, 4, 6), (32, 128, 8, 6)]]
 SPACE = {"up": [(r, _cfg(*c)) for r, c in _UP], "down": [(r, _cfg(*c)) for r, c in _DOWN]}
-MODES = ("w8a8", "w8a16", "hilo")  # the kernels' activation schemes; tables op + "" / "_w8a16" / "_hilo"
 
 
 def candidates(op: str, per_expert: float | None, mode: str = "w8a8", tiles: bool = False) -> list[dict]:

@@ -110,9 +110,14 @@ def _scales(M: int, G: int, layout: str, device: torch.device) -> torch.Tensor:
     return torch.empty(G * m_pad, dtype=torch.float32, device=device).as_strided((M, G), (1, m_pad))
 
 
-def _check_groups(x: torch.Tensor, group: int, scale_layout: str, want_stride: bool, terms: int = 1) -> None:
+def check_terms(terms: object, name: str = "terms") -> None:
+    """ValueError naming `name` unless terms is 1 or 2 (one- or two-term activations)."""
     if terms not in (1, 2) or isinstance(terms, bool):
-        raise ValueError(f"terms must be 1 or 2 (two-term activations), got {terms!r}")
+        raise ValueError(f"{name} must be 1 or 2 (one- or two-term FP8 activations), got {terms!r}")
+
+
+def _check_groups(x: torch.Tensor, group: int, scale_layout: str, want_stride: bool, terms: int = 1) -> None:
+    check_terms(terms)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:

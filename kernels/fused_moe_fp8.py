@@ -27,13 +27,14 @@ expert owns are left unwritten. No host syncs: CUDA-graph capturable.
 
 Two-term activations (act_terms=2 on every entry point): x and the SwiGLU output are quantised as
 kernels/fp8_quant.py's [hi | lo] pairs and every GEMM step runs two FP8 MMAs (twice the MMA work, the same
-weight bytes): ~1e-3 relative error against the unquantised FFN instead of the one-term scheme's ~4e-2, at
-about the one-term speed where the weights' bytes bound the time (decode). Pre-quantised rows are one-term.
+weight bytes): ~1e-3 relative error against the unquantised FFN instead of the one-term scheme's ~4e-2; where
+the weights' bytes bound the time (decode) it costs ~8% (bench/results/fp8_notes.md). Pre-quantised rows are
+one-term.
 
 Configs: tables in kernels/tuned named by kernels.fused_moe.config_name with dtype float8_e4m3fn and op
-up/down (up_hilo/down_hilo for two terms, else the one-term tables), else `default_config_fp8`. `config=` overrides as
-in kernels/fused_moe.py (a flat dict or {"up": .., "down": ..}); BLOCK_K must be 128 and the up GEMM's
-BLOCK_N 128 (its output scale groups are its tiles).
+up/down and suffixes per variant (table_suffixes: _hilo, _tiles, _w8a16), else `default_config_fp8`. `config=`
+overrides as in kernels/fused_moe.py (a flat dict or {"up": .., "down": ..}); BLOCK_K must be 128 and the up
+GEMM's BLOCK_N 128 (its output scale groups are its tiles).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import warnings
 
 import torch
 from nanomoe_kernels.checks import check_routing, check_values
-from nanomoe_kernels.fp8_quant import quant_fp8_groups, runs_interpreted
+from nanomoe_kernels.fp8_quant import check_terms, quant_fp8_groups, runs_interpreted
 from nanomoe_kernels.fused_moe import TABLES, TUNED_DIR, _check_counts, _check_x, _device_name, config_name
 from nanomoe_kernels.fused_moe_fp8_kernel import GROUP, check_fp8_config, is_tiled, moe_gemm_fp8, weight_dims
 from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
@@ -147,15 +148,10 @@ def quant_rows(x: torch.Tensor, terms: int = 1) -> tuple[torch.Tensor, torch.Ten
                             terms=terms)
 
 
-def _check_terms(act_terms: object) -> None:
-    if act_terms not in (1, 2) or isinstance(act_terms, bool):
-        raise ValueError(f"act_terms must be 1 or 2 (two-term FP8 activations), got {act_terms!r}")
-
-
 def check_rows(name: str, rows: object, dim: int, rows_scale: object, act_terms: int = 1) -> torch.Tensor:
     """rows [.., H] in bf16/fp16/fp32 (rows_scale None) or float8_e4m3fn already quantised with rows_scale
     float32 [.., H/128] beside it (any strides; unit stride in the last dim of rows; one-term only)."""
-    _check_terms(act_terms)
+    check_terms(act_terms, "act_terms")
     if act_terms == 2 and isinstance(rows, torch.Tensor) and rows.dtype == FP8:
         raise ValueError(f"act_terms=2 quantises {name} itself: pass bf16/fp16/fp32 {name}, not pre-quantised "
                          f"(one-term) float8_e4m3fn ones")
@@ -216,7 +212,7 @@ def fused_moe_fp8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H] bf16/fp16/fp32 -> [T, H] in
     x.dtype, with FP8 weights and activations (module docstring; act_terms=2: two-term activations).
     topk_ids [T, k] int32/int64 in [0, E) (validate=True checks it, async on GPUs), topk_weights [T, k]."""
-    _check_terms(act_terms)
+    check_terms(act_terms, "act_terms")
     _check_x("x", x, 2)
     T, H = x.shape
     E, I = _check_fp8_weights(w13_q, w13_scale, w2_q, w2_scale, x, H, tiles=True)

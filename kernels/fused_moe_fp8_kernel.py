@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from nanomoe_kernels.fp8_quant import check_terms
 from nanomoe_kernels.fused_moe_fp8_tile import _fp8_tile
 from nanomoe_kernels.fused_moe_kernel import _tma_descriptor, check_config, runs_interpreted
 from nanomoe_kernels.launch import Launcher
@@ -201,8 +202,9 @@ def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
     if K % (GROUP * cfg["K_STEPS"]):
         raise ValueError(f"config K_STEPS={cfg['K_STEPS']} needs K={K} to be a multiple of {GROUP * cfg['K_STEPS']}")
     _check_scale("w_scale", w_scale, (E, NW // GROUP, K // GROUP), contiguous=True)
-    if terms not in (1, 2) or isinstance(terms, bool) or (terms == 2 and a_scale is None):
-        raise ValueError(f"terms must be 1 or 2 (2: two-term FP8 activations, with a_scale), got {terms!r}")
+    check_terms(terms)
+    if terms == 2 and a_scale is None:
+        raise ValueError("terms=2 (two-term activations) needs FP8 a with a_scale, not W8A16")
     if cfg["SWAP_AB"] and a_scale is None:
         raise ValueError("config SWAP_AB is implemented for FP8 activations (with a_scale), not W8A16")
     want = (fp8,) if a_scale is not None else (torch.bfloat16, torch.float16)
@@ -240,10 +242,10 @@ def moe_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
     rw = row_weights if row_weights is not None else a_s
     ai = a_index if a_index is not None else align.sorted_ids
     merged = cfg["MERGE_TAIL"] and bm > tm
-    # weights through TMA: W seen as [E * NW, K] (fp8 rows of K bytes, K % 128 == 0: 16-byte aligned)
-    # the rows of W (or of its blocks) through TMA: fp8 rows of K (128) bytes, 16-byte aligned
-    rows = w.numel() // w.shape[-1]
-    desc = _tma_descriptor(w, rows, bn, bk) if cfg["USE_TMA"] and (w.is_cuda or runs_interpreted()) else None
+    # weights through TMA: W seen as [E * NW, K] (or its blocks' rows, [E * NW * K / 128, 128]): fp8 rows of
+    # K (or 128) bytes, 16-byte aligned
+    w_rows = w.numel() // w.shape[-1]
+    desc = _tma_descriptor(w, w_rows, bn, bk) if cfg["USE_TMA"] and (w.is_cuda or runs_interpreted()) else None
 
     def launch(block_m: int, rows: torch.Tensor | None, experts: torch.Tensor, used: torch.Tensor,
                num_blocks: int) -> None:

@@ -82,6 +82,7 @@ if has ep && [ "$NGPU" -ge 2 ]; then
   [ "${DISPATCH:-1}" != 0 ] && step dispatch_fp8 150 python3 bench/bench_dispatch.py --world-size 2 --backend nccl --timeout 60 \
     ${DISPATCH_FLAGS:---cases headline --variants nvlink,nvlink_fp8} --json "$RES/dispatch_fp8_h200x2.json"
 fi
-for f in tune_w8a8_e32 tune_hilo_e32 tune_w8a8_tiles_e32 tune_hilo_tiles_e32 ffn ffn_eager breakdown dispatch_fp8; do [ -f "$LOGS/$f.log" ] && tail -n 30 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
+tunes=$(cd "$LOGS" && ls tune_*_e*.log 2>/dev/null | grep -v _compile_ | sed 's/\.log$//')
+for f in $tunes ffn ffn_eager breakdown dispatch_fp8; do [ -f "$LOGS/$f.log" ] && tail -n 30 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
 tar czf "$OUT/results.tgz" -C "$OUT" results logs && rm -rf "$RES" "$LOGS"
 cat "$OUT/summary.txt"

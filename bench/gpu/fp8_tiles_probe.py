@@ -33,14 +33,14 @@ DOWN = [_cfg(32, 128, 4, 3, 8, True, 0, False, 1, True), _cfg(32, 128, 4, 4, 8, 
 
 
 def gemm(case: Case, op: str, cfg: dict, tiles: tuple | None):
+    """One GEMM on the case's rows-layout weights, or on `tiles` (their block layout) when given."""
     al, inter, inter_s, out = case.align(cfg["BLOCK_M"])
-    w = case.w
+    w13, w2 = tiles if tiles else (case.w[0], case.w[2])
     if op == "up":
-        return lambda: moe_gemm_fp8(case.xq, case.xs, w[0], w[1], inter, al, cfg, gather_a=True, scatter_c=False,
-                                    a_div=case.k, swiglu=True, out_scale=inter_s, terms=case.terms,
-                                    w_tiles=tiles[0] if tiles else None)
-    return lambda: moe_gemm_fp8(inter, inter_s, w[2], w[3], out, al, cfg, gather_a=False, scatter_c=True,
-                                row_weights=case.row_w, terms=case.terms, w_tiles=tiles[1] if tiles else None)
+        return lambda: moe_gemm_fp8(case.xq, case.xs, w13, case.w[1], inter, al, cfg, gather_a=True,
+                                    scatter_c=False, a_div=case.k, swiglu=True, out_scale=inter_s, terms=case.terms)
+    return lambda: moe_gemm_fp8(inter, inter_s, w2, case.w[3], out, al, cfg, gather_a=False, scatter_c=True,
+                                row_weights=case.row_w, terms=case.terms)
 
 
 def main() -> None:

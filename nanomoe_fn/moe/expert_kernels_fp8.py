@@ -13,8 +13,8 @@ on as rows_scale; the output is then bfloat16.
 - `triton_fp8`: kernels/fused_moe_fp8.py (Triton FP8 grouped GEMMs, quantisation fused into the epilogue);
   records in the block layout (moe/fp8_params.tile_experts) run here (and on triton_fp8_hilo) only.
 - `triton_fp8_hilo`: the same kernels with two-term activations (act_terms=2: x and the SwiGLU output as
-  [hi | lo] FP8 pairs, two FP8 MMAs per step): ~1e-3 from the unquantised FFN where W8A8 is ~4e-2, at about
-  triton_fp8's speed where weight bytes bound the time (decode); FP8 batches (one-term) are refused.
+  [hi | lo] FP8 pairs, two FP8 MMAs per step): ~1e-3 from the unquantised FFN where W8A8 is ~4e-2, ~8% slower
+  than triton_fp8 where weight bytes bound the time (decode); FP8 batches (one-term) are refused.
 - `deepgemm_fp8`: kernels/deepgemm_fp8.py (DeepGEMM's FP8 m-grouped GEMMs, contiguous or masked, with the
   Triton glue of kernels/fp8_glue.py); Hopper (sm_90) and the sgl-deep-gemm package.
 - `triton_w8a16`: kernels/fused_moe_w8a16.py: the same FP8 weights, bf16/fp16 rows never quantised (each
