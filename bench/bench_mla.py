@@ -8,10 +8,12 @@ batch 1) does 2 * N * (Dqk + Dv) * S * (S + 1) / 2 FLOPs. The floor is the large
 measured copy bandwidth and FLOPs over the measured bf16 matmul rate, both measured in the same run;
 `roofline` = floor / median. Variants: triton (paged cache, page 64), triton_contiguous, torch (the
 library's torch backend, contiguous cache), and with --tune triton_best (best tuning and split count
-found for that shape; decode only on the ANCHORS shapes). Decode rows time CUDA-graph replays (as
-serving launches decode); prefill rows eager calls. The few-sequence shapes (B = 1, 4 at L = 4k, 16k) add an sglang row
-(SGLang's Triton MLA decode through bench/peers_sgl.py, when it loads; else a row with peer_skipped)
-and a split-count sweep (tuning_sweep in the JSON). Usage: python bench/bench_mla.py [--quick] [--tune]
+found for that shape on the paged cache, with --candidates key_major among the key-major tunings only;
+decode only on the ANCHORS shapes) and triton_best_contiguous (the same on the contiguous cache).
+Decode rows time CUDA-graph replays (as serving launches decode); prefill rows eager calls. The
+few-sequence shapes (B = 1, 4 at L = 4k, 16k) add an sglang row (SGLang's Triton MLA decode through
+bench/peers_sgl.py, when it loads; else a row with peer_skipped) and a split-count sweep (tuning_sweep
+in the JSON). Usage: python bench/bench_mla.py [--quick] [--tune] [--candidates all|key_major]
 [--small-batch] [--anchors] [--json PATH]; on the GPU machine bench/gpu/mla_gpu.sh runs the GPU tests
 and then this (with --tune by default).
 """
@@ -31,7 +33,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanomoe_kernels.mla_decode import DecodeTuning, default_splits, default_tuning, mla_decode  # noqa: E402
+from nanomoe_kernels.mla_decode import (  # noqa: E402
+    DecodeTuning,
+    default_splits,
+    default_tuning,
+    mla_decode,
+    tma_unsupported,
+)
 from nanomoe_kernels.mla_prefill import mla_prefill  # noqa: E402
 
 from bench.common import device_name, versions  # noqa: E402
@@ -53,6 +61,14 @@ PREFILL_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4,
 SMALL_TUNINGS = {128: [DT(64, 64, 2, 4, 2, tma=True), DT(64, 32, 2, 4, 2, tma=True)],
                  16: [DT(16, 64, 1, 4, 2, ctas_per_sm=2), DT(16, 32, 2, 4, 3, ctas_per_sm=2)]}
 SPLITS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+# key-major stage 1 (kernels/mla_decode_keymajor.py): 32-head programs for 128 heads (a 64-head one spills)
+KM = dict(value_splits=1, tma=True, key_major=True)
+KEY_MAJOR_TUNINGS = {128: [DT(32, 64, num_warps=4, num_stages=2, **KM),
+                           DT(32, 64, num_warps=4, num_stages=1, ctas_per_sm=2, **KM),
+                           DT(64, 64, num_warps=8, num_stages=2, **KM), DT(32, 64, 1, 4, 2, key_major=True)],
+                     16: [DT(16, 64, num_warps=4, num_stages=2, **KM),
+                          DT(16, 64, num_warps=4, num_stages=1, ctas_per_sm=2, **KM),
+                          DT(16, 64, 1, 4, 3, key_major=True), DT(16, 32, 1, 4, 3, ctas_per_sm=2, key_major=True)]}
 SMALL_SPLITS = [4, 8, 16, 32, 48, 64, 96, 128, 192, 256]   # few rows want many splits
 SMALL_SHAPES = [(h, b, c) for h in (128, 16) for b in (1, 4) for c in (4096, 16384)]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # CPU smoke runs of the triton paths
@@ -208,7 +224,9 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
     add("triton_contiguous", graph_us(lambda: mla_decode(q, kv, lens, C, scale), rep), config=cfg_info)
     if not ((args.tune and anchor) or small):
         return rows
-    cands = [tun] + [c for c in DECODE_TUNINGS[heads] + SMALL_TUNINGS[heads] if c != tun] if args.tune else [tun]
+    pool = KEY_MAJOR_TUNINGS[heads] if args.candidates == "key_major" else (
+        DECODE_TUNINGS[heads] + SMALL_TUNINGS[heads] + KEY_MAJOR_TUNINGS[heads])
+    cands = [tun] + [c for c in pool if c != tun] if args.tune else [tun]
     splits = SMALL_SPLITS if small else SPLITS
     best = (float("inf"), None, None)
     for cand in cands:
@@ -230,6 +248,9 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
     t, cand, k = best
     t = graph_us(lambda: mla_decode(q, pages, lens, C, scale, block_table=table, num_splits=k, tuning=cand), rep)
     add("triton_best", t, config={"tuning": cand.__dict__, "splits": k})
+    if not cand.tma or not tma_unsupported(kv, C, cand):
+        t = graph_us(lambda: mla_decode(q, kv, lens, C, scale, num_splits=k, tuning=cand), rep)
+        add("triton_best_contiguous", t, config={"tuning": cand.__dict__, "splits": k})
     return rows
 
 
@@ -305,6 +326,8 @@ def main() -> None:
     ap.add_argument("--small-batch", action="store_true",
                     help="only the few-sequence decode rows (B=1, 4 at L=4k, 16k) with their split sweep")
     ap.add_argument("--anchors", action="store_true", help="only the anchor decode shapes (with --small-batch: both)")
+    ap.add_argument("--candidates", choices=["all", "key_major"], default="all",
+                    help="with --tune: every tuning, or only the key-major ones (next to the default)")
     ap.add_argument("--max-cache-gb", type=float, default=24.0,
                     help="skip decode shapes with a larger cache")
     args = ap.parse_args()

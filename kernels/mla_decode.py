@@ -22,6 +22,7 @@ from dataclasses import replace
 import torch
 import triton
 import triton.language as tl
+from nanomoe_kernels.mla_decode_keymajor import _mla_decode_partial_km, block_v
 from nanomoe_kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the wrapper's tuning API)
     DecodeTuning,
     TensorDescriptor,
@@ -244,9 +245,9 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     t = tuning or default_tuning(heads, rows)
     if tuning is None and t.tma and tma_unsupported(kv, kv_lora_rank, t):
         t = replace(t, tma=False)                 # the default quietly uses plain loads instead
-    if t.value_splits not in (1, 2):
-        raise ValueError(f"tuning.value_splits must be 1 or 2, got {t.value_splits}")
-    bv = _pow2(kv_lora_rank) // t.value_splits
+    if t.value_splits not in (1, 2) or (t.key_major and t.value_splits != 1):
+        raise ValueError(f"tuning.value_splits must be 1 or 2 (1 with key_major), got {t.value_splits}")
+    bv = block_v(kv_lora_rank) if t.key_major else _pow2(kv_lora_rank) // t.value_splits
     descs = _descriptors(kv, kv_lora_rank, dr, t, bv) if t.tma else (None, None)
     head_programs = triton.cdiv(heads, t.block_h) * t.value_splits
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
@@ -259,15 +260,16 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         o_part = torch.empty(rows, heads, k, kv_lora_rank, dtype=torch.float32, device=q.device)
         lse = torch.empty(rows, heads, k, dtype=torch.float32, device=q.device)
     bt = block_table if paged else ctx_lens
-    _mla_decode_partial[(head_programs, rows, k)](
+    kernel, extra = (_mla_decode_partial_km, {}) if t.key_major else (_mla_decode_partial, {"VSPLIT": t.value_splits})
+    kernel[(head_programs, rows, k)](
         q, kv, *descs, bt, ctx_lens, o_part, lse,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), bt.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         rows // batch, heads, k, max_len, sm_scale * 1.4426950408889634,
         C=kv_lora_rank, DR=dr, PAGE=kv.shape[1] if paged else 1, PAGED=paged,
         PAGE_TILE=paged and kv.shape[1] % t.block_n == 0, TMA=t.tma, FINAL=k == 1,
-        VSPLIT=t.value_splits, BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_V=bv,
-        BLOCK_R=_pow2(dr), num_warps=t.num_warps, num_stages=t.num_stages,
+        BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_V=bv, BLOCK_R=_pow2(dr),
+        num_warps=t.num_warps, num_stages=t.num_stages, **extra,
     )
     if k > 1:
         bh, bc, kc = reduce_blocks(rows, heads, kv_lora_rank, k, device_sms(q.device), t)

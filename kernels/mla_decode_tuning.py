@@ -21,8 +21,9 @@ except ImportError:  # older Triton: no host-side TMA descriptors; tuning.tma th
 @dataclass(frozen=True)
 class DecodeTuning:
     """Heads per program (BH), rows per tile (BN), value slices (2: each program owns C/2 value columns
-    and still scores all Dc), warps, stages, TMA loads of full tiles, programs resident per SM, and the
-    split reduction's blocks."""
+    and still scores all Dc), warps, stages, TMA loads of full tiles, programs resident per SM, the
+    split reduction's blocks, and key_major: stage 1 computed transposed (keys as the MMA's rows,
+    kernels/mla_decode_keymajor.py; value_splits must then be 1)."""
 
     block_h: int = 64
     block_n: int = 64
@@ -33,6 +34,7 @@ class DecodeTuning:
     ctas_per_sm: int = 1
     reduce_h: int = 0   # split reduction's heads / value columns per program (0: reduce_blocks picks)
     reduce_c: int = 0
+    key_major: bool = False
 
 
 MAX_SPLITS = 256      # pick_splits' largest K

@@ -1,4 +1,4 @@
-"""The nvlink comm's Triton kernels compile for Hopper (sm_90) on a CPU-only machine.
+"""The nvlink comm's and other Triton kernels compile for Hopper (sm_90) on a CPU-only machine.
 
 The interpreter runs the data kernels' logic on the CPU (tests/test_nvlink_kernels.py) but checks no
 types, and the synchronising kernels (atomics with memory scopes, %globaltimer) cannot run there at all.
@@ -53,7 +53,7 @@ def _cases() -> list:
               for c in (True, False)]
     cases += [("count_layout", sy._layout_kernel, dict(cnt_ptr="*i64", counts_ptr="*i64", base_ptr="*i64",
                                                        m_addr="i64"), dict(WB=2, PLB=128, STORE_M=True))]
-    return cases + _rows_cases() + _fused_moe_cases() + _fp8_cases()
+    return cases + _rows_cases() + _fused_moe_cases() + _fp8_cases() + _mla_cases()
 
 
 def _rows_cases() -> list:
@@ -123,6 +123,19 @@ def _fp8_cases() -> list:
                          SCATTER_C=False, SWIGLU=True, MUL_WEIGHT=False, QUANT_OUT=False, BLOCK_TABLE=True,
                          MERGED=True, BLOCK_M=64)))
     return out
+
+
+def _mla_cases() -> list:
+    """The key-major MLA decode stage 1: TMA tiles of a paged cache (V3 dims) and plain loads."""
+    from nanomoe_kernels import mla_decode_keymajor as m
+
+    types = dict(q_ptr="*bf16", kv_ptr="*bf16", bt_ptr="*i32", len_ptr="*i32", o_ptr="*fp32", lse_ptr="*fp32",
+                 scale_log2="fp32", lat_desc="tensordesc<bf16[64, 256]>", pe_desc="tensordesc<bf16[64, 64]>")
+    dims = dict(C=512, DR=64, PAGE=64, PAGED=True, PAGE_TILE=True, FINAL=False, BLOCK_N=64, BLOCK_V=256, BLOCK_R=64)
+    plain = {k: v for k, v in types.items() if not k.endswith("_desc")}
+    return [("mla_decode_km[tma]", m._mla_decode_partial_km, types, dict(dims, TMA=True, BLOCK_H=32)),
+            ("mla_decode_km[plain]", m._mla_decode_partial_km, plain,
+             dict(dims, TMA=False, BLOCK_H=16, lat_desc=None, pe_desc=None))]
 
 
 def compile_all() -> list[str]:

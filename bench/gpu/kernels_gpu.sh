@@ -8,8 +8,8 @@
 #   STAGES="ranking" bash bench/gpu/kernels_gpu.sh                   (the loop < bmm < triton grid)
 #
 # Env: STAGES (any of: tests tune ffn mla ranking), TOTAL (seconds, 560), TUNE_TOKENS (tuner sizes,
-# "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS (extra bench flags), TESTS (the
-# GPU test files). With two GPUs, GPU 1 runs the tests and then the ranking while GPU 0 tunes and times.
+# "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS (extra bench flags), MLA_LIMIT (the
+# mla step's seconds, 150), TESTS (the GPU test files). With two GPUs, GPU 1 runs the tests and then the ranking while GPU 0 tunes and times.
 # $OUT gets results.tgz (results/: expert_ffn_h200.json, mla_h200.json, ranking_h200.json, tune_*.json,
 # tuned.tar; logs/) and summary.txt.
 set -uo pipefail
@@ -57,7 +57,7 @@ fi
 has ffn && step ffn 200 python3 bench/bench_expert_ffn.py --quick --seed-shape \
   --variants triton,triton+align,deepgemm,deepgemm_glue,sglang,bmm,bmm_padded,loop ${FFN_FLAGS:-} --json "$RES/expert_ffn_h200.json"
 # shellcheck disable=SC2086
-has mla && step mla 150 python3 bench/bench_mla.py --small-batch ${MLA_FLAGS:-} --json "$RES/mla_h200.json"
+has mla && step mla "${MLA_LIMIT:-150}" python3 bench/bench_mla.py --small-batch ${MLA_FLAGS:-} --json "$RES/mla_h200.json"
 has ranking && run_ranking
 [ -n "${gpu1_pid:-}" ] && wait "$gpu1_pid"
 for f in ffn mla ranking; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done

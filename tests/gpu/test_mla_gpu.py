@@ -20,7 +20,14 @@ from nanomoe_fn.attention.params import init_mla_params
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 BF16_TOL = 2e-2
 TUNINGS = [None, dict(block_h=64, block_n=64, num_warps=8), dict(block_h=16, block_n=64, num_warps=8),
-           dict(block_h=128, block_n=32, value_splits=2, tma=True), dict(block_h=64, block_n=32, tma=True)]
+           dict(block_h=128, block_n=32, value_splits=2, tma=True), dict(block_h=64, block_n=32, tma=True),
+           dict(block_h=32, block_n=64, num_warps=4, tma=True, key_major=True),
+           dict(block_h=16, block_n=64, num_warps=4, num_stages=3, key_major=True)]
+# key-major tunings whose tiles (128 rows) or programs (64 heads) the TUNINGS shape does not exercise
+WIDE_KEY_MAJOR = [dict(block_h=32, block_n=128, num_warps=8, num_stages=1, tma=True, key_major=True),
+                  dict(block_h=16, block_n=128, num_warps=8, num_stages=1, tma=True, key_major=True),
+                  dict(block_h=64, block_n=64, num_warps=8, num_stages=2, tma=True, key_major=True),
+                  dict(block_h=32, block_n=64, num_warps=4, num_stages=1, tma=True, ctas_per_sm=2, key_major=True)]
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
@@ -67,6 +74,25 @@ def test_decode_bf16(heads, paged, tuning):
         else:
             out = mla_decode(q, kv, ctx, C, scale, num_splits=splits, tuning=tuning)
         assert rel_err(out, want) < BF16_TOL
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("tuning", WIDE_KEY_MAJOR)
+def test_decode_bf16_key_major_wide(heads, paged, tuning):
+    """Capacity 4096 (a multiple of 128-row tiles): full TMA tiles, ragged tails, a length-0 row."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+
+    g = torch.Generator(device="cuda").manual_seed(heads + 1)
+    B, L, C, DR = 4, 4096, 512, 64
+    kv = torch.randn(B, L, C + DR, device="cuda", generator=g).bfloat16()
+    q = torch.randn(B, heads, C + DR, device="cuda", generator=g).bfloat16()
+    ctx = torch.tensor([0, 130, 1000, 4096], dtype=torch.int32, device="cuda")
+    want = latent_decode_f64(q, kv, ctx, C, 0.1352)
+    pages, table = paged_copy(kv, 128, g) if paged else (kv, None)
+    for splits in (None, 1, 7):
+        out = mla_decode(q, pages, ctx, C, 0.1352, block_table=table, num_splits=splits, tuning=DecodeTuning(**tuning))
+        assert rel_err(out[1:], want[1:]) < BF16_TOL and (out[0] == 0).all()
 
 
 @pytest.mark.parametrize("heads", [16, 128])
