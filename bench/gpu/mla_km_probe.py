@@ -28,8 +28,8 @@ sys.path.insert(0, ROOT)
 VT_OLD = "        k_pe = tl.load(k_row + C + offs_r[None, :], mask=row_ok & (offs_r[None, :] < DR), other=0.0)\n"
 VT_NEW = VT_OLD + """        k_col = kv_ptr + base[None, :]
         v0 = tl.load(k_col + offs_v[:, None], mask=row_ok.reshape(1, BLOCK_N) & (offs_v[:, None] < C), other=0.0)
-        v1 = tl.load(k_col + BLOCK_V + offs_v[:, None], mask=row_ok.reshape(1, BLOCK_N) & (BLOCK_V + offs_v[:, None] < C),
-                     other=0.0)
+        v1 = tl.load(k_col + BLOCK_V + offs_v[:, None],
+                     mask=row_ok.reshape(1, BLOCK_N) & (BLOCK_V + offs_v[:, None] < C), other=0.0)
 """
 
 
@@ -44,8 +44,8 @@ def variant_module(name: str):
     src = src.replace(VT_OLD, VT_NEW)
     src = src.replace("    if TMA and not MASKED:\n", "    v0 = tl.zeros([BLOCK_V, BLOCK_N], tl.float32)\n"
                       "    v1 = v0\n    if TMA and not MASKED:\n", 1)
-    src = src.replace("        k_pe = pe_desc.load([row0, 0])\n",
-                      "        k_pe = pe_desc.load([row0, 0])\n        v0 = tl.trans(k0)\n        v1 = tl.trans(k1)\n", 1)
+    src = src.replace("        k_pe = pe_desc.load([row0, 0])\n", "        k_pe = pe_desc.load([row0, 0])\n"
+                      "        v0 = tl.trans(k0)\n        v1 = tl.trans(k1)\n", 1)
     src = src.replace("acc0 = tl.dot(tl.trans(k0), p,", "acc0 = tl.dot(v0.to(k0.dtype), p,")
     src = src.replace("acc1 = tl.dot(tl.trans(k1), p,", "acc1 = tl.dot(v1.to(k1.dtype), p,")
     path = os.path.join(tempfile.mkdtemp(), "km_vt_load.py")
