@@ -64,11 +64,14 @@ SPLITS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
 # key-major stage 1 (kernels/mla_decode_keymajor.py): 32-head programs for 128 heads (a 64-head one spills);
 # TMA needs num_stages >= 2 there (one stage hit illegal addresses on Triton 3.6: bench/gpu/mla_km_probe.py)
 KM = dict(value_splits=1, key_major=True)
-KEY_MAJOR_TUNINGS = {128: [DT(32, 64, num_warps=4, num_stages=2, tma=True, **KM), DT(32, 64, 1, 4, 2, **KM),
+KEY_MAJOR_TUNINGS = {128: [DT(32, 64, num_warps=4, num_stages=2, tma=True, **KM),
+                           DT(32, 64, num_warps=4, num_stages=2, **KM),
                            DT(64, 64, num_warps=8, num_stages=2, tma=True, **KM),
                            DT(32, 64, num_warps=8, num_stages=2, tma=True, **KM)],
-                     16: [DT(16, 64, num_warps=4, num_stages=2, tma=True, **KM), DT(16, 64, 1, 4, 2, **KM),
-                          DT(16, 32, 1, 4, 3, ctas_per_sm=2, **KM), DT(16, 64, 1, 8, 2, tma=True, **KM)]}
+                     16: [DT(16, 64, num_warps=4, num_stages=2, tma=True, **KM),
+                          DT(16, 64, num_warps=4, num_stages=2, **KM),
+                          DT(16, 32, num_warps=4, num_stages=3, ctas_per_sm=2, **KM),
+                          DT(16, 64, num_warps=8, num_stages=2, tma=True, **KM)]}
 SMALL_SPLITS = [4, 8, 16, 32, 48, 64, 96, 128, 192, 256]   # few rows want many splits
 SMALL_SHAPES = [(h, b, c) for h in (128, 16) for b in (1, 4) for c in (4096, 16384)]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # CPU smoke runs of the triton paths

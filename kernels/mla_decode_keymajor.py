@@ -108,18 +108,17 @@ def _mla_decode_partial_km(
     l_i = tl.full([BLOCK_H], 0.0, tl.float32)
     acc0 = tl.full([BLOCK_V, BLOCK_H], 0.0, tl.float32)
     acc1 = tl.full([BLOCK_V, BLOCK_H], 0.0, tl.float32)
-    if TMA:  # the row's ragged last tile by masked loads first, then the full tiles by TMA
-        # (tiles commute in the online softmax; after the pipelined TMA loop, Triton 3.6 computed a
-        # register-staged tile wrong on the H200: bench/gpu/mla_km_probe.py)
-        if end_full < end:
-            acc0, acc1, m_i, l_i = _tile_km(acc0, acc1, m_i, l_i, q0, q1, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr,
-                                            seq, end_full, end, stride_kv0, stride_kv1, stride_bt, max_len,
-                                            scale_log2, C, DR, PAGE, PAGED, PAGE_TILE, True, True, BLOCK_N, BLOCK_V,
-                                            BLOCK_R)
+    if TMA:  # full tiles by TMA, then the row's ragged last tile by masked loads
         for n0 in range(start, end_full, BLOCK_N):
             acc0, acc1, m_i, l_i = _tile_km(acc0, acc1, m_i, l_i, q0, q1, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr,
                                             seq, n0, end, stride_kv0, stride_kv1, stride_bt, max_len, scale_log2,
                                             C, DR, PAGE, PAGED, PAGE_TILE, True, False, BLOCK_N, BLOCK_V, BLOCK_R)
+        # a loop of at most one tile, so it is pipelined like the plain path (loads straight into shared
+        # memory): the same tile staged in registers came out wrong on Triton 3.6 (bench/gpu/mla_km_probe.py)
+        for n0 in range(end_full, end, BLOCK_N):
+            acc0, acc1, m_i, l_i = _tile_km(acc0, acc1, m_i, l_i, q0, q1, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr,
+                                            seq, n0, end, stride_kv0, stride_kv1, stride_bt, max_len, scale_log2,
+                                            C, DR, PAGE, PAGED, PAGE_TILE, True, True, BLOCK_N, BLOCK_V, BLOCK_R)
     else:
         for n0 in range(start, end, BLOCK_N):
             acc0, acc1, m_i, l_i = _tile_km(acc0, acc1, m_i, l_i, q0, q1, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr,
