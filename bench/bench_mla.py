@@ -221,10 +221,11 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
             rows.append({"case": case, "variant": "sglang", "peer_skipped": f"{type(e).__name__}: {str(e)[:200]}"})
     tun = default_tuning(heads, batch)
     dev_t = torch.device(dev)
-    k_def = default_splits(batch, heads, ctx, tun, dev_t)
+    k_def = default_splits(batch, heads, ctx, tun, dev_t, paged=True)
     cfg_info = {"tuning": tun.__dict__, "splits": k_def}
     add("triton", graph_us(lambda: mla_decode(q, pages, lens, C, scale, block_table=table), rep), config=cfg_info)
-    add("triton_contiguous", graph_us(lambda: mla_decode(q, kv, lens, C, scale), rep), config=cfg_info)
+    add("triton_contiguous", graph_us(lambda: mla_decode(q, kv, lens, C, scale), rep),
+        config={"tuning": tun.__dict__, "splits": default_splits(batch, heads, ctx, tun, dev_t)})
     if not ((args.tune and anchor) or small):
         return rows
     pool = KEY_MAJOR_TUNINGS[heads] if args.candidates == "key_major" else (
@@ -241,7 +242,7 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
             print(f"tuning {cand} rejected: {err}", flush=True)
             sweep.append({"case": case, "tuning": cand.__dict__, "rejected": str(err)})
             continue
-        for k in sorted({default_splits(batch, heads, ctx, cand, dev_t), *splits}):
+        for k in sorted({default_splits(batch, heads, ctx, cand, dev_t, paged=True), *splits}):
             if k > 1 and k * 2 * cand.block_n > ctx:
                 continue
             t = graph_us(lambda k=k, cand=cand: mla_decode(q, pages, lens, C, scale, block_table=table,

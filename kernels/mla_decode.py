@@ -252,7 +252,7 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     head_programs = triton.cdiv(heads, t.block_h) * t.value_splits
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
-    k = num_splits or default_splits(rows, heads, max_len, t, q.device, kv_lora_rank, dc * q.element_size())
+    k = num_splits or default_splits(rows, heads, max_len, t, q.device, kv_lora_rank, dc * q.element_size(), paged)
     out = torch.empty(rows, heads, kv_lora_rank, dtype=q.dtype, device=q.device)
     if k == 1:
         o_part, lse = out.unsqueeze(2), out  # lse unused when FINAL

@@ -21,8 +21,9 @@ except ImportError:  # older Triton: no host-side TMA descriptors; tuning.tma th
 @dataclass(frozen=True)
 class DecodeTuning:
     """Heads per program (BH), rows per tile (BN), value slices (2: each program owns C/2 value columns
-    and still scores all Dc), warps, stages, TMA loads of full tiles, programs resident per SM, the
-    split reduction's blocks, and key_major: stage 1 computed transposed (keys as the MMA's rows,
+    and still scores all Dc), warps, stages, TMA loads of full tiles, programs per SM the split count
+    assumes (ctas_per_sm; paged_ctas_per_sm for a paged cache, 0: the same), the split reduction's
+    blocks, and key_major: stage 1 computed transposed (keys as the MMA's rows,
     kernels/mla_decode_keymajor.py; value_splits must then be 1)."""
 
     block_h: int = 64
@@ -35,6 +36,7 @@ class DecodeTuning:
     reduce_h: int = 0   # split reduction's heads / value columns per program (0: reduce_blocks picks)
     reduce_c: int = 0
     key_major: bool = False
+    paged_ctas_per_sm: int = 0
 
 
 MAX_SPLITS = 256      # pick_splits' largest K
@@ -48,8 +50,10 @@ def default_tuning(num_heads: int, rows: int | None = None) -> DecodeTuning:
     small programs per SM; 128 heads are compute-bound and want 128-head programs over value halves
     with TMA tile loads, except for few rows (<= SMALL_ROWS query rows), where 64-head, 4-warp programs
     over 64-row tiles ran 7-25% faster (B = 1-16). mla_decode falls back to plain loads where TMA cannot."""
-    if num_heads <= 16:
-        return DecodeTuning(block_h=16, block_n=32, value_splits=1, num_warps=4, num_stages=3, ctas_per_sm=2)
+    if num_heads <= 16:   # paged: a page id before each tile; twice the programs keep HBM busy (B=32-128:
+        # the K that fills 4 programs per SM was the best of the sweep on every paged shape, 0.74 -> 0.96)
+        return DecodeTuning(block_h=16, block_n=32, value_splits=1, num_warps=4, num_stages=3, ctas_per_sm=2,
+                            paged_ctas_per_sm=4)
     if rows is not None and rows <= SMALL_ROWS:
         return DecodeTuning(block_h=64, block_n=64, value_splits=2, num_warps=4, num_stages=2, tma=True)
     return DecodeTuning(block_h=128, block_n=32, value_splits=2, num_warps=8, num_stages=2, tma=True)
@@ -84,11 +88,12 @@ def device_sms(device: torch.device) -> int:
 
 
 def default_splits(rows: int, heads: int, max_len: int, tuning: DecodeTuning, device: torch.device,
-                   latent: int = 512, row_bytes: int = 1152) -> int:
-    """pick_splits for this tuning on this device; latent (C) and row_bytes (one cache row) price the
-    float32 partials: one split's are rows * heads * C * 8 bytes (written, then read), and the machine
-    moves slots tiles of block_n rows in one tile time."""
-    slots = device_sms(device) * tuning.ctas_per_sm
+                   latent: int = 512, row_bytes: int = 1152, paged: bool = False) -> int:
+    """pick_splits for this tuning on this device and cache kind; latent (C) and row_bytes (one cache row)
+    price the float32 partials: one split's are rows * heads * C * 8 bytes (written, then read), and the
+    machine moves slots tiles of block_n rows in one tile time."""
+    per_sm = (tuning.paged_ctas_per_sm if paged else 0) or tuning.ctas_per_sm
+    slots = device_sms(device) * per_sm
     head_programs = triton.cdiv(heads, tuning.block_h) * tuning.value_splits
     partial = rows * heads * latent * 8 / (slots * tuning.block_n * row_bytes)
     return pick_splits(rows, head_programs, max_len, slots, tuning.block_n, partial)

@@ -129,8 +129,24 @@ def test_pick_splits():
         assert pick_splits(rows, 1, max_len, 264, 32, part(rows, 16, 32, 264)) == want
     for rows, max_len, want in [(1, 16384, 32), (1, 4096, 32), (4, 16384, 8), (4, 4096, 8)]:     # 128 heads
         assert pick_splits(rows, 4, max_len, 132, 64, part(rows, 128, 64, 132)) == want
+    for rows, max_len, want in [(32, 16384, 16), (64, 32768, 8), (128, 16384, 4), (4, 16384, 128)]:  # paged 16
+        assert pick_splits(rows, 1, max_len, 528, 32, part(rows, 16, 32, 528)) == want
     assert pick_splits(1, 1, 256, 264, 32) == 4                    # >= 2 tiles of the capacity a split
     assert pick_splits(1, 1, 16384, 132, 32, partial_tiles=1e3) == 1   # partials dearer than the cache
+
+
+def test_default_splits_paged_residency():
+    """The 16-head default assumes 4 programs per SM for a paged cache and 2 for a contiguous one (on the CPU,
+    device_sms is 4): default_splits is pick_splits with those slots."""
+    t = _decode.default_tuning(16, 4)
+    assert (t.ctas_per_sm, t.paged_ctas_per_sm) == (2, 4)
+    cpu = torch.device("cpu")
+    got = {}
+    for paged, slots in ((False, 8), (True, 16)):
+        part = 4 * 16 * 512 * 8 / (slots * 32 * 1152)
+        got[paged] = _decode.default_splits(4, 16, 1024, t, cpu, paged=paged)
+        assert got[paged] == pick_splits(4, 1, 1024, slots, 32, part)
+    assert got[True] > got[False]
 
 
 def test_reduce_blocks():

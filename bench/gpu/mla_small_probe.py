@@ -1,0 +1,130 @@
+"""Few-row and paged MLA decode on one GPU: tunings A/B in interleaved rounds, and where a call's time goes.
+
+    python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5]
+
+For each shape (heads, rows, context; paged cache of 64-row pages unless marked contiguous) every variant
+(a tuning and split count, or the library default) is checked against the default's output, then timed as
+one CUDA-graph replay (L2 flushed before each, median of do_bench) in `rounds` interleaved rounds, so
+a drift of the clocks hits every variant alike. The JSON keeps each round's figure and the median of
+medians. Then each shape's default call is replayed under torch.profiler: the GPU time of each kernel
+(stage 1, the split reduction) and the replay's span between the first kernel's start and the last one's end;
+first of all, a graph of two one-element kernels, timed the same way, for what the timing itself costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import triton.testing
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode  # noqa: E402
+
+C, DC, PAGE, SCALE = 512, 576, 64, 0.1352
+KM_PLAIN = DecodeTuning(16, 64, 1, 4, 2, key_major=True)
+KM_TMA = DecodeTuning(16, 64, 1, 4, 2, tma=True, key_major=True)
+SHAPES = [  # (heads, rows, context, paged) -> variants: name -> (tuning or None, splits or None)
+    ((16, 1, 16384, True), {"default": (None, None), "km_plain": (KM_PLAIN, 128), "km_tma": (KM_TMA, 128)}),
+    ((16, 1, 4096, True), {"default": (None, None), "km_plain": (KM_PLAIN, 32), "km_tma": (KM_TMA, 32)}),
+    ((16, 4, 4096, True), {"default": (None, None), "km_plain": (KM_PLAIN, 32), "km_tma": (KM_TMA, 32)}),
+    ((16, 4, 16384, True), {"default": (None, None), "km_plain": (KM_PLAIN, 32)}),
+    ((16, 128, 16384, True), {"default": (None, None), "old_k2": (None, 2)}),
+    ((16, 32, 16384, True), {"default": (None, None), "old_k8": (None, 8)}),
+    ((16, 128, 16384, False), {"default": (None, None), "k4": (None, 4)}),
+    ((128, 1, 16384, True), {"default": (None, None)}),
+]
+
+
+def make(heads: int, rows: int, ctx: int, paged: bool):
+    g = torch.Generator(device="cuda").manual_seed(heads * 1000 + rows)
+    kv = torch.randn(rows, ctx, DC, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(rows, heads, DC, device="cuda", dtype=torch.bfloat16, generator=g)
+    lens = torch.full((rows,), ctx, dtype=torch.int32, device="cuda")
+    if not paged:
+        return q, kv, lens, None
+    m = ctx // PAGE
+    perm = torch.randperm(rows * m, device="cuda", generator=g)
+    pages = torch.empty(rows * m, PAGE, DC, device="cuda", dtype=torch.bfloat16)
+    pages[perm] = kv.reshape(rows * m, PAGE, DC)
+    return q, pages, lens, perm.reshape(rows, m).int()
+
+
+def graph_of(fn):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def kernel_times(graph, reps: int = 20) -> dict:
+    """Mean GPU us per replay of each kernel, and of the span first start -> last end, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+            torch.cuda.synchronize()
+    events = [e for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+    events.sort(key=lambda e: e.time_range.start)
+    per: dict = {}
+    for e in events:
+        per.setdefault(e.name[:60], []).append(e.time_range.elapsed_us())
+    out = {k: round(sum(v) / reps, 2) for k, v in per.items()}
+    n = len(events) // reps if reps else 0
+    if n:
+        spans = [events[i * n + n - 1].time_range.end - events[i * n].time_range.start for i in range(reps)]
+        out["span_first_start_to_last_end"] = round(statistics.median(spans), 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="mla_small_probe.json")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rep-ms", type=int, default=20)
+    args = ap.parse_args()
+    x = torch.zeros(1, device="cuda")
+    floor = graph_of(lambda: x.add_(1).mul_(1))     # two one-element kernels: what any 2-kernel replay costs
+    floor_us = triton.testing.do_bench(floor.replay, warmup=5, rep=args.rep_ms, return_mode="median") * 1e3
+    print(f"two-kernel graph replay: {floor_us:.2f} us", flush=True)
+    results = [{"two_kernel_graph_us": round(floor_us, 2)}]
+    for (heads, rows, ctx, paged), variants in SHAPES:
+        q, kv, lens, table = make(heads, rows, ctx, paged)
+        want = mla_decode(q, kv, lens, C, SCALE, block_table=table)
+        graphs, rec = {}, {"heads": heads, "rows": rows, "context": ctx, "paged": paged, "variants": {}}
+        for name, (tuning, splits) in variants.items():
+            def fn(tuning=tuning, splits=splits, q=q, kv=kv, lens=lens, table=table):
+                return mla_decode(q, kv, lens, C, SCALE, block_table=table, num_splits=splits, tuning=tuning)
+            err = float((fn().double() - want.double()).norm() / want.double().norm())
+            graphs[name] = graph_of(fn)
+            rec["variants"][name] = {"rel_err_vs_default": round(err, 5), "us": []}
+        for _ in range(args.rounds):
+            for name, graph in graphs.items():
+                us = triton.testing.do_bench(graph.replay, warmup=5, rep=args.rep_ms, return_mode="median") * 1e3
+                rec["variants"][name]["us"].append(round(us, 2))
+        for v in rec["variants"].values():
+            v["median_us"] = round(statistics.median(v["us"]), 2)
+        rec["kernels"] = {name: kernel_times(graphs[name]) for name in ("default", "km_plain") if name in graphs}
+        results.append(rec)
+        print(json.dumps(rec), flush=True)
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rounds": args.rounds, "shapes": results}, f, indent=1)
+        del graphs
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
