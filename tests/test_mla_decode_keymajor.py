@@ -107,3 +107,20 @@ def test_key_major_refuses_value_splits():
 
 def test_block_v():
     assert [_km.block_v(c) for c in (512, 448, 40, 16, 8)] == [256, 256, 32, 16, 16]
+
+
+def test_single_row_16_head_default_is_key_major():
+    """One query row with <= 16 heads runs key-major 64-row tiles by default (split counts as measured:
+    K = 32 at 4k and 128 at 16k on 132 SMs); a paged and a contiguous cache, ragged and empty rows."""
+    t = _decode.default_tuning(16, 1)
+    assert t.key_major and t.block_n == 64 and not _decode.default_tuning(16, 2).key_major
+    for max_len, want in ((4096, 32), (16384, 128)):
+        part = 16 * 512 * 8 / (132 * 64 * 1152)
+        assert _decode.pick_splits(1, 1, max_len, 132, 64, part) == want
+    for page, ctx in ((0, [200]), (64, [256]), (32, [0]), (0, [63])):
+        out, want, _ = run_case(torch.float32, B=1, S=1, N=16, C=32, DR=16, L=256, ctx=ctx, splits=None,
+                                tuning=t, page=page, seed=page)
+        if ctx[0]:
+            assert rel(out, want) < TOL[torch.float32]
+        else:
+            assert (out == 0).all()
