@@ -24,9 +24,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -34,7 +32,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanomoe_kernels.mla_decode import (  # noqa: E402
-    DecodeTuning,
     default_splits,
     default_tuning,
     mla_decode,
@@ -43,84 +40,30 @@ from nanomoe_kernels.mla_decode import (  # noqa: E402
 from nanomoe_kernels.mla_prefill import mla_prefill  # noqa: E402
 
 from bench.common import device_name, versions  # noqa: E402
+from bench.mla_cases import (  # noqa: E402
+    ANCHORS,
+    DC,
+    DECODE_TUNINGS,
+    DN,
+    DR,
+    DV,
+    KEY_MAJOR_TUNINGS,
+    PAGE,
+    PREFILL_TILES,
+    SMALL_SHAPES,
+    SMALL_SPLITS,
+    SMALL_TUNINGS,
+    SPLITS,
+    C,
+    bench_us,
+    ceilings,
+    graph_us,
+)
 from nanomoe_fn.attention.backends import torch_decode, torch_prefill  # noqa: E402
 from nanomoe_fn.attention.cache import ContiguousCache  # noqa: E402
 from nanomoe_fn.attention.config import MLAConfig  # noqa: E402
 
-C, DR, DC, DN, DV, PAGE = 512, 64, 576, 128, 128, 64
-# (heads, batch, context) -> (SGLang Triton MLA decode us, plain torch us), from ../shared/ANCHORS.md
-ANCHORS = {(128, 32, 16384): (2069, 946), (128, 128, 4096): (2400, 984), (128, 64, 32768): (8673, 3729),
-           (16, 32, 16384): (333, 379), (16, 128, 16384): (1255, 1415), (16, 64, 32768): (1247, 1418)}
-DT = DecodeTuning
-DECODE_TUNINGS = {128: [DT(128, 32, 2, 8, 2), DT(128, 32, 2, 8, 2, tma=True), DT(128, 32, 2, 8, 3),
-                        DT(128, 32, 2, 8, 3, tma=True), DT(64, 64, 1, 8, 2)],
-                  16: [DT(16, 32, 1, 4, 3, ctas_per_sm=2), DT(16, 32, 1, 4, 4, ctas_per_sm=2),
-                       DT(16, 64, 1, 8, 2, ctas_per_sm=2), DT(16, 128, 1, 8, 2),
-                       DT(64, 32, 1, 8, 2, tma=True)]}
-PREFILL_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]   # first = the default
-SMALL_TUNINGS = {128: [DT(64, 64, 2, 4, 2, tma=True), DT(64, 32, 2, 4, 2, tma=True)],
-                 16: [DT(16, 64, 1, 4, 2, ctas_per_sm=2), DT(16, 32, 2, 4, 3, ctas_per_sm=2)]}
-SPLITS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
-# key-major stage 1 (kernels/mla_decode_keymajor.py): 32-head programs for 128 heads (a 64-head one spills);
-# TMA needs num_stages >= 2 there (one stage hit illegal addresses on Triton 3.6: bench/gpu/mla_km_probe.py)
-KM = dict(value_splits=1, key_major=True)
-KEY_MAJOR_TUNINGS = {128: [DT(32, 64, num_warps=4, num_stages=2, tma=True, **KM),
-                           DT(32, 64, num_warps=4, num_stages=2, **KM),
-                           DT(64, 64, num_warps=8, num_stages=2, tma=True, **KM),
-                           DT(32, 64, num_warps=8, num_stages=2, tma=True, **KM)],
-                     16: [DT(16, 64, num_warps=4, num_stages=2, tma=True, **KM),
-                          DT(16, 64, num_warps=4, num_stages=2, **KM),
-                          DT(16, 32, num_warps=4, num_stages=3, ctas_per_sm=2, **KM),
-                          DT(16, 64, num_warps=8, num_stages=2, tma=True, **KM)]}
-SMALL_SPLITS = [4, 8, 16, 32, 48, 64, 96, 128, 192, 256]   # few rows want many splits
-SMALL_SHAPES = [(h, b, c) for h in (128, 16) for b in (1, 4) for c in (4096, 16384)]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # CPU smoke runs of the triton paths
-
-
-def bench_us(fn: Callable[[], object], rep_ms: int) -> float:
-    """Median microseconds of fn: CUDA events via do_bench (L2 flushed before each call), else wall clock."""
-    if torch.cuda.is_available():
-        import triton.testing
-        ms = triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
-        return ms * 1e3
-    fn()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
-def graph_us(fn: Callable[[], object], rep_ms: int) -> float:
-    """Median microseconds of one CUDA-graph replay of fn (decode is launched from graphs in serving;
-    this keeps Python launch overhead out of small shapes). Plain timing off the GPU."""
-    if not torch.cuda.is_available():
-        return bench_us(fn, rep_ms)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()                                     # compile and warm up off the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    us = bench_us(graph.replay, rep_ms)
-    del graph
-    torch.cuda.empty_cache()
-    return us
-
-
-def ceilings(dev: str, rep_ms: int) -> dict:
-    """Copy bandwidth (bytes read + written) and dense bf16 matmul rate, measured now on random data."""
-    n, m = (1 << 30, 8192) if dev == "cuda" else (1 << 24, 1024)
-    src = torch.randn(n // 2, device=dev, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    t_copy = bench_us(lambda: dst.copy_(src), rep_ms)
-    a = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
-    t_mm = bench_us(lambda: a @ b, rep_ms)
-    return {"hbm_gbps": round(2 * n / t_copy / 1e3, 1), "bf16_tflops": round(2 * m ** 3 / t_mm / 1e6, 1)}
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:

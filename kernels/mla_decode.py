@@ -33,6 +33,7 @@ from nanomoe_kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the 
     reduce_blocks,
     tma_unsupported,
 )
+from nanomoe_kernels.mla_tile_rows import tile_offsets, tile_row0
 from nanomoe_kernels.reduce_ops import add as _add
 from nanomoe_kernels.reduce_ops import maximum as _maximum
 
@@ -54,24 +55,15 @@ def _tile(acc, m_i, l_i, q_a, q_b, q_pe, kv_ptr, lat_desc, pe_desc, bt_ptr, seq,
     offs_b = (1 - ha) * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_r = tl.arange(0, BLOCK_R)
     if TMA and not MASKED:
-        if PAGED:   # BN divides the page: the tile is rows n0 % G .. of one page
-            row0 = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + n0 // PAGE) * PAGE + n0 % PAGE
-        else:
-            row0 = seq * max_len + n0
+        row0 = tile_row0(bt_ptr, seq, n0, stride_bt, max_len, PAGE, PAGED)
         k_a = lat_desc.load([row0, ha * BLOCK_V])
         k_pe = pe_desc.load([row0, 0])
         if VSPLIT == 2:
             k_b = lat_desc.load([row0, (1 - ha) * BLOCK_V])
     else:
         mask_n = offs_n < end
-        if PAGE_TILE:   # BN divides G: the tile lies in one page (n0 < end <= capacity: a real entry)
-            page = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + n0 // PAGE)
-            base = page.to(tl.int64) * stride_kv0 + (n0 % PAGE + tl.arange(0, BLOCK_N)) * stride_kv1
-        elif PAGED:     # pages shorter than a tile: one page id per cache row
-            page = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + offs_n // PAGE, mask=mask_n, other=0)
-            base = page.to(tl.int64) * stride_kv0 + (offs_n % PAGE) * stride_kv1
-        else:
-            base = seq.to(tl.int64) * stride_kv0 + offs_n.to(tl.int64) * stride_kv1
+        base = tile_offsets(bt_ptr, seq, n0, offs_n, mask_n, stride_kv0, stride_kv1, stride_bt, PAGE, PAGED,
+                            PAGE_TILE, BLOCK_N)
         k_row = kv_ptr + base[:, None]
         row_ok = mask_n[:, None] if MASKED else offs_n[:, None] >= 0   # full tiles: every row valid
         k_a = tl.load(k_row + offs_a[None, :], mask=row_ok & (offs_a[None, :] < C), other=0.0)

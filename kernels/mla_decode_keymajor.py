@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from nanomoe_kernels.mla_tile_rows import tile_offsets, tile_row0
 from nanomoe_kernels.reduce_ops import add as _add
 from nanomoe_kernels.reduce_ops import maximum as _maximum
 
@@ -35,23 +36,14 @@ def _tile_km(acc0, acc1, m_i, l_i, q0, q1, q_pe, kv_ptr, lat_desc, pe_desc, bt_p
     offs_v = tl.arange(0, BLOCK_V)
     offs_r = tl.arange(0, BLOCK_R)
     if TMA and not MASKED:
-        if PAGED:   # BN divides the page: the tile is rows n0 % G .. of one page
-            row0 = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + n0 // PAGE) * PAGE + n0 % PAGE
-        else:
-            row0 = seq * max_len + n0
+        row0 = tile_row0(bt_ptr, seq, n0, stride_bt, max_len, PAGE, PAGED)
         k0 = lat_desc.load([row0, 0])
         k1 = lat_desc.load([row0, BLOCK_V])
         k_pe = pe_desc.load([row0, 0])
     else:
         mask_n = offs_n < end
-        if PAGE_TILE:   # the tile lies in one page (n0 < end <= capacity: a real entry)
-            page = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + n0 // PAGE)
-            base = page.to(tl.int64) * stride_kv0 + (n0 % PAGE + tl.arange(0, BLOCK_N)) * stride_kv1
-        elif PAGED:     # pages shorter than a tile: one page id per cache row
-            page = tl.load(bt_ptr + seq.to(tl.int64) * stride_bt + offs_n // PAGE, mask=mask_n, other=0)
-            base = page.to(tl.int64) * stride_kv0 + (offs_n % PAGE) * stride_kv1
-        else:
-            base = seq.to(tl.int64) * stride_kv0 + offs_n.to(tl.int64) * stride_kv1
+        base = tile_offsets(bt_ptr, seq, n0, offs_n, mask_n, stride_kv0, stride_kv1, stride_bt, PAGE, PAGED,
+                            PAGE_TILE, BLOCK_N)
         k_row = kv_ptr + base[:, None]
         row_ok = mask_n[:, None] if MASKED else offs_n[:, None] >= 0
         k0 = tl.load(k_row + offs_v[None, :], mask=row_ok & (offs_v[None, :] < C), other=0.0)

@@ -16,10 +16,11 @@ import importlib  # noqa: E402
 
 import nanomoe_kernels.mla_decode as _decode  # noqa: E402
 import nanomoe_kernels.mla_decode_keymajor as _km  # noqa: E402
+import nanomoe_kernels.mla_tile_rows as _rows  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not _decode.runs_interpreted():
-    importlib.reload(_km)      # decorated before the variable was set: decorate again, stage 1 first
-    importlib.reload(_decode)
+    for _mod in (_rows, _km, _decode):   # decorated before the variable was set: decorate again, callees first
+        importlib.reload(_mod)
 
 import nanomoe_reference.mla as ref  # noqa: E402
 import pytest  # noqa: E402
