@@ -33,7 +33,7 @@ from nanomoe_kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the 
     reduce_blocks,
     tma_unsupported,
 )
-from nanomoe_kernels.mla_tile_rows import tile_offsets, tile_row0
+from nanomoe_kernels.mla_tile_rows import split_range, tile_offsets, tile_row0
 from nanomoe_kernels.reduce_ops import add as _add
 from nanomoe_kernels.reduce_ops import maximum as _maximum
 
@@ -100,11 +100,7 @@ def _mla_decode_partial(
     hblk = pid0 // VSPLIT
     ha = pid0 % VSPLIT                                      # which value slice this program owns
     seq = row // S
-    ctx = tl.minimum(tl.load(len_ptr + row), max_len)      # never read past the cache
-    chunk = ((ctx + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, ctx)
-    end_full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    start, end, end_full = split_range(len_ptr, row, split, SPLITS, max_len, BLOCK_N)
 
     offs_h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_a = ha * BLOCK_V + tl.arange(0, BLOCK_V)

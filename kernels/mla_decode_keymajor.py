@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from nanomoe_kernels.mla_tile_rows import tile_offsets, tile_row0
+from nanomoe_kernels.mla_tile_rows import split_range, tile_offsets, tile_row0
 from nanomoe_kernels.reduce_ops import add as _add
 from nanomoe_kernels.reduce_ops import maximum as _maximum
 
@@ -80,11 +80,7 @@ def _mla_decode_partial_km(
     row = tl.program_id(1)
     split = tl.program_id(2)
     seq = row // S
-    ctx = tl.minimum(tl.load(len_ptr + row), max_len)      # never read past the cache
-    chunk = ((ctx + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, ctx)
-    end_full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    start, end, end_full = split_range(len_ptr, row, split, SPLITS, max_len, BLOCK_N)
 
     offs_h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_v = tl.arange(0, BLOCK_V)

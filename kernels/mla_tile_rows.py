@@ -34,3 +34,15 @@ def tile_offsets(bt_ptr, seq, n0, offs_n, mask_n, stride_kv0, stride_kv1, stride
     else:
         base = seq.to(tl.int64) * stride_kv0 + offs_n.to(tl.int64) * stride_kv1
     return base
+
+
+@triton.jit
+def split_range(len_ptr, row, split, SPLITS, max_len, BLOCK_N: tl.constexpr):
+    """Cache rows [start, end) of this split of the row's context (whole tiles of BN rows per split, the last
+    split ragged or empty) and end_full, where the row's ragged last tile starts. Lengths read on the device."""
+    ctx = tl.minimum(tl.load(len_ptr + row), max_len)      # never read past the cache
+    chunk = ((ctx + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, ctx)
+    end_full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    return start, end, end_full
