@@ -1,6 +1,6 @@
 """Few-row and paged MLA decode on one GPU: tunings A/B in interleaved rounds, and where a call's time goes.
 
-    python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5]
+    python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row]
 
 For each shape (heads, rows, context; paged cache of 64-row pages unless marked contiguous) every variant
 (a tuning and split count, or the library default) is checked against the default's output, then timed as
@@ -38,6 +38,16 @@ SHAPES = [  # (heads, rows, context, paged) -> variants: name -> (tuning or None
     ((16, 32, 16384, True), {"default": (None, None), "old_k8": (None, 8)}),
     ((16, 128, 16384, False), {"default": (None, None), "k4": (None, 4)}),
     ((128, 1, 16384, True), {"default": (None, None)}),
+]
+
+KM = dict(block_h=16, block_n=64, value_splits=1, num_warps=4, num_stages=2, key_major=True)
+ONE_ROW = [  # --one-row: split counts and reduction blocks around the 16-head one-row default
+    ((16, 1, 16384, True), {"default": (None, None), "k96": (None, 96), "k64": (None, 64),
+                            **{f"red{h}x{c}": (DecodeTuning(**KM, reduce_h=h, reduce_c=c), 128)
+                               for h, c in ((1, 64), (1, 128), (2, 64), (4, 128), (16, 32))}}),
+    ((16, 1, 4096, True), {"default": (None, None), "k16": (None, 16),
+                           **{f"red{h}x{c}": (DecodeTuning(**KM, reduce_h=h, reduce_c=c), 32)
+                              for h, c in ((1, 64), (2, 64), (4, 128))}}),
 ]
 
 
@@ -95,13 +105,14 @@ def main() -> None:
     ap.add_argument("--out", default="mla_small_probe.json")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rep-ms", type=int, default=20)
+    ap.add_argument("--one-row", action="store_true", help="the one-row split and reduction sweep instead")
     args = ap.parse_args()
     x = torch.zeros(1, device="cuda")
     floor = graph_of(lambda: x.add_(1).mul_(1))     # two one-element kernels: what any 2-kernel replay costs
     floor_us = triton.testing.do_bench(floor.replay, warmup=5, rep=args.rep_ms, return_mode="median") * 1e3
     print(f"two-kernel graph replay: {floor_us:.2f} us", flush=True)
     results = [{"two_kernel_graph_us": round(floor_us, 2)}]
-    for (heads, rows, ctx, paged), variants in SHAPES:
+    for (heads, rows, ctx, paged), variants in (ONE_ROW if args.one_row else SHAPES):
         q, kv, lens, table = make(heads, rows, ctx, paged)
         want = mla_decode(q, kv, lens, C, SCALE, block_table=table)
         graphs, rec = {}, {"heads": heads, "rows": rows, "context": ctx, "paged": paged, "variants": {}}
