@@ -57,19 +57,25 @@ def bench_us(fn: Callable[[], object], rep_ms: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one call of fn, after one warm-up call (compiles) on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_us(fn: Callable[[], object], rep_ms: int) -> float:
     """Median microseconds of one CUDA-graph replay of fn (decode is launched from graphs in serving;
     this keeps Python launch overhead out of small shapes). Plain timing off the GPU."""
     if not torch.cuda.is_available():
         return bench_us(fn, rep_ms)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()                                     # compile and warm up off the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture_graph(fn)
     us = bench_us(graph.replay, rep_ms)
     del graph
     torch.cuda.empty_cache()

@@ -10,10 +10,12 @@ columns and scores every tile twice (1.53x the counted FLOPs at V3 dims). Here t
 scores^T [BN, BH] = k . q^T, and acc^T [C, BH] += v^T . p^T, where v^T is the loaded tile seen
 transposed (a shared-memory view, no copy) and p^T goes through shared memory as the MMA's B operand.
 The C value rows of the accumulator spread over the warps (two halves of BV rows: a TMA box is at most
-256 wide), so one program of 64 heads holds all 512 value columns, scores each tile once, and the
-Hopper MMA (64 rows per warpgroup) runs on BN = 64 key rows at any head count (16 heads as well).
-Softmax statistics reduce over axis 0 (keys). Outputs, partials and lse match `_mla_decode_partial`, so
-the split reduction (`_mla_decode_reduce`) is shared.
+256 wide), so one program holds all 512 value columns of its heads, and the Hopper MMA (64 rows per
+warpgroup) runs on BN = 64 key rows at any head count (16 heads as well). Softmax statistics reduce over
+axis 0 (keys). Measured on the H200 (bench/results/mla_notes.md): Triton still puts every warp of the score
+dot along M (8 warps over 64 keys score twice) and 4-warp programs need 32 heads at 255 registers, so this
+is slower than the head-major kernel except for one query row with <= 16 heads, where it is the default.
+Outputs, partials and lse match `_mla_decode_partial`, so the split reduction (`_mla_decode_reduce`) is shared.
 """
 
 from __future__ import annotations

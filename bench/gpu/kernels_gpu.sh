@@ -8,8 +8,9 @@
 #   STAGES="ranking" bash bench/gpu/kernels_gpu.sh                   (the loop < bmm < triton grid)
 #
 # Env: STAGES (any of: tests tune ffn mla ranking), TOTAL (seconds, 560), TUNE_TOKENS (tuner sizes,
-# "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS (extra bench flags), MLA_LIMIT (the
-# mla step's seconds, 150), TESTS (the GPU test files). With two GPUs, GPU 1 runs the tests and then the ranking while GPU 0 tunes and times.
+# "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS (extra bench flags), MLA_LIMIT
+# (the mla step's seconds, 150), TESTS (the GPU test files). With two GPUs, GPU 1 runs the tests and then
+# the ranking while GPU 0 tunes and times.
 # $OUT gets results.tgz (results/: expert_ffn_h200.json, mla_h200.json, ranking_h200.json, tune_*.json,
 # tuned.tar; logs/) and summary.txt.
 set -uo pipefail

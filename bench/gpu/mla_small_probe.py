@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode  # noqa: E402
 
+from bench.mla_cases import capture_graph  # noqa: E402
+
 C, DC, PAGE, SCALE = 512, 576, 64, 0.1352
 KM_PLAIN = DecodeTuning(16, 64, 1, 4, 2, key_major=True)
 KM_TMA = DecodeTuning(16, 64, 1, 4, 2, tma=True, key_major=True)
@@ -65,18 +67,6 @@ def make(heads: int, rows: int, ctx: int, paged: bool):
     return q, pages, lens, perm.reshape(rows, m).int()
 
 
-def graph_of(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def kernel_times(graph, reps: int = 20) -> dict:
     """Mean GPU us per replay of each kernel, and of the span first start -> last end, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -108,7 +98,7 @@ def main() -> None:
     ap.add_argument("--one-row", action="store_true", help="the one-row split and reduction sweep instead")
     args = ap.parse_args()
     x = torch.zeros(1, device="cuda")
-    floor = graph_of(lambda: x.add_(1).mul_(1))     # two one-element kernels: what any 2-kernel replay costs
+    floor = capture_graph(lambda: x.add_(1).mul_(1))     # two one-element kernels: what any 2-kernel replay costs
     floor_us = triton.testing.do_bench(floor.replay, warmup=5, rep=args.rep_ms, return_mode="median") * 1e3
     print(f"two-kernel graph replay: {floor_us:.2f} us", flush=True)
     results = [{"two_kernel_graph_us": round(floor_us, 2)}]
@@ -120,7 +110,7 @@ def main() -> None:
             def fn(tuning=tuning, splits=splits, q=q, kv=kv, lens=lens, table=table):
                 return mla_decode(q, kv, lens, C, SCALE, block_table=table, num_splits=splits, tuning=tuning)
             err = float((fn().double() - want.double()).norm() / want.double().norm())
-            graphs[name] = graph_of(fn)
+            graphs[name] = capture_graph(fn)
             rec["variants"][name] = {"rel_err_vs_default": round(err, 5), "us": []}
         for _ in range(args.rounds):
             for name, graph in graphs.items():

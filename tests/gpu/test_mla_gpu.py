@@ -80,7 +80,8 @@ def test_decode_bf16(heads, paged, tuning):
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("tuning", WIDE_KEY_MAJOR)
 def test_decode_bf16_key_major_wide(heads, paged, tuning):
-    """Capacity 4096: full TMA tiles, ragged tails (first in a TMA split), a length-0 row; page 128."""
+    """Capacity 4096: full TMA tiles, ragged tails (a one-tile loop after the TMA loop), a length-0 row;
+    page 128."""
     from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
 
     g = torch.Generator(device="cuda").manual_seed(heads + 1)
