@@ -9,7 +9,9 @@ k experts per token, W ranks, P_local = E / W slots per rank.
 Cases: `headline` = DeepSeek-V3 decode (128 tokens/rank) and prefill (4096) at H 7168, top-8 of 256;
 `table` = the five rows of the public dispatch/combine table (ANCHORS.md); `default` = both; `quick`
 = small CPU cases. Routing is uniform random top-k. Variants (`--variants`): `torch` (decode cases: its
-decode mode, TorchComm(max_tokens=T), fixed blocks and no host read; prefill: exact splits), `torch_exact`
+decode mode, TorchComm(max_tokens=T), fixed blocks and no host read, its eager calls replaying CUDA graphs of
+their own, graphs=True; prefill: exact splits), `torch_nograph` (decode cases: the decode mode, graphs=False),
+`torch_exact`
 (exact splits at every size), `torch_fixed` (decode cases), `nvlink` (mode decode / prefill by phase),
 `deepep` (normal), `deepep_ll` (low latency, decode cases), `nvlink_fp8` / `deepep_ll_fp8` (those comms
 with FP8 dispatch: e4m3 rows plus their float32 scales per 128 channels; combine in bf16), the baseline
@@ -82,10 +84,11 @@ TABLE = [("decode", 8, 2, 6144, 16), ("decode", 64, 6, 2048, 32), ("decode", 128
 CASES = HEADLINE + TABLE
 QUICK = [("decode", 256, 8, 512, 32), ("prefill", 256, 8, 512, 512), ("decode", 64, 6, 256, 32)]
 CASE_SETS = {"default": CASES, "headline": HEADLINE, "table": TABLE, "quick": QUICK}
-COMMS = ["torch", "torch_exact", "torch_fixed", "nvlink", "deepep", "deepep_ll", "nvlink_fp8", "deepep_ll_fp8"]
+COMMS = ["torch", "torch_nograph", "torch_exact", "torch_fixed", "nvlink", "deepep", "deepep_ll", "nvlink_fp8",
+         "deepep_ll_fp8"]
 VARIANTS = [*COMMS, "nccl_a2a"]
 SYNC_FREE = ("torch_fixed", "deepep_ll", "deepep_ll_fp8")  # + nvlink(_fp8) in decode mode: CUDA-graph capturable
-DECODE_ONLY = ("torch_fixed", "deepep_ll", "deepep_ll_raw", "deepep_ll_fp8")
+DECODE_ONLY = ("torch_nograph", "torch_fixed", "deepep_ll", "deepep_ll_raw", "deepep_ll_fp8")
 FP8_VARIANTS = ("nvlink_fp8", "deepep_ll_fp8")  # dispatch e4m3 rows + scales (DeepSeek-V3's 1 x 128 groups)
 
 
@@ -98,9 +101,10 @@ def _routing(T: int, E: int, k: int, device: torch.device, seed: int) -> Routing
 def comm_spec(variant: str, case: tuple, dtype: torch.dtype, timeout_s: float) -> tuple[str, dict]:
     """(registry name, constructor options) of a comm variant for a case."""
     phase, E, k, H, T = case
-    if variant in ("torch", "torch_exact"):  # torch at decode: its decode mode (fixed blocks, no host read)
-        decode = variant == "torch" and phase == "decode"
-        return "torch", {"timeout_s": timeout_s, **({"max_tokens": T} if decode else {})}
+    if variant in ("torch", "torch_nograph", "torch_exact"):  # at decode: its decode mode (fixed blocks, no host read)
+        decode = variant != "torch_exact" and phase == "decode"
+        graphs = {"graphs": variant == "torch"}  # torch: the decode mode's own graphs (experimental)
+        return "torch", {"timeout_s": timeout_s, **({"max_tokens": T, **graphs} if decode else {})}
     if variant == "torch_fixed":
         return "torch_fixed", {"max_tokens": T, "timeout_s": timeout_s}
     sizes = {"max_tokens": T, "hidden": H, "top_k": k, "num_slots": E, "dtype": dtype, "timeout_s": timeout_s}

@@ -202,6 +202,9 @@ def test_torch_decode_mode_refuses_bad_sizes_by_name():
         for bad in (0, -3, 2.5, True):
             with pytest.raises(ValueError, match="max_tokens must be None or a positive int"):
                 TorchComm(max_tokens=bad)
+        for bad in (1, "yes", None):
+            with pytest.raises(ValueError, match="graphs must be True or False"):
+                TorchComm(max_tokens=2, graphs=bad)
         x = torch.randn(3, 16)
         routing = Routing(torch.tensor([[0, 1], [2, 3], [1, 2]], dtype=torch.int32), torch.full((3, 2), 0.5))
         with pytest.raises(ValueError, match=r"x has 3 tokens, more than this torch comm's max_tokens=2"):
@@ -212,10 +215,11 @@ def test_torch_decode_mode_refuses_bad_sizes_by_name():
             TorchComm(max_tokens=4096).dispatch_send(torch.zeros(2, 7168, dtype=torch.bfloat16),
                                                      Routing(torch.arange(16, dtype=torch.int32).view(2, 8),
                                                              torch.full((2, 8), 0.125)), Placement.identity(256, 1))
-        comm = TorchComm(max_tokens=5)  # one rank: the round is the identity on sum_k(w) * x
+        comm = TorchComm(max_tokens=5, graphs=True)  # one rank: the round is the identity on sum_k(w) * x
         batch, handle = dispatch(x, routing, comm, Placement.identity(4, 1))
         assert batch.layout == "masked" and tuple(batch.x.shape) == (4, 5, 16) and batch.counts.tolist() == [1, 2, 2, 1]
         assert torch.allclose(combine(batch, handle, comm), x, rtol=1e-6, atol=1e-6)
+        assert comm._graph_sets == {}  # CPU: the graphs (comm/torch_graphs.py) are never used
         comm.close()
     finally:
         dist.destroy_process_group()

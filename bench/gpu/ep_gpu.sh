@@ -8,7 +8,8 @@
 #   STAGES="tests dispatch" bash bench/gpu/ep_gpu.sh       # a first call ...
 #   STAGES="layer eplb" bash bench/gpu/ep_gpu.sh           # ... and a second one (each call <= 10 min)
 #
-# Env: STAGES (any of: tests profile dispatch layer eplb), TESTS (tests/gpu/ file stems to run), PROFILES,
+# Env: STAGES (any of: tests profile dispatch layer eplb), TESTS (tests/gpu/ file stems to run), PYTEST_K (their
+# -k), PROFILES, DISPATCH_REPEAT (runs of the headline dispatch bench, default 1), LAYER_EAGER=1 (no --cuda-graph),
 # DISPATCH_FLAGS (extra bench_dispatch flags, e.g. --barrier dist),
 # HOST_COSTS_FLAGS (extra flags of host_costs.py),
 # DISPATCH_VARIANTS (bench_dispatch --variants for the headline case; default: all), DISPATCH_TABLE=0 (skip
@@ -91,7 +92,8 @@ if has tests; then
   for t in ${TESTS:-test_torch_comm_gpu test_nvlink_gpu test_deepep_gpu test_layer_gpu}; do
     [ "$t" = test_deepep_gpu ] && wait_deepep
     if [ -f "tests/gpu/$t.py" ]; then
-      run_step "$t" 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs "tests/gpu/$t.py"
+      run_step "$t" 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs ${PYTEST_K:+-k "$PYTEST_K"} \
+        "tests/gpu/$t.py"
     else
       echo "SKIP   $t (tests/gpu/$t.py not in this tree)" | tee -a "$STATUS"
     fi
@@ -114,6 +116,10 @@ if has dispatch; then
   D="python3 bench/bench_dispatch.py --world-size 2 --backend nccl --iters $ITERS --timeout 60 ${DISPATCH_FLAGS:-}"
   run_step dispatch_headline 240 $D --cases headline ${DISPATCH_VARIANTS:+--variants $DISPATCH_VARIANTS} \
     --json "$RES/dispatch_headline_$TAG.json"
+  for r in $(seq 2 "${DISPATCH_REPEAT:-1}"); do  # the per-call rows move between runs: repeats in the same run
+    run_step "dispatch_headline_r$r" 240 $D --cases headline ${DISPATCH_VARIANTS:+--variants $DISPATCH_VARIANTS} \
+      --json "$RES/dispatch_headline_r${r}_$TAG.json"
+  done
   if [ -n "${DISPATCH_VARIANTS:-}" ]; then
     echo "SKIP   dispatch_headline_peers, dispatch_table (DISPATCH_VARIANTS given: headline only)" | tee -a "$STATUS"
   elif python3 -c "import deep_ep" 2>/dev/null; then
@@ -128,7 +134,7 @@ fi
 if has layer; then
   wait_deepep
   L="python3 bench/bench_ep_moe_multi.py --world-size 2 --backend nccl --dtype bfloat16 --timeout 60"
-  graph_flag() { case $1 in torch_decode|torch_fixed|nvlink|deepep_ll) echo --cuda-graph ;; esac; }
+  graph_flag() { [ "${LAYER_EAGER:-0}" = 1 ] && return; case $1 in torch_decode|torch_fixed|nvlink|deepep_ll) echo --cuda-graph ;; esac; }
   for c in ${LAYER_COMMS:-torch torch_fixed nvlink deepep deepep_ll}; do  # seed default shape: 256 linear experts, H 2048, 128 tok
     [ "$c" = - ] && continue  # LAYER_COMMS=- : none
     run_step "ep_moe_multi_seed_$c" 120 $L --expert-type linear --mode triton --comm $c $(graph_flag $c) \

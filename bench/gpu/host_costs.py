@@ -1,6 +1,6 @@
 """Host cost of the pieces of an eager EP call on this machine: torch ops, Triton launches, NCCL calls, syncs,
 and the host time of each step inside the `nvlink` and `torch` comms' dispatch and combine (the torch comm's
-decode mode too, at decode sizes).
+decode mode too, at decode sizes, with its graphs (comm/torch_graphs.py) and without).
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
         python bench/gpu/host_costs.py --json $OUT/host_costs.json      # 2 GPUs
@@ -152,10 +152,11 @@ def comm_steps(comm, name: str, T: int, dev: torch.device, rounds: int = 30) -> 
                     (comm._k, "expand_tokens", "k.expand_tokens"), (comm._k, "combine_tokens", "k.combine_tokens"),
                     (comm._k, "sum_partials", "k.sum_partials"),
                     (nvlink_mod, "check_dispatch_args", "check_dispatch_args")]
-    elif name == "torch_decode":  # the torch comm's decode mode (comm/torch_blocks.py)
+    elif name.startswith("torch_decode"):  # the torch comm's decode mode (comm/torch_blocks.py, torch_graphs.py)
         from nanomoe_kernels import ep_rows
 
-        from nanomoe_fn.comm import torch_blocks
+        from nanomoe_fn.comm import torch_blocks, torch_graphs
+        targets += [(torch_graphs, n, f"graphs.{n}") for n in ("acquire", "dispatch", "combine_send", "combine_recv")]
         targets += [(comm, a, a) for a in ("_phys", "_a2a", "_join", "error_word_addr")]
         targets += [(torch_blocks, n, f"blocks.{n}") for n in ("dispatch_send", "dispatch_recv", "combine_recv",
                                                                "stamp_handle", "_sizes")]
@@ -209,9 +210,10 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
         res["comms"][f"torch_t{T}"] = comm_steps(tc, "torch", T, dev)
         tc.close()
         if mode == "decode":
-            tc = TorchComm(timeout_s=60, max_tokens=T)
-            res["comms"][f"torch_decode_t{T}"] = comm_steps(tc, "torch_decode", T, dev)
-            tc.close()
+            for graphs, label in ((True, "torch_decode"), (False, "torch_decode_nograph")):
+                tc = TorchComm(timeout_s=60, max_tokens=T, graphs=graphs)
+                res["comms"][f"{label}_t{T}"] = comm_steps(tc, label, T, dev)
+                tc.close()
     every = [None] * W
     dist.all_gather_object(every, res["comms"])  # each rank's host runs at its own speed: keep both
     res["comms"] = {f"rank{r}": c for r, c in enumerate(every)}

@@ -20,12 +20,23 @@ per-destination blocks). tests/test_token_rows.py checks one against the other.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from nanomoe_fn.comm.plan import weighted_rows
 
 META_BYTES_PER_PAIR = 12  # int32 slot id + float32 weight + int32 pair number
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # rows the Triton kernels take (GPUs)
+
+
+def kernels_for(x: torch.Tensor) -> Any:
+    """The Triton kernels (kernels/ep_rows.py) for rows of x on a GPU, else None (torch ops)."""
+    if x.is_cuda and x.dtype in KERNEL_DTYPES:
+        from nanomoe_kernels import ep_rows  # Triton: imported only on GPUs
+
+        return ep_rows
+    return None
 
 
 def row_layout(hidden: int, dtype: torch.dtype, top_k: int) -> tuple[int, int]:

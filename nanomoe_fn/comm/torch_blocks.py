@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch, Handle, Routing, TokenRowPlan
-from nanomoe_fn.comm import token_rows
+from nanomoe_fn.comm import token_rows, torch_graphs
 from nanomoe_fn.comm.plan import check_pending, stamp_handle
 from nanomoe_fn.eplb.placement import Placement
 
 DEFAULT_MAX_BUFFER_BYTES = 2 << 30  # 2 GiB: decode at DeepSeek-V3 dims (T_max 256, 2 ranks) needs ~1 GB
-DISPATCH, COMBINE = "dispatch/payload", "combine/payload"
+DISPATCH, COMBINE = torch_graphs.DISPATCH, torch_graphs.COMBINE
 
 
 @dataclass
@@ -55,6 +55,7 @@ class BlockPending:
     hidden: int
     hm: int
     inflight: Any  # the CPU path's exchange (None on GPUs: it runs on the current stream)
+    graphed: torch_graphs.BlockSet | None = None  # the static set a replayed dispatch holds (GPUs)
 
 
 def check_same_max_tokens(comm: Any) -> None:
@@ -103,6 +104,10 @@ def dispatch_send(comm: Any, x: torch.Tensor, routing: Routing, placement: Place
         raise ValueError(f"x has {T} tokens, more than this torch comm's max_tokens={comm.max_tokens} (its decode "
                          f"mode); build TorchComm(max_tokens=None) for exact splits at any size")
     hm, L = _sizes(comm, H, x.dtype, k, P_local)
+    s = torch_graphs.acquire(comm, x, phys.view(T, k), P_local, hm, L)
+    if s is not None:
+        torch_graphs.dispatch(comm, s, x, phys.view(T, k), routing.topk_weights)
+        return BlockPending(s.recv, s.send, s.pos[:T], routing.topk_weights, H, hm, None, s)
     BS, kern = comm.max_tokens + 1, comm._kernels(x)
     w = routing.topk_weights.to(torch.float32).contiguous()
     if kern is not None:  # x, ids and weights were checked by _phys; the kernels' own checks are skipped
@@ -126,6 +131,11 @@ def dispatch_recv(comm: Any, p: Any, local_experts: int) -> tuple[ExpertBatch, H
     W, P_local, dev, k = comm.world_size, local_experts, p.recv.device, p.topk_weights.shape[1]
     BS, cap = comm.max_tokens + 1, comm.world_size * comm.max_tokens
     kern = comm._kernels(p.recv)
+    if p.graphed is not None:  # unpacked by the replay
+        batch, plan = torch_graphs.batch_and_plan(comm, p.graphed, p.pos.shape[0])
+        handle = stamp_handle(comm, batch, Handle(None, p.topk_weights, None, (BS,) * W, (BS,) * W, token_rows=plan))
+        p.graphed.owner = handle.origin.call
+        return batch, handle
     if kern is not None:
         counts = torch.empty(P_local, dtype=torch.int64, device=dev)
         xe = p.recv.new_empty((P_local, cap, p.hidden))
@@ -148,8 +158,11 @@ def dispatch_recv(comm: Any, p: Any, local_experts: int) -> tuple[ExpertBatch, H
     return batch, stamp_handle(comm, batch, handle)
 
 
-def combine_recv(comm: Any, home: torch.Tensor, plan: TokenRowPlan) -> torch.Tensor:
+def combine_recv(comm: Any, inflight: Any, home: torch.Tensor | None, plan: TokenRowPlan) -> torch.Tensor:
     """The partial rows come home in blocks [W * BS, H]: each token's rows summed (float32) -> [T, H]."""
+    if isinstance(inflight, torch_graphs.BlockSet):
+        return torch_graphs.combine_recv(comm, inflight, plan.pos.shape[0])
+    comm._join(inflight, home.device)
     kern = comm._kernels(home)
     if kern is None:
         return token_rows.sum_home_blocks(home, plan.pos, plan.block_rows)

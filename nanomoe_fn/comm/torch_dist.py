@@ -26,12 +26,12 @@ exchange on NCCL's stream joined by `Work.wait()` without a timeout (a stream wa
 arrives is caught by the comm's StageWatchdog (comm/watchdog.py): an error naming the rank and stage,
 never a hang. On CPU (gloo) every wait is `Work.wait(timeout)` on the host, which raises the same kind
 of error. Host time is most of a decode dispatch (its kernels take a few us each), so the GPU path keeps
-its Python short: one kernel per step, one watchdog arm per dispatch. The helpers
-`_a2a`, `_join` and `_table` are shared with comm/torch_fixed.py.
+its Python short: one kernel per step, one watchdog arm per dispatch. `_a2a`, `_join` and `_table` serve
+comm/torch_fixed.py too.
 
 `TorchComm(max_tokens=T_max)` is the decode mode (comm/torch_blocks.py): fixed blocks of T_max + 1 rows per
-destination, no count exchange and no host read (one NCCL call and two kernels per dispatch), a masked batch;
-CUDA-graph capturable. max_tokens None: the exact splits above, for any batch size.
+destination, no count exchange and no host read, a masked batch; CUDA-graph capturable; with graphs=True
+(experimental) its eager GPU calls replay graphs of their own (comm/torch_graphs.py). max_tokens None: exact splits.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch, Handle, Routing, TokenRowPlan
-from nanomoe_fn.comm import token_rows, torch_blocks
+from nanomoe_fn.comm import token_rows, torch_blocks, torch_graphs
 from nanomoe_fn.comm.plan import check_combine, check_dispatch_args, check_pending, stamp_handle
 from nanomoe_fn.comm.watchdog import InFlight, StageWatchdog, host_wait
 from nanomoe_fn.eplb.placement import Placement
@@ -73,13 +73,14 @@ class TorchComm:
     timeout, the backstop; see comm/watchdog.py). After a timeout the comm is unusable: every call
     raises the error (`check()`); `close()` stops the watchdog thread. max_tokens: None (exact splits, one
     host read per dispatch) or the most tokens a rank dispatches at once (the decode mode, module docstring;
-    its buffers may take at most max_buffer_bytes per dispatch).
+    its buffers may take at most max_buffer_bytes per dispatch). graphs (experimental, off by default): the decode
+    mode's eager calls on GPUs replay CUDA graphs (comm/torch_graphs.py); False: every call launches its own.
     """
 
     name = "torch"
 
     def __init__(self, group: Any = None, timeout_s: float = 60.0, max_tokens: int | None = None,
-                 max_buffer_bytes: int = torch_blocks.DEFAULT_MAX_BUFFER_BYTES) -> None:
+                 max_buffer_bytes: int = torch_blocks.DEFAULT_MAX_BUFFER_BYTES, graphs: bool = False) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("the torch comm needs torch.distributed initialised (init_process_group) first")
         if not timeout_s > 0:
@@ -88,7 +89,10 @@ class TorchComm:
             raise ValueError(f"max_tokens must be None or a positive int (tokens per rank), got {max_tokens!r}")
         if not isinstance(max_buffer_bytes, int) or max_buffer_bytes < 1:
             raise ValueError(f"max_buffer_bytes must be a positive int, got {max_buffer_bytes!r}")
-        self.max_tokens, self.max_buffer_bytes = max_tokens, max_buffer_bytes
+        if not isinstance(graphs, bool):
+            raise ValueError(f"graphs must be True or False, got {graphs!r}")
+        self.max_tokens, self.max_buffer_bytes, self.graphs = max_tokens, max_buffer_bytes, graphs
+        self._graph_sets, self._graph_stream, self._graph_pool = {}, None, None  # comm/torch_graphs.py
         self._err: torch.Tensor | None = None  # decode mode on GPUs: [set, stage, peer, 0] the GPU writes (pinned)
         self._err_np: Any = None  # its numpy view: read with no CUDA call
         self._block_sizes: dict[tuple, tuple[int, int]] = {}  # decode mode: (HM, L) per shape, bound checked
@@ -141,10 +145,10 @@ class TorchComm:
     def close(self) -> None:
         """Stop the watchdog thread (the process group stays as it is)."""
         self.watchdog.close()
+        self._graph_sets.clear()
 
     def _table(self, key: tuple, make: Any) -> torch.Tensor:
-        """A constant index tensor, built once per key (not cached while a CUDA graph is captured:
-        its kernels would not run before the graph does)."""
+        """A constant index tensor, built once per key (not kept from a graph capture: it never ran)."""
         t = self._tables.get(key)
         if t is None:
             t = make()
@@ -210,14 +214,7 @@ class TorchComm:
         ids = routing.topk_ids if placement.is_identity else placement.physical_ids(routing.topk_ids, self.rank)
         return ids.reshape(-1)
 
-    @staticmethod
-    def _kernels(x: torch.Tensor) -> Any:
-        """The Triton kernels (kernels/ep_rows.py) for rows of x on a GPU, else None (torch ops)."""
-        if x.is_cuda and x.dtype in token_rows.KERNEL_DTYPES:
-            from nanomoe_kernels import ep_rows  # Triton: imported only on GPUs
-
-            return ep_rows
-        return None
+    _kernels = staticmethod(token_rows.kernels_for)
 
     def dispatch_send(self, x: torch.Tensor, routing: Routing, placement: Placement) -> Any:
         """Pack the token rows, exchange and read the count tables (the one host sync), start the rows
@@ -294,6 +291,9 @@ class TorchComm:
         if plan is None or handle.send_splits is None or handle.recv_splits is None:
             raise ValueError("handle must come from TorchComm.dispatch_recv (it has no token-row plan)")
         yx = y.x.contiguous().view(-1, y.x.shape[-1])  # masked (decode mode): flat over [P_local * cap]
+        s = torch_graphs.owned_by(self, handle.origin.call) if plan.block_rows else None
+        if s is not None:  # the decode mode's dispatch replayed a graph: so does its combine
+            return torch_graphs.combine_send(self, s, yx), None, handle
         kern = self._kernels(yx)
         if kern is not None:
             part = yx.new_empty((plan.pair_rows.shape[0], yx.shape[1]))
@@ -308,10 +308,10 @@ class TorchComm:
         """Join the exchange and add each token's partial rows -> [T, H]."""
         inflight, home, handle = pending
         self.check()
-        self._join(inflight, home.device)
         plan = handle.token_rows
         if plan.block_rows:
-            return torch_blocks.combine_recv(self, home, plan)
+            return torch_blocks.combine_recv(self, inflight, home, plan)
+        self._join(inflight, home.device)
         kern = self._kernels(home)
         if kern is None:
             return token_rows.sum_home(home, plan.tab[:, -2], plan.pos)
