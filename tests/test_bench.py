@@ -146,7 +146,7 @@ def test_dispatch_bench_gloo(tmp_path):
         rec = json.load(f)
     assert rec["bench"] == "dispatch" and rec["world_size"] == 2
     variants = {r["variant"] for r in rec["rows"]}
-    assert variants == {"torch", "torch_exact", "torch_fixed", "gloo_a2a"}
+    assert variants == {"torch", "torch_nograph", "torch_exact", "torch_fixed", "gloo_a2a"}
     assert rec["failed"] == []
     for r in rec["rows"]:  # torch: its decode mode at decode, exact splits at prefill; torch_exact: always exact
         if r["variant"].startswith("torch_e") or (r["variant"] == "torch" and r["case"]["phase"] == "prefill"):
