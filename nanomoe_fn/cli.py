@@ -170,6 +170,8 @@ def _generate_rank(rank: int, world: int, a: argparse.Namespace) -> dict | None:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, pairs)
         pairs = sorted(p for part in gathered for p in part)
+        for c in (comm, decode_comm):  # before destroy_process_group (TorchComm.close)
+            c.close()
         dist.destroy_process_group()
     if rank != 0:
         return None

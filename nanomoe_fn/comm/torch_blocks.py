@@ -107,7 +107,7 @@ def dispatch_send(comm: Any, x: torch.Tensor, routing: Routing, placement: Place
     s = torch_graphs.acquire(comm, x, phys.view(T, k), P_local, hm, L)
     if s is not None:
         torch_graphs.dispatch(comm, s, x, phys.view(T, k), routing.topk_weights)
-        return BlockPending(s.recv, s.send, s.pos[:T], routing.topk_weights, H, hm, None, s)
+        return BlockPending(s.recv, s.send, torch_graphs.views(comm, s, T).pos, routing.topk_weights, H, hm, None, s)
     BS, kern = comm.max_tokens + 1, comm._kernels(x)
     w = routing.topk_weights.to(torch.float32).contiguous()
     if kern is not None:  # x, ids and weights were checked by _phys; the kernels' own checks are skipped
@@ -132,8 +132,9 @@ def dispatch_recv(comm: Any, p: Any, local_experts: int) -> tuple[ExpertBatch, H
     BS, cap = comm.max_tokens + 1, comm.world_size * comm.max_tokens
     kern = comm._kernels(p.recv)
     if p.graphed is not None:  # unpacked by the replay
-        batch, plan = torch_graphs.batch_and_plan(comm, p.graphed, p.pos.shape[0])
-        handle = stamp_handle(comm, batch, Handle(None, p.topk_weights, None, (BS,) * W, (BS,) * W, token_rows=plan))
+        v = torch_graphs.views(comm, p.graphed, p.pos.shape[0])
+        batch, splits = v.batch, (BS,) * W
+        handle = stamp_handle(comm, batch, Handle(None, p.topk_weights, None, splits, splits, token_rows=v.plan))
         p.graphed.owner = handle.origin.call
         return batch, handle
     if kern is not None:

@@ -30,8 +30,8 @@ its Python short: one kernel per step, one watchdog arm per dispatch. `_a2a`, `_
 comm/torch_fixed.py too.
 
 `TorchComm(max_tokens=T_max)` is the decode mode (comm/torch_blocks.py): fixed blocks of T_max + 1 rows per
-destination, no count exchange and no host read, a masked batch; CUDA-graph capturable; with graphs=True
-(experimental) its eager GPU calls replay graphs of their own (comm/torch_graphs.py). max_tokens None: exact splits.
+destination, no count exchange and no host read, a masked batch; CUDA-graph capturable; with graphs=True (opt-in)
+its eager GPU calls replay graphs of their own (comm/torch_graphs.py). max_tokens None: exact splits.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ class TorchComm:
     timeout, the backstop; see comm/watchdog.py). After a timeout the comm is unusable: every call
     raises the error (`check()`); `close()` stops the watchdog thread. max_tokens: None (exact splits, one
     host read per dispatch) or the most tokens a rank dispatches at once (the decode mode, module docstring;
-    its buffers may take at most max_buffer_bytes per dispatch). graphs (experimental, off by default): the decode
-    mode's eager calls on GPUs replay CUDA graphs (comm/torch_graphs.py); False: every call launches its own.
+    its buffers may take at most max_buffer_bytes per dispatch). graphs (opt-in, default False): the decode mode's
+    eager calls on GPUs replay CUDA graphs (comm/torch_graphs.py); then call `close()` before destroy_process_group,
+    which NCCL holds forever while a graph of its collectives lives. False: every call launches its own.
     """
 
     name = "torch"
@@ -92,13 +93,11 @@ class TorchComm:
         if not isinstance(graphs, bool):
             raise ValueError(f"graphs must be True or False, got {graphs!r}")
         self.max_tokens, self.max_buffer_bytes, self.graphs = max_tokens, max_buffer_bytes, graphs
-        self._graph_sets, self._graph_stream, self._graph_pool = {}, None, None  # comm/torch_graphs.py
+        self._graph_sets, self._graph_stream, self._graph_pool, self._graph_exit = {}, None, None, None  # torch_graphs
         self._err: torch.Tensor | None = None  # decode mode on GPUs: [set, stage, peer, 0] the GPU writes (pinned)
         self._err_np: Any = None  # its numpy view: read with no CUDA call
         self._block_sizes: dict[tuple, tuple[int, int]] = {}  # decode mode: (HM, L) per shape, bound checked
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
+        self.group, self.rank, self.world_size = group, dist.get_rank(group), dist.get_world_size(group)
         self.timeout_s = float(timeout_s)
         self.watchdog = StageWatchdog(self.rank, self.timeout_s, group)
         self._tables: dict[tuple, torch.Tensor] = {}  # constant index tables by (name, sizes, device)
@@ -143,9 +142,9 @@ class TorchComm:
             raise
 
     def close(self) -> None:
-        """Stop the watchdog thread (the process group stays as it is)."""
+        """Stop the watchdog thread and destroy the decode mode's CUDA graphs (call it before destroy_process_group)."""
         self.watchdog.close()
-        self._graph_sets.clear()
+        torch_graphs.drop(self)
 
     def _table(self, key: tuple, make: Any) -> torch.Tensor:
         """A constant index tensor, built once per key (not kept from a graph capture: it never ran)."""

@@ -1,9 +1,5 @@
-"""EXPERIMENTAL, off by default (`TorchComm(max_tokens=..., graphs=True)` turns it on). Status (run 77, 2 H200s): the
-dispatch bench and host_costs ran it correctly and it halved the eager decode dispatch's host time, but
-tests/gpu/test_torch_graphs_gpu.py hung (killed at 240 s, no traceback captured; not diagnosed yet).
-
-The torch comm's decode mode on GPUs, replayed from CUDA graphs: one graph per token count for dispatch, one
-for combine's exchange.
+"""The torch comm's decode mode on GPUs, replayed from CUDA graphs: one graph per token count for dispatch, one
+for combine's exchange. Opt-in: `TorchComm(max_tokens=..., graphs=True)` (see the teardown rule below).
 
 Dimension legend: T tokens on this rank (T <= T_max), k experts per token, H hidden, W ranks, P_local slots per
 rank, BS = T_max + 1 rows per block, L row length (token_rows.block_layout), cap = W * T_max.
@@ -29,11 +25,21 @@ while the caller captures a CUDA graph itself (its kernels go into the caller's 
 tracing, on CPUs, and with `TorchComm(graphs=False)`. Both paths launch the same kernels on the same rows:
 their outputs are bitwise equal (tests/gpu/test_torch_graphs_gpu.py). A replayed graph is watched like the
 eager calls (one watchdog entry per dispatch and per combine, armed after the replay).
+
+Teardown: NCCL (2.26 on) destroys a communicator only after every CUDA graph that captured its collectives is
+destroyed, so `destroy_process_group()` waits forever while such a graph lives (this is what hung the first GPU
+test of this module: it kept a reference to a set past destroy_process_group). `TorchComm.close()` destroys the
+comm's graphs (`drop`, which resets them even where a set is still referenced); call it before
+destroy_process_group. That rule is why graphs are opt-in. A comm with graphs that was never closed has them
+destroyed at interpreter exit (an atexit hook, which runs before torch tears the process groups down).
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +49,18 @@ from nanomoe_fn.batch import ExpertBatch, TokenRowPlan
 
 DISPATCH, COMBINE = "dispatch/payload", "combine/payload"
 PENDING = -1  # owner value between dispatch_send and dispatch_recv (the call number is known only then)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenViews:
+    """A static set's views for T tokens (slicing costs host time, which is a decode call's time)."""
+
+    x: torch.Tensor  # [T, H]
+    ids: torch.Tensor  # [T, k]
+    w: torch.Tensor  # [T, k]
+    pos: torch.Tensor  # [T, W]
+    batch: ExpertBatch  # the masked batch (the set's xe and counts)
+    plan: TokenRowPlan
 
 
 @dataclass(eq=False)
@@ -66,7 +84,8 @@ class BlockSet:
     combine_graph: Any = None
     owner: int = 0  # 0 free, PENDING, else the owning dispatch's call number
     released: Any = None  # CUDA event recorded at the last release
-    released_on: Any = None  # the stream it was recorded on
+    released_on: int = 0  # the raw CUDA stream it was recorded on
+    views: dict[int, TokenViews] = field(default_factory=dict)  # built once per token count
 
     @property
     def pair_rows(self) -> torch.Tensor:
@@ -104,10 +123,31 @@ def acquire(comm: Any, x: torch.Tensor, ids: torch.Tensor, P_local: int, hm: int
         s = comm._graph_sets[key] = _new_set(comm, x, ids, ids.shape[1], P_local, hm, L)
     if s.owner:
         return None
-    if s.released is not None and s.released_on != torch.cuda.current_stream(x.device):
+    # the raw stream (an int): a torch Stream object per call costs host time, which is a decode call's time
+    if s.released is not None and s.released_on != torch._C._cuda_getCurrentRawStream(x.device.index):
         torch.cuda.current_stream(x.device).wait_event(s.released)
     s.owner = PENDING
     return s
+
+
+def drop(comm: Any) -> None:
+    """Destroy the comm's graphs and static sets (TorchComm.close; see the module docstring's teardown)."""
+    for s in comm._graph_sets.values():
+        for graph in (*s.dispatch_graphs.values(), s.combine_graph):
+            if graph is not None:
+                graph.reset()
+        s.dispatch_graphs.clear()
+        s.combine_graph = None
+    comm._graph_sets.clear()
+    if comm._graph_exit is not None:
+        atexit.unregister(comm._graph_exit)
+        comm._graph_exit = None
+
+
+def _drop_at_exit(ref: Any) -> None:
+    comm = ref()
+    if comm is not None:
+        drop(comm)
 
 
 def _capture(comm: Any, body: Any, device: torch.device) -> Any:
@@ -116,6 +156,9 @@ def _capture(comm: Any, body: Any, device: torch.device) -> Any:
     caller runs body() itself and its peers see the same exchanges."""
     if comm._graph_stream is None:
         comm._graph_stream, comm._graph_pool = torch.cuda.Stream(device), torch.cuda.graph_pool_handle()
+    if comm._graph_exit is None:  # a partial per comm: atexit.unregister matches it alone
+        comm._graph_exit = functools.partial(_drop_at_exit, weakref.ref(comm))
+        atexit.register(comm._graph_exit)
     side, cur = comm._graph_stream, torch.cuda.current_stream(device)
     side.wait_stream(cur)
     graph = torch.cuda.CUDAGraph()
@@ -140,16 +183,17 @@ def dispatch(comm: Any, s: BlockSet, x: torch.Tensor, ids: torch.Tensor, w: torc
     eagerly the first time (compiles the kernels for these buffers, warms the communicator; the second call
     captures). s.xe, s.counts, s.pairs and s.pos[:T] are then this dispatch's. x [T, H], ids [T, k], w [T, k]."""
     T = ids.shape[0]
-    s.x[:T].copy_(x)
-    s.ids[:T].copy_(ids)
-    s.w[:T].copy_(w)
+    v = views(comm, s, T)
+    v.x.copy_(x)
+    v.ids.copy_(ids)
+    v.w.copy_(w)
     graph = s.dispatch_graphs.get(T)
     if graph is None:
         kern, W, P_local = comm._kernels(x), comm.world_size, s.xe.shape[0]
 
         def body() -> None:
             s.send.view(W, -1, s.send.shape[1])[:, 0].zero_()  # the header rows (pack counts into them)
-            kern.pack_blocks(s.x[:T], s.ids[:T], s.w[:T], s.pos[:T], s.send, P_local, s.hm, checked=True)
+            kern.pack_blocks(v.x, v.ids, v.w, v.pos, s.send, P_local, s.hm, checked=True)
             comm._a2a(s.recv, s.send, None, None, DISPATCH, async_op=False)
             kern.unpack_blocks(s.recv, s.counts, s.xe, s.pair_rows, s.pair_weights, comm.error_word_addr(),
                                comm.rank, W, s.hm, checked=True)
@@ -164,10 +208,14 @@ def dispatch(comm: Any, s: BlockSet, x: torch.Tensor, ids: torch.Tensor, w: torc
     comm.watchdog.arm(DISPATCH, device=x.device)
 
 
-def batch_and_plan(comm: Any, s: BlockSet, T: int) -> tuple[ExpertBatch, TokenRowPlan]:
-    """The masked batch and the token-row plan of the dispatch that holds s."""
-    plan = TokenRowPlan(s.pos[:T], s.send, s.pair_rows, s.pair_weights, comm.max_tokens + 1)
-    return ExpertBatch(s.xe, s.counts, "masked"), plan
+def views(comm: Any, s: BlockSet, T: int) -> TokenViews:
+    """s's views for a dispatch of T tokens: its inputs, pos, the masked batch and the token-row plan."""
+    got = s.views.get(T)
+    if got is None:
+        pos = s.pos[:T]
+        plan = TokenRowPlan(pos, s.send, s.pair_rows, s.pair_weights, comm.max_tokens + 1)
+        got = s.views[T] = TokenViews(s.x[:T], s.ids[:T], s.w[:T], pos, ExpertBatch(s.xe, s.counts, "masked"), plan)
+    return got
 
 
 def owned_by(comm: Any, call: int) -> BlockSet | None:
@@ -197,10 +245,9 @@ def combine_send(comm: Any, s: BlockSet, yx: torch.Tensor) -> BlockSet:
 def combine_recv(comm: Any, s: BlockSet, T: int) -> torch.Tensor:
     """Sum each token's partial rows -> a new [T, H]; then the set is free again."""
     out = s.home.new_empty((T, s.home.shape[1]))
-    comm._kernels(out).sum_home(s.home, None, s.pos[:T], out, block_rows=comm.max_tokens + 1)
-    stream = torch.cuda.current_stream(out.device)
+    comm._kernels(out).sum_home(s.home, None, views(comm, s, T).pos, out, block_rows=comm.max_tokens + 1)
     if s.released is None:
         s.released = torch.cuda.Event()
-    s.released.record(stream)
-    s.released_on, s.owner = stream, 0
+    s.released.record(torch.cuda.current_stream(out.device))
+    s.released_on, s.owner = torch._C._cuda_getCurrentRawStream(out.device.index), 0
     return out

@@ -39,7 +39,7 @@ from tests.helpers import MIN_MARGIN, assert_close_to_ref, graph_replays, refere
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
 W = 2
-COMMS = ("torch", "torch_fixed", "torch_decode")
+COMMS = ("torch", "torch_fixed", "torch_decode", "torch_graphs")  # torch_graphs: the decode mode, graphs=True
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -93,8 +93,9 @@ def layer_inputs(case: dict, rank: int) -> tuple:
 def make_comm(name: str, case: dict, timeout_s: float = 60.0) -> TorchComm:
     if name == "torch":
         return TorchComm(timeout_s=timeout_s)
-    if name == "torch_decode":  # a few spare rows per block
-        return TorchComm(timeout_s=timeout_s, max_tokens=max(1, max(case["tokens"])) + 3)
+    if name in ("torch_decode", "torch_graphs"):  # a few spare rows per block
+        return TorchComm(timeout_s=timeout_s, max_tokens=max(1, max(case["tokens"])) + 3,
+                         graphs=name == "torch_graphs")
     return TorchFixedComm(max(1, max(case["tokens"])), case.get("rank_capacity"), timeout_s=timeout_s)
 
 
@@ -119,7 +120,7 @@ def _on_device(case: dict, rank: int, dev: torch.device) -> tuple:
 
 
 def run_cases(rank: int, port: int, cases: list[dict], out_dir: str) -> None:
-    """Every case through both comms, twice; then the torch_fixed CUDA-graph check."""
+    """Every case through every comm, three calls; then the CUDA-graph checks and the bad-ids checks."""
     dev = _init_nccl(rank, port, 120)
     try:
         for i, case in enumerate(cases):
@@ -127,7 +128,7 @@ def run_cases(rank: int, port: int, cases: list[dict], out_dir: str) -> None:
             for name in COMMS:
                 comm = make_comm(name, case)
                 try:
-                    for call in (1, 2):
+                    for call in (1, 2, 3):  # torch_graphs: eager on its set, captured, replayed
                         out = moe_layer(local, x, cfg, comm, placement, backend=case["backend"])
                         torch.save(out.cpu(), os.path.join(out_dir, f"case{i}_{name}_call{call}_rank{rank}.pt"))
                 except Exception as err:
@@ -136,7 +137,8 @@ def run_cases(rank: int, port: int, cases: list[dict], out_dir: str) -> None:
                     comm.close()
         for name in ("torch_fixed", "torch_decode"):
             graph_check(rank, dev, out_dir, name)
-        bad_ids_check(rank, dev, out_dir)
+        for graphs in (False, True):
+            bad_ids_check(rank, dev, out_dir, graphs)
     finally:
         dist.destroy_process_group()
 
@@ -161,8 +163,8 @@ def graph_check(rank: int, dev: torch.device, out_dir: str, name: str) -> None:
     comm.close()
 
 
-def bad_ids_check(rank: int, dev: torch.device, out_dir: str) -> None:
-    """torch_decode: rank 1 routes one pair to slot E + 5; after the dispatch both ranks' next call raises."""
+def bad_ids_check(rank: int, dev: torch.device, out_dir: str, graphs: bool) -> None:
+    """torch_decode: rank 1 routes one pair to slot E + 5; that dispatch or the next call raises on both ranks."""
     from nanomoe_fn import Placement, Routing, dispatch
 
     E, k, H, T = 16, 2, 64, 8
@@ -170,16 +172,16 @@ def bad_ids_check(rank: int, dev: torch.device, out_dir: str) -> None:
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
     if rank == 1:
         ids[3, 0] = E + 5
-    comm = TorchComm(timeout_s=60, max_tokens=T)
+    comm = TorchComm(timeout_s=60, max_tokens=T, graphs=graphs)
     x, w = torch.randn(T, H, device=dev, dtype=torch.bfloat16), torch.rand(T, k, device=dev)
-    dispatch(x, Routing(ids.to(dev), w), comm, Placement.identity(E, W).to(dev))
-    torch.cuda.synchronize()  # unpack has run on both ranks: the next call on the comm raises
-    try:
+    try:  # with graphs the unpack runs inside dispatch_send, so dispatch_recv may already raise
+        dispatch(x, Routing(ids.to(dev), w), comm, Placement.identity(E, W).to(dev))
+        torch.cuda.synchronize()  # unpack has run on both ranks: the next call on the comm raises
         comm.check()
         message = "no error"
     except Exception as err:  # noqa: BLE001 - the parent inspects whatever was raised
         message = f"{type(err).__name__}: {err}"
-    with open(os.path.join(out_dir, f"bad_ids_rank{rank}.txt"), "w") as f:
+    with open(os.path.join(out_dir, f"bad_ids_{graphs}_rank{rank}.txt"), "w") as f:
         f.write(message)
     comm.close()
 
@@ -252,7 +254,7 @@ def test_torch_comms_on_nccl_equal_reference_and_single_rank(nccl_outputs):
                 continue  # a near-tie in routing: float32 and float64 may choose differently
             single = moe_layer(params, x, cfg, backend="bmm").double()  # all experts on one (CPU) rank
             for name in COMMS:
-                for call in (1, 2):
+                for call in (1, 2, 3):
                     out = torch.load(os.path.join(out_dir, f"case{i}_{name}_call{call}_rank{rank}.pt"))
                     what = f"case {i} comm {name} call {call} rank {rank} {case}"
                     assert out.dtype == x.dtype and out.shape == x.shape, f"{what}: {out.dtype} {tuple(out.shape)}"
@@ -281,9 +283,10 @@ TORCH_FIXED_ABSENT = pytest.mark.xfail(reason="torch_fixed: the watchdog did not
                                        strict=False)
 
 
-def test_torch_decode_reports_bad_ids_on_every_rank(nccl_outputs):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_torch_decode_reports_bad_ids_on_every_rank(nccl_outputs, graphs):
     for rank in range(W):
-        message = open(os.path.join(nccl_outputs[1], f"bad_ids_rank{rank}.txt")).read()
+        message = open(os.path.join(nccl_outputs[1], f"bad_ids_{graphs}_rank{rank}.txt")).read()
         assert message.startswith(f"ValueError: rank {rank}: routing.topk_ids held expert ids outside"), message
 
 

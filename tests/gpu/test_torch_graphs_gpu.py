@@ -1,7 +1,8 @@
 """The torch comm's decode mode replayed from CUDA graphs (comm/torch_graphs.py) on 2 GPUs over NCCL.
 
-Status: this file hung on 2 H200s in run 77 (killed at 240 s without a traceback); the graph path is therefore
-off by default. Next: faulthandler in the ranks and a progress file per call to find the stuck step.
+Run 77 hung here: the ranks kept a reference to a static set (its graphs) past destroy_process_group, which NCCL
+holds until every graph of its collectives is destroyed. close() now resets the graphs; the ranks dump their
+stacks (faulthandler) before the bound, so a hang names its line.
 
 Per drawn case (hidden, experts, top-k, dtype, id dtype, max_tokens, a sequence of token counts that repeat,
 uniform or skewed routing) every rank runs the same calls on two comms: `graphs=True` and `graphs=False`. Each
@@ -12,13 +13,15 @@ call: dispatch, a scaling "expert" (row * (1 + e / 8) for local expert e), combi
 - every call ran on the comm's static set (its batch is the set's, same address), and the set holds a graph for
   exactly the token counts seen twice (the first call with a count runs eagerly on the set, the second captures);
 - two dispatches in flight on one comm (overlapped micro-batches): the second takes the eager path, both right;
-- a dispatch on another stream after a release on the default stream waits for it (right values).
+- a dispatch on another stream after a release on the default stream waits for it (right values);
+- close() destroys the graphs even while a set is still referenced (then destroy_process_group returns).
 
 Dimension legend: T tokens on a rank, H hidden, E experts (= slots), k top-k, W = 2 ranks.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import random
@@ -91,7 +94,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)) if b.numel() else 0.0
 
 
+LIMIT_S = 200  # the ranks' bound; their stacks are dumped 20 s before it
+
+
 def run(rank: int, port: int, out_dir: str) -> None:
+    faulthandler.dump_traceback_later(LIMIT_S - 20, exit=False)
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
@@ -135,6 +142,7 @@ def run(rank: int, port: int, out_dir: str) -> None:
                                dtype=case["dtype"]))
             graphed.close()
             eager.close()
+            report.append(dict(case=ci, closed=[len(s.dispatch_graphs) + (s.combine_graph is not None) for s in sets]))
         torch.cuda.synchronize()
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -146,7 +154,7 @@ def run(rank: int, port: int, out_dir: str) -> None:
 def report(tmp_path_factory) -> list[list[dict]]:
     out_dir = str(tmp_path_factory.mktemp("torch_graphs"))
     os.environ.update(NO_MULTICAST)
-    spawn_bounded(run, W, (free_port(), out_dir), 300, "torch graph ranks")
+    spawn_bounded(run, W, (free_port(), out_dir), LIMIT_S, "torch graph ranks")
     return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(W)]
 
 
@@ -177,3 +185,9 @@ def test_second_dispatch_in_flight_runs_eagerly(report):
         for row in (row for row in rows if "overlap" in row):
             assert row["second_static"] is False, row
             assert max(row["overlap"]) <= tol(row["dtype"]), row
+
+
+def test_close_destroys_the_graphs(report):
+    closed = [row["closed"] for rows in report for row in rows if "closed" in row]
+    assert len(closed) == W * len(cases()), closed
+    assert all(n == 0 for row in closed for n in row), closed  # graphs left on a set still referenced
