@@ -33,7 +33,6 @@ from nanomoe_kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the 
     reduce_blocks,
     tma_unsupported,
 )
-from nanomoe_kernels.mla_split_merge import _mla_decode_reduce
 from nanomoe_kernels.mla_tile_rows import split_range, tile_offsets, tile_row0
 from nanomoe_kernels.reduce_ops import add as _add
 from nanomoe_kernels.reduce_ops import maximum as _maximum
@@ -143,12 +142,41 @@ def _mla_decode_partial(
             tl.store(lse_ptr + row.to(tl.int64) * stride_lr + offs_h * stride_ln + split, lse, mask=mask_h)
 
 
-def _merge_in_stage1(t: DecodeTuning, splits: int, programs: int, device: torch.device) -> bool:
-    """Whether stage 1 merges the splits itself: asked for (tuning.merge_in_stage1, key-major only), K > 1, and
-    on GPUs every program resident at once (at most one per multiprocessor), which its grid-wide wait needs."""
-    if not (t.merge_in_stage1 and t.key_major and splits > 1):
-        return False
-    return runs_interpreted() or programs <= device_sms(device)
+@triton.jit(do_not_specialize=["SPLITS"])
+def _mla_decode_reduce(
+    o_part_ptr, lse_ptr, out_ptr,
+    stride_pr, stride_pn, stride_pk, stride_lr, stride_ln, stride_or, stride_on,
+    N, C, SPLITS,
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
+):
+    """Program (head block, row, value slice): out = sum_k 2^(lse_k - m) o_k / sum_k 2^(lse_k - m), the
+    K partials read CHUNK_K splits at a time as [BH, CHUNK_K, BC] tiles."""
+    row = tl.program_id(1)
+    offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, CHUNK_K)
+    mask_h = offs_h < N
+    mask_hc = mask_h[:, None, None] & (offs_c < C)[None, None, :]
+    lse_rows = lse_ptr + row.to(tl.int64) * stride_lr + offs_h[:, None] * stride_ln
+    lse = tl.load(lse_rows + offs_k[None, :], mask=mask_h[:, None] & (offs_k[None, :] < SPLITS),
+                  other=float("-inf"))
+    m = tl.reduce(lse, 1, _maximum)
+    m = tl.where(m == float("-inf"), 0.0, m)            # all splits empty: weights are all 0
+    denom = tl.reduce(tl.exp2(lse - m[:, None]), 1, _add)
+    acc = tl.full([BLOCK_H, BLOCK_C], 0.0, tl.float32)
+    part = (o_part_ptr + row.to(tl.int64) * stride_pr + offs_h[:, None, None].to(tl.int64) * stride_pn
+            + offs_c[None, None, :])
+    for k0 in range(0, SPLITS, CHUNK_K):
+        ks = k0 + offs_j
+        w = tl.exp2(tl.load(lse_rows + ks[None, :], mask=mask_h[:, None] & (ks[None, :] < SPLITS),
+                            other=float("-inf")) - m[:, None])
+        o_k = tl.load(part + ks[None, :, None] * stride_pk, mask=mask_hc & (ks < SPLITS)[None, :, None],
+                      other=0.0)
+        acc += tl.reduce(w[:, :, None] * o_k.to(tl.float32), 1, _add)
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    o_ptrs = out_ptr + row.to(tl.int64) * stride_or + offs_h[:, None] * stride_on + offs_c[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & (offs_c < C)[None, :])
 
 
 def runs_interpreted() -> bool:
@@ -173,15 +201,13 @@ def _descriptors(kv: torch.Tensor, c: int, dr: int, t: DecodeTuning, bv: int) ->
 
 def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lora_rank: int, sm_scale: float,
                block_table: torch.Tensor | None = None, num_splits: int | None = None,
-               tuning: DecodeTuning | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
+               tuning: DecodeTuning | None = None) -> torch.Tensor:
     """Attention of absorbed queries over the compressed cache; returns the latent output [R, N, C].
 
     q [R, N, Dc] (latent-absorbed query ++ roped query), rows r = b * S + s; kv [B, L_max, Dc]
     (contiguous) or [P, G, Dc] with block_table [B, M] int32 (paged); ctx_lens [R] int32: row r
     attends to cache rows [0, ctx_lens[r]) of sequence r // S, where S = R // B. Rows with length 0
     give 0. q and kv share a dtype (float16/bfloat16/float32); output has that dtype. No host sync.
-    workspace: an int64 [1] counter on q's device, zeroed once and reused, for the split merge inside stage 1
-    (kernels/mla_split_merge.py; one call at a time may use it); None: a zeroed counter per call.
     """
     if q.dim() != 3 or kv.dim() != 3 or q.shape[-1] != kv.shape[-1]:
         raise ValueError(f"q must be [R, N, Dc] and kv [*, *, Dc], got {tuple(q.shape)} and "
@@ -216,7 +242,6 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     k = num_splits or default_splits(rows, heads, max_len, t, q.device, kv_lora_rank, dc * q.element_size(), paged)
     out = torch.empty(rows, heads, kv_lora_rank, dtype=q.dtype, device=q.device)
-    merge = _merge_in_stage1(t, k, head_programs * rows * k, q.device)
     if k == 1:
         o_part, lse = out.unsqueeze(2), out  # lse unused when FINAL
     else:
@@ -224,17 +249,6 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         lse = torch.empty(rows, heads, k, dtype=torch.float32, device=q.device)
     bt = block_table if paged else ctx_lens
     kernel, extra = (_mla_decode_partial_km, {}) if t.key_major else (_mla_decode_partial, {"VSPLIT": t.value_splits})
-    if merge:  # stage 1 merges its own partials (kernels/mla_split_merge.py): one launch
-        bh, bc, kc = reduce_blocks(rows, heads, kv_lora_rank, k, device_sms(q.device), t)
-        if workspace is not None and (workspace.shape != (1,) or workspace.dtype != torch.int64
-                                      or workspace.device != q.device):
-            raise ValueError(f"workspace must be an int64 [1] tensor on {q.device}, got {workspace.dtype} "
-                             f"{tuple(workspace.shape)} on {workspace.device}")
-        sync = torch.zeros(1, dtype=torch.int32, device=q.device) if workspace is None else workspace
-        extra = dict(sync_ptr=sync, out_ptr=out,
-                     stride_xr=out.stride(0), stride_xn=out.stride(1), NH=triton.cdiv(heads, bh),
-                     NC=triton.cdiv(kv_lora_rank, bc), MERGE=True, GRID_SYNC=not runs_interpreted(), MB_H=bh,
-                     MB_C=bc, MB_K=max(2, triton.next_power_of_2(k)), MB_CHUNK=kc)
     kernel[(head_programs, rows, k)](
         q, kv, *descs, bt, ctx_lens, o_part, lse,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), bt.stride(0),
@@ -245,7 +259,7 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_V=bv, BLOCK_R=_pow2(dr),
         num_warps=t.num_warps, num_stages=t.num_stages, **extra,
     )
-    if k > 1 and not merge:
+    if k > 1:
         bh, bc, kc = reduce_blocks(rows, heads, kv_lora_rank, k, device_sms(q.device), t)
         _mla_decode_reduce[(triton.cdiv(heads, bh), rows, triton.cdiv(kv_lora_rank, bc))](
             o_part, lse, out,

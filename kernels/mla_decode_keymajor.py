@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from nanomoe_kernels.mla_split_merge import grid_merge
 from nanomoe_kernels.mla_tile_rows import split_range, tile_offsets, tile_row0
 from nanomoe_kernels.reduce_ops import add as _add
 from nanomoe_kernels.reduce_ops import maximum as _maximum
@@ -76,14 +75,9 @@ def _mla_decode_partial_km(
     C: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, PAGE_TILE: tl.constexpr,
     TMA: tl.constexpr, FINAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
-    sync_ptr=None, out_ptr=None, stride_xr=0, stride_xn=0, NH=1, NC=1,
-    MERGE: tl.constexpr = False, GRID_SYNC: tl.constexpr = False, MB_H: tl.constexpr = 1,
-    MB_C: tl.constexpr = 16, MB_K: tl.constexpr = 2, MB_CHUNK: tl.constexpr = 2,
 ):
     """Program (head block, row, split): the split's partial output [BH, C] and base-2 lse [BH]
-    (the normalised output when FINAL, K == 1). Same arguments as `_mla_decode_partial` less VSPLIT. With
-    MERGE the programs then merge the partials into out [R, N, C] themselves (kernels/mla_split_merge.py:
-    sync_ptr its zeroed counter, NH x NC merge tiles of MB_H heads x MB_C columns per row)."""
+    (the normalised output when FINAL, K == 1). Same arguments as `_mla_decode_partial` less VSPLIT."""
     hblk = tl.program_id(0)
     row = tl.program_id(1)
     split = tl.program_id(2)
@@ -129,11 +123,6 @@ def _mla_decode_partial_km(
     if not FINAL:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + row.to(tl.int64) * stride_lr + offs_h * stride_ln + split, lse, mask=mask_h)
-    if MERGE:
-        heads_p, rows_p = tl.num_programs(0), tl.num_programs(1)
-        grid_merge(sync_ptr, o_ptr, lse_ptr, out_ptr, stride_or, stride_on, stride_ok, stride_lr, stride_ln,
-                   stride_xr, stride_xn, N, C, SPLITS, rows_p, NH, NC, hblk + heads_p * (row + rows_p * split),
-                   heads_p * rows_p * tl.num_programs(2), MB_H, MB_C, MB_K, MB_CHUNK, GRID_SYNC)
 
 
 def block_v(latent: int) -> int:

@@ -24,8 +24,7 @@ class DecodeTuning:
     and still scores all Dc), warps, stages, TMA loads of full tiles, programs per SM the split count
     assumes (ctas_per_sm; paged_ctas_per_sm for a paged cache, 0: the same), the split reduction's
     blocks, and key_major: stage 1 computed transposed (keys as the MMA's rows,
-    kernels/mla_decode_keymajor.py; value_splits must then be 1); merge_in_stage1 (key-major only): stage 1
-    merges the splits itself where its programs fit one per multiprocessor (kernels/mla_split_merge.py)."""
+    kernels/mla_decode_keymajor.py; value_splits must then be 1)."""
 
     block_h: int = 64
     block_n: int = 64
@@ -38,7 +37,6 @@ class DecodeTuning:
     reduce_c: int = 0
     key_major: bool = False
     paged_ctas_per_sm: int = 0
-    merge_in_stage1: bool = False
 
 
 MAX_SPLITS = 256      # pick_splits' largest K
@@ -54,8 +52,7 @@ def default_tuning(num_heads: int, rows: int | None = None) -> DecodeTuning:
     with TMA tile loads, except for few rows (<= SMALL_ROWS query rows), where 64-head, 4-warp programs
     over 64-row tiles ran 7-25% faster (B = 1-16). mla_decode falls back to plain loads where TMA cannot."""
     if num_heads <= 16 and rows == 1:   # one query row: key-major 64-row tiles, 4% faster at 16k (0 at 4k)
-        return DecodeTuning(block_h=16, block_n=64, value_splits=1, num_warps=4, num_stages=2, key_major=True,
-                            merge_in_stage1=True)
+        return DecodeTuning(block_h=16, block_n=64, value_splits=1, num_warps=4, num_stages=2, key_major=True)
     if num_heads <= 16:   # paged: a page id before each tile; twice the programs keep HBM busy (B=32-128:
         # the K that fills 4 programs per SM was the best of the sweep on every paged shape, 0.74 -> 0.96)
         return DecodeTuning(block_h=16, block_n=32, value_splits=1, num_warps=4, num_stages=3, ctas_per_sm=2,

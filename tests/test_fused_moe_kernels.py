@@ -50,9 +50,10 @@ CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_
            {"up": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2),
             "down": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2),
             "linear": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2)},
-           # main and tail blocks in one launch; the down GEMM's A rows through TMA
+           # main and tail blocks in one launch; the down GEMM's A rows through TMA; the K loop warp-specialised
+           # (the interpreter runs it as a plain loop: this checks the flag's plumbing, the GPU tests its code)
            dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16,
-                MERGE_TAIL=True, USE_TMA=True, A_TMA=True),
+                MERGE_TAIL=True, USE_TMA=True, A_TMA=True, WARP_SPEC=True),
            {"up": dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2, SPLIT_M=16,
                        MERGE_TAIL=True),
             "down": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, A_TMA=True,

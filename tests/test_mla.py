@@ -16,15 +16,12 @@ import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 
 import nanomoe_kernels.mla_decode as _decode  # noqa: E402
-import nanomoe_kernels.mla_decode_keymajor as _km  # noqa: E402
 import nanomoe_kernels.mla_prefill as _prefill  # noqa: E402
-import nanomoe_kernels.mla_split_merge as _merge  # noqa: E402
-import nanomoe_kernels.mla_tile_rows as _rows  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not _decode.runs_interpreted():
-    # another module imported kernels/ before the variable was set: decorate the kernels again, callees first
-    for _mod in (_rows, _merge, _km, _decode, _prefill):
-        importlib.reload(_mod)
+    # another module imported kernels/ before the variable was set: decorate the kernels again
+    importlib.reload(_decode)
+    importlib.reload(_prefill)
 
 
 import nanomoe_reference.mla as ref  # noqa: E402

@@ -12,16 +12,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 
 import nanomoe_kernels.mla_decode as _decode  # noqa: E402
 import nanomoe_kernels.mla_decode_keymajor as _km  # noqa: E402
-import nanomoe_kernels.mla_split_merge as _merge  # noqa: E402
 import nanomoe_kernels.mla_tile_rows as _rows  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not _decode.runs_interpreted():
-    for _mod in (_rows, _merge, _km, _decode):   # decorated before the variable was set: decorate again, callees first
+    for _mod in (_rows, _km, _decode):   # decorated before the variable was set: decorate again, callees first
         importlib.reload(_mod)
 
 import nanomoe_reference.mla as ref  # noqa: E402
@@ -92,7 +90,7 @@ def test_key_major_multi_query_and_single_split():
        page=st.sampled_from([0, 4, 16, 32]), block_h=st.sampled_from([16, 32]), tma=st.booleans(),
        seed=st.integers(0, 999))
 def test_key_major_property(n, c, dr, ctx, splits, page, block_h, tma, seed):
-    tuning = DecodeTuning(block_h, 16, 1, 4, 2, tma=tma and page != 4, key_major=True, merge_in_stage1=seed % 2 == 0)
+    tuning = DecodeTuning(block_h, 16, 1, 4, 2, tma=tma and page != 4, key_major=True)
     out, want, other = run_case(torch.float32, B=len(ctx), S=1, N=n, C=c, DR=dr, L=64, ctx=ctx, splits=splits,
                                 tuning=tuning, page=page, seed=seed)
     if float(want.norm()) > 0:
@@ -100,50 +98,6 @@ def test_key_major_property(n, c, dr, ctx, splits, page, block_h, tma, seed):
         assert rel(out, other) < TOL[torch.float32]
     else:
         assert (out == 0).all()
-
-
-@pytest.mark.parametrize("page", [0, 16])
-def test_merge_in_stage1_equals_the_reduce_launch(page):
-    """merge_in_stage1: the programs merge the splits themselves (kernels/mla_split_merge.py; under the
-    interpreter the last program to arrive merges every tile): bitwise the same as the reduction launch, for
-    several rows, two head blocks (N = 19) and merge tiles over rows, heads and value blocks."""
-    base = DecodeTuning(16, 16, 1, 4, 2, key_major=True, reduce_h=2, reduce_c=16)
-    for splits, ctx in ((3, [64, 37, 0]), (4, [5, 64, 63])):
-        merged, want, _ = run_case(torch.float32, B=3, S=1, N=19, C=40, DR=8, L=64, ctx=ctx, splits=splits,
-                                   tuning=dataclasses.replace(base, merge_in_stage1=True), page=page, seed=splits)
-        separate, _, _ = run_case(torch.float32, B=3, S=1, N=19, C=40, DR=8, L=64, ctx=ctx, splits=splits,
-                                  tuning=base, page=page, seed=splits)
-        assert torch.equal(merged, separate)
-        assert rel(merged, want) < TOL[torch.float32]
-        assert (merged[ctx.index(0)] == 0).all() if 0 in ctx else True
-
-
-def test_merge_in_stage1_with_a_kept_workspace():
-    """A caller's int64 counter, zeroed once: calls count on (no reset) and give the reduction launch's output."""
-    base = DecodeTuning(16, 16, 1, 4, 2, key_major=True)
-    g = torch.Generator().manual_seed(3)
-    kv, lens = torch.randn(2, 48, 40), torch.tensor([48, 17], dtype=torch.int32)
-    work = torch.zeros(1, dtype=torch.int64)
-    for call in range(3):
-        q = torch.randn(2, 5, 40, generator=g)
-        kept = mla_decode(q, kv, lens, 32, 0.2, num_splits=3, workspace=work,
-                          tuning=dataclasses.replace(base, merge_in_stage1=True))
-        assert torch.equal(kept, mla_decode(q, kv, lens, 32, 0.2, num_splits=3, tuning=base))
-        assert int(work) == 6 * (call + 1)  # 1 head block x 2 rows x 3 splits arrive per call
-    with pytest.raises(ValueError, match="workspace must be an int64"):
-        mla_decode(q, kv, lens, 32, 0.2, num_splits=3, workspace=torch.zeros(1, dtype=torch.int32),
-                   tuning=dataclasses.replace(base, merge_in_stage1=True))
-
-
-def test_merge_in_stage1_only_where_it_applies():
-    """Asked for, key-major, K > 1; on GPUs also at most one program per multiprocessor (the grid-wide wait)."""
-    t = DecodeTuning(16, 16, 1, 4, 2, key_major=True, merge_in_stage1=True)
-    cpu = torch.device("cpu")
-    assert _decode._merge_in_stage1(t, 3, 6, cpu)
-    assert not _decode._merge_in_stage1(t, 1, 1, cpu)
-    assert not _decode._merge_in_stage1(dataclasses.replace(t, key_major=False), 3, 6, cpu)
-    assert not _decode._merge_in_stage1(dataclasses.replace(t, merge_in_stage1=False), 3, 6, cpu)
-    assert _decode.default_tuning(16, 1).merge_in_stage1 and not _decode.default_tuning(16, 2).merge_in_stage1
 
 
 def test_key_major_refuses_value_splits():

@@ -1,6 +1,6 @@
 """Few-row and paged MLA decode on one GPU: tunings A/B in interleaved rounds, and where a call's time goes.
 
-    python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row | --merge]
+    python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row]
 
 For each shape (heads, rows, context; paged cache of 64-row pages unless marked contiguous) every variant
 (a tuning and split count, or the library default) is checked against the default's output, then timed as
@@ -51,17 +51,6 @@ ONE_ROW = [  # --one-row: split counts and reduction blocks around the 16-head o
                            **{f"red{h}x{c}": (DecodeTuning(**KM, reduce_h=h, reduce_c=c), 32)
                               for h, c in ((1, 64), (2, 64), (4, 128))}}),
 ]
-MERGE = [  # --merge: the one-row default (splits merged inside stage 1) against the separate reduction launch;
-    # *_ws: with a kept int64 counter (mla_decode's workspace) instead of a zeroed one per call
-    ((16, 1, 16384, True), {"default": (None, None), "separate": (DecodeTuning(**KM), 128),
-                            "default_ws": (None, None),
-                            "merged_k132": (DecodeTuning(**KM, merge_in_stage1=True), 132)}),
-    ((16, 1, 16384, False), {"default": (None, None), "separate": (DecodeTuning(**KM), 128),
-                             "default_ws": (None, None)}),
-    ((16, 1, 4096, True), {"default": (None, None), "separate": (DecodeTuning(**KM), 32), "default_ws": (None, None)}),
-    ((16, 1, 32768, True), {"default": (None, None), "separate": (DecodeTuning(**KM), 128),
-                            "merged_k128": (DecodeTuning(**KM, merge_in_stage1=True), 128)}),
-]
 
 
 def make(heads: int, rows: int, ctx: int, paged: bool):
@@ -107,23 +96,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rep-ms", type=int, default=20)
     ap.add_argument("--one-row", action="store_true", help="the one-row split and reduction sweep instead")
-    ap.add_argument("--merge", action="store_true", help="the one-row merge in stage 1 against its own launch")
     args = ap.parse_args()
     x = torch.zeros(1, device="cuda")
     floor = capture_graph(lambda: x.add_(1).mul_(1))     # two one-element kernels: what any 2-kernel replay costs
     floor_us = triton.testing.do_bench(floor.replay, warmup=5, rep=args.rep_ms, return_mode="median") * 1e3
     print(f"two-kernel graph replay: {floor_us:.2f} us", flush=True)
     results = [{"two_kernel_graph_us": round(floor_us, 2)}]
-    for (heads, rows, ctx, paged), variants in (MERGE if args.merge else ONE_ROW if args.one_row else SHAPES):
+    for (heads, rows, ctx, paged), variants in (ONE_ROW if args.one_row else SHAPES):
         q, kv, lens, table = make(heads, rows, ctx, paged)
         want = mla_decode(q, kv, lens, C, SCALE, block_table=table)
         graphs, rec = {}, {"heads": heads, "rows": rows, "context": ctx, "paged": paged, "variants": {}}
         for name, (tuning, splits) in variants.items():
-            ws = torch.zeros(1, dtype=torch.int64, device="cuda") if name.endswith("_ws") else None
-
-            def fn(tuning=tuning, splits=splits, q=q, kv=kv, lens=lens, table=table, ws=ws):
-                return mla_decode(q, kv, lens, C, SCALE, block_table=table, num_splits=splits, tuning=tuning,
-                                  workspace=ws)
+            def fn(tuning=tuning, splits=splits, q=q, kv=kv, lens=lens, table=table):
+                return mla_decode(q, kv, lens, C, SCALE, block_table=table, num_splits=splits, tuning=tuning)
             err = float((fn().double() - want.double()).norm() / want.double().norm())
             graphs[name] = capture_graph(fn)
             rec["variants"][name] = {"rel_err_vs_default": round(err, 5), "us": []}
@@ -133,8 +118,7 @@ def main() -> None:
                 rec["variants"][name]["us"].append(round(us, 2))
         for v in rec["variants"].values():
             v["median_us"] = round(statistics.median(v["us"]), 2)
-        rec["kernels"] = {name: kernel_times(graphs[name]) for name in ("default", "km_plain", "separate", "default_ws")
-                          if name in graphs}
+        rec["kernels"] = {name: kernel_times(graphs[name]) for name in ("default", "km_plain") if name in graphs}
         results.append(rec)
         print(json.dumps(rec), flush=True)
         with open(args.out, "w") as f:

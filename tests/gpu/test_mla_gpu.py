@@ -117,42 +117,6 @@ def test_decode_bf16_few_rows(heads, batch, paged):
         assert batch == 1 or (out[3] == 0).all()
 
 
-@pytest.mark.parametrize("paged", [False, True])
-def test_decode_one_row_merge_in_stage1(paged):
-    """One row, 16 heads (the default merges the splits inside stage 1 behind a grid-wide wait): equal to the
-    reduction launch and to float64 at several split counts (132: one program per multiprocessor on an H200),
-    and as a CUDA graph replayed on new queries (the counter is zeroed inside the graph)."""
-    from dataclasses import replace
-
-    from nanomoe_kernels.mla_decode import default_tuning, mla_decode
-
-    g = torch.Generator(device="cuda").manual_seed(7)
-    L, C, DR = 16384, 512, 64
-    kv = torch.randn(1, L, C + DR, device="cuda", generator=g).bfloat16()
-    pages, table = paged_copy(kv, 64, g) if paged else (kv, None)
-    merged_t = default_tuning(16, 1)
-    separate_t = replace(merged_t, merge_in_stage1=False)
-    assert merged_t.merge_in_stage1
-    for ctx_len, splits in ((L, None), (L, 64), (12345, 132), (100, None)):
-        q = torch.randn(1, 16, C + DR, device="cuda", generator=g).bfloat16()
-        ctx = torch.tensor([ctx_len], dtype=torch.int32, device="cuda")
-        want = latent_decode_f64(q, kv, ctx, C, 0.1352)
-        merged = mla_decode(q, pages, ctx, C, 0.1352, block_table=table, num_splits=splits, tuning=merged_t)
-        separate = mla_decode(q, pages, ctx, C, 0.1352, block_table=table, num_splits=splits, tuning=separate_t)
-        assert rel_err(merged, want) < BF16_TOL
-        assert rel_err(merged, separate.double()) < 1e-5
-    q = torch.randn(1, 16, C + DR, device="cuda", generator=g).bfloat16()
-    ctx = torch.tensor([L], dtype=torch.int32, device="cuda")
-    mla_decode(q, pages, ctx, C, 0.1352, block_table=table)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = mla_decode(q, pages, ctx, C, 0.1352, block_table=table)
-    for _ in range(3):
-        q.copy_(torch.randn(1, 16, C + DR, device="cuda", generator=g).bfloat16())
-        graph.replay()
-        assert rel_err(out, latent_decode_f64(q, kv, ctx, C, 0.1352)) < BF16_TOL
-
-
 def test_decode_matches_loop_oracle():
     from nanomoe_kernels.mla_decode import mla_decode
 
