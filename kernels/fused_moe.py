@@ -41,6 +41,7 @@ from nanomoe_kernels.checks import check_routing, check_values
 from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted
 from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
 from nanomoe_kernels.moe_blocks import block_tables
+from nanomoe_kernels.moe_permute import permute_rows
 
 EXPERT_TYPES = ("swiglu", "linear")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -182,8 +183,13 @@ def fused_moe_aligned(a: torch.Tensor, align: Alignment, weights: tuple[torch.Te
         return moe_gemm(a, w[0], out, align, first, gather_a=True, scatter_c=True, a_div=a_div,
                         row_weights=row_weights, tables=tables.get(first["BLOCK_M"]), a_index=a_index)
     inter = a.new_empty((align.sorted_ids.numel(), w[0].shape[1] // 2))
-    moe_gemm(a, w[0], inter, align, first, gather_a=True, scatter_c=False, a_div=a_div, swiglu=True,
-             tables=tables.get(first["BLOCK_M"]), a_index=a_index)
+    if first["PERMUTE_A"]:  # rows copied into aligned order first, so the up GEMM loads A tiles through TMA
+        a_sorted, _ = permute_rows(a, align, a_div=a_div, a_index=a_index)
+        moe_gemm(a_sorted, w[0], inter, align, {**first, "A_TMA": True}, gather_a=False, scatter_c=False,
+                 swiglu=True, tables=tables.get(first["BLOCK_M"]))
+    else:
+        moe_gemm(a, w[0], inter, align, first, gather_a=True, scatter_c=False, a_div=a_div, swiglu=True,
+                 tables=tables.get(first["BLOCK_M"]), a_index=a_index)
     return moe_gemm(inter, w[1], out, align, down, gather_a=False, scatter_c=True, row_weights=row_weights,
                     tables=tables.get(down["BLOCK_M"]))
 

@@ -176,8 +176,10 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_sta
 
 
 def check_config(config: dict) -> dict:
-    """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL and WARP_SPEC default to False, SPLIT_M to 0 =
-    no tail split). WARP_SPEC: Triton's warp specialization of the K loop (tl.range(warp_specialize=True))."""
+    """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, WARP_SPEC and PERMUTE_A default to False,
+    SPLIT_M to 0 = no tail split). WARP_SPEC: Triton's warp specialization of the K loop
+    (tl.range(warp_specialize=True)). PERMUTE_A (kernels/fused_moe.py, the first GEMM): copy the rows into
+    aligned order first and load A through TMA instead of gathering it."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -193,7 +195,8 @@ def check_config(config: dict) -> dict:
         raise ValueError(f"config['SPLIT_M'] must be 0 or a power of two in [16, BLOCK_M], got {split!r}")
     return {**{k: config[k] for k in CONFIG_KEYS}, "USE_TMA": bool(config.get("USE_TMA", False)),
             "SPLIT_M": 0 if split == config["BLOCK_M"] else split, "A_TMA": bool(config.get("A_TMA", False)),
-            "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "WARP_SPEC": bool(config.get("WARP_SPEC", False))}
+            "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "WARP_SPEC": bool(config.get("WARP_SPEC", False)),
+            "PERMUTE_A": bool(config.get("PERMUTE_A", False))}
 
 
 def _tma_descriptor(w: torch.Tensor, rows: int, block_n: int, block_k: int):

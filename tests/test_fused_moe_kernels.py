@@ -59,6 +59,12 @@ CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_
             "down": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, A_TMA=True,
                          MERGE_TAIL=True),
             "linear": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2, SPLIT_M=16,
+                           MERGE_TAIL=True)},
+           # the up GEMM on rows permuted into aligned order, A through TMA (PERMUTE_A)
+           {"up": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16,
+                       USE_TMA=True, MERGE_TAIL=True, PERMUTE_A=True),
+            "down": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, A_TMA=True),
+            "linear": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2, SPLIT_M=16,
                            MERGE_TAIL=True)}]
 
 
@@ -211,6 +217,25 @@ def test_block_tables_cover_each_segment(prob, sizes):
                    [(r, e) for r, ee in want_main if ee == e] + [(r, e | 1 << 30) for r, ee in want_tail if ee == e]]
     got = list(zip(bt.merged_rows[:n_main + n_tail].tolist(), bt.merged_codes[:n_main + n_tail].tolist()))
     assert got == want_merged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_permute_a_and_warp_spec_configs(dtype):
+    """The two configs with PERMUTE_A and WARP_SPEC on fixed problems (the property tests draw configs at random):
+    fused_moe, and the gathered batch (PERMUTE_A then reads through the index), against the float64 reference."""
+    g = torch.Generator().manual_seed(5)
+    T, k, E, H, I = 37, 3, 5, 40, 24
+    w = make_experts(E, H, I, "swiglu", dtype, g)
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    tw = torch.rand(T, k, generator=g) + 0.1
+    for ci in (6, 8):
+        out = fm.fused_moe(x, ids.to(DEV), tw.to(DEV), w, "swiglu", config=CONFIGS[ci])
+        assert_close(out, reference.moe_experts(x, ids, tw, w, "swiglu"), dtype, f"config {ci}")
+    counts = [7, 0, 12, 3, 9]
+    index = torch.randint(0, T, (sum(counts),), generator=g)
+    got = fm.fused_moe_gathered(x, index.to(DEV), torch.tensor(counts).to(DEV), w, "swiglu", config=CONFIGS[8])
+    assert_close(got, expert_rows(x[index], counts, w, "swiglu"), dtype, "gathered, PERMUTE_A")
 
 
 def test_zero_tokens_and_bad_input():
