@@ -3,10 +3,11 @@
     python bench/gpu/ffn_ws_probe.py --json out.json [--rounds 5]
 
 DeepSeek-V3 expert dims (H 7168, I 2048), 32 local experts, top-8, T = 1024 and 4096 tokens (the issue's prefill
-sizes). Variants: the tuned configs (kernels/tuned), and WARP_SPEC on the up GEMM, the down GEMM or both, with the
-tuned tiles or a few others. Each is checked against the tuned configs' output (bitwise, else relative error),
-then timed as fused_moe calls (align included, the same for all) in interleaved rounds (do_bench median, L2
-flushed); the bf16 matmul ceiling is measured before and after, to see how much the clocks drift.
+sizes). Variants: the tuned configs (kernels/tuned); WARP_SPEC on the up GEMM, the down GEMM or both; PERMUTE_A
+(the up GEMM on rows copied into aligned order, A through TMA) alone and with WARP_SPEC; the tuned tiles
+throughout. Each is checked against the tuned configs' output (bitwise, else relative error), then timed as
+fused_moe calls (align included, the same for all) in interleaved rounds (do_bench median, L2 flushed); the bf16
+matmul ceiling is measured before and after, to see how much the clocks drift.
 
 Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate.
 """
@@ -40,8 +41,10 @@ def variants(T: int, dev: torch.device) -> dict[str, dict]:
         "ws_down": {"up": up, "down": {**down, **ws}},
         "ws_up": {"up": {**up, **ws}, "down": down},
         "ws_both": {"up": {**up, **ws}, "down": {**down, **ws}},
-        "ws_both_s3": {"up": {**up, **ws, "num_stages": 3}, "down": {**down, **ws, "num_stages": 3}},
-        "ws_both_s5": {"up": {**up, **ws, "num_stages": 5}, "down": {**down, **ws, "num_stages": 5}},
+        "permute": {"up": {**up, "PERMUTE_A": True}, "down": down},
+        "permute_ws_up": {"up": {**up, **ws, "PERMUTE_A": True}, "down": down},
+        "permute_ws_both": {"up": {**up, **ws, "PERMUTE_A": True}, "down": {**down, **ws}},
+        "permute_ws_down": {"up": {**up, "PERMUTE_A": True}, "down": {**down, **ws}},
     }
 
 
