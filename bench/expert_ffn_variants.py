@@ -11,12 +11,14 @@ the pairs, building the batch), `triton` (kernels.fused_moe on pre-aligned rows)
 with its align step timed) and `deepgemm` (kernels.deepgemm.deepgemm_fused_moe with a precomputed
 alignment when that entry point exists, else the glue below). Peers: `deepgemm_glue` (DeepGEMM's grouped
 GEMMs with torch glue written here: padded rows, one gather back, the weighted sum in the input dtype),
-`bmm_padded` (a padded [E, C, H] torch.bmm written here) and `sglang` (SGLang's Triton fused MoE through
-bench/peers_sgl.py, its moe-align computed ahead in torch). FP8 (ours): `triton_fp8`
-(kernels.fused_moe_fp8.fused_moe_fp8) and `deepgemm_fp8` (kernels.deepgemm_fp8.deepgemm_fp8_fused_moe) on the
-bench's bf16 weights block-quantised (128 x 128, untimed), each timing its activation quantisation too,
-`triton_fp8_hilo` (the same with act_terms=2: two-term activations), `triton_fp8_tiles` and
-`triton_fp8_hilo_tiles` (those two with the weights in tile_weights' block layout) and `triton_w8a16`
+`bmm_padded` (a padded [E, C, H] torch.bmm written here), `grouped_mm` (torch._grouped_mm, PyTorch's grouped
+GEMM, CUTLASS on the GPU: the pairs' rows sorted by expert, exact group sizes, no padding; the same glue) and
+`sglang` (SGLang's Triton fused MoE through bench/peers_sgl.py, its moe-align computed ahead in torch). FP8
+(ours): `triton_fp8` (kernels.fused_moe_fp8.fused_moe_fp8) and `deepgemm_fp8`
+(kernels.deepgemm_fp8.deepgemm_fp8_fused_moe) on the bench's bf16 weights block-quantised (128 x 128, untimed),
+each timing its activation quantisation too, `triton_fp8_hilo` (the same with act_terms=2: two-term
+activations), `triton_fp8_tiles` and `triton_fp8_hilo_tiles` (those two with the weights in tile_weights' block
+layout) and `triton_w8a16`
 (kernels.fused_moe_w8a16.fused_moe_w8a16: the same weights, bf16 rows never quantised).
 """
 
@@ -43,8 +45,8 @@ FP8_TRITON = {"triton_fp8": (1, False), "triton_fp8_tiles": (1, True), "triton_f
               "triton_fp8_hilo_tiles": (2, True)}  # variant: (act_terms, block layout)
 FP8_VARIANTS = (*FP8_TRITON, "deepgemm_fp8", "triton_w8a16")
 VARIANTS = ("loop", "bmm", "triton", "triton+align", "deepgemm", *FP8_VARIANTS, "deepgemm_glue", "bmm_padded",
-            "sglang")
-PEERS = ("sglang", "deepgemm_glue", "bmm_padded", "triton")  # rows carry speedup_vs against these
+            "sglang", "grouped_mm")
+PEERS = ("sglang", "deepgemm_glue", "bmm_padded", "grouped_mm", "triton")  # rows carry speedup_vs against these
 
 
 @dataclass
@@ -165,6 +167,31 @@ def _bmm_padded(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor,
     return fn
 
 
+def _grouped_mm(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor,
+                weights: tuple[torch.Tensor, ...]) -> Callable[[], torch.Tensor]:
+    """torch._grouped_mm on the pairs sorted by expert (setup untimed): up, silu(gate) * up in float32 rounded
+    once, down, then the rows back to their pairs and the float32 top-k weighted sum."""
+    T, k = ids.shape
+    flat = ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    offs = torch.cumsum(torch.bincount(flat, minlength=weights[0].shape[0]), 0).to(torch.int32)
+    pair_rows = torch.empty_like(order)
+    pair_rows[order] = torch.arange(order.numel(), device=order.device)
+    a = x.index_select(0, order // k)
+    w_t = [w.transpose(1, 2) for w in weights]  # [E, K, N] column-major, as the kernel wants
+    wk = tw.float().reshape(T, k, 1)
+
+    def fn() -> torch.Tensor:
+        if len(weights) == 1:
+            y = torch._grouped_mm(a, w_t[0], offs=offs)
+        else:
+            gate, up = torch._grouped_mm(a, w_t[0], offs=offs).chunk(2, dim=-1)
+            y = torch._grouped_mm((F.silu(gate.float()) * up).to(x.dtype), w_t[1], offs=offs)
+        return (y.index_select(0, pair_rows).view(T, k, -1).float() * wk).sum(1).to(x.dtype)
+
+    return fn
+
+
 def _fp8_variants(out: Built, x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor,
                   weights: tuple[torch.Tensor, ...], names: list[str]) -> None:
     from nanomoe_kernels.fp8_quant import quant_fp8_blocks
@@ -248,6 +275,11 @@ def build_variants(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights
         _fp8_variants(out, x, ids, tw, weights, names)
     if "bmm_padded" in names:
         out.fns["bmm_padded"] = _bmm_padded(x, ids, tw, weights)
+    if "grouped_mm" in names:
+        if hasattr(torch, "_grouped_mm") and (x.dtype == torch.bfloat16 or x.device.type == "cpu"):
+            out.fns["grouped_mm"] = _grouped_mm(x, ids, tw, weights)
+        else:
+            out.skipped["grouped_mm"] = "needs torch._grouped_mm (torch >= 2.8) and bfloat16 rows on a GPU"
     if "sglang" in names:
         _sglang(out, x, ids, tw, weights, sgl_choice, sgl_folder)
     out.fns = {n: out.fns[n] for n in VARIANTS if n in out.fns}  # a fixed row order

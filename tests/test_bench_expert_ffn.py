@@ -42,7 +42,7 @@ def test_every_variant_checked_or_skipped_with_reason(runs):
     rec = runs["recs"]["all"]
     ran = [r["variant"] for r in rec["rows"]]
     skipped = {s["variant"]: s["reason"] for s in rec["skipped"]}
-    want = ["loop", "bmm", "triton", "triton+align", "bmm_padded"] + (["sglang"] if HAVE_SGL else [])
+    want = ["loop", "bmm", "triton", "triton+align", "bmm_padded"] + (["sglang"] if HAVE_SGL else []) + ["grouped_mm"]
     assert ran == want
     assert {"deepgemm", "deepgemm_glue"} <= set(skipped) and "CUDA" in skipped["deepgemm"]
     if not HAVE_SGL:
@@ -52,7 +52,7 @@ def test_every_variant_checked_or_skipped_with_reason(runs):
         assert r["case"] == {"phase": "decode", "tokens": 8, "experts": 4, "top_k": 2, "hidden": 64,
                              "intermediate": 32, "expert_type": "swiglu", "dtype": "float32"}
         # speedups against the peers that ran in this case, never against the row itself
-        assert set(r["speedup_vs"]) == {"triton", "bmm_padded", "sglang"} & set(ran) - {r["variant"]}
+        assert set(r["speedup_vs"]) == {"triton", "bmm_padded", "sglang", "grouped_mm"} & set(ran) - {r["variant"]}
     by = {r["variant"]: r for r in rec["rows"]}
     assert set(by["triton"]["config"]) == {"up", "down"} and by["triton"]["config"] == by["triton+align"]["config"]
     if HAVE_SGL:
