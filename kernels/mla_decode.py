@@ -245,7 +245,8 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     if k == 1:
         o_part, lse = out.unsqueeze(2), out  # lse unused when FINAL
     else:
-        o_part = torch.empty(rows, heads, k, kv_lora_rank, dtype=torch.float32, device=q.device)
+        part_dtype = q.dtype if t.input_dtype_partials else torch.float32
+        o_part = torch.empty(rows, heads, k, kv_lora_rank, dtype=part_dtype, device=q.device)
         lse = torch.empty(rows, heads, k, dtype=torch.float32, device=q.device)
     bt = block_table if paged else ctx_lens
     kernel, extra = (_mla_decode_partial_km, {}) if t.key_major else (_mla_decode_partial, {"VSPLIT": t.value_splits})

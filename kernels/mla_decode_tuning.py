@@ -24,7 +24,9 @@ class DecodeTuning:
     and still scores all Dc), warps, stages, TMA loads of full tiles, programs per SM the split count
     assumes (ctas_per_sm; paged_ctas_per_sm for a paged cache, 0: the same), the split reduction's
     blocks, and key_major: stage 1 computed transposed (keys as the MMA's rows,
-    kernels/mla_decode_keymajor.py; value_splits must then be 1)."""
+    kernels/mla_decode_keymajor.py; value_splits must then be 1); input_dtype_partials: the split partials
+    stored in q's dtype (bf16/fp16: half the bytes written by stage 1 and read by the reduction) instead of
+    float32 (the lse stays float32)."""
 
     block_h: int = 64
     block_n: int = 64
@@ -37,6 +39,7 @@ class DecodeTuning:
     reduce_c: int = 0
     key_major: bool = False
     paged_ctas_per_sm: int = 0
+    input_dtype_partials: bool = False
 
 
 MAX_SPLITS = 256      # pick_splits' largest K

@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 
 import nanomoe_kernels.mla_decode as _decode  # noqa: E402
@@ -98,6 +99,20 @@ def test_key_major_property(n, c, dr, ctx, splits, page, block_h, tma, seed):
         assert rel(out, other) < TOL[torch.float32]
     else:
         assert (out == 0).all()
+
+
+@pytest.mark.parametrize("key_major", [True, False])
+def test_input_dtype_partials(key_major):
+    """Split partials stored in q's dtype (float16 here): within float16's tolerance of the float64 oracle, and
+    not the float32-partials output bit for bit (the partials really were rounded)."""
+    base = DecodeTuning(16, 16, 1, 4, 2, key_major=key_major)
+    low = dataclasses.replace(base, input_dtype_partials=True)
+    out, want, _ = run_case(torch.float16, B=2, S=1, N=5, C=40, DR=8, L=64, ctx=[64, 37], splits=3, tuning=low,
+                            page=16, seed=11)
+    full, _, _ = run_case(torch.float16, B=2, S=1, N=5, C=40, DR=8, L=64, ctx=[64, 37], splits=3, tuning=base,
+                          page=16, seed=11)
+    assert rel(out, want) < TOL[torch.float16]
+    assert not torch.equal(out, full)
 
 
 def test_key_major_refuses_value_splits():

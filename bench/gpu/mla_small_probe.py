@@ -1,6 +1,6 @@
 """Few-row and paged MLA decode on one GPU: tunings A/B in interleaved rounds, and where a call's time goes.
 
-    python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row]
+    python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row | --partials]
 
 For each shape (heads, rows, context; paged cache of 64-row pages unless marked contiguous) every variant
 (a tuning and split count, or the library default) is checked against the default's output, then timed as
@@ -18,13 +18,14 @@ import json
 import os
 import statistics
 import sys
+from dataclasses import replace
 
 import torch
 import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode  # noqa: E402
+from nanomoe_kernels.mla_decode import DecodeTuning, default_tuning, mla_decode  # noqa: E402
 
 from bench.mla_cases import capture_graph  # noqa: E402
 
@@ -50,6 +51,12 @@ ONE_ROW = [  # --one-row: split counts and reduction blocks around the 16-head o
     ((16, 1, 4096, True), {"default": (None, None), "k16": (None, 16),
                            **{f"red{h}x{c}": (DecodeTuning(**KM, reduce_h=h, reduce_c=c), 32)
                               for h, c in ((1, 64), (2, 64), (4, 128))}}),
+]
+
+PARTIALS = [  # --partials: each shape's default against the same tuning with its split partials in bf16
+    (shape, {"default": (None, None), "bf16_partials": ("input_dtype_partials", None)})
+    for shape in ((16, 1, 16384, True), (16, 1, 16384, False), (16, 1, 4096, True), (16, 4, 16384, True),
+                  (16, 32, 16384, True), (128, 1, 16384, True), (128, 4, 16384, True))
 ]
 
 
@@ -96,17 +103,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rep-ms", type=int, default=20)
     ap.add_argument("--one-row", action="store_true", help="the one-row split and reduction sweep instead")
+    ap.add_argument("--partials", action="store_true", help="float32 against bf16 split partials instead")
     args = ap.parse_args()
     x = torch.zeros(1, device="cuda")
     floor = capture_graph(lambda: x.add_(1).mul_(1))     # two one-element kernels: what any 2-kernel replay costs
     floor_us = triton.testing.do_bench(floor.replay, warmup=5, rep=args.rep_ms, return_mode="median") * 1e3
     print(f"two-kernel graph replay: {floor_us:.2f} us", flush=True)
     results = [{"two_kernel_graph_us": round(floor_us, 2)}]
-    for (heads, rows, ctx, paged), variants in (ONE_ROW if args.one_row else SHAPES):
+    for (heads, rows, ctx, paged), variants in (PARTIALS if args.partials else ONE_ROW if args.one_row else SHAPES):
         q, kv, lens, table = make(heads, rows, ctx, paged)
         want = mla_decode(q, kv, lens, C, SCALE, block_table=table)
         graphs, rec = {}, {"heads": heads, "rows": rows, "context": ctx, "paged": paged, "variants": {}}
         for name, (tuning, splits) in variants.items():
+            if tuning == "input_dtype_partials":  # the default tuning of this shape with bf16 partials
+                tuning = replace(default_tuning(heads, rows), input_dtype_partials=True)
             def fn(tuning=tuning, splits=splits, q=q, kv=kv, lens=lens, table=table):
                 return mla_decode(q, kv, lens, C, SCALE, block_table=table, num_splits=splits, tuning=tuning)
             err = float((fn().double() - want.double()).norm() / want.double().norm())
@@ -118,7 +128,8 @@ def main() -> None:
                 rec["variants"][name]["us"].append(round(us, 2))
         for v in rec["variants"].values():
             v["median_us"] = round(statistics.median(v["us"]), 2)
-        rec["kernels"] = {name: kernel_times(graphs[name]) for name in ("default", "km_plain") if name in graphs}
+        rec["kernels"] = {name: kernel_times(graphs[name]) for name in ("default", "km_plain", "bf16_partials")
+                          if name in graphs}
         results.append(rec)
         print(json.dumps(rec), flush=True)
         with open(args.out, "w") as f:
