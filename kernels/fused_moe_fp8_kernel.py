@@ -113,7 +113,7 @@ _launch = Launcher(_moe_gemm_fp8_kernel)
 def check_fp8_config(config: dict, quant_out: bool = False) -> dict:
     """kernels.fused_moe_kernel.check_config plus the FP8 kernel's limits: BLOCK_K = 128 (one scale group
     per K step), BLOCK_N <= 256 (one or two weight blocks per tile), BLOCK_N = 128 when the output is
-    quantised (a row's scale group must be one program's columns), no A_TMA, WARP_SPEC or PERMUTE_A; K_STEPS
+    quantised (a row's scale group must be one program's columns), no A_TMA or PERMUTE_A; K_STEPS
     (default 1) and SWAP_AB (default False) added."""
     cfg = check_config(config)
     if cfg["BLOCK_K"] != GROUP:
@@ -122,9 +122,9 @@ def check_fp8_config(config: dict, quant_out: bool = False) -> dict:
     if cfg["BLOCK_N"] > 2 * GROUP or (quant_out and cfg["BLOCK_N"] != GROUP):
         want = f"{GROUP} (the quantised output's scale group)" if quant_out else f"<= {2 * GROUP}"
         raise ValueError(f"config['BLOCK_N'] must be {want} for FP8, got {cfg['BLOCK_N']}")
-    if cfg["A_TMA"] or cfg["WARP_SPEC"] or cfg["PERMUTE_A"]:
-        raise ValueError("config: A_TMA, WARP_SPEC and PERMUTE_A are not implemented by the FP8 kernel (USE_TMA, "
-                         "for the weights, is)")
+    if cfg["A_TMA"] or cfg["PERMUTE_A"]:
+        raise ValueError("config: A_TMA and PERMUTE_A are not implemented by the FP8 kernel (USE_TMA, for the "
+                         "weights, is)")
     steps = config.get("K_STEPS", 1)
     if steps not in (1, 2, 4) or isinstance(steps, bool):
         raise ValueError(f"config['K_STEPS'] (scale groups per K iteration) must be 1, 2 or 4, got {steps!r}")

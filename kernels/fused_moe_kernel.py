@@ -44,8 +44,7 @@ def _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_ind
                num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm,
                A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr,
                SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, A_TMA: tl.constexpr,
-               EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               WARP_SPEC: tl.constexpr):
+               EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One BLOCK_M x BLOCK_N output tile: aligned rows row0.. (all of one expert) times that expert's
     weight columns pid_n * BLOCK_N..; the epilogues of the module docstring; stores its valid rows."""
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -68,7 +67,7 @@ def _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_ind
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPEC):
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kk * BLOCK_K
         if A_TMA:  # contiguous A rows (the down GEMM): padding rows hold garbage, masked at the store
             a = a_desc.load([row0.to(tl.int32), kk * BLOCK_K])
@@ -118,7 +117,6 @@ def _moe_gemm_kernel(
     MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_TABLE: tl.constexpr, MERGED: tl.constexpr, TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    WARP_SPEC: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -139,13 +137,11 @@ def _moe_gemm_kernel(
         if code >= 0x40000000:
             _gemm_tile(a_ptr, b_ptr, b_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
                        pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
-                       A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, TAIL_M, BLOCK_N, BLOCK_K,
-                       WARP_SPEC)
+                       A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, TAIL_M, BLOCK_N, BLOCK_K)
         else:
             _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
                        pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
-                       A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                       WARP_SPEC)
+                       A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
         return
     if BLOCK_TABLE:
         # kernels.moe_blocks: block pid_m starts at aligned row block_rows[pid_m]; used_ptr = blocks used
@@ -164,7 +160,7 @@ def _moe_gemm_kernel(
         expert = tl.load(block_experts_ptr + row0 // align_m).to(tl.int64)
     _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert, pid_n,
                num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A, A_INDEX, SCATTER_C,
-               SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, WARP_SPEC)
+               SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def runs_interpreted() -> bool:
@@ -176,10 +172,9 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_sta
 
 
 def check_config(config: dict) -> dict:
-    """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, WARP_SPEC and PERMUTE_A default to False,
-    SPLIT_M to 0 = no tail split). WARP_SPEC: Triton's warp specialization of the K loop
-    (tl.range(warp_specialize=True)). PERMUTE_A (kernels/fused_moe.py, the first GEMM): copy the rows into
-    aligned order first and load A through TMA instead of gathering it."""
+    """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL and PERMUTE_A default to False, SPLIT_M to 0 =
+    no tail split). PERMUTE_A (kernels/fused_moe.py, the first GEMM): copy the rows into aligned order first and
+    load A through TMA instead of gathering it."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -195,8 +190,7 @@ def check_config(config: dict) -> dict:
         raise ValueError(f"config['SPLIT_M'] must be 0 or a power of two in [16, BLOCK_M], got {split!r}")
     return {**{k: config[k] for k in CONFIG_KEYS}, "USE_TMA": bool(config.get("USE_TMA", False)),
             "SPLIT_M": 0 if split == config["BLOCK_M"] else split, "A_TMA": bool(config.get("A_TMA", False)),
-            "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "WARP_SPEC": bool(config.get("WARP_SPEC", False)),
-            "PERMUTE_A": bool(config.get("PERMUTE_A", False))}
+            "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "PERMUTE_A": bool(config.get("PERMUTE_A", False))}
 
 
 def _tma_descriptor(w: torch.Tensor, rows: int, block_n: int, block_k: int):
@@ -272,7 +266,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
             A_DIV=a_div, GATHER_A=gather_a, A_INDEX=a_index is not None, SCATTER_C=scatter_c, SWIGLU=swiglu,
             MUL_WEIGHT=row_weights is not None, USE_TMA=use_tma, A_TMA=a_tma, EVEN_K=K % bk == 0,
             BLOCK_TABLE=rows is not None, MERGED=merged and block_m == bm, TAIL_M=tm, BLOCK_M=block_m,
-            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], WARP_SPEC=cfg["WARP_SPEC"], num_warps=cfg["num_warps"],
+            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
 

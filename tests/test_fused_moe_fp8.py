@@ -244,8 +244,8 @@ def test_bad_inputs_name_the_argument():
         call(x, ids, tw, *w, config={**CFG, "K_STEPS": 2})
     with pytest.raises(ValueError, match="K_STEPS.*must be 1, 2 or 4"):
         call(x, ids, tw, *w, config={**CFG, "K_STEPS": 3})
-    for key in ("A_TMA", "WARP_SPEC", "PERMUTE_A"):
-        with pytest.raises(ValueError, match="A_TMA, WARP_SPEC and PERMUTE_A are not implemented by the FP8"):
+    for key in ("A_TMA", "PERMUTE_A"):
+        with pytest.raises(ValueError, match="A_TMA and PERMUTE_A are not implemented by the FP8 kernel"):
             call(x, ids, tw, *w, config={**CFG, key: True})
     with pytest.raises(ValueError, match="topk_weights"):
         call(x, ids, tw[:, :1], *w, config=CFG)

@@ -50,10 +50,9 @@ CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_
            {"up": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2),
             "down": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2),
             "linear": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2)},
-           # main and tail blocks in one launch; the down GEMM's A rows through TMA; the K loop warp-specialised
-           # (the interpreter runs it as a plain loop: this checks the flag's plumbing, the GPU tests its code)
+           # main and tail blocks in one launch; the down GEMM's A rows through TMA
            dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16,
-                MERGE_TAIL=True, USE_TMA=True, A_TMA=True, WARP_SPEC=True),
+                MERGE_TAIL=True, USE_TMA=True, A_TMA=True),
            {"up": dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2, SPLIT_M=16,
                        MERGE_TAIL=True),
             "down": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, A_TMA=True,
@@ -220,8 +219,8 @@ def test_block_tables_cover_each_segment(prob, sizes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_permute_a_and_warp_spec_configs(dtype):
-    """The two configs with PERMUTE_A and WARP_SPEC on fixed problems (the property tests draw configs at random):
+def test_permute_a_configs(dtype):
+    """The PERMUTE_A config, and the merged-tail TMA one, on fixed problems (the property tests draw configs at random):
     fused_moe, and the gathered batch (PERMUTE_A then reads through the index), against the float64 reference."""
     g = torch.Generator().manual_seed(5)
     T, k, E, H, I = 37, 3, 5, 40, 24

@@ -28,12 +28,6 @@ CONFIGS = [None, SMALL, {**SMALL, "USE_TMA": True},
             "down": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
                          USE_TMA=True, A_TMA=True, MERGE_TAIL=True),
             "linear": {**SMALL, "BLOCK_M": 64, "SPLIT_M": 16, "MERGE_TAIL": True}},
-           # the same with the K loops warp-specialised (WARP_SPEC)
-           {"up": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_M=64,
-                       USE_TMA=True, MERGE_TAIL=True, WARP_SPEC=True),
-            "down": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
-                         USE_TMA=True, A_TMA=True, MERGE_TAIL=True, WARP_SPEC=True),
-            "linear": {**SMALL, "BLOCK_M": 64, "SPLIT_M": 16, "MERGE_TAIL": True, "WARP_SPEC": True}},
            # the up GEMM on rows permuted into aligned order, A through TMA (PERMUTE_A)
            {"up": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_M=64,
                        USE_TMA=True, MERGE_TAIL=True, PERMUTE_A=True),

@@ -1,13 +1,14 @@
-"""One GPU: the Triton fused MoE with its K loops warp-specialised (config WARP_SPEC) against the tuned configs.
+"""One GPU: the Triton fused MoE's config variants against the tuned configs (today PERMUTE_A: the up GEMM on rows
+copied into aligned order, A through TMA).
 
-    python bench/gpu/ffn_ws_probe.py --json out.json [--rounds 5]
+    python bench/gpu/ffn_config_probe.py --json out.json [--rounds 5]
 
 DeepSeek-V3 expert dims (H 7168, I 2048), 32 local experts, top-8, T = 1024 and 4096 tokens (the issue's prefill
-sizes). Variants: the tuned configs (kernels/tuned); WARP_SPEC on the up GEMM, the down GEMM or both; PERMUTE_A
-(the up GEMM on rows copied into aligned order, A through TMA) alone and with WARP_SPEC; the tuned tiles
-throughout. Each is checked against the tuned configs' output (bitwise, else relative error), then timed as
-fused_moe calls (align included, the same for all) in interleaved rounds (do_bench median, L2 flushed); the bf16
-matmul ceiling is measured before and after, to see how much the clocks drift.
+sizes), the tuned tiles throughout. Each variant is checked against the tuned configs' output (bitwise, else
+relative error), then timed as fused_moe calls (align included, the same for all) in interleaved rounds
+(do_bench median, L2 flushed); the bf16 matmul ceiling is measured before and after, to see how much the clocks
+drift. (Runs 79-80 of bench/results/gpu_tests_h200.md ran this probe with WARP_SPEC variants too, a config key
+removed since: bench/results/expert_ffn_notes.md.)
 
 Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate.
 """
@@ -35,28 +36,21 @@ E, K_TOP, H, I = 32, 8, 7168, 2048
 def variants(T: int, dev: torch.device) -> dict[str, dict]:
     up = get_config("up", E, I, H, torch.bfloat16, T * K_TOP, dev)
     down = get_config("down", E, H, I, torch.bfloat16, T * K_TOP, dev)
-    ws = {"WARP_SPEC": True}
     return {
         "tuned": {"up": up, "down": down},
-        "ws_down": {"up": up, "down": {**down, **ws}},
-        "ws_up": {"up": {**up, **ws}, "down": down},
-        "ws_both": {"up": {**up, **ws}, "down": {**down, **ws}},
         "permute": {"up": {**up, "PERMUTE_A": True}, "down": down},
-        "permute_ws_up": {"up": {**up, **ws, "PERMUTE_A": True}, "down": down},
-        "permute_ws_both": {"up": {**up, **ws, "PERMUTE_A": True}, "down": {**down, **ws}},
-        "permute_ws_down": {"up": {**up, "PERMUTE_A": True}, "down": {**down, **ws}},
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", default="ffn_ws_probe.json")
+    ap.add_argument("--json", default="ffn_config_probe.json")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rep-ms", type=int, default=150)
     a = ap.parse_args()
     dev = torch.device("cuda")
     w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda")
-    out = {"bench": "ffn_ws_probe", "torch": torch.__version__, "triton": triton.__version__,
+    out = {"bench": "ffn_config_probe", "torch": torch.__version__, "triton": triton.__version__,
            "ceilings_before": measure_ceilings(dev, torch.bfloat16), "cases": []}
     for T in (1024, 4096):
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
