@@ -255,35 +255,41 @@ def unpack_blocks(recv: torch.Tensor, counts: torch.Tensor, xe: torch.Tensor, pa
                 BLOCK=BLOCK_H, num_warps=4)
 
 
-def partial_rows(y: torch.Tensor, pair_rows: torch.Tensor, pair_weights: torch.Tensor, out: torch.Tensor) -> None:
-    """out [R_in, H] = per received row, sum_j pair_weights[r, j] * y[pair_rows[r, j]] (float32; -1 skipped)."""
+def partial_rows(y: torch.Tensor, pair_rows: torch.Tensor, pair_weights: torch.Tensor, out: torch.Tensor,
+                 checked: bool = False) -> None:
+    """out [R_in, H] = per received row, sum_j pair_weights[r, j] * y[pair_rows[r, j]] (float32; -1 skipped).
+    checked: the caller made pair_rows, pair_weights and out itself and checked y (a comm's combine)."""
     R, k = pair_rows.shape
     H = y.shape[1]
-    check_arg("y", y, (y.shape[0], H))
-    check_arg("pair_rows", pair_rows, (R, k), torch.int32)
-    check_arg("pair_weights", pair_weights, (R, k), torch.float32)
-    check_arg("out", out, (R, H), y.dtype)
+    if not checked:
+        check_arg("y", y, (y.shape[0], H))
+        check_arg("pair_rows", pair_rows, (R, k), torch.int32)
+        check_arg("pair_weights", pair_weights, (R, k), torch.float32)
+        check_arg("out", out, (R, H), y.dtype)
     if R:
         _PARTIAL((R, triton.cdiv(H, BLOCK_H)), y, pair_rows, pair_weights, out, H, K=k,
                  KP=_pow2(k), BLOCK=BLOCK_H, num_warps=4)
 
 
 def sum_home(home: torch.Tensor, tab: torch.Tensor | None, pos: torch.Tensor, out: torch.Tensor,
-             block_rows: int = 0) -> None:
+             block_rows: int = 0, checked: bool = False) -> None:
     """out [T, H] = per token, the sum over ranks d with pos[t, d] >= 0 of home's row start_d + pos[t, d]
     (start_d: rows sent to lower ranks, from the send table tab [W, P_local + 2]; with block_rows = BS > 0,
-    fixed blocks: start_d = d * BS + 1 and tab is not read, None allowed); float32 sum."""
+    fixed blocks: start_d = d * BS + 1 and tab is not read, None allowed); float32 sum. checked: the caller
+    made every argument itself (a comm's combine)."""
     T, H = out.shape
     W = pos.shape[1] if pos.dim() == 2 else 0
-    check_arg("home", home, (home.shape[0], H), out.dtype)
-    check_arg("pos", pos, (T, W), torch.int64)
+    if not checked:
+        check_arg("home", home, (home.shape[0], H), out.dtype)
+        check_arg("pos", pos, (T, W), torch.int64)
     if block_rows:
-        if home.shape[0] != W * block_rows:
+        if not checked and home.shape[0] != W * block_rows:
             raise ValueError(f"home must hold W={W} blocks of block_rows={block_rows} rows, got {home.shape[0]}")
         tab, C = pos, 2  # not read
     else:
         C = tab.shape[1]
-        check_arg("tab", tab, (W, C), torch.int64)
+        if not checked:
+            check_arg("tab", tab, (W, C), torch.int64)
     if T:
         _SUM_HOME((T, triton.cdiv(H, BLOCK_H)), home, tab, pos, out, W, H, C - 2, block_rows, int(block_rows > 0),
                   FIXED=block_rows > 0, BLOCK=BLOCK_H, num_warps=4)

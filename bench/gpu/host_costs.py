@@ -4,6 +4,7 @@ decode mode too, at decode sizes, with its graphs (comm/torch_graphs.py) and wit
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
         python bench/gpu/host_costs.py --json $OUT/host_costs.json      # 2 GPUs
+        python bench/gpu/host_costs.py --world-size 1 --tokens 128 --comms torch_decode,torch_decode_nograph
 
 Dimension legend: T tokens per rank, H hidden (7168), E experts (256), k (8), W ranks (2).
 
@@ -159,7 +160,7 @@ def comm_steps(comm, name: str, T: int, dev: torch.device, rounds: int = 30) -> 
         targets += [(torch_graphs, n, f"graphs.{n}") for n in ("acquire", "dispatch", "combine_send", "combine_recv")]
         targets += [(comm, a, a) for a in ("_phys", "_a2a", "_join", "error_word_addr")]
         targets += [(torch_blocks, n, f"blocks.{n}") for n in ("dispatch_send", "dispatch_recv", "combine_recv",
-                                                               "stamp_handle", "_sizes")]
+                                                               "stamp_handle", "new_origin", "_sizes")]
         targets += [(torch_mod, "check_dispatch_args", "check_dispatch_args"),
                     (torch_mod, "check_combine", "check_combine"), (comm.watchdog, "arm", "watchdog.arm")]
         targets += [(ep_rows, n, f"k.{n}") for n in ("pack_blocks", "unpack_blocks", "partial_rows", "sum_home")]
@@ -202,18 +203,22 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     res = {"small_ops_us": small_ops(dev), "comms": {}}
     from nanomoe_fn.comm.nvlink import NvlinkComm
     from nanomoe_fn.comm.torch_dist import TorchComm
+    want = set(args.comms.split(","))
     for T in args.tokens:
         mode = "decode" if T <= 256 else "prefill"
-        comm = NvlinkComm(T, 7168, 8, 256, torch.bfloat16, mode, timeout_s=60)
-        res["comms"][f"nvlink_t{T}"] = comm_steps(comm, "nvlink", T, dev)
-        tc = TorchComm(timeout_s=60)
-        res["comms"][f"torch_t{T}"] = comm_steps(tc, "torch", T, dev)
-        tc.close()
+        if "nvlink" in want:
+            comm = NvlinkComm(T, 7168, 8, 256, torch.bfloat16, mode, timeout_s=60)
+            res["comms"][f"nvlink_t{T}"] = comm_steps(comm, "nvlink", T, dev)
+        if "torch" in want:
+            tc = TorchComm(timeout_s=60)
+            res["comms"][f"torch_t{T}"] = comm_steps(tc, "torch", T, dev)
+            tc.close()
         if mode == "decode":
             for graphs, label in ((True, "torch_decode"), (False, "torch_decode_nograph")):
-                tc = TorchComm(timeout_s=60, max_tokens=T, graphs=graphs)
-                res["comms"][f"{label}_t{T}"] = comm_steps(tc, label, T, dev)
-                tc.close()
+                if label in want:
+                    tc = TorchComm(timeout_s=60, max_tokens=T, graphs=graphs)
+                    res["comms"][f"{label}_t{T}"] = comm_steps(tc, label, T, dev)
+                    tc.close()
     every = [None] * W
     dist.all_gather_object(every, res["comms"])  # each rank's host runs at its own speed: keep both
     res["comms"] = {f"rank{r}": c for r, c in enumerate(every)}
@@ -228,12 +233,21 @@ def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+COMMS = ("nvlink", "torch", "torch_decode", "torch_decode_nograph")
+
+
 def main() -> None:
-    """Parse flags and spawn two ranks."""
+    """Parse flags and spawn the ranks."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
     p.add_argument("--json", default=None)
-    spawn_ranks(run_rank, 2, None, p.parse_args())
+    p.add_argument("--world-size", type=int, default=2, help="ranks, one GPU each (1: the host side alone)")
+    p.add_argument("--comms", default=",".join(COMMS), help=f"comma-separated, of {','.join(COMMS)}")
+    args = p.parse_args()
+    unknown = set(args.comms.split(",")) - set(COMMS)
+    if unknown or args.world_size < 1:
+        p.error(f"--comms: unknown {sorted(unknown)}" if unknown else "--world-size must be >= 1")
+    spawn_ranks(run_rank, args.world_size, None, args)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,13 @@ def _book(comm: Any) -> _HandleBook:
 
 def stamp_handle(comm: Any, batch: ExpertBatch, handle: Handle) -> Handle:
     """handle with its origin: this comm, a new dispatch call number, and the batch it goes with."""
+    T, k = handle.topk_weights.shape
+    return replace(handle, origin=new_origin(comm, batch, T, k))
+
+
+def new_origin(comm: Any, batch: ExpertBatch, tokens: int, top_k: int) -> HandleOrigin:
+    """The origin of a new dispatch on this comm (a new call number) that delivered `batch` for `tokens` tokens
+    of `top_k` pairs: what stamp_handle puts in a handle (or a caller passes to Handle itself)."""
     comm_id = call = 0
     if not torch.compiler.is_compiling():
         book = _book(comm)
@@ -128,10 +135,9 @@ def stamp_handle(comm: Any, batch: ExpertBatch, handle: Handle) -> Handle:
         book.open.add(call)
         if len(book.open) > MAX_OPEN_DISPATCHES:
             book.open.discard(min(book.open))
-    T, k = handle.topk_weights.shape
     rows = (batch.num_rows,) if batch.layout == "gathered" else tuple(batch.x.shape[:-1])
-    origin = HandleOrigin(comm_id, call, comm.name, batch.layout, rows, batch.x.shape[-1], batch.x.dtype, T, k)
-    return replace(handle, origin=origin)
+    return HandleOrigin(comm_id, call, comm.name, batch.layout, rows, batch.x.shape[-1], batch.x.dtype, tokens,
+                        top_k)
 
 
 def check_pending(ok: bool, comm: Any, pending: Any) -> None:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch, Handle, Routing, TokenRowPlan
 from nanomoe_fn.comm import token_rows, torch_graphs
-from nanomoe_fn.comm.plan import check_pending, stamp_handle
+from nanomoe_fn.comm.plan import check_pending, new_origin, stamp_handle
 from nanomoe_fn.eplb.placement import Placement
 
 DEFAULT_MAX_BUFFER_BYTES = 2 << 30  # 2 GiB: decode at DeepSeek-V3 dims (T_max 256, 2 ranks) needs ~1 GB
@@ -98,27 +98,27 @@ def _sizes(comm: Any, hidden: int, dtype: torch.dtype, top_k: int, local_experts
 
 def dispatch_send(comm: Any, x: torch.Tensor, routing: Routing, placement: Placement) -> BlockPending:
     """Pack the token rows into fixed blocks and start the one exchange (no host read)."""
-    phys = comm._phys(x, routing, placement, values=not placement.is_identity)
+    phys = comm._phys(x, routing, placement, values=not placement.is_identity, flat=False)  # [T, k]
     (T, k), H, W, P_local = routing.topk_ids.shape, x.shape[1], comm.world_size, placement.local_experts
     if T > comm.max_tokens:
         raise ValueError(f"x has {T} tokens, more than this torch comm's max_tokens={comm.max_tokens} (its decode "
                          f"mode); build TorchComm(max_tokens=None) for exact splits at any size")
     hm, L = _sizes(comm, H, x.dtype, k, P_local)
-    s = torch_graphs.acquire(comm, x, phys.view(T, k), P_local, hm, L)
+    s = torch_graphs.acquire(comm, x, phys, P_local, hm, L)
     if s is not None:
-        torch_graphs.dispatch(comm, s, x, phys.view(T, k), routing.topk_weights)
+        torch_graphs.dispatch(comm, s, x, phys, routing.topk_weights)
         return BlockPending(s.recv, s.send, torch_graphs.views(comm, s, T).pos, routing.topk_weights, H, hm, None, s)
     BS, kern = comm.max_tokens + 1, comm._kernels(x)
     w = routing.topk_weights.to(torch.float32).contiguous()
     if kern is not None:  # x, ids and weights were checked by _phys; the kernels' own checks are skipped
         send = x.new_zeros((W * BS, L))  # the headers must start at zero (one fill; fewer host calls than a view)
         pos = torch.empty((T, W), dtype=torch.int64, device=x.device)
-        kern.pack_blocks(x.contiguous(), phys.view(T, k), w, pos, send, P_local, hm, checked=True)
+        kern.pack_blocks(x.contiguous(), phys, w, pos, send, P_local, hm, checked=True)
         recv = torch.empty_like(send)
         comm._a2a(recv, send, None, None, DISPATCH, async_op=False)  # on the current stream: no host wait
         inflight = None
     else:
-        pos, send = token_rows.pack_blocks(x, phys.view(T, k), w, P_local, W, hm, L, BS)
+        pos, send = token_rows.pack_blocks(x, phys, w, P_local, W, hm, L, BS)
         recv = torch.empty_like(send)
         inflight = comm._a2a(recv, send, None, None, DISPATCH)
     return BlockPending(recv, send, pos, routing.topk_weights, H, hm, inflight)
@@ -134,7 +134,8 @@ def dispatch_recv(comm: Any, p: Any, local_experts: int) -> tuple[ExpertBatch, H
     if p.graphed is not None:  # unpacked by the replay
         v = torch_graphs.views(comm, p.graphed, p.pos.shape[0])
         batch, splits = v.batch, (BS,) * W
-        handle = stamp_handle(comm, batch, Handle(None, p.topk_weights, None, splits, splits, token_rows=v.plan))
+        origin = new_origin(comm, batch, p.pos.shape[0], k)  # built in place: no dataclasses.replace (host time)
+        handle = Handle(None, p.topk_weights, None, splits, splits, token_rows=v.plan, origin=origin)
         p.graphed.owner = handle.origin.call
         return batch, handle
     if kern is not None:
@@ -168,5 +169,5 @@ def combine_recv(comm: Any, inflight: Any, home: torch.Tensor | None, plan: Toke
     if kern is None:
         return token_rows.sum_home_blocks(home, plan.pos, plan.block_rows)
     out = home.new_empty((plan.pos.shape[0], home.shape[1]))
-    kern.sum_home(home, None, plan.pos, out, block_rows=plan.block_rows)
+    kern.sum_home(home, None, plan.pos, out, block_rows=plan.block_rows, checked=True)
     return out

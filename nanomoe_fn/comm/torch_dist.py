@@ -202,8 +202,10 @@ class TorchComm:
             self.check()  # an absent peer: the error, not the garbage counts
         return self._host_splits.numpy()
 
-    def _phys(self, x: torch.Tensor, routing: Routing, placement: Placement, values: bool = True) -> torch.Tensor:
-        """Checks (ids' values too with `values`); the physical slot of each (token, k) pair, flat [N]."""
+    def _phys(self, x: torch.Tensor, routing: Routing, placement: Placement, values: bool = True,
+              flat: bool = True) -> torch.Tensor:
+        """Checks (ids' values too with `values`); the physical slot of each (token, k) pair, flat [N] (or
+        contiguous [T, k] with flat=False: one view op less, which is host time on the decode path)."""
         self.check()
         check_dispatch_args(x, routing, placement, values=values)
         if placement.world_size != self.world_size:
@@ -211,7 +213,7 @@ class TorchComm:
                              f"group's world size ({self.world_size})")
         # identity: the ids are the slots, int32 or int64 as given (no widening copy)
         ids = routing.topk_ids if placement.is_identity else placement.physical_ids(routing.topk_ids, self.rank)
-        return ids.reshape(-1)
+        return ids.reshape(-1) if flat else ids if ids.is_contiguous() else ids.contiguous()
 
     _kernels = staticmethod(token_rows.kernels_for)
 
@@ -296,7 +298,7 @@ class TorchComm:
         kern = self._kernels(yx)
         if kern is not None:
             part = yx.new_empty((plan.pair_rows.shape[0], yx.shape[1]))
-            kern.partial_rows(yx, plan.pair_rows, plan.pair_weights, part)
+            kern.partial_rows(yx, plan.pair_rows, plan.pair_weights, part, checked=True)
         else:
             part = token_rows.partial_rows(yx, plan.pair_rows, plan.pair_weights)
         home = part.new_empty((sum(handle.send_splits), part.shape[1]))
@@ -315,5 +317,5 @@ class TorchComm:
         if kern is None:
             return token_rows.sum_home(home, plan.tab[:, -2], plan.pos)
         out = home.new_empty((plan.pos.shape[0], home.shape[1]))
-        kern.sum_home(home, plan.tab, plan.pos, out)
+        kern.sum_home(home, plan.tab, plan.pos, out, checked=True)
         return out

@@ -230,7 +230,7 @@ def owned_by(comm: Any, call: int) -> BlockSet | None:
 def combine_send(comm: Any, s: BlockSet, yx: torch.Tensor) -> BlockSet:
     """Partial rows into s.part (yx [P_local * cap, H], the experts' output flat) and replay the exchange (captured
     by the set's first combine)."""
-    comm._kernels(yx).partial_rows(yx, s.pair_rows, s.pair_weights, s.part)
+    comm._kernels(yx).partial_rows(yx, s.pair_rows, s.pair_weights, s.part, checked=True)
     exchange = lambda: comm._a2a(s.home, s.part, None, None, COMBINE, async_op=False)  # noqa: E731
     if s.combine_graph is None and comm.graphs:
         s.combine_graph = _capture(comm, exchange, yx.device)
@@ -245,7 +245,8 @@ def combine_send(comm: Any, s: BlockSet, yx: torch.Tensor) -> BlockSet:
 def combine_recv(comm: Any, s: BlockSet, T: int) -> torch.Tensor:
     """Sum each token's partial rows -> a new [T, H]; then the set is free again."""
     out = s.home.new_empty((T, s.home.shape[1]))
-    comm._kernels(out).sum_home(s.home, None, views(comm, s, T).pos, out, block_rows=comm.max_tokens + 1)
+    comm._kernels(out).sum_home(s.home, None, views(comm, s, T).pos, out, block_rows=comm.max_tokens + 1,
+                                checked=True)
     if s.released is None:
         s.released = torch.cuda.Event()
     s.released.record(torch.cuda.current_stream(out.device))
