@@ -6,8 +6,9 @@ not suffered:
   against the float64 formula; then close() and destroy_process_group, timed;
 - `referenced`: the same, a reference to the static set kept past close() (what the first GPU test did): close()
   must still destroy the graphs, so destroy_process_group returns;
-- `leaked`: no close(), the comm alive at destroy_process_group: NCCL (2.26 on) waits for the graphs of its
-  collectives, so this is expected to hang (recorded as `hung`), which is why close() resets them.
+- `leaked`: no close(), the comm alive at destroy_process_group. With two or more ranks NCCL (2.26 on) waits there
+  for the graphs of its collectives (recorded as `hung`); at one rank it returned (runs 78 and 84 on an H200,
+  NCCL 2.28.9: a one-rank exchange leaves no persistent NCCL plan), so this probe cannot show the hazard alone.
 
     python bench/gpu/torch_graphs_probe.py --json out.json
 
