@@ -1,6 +1,7 @@
 """Few-row and paged MLA decode on one GPU: tunings A/B in interleaved rounds, and where a call's time goes.
 
-    python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row | --partials]
+    python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row | --partials
+    | --partials-one-row]
 
 For each shape (heads, rows, context; paged cache of 64-row pages unless marked contiguous) every variant
 (a tuning and split count, or the library default) is checked against the default's output, then timed as
@@ -58,6 +59,12 @@ PARTIALS = [  # --partials: each shape's default against the same tuning with it
     for shape in ((16, 1, 16384, True), (16, 1, 16384, False), (16, 1, 4096, True), (16, 4, 16384, True),
                   (16, 32, 16384, True), (128, 1, 16384, True), (128, 4, 16384, True))
 ]
+BF16_KM = dict(KM, input_dtype_partials=True)
+PARTIALS_ONE_ROW = [  # --partials-one-row: bf16 partials with reduction blocks (heads x columns) around 1 x 32
+    (shape, {"default": (None, None), **{f"bf16_red{h}x{c}": (DecodeTuning(**BF16_KM, reduce_h=h, reduce_c=c), k)
+                                         for h, c in ((1, 32), (1, 64), (2, 32), (1, 16), (2, 64))}})
+    for shape, k in (((16, 1, 16384, True), 128), ((16, 1, 16384, False), 128), ((16, 1, 4096, True), 32))
+]
 
 
 def make(heads: int, rows: int, ctx: int, paged: bool):
@@ -104,13 +111,16 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=int, default=20)
     ap.add_argument("--one-row", action="store_true", help="the one-row split and reduction sweep instead")
     ap.add_argument("--partials", action="store_true", help="float32 against bf16 split partials instead")
+    ap.add_argument("--partials-one-row", action="store_true", help="bf16 partials' reduction blocks, one row")
     args = ap.parse_args()
     x = torch.zeros(1, device="cuda")
     floor = capture_graph(lambda: x.add_(1).mul_(1))     # two one-element kernels: what any 2-kernel replay costs
     floor_us = triton.testing.do_bench(floor.replay, warmup=5, rep=args.rep_ms, return_mode="median") * 1e3
     print(f"two-kernel graph replay: {floor_us:.2f} us", flush=True)
     results = [{"two_kernel_graph_us": round(floor_us, 2)}]
-    for (heads, rows, ctx, paged), variants in (PARTIALS if args.partials else ONE_ROW if args.one_row else SHAPES):
+    cases = (PARTIALS_ONE_ROW if args.partials_one_row else PARTIALS if args.partials else ONE_ROW if args.one_row
+             else SHAPES)
+    for (heads, rows, ctx, paged), variants in cases:
         q, kv, lens, table = make(heads, rows, ctx, paged)
         want = mla_decode(q, kv, lens, C, SCALE, block_table=table)
         graphs, rec = {}, {"heads": heads, "rows": rows, "context": ctx, "paged": paged, "variants": {}}
@@ -128,7 +138,8 @@ def main() -> None:
                 rec["variants"][name]["us"].append(round(us, 2))
         for v in rec["variants"].values():
             v["median_us"] = round(statistics.median(v["us"]), 2)
-        rec["kernels"] = {name: kernel_times(graphs[name]) for name in ("default", "km_plain", "bf16_partials")
+        rec["kernels"] = {name: kernel_times(graphs[name])
+                          for name in ("default", "km_plain", "bf16_partials", "bf16_red1x32", "bf16_red1x64")
                           if name in graphs}
         results.append(rec)
         print(json.dumps(rec), flush=True)
