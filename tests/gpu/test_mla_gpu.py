@@ -117,6 +117,28 @@ def test_decode_bf16_few_rows(heads, batch, paged):
         assert batch == 1 or (out[3] == 0).all()
 
 
+@pytest.mark.parametrize("heads,batch", [(16, 1), (16, 32), (128, 4)])
+def test_decode_bf16_partials(heads, batch):
+    """input_dtype_partials (split partials stored in bf16) on each shape's default tuning, L = 16k, paged, the
+    default split count and 3: against float64."""
+    from dataclasses import replace
+
+    from nanomoe_kernels.mla_decode import default_tuning, mla_decode
+
+    g = torch.Generator(device="cuda").manual_seed(heads + batch)
+    L, C, DR = 16384, 512, 64
+    kv = torch.randn(batch, L, C + DR, device="cuda", generator=g).bfloat16()
+    q = torch.randn(batch, heads, C + DR, device="cuda", generator=g).bfloat16()
+    ctx = torch.tensor([L, 9000, 77, 0] * (batch // 4) if batch >= 4 else [L], dtype=torch.int32, device="cuda")
+    want = latent_decode_f64(q, kv, ctx, C, 0.1352)
+    pages, table = paged_copy(kv, 64, g)
+    tuning = replace(default_tuning(heads, batch), input_dtype_partials=True)
+    for splits in (None, 3):
+        out = mla_decode(q, pages, ctx, C, 0.1352, block_table=table, num_splits=splits, tuning=tuning)
+        live = ctx > 0
+        assert rel_err(out[live], want[live]) < BF16_TOL and (out[~live] == 0).all()
+
+
 def test_decode_matches_loop_oracle():
     from nanomoe_kernels.mla_decode import mla_decode
 
