@@ -27,8 +27,9 @@ their outputs are bitwise equal (tests/gpu/test_torch_graphs_gpu.py). A replayed
 eager calls (one watchdog entry per dispatch and per combine, armed after the replay).
 
 Teardown: NCCL (2.26 on) destroys a communicator only after every CUDA graph that captured its collectives is
-destroyed, so `destroy_process_group()` waits forever while such a graph lives (this is what hung the first GPU
-test of this module: it kept a reference to a set past destroy_process_group). `TorchComm.close()` destroys the
+destroyed, so `destroy_process_group()` waits forever while such a graph lives (most likely what hung the first
+GPU test of this module, which kept a reference to a set past destroy_process_group; not yet confirmed on two
+GPUs). `TorchComm.close()` destroys the
 comm's graphs (`drop`, which resets them even where a set is still referenced); call it before
 destroy_process_group. That rule is why graphs are opt-in. A comm with graphs that was never closed has them
 destroyed at interpreter exit (an atexit hook, which runs before torch tears the process groups down).

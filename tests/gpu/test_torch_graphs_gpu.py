@@ -1,8 +1,8 @@
 """The torch comm's decode mode replayed from CUDA graphs (comm/torch_graphs.py) on 2 GPUs over NCCL.
 
-Run 77 hung here: the ranks kept a reference to a static set (its graphs) past destroy_process_group, which NCCL
-holds until every graph of its collectives is destroyed. close() now resets the graphs; the ranks dump their
-stacks (faulthandler) before the bound, so a hang names its line.
+Run 77 hung here, most likely because the ranks kept a reference to a static set (its graphs) past
+destroy_process_group, which NCCL holds until every graph of its collectives is destroyed. close() now resets the
+graphs; the ranks dump their stacks (faulthandler) before the bound, so a hang would name its line.
 
 Per drawn case (hidden, experts, top-k, dtype, id dtype, max_tokens, a sequence of token counts that repeat,
 uniform or skewed routing) every rank runs the same calls on two comms: `graphs=True` and `graphs=False`. Each
