@@ -204,13 +204,12 @@ class TorchComm:
 
     def _phys(self, x: torch.Tensor, routing: Routing, placement: Placement, values: bool = True,
               flat: bool = True) -> torch.Tensor:
-        """Checks (ids' values too with `values`); the physical slot of each (token, k) pair, flat [N] (or
-        contiguous [T, k] with flat=False: one view op less, which is host time on the decode path)."""
+        """Checks (ids' values too with `values`); each pair's physical slot, flat [N] or [T, k] (flat=False)."""
         self.check()
         check_dispatch_args(x, routing, placement, values=values)
         if placement.world_size != self.world_size:
-            raise ValueError(f"placement.world_size ({placement.world_size}) must equal the process "
-                             f"group's world size ({self.world_size})")
+            raise ValueError(f"placement.world_size ({placement.world_size}) must equal the process group's world "
+                             f"size ({self.world_size})")
         # identity: the ids are the slots, int32 or int64 as given (no widening copy)
         ids = routing.topk_ids if placement.is_identity else placement.physical_ids(routing.topk_ids, self.rank)
         return ids.reshape(-1) if flat else ids if ids.is_contiguous() else ids.contiguous()
