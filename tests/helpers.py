@@ -23,6 +23,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MIN_MARGIN = 2e-5
 
 
+# every multi-GPU test's environment: NVLink multicast off (it can take the shared host's GPUs out of service)
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output") -> None:
     """NaN/Inf first, then shape, then norm-wise relative error within the dtype's tolerance."""
     assert torch.isfinite(out).all(), f"{what} has NaN/Inf"

@@ -106,8 +106,8 @@ def dispatch_send(comm: Any, x: torch.Tensor, routing: Routing, placement: Place
     hm, L = _sizes(comm, H, x.dtype, k, P_local)
     s = torch_graphs.acquire(comm, x, phys, P_local, hm, L)
     if s is not None:
-        torch_graphs.dispatch(comm, s, x, phys, routing.topk_weights)
-        return BlockPending(s.recv, s.send, torch_graphs.views(comm, s, T).pos, routing.topk_weights, H, hm, None, s)
+        v = torch_graphs.dispatch(comm, s, x, phys, routing.topk_weights)
+        return BlockPending(s.recv, s.send, v.pos, routing.topk_weights, H, hm, None, s)
     BS, kern = comm.max_tokens + 1, comm._kernels(x)
     w = routing.topk_weights.to(torch.float32).contiguous()
     if kern is not None:  # x, ids and weights were checked by _phys; the kernels' own checks are skipped

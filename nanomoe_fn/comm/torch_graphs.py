@@ -179,10 +179,11 @@ def _capture(comm: Any, body: Any, device: torch.device) -> Any:
     return graph
 
 
-def dispatch(comm: Any, s: BlockSet, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
+def dispatch(comm: Any, s: BlockSet, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> TokenViews:
     """Copy the inputs into s and run pack, the exchange and unpack on s: replayed from the graph of this T, or
     eagerly the first time (compiles the kernels for these buffers, warms the communicator; the second call
-    captures). s.xe, s.counts, s.pairs and s.pos[:T] are then this dispatch's. x [T, H], ids [T, k], w [T, k]."""
+    captures). s.xe, s.counts, s.pairs and s.pos[:T] are then this dispatch's; returns s's views for T.
+    x [T, H], ids [T, k], w [T, k]."""
     T = ids.shape[0]
     v = views(comm, s, T)
     v.x.copy_(x)
@@ -207,6 +208,7 @@ def dispatch(comm: Any, s: BlockSet, x: torch.Tensor, ids: torch.Tensor, w: torc
     if graph is not None:
         graph.replay()
     comm.watchdog.arm(DISPATCH, device=x.device)
+    return v
 
 
 def views(comm: Any, s: BlockSet, T: int) -> TokenViews:

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from nanomoe_fn import MoEParams, moe_layer, shard_moe_params
 from nanomoe_fn.comm.launch import free_port
 from tests.dist_worker import case_inputs, case_placement
-from tests.helpers import MIN_MARGIN, TOL, assert_close_to_ref, reference_layer
+from tests.helpers import MIN_MARGIN, NO_MULTICAST, TOL, assert_close_to_ref, reference_layer
 
 
 def _deep_ep_error() -> str | None:
@@ -46,7 +46,6 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(_deep_ep_error() is not None, reason="deep_ep (DeepEP v1.2.1) is not importable")]
 
 W = 2
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 WALL_S = float(os.environ.get("NANOMOE_DEEPEP_WALL_S", "240"))
 BACKENDS = ("bmm", "triton")
 MODES = ("normal", "low_latency")

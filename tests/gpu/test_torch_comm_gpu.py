@@ -34,13 +34,12 @@ from nanomoe_fn.comm.torch_dist import TorchComm
 from nanomoe_fn.comm.torch_fixed import TorchFixedComm
 from nanomoe_fn.moe.route import route
 from tests.dist_worker import case_inputs, case_placement
-from tests.helpers import MIN_MARGIN, assert_close_to_ref, graph_replays, reference_layer, spawn_bounded
+from tests.helpers import MIN_MARGIN, NO_MULTICAST, assert_close_to_ref, graph_replays, reference_layer, spawn_bounded
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
 W = 2
 COMMS = ("torch", "torch_fixed", "torch_decode", "torch_graphs")  # torch_graphs: the decode mode, graphs=True
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def gpu_cases() -> list[dict]:

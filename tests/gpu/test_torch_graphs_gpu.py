@@ -33,12 +33,11 @@ import torch.distributed as dist
 
 from nanomoe_fn import ExpertBatch, Placement, Routing, TorchComm, combine, dispatch
 from nanomoe_fn.comm.launch import free_port
-from tests.helpers import spawn_bounded
+from tests.helpers import NO_MULTICAST, spawn_bounded
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
 W = 2
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def cases() -> list[dict]:
