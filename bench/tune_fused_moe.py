@@ -123,6 +123,7 @@ class Case:
 
     def whole(self, first: dict, down: dict | None) -> Callable[[], torch.Tensor]:
         """The whole FFN with these configs (aligned to the smaller SPLIT_M / BLOCK_M) -> [T*k, H_out], pair order."""
+        first, down = check_config(first), down if down is None else check_config(down)  # every key present
         tm = min(c["SPLIT_M"] or c["BLOCK_M"] for c in (first, down) if c is not None)
         al = moe_align(self.ids, self.E, tm)
         return lambda: fused_moe_aligned(self.x, al, self.w, self.type, first, down, a_div=self.k,

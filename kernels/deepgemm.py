@@ -13,12 +13,14 @@ DeepGEMM computes D = A @ B[g].T per group g, bf16 in, bf16 out:
 The whole SwiGLU expert FFN here is two grouped GEMMs plus Triton glue (kernels/moe_permute.py):
 `permute_rows` gathers rows into the padded order and writes m_indices, `silu_mul` is silu(gate) * up
 in float32 rounded to bf16 (padding rows skipped), `unpermute_sum` reads each token's rows back and
-sums them with the top-k weights. No host sync anywhere: with an alignment made ahead (or moe_align
-inside the capture) the whole path captures into a CUDA graph. Entry points mirror kernels/fused_moe:
+sums them with the top-k weights. At prefill sizes the two GEMMs run in the masked layout instead
+(`with_capacity` places expert e's aligned rows at e * cap; one host read of the largest count gives cap):
+see masked_capacity. The contiguous path has no host sync: with an alignment made ahead (or
+moe_align inside the capture) it captures into a CUDA graph. Entry points mirror kernels/fused_moe:
 `deepgemm_fused_moe` (x [T, H] + top-k routing -> [T, H]), `deepgemm_moe_contiguous`,
 `deepgemm_moe_gathered` and `deepgemm_moe_masked`.
 Known-good build: sgl-deep-gemm 0.1.4.post1 with apache-tvm-ffi 0.1.11 on torch 2.11 (0.1.5.post3 to
-0.2.2 load but misread tensors; see ANCHORS.md). `supports` says why DeepGEMM cannot run.
+0.2.2 load there but misread tensors). `supports` says why DeepGEMM cannot run.
 """
 
 from __future__ import annotations
@@ -28,10 +30,23 @@ import functools
 import torch
 from nanomoe_kernels.checks import check_routing, check_values
 from nanomoe_kernels.moe_align import Alignment, moe_align, moe_align_contiguous
+from nanomoe_kernels.moe_capacity import with_capacity
 from nanomoe_kernels.moe_permute import permute_rows, silu_mul, unpermute_sum
 
-# versions that import but compute wrong results on the GPU machine's torch (ANCHORS.md)
+# versions that import but compute wrong results on the GPU machine's torch 2.11
 _BAD_VERSIONS = ("0.1.5", "0.1.6", "0.1.7", "0.2.0", "0.2.1", "0.2.2")
+LAYOUTS = ("auto", "contiguous", "masked")
+# layout "auto". The contiguous layout sizes its buffers for the worst padding, N + E * (A - 1) rows, and
+# DeepGEMM's contiguous kernel spends about as long on the blocks past the used rows as on real ones; the
+# masked layout computes only each expert's blocks (1.06-1.67x faster GEMMs at 1024-4096 tokens of
+# DeepSeek-V3 on an H200, bench/results/expert_ffn_notes.md) but needs its capacity on the host: one read of
+# the largest count, after which DeepGEMM's own host work (~0.2 ms a launch) is no longer hidden. So "auto"
+# takes the masked layout when the batch has prefill sizes (MASKED_ROWS_PER_EXPERT rows per expert on average)
+# and the contiguous layout's spare rows (beyond an average padding of A / 2) would cost at least
+# MASKED_MIN_SPARE_FLOP; never while a CUDA graph is captured or under torch.compile (no host read there),
+# nor when skewed routing would make the masked buffers more than twice the contiguous ones
+MASKED_ROWS_PER_EXPERT = 64
+MASKED_MIN_SPARE_FLOP = 0.25e12  # ~0.4 ms of bf16 GEMM on an H200
 
 
 def probe_deep_gemm(fns: tuple[str, ...]) -> tuple[object | None, str]:
@@ -131,14 +146,14 @@ def _check_alignment(align: Alignment, num_rows: int) -> None:
 
 def deepgemm_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        weights: tuple[torch.Tensor, ...], align: Alignment | None = None,
-                       validate: bool = False) -> torch.Tensor:
+                       validate: bool = False, layout: str = "auto") -> torch.Tensor:
     """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H] bf16 -> [T, H] (the contract
     of kernels.fused_moe.fused_moe, SwiGLU experts).
 
     align: moe_align(topk_ids, E, alignment()) made ahead (a bench timing the FFN alone, or a CUDA graph
-    replaying with fixed routing); None aligns here. The weighted k-sum is in float32,
-    rounded once. Ids outside [0, E) are an error with validate=True (async on GPUs); otherwise their
-    pairs add nothing."""
+    replaying with fixed routing); None aligns here. layout: "contiguous", "masked" or "auto" (the rule
+    above MASKED_ROWS_PER_EXPERT). The weighted k-sum is in float32, rounded once. Ids outside [0, E) are an error
+    with validate=True (async on GPUs); otherwise their pairs add nothing."""
     _require(x, tuple(weights))
     w13, w2 = weights
     E = w13.shape[0]
@@ -153,12 +168,49 @@ def deepgemm_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
     _check_alignment(align, T * k)
     if T == 0:
         return x.new_zeros((0, x.shape[1]))
-    a, m_indices = permute_rows(x, align, a_div=k)
-    return unpermute_sum(deepgemm_grouped_ffn(a, m_indices, w13, w2), align, T, k, topk_weights)
+    y, align = _grouped_rows(x, align, k, None, w13, w2, layout)
+    return unpermute_sum(y, align, T, k, topk_weights)
+
+
+def masked_capacity(align: Alignment, E: int, layout: str, flop_per_row: float = 0.0, A: int | None = None) -> int:
+    """Rows per expert of the masked layout (a multiple of DeepGEMM's alignment A, asked when None) for the
+    rows `align` sorts, or 0 where `layout` means the contiguous one. "auto" follows the rule above
+    MASKED_ROWS_PER_EXPERT; flop_per_row: the FFN's FLOPs per row (6 H I for SwiGLU)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    N = align.num_rows
+    A = alignment() if A is None and layout != "contiguous" else A
+    if layout == "contiguous":
+        return 0
+    if layout == "auto":
+        spare = N + min(E, N) * (A - 1) - (N + E * A // 2)  # rows past the average padding
+        if (N < MASKED_ROWS_PER_EXPERT * E or spare * flop_per_row < MASKED_MIN_SPARE_FLOP
+                or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+                or torch.compiler.is_compiling()):
+            return 0
+    step = max(A, align.block_m)  # with_capacity wants whole blocks
+    cap = -(-int(align.padded_counts.max()) // step) * step  # the one host read of this path
+    # auto: skewed routing would make E * cap rows far more than the contiguous layout's bound
+    return cap if layout == "masked" or E * cap <= 2 * (N + E * A) else 0
+
+
+def _grouped_rows(x: torch.Tensor, align: Alignment, a_div: int, a_index: torch.Tensor | None,
+                  w13: torch.Tensor, w2: torch.Tensor, layout: str) -> tuple[torch.Tensor, Alignment]:
+    """(y, the alignment y's rows follow): the SwiGLU FFN of the aligned rows of x, in DeepGEMM's masked
+    layout (y [E * cap, H]) or its contiguous one (y [R, H]); see masked_capacity."""
+    E = w13.shape[0]
+    cap = masked_capacity(align, E, layout, flop_per_row=6.0 * w13.shape[2] * w2.shape[2])
+    if cap == 0:
+        a, m_indices = permute_rows(x, align, a_div=a_div, a_index=a_index)
+        return deepgemm_grouped_ffn(a, m_indices, w13, w2), align
+    al, live = with_capacity(align, cap)
+    a, _ = permute_rows(x, al, a_div=a_div, a_index=a_index)
+    y = deepgemm_moe_masked(a.view(E, cap, -1), live, (w13, w2), expected_m=max(1, align.num_rows // E))
+    return y.reshape(E * cap, -1), al
 
 
 def _batch_ffn(rows: torch.Tensor, index: torch.Tensor | None, N: int, counts: torch.Tensor,
-               weights: tuple[torch.Tensor, ...], validate: bool) -> torch.Tensor:
+               weights: tuple[torch.Tensor, ...], validate: bool, layout: str) -> torch.Tensor:
     """[N, H], batch row i = expert(rows[i]) (rows[index[i]] with an index); see the two callers."""
     _require(rows, tuple(weights))
     w13, w2 = weights
@@ -171,22 +223,24 @@ def _batch_ffn(rows: torch.Tensor, index: torch.Tensor | None, N: int, counts: t
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     align = moe_align_contiguous(counts, N, alignment(), validate=validate)
-    a, m_indices = permute_rows(rows, align, a_index=index)
-    return unpermute_sum(deepgemm_grouped_ffn(a, m_indices, w13, w2), align, N, 1)
+    y, align = _grouped_rows(rows, align, 1, index, w13, w2, layout)
+    return unpermute_sum(y, align, N, 1)
 
 
 def deepgemm_moe_contiguous(rows: torch.Tensor, counts: torch.Tensor, weights: tuple[torch.Tensor, ...],
-                            validate: bool = False) -> torch.Tensor:
+                            validate: bool = False, layout: str = "auto") -> torch.Tensor:
     """rows [N, H] sorted by expert, counts [E] -> [N, H] (row i = its expert's SwiGLU FFN, no weighting).
 
-    Pads each expert's rows to `alignment()` (permute_rows), runs `deepgemm_grouped_ffn` and reads the
-    rows back (unpermute_sum); no host sync. Rows past sum(counts) come back as zeros.
+    Pads each expert's rows to `alignment()` (permute_rows), runs the two grouped GEMMs in DeepGEMM's
+    contiguous or masked layout (`layout`: the rule above MASKED_ROWS_PER_EXPERT) and reads the rows back
+    (unpermute_sum). Rows past sum(counts) come back as zeros.
     """
-    return _batch_ffn(rows, None, rows.shape[0] if rows.dim() == 2 else 0, counts, weights, validate)
+    return _batch_ffn(rows, None, rows.shape[0] if rows.dim() == 2 else 0, counts, weights, validate, layout)
 
 
 def deepgemm_moe_gathered(rows: torch.Tensor, index: torch.Tensor, counts: torch.Tensor,
-                          weights: tuple[torch.Tensor, ...], validate: bool = False) -> torch.Tensor:
+                          weights: tuple[torch.Tensor, ...], validate: bool = False,
+                          layout: str = "auto") -> torch.Tensor:
     """rows [G, H] token rows, index [N] int32/int64 in [0, G), counts [E] -> [N, H], row i =
     expert(rows[index[i]]): deepgemm_moe_contiguous on rows[index] without making it (permute_rows
     reads through the index). validate=True checks the index (async on GPUs)."""
@@ -197,7 +251,7 @@ def deepgemm_moe_gathered(rows: torch.Tensor, index: torch.Tensor, counts: torch
     if validate and index.numel():
         lo, hi = torch.aminmax(index)
         check_values((lo >= 0) & (hi < rows.shape[0]), f"index must lie in [0, {rows.shape[0]}) (the rows)")
-    return _batch_ffn(rows, index.contiguous(), index.shape[0], counts, weights, validate)
+    return _batch_ffn(rows, index.contiguous(), index.shape[0], counts, weights, validate, layout)
 
 
 def deepgemm_moe_masked(x: torch.Tensor, counts: torch.Tensor, weights: tuple[torch.Tensor, ...],

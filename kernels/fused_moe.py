@@ -20,8 +20,9 @@ Rows that no expert owns (past sum(counts), or past counts[e] in the masked layo
 
 Block configs come from kernels/tuned/*.json, one file per (op, E, N, K, dtype, GPU name) with entries
 keyed by M; the nearest M (in log scale) wins. The directory is read once, when this module is imported
-(`TABLES`), so a forward only looks up a dict; a missing table falls back to `default_config` with a
-warning once per table name. `config=` overrides: a flat dict for every GEMM or {"up"/"down"/"linear":
+(`TABLES`), so a forward only looks up a dict; a missing table borrows the nearest tuned expert count's at
+the same rows per expert, or falls back to `default_config` with a warning once per table name.
+`config=` overrides: a flat dict for every GEMM or {"up"/"down"/"linear":
 dict}; keys BLOCK_M/N/K, GROUP_M, num_warps, num_stages, USE_TMA (weights through TMA), SPLIT_M (pad
 experts to SPLIT_M rows and run the BLOCK_M blocks plus SPLIT_M-row tail blocks; 0 = pad to BLOCK_M).
 """
@@ -98,13 +99,29 @@ def default_config(op: str, M: int, E: int) -> dict:
                 SPLIT_M=64 if per_expert >= 128 else 0)
 
 
+def _sibling_table(op: str, E: int, N: int, K: int, dtype: torch.dtype, dev: str) -> tuple[int, dict] | None:
+    """(E', table) for the same GEMM over another expert count E' (the nearest in log scale), or None."""
+    names = {e: config_name(op, e, N, K, dtype, dev) for e in (2 ** i for i in range(11))}
+    have = [e for e, name in names.items() if TABLES.get(name)]
+    if not have:
+        return None
+    e = min(have, key=lambda e: abs(math.log(e) - math.log(max(E, 1))))
+    return e, TABLES[names[e]]
+
+
 def get_config(op: str, E: int, N: int, K: int, dtype: torch.dtype, M: int, device: torch.device) -> dict:
-    """The tuned config nearest to M rows for this GEMM on this device, else `default_config`."""
-    name = config_name(op, E, N, K, dtype, _device_name(device))
-    table = TABLES.get(name)
+    """The tuned config nearest to M rows for this GEMM on this device; without a table for E, the table of
+    the nearest tuned expert count E' (powers of two) at the same rows per expert (M * E' / E), since the tile
+    follows the rows per expert; else `default_config`."""
+    dev = _device_name(device)
+    table = TABLES.get(config_name(op, E, N, K, dtype, dev))
     if not table:
-        _warn_default(name)
-        return check_config(default_config(op, M, E))
+        sibling = _sibling_table(op, E, N, K, dtype, dev)
+        if sibling is None:
+            _warn_default(config_name(op, E, N, K, dtype, dev))
+            return check_config(default_config(op, M, E))
+        e, table = sibling
+        M = M * e / max(E, 1)
     lm = math.log(max(M, 1))
     return table[min(table, key=lambda m: abs(math.log(m) - lm))]
 

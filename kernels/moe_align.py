@@ -20,6 +20,8 @@ Three layouts:
   expert writes its rows' ids and padding, no sort.
 - masked (`moe_align_masked`): x [E, cap, H] flattened to E*cap rows; expert e owns rows
   e*cap .. e*cap + counts[e]. Same kernel as contiguous with fixed row starts.
+kernels/moe_capacity.py moves any of these to fixed strides (expert e's aligned rows at e*cap: the masked
+layout).
 Ids outside [0, E) and counts outside their range are dropped by the kernels (never read, never
 computed). With `validate=True` the wrappers check them: ValueError at once on the CPU, an
 asynchronous device assert on a GPU (no host sync; it surfaces at the next synchronisation).
@@ -266,3 +268,4 @@ def moe_align_masked(counts: torch.Tensor, capacity: int, block_m: int, validate
         check_values(((counts >= 0) & (counts <= capacity)).all(),
                       f"counts must lie in [0, capacity={capacity}]")
     return _align_counts(counts, block_m, counts.shape[0] * capacity, capacity, masked=True)
+

@@ -12,6 +12,7 @@ Tables are device tensors of static size (no host sync): `main_rows[NM]` (first 
 block), `main_experts[NM]`, `tail_rows[NT]`, `tail_experts[NT]`, `counts[2]` = (main, tail) used, and
 the merged list for a single launch: `merged_rows[NM + NT]`, `merged_codes[NM + NT]` = expert | 2^30
 for a tail block, each expert's main blocks followed by its tail blocks (so they run side by side).
+One launch fills all three lists, BB entries per program.
 """
 
 from __future__ import annotations
@@ -40,30 +41,34 @@ class BlockTables(NamedTuple):
 
 @triton.jit
 def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, tail_experts_ptr,
-                   counts_ptr, merged_rows_ptr, merged_codes_ptr, E, BM: tl.constexpr, TM: tl.constexpr,
-                   NBIN: tl.constexpr, BB: tl.constexpr):
+                   counts_ptr, merged_rows_ptr, merged_codes_ptr, E, P_MAIN, P_TAIL, BM: tl.constexpr,
+                   TM: tl.constexpr, NBIN: tl.constexpr, BB: tl.constexpr):
+    # BB entries per program: programs [0, P_MAIN) of the main list, the next P_TAIL of the tail list, the
+    # rest of the merged list; each recomputes the per-expert sums (NBIN values) instead of waiting on another
+    pid = tl.program_id(0)
     bins = tl.arange(0, NBIN)
     live = bins < E
     padded = tl.load(padded_ptr + bins, mask=live, other=0)
     seg_start = tl.cumsum(padded, axis=0) - padded
     n_main = padded // BM
     n_tail = (padded - n_main * BM) // TM
-    main_end = tl.cumsum(n_main, axis=0)
-    tail_end = tl.cumsum(n_tail, axis=0)
-    tl.store(counts_ptr, tl.sum(n_main, axis=0))
-    tl.store(counts_ptr + 1, tl.sum(n_tail, axis=0))
-    _fill_range(main_rows_ptr, main_experts_ptr, tl.sum(n_main, axis=0), main_end, main_end - n_main,
-                seg_start, BM, live, bins, BB)
-    _fill_range(tail_rows_ptr, tail_experts_ptr, tl.sum(n_tail, axis=0), tail_end, tail_end - n_tail,
-                seg_start + n_main * BM, TM, live, bins, BB)
-    # merged: expert e's entries are its n_main main blocks, then its n_tail tail blocks
-    n_all = n_main + n_tail
-    all_end = tl.cumsum(n_all, axis=0)
-    all_start = all_end - n_all
-    used_all = tl.sum(n_all, axis=0)
-    i_ = tl.arange(0, BB)
-    for i0 in range(0, used_all, BB):
-        i = i0 + i_
+    if pid == 0:
+        tl.store(counts_ptr, tl.sum(n_main, axis=0))
+        tl.store(counts_ptr + 1, tl.sum(n_tail, axis=0))
+    if pid < P_MAIN:
+        main_end = tl.cumsum(n_main, axis=0)
+        _fill_chunk(main_rows_ptr, main_experts_ptr, pid * BB, tl.sum(n_main, axis=0), main_end,
+                    main_end - n_main, seg_start, BM, live, bins, BB)
+    elif pid < P_MAIN + P_TAIL:
+        tail_end = tl.cumsum(n_tail, axis=0)
+        _fill_chunk(tail_rows_ptr, tail_experts_ptr, (pid - P_MAIN) * BB, tl.sum(n_tail, axis=0), tail_end,
+                    tail_end - n_tail, seg_start + n_main * BM, TM, live, bins, BB)
+    else:
+        # merged: expert e's entries are its n_main main blocks, then its n_tail tail blocks
+        n_all = n_main + n_tail
+        all_end = tl.cumsum(n_all, axis=0)
+        all_start = all_end - n_all
+        i = (pid - P_MAIN - P_TAIL) * BB + tl.arange(0, BB)
         owner = tl.sum(((all_end[None, :] <= i[:, None]) & live[None, :]).to(tl.int32), axis=1)
         sel = bins[None, :] == owner[:, None]
         j = i - tl.sum(tl.where(sel, all_start[None, :], 0), axis=1)
@@ -71,22 +76,21 @@ def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, t
         seg = tl.sum(tl.where(sel, seg_start[None, :], 0), axis=1)
         tail = j >= nm
         row = seg + tl.where(tail, nm * BM + (j - nm) * TM, j * BM)
-        tl.store(merged_rows_ptr + i, row, mask=i < used_all)
-        tl.store(merged_codes_ptr + i, owner | tl.where(tail, 0x40000000, 0), mask=i < used_all)
+        ok = i < tl.sum(n_all, axis=0)
+        tl.store(merged_rows_ptr + i, row, mask=ok)
+        tl.store(merged_codes_ptr + i, owner | tl.where(tail, 0x40000000, 0), mask=ok)
 
 
 @triton.jit
-def _fill_range(rows_ptr, experts_ptr, used, ends, starts, seg_first, step, live, bins, BB: tl.constexpr):
+def _fill_chunk(rows_ptr, experts_ptr, i0, used, ends, starts, seg_first, step, live, bins, BB: tl.constexpr):
     # entry i belongs to expert e with starts[e] <= i < ends[e]: row = seg_first[e] + (i - starts[e]) * step
-    i_ = tl.arange(0, BB)
-    for i0 in range(0, used, BB):
-        i = i0 + i_
-        owner = tl.sum(((ends[None, :] <= i[:, None]) & live[None, :]).to(tl.int32), axis=1)
-        sel = bins[None, :] == owner[:, None]
-        first = tl.sum(tl.where(sel, seg_first[None, :], 0), axis=1)
-        lo = tl.sum(tl.where(sel, starts[None, :], 0), axis=1)
-        tl.store(rows_ptr + i, first + (i - lo) * step, mask=i < used)
-        tl.store(experts_ptr + i, owner, mask=i < used)
+    i = i0 + tl.arange(0, BB)
+    owner = tl.sum(((ends[None, :] <= i[:, None]) & live[None, :]).to(tl.int32), axis=1)
+    sel = bins[None, :] == owner[:, None]
+    first = tl.sum(tl.where(sel, seg_first[None, :], 0), axis=1)
+    lo = tl.sum(tl.where(sel, starts[None, :], 0), axis=1)
+    tl.store(rows_ptr + i, first + (i - lo) * step, mask=i < used)
+    tl.store(experts_ptr + i, owner, mask=i < used)
 
 
 def block_tables(align: Alignment, block_m: int) -> BlockTables:
@@ -104,9 +108,13 @@ def block_tables(align: Alignment, block_m: int) -> BlockTables:
         buf, [n_main, n_main, n_tail, n_tail, 2, n_main + n_tail, n_main + n_tail])
     if E:
         nbin = triton.next_power_of_2(E + 1)
-        _tables_kernel[(1,)](align.padded_counts, main_rows, main_experts, tail_rows, tail_experts, counts,
-                             merged_rows, merged_codes, E, BM=block_m, TM=tm, NBIN=nbin,
-                             BB=max(1, min(64, 8192 // nbin)))
+        bb = max(1, min(64, 8192 // nbin))
+        # one program per bb entries of each list's static bound (those past the used count store nothing):
+        # the single-program loop this replaced took 68 us at 32 experts and 315 us at 256 (4096 tokens, H200)
+        p_main, p_tail = triton.cdiv(n_main, bb), triton.cdiv(n_tail, bb)
+        grid = (max(1, p_main + p_tail + triton.cdiv(n_main + n_tail, bb)),)
+        _tables_kernel[grid](align.padded_counts, main_rows, main_experts, tail_rows, tail_experts, counts,
+                             merged_rows, merged_codes, E, p_main, p_tail, BM=block_m, TM=tm, NBIN=nbin, BB=bb)
     else:
         counts.zero_()
     return BlockTables(main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes,

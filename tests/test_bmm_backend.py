@@ -115,7 +115,7 @@ def test_bmm_selects_experts_only_when_cheaper(hit, dense, monkeypatch):
     batch = ExpertBatch(torch.randn(int(counts.sum()), 16, generator=gen), counts)
     seen = []
     real = experts_mod._bmm_experts
-    monkeypatch.setattr(experts_mod, "_bmm_experts", lambda ex, xp, sel: seen.append(sel) or real(ex, xp, sel))
+    monkeypatch.setattr(experts_mod, "_bmm_experts", lambda ex, xp, sel, c: seen.append(sel) or real(ex, xp, sel, c))
     y = expert_ffn(experts, batch, "bmm").x
     assert (seen[0] is None) == dense and tuple(seen[0].tolist() if seen[0] is not None else ()) == (
         () if dense else tuple(hit))

@@ -285,7 +285,7 @@ def test_tuned_tables_load_and_default_warns(tmp_path, monkeypatch):
     assert all(table for table in fm.TABLES.values())
     name = fm.config_name("up", 4, 32, 16, torch.float32, "cpu")
     (tmp_path / name).write_text(json.dumps({"_meta": {}, "64": CONFIGS[0], "4096": CONFIGS[1]}))
-    monkeypatch.setattr(fm, "TABLES", fm.load_tables(tmp_path))
+    monkeypatch.setattr(fm, "TABLES", fm.load_tables(tmp_path))  # E=4 "up" only
     assert fm.get_config("up", 4, 32, 16, torch.float32, 100, torch.device("cpu"))["BLOCK_M"] == 16
     assert fm.get_config("up", 4, 32, 16, torch.float32, 3000, torch.device("cpu"))["BLOCK_M"] == 32
     fm._warn_default.cache_clear()
@@ -294,6 +294,12 @@ def test_tuned_tables_load_and_default_warns(tmp_path, monkeypatch):
         for _ in range(3):
             fm.get_config("down", 4, 16, 32, torch.float32, 100, torch.device("cpu"))
     assert len([w for w in caught if "no tuned config" in str(w.message)]) == 1
+    # no table for 16 experts: E=4's table at the same rows per expert (M * 4 / 16), no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fm.get_config("up", 16, 32, 16, torch.float32, 1600, torch.device("cpu"))["BLOCK_M"] == 16  # as M=400
+        assert fm.get_config("up", 16, 32, 16, torch.float32, 12000, torch.device("cpu"))["BLOCK_M"] == 32
+    assert not [w for w in caught if "no tuned config" in str(w.message)]
 
 
 def test_deepgemm_says_why_not():
@@ -305,6 +311,29 @@ def test_deepgemm_says_why_not():
     w = (torch.zeros(2, 128, 64, dtype=torch.bfloat16), torch.zeros(2, 64, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="deepgemm backend cannot run"):
         deepgemm.deepgemm_moe_contiguous(x, torch.tensor([2, 2]), w)
+
+
+@pytest.mark.parametrize("counts, layout, flop, want", [
+    ((256, 250, 270, 260), "auto", 1e10, 384),  # 256 rows per expert, spare rows worth 2.5e12 FLOP: masked
+    ((256, 250, 270, 260), "auto", 1e8, 0),     # the same spare rows worth 2.5e10 FLOP: not worth a host read
+    ((256, 250, 270, 260), "contiguous", 1e10, 0),
+    ((20, 30, 10, 4), "auto", 1e10, 0),         # 16 rows per expert: below MASKED_ROWS_PER_EXPERT
+    ((20, 30, 10, 4), "masked", 0.0, 128),
+    ((1000, 10, 10, 10), "auto", 1e10, 0),      # skewed: 4 x 1024 masked rows > 2x the contiguous bound
+    ((1000, 10, 10, 10), "masked", 0.0, 1024),
+    ((0, 0, 0, 0), "masked", 0.0, 0),
+])
+def test_deepgemm_masked_capacity(counts, layout, flop, want):
+    """The layout rule on a hand-made alignment (padded counts to 128 rows, DeepGEMM's alignment)."""
+    from nanomoe_kernels.moe_align import Alignment
+
+    c = torch.tensor(counts)
+    padded = (c + 127) // 128 * 128
+    al = Alignment(torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32),
+                   padded.sum().reshape(1).int(), 128, int(c.sum()), padded.int())
+    assert deepgemm.masked_capacity(al, 4, layout, flop_per_row=flop, A=128) == want
+    with pytest.raises(ValueError, match="layout must be one of"):
+        deepgemm.masked_capacity(al, 4, "padded", A=128)
 
 
 def test_deepgemm_backend_names_the_unsupported_shape():

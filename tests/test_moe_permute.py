@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 import importlib  # noqa: E402
 
 import nanomoe_kernels.moe_align as ma  # noqa: E402
+import nanomoe_kernels.moe_capacity as mc  # noqa: E402
 import nanomoe_kernels.moe_permute as mp  # noqa: E402
 import nanomoe_reference as reference  # noqa: E402
 import pytest  # noqa: E402
@@ -25,7 +26,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not mp.runs_interpreted():
-    for mod in (ma, mp):  # kernels/ was imported before the variable was set: decorate the kernels again
+    for mod in (ma, mc, mp):  # kernels/ was imported before the variable was set: decorate the kernels again
         importlib.reload(mod)
 
 DEV = "cpu" if mp.runs_interpreted() else "cuda"
@@ -246,3 +247,54 @@ def test_empty_and_errors():
         mp.unpermute_sum(y, al, 3, 2)
     with pytest.raises(ValueError, match="topk_weights must be"):
         mp.unpermute_sum(y, al, 2, 2, torch.ones(2, 3, device=DEV))
+
+
+@settings(max_examples=40)
+@given(routings(), st.sampled_from([torch.float32, torch.float16]), st.integers(0, 2))
+def test_with_capacity_masked_layout(case, dtype, spare):
+    """with_capacity moves each expert's aligned rows to e * cap: permute_rows then writes the masked layout
+    [E, cap, H] (live rows in order, zeros to the padded count, m_indices -1 after it), and unpermute_sum
+    reads the same sums back as from the contiguous alignment."""
+    T, k, E, H, bm, ids, g = case
+    al = ma.moe_align(ids, E, bm)
+    pc = al.padded_counts.cpu()
+    cap = (int(pc.max()) // bm + spare) * bm if E else 0
+    mal, live = mc.with_capacity(al, cap)
+    assert mal.sorted_ids.shape == (E * cap,) and int(mal.num_padded) == E * cap
+    assert mal.expert_ids.tolist() == [e for e in range(E) for _ in range(cap // bm)]
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    a, m = mp.permute_rows(x, mal, k)
+    a = a.cpu().view(E, cap, H)
+    n, sids, _ = live_rows(al)
+    assert live.tolist() == [int(((sids[int(s):int(s) + int(p)]) < al.num_rows).sum())
+                             for s, p in zip(torch.cumsum(pc, 0) - pc, pc)]
+    start = 0
+    for e in range(E):
+        p = int(pc[e])
+        mine = sids[start:start + p]
+        want = torch.where((mine < al.num_rows)[:, None], x.cpu()[mine.clamp(max=max(T * k - 1, 0)) // k], 0.0)
+        assert torch.equal(a[e, :p], want.to(dtype))
+        assert m.cpu().view(E, cap)[e, :p].tolist() == [e if int(i) < al.num_rows else -1 for i in mine]
+        assert (m.cpu().view(E, cap)[e, p:] == -1).all()
+        start += p
+    y = torch.randn(E * cap, H, generator=g).to(DEV, dtype)
+    tw = (torch.rand(T, k, generator=g) + 0.1).to(DEV)
+    got = mp.unpermute_sum(y, mal, T, k, tw).cpu().double()
+    # the same rows of y through the contiguous alignment: aligned row r of expert e is at e * cap + r - start_e
+    starts = torch.cumsum(pc, 0) - pc
+    ycont = torch.zeros(max(al.sorted_ids.numel(), 1), H, dtype=dtype)
+    for e in range(E):
+        p = int(pc[e])
+        ycont[int(starts[e]):int(starts[e]) + p] = y.cpu()[e * cap:e * cap + p]
+    want = mp.unpermute_sum(ycont[:al.sorted_ids.numel()].to(DEV), al, T, k, tw).cpu().double()
+    assert torch.allclose(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_with_capacity_refuses_a_short_capacity():
+    counts = torch.tensor([5, 40], device=DEV)
+    al = ma.moe_align_contiguous(counts, 45, 16)
+    with pytest.raises(ValueError, match="multiple of block_m"):
+        mc.with_capacity(al, 40)
+    if not al.padded_counts.is_cuda:
+        with pytest.raises(ValueError, match="below an expert's padded count"):
+            mc.with_capacity(al, 32)

@@ -45,6 +45,8 @@ def gather_rows(x: torch.Tensor, send_order: torch.Tensor, top_k: int) -> torch.
     return x.index_select(0, send_order // top_k)
 
 
+# rows the Triton kernels take (GPUs); other dtypes and devices use the torch path
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # float32 working set of one combine chunk: [tokens, k, H] rows widened for the weighted sum
 REDUCE_CHUNK_BYTES = 256 << 20
 
@@ -76,9 +78,20 @@ def weighted_rows(y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, ma
     its T_c * k rows in y's dtype, widens them and takes one [1, k] x [k, H] product per token, so the float32
     temporaries stay under chunk_bytes (one [T * k, H] float32 buffer would be 3.7 GB at 16k tokens of
     DeepSeek-V3). Rows outside the mask are read from row 0 and zeroed (never multiplied: inf * 0 is NaN).
+    On a GPU (eager, bf16/fp16/fp32 rows) one Triton kernel does the same sums (kernels/ep_rows.partial_rows;
+    rows outside the mask skipped).
     """
     T, k = rows.shape
     H = y.shape[-1]
+    if y.is_cuda and y.dtype in KERNEL_DTYPES and T and not torch.compiler.is_compiling():
+        from nanomoe_kernels import ep_rows  # Triton: imported only on GPUs
+
+        # one kernel that reads each row once (the eager torch path below gathers, widens and runs a batched
+        # gemv: ~8x the bytes, 1.3 ms against ~0.15 ms at 4096 tokens of DeepSeek-V3 on an H200)
+        idx = (rows if mask is None else torch.where(mask, rows, -1)).to(torch.int32).contiguous()
+        out = y.new_empty((T, H))
+        ep_rows.partial_rows(y.contiguous(), idx, weights.to(torch.float32).contiguous(), out)
+        return out
     w = weights.float().unsqueeze(1)  # [T, 1, k]
     out = y.new_empty((T, H))
     step = max(1, chunk_bytes // max(1, 4 * k * H))  # tokens per chunk: a host int, no sync

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 
-from nanomoe_fn.comm.plan import weighted_rows
+from nanomoe_fn.comm.plan import KERNEL_DTYPES, weighted_rows
 
 META_BYTES_PER_PAIR = 12  # int32 slot id + float32 weight + int32 pair number
-KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # rows the Triton kernels take (GPUs)
 
 
 def kernels_for(x: torch.Tensor) -> Any:

@@ -183,16 +183,28 @@ def _swiglu_chunked(h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _bmm_experts(experts: Experts, xp: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
-    """The experts at `sel` (all when None) on their padded rows: xp [P_sel, C, H] -> [P_sel, C, H]."""
+def _swiglu_padded(h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """swiglu_act of h [P_sel, C, 2I] -> [P_sel, C, I] for the rows j < counts[e] of each expert; the padding
+    rows' values are unspecified. On a GPU one Triton pass (kernels/moe_permute.silu_mul: the same float32
+    math, no float32 temporary, padding rows skipped); elsewhere _swiglu_chunked over every row."""
+    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        from nanomoe_kernels.moe_permute import silu_mul
+
+        return silu_mul(h, masked_m=counts)
+    P_sel, C, _ = h.shape
+    return _swiglu_chunked(h.view(P_sel * C, -1)).view(P_sel, C, -1)
+
+
+def _bmm_experts(experts: Experts, xp: torch.Tensor, sel: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
+    """The experts at `sel` (all when None) on their padded rows: xp [P_sel, C, H] -> [P_sel, C, H]; counts
+    [P_sel] live rows per expert (rows past them come back unspecified)."""
     ws = expert_tensors(experts)
     if sel is not None:
         ws = tuple(w.index_select(0, sel) for w in ws)
     if isinstance(experts, LinearExperts):
         return torch.bmm(xp, ws[0].transpose(1, 2))
-    P_sel, C, _ = xp.shape
     h = torch.bmm(xp, ws[0].transpose(1, 2))  # [P_sel, C, 2I]
-    act = _swiglu_chunked(h.view(P_sel * C, -1)).view(P_sel, C, -1)
+    act = _swiglu_padded(h, counts)
     del h
     return torch.bmm(act, ws[1].transpose(1, 2))
 
@@ -200,7 +212,7 @@ def _bmm_experts(experts: Experts, xp: torch.Tensor, sel: torch.Tensor | None) -
 def _bmm(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     refuse_fp8(experts, "expert backend 'bmm'")
     if batch.layout == "masked":  # no host sync: every expert, its C rows
-        return batch.with_x(_bmm_experts(experts, batch.x, None))
+        return batch.with_x(_bmm_experts(experts, batch.x, None, batch.counts))
     H, P, M, dev = batch.x.shape[1], batch.num_experts, batch.num_rows, batch.x.device
     # host copy of the counts: the padded batch's shape depends on them (prefill-style path)
     counts_host = batch.counts.tolist()
@@ -223,7 +235,7 @@ def _bmm(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     # padded position of each batch row [M]: row m of expert e sits at rank(e) * C + (m - offsets[e])
     shift = torch.arange(counts.shape[0], device=dev) * C - offsets
     pos = torch.arange(M, device=dev) + torch.repeat_interleave(shift, counts, output_size=M)
-    y = _bmm_experts(experts, xp, sel)
+    y = _bmm_experts(experts, xp, sel, counts)
     return batch.with_x(y.view(-1, y.shape[-1]).index_select(0, pos))
 
 

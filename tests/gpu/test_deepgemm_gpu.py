@@ -54,6 +54,31 @@ def test_fused_moe_matches_reference(T):
     assert torch.equal(deepgemm.deepgemm_fused_moe(x, ids, tw, w, align=al), out)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "masked", "auto"])
+@pytest.mark.parametrize("T, skew", [(1, False), (64, False), (1024, False), (1024, True)])
+def test_fused_moe_layouts(layout, T, skew):
+    """DeepGEMM's contiguous and masked layouts (and "auto", which picks one) give the same sums; skew sends
+    every token to expert 0 (auto then keeps the contiguous layout: the masked buffers would be too big)."""
+    E, k = (32, 2) if skew else (8, 4)
+    x, ids, tw, w = case(T, E, k, 1024, 512, seed=T + skew)
+    if skew:
+        ids[:, 0] = 0
+        ids[:, 1] = 1 + torch.arange(T, device="cuda") % (E - 1)
+        al = moe_align(ids, E, deepgemm.alignment())
+        assert deepgemm.masked_capacity(al, E, "auto", flop_per_row=1e12) == 0  # worth it, but too big
+        assert deepgemm.masked_capacity(al, E, "masked") == 1024
+    out = deepgemm.deepgemm_fused_moe(x, ids, tw, w, layout=layout)
+    check_fused(out, x, ids, tw, w)
+    other = deepgemm.deepgemm_fused_moe(x, ids, tw, w, layout="contiguous")
+    assert rel_err(out, other) < 1e-2
+
+
+def test_layout_is_checked():
+    x, ids, tw, w = case(4, 8, 2, 256, 128)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        deepgemm.deepgemm_fused_moe(x, ids, tw, w, layout="padded")
+
+
 def test_fused_moe_deepseek_dims():
     """E=32, H=7168, I=2048, top-8, T=1024: sampled tokens vs float32."""
     x, ids, tw, w = case(1024, 32, 8, 7168, 2048)
@@ -121,11 +146,12 @@ def test_contiguous_and_masked_against_float64():
     assert rel_err(torch.cat([ym[e, :c] for e, c in enumerate(counts.tolist())]), want) < BF16_TOL
 
 
-@pytest.mark.parametrize("prealigned", [True, False])
-def test_cuda_graph_capture(prealigned):
-    """No host sync: the whole path (with or without the align step) captures and replays on new inputs."""
+@pytest.mark.parametrize("prealigned, T", [(True, 64), (False, 64), (False, 1024)])
+def test_cuda_graph_capture(prealigned, T):
+    """No host sync: the whole path (with or without the align step) captures and replays on new inputs; at
+    T=1024 "auto" would take the masked layout eagerly, and keeps the contiguous one inside the capture."""
     E, k, H, I = 8, 4, 512, 256
-    x, ids, tw, w = case(64, E, k, H, I, seed=3)
+    x, ids, tw, w = case(T, E, k, H, I, seed=3)
     al = moe_align(ids, E, deepgemm.alignment()) if prealigned else None
 
     def run():
@@ -139,10 +165,10 @@ def test_cuda_graph_capture(prealigned):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = run()
-    x2, ids2, tw2, _ = case(64, E, k, H, I, seed=4)
+    x2, ids2, tw2, _ = case(T, E, k, H, I, seed=4)
     x.copy_(x2), tw.copy_(tw2)
     if not prealigned:  # the alignment is inside the graph: new routing too
         ids.copy_(ids2)
     graph.replay()
     torch.cuda.synchronize()
-    assert rel_err(out, reference.moe_experts(x, ids, tw, w)) < BF16_TOL
+    check_fused(out, x, ids, tw, w)
