@@ -7,7 +7,7 @@ Dimension legend: T tokens per rank, H hidden, E experts (= physical slots, iden
 k experts per token, W ranks, P_local = E / W slots per rank.
 
 Cases: `headline` = DeepSeek-V3 decode (128 tokens/rank) and prefill (4096) at H 7168, top-8 of 256;
-`table` = the five rows of the public dispatch/combine table (ANCHORS.md); `default` = both; `quick`
+`table` = the five rows of the public dispatch/combine table the peers are compared on; `default` = both; `quick`
 = small CPU cases. Routing is uniform random top-k. Variants (`--variants`): `torch` (decode cases: its
 decode mode, TorchComm(max_tokens=T), fixed blocks and no host read, its eager calls replaying CUDA graphs of
 their own, graphs=True; prefill: exact splits), `torch_nograph` (decode cases: the decode mode, graphs=False),

@@ -100,7 +100,7 @@ PRESETS: dict[str, MoEConfig] = {
                       correction_bias=True, n_shared_experts=1),
     # the seed benchmark: 256 linear experts of Linear(2048, 2048), top-8, softmax routing
     "seed": MoEConfig(hidden=2048, intermediate=2048, num_experts=256, top_k=8, expert_type="linear"),
-    # DeepSeek-V3's MoE layer (ANCHORS.md)
+    # DeepSeek-V3's MoE layer (its config.json: 256 routed experts, top-8 in 8 groups of which 4)
     "deepseek-v3": MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, score_func="sigmoid",
                              n_group=8, topk_group=4, norm_topk_prob=True, routed_scaling_factor=2.5,
                              correction_bias=True, n_shared_experts=1),
