@@ -178,12 +178,12 @@ def masked_capacity(align: Alignment, E: int, layout: str, flop_per_row: float =
     MASKED_ROWS_PER_EXPERT; flop_per_row: the FFN's FLOPs per row (6 H I for SwiGLU)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    N = align.num_rows
-    A = alignment() if A is None and layout != "contiguous" else A
     if layout == "contiguous":
         return 0
+    N = align.num_rows
+    A = alignment() if A is None else A
     if layout == "auto":
-        spare = N + min(E, N) * (A - 1) - (N + E * A // 2)  # rows past the average padding
+        spare = min(E, N) * (A - 1) - E * A // 2  # the contiguous bound's rows past an average padding
         if (N < MASKED_ROWS_PER_EXPERT * E or spare * flop_per_row < MASKED_MIN_SPARE_FLOP
                 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
                 or torch.compiler.is_compiling()):

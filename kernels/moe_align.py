@@ -268,4 +268,3 @@ def moe_align_masked(counts: torch.Tensor, capacity: int, block_m: int, validate
         check_values(((counts >= 0) & (counts <= capacity)).all(),
                       f"counts must lie in [0, capacity={capacity}]")
     return _align_counts(counts, block_m, counts.shape[0] * capacity, capacity, masked=True)
-

@@ -15,7 +15,7 @@ on static grids sized by R, so they can be captured in a CUDA graph.
   Padding rows below num_padded are written as zeros (DeepGEMM reads every row of a block it computes);
   rows at or past num_padded get m_indices -1 and are left unwritten unless zero_tail=True (DeepGEMM
   skips a 128-row block whose first m_index is -1, and a GEMM row depends on its own input row only).
-  Hole rows (id N + 1: moe_align.with_capacity's slots past an expert's padded count) are not written
+  Hole rows (id N + 1: moe_capacity.with_capacity's slots past an expert's padded count) are not written
   either, and get m_indices -1.
 - `silu_mul`: [.., 2I] -> [.., I], silu(gate) * up in float32 rounded to the output dtype; rows that
   m_indices marks -1 (or masked rows j >= masked_m[e]) are skipped: neither read nor written.
@@ -53,7 +53,7 @@ def _permute_kernel(x_ptr, a_ptr, m_ptr, sorted_ids_ptr, expert_ids_ptr, used_pt
     if ZERO_TAIL:
         write = in_r
     else:
-        write = in_used & (ids <= num_rows)  # a hole (id num_rows + 1, moe_align.with_capacity) is never read
+        write = in_used & (ids <= num_rows)  # a hole (id num_rows + 1, moe_capacity.with_capacity) is never read
         if pid_r * BR >= used:  # past num_padded: DeepGEMM never reads these rows
             return
     src = ids // A_DIV
