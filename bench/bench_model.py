@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import measure_ceilings, pick_device, sync, write_record  # noqa: E402
+from common import measure_ceilings, pick_device, sig, sync, write_record  # noqa: E402
 from model_floor import add_floor, picked_experts  # noqa: E402
 
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
@@ -162,8 +162,8 @@ def time_ours(params: ModelParams, ctx: ModelContext, ids: torch.Tensor, steps: 
 def row(variant: str, B: int, P: int, graph: bool, r: dict, W: int = 1) -> dict:
     step = statistics.median(r["step_times"])
     return {"variant": variant, "batch": B, "prompt_len": P, "graph": graph, "world_size": W,
-            "prefill_ms": r["prefill_ms"], "prefill_tok_s": round(B * P * W / (r["prefill_ms"] * 1e-3), 1),
-            "decode_step_ms": round(step * 1e3, 3), "decode_tok_s": round(B * W / step, 1)}
+            "prefill_ms": r["prefill_ms"], "prefill_tok_s": sig(B * P * W / (r["prefill_ms"] * 1e-3)),
+            "decode_step_ms": round(step * 1e3, 3), "decode_tok_s": sig(B * W / step)}
 
 
 def run_one_device(args: argparse.Namespace, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
