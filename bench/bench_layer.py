@@ -1,6 +1,8 @@
-"""One MoE layer (with its shared expert) under every schedule of the pipeline transform, per comm.
+"""One MoE layer (with its shared expert), or with --layer decoder the whole DeepSeek-V3 decoder layer (MLA +
+MoE; bench/layer_cases.py), under every schedule of the pipeline transform, per comm.
 
     python bench/bench_layer.py --world-size 2 --backend nccl --comms torch,nvlink --json $OUT/layer.json
+    python bench/bench_layer.py --layer decoder --comms nvlink --decode-tokens 32,128 --context 4096
     python bench/bench_layer.py --quick        # 2 gloo ranks, small sizes (what the CPU test runs)
 
 Dimension legend: T tokens per rank, H hidden, I expert intermediate, E experts, k experts per token, W ranks.
@@ -10,7 +12,8 @@ expert, bf16), decode at --decode-tokens and prefill at --prefill-tokens per ran
 E 16, top-4, float32, a few tokens, gloo. Schedules (nanomoe_fn/pipeline): sequential, shared_overlap
 (the shared expert inside dispatch's window), tbo (two-batch overlap), tbo+shared; --compile adds each
 under torch.compile (graph breaks allowed: the comms are not traced), --fullgraph each compiled as one graph
-with the comm behind custom ops (OpComm; the decode-mode comms: nvlink at decode, torch_decode), --cuda-graph
+with the comm behind custom ops (OpComm; the decode-mode comms: nvlink at decode, torch_decode; the decoder
+layer at decode only: MLA's kernels are custom ops too), --cuda-graph
 each replayed as a CUDA graph where the comm is sync-free (torch_fixed, torch_decode, nvlink at decode sizes,
 deepep_ll). Before timing, every schedule's output is compared with sequential's on the same tokens (a
 mismatch fails the row, nothing is timed).
@@ -19,8 +22,9 @@ Per row (DESIGN.md schema, bench "layer"): median_us (CUDA events around each ca
 slowest rank's median), b2b_us (back to back, GPUs), speedup_vs.sequential; TBO rows carry ideal_us and
 share_of_ideal, shared-overlap rows shared_hidden. Stage times: each stage of the sequential plan timed
 alone with events around it (stage_us, at T and at T/2); ideal TBO time = 2 * max(compute, comm) of the
-T/2 stages + the split's own cost (slicing, one concat of the outputs), compute = route + experts +
-shared + add, comm = the four exchange halves; share_of_ideal = (sequential / tbo) / (sequential / ideal).
+T/2 stages (the first micro-batch of the program's split) + the split's own cost (one concat of the
+outputs), compute = every compute stage (MoE: route, experts, shared, add; decoder: also the norms, MLA and
+residuals), comm = the four exchange halves; share_of_ideal = (sequential / tbo) / (sequential / ideal).
 shared_hidden = (sequential - shared_overlap) / the shared stage's time (shared_us). +graph rows use GPU-only
 stage times instead (bench/layer_stages.py: each compute stage captured alone, the exchanges = the whole
 sequential graph minus them), for their ideal and shared_hidden, and carry stage_half_us. shared_stream runs
@@ -57,11 +61,11 @@ from bench.common import (  # noqa: E402
     time_events,
     write_record,
 )
-from bench.layer_stages import graph_stage_times, stage_medians, timed_stages  # noqa: E402
-from nanomoe_fn import MoEConfig, Placement, shard_moe_params  # noqa: E402
+from bench.layer_cases import LAYERS, decoder_case, decoder_inputs, moe_case  # noqa: E402
+from bench.layer_stages import annotate_rows, eager_stage_times, graph_stage_times, profile  # noqa: E402
+from nanomoe_fn import MLAConfig, MoEConfig, Placement, shard_moe_params  # noqa: E402
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
 from nanomoe_fn.comm.ops import OpComm, masked_rows  # noqa: E402
-from nanomoe_fn.moe.layer import MOE_PROGRAM, MoEContext, run_moe  # noqa: E402
 from nanomoe_fn.pipeline import Plan, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
 
 SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: sequential(shared_expert_overlap(p)),
@@ -71,7 +75,6 @@ SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: 
              "tbo": lambda p: two_batch_overlap(p), "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p)),
              "tbo+shared_stream": lambda p: two_batch_overlap(shared_expert_overlap(p, window=None, stream=True)),
              "tbo_compute_first": lambda p: two_batch_overlap(p, compute_first=True)}
-COMPUTE = ("route", "experts", "shared", "add")
 
 
 def sync_free(comm: str, T: int) -> bool:
@@ -105,27 +108,42 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
     try:
         name, opts = comm_options(comm_name, ns, cfg, placement, dtype)
         comms = [make_comm(name, **opts) for _ in range(2 if comm_name in TWO_INSTANCES else 1)]
-        plans = {s: make(MOE_PROGRAM) for s, make in SCHEDULES.items() if s in args.schedules}
+        if args.layer == "moe":
+            lc = moe_case(cfg, local, x, comms, placement, args.expert_backend)
+        else:
+            inputs = decoder_inputs(args.mla, phase, T, args.context, args.prefill_len, device, dtype,
+                                    args.seed + 1 + rank)
+            lc = decoder_case(args.mla, cfg, local, comms, placement, args.expert_backend, args.attn_backend, inputs,
+                              args.seed)
+            case = {**case, "layer": "decoder", **lc.info}
+        plans = {s: make(lc.program) for s, make in SCHEDULES.items() if s in args.schedules}
         if len(comms) == 1 and not getattr(comms[0], "shares_micro_batches", True):  # the layer refuses these
             for s in [s for s, p in plans.items() if p.micro_batches > 1]:
                 args.skipped.append({"case": case, "variant": s, "why": f"{comm_name}: micro-batches cannot share "
                                      f"its one instance (shares_micro_batches), and one is all it allows"})
                 del plans[s]
 
-        def call(plan: Plan, xs: torch.Tensor = x):
-            return run_moe(plan, local, xs, cfg, comms if plan.micro_batches == 2 else comms[0], placement,
-                           args.expert_backend)
+        def call(plan: Plan, inputs: dict = lc.inputs) -> torch.Tensor:
+            return lc.call(plan, inputs)
 
         variants = {s: (lambda p=p: call(p)) for s, p in plans.items()}
+        if args.compile or args.fullgraph:  # one code object per kind, one compile per plan: a fresh cache per case
+            torch._dynamo.reset()
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(plans))
         if args.compile:
             for s, p in plans.items():
                 variants[s + "+compile"] = torch.compile(lambda p=p: call(p))
-        if args.fullgraph and all(masked_rows(c) is not None for c in comms):  # one graph: comms as custom ops
+        if args.fullgraph and lc.layer == "decoder" and phase == "prefill":
+            args.skipped.append({"case": case, "variant": "+fullgraph", "why": "mla's prefill path reads the "
+                                 "longest context on the host (attention/mla.py): a graph break"})
+        elif args.fullgraph and all(masked_rows(c) is not None for c in comms):  # one graph: comms as custom ops
             ops = [OpComm(c, placement) for c in comms]
+            one = (moe_case(cfg, local, x, ops, placement, args.expert_backend) if lc.layer == "moe" else
+                   decoder_case(args.mla, cfg, local, ops, placement, args.expert_backend, args.attn_backend,
+                                lc.inputs, args.seed))
             for s, p in plans.items():
-                variants[s + "+fullgraph"] = torch.compile(
-                    lambda p=p: run_moe(p, local, x, cfg, ops if p.micro_batches == 2 else ops[0], placement,
-                                        args.expert_backend), fullgraph=True, dynamic=False)
+                variants[s + "+fullgraph"] = torch.compile(lambda p=p: one.call(p, one.inputs), fullgraph=True,
+                                                           dynamic=False)
         graphs = args.cuda_graph and device.type == "cuda" and sync_free(comm_name, T)
         if graphs:
             for s, p in plans.items():
@@ -150,47 +168,28 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
                 b2b = time_back_to_back(fn, None, device, args.warmup, args.iters, barrier)
                 row["b2b_us"] = sig(slowest([statistics.median(a + b for a, b in b2b)], device)[0] * 1e6)
             rows.append(row)
-        alone = {}
-        for label, xs in (("T", x), ("T/2", x[: T // 2])):
-            plan, times = timed_stages(plans["sequential"], device)
-            for _ in range(args.warmup + args.iters):
-                if barrier:
-                    barrier()
-                call(plan, xs)
-            alone[label] = stage_medians({k: v[args.warmup:] for k, v in times.items()}, device)
+        halves, compute = (("T", lc.inputs), ("T/2", lc.half())), lc.compute_stages()
+        alone = {label: eager_stage_times(plans["sequential"], call, inputs, device, args.warmup, args.iters, barrier)
+                 for label, inputs in halves}
         half = alone["T/2"]
-        comm_t = sum(v for k, v in half.items() if k not in COMPUTE)
-        compute_t = sum(v for k, v in half.items() if k in COMPUTE)
-        split_t = statistics.median(time_events(lambda: torch.cat([want[: T // 2], want[T // 2:]]), device,
+        comm_t = sum(v for k, v in half.items() if k not in compute)
+        compute_t = sum(v for k, v in half.items() if k in compute)
+        flat = want.reshape(-1, want.shape[-1])
+        split_t = statistics.median(time_events(lambda: torch.cat([flat[: T // 2], flat[T // 2:]]), device,
                                                 args.warmup, args.iters))
         ideal = {"": 2 * max(comm_t, compute_t) + split_t}
         if graphs:  # GPU-only stage times for the graph rows (layer_stages.py)
-            ctx = MoEContext(cfg, comms[0], placement, args.expert_backend)
             seq = plans["sequential"]
-            gt = {label: graph_stage_times(seq, local, xs, ctx, lambda xs=xs: call(seq, xs), device, args.warmup,
+            gt = {label: graph_stage_times(seq, lc.stage_params, inputs, lc.stage_ctx,
+                                           lambda inputs=inputs: call(seq, inputs), device, args.warmup,
                                            args.iters, barrier)
-                  for label, xs in (("T", x), ("T/2", x[: T // 2]))}
+                  for label, inputs in halves}
             g_half = gt["T/2"]
-            ideal["+graph"] = 2 * max(g_half["exchanges"], sum(g_half[k] for k in COMPUTE)) + split_t
-        for row in rows:
-            v = row["variant"]
-            base = med["sequential" + next((t for t in ("+compile", "+graph", "+fullgraph") if v.endswith(t)), "")]
-            row["speedup_vs"] = {"sequential": sig(base / med[v])}
-            on_graph = v.endswith("+graph")
-            stages = gt["T"] if on_graph else alone["T"]
-            row["stage_us"] = {k: sig(s * 1e6) for k, s in stages.items()}
-            if on_graph:
-                row["stage_half_us"] = {k: sig(s * 1e6) for k, s in gt["T/2"].items()}
-            kind = "+graph" if on_graph else ""
-            if v.startswith("tbo") and kind in ideal:
-                row["ideal_us"] = sig(ideal[kind] * 1e6)
-                row["share_of_ideal"] = sig(ideal[kind] / med[v])
-            if "shared" in v and not v.startswith("tbo"):
-                shared_s = stages["shared"]
-                row["shared_hidden"] = sig((base - med[v]) / max(shared_s, 1e-9))
-                row["shared_us"] = sig(shared_s * 1e6)
+            ideal["+graph"] = 2 * max(g_half["exchanges"], sum(g_half[k] for k in compute)) + split_t
+        annotate_rows(rows, med, alone, gt if graphs else None, ideal)
         if args.profile and not args.profiled:  # the first case of each comm; every rank runs the calls
-            profile(variants, args.profile, f"{comm_name}_{phase}_t{T}", trace=rank == 0)
+            tag = ("decoder_" if lc.layer == "decoder" else "") + f"{comm_name}_{phase}_t{T}"
+            profile(variants, args.profile, tag, trace=rank == 0)
             args.profiled = True
         return rows, failed
     except Exception as err:  # noqa: BLE001 - a comm that cannot run here is a failed row, not a crash
@@ -199,26 +198,6 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
     finally:
         for c in comms:
             release_comm(c)
-
-
-def profile(variants: dict, out_dir: str, tag: str, trace: bool) -> None:
-    """A torch.profiler trace (chrome JSON) of three calls of each variant, written where `trace` (rank 0);
-    every rank makes the calls (they are collectives)."""
-    import contextlib
-
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    os.makedirs(out_dir, exist_ok=True)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    for v, fn in variants.items():
-        with torch_profile(activities=acts) if trace else contextlib.nullcontext() as prof:
-            for _ in range(3):
-                fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        if trace:
-            prof.export_chrome_trace(os.path.join(out_dir, f"layer_{tag}_{v.replace('+', '_')}.json"))
 
 
 def run_rank(rank: int, W: int, args: argparse.Namespace) -> None:
@@ -287,6 +266,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-tokens", type=_sizes, default=[32, 64, 128, 256])
     p.add_argument("--prefill-tokens", type=_sizes, default=[4096, 16384])
     p.add_argument("--expert-backend", default="triton")
+    p.add_argument("--layer", default="moe", choices=LAYERS,
+                   help="moe: the MoE layer alone; decoder: the whole decoder layer (MLA + MoE, bench/layer_cases.py)")
+    p.add_argument("--context", type=int, default=4096, help="decoder decode: cache rows each sequence attends to")
+    p.add_argument("--prefill-len", type=int, default=4096, help="decoder prefill: new tokens per sequence")
+    p.add_argument("--attn-backend", default="triton", help="decoder: MLA backend (torch, triton)")
     p.add_argument("--schedules", default=",".join(SCHEDULES),
                    help=f"comma list of schedules to run (sequential is always run: the others are checked and "
                         f"compared against it); default all of {list(SCHEDULES)}")
@@ -317,6 +301,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.prefill_tokens == [4096, 16384]:
             args.prefill_tokens = [24]
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 3)
+        args.attn_backend = "torch" if args.attn_backend == "triton" else args.attn_backend
+        args.context, args.prefill_len = min(args.context, 16), min(args.prefill_len, 8)
+    if args.context < 1 or args.prefill_len < 1:
+        p.error(f"--context and --prefill-len must be >= 1, got {args.context}, {args.prefill_len}")
+    if args.layer == "decoder" and 0 in args.decode_tokens + args.prefill_tokens:
+        p.error("--layer decoder: every token count must be >= 1 (its tokens are sequences' tokens)")
+    args.mla = MLAConfig.preset("tiny" if args.quick else "deepseek-v3")
     if args.backend == "nccl" and torch.cuda.device_count() < args.world_size:
         p.error(f"--backend nccl needs {args.world_size} GPUs, this machine has {torch.cuda.device_count()}")
     spawn_ranks(run_rank, args.world_size, None, args)

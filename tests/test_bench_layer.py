@@ -44,3 +44,27 @@ def test_layer_bench_quick_rows(tmp_path):
     assert any("alltoall" in n.lower() or "all_to_all" in n.lower() for n in seq), "no collective in the trace"
     assert {f"moe/{s}/mb0" for s in STAGES} <= seq and not any("/mb1" in n for n in seq)  # one range per stage
     assert {f"moe/{s}/mb{mb}" for s in STAGES for mb in (0, 1)} <= tbo
+
+
+def test_layer_bench_decoder_rows(tmp_path):
+    """--layer decoder: the whole decoder layer (MLA + MoE) per schedule, its decode step also compiled as one
+    graph (OpComm and MLA's custom ops), prefill's one-graph variant skipped with the reason."""
+    out = tmp_path / "decoder.json"
+    proc = subprocess.run([sys.executable, "bench/bench_layer.py", "--quick", "--layer", "decoder", "--comms",
+                           "torch_decode", "--decode-tokens", "3", "--prefill-tokens", "16", "--context", "5",
+                           "--prefill-len", "8", "--schedules", "tbo,shared_overlap", "--fullgraph",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["failed"] == []
+    decoder_stages = STAGES | {"attn_norm", "attention", "attn_residual", "ffn_norm", "ffn_residual", "result"}
+    cases = {}
+    for r in rec["rows"]:
+        c = r["case"]
+        cases.setdefault((c["phase"], c["sequences"], c["new_tokens"], c["context"]), set()).add(r["variant"])
+        assert c["layer"] == "decoder" and set(r["stage_us"]) == decoder_stages, r
+        assert ("share_of_ideal" in r) == r["variant"].startswith("tbo"), r
+    plain = {"sequential", "tbo", "shared_overlap"}
+    # decode: 3 sequences at position 5; prefill: 16 tokens = 2 sequences of 8 from position 0
+    assert cases == {("decode", 3, 1, 5): plain | {v + "+fullgraph" for v in plain}, ("prefill", 2, 8, 0): plain}
+    assert [(s["case"]["phase"], s["variant"]) for s in rec["skipped"]] == [("prefill", "+fullgraph")]

@@ -6,10 +6,13 @@
 #   bash bench/gpu/layer_gpu.sh
 #   COMMS="nvlink torch_decode:decode torch:prefill deepep_ll:decode deepep:prefill" DECODE=32,128 PREFILL=4096 \
 #     GRAPH=1 COMPILE=1 SCHEDULES=tbo,shared_overlap bash bench/gpu/layer_gpu.sh
+#   LAYER=decoder COMMS="nvlink torch_decode:decode" DECODE=32,128 PREFILL=4096 FULLGRAPH=1 bash bench/gpu/layer_gpu.sh
 #
 # Env: COMMS (space list, each `name` or `name:decode|prefill`; default nvlink), DECODE / PREFILL (tokens per
 # rank), GRAPH=1 (--cuda-graph), COMPILE=1 (--compile), FULLGRAPH=1 (--fullgraph), SCHEDULES (--schedules),
-# ITERS, TESTS (space list of tests/gpu files without .py; default test_pipeline_gpu test_decoder_gpu; TESTS= runs none), TOTAL (seconds,
+# ITERS, TESTS (space list of tests/gpu files without .py, or test paths; default test_pipeline_gpu test_decoder_gpu;
+# TESTS= runs none), LAYER (moe | decoder: bench_layer's --layer), CONTEXT (its --context), WORLD (ranks, default 2:
+# WORLD=1 runs on one GPU), TOTAL (seconds,
 # default 560), TAG (file suffix, default h200x2), OUT (default /tmp/out). $OUT gets pack.tgz (results/*.json and
 # logs/, one log per step; packed again after every step, so a run cut short still returns what finished),
 # traces.tgz and summary.txt. A comm named deepep* builds DeepEP from .deepep
@@ -31,7 +34,8 @@ if [[ "$COMMS" == *deepep* && -f .deepep/build.sh ]]; then
   DEEPEP_PID=$!
 fi
 for t in ${TESTS-test_pipeline_gpu test_decoder_gpu}; do
-  step "$t" 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs "tests/gpu/$t.py"
+  f=$t; [[ "$t" == */* ]] || f="tests/gpu/$t.py"
+  step "$(basename "$t" .py)" 240 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -rfEs "$f"
   pack
 done
 for c in $COMMS; do
@@ -39,8 +43,9 @@ for c in $COMMS; do
     wait "$DEEPEP_PID"; echo "DeepEP build rc=$?: $(tail -1 "$LOGS/deepep_build.log")" | tee -a "$OUT/summary.txt"
     DEEPEP_PID=""
   fi
-  name=${c/:/_}
-  step "layer_$name" "${LIMIT:-300}" python3 bench/bench_layer.py --world-size 2 --backend nccl --comms "$c" \
+  name=${LAYER:+${LAYER}_}${c/:/_}
+  step "layer_$name" "${LIMIT:-300}" python3 bench/bench_layer.py --world-size "${WORLD:-2}" --backend nccl --comms "$c" \
+    --layer "${LAYER:-moe}" ${CONTEXT:+--context "$CONTEXT"} \
     --decode-tokens "${DECODE:-32,128,256}" --prefill-tokens "${PREFILL-4096}" ${GRAPH:+--cuda-graph} \
     ${COMPILE:+--compile} ${FULLGRAPH:+--fullgraph} ${SCHEDULES:+--schedules "$SCHEDULES"} ${ITERS:+--iters "$ITERS"} \
     --profile /tmp/layer_traces --json "$WORK/results/layer_${name}_$TAG.json"

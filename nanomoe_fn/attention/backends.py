@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
+from nanomoe_fn.attention import triton_ops
 from nanomoe_fn.attention.cache import MLACache, gather_rows
 from nanomoe_fn.attention.config import MLAConfig
 from nanomoe_fn.checks import pick_backend
@@ -65,27 +66,23 @@ def triton_supports(cfg: MLAConfig, device: torch.device) -> tuple[bool, str]:
                    f"tensors), got tensors on {device}")
 
 
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
 def triton_decode(q: torch.Tensor, cache: MLACache, positions: torch.Tensor, cfg: MLAConfig) -> torch.Tensor:
-    """torch_decode through the split-KV Triton kernel (contiguous or paged cache); no host sync."""
-    from nanomoe_kernels.mla_decode import mla_decode
-
+    """torch_decode through the split-KV Triton kernel (contiguous or paged cache); no host sync. Under
+    torch.compile the kernel is the custom op nanomoe::mla_decode (attention/triton_ops.py), so it traces."""
     B = q.shape[0]
-    ctx = (positions + 1).to(torch.int32)                       # [B, S]; 0 for padding
+    ctx = (positions + 1).to(torch.int32).reshape(-1).contiguous()    # [B * S]; 0 for padding
     bt = getattr(cache, "block_table", None)
     rows = rearrange(q, "b s n d -> (b s) n d").contiguous()
-    o = mla_decode(rows, cache.kv, ctx.reshape(-1).contiguous(), cfg.kv_lora_rank, cfg.softmax_scale,
-                   block_table=bt)
+    run = torch.ops.nanomoe.mla_decode if torch.compiler.is_compiling() else triton_ops.decode_eager
+    o = run(rows, cache.kv, ctx, bt, cfg.kv_lora_rank, cfg.softmax_scale)
     return rearrange(o, "(b s) n c -> b s n c", b=B)
 
 
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
 def triton_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
                    v: torch.Tensor, positions: torch.Tensor, cfg: MLAConfig) -> torch.Tensor:
-    """torch_prefill through the Triton flash-attention kernel."""
-    from nanomoe_kernels.mla_prefill import mla_prefill
-
-    return mla_prefill(q_nope, q_pe, k_nope, k_pe, v, positions.to(torch.int32).contiguous(), cfg.softmax_scale)
+    """torch_prefill through the Triton flash-attention kernel (nanomoe::mla_prefill under torch.compile)."""
+    run = torch.ops.nanomoe.mla_prefill if torch.compiler.is_compiling() else triton_ops.prefill_eager
+    return run(q_nope, q_pe, k_nope, k_pe, v, positions.to(torch.int32).contiguous(), cfg.softmax_scale)
 
 
 @dataclass(frozen=True)
