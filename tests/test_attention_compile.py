@@ -89,5 +89,6 @@ def test_prefill_kernel_compiles_as_one_graph():
     compiled = torch.compile(triton_prefill, fullgraph=True, backend="aot_eager")
     got = compiled(q_nope, q_pe, k_nope, k_pe, v, pos, MLA)
     torch.testing.assert_close(got, triton_prefill(q_nope, q_pe, k_nope, k_pe, v, pos, MLA))
-    torch.testing.assert_close(got, torch_prefill(q_nope, q_pe, k_nope, k_pe, v, pos, MLA), rtol=1e-4, atol=1e-4)
+    tol = 1e-2 if DEV.type == "cuda" else 1e-4  # the kernel's float32 dots run in TF32 on GPUs
+    torch.testing.assert_close(got, torch_prefill(q_nope, q_pe, k_nope, k_pe, v, pos, MLA), rtol=tol, atol=tol)
     assert got[1, 4:].abs().max() == 0
