@@ -3,7 +3,9 @@
 Dimension legend: T tokens, H hidden, E experts, k experts per token, G expert groups (n_group).
 
 Logits are computed in float32 whatever the activation dtype: bf16 logits carry about three
-significant digits and would turn near-ties into arbitrary choices. The Routing record lives in
+significant digits and would turn near-ties into arbitrary choices. On GPUs (eager, CUDA-graph capture
+included) everything after the router GEMM is one Triton kernel (kernels/moe_route.py); on the CPU and under
+torch.compile (where inductor fuses them) the torch ops below run. The Routing record lives in
 nanomoe_fn/batch.py with the other records that pass between stages.
 """
 
@@ -45,11 +47,28 @@ def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
     # one reduction catches NaN/inf in x or the weight and activations too large for float32 logits
     check_values(torch.isfinite(logits).all(), "router logits contain NaN/inf: x holds NaN/inf or values too "
                  "large for float32 logits (check x and gate_params.weight)")
+    return select_experts(logits, None if bias is None else bias.float(), cfg)
+
+
+def select_experts(logits: torch.Tensor, bias: torch.Tensor | None, cfg: MoEConfig,
+                   fused: bool | None = None) -> Routing:
+    """route after its GEMM: float32 logits [T, E] (and the correction bias [E] float32, or None) -> Routing.
+    fused: the one Triton kernel (kernels/moe_route.py) or the torch ops; None = the kernel on GPUs unless
+    torch.compile is tracing (inductor fuses the torch ops there)."""
+    if fused is None:
+        fused = logits.is_cuda and not torch.compiler.is_compiling()
+    if fused:
+        from nanomoe_kernels.moe_route import fused_route
+
+        ids, weights = fused_route(logits, None if bias is None else bias.contiguous(), cfg.top_k, cfg.n_group,
+                                   cfg.topk_group, cfg.score_func, cfg.group_rule, cfg.norm_topk_prob,
+                                   cfg.routed_scaling_factor)
+        return Routing(ids, weights)
     if cfg.score_func == "softmax":
         scores = logits.softmax(dim=-1)
     else:
         scores = logits.sigmoid()
-    choice = scores if bias is None else scores + bias.float()
+    choice = scores if bias is None else scores + bias
 
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
         grouped = rearrange(choice, "t (g e) -> t g e", g=cfg.n_group)

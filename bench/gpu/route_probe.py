@@ -1,0 +1,94 @@
+"""The route stage at DeepSeek-V3 dims: the fused selection kernel (kernels/moe_route.py) against the torch ops
+it replaces, eager (host time included) and as CUDA-graph replays (GPU time only), with the whole `route`
+(the float32 router GEMM first) beside them; every timed path is first checked against the other.
+
+    python bench/gpu/route_probe.py --json $OUT/route_probe.json
+    python bench/gpu/route_probe.py --dims --tokens 1 5      # tiny dims on the CPU (TRITON_INTERPRET=1): a smoke test
+
+Dimension legend: T tokens, H hidden (7168), E experts (256), k (8).
+
+Floor of the selection: read the [T, E] float32 logits and write [T, k] ids and weights, at the HBM rate measured
+in the same run (the kernel is launch-bound below a few thousand tokens: ~3-5 us). Rows: per T, us per call
+for select (fused / torch) and route (fused / torch), eager and graph, with the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from bench.common import capture_graph, measure_ceilings, sig, time_events, write_record  # noqa: E402
+from nanomoe_fn import init_moe_params, preset  # noqa: E402
+from nanomoe_fn.batch import Routing  # noqa: E402
+from nanomoe_fn.checks import check_values  # noqa: E402
+from nanomoe_fn.moe.route import route, select_experts  # noqa: E402
+
+
+def paths(gate: object, bias: torch.Tensor, x: torch.Tensor, logits: torch.Tensor, cfg: object,
+          gpu: bool) -> dict:
+    """The timed calls: the selection alone (fused, torch) and the whole route (fused; torch on GPUs: route's
+    steps with the selection forced to the torch ops)."""
+    def route_torch() -> Routing:
+        lg = x.float() @ gate.weight.T
+        check_values(torch.isfinite(lg).all(), "router logits contain NaN/inf")
+        return select_experts(lg, bias, cfg, fused=False)
+
+    out = {"select_fused": lambda: select_experts(logits, bias, cfg, fused=True),
+           "select_torch": lambda: select_experts(logits, bias, cfg, fused=False),
+           "route_fused": lambda: route(gate, x, cfg)}
+    return out | ({"route_torch": route_torch} if gpu else {})
+
+
+def main() -> None:
+    """Time each T; print one line per T and write the JSON."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 128, 256, 1024, 4096, 16384])
+    p.add_argument("--dims", action="store_true", help="tiny dims on the CPU (a smoke test of this script)")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    dev = torch.device("cpu" if args.dims else "cuda")
+    cfg = preset("deepseek-v3").with_(hidden=64) if args.dims else preset("deepseek-v3")
+    params = init_moe_params(cfg, torch.float32, generator=torch.Generator().manual_seed(0))
+    gate = type(params.gate)(params.gate.weight.to(dev), params.gate.bias.to(dev))
+    bias = gate.bias.float()
+    ceilings = measure_ceilings(dev, torch.bfloat16) if dev.type == "cuda" else {}
+    graphs = dev.type == "cuda"
+    rows = []
+    for T in args.tokens:
+        x = torch.randn(T, cfg.hidden, device=dev).to(torch.bfloat16 if graphs else torch.float32)
+        logits = x.float() @ gate.weight.T
+        variants = paths(gate, bias, x, logits, cfg, graphs)
+        a, b = variants["select_fused"](), variants["select_torch"]()
+        same = torch.equal(a.topk_ids, b.topk_ids) and torch.allclose(a.topk_weights, b.topk_weights, 1e-5, 1e-6)
+        if not same:  # near-ties may differ in order: count the tokens whose expert sets differ
+            diff = int((a.topk_ids.sort(1).values != b.topk_ids.sort(1).values).any(1).sum())
+            print(f"T={T}: fused and torch selections differ on {diff} of {T} tokens")
+            if diff > max(1, T // 1000):
+                raise SystemExit(f"T={T}: the fused selection differs from the torch ops on {diff} tokens")
+        row = {"case": {"tokens": T, "experts": cfg.num_experts, "hidden": cfg.hidden, "top_k": cfg.top_k},
+               "same_as_torch": same}
+        for name, fn in variants.items():
+            row[f"{name}_us"] = sig(statistics.median(time_events(fn, dev, 5, args.iters)) * 1e6)
+            if graphs:
+                g, out = capture_graph(fn)
+                assert isinstance(out, Routing)
+                row[f"{name}_graph_us"] = sig(statistics.median(time_events(g.replay, dev, 5, args.iters)) * 1e6)
+        if ceilings:
+            row["select_floor_us"] = sig((T * cfg.num_experts * 4 + T * cfg.top_k * 8) / ceilings["hbm_gbps"] / 1e3)
+            row["route_floor_us"] = sig((T * cfg.hidden * 2 + cfg.num_experts * cfg.hidden * 4)
+                                        / ceilings["hbm_gbps"] / 1e3 + row["select_floor_us"])
+        rows.append(row)
+        print(" ".join(f"{k}={v}" for k, v in row.items() if k != "case"), f"T={T}", flush=True)
+    if args.json:
+        write_record(args.json, "route_probe", dev, 1, ceilings, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The fused router kernel (kernels/moe_route.py) against the float64 reference router and route's torch path,
+on drawn configs (softmax / sigmoid, bias, groups with both rules, up to 256 experts) and DeepSeek-V3's;
+ties go to the lower expert id; bad arguments are named. On the CPU the kernel runs under TRITON_INTERPRET=1;
+on a GPU machine it runs compiled, and `route` itself takes it there (checked too); everywhere it equals
+`select_experts(..., fused=False)`, the torch ops it replaces.
+
+Dimension legend: T tokens, H hidden, E experts, k experts per token.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+
+import nanomoe_kernels.moe_route as mr  # noqa: E402
+import nanomoe_reference as reference  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import assume, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from nanomoe_fn import init_moe_params, preset, route  # noqa: E402
+from nanomoe_fn.moe.route import select_experts  # noqa: E402
+from tests.helpers import MIN_MARGIN, moe_configs, route_kwargs  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and not mr.runs_interpreted():
+    importlib.reload(mr)  # kernels/ was imported before the variable was set: decorate the kernel again
+
+DEV = "cpu" if mr.runs_interpreted() else "cuda"
+pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 on the CPU, or a CUDA GPU")
+
+
+def _fused(logits, bias, cfg):
+    return mr.fused_route(logits, bias, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.score_func, cfg.group_rule,
+                          cfg.norm_topk_prob, cfg.routed_scaling_factor)
+
+
+def _check(cfg, T, seed, drawn=True):
+    gen = torch.Generator().manual_seed(seed)
+    params = init_moe_params(cfg, torch.float32, generator=gen)
+    x = torch.randn(T, cfg.hidden, generator=gen)
+    ref_ids, ref_w, margin = reference.route(x, params.gate.weight, cfg.top_k, **route_kwargs(cfg, params))
+    if drawn:
+        assume(margin > MIN_MARGIN)
+    else:  # a fixed case must be clear of near-ties
+        assert margin > MIN_MARGIN
+    logits = (x @ params.gate.weight.T).to(DEV)
+    bias = None if params.gate.bias is None else params.gate.bias.float().to(DEV)
+    ids, w = _fused(logits, bias, cfg)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32 and tuple(ids.shape) == (T, cfg.top_k)
+    assert torch.equal(ids.cpu().long(), ref_ids)  # the same experts, best first
+    torch.testing.assert_close(w.cpu().double(), ref_w, rtol=1e-5, atol=1e-6)
+    torch_path = select_experts(logits, bias, cfg, fused=False)  # the same step in torch ops
+    assert torch.equal(ids, torch_path.topk_ids)
+    torch.testing.assert_close(w, torch_path.topk_weights, rtol=1e-5, atol=1e-6)
+    assert torch.equal(select_experts(logits, bias, cfg).topk_ids, ids if DEV == "cuda" else torch_path.topk_ids)
+    if DEV == "cuda":  # route on the GPU takes the kernel
+        gpu = route(type(params.gate)(*(None if t is None else t.cuda() for t in (params.gate.weight,
+                                                                                 params.gate.bias))), x.cuda(), cfg)
+        assert torch.equal(gpu.topk_ids.cpu(), ref_ids.int())
+        torch.testing.assert_close(gpu.topk_weights.cpu().double(), ref_w, rtol=1e-5, atol=1e-6)
+
+
+@given(cfg=moe_configs(max_experts=256, max_hidden=64), T=st.integers(0, 40), seed=st.integers(0, 2**31 - 1))
+def test_fused_route_matches_reference(cfg, T, seed):
+    _check(cfg, T, seed)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "seed", "tiny"])
+def test_fused_route_on_the_presets(name):
+    _check(preset(name).with_(hidden=64), 50, 7, drawn=False)
+
+
+def test_ties_go_to_the_lower_expert_id():
+    cfg = preset("deepseek-v3")
+    logits = torch.zeros(3, 256, device=DEV)  # every score equal: groups 0-3, experts 0-7
+    ids, w = _fused(logits, torch.zeros(256, device=DEV), cfg)
+    assert ids.tolist() == [list(range(8))] * 3
+    torch.testing.assert_close(w.cpu(), torch.full((3, 8), 2.5 / 8))
+
+
+def test_fused_route_names_bad_arguments():
+    logits = torch.zeros(4, 16, device=DEV)
+    with pytest.raises(ValueError, match="logits must be"):
+        mr.fused_route(logits.half(), None, 2)
+    with pytest.raises(ValueError, match="bias must be"):
+        mr.fused_route(logits, torch.zeros(8, device=DEV), 2)
+    with pytest.raises(ValueError, match="n_group"):
+        mr.fused_route(logits, None, 2, n_group=3)
+    with pytest.raises(ValueError, match="top_k"):
+        mr.fused_route(logits, None, 5, n_group=4, topk_group=1)
+    with pytest.raises(ValueError, match="score_func"):
+        mr.fused_route(logits, None, 2, score_func="relu")
