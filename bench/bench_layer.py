@@ -12,8 +12,8 @@ expert, bf16), decode at --decode-tokens and prefill at --prefill-tokens per ran
 E 16, top-4, float32, a few tokens, gloo. Schedules (nanomoe_fn/pipeline): sequential, shared_overlap
 (the shared expert inside dispatch's window), tbo (two-batch overlap), tbo+shared; --compile adds each
 under torch.compile (graph breaks allowed: the comms are not traced), --fullgraph each compiled as one graph
-with the comm behind custom ops (OpComm; the decode-mode comms: nvlink at decode, torch_decode; the decoder
-layer at decode only: MLA's kernels are custom ops too), --cuda-graph
+with the comm behind custom ops (OpComm: the decode-mode comms' fixed batches, and the prefill batches sized by
+the routing with the triton experts; the decoder layer at decode only: MLA's kernels are custom ops too), --cuda-graph
 each replayed as a CUDA graph where the comm is sync-free (torch_fixed, torch_decode, nvlink at decode sizes,
 deepep_ll). Before timing, every schedule's output is compared with sequential's on the same tokens (a
 mismatch fails the row, nothing is timed).
@@ -136,7 +136,13 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
         if args.fullgraph and lc.layer == "decoder" and phase == "prefill":
             args.skipped.append({"case": case, "variant": "+fullgraph", "why": "mla's prefill path reads the "
                                  "longest context on the host (attention/mla.py): a graph break"})
-        elif args.fullgraph and all(masked_rows(c) is not None for c in comms):  # one graph: comms as custom ops
+        elif args.fullgraph and any(getattr(c, "fp8", False) for c in comms):
+            args.skipped.append({"case": case, "variant": "+fullgraph", "why": "FP8 dispatch: its rows and scales "
+                                 "do not pass through OpComm"})
+        elif args.fullgraph and args.expert_backend != "triton" and any(masked_rows(c) is None for c in comms):
+            args.skipped.append({"case": case, "variant": "+fullgraph", "why": f"a batch sized by the routing "
+                                 f"traces with the triton experts only ({args.expert_backend!r} reads its counts)"})
+        elif args.fullgraph:  # one graph: comms as custom ops (comm/ops.py)
             ops = [OpComm(c, placement) for c in comms]
             one = (moe_case(cfg, local, x, ops, placement, args.expert_backend) if lc.layer == "moe" else
                    decoder_case(args.mla, cfg, local, ops, placement, args.expert_backend, args.attn_backend,
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true", help="also each schedule under torch.compile")
     p.add_argument("--fullgraph", action="store_true",
                    help="also each schedule compiled as one graph (fullgraph=True), the comm behind custom ops "
-                        "(nanomoe_fn/comm/ops.py: decode-mode comms only)")
+                        "(nanomoe_fn/comm/ops.py)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also each schedule replayed as a CUDA graph, for the sync-free comms (torch_fixed, nvlink "
                         "decode, deepep_ll)")

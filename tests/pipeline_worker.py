@@ -51,8 +51,9 @@ def run_schedules(rank: int, world_size: int, port: int, cases: list[dict], out_
 
 
 def run_compiled(rank: int, world_size: int, port: int, case: dict, out_dir: str) -> None:
-    """One case through OpComm (the torch comm's decode mode behind custom ops): every schedule eager, and
-    compiled with fullgraph=True (aot_eager); also the plain comm eager. Saves {name: out}."""
+    """One case through OpComm (the torch comm behind custom ops: its decode mode, or with case["gathered"] its
+    prefill mode, whose batch size depends on the routing): every schedule eager, and compiled with
+    fullgraph=True (aot_eager); also the plain comm eager. Saves {name: out}."""
     from nanomoe_fn.comm.ops import OpComm
 
     _init(rank, world_size, port, 60)
@@ -60,7 +61,7 @@ def run_compiled(rank: int, world_size: int, port: int, case: dict, out_dir: str
         cfg, params, x = case_inputs(case, rank)
         placement = case_placement(case, cfg, world_size)
         local = shard_moe_params(params, placement, rank)
-        T_max = max(case["tokens"])
+        T_max = None if case.get("gathered") else max(case["tokens"])
         outs = {"plain": run_moe(SCHEDULES["sequential"](), local, x, cfg, TorchComm(max_tokens=T_max, timeout_s=60),
                                  placement, case["backend"])}
         for name, make in SCHEDULES.items():

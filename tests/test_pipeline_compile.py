@@ -1,8 +1,9 @@
-"""The MoE layer over a real comm as one graph: OpComm (nanomoe_fn/comm/ops.py) puts the torch comm's decode
-mode behind custom ops, and every schedule compiles with fullgraph=True (aot_eager on 2 gloo ranks) to the
-same output as eager, as the plain comm eagerly, and as the single-rank layer; a second compiled call on
-new tokens runs the graph (no retrace) and still matches. OpComm refuses comms whose batch size is not
-fixed in advance and halves called out of order, by name. (On GPUs: tests/gpu/test_pipeline_gpu.py
+"""The MoE layer over a real comm as one graph: OpComm (nanomoe_fn/comm/ops.py) puts the torch comm behind
+custom ops, in its decode mode (a masked batch of fixed size) and its prefill mode (a gathered batch whose row
+count depends on the routing: unbacked sizes in the graph), and every schedule compiles with fullgraph=True
+(aot_eager on 2 gloo ranks) to the same output as eager, as the plain comm eagerly, and as the single-rank
+layer; a second compiled call on new tokens runs the graph (no retrace) and still matches. OpComm refuses
+FP8 rows and halves called out of order, by name. (On GPUs: tests/gpu/test_pipeline_gpu.py
 compiles the decode layer over nvlink and the torch decode mode with inductor.)
 """
 
@@ -18,10 +19,14 @@ from nanomoe_fn.comm.ops import OpComm, masked_rows
 from tests import pipeline_worker
 
 
-def test_every_schedule_compiles_as_one_graph_over_a_real_comm(tmp_path):
+@pytest.mark.parametrize("mode", ["decode", "gathered"])
+def test_every_schedule_compiles_as_one_graph_over_a_real_comm(tmp_path, mode):
+    # gathered: the prefill mode, ragged token counts (a rank's micro-batch may be empty), triton experts (their
+    # gathered path is a custom op; bmm reads the counts on the host at prefill sizes)
     case = dict(cfg=dict(hidden=16, intermediate=8, num_experts=8, top_k=3, n_shared_experts=1, score_func="sigmoid",
                          correction_bias=True, n_group=2, topk_group=2),
-                dtype="float32", seed=11, tokens=[6, 6], backend="bmm")
+                dtype="float32", seed=11, tokens=[6, 6] if mode == "decode" else [7, 1],
+                backend="bmm" if mode == "decode" else "triton", gathered=mode == "gathered")
     W = 2
     mp.start_processes(pipeline_worker.run_compiled, args=(W, free_port(), case, str(tmp_path)), nprocs=W,
                        join=True, start_method="spawn")
@@ -31,6 +36,7 @@ def test_every_schedule_compiles_as_one_graph_over_a_real_comm(tmp_path):
         assert len(outs) == 1 + 4 * len(pipeline_worker.SCHEDULES), sorted(outs)
         single = moe_layer(params, x, cfg, backend="bmm")
         again = moe_layer(params, x.flip(0), cfg, backend="bmm")
+        assert single.shape[0] == case["tokens"][rank]
         for name, out in outs.items():
             want = again if name.endswith("again") else single
             torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5,
@@ -41,10 +47,12 @@ class _Gathered:
     name, rank, world_size, max_tokens = "torch", 0, 1, None  # exact splits: a data-dependent batch
 
 
-def test_opcomm_refuses_comms_without_a_fixed_batch_and_halves_out_of_order():
-    assert masked_rows(_Gathered()) is None
-    with pytest.raises(ValueError, match="masked batch of a size fixed in advance"):
-        OpComm(_Gathered(), Placement.identity(8, 1))
+def test_opcomm_sizes_its_batches_and_refuses_fp8_rows_and_halves_out_of_order():
+    assert masked_rows(_Gathered()) is None and OpComm(_Gathered(), Placement.identity(8, 1)).rows is None
+    fp8 = _Gathered()
+    fp8.fp8 = True
+    with pytest.raises(ValueError, match="fp8=True"):
+        OpComm(fp8, Placement.identity(8, 1))
     fixed = _Gathered()
     fixed.max_tokens = 4
     op = OpComm(fixed, Placement.identity(8, 1))

@@ -12,9 +12,12 @@ wrapper, first in first out: a plan receives and combines an OpComm's dispatches
 collectives run in the same order on every rank). Ops find their wrapper by `key` in a table of live
 wrappers (weak references: a wrapper that is gone leaves nothing behind).
 
-Only fixed-shape batches trace: the wrapped comm must deliver the masked layout [P_local, C, H] with C known
-before the exchange (the decode modes: nvlink decode without FP8 dispatch, the torch comm with max_tokens;
-`masked_rows`), in x's dtype. A gathered or contiguous batch has a data-dependent row count.
+Two kinds of batch trace. A decode-mode comm delivers the masked layout [P_local, C, H] with C known before
+the exchange (nvlink decode without FP8 dispatch, the torch comm with max_tokens; `masked_rows`): fixed shapes.
+Any other comm (prefill: the torch comm, nvlink and DeepEP's normal mode) delivers a batch whose row count
+depends on the routing: the op hands it over as a gathered batch (x [R, H] made contiguous, index [M], counts),
+R and M unbacked sizes in the graph (the comm reads its counts on the host inside the op, as it does eagerly);
+a contiguous batch comes with index = arange(M). Rows in x's dtype (no FP8 dispatch) either way.
 """
 
 from __future__ import annotations
@@ -45,15 +48,15 @@ def masked_rows(comm: Any) -> int | None:
 
 
 class OpComm:
-    """comm (a decode-mode comm: module docstring) seen through custom ops; placement: the one every
-    dispatch uses (part of the wrapper: the ops carry tensors only). The ordering token lives where the
-    placement's tables do (the tokens' device)."""
+    """comm seen through custom ops; placement: the one every dispatch uses (part of the wrapper: the ops
+    carry tensors only). rows: C of a masked batch, None when the batch size depends on the routing (module
+    docstring). The ordering token lives where the placement's tables do (the tokens' device)."""
 
     def __init__(self, comm: Any, placement: Placement) -> None:
         C = masked_rows(comm)
-        if C is None:
-            raise ValueError(f"comm must deliver a masked batch of a size fixed in advance (nvlink in decode mode, "
-                             f"TorchComm(max_tokens=...)), got {getattr(comm, 'name', type(comm).__name__)!r}")
+        if getattr(comm, "fp8", False):
+            raise ValueError(f"comm must send rows in x's dtype: {comm.name!r} was built with fp8=True (its FP8 rows "
+                             f"and scales do not pass through an OpComm)")
         if placement.world_size != comm.world_size:
             raise ValueError(f"placement.world_size ({placement.world_size}) must equal the comm's "
                              f"({comm.world_size})")
@@ -75,7 +78,12 @@ class OpComm:
         return x
 
     def dispatch_recv(self, pending: torch.Tensor) -> tuple[ExpertBatch, torch.Tensor]:
-        """Finish it (op) -> the masked batch [P_local, C, H] and its counts; the handle is x again."""
+        """Finish it (op) -> the masked batch [P_local, C, H] (or the gathered batch: module docstring) and its
+        counts; the handle is x again."""
+        if self.rows is None:
+            x, index, counts = torch.ops.nanomoe.comm_dispatch_recv_rows(self.state, self.key, pending,
+                                                                         self.placement.local_experts)
+            return ExpertBatch(x, counts, "gathered", index), pending
         xe, counts = torch.ops.nanomoe.comm_dispatch_recv(self.state, self.key, pending,
                                                           self.placement.local_experts, self.rows)
         return ExpertBatch(xe, counts, "masked"), pending
@@ -130,6 +138,35 @@ def _dispatch_recv(state: torch.Tensor, key: int, x: torch.Tensor, local_experts
 def _(state: torch.Tensor, key: int, x: torch.Tensor, local_experts: int,
       rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty((local_experts, rows, x.shape[1])), x.new_empty((local_experts,), dtype=torch.int64)
+
+
+@torch.library.custom_op("nanomoe::comm_dispatch_recv_rows", mutates_args=("state",))
+def _dispatch_recv_rows(state: torch.Tensor, key: int, x: torch.Tensor,
+                        local_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = _live(key)
+    if not op._dispatching:
+        raise RuntimeError(f"rank {op.rank}: dispatch_recv on an OpComm with no dispatch in flight")
+    batch, handle = op.comm.dispatch_recv(op._dispatching.popleft())
+    if batch.layout == "masked" or batch.x.dtype != x.dtype or batch.num_experts != local_experts:
+        raise RuntimeError(f"rank {op.rank}: {op.comm.name} delivered a {batch.layout} batch {tuple(batch.x.shape)} "
+                           f"{batch.x.dtype} for {batch.num_experts} experts, not the contiguous or gathered "
+                           f"{x.dtype} batch for {local_experts} an OpComm without fixed rows traces")
+    op._received.append((batch, handle))
+    state.add_(1)
+    index = batch.index if batch.index is not None else torch.arange(batch.x.shape[0], device=x.device)
+    # fresh tensors: an op's outputs may not alias its inputs or each other, and a comm's receive rows are
+    # often a strided view of its buffer (the graph assumes the fake's contiguous strides)
+    return (batch.x.clone(memory_format=torch.contiguous_format), index.to(torch.int64, copy=True),
+            batch.counts.to(torch.int64, copy=True))
+
+
+@_dispatch_recv_rows.register_fake
+def _(state: torch.Tensor, key: int, x: torch.Tensor,
+      local_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ctx = torch.library.get_ctx()
+    R, M = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return (x.new_empty((R, x.shape[1])), x.new_empty((M,), dtype=torch.int64),
+            x.new_empty((local_experts,), dtype=torch.int64))
 
 
 @torch.library.custom_op("nanomoe::comm_combine_send", mutates_args=("state",))

@@ -40,12 +40,15 @@ def triton_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
 
 def triton_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     """Grouped-GEMM Triton kernels (SwiGLU fused into the first GEMM's epilogue). Under torch.compile a
-    masked batch goes through the custom op nanomoe::fused_moe_masked (fixed shapes: it traces, so a layer
-    over a decode-mode comm compiles as one graph); the other layouts are a graph break."""
+    masked batch goes through the custom op nanomoe::fused_moe_masked (fixed shapes) and a gathered one
+    through nanomoe::fused_moe_gathered (its row count may be an unbacked size: OpComm's prefill batches), so
+    a layer over an OpComm compiles as one graph; a contiguous batch is a graph break."""
     refuse_fp8(experts, "expert backend 'triton'")
     ws, kind = expert_tensors(experts), _expert_type(experts)
     if batch.layout == "masked" and torch.compiler.is_compiling():
         return batch.with_x(torch.ops.nanomoe.fused_moe_masked(batch.x, batch.counts, list(ws), kind))
+    if batch.layout == "gathered" and torch.compiler.is_compiling():
+        return batch.with_x(torch.ops.nanomoe.fused_moe_gathered(batch.x, batch.index, batch.counts, list(ws), kind))
     return batch.with_x(_triton_eager(ws, kind, batch))
 
 
@@ -70,6 +73,19 @@ def _fused_moe_masked_op(x: torch.Tensor, counts: torch.Tensor, ws: list[torch.T
 @_fused_moe_masked_op.register_fake
 def _(x: torch.Tensor, counts: torch.Tensor, ws: list[torch.Tensor], kind: str) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], ws[-1].shape[1]))  # [P_local, C, H_out]: the last weight is [E, H_out, .]
+
+
+@torch.library.custom_op("nanomoe::fused_moe_gathered", mutates_args=())
+def _fused_moe_gathered_op(x: torch.Tensor, index: torch.Tensor, counts: torch.Tensor, ws: list[torch.Tensor],
+                           kind: str) -> torch.Tensor:
+    from nanomoe_kernels.fused_moe import fused_moe_gathered
+
+    return fused_moe_gathered(x, index, counts, tuple(ws), kind)
+
+
+@_fused_moe_gathered_op.register_fake
+def _(x: torch.Tensor, index: torch.Tensor, counts: torch.Tensor, ws: list[torch.Tensor], kind: str) -> torch.Tensor:
+    return x.new_empty((index.shape[0], ws[-1].shape[1]))  # [M, H_out]: one row per batch row
 
 
 def deepgemm_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:

@@ -100,14 +100,19 @@ def _check(experts: Experts | FP8Experts, batch: ExpertBatch, backend: str = "bm
     elif batch.layout == "gathered":
         index = check_tensor("batch.index", batch.index, dim=1, dtypes=INT_DTYPES, device=x.device)
         M, R = index.shape[0], x.shape[0]
+        compiling = torch.compiler.is_compiling()  # M and R may be unbacked sizes there (OpComm): no branch on them
+        M_txt, R_txt = ("M", "R") if compiling else (M, R)
         if P:
             check_values((counts.min() >= 0) & (counts.sum() == M),
-                         f"batch.counts must be >= 0 and sum to the {M} rows of batch.index (gathered)")
+                         f"batch.counts must be >= 0 and sum to the {M_txt} rows of batch.index (gathered)")
         elif M:
             raise ValueError(f"batch.index has {M} rows but there are no local experts (batch.counts is empty)")
-        if M:
+        msg = f"batch.index must lie in [0, R={R_txt}) (the rows of batch.x, gathered)"
+        if compiling:
+            check_values(((index >= 0) & (index < R)).all(), msg)
+        elif M:
             lo, hi = torch.aminmax(index)
-            check_values((lo >= 0) & (hi < R), f"batch.index must lie in [0, R={R}) (the rows of batch.x, gathered)")
+            check_values((lo >= 0) & (hi < R), msg)
     elif P:
         check_values((counts.min() >= 0) & (counts.sum() == x.shape[0]),
                      f"batch.counts must be >= 0 and sum to the {x.shape[0]} rows of batch.x (contiguous)")
