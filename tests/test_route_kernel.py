@@ -95,3 +95,16 @@ def test_fused_route_names_bad_arguments():
         mr.fused_route(logits, None, 5, n_group=4, topk_group=1)
     with pytest.raises(ValueError, match="score_func"):
         mr.fused_route(logits, None, 2, score_func="relu")
+
+
+def test_launch_shapes_give_the_same_routing():
+    cfg = preset("deepseek-v3")
+    logits = torch.randn(37, 256, generator=torch.Generator().manual_seed(3)).to(DEV)
+    bias = (0.1 * torch.randn(256, generator=torch.Generator().manual_seed(4))).to(DEV)
+    want = _fused(logits, bias, cfg)
+    for bt, warps in ((1, 1), (2, 1), (4, 2), (32, 8)):
+        got = mr.fused_route(logits, bias, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.score_func, cfg.group_rule,
+                             cfg.norm_topk_prob, cfg.routed_scaling_factor, block_tokens=bt, num_warps=warps)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (bt, warps)
+    with pytest.raises(ValueError, match="block_tokens"):
+        mr.fused_route(logits, bias, 8, block_tokens=3)

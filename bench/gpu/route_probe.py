@@ -3,6 +3,7 @@ it replaces, eager (host time included) and as CUDA-graph replays (GPU time only
 (the float32 router GEMM first) beside them; every timed path is first checked against the other.
 
     python bench/gpu/route_probe.py --json $OUT/route_probe.json
+    python bench/gpu/route_probe.py --sweep --tokens 32 128 4096 --iters 20     # + the kernel's launch shapes
     python bench/gpu/route_probe.py --dims --tokens 1 5      # tiny dims on the CPU (TRITON_INTERPRET=1): a smoke test
 
 Dimension legend: T tokens, H hidden (7168), E experts (256), k (8).
@@ -45,12 +46,33 @@ def paths(gate: object, bias: torch.Tensor, x: torch.Tensor, logits: torch.Tenso
     return out | ({"route_torch": route_torch} if gpu else {})
 
 
+def sweep(logits: torch.Tensor, bias: torch.Tensor, cfg: object, want: Routing, dev: torch.device,
+          iters: int) -> dict:
+    """{"BTxW": us} for block_tokens BT in 1-16 and num_warps W in 1-4 (CUDA-graph replays on GPUs), each
+    checked against `want`."""
+    from nanomoe_kernels.moe_route import fused_route
+
+    out = {}
+    for bt in (1, 2, 4, 8, 16):
+        for warps in (1, 2, 4):
+            def fn(bt: int = bt, warps: int = warps) -> tuple:
+                return fused_route(logits, bias, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.score_func,
+                                   cfg.group_rule, cfg.norm_topk_prob, cfg.routed_scaling_factor, bt, warps)
+            ids, w = fn()
+            if not (torch.equal(ids, want.topk_ids) and torch.equal(w, want.topk_weights)):
+                raise SystemExit(f"block_tokens={bt} num_warps={warps}: a different routing")
+            call = capture_graph(fn)[0].replay if dev.type == "cuda" else fn
+            out[f"{bt}x{warps}"] = sig(statistics.median(time_events(call, dev, 5, iters)) * 1e6)
+    return out
+
+
 def main() -> None:
     """Time each T; print one line per T and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 128, 256, 1024, 4096, 16384])
     p.add_argument("--dims", action="store_true", help="tiny dims on the CPU (a smoke test of this script)")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--sweep", action="store_true", help="also time the kernel's launch shapes (GPU)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = torch.device("cpu" if args.dims else "cuda")
@@ -80,12 +102,14 @@ def main() -> None:
                 g, out = capture_graph(fn)
                 assert isinstance(out, Routing)
                 row[f"{name}_graph_us"] = sig(statistics.median(time_events(g.replay, dev, 5, args.iters)) * 1e6)
+        if args.sweep:  # the kernel's launch shapes (fused_route's block_tokens, num_warps), as CUDA graphs
+            row["sweep_graph_us" if graphs else "sweep_us"] = sweep(logits, bias, cfg, a, dev, args.iters)
         if ceilings:
             row["select_floor_us"] = sig((T * cfg.num_experts * 4 + T * cfg.top_k * 8) / ceilings["hbm_gbps"] / 1e3)
             row["route_floor_us"] = sig((T * cfg.hidden * 2 + cfg.num_experts * cfg.hidden * 4)
                                         / ceilings["hbm_gbps"] / 1e3 + row["select_floor_us"])
         rows.append(row)
-        print(" ".join(f"{k}={v}" for k, v in row.items() if k != "case"), f"T={T}", flush=True)
+        print(" ".join(f"{k}={v}" for k, v in row.items() if k != "case"), f"T={T}", flush=True)  # sweep included
     if args.json:
         write_record(args.json, "route_probe", dev, 1, ceilings, rows)
 
