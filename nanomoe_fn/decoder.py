@@ -186,7 +186,7 @@ def decoder_layer(params: DecoderParams, x: torch.Tensor, positions: torch.Tenso
     if params.moe is not None and any(c.moe is None for c in ctxs):
         raise ValueError("ctx.moe must be a MoEContext (comm, placement, backend) for an MoE decoder layer")
     if params.moe is not None:
-        check_shared_comm(plan, [c.moe.comm for c in ctxs])
+        check_shared_comm(plan, [c.moe.comm for c in ctxs], ctxs[0].moe.backend, ctxs[0].moe.capacity)
     out, new_cache, _ = run(plan, params, {"x": x, "positions": positions, "cache": cache,
                                            "part": ("seq", cache)}, ctxs if len(ctxs) > 1 else ctxs[0])
     return out, new_cache

@@ -69,7 +69,7 @@ def run_compiled(rank: int, world_size: int, port: int, case: dict, out_dir: str
             comm = OpComm(TorchComm(max_tokens=T_max, timeout_s=60), placement)
 
             def layer(x: torch.Tensor, plan=plan, comm=comm) -> torch.Tensor:  # noqa: ANN001
-                return run_moe(plan, local, x, cfg, comm, placement, case["backend"])
+                return run_moe(plan, local, x, cfg, comm, placement, case["backend"], case.get("capacity"))
 
             outs[name] = layer(x)
             torch._dynamo.reset()

@@ -16,17 +16,21 @@ import torch.multiprocessing as mp
 from nanomoe_fn import Placement, moe_layer
 from nanomoe_fn.comm.launch import free_port
 from nanomoe_fn.comm.ops import OpComm, masked_rows
+from nanomoe_fn.moe.layer import MOE_PROGRAM, check_shared_comm
+from nanomoe_fn.pipeline import sequential
 from tests import pipeline_worker
 
 
-@pytest.mark.parametrize("mode", ["decode", "gathered"])
+@pytest.mark.parametrize("mode", ["decode", "gathered", "gathered+capacity"])
 def test_every_schedule_compiles_as_one_graph_over_a_real_comm(tmp_path, mode):
     # gathered: the prefill mode, ragged token counts (a rank's micro-batch may be empty), triton experts (their
-    # gathered path is a custom op; bmm reads the counts on the host at prefill sizes)
+    # gathered path is a custom op; bmm reads the counts on the host there), or bmm on the masked layout of a
+    # capacity (to_masked traces)
     case = dict(cfg=dict(hidden=16, intermediate=8, num_experts=8, top_k=3, n_shared_experts=1, score_func="sigmoid",
                          correction_bias=True, n_group=2, topk_group=2),
                 dtype="float32", seed=11, tokens=[6, 6] if mode == "decode" else [7, 1],
-                backend="bmm" if mode == "decode" else "triton", gathered=mode == "gathered")
+                backend="triton" if mode == "gathered" else "bmm", gathered=mode != "decode",
+                capacity=16 if mode == "gathered+capacity" else None)
     W = 2
     mp.start_processes(pipeline_worker.run_compiled, args=(W, free_port(), case, str(tmp_path)), nprocs=W,
                        join=True, start_method="spawn")
@@ -63,3 +67,14 @@ def test_opcomm_sizes_its_batches_and_refuses_fp8_rows_and_halves_out_of_order()
         torch.ops.nanomoe.comm_combine_send(op.state, op.key, torch.zeros(8, 4, 16))
     with pytest.raises(ValueError, match="placement must be the one"):
         op.dispatch_send(torch.zeros(2, 16), None, Placement.identity(8, 1))
+
+
+def test_a_batch_sized_by_the_routing_needs_a_backend_that_traces_it():
+    op = OpComm(_Gathered(), Placement.identity(8, 1))
+    with pytest.raises(ValueError, match="expert backend 'bmm' cannot trace"):
+        check_shared_comm(sequential(MOE_PROGRAM), [op], "bmm")
+    check_shared_comm(sequential(MOE_PROGRAM), [op], "triton")  # its gathered path is a custom op
+    check_shared_comm(sequential(MOE_PROGRAM), [op], "bmm", capacity=4)  # the masked layout traces
+    fixed = _Gathered()
+    fixed.max_tokens = 4
+    check_shared_comm(sequential(MOE_PROGRAM), [OpComm(fixed, Placement.identity(8, 1))], "bmm")

@@ -129,17 +129,23 @@ def run_moe(
     placement = placement if placement is not None else Placement.identity(cfg.num_experts, comms[0].world_size)
     check_params(params, cfg, x, num_experts=placement.local_experts)
     get_expert_backend(backend, cfg, x.device)
-    check_shared_comm(plan, comms)
+    check_shared_comm(plan, comms, backend, capacity)
     ctxs = [MoEContext(cfg, c, placement, backend, capacity) for c in comms]
     return run(plan, params, {"x": x}, ctxs if len(ctxs) > 1 else ctxs[0])
 
 
-def check_shared_comm(plan: Plan, comms: Sequence[Any]) -> None:
+def check_shared_comm(plan: Plan, comms: Sequence[Any], backend: str = "triton", capacity: int | None = None) -> None:
     """A plan with several micro-batches over one comm needs a comm that lets them share it
-    (`shares_micro_batches`, default yes); ValueError naming the comm otherwise."""
+    (`shares_micro_batches`, default yes); an OpComm whose batch size depends on the routing (comm/ops.py) needs
+    an expert backend that traces such a batch (triton) or a capacity. ValueError naming the comm otherwise."""
     if plan.micro_batches > 1 and len(comms) == 1 and not getattr(comms[0], "shares_micro_batches", True):
         raise ValueError(f"comm {comms[0].name!r} cannot carry {plan.micro_batches} micro-batches on one instance "
                          f"(plan {plan.name!r}): pass one comm per micro-batch, or a sequential plan")
+    sized = [c.name for c in comms if c.name.startswith("op:") and getattr(c, "rows", 0) is None]
+    if sized and backend != "triton" and capacity is None:
+        raise ValueError(f"comm {sized[0]!r} hands over batches sized by the routing (unbacked sizes under "
+                         f"torch.compile), which expert backend {backend!r} cannot trace (it reads the counts on the "
+                         f"host): use backend='triton', a capacity, or a decode-mode comm")
 
 
 def moe_layer(
