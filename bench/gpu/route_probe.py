@@ -3,7 +3,8 @@ it replaces, eager (host time included) and as CUDA-graph replays (GPU time only
 (the float32 router GEMM first) beside them; every timed path is first checked against the other.
 
     python bench/gpu/route_probe.py --json $OUT/route_probe.json
-    python bench/gpu/route_probe.py --sweep --tokens 32 128 4096 --iters 20     # + the kernel's launch shapes
+    python bench/gpu/route_probe.py --sweep --gemm --tokens 32 128 4096 --iters 20
+        # + the kernel's launch shapes, and the router GEMM on tensor cores (split float32 weights)
     python bench/gpu/route_probe.py --dims --tokens 1 5      # tiny dims on the CPU (TRITON_INTERPRET=1): a smoke test
 
 Dimension legend: T tokens, H hidden (7168), E experts (256), k (8).
@@ -66,6 +67,33 @@ def sweep(logits: torch.Tensor, bias: torch.Tensor, cfg: object, want: Routing, 
     return out
 
 
+def split_logits(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """x [T, H] bf16 times w = sum(parts) (bf16 [E, H] each) -> float32 logits [T, E]: one bf16 GEMM per part
+    with float32 output (tensor cores; each product is exact in float32). On the CPU: float32 matmuls."""
+    if x.is_cuda:
+        return sum(torch.mm(x, p.T, out_dtype=torch.float32) for p in parts)
+    return sum(x.float() @ p.float().T for p in parts)
+
+
+def gemm_row(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, cfg: object, dev: torch.device,
+             iters: int) -> dict:
+    """The router GEMM as float32 (what route runs) and as three bf16 GEMMs over a hi/mid/lo split of the float32
+    weight (w = hi + mid + lo to float32's 24 bits): us per call (CUDA graphs on GPUs), the largest logit
+    difference, and how many tokens' routing differs."""
+    hi = w.bfloat16()
+    mid = (w - hi.float()).bfloat16()
+    parts = [hi, mid, (w - hi.float() - mid.float()).bfloat16()]
+    xb = x.bfloat16()
+    ref, got = xb.float() @ w.T, split_logits(xb, parts)
+    a, b = select_experts(ref, bias, cfg), select_experts(got, bias, cfg)
+    out = {"logit_max_abs_diff": sig(float((ref - got).abs().max())), "logit_max_abs": sig(float(ref.abs().max())),
+           "tokens_routed_differently": int((a.topk_ids != b.topk_ids).any(1).sum())}
+    for name, fn in (("fp32", lambda: xb.float() @ w.T), ("split3", lambda: split_logits(xb, parts))):
+        call = capture_graph(fn)[0].replay if dev.type == "cuda" else fn
+        out[f"gemm_{name}_us"] = sig(statistics.median(time_events(call, dev, 5, iters)) * 1e6)
+    return out
+
+
 def main() -> None:
     """Time each T; print one line per T and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -73,6 +101,7 @@ def main() -> None:
     p.add_argument("--dims", action="store_true", help="tiny dims on the CPU (a smoke test of this script)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--sweep", action="store_true", help="also time the kernel's launch shapes (GPU)")
+    p.add_argument("--gemm", action="store_true", help="also the router GEMM as three bf16 GEMMs (split weights)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = torch.device("cpu" if args.dims else "cuda")
@@ -102,6 +131,8 @@ def main() -> None:
                 g, out = capture_graph(fn)
                 assert isinstance(out, Routing)
                 row[f"{name}_graph_us"] = sig(statistics.median(time_events(g.replay, dev, 5, args.iters)) * 1e6)
+        if args.gemm:  # the router GEMM on tensor cores (a split of the float32 weight), against float32
+            row["gemm"] = gemm_row(x, gate.weight, bias, cfg, dev, args.iters)
         if args.sweep:  # the kernel's launch shapes (fused_route's block_tokens, num_warps), as CUDA graphs
             row["sweep_graph_us" if graphs else "sweep_us"] = sweep(logits, bias, cfg, a, dev, args.iters)
         if ceilings:
