@@ -65,7 +65,7 @@ from bench.layer_cases import LAYERS, decoder_case, decoder_inputs, moe_case  # 
 from bench.layer_stages import annotate_rows, eager_stage_times, graph_stage_times, profile  # noqa: E402
 from nanomoe_fn import MLAConfig, MoEConfig, Placement, shard_moe_params  # noqa: E402
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
-from nanomoe_fn.comm.ops import OpComm, masked_rows  # noqa: E402
+from nanomoe_fn.comm.ops import OpComm, masked_rows, sends_fp8  # noqa: E402
 from nanomoe_fn.pipeline import Plan, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
 
 SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: sequential(shared_expert_overlap(p)),
@@ -136,7 +136,7 @@ def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.
         if args.fullgraph and lc.layer == "decoder" and phase == "prefill":
             args.skipped.append({"case": case, "variant": "+fullgraph", "why": "mla's prefill path reads the "
                                  "longest context on the host (attention/mla.py): a graph break"})
-        elif args.fullgraph and any(getattr(c, "fp8", False) for c in comms):
+        elif args.fullgraph and any(sends_fp8(c) for c in comms):
             args.skipped.append({"case": case, "variant": "+fullgraph", "why": "FP8 dispatch: its rows and scales "
                                  "do not pass through OpComm"})
         elif args.fullgraph and args.expert_backend != "triton" and any(masked_rows(c) is None for c in comms):

@@ -84,7 +84,7 @@ def fused_route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_g
     topk_weights [T, k] float32) (module docstring). n_group 1 or topk_group == n_group: no group step.
     block_tokens (BT, a power of two; default ~4096 lanes a program) and num_warps: the launch shape
     (bench/gpu/route_probe.py --sweep times the choices). No host sync."""
-    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(1) != 1:
+    if logits.dim() != 2 or logits.dtype != torch.float32 or (logits.stride(1) != 1 and logits.shape[1] > 1):
         raise ValueError(f"logits must be [T, E] float32 with unit stride in E, got {tuple(logits.shape)} "
                          f"{logits.dtype} strides {logits.stride()}")
     T, E = logits.shape

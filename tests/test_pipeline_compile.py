@@ -55,8 +55,16 @@ def test_opcomm_sizes_its_batches_and_refuses_fp8_rows_and_halves_out_of_order()
     assert masked_rows(_Gathered()) is None and OpComm(_Gathered(), Placement.identity(8, 1)).rows is None
     fp8 = _Gathered()
     fp8.fp8 = True
-    with pytest.raises(ValueError, match="fp8=True"):
+    with pytest.raises(ValueError, match="sends FP8 rows"):
         OpComm(fp8, Placement.identity(8, 1))
+    for name, extra in (("torch_fixed", {}), ("deepep", {"mode": "low_latency"})):  # masked batches [P, W * T, H]
+        masked = _Gathered()
+        masked.name, masked.max_tokens = name, 3
+        masked.__dict__.update(extra)
+        assert OpComm(masked, Placement.identity(8, 1)).rows == 3
+    masked.dispatch_dtype = torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="sends FP8 rows"):
+        OpComm(masked, Placement.identity(8, 1))
     fixed = _Gathered()
     fixed.max_tokens = 4
     op = OpComm(fixed, Placement.identity(8, 1))

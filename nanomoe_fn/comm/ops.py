@@ -40,11 +40,18 @@ def masked_rows(comm: Any) -> int | None:
     """C, the rows per local expert of the masked batch `comm` delivers, or None if its batch is not masked
     at a size fixed in advance."""
     name, W = getattr(comm, "name", ""), getattr(comm, "world_size", 1)
-    if name == "nvlink" and getattr(comm, "layout", None) == "masked" and not getattr(comm, "fp8", False):
+    if name == "nvlink" and getattr(comm, "layout", None) == "masked" and not sends_fp8(comm):
         return W * comm.max_tokens
     if name == "torch" and getattr(comm, "max_tokens", None) is not None:
         return W * comm.max_tokens
+    if name == "torch_fixed" or (name == "deepep" and getattr(comm, "mode", None) == "low_latency"):
+        return W * comm.max_tokens  # their masked batch: [P_local, W * max_tokens, H]
     return None
+
+
+def sends_fp8(comm: Any) -> bool:
+    """Whether comm sends FP8 rows (nvlink's fp8, DeepEP's dispatch_dtype)."""
+    return bool(getattr(comm, "fp8", False)) or getattr(comm, "dispatch_dtype", None) == torch.float8_e4m3fn
 
 
 class OpComm:
@@ -54,9 +61,9 @@ class OpComm:
 
     def __init__(self, comm: Any, placement: Placement) -> None:
         C = masked_rows(comm)
-        if getattr(comm, "fp8", False):
-            raise ValueError(f"comm must send rows in x's dtype: {comm.name!r} was built with fp8=True (its FP8 rows "
-                             f"and scales do not pass through an OpComm)")
+        if sends_fp8(comm):
+            raise ValueError(f"comm must send rows in x's dtype: {comm.name!r} sends FP8 rows (its FP8 rows and "
+                             f"scales do not pass through an OpComm)")
         if placement.world_size != comm.world_size:
             raise ValueError(f"placement.world_size ({placement.world_size}) must equal the comm's "
                              f"({comm.world_size})")

@@ -105,6 +105,9 @@ def _check(experts: Experts | FP8Experts, batch: ExpertBatch, backend: str = "bm
         if P:
             check_values((counts.min() >= 0) & (counts.sum() == M),
                          f"batch.counts must be >= 0 and sum to the {M_txt} rows of batch.index (gathered)")
+        elif compiling:
+            check_values(index.new_ones(index.shape[0]).sum() == 0,
+                         "batch.index has rows but there are no local experts (batch.counts is empty)")
         elif M:
             raise ValueError(f"batch.index has {M} rows but there are no local experts (batch.counts is empty)")
         msg = f"batch.index must lie in [0, R={R_txt}) (the rows of batch.x, gathered)"

@@ -76,14 +76,20 @@ def select_experts(logits: torch.Tensor, bias: torch.Tensor | None, cfg: MoEConf
             group_scores = grouped.amax(dim=-1)
         else:  # "top2_sum" (one expert per group: its score)
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-        keep = group_scores.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
+        keep = _best(group_scores, cfg.topk_group)  # [T, topk_group]
         mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
         mask = mask.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1)
         choice = choice.masked_fill(~mask, float("-inf"))
 
-    topk_ids = choice.topk(cfg.top_k, dim=-1).indices  # [T, k], sorted best first
+    topk_ids = _best(choice, cfg.top_k)  # [T, k], sorted best first
     weights = scores.gather(1, topk_ids)
     if cfg.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     weights = weights * cfg.routed_scaling_factor
     return Routing(topk_ids.to(torch.int32), weights.float())
+
+
+def _best(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values per row, best first, equal values in index order (the lower id first,
+    as the kernel and the reference break ties; torch.topk leaves tie order unspecified)."""
+    return values.sort(dim=-1, descending=True, stable=True).indices[:, :k]
