@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from nanomoe_kernels import deepgemm
 from nanomoe_kernels.fused_moe import fused_moe, fused_moe_aligned, stage_configs
 from nanomoe_kernels.moe_align import moe_align
+from nanomoe_kernels.moe_sum import sum_pairs
 
 from nanomoe_fn import ExpertBatch, expert_ffn
 from nanomoe_fn.comm.plan import weighted_rows
@@ -249,7 +250,7 @@ def build_variants(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights
 
         def triton_fn() -> torch.Tensor:
             pairs = fused_moe_aligned(x, al, weights, expert_type, first, down, a_div=k, row_weights=row_w)
-            return pairs.view(T, k, H_out).sum(1)
+            return sum_pairs(pairs, k) if k > 1 else pairs
 
         cfg = {"up" if expert_type == "swiglu" else "linear": first, "down": down}
         for name, fn in (("triton", triton_fn), ("triton+align", lambda: fused_moe(x, ids, tw, weights, expert_type))):

@@ -43,6 +43,7 @@ from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, runs_interp
 from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
 from nanomoe_kernels.moe_blocks import block_tables
 from nanomoe_kernels.moe_permute import permute_rows
+from nanomoe_kernels.moe_sum import sum_pairs
 
 EXPERT_TYPES = ("swiglu", "linear")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -231,7 +232,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     align = moe_align(topk_ids, E, bm, validate=validate)
     row_w = topk_weights.reshape(-1).to(torch.float32).contiguous()
     pairs = fused_moe_aligned(x, align, weights, expert_type, first, down, a_div=k, row_weights=row_w)
-    return pairs.view(T, k, H_out).sum(dim=1) if k > 1 else pairs
+    return sum_pairs(pairs, k) if k > 1 else pairs
 
 
 def _check_counts(counts: object, E: int) -> torch.Tensor:

@@ -50,6 +50,7 @@ from nanomoe_kernels.fused_moe import TABLES, TUNED_DIR, _check_counts, _check_x
 from nanomoe_kernels.fused_moe_fp8_kernel import GROUP, check_fp8_config, is_tiled, moe_gemm_fp8, weight_dims
 from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
 from nanomoe_kernels.moe_blocks import block_tables
+from nanomoe_kernels.moe_sum import sum_pairs
 
 FP8 = torch.float8_e4m3fn
 
@@ -226,7 +227,7 @@ def fused_moe_fp8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     row_w = topk_weights.reshape(-1).to(torch.float32).contiguous()
     pairs = fp8_ffn_aligned(xq, xs, align, w13_q, w13_scale, w2_q, w2_scale, up, down,
                             x.new_empty((T * k, H)), a_div=k, row_weights=row_w, terms=act_terms)
-    return pairs.view(T, k, H).sum(dim=1) if k > 1 else pairs
+    return sum_pairs(pairs, k) if k > 1 else pairs
 
 
 def fused_moe_fp8_contiguous(rows: torch.Tensor, counts: torch.Tensor, w13_q: torch.Tensor,

@@ -22,6 +22,7 @@ from nanomoe_kernels.fused_moe_fp8 import _check_fp8_weights, fp8_configs
 from nanomoe_kernels.fused_moe_fp8_kernel import moe_gemm_fp8
 from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
 from nanomoe_kernels.moe_blocks import block_tables
+from nanomoe_kernels.moe_sum import sum_pairs
 
 ACT_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -63,7 +64,7 @@ def fused_moe_w8a16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     row_w = topk_weights.reshape(-1).to(torch.float32).contiguous()
     pairs = w8a16_ffn_aligned(x if x.stride(1) == 1 else x.contiguous(), align, w13_q, w13_scale, w2_q, w2_scale,
                               up, down, x.new_empty((T * k, H)), a_div=k, row_weights=row_w)
-    return pairs.view(T, k, H).sum(dim=1) if k > 1 else pairs
+    return sum_pairs(pairs, k) if k > 1 else pairs
 
 
 def fused_moe_w8a16_contiguous(rows: torch.Tensor, counts: torch.Tensor, w13_q: torch.Tensor,

@@ -29,6 +29,7 @@ from nanomoe_kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the 
     default_splits,
     default_tuning,
     device_sms,
+    pdl_supported,
     pick_splits,
     reduce_blocks,
     tma_unsupported,
@@ -92,8 +93,10 @@ def _mla_decode_partial(
     S, N, SPLITS, max_len, scale_log2,
     C: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, PAGE_TILE: tl.constexpr,
     TMA: tl.constexpr, FINAL: tl.constexpr, VSPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, TRIGGER: tl.constexpr = False,
 ):
+    if TRIGGER:   # the reduction (launched with PDL) may be placed now; it waits for this grid's end itself
+        tl.extra.cuda.gdc_launch_dependents()
     pid0 = tl.program_id(0)
     row = tl.program_id(1)
     split = tl.program_id(2)
@@ -148,9 +151,13 @@ def _mla_decode_reduce(
     stride_pr, stride_pn, stride_pk, stride_lr, stride_ln, stride_or, stride_on,
     N, C, SPLITS,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_K: tl.constexpr,
+    WAIT: tl.constexpr = False,
 ):
     """Program (head block, row, value slice): out = sum_k 2^(lse_k - m) o_k / sum_k 2^(lse_k - m), the
-    K partials read CHUNK_K splits at a time as [BH, CHUNK_K, BC] tiles."""
+    K partials read CHUNK_K splits at a time as [BH, CHUNK_K, BC] tiles. WAIT: launched with PDL, so
+    stage 1 may still run; griddepcontrol.wait returns once it has ended and its stores are visible."""
+    if WAIT:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(1)
     offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -159,15 +166,21 @@ def _mla_decode_reduce(
     mask_h = offs_h < N
     mask_hc = mask_h[:, None, None] & (offs_c < C)[None, None, :]
     lse_rows = lse_ptr + row.to(tl.int64) * stride_lr + offs_h[:, None] * stride_ln
+    part = (o_part_ptr + row.to(tl.int64) * stride_pr + offs_h[:, None, None].to(tl.int64) * stride_pn
+            + offs_c[None, None, :])
+    # the first chunk's partials are loaded before the lse max and sum need them: with K <= CHUNK_K (few rows,
+    # the latency-bound case) the program's reads then all go out in one round trip
+    o_0 = tl.load(part + offs_j[None, :, None] * stride_pk, mask=mask_hc & (offs_j < SPLITS)[None, :, None],
+                  other=0.0)
+    lse_0 = tl.load(lse_rows + offs_j[None, :], mask=mask_h[:, None] & (offs_j[None, :] < SPLITS),
+                    other=float("-inf"))
     lse = tl.load(lse_rows + offs_k[None, :], mask=mask_h[:, None] & (offs_k[None, :] < SPLITS),
                   other=float("-inf"))
     m = tl.reduce(lse, 1, _maximum)
     m = tl.where(m == float("-inf"), 0.0, m)            # all splits empty: weights are all 0
     denom = tl.reduce(tl.exp2(lse - m[:, None]), 1, _add)
-    acc = tl.full([BLOCK_H, BLOCK_C], 0.0, tl.float32)
-    part = (o_part_ptr + row.to(tl.int64) * stride_pr + offs_h[:, None, None].to(tl.int64) * stride_pn
-            + offs_c[None, None, :])
-    for k0 in range(0, SPLITS, CHUNK_K):
+    acc = tl.reduce(tl.exp2(lse_0 - m[:, None])[:, :, None] * o_0.to(tl.float32), 1, _add)
+    for k0 in range(CHUNK_K, SPLITS, CHUNK_K):
         ks = k0 + offs_j
         w = tl.exp2(tl.load(lse_rows + ks[None, :], mask=mask_h[:, None] & (ks[None, :] < SPLITS),
                             other=float("-inf")) - m[:, None])
@@ -250,6 +263,9 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         lse = torch.empty(rows, heads, k, dtype=torch.float32, device=q.device)
     bt = block_table if paged else ctx_lens
     kernel, extra = (_mla_decode_partial_km, {}) if t.key_major else (_mla_decode_partial, {"VSPLIT": t.value_splits})
+    pdl = k > 1 and t.pdl and pdl_supported(q.device, runs_interpreted())
+    if pdl:
+        extra["TRIGGER"] = True
     kernel[(head_programs, rows, k)](
         q, kv, *descs, bt, ctx_lens, o_part, lse,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), bt.stride(0),
@@ -267,5 +283,6 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), heads, kv_lora_rank, k,
             BLOCK_H=bh, BLOCK_C=bc, BLOCK_K=max(2, triton.next_power_of_2(k)), CHUNK_K=kc, num_warps=4,
+            **({"WAIT": True, "launch_pdl": True} if pdl else {}),
         )
     return out

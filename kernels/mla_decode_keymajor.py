@@ -74,10 +74,12 @@ def _mla_decode_partial_km(
     S, N, SPLITS, max_len, scale_log2,
     C: tl.constexpr, DR: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, PAGE_TILE: tl.constexpr,
     TMA: tl.constexpr, FINAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, TRIGGER: tl.constexpr = False,
 ):
     """Program (head block, row, split): the split's partial output [BH, C] and base-2 lse [BH]
     (the normalised output when FINAL, K == 1). Same arguments as `_mla_decode_partial` less VSPLIT."""
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     hblk = tl.program_id(0)
     row = tl.program_id(1)
     split = tl.program_id(2)

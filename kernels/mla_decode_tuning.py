@@ -26,7 +26,10 @@ class DecodeTuning:
     blocks, and key_major: stage 1 computed transposed (keys as the MMA's rows,
     kernels/mla_decode_keymajor.py; value_splits must then be 1); input_dtype_partials: the split partials
     stored in q's dtype (bf16/fp16: half the bytes written by stage 1 and read by the reduction) instead of
-    float32 (the lse stays float32)."""
+    float32 (the lse stays float32); pdl: the split reduction is launched with programmatic dependent launch
+    (Hopper and later; mla_decode ignores it elsewhere): stage 1 lets it in as its programs start, so the
+    reduction's programs are placed while stage 1 runs and wait on the GPU (griddepcontrol) for its end,
+    instead of the launch gap between two kernels."""
 
     block_h: int = 64
     block_n: int = 64
@@ -40,6 +43,7 @@ class DecodeTuning:
     key_major: bool = False
     paged_ctas_per_sm: int = 0
     input_dtype_partials: bool = False
+    pdl: bool = False
 
 
 MAX_SPLITS = 256      # pick_splits' largest K
@@ -53,13 +57,16 @@ def default_tuning(num_heads: int, rows: int | None = None) -> DecodeTuning:
     small programs per SM (four on a paged cache), or for a single query row one key-major program
     over 64-row tiles; 128 heads are compute-bound and want 128-head programs over value halves
     with TMA tile loads, except for few rows (<= SMALL_ROWS query rows), where 64-head, 4-warp programs
-    over 64-row tiles ran 7-25% faster (B = 1-16). mla_decode falls back to plain loads where TMA cannot."""
+    over 64-row tiles ran 7-25% faster (B = 1-16). mla_decode falls back to plain loads where TMA cannot.
+    16 heads launch the split reduction with PDL (0.7 us less at one row and 4k context, no change at 16k or
+    many rows; 1.6 us more with 128 heads at one row: run 101 in bench/results/mla_notes.md)."""
     if num_heads <= 16 and rows == 1:   # one query row: key-major 64-row tiles, 4% faster at 16k (0 at 4k)
-        return DecodeTuning(block_h=16, block_n=64, value_splits=1, num_warps=4, num_stages=2, key_major=True)
+        return DecodeTuning(block_h=16, block_n=64, value_splits=1, num_warps=4, num_stages=2, key_major=True,
+                            pdl=True)
     if num_heads <= 16:   # paged: a page id before each tile; twice the programs keep HBM busy (B=32-128:
         # the K that fills 4 programs per SM was the best of the sweep on every paged shape, 0.74 -> 0.96)
         return DecodeTuning(block_h=16, block_n=32, value_splits=1, num_warps=4, num_stages=3, ctas_per_sm=2,
-                            paged_ctas_per_sm=4)
+                            paged_ctas_per_sm=4, pdl=True)
     if rows is not None and rows <= SMALL_ROWS:
         return DecodeTuning(block_h=64, block_n=64, value_splits=2, num_warps=4, num_stages=2, tma=True)
     return DecodeTuning(block_h=128, block_n=32, value_splits=2, num_warps=8, num_stages=2, tma=True)
@@ -119,6 +126,16 @@ def reduce_blocks(rows: int, heads: int, latent: int, splits: int, sms: int,
         bh, bc = tuning.reduce_h or bh, tuning.reduce_c or bc
     kc = max(2, min(triton.next_power_of_2(splits), 4096 // (bh * bc)))
     return bh, bc, kc
+
+
+def pdl_supported(device: torch.device, interpreted: bool) -> bool:
+    """Whether kernels on this device can use programmatic dependent launch: a CUDA GPU of compute
+    capability >= 9 (Hopper), compiled (not interpreted) Triton kernels, and a Triton that has the
+    griddepcontrol intrinsics (tl.extra.cuda.gdc_wait, Triton >= 3.3)."""
+    if interpreted or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    from triton.language.extra import cuda as tl_cuda
+    return hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
 
 
 def tma_unsupported(kv: torch.Tensor, c: int, t: DecodeTuning) -> str:

@@ -79,11 +79,12 @@ def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, T, stride_l, scale,
 def fused_route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int = 1, topk_group: int = 1,
                 score_func: str = "sigmoid", group_rule: str = "max", norm: bool = False,
                 scale: float = 1.0, block_tokens: int | None = None,
-                num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] float32 (unit stride in E), bias [E] float32 or None -> (topk_ids [T, k] int32,
     topk_weights [T, k] float32) (module docstring). n_group 1 or topk_group == n_group: no group step.
-    block_tokens (BT, a power of two; default ~4096 lanes a program) and num_warps: the launch shape
-    (bench/gpu/route_probe.py --sweep times the choices). No host sync."""
+    block_tokens (BT, a power of two) and num_warps: the launch shape; the defaults, ~512 lanes a program on one
+    warp (2 tokens at 256 experts), were the fastest of bench/gpu/route_probe.py --sweep on the H200 (run 104:
+    10-19 us a call in a CUDA graph at 32-4096 tokens, against 27-30 us for 16 tokens on 4 warps). No host sync."""
     if logits.dim() != 2 or logits.dtype != torch.float32 or (logits.stride(1) != 1 and logits.shape[1] > 1):
         raise ValueError(f"logits must be [T, E] float32 with unit stride in E, got {tuple(logits.shape)} "
                          f"{logits.dtype} strides {logits.stride()}")
@@ -106,7 +107,8 @@ def fused_route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_g
     if T == 0:
         return ids, w
     EP = max(2, triton.next_power_of_2(E))
-    BT = block_tokens or max(1, min(16, 4096 // EP))  # ~4096 lanes a program: 16 tokens at 256 experts
+    BT = block_tokens or max(1, min(16, 512 // EP))  # ~512 lanes a program: 2 tokens at 256 experts
+    num_warps = num_warps or (1 if BT * EP <= 1024 else 4)
     if BT & (BT - 1) or num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"block_tokens must be a power of two and num_warps one of 1-16 (powers of two), got "
                          f"{block_tokens}, {num_warps}")

@@ -84,6 +84,17 @@ def test_decode_tunings_and_multi_query(tuning):
                 tuning=tuning, paged=True, seed=1)
 
 
+@pytest.mark.parametrize("key_major", [False, True])
+def test_decode_pdl_tuning_off_the_gpu(key_major):
+    """tuning.pdl asks for a launch the interpreter cannot make: off Hopper GPUs it is ignored (same results);
+    the GPU side, where it runs, is tests/gpu/test_mla_gpu.py::test_decode_bf16_pdl."""
+    from nanomoe_kernels.mla_decode_tuning import pdl_supported
+
+    assert not pdl_supported(torch.device("cpu"), interpreted=True)
+    decode_case(torch.float32, B=2, S=1, N=16, C=32, DR=16, L=48, ctx=[48, 13], splits=3,
+                tuning=DecodeTuning(16, 16, 1, 4, 2, key_major=key_major, pdl=True), paged=True, seed=3)
+
+
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("value_splits", [1, 2])
 def test_decode_tma_tiles(paged, value_splits):

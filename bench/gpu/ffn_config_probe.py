@@ -1,5 +1,6 @@
-"""One GPU: the Triton fused MoE's config variants against the tuned configs (today PERMUTE_A: the up GEMM on rows
-copied into aligned order, A through TMA).
+"""One GPU: the Triton fused MoE's config variants against the tuned configs (today 256-row tiles: the up GEMM as
+256 x (2 x 64), the down GEMM as 256 x 128, each with 64-row tail blocks in the same launch; the same registers
+per thread as the tuned 128 x (2 x 128) and 128 x 256 tiles, half the weight reads per row).
 
     python bench/gpu/ffn_config_probe.py --json out.json [--rounds 5]
 
@@ -31,6 +32,8 @@ from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E4
 from bench.common import measure_ceilings  # noqa: E402
 
 E, K_TOP, H, I = 32, 8, 7168, 2048
+TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_M": 64, "MERGE_TAIL": True,
+           "USE_TMA": True}
 
 
 def variants(T: int, dev: torch.device) -> dict[str, dict]:
@@ -38,7 +41,11 @@ def variants(T: int, dev: torch.device) -> dict[str, dict]:
     down = get_config("down", E, H, I, torch.bfloat16, T * K_TOP, dev)
     return {
         "tuned": {"up": up, "down": down},
-        "permute": {"up": {**up, "PERMUTE_A": True}, "down": down},
+        "up256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": down},
+        "down256": {"up": up, "down": {**down, **TILE256, "BLOCK_N": 128}},
+        "both256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": {**down, **TILE256, "BLOCK_N": 128}},
+        "both256_s4": {"up": {**up, **TILE256, "BLOCK_N": 64, "num_stages": 4},
+                       "down": {**down, **TILE256, "BLOCK_N": 128, "num_stages": 4}},
     }
 
 

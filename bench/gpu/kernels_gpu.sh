@@ -6,8 +6,10 @@
 #   STAGES="tests tune ffn mla" bash bench/gpu/kernels_gpu.sh       (device tool, nvidia-h200 or -x2;
 #                                                                   carry .whl and .peers)
 #   STAGES="ranking" bash bench/gpu/kernels_gpu.sh                   (the loop < bmm < triton grid)
+#   STAGES="pdl tiles" bash bench/gpu/kernels_gpu.sh                 (probes: MLA's reduction with PDL,
+#                                                                   the FFN's 256-row tiles)
 #
-# Env: STAGES (any of: tests tune ffn mla ranking), TOTAL (seconds, 560), TUNE_TOKENS (tuner sizes,
+# Env: STAGES (any of: tests tune ffn mla ranking pdl tiles), TOTAL (seconds, 560), TUNE_TOKENS (tuner sizes,
 # "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS (extra bench flags), MLA_LIMIT
 # (the mla step's seconds, 150), TESTS (the GPU test files). With two GPUs, GPU 1 runs the tests and then
 # the ranking while GPU 0 tunes and times.
@@ -59,9 +61,11 @@ has ffn && step ffn 200 python3 bench/bench_expert_ffn.py --quick --seed-shape \
   --variants triton,triton+align,deepgemm,deepgemm_glue,sglang,bmm,bmm_padded,loop ${FFN_FLAGS:-} --json "$RES/expert_ffn_h200.json"
 # shellcheck disable=SC2086
 has mla && step mla "${MLA_LIMIT:-150}" python3 bench/bench_mla.py --small-batch ${MLA_FLAGS:-} --json "$RES/mla_h200.json"
+has pdl && step pdl 150 python3 bench/gpu/mla_small_probe.py --pdl --rounds 5 --out "$RES/mla_pdl_probe.json"
+has tiles && step tiles 240 python3 bench/gpu/ffn_config_probe.py --rounds 5 --json "$RES/ffn_tiles_probe.json"
 has ranking && run_ranking
 [ -n "${gpu1_pid:-}" ] && wait "$gpu1_pid"
-for f in ffn mla ranking; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
+for f in ffn mla ranking pdl tiles; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
 # one archive: the device tool returns a limited number of files
 tar czf "$OUT/results.tgz" -C "$OUT" results logs && rm -rf "$RES" "$LOGS"
 cat "$OUT/summary.txt"

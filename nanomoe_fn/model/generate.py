@@ -29,6 +29,9 @@ from nanomoe_fn.model.forward import ModelContext, init_caches, model_forward
 from nanomoe_fn.model.params import ModelParams
 from nanomoe_fn.model.sampling import SamplingConfig, sample
 
+# torch.compile options of compiled decoding: fused kernels round intermediates as eager ops do (generate's doc)
+EAGER_ROUNDING = {"emulate_precision_casts": True}
+
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
     out = []
@@ -108,7 +111,9 @@ def generate(params: ModelParams, prompts: Sequence[Sequence[int]], ctx: ModelCo
     it). progress(k) is called after each decode step with the steps done. decode_ctx: the context of the
     decode steps when it differs from the prefill's (e.g. a low-latency comm for decode), same config.
     compile: run the decode steps through torch.compile(model_forward) (inductor fuses the elementwise glue
-    between the Triton kernels; the first step compiles, which takes a while)."""
+    between the Triton kernels; the first step compiles, which takes a while). Its fused kernels round every
+    intermediate to its dtype as eager ops do (inductor's emulate_precision_casts): without that, bf16 glue
+    kept in float32 inside a fused kernel changed greedy tokens after a dozen steps."""
     s = sampling or SamplingConfig()
     cfg, dctx = ctx.cfg, decode_ctx or ctx
     if dctx.cfg != cfg:
@@ -142,7 +147,8 @@ def generate(params: ModelParams, prompts: Sequence[Sequence[int]], ctx: ModelCo
     out = torch.zeros(B, N, dtype=torch.int64, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     nxt = sample(logits, s, gen)
-    graph, fwd = None, (torch.compile(model_forward, dynamic=False) if compile else model_forward)
+    fwd = torch.compile(model_forward, dynamic=False, options=EAGER_ROUNDING) if compile else model_forward
+    graph = None
     for t in range(N):
         out[:, t] = nxt
         done |= torch.isin(nxt, stops)

@@ -3,10 +3,12 @@
 Dimension legend: T tokens, H hidden, E experts, k experts per token, G expert groups (n_group).
 
 Logits are computed in float32 whatever the activation dtype: bf16 logits carry about three
-significant digits and would turn near-ties into arbitrary choices. On GPUs (eager, CUDA-graph capture
-included) everything after the router GEMM is one Triton kernel (kernels/moe_route.py); on the CPU and under
-torch.compile (where inductor fuses them) the torch ops below run. The Routing record lives in
-nanomoe_fn/batch.py with the other records that pass between stages.
+significant digits and would turn near-ties into arbitrary choices. On GPUs everything after the router GEMM
+is one Triton kernel (kernels/moe_route.py): eager, in CUDA-graph capture, and under torch.compile as the
+custom op nanomoe::fused_route, so a compiled layer routes bit for bit as an eager one (inductor's own
+fusion of the torch ops rounds the weights differently in the last bits, enough to change a bf16 model's
+tokens); on the CPU the torch ops below run. The Routing record lives in nanomoe_fn/batch.py with the other
+records that pass between stages.
 """
 
 from __future__ import annotations
@@ -53,17 +55,18 @@ def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
 def select_experts(logits: torch.Tensor, bias: torch.Tensor | None, cfg: MoEConfig,
                    fused: bool | None = None) -> Routing:
     """route after its GEMM: float32 logits [T, E] (and the correction bias [E] float32, or None) -> Routing.
-    fused: the one Triton kernel (kernels/moe_route.py) or the torch ops; None = the kernel on GPUs unless
-    torch.compile is tracing (inductor fuses the torch ops there)."""
+    fused: the one Triton kernel (kernels/moe_route.py) or the torch ops; None = the kernel on GPUs (under
+    torch.compile through the custom op nanomoe::fused_route)."""
     if fused is None:
-        fused = logits.is_cuda and not torch.compiler.is_compiling()
+        fused = logits.is_cuda
     if fused:
+        args = (logits, None if bias is None else bias.contiguous(), cfg.top_k, cfg.n_group, cfg.topk_group,
+                cfg.score_func, cfg.group_rule, cfg.norm_topk_prob, float(cfg.routed_scaling_factor))
+        if torch.compiler.is_compiling():
+            return Routing(*torch.ops.nanomoe.fused_route(*args))
         from nanomoe_kernels.moe_route import fused_route
 
-        ids, weights = fused_route(logits, None if bias is None else bias.contiguous(), cfg.top_k, cfg.n_group,
-                                   cfg.topk_group, cfg.score_func, cfg.group_rule, cfg.norm_topk_prob,
-                                   cfg.routed_scaling_factor)
-        return Routing(ids, weights)
+        return Routing(*fused_route(*args))   # eager: straight to the kernel (no dispatcher on the decode path)
     if cfg.score_func == "softmax":
         scores = logits.softmax(dim=-1)
     else:
@@ -93,3 +96,18 @@ def _best(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest values per row, best first, equal values in index order (the lower id first,
     as the kernel and the reference break ties; torch.topk leaves tie order unspecified)."""
     return values.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+@torch.library.custom_op("nanomoe::fused_route", mutates_args=())
+def _fused_route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
+                 score_func: str, group_rule: str, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from nanomoe_kernels.moe_route import fused_route
+
+    return fused_route(logits, bias, top_k, n_group, topk_group, score_func, group_rule, norm, scale)
+
+
+@_fused_route.register_fake
+def _(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int,
+      score_func: str, group_rule: str, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    T = logits.shape[0]   # [T, k] ids and weights
+    return (logits.new_empty((T, top_k), dtype=torch.int32), logits.new_empty((T, top_k), dtype=torch.float32))

@@ -139,6 +139,39 @@ def test_decode_bf16_partials(heads, batch):
         assert rel_err(out[live], want[live]) < BF16_TOL and (out[~live] == 0).all()
 
 
+@pytest.mark.parametrize("heads,batch,paged", [(16, 1, True), (16, 1, False), (16, 32, True), (128, 1, True),
+                                               (128, 4, False)])
+def test_decode_bf16_pdl(heads, batch, paged):
+    """The split reduction launched with PDL (tuning.pdl) on each shape's default tuning, L = 16k: the same bits
+    as without it, eagerly and replayed from a CUDA graph after the inputs change, and against float64."""
+    from dataclasses import replace
+
+    from nanomoe_kernels.mla_decode import default_tuning, mla_decode
+
+    g = torch.Generator(device="cuda").manual_seed(7 * heads + batch)
+    L, C, DR = 16384, 512, 64
+    kv = torch.randn(batch, L, C + DR, device="cuda", generator=g).bfloat16()
+    q = torch.randn(batch, heads, C + DR, device="cuda", generator=g).bfloat16()
+    ctx = torch.tensor([L, 9000, 77, 0] * (batch // 4) if batch >= 4 else [L], dtype=torch.int32, device="cuda")
+    pages, table = paged_copy(kv, 64, g) if paged else (kv, None)
+    base = replace(default_tuning(heads, batch), pdl=False)
+    tuning = replace(base, pdl=True)
+    for splits in (None, 3):
+        plain = mla_decode(q, pages, ctx, C, 0.1352, block_table=table, num_splits=splits, tuning=base)
+        out = mla_decode(q, pages, ctx, C, 0.1352, block_table=table, num_splits=splits, tuning=tuning)
+        assert torch.equal(out, plain)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mla_decode(q, pages, ctx, C, 0.1352, block_table=table, tuning=tuning)
+    q.copy_(torch.randn(q.shape, device="cuda", generator=g).bfloat16())
+    ctx.copy_(ctx.flip(0))
+    graph.replay()
+    want = latent_decode_f64(q, kv, ctx, C, 0.1352)
+    live = ctx > 0
+    assert torch.equal(captured, mla_decode(q, pages, ctx, C, 0.1352, block_table=table, tuning=base))
+    assert rel_err(captured[live], want[live]) < BF16_TOL and (captured[~live] == 0).all()
+
+
 def test_decode_matches_loop_oracle():
     from nanomoe_kernels.mla_decode import mla_decode
 
