@@ -7,6 +7,7 @@ T tiles of the longest row. Plain Python: no kernels here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -131,8 +132,15 @@ def reduce_blocks(rows: int, heads: int, latent: int, splits: int, sms: int,
 def pdl_supported(device: torch.device, interpreted: bool) -> bool:
     """Whether kernels on this device can use programmatic dependent launch: a CUDA GPU of compute
     capability >= 9 (Hopper), compiled (not interpreted) Triton kernels, and a Triton that has the
-    griddepcontrol intrinsics (tl.extra.cuda.gdc_wait, Triton >= 3.3)."""
-    if interpreted or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+    griddepcontrol intrinsics (tl.extra.cuda.gdc_wait, Triton >= 3.3). Cached per GPU (a decode step asks)."""
+    if interpreted or device.type != "cuda":
+        return False
+    return _pdl_on_gpu(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _pdl_on_gpu(index: int) -> bool:
+    if torch.cuda.get_device_capability(index)[0] < 9:
         return False
     from triton.language.extra import cuda as tl_cuda
     return hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
