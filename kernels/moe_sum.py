@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from nanomoe_kernels.moe_permute import _check_rows
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -33,19 +32,14 @@ def _sum_k_kernel(p_ptr, out_ptr, T, H, stride_p, stride_o, K: tl.constexpr, BT:
 def sum_pairs(pairs: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """pairs [T * k, H] (unit column stride, float16/bfloat16/float32) -> [T, H] in pairs' dtype: row t is
     the float32 sum of rows t*k .. t*k + k - 1, rounded once. out: a [T, H] tensor of that dtype to write."""
-    if not isinstance(pairs, torch.Tensor) or pairs.dim() != 2 or pairs.dtype not in FLOAT_DTYPES \
-            or (pairs.shape[1] > 1 and pairs.stride(1) != 1):
-        raise ValueError(f"pairs must be a [T*k, H] float16/bfloat16/float32 tensor with unit column stride, got "
-                         f"{getattr(pairs, 'dtype', type(pairs))} {tuple(getattr(pairs, 'shape', ()))}")
+    _check_rows("pairs", pairs, 2)
     if not isinstance(k, int) or k < 1 or pairs.shape[0] % k:
         raise ValueError(f"k must be an int >= 1 dividing pairs' {pairs.shape[0]} rows, got {k!r}")
     T, H = pairs.shape[0] // k, pairs.shape[1]
     if out is None:
         out = pairs.new_empty((T, H))
-    elif out.shape != (T, H) or out.dtype != pairs.dtype or out.device != pairs.device \
-            or (H > 1 and out.stride(1) != 1):
-        raise ValueError(f"out must be [{T}, {H}] {pairs.dtype} on {pairs.device} with unit column stride, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    elif _check_rows("out", out, 2, (pairs.dtype,)).shape != (T, H) or out.device != pairs.device:
+        raise ValueError(f"out must be [{T}, {H}] on {pairs.device}, got {tuple(out.shape)} on {out.device}")
     if T == 0 or H == 0:
         return out
     bh = min(512, triton.next_power_of_2(H))

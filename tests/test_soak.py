@@ -178,8 +178,7 @@ def soak_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
         rss1, tensors1 = _memory()
     tables1 = {name: len(c._tables) for name, c in comms.items()}
     stats.update(rss0=rss0, rss1=rss1, tensors0=tensors0, tensors1=tensors1, settle=settle, tables0=tables0,
-                 tables1=tables1,
-                 seconds=time.monotonic() - t0)
+                 tables1=tables1, seconds=time.monotonic() - t0)
     for c in comms.values():
         c.close()
     dist.destroy_process_group()

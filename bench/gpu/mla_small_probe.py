@@ -73,6 +73,7 @@ PDL = [  # --pdl: each shape's default tuning with the reduction launched with a
                   (128, 32, 16384, False))
 ]
 
+
 def make(heads: int, rows: int, ctx: int, paged: bool):
     g = torch.Generator(device="cuda").manual_seed(heads * 1000 + rows)
     kv = torch.randn(rows, ctx, DC, device="cuda", dtype=torch.bfloat16, generator=g)
