@@ -14,9 +14,10 @@ The whole SwiGLU expert FFN here is two grouped GEMMs plus Triton glue (kernels/
 `permute_rows` gathers rows into the padded order and writes m_indices, `silu_mul` is silu(gate) * up
 in float32 rounded to bf16 (padding rows skipped), `unpermute_sum` reads each token's rows back and
 sums them with the top-k weights. At prefill sizes the two GEMMs run in the masked layout instead
-(`with_capacity` places expert e's aligned rows at e * cap; one host read of the largest count gives cap):
-see masked_capacity. The contiguous path has no host sync: with an alignment made ahead (or
-moe_align inside the capture) it captures into a CUDA graph. Entry points mirror kernels/fused_moe:
+(`with_capacity` places expert e's aligned rows at e * cap): kernels/deepgemm_layout.py picks the layout and
+cap, from a bound on any expert's rows (no host sync) or one host read. The contiguous path has no host sync
+either: with an alignment made ahead (or moe_align inside the capture) it captures into a CUDA graph.
+Entry points mirror kernels/fused_moe:
 `deepgemm_fused_moe` (x [T, H] + top-k routing -> [T, H]), `deepgemm_moe_contiguous`,
 `deepgemm_moe_gathered` and `deepgemm_moe_masked`.
 Known-good build: sgl-deep-gemm 0.1.4.post1 with apache-tvm-ffi 0.1.11 on torch 2.11 (0.1.5.post3 to
@@ -29,24 +30,13 @@ import functools
 
 import torch
 from nanomoe_kernels.checks import check_routing, check_values
+from nanomoe_kernels.deepgemm_layout import LAYOUTS, pick_layout
 from nanomoe_kernels.moe_align import Alignment, moe_align, moe_align_contiguous
 from nanomoe_kernels.moe_capacity import with_capacity
 from nanomoe_kernels.moe_permute import permute_rows, silu_mul, unpermute_sum
 
 # versions that import but compute wrong results on the GPU machine's torch 2.11
 _BAD_VERSIONS = ("0.1.5", "0.1.6", "0.1.7", "0.2.0", "0.2.1", "0.2.2")
-LAYOUTS = ("auto", "contiguous", "masked")
-# layout "auto". The contiguous layout sizes its buffers for the worst padding, N + E * (A - 1) rows, and
-# DeepGEMM's contiguous kernel spends about as long on the blocks past the used rows as on real ones; the
-# masked layout computes only each expert's blocks (1.06-1.67x faster GEMMs at 1024-4096 tokens of
-# DeepSeek-V3 on an H200, bench/results/expert_ffn_notes.md) but needs its capacity on the host: one read of
-# the largest count, after which DeepGEMM's own host work (~0.2 ms a launch) is no longer hidden. So "auto"
-# takes the masked layout when the batch has prefill sizes (MASKED_ROWS_PER_EXPERT rows per expert on average)
-# and the contiguous layout's spare rows (beyond an average padding of A / 2) would cost at least
-# MASKED_MIN_SPARE_FLOP; never while a CUDA graph is captured or under torch.compile (no host read there),
-# nor when skewed routing would make the masked buffers more than twice the contiguous ones
-MASKED_ROWS_PER_EXPERT = 64
-MASKED_MIN_SPARE_FLOP = 0.25e12  # ~0.4 ms of bf16 GEMM on an H200
 
 
 def probe_deep_gemm(fns: tuple[str, ...]) -> tuple[object | None, str]:
@@ -105,7 +95,9 @@ def supports(x: torch.Tensor | None = None,
     return True, ""
 
 
-def _require(x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
+def _require(x: torch.Tensor, weights: tuple[torch.Tensor, ...], layout: str = "auto"):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     ok, why = supports(x, weights)
     if not ok:
         raise ValueError(f"deepgemm backend cannot run: {why}")
@@ -151,10 +143,11 @@ def deepgemm_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
     of kernels.fused_moe.fused_moe, SwiGLU experts).
 
     align: moe_align(topk_ids, E, alignment()) made ahead (a bench timing the FFN alone, or a CUDA graph
-    replaying with fixed routing); None aligns here. layout: "contiguous", "masked" or "auto" (the rule
-    above MASKED_ROWS_PER_EXPERT). The weighted k-sum is in float32, rounded once. Ids outside [0, E) are an error
+    replaying with fixed routing); None aligns here. layout: one of kernels/deepgemm_layout.LAYOUTS
+    ("auto", "contiguous", "masked", "bounded"; bounded at T rows per expert: k distinct experts a token).
+    The weighted k-sum is in float32, rounded once. Ids outside [0, E) are an error
     with validate=True (async on GPUs); otherwise their pairs add nothing."""
-    _require(x, tuple(weights))
+    _require(x, tuple(weights), layout)
     w13, w2 = weights
     E = w13.shape[0]
     if x.dim() != 2 or x.shape[1] != w13.shape[2]:
@@ -168,51 +161,37 @@ def deepgemm_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
     _check_alignment(align, T * k)
     if T == 0:
         return x.new_zeros((0, x.shape[1]))
-    y, align = _grouped_rows(x, align, k, None, w13, w2, layout)
+    y, align = _grouped_rows(x, align, k, None, w13, w2, layout, T)  # k distinct experts a token: <= T rows each
     return unpermute_sum(y, align, T, k, topk_weights)
 
 
-def masked_capacity(align: Alignment, E: int, layout: str, flop_per_row: float = 0.0, A: int | None = None) -> int:
-    """Rows per expert of the masked layout (a multiple of DeepGEMM's alignment A, asked when None) for the
-    rows `align` sorts, or 0 where `layout` means the contiguous one. "auto" follows the rule above
-    MASKED_ROWS_PER_EXPERT; flop_per_row: the FFN's FLOPs per row (6 H I for SwiGLU)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout == "contiguous":
-        return 0
-    N = align.num_rows
-    A = alignment() if A is None else A
-    if layout == "auto":
-        spare = min(E, N) * (A - 1) - E * A // 2  # the contiguous bound's rows past an average padding
-        if (N < MASKED_ROWS_PER_EXPERT * E or spare * flop_per_row < MASKED_MIN_SPARE_FLOP
-                or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-                or torch.compiler.is_compiling()):
-            return 0
-    step = max(A, align.block_m)  # with_capacity wants whole blocks
-    cap = -(-int(align.padded_counts.max()) // step) * step  # the one host read of this path
-    # auto: skewed routing would make E * cap rows far more than the contiguous layout's bound
-    return cap if layout == "masked" or E * cap <= 2 * (N + E * A) else 0
-
-
 def _grouped_rows(x: torch.Tensor, align: Alignment, a_div: int, a_index: torch.Tensor | None,
-                  w13: torch.Tensor, w2: torch.Tensor, layout: str) -> tuple[torch.Tensor, Alignment]:
+                  w13: torch.Tensor, w2: torch.Tensor, layout: str,
+                  bound_rows: int | None) -> tuple[torch.Tensor, Alignment]:
     """(y, the alignment y's rows follow): the SwiGLU FFN of the aligned rows of x, in DeepGEMM's masked
-    layout (y [E * cap, H]) or its contiguous one (y [R, H]); see masked_capacity."""
-    E = w13.shape[0]
-    cap = masked_capacity(align, E, layout, flop_per_row=6.0 * w13.shape[2] * w2.shape[2])
+    layout (y [E * cap, H]) or its contiguous one (y [R, H]); kernels/deepgemm_layout.pick_layout chooses."""
+    E, H, I = w13.shape[0], w13.shape[2], w2.shape[2]
+    kind, cap = pick_layout(align, E, layout, alignment(), flop_per_row=6.0 * H * I, bound_rows=bound_rows,
+                            bytes_per_row=(H + 3 * I) * x.element_size())
     if cap == 0:
         a, m_indices = permute_rows(x, align, a_div=a_div, a_index=a_index)
         return deepgemm_grouped_ffn(a, m_indices, w13, w2), align
+    if kind == "bounded":  # no host read: an expert past the bound is an error (async), never a dropped row
+        check_values(align.padded_counts.max() <= cap,
+                     f"an expert got more than {bound_rows} rows, the bound of DeepGEMM's masked layout here "
+                     f"(does the routing repeat an expert within a token?)")
     al, live = with_capacity(align, cap)
     a, _ = permute_rows(x, al, a_div=a_div, a_index=a_index)
-    y = deepgemm_moe_masked(a.view(E, cap, -1), live, (w13, w2), expected_m=max(1, align.num_rows // E))
-    return y.reshape(E * cap, -1), al
+    a = a.view(E, cap, H)
+    y = _masked_ffn(a, live, w13, w2, max(1, align.num_rows // E), out=a)  # a is ours: y overwrites it
+    return y.reshape(E * cap, H), al
 
 
 def _batch_ffn(rows: torch.Tensor, index: torch.Tensor | None, N: int, counts: torch.Tensor,
                weights: tuple[torch.Tensor, ...], validate: bool, layout: str) -> torch.Tensor:
-    """[N, H], batch row i = expert(rows[i]) (rows[index[i]] with an index); see the two callers."""
-    _require(rows, tuple(weights))
+    """[N, H], batch row i = expert(rows[i]) (rows[index[i]] with an index); see the two callers. With an
+    index, each expert reads distinct token rows (its bound: the G rows), as top-k routing gives."""
+    _require(rows, tuple(weights), layout)
     w13, w2 = weights
     if rows.dim() != 2 or rows.shape[1] != w13.shape[2]:
         raise ValueError(f"rows must be [rows, H={w13.shape[2]}], got {tuple(rows.shape)}")
@@ -223,7 +202,8 @@ def _batch_ffn(rows: torch.Tensor, index: torch.Tensor | None, N: int, counts: t
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     align = moe_align_contiguous(counts, N, alignment(), validate=validate)
-    y, align = _grouped_rows(rows, align, 1, index, w13, w2, layout)
+    bound = rows.shape[0] if index is not None else None
+    y, align = _grouped_rows(rows, align, 1, index, w13, w2, layout, bound)
     return unpermute_sum(y, align, N, 1)
 
 
@@ -232,7 +212,8 @@ def deepgemm_moe_contiguous(rows: torch.Tensor, counts: torch.Tensor, weights: t
     """rows [N, H] sorted by expert, counts [E] -> [N, H] (row i = its expert's SwiGLU FFN, no weighting).
 
     Pads each expert's rows to `alignment()` (permute_rows), runs the two grouped GEMMs in DeepGEMM's
-    contiguous or masked layout (`layout`: the rule above MASKED_ROWS_PER_EXPERT) and reads the rows back
+    contiguous or masked layout (`layout`: kernels/deepgemm_layout.py; no bound is known here, so
+    "bounded" is refused) and reads the rows back
     (unpermute_sum). Rows past sum(counts) come back as zeros.
     """
     return _batch_ffn(rows, None, rows.shape[0] if rows.dim() == 2 else 0, counts, weights, validate, layout)
@@ -243,7 +224,8 @@ def deepgemm_moe_gathered(rows: torch.Tensor, index: torch.Tensor, counts: torch
                           layout: str = "auto") -> torch.Tensor:
     """rows [G, H] token rows, index [N] int32/int64 in [0, G), counts [E] -> [N, H], row i =
     expert(rows[index[i]]): deepgemm_moe_contiguous on rows[index] without making it (permute_rows
-    reads through the index). validate=True checks the index (async on GPUs)."""
+    reads through the index). Each expert's rows must be distinct token rows (as top-k routing gives): the
+    masked layout's "bounded" capacity is G. validate=True checks the index (async on GPUs)."""
     if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"index must be a 1-dim int32/int64 tensor, got {getattr(index, 'shape', index)}")
     if index.device != rows.device:
@@ -258,7 +240,7 @@ def deepgemm_moe_masked(x: torch.Tensor, counts: torch.Tensor, weights: tuple[to
                         expected_m: int | None = None) -> torch.Tensor:
     """x [E, cap, H] bf16, expert e's rows x[e, :counts[e]] -> [E, cap, H]; rows past counts[e] are
     whatever DeepGEMM leaves there (unspecified). expected_m: typical rows per expert (default cap)."""
-    dg = _require(x, tuple(weights))
+    _require(x, tuple(weights))
     w13, w2 = weights
     E, cap, H = x.shape
     if w13.shape[0] != E or counts.shape != (E,):
@@ -266,15 +248,23 @@ def deepgemm_moe_masked(x: torch.Tensor, counts: torch.Tensor, weights: tuple[to
                          f"and {tuple(counts.shape)}")
     if cap == 0:
         return x.new_empty((E, 0, H))
-    masked_m = counts.to(torch.int32).contiguous()
-    expected = max(1, min(cap, cap if expected_m is None else expected_m))
     # DeepGEMM's masked kernel reads [E, cap, H] in whole row blocks: a cap that is not a multiple of
     # the alignment computes wrong rows (seen on the H200 with cap=48), so pad the capacity up
     pad = (-cap) % alignment()
     xp = torch.cat([x, x.new_zeros((E, pad, H))], dim=1) if pad else x.contiguous()
-    h = x.new_empty((E, cap + pad, w13.shape[1]))
-    dg.m_grouped_bf16_gemm_nt_masked(xp, w13, h, masked_m, expected)
-    y = x.new_empty((E, cap + pad, H))
+    expected = max(1, min(cap, cap if expected_m is None else expected_m))
+    return _masked_ffn(xp, counts, w13, w2, expected)[:, :cap]
+
+
+def _masked_ffn(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expected: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The two masked GEMMs on x [E, cap, H] (cap a multiple of the alignment) -> [E, cap, H], written into
+    `out` when given (it may be x itself: x is read only by the first GEMM)."""
+    dg = _deep_gemm()[0]
+    masked_m = counts.to(torch.int32).contiguous()
+    h = x.new_empty((*x.shape[:2], w13.shape[1]))
+    dg.m_grouped_bf16_gemm_nt_masked(x, w13, h, masked_m, expected)
+    y = x.new_empty(x.shape) if out is None else out
     # rows past masked_m[e] are neither read nor written by silu_mul
     dg.m_grouped_bf16_gemm_nt_masked(silu_mul(h, masked_m=masked_m), w2, y, masked_m, expected)
-    return y[:, :cap]
+    return y

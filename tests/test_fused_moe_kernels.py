@@ -314,27 +314,35 @@ def test_deepgemm_says_why_not():
         deepgemm.deepgemm_moe_contiguous(x, torch.tensor([2, 2]), w)
 
 
-@pytest.mark.parametrize("counts, layout, flop, want", [
-    ((256, 250, 270, 260), "auto", 1e10, 384),  # 256 rows per expert, spare rows worth 2.5e12 FLOP: masked
-    ((256, 250, 270, 260), "auto", 1e8, 0),     # the same spare rows worth 2.5e10 FLOP: not worth a host read
-    ((256, 250, 270, 260), "contiguous", 1e10, 0),
-    ((20, 30, 10, 4), "auto", 1e10, 0),         # 16 rows per expert: below MASKED_ROWS_PER_EXPERT
-    ((20, 30, 10, 4), "masked", 0.0, 128),
-    ((1000, 10, 10, 10), "auto", 1e10, 0),      # skewed: 4 x 1024 masked rows > 2x the contiguous bound
-    ((1000, 10, 10, 10), "masked", 0.0, 1024),
-    ((0, 0, 0, 0), "masked", 0.0, 0),
+@pytest.mark.parametrize("counts, layout, flop, bound, row_bytes, want", [
+    ((256, 250, 270, 260), "auto", 1e10, None, 0, ("masked", 384)),  # spare rows worth 2.5e12 FLOP, no bound
+    ((256, 250, 270, 260), "auto", 1e10, 300, 1, ("bounded", 384)),  # a bound: no host read
+    ((256, 250, 270, 260), "auto", 1e10, 300, 1 << 30, ("masked", 384)),  # its buffers past BOUNDED_MAX_BYTES
+    ((256, 250, 270, 260), "auto", 4e8, 300, 1, ("bounded", 384)),  # 1e11 FLOP: worth the capacity kernel
+    ((256, 250, 270, 260), "auto", 4e8, None, 1, ("contiguous", 0)),  # ... not a host read
+    ((256, 250, 270, 260), "auto", 1e8, 300, 1, ("contiguous", 0)),  # 2.5e10 FLOP: worth neither
+    ((256, 250, 270, 260), "contiguous", 1e10, 300, 1, ("contiguous", 0)),
+    ((256, 250, 270, 260), "bounded", 0.0, 10 ** 6, 0, ("bounded", 1152)),  # bound past N rows: N rounded up
+    ((20, 30, 10, 4), "auto", 1e10, 64, 1, ("contiguous", 0)),  # 16 rows per expert: below MASKED_ROWS_PER_EXPERT
+    ((20, 30, 10, 4), "masked", 0.0, None, 0, ("masked", 128)),
+    ((1000, 10, 10, 10), "auto", 1e10, None, 0, ("contiguous", 0)),  # skewed: 4 x 1024 rows > 2x the contiguous
+    ((1000, 10, 10, 10), "masked", 0.0, None, 0, ("masked", 1024)),
+    ((0, 0, 0, 0), "masked", 0.0, None, 0, ("masked", 0)),
 ])
-def test_deepgemm_masked_capacity(counts, layout, flop, want):
+def test_deepgemm_pick_layout(counts, layout, flop, bound, row_bytes, want):
     """The layout rule on a hand-made alignment (padded counts to 128 rows, DeepGEMM's alignment)."""
+    from nanomoe_kernels.deepgemm_layout import pick_layout
     from nanomoe_kernels.moe_align import Alignment
 
     c = torch.tensor(counts)
     padded = (c + 127) // 128 * 128
     al = Alignment(torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32),
                    padded.sum().reshape(1).int(), 128, int(c.sum()), padded.int())
-    assert deepgemm.masked_capacity(al, 4, layout, flop_per_row=flop, A=128) == want
+    assert pick_layout(al, 4, layout, 128, flop_per_row=flop, bound_rows=bound, bytes_per_row=row_bytes) == want
     with pytest.raises(ValueError, match="layout must be one of"):
-        deepgemm.masked_capacity(al, 4, "padded", A=128)
+        pick_layout(al, 4, "padded", 128)
+    with pytest.raises(ValueError, match="needs bound_rows"):
+        pick_layout(al, 4, "bounded", 128)
 
 
 def test_deepgemm_backend_names_the_unsupported_shape():

@@ -77,3 +77,18 @@ def test_grouped_routing_matches_reference(score_func, bias):
         assert torch.equal(r.topk_ids.long(), ids)
         torch.testing.assert_close(r.topk_weights.double(), w, rtol=1e-5, atol=1e-6)
     assert checked >= 3, "too many near-ties: the test compared too few draws"
+
+
+@given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-20, 1e-3, 1.0, 1e3, 1e30]))
+def test_bf16_parts_sum_to_the_weight_exactly(seed, scale):
+    """The split router GEMM's weight parts (nanomoe_fn.moe.route.bf16_parts): bf16 tensors whose float64 sum
+    is the float32 weight bit for bit (so every product x * part is exact in float32), a bf16 weight its own
+    part."""
+    from nanomoe_fn.moe.route import bf16_parts
+
+    w = torch.randn(16, 40, generator=torch.Generator().manual_seed(seed)) * scale
+    parts = bf16_parts(w)
+    assert len(parts) == 3 and all(p.dtype == torch.bfloat16 and p.shape == w.shape for p in parts)
+    assert torch.equal(sum(p.double() for p in parts), w.double())
+    wb = w.bfloat16()
+    assert bf16_parts(wb)[0] is wb and len(bf16_parts(wb)) == 1

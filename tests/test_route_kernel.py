@@ -137,3 +137,33 @@ def test_compiled_route_runs_the_kernel_bit_for_bit():
                              backend="aot_eager")(logits, bias)
     assert torch.equal(compiled.topk_ids, eager.topk_ids) and torch.equal(compiled.topk_weights, eager.topk_weights)
     assert torch.equal(eager.topk_ids, _fused(logits, bias, cfg)[0])
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the split router GEMM runs on CUDA only")
+@pytest.mark.parametrize("T, wdtype", [(127, torch.float32), (128, torch.float32), (4096, torch.float32),
+                                       (512, torch.bfloat16)])
+def test_split_router_gemm(T, wdtype):
+    """route's router GEMM at prefill sizes (bf16 x, >= SPLIT_GEMM_MIN_TOKENS rows): bf16 tensor-core GEMMs over
+    the weight's bf16 parts, against float64 logits (float32's accuracy, up to the order of the sums) and the
+    reference's routing away from near-ties; compiled (the custom op) bit for bit as eager."""
+    from nanomoe_fn.moe.route import SPLIT_GEMM_MIN_TOKENS, router_logits
+
+    cfg = preset("deepseek-v3")
+    gen = torch.Generator().manual_seed(T)
+    params = init_moe_params(cfg, torch.float32, generator=gen)
+    w = params.gate.weight.to(wdtype)
+    x = torch.randn(T, cfg.hidden, generator=gen).bfloat16()
+    want = x.double() @ w.double().T
+    got = router_logits(x.cuda(), w.cuda())
+    assert got.dtype == torch.float32 and tuple(got.shape) == (T, cfg.num_experts)
+    err = float((got.cpu().double() - want).abs().max() / want.abs().max())
+    assert err < 2e-6, err  # float32 sums of exact products over H = 7168
+    if T >= SPLIT_GEMM_MIN_TOKENS:  # the split path: not the float32 GEMM's bits, and still as accurate
+        torch._dynamo.reset()
+        compiled = torch.compile(router_logits, fullgraph=True)(x.cuda(), w.cuda())
+        assert torch.equal(compiled, got)
+    bias = params.gate.bias.float().cuda()
+    r = route(type(params.gate)(w.cuda(), bias), x.cuda(), cfg)
+    exact = select_experts(want.float().cuda(), bias, cfg)  # the routing of float64 logits rounded once
+    differ = int((r.topk_ids != exact.topk_ids).any(1).sum())
+    assert differ <= T // 200, differ  # only near-ties may go the other way

@@ -5,9 +5,11 @@ against `loop` where the ranking grid had them within 3%.
 
 DeepSeek-V3 expert dims (H 7168, I 2048), top-8, uniform routing. Per (E, T) of --cases:
 - `triton`: the bench's row (fused_moe_aligned with the alignment made ahead, then the k-sum);
-- `deepgemm`: deepgemm_fused_moe with the alignment made ahead (the bench's row), and `dg_gemms` its two
-  contiguous GEMMs and silu_mul alone (every expert padded to 128 rows);
-- `dg_masked`: the same GEMMs and silu_mul in DeepGEMM's masked layout [E, cap, H] (cap the largest count
+- `deepgemm`: deepgemm_fused_moe with the alignment made ahead (the bench's row, layout "auto"), and
+  `dg_contiguous` / `dg_masked` / `dg_bounded` the same in each layout of kernels/deepgemm_layout.py (checked
+  against each other and triton); `dg_gemms` the two contiguous GEMMs and silu_mul alone (every expert padded
+  to 128 rows);
+- `dg_masked_gemms`: the same GEMMs and silu_mul in DeepGEMM's masked layout [E, cap, H] (cap the largest count
   rounded up to 128, expected_m = N / E), built untimed; its live rows are checked against dg_gemms'.
 Per (E, T) of --bmm-cases: the package's `bmm` and `loop` backends on the pairs sorted by expert (untimed
 sort), and `bmm_chunked`, bmm with the torch activation it had before (float32 chunks over every row).
@@ -36,6 +38,7 @@ from nanomoe_kernels import deepgemm  # noqa: E402
 from nanomoe_kernels.fused_moe import fused_moe_aligned, stage_configs  # noqa: E402
 from nanomoe_kernels.moe_align import moe_align  # noqa: E402
 from nanomoe_kernels.moe_permute import permute_rows  # noqa: E402
+from nanomoe_kernels.moe_sum import sum_pairs  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
 
 import nanomoe_fn.moe.experts as experts_mod  # noqa: E402
@@ -82,8 +85,8 @@ def ffn_case(E: int, T: int, rounds: int, rep_ms: int) -> dict:
     first, down, bm = stage_configs(None, "swiglu", E, H, I, H, x.dtype, T * K_TOP, dev)
     al = moe_align(ids, E, bm)
     row_w = tw.reshape(-1).contiguous()
-    fns = {"triton": lambda: fused_moe_aligned(x, al, w, "swiglu", first, down, a_div=K_TOP,
-                                               row_weights=row_w).view(T, K_TOP, H).sum(1)}
+    fns = {"triton": lambda: sum_pairs(fused_moe_aligned(x, al, w, "swiglu", first, down, a_div=K_TOP,
+                                                         row_weights=row_w), K_TOP)}
     rec: dict = {"E": E, "T": T, "configs": {"up": first, "down": down}}
     ok, why = deepgemm.supports(x, w)
     if ok:
@@ -92,14 +95,20 @@ def ffn_case(E: int, T: int, rounds: int, rep_ms: int) -> dict:
         xm, counts, cap = masked_inputs(x, ids, E)
         expected = max(1, T * K_TOP // E)
         fns["deepgemm"] = lambda: deepgemm.deepgemm_fused_moe(x, ids, tw, w, align=al_dg)
+        for layout in ("contiguous", "masked", "bounded"):
+            fns[f"dg_{layout}"] = functools.partial(deepgemm.deepgemm_fused_moe, x, ids, tw, w, align=al_dg,
+                                                    layout=layout)
         fns["dg_gemms"] = lambda: deepgemm.deepgemm_grouped_ffn(a, m_idx, *w)
-        fns["dg_masked"] = lambda: deepgemm.deepgemm_moe_masked(xm, counts, w, expected_m=expected)
-        fns["dg_masked_expect_cap"] = lambda: deepgemm.deepgemm_moe_masked(xm, counts, w, expected_m=cap)
+        fns["dg_masked_gemms"] = lambda: deepgemm.deepgemm_moe_masked(xm, counts, w, expected_m=expected)
         # the masked rows against the contiguous rows of the same pairs: both keep pair order within an expert
-        ym, yc = fns["dg_masked"](), fns["dg_gemms"]()
+        ym, yc = fns["dg_masked_gemms"](), fns["dg_gemms"]()
         live_m = torch.cat([ym[e, :n] for e, n in enumerate(counts.tolist())])
         live_c = yc[m_idx >= 0]
         rec["masked_vs_contiguous_rel"] = float((live_m.double() - live_c.double()).norm() / live_c.double().norm())
+        whole = {n: fns[n]().double() for n in ("dg_contiguous", "dg_masked", "dg_bounded", "triton")}
+        base = whole["dg_contiguous"]
+        rec["layouts_vs_contiguous_rel"] = {n: float((v - base).norm() / base.norm()) for n, v in whole.items()}
+        assert max(rec["layouts_vs_contiguous_rel"].values()) < 2e-2, rec["layouts_vs_contiguous_rel"]
         rec["rows"] = {"pairs": T * K_TOP, "contiguous_padded": int(((counts + 127) // 128 * 128).sum()),
                        "masked_cap": cap,
                        "max_count": int(counts.max()), "min_count": int(counts.min())}
@@ -204,7 +213,7 @@ def host_probe(out_dir: str, cases: list[tuple[int, int]]) -> dict:
         x = torch.randn(T, H, device=DEV, dtype=torch.bfloat16)
         ids, tw = make_routing(T, E, K_TOP, DEV)
         al = moe_align(ids, E, deepgemm.alignment())
-        for layout in ("contiguous", "masked"):
+        for layout in ("contiguous", "masked", "bounded"):
             fn = functools.partial(deepgemm.deepgemm_fused_moe, x, ids, tw, w, align=al, layout=layout)
             fn()
             torch.cuda.synchronize()

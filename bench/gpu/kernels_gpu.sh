@@ -8,10 +8,13 @@
 #   STAGES="ranking" bash bench/gpu/kernels_gpu.sh                   (the loop < bmm < triton grid)
 #   STAGES="pdl tiles" bash bench/gpu/kernels_gpu.sh                 (probes: MLA's reduction with PDL,
 #                                                                   the FFN's 256-row tiles)
+#   STAGES="layout route" bash bench/gpu/kernels_gpu.sh              (probes: DeepGEMM's layouts; the route
+#                                                                   kernel's launch shapes, the router GEMM)
 #
-# Env: STAGES (any of: tests tune ffn mla ranking pdl tiles), TOTAL (seconds, 560), TUNE_TOKENS (tuner sizes,
-# "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS (extra bench flags), MLA_LIMIT
-# (the mla step's seconds, 150), TESTS (the GPU test files). With two GPUs, GPU 1 runs the tests and then
+# Env: STAGES (any of: tests tune ffn mla ranking pdl tiles layout route), TOTAL (seconds, 560), TUNE_TOKENS
+# (tuner sizes, "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS / LAYOUT_FLAGS (extra
+# flags), MLA_LIMIT / LAYOUT_LIMIT / TEST_LIMIT (those steps' seconds), TESTS (the test files), PYTEST_K (their
+# -k). With two GPUs, GPU 1 runs the tests and then
 # the ranking while GPU 0 tunes and times.
 # $OUT gets results.tgz (results/: expert_ffn_h200.json, mla_h200.json, ranking_h200.json, tune_*.json,
 # tuned.tar; logs/) and summary.txt.
@@ -34,7 +37,7 @@ export PYTHONPATH=$PWD/.site:$PWD
 
 TESTS=${TESTS:-"tests/gpu/test_fused_moe_gpu.py tests/gpu/test_deepgemm_gpu.py tests/gpu/test_mla_gpu.py"}
 # shellcheck disable=SC2086
-run_tests() { step tests "${TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider $TESTS; }
+run_tests() { step tests "${TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} $TESTS; }
 # shellcheck disable=SC2086
 run_ranking() { step ranking "${RANKING_LIMIT:-420}" python3 bench/bench_expert_ffn.py --ranking ${RANKING_FLAGS:-} \
   --json "$RES/ranking_h200.json"; }
@@ -61,11 +64,16 @@ has ffn && step ffn 200 python3 bench/bench_expert_ffn.py --quick --seed-shape \
   --variants triton,triton+align,deepgemm,deepgemm_glue,sglang,bmm,bmm_padded,loop ${FFN_FLAGS:-} --json "$RES/expert_ffn_h200.json"
 # shellcheck disable=SC2086
 has mla && step mla "${MLA_LIMIT:-150}" python3 bench/bench_mla.py --small-batch ${MLA_FLAGS:-} --json "$RES/mla_h200.json"
+# shellcheck disable=SC2086
+has layout && step layout "${LAYOUT_LIMIT:-200}" python3 bench/gpu/ffn_layout_probe.py --bmm-cases "" \
+  ${LAYOUT_FLAGS:---cases 32x256,32x1024,32x4096,64x1024,128x1024} --json "$RES/ffn_layout_probe.json"
+has route && step route 90 python3 bench/gpu/route_probe.py --sweep --gemm --tokens 32 128 4096 --iters 20 \
+  --json "$RES/route_probe.json"
 has pdl && step pdl 150 python3 bench/gpu/mla_small_probe.py --pdl --rounds 5 --out "$RES/mla_pdl_probe.json"
 has tiles && step tiles 240 python3 bench/gpu/ffn_config_probe.py --rounds 5 --json "$RES/ffn_tiles_probe.json"
 has ranking && run_ranking
 [ -n "${gpu1_pid:-}" ] && wait "$gpu1_pid"
-for f in ffn mla ranking pdl tiles; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
+for f in ffn mla ranking pdl tiles layout route; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
 # one archive: the device tool returns a limited number of files
 tar czf "$OUT/results.tgz" -C "$OUT" results logs && rm -rf "$RES" "$LOGS"
 cat "$OUT/summary.txt"

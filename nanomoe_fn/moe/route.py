@@ -2,13 +2,14 @@
 
 Dimension legend: T tokens, H hidden, E experts, k experts per token, G expert groups (n_group).
 
-Logits are computed in float32 whatever the activation dtype: bf16 logits carry about three
-significant digits and would turn near-ties into arbitrary choices. On GPUs everything after the router GEMM
-is one Triton kernel (kernels/moe_route.py): eager, in CUDA-graph capture, and under torch.compile as the
-custom op nanomoe::fused_route, so a compiled layer routes bit for bit as an eager one (inductor's own
-fusion of the torch ops rounds the weights differently in the last bits, enough to change a bf16 model's
-tokens); on the CPU the torch ops below run. The Routing record lives in nanomoe_fn/batch.py with the other
-records that pass between stages.
+Logits are computed in float32 whatever the activation dtype: bf16 logits carry about three significant digits
+and would turn near-ties into arbitrary choices. At prefill sizes on GPUs with bf16 activations the router
+GEMM runs on tensor cores over a bf16 split of the weight (router_logits). On GPUs everything after the router
+GEMM is one Triton kernel (kernels/moe_route.py): eager, in CUDA-graph capture, and under torch.compile as the
+custom op nanomoe::fused_route, so a compiled layer routes bit for bit as an eager one (inductor's own fusion
+of the torch ops rounds the weights differently in the last bits, enough to change a bf16 model's tokens); on
+the CPU the torch ops below run. The Routing record lives in nanomoe_fn/batch.py with the other records that
+pass between stages.
 """
 
 from __future__ import annotations
@@ -45,11 +46,59 @@ def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
         raise ValueError(f"gate_params.bias must be {'a [E] tensor' if cfg.correction_bias else 'None'} "
                          f"for this config (correction_bias={cfg.correction_bias})")
 
-    logits = x.float() @ w.float().T  # [T, E]
+    logits = router_logits(x, w)  # [T, E] float32
     # one reduction catches NaN/inf in x or the weight and activations too large for float32 logits
     check_values(torch.isfinite(logits).all(), "router logits contain NaN/inf: x holds NaN/inf or values too "
                  "large for float32 logits (check x and gate_params.weight)")
     return select_experts(logits, None if bias is None else bias.float(), cfg)
+
+
+SPLIT_GEMM_MIN_TOKENS = 128  # below it the float32 GEMM is as fast (bench/results/pipeline_notes.md)
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """float32 logits [T, E] = x [T, H] @ w [E, H].T.
+
+    On CUDA with bf16 x and >= SPLIT_GEMM_MIN_TOKENS rows: bf16 tensor-core GEMMs with float32 output over w
+    split into bf16 parts (hi, mid, lo hold float32's 24 bits; a bf16 weight is its own one part). Each product
+    is exact in float32, so only the order of the sums differs from the float32 GEMM (4x faster at 4096
+    tokens of DeepSeek-V3; under torch.compile the same GEMMs, as the custom op nanomoe::router_logits_split).
+    Elsewhere x.float() @ w.float().T (a float32 GEMM)."""
+    if x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= SPLIT_GEMM_MIN_TOKENS:
+        if torch.compiler.is_compiling():
+            return torch.ops.nanomoe.router_logits_split(x, w)
+        return _split_logits(x, w)
+    return x.float() @ w.float().T
+
+
+def bf16_parts(w: torch.Tensor) -> list[torch.Tensor]:
+    """bf16 tensors whose sum is w exactly: [w] for a bf16 w, else hi, mid, lo of w in float32 (each part the
+    next 8 significant bits of what the others leave; float32 subnormals below 2^-126 aside)."""
+    if w.dtype == torch.bfloat16:
+        return [w]
+    rest, parts = w.float(), []
+    for _ in range(3):
+        parts.append(rest.bfloat16())
+        rest = rest - parts[-1].float()
+    return parts
+
+
+def _split_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    parts = bf16_parts(w)
+    logits = torch.mm(x, parts[0].T, out_dtype=torch.float32)
+    for p in parts[1:]:
+        logits += torch.mm(x, p.T, out_dtype=torch.float32)
+    return logits
+
+
+@torch.library.custom_op("nanomoe::router_logits_split", mutates_args=())
+def _router_logits_split(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _split_logits(x, w)
+
+
+@_router_logits_split.register_fake
+def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
 
 def select_experts(logits: torch.Tensor, bias: torch.Tensor | None, cfg: MoEConfig,

@@ -11,6 +11,7 @@ import nanomoe_reference as reference
 import pytest
 import torch
 from nanomoe_kernels import deepgemm
+from nanomoe_kernels.deepgemm_layout import pick_layout
 from nanomoe_kernels.moe_align import moe_align
 from nanomoe_reference.expert_rows import make_routing, make_weights, reference_rows
 
@@ -54,19 +55,22 @@ def test_fused_moe_matches_reference(T):
     assert torch.equal(deepgemm.deepgemm_fused_moe(x, ids, tw, w, align=al), out)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "masked", "auto"])
+@pytest.mark.parametrize("layout", ["contiguous", "masked", "bounded", "auto"])
 @pytest.mark.parametrize("T, skew", [(1, False), (64, False), (1024, False), (1024, True)])
 def test_fused_moe_layouts(layout, T, skew):
     """DeepGEMM's contiguous and masked layouts (and "auto", which picks one) give the same sums; skew sends
-    every token to expert 0 (auto then keeps the contiguous layout: the masked buffers would be too big)."""
+    every token to expert 0 (auto then keeps the contiguous layout: the masked buffers would be too big; the
+    bounded capacity, T rows, is then exactly expert 0's count)."""
     E, k = (32, 2) if skew else (8, 4)
     x, ids, tw, w = case(T, E, k, 1024, 512, seed=T + skew)
     if skew:
         ids[:, 0] = 0
         ids[:, 1] = 1 + torch.arange(T, device="cuda") % (E - 1)
         al = moe_align(ids, E, deepgemm.alignment())
-        assert deepgemm.masked_capacity(al, E, "auto", flop_per_row=1e12) == 0  # worth it, but too big
-        assert deepgemm.masked_capacity(al, E, "masked") == 1024
+        A = deepgemm.alignment()
+        assert pick_layout(al, E, "auto", A, flop_per_row=1e12) == ("contiguous", 0)  # worth it, but too big
+        assert pick_layout(al, E, "masked", A) == ("masked", 1024)
+        assert pick_layout(al, E, "auto", A, flop_per_row=1e12, bound_rows=T, bytes_per_row=2) == ("bounded", 1024)
     out = deepgemm.deepgemm_fused_moe(x, ids, tw, w, layout=layout)
     check_fused(out, x, ids, tw, w)
     other = deepgemm.deepgemm_fused_moe(x, ids, tw, w, layout="contiguous")
@@ -137,6 +141,11 @@ def test_contiguous_and_masked_against_float64():
     perm = torch.randperm(rows.shape[0], device="cuda")  # token rows in another order, read via the index
     index = torch.argsort(perm)
     assert rel_err(deepgemm.deepgemm_moe_gathered(rows[perm], index, counts, w), want) < BF16_TOL
+    for layout in ("masked", "bounded"):  # bounded: a capacity of G = 193 rows (256 aligned), no host read
+        got = deepgemm.deepgemm_moe_gathered(rows[perm], index, counts, w, layout=layout)
+        assert rel_err(got, want) < BF16_TOL
+    with pytest.raises(ValueError, match="needs bound_rows"):  # sorted rows: no bound is known
+        deepgemm.deepgemm_moe_contiguous(rows, counts, w, layout="bounded")
     cap = 256
     xm = torch.zeros(E, cap, H, device="cuda", dtype=torch.bfloat16)
     starts = (torch.cumsum(counts, 0) - counts).tolist()
@@ -146,16 +155,17 @@ def test_contiguous_and_masked_against_float64():
     assert rel_err(torch.cat([ym[e, :c] for e, c in enumerate(counts.tolist())]), want) < BF16_TOL
 
 
-@pytest.mark.parametrize("prealigned, T", [(True, 64), (False, 64), (False, 1024)])
-def test_cuda_graph_capture(prealigned, T):
-    """No host sync: the whole path (with or without the align step) captures and replays on new inputs; at
-    T=1024 "auto" would take the masked layout eagerly, and keeps the contiguous one inside the capture."""
+@pytest.mark.parametrize("prealigned, T, layout", [(True, 64, "auto"), (False, 64, "auto"), (False, 1024, "auto"),
+                                                    (True, 1024, "bounded"), (False, 1024, "bounded")])
+def test_cuda_graph_capture(prealigned, T, layout):
+    """No host sync: the whole path (with or without the align step) captures and replays on new inputs, in
+    the contiguous layout and in the masked one with the bounded capacity (T rows per expert)."""
     E, k, H, I = 8, 4, 512, 256
     x, ids, tw, w = case(T, E, k, H, I, seed=3)
     al = moe_align(ids, E, deepgemm.alignment()) if prealigned else None
 
     def run():
-        return deepgemm.deepgemm_fused_moe(x, ids, tw, w, align=al)
+        return deepgemm.deepgemm_fused_moe(x, ids, tw, w, align=al, layout=layout)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -172,3 +182,26 @@ def test_cuda_graph_capture(prealigned, T):
     graph.replay()
     torch.cuda.synchronize()
     check_fused(out, x, ids, tw, w)
+
+
+def test_bounded_layout_refuses_an_expert_past_its_bound():
+    """A gathered batch whose index repeats a row within an expert can exceed the bounded capacity (G rows):
+    an async device assert naming the bound, not a dropped row (in a subprocess: the assert ends its context)."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from nanomoe_kernels import deepgemm
+from nanomoe_reference.expert_rows import make_weights
+w = make_weights(2, 256, 128, "swiglu", torch.bfloat16, "cuda")
+rows = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+index = torch.zeros(300, dtype=torch.int32, device="cuda")  # one token row, 300 times, all to expert 0
+y = deepgemm.deepgemm_moe_gathered(rows, index, torch.tensor([300, 0], device="cuda"), w, layout="bounded")
+torch.cuda.synchronize()
+print("NO ERROR", y.shape)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "NO ERROR" not in run.stdout, run.stdout + run.stderr[-2000:]
+    assert "the bound of DeepGEMM's masked layout" in run.stderr or "device-side assert" in run.stderr, \
+        run.stderr[-2000:]

@@ -1,0 +1,70 @@
+"""Which of DeepGEMM's two grouped layouts a batch runs in, and how many rows per expert the masked one holds.
+
+Dimension legend: E experts, N rows the alignment sorts, A DeepGEMM's row alignment (128 on Hopper),
+cap rows per expert in the masked layout, B the most rows one expert can get (bound_rows: T for top-k
+routing of T tokens, whose k experts per token are distinct).
+
+The contiguous layout sizes its buffers for the worst padding, N + E * (A - 1) rows, and DeepGEMM's
+contiguous kernel spends about as long on the blocks past the used rows as on real ones; the masked layout
+computes only each expert's blocks (1.06-1.67x faster GEMMs at 1024-4096 tokens of DeepSeek-V3 on an H200,
+bench/results/expert_ffn_notes.md). Its capacity comes one of two ways:
+- "masked": one host read of the largest padded count. After it DeepGEMM's own host work (~0.2 ms a
+  launch) is no longer hidden behind the GPU, and a CUDA graph cannot capture it.
+- "bounded": cap = B rounded up, known without a read (no sync; graphs capture it), at the price of
+  E * cap rows of buffers (the permute writes, and the GEMMs compute, only the live rows). An expert past B
+  rows (routing that repeats an expert within a token) is an error: an async device assert, never a
+  silent drop.
+"auto" takes the contiguous layout below prefill sizes (MASKED_ROWS_PER_EXPERT rows per expert on
+average) or when its spare rows (beyond an average padding of A / 2) are cheap; otherwise "bounded" when B
+is known and its buffers fit BOUNDED_MAX_BYTES, else "masked" when its spare rows are worth a host read
+(MASKED_MIN_SPARE_FLOP), no graph is being captured, nothing compiles and skewed routing does not make the
+masked buffers more than twice the contiguous ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from nanomoe_kernels.moe_align import Alignment
+
+LAYOUTS = ("auto", "contiguous", "masked", "bounded")
+MASKED_ROWS_PER_EXPERT = 64
+BOUNDED_MIN_SPARE_FLOP = 0.05e12  # ~0.07 ms of bf16 GEMM on an H200: the capacity kernel's cost, many times over
+MASKED_MIN_SPARE_FLOP = 0.25e12  # ~0.4 ms: the exposed host work after the read
+BOUNDED_MAX_BYTES = 4 << 30  # E * cap * bytes_per_row; DeepSeek-V3 dims: 32 experts up to 4096 tokens
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def pick_layout(align: Alignment, E: int, layout: str, A: int, flop_per_row: float = 0.0,
+                bound_rows: int | None = None, bytes_per_row: int = 0) -> tuple[str, int]:
+    """("contiguous", 0), ("masked", cap) or ("bounded", cap) for the rows `align` sorts (see the module
+    docstring). cap: a multiple of A and of align.block_m. flop_per_row: the FFN's FLOPs per row (6 H I for
+    SwiGLU); bound_rows: B, or None when unknown; bytes_per_row: the masked buffers' bytes per row."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "contiguous":
+        return "contiguous", 0
+    if bound_rows is not None and (not isinstance(bound_rows, int) or bound_rows < 0):
+        raise ValueError(f"bound_rows must be an int >= 0 or None, got {bound_rows!r}")
+    N = align.num_rows
+    step = max(A, align.block_m)  # with_capacity wants whole blocks
+    bound = None if bound_rows is None else _round_up(min(bound_rows, N), step)
+    if layout == "bounded":
+        if bound is None:
+            raise ValueError("layout 'bounded' needs bound_rows (the most rows one expert can get)")
+        return "bounded", bound
+    if layout == "auto":
+        spare_flop = (min(E, N) * (A - 1) - E * A // 2) * flop_per_row  # the contiguous bound's spare rows
+        if N < MASKED_ROWS_PER_EXPERT * E or spare_flop < BOUNDED_MIN_SPARE_FLOP:
+            return "contiguous", 0
+        if bound is not None and E * bound * bytes_per_row <= BOUNDED_MAX_BYTES:
+            return "bounded", bound
+        if (spare_flop < MASKED_MIN_SPARE_FLOP or torch.compiler.is_compiling()
+                or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+            return "contiguous", 0
+    cap = _round_up(int(align.padded_counts.max()), step) if align.padded_counts.numel() else 0  # the host read
+    if layout == "masked" or E * cap <= 2 * (N + E * A):
+        return "masked", cap
+    return "contiguous", 0  # auto: skewed routing, the masked buffers would be far bigger
