@@ -181,9 +181,9 @@ def _grouped_rows(x: torch.Tensor, align: Alignment, a_div: int, a_index: torch.
                      f"an expert got more than {bound_rows} rows, the bound of DeepGEMM's masked layout here "
                      f"(does the routing repeat an expert within a token?)")
     al, live = with_capacity(align, cap)
-    a, _ = permute_rows(x, al, a_div=a_div, a_index=a_index)
+    a, _ = permute_rows(x, al, a_div=a_div, a_index=a_index, capacity=cap)
     a = a.view(E, cap, H)
-    y = _masked_ffn(a, live, w13, w2, max(1, align.num_rows // E), out=a)  # a is ours: y overwrites it
+    y = _masked_ffn(a, live, w13, w2, max(1, align.num_rows // E), out=a, max_rows=align.num_rows)  # a is ours
     return y.reshape(E * cap, H), al
 
 
@@ -257,14 +257,15 @@ def deepgemm_moe_masked(x: torch.Tensor, counts: torch.Tensor, weights: tuple[to
 
 
 def _masked_ffn(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expected: int,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, max_rows: int | None = None) -> torch.Tensor:
     """The two masked GEMMs on x [E, cap, H] (cap a multiple of the alignment) -> [E, cap, H], written into
-    `out` when given (it may be x itself: x is read only by the first GEMM)."""
+    `out` when given (it may be x itself: x is read only by the first GEMM). max_rows: a host bound on
+    sum(counts), for silu_mul's grid."""
     dg = _deep_gemm()[0]
     masked_m = counts.to(torch.int32).contiguous()
     h = x.new_empty((*x.shape[:2], w13.shape[1]))
     dg.m_grouped_bf16_gemm_nt_masked(x, w13, h, masked_m, expected)
     y = x.new_empty(x.shape) if out is None else out
     # rows past masked_m[e] are neither read nor written by silu_mul
-    dg.m_grouped_bf16_gemm_nt_masked(silu_mul(h, masked_m=masked_m), w2, y, masked_m, expected)
+    dg.m_grouped_bf16_gemm_nt_masked(silu_mul(h, masked_m=masked_m, max_rows=max_rows), w2, y, masked_m, expected)
     return y

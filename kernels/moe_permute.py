@@ -35,26 +35,43 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT_DTYPES = (torch.int32, torch.int64)
 
 
-@triton.jit(do_not_specialize=["R", "num_rows"])
-def _permute_kernel(x_ptr, a_ptr, m_ptr, sorted_ids_ptr, expert_ids_ptr, used_ptr, a_index_ptr, R, num_rows, H,
-                    stride_x, stride_a, A_DIV: tl.constexpr, A_INDEX: tl.constexpr, ZERO_TAIL: tl.constexpr,
-                    BM: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):
+@triton.jit
+def _expert_tile(counts_ptr, E, cap, p, BR: tl.constexpr, NBIN: tl.constexpr):
+    # the rows (e * cap + j of the [E, cap] layout) of the p-th BR-row tile over slots j < counts[e] of each
+    # expert in turn, and which are in use; a p past the last tile gets none
+    bins = tl.arange(0, NBIN)
+    tiles = (tl.load(counts_ptr + bins, mask=bins < E, other=0) + BR - 1) // BR
+    ends = tl.cumsum(tiles, 0)
+    e = tl.sum((ends <= p).to(tl.int32), 0)
+    count = tl.sum(tl.where(bins == e, tl.load(counts_ptr + bins, mask=bins < E, other=0), 0), 0)
+    j = (p - tl.sum(tl.where(bins == e, ends - tiles, 0), 0)) * BR + tl.arange(0, BR)
+    return e.to(tl.int64) * cap + j, j < tl.where(e < E, count, 0)
+
+
+@triton.jit(do_not_specialize=["R", "num_rows", "cap"])
+def _permute_kernel(x_ptr, a_ptr, m_ptr, sorted_ids_ptr, expert_ids_ptr, used_ptr, a_index_ptr, counts_ptr, R,
+                    num_rows, H, E, cap, stride_x, stride_a, A_DIV: tl.constexpr, A_INDEX: tl.constexpr,
+                    ZERO_TAIL: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr,
+                    COMPACT: tl.constexpr, NBIN: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_h = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    in_r = rows < R
+    if COMPACT:  # [E, cap] layout: only each expert's first counts[e] slots, on a grid sized by the rows in use
+        rows, in_r = _expert_tile(counts_ptr, E, cap, pid_r, BR, NBIN)
+    else:
+        rows = pid_r * BR + tl.arange(0, BR)
+        in_r = rows < R
     used = tl.load(used_ptr)
     in_used = in_r & (rows < used)
     ids = tl.load(sorted_ids_ptr + rows, mask=in_used, other=num_rows)
     live = in_used & (ids < num_rows)
-    if pid_h == 0:
+    if pid_h == 0 and not COMPACT:  # (m_indices is for the contiguous layout)
         experts = tl.load(expert_ids_ptr + rows // BM, mask=live, other=-1)
         tl.store(m_ptr + rows, tl.where(live, experts, -1), mask=in_r)
     if ZERO_TAIL:
         write = in_r
     else:
         write = in_used & (ids <= num_rows)  # a hole (id num_rows + 1, moe_capacity.with_capacity) is never read
-        if pid_r * BR >= used:  # past num_padded: DeepGEMM never reads these rows
+        if not COMPACT and pid_r * BR >= used:  # past num_padded: DeepGEMM never reads these rows
             return
     src = ids // A_DIV
     if A_INDEX:
@@ -67,16 +84,18 @@ def _permute_kernel(x_ptr, a_ptr, m_ptr, sorted_ids_ptr, expert_ids_ptr, used_pt
              mask=write[:, None] & col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["R"])
-def _silu_mul_kernel(h_ptr, out_ptr, sel_ptr, R, I, cap, stride_h, stride_o, MODE: tl.constexpr,
-                     BR: tl.constexpr, BI: tl.constexpr):
-    # MODE 0: every row; 1: rows with sel[r] (m_indices) >= 0; 2: row r = (e, j) with j < sel[e] (masked_m)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    ok = rows < R
+@triton.jit(do_not_specialize=["R", "cap"])
+def _silu_mul_kernel(h_ptr, out_ptr, sel_ptr, R, I, E, cap, stride_h, stride_o, MODE: tl.constexpr,
+                     BR: tl.constexpr, BI: tl.constexpr, NBIN: tl.constexpr):
+    # MODE 0: every row; 1: rows with sel[r] (m_indices) >= 0; 2: row r = (e, j) with j < sel[e] (masked_m),
+    # on a grid sized by the rows in use (_expert_tile)
+    if MODE == 2:
+        rows, ok = _expert_tile(sel_ptr, E, cap, tl.program_id(0), BR, NBIN)
+    else:
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        ok = rows < R
     if MODE == 1:
         ok = ok & (tl.load(sel_ptr + rows, mask=ok, other=-1) >= 0)
-    if MODE == 2:
-        ok = ok & (rows % cap < tl.load(sel_ptr + rows // cap, mask=ok, other=0))
     cols = tl.program_id(1) * BI + tl.arange(0, BI)
     m = ok[:, None] & (cols < I)[None, :]
     hp = h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
@@ -157,12 +176,14 @@ def _tile(n: int, cap: int = 1024) -> int:
 
 
 def permute_rows(x: torch.Tensor, align, a_div: int = 1, a_index: torch.Tensor | None = None,
-                 zero_tail: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 zero_tail: bool = False, capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [T, H] -> (a [R, H], m_indices [R] int32): a[r] = x[sorted_ids[r] // a_div] (x[a_index[..]] with
     a_index) for live rows, zeros for padding rows below num_padded; m_indices[r] = the expert of r's
     block for live rows, -1 otherwise. Rows at or past num_padded are left unwritten in `a` unless
     zero_tail (see the module docstring). a_index [>= ceil(N / a_div)] int32/int64 values in [0, T)
-    are the caller's to check."""
+    are the caller's to check. capacity > 0: `align` comes from moe_capacity.with_capacity(., capacity)
+    (R = E * capacity); only each expert's first padded_counts[e] rows are visited, on a grid sized by
+    N + E * (block_m - 1) rows rather than R, and m_indices is None (the masked layout has no use for it)."""
     _check_rows("x", x, 2)
     _check_align(align, x.device)
     if not isinstance(a_div, int) or a_div < 1:
@@ -177,26 +198,34 @@ def permute_rows(x: torch.Tensor, align, a_div: int = 1, a_index: torch.Tensor |
         if a_index.numel() < need or not a_index.is_contiguous() or a_index.device != x.device:
             raise ValueError(f"a_index must be contiguous with at least {need} entries on {x.device}, got "
                              f"{tuple(a_index.shape)} on {a_index.device}")
+    E = align.padded_counts.numel()
+    if not isinstance(capacity, int) or capacity < 0 or (capacity and (R != E * capacity or zero_tail)):
+        raise ValueError(f"capacity must be 0 or the capacity of a with_capacity alignment ({R} rows over {E} "
+                         f"experts), without zero_tail; got {capacity!r}")
     a = x.new_empty((R, H))
-    m_indices = torch.empty(R, dtype=torch.int32, device=x.device)
+    m_indices = None if capacity else torch.empty(R, dtype=torch.int32, device=x.device)
     if R == 0:
         return a, m_indices
     # tiles from an H200 sweep at DeepSeek-V3 dims (H=7168, T=64..4096): 8 x 512 within 5% of the best
     bh = _tile(H, 512)
     br = max(1, min(16, 4096 // bh))  # a power of two <= 16 <= block_m: a tile never straddles num_padded
-    _permute_kernel[(R // br, triton.cdiv(max(H, 1), bh))](
-        x, a, m_indices, align.sorted_ids, align.expert_ids, align.num_padded, a_index, R, N, H,
-        x.stride(0), a.stride(0), A_DIV=a_div, A_INDEX=a_index is not None, ZERO_TAIL=bool(zero_tail),
-        BM=align.block_m, BR=br, BH=bh, num_warps=4)
+    # capacity: the padded counts are multiples of block_m, so their tiles number sum(padded) / br at most
+    tiles = min(R, N + E * (align.block_m - 1)) // br if capacity else R // br
+    _permute_kernel[(max(tiles, 1), triton.cdiv(max(H, 1), bh))](
+        x, a, m_indices, align.sorted_ids, align.expert_ids, align.num_padded, a_index, align.padded_counts, R,
+        N, H, E, max(capacity, 1), x.stride(0), a.stride(0), A_DIV=a_div, A_INDEX=a_index is not None,
+        ZERO_TAIL=bool(zero_tail), BM=align.block_m, BR=br, BH=bh, COMPACT=capacity > 0,
+        NBIN=triton.next_power_of_2(max(E, 16)), num_warps=4)
     return a, m_indices
 
 
 def silu_mul(h: torch.Tensor, out: torch.Tensor | None = None, m_indices: torch.Tensor | None = None,
-             masked_m: torch.Tensor | None = None) -> torch.Tensor:
+             masked_m: torch.Tensor | None = None, max_rows: int | None = None) -> torch.Tensor:
     """silu(gate) * up for h [R, 2I] (or [E, cap, 2I] with masked_m) -> out [R, I] ([E, cap, I]) in h's
     dtype (out's, when given), computed in float32. gate = the first I columns, up = the last I.
     m_indices [R] int32 (2-dim h): rows with m_indices < 0 are skipped; masked_m [E] int (3-dim h): rows
-    j >= masked_m[e] of expert e are skipped. Skipped rows are neither read nor written."""
+    j >= masked_m[e] of expert e are skipped. Skipped rows are neither read nor written. max_rows: a bound
+    on sum(masked_m) known on the host (the grid is sized by it; rows past it are the caller's error)."""
     if masked_m is not None and m_indices is not None:
         raise ValueError("give m_indices (2-dim h) or masked_m (3-dim h), not both")
     _check_rows("h", h, 3 if masked_m is not None else 2)
@@ -220,6 +249,8 @@ def silu_mul(h: torch.Tensor, out: torch.Tensor | None = None, m_indices: torch.
         _check_rows("masked_m", masked_m, 1, INT_DTYPES)
         if masked_m.shape[0] != lead[0] or masked_m.device != h.device:
             raise ValueError(f"masked_m must be [{lead[0]}] on {h.device}, got {tuple(masked_m.shape)}")
+        if masked_m.dtype != torch.int32 or not masked_m.is_contiguous():
+            masked_m = masked_m.to(torch.int32).contiguous()
         sel, mode, cap = masked_m, 2, max(lead[1], 1)
     if h.numel() == 0 or I == 0:
         return out
@@ -231,9 +262,12 @@ def silu_mul(h: torch.Tensor, out: torch.Tensor | None = None, m_indices: torch.
     R = hf.shape[0]
     bi = _tile(I, 2048)  # H200 sweep at I=2048: 2 rows x 2048 columns, 8 warps
     br = max(1, min(16, 4096 // bi))
-    _silu_mul_kernel[(triton.cdiv(R, br), triton.cdiv(I, bi))](
-        hf, of, sel, R, I, cap, hf.stride(0), of.stride(0), MODE=mode, BR=br, BI=bi,
-        num_warps=8 if br * bi >= 4096 else 4)
+    E, tiles = (lead[0], lead[0] * triton.cdiv(cap, br)) if mode == 2 else (1, triton.cdiv(R, br))
+    if mode == 2 and max_rows is not None:  # each expert adds at most one partial tile
+        tiles = min(tiles, triton.cdiv(max(max_rows, 0), br) + E)
+    _silu_mul_kernel[(max(tiles, 1), triton.cdiv(I, bi))](
+        hf, of, sel, R, I, E, cap, hf.stride(0), of.stride(0), MODE=mode, BR=br, BI=bi,
+        NBIN=triton.next_power_of_2(max(E, 16)), num_warps=8 if br * bi >= 4096 else 4)
     return out
 
 

@@ -122,10 +122,12 @@ def assert_close_dtype(out, want, dtype):
 
 @settings(max_examples=50)
 @given(st.integers(0, 70), st.sampled_from([8, 24, 40]), st.sampled_from(DTYPES),
-       st.sampled_from(["all", "m", "masked"]), st.integers(0, 2 ** 16))
+       st.sampled_from(["all", "m", "masked", "masked_bound"]), st.integers(0, 2 ** 16))
 def test_silu_mul(R, I, dtype, mode, seed):
+    """masked_bound: the masked rows on a grid sized by the rows in use (max_rows = sum(masked_m))."""
     g = torch.Generator().manual_seed(seed)
     E, cap = 3, max(1, R // 3)
+    bound, mode = mode == "masked_bound", mode.replace("_bound", "")
     shape = (E, cap) if mode == "masked" else (R,)
     h = (torch.randn(*shape, 2 * I, generator=g) * 3).to(DEV, dtype)
     sentinel = 7.0
@@ -136,7 +138,7 @@ def test_silu_mul(R, I, dtype, mode, seed):
         keep = m >= 0
     elif mode == "masked":
         counts = torch.randint(0, cap + 1, (E,), generator=g)
-        got = mp.silu_mul(h, out, masked_m=counts.to(DEV))
+        got = mp.silu_mul(h, out, masked_m=counts.to(DEV), max_rows=int(counts.sum()) if bound else None)
         keep = torch.arange(cap)[None, :] < counts[:, None]
     else:
         got = mp.silu_mul(h)
@@ -277,6 +279,12 @@ def test_with_capacity_masked_layout(case, dtype, spare):
         assert m.cpu().view(E, cap)[e, :p].tolist() == [e if int(i) < al.num_rows else -1 for i in mine]
         assert (m.cpu().view(E, cap)[e, p:] == -1).all()
         start += p
+    if cap:  # the compact grid (only the padded counts' rows visited) writes the same rows
+        ac, none = mp.permute_rows(x, mal, k, capacity=cap)
+        ac, start = ac.cpu().view(E, cap, H), torch.cumsum(pc, 0) - pc
+        assert none is None and all(torch.equal(ac[e, :int(pc[e])], a[e, :int(pc[e])]) for e in range(E))
+        with pytest.raises(ValueError, match="capacity must be 0 or the capacity"):
+            mp.permute_rows(x, mal, k, capacity=cap + bm)
     y = torch.randn(E * cap, H, generator=g).to(DEV, dtype)
     tw = (torch.rand(T, k, generator=g) + 0.1).to(DEV)
     got = mp.unpermute_sum(y, mal, T, k, tw).cpu().double()

@@ -11,7 +11,7 @@
 #   STAGES="layout route" bash bench/gpu/kernels_gpu.sh              (probes: DeepGEMM's layouts; the route
 #                                                                   kernel's launch shapes, the router GEMM)
 #
-# Env: STAGES (any of: tests tune ffn mla ranking pdl tiles layout route), TOTAL (seconds, 560), TUNE_TOKENS
+# Env: STAGES (any of: tests tune ffn ffn_graph mla ranking pdl tiles layout route), TOTAL (seconds, 560), TUNE_TOKENS
 # (tuner sizes, "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS / LAYOUT_FLAGS (extra
 # flags), MLA_LIMIT / LAYOUT_LIMIT / TEST_LIMIT (those steps' seconds), TESTS (the test files), PYTEST_K (their
 # -k). With two GPUs, GPU 1 runs the tests and then
@@ -62,6 +62,8 @@ fi
 # shellcheck disable=SC2086
 has ffn && step ffn 200 python3 bench/bench_expert_ffn.py --quick --seed-shape \
   --variants triton,triton+align,deepgemm,deepgemm_glue,sglang,bmm,bmm_padded,loop ${FFN_FLAGS:-} --json "$RES/expert_ffn_h200.json"
+has ffn_graph && step ffn_graph 150 python3 bench/bench_expert_ffn.py --quick --cuda-graph \
+  --variants triton,deepgemm,sglang --json "$RES/expert_ffn_graph_h200.json"
 # shellcheck disable=SC2086
 has mla && step mla "${MLA_LIMIT:-150}" python3 bench/bench_mla.py --small-batch ${MLA_FLAGS:-} --json "$RES/mla_h200.json"
 # shellcheck disable=SC2086
@@ -73,7 +75,7 @@ has pdl && step pdl 150 python3 bench/gpu/mla_small_probe.py --pdl --rounds 5 --
 has tiles && step tiles 240 python3 bench/gpu/ffn_config_probe.py --rounds 5 --json "$RES/ffn_tiles_probe.json"
 has ranking && run_ranking
 [ -n "${gpu1_pid:-}" ] && wait "$gpu1_pid"
-for f in ffn mla ranking pdl tiles layout route; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
+for f in ffn ffn_graph mla ranking pdl tiles layout route; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
 # one archive: the device tool returns a limited number of files
 tar czf "$OUT/results.tgz" -C "$OUT" results logs && rm -rf "$RES" "$LOGS"
 cat "$OUT/summary.txt"
