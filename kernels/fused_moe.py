@@ -100,31 +100,41 @@ def default_config(op: str, M: int, E: int) -> dict:
                 SPLIT_M=64 if per_expert >= 128 else 0)
 
 
-def _sibling_table(op: str, E: int, N: int, K: int, dtype: torch.dtype, dev: str) -> tuple[int, dict] | None:
-    """(E', table) for the same GEMM over another expert count E' (the nearest in log scale), or None."""
-    names = {e: config_name(op, e, N, K, dtype, dev) for e in (2 ** i for i in range(11))}
-    have = [e for e, name in names.items() if TABLES.get(name)]
-    if not have:
-        return None
-    e = min(have, key=lambda e: abs(math.log(e) - math.log(max(E, 1))))
-    return e, TABLES[names[e]]
+# get_config's cost of borrowing another expert count's entry, per unit of |log(E' / E)| (rows per expert
+# being equal): a tuned entry for E itself wins unless its rows per expert are ~10% further off
+_OTHER_E_COST = 0.1
 
 
 def get_config(op: str, E: int, N: int, K: int, dtype: torch.dtype, M: int, device: torch.device) -> dict:
-    """The tuned config nearest to M rows for this GEMM on this device; without a table for E, the table of
-    the nearest tuned expert count E' (powers of two) at the same rows per expert (M * E' / E), since the tile
-    follows the rows per expert; else `default_config`."""
+    """The tuned config nearest in rows per expert (M / E, log scale) over this GEMM's tables on this device:
+    E's own, and those of other expert counts E' (powers of two) at the same rows per expert, a little
+    dearer (_OTHER_E_COST), since the tile follows the rows per expert. So a table tuned at prefill sizes
+    only does not hand its tiles to decode sizes that another table covers. No table: `default_config`."""
     dev = _device_name(device)
-    table = TABLES.get(config_name(op, E, N, K, dtype, dev))
-    if not table:
-        sibling = _sibling_table(op, E, N, K, dtype, dev)
-        if sibling is None:
-            _warn_default(config_name(op, E, N, K, dtype, dev))
-            return check_config(default_config(op, M, E))
-        e, table = sibling
-        M = M * e / max(E, 1)
-    lm = math.log(max(M, 1))
-    return table[min(table, key=lambda m: abs(math.log(m) - lm))]
+    key = (op, E, N, K, dtype, dev, M)
+    if _NEAREST[0] is not TABLES:  # a memo per TABLES object (tests swap the tables)
+        _NEAREST[:] = [TABLES, {}]
+    if key not in _NEAREST[1]:
+        _NEAREST[1][key] = _nearest_config(op, E, N, K, dtype, dev, M)
+    return _NEAREST[1][key]
+
+
+_NEAREST: list = [None, {}]  # [the TABLES it was computed from, {get_config's arguments: config}]
+
+
+def _nearest_config(op: str, E: int, N: int, K: int, dtype: torch.dtype, dev: str, M: int) -> dict:
+    rows = math.log(max(M, 1) / max(E, 1))
+    best, best_d = None, math.inf
+    for e in sorted({E, *(2 ** i for i in range(11))}):
+        table = TABLES.get(config_name(op, e, N, K, dtype, dev))
+        for m, cfg in (table or {}).items():
+            d = abs(math.log(m / e) - rows) + _OTHER_E_COST * abs(math.log(e / max(E, 1)))
+            if d < best_d:
+                best, best_d = cfg, d
+    if best is None:
+        _warn_default(config_name(op, E, N, K, dtype, dev))
+        return check_config(default_config(op, M, E))
+    return best
 
 
 def _check_weights(weights: object, expert_type: str, x: torch.Tensor, H: int) -> tuple[int, int, int]:

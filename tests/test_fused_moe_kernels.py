@@ -301,6 +301,12 @@ def test_tuned_tables_load_and_default_warns(tmp_path, monkeypatch):
         assert fm.get_config("up", 16, 32, 16, torch.float32, 1600, torch.device("cpu"))["BLOCK_M"] == 16  # as M=400
         assert fm.get_config("up", 16, 32, 16, torch.float32, 12000, torch.device("cpu"))["BLOCK_M"] == 32
     assert not [w for w in caught if "no tuned config" in str(w.message)]
+    # a table for 16 experts tuned at one large size only: its own entry there, E=4's nearer one at 100 rows
+    (tmp_path / fm.config_name("up", 16, 32, 16, torch.float32, "cpu")).write_text(
+        json.dumps({"_meta": {}, "65536": CONFIGS[3]}))
+    monkeypatch.setattr(fm, "TABLES", fm.load_tables(tmp_path))
+    assert fm.get_config("up", 16, 32, 16, torch.float32, 60000, torch.device("cpu")) == fm.check_config(CONFIGS[3])
+    assert fm.get_config("up", 16, 32, 16, torch.float32, 1600, torch.device("cpu"))["BLOCK_M"] == 16
 
 
 def test_deepgemm_says_why_not():
