@@ -14,11 +14,14 @@ bench/results/expert_ffn_notes.md). Its capacity comes one of two ways:
   E * cap rows of buffers (the permute writes, and the GEMMs compute, only the live rows). An expert past B
   rows (routing that repeats an expert within a token) is an error: an async device assert, never a
   silent drop.
-"auto" takes the contiguous layout below prefill sizes (MASKED_ROWS_PER_EXPERT rows per expert on
-average) or when its spare rows (beyond an average padding of A / 2) are cheap; otherwise "bounded" when B
-is known and its buffers fit BOUNDED_MAX_BYTES, else "masked" when its spare rows are worth a host read
-(MASKED_MIN_SPARE_FLOP), no graph is being captured, nothing compiles and skewed routing does not make the
-masked buffers more than twice the contiguous ones.
+"auto" takes "bounded" from BOUNDED_ROWS_PER_EXPERT rows per expert on average when B is known, the
+contiguous layout's spare rows (beyond an average padding of A / 2) cost at least BOUNDED_MIN_SPARE_FLOP and
+the buffers fit BOUNDED_MAX_BYTES; else "masked" from MASKED_ROWS_PER_EXPERT rows per expert when the spare
+rows are worth a host read (MASKED_MIN_SPARE_FLOP), no graph is being captured, nothing compiles and skewed
+routing does not make the masked buffers more than twice the contiguous ones; else the contiguous layout.
+Measured on an H200 at DeepSeek-V3 dims (bench/results/expert_ffn_notes.md, runs 110-113): the masked layout
+beat the contiguous one at 16-256 rows per expert (256 experts, 512 tokens: 5.86 against 7.46 ms), bounded
+beat masked at 32+ (no host read).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 from nanomoe_kernels.moe_align import Alignment
 
 LAYOUTS = ("auto", "contiguous", "masked", "bounded")
-MASKED_ROWS_PER_EXPERT = 64
+BOUNDED_ROWS_PER_EXPERT = 32
+MASKED_ROWS_PER_EXPERT = 16  # below: decode sizes, where a host read would stall the step
 BOUNDED_MIN_SPARE_FLOP = 0.05e12  # ~0.07 ms of bf16 GEMM on an H200: the capacity kernel's cost, many times over
 MASKED_MIN_SPARE_FLOP = 0.25e12  # ~0.4 ms: the exposed host work after the read
 BOUNDED_MAX_BYTES = 4 << 30  # E * cap * bytes_per_row; DeepSeek-V3 dims: 32 experts up to 4096 tokens
@@ -57,11 +61,10 @@ def pick_layout(align: Alignment, E: int, layout: str, A: int, flop_per_row: flo
         return "bounded", bound
     if layout == "auto":
         spare_flop = (min(E, N) * (A - 1) - E * A // 2) * flop_per_row  # the contiguous bound's spare rows
-        if N < MASKED_ROWS_PER_EXPERT * E or spare_flop < BOUNDED_MIN_SPARE_FLOP:
-            return "contiguous", 0
-        if bound is not None and E * bound * bytes_per_row <= BOUNDED_MAX_BYTES:
+        if (bound is not None and N >= BOUNDED_ROWS_PER_EXPERT * E and spare_flop >= BOUNDED_MIN_SPARE_FLOP
+                and E * bound * bytes_per_row <= BOUNDED_MAX_BYTES):
             return "bounded", bound
-        if (spare_flop < MASKED_MIN_SPARE_FLOP or torch.compiler.is_compiling()
+        if (N < MASKED_ROWS_PER_EXPERT * E or spare_flop < MASKED_MIN_SPARE_FLOP or torch.compiler.is_compiling()
                 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
             return "contiguous", 0
     cap = _round_up(int(align.padded_counts.max()), step) if align.padded_counts.numel() else 0  # the host read

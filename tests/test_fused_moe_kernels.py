@@ -329,7 +329,9 @@ def test_deepgemm_says_why_not():
     ((256, 250, 270, 260), "auto", 1e8, 300, 1, ("contiguous", 0)),  # 2.5e10 FLOP: worth neither
     ((256, 250, 270, 260), "contiguous", 1e10, 300, 1, ("contiguous", 0)),
     ((256, 250, 270, 260), "bounded", 0.0, 10 ** 6, 0, ("bounded", 1152)),  # bound past N rows: N rounded up
-    ((20, 30, 10, 4), "auto", 1e10, 64, 1, ("contiguous", 0)),  # 16 rows per expert: below MASKED_ROWS_PER_EXPERT
+    ((20, 30, 10, 4), "auto", 1e10, 64, 1, ("masked", 128)),  # 16 rows per expert: a host read, not bounded
+    ((10, 15, 5, 2), "auto", 1e10, 64, 1, ("contiguous", 0)),  # 8 rows per expert: below MASKED_ROWS_PER_EXPERT
+    ((40, 60, 20, 8), "auto", 1e10, 64, 1, ("bounded", 128)),  # 32 rows per expert: BOUNDED_ROWS_PER_EXPERT
     ((20, 30, 10, 4), "masked", 0.0, None, 0, ("masked", 128)),
     ((1000, 10, 10, 10), "auto", 1e10, None, 0, ("contiguous", 0)),  # skewed: 4 x 1024 rows > 2x the contiguous
     ((1000, 10, 10, 10), "masked", 0.0, None, 0, ("masked", 1024)),
