@@ -213,8 +213,7 @@ def deepgemm_moe_contiguous(rows: torch.Tensor, counts: torch.Tensor, weights: t
 
     Pads each expert's rows to `alignment()` (permute_rows), runs the two grouped GEMMs in DeepGEMM's
     contiguous or masked layout (`layout`: kernels/deepgemm_layout.py; no bound is known here, so
-    "bounded" is refused) and reads the rows back
-    (unpermute_sum). Rows past sum(counts) come back as zeros.
+    "bounded" is refused) and reads the rows back (unpermute_sum). Rows past sum(counts) come back as zeros.
     """
     return _batch_ffn(rows, None, rows.shape[0] if rows.dim() == 2 else 0, counts, weights, validate, layout)
 

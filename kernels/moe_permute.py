@@ -37,13 +37,13 @@ INT_DTYPES = (torch.int32, torch.int64)
 
 @triton.jit
 def _expert_tile(counts_ptr, E, cap, p, BR: tl.constexpr, NBIN: tl.constexpr):
-    # the rows (e * cap + j of the [E, cap] layout) of the p-th BR-row tile over slots j < counts[e] of each
-    # expert in turn, and which are in use; a p past the last tile gets none
+    # rows e * cap + j of the p-th BR-row tile over slots j < counts[e], expert by expert, and which are in use
     bins = tl.arange(0, NBIN)
-    tiles = (tl.load(counts_ptr + bins, mask=bins < E, other=0) + BR - 1) // BR
+    counts = tl.load(counts_ptr + bins, mask=bins < E, other=0)
+    tiles = (counts + BR - 1) // BR
     ends = tl.cumsum(tiles, 0)
     e = tl.sum((ends <= p).to(tl.int32), 0)
-    count = tl.sum(tl.where(bins == e, tl.load(counts_ptr + bins, mask=bins < E, other=0), 0), 0)
+    count = tl.sum(tl.where(bins == e, counts, 0), 0)
     j = (p - tl.sum(tl.where(bins == e, ends - tiles, 0), 0)) * BR + tl.arange(0, BR)
     return e.to(tl.int64) * cap + j, j < tl.where(e < E, count, 0)
 
