@@ -26,9 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from bench.common import capture_graph, measure_ceilings, sig, time_events, write_record  # noqa: E402
-from nanomoe_fn import init_moe_params, preset  # noqa: E402
+from nanomoe_fn import preset  # noqa: E402
 from nanomoe_fn.batch import Routing  # noqa: E402
 from nanomoe_fn.checks import check_values  # noqa: E402
+from nanomoe_fn.moe.params import GateParams  # noqa: E402
 from nanomoe_fn.moe.route import route, select_experts  # noqa: E402
 
 
@@ -114,8 +115,10 @@ def main() -> None:
     args = p.parse_args()
     dev = torch.device("cpu" if args.dims else "cuda")
     cfg = preset("deepseek-v3").with_(hidden=64) if args.dims else preset("deepseek-v3")
-    params = init_moe_params(cfg, torch.float32, generator=torch.Generator().manual_seed(0))
-    gate = type(params.gate)(params.gate.weight.to(dev), params.gate.bias.to(dev))
+    # the router only: init_moe_params would draw every expert's weights (45 GB in float32 at V3 dims)
+    g = torch.Generator().manual_seed(0)
+    gate = GateParams((torch.randn(cfg.num_experts, cfg.hidden, generator=g) * cfg.hidden ** -0.5).to(dev),
+                      (torch.randn(cfg.num_experts, generator=g) * 0.1).to(dev))
     bias = gate.bias.float()
     ceilings = measure_ceilings(dev, torch.bfloat16) if dev.type == "cuda" else {}
     graphs = dev.type == "cuda"
