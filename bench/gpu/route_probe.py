@@ -86,8 +86,9 @@ def split_logits(x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
 
 def gemm_row(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, cfg: object, dev: torch.device,
              iters: int) -> dict:
-    """The router GEMM as float32 (what route runs) and as three bf16 GEMMs over a hi/mid/lo split of the float32
-    weight (w = hi + mid + lo to float32's 24 bits): us per call (CUDA graphs on GPUs), the largest logit
+    """The router GEMM as float32 (cuBLAS), as three bf16 GEMMs over a hi/mid/lo split of the float32 weight
+    (w = hi + mid + lo to float32's 24 bits) and as the float32 GEMM split over H (kernels/router_gemm.py): us
+    per call (CUDA graphs on GPUs), the largest logit
     difference, and how many tokens' routing differs."""
     hi = w.bfloat16()
     mid = (w - hi.float()).bfloat16()
@@ -97,7 +98,11 @@ def gemm_row(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, cfg: object, 
     a, b = select_experts(ref, bias, cfg), select_experts(got, bias, cfg)
     out = {"logit_max_abs_diff": sig(float((ref - got).abs().max())), "logit_max_abs": sig(float(ref.abs().max())),
            "tokens_routed_differently": int((a.topk_ids != b.topk_ids).any(1).sum())}
-    for name, fn in (("fp32", lambda: xb.float() @ w.T), ("split3", lambda: split_logits(xb, parts))):
+    from nanomoe_kernels.router_gemm import router_logits_splitk
+
+    out["splitk_max_abs_diff"] = sig(float((router_logits_splitk(xb, w) - ref).abs().max()))
+    for name, fn in (("fp32", lambda: xb.float() @ w.T), ("split3", lambda: split_logits(xb, parts)),
+                     ("splitk", lambda: router_logits_splitk(xb, w))):
         call = capture_graph(fn)[0].replay if dev.type == "cuda" else fn
         out[f"gemm_{name}_us"] = sig(statistics.median(time_events(call, dev, 5, iters)) * 1e6)
     return out

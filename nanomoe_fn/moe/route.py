@@ -4,7 +4,8 @@ Dimension legend: T tokens, H hidden, E experts, k experts per token, G expert g
 
 Logits are computed in float32 whatever the activation dtype: bf16 logits carry about three significant digits
 and would turn near-ties into arbitrary choices. At prefill sizes on GPUs with bf16 activations the router
-GEMM runs on tensor cores over a bf16 split of the weight (router_logits). On GPUs everything after the router
+GEMM runs on tensor cores over a bf16 split of the weight, at decode sizes as a float32 GEMM split over H
+(router_logits). On GPUs everything after the router
 GEMM is one Triton kernel (kernels/moe_route.py): eager, in CUDA-graph capture, and under torch.compile as the
 custom op nanomoe::fused_route, so a compiled layer routes bit for bit as an eager one (inductor's own fusion
 of the torch ops rounds the weights differently in the last bits, enough to change a bf16 model's tokens); on
@@ -64,11 +65,19 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     product is exact; the tensor cores' float32 accumulation is not quite IEEE, so the logits are within ~1e-5
     of the largest in magnitude (8.9e-6 measured at 4096 tokens of DeepSeek-V3; the float32 GEMM ~1e-7, bf16
     logits ~3e-3), at 4x the float32 GEMM's speed there. Under torch.compile the same GEMMs run, as the custom
-    op nanomoe::router_logits_split. Elsewhere x.float() @ w.float().T (a float32 GEMM)."""
+    op nanomoe::router_logits_split. On CUDA below that (decode): the float32 GEMM split over H
+    (kernels/router_gemm.py; cuBLAS gives [32, 7168] x [7168, 256] too few programs), as the custom op
+    nanomoe::router_logits_splitk under torch.compile. Elsewhere x.float() @ w.float().T."""
     if x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= SPLIT_GEMM_MIN_TOKENS:
         if torch.compiler.is_compiling():
             return torch.ops.nanomoe.router_logits_split(x, w)
         return _split_logits(x, w)
+    if x.is_cuda and 0 < x.shape[0] < SPLIT_GEMM_MIN_TOKENS and w.dtype in (torch.float32, torch.bfloat16):
+        if torch.compiler.is_compiling():
+            return torch.ops.nanomoe.router_logits_splitk(x, w)
+        from nanomoe_kernels.router_gemm import router_logits_splitk
+
+        return router_logits_splitk(x, w)
     return x.float() @ w.float().T
 
 
@@ -98,6 +107,18 @@ def _router_logits_split(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @_router_logits_split.register_fake
+def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("nanomoe::router_logits_splitk", mutates_args=())
+def _router_logits_splitk(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from nanomoe_kernels.router_gemm import router_logits_splitk
+
+    return router_logits_splitk(x, w)
+
+
+@_router_logits_splitk.register_fake
 def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 

@@ -1,0 +1,76 @@
+"""The router GEMM for few tokens: float32 logits [T, E] = x [T, H] @ w [E, H].T, split over H.
+
+Dimension legend: T tokens, H hidden, E experts, S splits of H (each CHUNK columns), BT tokens x BE experts
+x BK columns per program step.
+
+At decode sizes cuBLAS runs [32, 7168] x [7168, 256] in float32 on a handful of programs (25 us on an H200
+for 7.3 MB of weight: bench/results/pipeline_notes.md). Here S splits of H give ~2 programs per SM; each
+reads one slice of w once and writes float32 partials [S, T, E], which a second pass adds in a fixed order
+(deterministic: a near-tie routes the same way on every call). Products and sums are IEEE float32 (the dot
+runs with input_precision="ieee", never TF32), so the logits are as accurate as the float32 GEMM's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BE = 64          # experts per program
+BK = 32          # columns per step
+MAX_TOKENS = 64  # BT's ceiling: more tokens take more token blocks
+
+
+@triton.jit(do_not_specialize=["T"])
+def _router_partial_kernel(x_ptr, w_ptr, part_ptr, T, E, H, CHUNK, stride_x, stride_w,
+                           BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(1) * BT + tl.arange(0, BT)
+    cols = tl.program_id(0) * BE + tl.arange(0, BE)
+    split = tl.program_id(2)
+    start = split * CHUNK
+    acc = tl.zeros((BT, BE), dtype=tl.float32)
+    for kk in range(0, CHUNK, BK):
+        ks = start + kk + tl.arange(0, BK)
+        k_ok = ks < H
+        xa = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :],
+                     mask=(rows < T)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        wb = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_w + ks[:, None],
+                     mask=(cols < E)[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
+        acc += tl.dot(xa, wb, input_precision="ieee")
+    out = part_ptr + split.to(tl.int64) * T * E + rows[:, None].to(tl.int64) * E + cols[None, :]
+    tl.store(out, acc, mask=(rows < T)[:, None] & (cols < E)[None, :])
+
+
+def plan(T: int, E: int, H: int, sms: int) -> tuple[int, int, int]:
+    """(BT, CHUNK, S): token block, columns per split and split count for ~2 programs per SM."""
+    bt = min(MAX_TOKENS, max(16, triton.next_power_of_2(T)))
+    tiles = triton.cdiv(E, BE) * triton.cdiv(T, bt)
+    want = max(1, min(triton.cdiv(H, BK), (2 * sms) // tiles))
+    chunk = triton.cdiv(triton.cdiv(H, want), BK) * BK
+    return bt, chunk, triton.cdiv(H, chunk)
+
+
+def router_logits_splitk(x: torch.Tensor, w: torch.Tensor, sms: int | None = None) -> torch.Tensor:
+    """float32 x [T, H] @ w [E, H].T -> [T, E] (x bf16/fp16/fp32, w fp32 or bf16; unit column strides), as
+    split-H partials added in a fixed order. sms: the programs' target (default: the device's SMs)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x must be [T, H] and w [E, H] with the same H, got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or w.dtype not in (torch.float32,
+                                                                                        torch.bfloat16):
+        raise ValueError(f"x must be bf16/fp16/fp32 and w fp32/bf16, got {x.dtype} and {w.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"x must be on {w.device} (with w), got {x.device}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w = w if w.stride(1) == 1 else w.contiguous()
+    T, H = x.shape
+    E = w.shape[0]
+    if T == 0:
+        return x.new_zeros((0, E), dtype=torch.float32)
+    if sms is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    bt, chunk, S = plan(T, E, H, sms)
+    part = torch.empty((S, T, E), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(E, BE), triton.cdiv(T, bt), S)
+    _router_partial_kernel[grid](x, w, part, T, E, H, chunk, x.stride(0), w.stride(0), BT=bt, BE=BE, BK=BK,
+                                 num_warps=4)
+    return part.sum(0) if S > 1 else part[0]
