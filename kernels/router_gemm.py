@@ -23,7 +23,7 @@ MAX_TOKENS = 64  # BT's ceiling: more tokens take more token blocks
 
 @triton.jit(do_not_specialize=["T"])
 def _router_partial_kernel(x_ptr, w_ptr, part_ptr, T, E, H, CHUNK, stride_x, stride_w,
-                           BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+                           BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     rows = tl.program_id(1) * BT + tl.arange(0, BT)
     cols = tl.program_id(0) * BE + tl.arange(0, BE)
     split = tl.program_id(2)
@@ -36,23 +36,26 @@ def _router_partial_kernel(x_ptr, w_ptr, part_ptr, T, E, H, CHUNK, stride_x, str
                      mask=(rows < T)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         wb = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_w + ks[:, None],
                      mask=(cols < E)[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
-        acc += tl.dot(xa, wb, input_precision="ieee")
+        acc += tl.dot(xa, wb, input_precision=PREC)
     out = part_ptr + split.to(tl.int64) * T * E + rows[:, None].to(tl.int64) * E + cols[None, :]
     tl.store(out, acc, mask=(rows < T)[:, None] & (cols < E)[None, :])
 
 
-def plan(T: int, E: int, H: int, sms: int) -> tuple[int, int, int]:
-    """(BT, CHUNK, S): token block, columns per split and split count for ~2 programs per SM."""
+def plan(T: int, E: int, H: int, sms: int, be: int = BE, bk: int = BK, per_sm: int = 2) -> tuple[int, int, int]:
+    """(BT, CHUNK, S): token block, columns per split and split count for ~per_sm programs per SM."""
     bt = min(MAX_TOKENS, max(16, triton.next_power_of_2(T)))
-    tiles = triton.cdiv(E, BE) * triton.cdiv(T, bt)
-    want = max(1, min(triton.cdiv(H, BK), (2 * sms) // tiles))
-    chunk = triton.cdiv(triton.cdiv(H, want), BK) * BK
+    tiles = triton.cdiv(E, be) * triton.cdiv(T, bt)
+    want = max(1, min(triton.cdiv(H, bk), (per_sm * sms) // tiles))
+    chunk = triton.cdiv(triton.cdiv(H, want), bk) * bk
     return bt, chunk, triton.cdiv(H, chunk)
 
 
-def router_logits_splitk(x: torch.Tensor, w: torch.Tensor, sms: int | None = None) -> torch.Tensor:
+def router_logits_splitk(x: torch.Tensor, w: torch.Tensor, sms: int | None = None, block_e: int = BE,
+                         block_k: int = BK, per_sm: int = 2, precision: str = "ieee",
+                         num_warps: int = 4) -> torch.Tensor:
     """float32 x [T, H] @ w [E, H].T -> [T, E] (x bf16/fp16/fp32, w fp32 or bf16; unit column strides), as
-    split-H partials added in a fixed order. sms: the programs' target (default: the device's SMs)."""
+    split-H partials added in a fixed order. sms: the programs' target (default: the device's SMs); the rest
+    are tunings for bench/gpu/route_probe.py (precision "tf32x3" trades IEEE sums for tensor cores)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be [T, H] and w [E, H] with the same H, got {tuple(x.shape)} and {tuple(w.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or w.dtype not in (torch.float32,
@@ -68,9 +71,9 @@ def router_logits_splitk(x: torch.Tensor, w: torch.Tensor, sms: int | None = Non
         return x.new_zeros((0, E), dtype=torch.float32)
     if sms is None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    bt, chunk, S = plan(T, E, H, sms)
+    bt, chunk, S = plan(T, E, H, sms, block_e, block_k, per_sm)
     part = torch.empty((S, T, E), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(E, BE), triton.cdiv(T, bt), S)
-    _router_partial_kernel[grid](x, w, part, T, E, H, chunk, x.stride(0), w.stride(0), BT=bt, BE=BE, BK=BK,
-                                 num_warps=4)
+    grid = (triton.cdiv(E, block_e), triton.cdiv(T, bt), S)
+    _router_partial_kernel[grid](x, w, part, T, E, H, chunk, x.stride(0), w.stride(0), BT=bt, BE=block_e,
+                                 BK=block_k, PREC=precision, num_warps=num_warps)
     return part.sum(0) if S > 1 else part[0]
