@@ -71,6 +71,7 @@ has mla && step mla "${MLA_LIMIT:-150}" python3 bench/bench_mla.py --small-batch
 # shellcheck disable=SC2086
 has layout && step layout "${LAYOUT_LIMIT:-200}" python3 bench/gpu/ffn_layout_probe.py --bmm-cases "" \
   ${LAYOUT_FLAGS:---cases 32x256,32x1024,32x4096,64x1024,128x1024} --json "$RES/ffn_layout_probe.json"
+# shellcheck disable=SC2086
 has route && step route "${ROUTE_LIMIT:-150}" python3 bench/gpu/route_probe.py --sweep --gemm --tokens ${ROUTE_TOKENS:-32 128 4096} --iters 20 \
   --json "$RES/route_probe.json"
 # shellcheck disable=SC2086
