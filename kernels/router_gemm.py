@@ -6,8 +6,11 @@ x BK columns per program step.
 At decode sizes cuBLAS runs [32, 7168] x [7168, 256] in float32 on a handful of programs (25 us on an H200
 for 7.3 MB of weight: bench/results/pipeline_notes.md). Here S splits of H give ~2 programs per SM; each
 reads one slice of w once and writes float32 partials [S, T, E], which a second pass adds in a fixed order
-(deterministic: a near-tie routes the same way on every call). Products and sums are IEEE float32 (the dot
-runs with input_precision="ieee", never TF32), so the logits are as accurate as the float32 GEMM's.
+(deterministic: a near-tie routes the same way on every call). The dot runs on tensor cores as "tf32x3"
+(each float32 operand split into a TF32 high and low part, three products; error ~2^-22 of a product, not
+TF32's 2^-11), and each program sums only CHUNK columns before the IEEE float32 partial sums: 1.4e-6 off the
+float32 GEMM at 32 tokens of DeepSeek-V3 (largest logit 3.8), 15 us against cuBLAS's 24; the FMA-unit
+("ieee") dot took 30 us there (bench/results/pipeline_notes.md).
 """
 
 from __future__ import annotations
@@ -51,11 +54,11 @@ def plan(T: int, E: int, H: int, sms: int, be: int = BE, bk: int = BK, per_sm: i
 
 
 def router_logits_splitk(x: torch.Tensor, w: torch.Tensor, sms: int | None = None, block_e: int = BE,
-                         block_k: int = BK, per_sm: int = 2, precision: str = "ieee",
+                         block_k: int = BK, per_sm: int = 2, precision: str = "tf32x3",
                          num_warps: int = 4) -> torch.Tensor:
     """float32 x [T, H] @ w [E, H].T -> [T, E] (x bf16/fp16/fp32, w fp32 or bf16; unit column strides), as
     split-H partials added in a fixed order. sms: the programs' target (default: the device's SMs); the rest
-    are tunings for bench/gpu/route_probe.py (precision "tf32x3" trades IEEE sums for tensor cores)."""
+    are tunings for bench/gpu/route_probe.py (precision "ieee": the dot on FMA units, twice the time)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be [T, H] and w [E, H] with the same H, got {tuple(x.shape)} and {tuple(w.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or w.dtype not in (torch.float32,

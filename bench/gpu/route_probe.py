@@ -107,10 +107,8 @@ def gemm_row(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, cfg: object, 
         out[f"gemm_{name}_us"] = sig(statistics.median(time_events(call, dev, 5, iters)) * 1e6)
     if dev.type == "cuda":  # the split kernel's tunings: (block_e, block_k, programs per SM, precision, warps)
         sweep_k = {}
-        for be, bk, per_sm, prec, nw in [(64, 32, 2, "ieee", 4), (32, 32, 2, "ieee", 4), (64, 64, 2, "ieee", 4),
-                                         (32, 64, 4, "ieee", 4), (128, 32, 2, "ieee", 8), (64, 32, 4, "ieee", 4),
-                                         (16, 128, 2, "ieee", 4), (64, 32, 2, "tf32x3", 4),
-                                         (64, 64, 2, "tf32x3", 4)]:
+        for be, bk, per_sm, prec, nw in [(64, 32, 2, "tf32x3", 4), (64, 32, 2, "ieee", 4), (128, 32, 2, "tf32x3", 8),
+                                         (64, 32, 4, "tf32x3", 4), (32, 32, 2, "tf32x3", 4)]:
             def fn(be=be, bk=bk, per_sm=per_sm, prec=prec, nw=nw):
                 return router_logits_splitk(xb, w, block_e=be, block_k=bk, per_sm=per_sm, precision=prec,
                                             num_warps=nw)
