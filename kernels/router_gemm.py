@@ -1,4 +1,4 @@
-"""The router GEMM for few tokens: float32 logits [T, E] = x [T, H] @ w [E, H].T, split over H.
+"""The router GEMM up to ~1k tokens: float32 logits [T, E] = x [T, H] @ w [E, H].T, split over H.
 
 Dimension legend: T tokens, H hidden, E experts, S splits of H (each CHUNK columns), BT tokens x BE experts
 x BK columns per program step.

@@ -3,8 +3,8 @@
 Dimension legend: T tokens, H hidden, E experts, k experts per token, G expert groups (n_group).
 
 Logits are computed in float32 whatever the activation dtype: bf16 logits carry about three significant digits
-and would turn near-ties into arbitrary choices. At prefill sizes on GPUs with bf16 activations the router
-GEMM runs on tensor cores over a bf16 split of the weight, at decode sizes as a float32 GEMM split over H
+and would turn near-ties into arbitrary choices. On GPUs the router GEMM runs as a float32 GEMM split over H up
+to 1024 tokens, and above that (bf16 activations) on tensor cores over a bf16 split of the weight
 (router_logits). On GPUs everything after the router
 GEMM is one Triton kernel (kernels/moe_route.py): eager, in CUDA-graph capture, and under torch.compile as the
 custom op nanomoe::fused_route, so a compiled layer routes bit for bit as an eager one (inductor's own fusion
@@ -54,30 +54,35 @@ def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
     return select_experts(logits, None if bias is None else bias.float(), cfg)
 
 
-SPLIT_GEMM_MIN_TOKENS = 128  # below it the float32 GEMM is as fast (bench/results/pipeline_notes.md)
+HALF = (torch.bfloat16, torch.float16)  # serving dtypes; float32/float64 activations keep the exact float32 GEMM
+SPLITK_MAX_TOKENS = 1024  # up to it the float32 GEMM split over H beats the bf16 split and cuBLAS (run 119,
+# bench/results/pipeline_notes.md: 19 / 45 / 79 us at 128 / 512 / 1024 tokens against ~75 / 84 / 92 for the bf16
+# split with its parts; 276 against ~153 at 4096)
 
 
 def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """float32 logits [T, E] = x [T, H] @ w [E, H].T.
 
-    On CUDA with bf16 x and >= SPLIT_GEMM_MIN_TOKENS rows: bf16 tensor-core GEMMs with float32 output over w
-    split into bf16 parts (hi, mid, lo hold float32's 24 bits; a bf16 weight is its own one part). Every
-    product is exact; the tensor cores' float32 accumulation is not quite IEEE, so the logits are within ~1e-5
-    of the largest in magnitude (8.9e-6 measured at 4096 tokens of DeepSeek-V3; the float32 GEMM ~1e-7, bf16
-    logits ~3e-3), at 4x the float32 GEMM's speed there. Under torch.compile the same GEMMs run, as the custom
-    op nanomoe::router_logits_split. On CUDA below that (decode): the float32 GEMM split over H
-    (kernels/router_gemm.py; cuBLAS gives [32, 7168] x [7168, 256] too few programs), as the custom op
-    nanomoe::router_logits_splitk under torch.compile. Elsewhere x.float() @ w.float().T."""
-    if x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] >= SPLIT_GEMM_MIN_TOKENS:
-        if torch.compiler.is_compiling():
-            return torch.ops.nanomoe.router_logits_split(x, w)
-        return _split_logits(x, w)
-    if x.is_cuda and 0 < x.shape[0] < SPLIT_GEMM_MIN_TOKENS and w.dtype in (torch.float32, torch.bfloat16):
+    On CUDA up to SPLITK_MAX_TOKENS rows of bf16/fp16 x (a float32 or bf16 w): the float32 GEMM split over H
+    (kernels/router_gemm.py: cuBLAS gives [32, 7168] x [7168, 256] too few programs), tf32x3 products on tensor
+    cores summed in IEEE float32 over 128-column chunks, ~1e-6 off the float32 GEMM (1.4e-6 at 32 tokens, 3e-6
+    at 1024 of DeepSeek-V3, largest logit ~4); the custom op nanomoe::router_logits_splitk under torch.compile.
+    On CUDA above that with bf16 x: bf16 tensor-core GEMMs with float32 output over w split into bf16 parts
+    (hi, mid, lo hold float32's 24 bits; a bf16 weight is its own one part). Every product is exact; the tensor
+    cores' float32 accumulation is not quite IEEE, so the logits are within ~1e-5 of the largest in magnitude
+    (8.9e-6 measured at 4096 tokens; bf16 logits ~3e-3), at 4x the float32 GEMM's speed there; the custom op
+    nanomoe::router_logits_split under torch.compile. Elsewhere x.float() @ w.float().T (a float32 GEMM)."""
+    T = x.shape[0]
+    if x.is_cuda and 0 < T <= SPLITK_MAX_TOKENS and x.dtype in HALF and w.dtype in (torch.float32, torch.bfloat16):
         if torch.compiler.is_compiling():
             return torch.ops.nanomoe.router_logits_splitk(x, w)
         from nanomoe_kernels.router_gemm import router_logits_splitk
 
         return router_logits_splitk(x, w)
+    if x.is_cuda and x.dtype == torch.bfloat16 and T > SPLITK_MAX_TOKENS:
+        if torch.compiler.is_compiling():
+            return torch.ops.nanomoe.router_logits_split(x, w)
+        return _split_logits(x, w)
     return x.float() @ w.float().T
 
 
