@@ -91,11 +91,11 @@ def bf16_parts(w: torch.Tensor) -> list[torch.Tensor]:
     next 8 significant bits of what the others leave; float32 subnormals below 2^-126 aside)."""
     if w.dtype == torch.bfloat16:
         return [w]
-    rest, parts = w.float(), []
-    for _ in range(3):
-        parts.append(rest.bfloat16())
-        rest = rest - parts[-1].float()
-    return parts
+    w = w.float()
+    hi = w.bfloat16()
+    rest = w - hi      # float32 (hi promoted in the same kernel); exact: w less its rounding
+    mid = rest.bfloat16()
+    return [hi, mid, (rest - mid).bfloat16()]  # five elementwise kernels over w on every prefill call
 
 
 def _split_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
