@@ -111,11 +111,6 @@ def _router_logits_split(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _split_logits(x, w)
 
 
-@_router_logits_split.register_fake
-def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
-
-
 @torch.library.custom_op("nanomoe::router_logits_splitk", mutates_args=())
 def _router_logits_splitk(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     from nanomoe_kernels.router_gemm import router_logits_splitk
@@ -123,9 +118,13 @@ def _router_logits_splitk(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return router_logits_splitk(x, w)
 
 
-@_router_logits_splitk.register_fake
-def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _logits_like(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Both router GEMM ops under compile: float32 [T, E]."""
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+_router_logits_split.register_fake(_logits_like)
+_router_logits_splitk.register_fake(_logits_like)
 
 
 def select_experts(logits: torch.Tensor, bias: torch.Tensor | None, cfg: MoEConfig,
