@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from nanomoe_kernels.mla_decode_tuning import device_sms
 
 BE = 64          # experts per program
 BK = 32          # columns per step
@@ -72,9 +73,7 @@ def router_logits_splitk(x: torch.Tensor, w: torch.Tensor, sms: int | None = Non
     E = w.shape[0]
     if T == 0:
         return x.new_zeros((0, E), dtype=torch.float32)
-    if sms is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    bt, chunk, S = plan(T, E, H, sms, block_e, block_k, per_sm)
+    bt, chunk, S = plan(T, E, H, device_sms(x.device) if sms is None else sms, block_e, block_k, per_sm)
     part = torch.empty((S, T, E), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(E, block_e), triton.cdiv(T, bt), S)
     _router_partial_kernel[grid](x, w, part, T, E, H, chunk, x.stride(0), w.stride(0), BT=bt, BE=block_e,

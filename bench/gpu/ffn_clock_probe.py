@@ -31,7 +31,7 @@ import threading
 import time
 
 import torch
-import triton.testing
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from nanomoe_kernels import deepgemm  # noqa: E402
@@ -41,12 +41,17 @@ from nanomoe_kernels.moe_sum import sum_pairs  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
 
 from bench.common import measure_ceilings  # noqa: E402
-from bench.gpu.ffn_layout_probe import kernel_breakdown, masked_inputs  # noqa: E402
+from bench.gpu.ffn_layout_probe import _bench_ms, kernel_breakdown, masked_inputs  # noqa: E402
 
 K_TOP, H, I = 8, 7168, 2048
 QUERIES = ("clocks.sm,power.draw,clocks_event_reasons.active", "clocks.sm,power.draw,clocks_throttle_reasons.active",
            "clocks.sm,power.draw")
 WINDOWS_MS = (0, 10, 50, 200, float("inf"))
+
+
+def _us(fn) -> float:
+    """do_bench median over a 100 ms window (L2 flushed), us."""
+    return round(_bench_ms(fn, 100) * 1e3, 1)
 
 
 class Sampler:
@@ -144,7 +149,7 @@ def clock_part(E: int, T: int, seconds: float, idle: float, sampler: Sampler) ->
     for name, fn in fns.items():
         rec = sustained(fn, seconds, idle, sampler)
         time.sleep(idle)
-        rec["do_bench_us"] = round(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3, 1)
+        rec["do_bench_us"] = _us(fn)
         time.sleep(idle)
         kern = kernel_breakdown(fn)
         rec["profiler_kernels_us"] = round(sum(kern.values()), 1)
@@ -174,13 +179,11 @@ def expected_part(E: int, T: int, expected: list[int]) -> dict:
         try:
             y = run(m, counts)
             rec["rel_vs_default"][m] = float((y - ref)[live].double().norm() / ref[live].double().norm())
-            rec["us"][m] = round(triton.testing.do_bench(functools.partial(run, m, counts), warmup=25, rep=100,
-                                                         return_mode="median") * 1e3, 1)
+            rec["us"][m] = _us(functools.partial(run, m, counts))
         except Exception as exc:  # noqa: BLE001 - a probe: record what DeepGEMM refused
             rec["us"][m] = f"{type(exc).__name__}: {str(exc)[:200]}"
     even = torch.full_like(counts, T * K_TOP // E)
-    rec["even_rows_us"] = round(triton.testing.do_bench(functools.partial(run, default, even), warmup=25, rep=100,
-                                                        return_mode="median") * 1e3, 1)
+    rec["even_rows_us"] = _us(functools.partial(run, default, even))
     rec["pad128_rows"] = int(((counts + 127) // 128 * 128).sum())
     rec["pad64_rows"] = int(((counts + 63) // 64 * 64).sum())
     print(json.dumps(rec), flush=True)
@@ -202,8 +205,7 @@ def pdl_part(E: int, T: int) -> dict:
             dg.set_pdl(on)
             y = fn()
             rec[f"rel_{on}"] = float((y.double() - ref.double()).norm() / ref.double().norm())
-            rec.setdefault(f"us_pdl_{on}", []).append(
-                round(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3, 1))
+            rec.setdefault(f"us_pdl_{on}", []).append(_us(fn))
     dg.set_pdl(rec["pdl_before"])
     print(json.dumps(rec), flush=True)
     return rec
