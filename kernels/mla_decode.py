@@ -12,7 +12,8 @@ acc += p . v with v = the tile's latent columns (the same bytes as k_lat). With 
 normalised output; otherwise a partial output and its base-2 log-sum-exp, which stage 2
 (`_mla_decode_reduce`, grid over head blocks x rows x value-column blocks, so one row still spreads
 over the SMs) merges. A paged tile whose BN divides G reads one page id; smaller pages, one per row.
-Row lengths are read on the device: no host sync.
+Row lengths are read on the device: no host sync. On sm_90 with heads a multiple of 64, stage 1 is the Gluon
+kernel of kernels/mla_decode_wgmma.py instead (DecodeTuning.wgmma; the same partials, the same stage 2).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import replace
 import torch
 import triton
 import triton.language as tl
+from nanomoe_kernels import mla_decode_wgmma
 from nanomoe_kernels.mla_decode_keymajor import _mla_decode_partial_km, block_v
 from nanomoe_kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the wrapper's tuning API)
     DecodeTuning,
@@ -243,9 +245,14 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(1) != 1):
         raise ValueError(f"block_table must be [B, M] int32 with unit inner stride, got {block_table.dtype}")
     max_len = block_table.shape[1] * kv.shape[1] if paged else kv.shape[1]
-    t = tuning or default_tuning(heads, rows)
+    wgmma_why = mla_decode_wgmma.unsupported(q, kv, kv_lora_rank, runs_interpreted())
+    t = tuning or default_tuning(heads, rows, wgmma=not wgmma_why)
     if tuning is None and t.tma and tma_unsupported(kv, kv_lora_rank, t):
         t = replace(t, tma=False)                 # the default quietly uses plain loads instead
+    if t.wgmma and (t.block_h, t.block_n, t.value_splits, t.key_major) != (64, 64, 1, False):
+        raise ValueError(f"tuning.wgmma needs block_h = block_n = 64, value_splits 1, key_major off, got {t}")
+    if t.wgmma and wgmma_why:
+        raise ValueError(wgmma_why)
     if t.value_splits not in (1, 2) or (t.key_major and t.value_splits != 1):
         raise ValueError(f"tuning.value_splits must be 1 or 2 (1 with key_major), got {t.value_splits}")
     bv = block_v(kv_lora_rank) if t.key_major else _pow2(kv_lora_rank) // t.value_splits
@@ -263,19 +270,23 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         lse = torch.empty(rows, heads, k, dtype=torch.float32, device=q.device)
     bt = block_table if paged else ctx_lens
     kernel, extra = (_mla_decode_partial_km, {}) if t.key_major else (_mla_decode_partial, {"VSPLIT": t.value_splits})
-    pdl = k > 1 and t.pdl and pdl_supported(q.device, runs_interpreted())
+    pdl = k > 1 and t.pdl and not t.wgmma and pdl_supported(q.device, runs_interpreted())
     if pdl:
         extra["TRIGGER"] = True
-    kernel[(head_programs, rows, k)](
-        q, kv, *descs, bt, ctx_lens, o_part, lse,
-        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), bt.stride(0),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        rows // batch, heads, k, max_len, sm_scale * 1.4426950408889634,
-        C=kv_lora_rank, DR=dr, PAGE=kv.shape[1] if paged else 1, PAGED=paged,
-        PAGE_TILE=paged and kv.shape[1] % t.block_n == 0, TMA=t.tma, FINAL=k == 1,
-        BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_V=bv, BLOCK_R=_pow2(dr),
-        num_warps=t.num_warps, num_stages=t.num_stages, **extra,
-    )
+    if t.wgmma:
+        mla_decode_wgmma.launch_partial(q, kv, bt, ctx_lens, o_part, lse, kv_lora_rank, rows // batch, k, max_len,
+                                        sm_scale * 1.4426950408889634, paged)
+    else:
+        kernel[(head_programs, rows, k)](
+            q, kv, *descs, bt, ctx_lens, o_part, lse,
+            q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), bt.stride(0),
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+            rows // batch, heads, k, max_len, sm_scale * 1.4426950408889634,
+            C=kv_lora_rank, DR=dr, PAGE=kv.shape[1] if paged else 1, PAGED=paged,
+            PAGE_TILE=paged and kv.shape[1] % t.block_n == 0, TMA=t.tma, FINAL=k == 1,
+            BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_V=bv, BLOCK_R=_pow2(dr),
+            num_warps=t.num_warps, num_stages=t.num_stages, **extra,
+        )
     if k > 1:
         bh, bc, kc = reduce_blocks(rows, heads, kv_lora_rank, k, device_sms(q.device), t)
         _mla_decode_reduce[(triton.cdiv(heads, bh), rows, triton.cdiv(kv_lora_rank, bc))](

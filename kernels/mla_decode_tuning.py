@@ -30,7 +30,9 @@ class DecodeTuning:
     float32 (the lse stays float32); pdl: the split reduction is launched with programmatic dependent launch
     (Hopper and later; mla_decode ignores it elsewhere): stage 1 lets it in as its programs start, so the
     reduction's programs are placed while stage 1 runs and wait on the GPU (griddepcontrol) for its end,
-    instead of the launch gap between two kernels."""
+    instead of the launch gap between two kernels. wgmma: stage 1 is the Gluon Hopper kernel
+    (kernels/mla_decode_wgmma.py: 64 heads x all value columns a program, each tile scored once by two
+    warpgroups; block_h and block_n must be 64, the other tile fields do not apply)."""
 
     block_h: int = 64
     block_n: int = 64
@@ -45,22 +47,29 @@ class DecodeTuning:
     paged_ctas_per_sm: int = 0
     input_dtype_partials: bool = False
     pdl: bool = False
+    wgmma: bool = False
 
 
+WGMMA = DecodeTuning(block_h=64, block_n=64, num_warps=8, wgmma=True)
 MAX_SPLITS = 256      # pick_splits' largest K
 PROGRAM_TILES = 2.0   # a stage-1 program's fixed cost (query load, partial store), in tiles
 REDUCE_TILES = 2.0    # the reduction launch's fixed cost, in tiles
 SMALL_ROWS = 16       # default_tuning: at most this many query rows count as few (measured B = 1-16)
 
 
-def default_tuning(num_heads: int, rows: int | None = None) -> DecodeTuning:
+def default_tuning(num_heads: int, rows: int | None = None, wgmma: bool = False) -> DecodeTuning:
     """Measured on H200 (bench/results/mla_notes.md): 16-head shards are memory-bound and want two
     small programs per SM (four on a paged cache), or for a single query row one key-major program
     over 64-row tiles; 128 heads are compute-bound and want 128-head programs over value halves
     with TMA tile loads, except for few rows (<= SMALL_ROWS query rows), where 64-head, 4-warp programs
     over 64-row tiles ran 7-25% faster (B = 1-16). mla_decode falls back to plain loads where TMA cannot.
     16 heads launch the split reduction with PDL (0.7 us less at one row and 4k context, no change at 16k or
-    many rows; 1.6 us more with 128 heads at one row: run 101 in bench/results/mla_notes.md)."""
+    many rows; 1.6 us more with 128 heads at one row: run 101 in bench/results/mla_notes.md).
+    wgmma: the Gluon stage 1 can run here (mla_decode asks kernels/mla_decode_wgmma.unsupported); it then
+    serves every head count that is a multiple of 64: 1.7x the tl.dot kernels at 128 heads and B = 32-128, 1.15x
+    at one row and 16k, 1.4-1.5x at B = 4-8, even at one row and 4k (runs 125-126 in mla_notes.md)."""
+    if wgmma and num_heads % 64 == 0:
+        return WGMMA
     if num_heads <= 16 and rows == 1:   # one query row: key-major 64-row tiles, 4% faster at 16k (0 at 4k)
         return DecodeTuning(block_h=16, block_n=64, value_splits=1, num_warps=4, num_stages=2, key_major=True,
                             pdl=True)

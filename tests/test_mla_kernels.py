@@ -249,3 +249,23 @@ def test_wrapper_errors():
         mla_prefill(qn, qp, kn, kp, v, pos.long(), 1.0)
     with pytest.raises(TypeError, match="v must be"):
         mla_prefill(qn, qp, kn, kp, v.double(), pos, 1.0)
+
+
+def test_wgmma_tuning_off_the_gpu():
+    """The Gluon wgmma stage 1 runs on compute-capability 9.0 GPUs only: here the default keeps the Triton kernels
+    (every head count, the same result as asking for them), and asking for it names what it needs; the GPU side is
+    tests/gpu/test_mla_wgmma_gpu.py."""
+    from nanomoe_kernels import mla_decode_wgmma
+    from nanomoe_kernels.mla_decode_tuning import WGMMA, default_tuning
+
+    assert default_tuning(128, 1, wgmma=True) == WGMMA and default_tuning(64, 32, wgmma=True) == WGMMA
+    assert not default_tuning(16, 1, wgmma=True).wgmma and not default_tuning(128, 1).wgmma
+    q, kv = torch.zeros(1, 64, 48), torch.zeros(1, 64, 48)
+    assert "9.0" in mla_decode_wgmma.unsupported(q, kv, 32, interpreted=True)
+    lens = torch.full((1,), 64, dtype=torch.int32)
+    with pytest.raises(ValueError, match="9.0"):
+        mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(wgmma=True))
+    with pytest.raises(ValueError, match="block_h = block_n = 64"):
+        mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(block_h=16, wgmma=True))
+    decode_case(torch.float32, B=1, S=1, N=64, C=32, DR=16, L=64, ctx=[50], splits=2, tuning=None, paged=False,
+                seed=4)

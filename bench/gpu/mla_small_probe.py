@@ -1,7 +1,7 @@
 """Few-row and paged MLA decode on one GPU: tunings A/B in interleaved rounds, and where a call's time goes.
 
     python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row | --partials
-    | --partials-one-row | --pdl]
+    | --partials-one-row | --pdl | --wgmma | --wgmma-splits]
 
 For each shape (heads, rows, context; paged cache of 64-row pages unless marked contiguous) every variant
 (a tuning and split count, or the library default) is checked against the default's output, then timed as
@@ -73,6 +73,26 @@ PDL = [  # --pdl: each shape's default tuning with the reduction launched with a
                   (128, 32, 16384, False))
 ]
 
+WG = DecodeTuning(wgmma=True)
+WGMMA = [  # --wgmma: the Gluon stage 1 (the default on sm_90) against the Triton kernels' default ("tl"), split counts
+    ((128, 1, 16384, True), {"default": (None, None), "tl": ("tl", None), "wg_k16": (WG, 16), "wg_k32": (WG, 32),
+                             "wg_k128": (WG, 128)}),
+    ((128, 1, 4096, True), {"default": (None, None), "tl": ("tl", None), "wg_k16": (WG, 16), "wg_k32": (WG, 32)}),
+    ((128, 4, 16384, True), {"default": (None, None), "tl": ("tl", None), "wg_k8": (WG, 8), "wg_k16": (WG, 16),
+                             "wg_k32": (WG, 32)}),
+    ((128, 32, 16384, False), {"default": (None, None), "tl": ("tl", None), "wg_k1": (WG, 1), "wg_k4": (WG, 4)}),
+    ((128, 32, 16384, True), {"default": (None, None), "tl": ("tl", None)}),
+    ((128, 128, 4096, True), {"default": (None, None), "tl": ("tl", None)}),
+    ((64, 8, 16384, True), {"default": (None, None), "tl": ("tl", None)}),
+]
+WG_BF16 = DecodeTuning(wgmma=True, input_dtype_partials=True)
+WGMMA_SPLITS = [  # --wgmma-splits: few rows, the wgmma stage 1's split count around the default, bf16 partials
+    ((128, 1, 16384, True), {"default": (None, None), "wg_k48": (WG, 48), "wg_k96": (WG, 96),
+                             "wg_bf16": (WG_BF16, None), "wg_bf16_k128": (WG_BF16, 128)}),
+    ((128, 4, 16384, True), {"default": (None, None), "wg_k12": (WG, 12), "wg_k24": (WG, 24),
+                             "wg_bf16": (WG_BF16, None)}),
+]
+
 
 def make(heads: int, rows: int, ctx: int, paged: bool):
     g = torch.Generator(device="cuda").manual_seed(heads * 1000 + rows)
@@ -120,13 +140,16 @@ def main() -> None:
     ap.add_argument("--partials", action="store_true", help="float32 against bf16 split partials instead")
     ap.add_argument("--partials-one-row", action="store_true", help="bf16 partials' reduction blocks, one row")
     ap.add_argument("--pdl", action="store_true", help="the reduction with and without PDL instead")
+    ap.add_argument("--wgmma", action="store_true", help="the Gluon wgmma stage 1 against the Triton kernels instead")
+    ap.add_argument("--wgmma-splits", action="store_true", help="the wgmma stage 1's split counts, bf16 partials")
     args = ap.parse_args()
     x = torch.zeros(1, device="cuda")
     floor = capture_graph(lambda: x.add_(1).mul_(1))     # two one-element kernels: what any 2-kernel replay costs
     floor_us = triton.testing.do_bench(floor.replay, warmup=5, rep=args.rep_ms, return_mode="median") * 1e3
     print(f"two-kernel graph replay: {floor_us:.2f} us", flush=True)
     results = [{"two_kernel_graph_us": round(floor_us, 2)}]
-    cases = (PDL if args.pdl else PARTIALS_ONE_ROW if args.partials_one_row
+    cases = (WGMMA_SPLITS if args.wgmma_splits else WGMMA if args.wgmma
+             else PDL if args.pdl else PARTIALS_ONE_ROW if args.partials_one_row
              else PARTIALS if args.partials else ONE_ROW if args.one_row else SHAPES)
     for (heads, rows, ctx, paged), variants in cases:
         q, kv, lens, table = make(heads, rows, ctx, paged)
@@ -135,6 +158,8 @@ def main() -> None:
         for name, (tuning, splits) in variants.items():
             if tuning == "input_dtype_partials":  # the default tuning of this shape with bf16 partials
                 tuning = replace(default_tuning(heads, rows), input_dtype_partials=True)
+            elif tuning == "tl":      # what the default was before the wgmma kernel
+                tuning = default_tuning(heads, rows)
             elif tuning in ("pdl_on", "pdl_off"):
                 tuning = replace(default_tuning(heads, rows), pdl=tuning == "pdl_on")
             def fn(tuning=tuning, splits=splits, q=q, kv=kv, lens=lens, table=table):
@@ -154,7 +179,7 @@ def main() -> None:
             if v["us"]:
                 v["median_us"] = round(statistics.median(v["us"]), 2)
         rec["kernels"] = {name: kernel_times(graphs[name])
-                          for name in ("default", "no_pdl", "km_plain", "bf16_partials", "bf16_red1x32",
+                          for name in ("default", "tl", "no_pdl", "km_plain", "bf16_partials", "bf16_red1x32",
                                        "bf16_red1x64")
                           if name in graphs}
         results.append(rec)

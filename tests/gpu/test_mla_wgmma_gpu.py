@@ -1,0 +1,104 @@
+"""The Gluon wgmma MLA decode stage 1 (kernels/mla_decode_wgmma.py) on a compute-capability 9.0 GPU.
+
+Dimension legend: B sequences, S query rows per sequence, R = B * S rows, N heads, C latent (512), Dr rope
+(64), Dc = 576, L cache capacity, G page size. Marked `gpu`; skipped without an sm_90 GPU. Cache rows past each
+sequence's context hold NaN, so a read of a row the kernel must not use shows up in the output.
+"""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")]
+C, DR, SCALE = 512, 64, 0.1352
+
+
+def _case(heads: int, dtype: torch.dtype, seed: int, lens: list[int], per_seq: int = 2, cap: int = 4224):
+    """q [R, N, Dc], cache [B, L, Dc] (NaN past each sequence's longest row), ctx [R], the float64 answer."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    b = len(lens) // per_seq
+    kv = torch.randn(b, cap, C + DR, device="cuda", generator=g).to(dtype)
+    q = torch.randn(b * per_seq, heads, C + DR, device="cuda", generator=g).to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    for s in range(b):
+        kv[s, max(lens[s * per_seq:(s + 1) * per_seq]):] = float("nan")
+    return q, kv, ctx, _want(q, kv, ctx, per_seq)
+
+
+def _want(q: torch.Tensor, kv: torch.Tensor, ctx: torch.Tensor, per_seq: int) -> torch.Tensor:
+    """float64 softmax(q . k) . v over each row's first ctx cache rows."""
+    rows_kv = kv.nan_to_num(0.0).double().repeat_interleave(per_seq, 0)
+    s = torch.einsum("rnd,rld->rnl", q.double(), rows_kv) * SCALE
+    seen = torch.arange(kv.shape[1], device="cuda")[None, None, :] < ctx[:, None, None]
+    p = torch.softmax(s.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("rnl,rlc->rnc", p, rows_kv[..., :C])
+
+
+def _paged(kv: torch.Tensor, page: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, cap, dc = kv.shape
+    perm = torch.randperm(b * cap // page, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
+    pages = torch.empty(b * cap // page, page, dc, dtype=kv.dtype, device="cuda")
+    pages[perm] = kv.reshape(-1, page, dc)
+    return pages, perm.reshape(b, cap // page).int()
+
+
+def _check(out: torch.Tensor, want: torch.Tensor, ctx: torch.Tensor) -> None:
+    live = ctx > 0
+    assert torch.isfinite(out).all(), "output holds NaN/Inf: a cache row past the context was read"
+    assert float((out[live].double() - want[live]).norm() / want[live].norm()) < 2e-2
+    assert (out[~live] == 0).all()
+
+
+@pytest.mark.parametrize("heads", [64, 128])
+@pytest.mark.parametrize("page", [0, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_wgmma(heads, page, dtype):
+    """Rows of length 0, 1 (a lone ragged tile), 63, 64 (one full tile), 1000 and the whole capacity, two query
+    rows per sequence; split counts: the default, 1 (the final output straight from stage 1), 7, and 100
+    (more splits than tiles: empty splits). Against float64 and next to the Triton tl.dot stage 1."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+
+    q, kv, ctx, want = _case(heads, dtype, heads + page, [0, 1, 63, 64, 1000, 4224])
+    cache, table = _paged(kv, page, page) if page else (kv, None)
+    wg = DecodeTuning(wgmma=True)
+    for splits in (None, 1, 7, 100):
+        out = mla_decode(q, cache, ctx, C, SCALE, block_table=table, num_splits=splits, tuning=wg)
+        _check(out, want, ctx)
+    tl_out = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=DecodeTuning(64, 64, num_warps=8))
+    live = ctx > 0
+    assert float((out[live].double() - tl_out[live].double()).norm() / tl_out[live].double().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_wgmma_default_16k(batch):
+    """128 heads at L = 16k, paged (the one-row latency case and a few rows): the default tuning is the wgmma
+    kernel on sm_90 (the same bits as asking for it), right against float64; then captured in a CUDA graph and
+    replayed after the query and the lengths change (within each sequence's written rows)."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+
+    lens = [16384, 9000, 77, 0][:batch]
+    q, kv, ctx, want = _case(128, torch.bfloat16, 11 + batch, lens, per_seq=1, cap=16384)
+    cache, table = _paged(kv, 64, batch)
+    out = mla_decode(q, cache, ctx, C, SCALE, block_table=table)
+    assert torch.equal(out, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=DecodeTuning(wgmma=True)))
+    _check(out, want, ctx)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mla_decode(q, cache, ctx, C, SCALE, block_table=table)
+    q.copy_(torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)).bfloat16())
+    ctx.copy_(torch.tensor([5000, 8999, 1, 0][:batch], dtype=torch.int32, device="cuda"))
+    graph.replay()
+    assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table))
+    _check(captured, _want(q, kv, ctx, 1), ctx)
+
+
+def test_decode_wgmma_refuses_clearly():
+    """Head counts that are not a multiple of 64 and float32 name what the kernel needs."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+
+    q, kv, ctx, _ = _case(16, torch.bfloat16, 3, [10, 20], per_seq=1, cap=256)
+    with pytest.raises(ValueError, match="heads % 64"):
+        mla_decode(q, kv, ctx, C, SCALE, tuning=DecodeTuning(wgmma=True))
+    q, kv, ctx, _ = _case(64, torch.float32, 3, [10, 20], per_seq=1, cap=256)
+    with pytest.raises(ValueError, match="bfloat16/float16"):
+        mla_decode(q, kv, ctx, C, SCALE, tuning=DecodeTuning(wgmma=True))
