@@ -19,13 +19,16 @@ ANCHORS = {(128, 32, 16384): (2069, 946), (128, 128, 4096): (2400, 984), (128, 6
            (16, 32, 16384): (333, 379), (16, 128, 16384): (1255, 1415), (16, 64, 32768): (1247, 1418)}
 DT = DecodeTuning
 DECODE_TUNINGS = {128: [DT(128, 32, 2, 8, 2), DT(128, 32, 2, 8, 2, tma=True), DT(128, 32, 2, 8, 3),
-                        DT(128, 32, 2, 8, 3, tma=True), DT(64, 64, 1, 8, 2), DT(wgmma=True)],
+                        DT(128, 32, 2, 8, 3, tma=True), DT(64, 64, 1, 8, 2), DT(wgmma=True),
+                        DT(wgmma=True, warp_specialize=True)],
                   16: [DT(16, 32, 1, 4, 3, ctas_per_sm=2), DT(16, 32, 1, 4, 4, ctas_per_sm=2),
                        DT(16, 64, 1, 8, 2, ctas_per_sm=2), DT(16, 128, 1, 8, 2),
                        DT(64, 32, 1, 8, 2, tma=True)]}
 PREFILL_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]   # first = the default
-# DT(wgmma=True): the Gluon stage 1 (kernels/mla_decode_wgmma.py; sm_90 only, a tuning that cannot run is reported)
-SMALL_TUNINGS = {128: [DT(64, 64, 2, 4, 2, tma=True), DT(64, 32, 2, 4, 2, tma=True), DT(wgmma=True)],
+# DT(wgmma=True[, warp_specialize=True]): the Gluon stage 1 (kernels/mla_decode_wgmma*.py; sm_90 only; a tuning
+# that cannot run here is reported, not timed)
+SMALL_TUNINGS = {128: [DT(64, 64, 2, 4, 2, tma=True), DT(64, 32, 2, 4, 2, tma=True), DT(wgmma=True),
+                       DT(wgmma=True, warp_specialize=True)],
                  16: [DT(16, 64, 1, 4, 2, ctas_per_sm=2), DT(16, 32, 2, 4, 3, ctas_per_sm=2)]}
 SPLITS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
 # key-major stage 1 (kernels/mla_decode_keymajor.py): 32-head programs for 128 heads (a 64-head one spills);

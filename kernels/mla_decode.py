@@ -13,7 +13,8 @@ normalised output; otherwise a partial output and its base-2 log-sum-exp, which 
 (`_mla_decode_reduce`, grid over head blocks x rows x value-column blocks, so one row still spreads
 over the SMs) merges. A paged tile whose BN divides G reads one page id; smaller pages, one per row.
 Row lengths are read on the device: no host sync. On sm_90 with heads a multiple of 64, stage 1 is the Gluon
-kernel of kernels/mla_decode_wgmma.py instead (DecodeTuning.wgmma; the same partials, the same stage 2).
+kernel of kernels/mla_decode_wgmma.py instead, or its warp-specialised form (kernels/mla_decode_wgmma_ws.py, the
+default on Triton >= 3.6): DecodeTuning.wgmma / warp_specialize; the same partials, the same stage 2.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import replace
 import torch
 import triton
 import triton.language as tl
-from nanomoe_kernels import mla_decode_wgmma
+from nanomoe_kernels import mla_decode_wgmma, mla_decode_wgmma_ws
 from nanomoe_kernels.mla_decode_keymajor import _mla_decode_partial_km, block_v
 from nanomoe_kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the wrapper's tuning API)
     DecodeTuning,
@@ -253,6 +254,8 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         raise ValueError(f"tuning.wgmma needs block_h = block_n = 64, value_splits 1, key_major off, got {t}")
     if t.wgmma and wgmma_why:
         raise ValueError(wgmma_why)
+    if t.warp_specialize and not (t.wgmma and mla_decode_wgmma_ws.supported_triton()):
+        raise ValueError("tuning.warp_specialize needs tuning.wgmma and Triton >= 3.6 (Gluon's warp_specialize)")
     if t.value_splits not in (1, 2) or (t.key_major and t.value_splits != 1):
         raise ValueError(f"tuning.value_splits must be 1 or 2 (1 with key_major), got {t.value_splits}")
     bv = block_v(kv_lora_rank) if t.key_major else _pow2(kv_lora_rank) // t.value_splits
@@ -274,8 +277,9 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     if pdl:
         extra["TRIGGER"] = True
     if t.wgmma:
-        mla_decode_wgmma.launch_partial(q, kv, bt, ctx_lens, o_part, lse, kv_lora_rank, rows // batch, k, max_len,
-                                        sm_scale * 1.4426950408889634, paged)
+        launch = mla_decode_wgmma_ws.launch_partial if t.warp_specialize else mla_decode_wgmma.launch_partial
+        launch(q, kv, bt, ctx_lens, o_part, lse, kv_lora_rank, rows // batch, k, max_len,
+               sm_scale * 1.4426950408889634, paged)
     else:
         kernel[(head_programs, rows, k)](
             q, kv, *descs, bt, ctx_lens, o_part, lse,

@@ -32,7 +32,9 @@ class DecodeTuning:
     reduction's programs are placed while stage 1 runs and wait on the GPU (griddepcontrol) for its end,
     instead of the launch gap between two kernels. wgmma: stage 1 is the Gluon Hopper kernel
     (kernels/mla_decode_wgmma.py: 64 heads x all value columns a program, each tile scored once by two
-    warpgroups; block_h and block_n must be 64, the other tile fields do not apply)."""
+    warpgroups; block_h and block_n must be 64, the other tile fields do not apply); warp_specialize (with
+    wgmma, Triton >= 3.6): its warp-specialised form (kernels/mla_decode_wgmma_ws.py: a TMA warp, one warpgroup
+    scoring, one accumulating)."""
 
     block_h: int = 64
     block_n: int = 64
@@ -48,9 +50,13 @@ class DecodeTuning:
     input_dtype_partials: bool = False
     pdl: bool = False
     wgmma: bool = False
+    warp_specialize: bool = False
 
 
-WGMMA = DecodeTuning(block_h=64, block_n=64, num_warps=8, wgmma=True)
+# the warp-specialised form where Gluon has list-form warp_specialize (Triton >= 3.6): 1.3x the plain one at
+# B >= 32, 1.16x at B = 4, 1.06x at one row (run 128 in bench/results/mla_notes.md)
+_WS = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
+WGMMA = DecodeTuning(block_h=64, block_n=64, num_warps=8, wgmma=True, warp_specialize=_WS)
 MAX_SPLITS = 256      # pick_splits' largest K
 PROGRAM_TILES = 2.0   # a stage-1 program's fixed cost (query load, partial store), in tiles
 REDUCE_TILES = 2.0    # the reduction launch's fixed cost, in tiles
@@ -66,8 +72,9 @@ def default_tuning(num_heads: int, rows: int | None = None, wgmma: bool = False)
     16 heads launch the split reduction with PDL (0.7 us less at one row and 4k context, no change at 16k or
     many rows; 1.6 us more with 128 heads at one row: run 101 in bench/results/mla_notes.md).
     wgmma: the Gluon stage 1 can run here (mla_decode asks kernels/mla_decode_wgmma.unsupported); it then
-    serves every head count that is a multiple of 64: 1.7x the tl.dot kernels at 128 heads and B = 32-128, 1.15x
-    at one row and 16k, 1.4-1.5x at B = 4-8, even at one row and 4k (runs 125-126 in mla_notes.md)."""
+    serves every head count that is a multiple of 64 (WGMMA: warp-specialised where Triton allows): 2.2x the
+    tl.dot kernels at 128 heads and B = 32-128, 1.2x at one row and 16k, 1.5-1.7x at B = 4-8 (run 128 in
+    bench/results/mla_notes.md)."""
     if wgmma and num_heads % 64 == 0:
         return WGMMA
     if num_heads <= 16 and rows == 1:   # one query row: key-major 64-row tiles, 4% faster at 16k (0 at 4k)

@@ -18,7 +18,9 @@ the warps by hand. One program of 8 warps (two warpgroups) owns 64 heads and all
 Q (73.7 KB) stays in shared memory; cache tiles (73.7 KB each) come by TMA through a two-stage ring of
 mbarriers, so tile i + 1 lands while tile i computes; the row's ragged last tile is loaded with masked loads
 (rows past the context read as 0, never stale cache contents) into the freed first stage. Output: the same
-partials and base-2 lse as kernels/mla_decode.py's stage 1 (its split reduction merges them).
+partials and base-2 lse as kernels/mla_decode.py's stage 1 (its split reduction merges them). Its
+warp-specialised form, kernels/mla_decode_wgmma_ws.py, is faster (1.3x at B >= 32) and the default where Triton
+has Gluon's list-form warp_specialize (>= 3.6).
 Needs: sm_90 (wgmma), bfloat16/float16, N % 64 == 0, C % 32 == 0 with CH <= 256, Dr % 16 == 0 <= 256, and a
 cache whose pages (or capacity) are multiples of 64 rows; `unsupported` says why not.
 """

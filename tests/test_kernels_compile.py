@@ -138,6 +138,40 @@ def _mla_cases() -> list:
              dict(dims, TMA=False, BLOCK_H=16, lat_desc=None, pe_desc=None))]
 
 
+def _gluon_mla_cases() -> list:
+    """The Gluon MLA decode stage 1 (kernels/mla_decode_wgmma*.py) at V3 dims: plain and warp-specialised, paged
+    and contiguous; signatures taken from real host descriptors over CPU tensors."""
+    import torch
+    from nanomoe_kernels import mla_decode_wgmma as wg
+    from nanomoe_kernels import mla_decode_wgmma_ws as ws
+
+    if wg.gluon is None or not ws.supported_triton():   # no Gluon here: nothing of these kernels can build
+        return []
+    q, kv = torch.zeros(2, 128, 576, dtype=torch.bfloat16), torch.zeros(64, 64, 576, dtype=torch.bfloat16)
+    bt, lens, part = torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), torch.zeros(1)
+    descs = list(wg.descriptors(q, kv, 512))
+    tail = [1] * 6 + [1, 128, 4, 4096, 0.5]
+    out = []
+    for paged in (True, False):
+        page = dict(PAGE=64 if paged else 1, PAGED=paged, FINAL=False)
+        out += [(f"mla_decode_wgmma[paged {paged}]", wg._mla_decode_partial_wgmma,
+                 descs + [kv, bt, lens, part, part] + [1] * 2 + tail, dict(page, C=512, DR=64, num_warps=8), {}),
+                (f"mla_decode_wgmma_ws[paged {paged}]", ws._mla_decode_partial_ws,
+                 descs + [bt, lens, part, part] + tail, dict(page, num_warps=4), {"maxnreg": 168})]
+    return out
+
+
+def _compile_gluon(fn, args: list, consts: dict, options: dict) -> None:
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    names = fn.arg_names
+    signature = {n: mangle_type(a) for n, a in zip(names, args)} | {k: "constexpr" for k in consts}
+    src = GluonASTSource(fn, signature, {(names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": consts["num_warps"], **options})
+
+
 def compile_all() -> list[str]:
     """Compile every case; the failures as 'name: error' lines. Needs the real compiler (no interpreter)."""
     failures = []
@@ -145,6 +179,11 @@ def compile_all() -> list[str]:
         try:
             _compile(fn, types, consts)
         except Exception as err:  # noqa: BLE001 - every failing kernel is reported, not just the first
+            failures.append(f"{name}: {type(err).__name__}: {err}")
+    for name, fn, args, consts, options in _gluon_mla_cases():
+        try:
+            _compile_gluon(fn, args, consts, options)
+        except Exception as err:  # noqa: BLE001
             failures.append(f"{name}: {type(err).__name__}: {err}")
     return failures
 
@@ -165,5 +204,5 @@ def test_nvlink_kernels_compile_for_sm90():
 
 if __name__ == "__main__":
     bad = compile_all()
-    print("\n".join(bad) if bad else f"compiled {len(_cases())} kernels for sm_90")
+    print("\n".join(bad) if bad else f"compiled {len(_cases()) + len(_gluon_mla_cases())} kernels for sm_90")
     sys.exit(1 if bad else 0)

@@ -74,16 +74,20 @@ PDL = [  # --pdl: each shape's default tuning with the reduction launched with a
 ]
 
 WG = DecodeTuning(wgmma=True)
-WGMMA = [  # --wgmma: the Gluon stage 1 (the default on sm_90) against the Triton kernels' default ("tl"), split counts
+WS = DecodeTuning(wgmma=True, warp_specialize=True)
+WGMMA = [  # --wgmma: the Gluon stage 1 (the default on sm_90, warp-specialised) against its plain form ("wg") and the
+    # Triton kernels' default ("tl"), split counts
     ((128, 1, 16384, True), {"default": (None, None), "tl": ("tl", None), "wg_k16": (WG, 16), "wg_k32": (WG, 32),
-                             "wg_k128": (WG, 128)}),
-    ((128, 1, 4096, True), {"default": (None, None), "tl": ("tl", None), "wg_k16": (WG, 16), "wg_k32": (WG, 32)}),
+                             "wg_k128": (WG, 128), "wg": (WG, None), "ws_k32": (WS, 32), "ws_k128": (WS, 128)}),
+    ((128, 1, 4096, True), {"default": (None, None), "tl": ("tl", None), "wg_k16": (WG, 16), "wg_k32": (WG, 32),
+                            "wg": (WG, None)}),
     ((128, 4, 16384, True), {"default": (None, None), "tl": ("tl", None), "wg_k8": (WG, 8), "wg_k16": (WG, 16),
-                             "wg_k32": (WG, 32)}),
-    ((128, 32, 16384, False), {"default": (None, None), "tl": ("tl", None), "wg_k1": (WG, 1), "wg_k4": (WG, 4)}),
-    ((128, 32, 16384, True), {"default": (None, None), "tl": ("tl", None)}),
-    ((128, 128, 4096, True), {"default": (None, None), "tl": ("tl", None)}),
-    ((64, 8, 16384, True), {"default": (None, None), "tl": ("tl", None)}),
+                             "wg_k32": (WG, 32), "wg": (WG, None), "ws_k32": (WS, 32)}),
+    ((128, 32, 16384, False), {"default": (None, None), "tl": ("tl", None), "wg_k1": (WG, 1), "wg_k4": (WG, 4),
+                               "wg": (WG, None), "ws_k4": (WS, 4)}),
+    ((128, 32, 16384, True), {"default": (None, None), "tl": ("tl", None), "wg": (WG, None)}),
+    ((128, 128, 4096, True), {"default": (None, None), "tl": ("tl", None), "wg": (WG, None)}),
+    ((64, 8, 16384, True), {"default": (None, None), "tl": ("tl", None), "wg": (WG, None)}),
 ]
 WG_BF16 = DecodeTuning(wgmma=True, input_dtype_partials=True)
 WGMMA_SPLITS = [  # --wgmma-splits: few rows, the wgmma stage 1's split count around the default, bf16 partials
@@ -179,7 +183,7 @@ def main() -> None:
             if v["us"]:
                 v["median_us"] = round(statistics.median(v["us"]), 2)
         rec["kernels"] = {name: kernel_times(graphs[name])
-                          for name in ("default", "tl", "no_pdl", "km_plain", "bf16_partials", "bf16_red1x32",
+                          for name in ("default", "tl", "wg", "no_pdl", "km_plain", "bf16_partials", "bf16_red1x32",
                                        "bf16_red1x64")
                           if name in graphs}
         results.append(rec)

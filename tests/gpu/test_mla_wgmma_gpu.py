@@ -52,15 +52,17 @@ def _check(out: torch.Tensor, want: torch.Tensor, ctx: torch.Tensor) -> None:
 @pytest.mark.parametrize("heads", [64, 128])
 @pytest.mark.parametrize("page", [0, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_wgmma(heads, page, dtype):
+@pytest.mark.parametrize("ws", [False, True])
+def test_decode_wgmma(heads, page, dtype, ws):
     """Rows of length 0, 1 (a lone ragged tile), 63, 64 (one full tile), 1000 and the whole capacity, two query
     rows per sequence; split counts: the default, 1 (the final output straight from stage 1), 7, and 100
-    (more splits than tiles: empty splits). Against float64 and next to the Triton tl.dot stage 1."""
+    (more splits than tiles: empty splits). Against float64 and next to the Triton tl.dot stage 1. ws: the
+    warp-specialised form (kernels/mla_decode_wgmma_ws.py)."""
     from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
 
     q, kv, ctx, want = _case(heads, dtype, heads + page, [0, 1, 63, 64, 1000, 4224])
     cache, table = _paged(kv, page, page) if page else (kv, None)
-    wg = DecodeTuning(wgmma=True)
+    wg = DecodeTuning(wgmma=True, warp_specialize=ws)
     for splits in (None, 1, 7, 100):
         out = mla_decode(q, cache, ctx, C, SCALE, block_table=table, num_splits=splits, tuning=wg)
         _check(out, want, ctx)
@@ -72,15 +74,17 @@ def test_decode_wgmma(heads, page, dtype):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_wgmma_default_16k(batch):
     """128 heads at L = 16k, paged (the one-row latency case and a few rows): the default tuning is the wgmma
-    kernel on sm_90 (the same bits as asking for it), right against float64; then captured in a CUDA graph and
-    replayed after the query and the lengths change (within each sequence's written rows)."""
-    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+    kernel on sm_90 (warp-specialised on Triton >= 3.6; the same bits as asking for WGMMA), right against float64;
+    then captured in a CUDA graph and replayed after the query and the lengths change (within each sequence's
+    written rows)."""
+    from nanomoe_kernels.mla_decode import mla_decode
+    from nanomoe_kernels.mla_decode_tuning import WGMMA
 
     lens = [16384, 9000, 77, 0][:batch]
     q, kv, ctx, want = _case(128, torch.bfloat16, 11 + batch, lens, per_seq=1, cap=16384)
     cache, table = _paged(kv, 64, batch)
     out = mla_decode(q, cache, ctx, C, SCALE, block_table=table)
-    assert torch.equal(out, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=DecodeTuning(wgmma=True)))
+    assert torch.equal(out, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=WGMMA))
     _check(out, want, ctx)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -89,6 +93,25 @@ def test_decode_wgmma_default_16k(batch):
     ctx.copy_(torch.tensor([5000, 8999, 1, 0][:batch], dtype=torch.int32, device="cuda"))
     graph.replay()
     assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table))
+    _check(captured, _want(q, kv, ctx, 1), ctx)
+
+
+def test_decode_wgmma_ws_graph_16k():
+    """The warp-specialised form at 128 heads, L = 16k, paged, B = 4: against float64, then from a CUDA graph after
+    q and the lengths change, the same bits as eager."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+
+    ws = DecodeTuning(wgmma=True, warp_specialize=True)
+    q, kv, ctx, want = _case(128, torch.bfloat16, 21, [16384, 9000, 77, 0], per_seq=1, cap=16384)
+    cache, table = _paged(kv, 64, 4)
+    _check(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws), want, ctx)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws)
+    q.copy_(torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(6)).bfloat16())
+    ctx.copy_(torch.tensor([5000, 8999, 1, 0], dtype=torch.int32, device="cuda"))
+    graph.replay()
+    assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws))
     _check(captured, _want(q, kv, ctx, 1), ctx)
 
 

@@ -1,0 +1,227 @@
+"""MLA decode stage 1 for Hopper in Gluon, warp-specialised: one warpgroup scores, two accumulate.
+
+Dimension legend: BH = 64 heads per program, BN = 64 cache rows per tile, C = 512 latent (value) dims, CH = C / 2,
+Dr rope dims. Same inputs, outputs and limits as kernels/mla_decode_wgmma.py (whose `unsupported` and
+`descriptors` this uses); the difference is who does what:
+
+    load     (1 warp)    TMA of each cache tile into a two-stage ring (k_ready / k_free mbarriers)
+    score    (default,   scores [64, 64] = q . k^T over all 576 dims (the tile's keys in one wgmma N), the online
+              4 warps)   softmax inside the warpgroup (no cross-warpgroup reduction), p -> shared memory for the
+                         other warpgroup, then acc_lo [64, CH] += p . v_lo with p from registers
+    value    (4 warps)   acc_hi [64, CH] += p . v_hi with p from shared memory, rescaled by the tile's alpha
+
+While the value warpgroup runs tile i's p . v_hi, the score warpgroup already scores tile i + 1: the softmax no
+longer leaves the tensor cores idle. One p buffer: the score warpgroup writes tile i + 1's p after the value
+warpgroup has released tile i's (p_free). The ragged last tile also comes by TMA (its rows lie inside the
+sequence's page or capacity); the score warpgroup zeroes its value rows past the context before any p . v reads
+them, and masks their scores.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from nanomoe_kernels.mla_decode_wgmma import BH, descriptors, gluon
+
+if gluon is not None:
+    from nanomoe_kernels.mla_decode_wgmma import _tma_load
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    @gluon.jit
+    def _load_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
+                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr):
+        CH: gl.constexpr = kl_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = kl_desc.block_type.shape[0]
+        for i in range(n_tiles):
+            st = i % 2
+            mbarrier.wait(k_free.index(st), ((i // 2) & 1) ^ 1)      # fresh barriers pass phase 1
+            n0 = start + i * BLOCK_N
+            if PAGED:   # BN divides the page: the tile lies in one page
+                row0 = gl.load(bt_ptr + seq.to(gl.int64) * stride_bt + n0 // PAGE) * PAGE + n0 % PAGE
+            else:
+                row0 = seq * max_len + n0
+            bar = k_ready.index(st)
+            mbarrier.expect(bar, 2 * kl_desc.block_type.nbytes + kp_desc.block_type.nbytes)
+            _tma_load(kl_desc, [row0, 0], bar, k0.index(st))
+            _tma_load(kl_desc, [row0, CH], bar, k1.index(st))
+            _tma_load(kp_desc, [row0, 0], bar, kp.index(st))
+
+    @gluon.jit
+    def _value_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
+                         max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, p_smem, alpha_smem, l_smem, p_ready,
+                         p_free, done, o_ptr, o_off, stride_on):
+        CH: gl.constexpr = kl_desc.block_type.shape[1]
+        BLOCK_H: gl.constexpr = p_smem.type.shape[0]
+        O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, CH, 16])
+        ROWS: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+        acc = gl.zeros([BLOCK_H, CH], gl.float32, O_LAYOUT)
+        for i in range(n_tiles):
+            mbarrier.wait(p_ready, i & 1)
+            acc = acc * gl.expand_dims(alpha_smem.load(ROWS), 1)
+            acc = warpgroup_mma(p_smem, k1.index(i % 2), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(p_free, count=1)
+            mbarrier.arrive(k_free.index(i % 2), count=1)
+        mbarrier.wait(done, 0)
+        l_i = l_smem.load(ROWS)
+        inv = gl.expand_dims(1.0 / gl.where(l_i > 0, l_i, 1.0), 1)
+        offs_h = gl.arange(0, BLOCK_H, layout=ROWS)
+        offs_c = CH + gl.arange(0, CH, layout=gl.SliceLayout(0, O_LAYOUT))
+        gl.store(o_ptr + o_off + gl.expand_dims(offs_h, 1) * stride_on + gl.expand_dims(offs_c, 0),
+                 (acc * inv).to(o_ptr.dtype.element_ty))
+
+    @gluon.jit
+    def _zero_rows(buf, n0, end, num_warps: gl.constexpr):
+        """Rows n0 + r >= end of a [BN, W] shared tile set to 0 (their cache rows are past the context)."""
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        x = buf.load(ld)
+        offs_n = n0 + gl.arange(0, buf.type.shape[0], layout=gl.SliceLayout(1, ld))
+        buf.store(gl.where(gl.expand_dims(offs_n < end, 1), x, 0.0))
+
+    @gluon.jit
+    def _score_partition(q0, q1, qp, q_ready, k0, k1, kp, k_ready, k_free, p_smem, alpha_smem, l_smem, p_ready,
+                         p_free, done, start, end, n_tiles, scale_log2, o_ptr, o_off, stride_on, lse_ptr, l_off,
+                         stride_ln, FINAL: gl.constexpr, num_warps: gl.constexpr):
+        BLOCK_H: gl.constexpr = p_smem.type.shape[0]
+        BLOCK_N: gl.constexpr = p_smem.type.shape[1]
+        CH: gl.constexpr = k0.type.shape[2]
+        S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, CH, 16])
+        P_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, gl.SliceLayout(1, S_LAYOUT))
+        l_i = gl.full([BLOCK_H], 0.0, gl.float32, gl.SliceLayout(1, S_LAYOUT))
+        acc = gl.zeros([BLOCK_H, CH], gl.float32, O_LAYOUT)
+        mbarrier.wait(q_ready, 0)
+        for i in range(n_tiles):
+            st = i % 2
+            n0 = start + i * BLOCK_N
+            mbarrier.wait(k_ready.index(st), (i // 2) & 1)
+            ragged = n0 + BLOCK_N > end
+            if ragged:     # the last tile: rows past the context hold whatever the cache holds (even NaN)
+                _zero_rows(k0.index(st), n0, end, num_warps)
+                _zero_rows(k1.index(st), n0, end, num_warps)
+                fence_async_shared()
+            s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_LAYOUT)
+            s = warpgroup_mma(q0, k0.index(st).permute((1, 0)), s, use_acc=False, is_async=True)
+            s = warpgroup_mma(q1, k1.index(st).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma(qp, kp.index(st).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, )) * scale_log2
+            offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
+            s = gl.where(gl.expand_dims(offs_n < end, 0), s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            m_i = m_new
+            p16 = p.to(p_smem.dtype)
+            mbarrier.wait(p_free, (i & 1) ^ 1)        # the value warpgroup is done with the previous p
+            p_smem.store(p16)
+            alpha_smem.store(alpha)
+            fence_async_shared()
+            mbarrier.arrive(p_ready, count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), 1)
+            acc = warpgroup_mma(gl.convert_layout(p16, P_OPERAND), k0.index(st), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(k_free.index(st), count=1)
+        l_smem.store(l_i)
+        mbarrier.arrive(done, count=1)
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
+        inv = gl.expand_dims(1.0 / gl.where(l_o > 0, l_o, 1.0), 1)
+        offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, O_LAYOUT))
+        offs_c = gl.arange(0, CH, layout=gl.SliceLayout(0, O_LAYOUT))
+        gl.store(o_ptr + o_off + gl.expand_dims(offs_h, 1) * stride_on + gl.expand_dims(offs_c, 0),
+                 (acc * inv).to(o_ptr.dtype.element_ty))
+        if not FINAL:
+            lse = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            offs_hs = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, S_LAYOUT))
+            gl.store(lse_ptr + l_off + offs_hs * stride_ln, lse)
+
+    @gluon.jit
+    def _mla_decode_partial_ws(
+        ql_desc, qp_desc, kl_desc, kp_desc, bt_ptr, len_ptr, o_ptr, lse_ptr,
+        stride_bt, stride_or, stride_on, stride_ok, stride_lr, stride_ln,
+        S, N, SPLITS, max_len, scale_log2,
+        PAGE: gl.constexpr, PAGED: gl.constexpr, FINAL: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        BLOCK_H: gl.constexpr = ql_desc.block_type.shape[0]
+        CH: gl.constexpr = ql_desc.block_type.shape[1]
+        DR: gl.constexpr = qp_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = kl_desc.block_type.shape[0]
+        dtype: gl.constexpr = ql_desc.dtype
+        hblk = gl.program_id(0)
+        row = gl.program_id(1)
+        split = gl.program_id(2)
+        seq = row // S
+        ctx = gl.minimum(gl.load(len_ptr + row), max_len)
+        chunk = ((ctx + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        start = split * chunk
+        end = gl.minimum(start + chunk, ctx)
+        n_tiles = (gl.maximum(end - start, 0) + BLOCK_N - 1) // BLOCK_N
+
+        q0 = gl.allocate_shared_memory(dtype, [BLOCK_H, CH], ql_desc.layout)
+        q1 = gl.allocate_shared_memory(dtype, [BLOCK_H, CH], ql_desc.layout)
+        qp = gl.allocate_shared_memory(dtype, [BLOCK_H, DR], qp_desc.layout)
+        k0 = gl.allocate_shared_memory(dtype, [2, BLOCK_N, CH], kl_desc.layout)
+        k1 = gl.allocate_shared_memory(dtype, [2, BLOCK_N, CH], kl_desc.layout)
+        kp = gl.allocate_shared_memory(dtype, [2, BLOCK_N, DR], kp_desc.layout)
+        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], dtype))
+        vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        alpha_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
+        l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
+        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_free.index(i), count=2)      # the score and the value warpgroups
+        for i in gl.static_range(4):
+            mbarrier.init(bars.index(i), count=1)
+        q_ready, p_ready, p_free, done = bars.index(0), bars.index(1), bars.index(2), bars.index(3)
+
+        qrow = row * N + hblk * BLOCK_H
+        mbarrier.expect(q_ready, 2 * ql_desc.block_type.nbytes + qp_desc.block_type.nbytes)
+        _tma_load(ql_desc, [qrow, 0], q_ready, q0)
+        _tma_load(ql_desc, [qrow, CH], q_ready, q1)
+        _tma_load(qp_desc, [qrow, 0], q_ready, qp)
+
+        o_off = row.to(gl.int64) * stride_or + (hblk * BLOCK_H).to(gl.int64) * stride_on + split * stride_ok
+        l_off = row.to(gl.int64) * stride_lr + (hblk * BLOCK_H).to(gl.int64) * stride_ln + split
+        worker = (kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt, max_len,
+                  PAGE, PAGED)
+        gl.warp_specialize([
+            (_score_partition, (q0, q1, qp, q_ready, k0, k1, kp, k_ready, k_free, p_smem, alpha_smem, l_smem,
+                                p_ready, p_free, done, start, end, n_tiles, scale_log2, o_ptr, o_off, stride_on,
+                                lse_ptr, l_off, stride_ln, FINAL, num_warps)),
+            (_load_partition, worker),
+            (_value_partition, worker + (p_smem, alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off,
+                                         stride_on)),
+        ], [1, 4], [24, 232])
+
+
+def supported_triton() -> bool:
+    """Gluon's list-form warp_specialize (Triton >= 3.6; 3.5 took the partitions as separate arguments)."""
+    return gluon is not None and tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
+
+
+def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens: torch.Tensor,
+                   o_part: torch.Tensor, lse: torch.Tensor, c: int, rows_per_seq: int, splits: int, max_len: int,
+                   scale_log2: float, paged: bool) -> None:
+    """Stage 1 over grid (N / 64, R, K), as kernels/mla_decode_wgmma.launch_partial (same outputs)."""
+    q = q if q.is_contiguous() else q.contiguous()
+    heads = q.shape[1]
+    _mla_decode_partial_ws[(triton.cdiv(heads, BH), q.shape[0], splits)](
+        *descriptors(q, kv, c), bt, ctx_lens, o_part, lse,
+        bt.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        rows_per_seq, heads, splits, max_len, scale_log2,
+        PAGE=kv.shape[1] if paged else 1, PAGED=paged, FINAL=splits == 1, num_warps=4, maxnreg=168,
+    )
