@@ -125,3 +125,40 @@ def test_decode_wgmma_refuses_clearly():
     q, kv, ctx, _ = _case(64, torch.float32, 3, [10, 20], per_seq=1, cap=256)
     with pytest.raises(ValueError, match="bfloat16/float16"):
         mla_decode(q, kv, ctx, C, SCALE, tuning=DecodeTuning(wgmma=True))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_mla_block_v3_dims(paged):
+    """The whole MLA block at DeepSeek-V3's attention dims (128 heads, latent 512, rope 64) on the triton backend,
+    whose decode then runs the wgmma stage 1 by default: prefill 64 tokens, then two decode steps (contexts of 65
+    and 66 rows: a full tile and a ragged one), against reference.mla in float64."""
+    import nanomoe_reference.mla as ref
+
+    from nanomoe_fn.attention.cache import init_contiguous_cache, init_paged_cache
+    from nanomoe_fn.attention.config import MLAConfig
+    from nanomoe_fn.attention.mla import mla
+    from nanomoe_fn.attention.params import init_mla_params
+
+    cfg = MLAConfig.preset("deepseek-v3", page_size=64)
+    g = torch.Generator().manual_seed(3)
+    p = init_mla_params(cfg, torch.bfloat16, "cuda", generator=g)
+    lens, steps = [66, 9, 1], 64
+    x = torch.randn(3, 66, cfg.hidden_size, generator=g).bfloat16()
+    pos = torch.full((3, 66), -1, dtype=torch.int64)
+    for b, n in enumerate(lens):
+        pos[b, :n] = torch.arange(n)
+    want, _ = ref.mla(p, x.cuda(), lens, cfg)
+    if paged:
+        cache = init_paged_cache(3, 128, cfg.cache_dim, torch.bfloat16, "cuda", page_size=64, generator=g)
+    else:
+        cache = init_contiguous_cache(3, 128, cfg.cache_dim, torch.bfloat16, "cuda")
+    out, cache = mla(p, x[:, :steps].cuda(), pos[:, :steps].cuda(), cache, cfg, "triton")
+    outs = [out]
+    for s in range(steps, 66):
+        step = torch.minimum(torch.full((3, 1), s), (pos >= 0).sum(1, keepdim=True) - 1)
+        o, cache = mla(p, torch.gather(x, 1, step[:, :, None].expand(-1, -1, cfg.hidden_size)).cuda(),
+                       step.cuda(), cache, cfg, "triton", check=False)
+        outs.append(torch.where((pos[:, s:s + 1] >= 0)[:, :, None].cuda(), o, 0))
+    got = torch.cat(outs, 1).cpu()
+    assert torch.isfinite(got).all()
+    assert float((got.double() - want).norm() / want.norm()) < 2e-2
