@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanomoe_kernels.mla_decode import (  # noqa: E402
+    decode_tuning_for,
     default_splits,
-    default_tuning,
     mla_decode,
     tma_unsupported,
 )
@@ -162,13 +162,13 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
             base["sglang"] = best[0]
         except Exception as e:  # noqa: BLE001 (the peer is optional: record why it is missing)
             rows.append({"case": case, "variant": "sglang", "peer_skipped": f"{type(e).__name__}: {str(e)[:200]}"})
-    tun = default_tuning(heads, batch)
+    tun, tun_c = decode_tuning_for(q, pages, C), decode_tuning_for(q, kv, C)     # what the default calls run
     dev_t = torch.device(dev)
     k_def = default_splits(batch, heads, ctx, tun, dev_t, paged=True)
     cfg_info = {"tuning": tun.__dict__, "splits": k_def}
     add("triton", graph_us(lambda: mla_decode(q, pages, lens, C, scale, block_table=table), rep), config=cfg_info)
     add("triton_contiguous", graph_us(lambda: mla_decode(q, kv, lens, C, scale), rep),
-        config={"tuning": tun.__dict__, "splits": default_splits(batch, heads, ctx, tun, dev_t)})
+        config={"tuning": tun_c.__dict__, "splits": default_splits(batch, heads, ctx, tun_c, dev_t)})
     if not ((args.tune and anchor) or small):
         return rows
     pool = KEY_MAJOR_TUNINGS[heads] if args.candidates == "key_major" else (

@@ -215,6 +215,14 @@ def _descriptors(kv: torch.Tensor, c: int, dr: int, t: DecodeTuning, bv: int) ->
             TensorDescriptor(flat[:, c:], [flat.shape[0], dr], [flat.shape[1], 1], [t.block_n, br]))
 
 
+def decode_tuning_for(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int) -> DecodeTuning:
+    """The tuning mla_decode uses when given none: default_tuning for these heads and rows, with the Gluon wgmma
+    stage 1 where it can run and plain loads where TMA cannot (q [R, N, Dc], kv the cache as mla_decode takes it)."""
+    t = default_tuning(q.shape[1], q.shape[0],
+                       wgmma=not mla_decode_wgmma.unsupported(q, kv, kv_lora_rank, runs_interpreted()))
+    return replace(t, tma=False) if t.tma and tma_unsupported(kv, kv_lora_rank, t) else t
+
+
 def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lora_rank: int, sm_scale: float,
                block_table: torch.Tensor | None = None, num_splits: int | None = None,
                tuning: DecodeTuning | None = None) -> torch.Tensor:
@@ -246,13 +254,11 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(1) != 1):
         raise ValueError(f"block_table must be [B, M] int32 with unit inner stride, got {block_table.dtype}")
     max_len = block_table.shape[1] * kv.shape[1] if paged else kv.shape[1]
-    wgmma_why = mla_decode_wgmma.unsupported(q, kv, kv_lora_rank, runs_interpreted())
-    t = tuning or default_tuning(heads, rows, wgmma=not wgmma_why)
-    if tuning is None and t.tma and tma_unsupported(kv, kv_lora_rank, t):
-        t = replace(t, tma=False)                 # the default quietly uses plain loads instead
+    t = tuning or decode_tuning_for(q, kv, kv_lora_rank)
     if t.wgmma and (t.block_h, t.block_n, t.value_splits, t.key_major) != (64, 64, 1, False):
         raise ValueError(f"tuning.wgmma needs block_h = block_n = 64, value_splits 1, key_major off, got {t}")
-    if t.wgmma and wgmma_why:
+    wgmma_why = mla_decode_wgmma.unsupported(q, kv, kv_lora_rank, runs_interpreted()) if t.wgmma else ""
+    if wgmma_why:
         raise ValueError(wgmma_why)
     if t.warp_specialize and not (t.wgmma and mla_decode_wgmma_ws.supported_triton()):
         raise ValueError("tuning.warp_specialize needs tuning.wgmma and Triton >= 3.6 (Gluon's warp_specialize)")

@@ -53,10 +53,14 @@ class DecodeTuning:
     warp_specialize: bool = False
 
 
+def triton_at_least(major: int, minor: int) -> bool:
+    """Whether the installed Triton is major.minor or newer (the Gluon kernels' API moved between releases)."""
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (major, minor)
+
+
 # the warp-specialised form where Gluon has list-form warp_specialize (Triton >= 3.6): 1.3x the plain one at
-# B >= 32, 1.16x at B = 4, 1.06x at one row (run 128 in bench/results/mla_notes.md)
-_WS = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
-WGMMA = DecodeTuning(block_h=64, block_n=64, num_warps=8, wgmma=True, warp_specialize=_WS)
+# B >= 32, 1.16x at B = 4, 1.07x at one row (run 128 in bench/results/mla_notes.md)
+WGMMA = DecodeTuning(block_h=64, block_n=64, num_warps=8, wgmma=True, warp_specialize=triton_at_least(3, 6))
 MAX_SPLITS = 256      # pick_splits' largest K
 PROGRAM_TILES = 2.0   # a stage-1 program's fixed cost (query load, partial store), in tiles
 REDUCE_TILES = 2.0    # the reduction launch's fixed cost, in tiles

@@ -31,6 +31,7 @@ import functools
 
 import torch
 import triton
+from nanomoe_kernels.mla_decode_tuning import triton_at_least
 
 try:
     from triton.experimental import gluon
@@ -52,7 +53,7 @@ except ImportError:  # Triton without Gluon's Hopper API: `unsupported` says so,
 
 BH, BN, STAGES, WARPS = 64, 64, 2, 8
 # Ran on Triton 3.6 (the GPU machines); compiled for sm_90 with 3.5.1 and 3.7-3.9; 3.4's Gluon lacks get_default_for
-_TRITON_OK = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 5)
+_TRITON_OK = triton_at_least(3, 5)
 
 
 def unsupported(q: torch.Tensor, kv: torch.Tensor, c: int, interpreted: bool) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from nanomoe_kernels.mla_decode_tuning import triton_at_least
 from nanomoe_kernels.mla_decode_wgmma import BH, descriptors, gluon
 
 if gluon is not None:
@@ -210,7 +211,7 @@ if gluon is not None:
 
 def supported_triton() -> bool:
     """Gluon's list-form warp_specialize (Triton >= 3.6; 3.5 took the partitions as separate arguments)."""
-    return gluon is not None and tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
+    return gluon is not None and triton_at_least(3, 6)
 
 
 def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens: torch.Tensor,
