@@ -33,8 +33,8 @@ class DecodeTuning:
     instead of the launch gap between two kernels. wgmma: stage 1 is the Gluon Hopper kernel
     (kernels/mla_decode_wgmma.py: 64 heads x all value columns a program, each tile scored once by two
     warpgroups; block_h and block_n must be 64, the other tile fields do not apply); warp_specialize (with
-    wgmma, Triton >= 3.6): its warp-specialised form (kernels/mla_decode_wgmma_ws.py: a TMA warp, one warpgroup
-    scoring, one accumulating)."""
+    wgmma, Triton >= 3.6): its warp-specialised form (kernels/mla_decode_wgmma_ws.py: a TMA warp, one
+    warpgroup for the scores, the softmax and half the value columns, one for the other half)."""
 
     block_h: int = 64
     block_n: int = 64

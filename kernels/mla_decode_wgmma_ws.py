@@ -1,4 +1,4 @@
-"""MLA decode stage 1 for Hopper in Gluon, warp-specialised: one warpgroup scores, two accumulate.
+"""MLA decode stage 1 for Hopper in Gluon, warp-specialised: one warpgroup scores, both accumulate.
 
 Dimension legend: BH = 64 heads per program, BN = 64 cache rows per tile, C = 512 latent (value) dims, CH = C / 2,
 Dr rope dims. Same inputs, outputs and limits as kernels/mla_decode_wgmma.py (whose `unsupported` and
