@@ -257,7 +257,9 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     t = tuning or decode_tuning_for(q, kv, kv_lora_rank)
     if t.wgmma and (t.block_h, t.block_n, t.value_splits, t.key_major) != (64, 64, 1, False):
         raise ValueError(f"tuning.wgmma needs block_h = block_n = 64, value_splits 1, key_major off, got {t}")
-    wgmma_why = mla_decode_wgmma.unsupported(q, kv, kv_lora_rank, runs_interpreted()) if t.wgmma else ""
+    # the default picks wgmma only where it can run; an explicit tuning is checked here
+    wgmma_why = mla_decode_wgmma.unsupported(q, kv, kv_lora_rank, runs_interpreted()) if tuning is not None and t.wgmma \
+        else ""
     if wgmma_why:
         raise ValueError(wgmma_why)
     if t.warp_specialize and not (t.wgmma and mla_decode_wgmma_ws.supported_triton()):
