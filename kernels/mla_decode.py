@@ -258,8 +258,8 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     if t.wgmma and (t.block_h, t.block_n, t.value_splits, t.key_major) != (64, 64, 1, False):
         raise ValueError(f"tuning.wgmma needs block_h = block_n = 64, value_splits 1, key_major off, got {t}")
     # the default picks wgmma only where it can run; an explicit tuning is checked here
-    wgmma_why = mla_decode_wgmma.unsupported(q, kv, kv_lora_rank, runs_interpreted()) if tuning is not None and t.wgmma \
-        else ""
+    explicit_wgmma = tuning is not None and t.wgmma
+    wgmma_why = mla_decode_wgmma.unsupported(q, kv, kv_lora_rank, runs_interpreted()) if explicit_wgmma else ""
     if wgmma_why:
         raise ValueError(wgmma_why)
     if t.warp_specialize and not (t.wgmma and mla_decode_wgmma_ws.supported_triton()):
