@@ -18,13 +18,12 @@ GEMM ("linear"). Entry points by layout:
 - `fused_moe_masked(x [E, cap, H], counts [E]) -> [E, cap, H]`: decode's masked layout.
 Rows that no expert owns (past sum(counts), or past counts[e] in the masked layout) are not written.
 
-Block configs come from kernels/tuned/*.json, one file per (op, E, N, K, dtype, GPU name) with entries
-keyed by M; the nearest M (in log scale) wins. The directory is read once, when this module is imported
-(`TABLES`), so a forward only looks up a dict; a missing table borrows the nearest tuned expert count's at
-the same rows per expert, or falls back to `default_config` with a warning once per table name.
-`config=` overrides: a flat dict for every GEMM or {"up"/"down"/"linear":
-dict}; keys BLOCK_M/N/K, GROUP_M, num_warps, num_stages, USE_TMA (weights through TMA), SPLIT_M (pad
-experts to SPLIT_M rows and run the BLOCK_M blocks plus SPLIT_M-row tail blocks; 0 = pad to BLOCK_M).
+Block configs come from kernels/tuned/*.json, one file per (op, E, N, K, dtype, GPU name) with entries keyed by M;
+the nearest M (in log scale) wins. The directory is read once, when this module is imported (`TABLES`), so a
+forward only looks up a dict; a missing table borrows the nearest tuned expert count's at the same rows per
+expert, or falls back to `default_config` with a warning once per table name. `config=`: a flat dict for every
+GEMM or {"up"/"down"/"linear": dict}; keys BLOCK_M/N/K, GROUP_M, num_warps, num_stages, USE_TMA (weights by TMA),
+SPLIT_M (experts padded to SPLIT_M rows: BLOCK_M blocks + SPLIT_M-row tails; 0 = pad to BLOCK_M), WGMMA (Hopper).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from types import MappingProxyType
 
 import torch
 from nanomoe_kernels.checks import check_routing, check_values
-from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted
+from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted, wgmma_unsupported
 from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
 from nanomoe_kernels.moe_blocks import block_tables
 from nanomoe_kernels.moe_permute import permute_rows
@@ -211,7 +210,8 @@ def fused_moe_aligned(a: torch.Tensor, align: Alignment, weights: tuple[torch.Te
         return moe_gemm(a, w[0], out, align, first, gather_a=True, scatter_c=True, a_div=a_div,
                         row_weights=row_weights, tables=tables.get(first["BLOCK_M"]), a_index=a_index)
     inter = a.new_empty((align.sorted_ids.numel(), w[0].shape[1] // 2))
-    if first["PERMUTE_A"]:  # rows copied into aligned order first, so the up GEMM loads A tiles through TMA
+    # rows copied into aligned order first, so the up GEMM loads A tiles through TMA (as the wgmma kernel must)
+    if first["PERMUTE_A"] or not wgmma_unsupported(first, a, w[0], align, False, True):
         a_sorted, _ = permute_rows(a, align, a_div=a_div, a_index=a_index)
         moe_gemm(a_sorted, w[0], inter, align, {**first, "A_TMA": True}, gather_a=False, scatter_c=False,
                  swiglu=True, tables=tables.get(first["BLOCK_M"]))

@@ -161,6 +161,26 @@ def _gluon_mla_cases() -> list:
     return out
 
 
+def _gluon_moe_cases() -> list:
+    """The Gluon wgmma expert GEMM (kernels/fused_moe_wgmma.py) at V3 dims: the up GEMM (SwiGLU) and the down GEMM
+    (top-k weights, scattered rows)."""
+    import torch
+    from nanomoe_kernels import fused_moe_wgmma as m
+
+    if not m.supported_triton():
+        return []
+    out = []
+    for swiglu, K, NW, rows in ((True, 7168, 4096, 128), (False, 2048, 7168, 128)):
+        a, w = torch.zeros(256, K, dtype=torch.bfloat16), torch.zeros(2 * NW, K, dtype=torch.bfloat16)
+        descs = [m.GluonDescriptor(a, [256, K], [K, 1], [m.BH, m.BK], m._smem_layout(m.BH, a.dtype)),
+                 m.GluonDescriptor(w, [2 * NW, K], [K, 1], [rows, m.BK], m._smem_layout(rows, a.dtype))]
+        i32, f32 = torch.zeros(4, dtype=torch.int32), torch.zeros(4)
+        args = descs + [a, None if swiglu else f32, i32, i32, i32, i32, 5, NW // 2 if swiglu else NW, K, NW, 5, 64]
+        consts = dict(SWIGLU=swiglu, MUL_WEIGHT=not swiglu, SCATTER_C=not swiglu, GROUP_M=8, STAGES=4, num_warps=4)
+        out.append((f"fused_moe_wgmma[swiglu {swiglu}]", m._moe_gemm_ws, args, consts, {"maxnreg": 168}))
+    return out
+
+
 def _compile_gluon(fn, args: list, consts: dict, options: dict) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -180,7 +200,7 @@ def compile_all() -> list[str]:
             _compile(fn, types, consts)
         except Exception as err:  # noqa: BLE001 - every failing kernel is reported, not just the first
             failures.append(f"{name}: {type(err).__name__}: {err}")
-    for name, fn, args, consts, options in _gluon_mla_cases():
+    for name, fn, args, consts, options in _gluon_mla_cases() + _gluon_moe_cases():
         try:
             _compile_gluon(fn, args, consts, options)
         except Exception as err:  # noqa: BLE001
@@ -204,5 +224,6 @@ def test_nvlink_kernels_compile_for_sm90():
 
 if __name__ == "__main__":
     bad = compile_all()
-    print("\n".join(bad) if bad else f"compiled {len(_cases()) + len(_gluon_mla_cases())} kernels for sm_90")
+    n = len(_cases()) + len(_gluon_mla_cases()) + len(_gluon_moe_cases())
+    print("\n".join(bad) if bad else f"compiled {n} kernels for sm_90")
     sys.exit(1 if bad else 0)

@@ -1,0 +1,217 @@
+"""Grouped expert GEMM for Hopper in Gluon: one TMA warp feeds two consumer warpgroups of 64 rows each.
+
+Dimension legend: R aligned rows (kernels.moe_align; each expert's rows padded to TM = 64), E experts, K depth (H
+for the up GEMM, I for down), N output columns (I for up, H for down), NW weight rows per expert (2I for up, else
+N), BH = 64 rows per consumer warpgroup (one wgmma M), BM = 2 * BH rows per program, BN weight rows per B tile,
+BK = 64 deep steps, S ring stages.
+
+Why this kernel: Triton's tl.dot kernel (kernels/fused_moe_kernel.py) issues the loads and the MMAs from the same
+warps and keeps a SwiGLU tile at 128 x (2 x 128) with 8 warps; at 256-1024 rows per expert it runs at ~420-480
+TFLOP/s, against ~600 for DeepGEMM's warp-specialised kernels on the same GEMMs
+(bench/results/expert_ffn_notes.md). Here the roles are split by hand (Gluon, Triton >= 3.6):
+
+    load      (1 warp)    per k-step, TMA of A [BH, BK] for each live half and two B tiles [BN, BK] into an
+                          S-stage ring (ready / free mbarriers; free waits for both warpgroups)
+    consume   (2 x 4 warps, half h = rows BH*h ..): acc0 += A_h . B0^T, acc1 += A_h . B1^T, one k-step of
+                          wgmma in flight, the stage before it released
+    epilogue  (each half)  SwiGLU (B0 = gate rows, B1 = the up rows I further): silu(acc0) * acc1 -> BN columns
+                          of the [R, I] intermediate; otherwise acc0 | acc1 -> 2 * BN columns; rows scaled by
+                          their top-k weight (MUL_WEIGHT) and stored at the row id (SCATTER_C) or the aligned row
+
+Programs walk kernels.moe_blocks' merged list (each expert's 128-row main blocks, then its 64-row tail block), GROUP_M
+row blocks per column tile so an expert's blocks share the weight tiles through L2. On a tail block the second
+warpgroup computes nothing: it only paces the ring. A is read by TMA, so it must be in aligned order (the up GEMM's
+rows are permuted first, kernels/moe_permute.permute_rows); rows past a tensor's end read as zeros and padding rows
+(sentinel ids) are never stored. Same outputs as the Triton kernel up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from nanomoe_kernels.mla_decode_tuning import triton_at_least
+from nanomoe_kernels.mla_decode_wgmma import _is_sm90, gluon
+from nanomoe_kernels.moe_align import Alignment
+from nanomoe_kernels.moe_blocks import BlockTables, block_tables
+
+BH, BK = 64, 64
+
+if gluon is not None:
+    from nanomoe_kernels.mla_decode_wgmma import _tma_load
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    @gluon.jit
+    def _load_partition(a_desc, b_desc, a0, a1, b0, b1, ready, free, row0, brow0, brow1, live1, k_steps):
+        S: gl.constexpr = a0.type.shape[0]
+        a_bytes: gl.constexpr = a_desc.block_type.nbytes
+        b_bytes: gl.constexpr = 2 * b_desc.block_type.nbytes
+        for kk in range(k_steps):
+            s = kk % S
+            mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)     # fresh barriers pass phase 1
+            bar = ready.index(s)
+            k = kk * a_desc.block_type.shape[1]
+            if live1:
+                mbarrier.expect(bar, 2 * a_bytes + b_bytes)
+                _tma_load(a_desc, [row0 + a_desc.block_type.shape[0], k], bar, a1.index(s))
+            else:
+                mbarrier.expect(bar, a_bytes + b_bytes)
+            _tma_load(a_desc, [row0, k], bar, a0.index(s))
+            _tma_load(b_desc, [brow0, k], bar, b0.index(s))
+            _tma_load(b_desc, [brow1, k], bar, b1.index(s))
+
+    @gluon.jit
+    def _consume_partition(a_s, b0, b1, ready, free, k_steps, live, c_ptr, w_ptr, ids_ptr, row0, col0, num_rows,
+                           N, stride_cm, SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr):
+        S: gl.constexpr = a_s.type.shape[0]
+        BLOCK_H: gl.constexpr = a_s.type.shape[1]
+        BLOCK_N: gl.constexpr = b0.type.shape[1]
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+        acc0 = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, ACC)
+        acc1 = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, ACC)
+        if live:
+            for kk in range(k_steps):
+                s = kk % S
+                mbarrier.wait(ready.index(s), (kk // S) & 1)
+                acc0 = warpgroup_mma(a_s.index(s), b0.index(s).permute((1, 0)), acc0, is_async=True)
+                acc1 = warpgroup_mma(a_s.index(s), b1.index(s).permute((1, 0)), acc1, is_async=True)
+                # the previous step's two wgmma have retired: its stage goes back to the loader
+                acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
+                mbarrier.arrive(free.index((kk + S - 1) % S), count=1, pred=kk > 0)
+            acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
+            mbarrier.arrive(free.index((k_steps + S - 1) % S), count=1)
+
+            offs_m = row0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ACC))
+            ids = gl.load(ids_ptr + offs_m)
+            row_ok = gl.expand_dims(ids < num_rows, 1)
+            if SCATTER_C:
+                c_rows = gl.expand_dims(ids.to(gl.int64) * stride_cm, 1)
+            else:
+                c_rows = gl.expand_dims(offs_m.to(gl.int64) * stride_cm, 1)
+            offs_n = gl.expand_dims(col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC)), 0)
+            if SWIGLU:
+                acc0 = acc0 / (1.0 + gl.exp(-acc0)) * acc1
+            if MUL_WEIGHT:
+                wt = gl.expand_dims(gl.load(w_ptr + ids, mask=ids < num_rows, other=0.0), 1)
+                acc0 = acc0 * wt
+                acc1 = acc1 * wt
+            gl.store(c_ptr + c_rows + offs_n, acc0.to(c_ptr.dtype.element_ty), mask=row_ok & (offs_n < N))
+            if not SWIGLU:
+                offs_n = offs_n + BLOCK_N
+                gl.store(c_ptr + c_rows + offs_n, acc1.to(c_ptr.dtype.element_ty), mask=row_ok & (offs_n < N))
+        else:   # a tail block's second half: no rows here, only keep the ring's phases in step
+            for kk in range(k_steps):
+                s = kk % S
+                mbarrier.wait(ready.index(s), (kk // S) & 1)
+                mbarrier.arrive(free.index(s), count=1)
+
+    # token counts change every step: do not compile a variant per divisibility of these two
+    @gluon.jit(do_not_specialize=["num_rows", "num_blocks"])
+    def _moe_gemm_ws(a_desc, b_desc, c_ptr, w_ptr, ids_ptr, rows_ptr, codes_ptr, used_ptr,
+                     num_rows, N, K, NW, num_blocks, stride_cm,
+                     SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr,
+                     GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        COLS: gl.constexpr = BLOCK_N if SWIGLU else 2 * BLOCK_N     # output columns per program
+        dtype: gl.constexpr = a_desc.dtype
+        pid = gl.program_id(0)
+        num_pid_n = gl.cdiv(N, COLS)
+        per_group = GROUP_M * num_pid_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = gl.minimum(num_blocks - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+        if pid_m >= gl.load(used_ptr) + gl.load(used_ptr + 1):
+            return
+        row0 = gl.load(rows_ptr + pid_m)
+        code = gl.load(codes_ptr + pid_m)
+        expert = code & 0x3FFFFFFF
+        live1 = code < 0x40000000          # a main block: both halves hold rows (a tail block: the first only)
+        col0 = pid_n * COLS
+        brow0 = expert * NW + col0
+        if SWIGLU:
+            brow1 = brow0 + N                # the up rows of the same columns
+        else:
+            brow1 = brow0 + BLOCK_N
+        k_steps = gl.cdiv(K, BLOCK_K)
+
+        a0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_H, BLOCK_K], a_desc.layout)
+        a1 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_H, BLOCK_K], a_desc.layout)
+        b0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        b1 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=2)      # both warpgroups release a stage
+        gl.warp_specialize([
+            (_consume_partition, (a0, b0, b1, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
+                                  num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+            (_load_partition, (a_desc, b_desc, a0, a1, b0, b1, ready, free, row0, brow0, brow1, live1, k_steps)),
+            (_consume_partition, (a1, b0, b1, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H,
+                                  col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+        ], [1, 4], [24, 232])
+
+
+def supported_triton() -> bool:
+    """Gluon's Hopper API with the list-form warp_specialize (Triton >= 3.6)."""
+    return gluon is not None and triton_at_least(3, 6)
+
+
+def unsupported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, block_k: int, align_block: int,
+                gather_a: bool, swiglu: bool) -> str:
+    """Why the wgmma kernel cannot run this GEMM ('' when it can); the caller then uses the Triton kernel."""
+    if not supported_triton():
+        return "the wgmma expert GEMM needs Triton >= 3.6 with Gluon's Hopper API"
+    if not a.is_cuda or not _is_sm90(a.device.index or 0):
+        return "the wgmma expert GEMM needs a compute-capability 9.0 GPU"
+    if a.dtype not in (torch.bfloat16, torch.float16):
+        return f"the wgmma expert GEMM needs bfloat16/float16, got {a.dtype}"
+    if gather_a:
+        return "the wgmma expert GEMM reads A through TMA: its rows must be in aligned order (not gathered)"
+    if (block_m, align_block, block_k) != (2 * BH, BH, BK):
+        return f"the wgmma expert GEMM needs BLOCK_M={2 * BH}, rows aligned to {BH} and BLOCK_K={BK}, got " \
+               f"{block_m}, {align_block}, {block_k}"
+    if block_n not in ((64, 128) if swiglu else (128, 256)):
+        return f"the wgmma expert GEMM needs BLOCK_N in {(64, 128) if swiglu else (128, 256)}, got {block_n}"
+    K = a.shape[1]
+    if (K * a.element_size()) % 16 or a.stride(0) * a.element_size() % 16 or a.data_ptr() % 16 \
+            or w.data_ptr() % 16:
+        return "the wgmma expert GEMM needs 16-byte aligned rows of A and w (TMA)"
+    return ""
+
+
+@functools.cache
+def _smem_layout(rows: int, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for([rows, BK], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignment, *, block_n: int,
+                   stages: int, group_m: int, swiglu: bool, scatter_c: bool,
+                   row_weights: torch.Tensor | None = None, tables: BlockTables | None = None) -> torch.Tensor:
+    """kernels.fused_moe_kernel.moe_gemm for aligned A on Hopper (checks there; `unsupported` must be ''):
+    a [>= R, K] aligned rows, w [E, NW, K], out [*, N]; block_n = output columns per program. Returns out."""
+    E, NW, K = w.shape
+    N = NW // 2 if swiglu else NW
+    if tables is None:
+        tables = block_tables(align, 2 * BH)
+    num_blocks = tables.merged_rows.numel()
+    if num_blocks == 0 or N == 0 or K == 0:
+        return out
+    b_rows = block_n if swiglu else block_n // 2
+    a_desc = GluonDescriptor(a, [a.shape[0], K], [a.stride(0), 1], [BH, BK], _smem_layout(BH, a.dtype))
+    w2 = w.view(E * NW, K)
+    b_desc = GluonDescriptor(w2, [E * NW, K], [K, 1], [b_rows, BK], _smem_layout(b_rows, a.dtype))
+    _moe_gemm_ws[(num_blocks * triton.cdiv(N, block_n),)](
+        a_desc, b_desc, out, row_weights, align.sorted_ids, tables.merged_rows, tables.merged_codes, tables.counts,
+        align.num_rows, N, K, NW, num_blocks, out.stride(0),
+        SWIGLU=swiglu, MUL_WEIGHT=row_weights is not None, SCATTER_C=scatter_c, GROUP_M=group_m, STAGES=stages,
+        num_warps=4, maxnreg=168,
+    )
+    return out

@@ -1,0 +1,149 @@
+"""The warp-specialised wgmma expert GEMM (kernels/fused_moe_wgmma.py) on a Hopper GPU.
+
+Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate, cap rows per expert (masked).
+Every entry point runs with `WGMMA` configs against reference.moe_experts (float64) and against the Triton
+kernel's configs; each test first asserts the wgmma kernel really runs (`wgmma_unsupported` is ''), so a
+fallback to the Triton kernel cannot pass it. Routings: uniform, one hot expert, empty experts, one token.
+Marked `gpu`; skipped off sm_90 or below Triton 3.6.
+"""
+
+import nanomoe_reference as reference
+import pytest
+import torch
+from nanomoe_kernels import fused_moe_wgmma
+from nanomoe_kernels.fused_moe import fused_moe, fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
+from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, wgmma_unsupported
+from nanomoe_kernels.moe_align import moe_align
+from nanomoe_reference.expert_rows import make_routing, make_weights
+
+_OK = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and fused_moe_wgmma.supported_triton()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _OK, reason="needs an sm_90 GPU and Triton >= 3.6")]
+TOL = 2e-2
+UP = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_M=64, WGMMA=True)
+DOWN = {**UP, "BLOCK_N": 256}
+WG = {"up": UP, "down": DOWN, "linear": DOWN}
+WG_SMALL = {"up": {**UP, "BLOCK_N": 64, "num_stages": 2, "GROUP_M": 1},
+            "down": {**DOWN, "BLOCK_N": 128, "num_stages": 3}, "linear": {**DOWN, "BLOCK_N": 128, "num_stages": 3}}
+TRITON = {op: {**c, "WGMMA": False, "MERGE_TAIL": True, "USE_TMA": True} for op, c in WG.items()}
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "output holds NaN/Inf"
+    return float((out.double().cpu() - want.double().cpu()).norm() / want.double().norm().clamp_min(1e-30))
+
+
+def routing(T: int, E: int, k: int, kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uniform; "hot": expert 0 in every token; "half_empty": only the even experts get rows."""
+    ids, tw = make_routing(T, E, k, "cuda", seed=seed)
+    if kind == "hot":
+        ids[:, 0] = 0
+        ids[:, 1:] = ids[:, 1:] % (E - 1) + 1
+    elif kind == "half_empty":
+        ids = torch.rand(T, E // 2, device="cuda").topk(k, dim=1).indices.to(torch.int32) * 2
+    return ids.contiguous(), tw
+
+
+def assert_runs_wgmma(cfg: dict, x: torch.Tensor, w: torch.Tensor, swiglu: bool) -> None:
+    align = moe_align(torch.zeros(1, 1, dtype=torch.int32, device=x.device), w.shape[0], 64)
+    reason = wgmma_unsupported(check_config(cfg), x, w, align, False, swiglu)
+    assert reason == "", reason
+
+
+@pytest.mark.parametrize("expert_type", ["swiglu", "linear"])
+@pytest.mark.parametrize("kind", ["uniform", "hot", "half_empty"])
+@pytest.mark.parametrize("T", [1, 37, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_moe_wgmma_matches_reference(expert_type, kind, T, dtype):
+    E, k, H, I = 8, 3, 256, 192
+    w = make_weights(E, H, I, expert_type, dtype, "cuda", seed=T)
+    x = torch.randn(T, H, device="cuda", dtype=dtype)
+    ids, tw = routing(T, E, k, kind, seed=T + 1)
+    for cfg in (WG, WG_SMALL):
+        assert_runs_wgmma(cfg["up" if expert_type == "swiglu" else "linear"], x, w[0], expert_type == "swiglu")
+        out = fused_moe(x, ids, tw, w, expert_type, config=cfg)
+        assert rel_err(out, reference.moe_experts(x, ids, tw, w, expert_type)) < TOL
+        want = fused_moe(x, ids, tw, w, expert_type, config=TRITON)
+        assert rel_err(out, want) < 5e-3
+
+
+@pytest.mark.parametrize("T", [64, 1024])
+def test_deepseek_dims_against_the_triton_kernel(T):
+    """V3 expert dims (H 7168, I 2048), 32 experts, top-8: the wgmma and Triton kernels agree, and sampled
+    tokens match float32 torch math."""
+    E, k, H, I = 32, 8, 7168, 2048
+    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=3)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids, tw = make_routing(T, E, k, "cuda", seed=4)
+    out = fused_moe(x, ids, tw, w, config=WG)
+    assert rel_err(out, fused_moe(x, ids, tw, w, config=TRITON)) < 5e-3
+    rows = torch.arange(0, T, max(1, T // 16), device="cuda")
+    w13, w2 = (t.float() for t in w)
+    want = torch.zeros(rows.numel(), H, device="cuda")
+    for j in range(k):
+        e, xs = ids[rows, j].long(), x[rows].float()
+        gu = torch.einsum("th,tnh->tn", xs, w13[e])
+        h = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
+        want += tw[rows, j, None].float() * torch.einsum("ti,thi->th", h.bfloat16().float(), w2[e])
+    assert rel_err(out[rows], want) < TOL
+
+
+def test_contiguous_gathered_and_masked_layouts():
+    E, k, H, I, T = 8, 2, 256, 128, 200
+    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=5)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids, tw = make_routing(T, E, k, "cuda", seed=6)
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E).to(torch.int32)
+    rows = x[order // k]
+    want = fused_moe_contiguous(rows, counts, w, config=TRITON)
+    assert rel_err(fused_moe_contiguous(rows, counts, w, config=WG), want) < 5e-3
+    got = fused_moe_gathered(x, (order // k).to(torch.int32), counts, w, config=WG)
+    assert rel_err(got, want) < 5e-3
+    cap = int(counts.max()) + 5
+    xm = torch.zeros(E, cap, H, device="cuda", dtype=torch.bfloat16)
+    starts = torch.cumsum(counts, 0) - counts
+    for e in range(E):
+        xm[e, :counts[e]] = rows[starts[e]:starts[e] + counts[e]]
+    got = fused_moe_masked(xm, counts, w, config=WG)
+    for e in range(E):
+        n = int(counts[e])
+        assert rel_err(got[e, :n], want[starts[e]:starts[e] + n]) < 5e-3
+
+
+def test_padding_rows_are_never_written():
+    """Rows the alignment pads (sentinel ids) and the second half of a tail block keep the output's old bytes."""
+    E, H, I = 4, 128, 128
+    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=7)
+    counts = torch.tensor([1, 0, 65, 130], dtype=torch.int32, device="cuda")   # tails of 64 after 128-row blocks
+    N = int(counts.sum())
+    rows = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+    from nanomoe_kernels.moe_align import moe_align_contiguous
+
+    align = moe_align_contiguous(counts, N, 64)
+    out = torch.full((N + 64, I), 7.0, device="cuda", dtype=torch.bfloat16)
+    inter = torch.full((align.sorted_ids.numel(), I), 7.0, device="cuda", dtype=torch.bfloat16)
+    a_sorted = torch.zeros(align.sorted_ids.numel(), H, device="cuda", dtype=torch.bfloat16)
+    live = align.sorted_ids < N
+    a_sorted[live] = rows[align.sorted_ids[live].long()]
+    moe_gemm(a_sorted, w[0], inter, align, UP, gather_a=False, scatter_c=False, swiglu=True)
+    assert (inter[~live] == 7.0).all(), "a padding row of the intermediate was written"
+    moe_gemm(inter, w[1], out, align, DOWN, gather_a=False, scatter_c=True)
+    assert (out[N:] == 7.0).all(), "a row past the batch was written"
+    assert rel_err(out[:N], fused_moe_contiguous(rows, counts, w, config=TRITON)) < 5e-3
+
+
+def test_cuda_graph_replay_follows_new_routing():
+    E, k, H, I, T = 16, 4, 512, 256, 96
+    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=8)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids, tw = make_routing(T, E, k, "cuda", seed=9)
+    fused_moe(x, ids, tw, w, config=WG)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fused_moe(x, ids, tw, w, config=WG)
+    new_ids, new_tw = routing(T, E, k, "hot", seed=10)
+    ids.copy_(new_ids)
+    tw.copy_(new_tw)
+    g.replay()
+    assert rel_err(out, reference.moe_experts(x, ids, tw, w, "swiglu")) < TOL
