@@ -13,7 +13,7 @@ import torch
 from nanomoe_kernels import fused_moe_wgmma
 from nanomoe_kernels.fused_moe import fused_moe, fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
 from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, wgmma_unsupported
-from nanomoe_kernels.moe_align import moe_align
+from nanomoe_kernels.moe_align import moe_align, moe_align_contiguous
 from nanomoe_reference.expert_rows import make_routing, make_weights
 
 _OK = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and fused_moe_wgmma.supported_triton()
@@ -118,13 +118,12 @@ def test_padding_rows_are_never_written():
     counts = torch.tensor([1, 0, 65, 130], dtype=torch.int32, device="cuda")   # tails of 64 after 128-row blocks
     N = int(counts.sum())
     rows = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
-    from nanomoe_kernels.moe_align import moe_align_contiguous
-
     align = moe_align_contiguous(counts, N, 64)
     out = torch.full((N + 64, I), 7.0, device="cuda", dtype=torch.bfloat16)
     inter = torch.full((align.sorted_ids.numel(), I), 7.0, device="cuda", dtype=torch.bfloat16)
     a_sorted = torch.zeros(align.sorted_ids.numel(), H, device="cuda", dtype=torch.bfloat16)
-    live = align.sorted_ids < N
+    used = torch.arange(align.sorted_ids.numel(), device="cuda") < align.num_padded   # entries past it: garbage
+    live = used & (align.sorted_ids >= 0) & (align.sorted_ids < N)
     a_sorted[live] = rows[align.sorted_ids[live].long()]
     moe_gemm(a_sorted, w[0], inter, align, UP, gather_a=False, scatter_c=False, swiglu=True)
     assert (inter[~live] == 7.0).all(), "a padding row of the intermediate was written"
