@@ -10,13 +10,13 @@ warps and keeps a SwiGLU tile at 128 x (2 x 128) with 8 warps; at 256-1024 rows 
 TFLOP/s, against ~600 for DeepGEMM's warp-specialised kernels on the same GEMMs
 (bench/results/expert_ffn_notes.md). Here the roles are split by hand (Gluon, Triton >= 3.6):
 
-    load      (1 warp)    per k-step, TMA of A [BH, BK] for each live half and two B tiles [BN, BK] into an
-                          S-stage ring (ready / free mbarriers; free waits for both warpgroups)
-    consume   (2 x 4 warps, half h = rows BH*h ..): acc0 += A_h . B0^T, acc1 += A_h . B1^T, one k-step of
-                          wgmma in flight, the stage before it released
-    epilogue  (each half)  SwiGLU (B0 = gate rows, B1 = the up rows I further): silu(acc0) * acc1 -> BN columns
-                          of the [R, I] intermediate; otherwise acc0 | acc1 -> 2 * BN columns; rows scaled by
-                          their top-k weight (MUL_WEIGHT) and stored at the row id (SCATTER_C) or the aligned row
+    load      (1 warp)    per k-step, TMA of A [BH, BK] for each live half and B [NB, BK] (SwiGLU: the BN gate rows
+                          and the BN up rows I further, NB = 2 BN; else NB = BN) into an S-stage ring (ready /
+                          free mbarriers; free waits for both warpgroups)
+    consume   (2 x 4 warps, half h = rows BH*h ..): acc [BH, NB] += A_h . B^T, one wgmma N = NB (A read once
+                          per step), one k-step in flight, the stage before it released
+    epilogue  (each half)  SwiGLU: silu(gate) * up from acc's two column halves (a register split); rows scaled
+                          by their top-k weight (MUL_WEIGHT), stored at the row id (SCATTER_C) or the aligned row
 
 Programs walk kernels.moe_blocks' merged list (each expert's 128-row main blocks, then its 64-row tail block), GROUP_M
 row blocks per column tile so an expert's blocks share the weight tiles through L2. On a tail block the second
@@ -45,10 +45,11 @@ if gluon is not None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
     @gluon.jit
-    def _load_partition(a_desc, b_desc, a0, a1, b0, b1, ready, free, row0, brow0, brow1, live1, k_steps):
+    def _load_partition(a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps, SWIGLU: gl.constexpr):
         S: gl.constexpr = a0.type.shape[0]
+        B_ROWS: gl.constexpr = b_desc.block_type.shape[0]
         a_bytes: gl.constexpr = a_desc.block_type.nbytes
-        b_bytes: gl.constexpr = 2 * b_desc.block_type.nbytes
+        b_bytes: gl.constexpr = b.type.shape[1] * b.type.shape[2] * b_desc.dtype.primitive_bitwidth // 8
         for kk in range(k_steps):
             s = kk % S
             mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)     # fresh barriers pass phase 1
@@ -60,49 +61,47 @@ if gluon is not None:
             else:
                 mbarrier.expect(bar, a_bytes + b_bytes)
             _tma_load(a_desc, [row0, k], bar, a0.index(s))
-            _tma_load(b_desc, [brow0, k], bar, b0.index(s))
-            _tma_load(b_desc, [brow1, k], bar, b1.index(s))
+            if SWIGLU:   # gate rows, then the up rows of the same columns (I further), in one [2 * B_ROWS, BK] tile
+                _tma_load(b_desc, [brow0, k], bar, b.index(s).slice(0, B_ROWS))
+                _tma_load(b_desc, [brow0 + N, k], bar, b.index(s).slice(B_ROWS, B_ROWS))
+            else:
+                _tma_load(b_desc, [brow0, k], bar, b.index(s))
 
     @gluon.jit
-    def _consume_partition(a_s, b0, b1, ready, free, k_steps, live, c_ptr, w_ptr, ids_ptr, row0, col0, num_rows,
-                           N, stride_cm, SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr):
+    def _consume_partition(a_s, b, ready, free, k_steps, live, c_ptr, w_ptr, ids_ptr, row0, col0, num_rows, N,
+                           stride_cm, SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr):
         S: gl.constexpr = a_s.type.shape[0]
         BLOCK_H: gl.constexpr = a_s.type.shape[1]
-        BLOCK_N: gl.constexpr = b0.type.shape[1]
-        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N, 16])
-        acc0 = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, ACC)
-        acc1 = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, ACC)
+        ACC_N: gl.constexpr = b.type.shape[1]
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ACC_N, 16])
+        acc = gl.zeros([BLOCK_H, ACC_N], gl.float32, ACC)
         if live:
             for kk in range(k_steps):
                 s = kk % S
                 mbarrier.wait(ready.index(s), (kk // S) & 1)
-                acc0 = warpgroup_mma(a_s.index(s), b0.index(s).permute((1, 0)), acc0, is_async=True)
-                acc1 = warpgroup_mma(a_s.index(s), b1.index(s).permute((1, 0)), acc1, is_async=True)
-                # the previous step's two wgmma have retired: its stage goes back to the loader
-                acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
+                acc = warpgroup_mma(a_s.index(s), b.index(s).permute((1, 0)), acc, is_async=True)
+                # the previous step's wgmma has retired: its stage goes back to the loader
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
                 mbarrier.arrive(free.index((kk + S - 1) % S), count=1, pred=kk > 0)
-            acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(free.index((k_steps + S - 1) % S), count=1)
-
-            offs_m = row0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ACC))
+            if SWIGLU:   # [gate | up] columns -> silu(gate) * up, a register split (no data movement)
+                gate, up = acc.reshape([BLOCK_H, 2, ACC_N // 2]).permute((0, 2, 1)).split()
+                y = gate / (1.0 + gl.exp(-gate)) * up
+            else:
+                y = acc
+            OUT: gl.constexpr = y.type.layout
+            offs_m = row0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, OUT))
             ids = gl.load(ids_ptr + offs_m)
             row_ok = gl.expand_dims(ids < num_rows, 1)
             if SCATTER_C:
                 c_rows = gl.expand_dims(ids.to(gl.int64) * stride_cm, 1)
             else:
                 c_rows = gl.expand_dims(offs_m.to(gl.int64) * stride_cm, 1)
-            offs_n = gl.expand_dims(col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC)), 0)
-            if SWIGLU:
-                acc0 = acc0 / (1.0 + gl.exp(-acc0)) * acc1
+            offs_n = gl.expand_dims(col0 + gl.arange(0, y.type.shape[1], layout=gl.SliceLayout(0, OUT)), 0)
             if MUL_WEIGHT:
-                wt = gl.expand_dims(gl.load(w_ptr + ids, mask=ids < num_rows, other=0.0), 1)
-                acc0 = acc0 * wt
-                acc1 = acc1 * wt
-            gl.store(c_ptr + c_rows + offs_n, acc0.to(c_ptr.dtype.element_ty), mask=row_ok & (offs_n < N))
-            if not SWIGLU:
-                offs_n = offs_n + BLOCK_N
-                gl.store(c_ptr + c_rows + offs_n, acc1.to(c_ptr.dtype.element_ty), mask=row_ok & (offs_n < N))
+                y = y * gl.expand_dims(gl.load(w_ptr + ids, mask=ids < num_rows, other=0.0), 1)
+            gl.store(c_ptr + c_rows + offs_n, y.to(c_ptr.dtype.element_ty), mask=row_ok & (offs_n < N))
         else:   # a tail block's second half: no rows here, only keep the ring's phases in step
             for kk in range(k_steps):
                 s = kk % S
@@ -118,10 +117,9 @@ if gluon is not None:
         BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-        COLS: gl.constexpr = BLOCK_N if SWIGLU else 2 * BLOCK_N     # output columns per program
         dtype: gl.constexpr = a_desc.dtype
         pid = gl.program_id(0)
-        num_pid_n = gl.cdiv(N, COLS)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_pid_n
         first_m = (pid // per_group) * GROUP_M
         group_m = gl.minimum(num_blocks - first_m, GROUP_M)
@@ -133,29 +131,24 @@ if gluon is not None:
         code = gl.load(codes_ptr + pid_m)
         expert = code & 0x3FFFFFFF
         live1 = code < 0x40000000          # a main block: both halves hold rows (a tail block: the first only)
-        col0 = pid_n * COLS
+        col0 = pid_n * BLOCK_N
         brow0 = expert * NW + col0
-        if SWIGLU:
-            brow1 = brow0 + N                # the up rows of the same columns
-        else:
-            brow1 = brow0 + BLOCK_N
         k_steps = gl.cdiv(K, BLOCK_K)
 
         a0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_H, BLOCK_K], a_desc.layout)
         a1 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_H, BLOCK_K], a_desc.layout)
-        b0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-        b1 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        b = gl.allocate_shared_memory(dtype, [STAGES, 2 * BLOCK_N if SWIGLU else BLOCK_N, BLOCK_K], b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(free.index(i), count=2)      # both warpgroups release a stage
         gl.warp_specialize([
-            (_consume_partition, (a0, b0, b1, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
+            (_consume_partition, (a0, b, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
                                   num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-            (_load_partition, (a_desc, b_desc, a0, a1, b0, b1, ready, free, row0, brow0, brow1, live1, k_steps)),
-            (_consume_partition, (a1, b0, b1, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H,
-                                  col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+            (_load_partition, (a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps, SWIGLU)),
+            (_consume_partition, (a1, b, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H, col0,
+                                  num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
         ], [1, 4], [24, 232])
 
 
@@ -204,7 +197,7 @@ def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: A
     num_blocks = tables.merged_rows.numel()
     if num_blocks == 0 or N == 0 or K == 0:
         return out
-    b_rows = block_n if swiglu else block_n // 2
+    b_rows = block_n
     a_desc = GluonDescriptor(a, [a.shape[0], K], [a.stride(0), 1], [BH, BK], _smem_layout(BH, a.dtype))
     w2 = w.view(E * NW, K)
     b_desc = GluonDescriptor(w2, [E * NW, K], [K, 1], [b_rows, BK], _smem_layout(b_rows, a.dtype))

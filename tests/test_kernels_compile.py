@@ -170,7 +170,7 @@ def _gluon_moe_cases() -> list:
     if not m.supported_triton():
         return []
     out = []
-    for swiglu, K, NW, rows in ((True, 7168, 4096, 128), (False, 2048, 7168, 128)):
+    for swiglu, K, NW, rows in ((True, 7168, 4096, 128), (False, 2048, 7168, 256)):
         a, w = torch.zeros(256, K, dtype=torch.bfloat16), torch.zeros(2 * NW, K, dtype=torch.bfloat16)
         descs = [m.GluonDescriptor(a, [256, K], [K, 1], [m.BH, m.BK], m._smem_layout(m.BH, a.dtype)),
                  m.GluonDescriptor(w, [2 * NW, K], [K, 1], [rows, m.BK], m._smem_layout(rows, a.dtype))]
