@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=int, default=150)
     ap.add_argument("--cases", default="32x1024,32x4096,64x1024,128x4096,256x4096,32x256")
     ap.add_argument("--peers", default="bmm,deepgemm,sglang")
+    ap.add_argument("--variants", default="", help="ours to time (default: all of them; `triton` always)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     out = {"bench": "ffn_wgmma_probe", "torch": torch.__version__, "triton": triton.__version__,
@@ -84,7 +85,8 @@ def main() -> None:
         up, down, _ = stage_configs(None, "swiglu", E, H, I, H, x.dtype, T * K_TOP, dev)
         built = build_variants(x, ids, tw, w, "swiglu", [p for p in a.peers.split(",") if p])
         fns = {"triton": ffn_fn(x, ids, tw, w, up, down)}
-        fns.update({n: ffn_fn(x, ids, tw, w, u, d) for n, (u, d) in wgmma_variants(up, down).items()})
+        fns.update({n: ffn_fn(x, ids, tw, w, u, d) for n, (u, d) in wgmma_variants(up, down).items()
+                    if not a.variants or n in a.variants.split(",")})
         fns.update(built.fns)
         want = fns["triton"]().double()
         rec = {"E": E, "T": T, "configs": {"triton": [up, down], **{n: list(c) for n, c in
@@ -111,7 +113,7 @@ def main() -> None:
             if v.get("us"):
                 v["median_us"] = statistics.median(v["us"])
                 v["tflops"] = round(flops / (v["median_us"] * 1e-6) / 1e12, 1)
-        rec["kernels_us"] = {n: kernel_us(live[n]) for n in ("triton", "wgmma") if n in live}
+        rec["kernels_us"] = {n: kernel_us(live[n]) for n in ("triton", "wgmma", "wgmma_up") if n in live}
         out["cases"].append(rec)
         print(json.dumps({"case": case, "median_us": {n: v.get("median_us", v.get("error", v.get("rel_err")))
                                                       for n, v in rec["variants"].items()}}), flush=True)
