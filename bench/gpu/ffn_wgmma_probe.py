@@ -63,7 +63,7 @@ def kernel_us(fn, calls: int = 3) -> dict[str, float]:
     for ev in prof.key_averages():
         if ev.device_type == torch.autograd.DeviceType.CUDA and getattr(ev, "device_time_total", 0) > 0:
             out[ev.key[:60]] = round(ev.device_time_total / calls, 1)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
 
 
 def main() -> None:
@@ -116,7 +116,7 @@ def main() -> None:
             if v.get("us"):
                 v["median_us"] = statistics.median(v["us"])
                 v["tflops"] = round(flops / (v["median_us"] * 1e-6) / 1e12, 1)
-        rec["kernels_us"] = {n: kernel_us(live[n]) for n in ("triton", "wgmma", "wgmma_up") if n in live}
+        rec["kernels_us"] = {n: kernel_us(live[n]) for n in ("triton", "wgmma", "wgmma_up", "fused_moe") if n in live}
         out["cases"].append(rec)
         print(json.dumps({"case": case, "median_us": {n: v.get("median_us", v.get("error", v.get("rel_err")))
                                                       for n, v in rec["variants"].items()}}), flush=True)
