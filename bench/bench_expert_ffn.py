@@ -80,7 +80,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int, graph: 
 def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: tuple[torch.Tensor, ...],
              names: list[str], ceilings: dict, warm_only: bool, opts: argparse.Namespace, skipped: list[dict],
              rep_ms: int = 200, check_tokens: int = 6) -> list[dict]:
-    """Rows of the JSON for one (E, T): check each variant, then time it (time_ms)."""
+    """Rows of the JSON for one (E, T): check each variant, then time them all in opts.rounds interleaved rounds
+    (time_ms each; the row's median_us is the median over rounds)."""
     dev = weights[0].device
     x = torch.randn(T, H, device=dev, dtype=weights[0].dtype)
     ids, tw = make_routing(T, E, k, str(dev), seed=T)
@@ -100,20 +101,28 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
     hit = int(torch.unique(ids).numel())
     wbytes = hit * sum(w[0].numel() for w in weights) * weights[0].element_size()
     flops = 2 * T * k * sum(w[0].numel() for w in weights)
-    rows = []
+    rows, checked = [], {}
     for name, fn in built.fns.items():
         out = fn()
         if warm_only:
             continue
-        fp8 = name in FP8_VARIANTS
-        want = ref8 if fp8 else ref
-        err = float((out[sample].float() - want).norm() / want.norm())
-        graph = opts.cuda_graph and name in GRAPH_VARIANTS
-        try:
-            ms = time_ms(fn, dev, rep_ms, graph)
-        except RuntimeError as e:  # a capture this variant does not support: time it eagerly
-            print(f"  {name}: CUDA graph capture failed ({str(e).splitlines()[0][:100]}); timed eagerly")
-            ms, graph = time_ms(fn, dev, rep_ms), False
+        want = ref8 if name in FP8_VARIANTS else ref
+        checked[name] = float((out[sample].float() - want).norm() / want.norm())
+    # interleaved rounds, each starting one variant later: under the H200's power cap a variant timed right after
+    # a heavy one runs up to ~10% slower (bench/results/expert_ffn_notes.md), so no variant keeps one position
+    times: dict[str, list[float]] = {n: [] for n in checked}
+    graphs = {n: opts.cuda_graph and n in GRAPH_VARIANTS for n in checked}
+    order = list(checked)
+    for rnd in range(max(1, opts.rounds)):
+        for name in order[rnd % len(order):] + order[:rnd % len(order)] if order else []:
+            try:
+                times[name].append(time_ms(built.fns[name], dev, rep_ms, graphs[name]))
+            except RuntimeError as e:  # a capture this variant does not support: time it eagerly
+                print(f"  {name}: CUDA graph capture failed ({str(e).splitlines()[0][:100]}); timed eagerly")
+                graphs[name] = False
+                times[name].append(time_ms(built.fns[name], dev, rep_ms))
+    for name, err in checked.items():
+        fp8, ms, graph = name in FP8_VARIANTS, statistics.median(times[name]), graphs[name]
         sec = ms * 1e-3
         # FP8 rows: 1-byte weights (+ a float32 scale per 128 x 128 block), FLOPs at the measured FP8 rate
         # (2x bf16's when none was measured); their error is the scheme's own (activations quantised)
@@ -127,6 +136,8 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
              "tflops": round(flops / sec / 1e12, 2), "roofline": round(floor / sec, 3),
              "floor_us": round(floor * 1e6, 1), "check_rel_err": round(err, 5),
              "ok": err < (FP8_ERR_BOUND if fp8_mma and not hilo else 2e-2), "cuda_graph": graph}
+        if len(times[name]) > 1:
+            r["rounds_us"] = [round(t * 1e3, 1) for t in times[name]]
         if name in built.configs:
             r["config"] = built.configs[name]
         rows.append(r)
@@ -185,6 +196,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm-only", action="store_true", help="run each variant once (JIT warm-up), no timing")
     p.add_argument("--cuda-graph", action="store_true",
                    help=f"time {', '.join(GRAPH_VARIANTS)} as CUDA graph replays (no host launch cost)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved timing rounds per case, median over them (default 3 with --ranking, else 1)")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run under TRITON_INTERPRET=1")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -194,6 +207,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
     args.names = names
+    if args.rounds is None:
+        args.rounds = 3 if args.ranking else 1
     return args
 
 

@@ -64,6 +64,8 @@ def test_ranking_table(runs):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = runs["recs"]["ranking"]
     assert [r["variant"] for r in rec["rows"][:3]] == ["loop", "bmm", "triton"]  # deepgemm: skipped on a CPU
+    for r in rec["rows"]:   # --ranking times 3 interleaved rounds per case; the row is their median
+        assert len(r["rounds_us"]) == 3 and r["median_us"] == sorted(r["rounds_us"])[1], r
     table = rec["ranking"]
     assert [(t["experts"], t["tokens"]) for t in table] == [(4, 4), (4, 8), (6, 4), (6, 8)]
     for t in table:

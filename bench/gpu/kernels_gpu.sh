@@ -67,7 +67,7 @@ if has tune; then
   tar cf "$RES/tuned.tar" -C kernels tuned
 fi
 # shellcheck disable=SC2086
-has ffn && step ffn 200 python3 bench/bench_expert_ffn.py --quick --seed-shape \
+has ffn && step ffn 240 python3 bench/bench_expert_ffn.py --quick --seed-shape --rounds 3 \
   --variants triton,triton+align,deepgemm,deepgemm_glue,sglang,bmm,bmm_padded,loop ${FFN_FLAGS:-} --json "$RES/expert_ffn_h200.json"
 has ffn_graph && step ffn_graph 150 python3 bench/bench_expert_ffn.py --quick --cuda-graph \
   --variants triton,deepgemm,sglang --json "$RES/expert_ffn_graph_h200.json"
