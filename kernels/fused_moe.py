@@ -38,7 +38,7 @@ from types import MappingProxyType
 
 import torch
 from nanomoe_kernels.checks import check_routing, check_values
-from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted, wgmma_unsupported
+from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted
 from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
 from nanomoe_kernels.moe_blocks import block_tables
 from nanomoe_kernels.moe_permute import permute_rows
@@ -210,8 +210,7 @@ def fused_moe_aligned(a: torch.Tensor, align: Alignment, weights: tuple[torch.Te
         return moe_gemm(a, w[0], out, align, first, gather_a=True, scatter_c=True, a_div=a_div,
                         row_weights=row_weights, tables=tables.get(first["BLOCK_M"]), a_index=a_index)
     inter = a.new_empty((align.sorted_ids.numel(), w[0].shape[1] // 2))
-    # rows copied into aligned order first, so the up GEMM loads A tiles through TMA (as the wgmma kernel must)
-    if first["PERMUTE_A"] or not wgmma_unsupported(first, a, w[0], align, False, True):
+    if first["PERMUTE_A"]:  # rows copied into aligned order first, so the up GEMM loads A tiles through TMA
         a_sorted, _ = permute_rows(a, align, a_div=a_div, a_index=a_index)
         moe_gemm(a_sorted, w[0], inter, align, {**first, "A_TMA": True}, gather_a=False, scatter_c=False,
                  swiglu=True, tables=tables.get(first["BLOCK_M"]))

@@ -176,7 +176,7 @@ def check_config(config: dict) -> dict:
     """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, PERMUTE_A and WGMMA default to False, SPLIT_M to
     0 = no tail split). PERMUTE_A (kernels/fused_moe.py, the first GEMM): copy the rows into aligned order first and
     load A through TMA instead of gathering it. WGMMA: run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised
-    Hopper kernel where `wgmma_unsupported` allows it (rows then permuted as with PERMUTE_A), else this module's."""
+    Hopper kernel where `wgmma_unsupported` allows it, else this module's."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -196,15 +196,14 @@ def check_config(config: dict) -> dict:
             "WGMMA": bool(config.get("WGMMA", False))}
 
 
-def wgmma_unsupported(cfg: dict, a: torch.Tensor, w: torch.Tensor, align: Alignment, gather_a: bool,
-                      swiglu: bool) -> str:
+def wgmma_unsupported(cfg: dict, a: torch.Tensor, w: torch.Tensor, align: Alignment, swiglu: bool) -> str:
     """Why a checked config's GEMM does not run on the wgmma kernel ('' when it does; a config without WGMMA
     says so): kernels/fused_moe_wgmma.unsupported, plus a ring of 2-4 stages (48 KB of shared memory each)."""
     if not cfg["WGMMA"]:
         return "the config does not ask for WGMMA"
     if not 2 <= cfg["num_stages"] <= 4:
         return f"the wgmma expert GEMM needs num_stages in 2..4, got {cfg['num_stages']}"
-    return unsupported(a, w, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], align.block_m, gather_a, swiglu)
+    return unsupported(a, w, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], align.block_m, swiglu)
 
 
 def _tma_descriptor(w: torch.Tensor, rows: int, block_n: int, block_k: int):
@@ -254,11 +253,12 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
                          f"{tuple(row_weights.shape)}")
     if R == 0 or N == 0:
         return out
-    if not wgmma_unsupported(cfg, a, w, align, gather_a, swiglu):
+    if not wgmma_unsupported(cfg, a, w, align, swiglu):
         if tables is None:
             tables = block_tables(align, bm)
         return moe_gemm_wgmma(a, w, out, align, block_n=bn, stages=cfg["num_stages"], group_m=cfg["GROUP_M"],
-                              swiglu=swiglu, scatter_c=scatter_c, row_weights=row_weights, tables=tables)
+                              swiglu=swiglu, gather_a=gather_a, scatter_c=scatter_c, a_div=a_div,
+                              row_weights=row_weights, tables=tables, a_index=a_index)
     # TMA needs 16-byte aligned rows; the interpreter emulates descriptors, so CPU tests cover the path
     tma_ok = (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
     use_tma = cfg["USE_TMA"] and tma_ok

@@ -20,9 +20,10 @@ TFLOP/s, against ~600 for DeepGEMM's warp-specialised kernels on the same GEMMs
 
 Programs walk kernels.moe_blocks' merged list (each expert's 128-row main blocks, then its 64-row tail block), GROUP_M
 row blocks per column tile so an expert's blocks share the weight tiles through L2. On a tail block the second
-warpgroup computes nothing: it only paces the ring. A is read by TMA, so it must be in aligned order (the up GEMM's
-rows are permuted first, kernels/moe_permute.permute_rows); rows past a tensor's end read as zeros and padding rows
-(sentinel ids) are never stored. Same outputs as the Triton kernel up to float32 summation order.
+warpgroup computes nothing: it only paces the ring. A in aligned order (the down GEMM's) comes by TMA; gathered
+rows (the up GEMM's: pair id // top-k, or through an index) come by 16-byte cp.async from a 4-warp partition that
+also issues B's TMA (S - 1 steps in flight). Rows past a tensor's end and padding rows read as zeros, and padding
+rows (sentinel ids) are never stored. Same outputs as the Triton kernel up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -41,8 +42,17 @@ BH, BK = 64, 64
 if gluon is not None:
     from nanomoe_kernels.mla_decode_wgmma import _tma_load
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    # cp.async into shared memory: async_load from Triton 3.7 (3.9 removed the old name), the old name in 3.6
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
     @gluon.jit
     def _load_partition(a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps, SWIGLU: gl.constexpr):
@@ -66,6 +76,62 @@ if gluon is not None:
                 _tma_load(b_desc, [brow0 + N, k], bar, b.index(s).slice(B_ROWS, B_ROWS))
             else:
                 _tma_load(b_desc, [brow0, k], bar, b.index(s))
+
+    @gluon.jit
+    def _a_rows(ids_ptr, a_index_ptr, pos, num_rows, A_DIV: gl.constexpr, A_INDEX: gl.constexpr):
+        """A's source row of each aligned row (pair id // A_DIV, then a_index), and whether the row is live."""
+        ids = gl.load(ids_ptr + pos)
+        ok = ids < num_rows
+        rows = gl.where(ok, ids, 0) // A_DIV
+        if A_INDEX:
+            rows = gl.load(a_index_ptr + rows, mask=ok, other=0)
+        return rows.to(gl.int64), ok
+
+    @gluon.jit
+    def _gather_partition(a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps,
+                          num_rows, stride_am, A_DIV: gl.constexpr, A_INDEX: gl.constexpr,
+                          SWIGLU: gl.constexpr, num_warps: gl.constexpr):
+        """A's rows gathered by cp.async (S - 1 steps in flight) and B by TMA, into the ring."""
+        S: gl.constexpr = a0.type.shape[0]
+        BLOCK_H: gl.constexpr = a0.type.shape[1]
+        BLOCK_K: gl.constexpr = a0.type.shape[2]
+        B_ROWS: gl.constexpr = b_desc.block_type.shape[0]
+        b_bytes: gl.constexpr = b.type.shape[1] * b.type.shape[2] * b_desc.dtype.primitive_bitwidth // 8
+        LD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])   # 16-byte copies
+        offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LD))
+        r = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, LD))
+        rows0, ok0 = _a_rows(ids_ptr, a_index_ptr, row0 + r, num_rows, A_DIV, A_INDEX)
+        rows1, ok1 = _a_rows(ids_ptr, a_index_ptr, row0 + BLOCK_H + r, num_rows, A_DIV, A_INDEX)
+        # row starts are 16-byte aligned (`unsupported` checks the stride), so each thread copies 16 bytes at once
+        p0 = a_ptr + gl.expand_dims(gl.multiple_of(rows0 * stride_am, 8), 1) + gl.expand_dims(offs_k, 0)
+        p1 = a_ptr + gl.expand_dims(gl.multiple_of(rows1 * stride_am, 8), 1) + gl.expand_dims(offs_k, 0)
+        ok0 = gl.expand_dims(ok0, 1)
+        ok1 = gl.expand_dims(ok1 & live1, 1)
+        for kk in range(k_steps):
+            # step kk - S + 1's copies have landed (S - 2 groups may stay in flight): its stage is ready. Done before
+            # waiting for stage kk's slot, which the consumers free only once they have that step.
+            if kk >= S - 1:
+                async_copy.wait_group(S - 2)
+                fence_async_shared()
+                mbarrier.arrive(ready.index((kk - S + 1) % S), count=1)
+            s = kk % S
+            mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)     # fresh barriers pass phase 1
+            bar = ready.index(s)
+            k = kk * BLOCK_K
+            mbarrier.expect(bar, b_bytes)
+            if SWIGLU:
+                _tma_load(b_desc, [brow0, k], bar, b.index(s).slice(0, B_ROWS))
+                _tma_load(b_desc, [brow0 + N, k], bar, b.index(s).slice(B_ROWS, B_ROWS))
+            else:
+                _tma_load(b_desc, [brow0, k], bar, b.index(s))
+            _cp_async(a0.index(s), p0 + k, mask=ok0)   # K % BLOCK_K == 0
+            if live1:
+                _cp_async(a1.index(s), p1 + k, mask=ok1)
+            async_copy.commit_group()
+        async_copy.wait_group(0)
+        fence_async_shared()
+        for j in range(gl.maximum(k_steps - S + 1, 0), k_steps):
+            mbarrier.arrive(ready.index(j % S), count=1)
 
     @gluon.jit
     def _consume_partition(a_s, b, ready, free, k_steps, live, c_ptr, w_ptr, ids_ptr, row0, col0, num_rows, N,
@@ -110,10 +176,11 @@ if gluon is not None:
 
     # token counts change every step: do not compile a variant per divisibility of these two
     @gluon.jit(do_not_specialize=["num_rows", "num_blocks"])
-    def _moe_gemm_ws(a_desc, b_desc, c_ptr, w_ptr, ids_ptr, rows_ptr, codes_ptr, used_ptr,
-                     num_rows, N, K, NW, num_blocks, stride_cm,
-                     SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr,
-                     GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    def _moe_gemm_ws(a_desc, b_desc, a_ptr, a_index_ptr, c_ptr, w_ptr, ids_ptr, rows_ptr, codes_ptr, used_ptr,
+                     num_rows, N, K, NW, num_blocks, stride_am, stride_cm,
+                     GATHER_A: gl.constexpr, A_DIV: gl.constexpr, A_INDEX: gl.constexpr, SWIGLU: gl.constexpr,
+                     MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr, GROUP_M: gl.constexpr,
+                     STAGES: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -141,15 +208,26 @@ if gluon is not None:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(ready.index(i), count=2 if GATHER_A else 1)   # gathered: B's expect + A's copies
             mbarrier.init(free.index(i), count=2)      # both warpgroups release a stage
-        gl.warp_specialize([
-            (_consume_partition, (a0, b, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
-                                  num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-            (_load_partition, (a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps, SWIGLU)),
-            (_consume_partition, (a1, b, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H, col0,
-                                  num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-        ], [1, 4], [24, 232])
+        if GATHER_A:
+            gl.warp_specialize([
+                (_consume_partition, (a0, b, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
+                                      num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+                (_gather_partition, (a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, b, ready, free, row0, brow0, N,
+                                     live1, k_steps, num_rows, stride_am, A_DIV, A_INDEX, SWIGLU, 4)),
+                (_consume_partition, (a1, b, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H,
+                                      col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+            ], [4, 4], [64, 224])   # the gatherer's row pointers fit in 64 registers
+        else:
+            gl.warp_specialize([
+                (_consume_partition, (a0, b, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
+                                      num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+                (_load_partition, (a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps,
+                                   SWIGLU)),
+                (_consume_partition, (a1, b, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H,
+                                      col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+            ], [1, 4], [24, 232])
 
 
 def supported_triton() -> bool:
@@ -158,7 +236,7 @@ def supported_triton() -> bool:
 
 
 def unsupported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, block_k: int, align_block: int,
-                gather_a: bool, swiglu: bool) -> str:
+                swiglu: bool) -> str:
     """Why the wgmma kernel cannot run this GEMM ('' when it can); the caller then uses the Triton kernel."""
     if not supported_triton():
         return "the wgmma expert GEMM needs Triton >= 3.6 with Gluon's Hopper API"
@@ -166,17 +244,15 @@ def unsupported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, bl
         return "the wgmma expert GEMM needs a compute-capability 9.0 GPU"
     if a.dtype not in (torch.bfloat16, torch.float16):
         return f"the wgmma expert GEMM needs bfloat16/float16, got {a.dtype}"
-    if gather_a:
-        return "the wgmma expert GEMM reads A through TMA: its rows must be in aligned order (not gathered)"
     if (block_m, align_block, block_k) != (2 * BH, BH, BK):
         return f"the wgmma expert GEMM needs BLOCK_M={2 * BH}, rows aligned to {BH} and BLOCK_K={BK}, got " \
                f"{block_m}, {align_block}, {block_k}"
     if block_n not in ((64, 128) if swiglu else (128, 256)):
         return f"the wgmma expert GEMM needs BLOCK_N in {(64, 128) if swiglu else (128, 256)}, got {block_n}"
-    K = a.shape[1]
-    if (K * a.element_size()) % 16 or a.stride(0) * a.element_size() % 16 or a.data_ptr() % 16 \
-            or w.data_ptr() % 16:
-        return "the wgmma expert GEMM needs 16-byte aligned rows of A and w (TMA)"
+    if a.shape[1] % BK:
+        return f"the wgmma expert GEMM needs a depth (K) that is a multiple of {BK}, got {a.shape[1]}"
+    if a.stride(0) * a.element_size() % 16 or a.data_ptr() % 16 or w.data_ptr() % 16:
+        return "the wgmma expert GEMM needs 16-byte aligned rows of A and w (TMA and 16-byte copies)"
     return ""
 
 
@@ -186,10 +262,12 @@ def _smem_layout(rows: int, dtype: torch.dtype):
 
 
 def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignment, *, block_n: int,
-                   stages: int, group_m: int, swiglu: bool, scatter_c: bool,
-                   row_weights: torch.Tensor | None = None, tables: BlockTables | None = None) -> torch.Tensor:
-    """kernels.fused_moe_kernel.moe_gemm for aligned A on Hopper (checks there; `unsupported` must be ''):
-    a [>= R, K] aligned rows, w [E, NW, K], out [*, N]; block_n = output columns per program. Returns out."""
+                   stages: int, group_m: int, swiglu: bool, gather_a: bool, scatter_c: bool, a_div: int = 1,
+                   row_weights: torch.Tensor | None = None, tables: BlockTables | None = None,
+                   a_index: torch.Tensor | None = None) -> torch.Tensor:
+    """kernels.fused_moe_kernel.moe_gemm on Hopper (its checks there; `unsupported` must be ''): a [*, K] rows
+    gathered through the alignment (gather_a: row id // a_div, then a_index) or [>= R, K] aligned, w [E, NW, K],
+    out [*, N]; block_n = output columns per program. Returns out."""
     E, NW, K = w.shape
     N = NW // 2 if swiglu else NW
     if tables is None:
@@ -197,14 +275,14 @@ def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: A
     num_blocks = tables.merged_rows.numel()
     if num_blocks == 0 or N == 0 or K == 0:
         return out
-    b_rows = block_n
     a_desc = GluonDescriptor(a, [a.shape[0], K], [a.stride(0), 1], [BH, BK], _smem_layout(BH, a.dtype))
     w2 = w.view(E * NW, K)
-    b_desc = GluonDescriptor(w2, [E * NW, K], [K, 1], [b_rows, BK], _smem_layout(b_rows, a.dtype))
+    b_desc = GluonDescriptor(w2, [E * NW, K], [K, 1], [block_n, BK], _smem_layout(block_n, a.dtype))
     _moe_gemm_ws[(num_blocks * triton.cdiv(N, block_n),)](
-        a_desc, b_desc, out, row_weights, align.sorted_ids, tables.merged_rows, tables.merged_codes, tables.counts,
-        align.num_rows, N, K, NW, num_blocks, out.stride(0),
-        SWIGLU=swiglu, MUL_WEIGHT=row_weights is not None, SCATTER_C=scatter_c, GROUP_M=group_m, STAGES=stages,
+        a_desc, b_desc, a, a_index, out, row_weights, align.sorted_ids, tables.merged_rows, tables.merged_codes,
+        tables.counts, align.num_rows, N, K, NW, num_blocks, a.stride(0), out.stride(0),
+        GATHER_A=gather_a, A_DIV=a_div, A_INDEX=a_index is not None, SWIGLU=swiglu,
+        MUL_WEIGHT=row_weights is not None, SCATTER_C=scatter_c, GROUP_M=group_m, STAGES=stages,
         num_warps=4, maxnreg=168,
     )
     return out

@@ -162,33 +162,40 @@ def _gluon_mla_cases() -> list:
 
 
 def _gluon_moe_cases() -> list:
-    """The Gluon wgmma expert GEMM (kernels/fused_moe_wgmma.py) at V3 dims: the up GEMM (SwiGLU) and the down GEMM
-    (top-k weights, scattered rows)."""
+    """The Gluon wgmma expert GEMM (kernels/fused_moe_wgmma.py) at V3 dims: the up GEMM (SwiGLU) on gathered rows
+    (cp.async) and on aligned rows (TMA), and the down GEMM (top-k weights, scattered rows); pointers and strides
+    16-byte divisible, as the launcher specialises them."""
     import torch
     from nanomoe_kernels import fused_moe_wgmma as m
 
     if not m.supported_triton():
         return []
     out = []
-    for swiglu, K, NW, rows in ((True, 7168, 4096, 128), (False, 2048, 7168, 256)):
+    for swiglu, gather, K, NW in ((True, True, 7168, 4096), (True, False, 7168, 4096), (False, False, 2048, 7168)):
         a, w = torch.zeros(256, K, dtype=torch.bfloat16), torch.zeros(2 * NW, K, dtype=torch.bfloat16)
+        rows = 128 if swiglu else 256
         descs = [m.GluonDescriptor(a, [256, K], [K, 1], [m.BH, m.BK], m._smem_layout(m.BH, a.dtype)),
                  m.GluonDescriptor(w, [2 * NW, K], [K, 1], [rows, m.BK], m._smem_layout(rows, a.dtype))]
         i32, f32 = torch.zeros(4, dtype=torch.int32), torch.zeros(4)
-        args = descs + [a, None if swiglu else f32, i32, i32, i32, i32, 5, NW // 2 if swiglu else NW, K, NW, 5, 64]
-        consts = dict(SWIGLU=swiglu, MUL_WEIGHT=not swiglu, SCATTER_C=not swiglu, GROUP_M=8, STAGES=4, num_warps=4)
-        out.append((f"fused_moe_wgmma[swiglu {swiglu}]", m._moe_gemm_ws, args, consts, {"maxnreg": 168}))
+        args = descs + [a, None, a, None if swiglu else f32, i32, i32, i32, i32,
+                        5, NW // 2 if swiglu else NW, K, NW, 5, K, 64]
+        consts = dict(GATHER_A=gather, A_DIV=8 if gather else 1, A_INDEX=False, SWIGLU=swiglu, MUL_WEIGHT=not swiglu,
+                      SCATTER_C=not swiglu, GROUP_M=8, STAGES=4, num_warps=4)
+        aligned = ("a_ptr", "c_ptr", "N", "K", "NW", "stride_am", "stride_cm")
+        out.append((f"fused_moe_wgmma[swiglu {swiglu}, gather {gather}]", m._moe_gemm_ws, args, consts,
+                    {"maxnreg": 168}, aligned))
     return out
 
 
-def _compile_gluon(fn, args: list, consts: dict, options: dict) -> None:
+def _compile_gluon(fn, args: list, consts: dict, options: dict, aligned: tuple = ()) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     names = fn.arg_names
     signature = {n: mangle_type(a) for n, a in zip(names, args)} | {k: "constexpr" for k in consts}
-    src = GluonASTSource(fn, signature, {(names.index(k),): v for k, v in consts.items()})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = GluonASTSource(fn, signature, {(names.index(k),): v for k, v in consts.items()}, attrs)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": consts["num_warps"], **options})
 
 
@@ -200,9 +207,9 @@ def compile_all() -> list[str]:
             _compile(fn, types, consts)
         except Exception as err:  # noqa: BLE001 - every failing kernel is reported, not just the first
             failures.append(f"{name}: {type(err).__name__}: {err}")
-    for name, fn, args, consts, options in _gluon_mla_cases() + _gluon_moe_cases():
+    for name, fn, args, consts, options, *aligned in _gluon_mla_cases() + _gluon_moe_cases():
         try:
-            _compile_gluon(fn, args, consts, options)
+            _compile_gluon(fn, args, consts, options, *aligned)
         except Exception as err:  # noqa: BLE001
             failures.append(f"{name}: {type(err).__name__}: {err}")
     return failures

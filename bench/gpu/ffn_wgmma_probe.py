@@ -5,7 +5,8 @@
 DeepSeek-V3 expert dims (H 7168, I 2048), top-8, E x T cases. Variants, each the whole expert FFN (alignment
 untimed, as the bench's `triton` row): `triton` (the tuned tables), `wgmma` (both GEMMs on the wgmma kernel:
 128-row programs over 64-row alignment, 4 stages, 128 x (2 x 128) up and 128 x 256 down tiles), `wgmma_s3`
-(3 stages), `wgmma_up` / `wgmma_down` (one GEMM on it, the other tuned), `fused_moe` when asked for (the public
+(3 stages), `wgmma_up` / `wgmma_down` (one GEMM on it, the other tuned), `triton_tiles` (the tuned tiles with
+WGMMA off everywhere), `fused_moe` when asked for (the public
 entry, its alignment timed), and the peers `bmm`, `deepgemm`, `sglang` where they load. Every variant is checked
 against `triton`'s output (relative error) first, then all are timed in interleaved rounds (do_bench median, L2
 flushed); the bf16 matmul ceiling before and after. One profiler pass per case sums the kernels' times of
@@ -41,7 +42,8 @@ WG = dict(BLOCK_M=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_M
 def wgmma_variants(up: dict, down: dict) -> dict[str, tuple[dict, dict]]:
     wu, wd = {**up, **WG, "BLOCK_N": 128}, {**down, **WG, "BLOCK_N": 256}
     return {"wgmma": (wu, wd), "wgmma_s3": ({**wu, "num_stages": 3}, {**wd, "num_stages": 3}),
-            "wgmma_up": (wu, down), "wgmma_down": (up, wd)}
+            "wgmma_up": (wu, down), "wgmma_down": (up, wd),
+            "triton_tiles": ({**up, "WGMMA": False}, {**down, "WGMMA": False})}
 
 
 def ffn_fn(x, ids, tw, w, up: dict, down: dict):

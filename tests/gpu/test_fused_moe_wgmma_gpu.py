@@ -45,7 +45,7 @@ def routing(T: int, E: int, k: int, kind: str, seed: int) -> tuple[torch.Tensor,
 
 def assert_runs_wgmma(cfg: dict, x: torch.Tensor, w: torch.Tensor, swiglu: bool) -> None:
     align = moe_align(torch.zeros(1, 1, dtype=torch.int32, device=x.device), w.shape[0], 64)
-    reason = wgmma_unsupported(check_config(cfg), x, w, align, False, swiglu)
+    reason = wgmma_unsupported(check_config(cfg), x, w, align, swiglu)
     assert reason == "", reason
 
 
