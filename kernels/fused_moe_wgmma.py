@@ -1,4 +1,4 @@
-"""Grouped expert GEMM for Hopper in Gluon: one TMA warp feeds two consumer warpgroups of 64 rows each.
+"""Grouped expert GEMM for Hopper in Gluon: a producer partition feeds two consumer warpgroups of 64 rows each.
 
 Dimension legend: R aligned rows (kernels.moe_align; each expert's rows padded to TM = 64), E experts, K depth (H
 for the up GEMM, I for down), N output columns (I for up, H for down), NW weight rows per expert (2I for up, else
@@ -12,7 +12,8 @@ TFLOP/s, against ~600 for DeepGEMM's warp-specialised kernels on the same GEMMs
 
     load      (1 warp)    per k-step, TMA of A [BH, BK] for each live half and B [NB, BK] (SwiGLU: the BN gate rows
                           and the BN up rows I further, NB = 2 BN; else NB = BN) into an S-stage ring (ready /
-                          free mbarriers; free waits for both warpgroups)
+                          free mbarriers; free waits for both warpgroups); `gather` (4 warps) instead when A's
+                          rows are gathered: A by 16-byte cp.async, B by TMA
     consume   (2 x 4 warps, half h = rows BH*h ..): acc [BH, NB] += A_h . B^T, one wgmma N = NB (A read once
                           per step), one k-step in flight, the stage before it released
     epilogue  (each half)  SwiGLU: silu(gate) * up from acc's two column halves (a register split); rows scaled
@@ -20,10 +21,13 @@ TFLOP/s, against ~600 for DeepGEMM's warp-specialised kernels on the same GEMMs
 
 Programs walk kernels.moe_blocks' merged list (each expert's 128-row main blocks, then its 64-row tail block), GROUP_M
 row blocks per column tile so an expert's blocks share the weight tiles through L2. On a tail block the second
-warpgroup computes nothing: it only paces the ring. A in aligned order (the down GEMM's) comes by TMA; gathered
-rows (the up GEMM's: pair id // top-k, or through an index) come by 16-byte cp.async from a 4-warp partition that
-also issues B's TMA (S - 1 steps in flight). Rows past a tensor's end and padding rows read as zeros, and padding
-rows (sentinel ids) are never stored. Same outputs as the Triton kernel up to float32 summation order.
+warpgroup computes nothing: it only paces the ring. Gathered rows (the up GEMM's: pair id // top-k, or through an
+index) keep S - 1 steps in flight. Rows past a tensor's end and padding rows read as zeros, and padding rows
+(sentinel ids) are never stored. Same outputs as the Triton kernel up to float32 summation order.
+
+Measured on an H200 (bench/results/expert_ffn_notes.md, runs 133-141): 7-16% faster than the tl.dot kernel at the
+boost clock, but under the sustained power cap only the up GEMM at ~1024 rows per expert and more gains (2-7%);
+so kernels/tuned enables it (config key WGMMA) there and nowhere else.
 """
 
 from __future__ import annotations
