@@ -59,9 +59,19 @@ if gluon is not None:
     _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
     @gluon.jit
+    def _load_b(b_desc, bar, b_s, brow0, N, k, SWIGLU: gl.constexpr):
+        """TMA of one step's B tile into b_s; SwiGLU: the gate rows, then the up rows of the same columns (I
+        further), in one [2 * B_ROWS, BK] tile."""
+        B_ROWS: gl.constexpr = b_desc.block_type.shape[0]
+        if SWIGLU:
+            _tma_load(b_desc, [brow0, k], bar, b_s.slice(0, B_ROWS))
+            _tma_load(b_desc, [brow0 + N, k], bar, b_s.slice(B_ROWS, B_ROWS))
+        else:
+            _tma_load(b_desc, [brow0, k], bar, b_s)
+
+    @gluon.jit
     def _load_partition(a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps, SWIGLU: gl.constexpr):
         S: gl.constexpr = a0.type.shape[0]
-        B_ROWS: gl.constexpr = b_desc.block_type.shape[0]
         a_bytes: gl.constexpr = a_desc.block_type.nbytes
         b_bytes: gl.constexpr = b.type.shape[1] * b.type.shape[2] * b_desc.dtype.primitive_bitwidth // 8
         for kk in range(k_steps):
@@ -75,11 +85,7 @@ if gluon is not None:
             else:
                 mbarrier.expect(bar, a_bytes + b_bytes)
             _tma_load(a_desc, [row0, k], bar, a0.index(s))
-            if SWIGLU:   # gate rows, then the up rows of the same columns (I further), in one [2 * B_ROWS, BK] tile
-                _tma_load(b_desc, [brow0, k], bar, b.index(s).slice(0, B_ROWS))
-                _tma_load(b_desc, [brow0 + N, k], bar, b.index(s).slice(B_ROWS, B_ROWS))
-            else:
-                _tma_load(b_desc, [brow0, k], bar, b.index(s))
+            _load_b(b_desc, bar, b.index(s), brow0, N, k, SWIGLU)
 
     @gluon.jit
     def _a_rows(ids_ptr, a_index_ptr, pos, num_rows, A_DIV: gl.constexpr, A_INDEX: gl.constexpr):
@@ -99,7 +105,6 @@ if gluon is not None:
         S: gl.constexpr = a0.type.shape[0]
         BLOCK_H: gl.constexpr = a0.type.shape[1]
         BLOCK_K: gl.constexpr = a0.type.shape[2]
-        B_ROWS: gl.constexpr = b_desc.block_type.shape[0]
         b_bytes: gl.constexpr = b.type.shape[1] * b.type.shape[2] * b_desc.dtype.primitive_bitwidth // 8
         LD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])   # 16-byte copies
         offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LD))
@@ -123,11 +128,7 @@ if gluon is not None:
             bar = ready.index(s)
             k = kk * BLOCK_K
             mbarrier.expect(bar, b_bytes)
-            if SWIGLU:
-                _tma_load(b_desc, [brow0, k], bar, b.index(s).slice(0, B_ROWS))
-                _tma_load(b_desc, [brow0 + N, k], bar, b.index(s).slice(B_ROWS, B_ROWS))
-            else:
-                _tma_load(b_desc, [brow0, k], bar, b.index(s))
+            _load_b(b_desc, bar, b.index(s), brow0, N, k, SWIGLU)
             _cp_async(a0.index(s), p0 + k, mask=ok0)   # K % BLOCK_K == 0
             if live1:
                 _cp_async(a1.index(s), p1 + k, mask=ok1)

@@ -34,6 +34,7 @@ from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E4
 
 from bench.common import measure_ceilings  # noqa: E402
 from bench.expert_ffn_variants import build_variants  # noqa: E402
+from bench.gpu.ffn_layout_probe import kernel_breakdown  # noqa: E402
 
 K_TOP, H, I = 8, 7168, 2048
 WG = dict(BLOCK_M=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_M=64, WGMMA=True)
@@ -52,20 +53,6 @@ def ffn_fn(x, ids, tw, w, up: dict, down: dict):
     al = moe_align(ids, E, bm)
     row_w = tw.reshape(-1).contiguous()
     return lambda: sum_pairs(fused_moe_aligned(x, al, w, "swiglu", up, down, a_div=K_TOP, row_weights=row_w), K_TOP)
-
-
-def kernel_us(fn, calls: int = 3) -> dict[str, float]:
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    out: dict[str, float] = {}
-    for ev in prof.key_averages():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and getattr(ev, "device_time_total", 0) > 0:
-            out[ev.key[:60]] = round(ev.device_time_total / calls, 1)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
 
 
 def main() -> None:
@@ -118,7 +105,8 @@ def main() -> None:
             if v.get("us"):
                 v["median_us"] = statistics.median(v["us"])
                 v["tflops"] = round(flops / (v["median_us"] * 1e-6) / 1e12, 1)
-        rec["kernels_us"] = {n: kernel_us(live[n]) for n in ("triton", "wgmma", "wgmma_up", "fused_moe") if n in live}
+        rec["kernels_us"] = {n: kernel_breakdown(live[n]) for n in ("triton", "wgmma", "wgmma_up", "fused_moe")
+                             if n in live}
         out["cases"].append(rec)
         print(json.dumps({"case": case, "median_us": {n: v.get("median_us", v.get("error", v.get("rel_err")))
                                                       for n, v in rec["variants"].items()}}), flush=True)
