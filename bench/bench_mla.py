@@ -58,6 +58,7 @@ from bench.mla_cases import (  # noqa: E402
     bench_us,
     ceilings,
     graph_us,
+    graph_us_read_flush,
 )
 from nanomoe_fn.attention.backends import torch_decode, torch_prefill  # noqa: E402
 from nanomoe_fn.attention.cache import ContiguousCache  # noqa: E402
@@ -133,7 +134,9 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
                       "anchor_torch": round(anchor[1] / us, 2)})
         return s
 
-    def add(variant: str, us: float, **extra: object) -> None:
+    def add(variant: str, us: float, fn: Callable | None = None, **extra: object) -> None:
+        if fn is not None and dev == "cuda" and (small or args.small_batch):   # few rows: also after a clean L2
+            extra["median_us_read_flush"] = round(graph_us_read_flush(fn), 2)
         rows.append(row(case, variant, us, nbytes, flops, ceil, floor_us=round(floor_us(nbytes, flops, ceil), 2),
                         speedup_vs=speedups(us), **extra))
 
@@ -142,7 +145,7 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
     qs, pos = q[:, None], (lens - 1)[:, None]
     try:
         t = graph_us(lambda: torch_decode(qs, cache, pos, cfg), rep)
-        add("torch", t)
+        add("torch", t, lambda: torch_decode(qs, cache, pos, cfg))
         base["torch"] = t
     except torch.OutOfMemoryError:
         print(f"skip torch decode {case}: out of memory", flush=True)
@@ -158,7 +161,8 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
                 fn()
                 t = graph_us(fn, max(10, rep // 2))
                 best = min(best, (t, k, rel_err(o, want)), key=lambda x: x[0])
-            add("sglang", best[0], config={"num_kv_splits": best[1], "rel_err_vs_triton": round(best[2], 4)})
+            add("sglang", best[0], sgl_decode(q, kv, scale, best[1])[0],
+                config={"num_kv_splits": best[1], "rel_err_vs_triton": round(best[2], 4)})
             base["sglang"] = best[0]
         except Exception as e:  # noqa: BLE001 (the peer is optional: record why it is missing)
             rows.append({"case": case, "variant": "sglang", "peer_skipped": f"{type(e).__name__}: {str(e)[:200]}"})
@@ -166,8 +170,10 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
     dev_t = torch.device(dev)
     k_def = default_splits(batch, heads, ctx, tun, dev_t, paged=True)
     cfg_info = {"tuning": tun.__dict__, "splits": k_def}
-    add("triton", graph_us(lambda: mla_decode(q, pages, lens, C, scale, block_table=table), rep), config=cfg_info)
-    add("triton_contiguous", graph_us(lambda: mla_decode(q, kv, lens, C, scale), rep),
+    paged_fn, contiguous_fn = (lambda: mla_decode(q, pages, lens, C, scale, block_table=table),
+                               lambda: mla_decode(q, kv, lens, C, scale))
+    add("triton", graph_us(paged_fn, rep), paged_fn, config=cfg_info)
+    add("triton_contiguous", graph_us(contiguous_fn, rep), contiguous_fn,
         config={"tuning": tun_c.__dict__, "splits": default_splits(batch, heads, ctx, tun_c, dev_t)})
     if not ((args.tune and anchor) or small):
         return rows

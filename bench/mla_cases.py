@@ -86,6 +86,42 @@ def graph_us(fn: Callable[[], object], rep_ms: int) -> float:
     return us
 
 
+def us_after(fn: Callable[[], object], flush: Callable[[], object], reps: int = 200) -> float:
+    """Median microseconds of fn between two CUDA events, flush() before each call (10 untimed calls first)."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(10 + reps):
+        flush()
+        if i >= 10:
+            starts[i - 10].record()
+        fn()
+        if i >= 10:
+            ends[i - 10].record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(starts, ends)) * 1e3
+
+
+def read_flush() -> Callable[[], object]:
+    """A flush of the L2 that reads 256 MB (clean lines left behind), as a callable."""
+    buf = torch.ones(1 << 26, dtype=torch.float32, device="cuda")
+    total = torch.empty((), dtype=torch.float32, device="cuda")
+    return lambda: torch.sum(buf, dim=(0,), out=total)
+
+
+def graph_us_read_flush(fn: Callable[[], object], reps: int = 200) -> float | None:
+    """Median microseconds of one CUDA-graph replay of fn after the L2 was flushed by *reading* 256 MB (None off
+    the GPU). do_bench (graph_us) flushes by zeroing 256 MB, which leaves the L2 full of dirty lines: a kernel
+    that then reads from HBM first writes them back (~2 us at one 16k row: bench/results/mla_notes.md). After a
+    read the lines are clean, as a decode step finds them after the previous layer's GEMMs read their weights."""
+    if not torch.cuda.is_available():
+        return None
+    graph = capture_graph(fn)
+    us = us_after(graph.replay, read_flush(), reps)
+    del graph
+    torch.cuda.empty_cache()
+    return us
+
+
 def ceilings(dev: str, rep_ms: int) -> dict:
     """Copy bandwidth (bytes read + written) and dense bf16 matmul rate, measured now on random data."""
     n, m = (1 << 30, 8192) if dev == "cuda" else (1 << 24, 1024)

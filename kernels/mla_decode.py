@@ -281,13 +281,13 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         lse = torch.empty(rows, heads, k, dtype=torch.float32, device=q.device)
     bt = block_table if paged else ctx_lens
     kernel, extra = (_mla_decode_partial_km, {}) if t.key_major else (_mla_decode_partial, {"VSPLIT": t.value_splits})
-    pdl = k > 1 and t.pdl and not t.wgmma and pdl_supported(q.device, runs_interpreted())
+    pdl = k > 1 and t.pdl and (t.warp_specialize or not t.wgmma) and pdl_supported(q.device, runs_interpreted())
     if pdl:
         extra["TRIGGER"] = True
     if t.wgmma:
         launch = mla_decode_wgmma_ws.launch_partial if t.warp_specialize else mla_decode_wgmma.launch_partial
         launch(q, kv, bt, ctx_lens, o_part, lse, kv_lora_rank, rows // batch, k, max_len,
-               sm_scale * 1.4426950408889634, paged)
+               sm_scale * 1.4426950408889634, paged, **({"trigger": True} if pdl else {}))
     else:
         kernel[(head_programs, rows, k)](
             q, kv, *descs, bt, ctx_lens, o_part, lse,

@@ -28,9 +28,10 @@ class DecodeTuning:
     kernels/mla_decode_keymajor.py; value_splits must then be 1); input_dtype_partials: the split partials
     stored in q's dtype (bf16/fp16: half the bytes written by stage 1 and read by the reduction) instead of
     float32 (the lse stays float32); pdl: the split reduction is launched with programmatic dependent launch
-    (Hopper and later; mla_decode ignores it elsewhere): stage 1 lets it in as its programs start, so the
-    reduction's programs are placed while stage 1 runs and wait on the GPU (griddepcontrol) for its end,
-    instead of the launch gap between two kernels. wgmma: stage 1 is the Gluon Hopper kernel
+    (Hopper and later, behind the Triton stage 1 or the warp-specialised Gluon one; mla_decode ignores it
+    elsewhere): stage 1 lets it in as its programs start, so the reduction's programs are placed while stage 1
+    runs and wait on the GPU (griddepcontrol) for its end, instead of the launch gap between two kernels.
+    wgmma: stage 1 is the Gluon Hopper kernel
     (kernels/mla_decode_wgmma.py: 64 heads x all value columns a program, each tile scored once by two
     warpgroups; block_h and block_n must be 64, the other tile fields do not apply); warp_specialize (with
     wgmma, Triton >= 3.6): its warp-specialised form (kernels/mla_decode_wgmma_ws.py: a TMA warp, one

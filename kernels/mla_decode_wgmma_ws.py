@@ -152,12 +152,16 @@ if gluon is not None:
         stride_bt, stride_or, stride_on, stride_ok, stride_lr, stride_ln,
         S, N, SPLITS, max_len, scale_log2,
         PAGE: gl.constexpr, PAGED: gl.constexpr, FINAL: gl.constexpr, num_warps: gl.constexpr,
+        TRIGGER: gl.constexpr = False,
     ):
         BLOCK_H: gl.constexpr = ql_desc.block_type.shape[0]
         CH: gl.constexpr = ql_desc.block_type.shape[1]
         DR: gl.constexpr = qp_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = kl_desc.block_type.shape[0]
         dtype: gl.constexpr = ql_desc.dtype
+        if TRIGGER:   # the reduction (launched with PDL) may be placed now; it waits for this grid's end itself
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
         hblk = gl.program_id(0)
         row = gl.program_id(1)
         split = gl.program_id(2)
@@ -216,8 +220,9 @@ def supported_triton() -> bool:
 
 def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens: torch.Tensor,
                    o_part: torch.Tensor, lse: torch.Tensor, c: int, rows_per_seq: int, splits: int, max_len: int,
-                   scale_log2: float, paged: bool) -> None:
-    """Stage 1 over grid (N / 64, R, K), as kernels/mla_decode_wgmma.launch_partial (same outputs)."""
+                   scale_log2: float, paged: bool, trigger: bool = False) -> None:
+    """Stage 1 over grid (N / 64, R, K), as kernels/mla_decode_wgmma.launch_partial (same outputs); trigger: let
+    a reduction launched with PDL in as the programs start."""
     q = q if q.is_contiguous() else q.contiguous()
     heads = q.shape[1]
     _mla_decode_partial_ws[(triton.cdiv(heads, BH), q.shape[0], splits)](
@@ -225,4 +230,5 @@ def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens
         bt.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         rows_per_seq, heads, splits, max_len, scale_log2,
         PAGE=kv.shape[1] if paged else 1, PAGED=paged, FINAL=splits == 1, num_warps=4, maxnreg=168,
+        **({"TRIGGER": True} if trigger else {}),
     )

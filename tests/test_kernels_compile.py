@@ -157,7 +157,8 @@ def _gluon_mla_cases() -> list:
         out += [(f"mla_decode_wgmma[paged {paged}]", wg._mla_decode_partial_wgmma,
                  descs + [kv, bt, lens, part, part] + [1] * 2 + tail, dict(page, C=512, DR=64, num_warps=8), {}),
                 (f"mla_decode_wgmma_ws[paged {paged}]", ws._mla_decode_partial_ws,
-                 descs + [bt, lens, part, part] + tail, dict(page, num_warps=4), {"maxnreg": 168})]
+                 descs + [bt, lens, part, part] + tail, dict(page, num_warps=4, TRIGGER=not paged),
+                 {"maxnreg": 168})]   # TRIGGER: the PDL trigger's inline asm
     return out
 
 

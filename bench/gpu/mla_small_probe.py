@@ -1,7 +1,7 @@
 """Few-row and paged MLA decode on one GPU: tunings A/B in interleaved rounds, and where a call's time goes.
 
     python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row | --partials
-    | --partials-one-row | --pdl | --wgmma | --wgmma-splits]
+    | --partials-one-row | --pdl | --wgmma | --wgmma-splits | --ws-partials | --ws-pdl]
 
 For each shape (heads, rows, context; paged cache of 64-row pages unless marked contiguous) every variant
 (a tuning and split count, or the library default) is checked against the default's output, then timed as
@@ -97,6 +97,23 @@ WGMMA_SPLITS = [  # --wgmma-splits: few rows, the wgmma stage 1's split count ar
                              "wg_bf16": (WG_BF16, None)}),
 ]
 
+WS_BF16 = {f"ws_bf16_red{h}x{c}": (DecodeTuning(wgmma=True, warp_specialize=True, input_dtype_partials=True,
+                                                reduce_h=h, reduce_c=c), None)
+           for h, c in ((0, 0), (1, 64), (1, 128), (2, 64))}
+WS_PARTIALS = [  # --ws-partials: the warp-specialised stage 1 with bf16 split partials, reduction blocks around them
+    ((128, 1, 16384, True), {"default": (None, None), **WS_BF16}),
+    ((128, 1, 4096, True), {"default": (None, None), **WS_BF16}),
+    ((128, 4, 16384, True), {"default": (None, None), "ws_bf16_red0x0": WS_BF16["ws_bf16_red0x0"],
+                             "ws_bf16_red1x64": WS_BF16["ws_bf16_red1x64"]}),
+]
+
+WS_PDL_T = DecodeTuning(wgmma=True, warp_specialize=True, pdl=True)
+WS_PDL = [  # --ws-pdl: the warp-specialised stage 1 with the split reduction launched with PDL against without
+    (shape, {"default": (None, None), "ws_pdl": (WS_PDL_T, None)})
+    for shape in ((128, 1, 16384, True), (128, 1, 16384, False), (128, 1, 4096, True), (128, 4, 16384, True),
+                  (128, 32, 16384, True), (64, 8, 16384, True))
+]
+
 
 def make(heads: int, rows: int, ctx: int, paged: bool):
     g = torch.Generator(device="cuda").manual_seed(heads * 1000 + rows)
@@ -146,13 +163,16 @@ def main() -> None:
     ap.add_argument("--pdl", action="store_true", help="the reduction with and without PDL instead")
     ap.add_argument("--wgmma", action="store_true", help="the Gluon wgmma stage 1 against the Triton kernels instead")
     ap.add_argument("--wgmma-splits", action="store_true", help="the wgmma stage 1's split counts, bf16 partials")
+    ap.add_argument("--ws-partials", action="store_true", help="bf16 partials behind the warp-specialised stage 1")
+    ap.add_argument("--ws-pdl", action="store_true", help="the reduction with PDL behind the warp-specialised stage 1")
     args = ap.parse_args()
     x = torch.zeros(1, device="cuda")
     floor = capture_graph(lambda: x.add_(1).mul_(1))     # two one-element kernels: what any 2-kernel replay costs
     floor_us = triton.testing.do_bench(floor.replay, warmup=5, rep=args.rep_ms, return_mode="median") * 1e3
     print(f"two-kernel graph replay: {floor_us:.2f} us", flush=True)
     results = [{"two_kernel_graph_us": round(floor_us, 2)}]
-    cases = (WGMMA_SPLITS if args.wgmma_splits else WGMMA if args.wgmma
+    cases = (WS_PDL if args.ws_pdl else WS_PARTIALS if args.ws_partials
+             else WGMMA_SPLITS if args.wgmma_splits else WGMMA if args.wgmma
              else PDL if args.pdl else PARTIALS_ONE_ROW if args.partials_one_row
              else PARTIALS if args.partials else ONE_ROW if args.one_row else SHAPES)
     for (heads, rows, ctx, paged), variants in cases:
@@ -184,7 +204,7 @@ def main() -> None:
                 v["median_us"] = round(statistics.median(v["us"]), 2)
         rec["kernels"] = {name: kernel_times(graphs[name])
                           for name in ("default", "tl", "wg", "no_pdl", "km_plain", "bf16_partials", "bf16_red1x32",
-                                       "bf16_red1x64")
+                                       "bf16_red1x64", "ws_bf16_red0x0", "ws_bf16_red1x64", "ws_pdl")
                           if name in graphs}
         results.append(rec)
         print(json.dumps(rec), flush=True)

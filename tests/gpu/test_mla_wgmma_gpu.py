@@ -115,6 +115,29 @@ def test_decode_wgmma_ws_graph_16k():
     _check(captured, _want(q, kv, ctx, 1), ctx)
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_wgmma_ws_pdl(batch):
+    """The warp-specialised stage 1 with the split reduction launched with PDL (DecodeTuning.pdl): the reduction waits
+    on the GPU for stage 1's end, so the bits are those without PDL; eager and replayed from a CUDA graph after q and
+    the lengths change, against float64."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+
+    ws, pdl = DecodeTuning(wgmma=True, warp_specialize=True), DecodeTuning(wgmma=True, warp_specialize=True, pdl=True)
+    q, kv, ctx, want = _case(128, torch.bfloat16, 51 + batch, [16384, 9000, 77, 0][:batch], per_seq=1, cap=16384)
+    cache, table = _paged(kv, 64, 9 + batch)
+    out = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=pdl)
+    assert torch.equal(out, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws))
+    _check(out, want, ctx)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=pdl)
+    q.copy_(torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(9)))
+    ctx.copy_(torch.tensor([5000, 8999, 1, 0][:batch], dtype=torch.int32, device="cuda"))
+    graph.replay()
+    assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws))
+    _check(captured, _want(q, kv, ctx, 1), ctx)
+
+
 def test_decode_wgmma_refuses_clearly():
     """Head counts that are not a multiple of 64 and float32 name what the kernel needs."""
     from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
