@@ -7,7 +7,8 @@ For each shape (heads, rows, context; paged cache of 64-row pages unless marked 
 (a tuning and split count, or the library default) is checked against the default's output, then timed as
 one CUDA-graph replay (L2 flushed before each, median of do_bench) in `rounds` interleaved rounds, so
 a drift of the clocks hits every variant alike. The JSON keeps each round's figure and the median of
-medians. Then each shape's default call is replayed under torch.profiler: the GPU time of each kernel
+medians. Then each shape's default call is replayed under torch.profiler (the L2 flushed before each replay, as
+do_bench does; before the twenty-fourth session these breakdowns were L2-warm): the GPU time of each kernel
 (stage 1, the split reduction) and the replay's span between the first kernel's start and the last one's end;
 first of all, a graph of two one-element kernels, timed the same way, for what the timing itself costs.
 """
@@ -130,16 +131,25 @@ def make(heads: int, rows: int, ctx: int, paged: bool):
 
 
 def kernel_times(graph, reps: int = 20) -> dict:
-    """Mean GPU us per replay of each kernel, and of the span first start -> last end, from the profiler."""
+    """Mean GPU us per replay of each kernel, and of the span first start -> last end, from the profiler; the L2
+    flushed before each replay the way do_bench does (256 MB zeroed), so the breakdown is the timed calls' (replays
+    back to back keep the cache and the partials in L2: bench/results/mla_notes.md, run 145)."""
     from torch.profiler import ProfilerActivity, profile
 
+    buf = torch.empty(1 << 26, dtype=torch.int32, device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as flush_prof:
+        buf.zero_()
+        torch.cuda.synchronize()
+    flush_kernels = {e.name for e in flush_prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
+            buf.zero_()
             graph.replay()
             torch.cuda.synchronize()
     events = [e for e in prof.events()
-              if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+              if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0
+              and e.name not in flush_kernels]
     events.sort(key=lambda e: e.time_range.start)
     per: dict = {}
     for e in events:
