@@ -26,6 +26,7 @@ from nanomoe_kernels.mla_decode_wgmma import BH, descriptors, gluon
 
 if gluon is not None:
     from nanomoe_kernels.mla_decode_wgmma import _tma_load
+    from triton.language.extra.cuda import gdc_launch_dependents
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
@@ -160,8 +161,7 @@ if gluon is not None:
         BLOCK_N: gl.constexpr = kl_desc.block_type.shape[0]
         dtype: gl.constexpr = ql_desc.dtype
         if TRIGGER:   # the reduction (launched with PDL) may be placed now; it waits for this grid's end itself
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+            gdc_launch_dependents()
         hblk = gl.program_id(0)
         row = gl.program_id(1)
         split = gl.program_id(2)
