@@ -26,7 +26,6 @@ from nanomoe_kernels.mla_decode_wgmma import BH, descriptors, gluon
 
 if gluon is not None:
     from nanomoe_kernels.mla_decode_wgmma import _tma_load
-    from triton.language.extra.cuda import gdc_launch_dependents
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
@@ -34,6 +33,7 @@ if gluon is not None:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    from triton.language.extra.cuda import gdc_launch_dependents
 
     @gluon.jit
     def _load_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
