@@ -8,7 +8,6 @@ checks that the modes agree (and match reference/ on the first tokens) before ti
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.workload import agree, check_against_reference, config_from_args, floors, make_inputs  # noqa: E402
 from nanomoe_fn import LocalComm, Placement, moe_layer  # noqa: E402
-from nanomoe_fn.cli_util import UsageError, run_cli  # noqa: E402
+from nanomoe_fn.cli_util import OneLineParser, UsageError, run_cli  # noqa: E402
 from nanomoe_fn.profiling import cuda_profiler, nvtx_range  # noqa: E402
 
 # backends whose layer has no host sync, so the whole layer can be captured in a CUDA graph
@@ -54,24 +53,27 @@ def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], object]:
     return graph.replay
 
 
-def check_capturable(modes: list[str]) -> None:
-    """--cuda-graph needs at least one mode whose backend has no host sync (UsageError, one line)."""
+def check_capturable(modes: list[str], device: torch.device) -> None:
+    """--cuda-graph needs at least one mode whose backend has no host sync (UsageError, one line); off CUDA the
+    message says so too, so that following its advice does not meet a second refusal."""
     if not any(MODES[m] in GRAPHABLE for m in modes):
+        fix = (f"use --mode {' / '.join(m for m in MODES if MODES[m] in GRAPHABLE)} or all" if device.type == "cuda"
+               else f"and this run is on {device}: --cuda-graph needs a CUDA device, leave it out on the CPU")
         raise UsageError(f"--cuda-graph: none of the modes {modes} can be captured (they read counts on the host); "
-                         f"use --mode {' / '.join(m for m in MODES if MODES[m] in GRAPHABLE)} or all")
+                         + fix)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the bench; returns the JSON rows."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="bench_ep_moe.py", description=__doc__.split("\n\n")[0])
     add_seed_flags(parser)
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time sync-free backends (triton, deepgemm) as CUDA-graph replays of the whole layer")
     args = parser.parse_args(argv)
     check_seed_flags(args)
-    if args.cuda_graph and args.mode != "all":  # known from the flag alone, on any device
-        check_capturable(["loop", "batched_gemm"] if args.mode == "both" else [args.mode])
-    device = pick_device(args.device)
+    device = pick_device(args.device)  # first: off CUDA no --mode can be captured, whatever --mode says
+    if args.cuda_graph and args.mode != "all":  # known from the flags alone
+        check_capturable(["loop", "batched_gemm"] if args.mode == "both" else [args.mode], device)
     if args.cuda_graph and device.type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device (this run is on {device}); leave it out on the CPU")
     dtype = pick_dtype(args.dtype, device)
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = config_from_args(args)
     modes = pick_modes(args.mode, cfg, device)
     if args.cuda_graph:
-        check_capturable(modes)
+        check_capturable(modes, device)
     params, x = make_inputs(cfg, args, dtype, device)
     comm, placement = LocalComm(), Placement.identity(cfg.num_experts, 1).to(device)
 

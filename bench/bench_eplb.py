@@ -29,7 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.common import write_record  # noqa: E402
+from nanomoe_fn.cli_util import OneLineParser, UsageError, run_cli  # noqa: E402
 from nanomoe_fn.eplb import (  # noqa: E402
+    POLICIES,
     advance,
     balancedness,
     gpu_loads,
@@ -170,28 +172,84 @@ def write_plot(plot: dict, path: str, W: int, title: str) -> None:
     print(f"wrote {path}")
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",")]
+def _ints(text: str) -> list[int]:
+    """'4,8' -> [4, 8] (an argparse type: a bad list is one line naming the flag)."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return out
+
+
+def _names(choices: tuple[str, ...]) -> object:
+    """An argparse type: a comma list of names, each one of choices."""
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in names if x not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; expected a comma list of {list(choices)}")
+        return names
+    return parse
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every flag checked before anything is sampled (UsageError, one line naming the flag)."""
+    E, G = args.experts, args.groups
+    for flag in ("experts", "groups", "top_k", "tokens", "window", "layers", "gpus_per_node"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if min(args.gpus) < 1:
+        raise UsageError(f"--gpus: every GPU count must be >= 1, got {args.gpus}")
+    if min(args.redundant) < 0:
+        raise UsageError(f"--redundant: every count of redundant slots must be >= 0, got {args.redundant}")
+    if args.top_k > E:
+        raise UsageError(f"--top-k ({args.top_k}) must be <= --experts ({E}): each token picks distinct experts")
+    if "drift" in args.skews and E < 2:
+        raise UsageError(f"--skews drift swaps neighbouring experts: it needs --experts >= 2, got {E}")
+    if E % G and ("hot_groups" in args.skews or "hierarchical" in args.policies):
+        raise UsageError(f"--groups ({G}) must divide --experts ({E}) for --skews hot_groups and --policies "
+                         f"hierarchical (leave those out, or pick another --groups)")
+    for W in args.gpus:
+        if E % W:
+            raise UsageError(f"--gpus {W} must divide --experts ({E}): the identity placement gives each GPU "
+                             f"E / W experts")
+        bad = [r for r in args.redundant if (E + r) % W]
+        if bad:
+            raise UsageError(f"--redundant {bad[0]}: --experts + --redundant ({E + bad[0]}) must be a multiple of "
+                             f"--gpus {W} (every GPU holds the same number of slots)")
+        N = max(1, W // args.gpus_per_node)
+        if "hierarchical" in args.policies and (W % N or G % N):
+            raise UsageError(f"--policies hierarchical with --gpus {W} on {N} nodes (--gpus-per-node "
+                             f"{args.gpus_per_node}): the nodes must divide both --gpus and --groups ({G}); "
+                             f"use --policies global, or other --gpus / --gpus-per-node / --groups")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry point."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--experts", type=int, default=256)
-    ap.add_argument("--groups", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=8)
+    """CLI entry point: flags checked first (one line, exit status 2, through run_cli)."""
+    ap = OneLineParser(prog="bench_eplb.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--experts", type=int, default=256, help="logical experts E (default 256)")
+    ap.add_argument("--groups", type=int, default=8,
+                    help="expert groups (must divide --experts for hot_groups and the hierarchical policy)")
+    ap.add_argument("--top-k", type=int, default=8, help="distinct experts per token (<= --experts)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (all GPUs together)")
     ap.add_argument("--window", type=int, default=16, help="steps recorded, then steps measured")
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--gpus", type=_ints, default=[4, 8, 16, 32])
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--redundant", type=_ints, default=[0, 32])
-    ap.add_argument("--skews", type=lambda s: s.split(","), default=list(SKEWS))
-    ap.add_argument("--policies", type=lambda s: s.split(","), default=["hierarchical", "global"])
+    ap.add_argument("--gpus", type=_ints, default=[4, 8, 16, 32],
+                    help="comma list of simulated GPU counts W, each dividing --experts and --experts + each "
+                         "--redundant (default 4,8,16,32)")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="nodes = max(1, W // this)")
+    ap.add_argument("--redundant", type=_ints, default=[0, 32], help="comma list of redundant slots (>= 0)")
+    ap.add_argument("--skews", type=_names(SKEWS), default=list(SKEWS), help=f"comma list of {list(SKEWS)}")
+    ap.add_argument("--policies", type=_names(POLICIES), default=list(POLICIES),
+                    help=f"comma list of {list(POLICIES)}")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="write the rows in the bench/results schema to this path")
+    ap.add_argument("--json", help="write the rows to this path, as the record bench/common.py's write_record "
+                                   "describes (bench 'eplb')")
     ap.add_argument("--plot", help="write a PNG of per-GPU load before/after (needs matplotlib)")
     args = ap.parse_args(argv)
+    check_flags(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows, plot = run(args)
     if args.json:
@@ -204,4 +262,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "bench_eplb.py")

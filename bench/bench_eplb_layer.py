@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for its peers")
-    ap.add_argument("--json", default=None, help="write the DESIGN.md record (bench 'eplb') to this path")
+    ap.add_argument("--json", default=None, help="write the JSON record (bench 'eplb'; its fields: bench/common.py, "
+                    "write_record) to this path")
     args = ap.parse_args(argv)
     W, E = args.world_size, args.num_experts
     for name in ("world_size", "hidden_dim", "intermediate_dim", "num_experts", "top_k", "iters", "move_reps",

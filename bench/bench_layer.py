@@ -8,9 +8,14 @@ MoE; bench/layer_cases.py), under every schedule of the pipeline transform, per 
 Dimension legend: T tokens per rank, H hidden, I expert intermediate, E experts, k experts per token, W ranks.
 
 Sizes: DeepSeek-V3 (H 7168, I 2048, E 256 sharded over the ranks, top-8 in 8 groups of which 4, one shared
-expert, bf16), decode at --decode-tokens and prefill at --prefill-tokens per rank; --quick: H 64, I 32,
-E 16, top-4, float32, a few tokens, gloo. Schedules (nanomoe_fn/pipeline): sequential, shared_overlap
-(the shared expert inside dispatch's window), tbo (two-batch overlap), tbo+shared; --compile adds each
+expert, bf16), decode at --decode-tokens and prefill at --prefill-tokens per rank; they need one GPU per rank
+(--backend nccl, the default): every rank draws all 256 experts before keeping its shard, ~23 GB in bf16,
+~45 GB per rank in float32 on the CPU (--backend gloo without --quick; refused where the host has less).
+On a CPU use --quick: H 64, I 32, E 16, top-4, float32, a few tokens, gloo. Every flag is checked before any
+rank starts (bench/layer_cases.py: check_layer_flags; one line, exit status 2).
+
+Schedules (nanomoe_fn/pipeline): sequential, shared_overlap (the shared expert inside dispatch's window), tbo
+(two-batch overlap), tbo+shared; --compile adds each
 under torch.compile (graph breaks allowed: the comms are not traced), --fullgraph each compiled as one graph
 with the comm behind custom ops (OpComm: the decode-mode comms' fixed batches, and the prefill batches sized by
 the routing with the triton experts; the decoder layer at decode only: MLA's kernels are custom ops too), --cuda-graph
@@ -18,20 +23,18 @@ each replayed as a CUDA graph where the comm is sync-free (torch_fixed, torch_de
 deepep_ll). Before timing, every schedule's output is compared with sequential's on the same tokens (a
 mismatch fails the row, nothing is timed).
 
-Per row (DESIGN.md schema, bench "layer"): median_us (CUDA events around each call after a barrier; the
-slowest rank's median), b2b_us (back to back, GPUs), speedup_vs.sequential; TBO rows carry ideal_us and
-share_of_ideal, shared-overlap rows shared_hidden. Stage times: each stage of the sequential plan timed
-alone with events around it (stage_us, at T and at T/2); ideal TBO time = 2 * max(compute, comm) of the
-T/2 stages (the first micro-batch of the program's split) + the split's own cost (one concat of the
-outputs), compute = every compute stage (MoE: route, experts, shared, add; decoder: also the norms, MLA and
-residuals), comm = the four exchange halves; share_of_ideal = (sequential / tbo) / (sequential / ideal).
-shared_hidden = (sequential - shared_overlap) / the shared stage's time (shared_us). +graph rows use GPU-only
-stage times instead (bench/layer_stages.py: each compute stage captured alone, the exchanges = the whole
-sequential graph minus them), for their ideal and shared_hidden, and carry stage_half_us. shared_stream runs
-the shared experts on their own stream from the layer's start (_after_route, _after_send: launched after that
-stage instead); the overlapped schedules run their
-exchanges on exchange streams (nanomoe_fn/pipeline/streams.py). --schedules picks a subset (sequential
-always runs). --profile DIR writes one
+Per row (of the record bench/common.py's write_record describes, bench "layer"): median_us (CUDA events around each
+call after a barrier; the slowest rank's median), b2b_us (back to back, GPUs), speedup_vs.sequential; TBO rows carry
+ideal_us and share_of_ideal, shared-overlap rows shared_hidden. Stage times: each stage of the sequential plan timed
+alone with events around it (stage_us, at T and at T/2); ideal TBO time = 2 * max(compute, comm) of the T/2 stages
+(the first micro-batch of the program's split) + the split's own cost (one concat of the outputs), compute = every
+compute stage (MoE: route, experts, shared, add; decoder: also the norms, MLA and residuals), comm = the four exchange
+halves; share_of_ideal = (sequential / tbo) / (sequential / ideal). shared_hidden = (sequential - shared_overlap) /
+the shared stage's time (shared_us). +graph rows use GPU-only stage times instead (bench/layer_stages.py: each compute
+stage captured alone, the exchanges = the whole sequential graph minus them), for their ideal and shared_hidden, and
+carry stage_half_us. shared_stream runs the shared experts on their own stream from the layer's start (_after_route,
+_after_send: launched after that stage instead); the overlapped schedules run their exchanges on exchange streams
+(nanomoe_fn/pipeline/streams.py). --schedules picks a subset (sequential always runs). --profile DIR writes one
 torch.profiler trace per comm and schedule of the first case (rank 0), with NVTX ranges per stage.
 """
 
@@ -49,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.bench_ep_moe_multi import comm_options, device_inputs  # noqa: E402
+from bench.bench_ep_moe_multi import COMMS, GPU_COMMS, comm_options, device_inputs  # noqa: E402
 from bench.common import (  # noqa: E402
     all_ranks_ok,
     capture_graph,
@@ -61,20 +64,23 @@ from bench.common import (  # noqa: E402
     time_events,
     write_record,
 )
-from bench.layer_cases import LAYERS, decoder_case, decoder_inputs, moe_case  # noqa: E402
+from bench.layer_cases import (  # noqa: E402
+    LAYERS,
+    SCHEDULES,
+    check_layer_flags,
+    cpu_bytes_per_rank,
+    decoder_case,
+    decoder_inputs,
+    moe_case,
+    v3_config,
+)
 from bench.layer_stages import annotate_rows, eager_stage_times, graph_stage_times, profile  # noqa: E402
-from nanomoe_fn import MLAConfig, MoEConfig, Placement, shard_moe_params  # noqa: E402
+from nanomoe_fn import MoEConfig, Placement, shard_moe_params  # noqa: E402
+from nanomoe_fn.cli_util import OneLineParser, run_cli  # noqa: E402
 from nanomoe_fn.comm.base import make_comm  # noqa: E402
+from nanomoe_fn.comm.launch import spawn_error_line  # noqa: E402
 from nanomoe_fn.comm.ops import OpComm, masked_rows, sends_fp8  # noqa: E402
-from nanomoe_fn.pipeline import Plan, sequential, shared_expert_overlap, two_batch_overlap  # noqa: E402
-
-SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: sequential(shared_expert_overlap(p)),
-             "shared_stream": lambda p: sequential(shared_expert_overlap(p, window=None, stream=True)),
-             "shared_stream_after_route": lambda p: sequential(shared_expert_overlap(p, window="route", stream=True)),
-             "shared_stream_after_send": lambda p: sequential(shared_expert_overlap(p, stream=True)),
-             "tbo": lambda p: two_batch_overlap(p), "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p)),
-             "tbo+shared_stream": lambda p: two_batch_overlap(shared_expert_overlap(p, window=None, stream=True)),
-             "tbo_compute_first": lambda p: two_batch_overlap(p, compute_first=True)}
+from nanomoe_fn.pipeline import Plan  # noqa: E402
 
 
 def sync_free(comm: str, T: int) -> bool:
@@ -82,16 +88,6 @@ def sync_free(comm: str, T: int) -> bool:
     return comm in ("torch_fixed", "torch_decode", "deepep_ll") or (comm == "nvlink" and T <= 256)
 TWO_INSTANCES = ("nvlink", "deepep")  # one dispatch in flight per instance: one per micro-batch
 # deepep_ll: one instance per process, which micro-batches cannot share (DeepEPComm.shares_micro_batches)
-
-
-def v3_config(quick: bool) -> MoEConfig:
-    """DeepSeek-V3's MoE layer, or the --quick stand-in."""
-    if quick:
-        return MoEConfig(hidden=64, intermediate=32, num_experts=16, top_k=4, score_func="sigmoid",
-                         correction_bias=True, n_group=4, topk_group=2, n_shared_experts=1)
-    return MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, score_func="sigmoid",
-                     correction_bias=True, n_group=8, topk_group=4, norm_topk_prob=True,
-                     routed_scaling_factor=2.5, n_shared_experts=1)
 
 
 def one_case(comm_name: str, phase: str, T: int, cfg: MoEConfig, args: argparse.Namespace, rank: int, W: int,
@@ -248,35 +244,34 @@ def _sizes(text: str) -> list[int]:
         sizes = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a comma list of token counts, got {text!r}") from None
-    if any(n < 0 for n in sizes):
-        raise argparse.ArgumentTypeError(f"token counts must be >= 0, got {text!r}")
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"token counts per rank must be >= 1, got {text!r}")
     return sizes
 
 
-def _comm_phases(text: str, p: argparse.ArgumentParser) -> tuple[str, tuple[str, ...]]:
-    """'nvlink' -> (nvlink, both phases); 'torch_decode:decode' -> (torch_decode, (decode,))."""
-    name, _, phase = text.partition(":")
-    if phase not in ("", "decode", "prefill"):
-        p.error(f"--comms: {text!r}: the phase after ':' must be decode or prefill")
-    return name, (phase,) if phase else ("decode", "prefill")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Parse flags, then spawn --world-size ranks."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"])
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's flags (one-line errors: OneLineParser)."""
+    p = OneLineParser(prog="bench_layer.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-size", type=int, default=2, help="ranks to spawn (must divide the experts: 256, 16 with "
+                   "--quick)")
+    p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"],
+                   help="nccl: one GPU per rank (default); gloo: CPU ranks, with --quick (the DeepSeek-V3 sizes need "
+                        f"~{round(cpu_bytes_per_rank(v3_config(False)) / 1e9)} GB per rank in float32)")
     p.add_argument("--comms", default="torch",
-                   help="comma list of comm backends (torch, torch_decode, torch_fixed, nvlink, deepep, deepep_ll), "
-                        "each optionally limited to one phase: torch_decode:decode,torch:prefill")
-    p.add_argument("--decode-tokens", type=_sizes, default=[32, 64, 128, 256])
-    p.add_argument("--prefill-tokens", type=_sizes, default=[4096, 16384])
-    p.add_argument("--expert-backend", default="triton")
+                   help=f"comma list of comm backends ({', '.join(COMMS)}; {', '.join(GPU_COMMS)} need --backend "
+                        "nccl), each optionally limited to one phase: torch_decode:decode,torch:prefill")
+    p.add_argument("--decode-tokens", type=_sizes, default=[32, 64, 128, 256], help="comma list of tokens per rank")
+    p.add_argument("--prefill-tokens", type=_sizes, default=[4096, 16384],
+                   help="comma list of tokens per rank ('' for none)")
+    p.add_argument("--expert-backend", default="triton", help="loop, bmm, triton or deepgemm (triton and deepgemm "
+                   "need CUDA; --quick turns triton into bmm)")
     p.add_argument("--layer", default="moe", choices=LAYERS,
                    help="moe: the MoE layer alone; decoder: the whole decoder layer (MLA + MoE, bench/layer_cases.py)")
     p.add_argument("--context", type=int, default=4096, help="decoder decode: cache rows each sequence attends to")
-    p.add_argument("--prefill-len", type=int, default=4096, help="decoder prefill: new tokens per sequence")
-    p.add_argument("--attn-backend", default="triton", help="decoder: MLA backend (torch, triton)")
+    p.add_argument("--prefill-len", type=int, default=4096, help="decoder prefill: new tokens per sequence (each "
+                   "--prefill-tokens count must be a multiple, or smaller)")
+    p.add_argument("--attn-backend", default="triton", help="decoder: MLA backend (torch, triton; triton needs CUDA, "
+                   "--quick turns it into torch)")
     p.add_argument("--schedules", default=",".join(SCHEDULES),
                    help=f"comma list of schedules to run (sequential is always run: the others are checked and "
                         f"compared against it); default all of {list(SCHEDULES)}")
@@ -286,38 +281,27 @@ def main(argv: list[str] | None = None) -> None:
                         "(nanomoe_fn/comm/ops.py)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also each schedule replayed as a CUDA graph, for the sync-free comms (torch_fixed, nvlink "
-                        "decode, deepep_ll)")
+                        "decode, deepep_ll); needs --backend nccl")
     p.add_argument("--profile", default=None, help="folder for torch.profiler traces of the first case per comm")
     p.add_argument("--quick", action="store_true", help="2 gloo ranks, small sizes, float32 (the CPU test)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    args.comms = [_comm_phases(c, p) for c in args.comms.split(",") if c]
-    args.schedules = ["sequential"] + [s for s in args.schedules.split(",") if s and s != "sequential"]
-    unknown = [s for s in args.schedules if s not in SCHEDULES]
-    if unknown:
-        p.error(f"--schedules: unknown {unknown}; choose from {list(SCHEDULES)}")
-    if args.quick:
-        args.backend, args.expert_backend = "gloo", ("bmm" if args.expert_backend == "triton" else args.expert_backend)
-        if args.decode_tokens == [32, 64, 128, 256]:
-            args.decode_tokens = [1, 6]
-        if args.prefill_tokens == [4096, 16384]:
-            args.prefill_tokens = [24]
-        args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 3)
-        args.attn_backend = "torch" if args.attn_backend == "triton" else args.attn_backend
-        args.context, args.prefill_len = min(args.context, 16), min(args.prefill_len, 8)
-    if args.context < 1 or args.prefill_len < 1:
-        p.error(f"--context and --prefill-len must be >= 1, got {args.context}, {args.prefill_len}")
-    if args.layer == "decoder" and 0 in args.decode_tokens + args.prefill_tokens:
-        p.error("--layer decoder: every token count must be >= 1 (its tokens are sequences' tokens)")
-    args.mla = MLAConfig.preset("tiny" if args.quick else "deepseek-v3")
-    if args.backend == "nccl" and torch.cuda.device_count() < args.world_size:
-        p.error(f"--backend nccl needs {args.world_size} GPUs, this machine has {torch.cuda.device_count()}")
-    spawn_ranks(run_rank, args.world_size, None, args)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for its peers (> 0)")
+    p.add_argument("--json", default=None, help="write the rows to this path, as the record bench/common.py's "
+                   "write_record describes (bench 'layer')")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse and check every flag (here, once), then spawn --world-size ranks."""
+    args = build_parser().parse_args(argv)
+    check_layer_flags(args)
+    try:
+        spawn_ranks(run_rank, args.world_size, None, args)
+    except Exception as err:  # a rank failed: one line naming it (its own output, FAILED rows included, is above)
+        raise SystemExit(f"bench_layer.py: {spawn_error_line(err)}") from err
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "bench_layer.py")

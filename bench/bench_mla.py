@@ -247,7 +247,8 @@ def prefill_case(heads: int, tokens: int, args: argparse.Namespace, ceil: dict, 
 
 
 def write(path: str | None, ceil: dict, rows: list, sweep: list) -> None:
-    """The DESIGN.md record (plus the tuning sweep), rewritten after every case so a cut run keeps rows."""
+    """The JSON record (its fields: bench/common.py, write_record; plus the tuning sweep), rewritten after every
+    case so a cut run keeps rows."""
     if not path:
         return
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -268,7 +269,7 @@ def summary(r: dict) -> str:
 def main() -> None:
     """Run the decode and prefill shapes, print a summary and write the JSON as it goes."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", help="write results here (DESIGN.md schema)")
+    ap.add_argument("--json", help="write results here, one JSON record (its fields: bench/common.py, write_record)")
     ap.add_argument("--quick", action="store_true", help="a small subset of shapes")
     ap.add_argument("--tune", action="store_true",
                     help="also sweep tunings and split counts on the anchor shapes (triton_best rows)")

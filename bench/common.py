@@ -1,10 +1,10 @@
 """Shared pieces of the benches: seed-compatible flags, timing, ceilings, floors and the JSON record.
 
-Every bench writes the DESIGN.md schema: {"bench", "command", "date", "device", "world_size",
-"versions", "ceilings": {"hbm_gbps", "bf16_tflops"}, "rows": [...]}. Ceilings are measured in the
-same run: a large device copy (bytes read + written) and a large matmul in the bench's dtype
-(bfloat16 on GPUs; on the CPU the bench dtype's rate is stored under the same key, and
-`ceilings.matmul_dtype` says which).
+Every bench's --json writes one record, the schema write_record below describes: {"bench", "command", "date",
+"device", "world_size", "versions", "ceilings": {"hbm_gbps", "bf16_tflops", ...}, "rows": [...]}, a row being
+{"case": {...}, "variant": ..., measurements}. Ceilings are measured in the same run: a large device copy (bytes
+read + written) and a large matmul in the bench's dtype (bfloat16 on GPUs; on the CPU the bench dtype's rate is
+stored under the same key, and `ceilings.matmul_dtype` says which).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def add_seed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intermediate-dim", type=int, default=None, help="SwiGLU width (default: hidden)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto = float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--json", default=None, help="write results in the DESIGN.md schema to this path")
+    parser.add_argument("--json", default=None, help="write the results to this path as one JSON record "
+                        "(its fields: bench/common.py, write_record)")
 
 
 def check_seed_flags(args: argparse.Namespace) -> None:
@@ -422,8 +423,26 @@ def versions() -> dict:
 
 def write_record(path: str, bench: str, device: torch.device, world_size: int, ceilings: dict,
                  rows: list[dict], extra: dict | None = None) -> None:
-    """Write one bench run in the DESIGN.md schema; `extra` adds top-level fields (e.g. "skipped" and
-    "failed" lists of variants with their reasons)."""
+    """Write one bench run to `path` as a JSON record, the schema every bench's --json shares:
+
+        bench       the bench's name: "ep_moe", "ep_moe_multi", "dispatch", "layer", "eplb", "mla", "model", ...
+        command     the command line of the run ("python bench/<bench>.py <flags>")
+        date        the day of the run, ISO 8601 ("2025-01-31")
+        device      "cpu", or the CUDA device's name ("NVIDIA H200")
+        world_size  ranks of the run (1 for the single-device benches)
+        versions    {"python", "torch", and "triton", "cuda" where present}
+        ceilings    rates measured in the same run (measure_ceilings: "hbm_gbps" copy GB/s read + written,
+                    "bf16_tflops" matmul TFLOP/s, "matmul_dtype", ...); {} for a bench without a roofline
+        rows        one row per measured (case, variant), below
+        ...         `extra`'s top-level fields, e.g. "skipped" and "failed": lists of {"case", "variant"} with
+                    the reason ("reason", "why" or "error")
+
+    A row: "variant" (what was timed: a mode, backend, comm, schedule or placement), "case" (the inputs it
+    ran on: phase, tokens, experts, top_k, hidden, dtype, ... as the bench has them; bench_model's rows
+    carry those fields at the row's top level instead), then its measurements: times in microseconds with
+    an `_us` suffix (median_us, mean_us; _ms where so named), rates as gbps and tflops, "roofline" (the
+    floor time over the measured time, where ceilings were measured) and "speedup_vs" ({other variant:
+    its time / this row's}). Each bench's module docstring lists its own further fields."""
     record = {
         "bench": bench,
         "command": " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]]),

@@ -14,23 +14,47 @@ syncs) are off, as in the model's CUDA-graph decode step.
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from bench.bench_ep_moe_multi import COMMS, GPU_COMMS
+from nanomoe_fn.attention.backends import MLA_BACKENDS
 from nanomoe_fn.attention.cache import ContiguousCache
 from nanomoe_fn.attention.config import MLAConfig
 from nanomoe_fn.attention.params import init_mla_params
+from nanomoe_fn.cli_util import UsageError
+from nanomoe_fn.comm.launch import check_world_size
 from nanomoe_fn.decoder import DECODER_MOE_PROGRAM, DecoderContext, DecoderParams, decoder_layer
 from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.moe.config import MoEConfig
+from nanomoe_fn.moe.experts import EXPERT_BACKENDS
 from nanomoe_fn.moe.layer import MOE_PROGRAM, MoEContext, run_moe
 from nanomoe_fn.moe.params import MoEParams
-from nanomoe_fn.pipeline import Plan, Program
+from nanomoe_fn.pipeline import Plan, Program, sequential, shared_expert_overlap, two_batch_overlap
 
 LAYERS = ("moe", "decoder")
+SCHEDULES = {"sequential": lambda p: sequential(p), "shared_overlap": lambda p: sequential(shared_expert_overlap(p)),
+             "shared_stream": lambda p: sequential(shared_expert_overlap(p, window=None, stream=True)),
+             "shared_stream_after_route": lambda p: sequential(shared_expert_overlap(p, window="route", stream=True)),
+             "shared_stream_after_send": lambda p: sequential(shared_expert_overlap(p, stream=True)),
+             "tbo": lambda p: two_batch_overlap(p), "tbo+shared": lambda p: two_batch_overlap(shared_expert_overlap(p)),
+             "tbo+shared_stream": lambda p: two_batch_overlap(shared_expert_overlap(p, window=None, stream=True)),
+             "tbo_compute_first": lambda p: two_batch_overlap(p, compute_first=True)}
+
+
+def v3_config(quick: bool) -> MoEConfig:
+    """DeepSeek-V3's MoE layer, or the --quick stand-in."""
+    if quick:
+        return MoEConfig(hidden=64, intermediate=32, num_experts=16, top_k=4, score_func="sigmoid",
+                         correction_bias=True, n_group=4, topk_group=2, n_shared_experts=1)
+    return MoEConfig(hidden=7168, intermediate=2048, num_experts=256, top_k=8, score_func="sigmoid",
+                     correction_bias=True, n_group=8, topk_group=4, norm_topk_prob=True,
+                     routed_scaling_factor=2.5, n_shared_experts=1)
 
 
 @dataclass(frozen=True)
@@ -106,3 +130,95 @@ def decoder_case(mla_cfg: MLAConfig, cfg: MoEConfig, local: MoEParams, comms: Se
                      {"sequences": int(x.shape[0]), "new_tokens": int(x.shape[1]),
                       "context": int(inputs["positions"][0, 0]) if x.shape[1] == 1 else 0,
                       "heads": mla_cfg.num_heads})
+
+
+def _comm_phases(text: str) -> tuple[str, tuple[str, ...]]:
+    """'nvlink' -> (nvlink, both phases); 'torch_decode:decode' -> (torch_decode, (decode,))."""
+    name, _, phase = text.partition(":")
+    if name not in COMMS:
+        raise UsageError(f"--comms: unknown {name!r}; choose from {list(COMMS)}")
+    if phase not in ("", "decode", "prefill"):
+        raise UsageError(f"--comms: {text!r}: the phase after ':' must be decode or prefill")
+    return name, (phase,) if phase else ("decode", "prefill")
+
+
+def check_layer_flags(args: argparse.Namespace) -> None:
+    """bench_layer.py's flags, every one checked in the parent before any rank starts or any tensor is drawn
+    (UsageError, one line naming the flag); applies --quick's smaller defaults, parses --comms and --schedules
+    in place and sets args.mla."""
+    args.comms = [_comm_phases(c.strip()) for c in args.comms.split(",") if c.strip()]
+    if not args.comms:
+        raise UsageError(f"--comms: expected a comma list of {list(COMMS)}")
+    args.schedules = ["sequential"] + [s for s in args.schedules.split(",") if s and s != "sequential"]
+    unknown = [s for s in args.schedules if s not in SCHEDULES]
+    if unknown:
+        raise UsageError(f"--schedules: unknown {unknown}; choose from {list(SCHEDULES)}")
+    if args.quick:
+        args.backend, args.expert_backend = "gloo", ("bmm" if args.expert_backend == "triton" else args.expert_backend)
+        if args.decode_tokens == [32, 64, 128, 256]:
+            args.decode_tokens = [1, 6]
+        if args.prefill_tokens == [4096, 16384]:
+            args.prefill_tokens = [24]
+        args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 3)
+        args.attn_backend = "torch" if args.attn_backend == "triton" else args.attn_backend
+        args.context, args.prefill_len = min(args.context, 16), min(args.prefill_len, 8)
+    for flag, low in (("iters", 1), ("warmup", 0), ("context", 1), ("prefill_len", 1)):
+        if getattr(args, flag) < low:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
+    if not 0 < args.timeout < float("inf"):
+        raise UsageError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    try:
+        W = check_world_size(args.world_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    cfg = v3_config(args.quick)
+    if cfg.num_experts % W:
+        raise UsageError(f"--world-size ({W}) must divide the layer's {cfg.num_experts} experts")
+    gpu = [c for c, _ in args.comms if c in GPU_COMMS]
+    if args.backend != "nccl" and (gpu or args.cuda_graph):
+        what = f"--comms {gpu[0]}" if gpu else "--cuda-graph"
+        raise UsageError(f"{what} needs CUDA GPUs with --backend nccl (this is --backend {args.backend})")
+    if args.backend == "nccl" and torch.cuda.device_count() < W:
+        raise UsageError(f"--backend nccl needs {W} CUDA device(s), this machine has {torch.cuda.device_count()}; "
+                         "on a CPU use --quick (gloo, small sizes)")
+    device = torch.device("cuda", 0) if args.backend == "nccl" else torch.device("cpu")
+    names = [n for n, b in EXPERT_BACKENDS.items() if not b.fp8]  # the bench draws bf16 / float32 experts
+    if args.expert_backend not in names:
+        raise UsageError(f"--expert-backend: expected one of {names}, got {args.expert_backend!r}")
+    ok, why = EXPERT_BACKENDS[args.expert_backend].supports(cfg, device)
+    if not ok:
+        raise UsageError(f"--expert-backend {args.expert_backend} cannot run here: {why}")
+    if args.attn_backend not in MLA_BACKENDS:
+        raise UsageError(f"--attn-backend: expected one of {sorted(MLA_BACKENDS)}, got {args.attn_backend!r}")
+    args.mla = MLAConfig.preset("tiny" if args.quick else "deepseek-v3")
+    ok, why = MLA_BACKENDS[args.attn_backend].supports(args.mla, device)
+    if args.layer == "decoder" and not ok:
+        raise UsageError(f"--attn-backend {args.attn_backend} cannot run here: {why}")
+    if args.layer == "decoder":
+        bad = [T for T in args.prefill_tokens if T % min(T, args.prefill_len)]
+        if bad:
+            raise UsageError(f"--prefill-tokens {bad[0]}: the decoder's prefill sequences are --prefill-len "
+                             f"({args.prefill_len}) tokens, so each count must be a multiple of it (or smaller)")
+    sizes = {"decode": args.decode_tokens, "prefill": args.prefill_tokens}
+    if not any(sizes[ph] for _, phases in args.comms for ph in phases):
+        raise UsageError("nothing to run: no --decode-tokens / --prefill-tokens for the phases of --comms")
+    if args.backend == "gloo" and not args.quick:
+        need, have = W * cpu_bytes_per_rank(cfg), _host_bytes()
+        if have and need > have:
+            raise UsageError(f"--backend gloo at DeepSeek-V3 sizes: {W} ranks draw ~{need / 1e9:.0f} GB of float32 "
+                             f"weights, this machine has {have / 1e9:.0f} GB; use --quick (or a GPU: --backend nccl)")
+
+
+def cpu_bytes_per_rank(cfg: MoEConfig) -> int:
+    """Bytes of float32 weights one CPU rank holds: every expert (drawn whole, then sharded) plus the shared
+    expert and the router (a lower bound: the shard, tokens and caches come on top)."""
+    H, I_, E = cfg.hidden, cfg.intermediate, cfg.num_experts
+    return 4 * (E * 3 * H * I_ + cfg.n_shared_experts * 3 * H * I_ + E * H)
+
+
+def _host_bytes() -> int:
+    """Physical memory of this host in bytes (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0

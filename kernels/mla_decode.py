@@ -249,6 +249,8 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
                          f"{ctx_lens.dtype}")
     paged = block_table is not None
     batch = block_table.shape[0] if paged else kv.shape[0]
+    if rows == 0:  # no query rows (also no sequences): nothing to attend
+        return q.new_zeros((0, heads, kv_lora_rank))
     if rows % batch:
         raise ValueError(f"rows R={rows} must be a multiple of the cache batch B={batch}")
     if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.stride(1) != 1):

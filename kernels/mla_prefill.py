@@ -113,9 +113,10 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, 
                        ("v", v, 4)):
         if t.dim() != d:
             raise ValueError(f"{name} must have {d} dims, got shape {tuple(t.shape)}")
-        if t.dtype != q_nope.dtype or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name} must be float16/bfloat16/float32 like q_nope ({q_nope.dtype}), "
-                            f"got {t.dtype}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} must be float16/bfloat16/float32, got {t.dtype}")
+        if t.dtype != q_nope.dtype:
+            raise TypeError(f"{name} must have q_nope's dtype ({q_nope.dtype}), got {t.dtype}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride in its last dim")
     B, S, N, DN = q_nope.shape

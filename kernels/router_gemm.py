@@ -79,3 +79,42 @@ def router_logits_splitk(x: torch.Tensor, w: torch.Tensor, sms: int | None = Non
     _router_partial_kernel[grid](x, w, part, T, E, H, chunk, x.stride(0), w.stride(0), BT=bt, BE=block_e,
                                  BK=block_k, PREC=precision, num_warps=num_warps)
     return part.sum(0) if S > 1 else part[0]
+
+
+@triton.jit
+def _bf16_round(v):
+    """float32 v -> (v rounded to bf16, as float32; its bf16 bits in the low half of an int32), to nearest with
+    ties to even as torch rounds, NaN to 0x7FC0. On the bits: exact under TRITON_INTERPRET=1 too, whose bf16
+    casts are not. Only NaNs' bits overflow in the add, and the where replaces them."""
+    bits = v.to(tl.int32, bitcast=True)
+    r = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    r = tl.where(v != v, 0x7FC00000, r)
+    return r.to(tl.float32, bitcast=True), r >> 16
+
+
+@triton.jit
+def _bf16_parts_kernel(w_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+    hi, hi_bits = _bf16_round(w)
+    rest = w - hi              # exact: w less its rounding
+    mid, mid_bits = _bf16_round(rest)
+    _, lo_bits = _bf16_round(rest - mid)
+    tl.store(out_ptr + offs, hi_bits.to(tl.int16), mask=ok)
+    tl.store(out_ptr + N + offs, mid_bits.to(tl.int16), mask=ok)
+    tl.store(out_ptr + 2 * N + offs, lo_bits.to(tl.int16), mask=ok)
+
+
+def split_bf16_parts(w: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """float32 w [..., H] -> bf16 [3, ...] hi, mid, lo, whose sum is w exactly (each part the next 8 significant
+    bits of what the others leave; float32 subnormals below 2^-126 aside), in one pass over w: the split router
+    GEMM's weight parts (nanomoe_fn/moe/route.py) in one kernel instead of five elementwise torch ones."""
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.float32:
+        raise ValueError(f"w must be a float32 tensor, got {getattr(w, 'dtype', type(w).__name__)}")
+    w = w.contiguous()
+    out = torch.empty((3, *w.shape), dtype=torch.int16, device=w.device)
+    N = w.numel()
+    if N:
+        _bf16_parts_kernel[(triton.cdiv(N, block),)](w, out, N, BLOCK=block, num_warps=4)
+    return out.view(torch.bfloat16)

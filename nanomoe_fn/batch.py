@@ -58,6 +58,8 @@ class ExpertBatch:
     x_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.x, torch.Tensor):  # counts and index are checked where they are read
+            raise TypeError(f"ExpertBatch.x must be a torch.Tensor, got {type(self.x).__name__}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"ExpertBatch.layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.layout == "gathered" and self.index is None:

@@ -88,6 +88,8 @@ def check_choice_field(owner: str, name: str, v: object, choices: tuple[str, ...
 def pick_backend(kind: str, registry: dict, name: str, cfg: object, device: torch.device | str) -> object:
     """registry[name] after its supports(cfg, device); else ValueError naming the `kind` of backend, the
     name and why (an unknown name lists the known ones)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} backend must be a str, one of {sorted(registry)}, got {type(name).__name__} {name!r}")
     if name not in registry:
         raise ValueError(f"{kind} backend must be one of {sorted(registry)}, got {name!r}")
     backend = registry[name]

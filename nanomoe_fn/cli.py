@@ -9,6 +9,7 @@
   nanomoe eplb [FLAGS]              # bench/bench_eplb.py
 
 Every error ends the command with one line (`nanomoe: error: ...`, exit status 2); --debug shows the traceback.
+`generate` checks its flags against the model's config before it loads weights or spawns ranks, naming the flag.
 Under expert parallelism each rank generates for its share of the prompts (prompt i on rank i % W) with the
 experts an identity placement gives it; rank 0 prints every output in prompt order.
 """
@@ -25,29 +26,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanomoe_fn.cli_util import (
+    ByteTokenizer,
+    OneLineParser,
+    UsageError,
+    backend_names,
+    check_generate_args,
+    rank_device,
+    tokenizer_of,
+)
+
 BENCHES = {"bench": "bench_ep_moe.py", "bench-multi": "bench_ep_moe_multi.py", "layer": "bench_layer.py",
            "eplb": "bench_eplb.py"}
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (the random tiny preset's 256-token vocabulary; no checkpoint tokenizer)."""
-
-    eos_token_ids: tuple[int, ...] = ()
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """text -> its UTF-8 bytes."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        """ids (bytes) -> text; invalid UTF-8 becomes U+FFFD."""
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanomoe", description="NanoMoE: expert-parallel DeepSeek-V3-family inference")
+    p = OneLineParser(prog="nanomoe", description="NanoMoE: expert-parallel DeepSeek-V3-family inference")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from prompts")
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     g.add_argument("--checkpoint", help="a Hugging Face checkpoint folder (config.json, *.safetensors, "
                    "tokenizer.json); default: a random model of --preset")
     g.add_argument("--preset", default="tiny", help="model preset without --checkpoint: tiny (default), "
@@ -60,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", type=int, action="append", default=[], help="a stop token id (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:i (one rank; default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default bfloat16 on CUDA, float32 on the CPU")
     g.add_argument("--attn-backend", default=None, help="torch or triton (default: triton on CUDA)")
@@ -78,15 +76,6 @@ def _parser() -> argparse.ArgumentParser:
                 b.add_argument("--multi", action="store_true", help="bench_ep_moe_multi.py (several ranks)")
             b.add_argument("flags", nargs=argparse.REMAINDER, help="flags passed to the benchmark")
     return p
-
-
-def _check_generate_args(a: argparse.Namespace) -> None:
-    if a.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    if a.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {a.nproc}")
-    if a.checkpoint is not None and not Path(a.checkpoint).is_dir():
-        raise ValueError(f"--checkpoint {a.checkpoint}: not a folder")
 
 
 def _load(a: argparse.Namespace, device: Any, placement_world: int, rank: int) -> tuple[Any, Any, Any, Any]:
@@ -110,13 +99,12 @@ def _load(a: argparse.Namespace, device: Any, placement_world: int, rank: int) -
             params = with_fp8_experts(params)
         return cfg, params, placement, ByteTokenizer()
     from nanomoe_fn.model.checkpoint import load_checkpoint, read_model_config
-    from nanomoe_fn.model.tokenizer import load_tokenizer
 
     cfg = read_model_config(a.checkpoint)  # the placement needs the expert count before the load
     placement = Placement.identity(cfg.moe.num_experts, placement_world)
     cfg, params = load_checkpoint(a.checkpoint, dtype=dtype, device=device, placement=placement, rank=rank,
                                   fp8_experts=fp8)
-    return cfg, params, placement, load_tokenizer(a.checkpoint)
+    return cfg, params, placement, tokenizer_of(a)
 
 
 def _generate_rank(rank: int, world: int, a: argparse.Namespace) -> dict | None:
@@ -128,8 +116,8 @@ def _generate_rank(rank: int, world: int, a: argparse.Namespace) -> dict | None:
     from nanomoe_fn.model.generate import generate
     from nanomoe_fn.model.sampling import SamplingConfig
 
-    cuda = torch.cuda.is_available() if a.device is None else a.device.startswith("cuda")
-    device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if cuda else torch.device("cpu")
+    device = rank_device(a, rank, world)
+    cuda = device.type == "cuda"
     if world > 1:
         if cuda:
             torch.cuda.set_device(device)
@@ -147,8 +135,8 @@ def _generate_rank(rank: int, world: int, a: argparse.Namespace) -> dict | None:
         comm = TorchComm(timeout_s=300)
         decode_comm = TorchComm(timeout_s=300, max_tokens=max(1, -(-len(texts) // world)))
     kw = dict(comm=comm) if comm is not None else {}
-    ctx = ModelContext(cfg, placement=placement, attn_backend=a.attn_backend or ("triton" if cuda else "torch"),
-                       expert_backend=a.expert_backend or ("triton" if cuda else "bmm"), **kw)
+    attn, experts = backend_names(a, cuda)
+    ctx = ModelContext(cfg, placement=placement, attn_backend=attn, expert_backend=experts, **kw)
     dctx = None if decode_comm is None else dataclasses.replace(ctx, comm=decode_comm)
     prompts = [tok.encode(t) for t in texts]
     mine = list(range(rank, len(prompts), world))
@@ -190,16 +178,21 @@ def _spawned(rank: int, world: int, a: argparse.Namespace, out_path: str) -> Non
 
 def cmd_generate(a: argparse.Namespace) -> int:
     """`nanomoe generate`: prints the outputs (or one JSON object)."""
-    _check_generate_args(a)
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:      # started by torchrun
-        result = _generate_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), a)
+    torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if torchrun else (0, 1)
+    check_generate_args(a, rank, world)
+    if torchrun:
+        result = _generate_rank(rank, world, a)
     elif a.nproc > 1:
+        import logging
         import tempfile
 
         from nanomoe_fn.comm.launch import spawn_ranks
 
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "result.json")
+            if not a.debug:  # torch's "Terminating process ..." warnings: the error is one line
+                logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
             spawn_ranks(_spawned, a.nproc, None, a, out)
             result = json.loads(Path(out).read_text())
     else:
@@ -232,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     a, unknown = parser.parse_known_args(argv)
     if a.command == "generate" and unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        print(f"nanomoe: error: unrecognized arguments: {' '.join(unknown)} (see nanomoe generate --help)",
+              file=sys.stderr)
+        return 2
     if a.command != "generate":  # every other flag (--help included) belongs to the benchmark
         a.flags = [*unknown, *a.flags]
     try:
@@ -240,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nanomoe: interrupted", file=sys.stderr)
         return 130
+    except UsageError as err:
+        if a.debug:
+            raise
+        print(f"nanomoe: error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:  # noqa: BLE001 - every error is one line (the traceback with --debug)
         if a.debug:
             raise

@@ -31,7 +31,8 @@ from nanomoe_fn.attention.params import MLAParams
 from nanomoe_fn.comm.base import Comm
 from nanomoe_fn.comm.local import LocalComm
 from nanomoe_fn.eplb.placement import Placement
-from nanomoe_fn.moe.layer import MoEContext, check_shared_comm, moe_stages, shared_mlp
+from nanomoe_fn.moe.layer import MoEContext, check_capacity, check_shared_comm, moe_stages, shared_mlp
+from nanomoe_fn.moe.param_checks import check_dense, check_params
 from nanomoe_fn.moe.params import MoEParams, SharedMLP
 from nanomoe_fn.pipeline.program import Program, Stage
 from nanomoe_fn.pipeline.run import run
@@ -51,7 +52,7 @@ class DecoderParams:
     dense: SharedMLP | None = None
 
 
-register_dataclass(DecoderParams)
+register_dataclass(DecoderParams, optional=("moe", "dense"))  # the absent one is no leaf
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,12 @@ def split_sequences(inputs: dict, n: int) -> list[dict]:
         raise ValueError(f"the decoder layer splits into 2 micro-batches, got {n}")
     x, pos, cache = inputs["x"], inputs["positions"], inputs["cache"]
     B = x.shape[0]
-    if B == 1 and x.shape[1] > 1:
-        k = max(1, (_tokens_per_sequence(pos)[0] + 1) // 2)
+    counts = _tokens_per_sequence(pos)
+    if B == 1 and x.shape[1] > 1 and counts[0] >= 2:  # fewer valid tokens: no cut (it would leave a padding-only
+        k = (counts[0] + 1) // 2                      # [1, 1] decode step); the sequence goes whole to mb 0
         ahead = torch.maximum(cache.lens, (pos[:, k - 1] + 1).to(cache.lens.dtype))  # the rows mb 0 writes
         return [{"x": x[:, :k], "positions": pos[:, :k], "cache": cache, "part": ("cut", cache)},
                 {"x": x[:, k:], "positions": pos[:, k:], "cache": replace(cache, lens=ahead), "part": ("cut", cache)}]
-    counts = _tokens_per_sequence(pos)
     total, run_sum, cut = sum(counts), 0, B // 2 if B > 1 else B
     if B > 1 and x.shape[1] > 1:  # balance valid tokens: the first cut where the prefix reaches half
         cut = 1
@@ -168,6 +169,34 @@ def _same(stages: tuple[Stage, ...]) -> set:
     return {(s.name, s.fn, s.reads, s.writes, s.kind) for s in stages}
 
 
+def _check_call(params: DecoderParams, x: torch.Tensor, ctxs: list) -> None:
+    """Host-only checks of decoder_layer's arguments before any stage runs, naming the argument (mla checks
+    positions and the cache): ctx, x [B, S, H], the norms [H], and with ctx.check the FFN's weights against x's
+    dtype."""
+    if not ctxs or not all(isinstance(c, DecoderContext) for c in ctxs):
+        raise TypeError(f"ctx must be a DecoderContext or a list of them, got {[type(c).__name__ for c in ctxs]}")
+    H = ctxs[0].mla_cfg.hidden_size
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != H or not x.is_floating_point():
+        raise ValueError(f"x must be a floating [B, S, H={H}] tensor, got {tuple(x.shape)} {x.dtype}")
+    for name in ("attn_norm", "ffn_norm"):
+        t = getattr(params, name)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (H,):
+            raise ValueError(f"params.{name} must be a [{H}] tensor, got {tuple(getattr(t, 'shape', ()))}")
+    if params.moe is not None and not all(isinstance(c.moe, MoEContext) for c in ctxs):
+        raise ValueError("ctx.moe must be a MoEContext (comm, placement, backend) for an MoE decoder layer")
+    if not ctxs[0].check:  # the decode loop (check=False) skips the records' checks: ~30 us of host time a layer
+        return
+    tokens = x.new_empty((0, H))  # the FFN's tokens have x's dtype and device
+    if params.moe is None:
+        check_dense("params.dense", params.dense, tokens)
+        return
+    m = ctxs[0].moe
+    check_params(params.moe, m.cfg, tokens, num_experts=m.placement.local_experts)
+    check_capacity(m.capacity)
+
+
 def decoder_layer(params: DecoderParams, x: torch.Tensor, positions: torch.Tensor, cache: MLACache,
                   ctx: DecoderContext | Sequence[DecoderContext], plan: Plan | None = None
                   ) -> tuple[torch.Tensor, MLACache]:
@@ -175,6 +204,8 @@ def decoder_layer(params: DecoderParams, x: torch.Tensor, positions: torch.Tenso
 
     plan: a plan of DECODER_MOE_PROGRAM (params.moe set) or DECODER_DENSE_PROGRAM (params.dense set);
     default sequential. ctx: one DecoderContext, or one per micro-batch (their own comms)."""
+    if not isinstance(params, DecoderParams):
+        raise TypeError(f"params must be a DecoderParams, got {type(params).__name__}")
     program = DECODER_MOE_PROGRAM if params.moe is not None else DECODER_DENSE_PROGRAM
     if (params.moe is None) == (params.dense is None):
         raise ValueError("params must hold exactly one of moe (an MoE layer) and dense (a dense FFN layer)")
@@ -183,8 +214,7 @@ def decoder_layer(params: DecoderParams, x: torch.Tensor, positions: torch.Tenso
         raise ValueError(f"plan must be a plan of {program.name} (its stages, any order, on any stream), got "
                          f"{plan.program.name}")
     ctxs = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
-    if params.moe is not None and any(c.moe is None for c in ctxs):
-        raise ValueError("ctx.moe must be a MoEContext (comm, placement, backend) for an MoE decoder layer")
+    _check_call(params, x, ctxs)
     if params.moe is not None:
         check_shared_comm(plan, [c.moe.comm for c in ctxs], ctxs[0].moe.backend, ctxs[0].moe.capacity)
     out, new_cache, _ = run(plan, params, {"x": x, "positions": positions, "cache": cache,

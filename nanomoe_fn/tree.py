@@ -23,6 +23,10 @@ def register_dataclass(cls: type, static: tuple[str, ...] = (), optional: tuple[
     a field in `optional` is left out of the children when it is None (the context then ends with the
     tuple of child names present)."""
     names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [n for n in (*static, *optional) if n not in names]
+    if unknown or set(static) & set(optional):
+        raise ValueError(f"register_dataclass({cls.__name__}): static and optional must name distinct fields of "
+                         f"{names}, got static={static}, optional={optional}")
     children = [n for n in names if n not in static]
 
     def present(obj: Any) -> list[str]:
@@ -34,7 +38,8 @@ def register_dataclass(cls: type, static: tuple[str, ...] = (), optional: tuple[
 
     def unflatten(values: list[Any], context: tuple[Any, ...]) -> Any:
         kids, ctx = (context[-1], context[:-1]) if optional else (children, context)
-        return cls(**dict(zip(kids, values)), **dict(zip(static, ctx)))
+        absent = {n: None for n in optional if n not in kids}  # left out when None (a field may lack a default)
+        return cls(**absent, **dict(zip(kids, values)), **dict(zip(static, ctx)))
 
     def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
         leaves, ctx = flatten(obj)

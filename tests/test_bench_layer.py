@@ -1,7 +1,8 @@
 """bench/bench_layer.py --quick on 2 gloo ranks (run as a command, as users run it): every schedule of every
-case is checked against sequential before it is timed, and each row carries what the DESIGN.md schema asks
-for the layer bench (speedup_vs.sequential; share_of_ideal and ideal_us on TBO rows; shared_hidden on the
-shared-overlap rows (dispatch window and own stream); stage times of every stage)."""
+case is checked against sequential before it is timed, and each row carries what bench_layer.py's docstring
+promises (speedup_vs.sequential; share_of_ideal and ideal_us on TBO rows; shared_hidden on the shared-overlap
+rows (dispatch window and own stream); stage times of every stage), in the record bench/common.py's
+write_record describes."""
 
 from __future__ import annotations
 

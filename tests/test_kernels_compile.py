@@ -53,6 +53,9 @@ def _cases() -> list:
               for c in (True, False)]
     cases += [("count_layout", sy._layout_kernel, dict(cnt_ptr="*i64", counts_ptr="*i64", base_ptr="*i64",
                                                        m_addr="i64"), dict(WB=2, PLB=128, STORE_M=True))]
+    from nanomoe_kernels import router_gemm as rg
+
+    cases += [("bf16_parts", rg._bf16_parts_kernel, dict(w_ptr="*fp32", out_ptr="*i16"), dict(BLOCK=1024))]
     return cases + _rows_cases() + _fused_moe_cases() + _fp8_cases() + _mla_cases()
 
 

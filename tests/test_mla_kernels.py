@@ -249,6 +249,17 @@ def test_wrapper_errors():
         mla_prefill(qn, qp, kn, kp, v, pos.long(), 1.0)
     with pytest.raises(TypeError, match="v must be"):
         mla_prefill(qn, qp, kn, kp, v.double(), pos, 1.0)
+    with pytest.raises(TypeError, match=r"q_nope must be float16/bfloat16/float32, got torch.float64"):
+        mla_prefill(qn.double(), qp, kn, kp, v, pos, 1.0)
+    with pytest.raises(TypeError, match=r"q_pe must have q_nope's dtype \(torch.float32\), got torch.float16"):
+        mla_prefill(qn, qp.half(), kn, kp, v, pos, 1.0)
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_decode_zero_rows(batch):
+    """No query rows (S = 0, or no sequences at all): an empty [0, N, C] output, no launch."""
+    out = mla_decode(torch.zeros(0, 4, 48), torch.zeros(batch, 16, 48), torch.zeros(0, dtype=torch.int32), 32, 1.0)
+    assert out.shape == (0, 4, 32) and out.dtype == torch.float32
 
 
 def test_wgmma_tuning_off_the_gpu():

@@ -14,7 +14,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from nanomoe_kernels.router_gemm import BK, plan, router_logits_splitk  # noqa: E402
+from nanomoe_kernels.router_gemm import BK, plan, router_logits_splitk, split_bf16_parts  # noqa: E402
+
+from nanomoe_fn.moe.route import bf16_parts  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,3 +63,36 @@ def test_router_logits_splitk_zero_tokens_and_strided_x():
 def test_router_logits_splitk_names_bad_arguments(x, w, match):
     with pytest.raises(ValueError, match=match):
         router_logits_splitk(x, w)
+
+
+SPECIAL = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -1e-45, 1.1754942e-38, 3.4028235e38,
+           -3.4028235e38, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + 2 ** -20, -(1 + 3 * 2 ** -8)]
+
+
+@settings(max_examples=10, deadline=None)
+@given(E=st.integers(1, 40), H=st.integers(1, 300), seed=st.integers(0, 2 ** 16))
+def test_split_bf16_parts_equals_the_torch_split_bit_for_bit(E, H, seed):
+    """The one-pass kernel's hi, mid, lo are torch's bf16 roundings bit for bit (ties to even, subnormals, the
+    largest floats rounding to inf) over 80 decades of magnitude; NaN stays NaN; they sum to w exactly (w
+    at least 2^-100)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(E, H, generator=g) * torch.logspace(-40, 38, H)[torch.randperm(H, generator=g)].float()
+    flat = w.view(-1)
+    flat[: len(SPECIAL)] = torch.tensor(SPECIAL[: flat.numel()])
+    got = split_bf16_parts(w.to(DEV)).cpu()
+    want = torch.stack(bf16_parts(w))  # the torch ops on the CPU
+    assert got.dtype == torch.bfloat16 and got.shape == (3, E, H)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    exact = w.isfinite() & got[0].isfinite() & (w.abs() >= 2 ** -100)  # lo's last bit above bf16's subnormals
+    assert torch.equal(got.double().sum(0)[exact], w.double()[exact])
+
+
+def test_split_bf16_parts_shapes_and_bad_arguments():
+    """Empty and 3-dim weights keep their shape behind the parts axis; a non-float32 w is named."""
+    assert split_bf16_parts(torch.empty(0, 7).to(DEV)).shape == (3, 0, 7)
+    w = torch.randn(2, 3, 5)
+    assert torch.equal(split_bf16_parts(w.to(DEV)).cpu(), torch.stack(bf16_parts(w.view(6, 5))).view(3, 2, 3, 5))
+    with pytest.raises(ValueError, match="w must be a float32 tensor"):
+        split_bf16_parts(torch.randn(4, 4).bfloat16())

@@ -98,11 +98,29 @@ def gemm_row(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, cfg: object, 
     a, b = select_experts(ref, bias, cfg), select_experts(got, bias, cfg)
     out = {"logit_max_abs_diff": sig(float((ref - got).abs().max())), "logit_max_abs": sig(float(ref.abs().max())),
            "tokens_routed_differently": int((a.topk_ids != b.topk_ids).any(1).sum())}
-    from nanomoe_kernels.router_gemm import router_logits_splitk
+    from nanomoe_kernels.router_gemm import router_logits_splitk, split_bf16_parts
+
+    from nanomoe_fn.moe.route import _split_logits
 
     out["splitk_max_abs_diff"] = sig(float((router_logits_splitk(xb, w) - ref).abs().max()))
-    for name, fn in (("fp32", lambda: xb.float() @ w.T), ("split3", lambda: split_logits(xb, parts)),
-                     ("splitk", lambda: router_logits_splitk(xb, w))):
+
+    def parts_torch() -> list[torch.Tensor]:  # route's parts before run 152: five elementwise torch ops a call
+        h = w.bfloat16()
+        r = w - h
+        m = r.bfloat16()
+        return [h, m, (r - m).bfloat16()]
+
+    timed = [("fp32", lambda: xb.float() @ w.T), ("split3", lambda: split_logits(xb, parts)),
+             ("splitk", lambda: router_logits_splitk(xb, w))]
+    if dev.type == "cuda":  # route's path now: the one-pass parts kernel, one GEMM over the stacked [3E, H]
+        stacked = _split_logits(xb, w)
+        out["stacked_max_abs_diff"] = sig(float((stacked - ref).abs().max()))
+        out["stacked_vs_split3_max_abs_diff"] = sig(float((stacked - got).abs().max()))
+        out["parts_kernel_equal_torch"] = bool(torch.equal(split_bf16_parts(w), torch.stack(parts_torch())))
+        timed += [("parts_torch", parts_torch), ("parts_kernel", lambda: split_bf16_parts(w)),
+                  ("split3_with_parts", lambda: split_logits(xb, parts_torch())),
+                  ("stacked_with_parts", lambda: _split_logits(xb, w))]
+    for name, fn in timed:
         call = capture_graph(fn)[0].replay if dev.type == "cuda" else fn
         out[f"gemm_{name}_us"] = sig(statistics.median(time_events(call, dev, 5, iters)) * 1e6)
     if dev.type == "cuda":  # the split kernel's tunings: (block_e, block_k, programs per SM, precision, warps)

@@ -27,6 +27,10 @@ def torch_decode(q: torch.Tensor, cache: MLACache, positions: torch.Tensor, cfg:
     """Absorbed queries q [B, S, N, Dc] over the cache; query (b, s) sees rows [0, positions[b, s]].
 
     Returns the latent output o_lat [B, S, N, C]; padded queries (position -1) give 0. No host sync.
+    Every row of the cache is read (weight 0 past a query's position): rows no query sees must hold finite
+    values, as the init_* caches' zeros do (0 * NaN is NaN). Zeroing them here would cost a pass over the cache
+    per step (62 -> 94 us at 128 heads, one 16k row on an H200: bench/results/mla_notes.md); the Triton kernels
+    never read past a sequence's length.
     """
     ctx = (positions + 1).to(torch.int32)                       # [B, S]; 0 for padding
     kv = gather_rows(cache, cache.capacity)                      # [B, L, Dc]

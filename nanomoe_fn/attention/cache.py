@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanomoe_fn.checks import check_int_field
 from nanomoe_fn.tree import register_dataclass
 
 
@@ -64,8 +65,7 @@ MLACache = ContiguousCache | PagedCache
 def init_contiguous_cache(batch: int, capacity: int, cache_dim: int, dtype: torch.dtype,
                           device: torch.device | str = "cpu") -> ContiguousCache:
     """An empty contiguous cache of `batch` sequences, `capacity` rows each."""
-    if batch <= 0 or capacity <= 0 or cache_dim <= 0:
-        raise ValueError(f"batch, capacity, cache_dim must be positive, got {batch}, {capacity}, {cache_dim}")
+    _check_sizes("init_contiguous_cache", dtype, batch=batch, capacity=capacity, cache_dim=cache_dim)
     return ContiguousCache(kv=torch.zeros(batch, capacity, cache_dim, dtype=dtype, device=device),
                            lens=torch.zeros(batch, dtype=torch.int32, device=device))
 
@@ -78,10 +78,9 @@ def init_paged_cache(batch: int, capacity: int, cache_dim: int, dtype: torch.dty
     With a generator the pages are handed out in a random order (tests use this to prove the block
     table is honoured); otherwise sequence b holds pages b*M .. b*M + M - 1.
     """
-    if batch <= 0 or capacity <= 0 or cache_dim <= 0 or page_size <= 0:
-        raise ValueError("batch, capacity, cache_dim and page_size must be positive")
+    _check_sizes("init_paged_cache", dtype, batch=batch, capacity=capacity, cache_dim=cache_dim, page_size=page_size)
     m = -(-capacity // page_size)
-    num_pages = batch * m if num_pages is None else num_pages
+    num_pages = batch * m if num_pages is None else check_int_field("init_paged_cache", "num_pages", num_pages)
     if num_pages < batch * m:
         raise ValueError(f"num_pages must be >= batch * ceil(capacity / page_size) = {batch * m}, "
                          f"got {num_pages}")
@@ -90,6 +89,14 @@ def init_paged_cache(batch: int, capacity: int, cache_dim: int, dtype: torch.dty
     table = order[: batch * m].reshape(batch, m).to(device=device, dtype=torch.int32)
     return PagedCache(kv=torch.zeros(num_pages, page_size, cache_dim, dtype=dtype, device=device),
                       block_table=table, lens=torch.zeros(batch, dtype=torch.int32, device=device))
+
+
+def _check_sizes(owner: str, dtype: object, **sizes: object) -> None:
+    """Positive int sizes (bool and float refused) and a floating dtype; TypeError/ValueError naming the one."""
+    for name, v in sizes.items():
+        check_int_field(owner, name, v)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{owner}.dtype must be a floating torch.dtype, got {dtype!r}")
 
 
 def check_cache(cache: MLACache, batch: int, cache_dim: int, device: torch.device) -> None:
@@ -176,11 +183,21 @@ def write_rows(cache: MLACache, rows: torch.Tensor, positions: torch.Tensor) -> 
     return PagedCache(kv=cache.kv, block_table=cache.block_table, lens=new_lens)
 
 
-def gather_rows(cache: MLACache, length: int) -> torch.Tensor:
-    """[B, length, Dc] copy (or view) of each sequence's first `length` rows, for the expanded path."""
+def gather_rows(cache: MLACache, length: int, upto: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, length, Dc] copy (or view) of each sequence's first `length` rows, for the expanded path.
+
+    A sequence's pages past its own rows may be unallocated (check_positions only checks used pages): page ids
+    are clamped into [0, P) for the read. upto [B]: rows at or past upto[b] come back zero, since they may hold
+    stale or never-written values (NaN from torch.empty, another sequence's page) that a 0 attention weight
+    would not cancel (0 * NaN). No host sync."""
     if isinstance(cache, ContiguousCache):
-        return cache.kv[:, :length]
-    g = cache.kv.shape[1]
-    m = -(-length // g)
-    pages = cache.kv[cache.block_table[:, :m].long()]          # [B, m, G, Dc]
-    return pages.flatten(1, 2)[:, :length]
+        rows = cache.kv[:, :length]
+    else:
+        g = cache.kv.shape[1]
+        m = -(-length // g)
+        pages = cache.kv[cache.block_table[:, :m].long().clamp(0, cache.kv.shape[0] - 1)]   # [B, m, G, Dc]
+        rows = pages.flatten(1, 2)[:, :length]
+    if upto is None:
+        return rows
+    keep = torch.arange(rows.shape[1], device=rows.device) < upto.to(rows.device)[:, None]
+    return torch.where(keep[..., None], rows, 0)

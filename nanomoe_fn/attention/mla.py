@@ -87,9 +87,12 @@ def out_proj(params: MLAParams, o: torch.Tensor) -> torch.Tensor:
 def _check_inputs(params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache: MLACache, cfg: MLAConfig,
                   backend: str, path: str) -> MLABackend:
     """Host-only checks of mla's arguments (no sync); returns the backend (get_mla_backend's errors)."""
+    if not isinstance(cfg, MLAConfig):
+        raise TypeError(f"cfg must be an MLAConfig, got {type(cfg).__name__}")
     check_mla_params(params, cfg)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    for name, t in (("x", x), ("positions", positions)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     impl = get_mla_backend(backend, cfg, x.device)
     if path not in ("decode", "prefill"):
         raise ValueError(f"path must be 'decode', 'prefill' or None, got {path!r}")
@@ -103,6 +106,11 @@ def _check_inputs(params: MLAParams, x: torch.Tensor, positions: torch.Tensor, c
     if positions.device != x.device:
         raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
     check_cache(cache, x.shape[0], cfg.cache_dim, x.device)
+    # the Triton kernels: prefill on the weights' dtype (K/V are expanded in it), decode on the cache's
+    kernel_dtype = (("cache.kv", cache.kv.dtype) if path == "decode" else ("attn_params", params.kv_b_proj.dtype))
+    if impl.name == "triton" and kernel_dtype[1] not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"MLA backend 'triton' runs float16/bfloat16/float32 on the {path} path, got "
+                        f"{kernel_dtype[0]} {kernel_dtype[1]}: use backend='torch' (or cast)")
     return impl
 
 
@@ -123,6 +131,8 @@ def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache:
     """
     path = path or ("decode" if x.shape[1] == 1 else "prefill")
     impl = _check_inputs(attn_params, x, positions, cache, cfg, backend, path)
+    if x.shape[0] == 0 or x.shape[1] == 0:  # no tokens: nothing to attend, nothing to write
+        return x.new_zeros(x.shape, dtype=attn_params.kv_a_proj.dtype), cache
     if check:
         check_positions(cache, positions, allow_padding=x.shape[1] > 1)
         check_values(torch.isfinite(x).all(), "x holds NaN/inf (mla's input activations)")
@@ -140,7 +150,7 @@ def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache:
         o = torch.einsum("bsnc,nvc->bsnv", o_lat.to(w_uv.dtype), w_uv)
     else:
         length = int(positions.max()) + 1                         # the documented prefill sync
-        rows = gather_rows(cache, max(length, 1)).to(w_uk.dtype)   # [B, L, Dc]
+        rows = gather_rows(cache, max(length, 1), positions.amax(1) + 1).to(w_uk.dtype)   # [B, L, Dc]; unseen: 0
         latent, k_pe = rows.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         k_nope = torch.einsum("blc,ndc->blnd", latent, w_uk)
         v = torch.einsum("blc,nvc->blnv", latent, w_uv)

@@ -78,6 +78,10 @@ def init_mla_params(cfg: MLAConfig, dtype: torch.dtype = torch.bfloat16, device:
                     generator: torch.Generator | None = None) -> MLAParams:
     """Random weights N(0, 1/fan_in), drawn where the generator lives (the CPU by default, so a seed gives the
     same weights anywhere); norms 1; biases N(0, 0.1^2). Fields the config does not have stay None."""
+    if not isinstance(cfg, MLAConfig):
+        raise TypeError(f"cfg must be an MLAConfig, got {type(cfg).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise TypeError(f"init_mla_params dtype must be a 16-, 32- or 64-bit float dtype, got {dtype!r}")
     src = generator.device if generator is not None else torch.device("cpu")
 
     def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -10,7 +10,8 @@ Python branch on tensor values; the collectives join the current stream through 
 without a timeout, and the comm's StageWatchdog (comm/watchdog.py) turns a peer that never arrives
 into an error naming the rank and stage, raised by the next call). The default C = T_max * min(k,
 P_local) can never overflow (a token picks each expert at most once); a smaller C saves bandwidth,
-and a block that would need more than C rows is an error (asynchronous on GPUs), never a drop. The
+and a block that would need more than C rows is an error on every rank, never a drop: the count exchange
+carries each sender's fullest block (a ValueError before the payload on CPUs, a device assert on GPUs). The
 batch comes out in the masked layout [P_local, cap, H] with per-expert counts: the layout and sizing
 of DeepEP's low-latency mode and DeepGEMM's masked GEMM (one expert gets at most T_max rows from
 each rank). Padding rows (past each expert's count) hold unspecified values, as in DeepEP's
@@ -89,6 +90,18 @@ class TorchFixedComm(TorchComm):
                 f"{dtype}), more than max_buffer_bytes={self.max_buffer_bytes}; torch_fixed is a decode path: "
                 f"use the `torch` or `nvlink` comm for prefill-sized batches (or lower max_tokens)")
 
+    def _check_blocks(self, fullest: torch.Tensor, C: int) -> None:
+        """fullest [W]: each sender's fullest block (rows for one destination rank), from the count exchange, so
+        every rank finds any rank's overflow: ValueError on the CPU (naming the senders), else a device assert."""
+        what = f"rank {self.rank}: more than rank_capacity={C} rows for one destination rank"
+        fix = "raise rank_capacity (or leave it None)"
+        if fullest.device.type == "cpu" and not torch.compiler.is_compiling():
+            over = (fullest > C).nonzero().flatten().tolist()
+            if over:
+                raise ValueError(f"{what} (sent by rank(s) {over}); {fix}")
+            return
+        check_values((fullest <= C).all(), f"{what} (sent by some rank); {fix}")
+
     def dispatch_send(self, x: torch.Tensor, routing: Routing, placement: Placement) -> Any:
         """Place rows in fixed [W, C] blocks, start both exchanges, and queue the receive-side index."""
         phys = self._phys(x, routing, placement)
@@ -100,14 +113,20 @@ class TorchFixedComm(TorchComm):
         N = phys.shape[0]  # <= T_max * k: the cached tables below never grow (safe in captured graphs)
         ones = self._table(("ones", self.max_tokens * k, dev), lambda: torch.ones(self.max_tokens * k,
                                                                                   dtype=torch.int64, device=dev))
+        # the count table sent to each rank [W, P_local + 1]: the rows for its experts, then this rank's
+        # fullest block (the same in every row), so every rank learns every sender's overflow
         send_counts = torch.zeros(W * P_local, dtype=torch.int64, device=dev)
         send_counts.index_add_(0, phys, ones[:N])
         send_counts = send_counts.view(W, P_local)
         per_rank = send_counts.sum(1)  # [W]
-        check_values(per_rank.max() <= C, f"rank {self.rank}: more than rank_capacity={C} rows for one "
-                                          f"destination rank; raise rank_capacity (or leave it None)")
-        recv_counts = torch.empty_like(send_counts)
-        counts = self._a2a(recv_counts, send_counts, None, None, "dispatch/counts")
+        send_tab = torch.cat([send_counts, per_rank.max().expand(W, 1)], 1)
+        recv_tab = torch.empty_like(send_tab)
+        recv_counts = recv_tab[:, :P_local]
+        counts = self._a2a(recv_tab, send_tab, None, None, "dispatch/counts")
+        on_host = dev.type == "cpu" and not torch.compiler.is_compiling()
+        if on_host:  # every rank raises here, before the payload: no rank is left waiting for a peer that raised
+            self._join(counts, dev)
+            self._check_blocks(recv_tab[:, P_local], C)
         # each sent row's place in the [W * C] send buffer: its index in send order, shifted so that
         # destination d's rows start at d * C (clamped: an overflow, already an error, stays in bounds)
         send_order = torch.argsort(phys, stable=True)  # [N]: pairs sorted by slot (rank, then local expert)
@@ -121,7 +140,9 @@ class TorchFixedComm(TorchComm):
         send.index_copy_(0, slot_pos, xw.index_select(0, send_order // k))
         recv = torch.empty_like(send)
         payload = self._a2a(recv, send, None, None, "dispatch/payload")
-        self._join(counts, dev, watch=False)  # the payload's watch covers the counts (same group, in order)
+        if not on_host:  # no host read: a device assert on every rank (the payload's watch covers the counts)
+            self._join(counts, dev, watch=False)
+            self._check_blocks(recv_tab[:, P_local], C)
         # where row j of source w's block goes in the masked batch (flat over [P_local * cap] + spare rows):
         # with reps [W, P_local + 1] = each expert's rows then the block's padding, segment (w, e) starts
         # at e * cap + (rows of e from sources < w) and at w * C + (rows before e in block w) in the

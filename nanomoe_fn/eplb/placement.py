@@ -88,7 +88,7 @@ class Placement:
         P = phy2log.numel()
         if P % world_size != 0:
             raise ValueError(
-                f"world_size ({world_size}) must divide the physical experts ({P}); "
+                f"world_size ({world_size}) must divide the physical slots (len(phy2log) = {P}); "
                 f"pick a world size that divides it or add redundant slots"
             )
         if P and (int(phy2log.min()) < 0 or int(phy2log.max()) >= num_logical):
@@ -109,6 +109,10 @@ class Placement:
     @staticmethod
     def identity(num_experts: int, world_size: int) -> Placement:
         """Expert e in slot e: rank r holds experts [r * E / W, (r + 1) * E / W)."""
+        if isinstance(world_size, int) and world_size >= 1 and num_experts % world_size:
+            raise ValueError(f"world_size ({world_size}) must divide num_experts ({num_experts}) for the identity "
+                             f"placement; pick a world size that divides it, or add redundant slots "
+                             f"(Placement.from_phy2log with num_experts + r slots, r making them divisible)")
         return Placement.from_phy2log(torch.arange(num_experts), num_experts, world_size)
 
     def to(self, device: torch.device | str) -> Placement:

@@ -79,7 +79,13 @@ def model_forward(params: ModelParams, tokens: torch.Tensor, positions: torch.Te
 
     logits_at [B] int: the one row per sequence to score (e.g. its last valid token) -> logits [B, V];
     None -> every row, [B, S, V]. Logits are float32."""
+    if not isinstance(ctx, ModelContext):
+        raise TypeError(f"ctx must be a ModelContext, got {type(ctx).__name__}")
     cfg = ctx.cfg
+    for name, t in (("tokens", tokens), ("positions", positions)) + ((("logits_at", logits_at),)
+                                                                      if logits_at is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"tokens must be [B, S] int32/int64, got {tuple(tokens.shape)} {tokens.dtype}")
     if positions.shape != tokens.shape:
@@ -90,6 +96,8 @@ def model_forward(params: ModelParams, tokens: torch.Tensor, positions: torch.Te
         raise ValueError(f"params.layers holds {len(params.layers)} layers, the config {cfg.num_layers}")
     if ctx.check and tokens.numel() and bool(((tokens < 0) | (tokens >= cfg.vocab_size))[positions >= 0].any()):
         raise ValueError(f"tokens must be in [0, vocab_size={cfg.vocab_size}) at valid positions")
+    if logits_at is not None:
+        _check_logits_at(logits_at, positions, ctx.check)
     x = torch.nn.functional.embedding(tokens.clamp(0, cfg.vocab_size - 1), params.embed)
     plans = ctx.plans or (None,) * cfg.num_layers
     new_caches = []
@@ -101,3 +109,18 @@ def model_forward(params: ModelParams, tokens: torch.Tensor, positions: torch.Te
         x = x[torch.arange(x.shape[0], device=x.device), logits_at.long()]       # [B, H]
     h = rms_norm(x, params.norm, cfg.mla.rms_norm_eps)
     return (h @ params.lm_head.T).float(), tuple(new_caches)
+
+
+def _check_logits_at(logits_at: torch.Tensor, positions: torch.Tensor, values: bool) -> None:
+    """logits_at [B] int32/int64, each a valid (non-padding) row of its sequence: checked by shape and dtype, and with
+    `values` (ctx.check: one host read) by value; ValueError naming logits_at otherwise."""
+    B, S = positions.shape
+    if tuple(logits_at.shape) != (B,) or logits_at.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"logits_at must be [B={B}] int32/int64 (one row per sequence), got "
+                         f"{tuple(logits_at.shape)} {logits_at.dtype}")
+    if values and B:
+        at = logits_at.long().to(positions.device)
+        ok = (at >= 0) & (at < S)
+        if S == 0 or not bool((ok & (positions.gather(1, at.clamp(0, S - 1)[:, None])[:, 0] >= 0)).all()):
+            raise ValueError(f"logits_at must pick a valid row of each sequence: in [0, S={S}) where positions >= 0, "
+                             f"got {logits_at.tolist()}")

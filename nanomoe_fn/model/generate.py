@@ -34,8 +34,12 @@ EAGER_ROUNDING = {"emulate_precision_casts": True}
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes, torch.Tensor)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     out = []
     for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+            raise TypeError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__} {p!r:.40}")
         p = list(p)
         if not p:
             raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
@@ -114,7 +118,11 @@ def generate(params: ModelParams, prompts: Sequence[Sequence[int]], ctx: ModelCo
     between the Triton kernels; the first step compiles, which takes a while). Its fused kernels round every
     intermediate to its dtype as eager ops do (inductor's emulate_precision_casts): without that, bf16 glue
     kept in float32 inside a fused kernel changed greedy tokens after a dozen steps."""
-    s = sampling or SamplingConfig()
+    s = sampling if sampling is not None else SamplingConfig()
+    for name, v, kind in (("sampling", s, SamplingConfig), ("ctx", ctx, ModelContext),
+                          ("decode_ctx", decode_ctx or ctx, ModelContext)):
+        if not isinstance(v, kind):
+            raise TypeError(f"{name} must be a {kind.__name__}, got {type(v).__name__}")
     cfg, dctx = ctx.cfg, decode_ctx or ctx
     if dctx.cfg != cfg:
         raise ValueError("decode_ctx must hold the same ModelConfig as ctx")

@@ -283,7 +283,8 @@ def get_expert_backend(name: str, cfg: MoEConfig, device: torch.device | str) ->
 def expert_ffn(expert_params: Experts | FP8Experts, batch: ExpertBatch, backend: str = "bmm") -> ExpertBatch:
     """Apply each local expert to its rows; the output keeps the batch's layout and counts (a gathered
     batch gives the contiguous batch [M, H], rows in batch row order). FP8 records need an FP8 backend."""
-    if backend not in EXPERT_BACKENDS:
-        raise ValueError(f"expert backend must be one of {sorted(EXPERT_BACKENDS)}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in EXPERT_BACKENDS:
+        raise (ValueError if isinstance(backend, str) else TypeError)(
+            f"expert backend must be one of {sorted(EXPERT_BACKENDS)}, got {backend!r}")
     _check(expert_params, batch, backend)
     return EXPERT_BACKENDS[backend].run(expert_params, batch)

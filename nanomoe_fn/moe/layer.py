@@ -18,12 +18,13 @@ import torch
 from nanomoe_kernels.activation import swiglu_act
 
 from nanomoe_fn.batch import to_contiguous, to_masked
+from nanomoe_fn.checks import check_int_field
 from nanomoe_fn.comm.base import Comm
 from nanomoe_fn.comm.local import LocalComm
 from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.moe.config import MoEConfig
 from nanomoe_fn.moe.experts import expert_ffn, get_expert_backend
-from nanomoe_fn.moe.param_checks import check_params
+from nanomoe_fn.moe.param_checks import check_dense, check_params
 from nanomoe_fn.moe.params import MoEParams, SharedMLP
 from nanomoe_fn.moe.route import route
 from nanomoe_fn.pipeline.program import Program, Stage
@@ -32,7 +33,8 @@ from nanomoe_fn.pipeline.schedule import Plan, sequential
 
 
 def shared_mlp(params: SharedMLP, x: torch.Tensor) -> torch.Tensor:
-    """The shared experts as one dense SwiGLU: x [T, H] -> [T, H]."""
+    """The shared experts as one dense SwiGLU: x [T, H] -> [T, H] (x of the weights' dtype and device)."""
+    check_dense("params", params, x)
     return swiglu_act(x @ params.w13.T, x.dtype) @ params.w2.T
 
 
@@ -126,12 +128,24 @@ def run_moe(
     if not isinstance(cfg, MoEConfig):
         raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
     comms = list(comm) if isinstance(comm, (list, tuple)) else [comm if comm is not None else LocalComm()]
+    if not comms or not all(hasattr(c, "dispatch_send") and hasattr(c, "world_size") for c in comms):
+        raise TypeError(f"comm must be a comm (make_comm, LocalComm...) or a list of them, got "
+                        f"{[type(c).__name__ for c in comms]}")
     placement = placement if placement is not None else Placement.identity(cfg.num_experts, comms[0].world_size)
+    if not isinstance(placement, Placement):
+        raise TypeError(f"placement must be a Placement, got {type(placement).__name__}")
     check_params(params, cfg, x, num_experts=placement.local_experts)
+    check_capacity(capacity)
     get_expert_backend(backend, cfg, x.device)
     check_shared_comm(plan, comms, backend, capacity)
     ctxs = [MoEContext(cfg, c, placement, backend, capacity) for c in comms]
     return run(plan, params, {"x": x}, ctxs if len(ctxs) > 1 else ctxs[0])
+
+
+def check_capacity(capacity: object) -> None:
+    """capacity: None or an int >= 1 (rows per expert of the masked layout); TypeError/ValueError otherwise."""
+    if capacity is not None:
+        check_int_field("moe_layer", "capacity", capacity)
 
 
 def check_shared_comm(plan: Plan, comms: Sequence[Any], backend: str = "triton", capacity: int | None = None) -> None:

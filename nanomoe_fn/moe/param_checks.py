@@ -132,3 +132,22 @@ def _check_fp8(experts: SwiGLUExpertsFP8, n: int, H: int, I_: int, dev: torch.de
                              f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
         if t.device != dev:
             raise ValueError(f"params.experts.{name} must be on {dev} (where params.gate.weight is), got {t.device}")
+
+
+def check_dense(name: str, mlp: object, x: torch.Tensor) -> None:
+    """A dense SwiGLU FFN (SharedMLP: w13 [2I, H], w2 [H, I]) that takes x [T, H]: the weights' shapes, and
+    x's dtype and device against theirs; TypeError/ValueError naming `name`'s field or x. Host-only."""
+    if not isinstance(mlp, SharedMLP):
+        raise TypeError(f"{name} must be a SharedMLP, got {type(mlp).__name__}")
+    check_tensor("x", x, dim=2)
+    H, w13 = x.shape[1], mlp.w13
+    rows = w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 2 else 0
+    if isinstance(w13, torch.Tensor) and (w13.dim() != 2 or rows % 2 or w13.shape[1] != H):
+        raise ValueError(f"{name}.w13 must be [2*intermediate, hidden={H}] (gate rows, then up rows), got "
+                         f"{tuple(w13.shape)}")
+    w13 = _check_weight(f"{name}.w13", w13, (("2*intermediate", rows), ("hidden", H)), None)
+    _check_weight(f"{name}.w2", mlp.w2, (("hidden", H), ("intermediate", rows // 2)), w13.device, w13.dtype)
+    if x.dtype != w13.dtype:
+        raise TypeError(f"x must have the dtype of {name}.w13 ({w13.dtype}; cast x or the weights), got {x.dtype}")
+    if x.device != w13.device:
+        raise ValueError(f"x must be on {w13.device} (where {name} is), got {x.device}")

@@ -164,6 +164,15 @@ def refuse_fp8(experts: object, who: str) -> None:
                         f"nanomoe_fn.moe.fp8_params.dequantize_experts(experts, dtype)")
 
 
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what the expert backends run
+
+
+def check_weight_dtype(who: str, dtype: object) -> None:
+    """TypeError naming `who` unless dtype is one of WEIGHT_DTYPES (FP8 records come from quantize_experts)."""
+    if dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"{who} must be one of {[str(d) for d in WEIGHT_DTYPES]}, got {dtype!r}")
+
+
 def _normal(shape: tuple[int, ...], std: float, dtype: torch.dtype, device: torch.device | str,
             gen: torch.Generator | None) -> torch.Tensor:
     # draw in float32 where the generator lives: a CPU generator gives every dtype/device the same numbers for
@@ -184,6 +193,9 @@ def init_moe_params(
     The router weight is kept in float32 (logits are computed in float32 for every dtype).
     gate_std overrides the router's scale (larger = sharper, better separated routing).
     """
+    if not isinstance(cfg, MoEConfig):
+        raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+    check_weight_dtype("init_moe_params dtype", dtype)
     H, I_, E = cfg.hidden, cfg.intermediate, cfg.num_experts
     g = _normal((E, H), gate_std if gate_std is not None else H ** -0.5, torch.float32, device, generator)
     bias = _normal((E,), 0.1, torch.float32, device, generator) if cfg.correction_bias else None
@@ -222,6 +234,7 @@ def cast_params(params: MoEParams, dtype: torch.dtype) -> MoEParams:
     """Cast expert and shared weights to `dtype`; the router stays float32. FP8 experts are refused (a cast
     would drop their scales: dequantize_experts)."""
     refuse_fp8(params.experts, "cast_params")
+    check_weight_dtype("cast_params dtype", dtype)
     return MoEParams(
         gate=params.gate,
         experts=pytree.tree_map(lambda t: t.to(dtype), params.experts),

@@ -34,6 +34,9 @@ def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
     None means "top2_sum" with a correction bias, else "max". Weights are renormalised if
     cfg.norm_topk_prob, then scaled by cfg.routed_scaling_factor.
     """
+    if not isinstance(cfg, MoEConfig) or not isinstance(gate_params, GateParams):
+        raise TypeError(f"route takes (GateParams, x, MoEConfig), got ({type(gate_params).__name__}, x, "
+                        f"{type(cfg).__name__})")
     check_tensor("x", x, dim=2, dtypes=FLOAT_DTYPES)
     w = check_tensor("gate_params.weight", gate_params.weight, dim=2, dtypes=FLOAT_DTYPES)
     if x.shape[1] != cfg.hidden:
@@ -46,6 +49,9 @@ def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
     if cfg.correction_bias != (bias is not None):
         raise ValueError(f"gate_params.bias must be {'a [E] tensor' if cfg.correction_bias else 'None'} "
                          f"for this config (correction_bias={cfg.correction_bias})")
+    if bias is not None and tuple(check_tensor("gate_params.bias", bias, dtypes=FLOAT_DTYPES, device=w.device).shape
+                                  ) != (cfg.num_experts,):
+        raise ValueError(f"gate_params.bias must be [{cfg.num_experts}], got {tuple(bias.shape)}")
 
     logits = router_logits(x, w)  # [T, E] float32
     # one reduction catches NaN/inf in x or the weight and activations too large for float32 logits
@@ -55,34 +61,35 @@ def route(gate_params: GateParams, x: torch.Tensor, cfg: MoEConfig) -> Routing:
 
 
 HALF = (torch.bfloat16, torch.float16)  # serving dtypes; float32/float64 activations keep the exact float32 GEMM
-SPLITK_MAX_TOKENS = 1024  # up to it the float32 GEMM split over H beats the bf16 split and cuBLAS (run 119,
-# bench/results/pipeline_notes.md: 19 / 45 / 79 us at 128 / 512 / 1024 tokens against ~75 / 84 / 92 for the bf16
-# split with its parts; 276 against ~153 at 4096)
+SPLITK_MAX_TOKENS = 1024  # the float32 GEMM split over H beats cuBLAS's float32 GEMM up to here (run 119)
+SPLIT_MIN_TOKENS = 256    # above it bf16 x takes the bf16 split, faster than the split-H kernel (run 156,
+# bench/results/pipeline_notes.md: 23.5 / 27.7 / 32.8 us at 256 / 512 / 1024 tokens against 27.2 / 43.2 / 76.5)
 
 
 def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """float32 logits [T, E] = x [T, H] @ w [E, H].T.
 
-    On CUDA up to SPLITK_MAX_TOKENS rows of bf16/fp16 x (a float32 or bf16 w): the float32 GEMM split over H
+    On CUDA above SPLIT_MIN_TOKENS rows of bf16 x: bf16 tensor-core GEMMs with float32 output over w split into
+    bf16 parts (hi, mid, lo hold float32's 24 bits, made in one pass; a bf16 weight is its own one part), one GEMM
+    over the stacked parts. Every product is exact; the tensor cores' float32 accumulation is not quite IEEE, so the
+    logits are within ~1e-5 of the largest in magnitude (4.4e-6 to 9.6e-6 measured at 256-4096 tokens; bf16 logits
+    ~3e-3); the custom op nanomoe::router_logits_split under torch.compile. Otherwise on CUDA, up to
+    SPLITK_MAX_TOKENS rows of bf16/fp16 x (a float32 or bf16 w): the float32 GEMM split over H
     (kernels/router_gemm.py: cuBLAS gives [32, 7168] x [7168, 256] too few programs), tf32x3 products on tensor
     cores summed in IEEE float32 over 128-column chunks, ~1e-6 off the float32 GEMM (1.4e-6 at 32 tokens, 3e-6
     at 1024 of DeepSeek-V3, largest logit ~4); the custom op nanomoe::router_logits_splitk under torch.compile.
-    On CUDA above that with bf16 x: bf16 tensor-core GEMMs with float32 output over w split into bf16 parts
-    (hi, mid, lo hold float32's 24 bits; a bf16 weight is its own one part). Every product is exact; the tensor
-    cores' float32 accumulation is not quite IEEE, so the logits are within ~1e-5 of the largest in magnitude
-    (8.9e-6 measured at 4096 tokens; bf16 logits ~3e-3), at 4x the float32 GEMM's speed there; the custom op
-    nanomoe::router_logits_split under torch.compile. Elsewhere x.float() @ w.float().T (a float32 GEMM)."""
+    Elsewhere x.float() @ w.float().T (a float32 GEMM)."""
     T = x.shape[0]
+    if x.is_cuda and x.dtype == torch.bfloat16 and T > SPLIT_MIN_TOKENS:
+        if torch.compiler.is_compiling():
+            return torch.ops.nanomoe.router_logits_split(x, w)
+        return _split_logits(x, w)
     if x.is_cuda and 0 < T <= SPLITK_MAX_TOKENS and x.dtype in HALF and w.dtype in (torch.float32, torch.bfloat16):
         if torch.compiler.is_compiling():
             return torch.ops.nanomoe.router_logits_splitk(x, w)
         from nanomoe_kernels.router_gemm import router_logits_splitk
 
         return router_logits_splitk(x, w)
-    if x.is_cuda and x.dtype == torch.bfloat16 and T > SPLITK_MAX_TOKENS:
-        if torch.compiler.is_compiling():
-            return torch.ops.nanomoe.router_logits_split(x, w)
-        return _split_logits(x, w)
     return x.float() @ w.float().T
 
 
@@ -91,14 +98,25 @@ def bf16_parts(w: torch.Tensor) -> list[torch.Tensor]:
     next 8 significant bits of what the others leave; float32 subnormals below 2^-126 aside)."""
     if w.dtype == torch.bfloat16:
         return [w]
+    if w.is_cuda and w.dtype == torch.float32:  # one kernel, the same bits
+        from nanomoe_kernels.router_gemm import split_bf16_parts
+
+        return list(split_bf16_parts(w))
     w = w.float()
     hi = w.bfloat16()
     rest = w - hi      # float32 (hi promoted in the same kernel); exact: w less its rounding
     mid = rest.bfloat16()
-    return [hi, mid, (rest - mid).bfloat16()]  # five elementwise kernels over w on every prefill call
+    return [hi, mid, (rest - mid).bfloat16()]  # five elementwise ops over w (CUDA: the one kernel above)
 
 
 def _split_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if w.is_cuda and w.dtype == torch.float32:
+        from nanomoe_kernels.router_gemm import split_bf16_parts
+
+        # one GEMM over the stacked parts [3E, H] (3x the programs of E = 256 columns), then hi + mid + lo in order
+        E = w.shape[0]
+        part_logits = torch.mm(x, split_bf16_parts(w).view(3 * E, -1).T, out_dtype=torch.float32)
+        return part_logits[:, :E] + part_logits[:, E:2 * E] + part_logits[:, 2 * E:]
     parts = bf16_parts(w)
     logits = torch.mm(x, parts[0].T, out_dtype=torch.float32)
     for p in parts[1:]:
