@@ -194,7 +194,7 @@ def _check_call(params: DecoderParams, x: torch.Tensor, ctxs: list) -> None:
         return
     m = ctxs[0].moe
     check_params(params.moe, m.cfg, tokens, num_experts=m.placement.local_experts)
-    check_capacity(m.capacity)
+    check_capacity(m.capacity, "ctx.moe")
 
 
 def decoder_layer(params: DecoderParams, x: torch.Tensor, positions: torch.Tensor, cache: MLACache,

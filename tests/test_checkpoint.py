@@ -230,6 +230,7 @@ def test_fp8_block_dequant(tmp_path):
 
 
 EXPERT = "model.layers.2.mlp.experts.7.up_proj.weight"
+BIAS = "model.layers.2.mlp.gate.e_score_correction_bias"
 BAD = {
     "missing": (lambda t: {n: v for n, v in t.items() if n != EXPERT}, f"missing tensor '{EXPERT}'"),
     "shape": (lambda t: t | {"model.layers.1.self_attn.kv_b_proj.weight": torch.zeros(3, 3)},
@@ -240,6 +241,8 @@ BAD = {
                           f"'{EXPERT}' is F8_E4M3 without its scales '{EXPERT}_scale_inv'"),
     "bad scale": (lambda t: t | {EXPERT: t[EXPERT].to(torch.float8_e4m3fn), EXPERT + "_scale_inv": torch.ones(2, 2)},
                   f"'{EXPERT}_scale_inv' has dtype F32 shape \\[2, 2\\], expected a float \\[1, 1\\]"),
+    "nan router bias": (lambda t: t | {BIAS: torch.full_like(t[BIAS], float("nan"))},
+                        rf"'{BIAS}' holds NaN/inf \(the router's correction bias picks the experts"),
     "unexpected": (lambda t: t | {"model.layers.1.mlp.extra.weight": torch.ones(2)},
                    "unexpected tensor 'model.layers.1.mlp.extra.weight'"),
 }

@@ -200,6 +200,9 @@ def load_params(path: str | Path, cfg: ModelConfig, *, dtype: torch.dtype = torc
                 layers.append(DecoderParams(norms[0], attn, norms[1], dense=_swiglu(read, i, shared=False)))
                 continue
             bias = read(names.layer(i, names.ROUTER_BIAS), torch.float32) if cfg.moe.correction_bias else None
+            if bias is not None and not bool(torch.isfinite(bias).all()):  # route never checks it: it only picks
+                raise rd.fail(f"'{names.layer(i, names.ROUTER_BIAS)}' holds NaN/inf (the router's correction "
+                              f"bias picks the experts: it must be finite)")
             gate = GateParams(read(names.layer(i, names.ROUTER_WEIGHT), torch.float32), bias)
             shared = _swiglu(read, i, shared=True) if cfg.moe.n_shared_experts else None
             experts = (_experts_fp8(rd, shapes, cfg, i, slots, device) if fp8_experts

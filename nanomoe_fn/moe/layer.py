@@ -142,10 +142,11 @@ def run_moe(
     return run(plan, params, {"x": x}, ctxs if len(ctxs) > 1 else ctxs[0])
 
 
-def check_capacity(capacity: object) -> None:
-    """capacity: None or an int >= 1 (rows per expert of the masked layout); TypeError/ValueError otherwise."""
+def check_capacity(capacity: object, owner: str = "moe_layer") -> None:
+    """capacity: None or an int >= 1 (rows per expert of the masked layout); TypeError/ValueError naming
+    `owner`.capacity otherwise."""
     if capacity is not None:
-        check_int_field("moe_layer", "capacity", capacity)
+        check_int_field(owner, "capacity", capacity)
 
 
 def check_shared_comm(plan: Plan, comms: Sequence[Any], backend: str = "triton", capacity: int | None = None) -> None:
