@@ -119,6 +119,9 @@ def mla(attn_params: MLAParams, x: torch.Tensor, positions: torch.Tensor, cache:
         check: bool = True) -> tuple[torch.Tensor, MLACache]:
     """One MLA block: x [B, S, H] at positions [B, S] -> (out [B, S, H], cache with the new rows).
 
+    x is cast to the weights' dtype, and out comes in that dtype (moe_layer, by contrast, refuses x of another
+    dtype than its experts').
+
     Sequence b's new tokens sit at consecutive positions starting at or before cache.lens[b]; shorter
     sequences are right-padded with position -1 (their output rows are 0, nothing is written).
     path: "decode" (weight-absorbed, over the compressed cache) or "prefill" (expanded K/V); default
