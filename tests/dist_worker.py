@@ -159,34 +159,41 @@ def skewed_case(world_size: int, rank: int) -> tuple[MoEConfig, MoEParams, torch
     return cfg, MoEParams(type(params.gate)(w, None), params.experts, params.shared), x
 
 
-def run_rebalance(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """Serve a skewed layer, record its load, rebalance (EPLB, redundant slots), move the expert weights
-    between ranks, serve again. Saves this rank's tokens' outputs before and after the move."""
+def serve_rebalance_serve(rank: int, W: int, cfg: MoEConfig, params: MoEParams, x: torch.Tensor, rounds: int,
+                          after: tuple = ()) -> dict:
+    """Serve the layer `rounds` times on a placement with one spare slot a rank while recording its load,
+    rebalance (EPLB, global policy), move the expert weights between ranks, serve again on the exact-split torch
+    comm and on each comm in `after`. {"outs": every output in order, "load", "phy2log_old", "phy2log_new"}."""
     from nanomoe_fn.eplb import placement_for_layer, rebalance_experts
     from nanomoe_fn.eplb.move import replace_expert_weights
     from nanomoe_fn.eplb.recorder import advance, global_load, init_recorder, record
     from nanomoe_fn.moe.route import route
 
+    E = cfg.num_experts
+    old = Placement.from_phy2log(torch.cat([torch.arange(E), torch.arange(W)]), E, W)  # one spare slot a rank
+    local = shard_moe_params(params, old, rank)
+    comm = TorchComm(timeout_s=60)
+    rec = init_recorder(window=rounds + 1, num_layers=1, num_experts=E)
+    outs = []
+    for _ in range(rounds):
+        rec = advance(record(rec, route(params.gate, x, cfg).topk_ids, 0))
+        outs.append(moe_layer(local, x, cfg, comm, old))
+    load = global_load(rec)
+    phy2log, _, _ = rebalance_experts(load.double(), old.num_physical, 1, 1, W, "global")
+    new = placement_for_layer(phy2log, 0, E, W).with_policy("dynamic")
+    moved = MoEParams(local.gate, replace_expert_weights(old, new, local.experts, rank, chunk_experts=1), local.shared)
+    outs += [moe_layer(moved, x, cfg, c, new) for c in (comm, *after)]
+    return {"outs": outs, "load": load, "phy2log_old": old.phy2log, "phy2log_new": new.phy2log}
+
+
+def run_rebalance(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Serve a skewed layer, record its load, rebalance (EPLB, redundant slots), move the expert weights
+    between ranks, serve again. Saves this rank's tokens' outputs before and after the move."""
     _init(rank, world_size, port, 60)
     try:
-        E, W = 4 * world_size, world_size
         cfg, params, x = skewed_case(world_size, rank)
-        old = Placement.from_phy2log(torch.cat([torch.arange(E), torch.arange(W)]), E, W)  # one spare slot a rank
-        local = shard_moe_params(params, old, rank)
-        comm = TorchComm(timeout_s=60)
-        rec = init_recorder(window=4, num_layers=1, num_experts=E)
-        outs = []
-        for _ in range(3):
-            rec = advance(record(rec, route(params.gate, x, cfg).topk_ids, 0))
-            outs.append(moe_layer(local, x, cfg, comm, old))
-        load = global_load(rec)
-        phy2log, _, _ = rebalance_experts(load.double(), old.num_physical, 1, 1, W, "global")
-        new = placement_for_layer(phy2log, 0, E, W).with_policy("dynamic")
-        experts = replace_expert_weights(old, new, local.experts, rank, chunk_experts=1)
-        moved = MoEParams(local.gate, experts, local.shared)
-        outs.append(moe_layer(moved, x, cfg, comm, new))
-        torch.save({"outs": outs, "x": x, "load": load, "phy2log_old": old.phy2log, "phy2log_new": new.phy2log},
-                   os.path.join(out_dir, f"rebalance_rank{rank}.pt"))
+        saved = serve_rebalance_serve(rank, world_size, cfg, params, x, rounds=3)
+        torch.save({**saved, "x": x}, os.path.join(out_dir, f"rebalance_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from nanomoe_fn import MoEConfig, MoEParams, Placement, TorchComm, TorchFixedComm, moe_layer, shard_moe_params
 from nanomoe_fn.moe.layer import run_moe
-from tests.dist_worker import _init, case_inputs, case_placement, error_of
+from tests.dist_worker import _init, case_inputs, case_placement, error_of, serve_rebalance_serve
 from tests.pipeline_worker import SCHEDULES
 
 
@@ -63,29 +63,8 @@ def skewed_case(world_size: int, rank: int) -> tuple[MoEConfig, MoEParams, torch
 
 
 def _rebalance(rank: int, W: int) -> dict:
-    from nanomoe_fn.eplb import placement_for_layer, rebalance_experts
-    from nanomoe_fn.eplb.move import replace_expert_weights
-    from nanomoe_fn.eplb.recorder import advance, global_load, init_recorder, record
-    from nanomoe_fn.moe.route import route
-
-    E = 4 * W
     cfg, params, x = skewed_case(W, rank)
-    old = Placement.from_phy2log(torch.cat([torch.arange(E), torch.arange(W)]), E, W)  # one spare slot a rank
-    local = shard_moe_params(params, old, rank)
-    comm = TorchComm(timeout_s=60)
-    rec = init_recorder(window=2, num_layers=1, num_experts=E)
-    outs = []
-    for _ in range(2):
-        rec = advance(record(rec, route(params.gate, x, cfg).topk_ids, 0))
-        outs.append(moe_layer(local, x, cfg, comm, old))
-    load = global_load(rec)
-    phy2log, _, _ = rebalance_experts(load.double(), old.num_physical, 1, 1, W, "global")
-    new = placement_for_layer(phy2log, 0, E, W).with_policy("dynamic")
-    experts = replace_expert_weights(old, new, local.experts, rank, chunk_experts=1)
-    moved = MoEParams(local.gate, experts, local.shared)
-    outs.append(moe_layer(moved, x, cfg, comm, new))
-    outs.append(moe_layer(moved, x, cfg, TorchComm(timeout_s=60, max_tokens=4 * W), new))
-    return {"outs": outs, "load": load, "phy2log_old": old.phy2log, "phy2log_new": new.phy2log}
+    return serve_rebalance_serve(rank, W, cfg, params, x, rounds=2, after=(TorchComm(timeout_s=60, max_tokens=4 * W),))
 
 
 def _errors(rank: int, W: int) -> dict[str, str]:

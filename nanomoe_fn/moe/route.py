@@ -98,15 +98,11 @@ def bf16_parts(w: torch.Tensor) -> list[torch.Tensor]:
     next 8 significant bits of what the others leave; float32 subnormals below 2^-126 aside)."""
     if w.dtype == torch.bfloat16:
         return [w]
-    if w.is_cuda and w.dtype == torch.float32:  # one kernel, the same bits
-        from nanomoe_kernels.router_gemm import split_bf16_parts
-
-        return list(split_bf16_parts(w))
     w = w.float()
     hi = w.bfloat16()
     rest = w - hi      # float32 (hi promoted in the same kernel); exact: w less its rounding
     mid = rest.bfloat16()
-    return [hi, mid, (rest - mid).bfloat16()]  # five elementwise ops over w (CUDA: the one kernel above)
+    return [hi, mid, (rest - mid).bfloat16()]  # five elementwise ops (kernels/router_gemm.split_bf16_parts: one)
 
 
 def _split_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
