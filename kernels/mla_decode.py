@@ -266,6 +266,10 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         raise ValueError(wgmma_why)
     if t.warp_specialize and not (t.wgmma and mla_decode_wgmma_ws.supported_triton()):
         raise ValueError("tuning.warp_specialize needs tuning.wgmma and Triton >= 3.6 (Gluon's warp_specialize)")
+    if t.key_major and t.num_stages < 2 and q.is_cuda and not runs_interpreted():
+        # Triton 3.6 miscompiles the key-major tile staged in registers: one stage gave relative errors ~7 and
+        # illegal addresses on an H200 (run 162, bench/results/mla_notes.md); two or more stages are right
+        raise ValueError(f"tuning.num_stages must be >= 2 with key_major on a GPU, got {t.num_stages}")
     if t.value_splits not in (1, 2) or (t.key_major and t.value_splits != 1):
         raise ValueError(f"tuning.value_splits must be 1 or 2 (1 with key_major), got {t.value_splits}")
     bv = block_v(kv_lora_rank) if t.key_major else _pow2(kv_lora_rank) // t.value_splits

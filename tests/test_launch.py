@@ -28,21 +28,16 @@ SMALL = ["--batch-size", "4", "--hidden-dim", "32", "--num-experts", "8", "--war
 # ---- CLI mistakes: refused in the parent, before anything is spawned -------------------------------------------
 # Each bench command line runs as a user runs it, in a subprocess (tests never import bench/); those of this
 # module run once, side by side, in the `cli` fixture. "Nothing spawned": a spawned rank would print (its
-# results, or its own error) and the refusal is exactly one stderr line, with stdout empty.
+# results, or its own error) and the refusal is exactly one stderr line, with stdout empty. One flag of each
+# kind of check (each command line costs a torch import).
 
 MULTI_FLAGS = [
     (["--world-size", "3", "--num-experts", "8"], r"^--world-size \(3\) must divide --num-experts \(8\)$"),
     (["--world-size", "0"], r"^--world-size must be an int >= 1, got 0$"),
     (["--batch-size", "0"], r"^--batch-size must be >= 1, got 0$"),
-    (["--batch-size", "-2"], r"^--batch-size must be >= 1, got -2$"),
     (["--iters", "0"], r"^--iters must be >= 1"),
-    (["--warmup", "-1"], r"^--warmup must be >= 0"),
     (["--intermediate-dim", "0"], r"^--intermediate-dim must be >= 1 when given, got 0$"),
-    (["--tokens-per-expert", "0"], r"^--tokens-per-expert must be >= 1 when given"),
-    (["--max-num-tokens", "0"], r"^--max-num-tokens must be >= 1 when given"),
-    (["--timeout", "0"], r"^--timeout must be a finite number of seconds > 0"),
     (["--timeout", "nan"], r"^--timeout must be a finite number of seconds > 0"),
-    (["--master-port", "0"], r"^--master-port must be in 1\.\.65535, got 0$"),
     (["--master-port", "70000"], r"^--master-port must be in 1\.\.65535, got 70000$"),
     (["--device", "cuda:0"], r"^--device: the multi-rank bench places ranks itself"),
     (["--cuda-graph", "--comm", "torch_fixed"], r"^--cuda-graph needs CUDA GPUs"),
@@ -50,9 +45,7 @@ MULTI_FLAGS = [
 SINGLE_FLAGS = [
     (["--cuda-graph", "--device", "cpu", "--mode", "triton"],
      r"^--cuda-graph needs a CUDA device \(this run is on cpu\)"),
-    (["--batch-size", "0", "--device", "cpu"], r"^--batch-size must be >= 1, got 0$"),
     (["--device", "foo"], r"^--device: expected cpu or cuda\[:i\], got 'foo'$"),
-    (["--device", "meta"], r"^--device: expected cpu or cuda\[:i\], got 'meta'$"),
 ]
 MULTI = "bench/bench_ep_moe_multi.py"
 SINGLE = "bench/bench_ep_moe.py"

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from nanomoe_fn.opaque import opaque_to_compile
 
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
+
+@opaque_to_compile  # Triton kernels: opaque to torch.compile, which fuses the glue around them
 def decode_eager(rows: torch.Tensor, kv: torch.Tensor, ctx: torch.Tensor, block_table: torch.Tensor | None,
                  kv_lora_rank: int, scale: float) -> torch.Tensor:
     """kernels/mla_decode.py on rows [R, N, Dc], kv, ctx [R] int32 -> [R, N, C]."""
@@ -22,7 +24,7 @@ def decode_eager(rows: torch.Tensor, kv: torch.Tensor, ctx: torch.Tensor, block_
     return mla_decode(rows, kv, ctx, kv_lora_rank, scale, block_table=block_table)
 
 
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
+@opaque_to_compile  # Triton kernels: opaque to torch.compile, which fuses the glue around them
 def prefill_eager(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
                   v: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
     """kernels/mla_prefill.py -> [B, S, N, Dv]; positions [B, S] int32."""

@@ -57,6 +57,7 @@ from nanomoe_fn.batch import ExpertBatch, Routing
 from nanomoe_fn.comm.nvlink_buffers import FP8, MODES, buffer_shapes, map_symmetric, option_reason
 from nanomoe_fn.comm.plan import check_dispatch_args
 from nanomoe_fn.eplb.placement import Placement
+from nanomoe_fn.opaque import opaque_to_compile
 
 STAGES = {2: "dispatch/payload", 3: "combine/payload"}
 
@@ -163,7 +164,7 @@ class NvlinkComm:
     def _buf(self, name: str) -> torch.Tensor:
         return self._bufs[name][0]
 
-    @torch.compiler.disable  # Triton kernels and peer signals: opaque to torch.compile
+    @opaque_to_compile  # Triton kernels and peer signals: opaque to torch.compile
     def dispatch_send(self, x: torch.Tensor, routing: Routing, placement: Placement) -> Any:
         """Write each token into the ranks that own its slots (one kernel, no wait)."""
         self.check()
@@ -195,7 +196,7 @@ class NvlinkComm:
         self._open, self._calls = True, self._calls + 1
         return x, has
 
-    @torch.compiler.disable  # Triton kernels and peer signals: opaque to torch.compile
+    @opaque_to_compile  # Triton kernels and peer signals: opaque to torch.compile
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, NvlinkHandle]:
         """Publish the counts and wait for every peer's tokens, then copy them into this rank's expert layout."""
         x, has = pending
@@ -242,7 +243,7 @@ class NvlinkComm:
             raise RuntimeError(f"rank {self.rank}: nvlink received {M} rows, outside [0, {m_max}] (corrupt counts)")
         return M
 
-    @torch.compiler.disable  # Triton kernels and peer signals: opaque to torch.compile
+    @opaque_to_compile  # Triton kernels and peer signals: opaque to torch.compile
     def combine_send(self, y: ExpertBatch, handle: NvlinkHandle) -> Any:
         """Sum each received token's weighted expert rows here and write the partial sum to its rank."""
         self.check()
@@ -262,7 +263,7 @@ class NvlinkComm:
                                self.max_tokens)
         return handle
 
-    @torch.compiler.disable  # Triton kernels and peer signals: opaque to torch.compile
+    @opaque_to_compile  # Triton kernels and peer signals: opaque to torch.compile
     def combine_recv(self, pending: Any) -> torch.Tensor:
         """Wait for every peer's partial sums and add them: [T, H] in x's dtype."""
         handle = pending

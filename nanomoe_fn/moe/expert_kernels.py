@@ -19,6 +19,7 @@ import torch
 from nanomoe_fn.batch import ExpertBatch
 from nanomoe_fn.moe.config import MoEConfig
 from nanomoe_fn.moe.params import Experts, SwiGLUExperts, expert_tensors, refuse_fp8
+from nanomoe_fn.opaque import opaque_to_compile
 
 
 def _expert_type(experts: Experts) -> str:
@@ -52,7 +53,7 @@ def triton_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     return batch.with_x(_triton_eager(ws, kind, batch))
 
 
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile, which fuses the glue around them
+@opaque_to_compile  # Triton kernels: opaque to torch.compile, which fuses the glue around them
 def _triton_eager(ws: tuple[torch.Tensor, ...], kind: str, batch: ExpertBatch) -> torch.Tensor:
     from nanomoe_kernels.fused_moe import fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
 
@@ -103,7 +104,7 @@ def deepgemm_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
     return supports()
 
 
-@torch.compiler.disable  # DeepGEMM and Triton kernels: opaque to torch.compile
+@opaque_to_compile  # DeepGEMM and Triton kernels: opaque to torch.compile
 def deepgemm_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
     """DeepGEMM m-grouped bf16 GEMMs with Triton glue (kernels/moe_permute.py): contiguous and gathered
     rows are permuted into the padded layout (a gathered batch through its index, never materialized),

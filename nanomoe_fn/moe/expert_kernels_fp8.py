@@ -29,6 +29,7 @@ from nanomoe_fn.batch import ExpertBatch
 from nanomoe_fn.moe.config import MoEConfig
 from nanomoe_fn.moe.expert_kernels import triton_supports
 from nanomoe_fn.moe.params import SwiGLUExpertsFP8
+from nanomoe_fn.opaque import opaque_to_compile
 
 FP8_BLOCK = 128  # the kernels' scale block (DeepSeek-V3's), both ways
 
@@ -70,7 +71,7 @@ def triton_fp8_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str
     return ok, why
 
 
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile
+@opaque_to_compile  # Triton kernels: opaque to torch.compile
 def triton_fp8_run(experts: SwiGLUExpertsFP8, batch: ExpertBatch, act_terms: int = 1) -> ExpertBatch:
     """Block-scaled FP8 grouped GEMMs (kernels/fused_moe_fp8.py) on an FP8 record; output in batch.x's dtype
     (bfloat16 for FP8 rows, whose batch.x_scale goes on as rows_scale); act_terms=2: two-term activations."""
@@ -89,7 +90,7 @@ def triton_fp8_run(experts: SwiGLUExpertsFP8, batch: ExpertBatch, act_terms: int
     return batch.with_x(f8.fused_moe_fp8_contiguous(batch.x, batch.counts, *ws, **kw))
 
 
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile
+@opaque_to_compile  # Triton kernels: opaque to torch.compile
 def triton_fp8_hilo_run(experts: SwiGLUExpertsFP8, batch: ExpertBatch) -> ExpertBatch:
     """triton_fp8 with two-term activations (module docstring): FP8 MMAs at about bf16's accuracy."""
     return triton_fp8_run(experts, batch, act_terms=2)
@@ -108,7 +109,7 @@ def deepgemm_fp8_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, s
     return supports_fp8()
 
 
-@torch.compiler.disable  # DeepGEMM and Triton kernels: opaque to torch.compile
+@opaque_to_compile  # DeepGEMM and Triton kernels: opaque to torch.compile
 def deepgemm_fp8_run(experts: SwiGLUExpertsFP8, batch: ExpertBatch) -> ExpertBatch:
     """DeepGEMM's FP8 m-grouped GEMMs with Triton glue (kernels/fp8_glue.py): contiguous and gathered rows
     are quantised once and permuted into the padded layout (a gathered batch through its index), masked
@@ -129,7 +130,7 @@ def triton_w8a16_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, s
     return triton_fp8_supports(cfg, device)
 
 
-@torch.compiler.disable  # Triton kernels: opaque to torch.compile
+@opaque_to_compile  # Triton kernels: opaque to torch.compile
 def triton_w8a16_run(experts: SwiGLUExpertsFP8, batch: ExpertBatch) -> ExpertBatch:
     """FP8 weights dequantised tile by tile into bf16/fp16 GEMMs (kernels/fused_moe_w8a16.py): no activation
     quantisation, so only bf16 rounding separates it from the FFN on the dequantised weights."""

@@ -96,6 +96,37 @@ def test_decode_bf16_key_major_wide(heads, paged, tuning):
         assert rel_err(out[1:], want[1:]) < BF16_TOL and (out[0] == 0).all()
 
 
+def test_key_major_one_stage_refused():
+    """One pipeline stage stages the key-major tile in registers, which Triton 3.6 computed wrongly (relative
+    error ~7, then an illegal address: run 162): refused by name instead."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+
+    q = torch.randn(1, 16, 576, device="cuda").bfloat16()
+    kv = torch.randn(1, 256, 576, device="cuda").bfloat16()
+    ctx = torch.tensor([256], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=r"tuning.num_stages must be >= 2 with key_major on a GPU, got 1"):
+        mla_decode(q, kv, ctx, 512, 0.1, tuning=DecodeTuning(16, 64, 1, 4, 1, key_major=True))
+
+
+@pytest.mark.parametrize("tuning", [dict(block_h=64, block_n=64, num_warps=8, num_stages=1),
+                                    dict(block_h=16, block_n=64, num_warps=4, num_stages=1),
+                                    dict(block_h=128, block_n=32, value_splits=2, num_stages=1)])
+def test_decode_bf16_one_stage_head_major(tuning):
+    """The head-major kernel with its tiles staged in registers (one stage) stays right."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    kv = torch.randn(2, 4160, 576, device="cuda", generator=g).bfloat16()
+    q = torch.randn(2, 128, 576, device="cuda", generator=g).bfloat16()
+    ctx = torch.tensor([63, 4160], dtype=torch.int32, device="cuda")
+    want = latent_decode_f64(q, kv, ctx, 512, 0.1352)
+    pages, table = paged_copy(kv, 64, g)
+    for splits in (1, 7):
+        out = mla_decode(q, pages, ctx, 512, 0.1352, block_table=table, num_splits=splits,
+                         tuning=DecodeTuning(**tuning))
+        assert rel_err(out, want) < BF16_TOL
+
+
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("paged", [False, True])
