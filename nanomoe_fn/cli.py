@@ -34,6 +34,7 @@ from nanomoe_fn.cli_util import (
     check_generate_args,
     rank_device,
     tokenizer_of,
+    use_cuda_graph,
 )
 
 BENCHES = {"bench": "bench_ep_moe.py", "bench-multi": "bench_ep_moe_multi.py", "layer": "bench_layer.py",
@@ -65,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-backend", default=None, help="loop, bmm, triton, deepgemm, or FP8 experts: triton_fp8, "
                    "triton_fp8_hilo, deepgemm_fp8, triton_w8a16 (default: triton on CUDA)")
     g.add_argument("--paged", action="store_true", help="paged MLA caches")
-    g.add_argument("--cuda-graph", action="store_true", help="decode steps as CUDA graph replays")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps as CUDA graph replays (default: on CUDA with a capturable expert backend, "
+                   "e.g. the default triton; --no-cuda-graph: eager steps)")
     g.add_argument("--compile", action="store_true", help="decode steps through torch.compile (compiles first)")
     g.add_argument("--nproc", type=int, default=1, help="expert-parallel ranks to spawn (default 1)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -148,7 +151,8 @@ def _generate_rank(rank: int, world: int, a: argparse.Namespace) -> dict | None:
 
         bar = tqdm(total=a.max_new_tokens - 1, desc="decode", unit="tok", file=sys.stderr)
     t1 = time.perf_counter()
-    outs = generate(params, [prompts[i] for i in mine], ctx, s, paged=a.paged, cuda_graph=a.cuda_graph,
+    graph = use_cuda_graph(a, cuda)
+    outs = generate(params, [prompts[i] for i in mine], ctx, s, paged=a.paged, cuda_graph=graph,
                     progress=(lambda k: bar.update(1)) if bar else None, decode_ctx=dctx, compile=a.compile)
     if bar is not None:
         bar.close()
@@ -165,7 +169,7 @@ def _generate_rank(rank: int, world: int, a: argparse.Namespace) -> dict | None:
         return None
     new = sum(len(o) for _, o in pairs)
     return {"model": a.checkpoint or f"random {a.preset}", "world_size": world, "device": str(device),
-            "load_s": round(t1 - t0, 3), "generate_s": round(t_gen, 3), "new_tokens": new,
+            "cuda_graph": graph, "load_s": round(t1 - t0, 3), "generate_s": round(t_gen, 3), "new_tokens": new,
             "tokens_per_s": round(new / t_gen, 2) if t_gen > 0 else None,
             "outputs": [{"prompt": texts[i], "tokens": o, "text": tok.decode(o)} for i, o in pairs]}
 

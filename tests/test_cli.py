@@ -35,6 +35,29 @@ def test_generate_random_tiny_json_equals_the_library():
     assert [o["tokens"] for o in out["outputs"]] == want
     assert [o["prompt"] for o in out["outputs"]] == ["Hello", "MoE!"]
     assert out["new_tokens"] == sum(len(w) for w in want) and out["world_size"] == 1
+    assert out["cuda_graph"] is False  # the CPU: eager steps
+
+
+def test_cuda_graph_default_and_refusals():
+    """--cuda-graph defaults to on for CUDA with a capturable expert backend (the default triton), off on the
+    CPU and for loop / bmm; asked for explicitly where it cannot run, it is refused by name before any load."""
+    from argparse import Namespace
+
+    from nanomoe_fn.cli_util import check_cuda_graph, use_cuda_graph
+
+    def flags(graph=None, experts=None):
+        return Namespace(cuda_graph=graph, expert_backend=experts, attn_backend=None)
+
+    assert use_cuda_graph(flags(), cuda=True) and use_cuda_graph(flags(experts="triton_fp8"), cuda=True)
+    assert not use_cuda_graph(flags(), cuda=False) and not use_cuda_graph(flags(experts="bmm"), cuda=True)
+    assert not use_cuda_graph(flags(graph=False), cuda=True) and use_cuda_graph(flags(graph=True), cuda=True)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    check_cuda_graph(flags(True), cuda)
+    check_cuda_graph(flags(None, "bmm"), cuda)  # the default just stays eager there
+    with pytest.raises(ValueError, match=r"^--cuda-graph: expert backend 'loop' reads expert counts on the host"):
+        check_cuda_graph(flags(True, "loop"), cuda)
+    with pytest.raises(ValueError, match=r"^--cuda-graph needs a CUDA device \(this run is on cpu\)"):
+        check_cuda_graph(flags(True), cpu)
 
 
 @pytest.mark.slow

@@ -251,12 +251,14 @@ def _bmm(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
 @dataclass(frozen=True)
 class ExpertBackend:
     """A named expert-compute backend: `supports(cfg, device) -> (ok, reason)` and `run(experts, batch)`;
-    fp8: it takes FP8 records (SwiGLUExpertsFP8) instead of bf16/fp16/fp32 ones."""
+    fp8: it takes FP8 records (SwiGLUExpertsFP8) instead of bf16/fp16/fp32 ones; capturable: it never reads
+    device values on the host at decode sizes, so a decode step on it can be captured in a CUDA graph."""
 
     name: str
     supports: Callable[[MoEConfig, torch.device], tuple[bool, str]]
     run: Callable[[Experts, ExpertBatch], ExpertBatch]
     fp8: bool = False
+    capturable: bool = True
 
 
 def _always(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
@@ -264,8 +266,8 @@ def _always(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
 
 
 EXPERT_BACKENDS: dict[str, ExpertBackend] = {
-    "loop": ExpertBackend("loop", _always, _loop),
-    "bmm": ExpertBackend("bmm", _always, _bmm),
+    "loop": ExpertBackend("loop", _always, _loop, capturable=False),   # per-expert row counts on the host
+    "bmm": ExpertBackend("bmm", _always, _bmm, capturable=False),      # its padded size, from the counts
     "triton": ExpertBackend("triton", triton_supports, triton_run),
     "deepgemm": ExpertBackend("deepgemm", deepgemm_supports, deepgemm_run),
     "triton_fp8": ExpertBackend("triton_fp8", triton_fp8_supports, triton_fp8_run, fp8=True),
