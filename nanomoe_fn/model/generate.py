@@ -99,6 +99,11 @@ class DecodeGraph:
                 "with max_tokens: its decode mode). "
                 f"Capture failed with: {str(err).splitlines()[0]}") from err
 
+    def release(self) -> None:
+        """Free the graph now: NCCL destroys a communicator only after every graph that captured one of its
+        collectives is gone, so generate releases its graph before a caller's destroy_process_group."""
+        self.graph.reset()
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Replay on new inputs -> logits [B, V] (a static buffer, overwritten by the next replay)."""
         self.tokens.copy_(tokens)
@@ -157,22 +162,26 @@ def generate(params: ModelParams, prompts: Sequence[Sequence[int]], ctx: ModelCo
     nxt = sample(logits, s, gen)
     fwd = torch.compile(model_forward, dynamic=False, options=EAGER_ROUNDING) if compile else model_forward
     graph = None
-    for t in range(N):
-        out[:, t] = nxt
-        done |= torch.isin(nxt, stops)
-        if t == N - 1 or ((t + 1) % check_every == 0 and _all_done(done, ctx)):
-            break
-        step_tok, step_pos = nxt[:, None], (lens + t)[:, None]
-        if cuda_graph and B:
-            graph = graph or DecodeGraph(params, caches, dctx, step_tok, step_pos, fwd)
-            logits = graph(step_tok, step_pos)
-        else:
-            logits, caches = fwd(params, step_tok, step_pos, caches, dctx)
-            logits = logits[:, 0]
-        nxt = sample(logits, s, gen)
-        if progress is not None:
-            progress(t + 1)
-    return [_cut(row, stop_ids) for row in out.tolist()]
+    try:
+        for t in range(N):
+            out[:, t] = nxt
+            done |= torch.isin(nxt, stops)
+            if t == N - 1 or ((t + 1) % check_every == 0 and _all_done(done, ctx)):
+                break
+            step_tok, step_pos = nxt[:, None], (lens + t)[:, None]
+            if cuda_graph and B:
+                graph = graph or DecodeGraph(params, caches, dctx, step_tok, step_pos, fwd)
+                logits = graph(step_tok, step_pos)
+            else:
+                logits, caches = fwd(params, step_tok, step_pos, caches, dctx)
+                logits = logits[:, 0]
+            nxt = sample(logits, s, gen)
+            if progress is not None:
+                progress(t + 1)
+        return [_cut(row, stop_ids) for row in out.tolist()]
+    finally:
+        if graph is not None:
+            graph.release()
 
 
 def _cut(row: list[int], stop_ids: set[int]) -> list[int]:
