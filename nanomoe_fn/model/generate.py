@@ -96,7 +96,8 @@ class DecodeGraph:
                 "cuda_graph=True: the decode step cannot be captured in a CUDA graph because a stage reads device "
                 f"values on the host (expert backend {ctx.expert_backend!r}, comm {type(ctx.comm).__name__}); use "
                 "the 'triton' or 'deepgemm' expert backend and a sync-free comm (local, nvlink, torch_fixed, or torch "
-                "with max_tokens: its decode mode). "
+                "with max_tokens: its decode mode), or decode eagerly (cuda_graph=False; nanomoe generate: "
+                "--no-cuda-graph). "
                 f"Capture failed with: {str(err).splitlines()[0]}") from err
 
     def release(self) -> None:
