@@ -33,11 +33,11 @@ from bench.common import (  # noqa: E402
 from bench.workload import agree, check_against_reference, config_from_args, floors, make_inputs  # noqa: E402
 from nanomoe_fn import LocalComm, Placement, moe_layer  # noqa: E402
 from nanomoe_fn.cli_util import OneLineParser, UsageError, run_cli  # noqa: E402
-from nanomoe_fn.moe.experts import EXPERT_BACKENDS  # noqa: E402
+from nanomoe_fn.moe.experts import capturable_backends  # noqa: E402
 from nanomoe_fn.profiling import cuda_profiler, nvtx_range  # noqa: E402
 
 # backends whose layer has no host sync, so the whole layer can be captured in a CUDA graph
-GRAPHABLE = tuple(name for name, backend in EXPERT_BACKENDS.items() if backend.capturable)
+GRAPHABLE = tuple(capturable_backends())
 
 
 def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], object]:

@@ -108,28 +108,26 @@ def use_cuda_graph(a: Namespace, cuda: bool) -> bool:
     """--cuda-graph / --no-cuda-graph when given; else on for a CUDA device whose expert backend is capturable
     (triton, deepgemm and the FP8 backends): one graph replay a decode step, 6.4x the eager step at batch 1 on
     the 4-layer V3 preset (bench/results/model_notes.md)."""
-    from nanomoe_fn.moe.experts import EXPERT_BACKENDS
+    from nanomoe_fn.moe.experts import capturable_backends
 
     if a.cuda_graph is not None:
         return bool(a.cuda_graph)
-    backend = EXPERT_BACKENDS.get(backend_names(a, cuda)[1])
-    return cuda and backend is not None and backend.capturable
+    return cuda and backend_names(a, cuda)[1] in capturable_backends()
 
 
 def check_cuda_graph(a: Namespace, device: Any) -> None:
     """An explicit --cuda-graph that cannot run: off CUDA, or with an expert backend that reads counts on the
     host (ValueError naming the flag; the default just stays eager there)."""
-    from nanomoe_fn.moe.experts import EXPERT_BACKENDS
+    from nanomoe_fn.moe.experts import EXPERT_BACKENDS, capturable_backends
 
     if not a.cuda_graph:
         return
     if device.type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA device (this run is on {device}); leave it out on the CPU")
     name = backend_names(a, True)[1]
-    if name in EXPERT_BACKENDS and not EXPERT_BACKENDS[name].capturable:
-        capturable = [n for n, b in EXPERT_BACKENDS.items() if b.capturable]
+    if name in EXPERT_BACKENDS and name not in capturable_backends():  # an unknown name: --expert-backend's error
         raise ValueError(f"--cuda-graph: expert backend {name!r} reads expert counts on the host, so its decode "
-                         f"step cannot be captured; use one of {capturable} or --no-cuda-graph")
+                         f"step cannot be captured; use one of {capturable_backends()} or --no-cuda-graph")
 
 
 def check_generate_args(a: Namespace, rank: int = 0, world: int = 1) -> None:

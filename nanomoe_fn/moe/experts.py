@@ -277,6 +277,11 @@ EXPERT_BACKENDS: dict[str, ExpertBackend] = {
 }
 
 
+def capturable_backends() -> list[str]:
+    """Names of the expert backends whose decode step can be captured in a CUDA graph (no host reads)."""
+    return [name for name, backend in EXPERT_BACKENDS.items() if backend.capturable]
+
+
 def get_expert_backend(name: str, cfg: MoEConfig, device: torch.device | str) -> ExpertBackend:
     """The backend called `name`, or ValueError saying why it cannot run this config on `device`."""
     return pick_backend("expert", EXPERT_BACKENDS, name, cfg, device)
