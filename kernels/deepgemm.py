@@ -10,7 +10,7 @@ DeepGEMM computes D = A @ B[g].T per group g, bf16 in, bf16 out:
   -1 for padding (a block whose first row is -1 is skipped); every group starts at a multiple of A.
 - masked: A [E, cap, H], D [E, cap, rows], masked_m [E] int32 rows used per group, expected_m an
   int hint of the typical masked_m (it picks the kernel's tile).
-The whole SwiGLU expert FFN here is two grouped GEMMs plus Triton glue (kernels/moe_permute.py):
+The whole SwiGLU expert FFN here is two grouped GEMMs plus Triton glue (kernels/moe_permute.py, kernels/moe_silu.py):
 `permute_rows` gathers rows into the padded order and writes m_indices, `silu_mul` is silu(gate) * up
 in float32 rounded to bf16 (padding rows skipped), `unpermute_sum` reads each token's rows back and
 sums them with the top-k weights. At prefill sizes the two GEMMs run in the masked layout instead
@@ -33,7 +33,8 @@ from nanomoe_kernels.checks import check_routing, check_values
 from nanomoe_kernels.deepgemm_layout import LAYOUTS, pick_layout
 from nanomoe_kernels.moe_align import Alignment, moe_align, moe_align_contiguous
 from nanomoe_kernels.moe_capacity import with_capacity
-from nanomoe_kernels.moe_permute import permute_rows, silu_mul, unpermute_sum
+from nanomoe_kernels.moe_permute import permute_rows, unpermute_sum
+from nanomoe_kernels.moe_silu import silu_mul
 
 # versions that import but compute wrong results on the GPU machine's torch 2.11
 _BAD_VERSIONS = ("0.1.5", "0.1.6", "0.1.7", "0.2.0", "0.2.1", "0.2.2")
@@ -181,7 +182,7 @@ def _grouped_rows(x: torch.Tensor, align: Alignment, a_div: int, a_index: torch.
                      f"an expert got more than {bound_rows} rows, the bound of DeepGEMM's masked layout here "
                      f"(does the routing repeat an expert within a token?)")
     al, live = with_capacity(align, cap)
-    a, _ = permute_rows(x, al, a_div=a_div, a_index=a_index, capacity=cap)
+    a, _ = permute_rows(x, al, a_div=a_div, a_index=a_index, capacity=cap, live=live)  # live rows only
     a = a.view(E, cap, H)
     y = _masked_ffn(a, live, w13, w2, max(1, align.num_rows // E), out=a, max_rows=align.num_rows)  # a is ours
     return y.reshape(E * cap, H), al

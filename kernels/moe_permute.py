@@ -1,5 +1,5 @@
 """Glue around DeepGEMM's grouped GEMMs, as Triton kernels: rows into the padded per-expert layout,
-SwiGLU's activation between the GEMMs, and rows back out (with the top-k weighted sum).
+and rows back out (with the top-k weighted sum).
 
 Dimension legend: T tokens (rows of x, or of the output), k experts per token (a_div), H hidden (the
 columns moved), I expert intermediate, N align.num_rows (rows the alignment sorts: T*k (token, k) pairs
@@ -16,9 +16,8 @@ on static grids sized by R, so they can be captured in a CUDA graph.
   rows at or past num_padded get m_indices -1 and are left unwritten unless zero_tail=True (DeepGEMM
   skips a 128-row block whose first m_index is -1, and a GEMM row depends on its own input row only).
   Hole rows (id N + 1: moe_capacity.with_capacity's slots past an expert's padded count) are not written
-  either, and get m_indices -1.
-- `silu_mul`: [.., 2I] -> [.., I], silu(gate) * up in float32 rounded to the output dtype; rows that
-  m_indices marks -1 (or masked rows j >= masked_m[e]) are skipped: neither read nor written.
+  either, and get m_indices -1. In the masked layout (`capacity`) with the live counts given, padding rows are
+  not written either: DeepGEMM's masked GEMMs compute whole blocks, but no live row reads another row's output.
 - `unpermute_sum`: out [T, H] = sum_j w[t, j] * y[pos(t*k + j)] in float32, rounded once, where pos is
   the inverse of sorted_ids (`inverse_rows`: one scatter kernel). A pair with no aligned row (an
   expert id the alignment dropped) adds nothing: the sum kernel checks sorted_ids[pos] == pair, so
@@ -52,7 +51,7 @@ def _expert_tile(counts_ptr, E, cap, p, BR: tl.constexpr, NBIN: tl.constexpr):
 def _permute_kernel(x_ptr, a_ptr, m_ptr, sorted_ids_ptr, expert_ids_ptr, used_ptr, a_index_ptr, counts_ptr, R,
                     num_rows, H, E, cap, stride_x, stride_a, A_DIV: tl.constexpr, A_INDEX: tl.constexpr,
                     ZERO_TAIL: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr,
-                    COMPACT: tl.constexpr, NBIN: tl.constexpr):
+                    COMPACT: tl.constexpr, LIVE_ONLY: tl.constexpr, NBIN: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_h = tl.program_id(1)
     if COMPACT:  # [E, cap] layout: only each expert's first counts[e] slots, on a grid sized by the rows in use
@@ -69,6 +68,8 @@ def _permute_kernel(x_ptr, a_ptr, m_ptr, sorted_ids_ptr, expert_ids_ptr, used_pt
         tl.store(m_ptr + rows, tl.where(live, experts, -1), mask=in_r)
     if ZERO_TAIL:
         write = in_r
+    elif LIVE_ONLY:  # counts_ptr holds live counts: padding rows stay unwritten (nothing reads their outputs)
+        write = live
     else:
         write = in_used & (ids <= num_rows)  # a hole (id num_rows + 1, moe_capacity.with_capacity) is never read
         if not COMPACT and pid_r * BR >= used:  # past num_padded: DeepGEMM never reads these rows
@@ -82,28 +83,6 @@ def _permute_kernel(x_ptr, a_ptr, m_ptr, sorted_ids_ptr, expert_ids_ptr, used_pt
                    mask=live[:, None] & col_ok[None, :], other=0.0)
     tl.store(a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :], vals,
              mask=write[:, None] & col_ok[None, :])
-
-
-@triton.jit(do_not_specialize=["R", "cap"])
-def _silu_mul_kernel(h_ptr, out_ptr, sel_ptr, R, I, E, cap, stride_h, stride_o, MODE: tl.constexpr,
-                     BR: tl.constexpr, BI: tl.constexpr, NBIN: tl.constexpr):
-    # MODE 0: every row; 1: rows with sel[r] (m_indices) >= 0; 2: row r = (e, j) with j < sel[e] (masked_m),
-    # on a grid sized by the rows in use (_expert_tile)
-    if MODE == 2:
-        rows, ok = _expert_tile(sel_ptr, E, cap, tl.program_id(0), BR, NBIN)
-    else:
-        rows = tl.program_id(0) * BR + tl.arange(0, BR)
-        ok = rows < R
-    if MODE == 1:
-        ok = ok & (tl.load(sel_ptr + rows, mask=ok, other=-1) >= 0)
-    cols = tl.program_id(1) * BI + tl.arange(0, BI)
-    m = ok[:, None] & (cols < I)[None, :]
-    hp = h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
-    gate = tl.load(hp, mask=m, other=0.0).to(tl.float32)
-    up = tl.load(hp + I, mask=m, other=0.0).to(tl.float32)
-    act = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + cols[None, :], act.to(out_ptr.dtype.element_ty),
-             mask=m)
 
 
 @triton.jit(do_not_specialize=["R", "num_rows"])
@@ -176,14 +155,20 @@ def _tile(n: int, cap: int = 1024) -> int:
 
 
 def permute_rows(x: torch.Tensor, align, a_div: int = 1, a_index: torch.Tensor | None = None,
-                 zero_tail: bool = False, capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 zero_tail: bool = False, capacity: int = 0,
+                 live: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [T, H] -> (a [R, H], m_indices [R] int32): a[r] = x[sorted_ids[r] // a_div] (x[a_index[..]] with
     a_index) for live rows, zeros for padding rows below num_padded; m_indices[r] = the expert of r's
     block for live rows, -1 otherwise. Rows at or past num_padded are left unwritten in `a` unless
     zero_tail (see the module docstring). a_index [>= ceil(N / a_div)] int32/int64 values in [0, T)
     are the caller's to check. capacity > 0: `align` comes from moe_capacity.with_capacity(., capacity)
     (R = E * capacity); only each expert's first padded_counts[e] rows are visited, on a grid sized by
-    N + E * (block_m - 1) rows rather than R, and m_indices is None (the masked layout has no use for it)."""
+    N + E * (block_m - 1) rows rather than R, and m_indices is None (the masked layout has no use for it).
+    live [E] int32 (with capacity: with_capacity's second output): only each expert's live rows are visited and
+    written, on a grid sized by N + E * (BR - 1) rows; its padding rows are left unwritten, which the masked
+    GEMMs allow (a GEMM row depends on its own input row only, and only live rows are read back).
+    out: the [R, H] tensor (x's dtype and device) to write `a` into; rows not written keep their values."""
     _check_rows("x", x, 2)
     _check_align(align, x.device)
     if not isinstance(a_div, int) or a_div < 1:
@@ -202,7 +187,19 @@ def permute_rows(x: torch.Tensor, align, a_div: int = 1, a_index: torch.Tensor |
     if not isinstance(capacity, int) or capacity < 0 or (capacity and (R != E * capacity or zero_tail)):
         raise ValueError(f"capacity must be 0 or the capacity of a with_capacity alignment ({R} rows over {E} "
                          f"experts), without zero_tail; got {capacity!r}")
-    a = x.new_empty((R, H))
+    if live is not None and (not capacity or not isinstance(live, torch.Tensor) or live.dtype != torch.int32
+                             or tuple(live.shape) != (E,) or live.device != x.device):
+        raise ValueError(f"live must come with a capacity, as int32 [{E}] on {x.device} (with_capacity's live "
+                         f"counts), got {getattr(live, 'dtype', type(live).__name__)} "
+                         f"{tuple(getattr(live, 'shape', ()))} with capacity={capacity}")
+    if out is None:
+        a = x.new_empty((R, H))
+    elif not isinstance(out, torch.Tensor) or tuple(out.shape) != (R, H) or out.dtype != x.dtype \
+            or out.device != x.device or (out.numel() and out.stride(1) != 1):
+        raise ValueError(f"out must be [{R}, {H}] {x.dtype} on {x.device} with unit column stride, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+    else:
+        a = out
     m_indices = None if capacity else torch.empty(R, dtype=torch.int32, device=x.device)
     if R == 0:
         return a, m_indices
@@ -211,64 +208,14 @@ def permute_rows(x: torch.Tensor, align, a_div: int = 1, a_index: torch.Tensor |
     br = max(1, min(16, 4096 // bh))  # a power of two <= 16 <= block_m: a tile never straddles num_padded
     # capacity: the padded counts are multiples of block_m, so their tiles number sum(padded) / br at most
     tiles = min(R, N + E * (align.block_m - 1)) // br if capacity else R // br
+    if live is not None:  # each expert adds at most one partial tile of live rows
+        tiles = min(tiles, triton.cdiv(N, br) + E)
     _permute_kernel[(max(tiles, 1), triton.cdiv(max(H, 1), bh))](
-        x, a, m_indices, align.sorted_ids, align.expert_ids, align.num_padded, a_index, align.padded_counts, R,
-        N, H, E, max(capacity, 1), x.stride(0), a.stride(0), A_DIV=a_div, A_INDEX=a_index is not None,
-        ZERO_TAIL=bool(zero_tail), BM=align.block_m, BR=br, BH=bh, COMPACT=capacity > 0,
-        NBIN=triton.next_power_of_2(max(E, 16)), num_warps=4)
+        x, a, m_indices, align.sorted_ids, align.expert_ids, align.num_padded, a_index,
+        align.padded_counts if live is None else live, R, N, H, E, max(capacity, 1), x.stride(0), a.stride(0),
+        A_DIV=a_div, A_INDEX=a_index is not None, ZERO_TAIL=bool(zero_tail), BM=align.block_m, BR=br, BH=bh,
+        COMPACT=capacity > 0, LIVE_ONLY=live is not None, NBIN=triton.next_power_of_2(max(E, 16)), num_warps=4)
     return a, m_indices
-
-
-def silu_mul(h: torch.Tensor, out: torch.Tensor | None = None, m_indices: torch.Tensor | None = None,
-             masked_m: torch.Tensor | None = None, max_rows: int | None = None) -> torch.Tensor:
-    """silu(gate) * up for h [R, 2I] (or [E, cap, 2I] with masked_m) -> out [R, I] ([E, cap, I]) in h's
-    dtype (out's, when given), computed in float32. gate = the first I columns, up = the last I.
-    m_indices [R] int32 (2-dim h): rows with m_indices < 0 are skipped; masked_m [E] int (3-dim h): rows
-    j >= masked_m[e] of expert e are skipped. Skipped rows are neither read nor written. max_rows: a bound
-    on sum(masked_m) known on the host (the grid is sized by it; rows past it are the caller's error)."""
-    if masked_m is not None and m_indices is not None:
-        raise ValueError("give m_indices (2-dim h) or masked_m (3-dim h), not both")
-    _check_rows("h", h, 3 if masked_m is not None else 2)
-    if h.shape[-1] % 2:
-        raise ValueError(f"h must have an even last dim (gate columns, then up columns), got {tuple(h.shape)}")
-    I = h.shape[-1] // 2
-    lead = tuple(h.shape[:-1])
-    if out is None:
-        out = h.new_empty((*lead, I))
-    _check_rows("out", out, h.dim())
-    if tuple(out.shape) != (*lead, I) or out.device != h.device:
-        raise ValueError(f"out must be {(*lead, I)} on {h.device}, got {tuple(out.shape)} on {out.device}")
-    sel, mode, cap = None, 0, 1
-    if m_indices is not None:
-        _check_rows("m_indices", m_indices, 1, (torch.int32,))
-        if m_indices.shape[0] != lead[0] or not m_indices.is_contiguous() or m_indices.device != h.device:
-            raise ValueError(f"m_indices must be contiguous int32 [{lead[0]}] on {h.device}, got "
-                             f"{tuple(m_indices.shape)} on {m_indices.device}")
-        sel, mode = m_indices, 1
-    if masked_m is not None:
-        _check_rows("masked_m", masked_m, 1, INT_DTYPES)
-        if masked_m.shape[0] != lead[0] or masked_m.device != h.device:
-            raise ValueError(f"masked_m must be [{lead[0]}] on {h.device}, got {tuple(masked_m.shape)}")
-        if masked_m.dtype != torch.int32 or not masked_m.is_contiguous():
-            masked_m = masked_m.to(torch.int32).contiguous()
-        sel, mode, cap = masked_m, 2, max(lead[1], 1)
-    if h.numel() == 0 or I == 0:
-        return out
-    try:  # 3-dim: one row per (expert, slot)
-        hf, of = h.view(-1, 2 * I), out.view(-1, I)
-    except RuntimeError as err:
-        raise ValueError(f"h and out must flatten to rows without a copy, got strides {h.stride()} and "
-                         f"{out.stride()}") from err
-    R = hf.shape[0]
-    bi = _tile(I, 2048)  # H200 sweep at I=2048: 2 rows x 2048 columns, 8 warps
-    br = max(1, min(16, 4096 // bi))
-    E, tiles = (lead[0], lead[0] * triton.cdiv(cap, br)) if mode == 2 else (1, triton.cdiv(R, br))
-    if mode == 2 and max_rows is not None:  # each expert adds at most one partial tile
-        tiles = min(tiles, triton.cdiv(max(max_rows, 0), br) + E)
-    _silu_mul_kernel[(max(tiles, 1), triton.cdiv(I, bi))](
-        hf, of, sel, R, I, E, cap, hf.stride(0), of.stride(0), MODE=mode, BR=br, BI=bi,
-        NBIN=triton.next_power_of_2(max(E, 16)), num_warps=8 if br * bi >= 4096 else 4)
-    return out
 
 
 def inverse_rows(align) -> torch.Tensor:

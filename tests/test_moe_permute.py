@@ -1,4 +1,5 @@
-"""DeepGEMM's glue kernels (kernels/moe_permute.py) against plain torch computed from the Alignment.
+"""DeepGEMM's glue kernels (kernels/moe_permute.py, kernels/moe_silu.py) against plain torch computed from the
+Alignment.
 
 Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate, R aligned rows, BM block_m,
 N rows the alignment sorts (T*k pairs), cap rows per expert (masked layout).
@@ -20,13 +21,14 @@ import importlib  # noqa: E402
 import nanomoe_kernels.moe_align as ma  # noqa: E402
 import nanomoe_kernels.moe_capacity as mc  # noqa: E402
 import nanomoe_kernels.moe_permute as mp  # noqa: E402
+import nanomoe_kernels.moe_silu as ms  # noqa: E402
 import nanomoe_reference as reference  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not mp.runs_interpreted():
-    for mod in (ma, mc, mp):  # kernels/ was imported before the variable was set: decorate the kernels again
+    for mod in (ma, mc, mp, ms):  # kernels/ was imported before the variable was set: decorate the kernels again
         importlib.reload(mod)
 
 DEV = "cpu" if mp.runs_interpreted() else "cuda"
@@ -107,7 +109,7 @@ def test_permute_rows_wide_hidden():
     out = mp.unpermute_sum(y, al, 3, 2)
     assert torch.allclose(out.cpu(), y.cpu()[positions(al)].view(3, 2, 1030).sum(1), atol=1e-6)
     h = torch.randn(3, 2 * 2100, device=DEV)  # I past one column tile (2048) too
-    assert_close_dtype(mp.silu_mul(h), silu_ref(h), torch.float32)
+    assert_close_dtype(ms.silu_mul(h), silu_ref(h), torch.float32)
 
 
 def silu_ref(h):
@@ -134,14 +136,14 @@ def test_silu_mul(R, I, dtype, mode, seed):
     out = torch.full((*shape, I), sentinel, dtype=dtype, device=DEV)
     if mode == "m":
         m = torch.randint(-1, 4, (R,), generator=g, dtype=torch.int32)
-        got = mp.silu_mul(h, out, m_indices=m.to(DEV))
+        got = ms.silu_mul(h, out, m_indices=m.to(DEV))
         keep = m >= 0
     elif mode == "masked":
         counts = torch.randint(0, cap + 1, (E,), generator=g)
-        got = mp.silu_mul(h, out, masked_m=counts.to(DEV), max_rows=int(counts.sum()) if bound else None)
+        got = ms.silu_mul(h, out, masked_m=counts.to(DEV), max_rows=int(counts.sum()) if bound else None)
         keep = torch.arange(cap)[None, :] < counts[:, None]
     else:
-        got = mp.silu_mul(h)
+        got = ms.silu_mul(h)
         keep = torch.ones(shape, dtype=torch.bool)
     assert got.shape == (*shape, I) and got.dtype == dtype
     got, want = got.cpu(), silu_ref(h.cpu())
@@ -206,7 +208,7 @@ def test_chain_matches_float64_reference(case, dtype, I):
     al = ma.moe_align(ids, E, bm)
     a, m = mp.permute_rows(x, al, k)
     h = grouped_gemm(a, m, w13)
-    act = mp.silu_mul(h, torch.full((a.shape[0], I), float("nan"), dtype=dtype, device=DEV), m_indices=m)
+    act = ms.silu_mul(h, torch.full((a.shape[0], I), float("nan"), dtype=dtype, device=DEV), m_indices=m)
     out = mp.unpermute_sum(grouped_gemm(act, m, w2), al, T, k, tw)
     want = reference.moe_experts(x, ids, tw, (w13, w2))
     assert torch.isfinite(out).all(), "a padding row leaked into the output"
@@ -220,7 +222,7 @@ def test_empty_and_errors():
     a, m = mp.permute_rows(torch.zeros(0, 32, device=DEV), al, 2)
     assert a.shape == (0, 32) and m.shape == (0,)
     assert mp.unpermute_sum(a, al, 0, 2).shape == (0, 32)
-    assert mp.silu_mul(torch.zeros(0, 32, device=DEV)).shape == (0, 16)
+    assert ms.silu_mul(torch.zeros(0, 32, device=DEV)).shape == (0, 16)
     al = ma.moe_align(torch.tensor([[0, 1], [1, 2]], dtype=torch.int32, device=DEV), 3, 16)
     x = torch.randn(2, 32, device=DEV)
     with pytest.raises(TypeError, match="x must be one of"):
@@ -236,13 +238,13 @@ def test_empty_and_errors():
     with pytest.raises(TypeError, match="align must be"):
         mp.permute_rows(x, object(), 2)
     with pytest.raises(ValueError, match="h must have an even"):
-        mp.silu_mul(torch.randn(4, 33, device=DEV))
+        ms.silu_mul(torch.randn(4, 33, device=DEV))
     with pytest.raises(TypeError, match="m_indices must be one of"):
-        mp.silu_mul(torch.randn(4, 32, device=DEV), m_indices=torch.zeros(4, dtype=torch.int64, device=DEV))
+        ms.silu_mul(torch.randn(4, 32, device=DEV), m_indices=torch.zeros(4, dtype=torch.int64, device=DEV))
     with pytest.raises(ValueError, match="out must be"):
-        mp.silu_mul(torch.randn(4, 32, device=DEV), torch.empty(4, 15, device=DEV))
+        ms.silu_mul(torch.randn(4, 32, device=DEV), torch.empty(4, 15, device=DEV))
     with pytest.raises(ValueError, match="not both"):
-        mp.silu_mul(torch.randn(4, 32, device=DEV), m_indices=torch.zeros(4, dtype=torch.int32),
+        ms.silu_mul(torch.randn(4, 32, device=DEV), m_indices=torch.zeros(4, dtype=torch.int32),
                     masked_m=torch.zeros(1, dtype=torch.int32))
     y = torch.randn(al.sorted_ids.numel(), 32, device=DEV)
     with pytest.raises(ValueError, match="align must sort T\\*k = 6"):
@@ -285,6 +287,20 @@ def test_with_capacity_masked_layout(case, dtype, spare):
         assert none is None and all(torch.equal(ac[e, :int(pc[e])], a[e, :int(pc[e])]) for e in range(E))
         with pytest.raises(ValueError, match="capacity must be 0 or the capacity"):
             mp.permute_rows(x, mal, k, capacity=cap + bm)
+        # live counts: each expert's live rows (first in its block) written, every other row left as it was
+        sentinel = torch.full((E * cap, H), 7.0, dtype=dtype, device=DEV)
+        al_, none = mp.permute_rows(x, mal, k, capacity=cap, live=live, out=sentinel)
+        assert al_ is sentinel and none is None
+        al_ = al_.cpu().view(E, cap, H)
+        for e in range(E):
+            n_live = int(live[e])
+            assert torch.equal(al_[e, :n_live], a[e, :n_live]) and (al_[e, n_live:] == 7.0).all()
+        with pytest.raises(ValueError, match="live must come with a capacity"):
+            mp.permute_rows(x, mal, k, capacity=cap, live=live.long())
+        with pytest.raises(ValueError, match="live must come with a capacity"):
+            mp.permute_rows(x, al, k, live=live)
+        with pytest.raises(ValueError, match="out must be"):
+            mp.permute_rows(x, mal, k, capacity=cap, out=sentinel[1:])
     y = torch.randn(E * cap, H, generator=g).to(DEV, dtype)
     tw = (torch.rand(T, k, generator=g) + 0.1).to(DEV)
     got = mp.unpermute_sum(y, mal, T, k, tw).cpu().double()

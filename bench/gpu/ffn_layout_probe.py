@@ -9,6 +9,8 @@ DeepSeek-V3 expert dims (H 7168, I 2048), top-8, uniform routing. Per (E, T) of 
   `dg_contiguous` / `dg_masked` / `dg_bounded` the same in each layout of kernels/deepgemm_layout.py (checked
   against each other and triton); `dg_gemms` the two contiguous GEMMs and silu_mul alone (every expert padded
   to 128 rows);
+- `permute_padded` / `permute_live`: the masked layout's permute writing every padding row, or only the live
+  rows (the package's way); `dg_masked_padded`: the masked FFN with the former;
 - `dg_masked_gemms`: the same GEMMs and silu_mul in DeepGEMM's masked layout [E, cap, H] (cap the largest count
   rounded up to 128, expected_m = N / E), built untimed; its live rows are checked against dg_gemms'.
 Per (E, T) of --bmm-cases: the package's `bmm` and `loop` backends on the pairs sorted by expert (untimed
@@ -37,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from nanomoe_kernels import deepgemm  # noqa: E402
 from nanomoe_kernels.fused_moe import fused_moe_aligned, stage_configs  # noqa: E402
 from nanomoe_kernels.moe_align import moe_align  # noqa: E402
+from nanomoe_kernels.moe_capacity import with_capacity  # noqa: E402
 from nanomoe_kernels.moe_permute import permute_rows  # noqa: E402
 from nanomoe_kernels.moe_sum import sum_pairs  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
@@ -98,6 +101,13 @@ def ffn_case(E: int, T: int, rounds: int, rep_ms: int) -> dict:
         for layout in ("contiguous", "masked", "bounded"):
             fns[f"dg_{layout}"] = functools.partial(deepgemm.deepgemm_fused_moe, x, ids, tw, w, align=al_dg,
                                                     layout=layout)
+        # the masked layout's permute writing every padding row (as before the live counts) against live rows only
+        cap_m = -(-int(al_dg.padded_counts.max()) // 128) * 128
+        mal, live = with_capacity(al_dg, cap_m)
+        fns["permute_padded"] = lambda: permute_rows(x, mal, a_div=K_TOP, capacity=cap_m)
+        fns["permute_live"] = lambda: permute_rows(x, mal, a_div=K_TOP, capacity=cap_m, live=live)
+        fns["dg_masked_padded"] = functools.partial(_padded_permute, deepgemm.deepgemm_fused_moe, x, ids, tw, w,
+                                                    align=al_dg, layout="masked")
         fns["dg_gemms"] = lambda: deepgemm.deepgemm_grouped_ffn(a, m_idx, *w)
         fns["dg_masked_gemms"] = lambda: deepgemm.deepgemm_moe_masked(xm, counts, w, expected_m=expected)
         # the masked rows against the contiguous rows of the same pairs: both keep pair order within an expert
@@ -105,7 +115,8 @@ def ffn_case(E: int, T: int, rounds: int, rep_ms: int) -> dict:
         live_m = torch.cat([ym[e, :n] for e, n in enumerate(counts.tolist())])
         live_c = yc[m_idx >= 0]
         rec["masked_vs_contiguous_rel"] = float((live_m.double() - live_c.double()).norm() / live_c.double().norm())
-        whole = {n: fns[n]().double() for n in ("dg_contiguous", "dg_masked", "dg_bounded", "triton")}
+        whole = {n: fns[n]().double() for n in ("dg_contiguous", "dg_masked", "dg_bounded", "dg_masked_padded",
+                                                 "triton")}
         base = whole["dg_contiguous"]
         rec["layouts_vs_contiguous_rel"] = {n: float((v - base).norm() / base.norm()) for n, v in whole.items()}
         assert max(rec["layouts_vs_contiguous_rel"].values()) < 2e-2, rec["layouts_vs_contiguous_rel"]
@@ -115,6 +126,18 @@ def ffn_case(E: int, T: int, rounds: int, rep_ms: int) -> dict:
     else:
         rec["deepgemm_skipped"] = why
     return _time(rec, fns, rounds, rep_ms, flops=2 * T * K_TOP * 3 * H * I)
+
+
+def _padded_permute(fn, *args, **kwargs) -> torch.Tensor:
+    """fn(*args, **kwargs) with kernels/deepgemm's permute_rows writing every padding row (live dropped)."""
+    def padded(*a, live=None, **kw):
+        return permute_rows(*a, **kw)
+
+    deepgemm.permute_rows = padded
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        deepgemm.permute_rows = permute_rows
 
 
 def bmm_case(E: int, T: int, rounds: int, rep_ms: int) -> dict:

@@ -106,8 +106,8 @@ def deepgemm_supports(cfg: MoEConfig, device: torch.device) -> tuple[bool, str]:
 
 @opaque_to_compile  # DeepGEMM and Triton kernels: opaque to torch.compile
 def deepgemm_run(experts: Experts, batch: ExpertBatch) -> ExpertBatch:
-    """DeepGEMM m-grouped bf16 GEMMs with Triton glue (kernels/moe_permute.py): contiguous and gathered
-    rows are permuted into the padded layout (a gathered batch through its index, never materialized),
+    """DeepGEMM m-grouped bf16 GEMMs with Triton glue (kernels/moe_permute.py, kernels/moe_silu.py): contiguous
+    and gathered rows are permuted into the padded layout (a gathered batch through its index, never materialized),
     masked batches run as they are; SwiGLU's activation is a Triton kernel between the GEMMs."""
     from nanomoe_kernels.deepgemm import deepgemm_moe_contiguous, deepgemm_moe_gathered, deepgemm_moe_masked
 

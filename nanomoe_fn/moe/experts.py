@@ -193,11 +193,11 @@ def _swiglu_chunked(h: torch.Tensor) -> torch.Tensor:
 
 def _swiglu_padded(h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """swiglu_act of h [P_sel, C, 2I] -> [P_sel, C, I] for the rows j < counts[e] of each expert; the padding
-    rows' values are unspecified. On a GPU one Triton pass (kernels/moe_permute.silu_mul: the same float32
+    rows' values are unspecified. On a GPU one Triton pass (kernels/moe_silu.silu_mul: the same float32
     math, no float32 temporary, padding rows skipped); elsewhere (and under torch.compile) _swiglu_chunked over
     every row."""
     if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16, torch.float32) and not torch.compiler.is_compiling():
-        from nanomoe_kernels.moe_permute import silu_mul
+        from nanomoe_kernels.moe_silu import silu_mul
 
         return silu_mul(h, masked_m=counts)
     P_sel, C, _ = h.shape
