@@ -30,7 +30,7 @@ import functools
 
 import torch
 from nanomoe_kernels.checks import check_routing, check_values
-from nanomoe_kernels.deepgemm_layout import LAYOUTS, pick_layout
+from nanomoe_kernels.deepgemm_layout import LAYOUTS, experts_per_group, pick_layout
 from nanomoe_kernels.moe_align import Alignment, moe_align, moe_align_contiguous
 from nanomoe_kernels.moe_capacity import with_capacity
 from nanomoe_kernels.moe_permute import permute_rows, unpermute_sum
@@ -162,30 +162,39 @@ def deepgemm_fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
     _check_alignment(align, T * k)
     if T == 0:
         return x.new_zeros((0, x.shape[1]))
-    y, align = _grouped_rows(x, align, k, None, w13, w2, layout, T)  # k distinct experts a token: <= T rows each
-    return unpermute_sum(y, align, T, k, topk_weights)
+    # bound_rows = T: a token's k experts are distinct, so no expert gets more than T rows
+    return _grouped_ffn(x, align, k, None, w13, w2, layout, T, T, k, topk_weights)
 
 
-def _grouped_rows(x: torch.Tensor, align: Alignment, a_div: int, a_index: torch.Tensor | None,
-                  w13: torch.Tensor, w2: torch.Tensor, layout: str,
-                  bound_rows: int | None) -> tuple[torch.Tensor, Alignment]:
-    """(y, the alignment y's rows follow): the SwiGLU FFN of the aligned rows of x, in DeepGEMM's masked
-    layout (y [E * cap, H]) or its contiguous one (y [R, H]); kernels/deepgemm_layout.pick_layout chooses."""
+def _grouped_ffn(x: torch.Tensor, align: Alignment, a_div: int, a_index: torch.Tensor | None,
+                 w13: torch.Tensor, w2: torch.Tensor, layout: str, bound_rows: int | None, T: int, k: int,
+                 topk_weights: torch.Tensor | None) -> torch.Tensor:
+    """out [T, H]: the SwiGLU FFN of the aligned rows of x, summed per token over its k rows (weighted by
+    topk_weights); the two GEMMs run in DeepGEMM's masked layout or its contiguous one, as
+    kernels/deepgemm_layout.pick_layout chooses; the bounded masked layout runs its experts in groups whose
+    buffers fit (deepgemm_layout.experts_per_group), each group's sums added in float32, rounded once."""
     E, H, I = w13.shape[0], w13.shape[2], w2.shape[2]
+    row_bytes = (H + 3 * I) * x.element_size()
     kind, cap = pick_layout(align, E, layout, alignment(), flop_per_row=6.0 * H * I, bound_rows=bound_rows,
-                            bytes_per_row=(H + 3 * I) * x.element_size())
+                            bytes_per_row=row_bytes)
     if cap == 0:
         a, m_indices = permute_rows(x, align, a_div=a_div, a_index=a_index)
-        return deepgemm_grouped_ffn(a, m_indices, w13, w2), align
+        return unpermute_sum(deepgemm_grouped_ffn(a, m_indices, w13, w2), align, T, k, topk_weights)
     if kind == "bounded":  # no host read: an expert past the bound is an error (async), never a dropped row
         check_values(align.padded_counts.max() <= cap,
                      f"an expert got more than {bound_rows} rows, the bound of DeepGEMM's masked layout here "
                      f"(does the routing repeat an expert within a token?)")
-    al, live = with_capacity(align, cap)
-    a, _ = permute_rows(x, al, a_div=a_div, a_index=a_index, capacity=cap, live=live)  # live rows only
-    a = a.view(E, cap, H)
-    y = _masked_ffn(a, live, w13, w2, max(1, align.num_rows // E), out=a, max_rows=align.num_rows)  # a is ours
-    return y.reshape(E * cap, H), al
+    group = experts_per_group(E, cap, row_bytes) if kind == "bounded" else E
+    acc = None if group >= E else torch.zeros((T, H), dtype=torch.float32, device=x.device)
+    for e0 in range(0, E, group):
+        e1 = min(E, e0 + group)
+        al, live = with_capacity(align, cap, experts=None if group >= E else (e0, e1))
+        a, _ = permute_rows(x, al, a_div=a_div, a_index=a_index, capacity=cap, live=live)  # live rows only
+        a = a.view(e1 - e0, cap, H)
+        y = _masked_ffn(a, live, w13[e0:e1], w2[e0:e1], max(1, align.num_rows // E), out=a,  # a is ours
+                        max_rows=align.num_rows)
+        out = unpermute_sum(y.view((e1 - e0) * cap, H), al, T, k, topk_weights, accumulate=acc)
+    return out if acc is None else acc.to(x.dtype)
 
 
 def _batch_ffn(rows: torch.Tensor, index: torch.Tensor | None, N: int, counts: torch.Tensor,
@@ -204,8 +213,7 @@ def _batch_ffn(rows: torch.Tensor, index: torch.Tensor | None, N: int, counts: t
         rows = rows.contiguous()
     align = moe_align_contiguous(counts, N, alignment(), validate=validate)
     bound = rows.shape[0] if index is not None else None
-    y, align = _grouped_rows(rows, align, 1, index, w13, w2, layout, bound)
-    return unpermute_sum(y, align, N, 1)
+    return _grouped_ffn(rows, align, 1, index, w13, w2, layout, bound, N, 1, None)
 
 
 def deepgemm_moe_contiguous(rows: torch.Tensor, counts: torch.Tensor, weights: tuple[torch.Tensor, ...],

@@ -323,7 +323,9 @@ def test_deepgemm_says_why_not():
 @pytest.mark.parametrize("counts, layout, flop, bound, row_bytes, want", [
     ((256, 250, 270, 260), "auto", 1e10, None, 0, ("masked", 384)),  # spare rows worth 2.5e12 FLOP, no bound
     ((256, 250, 270, 260), "auto", 1e10, 300, 1, ("bounded", 384)),  # a bound: no host read
-    ((256, 250, 270, 260), "auto", 1e10, 300, 1 << 30, ("masked", 384)),  # its buffers past BOUNDED_MAX_BYTES
+    ((256, 250, 270, 260), "auto", 1e10, 300, 1 << 30, ("masked", 384)),  # one expert's buffers past the max
+    ((256, 250, 270, 260), "auto", 1e10, 300, 1 << 23, ("masked", 384)),  # 3 GiB an expert: 4 groups, too many
+    ((256, 250, 270, 260), "auto", 1e10, 300, 1 << 22, ("bounded", 384)),  # 1.5 GiB an expert: 2 groups
     ((256, 250, 270, 260), "auto", 4e8, 300, 1, ("bounded", 384)),  # 1e11 FLOP: worth the capacity kernel
     ((256, 250, 270, 260), "auto", 4e8, None, 1, ("contiguous", 0)),  # ... not a host read
     ((256, 250, 270, 260), "auto", 1e8, 300, 1, ("contiguous", 0)),  # 2.5e10 FLOP: worth neither
@@ -351,6 +353,19 @@ def test_deepgemm_pick_layout(counts, layout, flop, bound, row_bytes, want):
         pick_layout(al, 4, "padded", 128)
     with pytest.raises(ValueError, match="needs bound_rows"):
         pick_layout(al, 4, "bounded", 128)
+
+
+@pytest.mark.parametrize("E, cap, row_bytes, want", [
+    (4, 384, 1, 4), (4, 384, 1 << 22, 2), (5, 384, 1 << 22, 2), (4, 384, 1 << 23, 1), (4, 384, 1 << 30, 1),
+    (0, 384, 1, 1), (256, 1024, 26624, 128)])  # the last: DeepSeek-V3 dims, 256 experts x 1024 tokens (7 GB)
+def test_deepgemm_experts_per_group(E, cap, row_bytes, want):
+    """The bounded layout's groups of experts: all when their buffers fit BOUNDED_MAX_BYTES (4 GiB), else as many
+    as fit, in near-equal groups; never fewer than one expert."""
+    from nanomoe_kernels.deepgemm_layout import BOUNDED_MAX_BYTES, experts_per_group
+
+    got = experts_per_group(E, cap, row_bytes)
+    assert got == want
+    assert got == max(E, 1) or got * cap * row_bytes <= BOUNDED_MAX_BYTES or got == 1
 
 
 def test_deepgemm_backend_names_the_unsupported_shape():

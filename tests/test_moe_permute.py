@@ -301,6 +301,28 @@ def test_with_capacity_masked_layout(case, dtype, spare):
             mp.permute_rows(x, al, k, live=live)
         with pytest.raises(ValueError, match="out must be"):
             mp.permute_rows(x, mal, k, capacity=cap, out=sentinel[1:])
+        # a group of the experts at a time: the same rows, each group's sums added up in float32
+        y = torch.randn(E * cap, H, generator=g).to(DEV, dtype)
+        tw = (torch.rand(T, k, generator=g) + 0.1).to(DEV)
+        whole = mp.unpermute_sum(y, mal, T, k, tw).cpu().double()
+        acc = torch.zeros(T, H, dtype=torch.float32, device=DEV)
+        e_mid = E // 2
+        for e0, e1 in ((0, e_mid), (e_mid, E)):
+            gal, glive = mc.with_capacity(al, cap, experts=(e0, e1))
+            assert gal.sorted_ids.tolist() == mal.sorted_ids[e0 * cap:e1 * cap].tolist()
+            assert glive.tolist() == live[e0:e1].tolist() and int(gal.num_padded) == (e1 - e0) * cap
+            assert gal.padded_counts.tolist() == al.padded_counts[e0:e1].tolist()
+            assert gal.expert_ids.tolist() == [e for e in range(e1 - e0) for _ in range(cap // bm)]
+            ga, _ = mp.permute_rows(x, gal, k, capacity=cap, live=glive)
+            for e in range(e1 - e0):
+                n_live = int(glive[e])
+                assert torch.equal(ga.cpu().view(e1 - e0, cap, H)[e, :n_live], a[e0 + e, :n_live])
+            assert mp.unpermute_sum(y[e0 * cap:e1 * cap], gal, T, k, tw, accumulate=acc) is acc
+        assert torch.allclose(acc.cpu().double(), whole, rtol=TOL[dtype], atol=TOL[dtype])
+        with pytest.raises(ValueError, match="experts must be a pair"):
+            mc.with_capacity(al, cap, experts=(1, E + 1))
+        with pytest.raises(ValueError, match="accumulate must be float32"):
+            mp.unpermute_sum(y, mal, T, k, tw, accumulate=acc.to(torch.float16))
     y = torch.randn(E * cap, H, generator=g).to(DEV, dtype)
     tw = (torch.rand(T, k, generator=g) + 0.1).to(DEV)
     got = mp.unpermute_sum(y, mal, T, k, tw).cpu().double()

@@ -10,7 +10,9 @@ DeepSeek-V3 expert dims (H 7168, I 2048), top-8, uniform routing. Per (E, T) of 
   against each other and triton); `dg_gemms` the two contiguous GEMMs and silu_mul alone (every expert padded
   to 128 rows);
 - `permute_padded` / `permute_live`: the masked layout's permute writing every padding row, or only the live
-  rows (the package's way); `dg_masked_padded`: the masked FFN with the former;
+  rows (the package's way); `dg_masked_padded`: the masked FFN with the former; `dg_bounded_one_group`: the
+  bounded layout with all experts in one group whatever its buffers' bytes (`dg_bounded` groups them past
+  BOUNDED_MAX_BYTES);
 - `dg_masked_gemms`: the same GEMMs and silu_mul in DeepGEMM's masked layout [E, cap, H] (cap the largest count
   rounded up to 128, expected_m = N / E), built untimed; its live rows are checked against dg_gemms'.
 Per (E, T) of --bmm-cases: the package's `bmm` and `loop` backends on the pairs sorted by expert (untimed
@@ -36,7 +38,7 @@ import torch
 import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from nanomoe_kernels import deepgemm  # noqa: E402
+from nanomoe_kernels import deepgemm, deepgemm_layout  # noqa: E402
 from nanomoe_kernels.fused_moe import fused_moe_aligned, stage_configs  # noqa: E402
 from nanomoe_kernels.moe_align import moe_align  # noqa: E402
 from nanomoe_kernels.moe_capacity import with_capacity  # noqa: E402
@@ -108,6 +110,8 @@ def ffn_case(E: int, T: int, rounds: int, rep_ms: int) -> dict:
         fns["permute_live"] = lambda: permute_rows(x, mal, a_div=K_TOP, capacity=cap_m, live=live)
         fns["dg_masked_padded"] = functools.partial(_padded_permute, deepgemm.deepgemm_fused_moe, x, ids, tw, w,
                                                     align=al_dg, layout="masked")
+        fns["dg_bounded_one_group"] = functools.partial(_one_group, deepgemm.deepgemm_fused_moe, x, ids, tw, w,
+                                                        align=al_dg, layout="bounded")
         fns["dg_gemms"] = lambda: deepgemm.deepgemm_grouped_ffn(a, m_idx, *w)
         fns["dg_masked_gemms"] = lambda: deepgemm.deepgemm_moe_masked(xm, counts, w, expected_m=expected)
         # the masked rows against the contiguous rows of the same pairs: both keep pair order within an expert
@@ -116,7 +120,7 @@ def ffn_case(E: int, T: int, rounds: int, rep_ms: int) -> dict:
         live_c = yc[m_idx >= 0]
         rec["masked_vs_contiguous_rel"] = float((live_m.double() - live_c.double()).norm() / live_c.double().norm())
         whole = {n: fns[n]().double() for n in ("dg_contiguous", "dg_masked", "dg_bounded", "dg_masked_padded",
-                                                 "triton")}
+                                                 "dg_bounded_one_group", "triton")}
         base = whole["dg_contiguous"]
         rec["layouts_vs_contiguous_rel"] = {n: float((v - base).norm() / base.norm()) for n, v in whole.items()}
         assert max(rec["layouts_vs_contiguous_rel"].values()) < 2e-2, rec["layouts_vs_contiguous_rel"]
@@ -138,6 +142,16 @@ def _padded_permute(fn, *args, **kwargs) -> torch.Tensor:
         return fn(*args, **kwargs)
     finally:
         deepgemm.permute_rows = permute_rows
+
+
+def _one_group(fn, *args, **kwargs) -> torch.Tensor:
+    """fn(*args, **kwargs) with the bounded layout's experts in one group whatever its buffers' bytes."""
+    keep = deepgemm_layout.BOUNDED_MAX_BYTES
+    deepgemm_layout.BOUNDED_MAX_BYTES = 1 << 50
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        deepgemm_layout.BOUNDED_MAX_BYTES = keep
 
 
 def bmm_case(E: int, T: int, rounds: int, rep_ms: int) -> dict:

@@ -1,4 +1,5 @@
-"""The DeepGEMM expert backend (kernels/deepgemm.py, glue in kernels/moe_permute.py) on the GPU in bfloat16.
+"""The DeepGEMM expert backend (kernels/deepgemm.py, glue in kernels/moe_permute.py and moe_silu.py) on the GPU
+in bfloat16.
 
 Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate, cap rows per expert (masked),
 S sampled tokens. `deepgemm_fused_moe` against the float64 oracle (reference.moe_experts) at small T and
@@ -10,7 +11,7 @@ CUDA-graph capture of the whole path. Marked `gpu`; skipped with supports()'s re
 import nanomoe_reference as reference
 import pytest
 import torch
-from nanomoe_kernels import deepgemm
+from nanomoe_kernels import deepgemm, deepgemm_layout
 from nanomoe_kernels.deepgemm_layout import pick_layout
 from nanomoe_kernels.moe_align import moe_align
 from nanomoe_reference.expert_rows import make_routing, make_weights, reference_rows
@@ -182,6 +183,49 @@ def test_cuda_graph_capture(prealigned, T, layout):
     graph.replay()
     torch.cuda.synchronize()
     check_fused(out, x, ids, tw, w)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_bounded_layout_in_groups_of_experts(monkeypatch, graph):
+    """Past BOUNDED_MAX_BYTES the bounded layout runs its experts in groups (3, 3 and 2 of 8 here), each group's
+    sums added in float32: the same result as the contiguous layout and the oracle, sync-free (a CUDA graph
+    replays it on new inputs), for the fused entry and a gathered batch (bound = its token rows)."""
+    E, k, H, I, T = 8, 4, 1024, 512, 1024
+    row = (H + 3 * I) * 2
+    monkeypatch.setattr(deepgemm_layout, "BOUNDED_MAX_BYTES", 3 * T * row)
+    assert deepgemm_layout.experts_per_group(E, T, row) == 3
+    x, ids, tw, w = case(T, E, k, H, I, seed=11)
+
+    def run():
+        return deepgemm.deepgemm_fused_moe(x, ids, tw, w, layout="bounded")
+
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # JIT-compile and warm up outside the capture
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = run()
+        x2, ids2, tw2, _ = case(T, E, k, H, I, seed=12)
+        x.copy_(x2), ids.copy_(ids2), tw.copy_(tw2)
+        g.replay()
+        torch.cuda.synchronize()
+    else:
+        out = run()
+    check_fused(out, x, ids, tw, w)
+    assert rel_err(out, deepgemm.deepgemm_fused_moe(x, ids, tw, w, layout="contiguous")) < 1e-2
+    if not graph:
+        rows = torch.randn(300, H, device="cuda", dtype=torch.bfloat16)
+        flat = ids[:300].reshape(-1)
+        order = torch.sort(flat, stable=True).indices
+        counts = torch.bincount(flat, minlength=E)
+        index = (order // k).to(torch.int32)
+        monkeypatch.setattr(deepgemm_layout, "BOUNDED_MAX_BYTES", 3 * 384 * row)  # G = 300 rows: cap 384
+        got = deepgemm.deepgemm_moe_gathered(rows, index, counts, w, layout="bounded")
+        want = deepgemm.deepgemm_moe_gathered(rows, index, counts, w, layout="contiguous")
+        assert rel_err(got, want) < 1e-2
 
 
 def test_bounded_layout_refuses_an_expert_past_its_bound():
