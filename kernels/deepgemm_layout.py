@@ -14,7 +14,8 @@ bench/results/expert_ffn_notes.md). Its capacity comes one of two ways:
   cap rows of buffers per expert (the permute writes, and the GEMMs compute, only the live rows). Where the
   E experts' buffers would pass BOUNDED_MAX_BYTES the experts run in groups that fit (`experts_per_group`:
   each group's GEMMs read only its own experts' weights, so the weights are still read once; but each group's
-  glue runs on grids sized for all N rows and adds its sums into a float32 [T, H], so every group past the
+  glue runs on grids sized for all N rows and adds its sums into a float32 [T, H] (4 H bytes a token more,
+  outside BOUNDED_MAX_BYTES), so every group past the
   first costs ~80 us at 1024 tokens and ~230 at 4096 on an H200 (run 169)). An expert
   past B rows (routing that repeats an expert within a token) is an error: an async device assert, never a
   silent drop.
