@@ -133,21 +133,28 @@ def init_nccl_rank(rank: int, port: int, world_size: int, timeout_s: float = 60.
     return torch.device("cuda", rank)
 
 
-def graph_replays(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, inputs: Sequence[torch.Tensor],
-                  warmup: int = 2) -> list[torch.Tensor]:
-    """fn on a static copy of example, warmed up on a side stream (as torch.cuda.graph wants) and captured in a
-    CUDA graph; then one replay per input (copied into the static tensor) -> clones of the outputs. Other
-    threads (a process group's or a comm's watchdog) may keep making CUDA calls meanwhile (thread_local)."""
-    static = example.clone()
+def capture_graph(run: Callable[[], Any], warmup: int = 1) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, its output): run() warmed up (JIT compiles included) on a side stream, as torch.cuda.graph wants,
+    then captured. Other threads (a process group's or a comm's watchdog) may keep making CUDA calls meanwhile
+    (thread_local). Replay after changing run's inputs in place."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
-            fn(static)
+            run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        out = fn(static)
+        out = run()
+    return graph, out
+
+
+def graph_replays(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, inputs: Sequence[torch.Tensor],
+                  warmup: int = 2) -> list[torch.Tensor]:
+    """fn on a static copy of example, captured by capture_graph; then one replay per input (copied into the
+    static tensor) -> clones of the outputs."""
+    static = example.clone()
+    graph, out = capture_graph(lambda: fn(static), warmup)
     replays = []
     for x in inputs:
         static.copy_(x)

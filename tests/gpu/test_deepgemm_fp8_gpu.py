@@ -22,6 +22,8 @@ from nanomoe_kernels.fused_moe_fp8 import fused_moe_fp8, fused_moe_fp8_contiguou
 from nanomoe_kernels.moe_align import moe_align
 from nanomoe_reference.expert_rows import make_routing
 
+from tests.helpers import capture_graph
+
 OK, WHY = dg8.supports_fp8() if torch.cuda.is_available() else (False, "needs CUDA")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not OK, reason=f"DeepGEMM FP8 unavailable: {WHY}"),
               pytest.mark.filterwarnings("ignore:kernels.fused_moe_fp8. no tuned config")]
@@ -219,14 +221,7 @@ def test_cuda_graph_capture(mode):
             return dg8.deepgemm_fp8_moe_masked(qm, counts, *w, rows_scale=sm)
         return dg8.deepgemm_fp8_moe_masked(xm, counts, *w)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # JIT-compile and warm up outside the capture
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(run)
     ids2, tw2 = make_routing(64, E, k, "cuda", seed=4)
     x.copy_(torch.randn_like(x)), ids.copy_(ids2), tw.copy_(tw2), xm.copy_(torch.randn_like(xm))
     for t, new in zip((qm, sm), (t.view(E, cap, -1) for t in quant_fp8_groups(xm.view(-1, H)))):

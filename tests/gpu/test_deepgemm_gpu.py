@@ -19,6 +19,7 @@ from nanomoe_reference.expert_rows import make_routing, make_weights, reference_
 from nanomoe_fn.batch import ExpertBatch, to_masked
 from nanomoe_fn.moe.experts import expert_ffn
 from nanomoe_fn.moe.params import SwiGLUExperts
+from tests.helpers import capture_graph
 
 OK, WHY = deepgemm.supports() if torch.cuda.is_available() else (False, "needs CUDA")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not OK, reason=f"DeepGEMM unavailable: {WHY}")]
@@ -168,14 +169,7 @@ def test_cuda_graph_capture(prealigned, T, layout):
     def run():
         return deepgemm.deepgemm_fused_moe(x, ids, tw, w, align=al, layout=layout)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # JIT-compile and warm up outside the capture
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(run)
     x2, ids2, tw2, _ = case(T, E, k, H, I, seed=4)
     x.copy_(x2), tw.copy_(tw2)
     if not prealigned:  # the alignment is inside the graph: new routing too
@@ -200,14 +194,7 @@ def test_bounded_layout_in_groups_of_experts(monkeypatch, graph):
         return deepgemm.deepgemm_fused_moe(x, ids, tw, w, layout="bounded")
 
     if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # JIT-compile and warm up outside the capture
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = run()
+        g, out = capture_graph(run)
         x2, ids2, tw2, _ = case(T, E, k, H, I, seed=12)
         x.copy_(x2), ids.copy_(ids2), tw.copy_(tw2)
         g.replay()
