@@ -13,9 +13,11 @@ decode only on the ANCHORS shapes) and triton_best_contiguous (the same on the c
 Decode rows time CUDA-graph replays (as serving launches decode); prefill rows eager calls. The
 few-sequence shapes (B = 1, 4 at L = 4k, 16k) add an sglang row (SGLang's Triton MLA decode through
 bench/peers_sgl.py, when it loads; else a row with peer_skipped) and a split-count sweep (tuning_sweep
-in the JSON). Usage: python bench/bench_mla.py [--quick] [--tune] [--candidates all|key_major]
-[--small-batch] [--anchors] [--json PATH]; on the GPU machine bench/gpu/mla_gpu.sh runs the GPU tests
-and then this (with --tune by default).
+in the JSON; --no-sweep skips it). Their rows also carry median_us_read_flush (a replay after an L2 flush that
+reads, leaving clean lines) and median_us_in_step (what one call adds inside a captured decode step, no graph
+launch of its own: bench/mla_cases.in_step_us); median_us stays do_bench's. Usage: python bench/bench_mla.py
+[--quick] [--tune] [--candidates all|key_major] [--small-batch] [--no-sweep] [--anchors] [--json PATH]; on
+the GPU machine bench/gpu/mla_gpu.sh runs the GPU tests and then this (with --tune by default).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from bench.mla_cases import (  # noqa: E402
     ceilings,
     graph_us,
     graph_us_read_flush,
+    in_step_us,
 )
 from nanomoe_fn.attention.backends import torch_decode, torch_prefill  # noqa: E402
 from nanomoe_fn.attention.cache import ContiguousCache  # noqa: E402
@@ -137,6 +140,7 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
     def add(variant: str, us: float, fn: Callable | None = None, **extra: object) -> None:
         if fn is not None and dev == "cuda" and (small or args.small_batch):   # few rows: also after a clean L2
             extra["median_us_read_flush"] = round(graph_us_read_flush(fn), 2)
+            extra["median_us_in_step"] = round(in_step_us(fn), 2)
         rows.append(row(case, variant, us, nbytes, flops, ceil, floor_us=round(floor_us(nbytes, flops, ceil), 2),
                         speedup_vs=speedups(us), **extra))
 
@@ -175,7 +179,7 @@ def decode_case(heads: int, batch: int, ctx: int, args: argparse.Namespace, ceil
     add("triton", graph_us(paged_fn, rep), paged_fn, config=cfg_info)
     add("triton_contiguous", graph_us(contiguous_fn, rep), contiguous_fn,
         config={"tuning": tun_c.__dict__, "splits": default_splits(batch, heads, ctx, tun_c, dev_t)})
-    if not ((args.tune and anchor) or small):
+    if not ((args.tune and anchor) or small) or args.no_sweep:
         return rows
     pool = KEY_MAJOR_TUNINGS[heads] if args.candidates == "key_major" else (
         DECODE_TUNINGS[heads] + SMALL_TUNINGS[heads] + KEY_MAJOR_TUNINGS[heads])
@@ -279,6 +283,7 @@ def main() -> None:
                     "--small-batch or --anchors)")
     ap.add_argument("--small-batch", action="store_true",
                     help="only the few-sequence decode rows (B=1, 4 at L=4k, 16k) with their split sweep")
+    ap.add_argument("--no-sweep", action="store_true", help="no tuning or split sweep (no triton_best rows)")
     ap.add_argument("--anchors", action="store_true", help="only the anchor decode shapes (with --small-batch: both)")
     ap.add_argument("--candidates", choices=["all", "key_major"], default="all",
                     help="with --tune: every tuning, or only the key-major ones (next to the default)")

@@ -122,6 +122,41 @@ def graph_us_read_flush(fn: Callable[[], object], reps: int = 200) -> float | No
     return us
 
 
+def in_step_us(fn: Callable[[], object], calls: int = 8, reps: int = 60) -> float | None:
+    """Microseconds fn adds inside a captured decode step (None off the GPU): one CUDA graph of `calls` x (a read
+    flush of the L2, fn) against one of the flushes alone, replayed in alternation; the difference of their median
+    replay times over `calls`. A decode step replays one graph for all its layers, so no call here pays a graph
+    launch of its own (graph_us's replay does: ~4.7 us for one kernel, ~5.9 for two, mla_notes.md)."""
+    if not torch.cuda.is_available():
+        return None
+    flush = read_flush()
+
+    def flushes() -> None:
+        for _ in range(calls):
+            flush()
+
+    def step() -> None:
+        for _ in range(calls):
+            flush()
+            fn()
+
+    graphs = (capture_graph(flushes), capture_graph(step))
+    times: tuple[list, list] = ([], [])
+    for i in range(5 + reps):
+        for g, t in zip(graphs, times):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            if i >= 5:
+                t.append((start, end))
+    torch.cuda.synchronize()
+    base, both = (statistics.median(a.elapsed_time(b) for a, b in t) * 1e3 for t in times)
+    del graphs
+    torch.cuda.empty_cache()
+    return (both - base) / calls
+
+
 def ceilings(dev: str, rep_ms: int) -> dict:
     """Copy bandwidth (bytes read + written) and dense bf16 matmul rate, measured now on random data."""
     n, m = (1 << 30, 8192) if dev == "cuda" else (1 << 24, 1024)
