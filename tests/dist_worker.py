@@ -149,6 +149,41 @@ def run_bad_ids(rank: int, world_size: int, port: int, out_dir: str, max_tokens:
         dist.destroy_process_group()
 
 
+def run_oversized(rank: int, world_size: int, port: int, out_dir: str, kind: str, backend: str = "gloo") -> None:
+    """Rank 0 dispatches more tokens than max_tokens=4 through a fixed-size comm (kind 'torch_decode' or
+    'torch_fixed'), the others 3; identity experts. Each rank saves whether its output matched (or the error),
+    then runs a good round on the same comm and saves whether that matched too. backend 'nccl': rank r on
+    GPU r (the Triton kernels' path)."""
+    dev = torch.device("cpu")
+    if backend == "nccl":
+        dev = torch.device("cuda", rank)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=30), device_id=dev)
+    else:
+        _init(rank, world_size, port, 30)
+    try:
+        from nanomoe_fn import Routing, combine, dispatch
+
+        E, k, H = 4 * world_size, 2, 8
+        comm = TorchComm(timeout_s=5, max_tokens=4) if kind == "torch_decode" else TorchFixedComm(4, timeout_s=5)
+        placement, lines = Placement.identity(E, world_size), []
+        for T in ((6 if rank == 0 else 3), 4):
+            g = torch.Generator().manual_seed(10 * rank + T)
+            ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+            w, x = torch.rand(T, k, generator=g).to(dev), torch.randn(T, H, generator=g).to(dev)
+            batch, handle = dispatch(x, Routing(ids.to(dev), w), comm, placement)
+            out: list = []
+            message = error_of(lambda b=batch, h=handle, o=out: o.append(combine(b.materialize(), h, comm)))
+            lines.append(message if not out else str(torch.allclose(out[0], x * w.sum(1, keepdim=True), rtol=1e-5,
+                                                                    atol=1e-6)))
+        comm.close()
+        with open(os.path.join(out_dir, f"oversized_rank{rank}.txt"), "w") as f:
+            f.write("\n".join(lines))
+    finally:
+        dist.destroy_process_group()
+
+
 def skewed_case(world_size: int, rank: int) -> tuple[MoEConfig, MoEParams, torch.Tensor]:
     """4 experts per rank; the router favours rank 0's experts (sharper logits), so load is skewed."""
     case = dict(cfg=dict(hidden=16, intermediate=8, num_experts=4 * world_size, top_k=2, n_shared_experts=1),

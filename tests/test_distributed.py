@@ -128,6 +128,20 @@ def test_torch_comm_reports_bad_ids_on_every_rank_and_stays_usable(tmp_path, max
         assert ok == "True", f"rank {rank}: the round after the refused one was wrong"
 
 
+@pytest.mark.parametrize("kind", ["torch_decode", "torch_fixed"])
+def test_oversized_rank_refused_at_combine_while_peers_finish(tmp_path, kind):
+    # rank 0 gets 6 tokens with max_tokens=4: it sends none, takes part in both exchanges and its combine raises;
+    # rank 1's output is right (no wait, no timeout), and the next round works on both ranks
+    mp.start_processes(dist_worker.run_oversized, args=(2, free_port(), str(tmp_path), kind), nprocs=2, join=True,
+                       start_method="spawn")
+    name = "torch" if kind == "torch_decode" else "torch_fixed"
+    first, second = (tmp_path / "oversized_rank0.txt").read_text().split("\n")
+    assert first.startswith(f"ValueError: rank 0: x had 6 tokens, more than this {name} comm's max_tokens=4; none "
+                            f"of them was sent"), first
+    assert second == "True"
+    assert (tmp_path / "oversized_rank1.txt").read_text().split("\n") == ["True", "True"]
+
+
 def test_tolerances_are_not_vacuous():
     # the distributed comparison above uses these; make sure they would catch a wrong expert
     cfg_case = draw_cases(2, 1, seed=0)[0]
@@ -207,8 +221,12 @@ def test_torch_decode_mode_refuses_bad_sizes_by_name():
                 TorchComm(max_tokens=2, graphs=bad)
         x = torch.randn(3, 16)
         routing = Routing(torch.tensor([[0, 1], [2, 3], [1, 2]], dtype=torch.int32), torch.full((3, 2), 0.5))
-        with pytest.raises(ValueError, match=r"x has 3 tokens, more than this torch comm's max_tokens=2"):
-            TorchComm(max_tokens=2).dispatch_send(x, routing, Placement.identity(4, 1))
+        small = TorchComm(max_tokens=2)  # too many tokens: nothing sent, refused by combine after its exchange
+        batch, handle = dispatch(x, routing, small, Placement.identity(4, 1))
+        assert batch.counts.tolist() == [0, 0, 0, 0]
+        with pytest.raises(ValueError, match=r"rank 0: x had 3 tokens, more than this torch comm's max_tokens=2"):
+            combine(batch.materialize(), handle, small)
+        small.close()
         need = buffer_bytes(4096, 1, 7168, torch.bfloat16, 8, 256)  # prefill-sized at V3 dims: 14 GiB
         assert need > 2 << 30
         with pytest.raises(ValueError, match=r"max_tokens=4096 needs 1\d\.\d\d GiB.*max_tokens=None"):

@@ -15,6 +15,8 @@ the per-expert counts. Combine: per received row the weighted sum of its pairs (
 rows back with equal splits, summed at home.
 
 Every rank builds its comm with the same max_tokens (checked once, at construction): the splits are equal.
+A rank given more than T_max tokens sends none of them but takes part in both exchanges (its peers' outputs
+stay right and none waits); its combine then raises ValueError (refuse_oversized).
 On GPUs a dispatch is two kernel launches and one NCCL call on the current stream (no count exchange, no
 host read), so a decode layer over it can be captured in a CUDA graph; the exact-split mode (max_tokens None,
 comm/torch_dist.py) exchanges counts and reads them on the host first, and suits any batch size. Bytes: W * BS
@@ -100,16 +102,17 @@ def dispatch_send(comm: Any, x: torch.Tensor, routing: Routing, placement: Place
     """Pack the token rows into fixed blocks and start the one exchange (no host read)."""
     phys = comm._phys(x, routing, placement, values=not placement.is_identity, flat=False)  # [T, k]
     (T, k), H, W, P_local = routing.topk_ids.shape, x.shape[1], comm.world_size, placement.local_experts
-    if T > comm.max_tokens:
-        raise ValueError(f"x has {T} tokens, more than this torch comm's max_tokens={comm.max_tokens} (its decode "
-                         f"mode); build TorchComm(max_tokens=None) for exact splits at any size")
     hm, L = _sizes(comm, H, x.dtype, k, P_local)
-    s = torch_graphs.acquire(comm, x, phys, P_local, hm, L)
-    if s is not None:
-        v = torch_graphs.dispatch(comm, s, x, phys, routing.topk_weights)
-        return BlockPending(s.recv, s.send, v.pos, routing.topk_weights, H, hm, None, s)
+    w = routing.topk_weights
+    if T > comm.max_tokens:  # refused by combine_recv (refuse_oversized): no rows sent, no peer waits
+        x, phys, w, T = x[:0], phys[:0], w[:0], 0
+    else:
+        s = torch_graphs.acquire(comm, x, phys, P_local, hm, L)
+        if s is not None:
+            v = torch_graphs.dispatch(comm, s, x, phys, w)
+            return BlockPending(s.recv, s.send, v.pos, w, H, hm, None, s)
     BS, kern = comm.max_tokens + 1, comm._kernels(x)
-    w = routing.topk_weights.to(torch.float32).contiguous()
+    w = w.to(torch.float32).contiguous()
     if kern is not None:  # x, ids and weights were checked by _phys; the kernels' own checks are skipped
         send = x.new_zeros((W * BS, L))  # the headers must start at zero (one fill; fewer host calls than a view)
         pos = torch.empty((T, W), dtype=torch.int64, device=x.device)
@@ -160,11 +163,27 @@ def dispatch_recv(comm: Any, p: Any, local_experts: int) -> tuple[ExpertBatch, H
     return batch, stamp_handle(comm, batch, handle)
 
 
-def combine_recv(comm: Any, inflight: Any, home: torch.Tensor | None, plan: TokenRowPlan) -> torch.Tensor:
+def refuse_oversized(comm: Any, handle: Handle) -> None:
+    """ValueError when handle's dispatch on this fixed-size comm (decode mode or torch_fixed) was given more than
+    max_tokens tokens. Such a dispatch sends no rows but takes part in every exchange, so its peers' calls complete
+    with the right outputs and none waits; this rank's combine raises here, after its exchange."""
+    o = handle.origin
+    if comm.max_tokens is None or o is None or o.tokens <= comm.max_tokens:
+        return
+    other = ("build TorchComm(max_tokens=None) for exact splits at any size" if comm.name == "torch" else
+             "use the `torch` comm for larger batches")
+    raise ValueError(f"rank {comm.rank}: x had {o.tokens} tokens, more than this {comm.name} comm's max_tokens="
+                     f"{comm.max_tokens}; none of them was sent (this rank took part in the exchanges with no rows, "
+                     f"so its peers' outputs are right): raise max_tokens on every rank, or {other}")
+
+
+def combine_recv(comm: Any, inflight: Any, home: torch.Tensor | None, handle: Handle) -> torch.Tensor:
     """The partial rows come home in blocks [W * BS, H]: each token's rows summed (float32) -> [T, H]."""
+    plan = handle.token_rows
     if isinstance(inflight, torch_graphs.BlockSet):
         return torch_graphs.combine_recv(comm, inflight, plan.pos.shape[0])
     comm._join(inflight, home.device)
+    refuse_oversized(comm, handle)
     kern = comm._kernels(home)
     if kern is None:
         return token_rows.sum_home_blocks(home, plan.pos, plan.block_rows)

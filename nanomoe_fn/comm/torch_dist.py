@@ -310,7 +310,7 @@ class TorchComm:
         self.check()
         plan = handle.token_rows
         if plan.block_rows:
-            return torch_blocks.combine_recv(self, inflight, home, plan)
+            return torch_blocks.combine_recv(self, inflight, home, handle)
         self._join(inflight, home.device)
         kern = self._kernels(home)
         if kern is None:

@@ -11,7 +11,8 @@ without a timeout, and the comm's StageWatchdog (comm/watchdog.py) turns a peer 
 into an error naming the rank and stage, raised by the next call). The default C = T_max * min(k,
 P_local) can never overflow (a token picks each expert at most once); a smaller C saves bandwidth,
 and a block that would need more than C rows is an error on every rank, never a drop: the count exchange
-carries each sender's fullest block (a ValueError before the payload on CPUs, a device assert on GPUs). The
+carries each sender's fullest block (a ValueError before the payload on CPUs, a device assert on GPUs). A rank
+given more than T_max tokens sends none of them but takes part in both exchanges, and its combine raises. The
 batch comes out in the masked layout [P_local, cap, H] with per-expert counts: the layout and sizing
 of DeepEP's low-latency mode and DeepGEMM's masked GEMM (one expert gets at most T_max rows from
 each rank). Padding rows (past each expert's count) hold unspecified values, as in DeepEP's
@@ -32,7 +33,7 @@ import torch
 from nanomoe_fn.batch import ExpertBatch, Handle, Routing
 from nanomoe_fn.checks import check_values
 from nanomoe_fn.comm.plan import check_combine, check_pending, reduce_pairs, stamp_handle
-from nanomoe_fn.comm.torch_blocks import DEFAULT_MAX_BUFFER_BYTES
+from nanomoe_fn.comm.torch_blocks import DEFAULT_MAX_BUFFER_BYTES, refuse_oversized
 from nanomoe_fn.comm.torch_dist import TorchComm
 from nanomoe_fn.eplb.placement import Placement
 
@@ -105,8 +106,8 @@ class TorchFixedComm(TorchComm):
     def dispatch_send(self, x: torch.Tensor, routing: Routing, placement: Placement) -> Any:
         """Place rows in fixed [W, C] blocks, start both exchanges, and queue the receive-side index."""
         phys = self._phys(x, routing, placement)
-        if x.shape[0] > self.max_tokens:
-            raise ValueError(f"x has {x.shape[0]} tokens, more than this comm's max_tokens={self.max_tokens}")
+        if x.shape[0] > self.max_tokens:  # refused by combine_recv (torch_blocks.refuse_oversized): no peer waits
+            x, phys = x[:0], phys[:0]
         W, P_local, k = self.world_size, placement.local_experts, routing.topk_ids.shape[1]
         C, cap, dev = self.block_rows(k, P_local), W * self.max_tokens, x.device
         self._check_size(x.shape[1], x.dtype, k, P_local)
@@ -190,4 +191,5 @@ class TorchFixedComm(TorchComm):
         work, home, handle, pair_rows, dtype = pending
         self.check()
         self._join(work, home.device)
+        refuse_oversized(self, handle)
         return reduce_pairs(home.view(dtype), handle, pair_rows)
