@@ -32,6 +32,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,17 +65,24 @@ def loop_estimate_ms(T: int, E: int, k: int, H: int, I: int) -> float:
     return 2 * T * k * 3 * H * I / 300e12 * 1e3 + hit * 0.064
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int, graph: bool = False) -> float:
-    """Median ms of fn: triton's do_bench on a GPU (a rep_ms window), or do_bench_cudagraph (the calls
-    replayed from one CUDA graph: no host launch cost) with graph; on the CPU (a dry run under the
-    interpreter) the median of 3 wall-clock calls."""
+def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int, graph: bool = False, settle_ms: int = 0,
+            warmup_ms: int | None = None) -> float:
+    """Median ms of fn: triton's do_bench on a GPU (a rep_ms window after warmup_ms of calls, default
+    min(25, rep_ms / 4)), or do_bench_cudagraph (the calls replayed from one CUDA graph: no host launch cost)
+    with graph; on the CPU (a dry run under the interpreter) the median of 3 wall-clock calls. settle_ms: the
+    GPU idles that long first, so every window starts from the same power state (with a warm-up long enough to
+    reach the power cap, ~50 ms on the H200, it then times the capped steady state whatever ran before)."""
     if device.type != "cuda":
         return statistics.median(time_fn(fn, device, 1, 3)) * 1e3
     import triton.testing
 
+    if settle_ms:
+        torch.cuda.synchronize(device)
+        time.sleep(settle_ms / 1e3)
     if graph:
         return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
-    return triton.testing.do_bench(fn, warmup=min(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+    warm = min(25, rep_ms // 4) if warmup_ms is None else warmup_ms
+    return triton.testing.do_bench(fn, warmup=warm, rep=rep_ms, return_mode="median")
 
 
 def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: tuple[torch.Tensor, ...],
@@ -116,11 +124,13 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
     for rnd in range(max(1, opts.rounds)):
         for name in order[rnd % len(order):] + order[:rnd % len(order)] if order else []:
             try:
-                times[name].append(time_ms(built.fns[name], dev, rep_ms, graphs[name]))
+                times[name].append(time_ms(built.fns[name], dev, rep_ms, graphs[name], opts.settle_ms,
+                                           opts.warmup_ms))
             except RuntimeError as e:  # a capture this variant does not support: time it eagerly
                 print(f"  {name}: CUDA graph capture failed ({str(e).splitlines()[0][:100]}); timed eagerly")
                 graphs[name] = False
-                times[name].append(time_ms(built.fns[name], dev, rep_ms))
+                times[name].append(time_ms(built.fns[name], dev, rep_ms, settle_ms=opts.settle_ms,
+                                           warmup_ms=opts.warmup_ms))
     for name, err in checked.items():
         fp8, ms, graph = name in FP8_VARIANTS, statistics.median(times[name]), graphs[name]
         sec = ms * 1e-3
@@ -196,6 +206,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm-only", action="store_true", help="run each variant once (JIT warm-up), no timing")
     p.add_argument("--cuda-graph", action="store_true",
                    help=f"time {', '.join(GRAPH_VARIANTS)} as CUDA graph replays (no host launch cost)")
+    p.add_argument("--settle-ms", type=int, default=0,
+                   help="idle the GPU this long before each timing window (0: back to back)")
+    p.add_argument("--warmup-ms", type=int, default=None,
+                   help="calls before each timing window, in ms (default min(25, window / 4))")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved timing rounds per case, median over them (default 3 with --ranking, else 1)")
     p.add_argument("--json", default=None)

@@ -27,7 +27,8 @@ expert (the alignment guarantees it), so the tile is A[rows of the block, :] @ W
   a tail tile (TAIL_M rows) runs next to the main tiles that read the same weights and L2 serves it;
   two launches would read the weights of every expert with a tail twice from HBM.
 Programs are ordered GROUP_M row blocks at a time for each column tile, so the row blocks of one
-expert (consecutive) share the weight tile through L2.
+expert (consecutive) share the weight tile through L2. MERGED with EXPERT_GROUP > 0 (config EXPERT_GROUPS): groups
+of one expert's blocks only (kernels.moe_blocks.expert_group), so no expert's weights stream twice from HBM.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 from nanomoe_kernels.fused_moe_wgmma import moe_gemm_wgmma, unsupported
 from nanomoe_kernels.moe_align import Alignment
-from nanomoe_kernels.moe_blocks import BlockTables, block_tables
+from nanomoe_kernels.moe_blocks import BlockTables, block_tables, expert_group, expert_group_blocks
 
 
 @triton.jit
@@ -112,12 +113,13 @@ def _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_ind
 @triton.jit(do_not_specialize=["num_rows", "num_blocks"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, b_desc, a_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, block_rows_ptr, block_experts_ptr,
-    used_ptr, a_index_ptr,
+    used_ptr, a_index_ptr, expert_first_ptr, expert_blocks_ptr,
     num_rows, N, K, num_blocks, align_m, stride_am, stride_be, stride_bn, stride_cm,
     A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr, SWIGLU: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_TABLE: tl.constexpr, MERGED: tl.constexpr, TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EXPERT_GROUP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -130,7 +132,13 @@ def _moe_gemm_kernel(
         # kernels.moe_blocks merged list: each expert's main blocks then its tail blocks, in one launch
         # (a tail tile runs beside the main tiles that read the same weight tile, so L2 serves it);
         # used_ptr = the (main, tail) counts; code = expert | is_tail << 30
-        if pid_m >= tl.load(used_ptr) + tl.load(used_ptr + 1):
+        used = tl.load(used_ptr) + tl.load(used_ptr + 1)
+        if EXPERT_GROUP > 0:  # groups of at most EXPERT_GROUP blocks of one expert (moe_blocks.expert_group)
+            if pid // num_pid_n >= used:
+                return
+            pid_m, pid_n = expert_group(pid, num_pid_n, block_experts_ptr, expert_first_ptr, expert_blocks_ptr,
+                                        EXPERT_GROUP)
+        elif pid_m >= used:
             return
         row0 = tl.load(block_rows_ptr + pid_m)
         code = tl.load(block_experts_ptr + pid_m)
@@ -174,9 +182,10 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_sta
 
 def check_config(config: dict) -> dict:
     """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, PERMUTE_A and WGMMA default to False, SPLIT_M to
-    0 = no tail split). PERMUTE_A (kernels/fused_moe.py, the first GEMM): copy the rows into aligned order first and
-    load A through TMA instead of gathering it. WGMMA: run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised
-    Hopper kernel where `wgmma_unsupported` allows it, else this module's."""
+    0 = no tail split, EXPERT_GROUPS to True: see moe_blocks.expert_group_blocks). PERMUTE_A (kernels/fused_moe.py,
+    the first GEMM): copy the rows into aligned order first and load A through TMA instead of gathering it. WGMMA:
+    run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised Hopper kernel where `wgmma_unsupported` allows
+    it, else this module's."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -190,10 +199,13 @@ def check_config(config: dict) -> dict:
     bad_split = not isinstance(split, int) or split < 16 or split & (split - 1) or split > config["BLOCK_M"]
     if split and bad_split:
         raise ValueError(f"config['SPLIT_M'] must be 0 or a power of two in [16, BLOCK_M], got {split!r}")
+    groups = config.get("EXPERT_GROUPS", True)
+    if not isinstance(groups, (bool, int)) or groups < 0:
+        raise ValueError(f"config['EXPERT_GROUPS'] must be True, False or a positive int, got {groups!r}")
     return {**{k: config[k] for k in CONFIG_KEYS}, "USE_TMA": bool(config.get("USE_TMA", False)),
             "SPLIT_M": 0 if split == config["BLOCK_M"] else split, "A_TMA": bool(config.get("A_TMA", False)),
             "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "PERMUTE_A": bool(config.get("PERMUTE_A", False)),
-            "WGMMA": bool(config.get("WGMMA", False))}
+            "WGMMA": bool(config.get("WGMMA", False)), "EXPERT_GROUPS": groups}
 
 
 def wgmma_unsupported(cfg: dict, a: torch.Tensor, w: torch.Tensor, align: Alignment, swiglu: bool) -> str:
@@ -253,11 +265,12 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
                          f"{tuple(row_weights.shape)}")
     if R == 0 or N == 0:
         return out
+    group = expert_group_blocks(cfg["EXPERT_GROUPS"], bm, K, a.element_size(), cfg["GROUP_M"])
     if not wgmma_unsupported(cfg, a, w, align, swiglu):
         if tables is None:
             tables = block_tables(align, bm)
         return moe_gemm_wgmma(a, w, out, align, block_n=bn, stages=cfg["num_stages"], group_m=cfg["GROUP_M"],
-                              swiglu=swiglu, gather_a=gather_a, scatter_c=scatter_c, a_div=a_div,
+                              expert_group=group, swiglu=swiglu, gather_a=gather_a, scatter_c=scatter_c, a_div=a_div,
                               row_weights=row_weights, tables=tables, a_index=a_index)
     # TMA needs 16-byte aligned rows; the interpreter emulates descriptors, so CPU tests cover the path
     tma_ok = (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
@@ -278,15 +291,18 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
         # used [1] = its blocks in use (merged: [2], main and tail). experts [num_blocks]: each block's expert.
         if num_blocks == 0:
             return
+        grouped = merged and block_m == bm and group > 0
         _moe_gemm_kernel[(num_blocks * triton.cdiv(N, bn),)](
             a, w, desc, a_desc(block_m), a_desc(tm) if merged else None, out, row_weights, align.sorted_ids,
-            rows, experts, used, a_index,
+            rows, experts, used, a_index, tables.expert_first if grouped else None,
+            tables.expert_blocks if grouped else None,
             num_rows, N, K, num_blocks, tm, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
             A_DIV=a_div, GATHER_A=gather_a, A_INDEX=a_index is not None, SCATTER_C=scatter_c, SWIGLU=swiglu,
             MUL_WEIGHT=row_weights is not None, USE_TMA=use_tma, A_TMA=a_tma, EVEN_K=K % bk == 0,
             BLOCK_TABLE=rows is not None, MERGED=merged and block_m == bm, TAIL_M=tm, BLOCK_M=block_m,
-            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+            EXPERT_GROUP=group if grouped else 0,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     if bm <= tm:

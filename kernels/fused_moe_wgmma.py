@@ -20,7 +20,8 @@ TFLOP/s, against ~600 for DeepGEMM's warp-specialised kernels on the same GEMMs
                           by their top-k weight (MUL_WEIGHT), stored at the row id (SCATTER_C) or the aligned row
 
 Programs walk kernels.moe_blocks' merged list (each expert's 128-row main blocks, then its 64-row tail block), GROUP_M
-row blocks per column tile so an expert's blocks share the weight tiles through L2. On a tail block the second
+row blocks per column tile so an expert's blocks share the weight tiles through L2 (with expert_group, groups of
+blocks of one expert only, as kernels/moe_blocks.expert_group). On a tail block the second
 warpgroup computes nothing: it only paces the ring. Gathered rows (the up GEMM's: pair id // top-k, or through an
 index) keep S - 1 steps in flight. Rows past a tensor's end and padding rows read as zeros, and padding rows
 (sentinel ids) are never stored. Same outputs as the Triton kernel up to float32 summation order.
@@ -39,7 +40,7 @@ import triton
 from nanomoe_kernels.mla_decode_tuning import triton_at_least
 from nanomoe_kernels.mla_decode_wgmma import _is_sm90, gluon
 from nanomoe_kernels.moe_align import Alignment
-from nanomoe_kernels.moe_blocks import BlockTables, block_tables
+from nanomoe_kernels.moe_blocks import BlockTables, block_tables, expert_group
 
 BH, BK = 64, 64
 
@@ -182,10 +183,10 @@ if gluon is not None:
     # token counts change every step: do not compile a variant per divisibility of these two
     @gluon.jit(do_not_specialize=["num_rows", "num_blocks"])
     def _moe_gemm_ws(a_desc, b_desc, a_ptr, a_index_ptr, c_ptr, w_ptr, ids_ptr, rows_ptr, codes_ptr, used_ptr,
-                     num_rows, N, K, NW, num_blocks, stride_am, stride_cm,
+                     first_ptr, nblocks_ptr, num_rows, N, K, NW, num_blocks, stride_am, stride_cm,
                      GATHER_A: gl.constexpr, A_DIV: gl.constexpr, A_INDEX: gl.constexpr, SWIGLU: gl.constexpr,
                      MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr, GROUP_M: gl.constexpr,
-                     STAGES: gl.constexpr, num_warps: gl.constexpr):
+                     EXPERT_GROUP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -197,7 +198,12 @@ if gluon is not None:
         group_m = gl.minimum(num_blocks - first_m, GROUP_M)
         pid_m = first_m + (pid % per_group) % group_m
         pid_n = (pid % per_group) // group_m
-        if pid_m >= gl.load(used_ptr) + gl.load(used_ptr + 1):
+        used = gl.load(used_ptr) + gl.load(used_ptr + 1)
+        if EXPERT_GROUP > 0:  # groups of blocks of one expert only (kernels/moe_blocks.expert_group)
+            if pid // num_pid_n >= used:
+                return
+            pid_m, pid_n = expert_group(pid, num_pid_n, codes_ptr, first_ptr, nblocks_ptr, EXPERT_GROUP)
+        elif pid_m >= used:
             return
         row0 = gl.load(rows_ptr + pid_m)
         code = gl.load(codes_ptr + pid_m)
@@ -269,10 +275,11 @@ def _smem_layout(rows: int, dtype: torch.dtype):
 def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignment, *, block_n: int,
                    stages: int, group_m: int, swiglu: bool, gather_a: bool, scatter_c: bool, a_div: int = 1,
                    row_weights: torch.Tensor | None = None, tables: BlockTables | None = None,
-                   a_index: torch.Tensor | None = None) -> torch.Tensor:
+                   a_index: torch.Tensor | None = None, expert_group: int = 0) -> torch.Tensor:
     """kernels.fused_moe_kernel.moe_gemm on Hopper (its checks there; `unsupported` must be ''): a [*, K] rows
     gathered through the alignment (gather_a: row id // a_div, then a_index) or [>= R, K] aligned, w [E, NW, K],
-    out [*, N]; block_n = output columns per program. Returns out."""
+    out [*, N]; block_n = output columns per program; expert_group > 0: program groups of at most that many
+    blocks of one expert (kernels/moe_blocks.expert_group), else group_m blocks a group. Returns out."""
     E, NW, K = w.shape
     N = NW // 2 if swiglu else NW
     if tables is None:
@@ -285,9 +292,10 @@ def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: A
     b_desc = GluonDescriptor(w2, [E * NW, K], [K, 1], [block_n, BK], _smem_layout(block_n, a.dtype))
     _moe_gemm_ws[(num_blocks * triton.cdiv(N, block_n),)](
         a_desc, b_desc, a, a_index, out, row_weights, align.sorted_ids, tables.merged_rows, tables.merged_codes,
-        tables.counts, align.num_rows, N, K, NW, num_blocks, a.stride(0), out.stride(0),
-        GATHER_A=gather_a, A_DIV=a_div, A_INDEX=a_index is not None, SWIGLU=swiglu,
-        MUL_WEIGHT=row_weights is not None, SCATTER_C=scatter_c, GROUP_M=group_m, STAGES=stages,
+        tables.counts, tables.expert_first, tables.expert_blocks, align.num_rows, N, K, NW, num_blocks, a.stride(0),
+        out.stride(0), GATHER_A=gather_a, A_DIV=a_div, A_INDEX=a_index is not None, SWIGLU=swiglu,
+        MUL_WEIGHT=row_weights is not None, SCATTER_C=scatter_c, GROUP_M=group_m, EXPERT_GROUP=expert_group,
+        STAGES=stages,
         num_warps=4, maxnreg=168,
     )
     return out

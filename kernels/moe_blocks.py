@@ -11,8 +11,10 @@ most TM - 1 padding rows per expert; the tails run as a second, small launch wit
 Tables are device tensors of static size (no host sync): `main_rows[NM]` (first aligned row of each
 block), `main_experts[NM]`, `tail_rows[NT]`, `tail_experts[NT]`, `counts[2]` = (main, tail) used, and
 the merged list for a single launch: `merged_rows[NM + NT]`, `merged_codes[NM + NT]` = expert | 2^30
-for a tail block, each expert's main blocks followed by its tail blocks (so they run side by side).
-One launch fills all three lists, BB entries per program.
+for a tail block, each expert's main blocks followed by its tail blocks (so they run side by side), and per
+expert its first merged entry and its entry count, `expert_first[E]`, `expert_blocks[E]` (a GEMM's
+program order then groups only blocks of one expert: expert_group below). One launch fills every list, BB
+entries per program.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ class BlockTables(NamedTuple):
     counts: torch.Tensor
     merged_rows: torch.Tensor
     merged_codes: torch.Tensor
+    expert_first: torch.Tensor
+    expert_blocks: torch.Tensor
     block_m: int
     tail_m: int
 
 
 @triton.jit
 def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, tail_experts_ptr,
-                   counts_ptr, merged_rows_ptr, merged_codes_ptr, E, P_MAIN, P_TAIL, BM: tl.constexpr,
+                   counts_ptr, merged_rows_ptr, merged_codes_ptr, first_ptr, nblocks_ptr, E, P_MAIN, P_TAIL,
+                   BM: tl.constexpr,
                    TM: tl.constexpr, NBIN: tl.constexpr, BB: tl.constexpr):
     # BB entries per program: programs [0, P_MAIN) of the main list, the next P_TAIL of the tail list, the
     # rest of the merged list; each recomputes the per-expert sums (NBIN values) instead of waiting on another
@@ -55,6 +60,8 @@ def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, t
     if pid == 0:
         tl.store(counts_ptr, tl.sum(n_main, axis=0))
         tl.store(counts_ptr + 1, tl.sum(n_tail, axis=0))
+        tl.store(first_ptr + bins, tl.cumsum(n_main + n_tail, axis=0) - n_main - n_tail, mask=live)
+        tl.store(nblocks_ptr + bins, n_main + n_tail, mask=live)
     if pid < P_MAIN:
         main_end = tl.cumsum(n_main, axis=0)
         _fill_chunk(main_rows_ptr, main_experts_ptr, pid * BB, tl.sum(n_main, axis=0), main_end,
@@ -103,9 +110,9 @@ def block_tables(align: Alignment, block_m: int) -> BlockTables:
     R = align.sorted_ids.numel()
     dev = align.sorted_ids.device
     n_main, n_tail = R // block_m, min(R // tm, E * (block_m // tm - 1))
-    buf = torch.empty(4 * n_main + 4 * n_tail + 2, dtype=torch.int32, device=dev)
-    main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes = torch.split(
-        buf, [n_main, n_main, n_tail, n_tail, 2, n_main + n_tail, n_main + n_tail])
+    buf = torch.empty(4 * n_main + 4 * n_tail + 2 + 2 * E, dtype=torch.int32, device=dev)
+    main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes, first, nblocks = \
+        torch.split(buf, [n_main, n_main, n_tail, n_tail, 2, n_main + n_tail, n_main + n_tail, E, E])
     if E:
         nbin = triton.next_power_of_2(E + 1)
         bb = max(1, min(64, 8192 // nbin))
@@ -114,8 +121,43 @@ def block_tables(align: Alignment, block_m: int) -> BlockTables:
         p_main, p_tail = triton.cdiv(n_main, bb), triton.cdiv(n_tail, bb)
         grid = (max(1, p_main + p_tail + triton.cdiv(n_main + n_tail, bb)),)
         _tables_kernel[grid](align.padded_counts, main_rows, main_experts, tail_rows, tail_experts, counts,
-                             merged_rows, merged_codes, E, p_main, p_tail, BM=block_m, TM=tm, NBIN=nbin, BB=bb)
+                             merged_rows, merged_codes, first, nblocks, E, p_main, p_tail, BM=block_m, TM=tm,
+                             NBIN=nbin, BB=bb)
     else:
         counts.zero_()
-    return BlockTables(main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes,
-                       block_m, tm)
+    return BlockTables(main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes, first,
+                       nblocks, block_m, tm)
+
+
+GROUP_BYTES = 24 << 20  # the A rows one expert group may hold in L2 while its programs sweep the column tiles
+
+
+def expert_group_blocks(setting: bool | int, block_m: int, depth: int, itemsize: int, group_m: int) -> int:
+    """Most blocks of one expert in one program group (expert_group's G; 0: groups of group_m blocks whatever
+    their experts) for a GEMM config's EXPERT_GROUPS setting: False -> 0, an int -> itself, True -> as many
+    BLOCK_M-row A tiles of `depth` columns as GROUP_BYTES hold, at least group_m and at most 64."""
+    if setting is True:
+        return max(group_m, min(64, GROUP_BYTES // max(1, block_m * depth * itemsize)))
+    return int(setting)
+
+
+@triton.jit
+def expert_group(pid, num_pid_n, codes_ptr, first_ptr, nblocks_ptr, G: tl.constexpr):
+    """(pid_m, pid_n) of program pid over a merged list when groups never straddle experts: expert e's blocks
+    split into ceil(n_e / G) groups of near-equal size, each group's programs consecutive (pids num_pid_n *
+    [g0, g0 + size)), its blocks first then its column tiles, so the group's blocks read each weight tile of e
+    side by side. pid must be < num_pid_n * (blocks in use)."""
+    q = pid // num_pid_n  # a block of pid's group: the group's pids cover num_pid_n x its blocks
+    e = tl.load(codes_ptr + q) & 0x3FFFFFFF
+    f = tl.load(first_ptr + e)
+    nb = tl.load(nblocks_ptr + e)
+    groups = (nb + G - 1) // G
+    base = nb // groups
+    extra = nb - base * groups  # the first `extra` groups hold base + 1 blocks
+    j = q - f
+    big = extra * (base + 1)
+    g = tl.where(j < big, j // (base + 1), extra + (j - big) // base)
+    g0 = f + g * base + tl.minimum(g, extra)
+    size = base + (g < extra).to(tl.int32)
+    local = pid - g0 * num_pid_n
+    return g0 + local % size, local // size

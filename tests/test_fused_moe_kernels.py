@@ -23,6 +23,8 @@ import nanomoe_kernels.moe_blocks as mb  # noqa: E402
 import nanomoe_kernels.moe_sum as ms  # noqa: E402
 import nanomoe_reference as reference  # noqa: E402
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from nanomoe_kernels import deepgemm  # noqa: E402
@@ -60,6 +62,13 @@ CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_
                          MERGE_TAIL=True),
             "linear": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2, SPLIT_M=16,
                            MERGE_TAIL=True)},
+           # merged tails with program groups of at most 2 blocks of one expert (experts split), and groups off
+           {"up": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2, SPLIT_M=16,
+                       MERGE_TAIL=True, EXPERT_GROUPS=2),
+            "down": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16,
+                         MERGE_TAIL=True, EXPERT_GROUPS=False),
+            "linear": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_M=16,
+                           MERGE_TAIL=True, EXPERT_GROUPS=1)},
            # the up GEMM on rows permuted into aligned order, A through TMA (PERMUTE_A)
            {"up": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16,
                        USE_TMA=True, MERGE_TAIL=True, PERMUTE_A=True),
@@ -217,6 +226,44 @@ def test_block_tables_cover_each_segment(prob, sizes):
                    [(r, e) for r, ee in want_main if ee == e] + [(r, e | 1 << 30) for r, ee in want_tail if ee == e]]
     got = list(zip(bt.merged_rows[:n_main + n_tail].tolist(), bt.merged_codes[:n_main + n_tail].tolist()))
     assert got == want_merged
+    n_all = [pc[e] // bm + pc[e] % bm // tm for e in range(E)]
+    assert bt.expert_blocks.tolist() == n_all
+    assert bt.expert_first.tolist() == [sum(n_all[:e]) for e in range(E)]
+
+
+@triton.jit
+def _group_map_kernel(codes_ptr, first_ptr, nblocks_ptr, out_ptr, num_pid_n, G: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_m, pid_n = mb.expert_group(pid, num_pid_n, codes_ptr, first_ptr, nblocks_ptr, G)
+    tl.store(out_ptr + 2 * pid, pid_m)
+    tl.store(out_ptr + 2 * pid + 1, pid_n)
+
+
+@settings(max_examples=15)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=6), st.integers(1, 4), st.integers(1, 4))
+def test_expert_groups_cover_each_tile_once_within_one_expert(blocks, num_pid_n, G):
+    # expert e has blocks[e] merged blocks; programs 0 .. num_pid_n * sum - 1 must hit every (block, column tile)
+    # once, each run of consecutive programs over a group must stay inside one expert and hold <= G blocks
+    codes = torch.tensor([e | (j % 2) << 30 for e, n in enumerate(blocks) for j in range(n)] or [0], dtype=torch.int32)
+    first = torch.tensor([sum(blocks[:e]) for e in range(len(blocks))], dtype=torch.int32)
+    nb = torch.tensor(blocks, dtype=torch.int32)
+    total = sum(blocks)
+    if total == 0:
+        return
+    out = torch.full((total * num_pid_n, 2), -1, dtype=torch.int32)
+    _group_map_kernel[(total * num_pid_n,)](codes, first, nb, out, num_pid_n, G=G)
+    pairs = [tuple(p) for p in out.tolist()]
+    assert sorted(pairs) == [(m, n) for m in range(total) for n in range(num_pid_n)]
+    expert_of = [e for e, n in enumerate(blocks) for _ in range(n)]
+    pid = 0
+    while pid < len(pairs):  # a group: num_pid_n * size consecutive programs over blocks [g0, g0 + size)
+        g0 = min(m for m, _ in pairs[pid:pid + num_pid_n])
+        size = next(s for s in range(1, G + 1) if sorted(m for m, _ in pairs[pid:pid + num_pid_n * s]) ==
+                    sorted(list(range(g0, g0 + s)) * num_pid_n))
+        group = pairs[pid:pid + num_pid_n * size]
+        assert len({expert_of[m] for m, _ in group}) == 1, group
+        assert [m for m, _ in group[:size]] == list(range(g0, g0 + size)), group  # blocks first, then columns
+        pid += num_pid_n * size
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -82,15 +82,17 @@ def _fused_moe_cases() -> list:
     from nanomoe_kernels import fused_moe_kernel as f
 
     types = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", sorted_ids_ptr="*i32", block_rows_ptr="*i32",
-                 block_experts_ptr="*i32", used_ptr="*i32")
+                 block_experts_ptr="*i32", used_ptr="*i32", expert_first_ptr="*i32", expert_blocks_ptr="*i32")
     common = dict(b_desc=None, a_desc=None, a_tail_desc=None, w_ptr=None, A_DIV=1, GATHER_A=True, A_INDEX=True,
                   USE_TMA=False, A_TMA=False, EVEN_K=True, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-    # MERGED: 128-row main tiles and 64-row tail tiles in one kernel (two dot shapes behind a branch)
+    # MERGED: 128-row main tiles and 64-row tail tiles in one kernel (two dot shapes behind a branch), with program
+    # groups of one expert (EXPERT_GROUP > 0) or GROUP_M blocks (0)
     return [(f"moe_gemm[{name}, a_index {ids}]", f._moe_gemm_kernel, {**types, "a_index_ptr": ids},
              {**common, "SCATTER_C": not swiglu, "SWIGLU": swiglu, "MUL_WEIGHT": False, "BLOCK_TABLE": table,
-              "MERGED": merged, "TAIL_M": 64, "BLOCK_M": 128 if merged else 64})
-            for name, swiglu, table, merged in (("up", True, True, False), ("linear", False, False, False),
-                                                ("up merged", True, True, True))
+              "MERGED": merged, "TAIL_M": 64, "BLOCK_M": 128 if merged else 64, "EXPERT_GROUP": group})
+            for name, swiglu, table, merged, group in (("up", True, True, False, 0), ("linear", False, False, False, 0),
+                                                       ("up merged", True, True, True, 13),
+                                                       ("up merged, groups off", True, True, True, 0))
             for ids in ("*i32", "*i64")]
 
 
@@ -181,10 +183,10 @@ def _gluon_moe_cases() -> list:
         descs = [m.GluonDescriptor(a, [256, K], [K, 1], [m.BH, m.BK], m._smem_layout(m.BH, a.dtype)),
                  m.GluonDescriptor(w, [2 * NW, K], [K, 1], [rows, m.BK], m._smem_layout(rows, a.dtype))]
         i32, f32 = torch.zeros(4, dtype=torch.int32), torch.zeros(4)
-        args = descs + [a, None, a, None if swiglu else f32, i32, i32, i32, i32,
+        args = descs + [a, None, a, None if swiglu else f32, i32, i32, i32, i32, i32, i32,
                         5, NW // 2 if swiglu else NW, K, NW, 5, K, 64]
         consts = dict(GATHER_A=gather, A_DIV=8 if gather else 1, A_INDEX=False, SWIGLU=swiglu, MUL_WEIGHT=not swiglu,
-                      SCATTER_C=not swiglu, GROUP_M=8, STAGES=4, num_warps=4)
+                      SCATTER_C=not swiglu, GROUP_M=8, EXPERT_GROUP=13 if swiglu else 0, STAGES=4, num_warps=4)
         aligned = ("a_ptr", "c_ptr", "N", "K", "NW", "stride_am", "stride_cm")
         out.append((f"fused_moe_wgmma[swiglu {swiglu}, gather {gather}]", m._moe_gemm_ws, args, consts,
                     {"maxnreg": 168}, aligned))

@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import triton.testing
@@ -36,8 +35,8 @@ from nanomoe_kernels.moe_silu import silu_mul  # noqa: E402
 from nanomoe_kernels.moe_sum import sum_pairs  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
 
-from bench.common import measure_ceilings  # noqa: E402
 from bench.gpu.ffn_layout_probe import kernel_breakdown, masked_inputs  # noqa: E402
+from bench.gpu.probe_cases import run_cases  # noqa: E402
 
 K_TOP, H, I = 8, 7168, 2048
 
@@ -135,21 +134,8 @@ def main() -> None:
     ok, why = deepgemm.supports()
     if not ok:
         raise SystemExit(f"deepgemm unavailable: {why}")
-    t0, dev = time.monotonic(), torch.device("cuda")
-    out = {"bench": "deepgemm_knob_probe", "torch": torch.__version__, "triton": triton.__version__,
-           "ceilings_before": measure_ceilings(dev, torch.bfloat16), "cases": []}
-    for item in a.cases.split(","):
-        if time.monotonic() - t0 > a.budget_s:
-            out["skipped_for_time"] = out.get("skipped_for_time", []) + [item]
-            continue
-        E, T = (int(v) for v in item.split("x"))
-        out["cases"].append(case(E, T, a.rounds, a.rep_ms))
-        torch.cuda.empty_cache()
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
-    out["ceilings_after"] = measure_ceilings(dev, torch.bfloat16)
-    with open(a.json, "w") as f:
-        json.dump(out, f, indent=1)
+    run_cases("deepgemm_knob_probe", a.json, a.cases.split(","),
+              lambda item: [case(*(int(v) for v in item.split("x")), a.rounds, a.rep_ms)], a.budget_s)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ TOL = 2e-2
 UP = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_M=64, WGMMA=True)
 DOWN = {**UP, "BLOCK_N": 256}
 WG = {"up": UP, "down": DOWN, "linear": DOWN}
-WG_SMALL = {"up": {**UP, "BLOCK_N": 64, "num_stages": 2, "GROUP_M": 1},
-            "down": {**DOWN, "BLOCK_N": 128, "num_stages": 3}, "linear": {**DOWN, "BLOCK_N": 128, "num_stages": 3}}
+# program groups of at most 2 blocks of one expert (a hot expert's 3+ blocks split), and groups off
+WG_SMALL = {"up": {**UP, "BLOCK_N": 64, "num_stages": 2, "GROUP_M": 1, "EXPERT_GROUPS": 2},
+            "down": {**DOWN, "BLOCK_N": 128, "num_stages": 3, "EXPERT_GROUPS": False},
+            "linear": {**DOWN, "BLOCK_N": 128, "num_stages": 3, "EXPERT_GROUPS": 2}}
 TRITON = {op: {**c, "WGMMA": False, "MERGE_TAIL": True, "USE_TMA": True} for op, c in WG.items()}
 
 
