@@ -23,7 +23,8 @@ the nearest M (in log scale) wins. The directory is read once, when this module 
 forward only looks up a dict; a missing table borrows the nearest tuned expert count's at the same rows per
 expert, or falls back to `default_config` with a warning once per table name. `config=`: a flat dict for every
 GEMM or {"up"/"down"/"linear": dict}; keys BLOCK_M/N/K, GROUP_M, num_warps, num_stages, USE_TMA (weights by TMA),
-SPLIT_M (experts padded to SPLIT_M rows: BLOCK_M blocks + SPLIT_M-row tails; 0 = pad to BLOCK_M), WGMMA (Hopper).
+SPLIT_M (experts padded to SPLIT_M rows: BLOCK_M blocks + SPLIT_M-row tails; 0 = pad to BLOCK_M), WGMMA (Hopper),
+EXPERT_GROUPS (program groups of one expert's blocks; default True; kernels/fused_moe_kernel.check_config).
 """
 
 from __future__ import annotations
