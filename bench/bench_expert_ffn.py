@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -85,6 +86,19 @@ def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int, graph: 
     return triton.testing.do_bench(fn, warmup=warm, rep=rep_ms, return_mode="median")
 
 
+def gpu_state() -> dict | None:
+    """nvidia-smi's temperature (C), SM clock (MHz) and power draw (W) of GPU 0 now (None without nvidia-smi):
+    read around each timing window with --gpu-stats, so a slow window can be told from a hot or capped GPU."""
+    keys = ("temperature.gpu", "clocks.sm", "power.draw")
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(keys)}", "--format=csv,noheader,nounits",
+                              "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]],
+                             capture_output=True, text=True, timeout=10).stdout.split(",")
+        return {k: float(v) for k, v in zip(("temp_c", "sm_mhz", "power_w"), out)}
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
 def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: tuple[torch.Tensor, ...],
              names: list[str], ceilings: dict, warm_only: bool, opts: argparse.Namespace, skipped: list[dict],
              rep_ms: int = 200, check_tokens: int = 6) -> list[dict]:
@@ -119,10 +133,12 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
     # interleaved rounds, each starting one variant later: under the H200's power cap a variant timed right after
     # a heavy one runs up to ~10% slower (bench/results/expert_ffn_notes.md), so no variant keeps one position
     times: dict[str, list[float]] = {n: [] for n in checked}
+    stats: dict[str, list[dict]] = {n: [] for n in checked}  # --gpu-stats: the GPU's state around each window
     graphs = {n: opts.cuda_graph and n in GRAPH_VARIANTS for n in checked}
     order = list(checked)
     for rnd in range(max(1, opts.rounds)):
         for name in order[rnd % len(order):] + order[:rnd % len(order)] if order else []:
+            before = gpu_state() if opts.gpu_stats else None
             try:
                 times[name].append(time_ms(built.fns[name], dev, rep_ms, graphs[name], opts.settle_ms,
                                            opts.warmup_ms))
@@ -131,6 +147,8 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
                 graphs[name] = False
                 times[name].append(time_ms(built.fns[name], dev, rep_ms, settle_ms=opts.settle_ms,
                                            warmup_ms=opts.warmup_ms))
+            if opts.gpu_stats:
+                stats[name].append({"before": before, "after": gpu_state()})
     for name, err in checked.items():
         fp8, ms, graph = name in FP8_VARIANTS, statistics.median(times[name]), graphs[name]
         sec = ms * 1e-3
@@ -150,6 +168,8 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
             r["rounds_us"] = [round(t * 1e3, 1) for t in times[name]]
         if name in built.configs:
             r["config"] = built.configs[name]
+        if stats[name]:
+            r["window_gpu_state"] = stats[name]
         rows.append(r)
         print(f"  E={E:3d} T={T:5d} {name:13s} {r['median_us']:9.1f} us  {r['tflops']:7.1f} TFLOP/s "
               f"{r['gbps']:7.1f} GB/s  roofline {r['roofline']:.3f}  err {err:.1e}"
@@ -206,6 +226,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm-only", action="store_true", help="run each variant once (JIT warm-up), no timing")
     p.add_argument("--cuda-graph", action="store_true",
                    help=f"time {', '.join(GRAPH_VARIANTS)} as CUDA graph replays (no host launch cost)")
+    p.add_argument("--gpu-stats", action="store_true",
+                   help="record nvidia-smi's temperature, SM clock and power around each timing window")
     p.add_argument("--settle-ms", type=int, default=0,
                    help="idle the GPU this long before each timing window (0: back to back)")
     p.add_argument("--warmup-ms", type=int, default=None,

@@ -28,7 +28,7 @@ def runs(tmp_path_factory) -> dict:
         "all": (["bench/bench_expert_ffn.py", *TINY, "--tokens", "8", "--experts", "4", "--json",
                  str(out / "all.json")], ENV),
         "ranking": (["bench/bench_expert_ffn.py", *TINY, "--ranking", "--tokens", "4", "8", "--experts", "4", "6",
-                     "--json", str(out / "ranking.json")], ENV),
+                     "--gpu-stats", "--settle-ms", "1", "--warmup-ms", "1", "--json", str(out / "ranking.json")], ENV),
         "unknown": (["bench/bench_expert_ffn.py", *TINY, "--variants", "loop,cublas"], ENV),
     }
     procs = run_commands(cmds, timeout_s=300)
@@ -66,6 +66,8 @@ def test_ranking_table(runs):
     assert [r["variant"] for r in rec["rows"][:3]] == ["loop", "bmm", "triton"]  # deepgemm: skipped on a CPU
     for r in rec["rows"]:   # --ranking times 3 interleaved rounds per case; the row is their median
         assert len(r["rounds_us"]) == 3 and r["median_us"] == sorted(r["rounds_us"])[1], r
+        # --gpu-stats: the GPU's state before and after each window (None here: no nvidia-smi reading a GPU)
+        assert [sorted(w) for w in r["window_gpu_state"]] == [["after", "before"]] * 3, r
     table = rec["ranking"]
     assert [(t["experts"], t["tokens"]) for t in table] == [(4, 4), (4, 8), (6, 4), (6, 8)]
     for t in table:
