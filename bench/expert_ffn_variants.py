@@ -232,46 +232,59 @@ def _fp8_variants(out: Built, x: torch.Tensor, ids: torch.Tensor, tw: torch.Tens
             out.skipped["deepgemm_fp8"] = why
 
 
+def _triton(out: Built, x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights: tuple[torch.Tensor, ...],
+            expert_type: str, names: list[str]) -> None:
+    # a scope of its own: up to run 184 the triton closure read a name the DeepGEMM setup below rebound in the
+    # same function, so with `deepgemm` in the run `triton` ran on DeepGEMM's 128-row alignment (no 64-row tails)
+    T, H = x.shape
+    k, E = ids.shape[1], weights[0].shape[0]
+    first, down, bm = stage_configs(None, expert_type, E, H, weights[0].shape[1] // 2, weights[-1].shape[1], x.dtype,
+                                    T * k, x.device)
+    align, row_w = moe_align(ids, E, bm), tw.reshape(-1).contiguous()
+
+    def triton_fn() -> torch.Tensor:
+        pairs = fused_moe_aligned(x, align, weights, expert_type, first, down, a_div=k, row_weights=row_w)
+        return sum_pairs(pairs, k) if k > 1 else pairs
+
+    cfg = {"up" if expert_type == "swiglu" else "linear": first, "down": down, "align_block": align.block_m}
+    for name, fn in (("triton", triton_fn), ("triton+align", lambda: fused_moe(x, ids, tw, weights, expert_type))):
+        if name in names:
+            out.fns[name], out.configs[name] = fn, cfg
+
+
+def _deepgemm(out: Built, x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights: tuple[torch.Tensor, ...],
+              expert_type: str, names: list[str]) -> None:
+    ok, why = deepgemm.supports(x, weights) if expert_type == "swiglu" else (False, "SwiGLU experts only")
+    for name in ("deepgemm", "deepgemm_glue"):
+        if name in names and not ok:
+            out.skipped[name] = why
+    if not ok:
+        return
+    fused = getattr(deepgemm, "deepgemm_fused_moe", None)
+    if "deepgemm" in names:
+        if fused is not None:
+            align = moe_align(ids, weights[0].shape[0], deepgemm.alignment())
+            out.fns["deepgemm"] = lambda: fused(x, ids, tw, weights, align=align)
+        else:
+            out.fns["deepgemm"] = _deepgemm_glue(x, ids, tw, weights)
+        out.configs["deepgemm"] = {"entry": "deepgemm_fused_moe" if fused else "glue (no deepgemm_fused_moe)",
+                                   "alignment": deepgemm.alignment()}
+    if "deepgemm_glue" in names:
+        out.fns["deepgemm_glue"] = _deepgemm_glue(x, ids, tw, weights)
+
+
 def build_variants(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, weights: tuple[torch.Tensor, ...],
                    expert_type: str, names: list[str], sgl_choice: str = "tuned",
                    sgl_folder: str | None = None) -> Built:
     """The variants in `names` that can run here (setup done now, untimed); the others in .skipped."""
-    T, H = x.shape
-    k, E = ids.shape[1], weights[0].shape[0]
-    H_out, I = weights[-1].shape[1], weights[0].shape[1] // 2
     out = Built()
     for name in ("loop", "bmm"):
         if name in names:
             out.fns[name] = package_variant(x, ids, tw, weights, name)
     if "triton" in names or "triton+align" in names:
-        first, down, bm = stage_configs(None, expert_type, E, H, I, H_out, x.dtype, T * k, x.device)
-        al = moe_align(ids, E, bm)
-        row_w = tw.reshape(-1).contiguous()
-
-        def triton_fn() -> torch.Tensor:
-            pairs = fused_moe_aligned(x, al, weights, expert_type, first, down, a_div=k, row_weights=row_w)
-            return sum_pairs(pairs, k) if k > 1 else pairs
-
-        cfg = {"up" if expert_type == "swiglu" else "linear": first, "down": down}
-        for name, fn in (("triton", triton_fn), ("triton+align", lambda: fused_moe(x, ids, tw, weights, expert_type))):
-            if name in names:
-                out.fns[name], out.configs[name] = fn, cfg
+        _triton(out, x, ids, tw, weights, expert_type, names)
     if "deepgemm" in names or "deepgemm_glue" in names:
-        ok, why = deepgemm.supports(x, weights) if expert_type == "swiglu" else (False, "SwiGLU experts only")
-        for name in ("deepgemm", "deepgemm_glue"):
-            if name in names and not ok:
-                out.skipped[name] = why
-        fused = getattr(deepgemm, "deepgemm_fused_moe", None)
-        if ok and "deepgemm" in names:
-            if fused is not None:
-                al = moe_align(ids, E, deepgemm.alignment())
-                out.fns["deepgemm"] = lambda: fused(x, ids, tw, weights, align=al)
-            else:
-                out.fns["deepgemm"] = _deepgemm_glue(x, ids, tw, weights)
-            out.configs["deepgemm"] = {"entry": "deepgemm_fused_moe" if fused else "glue (no deepgemm_fused_moe)",
-                                       "alignment": deepgemm.alignment()}
-        if ok and "deepgemm_glue" in names:
-            out.fns["deepgemm_glue"] = _deepgemm_glue(x, ids, tw, weights)
+        _deepgemm(out, x, ids, tw, weights, expert_type, names)
     if any(n in names for n in FP8_VARIANTS):
         _fp8_variants(out, x, ids, tw, weights, names)
     if "bmm_padded" in names:

@@ -1,15 +1,21 @@
-"""One GPU: the Triton fused MoE's config variants against the tuned configs (today 256-row tiles: the up GEMM as
-256 x (2 x 64), the down GEMM as 256 x 128, each with 64-row tail blocks in the same launch; the same registers
-per thread as the tuned 128 x (2 x 128) and 128 x 256 tiles, half the weight reads per row).
+"""One GPU: the Triton fused MoE's config variants against the tuned configs, per E x T case.
 
-    python bench/gpu/ffn_config_probe.py --json out.json [--rounds 5]
+    python bench/gpu/ffn_config_probe.py --json out.json [--rounds 5] [--cases 32x1024,256x4096]
+                                         [--variants split32,split0,...]
 
-DeepSeek-V3 expert dims (H 7168, I 2048), 32 local experts, top-8, T = 1024 and 4096 tokens (the issue's prefill
-sizes), the tuned tiles throughout. Each variant is checked against the tuned configs' output (bitwise, else
-relative error), then timed as fused_moe calls (align included, the same for all) in interleaved rounds
-(do_bench median, L2 flushed); the bf16 matmul ceiling is measured before and after, to see how much the clocks
-drift. (Runs 79-80 of bench/results/gpu_tests_h200.md ran this probe with WARP_SPEC variants too, a config key
-removed since: bench/results/expert_ffn_notes.md.)
+DeepSeek-V3 expert dims (H 7168, I 2048), top-8. Variants, each a pair of (up, down) configs derived from the tuned
+tables' pair for the case:
+- `tuned`: the tables as they are;
+- `split32` / `split16` / `split0`: both GEMMs with SPLIT_M = 32 / 16 / 0 (tails of 32 or 16 rows in the same
+  launch, or every expert padded to BLOCK_M). The alignment block is the smaller SPLIT_M of the pair, so these
+  also take the up GEMM off the wgmma kernel (it runs 64-row tails only);
+- `tiles`: WGMMA off, the tuned tiles and tails otherwise;
+- `up256` / `down256` / `both256` (run 101): 256-row tiles, the up GEMM as 256 x (2 x 64), the down GEMM as
+  256 x 128, 64-row tails in the same launch.
+Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
+`tuned` (bitwise, else relative error), then all are timed in interleaved rounds, each round starting one variant
+later (do_bench median, L2 flushed); the bf16 matmul ceiling before and after. A padded-row count per alignment
+block says how many rows the MMAs run for the pairs.
 
 Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate.
 """
@@ -19,34 +25,80 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
-import triton.testing
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from nanomoe_kernels.fused_moe import fused_moe, get_config  # noqa: E402
+from nanomoe_kernels.fused_moe import fused_moe_aligned, get_config  # noqa: E402
+from nanomoe_kernels.fused_moe_kernel import check_config  # noqa: E402
+from nanomoe_kernels.moe_align import moe_align  # noqa: E402
+from nanomoe_kernels.moe_sum import sum_pairs  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
 
 from bench.common import measure_ceilings  # noqa: E402
+from bench.gpu.probe_cases import add_medians, rounds_us  # noqa: E402
 
-E, K_TOP, H, I = 32, 8, 7168, 2048
+K_TOP, H, I = 8, 7168, 2048
 TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_M": 64, "MERGE_TAIL": True,
-           "USE_TMA": True}
+           "USE_TMA": True, "WGMMA": False}
+ALL = ("split32", "split16", "split0", "tiles", "up256", "down256", "both256")
 
 
-def variants(T: int, dev: torch.device) -> dict[str, dict]:
+def variants(E: int, T: int, dev: torch.device, names: list[str]) -> dict[str, dict]:
+    """{name: {"up": config, "down": config}} for `tuned` and the asked variants."""
     up = get_config("up", E, I, H, torch.bfloat16, T * K_TOP, dev)
     down = get_config("down", E, H, I, torch.bfloat16, T * K_TOP, dev)
-    return {
-        "tuned": {"up": up, "down": down},
-        "up256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": down},
-        "down256": {"up": up, "down": {**down, **TILE256, "BLOCK_N": 128}},
-        "both256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": {**down, **TILE256, "BLOCK_N": 128}},
-        "both256_s4": {"up": {**up, **TILE256, "BLOCK_N": 64, "num_stages": 4},
-                       "down": {**down, **TILE256, "BLOCK_N": 128, "num_stages": 4}},
-    }
+
+    def both(**kv) -> dict:
+        return {"up": {**up, **kv}, "down": {**down, **kv}}
+
+    every = {"split32": both(SPLIT_M=32, MERGE_TAIL=True), "split16": both(SPLIT_M=16, MERGE_TAIL=True),
+             "split0": both(SPLIT_M=0), "tiles": both(WGMMA=False),
+             "up256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": down},
+             "down256": {"up": up, "down": {**down, **TILE256, "BLOCK_N": 128}},
+             "both256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": {**down, **TILE256, "BLOCK_N": 128}}}
+    return {"tuned": {"up": up, "down": down}, **{n: every[n] for n in names}}
+
+
+def run_case(E: int, T: int, w: tuple[torch.Tensor, ...], names: list[str], rounds: int, rep_ms: int) -> dict:
+    """One E x T case: check, then time every variant in interleaved rounds."""
+    dev = w[0].device
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    ids, tw = make_routing(T, E, K_TOP, "cuda", seed=T)
+    row_w = tw.reshape(-1).contiguous()
+    rec: dict = {"case": f"{E}x{T}", "variants": {}, "padded_rows": {}}
+    fns, want = {}, None
+    for name, cfg in variants(E, T, dev, names).items():
+        cfg = {k: check_config(c) for k, c in cfg.items()}
+        tm = min(c["SPLIT_M"] or c["BLOCK_M"] for c in cfg.values())
+        al = moe_align(ids, E, tm)
+        rec["padded_rows"][tm] = int(al.num_padded.item())  # setup, untimed
+
+        def fn(al=al, cfg=cfg) -> torch.Tensor:
+            return sum_pairs(fused_moe_aligned(x, al, w, "swiglu", cfg["up"], cfg["down"], a_div=K_TOP,
+                                               row_weights=row_w), K_TOP)
+
+        try:
+            got = fn()
+            torch.cuda.synchronize()
+        except Exception as err:  # noqa: BLE001 - a config Triton cannot compile is a result here
+            rec["variants"][name] = {"config": cfg, "error": f"{type(err).__name__}: {str(err)[:400]}"}
+            continue
+        want = got if want is None else want
+        err = float((got.double() - want.double()).norm() / want.double().norm())
+        rec["variants"][name] = {"config": cfg, "align_block": tm, "bitwise": bool(torch.equal(got, want)),
+                                 "rel_err": err, "us": []}
+        if err < 1e-2:
+            fns[name] = fn
+    for name, us in rounds_us(fns, rounds, rep_ms).items():
+        rec["variants"][name]["us"] = us
+    add_medians(rec["variants"], 2 * T * K_TOP * 3 * H * I)
+    print(json.dumps({"case": rec["case"], "median_us": {n: v.get("median_us", v.get("error")) for n, v in
+                                                         rec["variants"].items()}, "padded_rows": rec["padded_rows"]}),
+          flush=True)
+    return rec
 
 
 def main() -> None:
@@ -54,42 +106,26 @@ def main() -> None:
     ap.add_argument("--json", default="ffn_config_probe.json")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rep-ms", type=int, default=150)
+    ap.add_argument("--cases", default="32x1024,32x4096")
+    ap.add_argument("--variants", default="split32,split0,tiles", help=f"of {','.join(ALL)} (`tuned` always)")
     a = ap.parse_args()
+    names = [n for n in a.variants.split(",") if n]
+    unknown = sorted(set(names) - set(ALL))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(ALL)}")
     dev = torch.device("cuda")
-    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda")
     out = {"bench": "ffn_config_probe", "torch": torch.__version__, "triton": triton.__version__,
-           "ceilings_before": measure_ceilings(dev, torch.bfloat16), "cases": []}
-    for T in (1024, 4096):
-        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
-        ids, tw = make_routing(T, E, K_TOP, "cuda")
-        rec = {"T": T, "variants": {}}
-        want = fused_moe(x, ids, tw, w, config=variants(T, dev)["tuned"])
-        fns = {}
-        for name, cfg in variants(T, dev).items():
-            try:
-                got = fused_moe(x, ids, tw, w, config=cfg)
-                torch.cuda.synchronize()
-            except Exception as err:  # noqa: BLE001 - a config Triton cannot compile is a result here
-                rec["variants"][name] = {"config": cfg, "error": f"{type(err).__name__}: {str(err)[:400]}"}
-                continue
-            err = float((got.double() - want.double()).norm() / want.double().norm())
-            rec["variants"][name] = {"config": cfg, "bitwise": bool(torch.equal(got, want)), "rel_err": err,
-                                     "us": []}
-            if err < 1e-2:
-                fns[name] = lambda cfg=cfg, x=x, ids=ids, tw=tw: fused_moe(x, ids, tw, w, config=cfg)
-        for _ in range(a.rounds):
-            for name, fn in fns.items():
-                ms = triton.testing.do_bench(fn, warmup=25, rep=a.rep_ms, return_mode="median")
-                rec["variants"][name]["us"].append(round(ms * 1e3, 1))
-        for v in rec["variants"].values():
-            if v.get("us"):
-                v["median_us"] = statistics.median(v["us"])
-        flops = 2 * T * K_TOP * 3 * H * I
-        rec["tflops"] = {n: round(flops / (v["median_us"] * 1e-6) / 1e12, 1)
-                         for n, v in rec["variants"].items() if "median_us" in v}
-        out["cases"].append(rec)
-        print(json.dumps({"T": T, "median_us": {n: v.get("median_us", v.get("error")) for n, v in
-                                                 rec["variants"].items()}, "tflops": rec["tflops"]}), flush=True)
+           "command": "python " + " ".join(sys.argv), "ceilings_before": measure_ceilings(dev, torch.bfloat16),
+           "cases": []}
+    weights: dict[int, tuple[torch.Tensor, ...]] = {}
+    for case in a.cases.split(","):
+        E, T = (int(v) for v in case.split("x"))
+        if E not in weights:
+            weights.clear()  # one expert count's weights at a time (256 experts: 11 GB)
+            weights[E] = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda")
+        out["cases"].append(run_case(E, T, weights[E], names, a.rounds, a.rep_ms))
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
     out["ceilings_after"] = measure_ceilings(dev, torch.bfloat16)
     print(json.dumps({"ceilings_before": out["ceilings_before"], "ceilings_after": out["ceilings_after"]}))
     with open(a.json, "w") as f:

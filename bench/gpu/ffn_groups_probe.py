@@ -19,8 +19,6 @@ import statistics
 import sys
 
 import torch
-import triton
-import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from nanomoe_kernels.fused_moe import fused_moe_aligned, stage_configs  # noqa: E402
@@ -29,7 +27,7 @@ from nanomoe_kernels.moe_sum import sum_pairs  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
 
 from bench.expert_ffn_variants import package_variant  # noqa: E402
-from bench.gpu.probe_cases import run_cases  # noqa: E402
+from bench.gpu.probe_cases import rounds_us, run_cases  # noqa: E402
 
 K_TOP, H, I = 8, 7168, 2048
 
@@ -51,12 +49,7 @@ def case(E: int, T: int, rounds: int, rep_ms: int, seed: int = 1) -> dict:
            "bmm": package_variant(x, ids, tw, w, "bmm")}
     same = bool(torch.equal(fns["triton"](), fns["triton_groups_off"]()))
     assert same, "the program order changed the output"
-    us: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            us[name].append(round(triton.testing.do_bench(fns[name], warmup=25, rep=rep_ms,
-                                                          return_mode="median") * 1e3, 1))
+    us = rounds_us(fns, rounds, rep_ms)
     rec = {"E": E, "T": T, "routing_seed": seed, "configs": {"up": first, "down": down}, "bit_equal": same, "us": us,
            "median_us": {n: statistics.median(v) for n, v in us.items()}}
     print(json.dumps({k: rec[k] for k in ("E", "T", "routing_seed", "median_us")}), flush=True)

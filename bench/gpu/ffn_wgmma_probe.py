@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -35,6 +34,7 @@ from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E4
 from bench.common import measure_ceilings  # noqa: E402
 from bench.expert_ffn_variants import build_variants  # noqa: E402
 from bench.gpu.ffn_layout_probe import kernel_breakdown  # noqa: E402
+from bench.gpu.probe_cases import add_medians, rounds_us  # noqa: E402
 
 K_TOP, H, I = 8, 7168, 2048
 WG = dict(BLOCK_M=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_M=64, WGMMA=True)
@@ -96,15 +96,9 @@ def main() -> None:
             rec["variants"][name] = {"rel_err": err, "us": []}
             if err < 2e-2:
                 live[name] = fn
-        for _ in range(a.rounds):
-            for name, fn in live.items():
-                ms = triton.testing.do_bench(fn, warmup=25, rep=a.rep_ms, return_mode="median")
-                rec["variants"][name]["us"].append(round(ms * 1e3, 1))
-        flops = 2 * T * K_TOP * 3 * H * I
-        for v in rec["variants"].values():
-            if v.get("us"):
-                v["median_us"] = statistics.median(v["us"])
-                v["tflops"] = round(flops / (v["median_us"] * 1e-6) / 1e12, 1)
+        for name, us in rounds_us(live, a.rounds, a.rep_ms).items():
+            rec["variants"][name]["us"] = us
+        add_medians(rec["variants"], 2 * T * K_TOP * 3 * H * I)
         rec["kernels_us"] = {n: kernel_breakdown(live[n]) for n in ("triton", "wgmma", "wgmma_up", "fused_moe")
                              if n in live}
         out["cases"].append(rec)

@@ -7,11 +7,13 @@ Dimension legend: none (bookkeeping around the probes' own cases).
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import triton
+import triton.testing
 
 from bench.common import measure_ceilings
 
@@ -35,3 +37,23 @@ def run_cases(bench: str, path: str, items: list[str], run: Callable[[str], list
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     return out
+
+
+def rounds_us(fns: dict[str, Callable[[], object]], rounds: int, rep_ms: int) -> dict[str, list[float]]:
+    """{name: [us per round]}: each fn timed once a round (do_bench median, 25 ms warm-up, rep_ms window, L2
+    flushed), each round starting one fn later, so no fn keeps the place after the same neighbour (under the
+    H200's power cap a window's median moves with what ran just before it)."""
+    order, us = list(fns), {n: [] for n in fns}
+    for rnd in range(rounds):
+        for name in order[rnd % len(order):] + order[:rnd % len(order)]:
+            ms = triton.testing.do_bench(fns[name], warmup=25, rep=rep_ms, return_mode="median")
+            us[name].append(round(ms * 1e3, 1))
+    return us
+
+
+def add_medians(variants: dict[str, dict], flops: float) -> None:
+    """Each variant record with a non-empty "us" list gains "median_us" and "tflops" (flops over the median)."""
+    for v in variants.values():
+        if v.get("us"):
+            v["median_us"] = statistics.median(v["us"])
+            v["tflops"] = round(flops / (v["median_us"] * 1e-6) / 1e12, 1)
