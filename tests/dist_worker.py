@@ -150,10 +150,10 @@ def run_bad_ids(rank: int, world_size: int, port: int, out_dir: str, max_tokens:
 
 
 def run_oversized(rank: int, world_size: int, port: int, out_dir: str, kind: str, backend: str = "gloo") -> None:
-    """Rank 0 dispatches more tokens than max_tokens=4 through a fixed-size comm (kind 'torch_decode' or
-    'torch_fixed'), the others 3; identity experts. Each rank saves whether its output matched (or the error),
-    then runs a good round on the same comm and saves whether that matched too. backend 'nccl': rank r on
-    GPU r (the Triton kernels' path)."""
+    """Rank 0 dispatches more tokens than max_tokens=4 through a fixed-size comm (kind 'torch_decode',
+    'torch_fixed' or 'deepep_ll': DeepEP's low-latency mode, bf16 rows of 2048), the others 3; identity experts.
+    Each rank saves whether its output matched (or the error), then runs a good round on the same comm and saves
+    whether that matched too. backend 'nccl': rank r on GPU r (the Triton kernels' path)."""
     dev = torch.device("cpu")
     if backend == "nccl":
         dev = torch.device("cuda", rank)
@@ -165,18 +165,26 @@ def run_oversized(rank: int, world_size: int, port: int, out_dir: str, kind: str
     try:
         from nanomoe_fn import Routing, combine, dispatch
 
-        E, k, H = 4 * world_size, 2, 8
-        comm = TorchComm(timeout_s=5, max_tokens=4) if kind == "torch_decode" else TorchFixedComm(4, timeout_s=5)
+        E, k, H, dtype, tol = 4 * world_size, 2, 8, torch.float32, 1e-5
+        if kind == "deepep_ll":
+            from nanomoe_fn.comm.deepep import DeepEPComm
+
+            E, H, dtype, tol = 8 * world_size, 2048, torch.bfloat16, 2e-2
+            comm = DeepEPComm("low_latency", hidden=H, num_slots=E, max_tokens=4, top_k=k)
+        elif kind == "torch_decode":
+            comm = TorchComm(timeout_s=5, max_tokens=4)
+        else:
+            comm = TorchFixedComm(4, timeout_s=5)
         placement, lines = Placement.identity(E, world_size), []
         for T in ((6 if rank == 0 else 3), 4):
             g = torch.Generator().manual_seed(10 * rank + T)
             ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
-            w, x = torch.rand(T, k, generator=g).to(dev), torch.randn(T, H, generator=g).to(dev)
+            w, x = torch.rand(T, k, generator=g).to(dev), torch.randn(T, H, generator=g).to(dev, dtype)
             batch, handle = dispatch(x, Routing(ids.to(dev), w), comm, placement)
             out: list = []
             message = error_of(lambda b=batch, h=handle, o=out: o.append(combine(b.materialize(), h, comm)))
-            lines.append(message if not out else str(torch.allclose(out[0], x * w.sum(1, keepdim=True), rtol=1e-5,
-                                                                    atol=1e-6)))
+            want = x.float() * w.sum(1, keepdim=True)
+            lines.append(message if not out else str(torch.allclose(out[0].float(), want, rtol=tol, atol=tol)))
         comm.close()
         with open(os.path.join(out_dir, f"oversized_rank{rank}.txt"), "w") as f:
             f.write("\n".join(lines))

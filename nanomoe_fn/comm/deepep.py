@@ -31,7 +31,9 @@ default and its tests' setting). Keep NVLink multicast off: NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 (DeepEP sets the last itself).
 
 A rank with T == 0 sends one zero token that selects no expert (ids -1), so DeepEP never sees an empty
-tensor. Timeouts: DeepEP's are fixed when it is built (NUM_CPU_TIMEOUT_SECS = 100 s for normal
+tensor. A rank given T > max_tokens in low-latency mode sends the same (none of its tokens) and takes part in
+both exchanges, so its peers finish with the right outputs; its combine raises ValueError.
+Timeouts: DeepEP's are fixed when it is built (NUM_CPU_TIMEOUT_SECS = 100 s for normal
 dispatch's host wait, after which it raises "DeepEP error: CPU recv timeout", re-raised here as
 TimeoutError naming the rank and stage; its GPU kernels spin at most NUM_TIMEOUT_CYCLES ~ 100 s, then
 print "DeepEP timeout ... rank r" and trap, and the CUDA error surfaces at the next host sync). An
@@ -195,8 +197,6 @@ class DeepEPComm:
         if placement.world_size != self.world_size or placement.num_physical != self.num_slots:
             raise ValueError(f"placement must have world_size={self.world_size} and num_physical={self.num_slots} "
                              f"(this comm's), got {placement.world_size} and {placement.num_physical}")
-        if self.mode == "low_latency" and x.shape[0] > self.max_tokens:
-            raise ValueError(f"x has {x.shape[0]} tokens, more than this comm's max_tokens={self.max_tokens}")
 
     def _check_handle(self, handle: Any) -> DeepEPHandle:
         if not isinstance(handle, DeepEPHandle):
@@ -219,13 +219,19 @@ class DeepEPComm:
         self._check_inputs(x, routing, placement)
         T, buf = x.shape[0], self.buffer
         idx = placement.physical_ids(routing.topk_ids, self.rank).to(torch.int64).contiguous()
-        xs, idx, w = pad_empty(x.contiguous(), idx, routing.topk_weights.to(torch.float32).contiguous())
+        w = routing.topk_weights.to(torch.float32).contiguous()
+        # low-latency mode past max_tokens: send no token but take part (the peers' exchange completes and their
+        # outputs are right); this rank's combine raises after its exchange
+        refused = T if self.mode == "low_latency" and T > self.max_tokens else 0
+        xs, idx, w = pad_empty(*((x[:0], idx[:0], w[:0]) if refused else (x.contiguous(), idx, w)))
         if self.mode == "low_latency":
             self._ll_enter("dispatch")
             recv_x, counts, deep_handle, _, hook = self._call(
                 "dispatch", buf.low_latency_dispatch, xs, idx, self.max_tokens, self.num_slots,
                 use_fp8=self.fp8, async_finish=False, return_recv_hook=True)
-            return _Dispatching(DeepEPHandle("low_latency", id(self), deep_handle, idx, w, T), recv_x, counts, hook)
+            handle = DeepEPHandle("low_latency", id(self), deep_handle, idx, w, 0 if refused else T,
+                                  refused_tokens=refused)
+            return _Dispatching(handle, recv_x, counts, hook)
         per_rank, per_rdma, per_expert, in_rank, layout_done = self._call(
             "dispatch/layout", buf.get_dispatch_layout, idx, self.num_slots, previous_event=buf.capture(),
             async_finish=True, allocate_on_comm_stream=True)
@@ -270,7 +276,7 @@ class DeepEPComm:
             self._ll_enter("combine")
             out, _, hook = self._call("combine", buf.low_latency_combine, y.x.contiguous(), h.topk_idx,
                                       h.topk_weights, h.deep_handle, async_finish=False, return_recv_hook=True)
-            return _Combining(out, hook, h.num_tokens)
+            return _Combining(out, hook, h.num_tokens, h.refused_tokens)
         tokens = token_weighted_sum(y.x, h.pair_rows, h.recv_weights).contiguous()  # [R, H]
         out, _, done = self._call("combine", buf.combine, tokens, h.deep_handle, previous_event=buf.capture(),
                                   async_finish=True, allocate_on_comm_stream=True)
@@ -281,6 +287,11 @@ class DeepEPComm:
         if self.mode == "low_latency":
             self._call("combine/recv", pending.finish)
             self._ll_in_flight -= 1
+            if pending.refused_tokens:
+                raise ValueError(f"rank {self.rank}: x had {pending.refused_tokens} tokens, more than this deepep "
+                                 f"comm's max_tokens={self.max_tokens}; none of them was sent (this rank took part "
+                                 f"in both exchanges with no rows, so its peers' outputs are right): raise "
+                                 f"max_tokens on every rank, or use normal mode for larger batches")
         else:
             pending.finish.current_stream_wait()
         return pending.out[: pending.num_tokens]

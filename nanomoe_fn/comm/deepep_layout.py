@@ -37,7 +37,8 @@ class DeepEPHandle:
     """Everything combine needs. topk_idx [T', k] int64 physical slots and topk_weights [T', k] float32
     as given to DeepEP (T' = max(T, 1): one padding token when T == 0); num_tokens = T.
     normal mode: recv_weights [R, k] float32 (0 for experts elsewhere), pair_rows [R * k] (batch row of
-    each received pair, num_rows where its expert is elsewhere), num_rows = M."""
+    each received pair, num_rows where its expert is elsewhere), num_rows = M. refused_tokens: low-latency
+    mode given T > max_tokens (none sent, num_tokens = 0): T, which its combine then raises about."""
 
     mode: str
     owner: int
@@ -48,6 +49,7 @@ class DeepEPHandle:
     recv_weights: torch.Tensor | None = None
     pair_rows: torch.Tensor | None = None
     num_rows: int = 0
+    refused_tokens: int = 0
 
 
 @dataclass
@@ -63,6 +65,7 @@ class _Combining:
     out: torch.Tensor  # [T', H]
     finish: Any
     num_tokens: int
+    refused_tokens: int = 0
 
 
 def _positive_int(name: str, v: object) -> None:
