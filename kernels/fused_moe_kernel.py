@@ -25,7 +25,8 @@ expert (the alignment guarantees it), so the tile is A[rows of the block, :] @ W
   A when A is not gathered (the down GEMM's aligned [R, I] rows; padding rows are masked at the store).
 - MERGED: one launch over moe_blocks' merged list (per expert: main blocks, then its tail block), so
   a tail tile (TAIL_M rows) runs next to the main tiles that read the same weights and L2 serves it;
-  two launches would read the weights of every expert with a tail twice from HBM.
+  two launches would read the weights of every expert with a tail twice from HBM. PAIR_TAILS: a tail program
+  covers two column tiles, so it walks K at its main blocks' pace (kernels/moe_gemm_tile.py).
 Programs are ordered GROUP_M row blocks at a time for each column tile, so the row blocks of one
 expert (consecutive) share the weight tile through L2. MERGED with EXPERT_GROUP > 0 (config EXPERT_GROUPS): groups
 of one expert's blocks only (kernels.moe_blocks.expert_group), so no expert's weights stream twice from HBM.
@@ -39,74 +40,7 @@ import triton.language as tl
 from nanomoe_kernels.fused_moe_wgmma import moe_gemm_wgmma, unsupported
 from nanomoe_kernels.moe_align import Alignment
 from nanomoe_kernels.moe_blocks import BlockTables, block_tables, expert_group, expert_group_blocks
-
-
-@triton.jit
-def _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert, pid_n,
-               num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm,
-               A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr,
-               SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, A_TMA: tl.constexpr,
-               EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One BLOCK_M x BLOCK_N output tile: aligned rows row0.. (all of one expert) times that expert's
-    weight columns pid_n * BLOCK_N..; the epilogues of the module docstring; stores its valid rows."""
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    ids = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = ids < num_rows
-
-    offs_k = tl.arange(0, BLOCK_K)
-    if GATHER_A:
-        a_rows = (ids // A_DIV).to(tl.int64)
-        if A_INDEX:
-            a_rows = tl.load(a_index_ptr + a_rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        a_rows = offs_m.to(tl.int64)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-    # weight columns wrap (% N) so loads stay in bounds; wrapped columns are masked at the store
-    offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
-    up_ptrs = b_ptrs + N * stride_bn
-    tma_row = (expert * (2 * N if SWIGLU else N) + pid_n * BLOCK_N).to(tl.int32)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - kk * BLOCK_K
-        if A_TMA:  # contiguous A rows (the down GEMM): padding rows hold garbage, masked at the store
-            a = a_desc.load([row0.to(tl.int32), kk * BLOCK_K])
-        elif EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if USE_TMA:
-            b = b_desc.load([tma_row, kk * BLOCK_K]).T
-        elif EVEN_K:
-            b = tl.load(b_ptrs)
-        else:
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc)
-        if SWIGLU:
-            if USE_TMA:
-                up = b_desc.load([tma_row + N, kk * BLOCK_K]).T
-            elif EVEN_K:
-                up = tl.load(up_ptrs)
-            else:
-                up = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
-            acc_up = tl.dot(a, up, acc_up)
-            up_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-
-    if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if MUL_WEIGHT:
-        acc = acc * tl.load(w_ptr + ids, mask=row_ok, other=0.0)[:, None]
-    if SCATTER_C:
-        c_rows = ids.to(tl.int64)
-    else:
-        c_rows = offs_m.to(tl.int64)
-    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_cn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_cn[None, :] < N))
+from nanomoe_kernels.moe_gemm_tile import gemm_tile
 
 
 # token counts change every step: do not compile a variant per divisibility of these two
@@ -119,7 +53,7 @@ def _moe_gemm_kernel(
     MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_TABLE: tl.constexpr, MERGED: tl.constexpr, TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EXPERT_GROUP: tl.constexpr,
+    EXPERT_GROUP: tl.constexpr, PAIR_TAILS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -144,13 +78,20 @@ def _moe_gemm_kernel(
         code = tl.load(block_experts_ptr + pid_m)
         expert = (code & 0x3FFFFFFF).to(tl.int64)
         if code >= 0x40000000:
-            _gemm_tile(a_ptr, b_ptr, b_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
-                       pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
-                       A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, TAIL_M, BLOCK_N, BLOCK_K)
+            if PAIR_TAILS:  # two column tiles per tail program (moe_gemm_tile's PAIR); odd ones have no work
+                if pid_n % 2 == 0:
+                    gemm_tile(a_ptr, b_ptr, b_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0,
+                              expert, pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV,
+                              GATHER_A, A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, TAIL_M,
+                              BLOCK_N, BLOCK_K, True)
+            else:
+                gemm_tile(a_ptr, b_ptr, b_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
+                          pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
+                          A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, TAIL_M, BLOCK_N, BLOCK_K)
         else:
-            _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
-                       pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
-                       A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+            gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
+                      pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
+                      A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
         return
     if BLOCK_TABLE:
         # kernels.moe_blocks: block pid_m starts at aligned row block_rows[pid_m]; used_ptr = blocks used
@@ -167,9 +108,9 @@ def _moe_gemm_kernel(
         if tl.load(sorted_ids_ptr + row0) >= num_rows:
             return
         expert = tl.load(block_experts_ptr + row0 // align_m).to(tl.int64)
-    _gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert, pid_n,
-               num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A, A_INDEX, SCATTER_C,
-               SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+    gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert, pid_n,
+              num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A, A_INDEX, SCATTER_C,
+              SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def runs_interpreted() -> bool:
@@ -181,11 +122,12 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_sta
 
 
 def check_config(config: dict) -> dict:
-    """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, PERMUTE_A and WGMMA default to False, SPLIT_M to
-    0 = no tail split, EXPERT_GROUPS to True: see moe_blocks.expert_group_blocks). PERMUTE_A (kernels/fused_moe.py,
-    the first GEMM): copy the rows into aligned order first and load A through TMA instead of gathering it. WGMMA:
-    run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised Hopper kernel where `wgmma_unsupported` allows
-    it, else this module's."""
+    """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, PERMUTE_A, WGMMA and PAIR_TAILS default to False,
+    SPLIT_M to 0 = no tail split, EXPERT_GROUPS to True: see moe_blocks.expert_group_blocks). PERMUTE_A
+    (kernels/fused_moe.py, the first GEMM): copy the rows into aligned order first and load A through TMA instead of
+    gathering it. WGMMA: run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised Hopper kernel where
+    `wgmma_unsupported` allows it, else this module's. PAIR_TAILS (with MERGE_TAIL, this module's kernel): each
+    tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR)."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -205,7 +147,8 @@ def check_config(config: dict) -> dict:
     return {**{k: config[k] for k in CONFIG_KEYS}, "USE_TMA": bool(config.get("USE_TMA", False)),
             "SPLIT_M": 0 if split == config["BLOCK_M"] else split, "A_TMA": bool(config.get("A_TMA", False)),
             "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "PERMUTE_A": bool(config.get("PERMUTE_A", False)),
-            "WGMMA": bool(config.get("WGMMA", False)), "EXPERT_GROUPS": groups}
+            "WGMMA": bool(config.get("WGMMA", False)), "EXPERT_GROUPS": groups,
+            "PAIR_TAILS": bool(config.get("PAIR_TAILS", False))}
 
 
 def wgmma_unsupported(cfg: dict, a: torch.Tensor, w: torch.Tensor, align: Alignment, swiglu: bool) -> str:
@@ -301,7 +244,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
             MUL_WEIGHT=row_weights is not None, USE_TMA=use_tma, A_TMA=a_tma, EVEN_K=K % bk == 0,
             BLOCK_TABLE=rows is not None, MERGED=merged and block_m == bm, TAIL_M=tm, BLOCK_M=block_m,
             BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-            EXPERT_GROUP=group if grouped else 0,
+            EXPERT_GROUP=group if grouped else 0, PAIR_TAILS=cfg["PAIR_TAILS"] and merged and block_m == bm,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 

@@ -69,6 +69,14 @@ CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_
                          MERGE_TAIL=True, EXPERT_GROUPS=False),
             "linear": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_M=16,
                            MERGE_TAIL=True, EXPERT_GROUPS=1)},
+           # merged tails whose programs cover two column tiles (PAIR_TAILS): weights by TMA and by pointer, with
+           # program groups on and off
+           {"up": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2, SPLIT_M=16,
+                       MERGE_TAIL=True, PAIR_TAILS=True, USE_TMA=True),
+            "down": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16,
+                         MERGE_TAIL=True, PAIR_TAILS=True, EXPERT_GROUPS=False),
+            "linear": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2, SPLIT_M=16,
+                           MERGE_TAIL=True, PAIR_TAILS=True)},
            # the up GEMM on rows permuted into aligned order, A through TMA (PERMUTE_A)
            {"up": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16,
                        USE_TMA=True, MERGE_TAIL=True, PERMUTE_A=True),
@@ -127,6 +135,23 @@ def test_fused_moe_matches_reference(prob, ci):
     out = fm.fused_moe(x, ids.to(DEV), tw.to(DEV), w, expert_type, config=CONFIGS[ci])
     assert out.dtype == dtype
     assert_close(out, reference.moe_experts(x, ids, tw, w, expert_type), dtype)
+
+
+@settings(max_examples=8)
+@given(problems(), st.sampled_from([False, True]))
+def test_paired_tails_same_bits_as_single_tails(prob, tma):
+    """PAIR_TAILS changes which program computes a tail tile, not its arithmetic: the same bits as one column
+    tile per tail program, and the oracle's values (odd column-tile counts included: H 24/40, I 24/48)."""
+    T, k, E, H, I, expert_type, dtype, ids, g = prob
+    w = make_experts(E, H, I, expert_type, dtype, g)
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    tw = torch.rand(T, k, generator=g) + 0.1
+    base = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16,
+                MERGE_TAIL=True, USE_TMA=tma)
+    single = fm.fused_moe(x, ids.to(DEV), tw.to(DEV), w, expert_type, config=base)
+    paired = fm.fused_moe(x, ids.to(DEV), tw.to(DEV), w, expert_type, config={**base, "PAIR_TAILS": True})
+    assert torch.equal(paired, single)
+    assert_close(paired, reference.moe_experts(x, ids, tw, w, expert_type), dtype)
 
 
 def expert_rows(x, counts, w, expert_type):

@@ -9,7 +9,9 @@ tables' pair for the case:
 - `split32` / `split16` / `split0`: both GEMMs with SPLIT_M = 32 / 16 / 0 (tails of 32 or 16 rows in the same
   launch, or every expert padded to BLOCK_M). The alignment block is the smaller SPLIT_M of the pair, so these
   also take the up GEMM off the wgmma kernel (it runs 64-row tails only);
-- `tiles`: WGMMA off, the tuned tiles and tails otherwise;
+- `tiles`: WGMMA off, the tuned tiles and tails otherwise; `tiles_s3`: the same with 3 stages in the up GEMM;
+- `pair_up` / `pair_both`: tail programs of two column tiles (PAIR_TAILS; WGMMA off, 3 stages, which their
+  shared memory needs) in the up GEMM / in both;
 - `up256` / `down256` / `both256` (run 101): 256-row tiles, the up GEMM as 256 x (2 x 64), the down GEMM as
   256 x 128, 64-row tails in the same launch.
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
@@ -43,7 +45,8 @@ from bench.gpu.probe_cases import add_medians, rounds_us  # noqa: E402
 K_TOP, H, I = 8, 7168, 2048
 TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_M": 64, "MERGE_TAIL": True,
            "USE_TMA": True, "WGMMA": False}
-ALL = ("split32", "split16", "split0", "tiles", "up256", "down256", "both256")
+ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256")
+PAIR = {"WGMMA": False, "MERGE_TAIL": True, "PAIR_TAILS": True, "num_stages": 3}
 
 
 def variants(E: int, T: int, dev: torch.device, names: list[str]) -> dict[str, dict]:
@@ -56,6 +59,8 @@ def variants(E: int, T: int, dev: torch.device, names: list[str]) -> dict[str, d
 
     every = {"split32": both(SPLIT_M=32, MERGE_TAIL=True), "split16": both(SPLIT_M=16, MERGE_TAIL=True),
              "split0": both(SPLIT_M=0), "tiles": both(WGMMA=False),
+             "tiles_s3": {"up": {**up, "WGMMA": False, "num_stages": 3}, "down": {**down, "WGMMA": False}},
+             "pair_up": {"up": {**up, **PAIR}, "down": down}, "pair_both": both(**PAIR),
              "up256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": down},
              "down256": {"up": up, "down": {**down, **TILE256, "BLOCK_N": 128}},
              "both256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": {**down, **TILE256, "BLOCK_N": 128}}}

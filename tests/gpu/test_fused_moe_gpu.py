@@ -33,7 +33,13 @@ CONFIGS = [None, SMALL, {**SMALL, "USE_TMA": True},
                        USE_TMA=True, MERGE_TAIL=True, PERMUTE_A=True),
             "down": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
                          USE_TMA=True, A_TMA=True, MERGE_TAIL=True),
-            "linear": SMALL}]
+            "linear": SMALL},
+           # tail programs of two column tiles (PAIR_TAILS): the up GEMM at the H200 tables' tile, both GEMMs
+           {"up": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_M=64,
+                       USE_TMA=True, MERGE_TAIL=True, PAIR_TAILS=True),
+            "down": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
+                         USE_TMA=True, A_TMA=True, MERGE_TAIL=True, PAIR_TAILS=True),
+            "linear": {**SMALL, "BLOCK_M": 64, "SPLIT_M": 16, "MERGE_TAIL": True, "PAIR_TAILS": True}}]
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
