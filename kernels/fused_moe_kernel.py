@@ -46,15 +46,14 @@ from nanomoe_kernels.moe_gemm_tile import gemm_tile
 # token counts change every step: do not compile a variant per divisibility of these two
 @triton.jit(do_not_specialize=["num_rows", "num_blocks"])
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, b_desc, a_desc, a_tail_desc, b_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, block_rows_ptr,
-    block_experts_ptr,
+    a_ptr, b_ptr, b_desc, a_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, block_rows_ptr, block_experts_ptr,
     used_ptr, a_index_ptr, expert_first_ptr, expert_blocks_ptr,
     num_rows, N, K, num_blocks, align_m, stride_am, stride_be, stride_bn, stride_cm,
     A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr, SWIGLU: tl.constexpr,
     MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_TABLE: tl.constexpr, MERGED: tl.constexpr, TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EXPERT_GROUP: tl.constexpr, PAIR_TAILS: tl.constexpr, TAIL_K: tl.constexpr,
+    EXPERT_GROUP: tl.constexpr, PAIR_TAILS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -79,13 +78,12 @@ def _moe_gemm_kernel(
         code = tl.load(block_experts_ptr + pid_m)
         expert = (code & 0x3FFFFFFF).to(tl.int64)
         if code >= 0x40000000:
-            if PAIR_TAILS:  # two column tiles per tail program (moe_gemm_tile's PAIR); odd ones have no work.
-                # TAIL_K-deep steps (half of BLOCK_K): the same shared memory a stage as a main block's
+            if PAIR_TAILS:  # two column tiles per tail program (moe_gemm_tile's PAIR); odd ones have no work
                 if pid_n % 2 == 0:
-                    gemm_tile(a_ptr, b_ptr, b_tail_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr,
-                              row0, expert, pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV,
+                    gemm_tile(a_ptr, b_ptr, b_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0,
+                              expert, pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV,
                               GATHER_A, A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, TAIL_M,
-                              BLOCK_N, TAIL_K, True)
+                              BLOCK_N, BLOCK_K, True)
             else:
                 gemm_tile(a_ptr, b_ptr, b_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
                           pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
@@ -221,15 +219,13 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
     tma_ok = (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
     use_tma = cfg["USE_TMA"] and tma_ok
     desc = _tma_descriptor(w, E * NW, bn, bk) if use_tma else None
-    merged = cfg["MERGE_TAIL"] and bm > tm
-    pair = cfg["PAIR_TAILS"] and merged
-    tail_k = bk // 2 if pair and bk >= 32 else bk  # paired tails: half-depth steps (moe_gemm_tile's PAIR)
     a_tma = (cfg["A_TMA"] and tma_ok and not gather_a and a.is_contiguous() and a.data_ptr() % 16 == 0)
+    merged = cfg["MERGE_TAIL"] and bm > tm
 
-    def a_desc(block_m: int, block_k: int = bk):
+    def a_desc(block_m: int):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        return TensorDescriptor.from_tensor(a, [block_m, block_k]) if a_tma else None
+        return TensorDescriptor.from_tensor(a, [block_m, bk]) if a_tma else None
 
     def launch(block_m: int, rows: torch.Tensor | None, experts: torch.Tensor, used: torch.Tensor,
                num_blocks: int) -> None:
@@ -240,8 +236,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
             return
         grouped = merged and block_m == bm and group > 0
         _moe_gemm_kernel[(num_blocks * triton.cdiv(N, bn),)](
-            a, w, desc, a_desc(block_m), a_desc(tm, tail_k) if merged else None,
-            _tma_descriptor(w, E * NW, bn, tail_k) if use_tma and pair else None, out, row_weights, align.sorted_ids,
+            a, w, desc, a_desc(block_m), a_desc(tm) if merged else None, out, row_weights, align.sorted_ids,
             rows, experts, used, a_index, tables.expert_first if grouped else None,
             tables.expert_blocks if grouped else None,
             num_rows, N, K, num_blocks, tm, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
@@ -249,7 +244,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
             MUL_WEIGHT=row_weights is not None, USE_TMA=use_tma, A_TMA=a_tma, EVEN_K=K % bk == 0,
             BLOCK_TABLE=rows is not None, MERGED=merged and block_m == bm, TAIL_M=tm, BLOCK_M=block_m,
             BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-            EXPERT_GROUP=group if grouped else 0, PAIR_TAILS=pair and block_m == bm, TAIL_K=tail_k,
+            EXPERT_GROUP=group if grouped else 0, PAIR_TAILS=cfg["PAIR_TAILS"] and merged and block_m == bm,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 

@@ -5,11 +5,10 @@ Dimension legend: BM/BN/BK the tile (BLOCK_M rows x BLOCK_N output columns, BLOC
 (I for gate/up with SwiGLU), K the reduction depth, NW = weight rows per expert (2N with SwiGLU, else N).
 
 PAIR: the tile covers two column tiles, pid_n * BN .. + 2 BN, with one A stream and two accumulator sets. A
-64-row tail block runs it so that it does a 128-row main block's MMA work per unit of K (kernels/fused_moe_kernel.py
-runs it at half the main blocks' BLOCK_K, so a pipeline stage takes no more shared memory than theirs): both
-programs then walk K at one pace, and the tail reads each weight chunk while the main blocks of its expert still
-hold it in L2 (a tail alone does half the work per step, runs ahead, and by the end of a deep K loop the main block
-reads its chunks from DRAM again: bench/results/expert_ffn_notes.md, run 192).
+64-row tail block runs it so that it does a 128-row main block's MMA work per K step: both programs then walk K
+at one pace, and the tail reads each weight chunk while the main blocks of its expert still hold it in L2
+(a tail alone does half the work per step, runs ahead, and by the end of a deep K loop the main block reads its
+chunks from DRAM again: bench/results/expert_ffn_notes.md, run 192).
 """
 
 from __future__ import annotations

@@ -83,15 +83,14 @@ def _fused_moe_cases() -> list:
 
     types = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", sorted_ids_ptr="*i32", block_rows_ptr="*i32",
                  block_experts_ptr="*i32", used_ptr="*i32", expert_first_ptr="*i32", expert_blocks_ptr="*i32")
-    common = dict(b_desc=None, a_desc=None, a_tail_desc=None, b_tail_desc=None, w_ptr=None, A_DIV=1, GATHER_A=True,
-                  A_INDEX=True,
+    common = dict(b_desc=None, a_desc=None, a_tail_desc=None, w_ptr=None, A_DIV=1, GATHER_A=True, A_INDEX=True,
                   USE_TMA=False, A_TMA=False, EVEN_K=True, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
     # MERGED: 128-row main tiles and 64-row tail tiles in one kernel (two dot shapes behind a branch), with program
     # groups of one expert (EXPERT_GROUP > 0) or GROUP_M blocks (0), and tail programs of two column tiles (PAIR_TAILS)
     return [(f"moe_gemm[{name}, a_index {ids}]", f._moe_gemm_kernel, {**types, "a_index_ptr": ids},
              {**common, "SCATTER_C": not swiglu, "SWIGLU": swiglu, "MUL_WEIGHT": False, "BLOCK_TABLE": table,
               "MERGED": merged, "TAIL_M": 64, "BLOCK_M": 128 if merged else 64, "EXPERT_GROUP": group,
-              "PAIR_TAILS": pair, "TAIL_K": 32 if pair else 64})
+              "PAIR_TAILS": pair})
             for name, swiglu, table, merged, group, pair in (
                 ("up", True, True, False, 0, False), ("linear", False, False, False, 0, False),
                 ("up merged", True, True, True, 13, False), ("up merged, groups off", True, True, True, 0, False),

@@ -10,8 +10,8 @@ tables' pair for the case:
   launch, or every expert padded to BLOCK_M). The alignment block is the smaller SPLIT_M of the pair, so these
   also take the up GEMM off the wgmma kernel (it runs 64-row tails only);
 - `tiles`: WGMMA off, the tuned tiles and tails otherwise; `tiles_s3`: the same with 3 stages in the up GEMM;
-- `pair_up` / `pair_both`: tail programs of two column tiles at half-depth steps (PAIR_TAILS; WGMMA off) in the
-  up GEMM / in both;
+- `pair_up` / `pair_both`: tail programs of two column tiles (PAIR_TAILS; WGMMA off, 3 stages, which their
+  shared memory needs) in the up GEMM / in both;
 - `up256` / `down256` / `both256` (run 101): 256-row tiles, the up GEMM as 256 x (2 x 64), the down GEMM as
   256 x 128, 64-row tails in the same launch.
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
@@ -46,7 +46,7 @@ K_TOP, H, I = 8, 7168, 2048
 TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_M": 64, "MERGE_TAIL": True,
            "USE_TMA": True, "WGMMA": False}
 ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256")
-PAIR = {"WGMMA": False, "MERGE_TAIL": True, "PAIR_TAILS": True}
+PAIR = {"WGMMA": False, "MERGE_TAIL": True, "PAIR_TAILS": True, "num_stages": 3}
 
 
 def variants(E: int, T: int, dev: torch.device, names: list[str]) -> dict[str, dict]:

@@ -35,7 +35,7 @@ CONFIGS = [None, SMALL, {**SMALL, "USE_TMA": True},
                          USE_TMA=True, A_TMA=True, MERGE_TAIL=True),
             "linear": SMALL},
            # tail programs of two column tiles (PAIR_TAILS): the up GEMM at the H200 tables' tile, both GEMMs
-           {"up": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_M=64,
+           {"up": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, SPLIT_M=64,
                        USE_TMA=True, MERGE_TAIL=True, PAIR_TAILS=True),
             "down": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
                          USE_TMA=True, A_TMA=True, MERGE_TAIL=True, PAIR_TAILS=True),
