@@ -127,7 +127,8 @@ def check_config(config: dict) -> dict:
     (kernels/fused_moe.py, the first GEMM): copy the rows into aligned order first and load A through TMA instead of
     gathering it. WGMMA: run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised Hopper kernel where
     `wgmma_unsupported` allows it, else this module's. PAIR_TAILS (with MERGE_TAIL, this module's kernel): each
-    tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR)."""
+    tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR); its stages take 1.5x a main block's
+    shared memory, so the H200's 128 x (2 x 128) up tiles need num_stages <= 3 (Triton refuses more at launch)."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
