@@ -78,16 +78,12 @@ def _moe_gemm_kernel(
         code = tl.load(block_experts_ptr + pid_m)
         expert = (code & 0x3FFFFFFF).to(tl.int64)
         if code >= 0x40000000:
-            if PAIR_TAILS:  # two column tiles per tail program (moe_gemm_tile's PAIR); odd ones have no work
-                if pid_n % 2 == 0:
-                    gemm_tile(a_ptr, b_ptr, b_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0,
-                              expert, pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV,
-                              GATHER_A, A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, TAIL_M,
-                              BLOCK_N, BLOCK_K, True)
-            else:
+            # PAIR_TAILS: a tail program covers two column tiles (moe_gemm_tile's PAIR), so odd ones have no work
+            if pid_n % (2 if PAIR_TAILS else 1) == 0:
                 gemm_tile(a_ptr, b_ptr, b_desc, a_tail_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
                           pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
-                          A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, TAIL_M, BLOCK_N, BLOCK_K)
+                          A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, TAIL_M, BLOCK_N, BLOCK_K,
+                          PAIR_TAILS)
         else:
             gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
                       pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
