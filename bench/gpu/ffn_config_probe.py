@@ -13,7 +13,14 @@ tables' pair for the case:
 - `pair_up` / `pair_both`: tail programs of two column tiles (PAIR_TAILS; WGMMA off, 3 stages, which their
   shared memory needs) in the up GEMM / in both;
 - `up256` / `down256` / `both256` (run 101): 256-row tiles, the up GEMM as 256 x (2 x 64), the down GEMM as
-  256 x 128, 64-row tails in the same launch.
+  256 x 128, 64-row tails in the same launch;
+- `wg4_up` / `wg4_down` / `wg4_both`: the wgmma kernel with four consumer warpgroups (256-row programs over
+  ragged block tables: one program per expert up to 256 rows), the up GEMM as 256 x (2 x 64), the down GEMM as
+  256 x 128, 4 stages (`wg4_up_s3`: 3);
+- `overlap_up` / `overlap_down` / `overlap_both`: tails after a main block run as whole 128-row tiles ending at
+  the expert's last row (OVERLAP_TAILS; the Triton kernel, 64-row tails merged) in the up GEMM / down / both;
+- `wg_up`: the up GEMM on the wgmma kernel (128 x (2 x 128), 4 stages); `wgov_up` / `wgov_both`: the same with
+  OVERLAP_TAILS (a tail after a main block runs both warpgroups), in the up GEMM / both (down 128 x 256).
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
 `tuned` (bitwise, else relative error), then all are timed in interleaved rounds, each round starting one variant
 later (do_bench median, L2 flushed); the bf16 matmul ceiling before and after. A padded-row count per alignment
@@ -34,7 +41,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from nanomoe_kernels.fused_moe import fused_moe_aligned, get_config  # noqa: E402
-from nanomoe_kernels.fused_moe_kernel import check_config  # noqa: E402
+from nanomoe_kernels.fused_moe_kernel import check_config, wgmma_unsupported  # noqa: E402
 from nanomoe_kernels.moe_align import moe_align  # noqa: E402
 from nanomoe_kernels.moe_sum import sum_pairs  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
@@ -45,7 +52,12 @@ from bench.gpu.probe_cases import add_medians, rounds_us  # noqa: E402
 K_TOP, H, I = 8, 7168, 2048
 TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_M": 64, "MERGE_TAIL": True,
            "USE_TMA": True, "WGMMA": False}
-ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256")
+ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256",
+       "wg4_up", "wg4_up_s3", "wg4_down", "wg4_both", "overlap_up", "overlap_down", "overlap_both", "wg_up",
+       "wgov_up", "wgov_both")
+OVERLAP = {"WGMMA": False, "MERGE_TAIL": True, "OVERLAP_TAILS": True, "SPLIT_M": 64}
+WG2 = {"WGMMA": True, "BLOCK_M": 128, "BLOCK_K": 64, "SPLIT_M": 64, "num_stages": 4}
+WG4 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_stages": 4, "SPLIT_M": 64, "WGMMA": True}
 PAIR = {"WGMMA": False, "MERGE_TAIL": True, "PAIR_TAILS": True, "num_stages": 3}
 
 
@@ -63,7 +75,17 @@ def variants(E: int, T: int, dev: torch.device, names: list[str]) -> dict[str, d
              "pair_up": {"up": {**up, **PAIR}, "down": down}, "pair_both": both(**PAIR),
              "up256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": down},
              "down256": {"up": up, "down": {**down, **TILE256, "BLOCK_N": 128}},
-             "both256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": {**down, **TILE256, "BLOCK_N": 128}}}
+             "both256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": {**down, **TILE256, "BLOCK_N": 128}},
+             "wg4_up": {"up": {**up, **WG4, "BLOCK_N": 64}, "down": down},
+             "wg4_up_s3": {"up": {**up, **WG4, "BLOCK_N": 64, "num_stages": 3}, "down": down},
+             "wg4_down": {"up": up, "down": {**down, **WG4, "BLOCK_N": 128}},
+             "wg4_both": {"up": {**up, **WG4, "BLOCK_N": 64}, "down": {**down, **WG4, "BLOCK_N": 128}},
+             "overlap_up": {"up": {**up, **OVERLAP}, "down": down},
+             "overlap_down": {"up": up, "down": {**down, **OVERLAP}}, "overlap_both": both(**OVERLAP),
+             "wg_up": {"up": {**up, **WG2, "BLOCK_N": 128}, "down": down},
+             "wgov_up": {"up": {**up, **WG2, "BLOCK_N": 128, "OVERLAP_TAILS": True}, "down": down},
+             "wgov_both": {"up": {**up, **WG2, "BLOCK_N": 128, "OVERLAP_TAILS": True},
+                           "down": {**down, **WG2, "BLOCK_N": 256, "OVERLAP_TAILS": True}}}
     return {"tuned": {"up": up, "down": down}, **{n: every[n] for n in names}}
 
 
@@ -80,6 +102,9 @@ def run_case(E: int, T: int, w: tuple[torch.Tensor, ...], names: list[str], roun
         tm = min(c["SPLIT_M"] or c["BLOCK_M"] for c in cfg.values())
         al = moe_align(ids, E, tm)
         rec["padded_rows"][tm] = int(al.num_padded.item())  # setup, untimed
+        inter = x.new_empty(1, I)
+        kernel = {op: wgmma_unsupported(c, a, w[i], al, op == "up") or "wgmma"
+                  for (op, c), a, i in zip(cfg.items(), (x, inter), (0, 1))}  # which kernel each GEMM runs on
 
         def fn(al=al, cfg=cfg) -> torch.Tensor:
             return sum_pairs(fused_moe_aligned(x, al, w, "swiglu", cfg["up"], cfg["down"], a_div=K_TOP,
@@ -93,7 +118,8 @@ def run_case(E: int, T: int, w: tuple[torch.Tensor, ...], names: list[str], roun
             continue
         want = got if want is None else want
         err = float((got.double() - want.double()).norm() / want.double().norm())
-        rec["variants"][name] = {"config": cfg, "align_block": tm, "bitwise": bool(torch.equal(got, want)),
+        rec["variants"][name] = {"config": cfg, "align_block": tm, "kernel": kernel,
+                                 "bitwise": bool(torch.equal(got, want)),
                                  "rel_err": err, "us": []}
         if err < 1e-2:
             fns[name] = fn
