@@ -42,7 +42,6 @@ import triton.language as tl
 from nanomoe_kernels.fused_moe_wgmma import moe_gemm_wgmma, unsupported
 from nanomoe_kernels.moe_align import Alignment
 from nanomoe_kernels.moe_blocks import BlockTables, block_tables, expert_group, expert_group_blocks
-from nanomoe_kernels.moe_gemm_persistent import moe_gemm_persistent_kernel, num_programs
 from nanomoe_kernels.moe_gemm_tile import gemm_tile
 
 
@@ -140,8 +139,7 @@ def check_config(config: dict) -> dict:
     tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR); its stages take 1.5x a main block's
     shared memory, so the H200's 128 x (2 x 128) up tiles need num_stages <= 3 (Triton refuses more at launch).
     OVERLAP_TAILS (with MERGE_TAIL here; in the wgmma kernel's 128-row programs always): tails after a main block
-    run as overlapped main tiles. PERSISTENT (BLOCK_M above the alignment block, this module's kernels): one
-    program per SM over the merged list's tiles (kernels/moe_gemm_persistent.py)."""
+    run as overlapped main tiles."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -163,8 +161,7 @@ def check_config(config: dict) -> dict:
             "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "PERMUTE_A": bool(config.get("PERMUTE_A", False)),
             "WGMMA": bool(config.get("WGMMA", False)), "EXPERT_GROUPS": groups,
             "PAIR_TAILS": bool(config.get("PAIR_TAILS", False)),
-            "OVERLAP_TAILS": bool(config.get("OVERLAP_TAILS", False)),
-            "PERSISTENT": bool(config.get("PERSISTENT", False))}
+            "OVERLAP_TAILS": bool(config.get("OVERLAP_TAILS", False))}
 
 
 def ragged_tables(cfg: dict) -> bool:
@@ -278,17 +275,6 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
         tables = block_tables(align, bm)
     if (tables.block_m, tables.tail_m) != (bm, tm):
         raise ValueError(f"tables are for blocks of {tables.block_m}/{tables.tail_m} rows, need {bm}/{tm}")
-    if cfg["PERSISTENT"]:   # kernels/moe_gemm_persistent.py: a program per SM over the merged list's tiles
-        nprog = num_programs(a.device.index or 0) if a.is_cuda else 4
-        moe_gemm_persistent_kernel[(nprog,)](
-            a, w, desc, a_desc(bm), out, row_weights, align.sorted_ids, tables.merged_rows, tables.merged_codes,
-            tables.counts, a_index, tables.expert_first, tables.expert_blocks, num_rows, R, N, K,
-            tables.merged_rows.numel(), a.stride(0), w.stride(0), w.stride(1), out.stride(0), A_DIV=a_div,
-            GATHER_A=gather_a, A_INDEX=a_index is not None, SCATTER_C=scatter_c, SWIGLU=swiglu,
-            MUL_WEIGHT=row_weights is not None, USE_TMA=use_tma, A_TMA=a_tma, EVEN_K=K % bk == 0, TAIL_M=tm,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EXPERT_GROUP=group, NUM_PROGRAMS=nprog,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return out
     if merged:
         launch(bm, tables.merged_rows, tables.merged_codes, tables.counts, tables.merged_rows.numel())
         return out

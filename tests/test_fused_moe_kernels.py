@@ -178,32 +178,6 @@ def test_overlapped_tails_match_single_tails(E, k, T, tma, block_m, expert_type,
     assert_close(overlapped, reference.moe_experts(x, ids, tw, w, expert_type), dtype)
 
 
-@settings(max_examples=10)
-@given(st.integers(1, 4), st.integers(1, 2), st.integers(0, 90), st.sampled_from([False, True]),
-       st.sampled_from([32, 64]), st.sampled_from(["swiglu", "linear"]), st.sampled_from([True, False, 1]),
-       st.integers(0, 2 ** 16))
-def test_persistent_launch_matches_per_tile_launch(E, k, T, tma, block_m, expert_type, groups, seed):
-    """PERSISTENT: 4 programs walk every tile of the merged list (main blocks, tails after a main block run as
-    overlapped tiles, lone tails as masked BLOCK_M tiles): the per-tile launch's values and the oracle's, with
-    program groups of one expert (True, 1) or GROUP_M blocks (False), zero tokens included."""
-    g = torch.Generator().manual_seed(seed)
-    H, I, dtype = 24, 16, torch.float32
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32) if T else \
-        torch.zeros(0, k, dtype=torch.int32)
-    k = min(k, E) if T == 0 else ids.shape[1]
-    w = make_experts(E, H, I, expert_type, dtype, g)
-    x = torch.randn(T, H, generator=g).to(DEV, dtype)
-    tw = torch.rand(T, k, generator=g) + 0.1
-    base = dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_M=16,
-                MERGE_TAIL=True, USE_TMA=tma, EXPERT_GROUPS=groups)
-    per_tile = fm.fused_moe(x, ids.to(DEV), tw.to(DEV), w, expert_type, config=base)
-    cfg = {"up": {**base, "PERSISTENT": True}, "down": {**base, "PERSISTENT": True, "A_TMA": tma},
-           "linear": {**base, "PERSISTENT": True}}
-    persistent = fm.fused_moe(x, ids.to(DEV), tw.to(DEV), w, expert_type, config=cfg)
-    assert_close(persistent, per_tile, dtype)
-    assert_close(persistent, reference.moe_experts(x, ids, tw, w, expert_type), dtype)
-
-
 def expert_rows(x, counts, w, expert_type):
     """reference per row: row i of expert e -> expert_e(x[i]) (float64 [rows, H_out])."""
     rows_e = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))

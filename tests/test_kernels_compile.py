@@ -99,28 +99,7 @@ def _fused_moe_cases() -> list:
                 ("up merged, paired tails", True, True, True, 13, True, False),
                 ("linear merged, paired tails", False, True, True, 0, True, False),
                 ("up merged, overlapped tails", True, True, True, 13, False, True))
-            for ids in ("*i32", "*i64")] + _persistent_cases()
-
-
-def _persistent_cases() -> list:
-    """The persistent grouped GEMM (kernels/moe_gemm_persistent.py) at the H200 tables' tiles: the up GEMM (gathered
-    A, SwiGLU, weights by TMA, program groups of one expert) and the down GEMM (A and weights by TMA, weighted,
-    scattered)."""
-    from nanomoe_kernels import moe_gemm_persistent as p
-
-    ints = dict(sorted_ids_ptr="*i32", block_rows_ptr="*i32", block_codes_ptr="*i32", used_ptr="*i32",
-                expert_first_ptr="*i32", expert_blocks_ptr="*i32")
-    common = dict(USE_TMA=True, EVEN_K=True, TAIL_M=64, BLOCK_M=128, BLOCK_K=64, GROUP_M=8, NUM_PROGRAMS=132)
-    up = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", a_index_ptr="*i32", b_desc="tensordesc<bf16[128, 64]>",
-              **ints)
-    down = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", w_ptr="*fp32", a_desc="tensordesc<bf16[128, 64]>",
-                b_desc="tensordesc<bf16[256, 64]>", **ints)
-    return [("moe_gemm_persistent[up]", p.moe_gemm_persistent_kernel, up,
-             dict(common, a_desc=None, w_ptr=None, A_DIV=8, GATHER_A=True, A_INDEX=True, SCATTER_C=False, SWIGLU=True,
-                  MUL_WEIGHT=False, A_TMA=False, BLOCK_N=128, EXPERT_GROUP=13)),
-            ("moe_gemm_persistent[down]", p.moe_gemm_persistent_kernel, down,
-             dict(common, a_index_ptr=None, A_DIV=1, GATHER_A=False, A_INDEX=False, SCATTER_C=True, SWIGLU=False,
-                  MUL_WEIGHT=True, A_TMA=True, BLOCK_N=256, EXPERT_GROUP=0))]
+            for ids in ("*i32", "*i64")]
 
 
 def _fp8_cases() -> list:

@@ -20,9 +20,7 @@ tables' pair for the case:
 - `overlap_up` / `overlap_down` / `overlap_both`: tails after a main block run as whole 128-row tiles ending at
   the expert's last row (OVERLAP_TAILS; the Triton kernel, 64-row tails merged) in the up GEMM / down / both;
 - `wg_up`: the up GEMM on the wgmma kernel (128 x (2 x 128), 4 stages); `wgov_up` / `wgov_both`: the same with
-  OVERLAP_TAILS (a tail after a main block runs both warpgroups), in the up GEMM / both (down 128 x 256);
-- `persist_up` / `persist_down` / `persist_both`: one persistent launch per GEMM (PERSISTENT: a program per SM
-  over the merged list's tiles, kernels/moe_gemm_persistent.py), the tables' tiles otherwise.
+  OVERLAP_TAILS (a tail after a main block runs both warpgroups), in the up GEMM / both (down 128 x 256).
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
 `tuned` (bitwise, else relative error), then all are timed in interleaved rounds, each round starting one variant
 later (do_bench median, L2 flushed); the bf16 matmul ceiling before and after. A padded-row count per alignment
@@ -56,8 +54,7 @@ TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLI
            "USE_TMA": True, "WGMMA": False}
 ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256",
        "wg4_up", "wg4_up_s3", "wg4_down", "wg4_both", "overlap_up", "overlap_down", "overlap_both", "wg_up",
-       "wgov_up", "wgov_both", "persist_up", "persist_down", "persist_both")
-PERSIST = {"WGMMA": False, "MERGE_TAIL": True, "PERSISTENT": True, "SPLIT_M": 64}
+       "wgov_up", "wgov_both")
 OVERLAP = {"WGMMA": False, "MERGE_TAIL": True, "OVERLAP_TAILS": True, "SPLIT_M": 64}
 WG2 = {"WGMMA": True, "BLOCK_M": 128, "BLOCK_K": 64, "SPLIT_M": 64, "num_stages": 4}
 WG4 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_stages": 4, "SPLIT_M": 64, "WGMMA": True}
@@ -88,9 +85,7 @@ def variants(E: int, T: int, dev: torch.device, names: list[str]) -> dict[str, d
              "wg_up": {"up": {**up, **WG2, "BLOCK_N": 128}, "down": down},
              "wgov_up": {"up": {**up, **WG2, "BLOCK_N": 128, "OVERLAP_TAILS": True}, "down": down},
              "wgov_both": {"up": {**up, **WG2, "BLOCK_N": 128, "OVERLAP_TAILS": True},
-                           "down": {**down, **WG2, "BLOCK_N": 256, "OVERLAP_TAILS": True}},
-             "persist_up": {"up": {**up, **PERSIST}, "down": down},
-             "persist_down": {"up": up, "down": {**down, **PERSIST}}, "persist_both": both(**PERSIST)}
+                           "down": {**down, **WG2, "BLOCK_N": 256, "OVERLAP_TAILS": True}}}
     return {"tuned": {"up": up, "down": down}, **{n: every[n] for n in names}}
 
 
