@@ -115,7 +115,7 @@ def check_fp8_config(config: dict, quant_out: bool = False) -> dict:
     per K step), BLOCK_N <= 256 (one or two weight blocks per tile), BLOCK_N = 128 when the output is
     quantised (a row's scale group must be one program's columns), no A_TMA or PERMUTE_A; K_STEPS
     (default 1) and SWAP_AB (default False) added."""
-    cfg = check_config(config)
+    cfg = check_config(config, extra_keys=("K_STEPS", "SWAP_AB"))
     if cfg["BLOCK_K"] != GROUP:
         raise ValueError(f"config['BLOCK_K'] must be {GROUP} for FP8 (one scale group per K step), "
                          f"got {cfg['BLOCK_K']}")

@@ -127,9 +127,11 @@ def runs_interpreted() -> bool:
 
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+OPTIONAL_KEYS = ("USE_TMA", "SPLIT_M", "A_TMA", "MERGE_TAIL", "PERMUTE_A", "WGMMA", "EXPERT_GROUPS", "PAIR_TAILS",
+                 "OVERLAP_TAILS")
 
 
-def check_config(config: dict) -> dict:
+def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
     """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, PERMUTE_A, WGMMA, PAIR_TAILS and OVERLAP_TAILS
     default to False,
     SPLIT_M to 0 = no tail split, EXPERT_GROUPS to True: see moe_blocks.expert_group_blocks). PERMUTE_A
@@ -139,12 +141,15 @@ def check_config(config: dict) -> dict:
     tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR); its stages take 1.5x a main block's
     shared memory, so the H200's 128 x (2 x 128) up tiles need num_stages <= 3 (Triton refuses more at launch).
     OVERLAP_TAILS (with MERGE_TAIL here; in the wgmma kernel's 128-row programs always): tails after a main block
-    run as overlapped main tiles."""
+    run as overlapped main tiles. Keys outside these (and the caller's `extra_keys`) are refused by name."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise ValueError(f"config is missing {missing} (has {sorted(config)})")
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(OPTIONAL_KEYS) - set(extra_keys))
+    if unknown:   # a misspelt key would otherwise run another kernel without a word
+        raise ValueError(f"config has unknown keys {unknown}; known: {CONFIG_KEYS + OPTIONAL_KEYS + extra_keys}")
     for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
         v = config[k]
         if not isinstance(v, int) or v < 16 or v & (v - 1):

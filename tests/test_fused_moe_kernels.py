@@ -380,6 +380,8 @@ def test_zero_tokens_and_bad_input():
         fm.fused_moe(x, ids, tw, w, config={**cfg, "BLOCK_N": 24})
     with pytest.raises(ValueError, match="missing"):
         fm.fused_moe(x, ids, tw, w, config={"BLOCK_M": 16})
+    with pytest.raises(ValueError, match=r"unknown keys \['WGMA'\]"):   # a misspelt key is refused by name
+        fm.fused_moe(x, ids, tw, w, config={**cfg, "WGMA": True})
 
 
 def test_tuned_tables_load_and_default_warns(tmp_path, monkeypatch):
