@@ -133,10 +133,9 @@ OPTIONAL_KEYS = ("USE_TMA", "SPLIT_M", "A_TMA", "MERGE_TAIL", "PERMUTE_A", "WGMM
 
 def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
     """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, PERMUTE_A, WGMMA, PAIR_TAILS and OVERLAP_TAILS
-    default to False,
-    SPLIT_M to 0 = no tail split, EXPERT_GROUPS to True: see moe_blocks.expert_group_blocks). PERMUTE_A
-    (kernels/fused_moe.py, the first GEMM): copy the rows into aligned order first and load A through TMA instead of
-    gathering it. WGMMA: run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised Hopper kernel where
+    default to False, SPLIT_M to 0 = no tail split, EXPERT_GROUPS to True: see moe_blocks.expert_group_blocks).
+    PERMUTE_A (kernels/fused_moe.py, the first GEMM): copy the rows into aligned order first and load A through TMA
+    instead of gathering it. WGMMA: run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised Hopper kernel where
     `wgmma_unsupported` allows it, else this module's. PAIR_TAILS (with MERGE_TAIL, this module's kernel): each
     tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR); its stages take 1.5x a main block's
     shared memory, so the H200's 128 x (2 x 128) up tiles need num_stages <= 3 (Triton refuses more at launch).
@@ -235,9 +234,8 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
     group = expert_group_blocks(cfg["EXPERT_GROUPS"], bm, K, a.element_size(), cfg["GROUP_M"])
     if not wgmma_unsupported(cfg, a, w, align, swiglu):   # (it makes its own tables where these do not fit it)
         return moe_gemm_wgmma(a, w, out, align, block_m=bm, block_n=bn, stages=cfg["num_stages"],
-                              overlap_tails=cfg["OVERLAP_TAILS"],
-                              group_m=cfg["GROUP_M"],
-                              expert_group=group, swiglu=swiglu, gather_a=gather_a, scatter_c=scatter_c, a_div=a_div,
+                              overlap_tails=cfg["OVERLAP_TAILS"], group_m=cfg["GROUP_M"], expert_group=group,
+                              swiglu=swiglu, gather_a=gather_a, scatter_c=scatter_c, a_div=a_div,
                               row_weights=row_weights, tables=tables, a_index=a_index)
     # TMA needs 16-byte aligned rows; the interpreter emulates descriptors, so CPU tests cover the path
     tma_ok = (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
