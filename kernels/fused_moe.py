@@ -39,7 +39,7 @@ from types import MappingProxyType
 
 import torch
 from nanomoe_kernels.checks import check_routing, check_values
-from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, ragged_tables, runs_interpreted
+from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, runs_interpreted
 from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_align_contiguous, moe_align_masked
 from nanomoe_kernels.moe_blocks import block_tables
 from nanomoe_kernels.moe_permute import permute_rows
@@ -204,22 +204,22 @@ def fused_moe_aligned(a: torch.Tensor, align: Alignment, weights: tuple[torch.Te
     H_out = w[-1].shape[1]
     if out is None:
         out = a.new_empty((align.num_rows, H_out))
-    # one block table per (BLOCK_M above the alignment block, raggedness), shared by the two GEMMs
-    fk, dk = ((c["BLOCK_M"], ragged_tables(c)) if c is not None else None for c in (first, down))
-    tables = {k: block_tables(align, *k) for k in (fk, dk) if k is not None and k[0] > align.block_m}
+    # one block table per BLOCK_M above the alignment block, shared by the two GEMMs
+    tables = {c["BLOCK_M"]: block_tables(align, c["BLOCK_M"]) for c in (first, down)
+              if c is not None and c["BLOCK_M"] > align.block_m}
     if expert_type == "linear":
         return moe_gemm(a, w[0], out, align, first, gather_a=True, scatter_c=True, a_div=a_div,
-                        row_weights=row_weights, tables=tables.get(fk), a_index=a_index)
+                        row_weights=row_weights, tables=tables.get(first["BLOCK_M"]), a_index=a_index)
     inter = a.new_empty((align.sorted_ids.numel(), w[0].shape[1] // 2))
     if first["PERMUTE_A"]:  # rows copied into aligned order first, so the up GEMM loads A tiles through TMA
         a_sorted, _ = permute_rows(a, align, a_div=a_div, a_index=a_index)
         moe_gemm(a_sorted, w[0], inter, align, {**first, "A_TMA": True}, gather_a=False, scatter_c=False,
-                 swiglu=True, tables=tables.get(fk))
+                 swiglu=True, tables=tables.get(first["BLOCK_M"]))
     else:
         moe_gemm(a, w[0], inter, align, first, gather_a=True, scatter_c=False, a_div=a_div, swiglu=True,
-                 tables=tables.get(fk), a_index=a_index)
+                 tables=tables.get(first["BLOCK_M"]), a_index=a_index)
     return moe_gemm(inter, w[1], out, align, down, gather_a=False, scatter_c=True, row_weights=row_weights,
-                    tables=tables.get(dk))
+                    tables=tables.get(down["BLOCK_M"]))
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

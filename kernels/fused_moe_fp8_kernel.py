@@ -74,7 +74,7 @@ def _moe_gemm_fp8_kernel(
             return
         row0 = tl.load(block_rows_ptr + pid_m)
         code = tl.load(block_experts_ptr + pid_m)
-        expert = (code & 0xFFFFFF).to(tl.int64)
+        expert = (code & 0x3FFFFFFF).to(tl.int64)
         if code >= 0x40000000:
             _fp8_tile(a_ptr, as_ptr, b_ptr, b_desc, bs_ptr, c_ptr, cs_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0,
                       expert, pid_n, num_rows, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,

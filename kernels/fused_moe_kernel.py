@@ -26,9 +26,7 @@ expert (the alignment guarantees it), so the tile is A[rows of the block, :] @ W
 - MERGED: one launch over moe_blocks' merged list (per expert: main blocks, then its tail block), so
   a tail tile (TAIL_M rows) runs next to the main tiles that read the same weights and L2 serves it;
   two launches would read the weights of every expert with a tail twice from HBM. PAIR_TAILS: a tail program
-  covers two column tiles, so it walks K at its main blocks' pace (kernels/moe_gemm_tile.py). OVERLAP_TAILS: a
-  tail after a main block runs a whole BLOCK_M tile ending at its last row (storing only its own rows), the
-  same pace at the cost of BLOCK_M - TAIL_M rows of MMA.
+  covers two column tiles, so it walks K at its main blocks' pace (kernels/moe_gemm_tile.py).
 Programs are ordered GROUP_M row blocks at a time for each column tile, so the row blocks of one
 expert (consecutive) share the weight tile through L2. MERGED with EXPERT_GROUP > 0 (config EXPERT_GROUPS): groups
 of one expert's blocks only (kernels.moe_blocks.expert_group), so no expert's weights stream twice from HBM.
@@ -55,7 +53,7 @@ def _moe_gemm_kernel(
     MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, A_TMA: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_TABLE: tl.constexpr, MERGED: tl.constexpr, TAIL_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EXPERT_GROUP: tl.constexpr, PAIR_TAILS: tl.constexpr, OVERLAP_TAILS: tl.constexpr,
+    EXPERT_GROUP: tl.constexpr, PAIR_TAILS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -78,16 +76,7 @@ def _moe_gemm_kernel(
             return
         row0 = tl.load(block_rows_ptr + pid_m)
         code = tl.load(block_experts_ptr + pid_m)
-        expert = (code & 0xFFFFFF).to(tl.int64)
-        # OVERLAP_TAILS: a tail after a main block of its expert runs as a whole BLOCK_M tile ending at the tail's
-        # last row, so it walks K at its main blocks' pace; its first BLOCK_M - TAIL_M rows are the main block's
-        skip = pid_m * 0
-        if OVERLAP_TAILS:
-            prev = tl.load(block_experts_ptr + tl.maximum(pid_m - 1, 0))
-            if (code >= 0x40000000) & (pid_m > 0) & (prev == (code & 0xFFFFFF)):
-                row0 -= BLOCK_M - TAIL_M
-                skip += BLOCK_M - TAIL_M
-                code = code & 0xFFFFFF
+        expert = (code & 0x3FFFFFFF).to(tl.int64)
         if code >= 0x40000000:
             # PAIR_TAILS: a tail program covers two column tiles (moe_gemm_tile's PAIR), so odd ones have no work
             if pid_n % (2 if PAIR_TAILS else 1) == 0:
@@ -98,8 +87,7 @@ def _moe_gemm_kernel(
         else:
             gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_index_ptr, row0, expert,
                       pid_n, num_rows, N, K, stride_am, stride_be, stride_bn, stride_cm, A_DIV, GATHER_A,
-                      A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                      False, skip)
+                      A_INDEX, SCATTER_C, SWIGLU, MUL_WEIGHT, USE_TMA, A_TMA, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
         return
     if BLOCK_TABLE:
         # kernels.moe_blocks: block pid_m starts at aligned row block_rows[pid_m]; used_ptr = blocks used
@@ -127,20 +115,18 @@ def runs_interpreted() -> bool:
 
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-OPTIONAL_KEYS = ("USE_TMA", "SPLIT_M", "A_TMA", "MERGE_TAIL", "PERMUTE_A", "WGMMA", "EXPERT_GROUPS", "PAIR_TAILS",
-                 "OVERLAP_TAILS")
+OPTIONAL_KEYS = ("USE_TMA", "SPLIT_M", "A_TMA", "MERGE_TAIL", "PERMUTE_A", "WGMMA", "EXPERT_GROUPS", "PAIR_TAILS")
 
 
 def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
-    """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, PERMUTE_A, WGMMA, PAIR_TAILS and OVERLAP_TAILS
-    default to False, SPLIT_M to 0 = no tail split, EXPERT_GROUPS to True: see moe_blocks.expert_group_blocks).
-    PERMUTE_A (kernels/fused_moe.py, the first GEMM): copy the rows into aligned order first and load A through TMA
-    instead of gathering it. WGMMA: run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised Hopper kernel where
+    """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, PERMUTE_A, WGMMA and PAIR_TAILS default to False,
+    SPLIT_M to 0 = no tail split, EXPERT_GROUPS to True: see moe_blocks.expert_group_blocks). PERMUTE_A
+    (kernels/fused_moe.py, the first GEMM): copy the rows into aligned order first and load A through TMA instead of
+    gathering it. WGMMA: run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised Hopper kernel where
     `wgmma_unsupported` allows it, else this module's. PAIR_TAILS (with MERGE_TAIL, this module's kernel): each
     tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR); its stages take 1.5x a main block's
     shared memory, so the H200's 128 x (2 x 128) up tiles need num_stages <= 3 (Triton refuses more at launch).
-    OVERLAP_TAILS (with MERGE_TAIL here; in the wgmma kernel's 128-row programs always): tails after a main block
-    run as overlapped main tiles. Keys outside these (and the caller's `extra_keys`) are refused by name."""
+    Keys outside these (and the caller's `extra_keys`) are refused by name."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -164,14 +150,7 @@ def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
             "SPLIT_M": 0 if split == config["BLOCK_M"] else split, "A_TMA": bool(config.get("A_TMA", False)),
             "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "PERMUTE_A": bool(config.get("PERMUTE_A", False)),
             "WGMMA": bool(config.get("WGMMA", False)), "EXPERT_GROUPS": groups,
-            "PAIR_TAILS": bool(config.get("PAIR_TAILS", False)),
-            "OVERLAP_TAILS": bool(config.get("OVERLAP_TAILS", False))}
-
-
-def ragged_tables(cfg: dict) -> bool:
-    """Whether a checked config's GEMM wants ragged block tables (kernels/moe_blocks.py): the wgmma kernel's
-    256-row programs."""
-    return cfg["WGMMA"] and cfg["BLOCK_M"] == 256
+            "PAIR_TAILS": bool(config.get("PAIR_TAILS", False))}
 
 
 def wgmma_unsupported(cfg: dict, a: torch.Tensor, w: torch.Tensor, align: Alignment, swiglu: bool) -> str:
@@ -232,10 +211,11 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
     if R == 0 or N == 0:
         return out
     group = expert_group_blocks(cfg["EXPERT_GROUPS"], bm, K, a.element_size(), cfg["GROUP_M"])
-    if not wgmma_unsupported(cfg, a, w, align, swiglu):   # (it makes its own tables where these do not fit it)
-        return moe_gemm_wgmma(a, w, out, align, block_m=bm, block_n=bn, stages=cfg["num_stages"],
-                              overlap_tails=cfg["OVERLAP_TAILS"], group_m=cfg["GROUP_M"], expert_group=group,
-                              swiglu=swiglu, gather_a=gather_a, scatter_c=scatter_c, a_div=a_div,
+    if not wgmma_unsupported(cfg, a, w, align, swiglu):
+        if tables is None:
+            tables = block_tables(align, bm)
+        return moe_gemm_wgmma(a, w, out, align, block_n=bn, stages=cfg["num_stages"], group_m=cfg["GROUP_M"],
+                              expert_group=group, swiglu=swiglu, gather_a=gather_a, scatter_c=scatter_c, a_div=a_div,
                               row_weights=row_weights, tables=tables, a_index=a_index)
     # TMA needs 16-byte aligned rows; the interpreter emulates descriptors, so CPU tests cover the path
     tma_ok = (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
@@ -267,14 +247,13 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
             BLOCK_TABLE=rows is not None, MERGED=merged and block_m == bm, TAIL_M=tm, BLOCK_M=block_m,
             BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
             EXPERT_GROUP=group if grouped else 0, PAIR_TAILS=cfg["PAIR_TAILS"] and merged and block_m == bm,
-            OVERLAP_TAILS=cfg["OVERLAP_TAILS"] and merged and block_m == bm,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     if bm <= tm:
         launch(bm, None, align.expert_ids, align.num_padded, R // bm)
         return out
-    if tables is None or tables.ragged:
+    if tables is None:
         tables = block_tables(align, bm)
     if (tables.block_m, tables.tail_m) != (bm, tm):
         raise ValueError(f"tables are for blocks of {tables.block_m}/{tables.tail_m} rows, need {bm}/{tm}")

@@ -1,37 +1,30 @@
-"""Grouped expert GEMM for Hopper in Gluon: a producer partition feeds two (or four) consumer warpgroups of 64 rows.
+"""Grouped expert GEMM for Hopper in Gluon: a producer partition feeds two consumer warpgroups of 64 rows each.
 
 Dimension legend: R aligned rows (kernels.moe_align; each expert's rows padded to TM = 64), E experts, K depth (H
 for the up GEMM, I for down), N output columns (I for up, H for down), NW weight rows per expert (2I for up, else
-N), BH = 64 rows per consumer warpgroup (one wgmma M), BM = NUM_WG * BH rows per program (NUM_WG = 2 or 4), BN
-weight rows per B tile, BK = 64 deep steps, S ring stages.
+N), BH = 64 rows per consumer warpgroup (one wgmma M), BM = 2 * BH rows per program, BN weight rows per B tile,
+BK = 64 deep steps, S ring stages.
 
 Why this kernel: Triton's tl.dot kernel (kernels/fused_moe_kernel.py) issues the loads and the MMAs from the same
 warps and keeps a SwiGLU tile at 128 x (2 x 128) with 8 warps; at 256-1024 rows per expert it runs at ~420-480
 TFLOP/s, against ~600 for DeepGEMM's warp-specialised kernels on the same GEMMs
 (bench/results/expert_ffn_notes.md). Here the roles are split by hand (Gluon, Triton >= 3.6):
 
-    load      (1 warp)    per k-step, TMA of A [BH, BK] for each live group and B [NB, BK] (SwiGLU: the BN gate
-                          rows and the BN up rows I further, NB = 2 BN; else NB = BN) into an S-stage ring (ready /
-                          free mbarriers; free waits for every warpgroup); `gather` (4 warps) instead when A's
-                          rows are gathered: A by 16-byte cp.async, B by TMA (kernels/moe_wgmma_load.py)
-    consume   (NUM_WG x 4 warps, group h = rows BH*h ..): acc [BH, NB] += A_h . B^T, one wgmma N = NB (A read
-                          once per step), one k-step in flight, the stage before it released
+    load      (1 warp)    per k-step, TMA of A [BH, BK] for each live half and B [NB, BK] (SwiGLU: the BN gate rows
+                          and the BN up rows I further, NB = 2 BN; else NB = BN) into an S-stage ring (ready /
+                          free mbarriers; free waits for both warpgroups); `gather` (4 warps) instead when A's
+                          rows are gathered: A by 16-byte cp.async, B by TMA
+    consume   (2 x 4 warps, half h = rows BH*h ..): acc [BH, NB] += A_h . B^T, one wgmma N = NB (A read once
+                          per step), one k-step in flight, the stage before it released
     epilogue  (each half)  SwiGLU: silu(gate) * up from acc's two column halves (a register split); rows scaled
                           by their top-k weight (MUL_WEIGHT), stored at the row id (SCATTER_C) or the aligned row
 
 Programs walk kernels.moe_blocks' merged list (each expert's 128-row main blocks, then its 64-row tail block), GROUP_M
 row blocks per column tile so an expert's blocks share the weight tiles through L2 (with expert_group, groups of
-blocks of one expert only, as kernels/moe_blocks.expert_group). On a tail block the second warpgroup computes
-nothing: it only paces the ring. With four warpgroups (BLOCK_M = 256, NB = 128: a consumer's accumulator is 64
-registers a thread, within 20 warps' share of the register file) the tables are ragged: one program covers up to
-256 rows of one expert, its dead groups pace the ring, and each weight tile is streamed once per expert up to 256
-rows (128-row blocks and their tails stream it twice, and the tail runs ahead of its main block:
-bench/results/expert_ffn_notes.md, run 192). Measured 6-13% slower than the tables everywhere (run 195: its wgmma N
-is 128, and four warpgroups read 20% more shared memory per FLOP), so no table uses it; OVERLAP_TAILS (a tail
-after a main block runs both groups, ending at its last row; group 0 stores nothing) is off in the tables too.
-Gathered rows (the up GEMM's: pair id // top-k, or through an index) keep S - 1 steps in flight. Rows past a
-tensor's end and padding rows read as zeros, and padding rows (sentinel ids) are never stored. Same outputs as the
-Triton kernel up to float32 summation order.
+blocks of one expert only, as kernels/moe_blocks.expert_group). On a tail block the second
+warpgroup computes nothing: it only paces the ring. Gathered rows (the up GEMM's: pair id // top-k, or through an
+index) keep S - 1 steps in flight. Rows past a tensor's end and padding rows read as zeros, and padding rows
+(sentinel ids) are never stored. Same outputs as the Triton kernel up to float32 summation order.
 
 Measured on an H200 (bench/results/expert_ffn_notes.md, runs 133-141): 7-16% faster than the tl.dot kernel at the
 boost clock, but under the sustained power cap only the up GEMM at ~1024 rows per expert and more gains (2-7%);
@@ -52,14 +45,103 @@ from nanomoe_kernels.moe_blocks import BlockTables, block_tables, expert_group
 BH, BK = 64, 64
 
 if gluon is not None:
-    from nanomoe_kernels.moe_wgmma_load import _gather_partition, _load_partition
+    from nanomoe_kernels.mla_decode_wgmma import _tma_load
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
+    # cp.async into shared memory: async_load from Triton 3.7 (3.9 removed the old name), the old name in 3.6
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+
     @gluon.jit
-    def _consume_partition(a_s, b, ready, free, live, row0, k_steps, c_ptr, w_ptr, ids_ptr, num_rows, N, stride_cm,
-                           col0, SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr):
+    def _load_b(b_desc, bar, b_s, brow0, N, k, SWIGLU: gl.constexpr):
+        """TMA of one step's B tile into b_s; SwiGLU: the gate rows, then the up rows of the same columns (I
+        further), in one [2 * B_ROWS, BK] tile."""
+        B_ROWS: gl.constexpr = b_desc.block_type.shape[0]
+        if SWIGLU:
+            _tma_load(b_desc, [brow0, k], bar, b_s.slice(0, B_ROWS))
+            _tma_load(b_desc, [brow0 + N, k], bar, b_s.slice(B_ROWS, B_ROWS))
+        else:
+            _tma_load(b_desc, [brow0, k], bar, b_s)
+
+    @gluon.jit
+    def _load_partition(a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps, SWIGLU: gl.constexpr):
+        S: gl.constexpr = a0.type.shape[0]
+        a_bytes: gl.constexpr = a_desc.block_type.nbytes
+        b_bytes: gl.constexpr = b.type.shape[1] * b.type.shape[2] * b_desc.dtype.primitive_bitwidth // 8
+        for kk in range(k_steps):
+            s = kk % S
+            mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)     # fresh barriers pass phase 1
+            bar = ready.index(s)
+            k = kk * a_desc.block_type.shape[1]
+            if live1:
+                mbarrier.expect(bar, 2 * a_bytes + b_bytes)
+                _tma_load(a_desc, [row0 + a_desc.block_type.shape[0], k], bar, a1.index(s))
+            else:
+                mbarrier.expect(bar, a_bytes + b_bytes)
+            _tma_load(a_desc, [row0, k], bar, a0.index(s))
+            _load_b(b_desc, bar, b.index(s), brow0, N, k, SWIGLU)
+
+    @gluon.jit
+    def _a_rows(ids_ptr, a_index_ptr, pos, num_rows, A_DIV: gl.constexpr, A_INDEX: gl.constexpr):
+        """A's source row of each aligned row (pair id // A_DIV, then a_index), and whether the row is live."""
+        ids = gl.load(ids_ptr + pos)
+        ok = ids < num_rows
+        rows = gl.where(ok, ids, 0) // A_DIV
+        if A_INDEX:
+            rows = gl.load(a_index_ptr + rows, mask=ok, other=0)
+        return rows.to(gl.int64), ok
+
+    @gluon.jit
+    def _gather_partition(a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps,
+                          num_rows, stride_am, A_DIV: gl.constexpr, A_INDEX: gl.constexpr,
+                          SWIGLU: gl.constexpr, num_warps: gl.constexpr):
+        """A's rows gathered by cp.async (S - 1 steps in flight) and B by TMA, into the ring."""
+        S: gl.constexpr = a0.type.shape[0]
+        BLOCK_H: gl.constexpr = a0.type.shape[1]
+        BLOCK_K: gl.constexpr = a0.type.shape[2]
+        b_bytes: gl.constexpr = b.type.shape[1] * b.type.shape[2] * b_desc.dtype.primitive_bitwidth // 8
+        LD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])   # 16-byte copies
+        offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LD))
+        r = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, LD))
+        rows0, ok0 = _a_rows(ids_ptr, a_index_ptr, row0 + r, num_rows, A_DIV, A_INDEX)
+        rows1, ok1 = _a_rows(ids_ptr, a_index_ptr, row0 + BLOCK_H + r, num_rows, A_DIV, A_INDEX)
+        # row starts are 16-byte aligned (`unsupported` checks the stride), so each thread copies 16 bytes at once
+        p0 = a_ptr + gl.expand_dims(gl.multiple_of(rows0 * stride_am, 8), 1) + gl.expand_dims(offs_k, 0)
+        p1 = a_ptr + gl.expand_dims(gl.multiple_of(rows1 * stride_am, 8), 1) + gl.expand_dims(offs_k, 0)
+        ok0 = gl.expand_dims(ok0, 1)
+        ok1 = gl.expand_dims(ok1 & live1, 1)
+        for kk in range(k_steps):
+            # step kk - S + 1's copies have landed (S - 2 groups may stay in flight): its stage is ready. Done before
+            # waiting for stage kk's slot, which the consumers free only once they have that step.
+            if kk >= S - 1:
+                async_copy.wait_group(S - 2)
+                fence_async_shared()
+                mbarrier.arrive(ready.index((kk - S + 1) % S), count=1)
+            s = kk % S
+            mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)     # fresh barriers pass phase 1
+            bar = ready.index(s)
+            k = kk * BLOCK_K
+            mbarrier.expect(bar, b_bytes)
+            _load_b(b_desc, bar, b.index(s), brow0, N, k, SWIGLU)
+            _cp_async(a0.index(s), p0 + k, mask=ok0)   # K % BLOCK_K == 0
+            if live1:
+                _cp_async(a1.index(s), p1 + k, mask=ok1)
+            async_copy.commit_group()
+        async_copy.wait_group(0)
+        fence_async_shared()
+        for j in range(gl.maximum(k_steps - S + 1, 0), k_steps):
+            mbarrier.arrive(ready.index(j % S), count=1)
+
+    @gluon.jit
+    def _consume_partition(a_s, b, ready, free, k_steps, live, c_ptr, w_ptr, ids_ptr, row0, col0, num_rows, N,
+                           stride_cm, SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr):
         S: gl.constexpr = a_s.type.shape[0]
         BLOCK_H: gl.constexpr = a_s.type.shape[1]
         ACC_N: gl.constexpr = b.type.shape[1]
@@ -104,9 +186,7 @@ if gluon is not None:
                      first_ptr, nblocks_ptr, num_rows, N, K, NW, num_blocks, stride_am, stride_cm,
                      GATHER_A: gl.constexpr, A_DIV: gl.constexpr, A_INDEX: gl.constexpr, SWIGLU: gl.constexpr,
                      MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr, GROUP_M: gl.constexpr,
-                     EXPERT_GROUP: gl.constexpr, STAGES: gl.constexpr, NUM_WG: gl.constexpr,
-                     OVERLAP_TAILS: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     EXPERT_GROUP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -127,17 +207,8 @@ if gluon is not None:
             return
         row0 = gl.load(rows_ptr + pid_m)
         code = gl.load(codes_ptr + pid_m)
-        expert = code & 0xFFFFFF   # kernels/moe_blocks.EXPERT_MASK
-        # live BLOCK_H-row groups: all of a main block's; a tail block's first (NUM_WG = 2) or its quarters (ragged)
-        nlive = gl.where(code < 0x40000000, NUM_WG, gl.maximum((code >> 24) & 63, 1))
-        rows0 = num_rows   # group 0 stores rows whose id is below this
-        if OVERLAP_TAILS:  # a tail after a main block of its expert: both groups run, ending at its last row, so it
-            # walks K at its main blocks' pace; group 0 recomputes the main block's last rows and stores none
-            prev = gl.load(codes_ptr + gl.maximum(pid_m - 1, 0))
-            ov = (code >= 0x40000000) & (pid_m > 0) & (prev == expert)
-            row0 = gl.where(ov, row0 - BLOCK_H, row0)
-            nlive = gl.where(ov, NUM_WG, nlive)
-            rows0 = gl.where(ov, 0, num_rows)
+        expert = code & 0x3FFFFFFF
+        live1 = code < 0x40000000          # a main block: both halves hold rows (a tail block: the first only)
         col0 = pid_n * BLOCK_N
         brow0 = expert * NW + col0
         k_steps = gl.cdiv(K, BLOCK_K)
@@ -149,56 +220,25 @@ if gluon is not None:
         free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=2 if GATHER_A else 1)   # gathered: B's expect + A's copies
-            mbarrier.init(free.index(i), count=NUM_WG)      # every warpgroup releases a stage
-        if NUM_WG == 4:
-            a2 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_H, BLOCK_K], a_desc.layout)
-            a3 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_H, BLOCK_K], a_desc.layout)
-            if GATHER_A:
-                gl.warp_specialize([
-                    (_consume_partition, (a0, b, ready, free, nlive > 0, row0, k_steps, c_ptr, w_ptr,
-                                          ids_ptr, rows0, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                    (_gather_partition, (a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, a2, a3, b, ready, free,
-                                         row0, brow0, N, nlive, k_steps, num_rows, stride_am, A_DIV, A_INDEX,
-                                         SWIGLU, 4, 4)),
-                    (_consume_partition, (a1, b, ready, free, nlive > 1, row0 + 1 * BLOCK_H, k_steps, c_ptr, w_ptr,
-                                          ids_ptr, num_rows, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                    (_consume_partition, (a2, b, ready, free, nlive > 2, row0 + 2 * BLOCK_H, k_steps, c_ptr, w_ptr,
-                                          ids_ptr, num_rows, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                    (_consume_partition, (a3, b, ready, free, nlive > 3, row0 + 3 * BLOCK_H, k_steps, c_ptr, w_ptr,
-                                          ids_ptr, num_rows, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                ], [4, 4, 4, 4], [LOADER_REGS, CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
-            else:
-                gl.warp_specialize([
-                    (_consume_partition, (a0, b, ready, free, nlive > 0, row0, k_steps, c_ptr, w_ptr,
-                                          ids_ptr, rows0, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                    (_load_partition, (a_desc, b_desc, a0, a1, a2, a3, b, ready, free, row0, brow0, N,
-                                       nlive, k_steps, SWIGLU, 4)),
-                    (_consume_partition, (a1, b, ready, free, nlive > 1, row0 + 1 * BLOCK_H, k_steps, c_ptr, w_ptr,
-                                          ids_ptr, num_rows, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                    (_consume_partition, (a2, b, ready, free, nlive > 2, row0 + 2 * BLOCK_H, k_steps, c_ptr, w_ptr,
-                                          ids_ptr, num_rows, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                    (_consume_partition, (a3, b, ready, free, nlive > 3, row0 + 3 * BLOCK_H, k_steps, c_ptr, w_ptr,
-                                          ids_ptr, num_rows, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                ], [1, 4, 4, 4], [LOADER_REGS, CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
-        elif GATHER_A:   # groups 2 and 3 of the loaders' arguments are never touched with NUM_WG = 2
+            mbarrier.init(free.index(i), count=2)      # both warpgroups release a stage
+        if GATHER_A:
             gl.warp_specialize([
-                (_consume_partition, (a0, b, ready, free, nlive > 0, row0, k_steps, c_ptr, w_ptr,
-                                      ids_ptr, rows0, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                (_gather_partition, (a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, a0, a1, b, ready, free,
-                                     row0, brow0, N, nlive, k_steps, num_rows, stride_am, A_DIV, A_INDEX,
-                                     SWIGLU, 2, 4)),
-                (_consume_partition, (a1, b, ready, free, nlive > 1, row0 + 1 * BLOCK_H, k_steps, c_ptr, w_ptr,
-                                      ids_ptr, num_rows, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-            ], [4, 4], [LOADER_REGS, CONSUMER_REGS])
+                (_consume_partition, (a0, b, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
+                                      num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+                (_gather_partition, (a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, b, ready, free, row0, brow0, N,
+                                     live1, k_steps, num_rows, stride_am, A_DIV, A_INDEX, SWIGLU, 4)),
+                (_consume_partition, (a1, b, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H,
+                                      col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+            ], [4, 4], [64, 224])   # the gatherer's row pointers fit in 64 registers
         else:
             gl.warp_specialize([
-                (_consume_partition, (a0, b, ready, free, nlive > 0, row0, k_steps, c_ptr, w_ptr,
-                                      ids_ptr, rows0, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                (_load_partition, (a_desc, b_desc, a0, a1, a0, a1, b, ready, free, row0, brow0, N,
-                                   nlive, k_steps, SWIGLU, 2)),
-                (_consume_partition, (a1, b, ready, free, nlive > 1, row0 + 1 * BLOCK_H, k_steps, c_ptr, w_ptr,
-                                      ids_ptr, num_rows, N, stride_cm, col0, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-            ], [1, 4], [LOADER_REGS, CONSUMER_REGS])
+                (_consume_partition, (a0, b, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
+                                      num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+                (_load_partition, (a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps,
+                                   SWIGLU)),
+                (_consume_partition, (a1, b, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H,
+                                      col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+            ], [1, 4], [24, 232])
 
 
 def supported_triton() -> bool:
@@ -215,29 +255,16 @@ def unsupported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, bl
         return "the wgmma expert GEMM needs a compute-capability 9.0 GPU"
     if a.dtype not in (torch.bfloat16, torch.float16):
         return f"the wgmma expert GEMM needs bfloat16/float16, got {a.dtype}"
-    if block_m not in (2 * BH, 4 * BH) or (align_block, block_k) != (BH, BK):
-        return f"the wgmma expert GEMM needs BLOCK_M in {(2 * BH, 4 * BH)}, rows aligned to {BH} and BLOCK_K={BK}, " \
-               f"got {block_m}, {align_block}, {block_k}"
-    ok_n = _BLOCK_N[block_m == 4 * BH, swiglu]
-    if block_n not in ok_n:
-        return f"the wgmma expert GEMM needs BLOCK_N in {ok_n} at BLOCK_M={block_m}, got {block_n}"
+    if (block_m, align_block, block_k) != (2 * BH, BH, BK):
+        return f"the wgmma expert GEMM needs BLOCK_M={2 * BH}, rows aligned to {BH} and BLOCK_K={BK}, got " \
+               f"{block_m}, {align_block}, {block_k}"
+    if block_n not in ((64, 128) if swiglu else (128, 256)):
+        return f"the wgmma expert GEMM needs BLOCK_N in {(64, 128) if swiglu else (128, 256)}, got {block_n}"
     if a.shape[1] % BK:
         return f"the wgmma expert GEMM needs a depth (K) that is a multiple of {BK}, got {a.shape[1]}"
     if a.stride(0) * a.element_size() % 16 or a.data_ptr() % 16 or w.data_ptr() % 16:
         return "the wgmma expert GEMM needs 16-byte aligned rows of A and w (TMA and 16-byte copies)"
     return ""
-
-
-# (four warpgroups, SwiGLU) -> BLOCK_N: a consumer's accumulator [BH, B tile rows] stays within its registers
-_BLOCK_N = {(False, True): (64, 128), (False, False): (128, 256), (True, True): (64,), (True, False): (128,)}
-
-
-def _registers(num_wg: int, gather_a: bool) -> tuple[int, int, int]:
-    """(maxnreg at launch, loader's, other consumers') registers a thread: the launch's warps x maxnreg fit the
-    64 K register file, and each partition's share after setmaxnreg fits what the launch reserved."""
-    if num_wg == 2:
-        return (168, 64, 224) if gather_a else (168, 24, 232)
-    return (96, 96, 96) if gather_a else (96, 24, 104)   # 20 warps (the 1-warp loader takes a warpgroup)
 
 
 @functools.cache
@@ -247,34 +274,28 @@ def _smem_layout(rows: int, dtype: torch.dtype):
 
 def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignment, *, block_n: int,
                    stages: int, group_m: int, swiglu: bool, gather_a: bool, scatter_c: bool, a_div: int = 1,
-                   block_m: int = 2 * BH, overlap_tails: bool = False,
                    row_weights: torch.Tensor | None = None, tables: BlockTables | None = None,
                    a_index: torch.Tensor | None = None, expert_group: int = 0) -> torch.Tensor:
     """kernels.fused_moe_kernel.moe_gemm on Hopper (its checks there; `unsupported` must be ''): a [*, K] rows
     gathered through the alignment (gather_a: row id // a_div, then a_index) or [>= R, K] aligned, w [E, NW, K],
-    out [*, N]; block_m = 128 (two consumer warpgroups, tables of 128-row blocks and 64-row tails) or 256 (four,
-    ragged tables: one program covers up to 256 rows of one expert; overlap_tails: with two, a tail after a main
-    block runs both groups, ending at its last row); block_n = output columns per program;
-    expert_group > 0: program groups of at most that many blocks of one expert (kernels/moe_blocks.expert_group),
-    else group_m blocks a group. Returns out."""
+    out [*, N]; block_n = output columns per program; expert_group > 0: program groups of at most that many
+    blocks of one expert (kernels/moe_blocks.expert_group), else group_m blocks a group. Returns out."""
     E, NW, K = w.shape
     N = NW // 2 if swiglu else NW
-    num_wg = block_m // BH
-    if tables is None or tables.block_m != block_m or tables.ragged != (num_wg == 4):
-        tables = block_tables(align, block_m, ragged=num_wg == 4)
+    if tables is None:
+        tables = block_tables(align, 2 * BH)
     num_blocks = tables.merged_rows.numel()
     if num_blocks == 0 or N == 0 or K == 0:
         return out
     a_desc = GluonDescriptor(a, [a.shape[0], K], [a.stride(0), 1], [BH, BK], _smem_layout(BH, a.dtype))
     w2 = w.view(E * NW, K)
     b_desc = GluonDescriptor(w2, [E * NW, K], [K, 1], [block_n, BK], _smem_layout(block_n, a.dtype))
-    regs = _registers(num_wg, gather_a)
     _moe_gemm_ws[(num_blocks * triton.cdiv(N, block_n),)](
         a_desc, b_desc, a, a_index, out, row_weights, align.sorted_ids, tables.merged_rows, tables.merged_codes,
         tables.counts, tables.expert_first, tables.expert_blocks, align.num_rows, N, K, NW, num_blocks, a.stride(0),
         out.stride(0), GATHER_A=gather_a, A_DIV=a_div, A_INDEX=a_index is not None, SWIGLU=swiglu,
         MUL_WEIGHT=row_weights is not None, SCATTER_C=scatter_c, GROUP_M=group_m, EXPERT_GROUP=expert_group,
-        STAGES=stages, NUM_WG=num_wg, OVERLAP_TAILS=overlap_tails and num_wg == 2, LOADER_REGS=regs[1],
-        CONSUMER_REGS=regs[2], num_warps=4, maxnreg=regs[0],
+        STAGES=stages,
+        num_warps=4, maxnreg=168,
     )
     return out

@@ -14,9 +14,7 @@ the merged list for a single launch: `merged_rows[NM + NT]`, `merged_codes[NM + 
 for a tail block, each expert's main blocks followed by its tail blocks (so they run side by side), and per
 expert its first merged entry and its entry count, `expert_first[E]`, `expert_blocks[E]` (a GEMM's
 program order then groups only blocks of one expert: expert_group below). One launch fills every list, BB
-entries per program. Ragged tables (kernels/fused_moe_wgmma.py's 256-row programs) cover each expert's
-remainder with ONE tail block of (p mod BM) rows instead of (p mod BM) / TM blocks of TM: its code also carries
-its TM-row quarters, code = expert | 2^30 | quarters << 24, so experts are < 2^24 (EXPERT_MASK).
+entries per program.
 """
 
 from __future__ import annotations
@@ -43,17 +41,13 @@ class BlockTables(NamedTuple):
     expert_blocks: torch.Tensor
     block_m: int
     tail_m: int
-    ragged: bool = False
-
-
-EXPERT_MASK = 0xFFFFFF  # a merged code's expert bits (above them: a ragged tail's quarters, then the tail flag)
 
 
 @triton.jit
 def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, tail_experts_ptr,
                    counts_ptr, merged_rows_ptr, merged_codes_ptr, first_ptr, nblocks_ptr, E, P_MAIN, P_TAIL,
-                   BM: tl.constexpr, TM: tl.constexpr, NBIN: tl.constexpr, BB: tl.constexpr,
-                   RAGGED: tl.constexpr):
+                   BM: tl.constexpr,
+                   TM: tl.constexpr, NBIN: tl.constexpr, BB: tl.constexpr):
     # BB entries per program: programs [0, P_MAIN) of the main list, the next P_TAIL of the tail list, the
     # rest of the merged list; each recomputes the per-expert sums (NBIN values) instead of waiting on another
     pid = tl.program_id(0)
@@ -62,11 +56,7 @@ def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, t
     padded = tl.load(padded_ptr + bins, mask=live, other=0)
     seg_start = tl.cumsum(padded, axis=0) - padded
     n_main = padded // BM
-    rest = padded - n_main * BM
-    if RAGGED:
-        n_tail = (rest > 0).to(tl.int32)
-    else:
-        n_tail = rest // TM
+    n_tail = (padded - n_main * BM) // TM
     if pid == 0:
         tl.store(counts_ptr, tl.sum(n_main, axis=0))
         tl.store(counts_ptr + 1, tl.sum(n_tail, axis=0))
@@ -94,11 +84,8 @@ def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, t
         tail = j >= nm
         row = seg + tl.where(tail, nm * BM + (j - nm) * TM, j * BM)
         ok = i < tl.sum(n_all, axis=0)
-        flag = 0x40000000
-        if RAGGED:
-            flag |= (tl.sum(tl.where(sel, rest[None, :], 0), axis=1) // TM) << 24
         tl.store(merged_rows_ptr + i, row, mask=ok)
-        tl.store(merged_codes_ptr + i, owner | tl.where(tail, flag, 0), mask=ok)
+        tl.store(merged_codes_ptr + i, owner | tl.where(tail, 0x40000000, 0), mask=ok)
 
 
 @triton.jit
@@ -113,19 +100,16 @@ def _fill_chunk(rows_ptr, experts_ptr, i0, used, ends, starts, seg_first, step, 
     tl.store(experts_ptr + i, owner, mask=i < used)
 
 
-def block_tables(align: Alignment, block_m: int, ragged: bool = False) -> BlockTables:
+def block_tables(align: Alignment, block_m: int) -> BlockTables:
     """Main blocks of `block_m` rows and tail blocks of `align.block_m` rows covering every expert's
-    padded segment (ragged: one tail block of up to block_m - align.block_m rows per expert); block_m must be
-    a multiple of align.block_m. One launch, no host sync."""
+    padded segment; block_m must be a multiple of align.block_m. One launch, no host sync."""
     tm = align.block_m
     if block_m <= tm or block_m % tm:
         raise ValueError(f"block_m ({block_m}) must be a multiple of the alignment block ({tm}) and larger")
     E = align.padded_counts.numel()
-    if E > EXPERT_MASK:
-        raise ValueError(f"block tables hold at most {EXPERT_MASK} experts, got {E}")
     R = align.sorted_ids.numel()
     dev = align.sorted_ids.device
-    n_main, n_tail = R // block_m, min(R // tm, E * (1 if ragged else block_m // tm - 1))
+    n_main, n_tail = R // block_m, min(R // tm, E * (block_m // tm - 1))
     buf = torch.empty(4 * n_main + 4 * n_tail + 2 + 2 * E, dtype=torch.int32, device=dev)
     main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes, first, nblocks = \
         torch.split(buf, [n_main, n_main, n_tail, n_tail, 2, n_main + n_tail, n_main + n_tail, E, E])
@@ -138,11 +122,11 @@ def block_tables(align: Alignment, block_m: int, ragged: bool = False) -> BlockT
         grid = (max(1, p_main + p_tail + triton.cdiv(n_main + n_tail, bb)),)
         _tables_kernel[grid](align.padded_counts, main_rows, main_experts, tail_rows, tail_experts, counts,
                              merged_rows, merged_codes, first, nblocks, E, p_main, p_tail, BM=block_m, TM=tm,
-                             NBIN=nbin, BB=bb, RAGGED=ragged)
+                             NBIN=nbin, BB=bb)
     else:
         counts.zero_()
     return BlockTables(main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes, first,
-                       nblocks, block_m, tm, ragged)
+                       nblocks, block_m, tm)
 
 
 GROUP_BYTES = 24 << 20  # the A rows one expert group may hold in L2 while its programs sweep the column tiles
@@ -164,7 +148,7 @@ def expert_group(pid, num_pid_n, codes_ptr, first_ptr, nblocks_ptr, G: tl.conste
     [g0, g0 + size)), its blocks first then its column tiles, so the group's blocks read each weight tile of e
     side by side. pid must be < num_pid_n * (blocks in use)."""
     q = pid // num_pid_n  # a block of pid's group: the group's pids cover num_pid_n x its blocks
-    e = tl.load(codes_ptr + q) & 0xFFFFFF
+    e = tl.load(codes_ptr + q) & 0x3FFFFFFF
     f = tl.load(first_ptr + e)
     nb = tl.load(nblocks_ptr + e)
     groups = (nb + G - 1) // G

@@ -8,11 +8,7 @@ PAIR: the tile covers two column tiles, pid_n * BN .. + 2 BN, with one A stream 
 64-row tail block runs it so that it does a 128-row main block's MMA work per K step: both programs then walk K
 at one pace, and the tail reads each weight chunk while the main blocks of its expert still hold it in L2
 (a tail alone does half the work per step, runs ahead, and by the end of a deep K loop the main block reads its
-chunks from DRAM again: bench/results/expert_ffn_notes.md, run 192). An overlapped tail (kernels/fused_moe_kernel.py,
-OVERLAP_TAILS) keeps the pace another way: it runs a whole BM-row tile ending at its expert's last row, `skip`
-rows of which belong to the main block before it. That brings the up GEMM's DRAM reads at 256 experts x 4096
-tokens to the floor (15.61 GB against 19.32, run 198) and is no faster: there the MMA rate bounds the GEMM, not
-the bytes, so both keys stay off in the tables.
+chunks from DRAM again: bench/results/expert_ffn_notes.md, run 192).
 """
 
 from __future__ import annotations
@@ -56,13 +52,12 @@ def gemm_tile(a_ptr, b_ptr, b_desc, a_desc, c_ptr, w_ptr, sorted_ids_ptr, a_inde
               A_DIV: tl.constexpr, GATHER_A: tl.constexpr, A_INDEX: tl.constexpr, SCATTER_C: tl.constexpr,
               SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr, USE_TMA: tl.constexpr, A_TMA: tl.constexpr,
               EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              PAIR: tl.constexpr = False, skip=0):
+              PAIR: tl.constexpr = False):
     """One BLOCK_M x BLOCK_N output tile (PAIR: x 2 BLOCK_N): aligned rows row0.. (all of one expert) times that
-    expert's weight columns pid_n * BLOCK_N..; the epilogues; stores its valid rows. The first `skip` rows are
-    another program's (an overlapped tail): read as zeros (gathered A), never stored."""
+    expert's weight columns pid_n * BLOCK_N..; the epilogues; stores its valid rows."""
     offs_m = row0 + tl.arange(0, BLOCK_M)
     ids = tl.load(sorted_ids_ptr + offs_m)
-    row_ok = (ids < num_rows) & (offs_m >= row0 + skip)
+    row_ok = ids < num_rows
 
     offs_k = tl.arange(0, BLOCK_K)
     if GATHER_A:

@@ -86,19 +86,16 @@ def _fused_moe_cases() -> list:
     common = dict(b_desc=None, a_desc=None, a_tail_desc=None, w_ptr=None, A_DIV=1, GATHER_A=True, A_INDEX=True,
                   USE_TMA=False, A_TMA=False, EVEN_K=True, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
     # MERGED: 128-row main tiles and 64-row tail tiles in one kernel (two dot shapes behind a branch), with program
-    # groups of one expert (EXPERT_GROUP > 0) or GROUP_M blocks (0), tail programs of two column tiles (PAIR_TAILS) or
-    # of a whole main tile (OVERLAP_TAILS)
+    # groups of one expert (EXPERT_GROUP > 0) or GROUP_M blocks (0), and tail programs of two column tiles (PAIR_TAILS)
     return [(f"moe_gemm[{name}, a_index {ids}]", f._moe_gemm_kernel, {**types, "a_index_ptr": ids},
              {**common, "SCATTER_C": not swiglu, "SWIGLU": swiglu, "MUL_WEIGHT": False, "BLOCK_TABLE": table,
               "MERGED": merged, "TAIL_M": 64, "BLOCK_M": 128 if merged else 64, "EXPERT_GROUP": group,
-              "PAIR_TAILS": pair, "OVERLAP_TAILS": overlap})
-            for name, swiglu, table, merged, group, pair, overlap in (
-                ("up", True, True, False, 0, False, False), ("linear", False, False, False, 0, False, False),
-                ("up merged", True, True, True, 13, False, False),
-                ("up merged, groups off", True, True, True, 0, False, False),
-                ("up merged, paired tails", True, True, True, 13, True, False),
-                ("linear merged, paired tails", False, True, True, 0, True, False),
-                ("up merged, overlapped tails", True, True, True, 13, False, True))
+              "PAIR_TAILS": pair})
+            for name, swiglu, table, merged, group, pair in (
+                ("up", True, True, False, 0, False), ("linear", False, False, False, 0, False),
+                ("up merged", True, True, True, 13, False), ("up merged, groups off", True, True, True, 0, False),
+                ("up merged, paired tails", True, True, True, 13, True),
+                ("linear merged, paired tails", False, True, True, 0, True))
             for ids in ("*i32", "*i64")]
 
 
@@ -184,22 +181,18 @@ def _gluon_moe_cases() -> list:
         return []
     out = []
     for swiglu, gather, K, NW in ((True, True, 7168, 4096), (True, False, 7168, 4096), (False, False, 2048, 7168)):
-        for num_wg in (2, 4):   # 128-row programs, and 256-row ones with four consumer warpgroups
-            a, w = torch.zeros(256, K, dtype=torch.bfloat16), torch.zeros(2 * NW, K, dtype=torch.bfloat16)
-            rows = (128 if swiglu else 256) if num_wg == 2 else (64 if swiglu else 128)
-            descs = [m.GluonDescriptor(a, [256, K], [K, 1], [m.BH, m.BK], m._smem_layout(m.BH, a.dtype)),
-                     m.GluonDescriptor(w, [2 * NW, K], [K, 1], [rows, m.BK], m._smem_layout(rows, a.dtype))]
-            i32, f32 = torch.zeros(4, dtype=torch.int32), torch.zeros(4)
-            args = descs + [a, None, a, None if swiglu else f32, i32, i32, i32, i32, i32, i32,
-                            5, NW // 2 if swiglu else NW, K, NW, 5, K, 64]
-            launch, loader, consumer = m._registers(num_wg, gather)
-            consts = dict(GATHER_A=gather, A_DIV=8 if gather else 1, A_INDEX=False, SWIGLU=swiglu,
-                          MUL_WEIGHT=not swiglu, SCATTER_C=not swiglu, GROUP_M=8, EXPERT_GROUP=13 if swiglu else 0,
-                          STAGES=4, NUM_WG=num_wg, OVERLAP_TAILS=num_wg == 2 and swiglu, LOADER_REGS=loader,
-                          CONSUMER_REGS=consumer, num_warps=4)
-            aligned = ("a_ptr", "c_ptr", "N", "K", "NW", "stride_am", "stride_cm")
-            out.append((f"fused_moe_wgmma[swiglu {swiglu}, gather {gather}, {num_wg} warpgroups]", m._moe_gemm_ws,
-                        args, consts, {"maxnreg": launch}, aligned))
+        a, w = torch.zeros(256, K, dtype=torch.bfloat16), torch.zeros(2 * NW, K, dtype=torch.bfloat16)
+        rows = 128 if swiglu else 256
+        descs = [m.GluonDescriptor(a, [256, K], [K, 1], [m.BH, m.BK], m._smem_layout(m.BH, a.dtype)),
+                 m.GluonDescriptor(w, [2 * NW, K], [K, 1], [rows, m.BK], m._smem_layout(rows, a.dtype))]
+        i32, f32 = torch.zeros(4, dtype=torch.int32), torch.zeros(4)
+        args = descs + [a, None, a, None if swiglu else f32, i32, i32, i32, i32, i32, i32,
+                        5, NW // 2 if swiglu else NW, K, NW, 5, K, 64]
+        consts = dict(GATHER_A=gather, A_DIV=8 if gather else 1, A_INDEX=False, SWIGLU=swiglu, MUL_WEIGHT=not swiglu,
+                      SCATTER_C=not swiglu, GROUP_M=8, EXPERT_GROUP=13 if swiglu else 0, STAGES=4, num_warps=4)
+        aligned = ("a_ptr", "c_ptr", "N", "K", "NW", "stride_am", "stride_cm")
+        out.append((f"fused_moe_wgmma[swiglu {swiglu}, gather {gather}]", m._moe_gemm_ws, args, consts,
+                    {"maxnreg": 168}, aligned))
     return out
 
 

@@ -14,13 +14,8 @@ tables' pair for the case:
   shared memory needs) in the up GEMM / in both;
 - `up256` / `down256` / `both256` (run 101): 256-row tiles, the up GEMM as 256 x (2 x 64), the down GEMM as
   256 x 128, 64-row tails in the same launch;
-- `wg4_up` / `wg4_down` / `wg4_both`: the wgmma kernel with four consumer warpgroups (256-row programs over
-  ragged block tables: one program per expert up to 256 rows), the up GEMM as 256 x (2 x 64), the down GEMM as
-  256 x 128, 4 stages (`wg4_up_s3`: 3);
-- `overlap_up` / `overlap_down` / `overlap_both`: tails after a main block run as whole 128-row tiles ending at
-  the expert's last row (OVERLAP_TAILS; the Triton kernel, 64-row tails merged) in the up GEMM / down / both;
-- `wg_up`: the up GEMM on the wgmma kernel (128 x (2 x 128), 4 stages); `wgov_up` / `wgov_both`: the same with
-  OVERLAP_TAILS (a tail after a main block runs both warpgroups), in the up GEMM / both (down 128 x 256).
+- `wg_up`: the up GEMM on the wgmma kernel (128 x (2 x 128), 4 stages).
+Each variant records which kernel its GEMMs ran on (`kernel`: "wgmma", or why not).
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
 `tuned` (bitwise, else relative error), then all are timed in interleaved rounds, each round starting one variant
 later (do_bench median, L2 flushed); the bf16 matmul ceiling before and after. A padded-row count per alignment
@@ -53,11 +48,8 @@ K_TOP, H, I = 8, 7168, 2048
 TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_M": 64, "MERGE_TAIL": True,
            "USE_TMA": True, "WGMMA": False}
 ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256",
-       "wg4_up", "wg4_up_s3", "wg4_down", "wg4_both", "overlap_up", "overlap_down", "overlap_both", "wg_up",
-       "wgov_up", "wgov_both")
-OVERLAP = {"WGMMA": False, "MERGE_TAIL": True, "OVERLAP_TAILS": True, "SPLIT_M": 64}
-WG2 = {"WGMMA": True, "BLOCK_M": 128, "BLOCK_K": 64, "SPLIT_M": 64, "num_stages": 4}
-WG4 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_stages": 4, "SPLIT_M": 64, "WGMMA": True}
+       "wg_up")
+WG2 = {"WGMMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_M": 64, "num_stages": 4}
 PAIR = {"WGMMA": False, "MERGE_TAIL": True, "PAIR_TAILS": True, "num_stages": 3}
 
 
@@ -76,16 +68,7 @@ def variants(E: int, T: int, dev: torch.device, names: list[str]) -> dict[str, d
              "up256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": down},
              "down256": {"up": up, "down": {**down, **TILE256, "BLOCK_N": 128}},
              "both256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": {**down, **TILE256, "BLOCK_N": 128}},
-             "wg4_up": {"up": {**up, **WG4, "BLOCK_N": 64}, "down": down},
-             "wg4_up_s3": {"up": {**up, **WG4, "BLOCK_N": 64, "num_stages": 3}, "down": down},
-             "wg4_down": {"up": up, "down": {**down, **WG4, "BLOCK_N": 128}},
-             "wg4_both": {"up": {**up, **WG4, "BLOCK_N": 64}, "down": {**down, **WG4, "BLOCK_N": 128}},
-             "overlap_up": {"up": {**up, **OVERLAP}, "down": down},
-             "overlap_down": {"up": up, "down": {**down, **OVERLAP}}, "overlap_both": both(**OVERLAP),
-             "wg_up": {"up": {**up, **WG2, "BLOCK_N": 128}, "down": down},
-             "wgov_up": {"up": {**up, **WG2, "BLOCK_N": 128, "OVERLAP_TAILS": True}, "down": down},
-             "wgov_both": {"up": {**up, **WG2, "BLOCK_N": 128, "OVERLAP_TAILS": True},
-                           "down": {**down, **WG2, "BLOCK_N": 256, "OVERLAP_TAILS": True}}}
+             "wg_up": {"up": {**up, **WG2}, "down": down}}
     return {"tuned": {"up": up, "down": down}, **{n: every[n] for n in names}}
 
 

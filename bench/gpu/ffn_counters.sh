@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Hardware counters of the expert FFN's GEMM kernels (Nsight Compute, where the machine has it): DRAM bytes,
-# L2 bytes, tensor-pipe activity and time per kernel of `triton` (the tuned tables), `triton_overlap` (the same
-# with OVERLAP_TAILS), `bmm` (cuBLAS) and `deepgemm`, V3 dims, top-8, uniform routing, at the E x T of $CASES (default 128x4096 32x4096). The question:
+# L2 bytes, tensor-pipe activity and time per kernel of `triton` (the tuned tables), `bmm` (cuBLAS) and
+# `deepgemm`, V3 dims, top-8, uniform routing, at the E x T of $CASES (default 128x4096 32x4096). The question:
 # do the Triton GEMMs read each expert's weights from DRAM once (the floor: E x 3 x H x I x 2 bytes), and how
 # busy are the tensor cores against cuBLAS's on the same rows?
 #
@@ -39,9 +39,6 @@ al = moe_align(ids, E, bm)
 row_w = tw.reshape(-1).contiguous()
 fns = {"triton": lambda: sum_pairs(fused_moe_aligned(x, al, w, "swiglu", first, down, a_div=K, row_weights=row_w), K),
        "bmm": package_variant(x, ids, tw, w, "bmm")}
-# the same tables with tails after a main block run as overlapped main tiles (the Triton kernel's OVERLAP_TAILS)
-fo, do = ({**c, "OVERLAP_TAILS": True} for c in (first, down))
-fns["triton_overlap"] = lambda: sum_pairs(fused_moe_aligned(x, al, w, "swiglu", fo, do, a_div=K, row_weights=row_w), K)
 if deepgemm.supports(x, w)[0]:
     al_dg = moe_align(ids, E, deepgemm.alignment())
     fns["deepgemm"] = lambda: deepgemm.deepgemm_fused_moe(x, ids, tw, w, align=al_dg)

@@ -39,13 +39,7 @@ CONFIGS = [None, SMALL, {**SMALL, "USE_TMA": True},
                        USE_TMA=True, MERGE_TAIL=True, PAIR_TAILS=True),
             "down": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
                          USE_TMA=True, A_TMA=True, MERGE_TAIL=True, PAIR_TAILS=True),
-            "linear": {**SMALL, "BLOCK_M": 64, "SPLIT_M": 16, "MERGE_TAIL": True, "PAIR_TAILS": True}},
-           # tails after a main block as whole overlapped main tiles (OVERLAP_TAILS), at the H200 tables' tiles
-           {"up": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_M=64,
-                       USE_TMA=True, MERGE_TAIL=True, OVERLAP_TAILS=True),
-            "down": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, SPLIT_M=64,
-                         USE_TMA=True, A_TMA=True, MERGE_TAIL=True, OVERLAP_TAILS=True),
-            "linear": {**SMALL, "BLOCK_M": 64, "SPLIT_M": 16, "MERGE_TAIL": True, "OVERLAP_TAILS": True}}]
+            "linear": {**SMALL, "BLOCK_M": 64, "SPLIT_M": 16, "MERGE_TAIL": True, "PAIR_TAILS": True}}]
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
