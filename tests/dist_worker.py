@@ -151,7 +151,8 @@ def run_bad_ids(rank: int, world_size: int, port: int, out_dir: str, max_tokens:
 
 def run_oversized(rank: int, world_size: int, port: int, out_dir: str, kind: str, backend: str = "gloo") -> None:
     """Rank 0 dispatches more tokens than max_tokens=4 through a fixed-size comm (kind 'torch_decode',
-    'torch_fixed' or 'deepep_ll': DeepEP's low-latency mode, bf16 rows of 2048), the others 3; identity experts.
+    'torch_fixed', 'nvlink' / 'nvlink_prefill' (GPUs only) or 'deepep_ll': DeepEP's low-latency mode, bf16 rows of
+    2048), the others 3; identity experts.
     Each rank saves whether its output matched (or the error), then runs a good round on the same comm and saves
     whether that matched too. backend 'nccl': rank r on GPU r (the Triton kernels' path)."""
     dev = torch.device("cpu")
@@ -171,6 +172,11 @@ def run_oversized(rank: int, world_size: int, port: int, out_dir: str, kind: str
 
             E, H, dtype, tol = 8 * world_size, 2048, torch.bfloat16, 2e-2
             comm = DeepEPComm("low_latency", hidden=H, num_slots=E, max_tokens=4, top_k=k)
+        elif kind.startswith("nvlink"):   # nvlink, nvlink_prefill: GPUs only
+            from nanomoe_fn.comm.nvlink import NvlinkComm
+
+            comm = NvlinkComm(4, H, k, E, dtype=dtype, mode="prefill" if kind == "nvlink_prefill" else "decode",
+                              timeout_s=5)
         elif kind == "torch_decode":
             comm = TorchComm(timeout_s=5, max_tokens=4)
         else:
@@ -185,7 +191,8 @@ def run_oversized(rank: int, world_size: int, port: int, out_dir: str, kind: str
             message = error_of(lambda b=batch, h=handle, o=out: o.append(combine(b.materialize(), h, comm)))
             want = x.float() * w.sum(1, keepdim=True)
             lines.append(message if not out else str(torch.allclose(out[0].float(), want, rtol=tol, atol=tol)))
-        comm.close()
+        if hasattr(comm, "close"):   # the nvlink comm has none: its buffers go with the object
+            comm.close()
         with open(os.path.join(out_dir, f"oversized_rank{rank}.txt"), "w") as f:
             f.write("\n".join(lines))
     finally:

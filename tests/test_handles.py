@@ -132,7 +132,7 @@ def test_handle_not_from_a_dispatch(kind):
     comm = make(kind)
     batch, handle = dispatch(x, routing, comm, placement)
     t = torch.zeros(1, dtype=torch.int64)
-    foreign = [(NvlinkHandle(t, id(comm), 1, 0), "NvlinkHandle"),
+    foreign = [(NvlinkHandle(t, id(comm), 1, 0, 0), "NvlinkHandle"),
                (DeepEPHandle("normal", id(comm), None, t, t.float(), 1), "DeepEPHandle"), ((batch, handle), "tuple")]
     for bad, name in foreign:
         with pytest.raises(ValueError, match=rf"^handle must be the Handle that this {kind} comm's dispatch returned, "

@@ -40,7 +40,9 @@ micro-batches each take their own NvlinkComm). x must stay unchanged until dispa
 rank's own tokens are copied from it there). Every wait runs on the GPU with a deadline: a peer that
 never arrives ends the wait after `timeout_s` and leaves (stage, rank) in a host-mapped error word;
 the next call on this comm (or `check()`) raises TimeoutError naming this rank, the stage and the
-missing peer. The comm is unusable after that (its peers' state is unknown).
+missing peer. The comm is unusable after that (its peers' state is unknown). A rank given more than max_tokens
+tokens sends none of them but takes part in both exchanges with zero rows (so its peers finish, with the right
+outputs), and its combine_recv raises ValueError after its exchange; the comm stays usable on every rank.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class NvlinkHandle:
     comm_id: int
     call: int
     rows: int
+    tokens: int   # the tokens dispatch was given (more than max_tokens: none were sent, combine raises)
 
 
 class NvlinkComm:
@@ -178,28 +181,29 @@ class NvlinkComm:
         if H != self.hidden or x.dtype != self.dtype or x.device != self.device:
             raise ValueError(f"x must be [T, {self.hidden}] {self.dtype} on {self.device} (this comm's buffers), got "
                              f"{tuple(x.shape)} {x.dtype} on {x.device}")
-        if T > self.max_tokens or routing.topk_ids.shape[1] != self.top_k:
-            raise ValueError(f"x must have at most max_tokens={self.max_tokens} tokens and routing top_k="
-                             f"{self.top_k}, got {T} tokens and top_k {routing.topk_ids.shape[1]}")
+        if routing.topk_ids.shape[1] != self.top_k:
+            raise ValueError(f"routing top_k must be this comm's {self.top_k}, got {routing.topk_ids.shape[1]}")
         if self._open:
             raise ValueError("this nvlink comm already has a dispatch in flight: combine it first (overlapped "
                              "micro-batches each need their own NvlinkComm)")
         ids = routing.topk_ids
+        if T > self.max_tokens:   # send no rows but join both exchanges, so no peer waits (combine_recv raises)
+            x, ids, routing = x[:0], ids[:0], Routing(ids[:0], routing.topk_weights[:0])
         phys = ids if placement.is_identity else placement.physical_ids(ids, self.rank)
         phys = (phys if phys.dtype in (torch.int32, torch.int64) else phys.to(torch.int32)).contiguous()
         weights = routing.topk_weights.to(torch.float32).contiguous()
         x = x.contiguous()
-        has = torch.empty((T, self.world_size), dtype=torch.int32, device=self.device)
+        has = torch.empty((x.shape[0], self.world_size), dtype=torch.int32, device=self.device)
         self._k.put_tokens(x, phys, weights, has, self._ctr, self.epoch, self._err.data_ptr(), self._bufs,
                            self.rank, self.max_tokens, self.num_slots, own_rows=self.layout == "gathered" or self.fp8,
                            buffers_checked=True, fp8=self.fp8)
         self._open, self._calls = True, self._calls + 1
-        return x, has
+        return x, has, T
 
     @opaque_to_compile  # Triton kernels and peer signals: opaque to torch.compile
     def dispatch_recv(self, pending: Any) -> tuple[ExpertBatch, NvlinkHandle]:
         """Publish the counts and wait for every peer's tokens, then copy them into this rank's expert layout."""
-        x, has = pending
+        x, has, given = pending
         W, P_local, Tm = self.world_size, self.num_slots // self.world_size, self.max_tokens
         flag, cnt = self._bufs["flag"], self._bufs["cnt"]
         self._sync.signal_wait((flag[0][0], flag[1]), self.epoch, self._err.data_ptr(), self.rank,
@@ -222,8 +226,8 @@ class NvlinkComm:
             # batch row -> token row, written while the host waits for M (no token row is copied)
             self._k.expand_tokens(x, tok, self._buf("meta"), cnt[0], index, self._rows, self.rank, Tm, base=self._base)
             M = self._read_rows(m_max)
-            return self._batch(tok, counts, index[:M]), NvlinkHandle(has, id(self), self._calls, M)
-        return self._batch(xe, counts), NvlinkHandle(has, id(self), self._calls, P_local * W * Tm)
+            return self._batch(tok, counts, index[:M]), NvlinkHandle(has, id(self), self._calls, M, given)
+        return self._batch(xe, counts), NvlinkHandle(has, id(self), self._calls, P_local * W * Tm, given)
 
     def _batch(self, rows: torch.Tensor, counts: torch.Tensor, index: torch.Tensor | None = None) -> ExpertBatch:
         """The batch over received rows (masked [P_local, cap, ..] or, with index, gathered [U, ..]); FP8: the
@@ -273,4 +277,8 @@ class NvlinkComm:
         out = torch.empty((handle.has.shape[0], self.hidden), dtype=self.dtype, device=self.device)
         self._k.sum_partials(self._buf("comb"), handle.has, out)
         self._open = False
+        if handle.tokens > self.max_tokens:
+            raise ValueError(f"rank {self.rank}: x had {handle.tokens} tokens, more than this nvlink comm's max_tokens="
+                             f"{self.max_tokens}; none of them was sent (this rank took part in the exchanges with no "
+                             f"rows, so its peers' outputs are right): raise max_tokens on every rank")
         return out

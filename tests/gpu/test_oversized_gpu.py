@@ -1,7 +1,7 @@
 """A rank given more tokens than a fixed-size comm's max_tokens, over NCCL (the Triton kernels' path).
 
-The torch comm's decode mode, torch_fixed and DeepEP's low-latency mode (2 GPUs, where deep_ep imports): rank 0
-dispatches 6 tokens with max_tokens=4 and the others 3.
+The torch comm's decode mode, torch_fixed, the nvlink comm (decode and prefill) and DeepEP's low-latency mode (2
+GPUs, where deep_ep imports): rank 0 dispatches 6 tokens with max_tokens=4 and the others 3.
 Rank 0 sends none of its tokens but takes part in both exchanges, and its combine raises ValueError; every
 other rank's output is right (identity experts) and nobody waits; then a good round works on every rank.
 At one GPU (world size 1) this checks the zero-row kernels and the refusal; at two, the peer as well.
@@ -30,7 +30,7 @@ def _deep_ep_missing() -> str:
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.parametrize("kind", ["torch_decode", "torch_fixed", "deepep_ll"])
+@pytest.mark.parametrize("kind", ["torch_decode", "torch_fixed", "nvlink", "nvlink_prefill", "deepep_ll"])
 def test_oversized_rank_refused_at_combine_on_nccl(tmp_path, monkeypatch, kind, world_size):
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} CUDA devices")
@@ -40,7 +40,8 @@ def test_oversized_rank_refused_at_combine_on_nccl(tmp_path, monkeypatch, kind, 
         monkeypatch.setenv(key, value)
     spawn_bounded(run_oversized, world_size, (world_size, free_port(), str(tmp_path), kind, "nccl"), 120,
                   what=f"{kind} ranks")
-    name = {"torch_decode": "torch", "torch_fixed": "torch_fixed", "deepep_ll": "deepep"}[kind]
+    name = {"torch_decode": "torch", "torch_fixed": "torch_fixed", "nvlink": "nvlink", "nvlink_prefill": "nvlink",
+            "deepep_ll": "deepep"}[kind]
     first, second = (tmp_path / "oversized_rank0.txt").read_text().split("\n")
     assert first.startswith(f"ValueError: rank 0: x had 6 tokens, more than this {name} comm's max_tokens=4; none "
                             f"of them was sent"), first
