@@ -62,7 +62,7 @@ from nanomoe_fn.comm.deepep_layout import (
     token_weighted_sum,
     world_reason,
 )
-from nanomoe_fn.comm.plan import check_dispatch_args
+from nanomoe_fn.comm.plan import check_dispatch_args, oversized_error
 from nanomoe_fn.eplb.placement import Placement
 
 _OPTIONS = ("mode", "hidden", "num_slots", "max_tokens", "top_k", "dtype", "group", "timeout_s", "dispatch_dtype")
@@ -288,10 +288,8 @@ class DeepEPComm:
             self._call("combine/recv", pending.finish)
             self._ll_in_flight -= 1
             if pending.refused_tokens:
-                raise ValueError(f"rank {self.rank}: x had {pending.refused_tokens} tokens, more than this deepep "
-                                 f"comm's max_tokens={self.max_tokens}; none of them was sent (this rank took part "
-                                 f"in both exchanges with no rows, so its peers' outputs are right): raise "
-                                 f"max_tokens on every rank, or use normal mode for larger batches")
+                raise oversized_error(self.rank, "deepep", pending.refused_tokens, self.max_tokens,
+                                      "use normal mode for larger batches")
         else:
             pending.finish.current_stream_wait()
         return pending.out[: pending.num_tokens]

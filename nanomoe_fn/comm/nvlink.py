@@ -57,7 +57,7 @@ import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch, Routing
 from nanomoe_fn.comm.nvlink_buffers import FP8, MODES, buffer_shapes, map_symmetric, option_reason
-from nanomoe_fn.comm.plan import check_dispatch_args
+from nanomoe_fn.comm.plan import check_dispatch_args, oversized_error
 from nanomoe_fn.eplb.placement import Placement
 from nanomoe_fn.opaque import opaque_to_compile
 
@@ -186,12 +186,12 @@ class NvlinkComm:
         if self._open:
             raise ValueError("this nvlink comm already has a dispatch in flight: combine it first (overlapped "
                              "micro-batches each need their own NvlinkComm)")
-        ids = routing.topk_ids
+        ids, weights = routing.topk_ids, routing.topk_weights
         if T > self.max_tokens:   # send no rows but join both exchanges, so no peer waits (combine_recv raises)
-            x, ids, routing = x[:0], ids[:0], Routing(ids[:0], routing.topk_weights[:0])
+            x, ids, weights = x[:0], ids[:0], weights[:0]
         phys = ids if placement.is_identity else placement.physical_ids(ids, self.rank)
         phys = (phys if phys.dtype in (torch.int32, torch.int64) else phys.to(torch.int32)).contiguous()
-        weights = routing.topk_weights.to(torch.float32).contiguous()
+        weights = weights.to(torch.float32).contiguous()
         x = x.contiguous()
         has = torch.empty((x.shape[0], self.world_size), dtype=torch.int32, device=self.device)
         self._k.put_tokens(x, phys, weights, has, self._ctr, self.epoch, self._err.data_ptr(), self._bufs,
@@ -278,7 +278,5 @@ class NvlinkComm:
         self._k.sum_partials(self._buf("comb"), handle.has, out)
         self._open = False
         if handle.tokens > self.max_tokens:
-            raise ValueError(f"rank {self.rank}: x had {handle.tokens} tokens, more than this nvlink comm's max_tokens="
-                             f"{self.max_tokens}; none of them was sent (this rank took part in the exchanges with no "
-                             f"rows, so its peers' outputs are right): raise max_tokens on every rank")
+            raise oversized_error(self.rank, "nvlink", handle.tokens, self.max_tokens)
         return out

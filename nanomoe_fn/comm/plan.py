@@ -30,6 +30,15 @@ def check_dispatch_args(x: torch.Tensor, routing: Routing, placement: Placement,
         check_expert_ids("routing.topk_ids", ids, placement.num_logical)
 
 
+def oversized_error(rank: int, comm_name: str, tokens: int, max_tokens: int, advice: str = "") -> ValueError:
+    """The error a fixed-size comm's combine raises on a rank whose dispatch was given more than max_tokens tokens
+    (it sent none of them but took part in every exchange, so its peers finish with the right outputs)."""
+    tail = f", or {advice}" if advice else ""
+    return ValueError(f"rank {rank}: x had {tokens} tokens, more than this {comm_name} comm's max_tokens={max_tokens}; "
+                      f"none of them was sent (this rank took part in the exchanges with no rows, so its peers' "
+                      f"outputs are right): raise max_tokens on every rank{tail}")
+
+
 def sort_pairs(phys_ids: torch.Tensor, num_physical: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Order the flattened pairs by slot. Returns (send_order [N] int64, counts [P] int64)."""
     flat = phys_ids.flatten().long()

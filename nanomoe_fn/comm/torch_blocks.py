@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from nanomoe_fn.batch import ExpertBatch, Handle, Routing, TokenRowPlan
 from nanomoe_fn.comm import token_rows, torch_graphs
-from nanomoe_fn.comm.plan import check_pending, new_origin, stamp_handle
+from nanomoe_fn.comm.plan import check_pending, new_origin, oversized_error, stamp_handle
 from nanomoe_fn.eplb.placement import Placement
 
 DEFAULT_MAX_BUFFER_BYTES = 2 << 30  # 2 GiB: decode at DeepSeek-V3 dims (T_max 256, 2 ranks) needs ~1 GB
@@ -172,9 +172,7 @@ def refuse_oversized(comm: Any, handle: Handle) -> None:
         return
     other = ("build TorchComm(max_tokens=None) for exact splits at any size" if comm.name == "torch" else
              "use the `torch` comm for larger batches")
-    raise ValueError(f"rank {comm.rank}: x had {o.tokens} tokens, more than this {comm.name} comm's max_tokens="
-                     f"{comm.max_tokens}; none of them was sent (this rank took part in the exchanges with no rows, "
-                     f"so its peers' outputs are right): raise max_tokens on every rank, or {other}")
+    raise oversized_error(comm.rank, comm.name, o.tokens, comm.max_tokens, other)
 
 
 def combine_recv(comm: Any, inflight: Any, home: torch.Tensor | None, handle: Handle) -> torch.Tensor:
