@@ -36,8 +36,17 @@ if gluon is not None:
     from triton.language.extra.cuda import gdc_launch_dependents
 
     @gluon.jit
+    def _stamp(tr, slot, TRACE: gl.constexpr):
+        """TRACE: (%globaltimer ns, %clock64 cycles) into tr[2 * slot], tr[2 * slot + 1] (mla_trace_probe.py)."""
+        if TRACE:
+            ns, clk = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;\n\tmov.u64 $1, %clock64;", "=l,=l", [],
+                                                dtype=(gl.int64, gl.int64), is_pure=False, pack=1)
+            gl.store(tr + 2 * slot, ns)
+            gl.store(tr + 2 * slot + 1, clk)
+
+    @gluon.jit
     def _load_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
-                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr):
+                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, TRACE: gl.constexpr):
         CH: gl.constexpr = kl_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = kl_desc.block_type.shape[0]
         for i in range(n_tiles):
@@ -53,11 +62,12 @@ if gluon is not None:
             _tma_load(kl_desc, [row0, 0], bar, k0.index(st))
             _tma_load(kl_desc, [row0, CH], bar, k1.index(st))
             _tma_load(kp_desc, [row0, 0], bar, kp.index(st))
+        _stamp(tr, 29, TRACE)
 
     @gluon.jit
     def _value_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
-                         max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, p_smem, alpha_smem, l_smem, p_ready,
-                         p_free, done, o_ptr, o_off, stride_on):
+                         max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, TRACE: gl.constexpr, p_smem,
+                         alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off, stride_on):
         CH: gl.constexpr = kl_desc.block_type.shape[1]
         BLOCK_H: gl.constexpr = p_smem.type.shape[0]
         O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -71,6 +81,7 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(p_free, count=1)
             mbarrier.arrive(k_free.index(i % 2), count=1)
+        _stamp(tr, 27, TRACE)
         mbarrier.wait(done, 0)
         l_i = l_smem.load(ROWS)
         inv = gl.expand_dims(1.0 / gl.where(l_i > 0, l_i, 1.0), 1)
@@ -78,6 +89,7 @@ if gluon is not None:
         offs_c = CH + gl.arange(0, CH, layout=gl.SliceLayout(0, O_LAYOUT))
         gl.store(o_ptr + o_off + gl.expand_dims(offs_h, 1) * stride_on + gl.expand_dims(offs_c, 0),
                  (acc * inv).to(o_ptr.dtype.element_ty))
+        _stamp(tr, 28, TRACE)
 
     @gluon.jit
     def _zero_rows(buf, n0, end, num_warps: gl.constexpr):
@@ -90,7 +102,7 @@ if gluon is not None:
     @gluon.jit
     def _score_partition(q0, q1, qp, q_ready, k0, k1, kp, k_ready, k_free, p_smem, alpha_smem, l_smem, p_ready,
                          p_free, done, start, end, n_tiles, scale_log2, o_ptr, o_off, stride_on, lse_ptr, l_off,
-                         stride_ln, FINAL: gl.constexpr, num_warps: gl.constexpr):
+                         stride_ln, tr, TRACE: gl.constexpr, FINAL: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_H: gl.constexpr = p_smem.type.shape[0]
         BLOCK_N: gl.constexpr = p_smem.type.shape[1]
         CH: gl.constexpr = k0.type.shape[2]
@@ -103,10 +115,13 @@ if gluon is not None:
         l_i = gl.full([BLOCK_H], 0.0, gl.float32, gl.SliceLayout(1, S_LAYOUT))
         acc = gl.zeros([BLOCK_H, CH], gl.float32, O_LAYOUT)
         mbarrier.wait(q_ready, 0)
+        _stamp(tr, 1, TRACE)
         for i in range(n_tiles):
             st = i % 2
             n0 = start + i * BLOCK_N
             mbarrier.wait(k_ready.index(st), (i // 2) & 1)
+            if i < 8:
+                _stamp(tr, 2 + i, TRACE)
             ragged = n0 + BLOCK_N > end
             if ragged:     # the last tile: rows past the context hold whatever the cache holds (even NaN)
                 _zero_rows(k0.index(st), n0, end, num_warps)
@@ -117,6 +132,8 @@ if gluon is not None:
             s = warpgroup_mma(q1, k1.index(st).permute((1, 0)), s, is_async=True)
             s = warpgroup_mma(qp, kp.index(st).permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, )) * scale_log2
+            if i < 8:
+                _stamp(tr, 10 + i, TRACE)
             offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
             s = gl.where(gl.expand_dims(offs_n < end, 0), s, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, axis=1))
@@ -134,6 +151,8 @@ if gluon is not None:
             acc = warpgroup_mma(gl.convert_layout(p16, P_OPERAND), k0.index(st), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(st), count=1)
+            if i < 8:
+                _stamp(tr, 18 + i, TRACE)
         l_smem.store(l_i)
         mbarrier.arrive(done, count=1)
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
@@ -146,14 +165,15 @@ if gluon is not None:
             lse = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
             offs_hs = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, S_LAYOUT))
             gl.store(lse_ptr + l_off + offs_hs * stride_ln, lse)
+        _stamp(tr, 26, TRACE)
 
     @gluon.jit
     def _mla_decode_partial_ws(
         ql_desc, qp_desc, kl_desc, kp_desc, bt_ptr, len_ptr, o_ptr, lse_ptr,
         stride_bt, stride_or, stride_on, stride_ok, stride_lr, stride_ln,
-        S, N, SPLITS, max_len, scale_log2,
+        S, N, SPLITS, max_len, scale_log2, trace_ptr,
         PAGE: gl.constexpr, PAGED: gl.constexpr, FINAL: gl.constexpr, num_warps: gl.constexpr,
-        TRIGGER: gl.constexpr = False,
+        TRIGGER: gl.constexpr = False, TRACE: gl.constexpr = False,
     ):
         BLOCK_H: gl.constexpr = ql_desc.block_type.shape[0]
         CH: gl.constexpr = ql_desc.block_type.shape[1]
@@ -165,6 +185,12 @@ if gluon is not None:
         hblk = gl.program_id(0)
         row = gl.program_id(1)
         split = gl.program_id(2)
+        # TRACE: 32 (time, clock) pairs a program, programs in launch order (split-major)
+        tr = trace_ptr + ((split * gl.num_programs(1) + row) * gl.num_programs(0) + hblk).to(gl.int64) * 64
+        _stamp(tr, 0, TRACE)
+        if TRACE:
+            gl.store(tr + 60, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32,
+                                                        is_pure=False, pack=1).to(gl.int64))
         seq = row // S
         ctx = gl.minimum(gl.load(len_ptr + row), max_len)
         chunk = ((ctx + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
@@ -202,11 +228,11 @@ if gluon is not None:
         o_off = row.to(gl.int64) * stride_or + (hblk * BLOCK_H).to(gl.int64) * stride_on + split * stride_ok
         l_off = row.to(gl.int64) * stride_lr + (hblk * BLOCK_H).to(gl.int64) * stride_ln + split
         worker = (kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt, max_len,
-                  PAGE, PAGED)
+                  PAGE, PAGED, tr, TRACE)
         gl.warp_specialize([
             (_score_partition, (q0, q1, qp, q_ready, k0, k1, kp, k_ready, k_free, p_smem, alpha_smem, l_smem,
                                 p_ready, p_free, done, start, end, n_tiles, scale_log2, o_ptr, o_off, stride_on,
-                                lse_ptr, l_off, stride_ln, FINAL, num_warps)),
+                                lse_ptr, l_off, stride_ln, tr, TRACE, FINAL, num_warps)),
             (_load_partition, worker),
             (_value_partition, worker + (p_smem, alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off,
                                          stride_on)),
@@ -220,15 +246,16 @@ def supported_triton() -> bool:
 
 def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens: torch.Tensor,
                    o_part: torch.Tensor, lse: torch.Tensor, c: int, rows_per_seq: int, splits: int, max_len: int,
-                   scale_log2: float, paged: bool, trigger: bool = False) -> None:
+                   scale_log2: float, paged: bool, trigger: bool = False, trace: torch.Tensor | None = None) -> None:
     """Stage 1 over grid (N / 64, R, K), as kernels/mla_decode_wgmma.launch_partial (same outputs); trigger: let
-    a reduction launched with PDL in as the programs start."""
+    a reduction launched with PDL in as the programs start. trace: int64 [programs, 64], filled with each
+    program's event times (a profiling aid, bench/gpu/mla_trace_probe.py says which slot is which)."""
     q = q if q.is_contiguous() else q.contiguous()
     heads = q.shape[1]
     _mla_decode_partial_ws[(triton.cdiv(heads, BH), q.shape[0], splits)](
         *descriptors(q, kv, c), bt, ctx_lens, o_part, lse,
         bt.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        rows_per_seq, heads, splits, max_len, scale_log2,
+        rows_per_seq, heads, splits, max_len, scale_log2, lse if trace is None else trace,
         PAGE=kv.shape[1] if paged else 1, PAGED=paged, FINAL=splits == 1, num_warps=4, maxnreg=168,
-        **({"TRIGGER": True} if trigger else {}),
+        **({"TRIGGER": True} if trigger else {}), **({"TRACE": True} if trace is not None else {}),
     )

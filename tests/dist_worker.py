@@ -191,8 +191,11 @@ def run_oversized(rank: int, world_size: int, port: int, out_dir: str, kind: str
             message = error_of(lambda b=batch, h=handle, o=out: o.append(combine(b.materialize(), h, comm)))
             want = x.float() * w.sum(1, keepdim=True)
             lines.append(message if not out else str(torch.allclose(out[0].float(), want, rtol=tol, atol=tol)))
-        if hasattr(comm, "close"):   # the nvlink comm has none: its buffers go with the object
-            comm.close()
+        comm.close()
+        comm.close()   # idempotent
+        if kind.startswith("nvlink") or kind == "deepep_ll":   # comms that hold buffers refuse use after close
+            message = error_of(lambda: dispatch(x, Routing(ids.to(dev), w), comm, placement))
+            lines.append(str(message.startswith("RuntimeError") and "closed" in message))
         with open(os.path.join(out_dir, f"oversized_rank{rank}.txt"), "w") as f:
             f.write("\n".join(lines))
     finally:

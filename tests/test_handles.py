@@ -198,7 +198,7 @@ def test_nvlink_and_deepep_refuse_a_torch_handle():
     x, routing, placement = inputs()
     batch, handle = dispatch(x, routing, LocalComm(), placement)
     nv = object.__new__(NvlinkComm)
-    nv._err_np = np.zeros(3, dtype=np.int64)
+    nv._err_np, nv._bufs = np.zeros(3, dtype=np.int64), {}   # not closed (close() sets _bufs to None)
     with pytest.raises(ValueError, match=r"^handle must come from this NvlinkComm's dispatch_recv$"):
         nv.combine_send(batch, handle)
     with pytest.raises(ValueError, match=r"^handle must be the DeepEPHandle from this comm's dispatch_recv, got Hand"):
@@ -308,3 +308,23 @@ def test_two_ranks_wrong_handle_raises_everywhere_without_hanging(tmp_path):
             else:  # the peer ends with its comm's timeout (2 s) naming the stage, never an endless wait
                 assert out[f"{kind}/one_wrong"].startswith("TimeoutError: rank 1: EP stage 'combine/payload'"), out
                 assert 1.5 < out[f"{kind}/one_wrong_s"] < 10
+
+
+def test_every_comm_backend_has_the_whole_interface():
+    """Every registered comm implements the Comm protocol's methods (close included: callers such as the CLI
+    and the workers call it on whatever comm they built); the single-rank comm still works after close."""
+    import inspect
+
+    from nanomoe_fn.comm import COMM_BACKENDS, Comm
+
+    methods = [n for n, v in vars(Comm).items() if inspect.isfunction(v)]
+    assert {"dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "close"} <= set(methods)
+    for name, cls in COMM_BACKENDS.items():
+        missing = [m for m in methods if not callable(getattr(cls, m, None))]
+        assert not missing, f"comm {name!r} lacks {missing}"
+    comm = LocalComm()
+    comm.close()
+    comm.close()
+    x, routing, placement = inputs()
+    batch, handle = dispatch(x, routing, comm, placement)
+    torch.testing.assert_close(combine(batch, handle, comm), expected(x, routing))

@@ -36,6 +36,10 @@ class Comm(Protocol):
     def combine_recv(self, pending: Any) -> torch.Tensor:
         """Finish combine: the weighted sum of each token's k expert outputs, [T, H]."""
 
+    def close(self) -> None:
+        """Release what the comm holds (watchdog threads, CUDA graphs, peer-mapped or DeepEP buffers); call it on
+        every rank before destroy_process_group. Idempotent; a closed comm refuses further exchanges."""
+
 
 def supports_comm(name: str, **options: Any) -> tuple[bool, str]:
     """Whether comm backend `name` can run here, and why not."""

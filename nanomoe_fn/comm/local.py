@@ -34,6 +34,9 @@ class LocalComm:
         """Always available."""
         return True, ""
 
+    def close(self) -> None:
+        """Nothing to release: the single-rank comm holds no buffers (the Comm interface's close)."""
+
     def dispatch_send(self, x: torch.Tensor, routing: Routing, placement: Placement) -> Any:
         """Sort the (token, k) rows by slot; nothing moves between ranks."""
         check_dispatch_args(x, routing, placement)

@@ -154,8 +154,15 @@ class NvlinkComm:
             return False, f"needs torch symmetric memory and Triton: {err}"
         return True, ""
 
+    def close(self) -> None:
+        """Drop this rank's symmetric buffers (each rank calls it once its last exchange has returned: peers keep
+        their mappings alive until they close too). Idempotent; exchanges raise RuntimeError after it."""
+        self._handles, self._bufs = None, None
+
     def check(self) -> None:
         """Raise the TimeoutError a GPU-side wait left in the error word (host read, no sync)."""
+        if self._bufs is None:
+            raise RuntimeError(f"rank {self.rank}: this NvlinkComm is closed")
         if self._err_np[0] and self._err_np[1] == 4:
             raise ValueError(f"rank {self.rank}: routing.topk_ids holds expert ids outside [0, {self.num_slots}) "
                              f"(found on the GPU by the nvlink dispatch; this comm is unusable now)")
