@@ -264,6 +264,8 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     wgmma_why = mla_decode_wgmma.unsupported(q, kv, kv_lora_rank, runs_interpreted()) if explicit_wgmma else ""
     if wgmma_why:
         raise ValueError(wgmma_why)
+    if t.store_tma and not t.warp_specialize:
+        raise ValueError("tuning.store_tma needs tuning.warp_specialize (the warp-specialised Gluon stage 1)")
     if t.warp_specialize and not (t.wgmma and mla_decode_wgmma_ws.supported_triton()):
         raise ValueError("tuning.warp_specialize needs tuning.wgmma and Triton >= 3.6 (Gluon's warp_specialize)")
     if t.key_major and t.num_stages < 2 and q.is_cuda and not runs_interpreted():
@@ -293,7 +295,8 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
     if t.wgmma:
         launch = mla_decode_wgmma_ws.launch_partial if t.warp_specialize else mla_decode_wgmma.launch_partial
         launch(q, kv, bt, ctx_lens, o_part, lse, kv_lora_rank, rows // batch, k, max_len,
-               sm_scale * 1.4426950408889634, paged, **({"trigger": True} if pdl else {}))
+               sm_scale * 1.4426950408889634, paged, **({"trigger": True} if pdl else {}),
+               **({"store_tma": True} if t.store_tma else {}))
     else:
         kernel[(head_programs, rows, k)](
             q, kv, *descs, bt, ctx_lens, o_part, lse,

@@ -35,7 +35,9 @@ class DecodeTuning:
     (kernels/mla_decode_wgmma.py: 64 heads x all value columns a program, each tile scored once by two
     warpgroups; block_h and block_n must be 64, the other tile fields do not apply); warp_specialize (with
     wgmma, Triton >= 3.6): its warp-specialised form (kernels/mla_decode_wgmma_ws.py: a TMA warp, one
-    warpgroup for the scores, the softmax and half the value columns, one for the other half)."""
+    warpgroup for the scores, the softmax and half the value columns, one for the other half); store_tma (with
+    warp_specialize): each warpgroup writes its split partials through shared memory (the drained cache-tile
+    ring) and one TMA store, full lines instead of the accumulator layout's 8-byte pieces."""
 
     block_h: int = 64
     block_n: int = 64
@@ -52,6 +54,7 @@ class DecodeTuning:
     pdl: bool = False
     wgmma: bool = False
     warp_specialize: bool = False
+    store_tma: bool = False
 
 
 def triton_at_least(major: int, minor: int) -> bool:
@@ -62,6 +65,8 @@ def triton_at_least(major: int, minor: int) -> bool:
 # the warp-specialised form where Gluon has list-form warp_specialize (Triton >= 3.6): 1.3x the plain one at
 # B >= 32, 1.16x at B = 4, 1.07x at one row (run 128 in bench/results/mla_notes.md)
 WGMMA = DecodeTuning(block_h=64, block_n=64, num_warps=8, wgmma=True, warp_specialize=triton_at_least(3, 6))
+ONE_ROW_WGMMA = DecodeTuning(block_h=64, block_n=64, num_warps=8, wgmma=True, warp_specialize=True, store_tma=True,
+                             input_dtype_partials=True)
 MAX_SPLITS = 256      # pick_splits' largest K
 PROGRAM_TILES = 2.0   # a stage-1 program's fixed cost (query load, partial store), in tiles
 REDUCE_TILES = 2.0    # the reduction launch's fixed cost, in tiles
@@ -79,8 +84,13 @@ def default_tuning(num_heads: int, rows: int | None = None, wgmma: bool = False)
     wgmma: the Gluon stage 1 can run here (mla_decode asks kernels/mla_decode_wgmma.unsupported); it then
     serves every head count that is a multiple of 64 (WGMMA: warp-specialised where Triton allows): 2.2x the
     tl.dot kernels at 128 heads and B = 32-128, 1.2x at one row and 16k, 1.5-1.7x at B = 4-8 (run 128 in
-    bench/results/mla_notes.md)."""
+    bench/results/mla_notes.md); one row of >= 128 heads also stores bf16 partials by TMA (ONE_ROW_WGMMA)."""
     if wgmma and num_heads % 64 == 0:
+        # one row, >= 128 heads: bf16 partials through TMA stores, 27.0 -> 24.8 us at 16k and 19.7 -> 19.3 at 4k;
+        # float32 partials fill the L2's write rate (~3.6 TB/s) at the end of stage 1 (run 212, mla_notes.md); at 4
+        # rows the bf16 split reduction is slower (49.8 -> 54.6 us), so more rows keep float32 and plain stores
+        if rows == 1 and num_heads >= 128 and WGMMA.warp_specialize:
+            return ONE_ROW_WGMMA
         return WGMMA
     if num_heads <= 16 and rows == 1:   # one query row: key-major 64-row tiles, 4% faster at 16k (0 at 4k)
         return DecodeTuning(block_h=16, block_n=64, value_splits=1, num_warps=4, num_stages=2, key_major=True,

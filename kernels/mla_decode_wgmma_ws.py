@@ -25,20 +25,49 @@ from nanomoe_kernels.mla_decode_tuning import triton_at_least
 from nanomoe_kernels.mla_decode_wgmma import BH, descriptors, gluon
 
 if gluon is not None:
-    from nanomoe_kernels.mla_decode_wgmma import _tma_load
+    from nanomoe_kernels.mla_decode_wgmma import GluonDescriptor, _cta_barrier, _tma_load
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
+        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+
+    # TMA store from shared memory: async_store from Triton 3.7, the old name in 3.6
+    _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
+
+    @gluon.jit
+    def _store_half(acc, inv, ring, po_desc, prow, pcol, o_ptr, o_off, stride_on, c0: gl.constexpr):
+        """One warpgroup's [BH, CH] partial half (acc * inv): through the drained tile ring (ring [2, BN, CH],
+        the same bytes as [BH, CH] float32) and one TMA store of po_desc's block at (prow, pcol + c0), or by plain
+        stores at o_ptr + o_off (+ column c0) when po_desc is no TMA descriptor (then a pointer, unused)."""
+        out = acc * inv
+        if hasattr(po_desc, "block_type"):   # decided while compiling: the kernel specialises on po_desc's type
+            if hasattr(ring, "reinterpret"):   # Triton >= 3.7; 3.6 names it _reinterpret
+                buf = ring.reinterpret(po_desc.dtype, po_desc.block_type.shape, po_desc.layout)
+            else:
+                buf = ring._reinterpret(po_desc.dtype, po_desc.block_type.shape, po_desc.layout)
+            buf.store(out.to(po_desc.dtype))
+            fence_async_shared()
+            _cta_barrier()          # the warpgroup's rows are all in shared memory before one thread sends them
+            _tma_store(po_desc, [prow, pcol + c0], buf)
+            tma.store_wait(0)
+        else:
+            layout: gl.constexpr = out.type.layout
+            offs_h = gl.arange(0, out.shape[0], layout=gl.SliceLayout(1, layout))
+            offs_c = c0 + gl.arange(0, out.shape[1], layout=gl.SliceLayout(0, layout))
+            gl.store(o_ptr + o_off + gl.expand_dims(offs_h, 1) * stride_on + gl.expand_dims(offs_c, 0),
+                     out.to(o_ptr.dtype.element_ty))
     from triton.language.extra.cuda import gdc_launch_dependents
 
     @gluon.jit
-    def _stamp(tr, slot, TRACE: gl.constexpr):
-        """TRACE: (%globaltimer ns, %clock64 cycles) into tr[2 * slot], tr[2 * slot + 1] (mla_trace_probe.py)."""
-        if TRACE:
+    def _stamp(tr, slot):
+        """(%globaltimer ns, %clock64 cycles) into tr[2 * slot], tr[2 * slot + 1] when tr points to int64 (a trace,
+        mla_trace_probe.py); nothing for the float32 stand-in. Decided while compiling, by the pointer's type: a
+        constexpr flag passed on to the partitions is not seen as one by every Triton release."""
+        if tr.dtype.element_ty == gl.int64:
             ns, clk = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;\n\tmov.u64 $1, %clock64;", "=l,=l", [],
                                                 dtype=(gl.int64, gl.int64), is_pure=False, pack=1)
             gl.store(tr + 2 * slot, ns)
@@ -46,7 +75,7 @@ if gluon is not None:
 
     @gluon.jit
     def _load_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
-                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, TRACE: gl.constexpr):
+                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr):
         CH: gl.constexpr = kl_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = kl_desc.block_type.shape[0]
         for i in range(n_tiles):
@@ -62,12 +91,12 @@ if gluon is not None:
             _tma_load(kl_desc, [row0, 0], bar, k0.index(st))
             _tma_load(kl_desc, [row0, CH], bar, k1.index(st))
             _tma_load(kp_desc, [row0, 0], bar, kp.index(st))
-        _stamp(tr, 29, TRACE)
+        _stamp(tr, 29)
 
     @gluon.jit
     def _value_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
-                         max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, TRACE: gl.constexpr, p_smem,
-                         alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off, stride_on):
+                         max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, p_smem,
+                         alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off, stride_on, po_desc, prow, pcol):
         CH: gl.constexpr = kl_desc.block_type.shape[1]
         BLOCK_H: gl.constexpr = p_smem.type.shape[0]
         O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -81,15 +110,13 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(p_free, count=1)
             mbarrier.arrive(k_free.index(i % 2), count=1)
-        _stamp(tr, 27, TRACE)
+        _stamp(tr, 27)
         mbarrier.wait(done, 0)
         l_i = l_smem.load(ROWS)
         inv = gl.expand_dims(1.0 / gl.where(l_i > 0, l_i, 1.0), 1)
-        offs_h = gl.arange(0, BLOCK_H, layout=ROWS)
-        offs_c = CH + gl.arange(0, CH, layout=gl.SliceLayout(0, O_LAYOUT))
-        gl.store(o_ptr + o_off + gl.expand_dims(offs_h, 1) * stride_on + gl.expand_dims(offs_c, 0),
-                 (acc * inv).to(o_ptr.dtype.element_ty))
-        _stamp(tr, 28, TRACE)
+        # k1 is drained: the score warpgroup's last q . k^T read it before p_ready, this warpgroup's last p . v is done
+        _store_half(acc, inv, k1, po_desc, prow, pcol, o_ptr, o_off, stride_on, CH)
+        _stamp(tr, 28)
 
     @gluon.jit
     def _zero_rows(buf, n0, end, num_warps: gl.constexpr):
@@ -102,7 +129,8 @@ if gluon is not None:
     @gluon.jit
     def _score_partition(q0, q1, qp, q_ready, k0, k1, kp, k_ready, k_free, p_smem, alpha_smem, l_smem, p_ready,
                          p_free, done, start, end, n_tiles, scale_log2, o_ptr, o_off, stride_on, lse_ptr, l_off,
-                         stride_ln, tr, TRACE: gl.constexpr, FINAL: gl.constexpr, num_warps: gl.constexpr):
+                         stride_ln, tr, po_desc, prow, pcol, FINAL: gl.constexpr,
+                         num_warps: gl.constexpr):
         BLOCK_H: gl.constexpr = p_smem.type.shape[0]
         BLOCK_N: gl.constexpr = p_smem.type.shape[1]
         CH: gl.constexpr = k0.type.shape[2]
@@ -115,13 +143,13 @@ if gluon is not None:
         l_i = gl.full([BLOCK_H], 0.0, gl.float32, gl.SliceLayout(1, S_LAYOUT))
         acc = gl.zeros([BLOCK_H, CH], gl.float32, O_LAYOUT)
         mbarrier.wait(q_ready, 0)
-        _stamp(tr, 1, TRACE)
+        _stamp(tr, 1)
         for i in range(n_tiles):
             st = i % 2
             n0 = start + i * BLOCK_N
             mbarrier.wait(k_ready.index(st), (i // 2) & 1)
             if i < 8:
-                _stamp(tr, 2 + i, TRACE)
+                _stamp(tr, 2 + i)
             ragged = n0 + BLOCK_N > end
             if ragged:     # the last tile: rows past the context hold whatever the cache holds (even NaN)
                 _zero_rows(k0.index(st), n0, end, num_warps)
@@ -133,7 +161,7 @@ if gluon is not None:
             s = warpgroup_mma(qp, kp.index(st).permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, )) * scale_log2
             if i < 8:
-                _stamp(tr, 10 + i, TRACE)
+                _stamp(tr, 10 + i)
             offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
             s = gl.where(gl.expand_dims(offs_n < end, 0), s, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, axis=1))
@@ -152,28 +180,26 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(st), count=1)
             if i < 8:
-                _stamp(tr, 18 + i, TRACE)
+                _stamp(tr, 18 + i)
         l_smem.store(l_i)
         mbarrier.arrive(done, count=1)
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
         inv = gl.expand_dims(1.0 / gl.where(l_o > 0, l_o, 1.0), 1)
-        offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, O_LAYOUT))
-        offs_c = gl.arange(0, CH, layout=gl.SliceLayout(0, O_LAYOUT))
-        gl.store(o_ptr + o_off + gl.expand_dims(offs_h, 1) * stride_on + gl.expand_dims(offs_c, 0),
-                 (acc * inv).to(o_ptr.dtype.element_ty))
+        # k0 is drained: this warpgroup's own last p . v read it and is done; the value warpgroup never reads it
+        _store_half(acc, inv, k0, po_desc, prow, pcol, o_ptr, o_off, stride_on, 0)
         if not FINAL:
             lse = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
             offs_hs = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, S_LAYOUT))
             gl.store(lse_ptr + l_off + offs_hs * stride_ln, lse)
-        _stamp(tr, 26, TRACE)
+        _stamp(tr, 26)
 
     @gluon.jit
     def _mla_decode_partial_ws(
         ql_desc, qp_desc, kl_desc, kp_desc, bt_ptr, len_ptr, o_ptr, lse_ptr,
         stride_bt, stride_or, stride_on, stride_ok, stride_lr, stride_ln,
-        S, N, SPLITS, max_len, scale_log2, trace_ptr,
+        S, N, SPLITS, max_len, scale_log2, trace_ptr, po_desc,
         PAGE: gl.constexpr, PAGED: gl.constexpr, FINAL: gl.constexpr, num_warps: gl.constexpr,
-        TRIGGER: gl.constexpr = False, TRACE: gl.constexpr = False,
+        TRIGGER: gl.constexpr = False,
     ):
         BLOCK_H: gl.constexpr = ql_desc.block_type.shape[0]
         CH: gl.constexpr = ql_desc.block_type.shape[1]
@@ -185,10 +211,10 @@ if gluon is not None:
         hblk = gl.program_id(0)
         row = gl.program_id(1)
         split = gl.program_id(2)
-        # TRACE: 32 (time, clock) pairs a program, programs in launch order (split-major)
+        # a trace (trace_ptr int64): 32 (time, clock) pairs a program, programs in launch order (split-major)
         tr = trace_ptr + ((split * gl.num_programs(1) + row) * gl.num_programs(0) + hblk).to(gl.int64) * 64
-        _stamp(tr, 0, TRACE)
-        if TRACE:
+        _stamp(tr, 0)
+        if trace_ptr.dtype.element_ty == gl.int64:
             gl.store(tr + 60, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32,
                                                         is_pure=False, pack=1).to(gl.int64))
         seq = row // S
@@ -227,15 +253,17 @@ if gluon is not None:
 
         o_off = row.to(gl.int64) * stride_or + (hblk * BLOCK_H).to(gl.int64) * stride_on + split * stride_ok
         l_off = row.to(gl.int64) * stride_lr + (hblk * BLOCK_H).to(gl.int64) * stride_ln + split
+        prow = row * N + hblk * BLOCK_H       # the block's first row and column in po_desc's [R * N, K * C]
+        pcol = split * 2 * CH
         worker = (kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt, max_len,
-                  PAGE, PAGED, tr, TRACE)
+                  PAGE, PAGED, tr)
         gl.warp_specialize([
             (_score_partition, (q0, q1, qp, q_ready, k0, k1, kp, k_ready, k_free, p_smem, alpha_smem, l_smem,
                                 p_ready, p_free, done, start, end, n_tiles, scale_log2, o_ptr, o_off, stride_on,
-                                lse_ptr, l_off, stride_ln, tr, TRACE, FINAL, num_warps)),
+                                lse_ptr, l_off, stride_ln, tr, po_desc, prow, pcol, FINAL, num_warps)),
             (_load_partition, worker),
             (_value_partition, worker + (p_smem, alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off,
-                                         stride_on)),
+                                         stride_on, po_desc, prow, pcol)),
         ], [1, 4], [24, 232])
 
 
@@ -246,16 +274,27 @@ def supported_triton() -> bool:
 
 def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens: torch.Tensor,
                    o_part: torch.Tensor, lse: torch.Tensor, c: int, rows_per_seq: int, splits: int, max_len: int,
-                   scale_log2: float, paged: bool, trigger: bool = False, trace: torch.Tensor | None = None) -> None:
+                   scale_log2: float, paged: bool, trigger: bool = False, trace: torch.Tensor | None = None,
+                   store_tma: bool = False) -> None:
     """Stage 1 over grid (N / 64, R, K), as kernels/mla_decode_wgmma.launch_partial (same outputs); trigger: let
     a reduction launched with PDL in as the programs start. trace: int64 [programs, 64], filled with each
-    program's event times (a profiling aid, bench/gpu/mla_trace_probe.py says which slot is which)."""
+    program's event times (a profiling aid, bench/gpu/mla_trace_probe.py says which slot is which). store_tma:
+    the partials (contiguous o_part [R, N, K, C], splits > 1) leave through shared memory and TMA stores."""
     q = q if q.is_contiguous() else q.contiguous()
     heads = q.shape[1]
+    store_tma = store_tma and splits > 1
+    po_desc = lse   # a pointer: the plain stores (the kernel compiles the TMA path for a descriptor only)
+    if store_tma:
+        if not o_part.is_contiguous() or o_part.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"store_tma needs contiguous float32/bf16/fp16 partials, got {o_part.dtype}")
+        flat = o_part.view(o_part.shape[0] * o_part.shape[1], -1)   # [R * N, K * C]
+        el = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[o_part.dtype]
+        po_desc = GluonDescriptor(flat, list(flat.shape), [flat.stride(0), 1], [BH, c // 2],
+                                  gl.NVMMASharedLayout.get_default_for([BH, c // 2], el))
     _mla_decode_partial_ws[(triton.cdiv(heads, BH), q.shape[0], splits)](
         *descriptors(q, kv, c), bt, ctx_lens, o_part, lse,
         bt.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        rows_per_seq, heads, splits, max_len, scale_log2, lse if trace is None else trace,
+        rows_per_seq, heads, splits, max_len, scale_log2, lse if trace is None else trace, po_desc,
         PAGE=kv.shape[1] if paged else 1, PAGED=paged, FINAL=splits == 1, num_warps=4, maxnreg=168,
-        **({"TRIGGER": True} if trigger else {}), **({"TRACE": True} if trace is not None else {}),
+        **({"TRIGGER": True} if trigger else {}),
     )

@@ -267,9 +267,13 @@ def test_wgmma_tuning_off_the_gpu():
     (every head count, the same result as asking for them), and asking for it names what it needs; the GPU side is
     tests/gpu/test_mla_wgmma_gpu.py."""
     from nanomoe_kernels import mla_decode_wgmma
-    from nanomoe_kernels.mla_decode_tuning import WGMMA, default_tuning
+    from nanomoe_kernels.mla_decode_tuning import ONE_ROW_WGMMA, WGMMA, default_tuning
 
-    assert default_tuning(128, 1, wgmma=True) == WGMMA and default_tuning(64, 32, wgmma=True) == WGMMA
+    # one row of >= 128 heads: bf16 partials by TMA store (warp-specialised stage 1 only); else the plain tuning
+    one_row = ONE_ROW_WGMMA if WGMMA.warp_specialize else WGMMA
+    assert one_row.store_tma == one_row.input_dtype_partials == WGMMA.warp_specialize
+    assert default_tuning(128, 1, wgmma=True) == one_row and default_tuning(64, 32, wgmma=True) == WGMMA
+    assert default_tuning(128, 4, wgmma=True) == WGMMA and default_tuning(64, 1, wgmma=True) == WGMMA
     assert not default_tuning(16, 1, wgmma=True).wgmma and not default_tuning(128, 1).wgmma
     q, kv = torch.zeros(1, 64, 48), torch.zeros(1, 64, 48)
     assert "9.0" in mla_decode_wgmma.unsupported(q, kv, 32, interpreted=True)

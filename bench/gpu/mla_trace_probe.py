@@ -54,18 +54,20 @@ def make_inputs(heads: int, rows: int, ctx: int, paged: bool) -> tuple:
     return q, kv, torch.full((rows,), ctx, dtype=torch.int32, device="cuda"), bt
 
 
-def stage1(q, kv, lens, bt, trace=None, splits: int | None = None) -> tuple:
-    """The default call's stage 1 alone (its tuning; its split count unless given); returns (partials, lse, K)."""
+def stage1(q, kv, lens, bt, trace=None, splits: int | None = None, store_tma: bool = False,
+           part_dtype: torch.dtype = torch.float32) -> tuple:
+    """The default call's stage 1 alone (its tuning; its split count unless given; plain or TMA partial stores, in
+    part_dtype); returns (partials, lse, K)."""
     t = decode_tuning_for(q, kv, C)
     assert t.wgmma and t.warp_specialize, f"the default here is not the warp-specialised stage 1: {t}"
     paged = bt is not None
     max_len = bt.shape[1] * kv.shape[1] if paged else kv.shape[1]
     rows, heads = q.shape[:2]
     k = splits or default_splits(rows, heads, max_len, t, q.device, C, DC * q.element_size(), paged)
-    o_part = torch.empty(rows, heads, k, C, dtype=torch.float32, device="cuda")
+    o_part = torch.empty(rows, heads, k, C, dtype=part_dtype, device="cuda")
     lse = torch.empty(rows, heads, k, dtype=torch.float32, device="cuda")
     ws.launch_partial(q, kv, bt if paged else lens, lens, o_part, lse, C, rows // (bt.shape[0] if paged else
-                      kv.shape[0]), k, max_len, SCALE * 1.4426950408889634, paged, trace=trace)
+                      kv.shape[0]), k, max_len, SCALE * 1.4426950408889634, paged, trace=trace, store_tma=store_tma)
     return o_part, lse, k
 
 
@@ -109,11 +111,73 @@ def median_dicts(ds: list[dict]) -> dict:
     return out
 
 
+VARIANTS = {  # name -> DecodeTuning fields over the default's (the warp-specialised wgmma stage 1)
+    "default": {}, "store_tma": {"store_tma": True}, "bf16_partials": {"input_dtype_partials": True},
+    "store_tma_bf16": {"store_tma": True, "input_dtype_partials": True},
+    "store_tma_pdl": {"store_tma": True, "pdl": True},
+    "store_tma_bf16_pdl": {"store_tma": True, "input_dtype_partials": True, "pdl": True},
+}
+
+
+def variants(rounds: int) -> list[dict]:
+    """Each shape's whole call under each variant: checked against the default's output, then do_bench's graph
+    replay (and after a read flush) in `rounds` interleaved rounds; the stage 1 of the store variants traced."""
+    from dataclasses import replace
+
+    from bench.mla_cases import graph_us_read_flush
+    out = []
+    for heads, rows, ctx, paged in SHAPES:
+        q, kv, lens, bt = make_inputs(heads, rows, ctx, paged)
+        base = decode_tuning_for(q, kv, C)
+        def call(t, q=q, kv=kv, lens=lens, bt=bt):   # noqa: ANN001, ANN202 - one variant's whole call
+            return lambda: mla_decode(q, kv, lens, C, SCALE, block_table=bt, tuning=t)
+
+        fns = {name: call(replace(base, **f)) for name, f in VARIANTS.items()}
+        ref = fns["default"]().float()
+        row = {"heads": heads, "rows": rows, "context": ctx, "paged": paged, "max_abs_diff_vs_default": {},
+               "rounds_us": {n: [] for n in fns}, "read_flush_us": {}}
+        for name, fn in fns.items():
+            row["max_abs_diff_vs_default"][name] = (fn().float() - ref).abs().max().item()
+        graphs = {name: capture_graph(fn) for name, fn in fns.items()}
+        for _ in range(rounds):
+            for name, g in graphs.items():
+                row["rounds_us"][name].append(1000 * triton.testing.do_bench(g.replay, warmup=25, rep=150,
+                                                                              return_mode="median"))
+        row["median_us"] = {n: statistics.median(v) for n, v in row["rounds_us"].items()}
+        for name, fn in fns.items():
+            row["read_flush_us"][name] = graph_us_read_flush(fn)
+        zero_buf = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+        for name, (tma, dt) in {"trace_store_tma": (True, torch.float32),
+                                "trace_store_tma_bf16": (True, torch.bfloat16)}.items():
+            k = stage1(q, kv, lens, bt)[2]
+            trace = torch.zeros((heads // ws.BH) * rows * k, 64, dtype=torch.int64, device="cuda")
+            reps = []
+            for _ in range(20):
+                zero_buf.zero_()
+                stage1(q, kv, lens, bt, trace, store_tma=tma, part_dtype=dt)
+                torch.cuda.synchronize()
+                reps.append(phases(trace.cpu(), triton.cdiv(triton.cdiv(ctx, k), 64)))
+            row[name] = median_dicts(reps)
+        del graphs
+        out.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("rounds_us",) and not k.startswith("trace")},
+                         indent=1), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--variants", action="store_true", help="A/B the store variants instead of tracing splits")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    if args.variants:
+        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "variants": VARIANTS, "shapes": variants(args.rounds)}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     zero_buf = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     flushes = {"zeroed": zero_buf.zero_, "read": read_flush(), "none": lambda: None}
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -5,6 +5,8 @@ Dimension legend: B sequences, S query rows per sequence, R = B * S rows, N head
 sequence's context hold NaN, so a read of a row the kernel must not use shows up in the output.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -74,17 +76,20 @@ def test_decode_wgmma(heads, page, dtype, ws):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_wgmma_default_16k(batch):
     """128 heads at L = 16k, paged (the one-row latency case and a few rows): the default tuning is the wgmma
-    kernel on sm_90 (warp-specialised on Triton >= 3.6; the same bits as asking for WGMMA), right against float64;
+    kernel on sm_90 (warp-specialised on Triton >= 3.6; the same bits as asking for default_tuning's pick: at one
+    row bf16 partials by TMA store), right against float64;
     then captured in a CUDA graph and replayed after the query and the lengths change (within each sequence's
     written rows)."""
     from nanomoe_kernels.mla_decode import mla_decode
-    from nanomoe_kernels.mla_decode_tuning import WGMMA
+    from nanomoe_kernels.mla_decode_tuning import default_tuning
 
+    tuning = default_tuning(128, batch, wgmma=True)
+    assert tuning.store_tma == (batch == 1)
     lens = [16384, 9000, 77, 0][:batch]
     q, kv, ctx, want = _case(128, torch.bfloat16, 11 + batch, lens, per_seq=1, cap=16384)
     cache, table = _paged(kv, 64, batch)
     out = mla_decode(q, cache, ctx, C, SCALE, block_table=table)
-    assert torch.equal(out, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=WGMMA))
+    assert torch.equal(out, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=tuning))
     _check(out, want, ctx)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -135,6 +140,33 @@ def test_decode_wgmma_ws_pdl(batch):
     ctx.copy_(torch.tensor([5000, 8999, 1, 0][:batch], dtype=torch.int32, device="cuda"))
     graph.replay()
     assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws))
+    _check(captured, _want(q, kv, ctx, 1), ctx)
+
+
+@pytest.mark.parametrize("batch, bf16_partials, paged", [(1, False, True), (4, False, True), (1, True, True),
+                                                          (2, False, False)])
+def test_decode_wgmma_ws_store_tma(batch, bf16_partials, paged):
+    """Split partials written through shared memory and TMA stores (DecodeTuning.store_tma): the same values as the
+    plain stores, so the same bits (float32 or bf16 partials), with and without PDL, and replayed from a CUDA graph
+    after q and the lengths change; against float64."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+
+    base = DecodeTuning(wgmma=True, warp_specialize=True, input_dtype_partials=bf16_partials)
+    tma, tma_pdl = replace(base, store_tma=True), replace(base, store_tma=True, pdl=True)
+    q, kv, ctx, want = _case(128, torch.bfloat16, 71 + batch, [16384, 9000, 77, 0][:batch], per_seq=1, cap=16384)
+    cache, table = _paged(kv, 64, 3 + batch) if paged else (kv, None)
+    plain = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=base)
+    out = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=tma)
+    assert torch.equal(out, plain)
+    assert torch.equal(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=tma_pdl), plain)
+    _check(out, want, ctx)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=tma)
+    q.copy_(torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)))
+    ctx.copy_(torch.tensor([5000, 8999, 1, 0][:batch], dtype=torch.int32, device="cuda"))
+    graph.replay()
+    assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=base))
     _check(captured, _want(q, kv, ctx, 1), ctx)
 
 
