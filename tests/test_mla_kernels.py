@@ -282,6 +282,8 @@ def test_wgmma_tuning_off_the_gpu():
         mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(wgmma=True))
     with pytest.raises(ValueError, match="block_h = block_n = 64"):
         mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(block_h=16, wgmma=True))
+    with pytest.raises(ValueError, match="store_tma needs tuning.warp_specialize"):
+        mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(store_tma=True))
     with pytest.raises(ValueError, match="warp_specialize needs tuning.wgmma"):
         mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(warp_specialize=True))
     decode_case(torch.float32, B=1, S=1, N=64, C=32, DR=16, L=64, ctx=[50], splits=2, tuning=None, paged=False,
