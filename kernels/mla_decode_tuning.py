@@ -8,7 +8,7 @@ T tiles of the longest row. Plain Python: no kernels here.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -65,8 +65,8 @@ def triton_at_least(major: int, minor: int) -> bool:
 # the warp-specialised form where Gluon has list-form warp_specialize (Triton >= 3.6): 1.3x the plain one at
 # B >= 32, 1.16x at B = 4, 1.07x at one row (run 128 in bench/results/mla_notes.md)
 WGMMA = DecodeTuning(block_h=64, block_n=64, num_warps=8, wgmma=True, warp_specialize=triton_at_least(3, 6))
-ONE_ROW_WGMMA = DecodeTuning(block_h=64, block_n=64, num_warps=8, wgmma=True, warp_specialize=True, store_tma=True,
-                             input_dtype_partials=True)
+# one row of >= 128 heads (default_tuning): bf16 split partials, stored through TMA by the warp-specialised stage 1
+ONE_ROW_WGMMA = replace(WGMMA, warp_specialize=True, store_tma=True, input_dtype_partials=True)
 MAX_SPLITS = 256      # pick_splits' largest K
 PROGRAM_TILES = 2.0   # a stage-1 program's fixed cost (query load, partial store), in tiles
 REDUCE_TILES = 2.0    # the reduction launch's fixed cost, in tiles

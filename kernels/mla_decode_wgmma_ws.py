@@ -286,7 +286,8 @@ def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens
     po_desc = lse   # a pointer: the plain stores (the kernel compiles the TMA path for a descriptor only)
     if store_tma:
         if not o_part.is_contiguous() or o_part.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"store_tma needs contiguous float32/bf16/fp16 partials, got {o_part.dtype}")
+            raise ValueError(f"store_tma needs o_part contiguous float32/bfloat16/float16, got {o_part.dtype} with "
+                             f"strides {o_part.stride()}")
         flat = o_part.view(o_part.shape[0] * o_part.shape[1], -1)   # [R * N, K * C]
         el = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[o_part.dtype]
         po_desc = GluonDescriptor(flat, list(flat.shape), [flat.stride(0), 1], [BH, c // 2],

@@ -51,6 +51,23 @@ def _check(out: torch.Tensor, want: torch.Tensor, ctx: torch.Tensor) -> None:
     assert (out[~live] == 0).all()
 
 
+def _replayed_after_change(q: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor, table: torch.Tensor | None,
+                           ctx: torch.Tensor, seed: int, tuning: object = None, eager: object = None) -> None:
+    """mla_decode with `tuning` captured in a CUDA graph, replayed after q and the lengths change (within each
+    sequence's written rows): the same bits as an eager call with `eager` (default: `tuning`) on the new inputs,
+    and right against float64. None: the default tuning."""
+    from nanomoe_kernels.mla_decode import mla_decode
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=tuning)
+    q.copy_(torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
+    ctx.copy_(torch.tensor([5000, 8999, 1, 0][:ctx.numel()], dtype=torch.int32, device="cuda"))
+    graph.replay()
+    assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=eager or tuning))
+    _check(captured, _want(q, kv, ctx, 1), ctx)
+
+
 @pytest.mark.parametrize("heads", [64, 128])
 @pytest.mark.parametrize("page", [0, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -91,14 +108,7 @@ def test_decode_wgmma_default_16k(batch):
     out = mla_decode(q, cache, ctx, C, SCALE, block_table=table)
     assert torch.equal(out, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=tuning))
     _check(out, want, ctx)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = mla_decode(q, cache, ctx, C, SCALE, block_table=table)
-    q.copy_(torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)).bfloat16())
-    ctx.copy_(torch.tensor([5000, 8999, 1, 0][:batch], dtype=torch.int32, device="cuda"))
-    graph.replay()
-    assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table))
-    _check(captured, _want(q, kv, ctx, 1), ctx)
+    _replayed_after_change(q, kv, cache, table, ctx, 5)
 
 
 def test_decode_wgmma_ws_graph_16k():
@@ -110,14 +120,7 @@ def test_decode_wgmma_ws_graph_16k():
     q, kv, ctx, want = _case(128, torch.bfloat16, 21, [16384, 9000, 77, 0], per_seq=1, cap=16384)
     cache, table = _paged(kv, 64, 4)
     _check(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws), want, ctx)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws)
-    q.copy_(torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(6)).bfloat16())
-    ctx.copy_(torch.tensor([5000, 8999, 1, 0], dtype=torch.int32, device="cuda"))
-    graph.replay()
-    assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws))
-    _check(captured, _want(q, kv, ctx, 1), ctx)
+    _replayed_after_change(q, kv, cache, table, ctx, 6, ws)
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -133,14 +136,7 @@ def test_decode_wgmma_ws_pdl(batch):
     out = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=pdl)
     assert torch.equal(out, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws))
     _check(out, want, ctx)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=pdl)
-    q.copy_(torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(9)))
-    ctx.copy_(torch.tensor([5000, 8999, 1, 0][:batch], dtype=torch.int32, device="cuda"))
-    graph.replay()
-    assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=ws))
-    _check(captured, _want(q, kv, ctx, 1), ctx)
+    _replayed_after_change(q, kv, cache, table, ctx, 9, pdl, eager=ws)
 
 
 @pytest.mark.parametrize("batch, bf16_partials, paged", [(1, False, True), (4, False, True), (1, True, True),
@@ -160,14 +156,7 @@ def test_decode_wgmma_ws_store_tma(batch, bf16_partials, paged):
     assert torch.equal(out, plain)
     assert torch.equal(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=tma_pdl), plain)
     _check(out, want, ctx)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=tma)
-    q.copy_(torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)))
-    ctx.copy_(torch.tensor([5000, 8999, 1, 0][:batch], dtype=torch.int32, device="cuda"))
-    graph.replay()
-    assert torch.equal(captured, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=base))
-    _check(captured, _want(q, kv, ctx, 1), ctx)
+    _replayed_after_change(q, kv, cache, table, ctx, 5, tma, eager=base)
 
 
 def test_decode_wgmma_refuses_clearly():
