@@ -29,6 +29,7 @@ from nanomoe_kernels.mla_decode_keymajor import _mla_decode_partial_km, block_v
 from nanomoe_kernels.mla_decode_tuning import (  # noqa: F401 (re-exported: the wrapper's tuning API)
     DecodeTuning,
     TensorDescriptor,
+    check_fields,
     default_splits,
     default_tuning,
     device_sms,
@@ -257,23 +258,18 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         raise ValueError(f"block_table must be [B, M] int32 with unit inner stride, got {block_table.dtype}")
     max_len = block_table.shape[1] * kv.shape[1] if paged else kv.shape[1]
     t = tuning or decode_tuning_for(q, kv, kv_lora_rank)
-    if t.wgmma and (t.block_h, t.block_n, t.value_splits, t.key_major) != (64, 64, 1, False):
-        raise ValueError(f"tuning.wgmma needs block_h = block_n = 64, value_splits 1, key_major off, got {t}")
+    check_fields(t)
     # the default picks wgmma only where it can run; an explicit tuning is checked here
     explicit_wgmma = tuning is not None and t.wgmma
     wgmma_why = mla_decode_wgmma.unsupported(q, kv, kv_lora_rank, runs_interpreted()) if explicit_wgmma else ""
     if wgmma_why:
         raise ValueError(wgmma_why)
-    if t.store_tma and not t.warp_specialize:
-        raise ValueError("tuning.store_tma needs tuning.warp_specialize (the warp-specialised Gluon stage 1)")
     if t.warp_specialize and not (t.wgmma and mla_decode_wgmma_ws.supported_triton()):
         raise ValueError("tuning.warp_specialize needs tuning.wgmma and Triton >= 3.6 (Gluon's warp_specialize)")
     if t.key_major and t.num_stages < 2 and q.is_cuda and not runs_interpreted():
         # Triton 3.6 miscompiles the key-major tile staged in registers: one stage gave relative errors ~7 and
         # illegal addresses on an H200 (run 162, bench/results/mla_notes.md); two or more stages are right
         raise ValueError(f"tuning.num_stages must be >= 2 with key_major on a GPU, got {t.num_stages}")
-    if t.value_splits not in (1, 2) or (t.key_major and t.value_splits != 1):
-        raise ValueError(f"tuning.value_splits must be 1 or 2 (1 with key_major), got {t.value_splits}")
     bv = block_v(kv_lora_rank) if t.key_major else _pow2(kv_lora_rank) // t.value_splits
     descs = _descriptors(kv, kv_lora_rank, dr, t, bv) if t.tma else (None, None)
     head_programs = triton.cdiv(heads, t.block_h) * t.value_splits
@@ -296,7 +292,8 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         launch = mla_decode_wgmma_ws.launch_partial if t.warp_specialize else mla_decode_wgmma.launch_partial
         launch(q, kv, bt, ctx_lens, o_part, lse, kv_lora_rank, rows // batch, k, max_len,
                sm_scale * 1.4426950408889634, paged, **({"trigger": True} if pdl else {}),
-               **({"store_tma": True} if t.store_tma else {}))
+               **({"store_tma": True} if t.store_tma else {}),
+               **({"order": t.first_tile_alone + 2 * t.q_first} if t.warp_specialize else {}))
     else:
         kernel[(head_programs, rows, k)](
             q, kv, *descs, bt, ctx_lens, o_part, lse,
@@ -314,7 +311,7 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
             o_part, lse, out,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), heads, kv_lora_rank, k,
-            BLOCK_H=bh, BLOCK_C=bc, BLOCK_K=max(2, triton.next_power_of_2(k)), CHUNK_K=kc, num_warps=4,
+            BLOCK_H=bh, BLOCK_C=bc, BLOCK_K=max(2, triton.next_power_of_2(k)), CHUNK_K=kc, num_warps=t.reduce_warps,
             **({"WAIT": True, "launch_pdl": True} if pdl else {}),
         )
     return out

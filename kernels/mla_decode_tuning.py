@@ -37,7 +37,10 @@ class DecodeTuning:
     wgmma, Triton >= 3.6): its warp-specialised form (kernels/mla_decode_wgmma_ws.py: a TMA warp, one
     warpgroup for the scores, the softmax and half the value columns, one for the other half); store_tma (with
     warp_specialize): each warpgroup writes its split partials through shared memory (the drained cache-tile
-    ring) and one TMA store, full lines instead of the accumulator layout's 8-byte pieces."""
+    ring) and one TMA store, full lines instead of the accumulator layout's 8-byte pieces. first_tile_alone / q_first
+    (with warp_specialize): the load warp issues a program's second cache tile only once its first has landed / its
+    first tile only once Q has, so no program's first tile queues behind the second ones; reduce_warps: warps of a
+    split reduction program."""
 
     block_h: int = 64
     block_n: int = 64
@@ -55,6 +58,22 @@ class DecodeTuning:
     wgmma: bool = False
     warp_specialize: bool = False
     store_tma: bool = False
+    first_tile_alone: bool = False
+    q_first: bool = False
+    reduce_warps: int = 1   # one warp: 5.6 -> 3.3 us at one 128-head row, never slower (run 216, mla_notes.md)
+
+
+def check_fields(t: DecodeTuning) -> None:
+    """Raise ValueError naming the first field of t that cannot go with the others (whatever the GPU)."""
+    if t.wgmma and (t.block_h, t.block_n, t.value_splits, t.key_major) != (64, 64, 1, False):
+        raise ValueError(f"tuning.wgmma needs block_h = block_n = 64, value_splits 1, key_major off, got {t}")
+    for name in ("store_tma", "first_tile_alone", "q_first"):
+        if getattr(t, name) and not t.warp_specialize:
+            raise ValueError(f"tuning.{name} needs tuning.warp_specialize (the warp-specialised Gluon stage 1)")
+    if t.reduce_warps not in (1, 2, 4, 8):
+        raise ValueError(f"tuning.reduce_warps must be 1, 2, 4 or 8, got {t.reduce_warps}")
+    if t.value_splits not in (1, 2) or (t.key_major and t.value_splits != 1):
+        raise ValueError(f"tuning.value_splits must be 1 or 2 (1 with key_major), got {t.value_splits}")
 
 
 def triton_at_least(major: int, minor: int) -> bool:
@@ -65,8 +84,12 @@ def triton_at_least(major: int, minor: int) -> bool:
 # the warp-specialised form where Gluon has list-form warp_specialize (Triton >= 3.6): 1.3x the plain one at
 # B >= 32, 1.16x at B = 4, 1.07x at one row (run 128 in bench/results/mla_notes.md)
 WGMMA = DecodeTuning(block_h=64, block_n=64, num_warps=8, wgmma=True, warp_specialize=triton_at_least(3, 6))
-# one row of >= 128 heads (default_tuning): bf16 split partials, stored through TMA by the warp-specialised stage 1
-ONE_ROW_WGMMA = replace(WGMMA, warp_specialize=True, store_tma=True, input_dtype_partials=True)
+# few rows (default_tuning): bf16 split partials stored through TMA by the warp-specialised stage 1,
+# each program's first cache tile loaded ahead of its second; one row also launches the reduction with PDL
+FEW_ROWS_WGMMA = replace(WGMMA, warp_specialize=True, store_tma=True, input_dtype_partials=True,
+                         first_tile_alone=True)
+ONE_ROW_WGMMA = replace(FEW_ROWS_WGMMA, pdl=True)
+FEW_ROWS = 8          # default_tuning: query rows that take FEW_ROWS_WGMMA (3% faster at 8 rows, 1% at 16: run 217)
 MAX_SPLITS = 256      # pick_splits' largest K
 PROGRAM_TILES = 2.0   # a stage-1 program's fixed cost (query load, partial store), in tiles
 REDUCE_TILES = 2.0    # the reduction launch's fixed cost, in tiles
@@ -84,13 +107,16 @@ def default_tuning(num_heads: int, rows: int | None = None, wgmma: bool = False)
     wgmma: the Gluon stage 1 can run here (mla_decode asks kernels/mla_decode_wgmma.unsupported); it then
     serves every head count that is a multiple of 64 (WGMMA: warp-specialised where Triton allows): 2.2x the
     tl.dot kernels at 128 heads and B = 32-128, 1.2x at one row and 16k, 1.5-1.7x at B = 4-8 (run 128 in
-    bench/results/mla_notes.md); one row of >= 128 heads also stores bf16 partials by TMA (ONE_ROW_WGMMA)."""
+    bench/results/mla_notes.md); up to FEW_ROWS rows also store bf16 partials by TMA (FEW_ROWS_WGMMA,
+    ONE_ROW_WGMMA)."""
     if wgmma and num_heads % 64 == 0:
-        # one row, >= 128 heads: bf16 partials through TMA stores, 27.0 -> 24.8 us at 16k and 19.7 -> 19.3 at 4k;
-        # float32 partials fill the L2's write rate (~3.6 TB/s) at the end of stage 1 (run 212, mla_notes.md); at 4
-        # rows the bf16 split reduction is slower (49.8 -> 54.6 us), so more rows keep float32 and plain stores
-        if rows == 1 and num_heads >= 128 and WGMMA.warp_specialize:
-            return ONE_ROW_WGMMA
+        # few rows: bf16 partials through TMA stores (float32 partials fill the L2's write rate, ~3.6 TB/s, at the
+        # end of stage 1: run 212), the first tile alone; with one-warp reduction programs 128 heads at one 16k row
+        # take 22.6 us (25.3 before), 2 / 4 / 8 x 16k 30.7 / 45.9 / 76.2 (36.4 / 50.0 / 78.7); 64 heads 1 / 4 / 8 x
+        # 16k 20.8 / 38.2 / 57.4 (23.7 / 42.8 / 60.2); PDL: 0.6-0.7 us less at one 4k row, +0.5 to 0 at 16k
+        # (runs 215-218, bench/results/mla_notes.md)
+        if rows is not None and rows <= FEW_ROWS and WGMMA.warp_specialize:
+            return ONE_ROW_WGMMA if rows == 1 else FEW_ROWS_WGMMA
         return WGMMA
     if num_heads <= 16 and rows == 1:   # one query row: key-major 64-row tiles, 4% faster at 16k (0 at 4k)
         return DecodeTuning(block_h=16, block_n=64, value_splits=1, num_warps=4, num_stages=2, key_major=True,

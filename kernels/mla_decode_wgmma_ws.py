@@ -75,12 +75,16 @@ if gluon is not None:
 
     @gluon.jit
     def _load_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
-                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr):
+                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, q_ready, order):
         CH: gl.constexpr = kl_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = kl_desc.block_type.shape[0]
+        if (order & 2) != 0:    # tile 0 after Q: Q's bytes do not share the SM's first load burst
+            mbarrier.wait(q_ready, 0)
         for i in range(n_tiles):
             st = i % 2
             mbarrier.wait(k_free.index(st), ((i // 2) & 1) ^ 1)      # fresh barriers pass phase 1
+            if i == 1 and (order & 1) != 0:   # tile 1 after tile 0 has landed: every program's first tile comes
+                mbarrier.wait(k_ready.index(0), 0)  # from HBM ahead of the second ones
             n0 = start + i * BLOCK_N
             if PAGED:   # BN divides the page: the tile lies in one page
                 row0 = gl.load(bt_ptr + seq.to(gl.int64) * stride_bt + n0 // PAGE) * PAGE + n0 % PAGE
@@ -193,11 +197,11 @@ if gluon is not None:
             gl.store(lse_ptr + l_off + offs_hs * stride_ln, lse)
         _stamp(tr, 26)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["order"])
     def _mla_decode_partial_ws(
         ql_desc, qp_desc, kl_desc, kp_desc, bt_ptr, len_ptr, o_ptr, lse_ptr,
         stride_bt, stride_or, stride_on, stride_ok, stride_lr, stride_ln,
-        S, N, SPLITS, max_len, scale_log2, trace_ptr, po_desc,
+        S, N, SPLITS, max_len, scale_log2, trace_ptr, po_desc, order,
         PAGE: gl.constexpr, PAGED: gl.constexpr, FINAL: gl.constexpr, num_warps: gl.constexpr,
         TRIGGER: gl.constexpr = False,
     ):
@@ -261,7 +265,7 @@ if gluon is not None:
             (_score_partition, (q0, q1, qp, q_ready, k0, k1, kp, k_ready, k_free, p_smem, alpha_smem, l_smem,
                                 p_ready, p_free, done, start, end, n_tiles, scale_log2, o_ptr, o_off, stride_on,
                                 lse_ptr, l_off, stride_ln, tr, po_desc, prow, pcol, FINAL, num_warps)),
-            (_load_partition, worker),
+            (_load_partition, worker + (q_ready, order)),
             (_value_partition, worker + (p_smem, alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off,
                                          stride_on, po_desc, prow, pcol)),
         ], [1, 4], [24, 232])
@@ -275,11 +279,13 @@ def supported_triton() -> bool:
 def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens: torch.Tensor,
                    o_part: torch.Tensor, lse: torch.Tensor, c: int, rows_per_seq: int, splits: int, max_len: int,
                    scale_log2: float, paged: bool, trigger: bool = False, trace: torch.Tensor | None = None,
-                   store_tma: bool = False) -> None:
+                   store_tma: bool = False, order: int = 0) -> None:
     """Stage 1 over grid (N / 64, R, K), as kernels/mla_decode_wgmma.launch_partial (same outputs); trigger: let
     a reduction launched with PDL in as the programs start. trace: int64 [programs, 64], filled with each
     program's event times (a profiling aid, bench/gpu/mla_trace_probe.py says which slot is which). store_tma:
-    the partials (contiguous o_part [R, N, K, C], splits > 1) leave through shared memory and TMA stores."""
+    the partials (contiguous o_part [R, N, K, C], splits > 1) leave through shared memory and TMA stores. order:
+    how the load warp orders a program's first loads, bits (DecodeTuning.first_tile_alone / q_first): 1, tile 1
+    only once tile 0 has landed; 2, tile 0 only once Q has (0: Q and both ring slots at once)."""
     q = q if q.is_contiguous() else q.contiguous()
     heads = q.shape[1]
     store_tma = store_tma and splits > 1
@@ -295,7 +301,7 @@ def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens
     _mla_decode_partial_ws[(triton.cdiv(heads, BH), q.shape[0], splits)](
         *descriptors(q, kv, c), bt, ctx_lens, o_part, lse,
         bt.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        rows_per_seq, heads, splits, max_len, scale_log2, lse if trace is None else trace, po_desc,
+        rows_per_seq, heads, splits, max_len, scale_log2, lse if trace is None else trace, po_desc, order,
         PAGE=kv.shape[1] if paged else 1, PAGED=paged, FINAL=splits == 1, num_warps=4, maxnreg=168,
         **({"TRIGGER": True} if trigger else {}),
     )

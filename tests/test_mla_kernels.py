@@ -6,6 +6,7 @@ interpreter gets bfloat16 wrong); bfloat16 on the GPU lives in tests/gpu/test_ml
 """
 
 import os
+from dataclasses import replace
 
 import torch
 
@@ -267,13 +268,16 @@ def test_wgmma_tuning_off_the_gpu():
     (every head count, the same result as asking for them), and asking for it names what it needs; the GPU side is
     tests/gpu/test_mla_wgmma_gpu.py."""
     from nanomoe_kernels import mla_decode_wgmma
-    from nanomoe_kernels.mla_decode_tuning import ONE_ROW_WGMMA, WGMMA, default_tuning
+    from nanomoe_kernels.mla_decode_tuning import FEW_ROWS, FEW_ROWS_WGMMA, ONE_ROW_WGMMA, WGMMA, default_tuning
 
-    # one row of >= 128 heads: bf16 partials by TMA store (warp-specialised stage 1 only); else the plain tuning
-    one_row = ONE_ROW_WGMMA if WGMMA.warp_specialize else WGMMA
-    assert one_row.store_tma == one_row.input_dtype_partials == WGMMA.warp_specialize
-    assert default_tuning(128, 1, wgmma=True) == one_row and default_tuning(64, 32, wgmma=True) == WGMMA
-    assert default_tuning(128, 4, wgmma=True) == WGMMA and default_tuning(64, 1, wgmma=True) == WGMMA
+    # up to FEW_ROWS rows: bf16 partials by TMA store, first tile alone (warp-specialised stage 1 only), one row also
+    # PDL; else the plain tuning
+    few, one_row = (FEW_ROWS_WGMMA, ONE_ROW_WGMMA) if WGMMA.warp_specialize else (WGMMA, WGMMA)
+    assert few.store_tma == few.input_dtype_partials == few.first_tile_alone == WGMMA.warp_specialize
+    assert one_row.pdl == WGMMA.warp_specialize and one_row == replace(few, pdl=one_row.pdl)
+    assert default_tuning(128, 1, wgmma=True) == one_row == default_tuning(64, 1, wgmma=True)
+    assert default_tuning(256, FEW_ROWS, wgmma=True) == few and default_tuning(64, 2, wgmma=True) == few
+    assert default_tuning(128, FEW_ROWS + 1, wgmma=True) == WGMMA and default_tuning(64, 32, wgmma=True) == WGMMA
     assert not default_tuning(16, 1, wgmma=True).wgmma and not default_tuning(128, 1).wgmma
     q, kv = torch.zeros(1, 64, 48), torch.zeros(1, 64, 48)
     assert "9.0" in mla_decode_wgmma.unsupported(q, kv, 32, interpreted=True)
@@ -282,8 +286,11 @@ def test_wgmma_tuning_off_the_gpu():
         mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(wgmma=True))
     with pytest.raises(ValueError, match="block_h = block_n = 64"):
         mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(block_h=16, wgmma=True))
-    with pytest.raises(ValueError, match="store_tma needs tuning.warp_specialize"):
-        mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(store_tma=True))
+    for name in ("store_tma", "first_tile_alone", "q_first"):
+        with pytest.raises(ValueError, match=f"{name} needs tuning.warp_specialize"):
+            mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(**{name: True}))
+    with pytest.raises(ValueError, match="reduce_warps must be 1, 2, 4 or 8, got 3"):
+        mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(reduce_warps=3))
     with pytest.raises(ValueError, match="warp_specialize needs tuning.wgmma"):
         mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(warp_specialize=True))
     decode_case(torch.float32, B=1, S=1, N=64, C=32, DR=16, L=64, ctx=[50], splits=2, tuning=None, paged=False,

@@ -1,7 +1,8 @@
 """Few-row and paged MLA decode on one GPU: tunings A/B in interleaved rounds, and where a call's time goes.
 
     python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row | --partials
-    | --partials-one-row | --pdl | --wgmma | --wgmma-splits | --ws-partials | --ws-pdl]
+    | --partials-one-row | --pdl | --wgmma | --wgmma-splits | --ws-partials | --ws-pdl | --prologue | --reduce-warps
+    | --few-rows | --few-rows-64]
 
 For each shape (heads, rows, context; paged cache of 64-row pages unless marked contiguous) every variant
 (a tuning and split count, or the library default) is checked against the default's output, then timed as
@@ -27,7 +28,8 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from nanomoe_kernels.mla_decode import DecodeTuning, default_tuning, mla_decode  # noqa: E402
+from nanomoe_kernels.mla_decode import DecodeTuning, decode_tuning_for, default_tuning, mla_decode  # noqa: E402
+from nanomoe_kernels.mla_decode_tuning import ONE_ROW_WGMMA as OW  # noqa: E402
 
 from bench.mla_cases import capture_graph  # noqa: E402
 
@@ -115,6 +117,58 @@ WS_PDL = [  # --ws-pdl: the warp-specialised stage 1 with the split reduction la
                   (128, 32, 16384, True), (64, 8, 16384, True))
 ]
 
+OW_VARIANTS = {  # the one-row 128-head default: the load warp's first loads ordered, reduction blocks and warps, PDL
+    "default": (None, None), "tile0_alone": (replace(OW, first_tile_alone=True), None),
+    "q_first": (replace(OW, q_first=True), None), "both": (replace(OW, first_tile_alone=True, q_first=True), None),
+    "pdl": (replace(OW, pdl=True), None), "tile0_alone_pdl": (replace(OW, first_tile_alone=True, pdl=True), None),
+    **{f"red{h}x{c}_w{w}": (replace(OW, reduce_h=h, reduce_c=c, reduce_warps=w), None)
+       for h, c, w in ((1, 128, 4), (1, 32, 4), (2, 64, 4), (1, 64, 1), (1, 64, 2), (1, 32, 1), (1, 32, 2),
+                       (1, 128, 2), (1, 128, 8), (2, 128, 8))}}
+PROLOGUE = [  # --prologue: OW_VARIANTS at one row; the same knobs on the 4-row default and the 16-head one-row one
+    *[(shape, OW_VARIANTS) for shape in ((128, 1, 16384, True), (128, 1, 4096, True), (128, 1, 16384, False))],
+    ((128, 4, 16384, True), {"default": (None, None), "tile0_alone": (replace(WS, first_tile_alone=True), None),
+                             "w2": (replace(WS, reduce_warps=2), None), "w8": (replace(WS, reduce_warps=8), None)}),
+    ((16, 1, 16384, True), {"default": (None, None), "w1": (DecodeTuning(**KM, pdl=True, reduce_warps=1), None),
+                            "w2": (DecodeTuning(**KM, pdl=True, reduce_warps=2), None)}),
+]
+
+W = {f"w{w}": {"reduce_warps": w} for w in (1, 2)}    # fields over the shape's default tuning (decode_tuning_for)
+OW1 = replace(OW, reduce_warps=1)
+REDUCE_WARPS = [  # --reduce-warps: split reduction programs of 1 and 2 warps on every few-row shape; the one-row
+    # 128-head default's reduction blocks at 1 warp, with the first tile alone and PDL; bf16 TMA partials at 4 rows
+    ((128, 1, 16384, True), {"default": (None, None), "w1": (OW1, None),
+                             "w1_t0": (replace(OW1, first_tile_alone=True), None),
+                             "w1_t0_pdl": (replace(OW1, first_tile_alone=True, pdl=True), None),
+                             **{f"w1_red{h}x{c}": (replace(OW1, reduce_h=h, reduce_c=c), None)
+                                for h, c in ((1, 32), (1, 128), (2, 64), (1, 256))}}),
+    ((128, 1, 4096, True), {"default": (None, None), "w1": (OW1, None),
+                            "w1_t0": (replace(OW1, first_tile_alone=True), None),
+                            "w1_t0_pdl": (replace(OW1, first_tile_alone=True, pdl=True), None),
+                            "w1_red1x128": (replace(OW1, reduce_c=128, reduce_h=1), None)}),
+    ((128, 4, 16384, True), {"default": (None, None), **{n: (f, None) for n, f in W.items()},
+                             "ow_w1": (OW1, None), "ow_w1_t0": (replace(OW1, first_tile_alone=True), None)}),
+    *[(shape, {"default": (None, None), **{n: (f, None) for n, f in W.items()}})
+      for shape in ((16, 1, 16384, True), (16, 1, 4096, True), (16, 4, 16384, True), (16, 32, 16384, True),
+                    (16, 128, 16384, True), (128, 32, 16384, True), (64, 8, 16384, True))],
+]
+
+FEW_OLD = {  # the defaults before runs 215-216: one row bf16 TMA partials, more rows WGMMA; 4-warp reductions
+    1: replace(OW, first_tile_alone=False, pdl=False, reduce_warps=4), "more": replace(WS, reduce_warps=4)}
+
+
+def few_rows_cases(heads: int, shapes: tuple) -> list:
+    """The few-row defaults against the old ones, and the few-row tuning (with and without PDL) past FEW_ROWS."""
+    return [((heads, r, ctx, True), {"default": (None, None), "old": (FEW_OLD[1] if r == 1 and heads >= 128
+                                                                      else FEW_OLD["more"], None),
+                                     "few": (replace(OW, pdl=False), None), "few_pdl": (OW, None),
+                                     "ws_w1": (WS, None)}) for r, ctx in shapes]
+
+
+FEW_ROWS_CASES = (few_rows_cases(128, ((1, 16384), (2, 16384), (4, 16384), (8, 16384), (16, 16384), (1, 4096),
+                                       (4, 4096)))
+                  + [((16, 1, 16384, True), {"default": (None, None), "old": ({"reduce_warps": 4}, None)})])
+FEW_ROWS_64 = few_rows_cases(64, ((1, 16384), (4, 16384), (8, 16384), (1, 4096)))   # --few-rows-64: a 64-head shard
+
 
 def make(heads: int, rows: int, ctx: int, paged: bool):
     g = torch.Generator(device="cuda").manual_seed(heads * 1000 + rows)
@@ -167,30 +221,39 @@ def main() -> None:
     ap.add_argument("--out", default="mla_small_probe.json")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rep-ms", type=int, default=20)
-    ap.add_argument("--one-row", action="store_true", help="the one-row split and reduction sweep instead")
-    ap.add_argument("--partials", action="store_true", help="float32 against bf16 split partials instead")
-    ap.add_argument("--partials-one-row", action="store_true", help="bf16 partials' reduction blocks, one row")
-    ap.add_argument("--pdl", action="store_true", help="the reduction with and without PDL instead")
-    ap.add_argument("--wgmma", action="store_true", help="the Gluon wgmma stage 1 against the Triton kernels instead")
-    ap.add_argument("--wgmma-splits", action="store_true", help="the wgmma stage 1's split counts, bf16 partials")
-    ap.add_argument("--ws-partials", action="store_true", help="bf16 partials behind the warp-specialised stage 1")
-    ap.add_argument("--ws-pdl", action="store_true", help="the reduction with PDL behind the warp-specialised stage 1")
+    sets = {  # flag -> (case list, help); none given: SHAPES
+        "one_row": (ONE_ROW, "the one-row split and reduction sweep"),
+        "partials": (PARTIALS, "float32 against bf16 split partials"),
+        "partials_one_row": (PARTIALS_ONE_ROW, "bf16 partials' reduction blocks, one row"),
+        "pdl": (PDL, "the reduction with and without PDL"),
+        "wgmma": (WGMMA, "the Gluon wgmma stage 1 against the Triton kernels"),
+        "wgmma_splits": (WGMMA_SPLITS, "the wgmma stage 1's split counts, bf16 partials"),
+        "ws_partials": (WS_PARTIALS, "bf16 partials behind the warp-specialised stage 1"),
+        "ws_pdl": (WS_PDL, "the reduction with PDL behind the warp-specialised stage 1"),
+        "prologue": (PROLOGUE, "the one-row 128-head default's load order and reduction"),
+        "reduce_warps": (REDUCE_WARPS, "the split reduction's warps on few-row shapes"),
+        "few_rows": (FEW_ROWS_CASES, "the few-row defaults against the old ones"),
+        "few_rows_64": (FEW_ROWS_64, "the same at 64 heads"),
+    }
+    for flag, (_, text) in sets.items():
+        ap.add_argument("--" + flag.replace("_", "-"), action="store_true", help=text)
     args = ap.parse_args()
     x = torch.zeros(1, device="cuda")
     floor = capture_graph(lambda: x.add_(1).mul_(1))     # two one-element kernels: what any 2-kernel replay costs
     floor_us = triton.testing.do_bench(floor.replay, warmup=5, rep=args.rep_ms, return_mode="median") * 1e3
     print(f"two-kernel graph replay: {floor_us:.2f} us", flush=True)
     results = [{"two_kernel_graph_us": round(floor_us, 2)}]
-    cases = (WS_PDL if args.ws_pdl else WS_PARTIALS if args.ws_partials
-             else WGMMA_SPLITS if args.wgmma_splits else WGMMA if args.wgmma
-             else PDL if args.pdl else PARTIALS_ONE_ROW if args.partials_one_row
-             else PARTIALS if args.partials else ONE_ROW if args.one_row else SHAPES)
+    chosen = [flag for flag in sets if getattr(args, flag)]
+    cases = sets[chosen[0]][0] if chosen else SHAPES
+    every = bool(chosen) and chosen[0] in ("prologue", "reduce_warps", "few_rows", "few_rows_64")   # every kernel
     for (heads, rows, ctx, paged), variants in cases:
         q, kv, lens, table = make(heads, rows, ctx, paged)
         want = mla_decode(q, kv, lens, C, SCALE, block_table=table)
         graphs, rec = {}, {"heads": heads, "rows": rows, "context": ctx, "paged": paged, "variants": {}}
         for name, (tuning, splits) in variants.items():
-            if tuning == "input_dtype_partials":  # the default tuning of this shape with bf16 partials
+            if isinstance(tuning, dict):   # fields over what mla_decode picks for this shape
+                tuning = replace(decode_tuning_for(q, kv, C), **tuning)
+            elif tuning == "input_dtype_partials":  # the default tuning of this shape with bf16 partials
                 tuning = replace(default_tuning(heads, rows), input_dtype_partials=True)
             elif tuning == "tl":      # what the default was before the wgmma kernel
                 tuning = default_tuning(heads, rows)
@@ -212,9 +275,9 @@ def main() -> None:
         for v in rec["variants"].values():
             if v["us"]:
                 v["median_us"] = round(statistics.median(v["us"]), 2)
-        rec["kernels"] = {name: kernel_times(graphs[name])
-                          for name in ("default", "tl", "wg", "no_pdl", "km_plain", "bf16_partials", "bf16_red1x32",
-                                       "bf16_red1x64", "ws_bf16_red0x0", "ws_bf16_red1x64", "ws_pdl")
+        named = ("default", "tl", "wg", "no_pdl", "km_plain", "bf16_partials", "bf16_red1x32", "bf16_red1x64",
+                 "ws_bf16_red0x0", "ws_bf16_red1x64", "ws_pdl")
+        rec["kernels"] = {name: kernel_times(graphs[name]) for name in (graphs if every else named)
                           if name in graphs}
         results.append(rec)
         print(json.dumps(rec), flush=True)

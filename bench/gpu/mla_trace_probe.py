@@ -1,6 +1,6 @@
 """Where a few-row 128-head MLA decode's stage 1 spends its time: a timeline written by the kernel itself.
 
-    python bench/gpu/mla_trace_probe.py --out $OUT/mla_trace_probe.json [--reps 30]
+    python bench/gpu/mla_trace_probe.py --out $OUT/mla_trace_probe.json [--reps 30] [--variants | --orders]
 
 The warp-specialised Gluon stage 1 (kernels/mla_decode_wgmma_ws.py, launch_partial(trace=...)) stamps
 (%globaltimer ns, %clock64 cycles) at these slots of each program's row of the trace:
@@ -55,9 +55,9 @@ def make_inputs(heads: int, rows: int, ctx: int, paged: bool) -> tuple:
 
 
 def stage1(q, kv, lens, bt, trace=None, splits: int | None = None, store_tma: bool = False,
-           part_dtype: torch.dtype = torch.float32) -> tuple:
+           part_dtype: torch.dtype = torch.float32, order: int = 0) -> tuple:
     """The default call's stage 1 alone (its tuning; its split count unless given; plain or TMA partial stores, in
-    part_dtype); returns (partials, lse, K)."""
+    part_dtype; the load warp's first loads ordered by `order`, launch_partial's bits); returns (partials, lse, K)."""
     t = decode_tuning_for(q, kv, C)
     assert t.wgmma and t.warp_specialize, f"the default here is not the warp-specialised stage 1: {t}"
     paged = bt is not None
@@ -67,7 +67,8 @@ def stage1(q, kv, lens, bt, trace=None, splits: int | None = None, store_tma: bo
     o_part = torch.empty(rows, heads, k, C, dtype=part_dtype, device="cuda")
     lse = torch.empty(rows, heads, k, dtype=torch.float32, device="cuda")
     ws.launch_partial(q, kv, bt if paged else lens, lens, o_part, lse, C, rows // (bt.shape[0] if paged else
-                      kv.shape[0]), k, max_len, SCALE * 1.4426950408889634, paged, trace=trace, store_tma=store_tma)
+                      kv.shape[0]), k, max_len, SCALE * 1.4426950408889634, paged, trace=trace, store_tma=store_tma,
+                      order=order)
     return o_part, lse, k
 
 
@@ -165,13 +166,54 @@ def variants(rounds: int) -> list[dict]:
     return out
 
 
+def orders(reps: int) -> list[dict]:
+    """--orders: the one-row shapes' stage 1 as the default runs it (TMA stores of bf16 partials) under each order of
+    the load warp's first loads (0: Q and both ring slots at once; 1: tile 1 after tile 0; 2: tile 0 after Q; 3:
+    both), traced after a zeroed flush and timed alone as do_bench's graph replay; partials checked bit-equal."""
+    zero_buf = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    out = []
+    for heads, rows, ctx, paged in [s for s in SHAPES if s[1] == 1]:
+        q, kv, lens, bt = make_inputs(heads, rows, ctx, paged)
+        base, base_lse, k = stage1(q, kv, lens, bt, store_tma=True, part_dtype=torch.bfloat16)
+        row = {"heads": heads, "rows": rows, "context": ctx, "paged": paged, "splits": k, "by_order": {}}
+        trace = torch.zeros((heads // ws.BH) * rows * k, 64, dtype=torch.int64, device="cuda")
+        for order in range(4):
+            def run(tr=None, order=order, q=q, kv=kv, lens=lens, bt=bt):   # noqa: ANN001, ANN202
+                return stage1(q, kv, lens, bt, tr, store_tma=True, part_dtype=torch.bfloat16, order=order)
+            part, lse, _ = run()
+            one = {"equals_order_0": bool(torch.equal(part, base) and torch.equal(lse, base_lse))}
+            reps_ = []
+            for _ in range(reps):
+                zero_buf.zero_()
+                trace.zero_()
+                run(trace)
+                torch.cuda.synchronize()
+                reps_.append(phases(trace.cpu(), triton.cdiv(triton.cdiv(ctx, k), 64)))
+            one["zeroed"] = median_dicts(reps_)
+            graph = capture_graph(run)
+            one["stage1_us_do_bench"] = [triton.testing.do_bench(graph.replay, warmup=25, rep=150,
+                                                                 return_mode="median") for _ in range(3)]
+            del graph
+            row["by_order"][order] = one
+        out.append(row)
+        print(json.dumps({o: (v["equals_order_0"], v["stage1_us_do_bench"], v["zeroed"]["kernel_span_us"],
+                              v["zeroed"]["us"]["q_to_tile0"]) for o, v in row["by_order"].items()}), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--variants", action="store_true", help="A/B the store variants instead of tracing splits")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--orders", action="store_true", help="trace the load warp's first-load orders instead")
     args = parser.parse_args()
+    if args.orders:
+        result = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "shapes": orders(args.reps)}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     if args.variants:
         result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                   "variants": VARIANTS, "shapes": variants(args.rounds)}

@@ -93,15 +93,15 @@ def test_decode_wgmma(heads, page, dtype, ws):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_wgmma_default_16k(batch):
     """128 heads at L = 16k, paged (the one-row latency case and a few rows): the default tuning is the wgmma
-    kernel on sm_90 (warp-specialised on Triton >= 3.6; the same bits as asking for default_tuning's pick: at one
-    row bf16 partials by TMA store), right against float64;
+    kernel on sm_90 (warp-specialised on Triton >= 3.6; the same bits as asking for default_tuning's pick: at few
+    rows bf16 partials by TMA store), right against float64;
     then captured in a CUDA graph and replayed after the query and the lengths change (within each sequence's
     written rows)."""
     from nanomoe_kernels.mla_decode import mla_decode
     from nanomoe_kernels.mla_decode_tuning import default_tuning
 
     tuning = default_tuning(128, batch, wgmma=True)
-    assert tuning.store_tma == (batch == 1)
+    assert tuning.store_tma and tuning.first_tile_alone and tuning.pdl == (batch == 1)   # batch <= FEW_ROWS
     lens = [16384, 9000, 77, 0][:batch]
     q, kv, ctx, want = _case(128, torch.bfloat16, 11 + batch, lens, per_seq=1, cap=16384)
     cache, table = _paged(kv, 64, batch)
@@ -157,6 +157,26 @@ def test_decode_wgmma_ws_store_tma(batch, bf16_partials, paged):
     assert torch.equal(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=tma_pdl), plain)
     _check(out, want, ctx)
     _replayed_after_change(q, kv, cache, table, ctx, 5, tma, eager=base)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_wgmma_ws_first_loads_ordered(batch):
+    """The load warp's first loads ordered (DecodeTuning.first_tile_alone, q_first, both) change only when bytes
+    arrive: the same bits as the default, eager and replayed from a CUDA graph; reduction programs of 1, 2 and 8 warps
+    (reduce_warps) sum in another order, so against float64."""
+    from nanomoe_kernels.mla_decode import decode_tuning_for, mla_decode
+
+    q, kv, ctx, want = _case(128, torch.bfloat16, 91 + batch, [16384, 9000, 77, 0][:batch], per_seq=1, cap=16384)
+    cache, table = _paged(kv, 64, 7 + batch)
+    base = decode_tuning_for(q, cache, C)
+    out = mla_decode(q, cache, ctx, C, SCALE, block_table=table)
+    _check(out, want, ctx)
+    for fields in ({"first_tile_alone": True}, {"q_first": True}, {"first_tile_alone": True, "q_first": True}):
+        assert torch.equal(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=replace(base, **fields)), out)
+    for warps in (1, 2, 8):
+        _check(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=replace(base, reduce_warps=warps)),
+               want, ctx)
+    _replayed_after_change(q, kv, cache, table, ctx, 3, replace(base, first_tile_alone=True, q_first=True), eager=base)
 
 
 def test_decode_wgmma_refuses_clearly():
