@@ -285,16 +285,14 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         lse = torch.empty(rows, heads, k, dtype=torch.float32, device=q.device)
     bt = block_table if paged else ctx_lens
     kernel, extra = (_mla_decode_partial_km, {}) if t.key_major else (_mla_decode_partial, {"VSPLIT": t.value_splits})
-    merge = k > 1 and t.merge_in_grid and head_programs * rows * k <= device_sms(q.device)   # in one wave only
-    pdl = (k > 1 and not merge and t.pdl and (t.warp_specialize or not t.wgmma)
-           and pdl_supported(q.device, runs_interpreted()))
+    pdl = k > 1 and t.pdl and (t.warp_specialize or not t.wgmma) and pdl_supported(q.device, runs_interpreted())
     if pdl:
         extra["TRIGGER"] = True
     if t.wgmma:
         launch = mla_decode_wgmma_ws.launch_partial if t.warp_specialize else mla_decode_wgmma.launch_partial
         launch(q, kv, bt, ctx_lens, o_part, lse, kv_lora_rank, rows // batch, k, max_len,
                sm_scale * 1.4426950408889634, paged, **({"trigger": True} if pdl else {}),
-               **({"store_tma": True} if t.store_tma else {}), **({"merge_into": out} if merge else {}),
+               **({"store_tma": True} if t.store_tma else {}),
                **({"order": t.first_tile_alone + 2 * t.q_first} if t.warp_specialize else {}))
     else:
         kernel[(head_programs, rows, k)](
@@ -307,7 +305,7 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
             BLOCK_H=t.block_h, BLOCK_N=t.block_n, BLOCK_V=bv, BLOCK_R=_pow2(dr),
             num_warps=t.num_warps, num_stages=t.num_stages, **extra,
         )
-    if k > 1 and not merge:
+    if k > 1:
         bh, bc, kc = reduce_blocks(rows, heads, kv_lora_rank, k, device_sms(q.device), t)
         _mla_decode_reduce[(triton.cdiv(heads, bh), rows, triton.cdiv(kv_lora_rank, bc))](
             o_part, lse, out,

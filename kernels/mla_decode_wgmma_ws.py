@@ -23,11 +23,9 @@ import torch
 import triton
 from nanomoe_kernels.mla_decode_tuning import triton_at_least
 from nanomoe_kernels.mla_decode_wgmma import BH, descriptors, gluon
-from nanomoe_kernels.mla_split_merge import merge_args
 
 if gluon is not None:
     from nanomoe_kernels.mla_decode_wgmma import GluonDescriptor, _cta_barrier, _tma_load
-    from nanomoe_kernels.mla_split_merge import bulk_writes_done, merge_in_grid, stamp
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
@@ -56,7 +54,6 @@ if gluon is not None:
             _cta_barrier()          # the warpgroup's rows are all in shared memory before one thread sends them
             _tma_store(po_desc, [prow, pcol + c0], buf)
             tma.store_wait(0)
-            bulk_writes_done()   # the merge in this grid reads them (mla_split_merge)
         else:
             layout: gl.constexpr = out.type.layout
             offs_h = gl.arange(0, out.shape[0], layout=gl.SliceLayout(1, layout))
@@ -64,6 +61,17 @@ if gluon is not None:
             gl.store(o_ptr + o_off + gl.expand_dims(offs_h, 1) * stride_on + gl.expand_dims(offs_c, 0),
                      out.to(o_ptr.dtype.element_ty))
     from triton.language.extra.cuda import gdc_launch_dependents
+
+    @gluon.jit
+    def _stamp(tr, slot):
+        """(%globaltimer ns, %clock64 cycles) into tr[2 * slot], tr[2 * slot + 1] when tr points to int64 (a trace,
+        mla_trace_probe.py); nothing for the float32 stand-in. Decided while compiling, by the pointer's type: a
+        constexpr flag passed on to the partitions is not seen as one by every Triton release."""
+        if tr.dtype.element_ty == gl.int64:
+            ns, clk = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;\n\tmov.u64 $1, %clock64;", "=l,=l", [],
+                                                dtype=(gl.int64, gl.int64), is_pure=False, pack=1)
+            gl.store(tr + 2 * slot, ns)
+            gl.store(tr + 2 * slot + 1, clk)
 
     @gluon.jit
     def _load_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
@@ -87,7 +95,7 @@ if gluon is not None:
             _tma_load(kl_desc, [row0, 0], bar, k0.index(st))
             _tma_load(kl_desc, [row0, CH], bar, k1.index(st))
             _tma_load(kp_desc, [row0, 0], bar, kp.index(st))
-        stamp(tr, 29)
+        _stamp(tr, 29)
 
     @gluon.jit
     def _value_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
@@ -106,13 +114,13 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(p_free, count=1)
             mbarrier.arrive(k_free.index(i % 2), count=1)
-        stamp(tr, 27)
+        _stamp(tr, 27)
         mbarrier.wait(done, 0)
         l_i = l_smem.load(ROWS)
         inv = gl.expand_dims(1.0 / gl.where(l_i > 0, l_i, 1.0), 1)
         # k1 is drained: the score warpgroup's last q . k^T read it before p_ready, this warpgroup's last p . v is done
         _store_half(acc, inv, k1, po_desc, prow, pcol, o_ptr, o_off, stride_on, CH)
-        stamp(tr, 28)
+        _stamp(tr, 28)
 
     @gluon.jit
     def _zero_rows(buf, n0, end, num_warps: gl.constexpr):
@@ -139,13 +147,13 @@ if gluon is not None:
         l_i = gl.full([BLOCK_H], 0.0, gl.float32, gl.SliceLayout(1, S_LAYOUT))
         acc = gl.zeros([BLOCK_H, CH], gl.float32, O_LAYOUT)
         mbarrier.wait(q_ready, 0)
-        stamp(tr, 1)
+        _stamp(tr, 1)
         for i in range(n_tiles):
             st = i % 2
             n0 = start + i * BLOCK_N
             mbarrier.wait(k_ready.index(st), (i // 2) & 1)
             if i < 8:
-                stamp(tr, 2 + i)
+                _stamp(tr, 2 + i)
             ragged = n0 + BLOCK_N > end
             if ragged:     # the last tile: rows past the context hold whatever the cache holds (even NaN)
                 _zero_rows(k0.index(st), n0, end, num_warps)
@@ -157,7 +165,7 @@ if gluon is not None:
             s = warpgroup_mma(qp, kp.index(st).permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, )) * scale_log2
             if i < 8:
-                stamp(tr, 10 + i)
+                _stamp(tr, 10 + i)
             offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_LAYOUT))
             s = gl.where(gl.expand_dims(offs_n < end, 0), s, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, axis=1))
@@ -176,7 +184,7 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(st), count=1)
             if i < 8:
-                stamp(tr, 18 + i)
+                _stamp(tr, 18 + i)
         l_smem.store(l_i)
         mbarrier.arrive(done, count=1)
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, O_LAYOUT))
@@ -187,7 +195,7 @@ if gluon is not None:
             lse = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
             offs_hs = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, S_LAYOUT))
             gl.store(lse_ptr + l_off + offs_hs * stride_ln, lse)
-        stamp(tr, 26)
+        _stamp(tr, 26)
 
     @gluon.jit(do_not_specialize=["order"])
     def _mla_decode_partial_ws(
@@ -195,8 +203,7 @@ if gluon is not None:
         stride_bt, stride_or, stride_on, stride_ok, stride_lr, stride_ln,
         S, N, SPLITS, max_len, scale_log2, trace_ptr, po_desc, order,
         PAGE: gl.constexpr, PAGED: gl.constexpr, FINAL: gl.constexpr, num_warps: gl.constexpr,
-        TRIGGER: gl.constexpr = False, out_ptr=None, ctr_ptr=None, stride_mr=0, stride_mn=0, spin=0,
-        MERGE_KB: gl.constexpr = 0, MERGE_KC: gl.constexpr = 8,
+        TRIGGER: gl.constexpr = False,
     ):
         BLOCK_H: gl.constexpr = ql_desc.block_type.shape[0]
         CH: gl.constexpr = ql_desc.block_type.shape[1]
@@ -210,7 +217,7 @@ if gluon is not None:
         split = gl.program_id(2)
         # a trace (trace_ptr int64): 32 (time, clock) pairs a program, programs in launch order (split-major)
         tr = trace_ptr + ((split * gl.num_programs(1) + row) * gl.num_programs(0) + hblk).to(gl.int64) * 64
-        stamp(tr, 0)
+        _stamp(tr, 0)
         if trace_ptr.dtype.element_ty == gl.int64:
             gl.store(tr + 60, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32,
                                                         is_pure=False, pack=1).to(gl.int64))
@@ -262,11 +269,6 @@ if gluon is not None:
             (_value_partition, worker + (p_smem, alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off,
                                          stride_on, po_desc, prow, pcol)),
         ], [1, 4], [24, 232])
-        if MERGE_KB > 0:   # the split reduction in this grid (kernels/mla_split_merge.py); the join was a barrier
-            merge_in_grid(o_ptr, lse_ptr, out_ptr, ctr_ptr, (split * gl.num_programs(1) + row) * gl.num_programs(0)
-                          + hblk, gl.num_programs(0) * gl.num_programs(1) * SPLITS,
-                          gl.num_programs(1), N, SPLITS, stride_mr, stride_mn, spin, tr, 2 * CH, MERGE_KB,
-                          MERGE_KC, num_warps)
 
 
 def supported_triton() -> bool:
@@ -277,15 +279,13 @@ def supported_triton() -> bool:
 def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens: torch.Tensor,
                    o_part: torch.Tensor, lse: torch.Tensor, c: int, rows_per_seq: int, splits: int, max_len: int,
                    scale_log2: float, paged: bool, trigger: bool = False, trace: torch.Tensor | None = None,
-                   store_tma: bool = False, order: int = 0, merge_into: torch.Tensor | None = None) -> None:
+                   store_tma: bool = False, order: int = 0) -> None:
     """Stage 1 over grid (N / 64, R, K), as kernels/mla_decode_wgmma.launch_partial (same outputs); trigger: let
     a reduction launched with PDL in as the programs start. trace: int64 [programs, 64], filled with each
     program's event times (a profiling aid, bench/gpu/mla_trace_probe.py says which slot is which). store_tma:
     the partials (contiguous o_part [R, N, K, C], splits > 1) leave through shared memory and TMA stores. order:
     how the load warp orders a program's first loads, bits (DecodeTuning.first_tile_alone / q_first): 1, tile 1
-    only once tile 0 has landed; 2, tile 0 only once Q has (0: Q and both ring slots at once). merge_into: out
-    [R, N, C]; the programs merge the splits into it themselves (kernels/mla_split_merge.py; contiguous o_part)."""
-    merge = merge_args(merge_into, o_part, splits, c) if merge_into is not None and splits > 1 else {}
+    only once tile 0 has landed; 2, tile 0 only once Q has (0: Q and both ring slots at once)."""
     q = q if q.is_contiguous() else q.contiguous()
     heads = q.shape[1]
     store_tma = store_tma and splits > 1
@@ -303,5 +303,5 @@ def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens
         bt.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         rows_per_seq, heads, splits, max_len, scale_log2, lse if trace is None else trace, po_desc, order,
         PAGE=kv.shape[1] if paged else 1, PAGED=paged, FINAL=splits == 1, num_warps=4, maxnreg=168,
-        **({"TRIGGER": True} if trigger else {}), **merge,
+        **({"TRIGGER": True} if trigger else {}),
     )

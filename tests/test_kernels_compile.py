@@ -181,13 +181,6 @@ def _gluon_mla_cases() -> list:
                     descs + [bt, lens, flat, part] + tail + [part, po, 1],
                     dict(PAGE=64, PAGED=True, FINAL=False, num_warps=4, TRIGGER=False),
                     {"maxnreg": 168}))
-    # the split merge in the grid (kernels/mla_split_merge.py): K up to 64 in one load, more in chunks of 64
-    merge = [torch.zeros(1, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.int32), 512, 512, 256]
-    for kb in (64, 256):
-        out.append((f"mla_decode_wgmma_ws[merge_in_grid KB {kb}]", ws._mla_decode_partial_ws,
-                    descs + [bt, lens, flat, part] + tail + [part, po, 1],
-                    dict(PAGE=64, PAGED=True, FINAL=False, num_warps=4, TRIGGER=False, MERGE_KB=kb, MERGE_KC=64),
-                    {"maxnreg": 168}, (), dict(zip(("out_ptr", "ctr_ptr", "stride_mr", "stride_mn", "spin"), merge))))
     return out
 
 
@@ -217,19 +210,13 @@ def _gluon_moe_cases() -> list:
     return out
 
 
-def _compile_gluon(fn, args: list, consts: dict, options: dict, aligned: tuple = (), named: dict | None = None) -> None:
-    """named: arguments past the constexprs, by name (512 stands for an int32, 256 for an int64)."""
+def _compile_gluon(fn, args: list, consts: dict, options: dict, aligned: tuple = ()) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     names = fn.arg_names
-    named = named or {}
-    # the parameters not given keep their defaults, as constants (as a launch that leaves them out)
-    consts = {p.name: p.default for p in fn.params[len(args):] if p.has_default and p.name not in named} | consts
     signature = {n: mangle_type(a) for n, a in zip(names, args)} | {k: "constexpr" for k in consts}
-    signature |= {n: {512: "i32", 256: "i64"}.get(a) if isinstance(a, int) else mangle_type(a)
-                  for n, a in named.items()}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = GluonASTSource(fn, signature, {(names.index(k),): v for k, v in consts.items()}, attrs)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": consts["num_warps"], **options})

@@ -286,7 +286,7 @@ def test_wgmma_tuning_off_the_gpu():
         mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(wgmma=True))
     with pytest.raises(ValueError, match="block_h = block_n = 64"):
         mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(block_h=16, wgmma=True))
-    for name in ("store_tma", "first_tile_alone", "q_first", "merge_in_grid"):
+    for name in ("store_tma", "first_tile_alone", "q_first"):
         with pytest.raises(ValueError, match=f"{name} needs tuning.warp_specialize"):
             mla_decode(q, kv, lens, 32, 1.0, tuning=DecodeTuning(**{name: True}))
     with pytest.raises(ValueError, match="reduce_warps must be 1, 2, 4 or 8, got 3"):

@@ -1,6 +1,6 @@
 """Where a few-row 128-head MLA decode's stage 1 spends its time: a timeline written by the kernel itself.
 
-    python bench/gpu/mla_trace_probe.py --out $OUT/mla_trace_probe.json [--reps 30] [--variants | --orders | --merge]
+    python bench/gpu/mla_trace_probe.py --out $OUT/mla_trace_probe.json [--reps 30] [--variants | --orders]
 
 The warp-specialised Gluon stage 1 (kernels/mla_decode_wgmma_ws.py, launch_partial(trace=...)) stamps
 (%globaltimer ns, %clock64 cycles) at these slots of each program's row of the trace:
@@ -55,7 +55,7 @@ def make_inputs(heads: int, rows: int, ctx: int, paged: bool) -> tuple:
 
 
 def stage1(q, kv, lens, bt, trace=None, splits: int | None = None, store_tma: bool = False,
-           part_dtype: torch.dtype = torch.float32, order: int = 0, merge_into: torch.Tensor | None = None) -> tuple:
+           part_dtype: torch.dtype = torch.float32, order: int = 0) -> tuple:
     """The default call's stage 1 alone (its tuning; its split count unless given; plain or TMA partial stores, in
     part_dtype; the load warp's first loads ordered by `order`, launch_partial's bits); returns (partials, lse, K)."""
     t = decode_tuning_for(q, kv, C)
@@ -68,7 +68,7 @@ def stage1(q, kv, lens, bt, trace=None, splits: int | None = None, store_tma: bo
     lse = torch.empty(rows, heads, k, dtype=torch.float32, device="cuda")
     ws.launch_partial(q, kv, bt if paged else lens, lens, o_part, lse, C, rows // (bt.shape[0] if paged else
                       kv.shape[0]), k, max_len, SCALE * 1.4426950408889634, paged, trace=trace, store_tma=store_tma,
-                      order=order, merge_into=merge_into)
+                      order=order)
     return o_part, lse, k
 
 
@@ -201,43 +201,6 @@ def orders(reps: int) -> list[dict]:
     return out
 
 
-def merge_trace(reps: int) -> list[dict]:
-    """The split merge in stage 1's grid (kernels/mla_split_merge.py, slots 6-8: merge entered, wait over, units
-    merged), bf16 partials by TMA store, after do_bench's zeroed flush: per-program medians and the launch's
-    events relative to the last program entering the merge; the same stage 1 without the merge for its end."""
-    zero_buf = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    out = []
-    for heads, rows, ctx, paged in SHAPES[:3]:
-        q, kv, lens, bt = make_inputs(heads, rows, ctx, paged)
-        k = stage1(q, kv, lens, bt)[2]
-        trace = torch.zeros((heads // ws.BH) * rows * k, 64, dtype=torch.int64, device="cuda")
-        merged = torch.empty(rows, heads, C, dtype=torch.bfloat16, device="cuda")
-        one: dict = {"heads": heads, "rows": rows, "context": ctx, "paged": paged, "splits": k}
-        for name, into in (("merge", merged), ("no_merge", None)):
-            reps_out = []
-            for _ in range(reps):
-                zero_buf.zero_()
-                trace.zero_()
-                stage1(q, kv, lens, bt, trace, store_tma=True, part_dtype=torch.bfloat16, order=1, merge_into=into)
-                torch.cuda.synchronize()
-                ns = trace[:, 0:62:2].double().cpu() * 1e-3
-                t0, stored = ns[:, 0].min(), torch.maximum(ns[:, 26], ns[:, 28])
-                r = {"program_start_to_stored": (stored - ns[:, 0]).median().item(),
-                     "last_stored": (stored.max() - t0).item(), "first_stored": (stored.min() - t0).item()}
-                if into is not None:
-                    last_in = ns[:, 6].max()
-                    r |= {"stored_to_merge_entered": (ns[:, 6] - stored).median().item(),
-                          "wait": (ns[:, 7] - ns[:, 6]).median().item(), "merge": (ns[:, 8] - ns[:, 7]).median().item(),
-                          "last_entered": (last_in - t0).item(),
-                          "wait_over_after_last_entered": (ns[:, 7] - last_in).median().item(),
-                          "last_merged_after_last_entered": (ns[:, 8].max() - last_in).item()}
-                reps_out.append(r)
-            one[name] = {key: round(statistics.median(r[key] for r in reps_out), 3) for key in reps_out[0]}
-        out.append(one)
-        print(json.dumps(one), flush=True)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -245,12 +208,7 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="A/B the store variants instead of tracing splits")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--orders", action="store_true", help="trace the load warp's first-load orders instead")
-    parser.add_argument("--merge", action="store_true", help="trace the split merge in stage 1's grid instead")
     args = parser.parse_args()
-    if args.merge:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "shapes": merge_trace(args.reps)}, f, indent=1)
-        return
     if args.orders:
         result = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "shapes": orders(args.reps)}
         with open(args.out, "w") as f:
