@@ -21,7 +21,7 @@ mbarriers, so tile i + 1 lands while tile i computes; the row's ragged last tile
 partials and base-2 lse as kernels/mla_decode.py's stage 1 (its split reduction merges them). Its
 warp-specialised form, kernels/mla_decode_wgmma_ws.py, is faster (1.3x at B >= 32) and the default where Triton
 has Gluon's list-form warp_specialize (>= 3.6).
-Needs: sm_90 (wgmma), bfloat16/float16, N % 64 == 0, C % 32 == 0 with CH <= 256, Dr % 16 == 0 <= 256, and a
+Needs: sm_90 (wgmma), bfloat16/float16, N % 64 == 0, CH and Dr powers of two in 16-256, and a
 cache whose pages (or capacity) are multiples of 64 rows; `unsupported` says why not.
 """
 
@@ -66,8 +66,9 @@ def unsupported(q: torch.Tensor, kv: torch.Tensor, c: int, interpreted: bool) ->
     dr = dc - c
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"the wgmma stage 1 needs bfloat16/float16 inputs, got {q.dtype}"
-    if heads % BH or c % 32 or c // 2 > 256 or dr % 16 or not 0 < dr <= 256:
-        return f"the wgmma stage 1 needs heads % {BH} == 0, C % 32 == 0 <= 512 and Dr % 16 == 0 <= 256, got " \
+    ch = c // 2   # C / 2 and Dr are TMA blocks' widths: powers of two
+    if heads % BH or not 16 <= ch <= 256 or ch & (ch - 1) or not 16 <= dr <= 256 or dr & (dr - 1):
+        return f"the wgmma stage 1 needs heads % {BH} == 0 and C / 2, Dr powers of two in 16-256, got " \
                f"heads={heads}, C={c}, Dr={dr}"
     if not kv.is_contiguous() or kv.data_ptr() % 16 or kv.shape[1] % BN:
         return f"the wgmma stage 1 needs a contiguous 16-byte aligned cache whose pages hold a multiple of {BN} rows"

@@ -1,6 +1,7 @@
 """Where a few-row 128-head MLA decode's stage 1 spends its time: a timeline written by the kernel itself.
 
-    python bench/gpu/mla_trace_probe.py --out $OUT/mla_trace_probe.json [--reps 30] [--variants | --orders]
+    python bench/gpu/mla_trace_probe.py --out $OUT/mla_trace_probe.json [--reps 30]
+        [--variants | --orders [--order-set 1,5]]
 
 The warp-specialised Gluon stage 1 (kernels/mla_decode_wgmma_ws.py, launch_partial(trace=...)) stamps
 (%globaltimer ns, %clock64 cycles) at these slots of each program's row of the trace:
@@ -81,6 +82,7 @@ def phases(tr: torch.Tensor, tiles: int) -> dict:
         spans = {
             "start_to_q": t[:, 1] - t[:, 0],
             "q_to_tile0": t[:, 2] - t[:, 1],
+            "start_to_qk0": t[:, 10] - t[:, 0],
             "tile_qk": t[:, 10:10 + last + 1] - t[:, 2:2 + last + 1],
             "tile_whole": t[:, 18:18 + last + 1] - t[:, 2:2 + last + 1],
             "wait_next_tile": t[:, 3:3 + last] - t[:, 18:18 + last],
@@ -166,10 +168,11 @@ def variants(rounds: int) -> list[dict]:
     return out
 
 
-def orders(reps: int) -> list[dict]:
+def orders(reps: int, order_set: tuple = (0, 1, 2, 3)) -> list[dict]:
     """--orders: the one-row shapes' stage 1 as the default runs it (TMA stores of bf16 partials) under each order of
     the load warp's first loads (0: Q and both ring slots at once; 1: tile 1 after tile 0; 2: tile 0 after Q; 3:
-    both), traced after a zeroed flush and timed alone as do_bench's graph replay; partials checked bit-equal."""
+    both; + 4: tiles in pieces, DecodeTuning.tile_pieces), traced after a zeroed flush and timed alone as do_bench's
+    graph replay; partials checked bit-equal to order 0's."""
     zero_buf = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     out = []
     for heads, rows, ctx, paged in [s for s in SHAPES if s[1] == 1]:
@@ -177,7 +180,7 @@ def orders(reps: int) -> list[dict]:
         base, base_lse, k = stage1(q, kv, lens, bt, store_tma=True, part_dtype=torch.bfloat16)
         row = {"heads": heads, "rows": rows, "context": ctx, "paged": paged, "splits": k, "by_order": {}}
         trace = torch.zeros((heads // ws.BH) * rows * k, 64, dtype=torch.int64, device="cuda")
-        for order in range(4):
+        for order in order_set:
             def run(tr=None, order=order, q=q, kv=kv, lens=lens, bt=bt):   # noqa: ANN001, ANN202
                 return stage1(q, kv, lens, bt, tr, store_tma=True, part_dtype=torch.bfloat16, order=order)
             part, lse, _ = run()
@@ -208,9 +211,11 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="A/B the store variants instead of tracing splits")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--orders", action="store_true", help="trace the load warp's first-load orders instead")
+    parser.add_argument("--order-set", default="0,1,2,3", help="--orders: which launch_partial orders (0-7)")
     args = parser.parse_args()
     if args.orders:
-        result = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "shapes": orders(args.reps)}
+        shapes = orders(args.reps, tuple(int(o) for o in args.order_set.split(",")))
+        result = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "shapes": shapes}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         return

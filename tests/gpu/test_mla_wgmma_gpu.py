@@ -179,6 +179,53 @@ def test_decode_wgmma_ws_first_loads_ordered(batch):
     _replayed_after_change(q, kv, cache, table, ctx, 3, replace(base, first_tile_alone=True, q_first=True), eager=base)
 
 
+@pytest.mark.parametrize("batch, paged, dtype", [(1, True, torch.bfloat16), (4, True, torch.bfloat16),
+                                                  (2, False, torch.float16)])
+def test_decode_wgmma_ws_tile_pieces(batch, paged, dtype):
+    """Cache tiles landing in 64-column pieces on mbarriers of their own (DecodeTuning.tile_pieces,
+    kernels/mla_tile_pieces.py): the scores' MMAs run in the same order, so the same bits as whole tiles, with
+    the few-row tuning and the plain one, one split (the output straight from stage 1) and 7, eager and replayed
+    from a CUDA graph after q and the lengths change; against float64."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, decode_tuning_for, mla_decode
+
+    q, kv, ctx, want = _case(128, dtype, 31 + batch, [16384, 9000, 77, 0][:batch], per_seq=1, cap=16384)
+    cache, table = _paged(kv, 64, 2 + batch) if paged else (kv, None)
+    for base in (decode_tuning_for(q, cache, C), DecodeTuning(wgmma=True, warp_specialize=True)):
+        for splits in (None, 1, 7):
+            out = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=replace(base, tile_pieces=True),
+                             num_splits=splits)
+            assert torch.equal(out, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=base,
+                                               num_splits=splits))
+            _check(out, want, ctx)
+    _replayed_after_change(q, kv, cache, table, ctx, 4, replace(base, tile_pieces=True), eager=base)
+
+
+@pytest.mark.parametrize("c", [64, 96])
+def test_decode_wgmma_ws_tile_pieces_narrow_latent(c):
+    """A latent of 64 (halves of 32 columns, narrower than a 64-column piece): one piece per half and the rope key,
+    three mbarriers a stage; the same bits as whole tiles. A latent of 96 (halves of 48: no TMA block) is refused
+    by name when asked for and served by the tl.dot kernels by default. Both right against float64."""
+    from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    kv = torch.randn(2, 1024, c + DR, device="cuda", generator=g).to(torch.bfloat16)
+    q = torch.randn(2, 64, c + DR, device="cuda", generator=g).to(torch.bfloat16)
+    ctx = torch.tensor([1000, 65], dtype=torch.int32, device="cuda")
+    ws = DecodeTuning(wgmma=True, warp_specialize=True)
+    if c == 64:
+        out = mla_decode(q, kv, ctx, c, SCALE, tuning=replace(ws, tile_pieces=True), num_splits=3)
+        assert torch.equal(out, mla_decode(q, kv, ctx, c, SCALE, tuning=ws, num_splits=3))
+    else:
+        with pytest.raises(ValueError, match="powers of two"):
+            mla_decode(q, kv, ctx, c, SCALE, tuning=replace(ws, tile_pieces=True))
+        out = mla_decode(q, kv, ctx, c, SCALE)
+    kd = kv.double()
+    s = torch.einsum("rnd,rld->rnl", q.double(), kd) * SCALE
+    s = s.masked_fill(torch.arange(1024, device="cuda")[None, None, :] >= ctx[:, None, None], float("-inf"))
+    want = torch.einsum("rnl,rlc->rnc", torch.softmax(s, -1), kd[..., :c])
+    assert float((out.double() - want).norm() / want.norm()) < 2e-2
+
+
 def test_decode_wgmma_refuses_clearly():
     """Head counts that are not a multiple of 64 and float32 name what the kernel needs."""
     from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
