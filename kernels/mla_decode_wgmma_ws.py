@@ -22,12 +22,10 @@ from __future__ import annotations
 import torch
 import triton
 from nanomoe_kernels.mla_decode_tuning import triton_at_least
-from nanomoe_kernels.mla_decode_wgmma import BH, BN, descriptors, gluon
-from nanomoe_kernels.mla_tile_pieces import piece_cols, pieces_per_tile
+from nanomoe_kernels.mla_decode_wgmma import BH, descriptors, gluon
 
 if gluon is not None:
-    from nanomoe_kernels.mla_decode_wgmma import GluonDescriptor, _cta_barrier, _tma_load
-    from nanomoe_kernels.mla_tile_pieces import issue_tile, last_piece, score_tile, wait_tile
+    from nanomoe_kernels.mla_decode_wgmma import GluonDescriptor, _cta_barrier, _prefetch_l2, _tile_row, _tma_load
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
@@ -77,7 +75,8 @@ if gluon is not None:
 
     @gluon.jit
     def _load_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
-                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, kc_desc, q_ready, order):
+                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, q_ready, order, kv_ptr, stride_kv):
+        CH: gl.constexpr = kl_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = kl_desc.block_type.shape[0]
         if (order & 2) != 0:    # tile 0 after Q: Q's bytes do not share the SM's first load burst
             mbarrier.wait(q_ready, 0)
@@ -85,18 +84,22 @@ if gluon is not None:
             st = i % 2
             mbarrier.wait(k_free.index(st), ((i // 2) & 1) ^ 1)      # fresh barriers pass phase 1
             if i == 1 and (order & 1) != 0:   # tile 1 after tile 0 has landed: every program's first tile comes
-                mbarrier.wait(last_piece(k_ready, 0), 0)  # from HBM ahead of the second ones
-            n0 = start + i * BLOCK_N
-            if PAGED:   # BN divides the page: the tile lies in one page
-                row0 = gl.load(bt_ptr + seq.to(gl.int64) * stride_bt + n0 // PAGE) * PAGE + n0 % PAGE
-            else:
-                row0 = seq * max_len + n0
-            issue_tile(kl_desc, kp_desc, kc_desc, k_ready, st, k0.index(st), k1.index(st), kp.index(st), row0)
+                mbarrier.wait(k_ready.index(0), 0)  # from HBM ahead of the second ones
+            row0 = _tile_row(bt_ptr, seq, start + i * BLOCK_N, stride_bt, max_len, PAGE, PAGED)
+            bar = k_ready.index(st)
+            mbarrier.expect(bar, 2 * kl_desc.block_type.nbytes + kp_desc.block_type.nbytes)
+            _tma_load(kl_desc, [row0, 0], bar, k0.index(st))
+            _tma_load(kl_desc, [row0, CH], bar, k1.index(st))
+            _tma_load(kp_desc, [row0, 0], bar, kp.index(st))
+            if (order & 4) != 0 and i >= 1:   # behind tile i, the L2 fetches tile i + 2 (at i = 1, tiles 2 and 3)
+                for j in range(i + 1 + (i > 1).to(gl.int32), gl.minimum(i + 3, n_tiles)):
+                    row_j = _tile_row(bt_ptr, seq, start + j * BLOCK_N, stride_bt, max_len, PAGE, PAGED)
+                    _prefetch_l2(kv_ptr + row_j.to(gl.int64) * stride_kv, BLOCK_N * stride_kv * 2)
         _stamp(tr, 29)
 
     @gluon.jit
     def _value_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
-                         max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, kc_desc, p_smem,
+                         max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, p_smem,
                          alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off, stride_on, po_desc, prow, pcol):
         CH: gl.constexpr = kl_desc.block_type.shape[1]
         BLOCK_H: gl.constexpr = p_smem.type.shape[0]
@@ -148,16 +151,18 @@ if gluon is not None:
         for i in range(n_tiles):
             st = i % 2
             n0 = start + i * BLOCK_N
+            mbarrier.wait(k_ready.index(st), (i // 2) & 1)
+            if i < 8:
+                _stamp(tr, 2 + i)
             ragged = n0 + BLOCK_N > end
             if ragged:     # the last tile: rows past the context hold whatever the cache holds (even NaN)
-                wait_tile(k_ready, st, (i // 2) & 1)
                 _zero_rows(k0.index(st), n0, end, num_warps)
                 _zero_rows(k1.index(st), n0, end, num_warps)
                 fence_async_shared()
-            s = score_tile(q0, q1, qp, k0.index(st), k1.index(st), kp.index(st), k_ready, st, (i // 2) & 1,
-                           gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_LAYOUT))
-            if i < 8:
-                _stamp(tr, 2 + i)   # the tile's last piece landed, its q . k^T issued
+            s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_LAYOUT)
+            s = warpgroup_mma(q0, k0.index(st).permute((1, 0)), s, use_acc=False, is_async=True)
+            s = warpgroup_mma(q1, k1.index(st).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma(qp, kp.index(st).permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, )) * scale_log2
             if i < 8:
                 _stamp(tr, 10 + i)
@@ -196,9 +201,9 @@ if gluon is not None:
     def _mla_decode_partial_ws(
         ql_desc, qp_desc, kl_desc, kp_desc, bt_ptr, len_ptr, o_ptr, lse_ptr,
         stride_bt, stride_or, stride_on, stride_ok, stride_lr, stride_ln,
-        S, N, SPLITS, max_len, scale_log2, trace_ptr, po_desc, kc_desc, order,
+        S, N, SPLITS, max_len, scale_log2, trace_ptr, po_desc, order, kv_ptr, stride_kv,
         PAGE: gl.constexpr, PAGED: gl.constexpr, FINAL: gl.constexpr, num_warps: gl.constexpr,
-        TRIGGER: gl.constexpr = False, PIECES: gl.constexpr = 1,
+        TRIGGER: gl.constexpr = False,
     ):
         BLOCK_H: gl.constexpr = ql_desc.block_type.shape[0]
         CH: gl.constexpr = ql_desc.block_type.shape[1]
@@ -234,12 +239,11 @@ if gluon is not None:
         vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         alpha_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
         l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
-        k_ready = gl.allocate_shared_memory(gl.int64, [2 * PIECES, 1], mbarrier.MBarrierLayout())   # mla_tile_pieces
+        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2 * PIECES):
-            mbarrier.init(k_ready.index(i), count=1)
         for i in gl.static_range(2):
+            mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_free.index(i), count=2)      # the score and the value warpgroups
         for i in gl.static_range(4):
             mbarrier.init(bars.index(i), count=1)
@@ -256,15 +260,15 @@ if gluon is not None:
         prow = row * N + hblk * BLOCK_H       # the block's first row and column in po_desc's [R * N, K * C]
         pcol = split * 2 * CH
         worker = (kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt, max_len,
-                  PAGE, PAGED, tr, kc_desc)
+                  PAGE, PAGED, tr)
         gl.warp_specialize([
             (_score_partition, (q0, q1, qp, q_ready, k0, k1, kp, k_ready, k_free, p_smem, alpha_smem, l_smem,
                                 p_ready, p_free, done, start, end, n_tiles, scale_log2, o_ptr, o_off, stride_on,
                                 lse_ptr, l_off, stride_ln, tr, po_desc, prow, pcol, FINAL, num_warps)),
-            (_load_partition, worker + (q_ready, order)),
+            (_load_partition, worker + (q_ready, order, kv_ptr, stride_kv)),
             (_value_partition, worker + (p_smem, alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off,
                                          stride_on, po_desc, prow, pcol)),
-        ], [1, 4], [24, 232])
+        ], [1, 4], [32, 232])
 
 
 def supported_triton() -> bool:
@@ -281,8 +285,8 @@ def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens
     program's event times (a profiling aid, bench/gpu/mla_trace_probe.py says which slot is which). store_tma:
     the partials (contiguous o_part [R, N, K, C], splits > 1) leave through shared memory and TMA stores. order:
     how the load warp orders a program's first loads, bits (DecodeTuning.first_tile_alone / q_first /
-    tile_pieces): 1, tile 1 only once tile 0 has landed; 2, tile 0 only once Q has (0: Q and both ring slots at
-    once); 4, each tile in pieces of 64 columns on mbarriers of their own (kernels/mla_tile_pieces.py)."""
+    l2_prefetch): 1, tile 1 only once tile 0 has landed; 2, tile 0 only once Q has (0: Q and both ring slots at
+    once); 4, from tile 1 on, the tiles two ahead of the ring are prefetched into the L2 (bf16/fp16 rows)."""
     q = q if q.is_contiguous() else q.contiguous()
     heads = q.shape[1]
     store_tma = store_tma and splits > 1
@@ -295,17 +299,11 @@ def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens
         el = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[o_part.dtype]
         po_desc = GluonDescriptor(flat, list(flat.shape), [flat.stride(0), 1], [BH, c // 2],
                                   gl.NVMMASharedLayout.get_default_for([BH, c // 2], el))
-    descs = descriptors(q, kv, c)
-    kc_desc = descs[2]   # the latent halves' descriptor (unused) unless the tiles come in pieces
-    if order & 4:
-        rows, pw = kv.view(-1, kv.shape[-1]), piece_cols(c // 2)
-        el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-        kc_desc = GluonDescriptor(rows, [rows.shape[0], c], [rows.stride(0), 1], [BN, pw],
-                                  gl.NVMMASharedLayout.get_default_for([BN, pw], el))
     _mla_decode_partial_ws[(triton.cdiv(heads, BH), q.shape[0], splits)](
-        *descs, bt, ctx_lens, o_part, lse,
+        *descriptors(q, kv, c), bt, ctx_lens, o_part, lse,
         bt.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        rows_per_seq, heads, splits, max_len, scale_log2, lse if trace is None else trace, po_desc, kc_desc, order,
+        rows_per_seq, heads, splits, max_len, scale_log2, lse if trace is None else trace, po_desc, order,
+        kv, kv.stride(-2),
         PAGE=kv.shape[1] if paged else 1, PAGED=paged, FINAL=splits == 1, num_warps=4, maxnreg=168,
-        **({"TRIGGER": True} if trigger else {}), **({"PIECES": pieces_per_tile(c // 2)} if order & 4 else {}),
+        **({"TRIGGER": True} if trigger else {}),
     )

@@ -165,28 +165,22 @@ def _gluon_mla_cases() -> list:
         out += [(f"mla_decode_wgmma[paged {paged}]", wg._mla_decode_partial_wgmma,
                  descs + [kv, bt, lens, part, part] + [1] * 2 + tail, dict(page, C=512, DR=64, num_warps=8), {}),
                 (f"mla_decode_wgmma_ws[paged {paged}]", ws._mla_decode_partial_ws,
-                 descs + [bt, lens, part, part] + tail + [part, part, descs[2], 3],   # order 3: both prologue waits
-                 dict(page, num_warps=4, TRIGGER=not paged, PIECES=1),
+                 descs + [bt, lens, part, part] + tail + [part, part, 7, kv, 576],   # order 7: every load option
+                 dict(page, num_warps=4, TRIGGER=not paged),
                  {"maxnreg": 168})]   # TRIGGER: the PDL trigger's inline asm
     trace = torch.zeros(64, dtype=torch.int64)   # an int64 trace: the %globaltimer / %clock64 / %smid stamps
     out.append(("mla_decode_wgmma_ws[trace]", ws._mla_decode_partial_ws,
-                descs + [bt, lens, part, part] + tail + [trace, part, descs[2], 0],
-                dict(PAGE=64, PAGED=True, FINAL=False, num_warps=4, TRIGGER=False, PIECES=1),
+                descs + [bt, lens, part, part] + tail + [trace, part, 0, kv, 576],
+                dict(PAGE=64, PAGED=True, FINAL=False, num_warps=4, TRIGGER=False),
                 {"maxnreg": 168}))
     for dtype, el in ((torch.float32, wg.gl.float32), (torch.bfloat16, wg.gl.bfloat16)):   # partials by TMA store
         flat = torch.zeros(256, 4 * 512, dtype=dtype)
         po = wg.GluonDescriptor(flat, list(flat.shape), [flat.stride(0), 1], [64, 256],
                                 wg.gl.NVMMASharedLayout.get_default_for([64, 256], el))
         out.append((f"mla_decode_wgmma_ws[store_tma {dtype}]", ws._mla_decode_partial_ws,
-                    descs + [bt, lens, flat, part] + tail + [part, po, descs[2], 1],
-                    dict(PAGE=64, PAGED=True, FINAL=False, num_warps=4, TRIGGER=False, PIECES=1),
+                    descs + [bt, lens, flat, part] + tail + [part, po, 1, kv, 576],
+                    dict(PAGE=64, PAGED=True, FINAL=False, num_warps=4, TRIGGER=False),
                     {"maxnreg": 168}))
-    rows = kv.view(-1, 576)   # tiles in 64-column pieces on mbarriers of their own (kernels/mla_tile_pieces.py)
-    kc = wg.GluonDescriptor(rows, [rows.shape[0], 512], [576, 1], [64, 64],
-                            wg.gl.NVMMASharedLayout.get_default_for([64, 64], wg.gl.bfloat16))
-    out.append(("mla_decode_wgmma_ws[tile_pieces]", ws._mla_decode_partial_ws,
-                descs + [bt, lens, part, part] + tail + [part, part, kc, 5],
-                dict(PAGE=64, PAGED=True, FINAL=False, num_warps=4, TRIGGER=False, PIECES=9), {"maxnreg": 168}))
     return out
 
 

@@ -161,9 +161,10 @@ def test_decode_wgmma_ws_store_tma(batch, bf16_partials, paged):
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_wgmma_ws_first_loads_ordered(batch):
-    """The load warp's first loads ordered (DecodeTuning.first_tile_alone, q_first, both) change only when bytes
-    arrive: the same bits as the default, eager and replayed from a CUDA graph; reduction programs of 1, 2 and 8 warps
-    (reduce_warps) sum in another order, so against float64."""
+    """The load warp's first loads ordered (DecodeTuning.first_tile_alone, q_first, both) and its L2 prefetches
+    (l2_prefetch, paged and contiguous) change only when bytes arrive: the same bits as the default, eager and
+    replayed from a CUDA graph; reduction programs of 1, 2 and 8 warps (reduce_warps) sum in another order, so
+    against float64."""
     from nanomoe_kernels.mla_decode import decode_tuning_for, mla_decode
 
     q, kv, ctx, want = _case(128, torch.bfloat16, 91 + batch, [16384, 9000, 77, 0][:batch], per_seq=1, cap=16384)
@@ -171,54 +172,29 @@ def test_decode_wgmma_ws_first_loads_ordered(batch):
     base = decode_tuning_for(q, cache, C)
     out = mla_decode(q, cache, ctx, C, SCALE, block_table=table)
     _check(out, want, ctx)
-    for fields in ({"first_tile_alone": True}, {"q_first": True}, {"first_tile_alone": True, "q_first": True}):
+    for fields in ({"first_tile_alone": True}, {"q_first": True}, {"first_tile_alone": True, "q_first": True},
+                   {"l2_prefetch": True}, {"l2_prefetch": True, "first_tile_alone": False}):
         assert torch.equal(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=replace(base, **fields)), out)
+    flat = mla_decode(q, kv, ctx, C, SCALE, tuning=base)   # the contiguous cache: prefetches address its rows
+    assert torch.equal(mla_decode(q, kv, ctx, C, SCALE, tuning=replace(base, l2_prefetch=True)), flat)
     for warps in (1, 2, 8):
         _check(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=replace(base, reduce_warps=warps)),
                want, ctx)
     _replayed_after_change(q, kv, cache, table, ctx, 3, replace(base, first_tile_alone=True, q_first=True), eager=base)
 
 
-@pytest.mark.parametrize("batch, paged, dtype", [(1, True, torch.bfloat16), (4, True, torch.bfloat16),
-                                                  (2, False, torch.float16)])
-def test_decode_wgmma_ws_tile_pieces(batch, paged, dtype):
-    """Cache tiles landing in 64-column pieces on mbarriers of their own (DecodeTuning.tile_pieces,
-    kernels/mla_tile_pieces.py): the scores' MMAs run in the same order, so the same bits as whole tiles, with
-    the few-row tuning and the plain one, one split (the output straight from stage 1) and 7, eager and replayed
-    from a CUDA graph after q and the lengths change; against float64."""
-    from nanomoe_kernels.mla_decode import DecodeTuning, decode_tuning_for, mla_decode
-
-    q, kv, ctx, want = _case(128, dtype, 31 + batch, [16384, 9000, 77, 0][:batch], per_seq=1, cap=16384)
-    cache, table = _paged(kv, 64, 2 + batch) if paged else (kv, None)
-    for base in (decode_tuning_for(q, cache, C), DecodeTuning(wgmma=True, warp_specialize=True)):
-        for splits in (None, 1, 7):
-            out = mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=replace(base, tile_pieces=True),
-                             num_splits=splits)
-            assert torch.equal(out, mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=base,
-                                               num_splits=splits))
-            _check(out, want, ctx)
-    _replayed_after_change(q, kv, cache, table, ctx, 4, replace(base, tile_pieces=True), eager=base)
-
-
-@pytest.mark.parametrize("c", [64, 96])
-def test_decode_wgmma_ws_tile_pieces_narrow_latent(c):
-    """A latent of 64 (halves of 32 columns, narrower than a 64-column piece): one piece per half and the rope key,
-    three mbarriers a stage; the same bits as whole tiles. A latent of 96 (halves of 48: no TMA block) is refused
-    by name when asked for and served by the tl.dot kernels by default. Both right against float64."""
+def test_decode_wgmma_narrow_latent_falls_back():
+    """A latent of 96 (halves of 48 columns: no TMA block width) is refused by name when the wgmma stage 1 is asked
+    for, and served by the tl.dot kernels by default, right against float64."""
     from nanomoe_kernels.mla_decode import DecodeTuning, mla_decode
 
-    g = torch.Generator(device="cuda").manual_seed(8)
+    c, g = 96, torch.Generator(device="cuda").manual_seed(8)
     kv = torch.randn(2, 1024, c + DR, device="cuda", generator=g).to(torch.bfloat16)
     q = torch.randn(2, 64, c + DR, device="cuda", generator=g).to(torch.bfloat16)
     ctx = torch.tensor([1000, 65], dtype=torch.int32, device="cuda")
-    ws = DecodeTuning(wgmma=True, warp_specialize=True)
-    if c == 64:
-        out = mla_decode(q, kv, ctx, c, SCALE, tuning=replace(ws, tile_pieces=True), num_splits=3)
-        assert torch.equal(out, mla_decode(q, kv, ctx, c, SCALE, tuning=ws, num_splits=3))
-    else:
-        with pytest.raises(ValueError, match="powers of two"):
-            mla_decode(q, kv, ctx, c, SCALE, tuning=replace(ws, tile_pieces=True))
-        out = mla_decode(q, kv, ctx, c, SCALE)
+    with pytest.raises(ValueError, match="powers of two"):
+        mla_decode(q, kv, ctx, c, SCALE, tuning=DecodeTuning(wgmma=True, warp_specialize=True))
+    out = mla_decode(q, kv, ctx, c, SCALE)
     kd = kv.double()
     s = torch.einsum("rnd,rld->rnl", q.double(), kd) * SCALE
     s = s.masked_fill(torch.arange(1024, device="cuda")[None, None, :] >= ctx[:, None, None], float("-inf"))
