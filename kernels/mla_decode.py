@@ -293,7 +293,7 @@ def mla_decode(q: torch.Tensor, kv: torch.Tensor, ctx_lens: torch.Tensor, kv_lor
         launch(q, kv, bt, ctx_lens, o_part, lse, kv_lora_rank, rows // batch, k, max_len,
                sm_scale * 1.4426950408889634, paged, **({"trigger": True} if pdl else {}),
                **({"store_tma": True} if t.store_tma else {}),
-               **({"order": t.first_tile_alone + 2 * t.q_first + 4 * t.l2_prefetch} if t.warp_specialize else {}))
+               **({"order": t.first_tile_alone + 2 * t.q_first} if t.warp_specialize else {}))
     else:
         kernel[(head_programs, rows, k)](
             q, kv, *descs, bt, ctx_lens, o_part, lse,

@@ -39,10 +39,8 @@ class DecodeTuning:
     warp_specialize): each warpgroup writes its split partials through shared memory (the drained cache-tile
     ring) and one TMA store, full lines instead of the accumulator layout's 8-byte pieces. first_tile_alone / q_first
     (with warp_specialize): the load warp issues a program's second cache tile only once its first has landed / its
-    first tile only once Q has, so no program's first tile queues behind the second ones; l2_prefetch (with
-    warp_specialize): from its second tile on, the load warp also asks the L2 for the tiles two ahead of the ring
-    (one bulk prefetch each), so more of a program's HBM reads are in flight; reduce_warps: warps of a split
-    reduction program."""
+    first tile only once Q has, so no program's first tile queues behind the second ones; reduce_warps: warps of a
+    split reduction program."""
 
     block_h: int = 64
     block_n: int = 64
@@ -62,7 +60,6 @@ class DecodeTuning:
     store_tma: bool = False
     first_tile_alone: bool = False
     q_first: bool = False
-    l2_prefetch: bool = False
     reduce_warps: int = 1   # one warp: 5.6 -> 3.3 us at one 128-head row, never slower (run 216, mla_notes.md)
 
 
@@ -70,7 +67,7 @@ def check_fields(t: DecodeTuning) -> None:
     """Raise ValueError naming the first field of t that cannot go with the others (whatever the GPU)."""
     if t.wgmma and (t.block_h, t.block_n, t.value_splits, t.key_major) != (64, 64, 1, False):
         raise ValueError(f"tuning.wgmma needs block_h = block_n = 64, value_splits 1, key_major off, got {t}")
-    for name in ("store_tma", "first_tile_alone", "q_first", "l2_prefetch"):
+    for name in ("store_tma", "first_tile_alone", "q_first"):
         if getattr(t, name) and not t.warp_specialize:
             raise ValueError(f"tuning.{name} needs tuning.warp_specialize (the warp-specialised Gluon stage 1)")
     if t.reduce_warps not in (1, 2, 4, 8):

@@ -97,25 +97,13 @@ def descriptors(q: torch.Tensor, kv: torch.Tensor, c: int) -> tuple:
 if gluon is not None:
 
     @gluon.jit
-    def _tile_row(bt_ptr, seq, n0, stride_bt, max_len, PAGE: gl.constexpr, PAGED: gl.constexpr):
-        """The cache row holding context row n0 of sequence seq (BN divides the page: a tile lies in one page)."""
-        if PAGED:
-            return gl.load(bt_ptr + seq.to(gl.int64) * stride_bt + n0 // PAGE) * PAGE + n0 % PAGE
-        else:
-            return seq * max_len + n0
-
-    @gluon.jit
-    def _prefetch_l2(ptr, nbytes):
-        """Lane 0 asks the L2 for nbytes (a multiple of 16) from ptr on: one bulk prefetch, no shared memory."""
-        gl.inline_asm_elementwise("{ .reg .pred p; .reg .b32 l; mov.u32 l, %laneid; setp.eq.u32 p, l, 0;\n\t"
-                                  "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                                  "=r,l,r", [ptr, nbytes], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
     def _issue(kl_desc, kp_desc, bar, k0, k1, kp, bt_ptr, seq, n0, stride_bt, max_len, CH: gl.constexpr,
                PAGE: gl.constexpr, PAGED: gl.constexpr):
         """TMA of one full tile (cache rows n0 .. n0 + BN of sequence seq) into one ring stage."""
-        row0 = _tile_row(bt_ptr, seq, n0, stride_bt, max_len, PAGE, PAGED)
+        if PAGED:   # BN divides the page: the tile lies in one page
+            row0 = gl.load(bt_ptr + seq.to(gl.int64) * stride_bt + n0 // PAGE) * PAGE + n0 % PAGE
+        else:
+            row0 = seq * max_len + n0
         mbarrier.expect(bar, 2 * kl_desc.block_type.nbytes + kp_desc.block_type.nbytes)
         _tma_load(kl_desc, [row0, 0], bar, k0)
         _tma_load(kl_desc, [row0, CH], bar, k1)

@@ -25,7 +25,7 @@ from nanomoe_kernels.mla_decode_tuning import triton_at_least
 from nanomoe_kernels.mla_decode_wgmma import BH, descriptors, gluon
 
 if gluon is not None:
-    from nanomoe_kernels.mla_decode_wgmma import GluonDescriptor, _cta_barrier, _prefetch_l2, _tile_row, _tma_load
+    from nanomoe_kernels.mla_decode_wgmma import GluonDescriptor, _cta_barrier, _tma_load
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
@@ -75,7 +75,7 @@ if gluon is not None:
 
     @gluon.jit
     def _load_partition(kl_desc, kp_desc, k0, k1, kp, k_ready, k_free, bt_ptr, seq, start, n_tiles, stride_bt,
-                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, q_ready, order, kv_ptr, stride_kv):
+                        max_len, PAGE: gl.constexpr, PAGED: gl.constexpr, tr, q_ready, order):
         CH: gl.constexpr = kl_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = kl_desc.block_type.shape[0]
         if (order & 2) != 0:    # tile 0 after Q: Q's bytes do not share the SM's first load burst
@@ -85,16 +85,16 @@ if gluon is not None:
             mbarrier.wait(k_free.index(st), ((i // 2) & 1) ^ 1)      # fresh barriers pass phase 1
             if i == 1 and (order & 1) != 0:   # tile 1 after tile 0 has landed: every program's first tile comes
                 mbarrier.wait(k_ready.index(0), 0)  # from HBM ahead of the second ones
-            row0 = _tile_row(bt_ptr, seq, start + i * BLOCK_N, stride_bt, max_len, PAGE, PAGED)
+            n0 = start + i * BLOCK_N
+            if PAGED:   # BN divides the page: the tile lies in one page
+                row0 = gl.load(bt_ptr + seq.to(gl.int64) * stride_bt + n0 // PAGE) * PAGE + n0 % PAGE
+            else:
+                row0 = seq * max_len + n0
             bar = k_ready.index(st)
             mbarrier.expect(bar, 2 * kl_desc.block_type.nbytes + kp_desc.block_type.nbytes)
             _tma_load(kl_desc, [row0, 0], bar, k0.index(st))
             _tma_load(kl_desc, [row0, CH], bar, k1.index(st))
             _tma_load(kp_desc, [row0, 0], bar, kp.index(st))
-            if (order & 4) != 0 and i >= 1:   # behind tile i, the L2 fetches tile i + 2 (at i = 1, tiles 2 and 3)
-                for j in range(i + 1 + (i > 1).to(gl.int32), gl.minimum(i + 3, n_tiles)):
-                    row_j = _tile_row(bt_ptr, seq, start + j * BLOCK_N, stride_bt, max_len, PAGE, PAGED)
-                    _prefetch_l2(kv_ptr + row_j.to(gl.int64) * stride_kv, BLOCK_N * stride_kv * 2)
         _stamp(tr, 29)
 
     @gluon.jit
@@ -201,7 +201,7 @@ if gluon is not None:
     def _mla_decode_partial_ws(
         ql_desc, qp_desc, kl_desc, kp_desc, bt_ptr, len_ptr, o_ptr, lse_ptr,
         stride_bt, stride_or, stride_on, stride_ok, stride_lr, stride_ln,
-        S, N, SPLITS, max_len, scale_log2, trace_ptr, po_desc, order, kv_ptr, stride_kv,
+        S, N, SPLITS, max_len, scale_log2, trace_ptr, po_desc, order,
         PAGE: gl.constexpr, PAGED: gl.constexpr, FINAL: gl.constexpr, num_warps: gl.constexpr,
         TRIGGER: gl.constexpr = False,
     ):
@@ -265,10 +265,10 @@ if gluon is not None:
             (_score_partition, (q0, q1, qp, q_ready, k0, k1, kp, k_ready, k_free, p_smem, alpha_smem, l_smem,
                                 p_ready, p_free, done, start, end, n_tiles, scale_log2, o_ptr, o_off, stride_on,
                                 lse_ptr, l_off, stride_ln, tr, po_desc, prow, pcol, FINAL, num_warps)),
-            (_load_partition, worker + (q_ready, order, kv_ptr, stride_kv)),
+            (_load_partition, worker + (q_ready, order)),
             (_value_partition, worker + (p_smem, alpha_smem, l_smem, p_ready, p_free, done, o_ptr, o_off,
                                          stride_on, po_desc, prow, pcol)),
-        ], [1, 4], [32, 232])
+        ], [1, 4], [24, 232])
 
 
 def supported_triton() -> bool:
@@ -284,9 +284,8 @@ def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens
     a reduction launched with PDL in as the programs start. trace: int64 [programs, 64], filled with each
     program's event times (a profiling aid, bench/gpu/mla_trace_probe.py says which slot is which). store_tma:
     the partials (contiguous o_part [R, N, K, C], splits > 1) leave through shared memory and TMA stores. order:
-    how the load warp orders a program's first loads, bits (DecodeTuning.first_tile_alone / q_first /
-    l2_prefetch): 1, tile 1 only once tile 0 has landed; 2, tile 0 only once Q has (0: Q and both ring slots at
-    once); 4, from tile 1 on, the tiles two ahead of the ring are prefetched into the L2 (bf16/fp16 rows)."""
+    how the load warp orders a program's first loads, bits (DecodeTuning.first_tile_alone / q_first): 1, tile 1
+    only once tile 0 has landed; 2, tile 0 only once Q has (0: Q and both ring slots at once)."""
     q = q if q.is_contiguous() else q.contiguous()
     heads = q.shape[1]
     store_tma = store_tma and splits > 1
@@ -303,7 +302,6 @@ def launch_partial(q: torch.Tensor, kv: torch.Tensor, bt: torch.Tensor, ctx_lens
         *descriptors(q, kv, c), bt, ctx_lens, o_part, lse,
         bt.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         rows_per_seq, heads, splits, max_len, scale_log2, lse if trace is None else trace, po_desc, order,
-        kv, kv.stride(-2),
         PAGE=kv.shape[1] if paged else 1, PAGED=paged, FINAL=splits == 1, num_warps=4, maxnreg=168,
         **({"TRIGGER": True} if trigger else {}),
     )

@@ -165,12 +165,12 @@ def _gluon_mla_cases() -> list:
         out += [(f"mla_decode_wgmma[paged {paged}]", wg._mla_decode_partial_wgmma,
                  descs + [kv, bt, lens, part, part] + [1] * 2 + tail, dict(page, C=512, DR=64, num_warps=8), {}),
                 (f"mla_decode_wgmma_ws[paged {paged}]", ws._mla_decode_partial_ws,
-                 descs + [bt, lens, part, part] + tail + [part, part, 7, kv, 576],   # order 7: every load option
+                 descs + [bt, lens, part, part] + tail + [part, part, 3],   # order 3: both prologue waits
                  dict(page, num_warps=4, TRIGGER=not paged),
                  {"maxnreg": 168})]   # TRIGGER: the PDL trigger's inline asm
     trace = torch.zeros(64, dtype=torch.int64)   # an int64 trace: the %globaltimer / %clock64 / %smid stamps
     out.append(("mla_decode_wgmma_ws[trace]", ws._mla_decode_partial_ws,
-                descs + [bt, lens, part, part] + tail + [trace, part, 0, kv, 576],
+                descs + [bt, lens, part, part] + tail + [trace, part, 0],
                 dict(PAGE=64, PAGED=True, FINAL=False, num_warps=4, TRIGGER=False),
                 {"maxnreg": 168}))
     for dtype, el in ((torch.float32, wg.gl.float32), (torch.bfloat16, wg.gl.bfloat16)):   # partials by TMA store
@@ -178,7 +178,7 @@ def _gluon_mla_cases() -> list:
         po = wg.GluonDescriptor(flat, list(flat.shape), [flat.stride(0), 1], [64, 256],
                                 wg.gl.NVMMASharedLayout.get_default_for([64, 256], el))
         out.append((f"mla_decode_wgmma_ws[store_tma {dtype}]", ws._mla_decode_partial_ws,
-                    descs + [bt, lens, flat, part] + tail + [part, po, 1, kv, 576],
+                    descs + [bt, lens, flat, part] + tail + [part, po, 1],
                     dict(PAGE=64, PAGED=True, FINAL=False, num_warps=4, TRIGGER=False),
                     {"maxnreg": 168}))
     return out

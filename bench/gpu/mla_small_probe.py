@@ -2,7 +2,7 @@
 
     python bench/gpu/mla_small_probe.py --out $OUT/mla_small_probe.json [--rounds 5] [--one-row | --partials
     | --partials-one-row | --pdl | --wgmma | --wgmma-splits | --ws-partials | --ws-pdl | --prologue | --reduce-warps
-    | --few-rows | --few-rows-64 | --prefetch]
+    | --few-rows | --few-rows-64]
 
 For each shape (heads, rows, context; paged cache of 64-row pages unless marked contiguous) every variant
 (a tuning and split count, or the library default) is checked against the default's output, then timed as
@@ -168,10 +168,6 @@ FEW_ROWS_CASES = (few_rows_cases(128, ((1, 16384), (2, 16384), (4, 16384), (8, 1
                                        (4, 4096)))
                   + [((16, 1, 16384, True), {"default": (None, None), "old": ({"reduce_warps": 4}, None)})])
 FEW_ROWS_64 = few_rows_cases(64, ((1, 16384), (4, 16384), (8, 16384), (1, 4096)))   # --few-rows-64: a 64-head shard
-PREFETCH = [((h, r, ctx, True), {"default": (None, None), "prefetch": ({"l2_prefetch": True}, None),  # --prefetch
-                                  "prefetch_all_at_once": ({"l2_prefetch": True, "first_tile_alone": False}, None)})
-            for h, r, ctx in ((128, 1, 16384), (128, 1, 4096), (128, 2, 16384), (128, 4, 16384), (128, 8, 16384),
-                              (128, 32, 16384), (64, 1, 16384), (64, 8, 16384))]
 
 
 def make(heads: int, rows: int, ctx: int, paged: bool):
@@ -238,7 +234,6 @@ def main() -> None:
         "reduce_warps": (REDUCE_WARPS, "the split reduction's warps on few-row shapes"),
         "few_rows": (FEW_ROWS_CASES, "the few-row defaults against the old ones"),
         "few_rows_64": (FEW_ROWS_64, "the same at 64 heads"),
-        "prefetch": (PREFETCH, "L2 prefetches of the tiles ahead of the ring (DecodeTuning.l2_prefetch)"),
     }
     for flag, (_, text) in sets.items():
         ap.add_argument("--" + flag.replace("_", "-"), action="store_true", help=text)
@@ -250,7 +245,7 @@ def main() -> None:
     results = [{"two_kernel_graph_us": round(floor_us, 2)}]
     chosen = [flag for flag in sets if getattr(args, flag)]
     cases = sets[chosen[0]][0] if chosen else SHAPES
-    every = bool(chosen) and chosen[0] in ("prologue", "reduce_warps", "few_rows", "few_rows_64", "prefetch")  # all
+    every = bool(chosen) and chosen[0] in ("prologue", "reduce_warps", "few_rows", "few_rows_64")   # every kernel
     for (heads, rows, ctx, paged), variants in cases:
         q, kv, lens, table = make(heads, rows, ctx, paged)
         want = mla_decode(q, kv, lens, C, SCALE, block_table=table)

@@ -161,10 +161,9 @@ def test_decode_wgmma_ws_store_tma(batch, bf16_partials, paged):
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_wgmma_ws_first_loads_ordered(batch):
-    """The load warp's first loads ordered (DecodeTuning.first_tile_alone, q_first, both) and its L2 prefetches
-    (l2_prefetch, paged and contiguous) change only when bytes arrive: the same bits as the default, eager and
-    replayed from a CUDA graph; reduction programs of 1, 2 and 8 warps (reduce_warps) sum in another order, so
-    against float64."""
+    """The load warp's first loads ordered (DecodeTuning.first_tile_alone, q_first, both) change only when bytes
+    arrive: the same bits as the default, eager and replayed from a CUDA graph; reduction programs of 1, 2 and 8 warps
+    (reduce_warps) sum in another order, so against float64."""
     from nanomoe_kernels.mla_decode import decode_tuning_for, mla_decode
 
     q, kv, ctx, want = _case(128, torch.bfloat16, 91 + batch, [16384, 9000, 77, 0][:batch], per_seq=1, cap=16384)
@@ -172,11 +171,8 @@ def test_decode_wgmma_ws_first_loads_ordered(batch):
     base = decode_tuning_for(q, cache, C)
     out = mla_decode(q, cache, ctx, C, SCALE, block_table=table)
     _check(out, want, ctx)
-    for fields in ({"first_tile_alone": True}, {"q_first": True}, {"first_tile_alone": True, "q_first": True},
-                   {"l2_prefetch": True}, {"l2_prefetch": True, "first_tile_alone": False}):
+    for fields in ({"first_tile_alone": True}, {"q_first": True}, {"first_tile_alone": True, "q_first": True}):
         assert torch.equal(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=replace(base, **fields)), out)
-    flat = mla_decode(q, kv, ctx, C, SCALE, tuning=base)   # the contiguous cache: prefetches address its rows
-    assert torch.equal(mla_decode(q, kv, ctx, C, SCALE, tuning=replace(base, l2_prefetch=True)), flat)
     for warps in (1, 2, 8):
         _check(mla_decode(q, cache, ctx, C, SCALE, block_table=table, tuning=replace(base, reduce_warps=warps)),
                want, ctx)
