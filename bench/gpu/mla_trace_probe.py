@@ -1,7 +1,7 @@
 """Where a few-row 128-head MLA decode's stage 1 spends its time: a timeline written by the kernel itself.
 
     python bench/gpu/mla_trace_probe.py --out $OUT/mla_trace_probe.json [--reps 30]
-        [--variants | --orders [--order-set 1,5]]
+        [--variants | --orders [--order-set 0,1]]
 
 The warp-specialised Gluon stage 1 (kernels/mla_decode_wgmma_ws.py, launch_partial(trace=...)) stamps
 (%globaltimer ns, %clock64 cycles) at these slots of each program's row of the trace:
@@ -171,8 +171,8 @@ def variants(rounds: int) -> list[dict]:
 def orders(reps: int, order_set: tuple = (0, 1, 2, 3)) -> list[dict]:
     """--orders: the one-row shapes' stage 1 as the default runs it (TMA stores of bf16 partials) under each order of
     the load warp's first loads (0: Q and both ring slots at once; 1: tile 1 after tile 0; 2: tile 0 after Q; 3:
-    both; + 4: tiles in pieces, DecodeTuning.tile_pieces), traced after a zeroed flush and timed alone as do_bench's
-    graph replay; partials checked bit-equal to order 0's."""
+    both; bit 4 drove the removed tile-pieces and L2-prefetch experiments, commits 2097afc / 750255a), traced after a
+    zeroed flush and timed alone as do_bench's graph replay; partials checked bit-equal to order 0's."""
     zero_buf = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     out = []
     for heads, rows, ctx, paged in [s for s in SHAPES if s[1] == 1]:
@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="A/B the store variants instead of tracing splits")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--orders", action="store_true", help="trace the load warp's first-load orders instead")
-    parser.add_argument("--order-set", default="0,1,2,3", help="--orders: which launch_partial orders (0-7)")
+    parser.add_argument("--order-set", default="0,1,2,3", help="--orders: which launch_partial orders (0-3)")
     args = parser.parse_args()
     if args.orders:
         shapes = orders(args.reps, tuple(int(o) for o in args.order_set.split(",")))
