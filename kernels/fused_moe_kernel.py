@@ -115,8 +115,7 @@ def runs_interpreted() -> bool:
 
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-OPTIONAL_KEYS = ("USE_TMA", "SPLIT_M", "A_TMA", "MERGE_TAIL", "PERMUTE_A", "WGMMA", "EXPERT_GROUPS", "PAIR_TAILS",
-                 "PERSISTENT")
+OPTIONAL_KEYS = ("USE_TMA", "SPLIT_M", "A_TMA", "MERGE_TAIL", "PERMUTE_A", "WGMMA", "EXPERT_GROUPS", "PAIR_TAILS")
 
 
 def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
@@ -127,8 +126,7 @@ def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
     `wgmma_unsupported` allows it, else this module's. PAIR_TAILS (with MERGE_TAIL, this module's kernel): each
     tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR); its stages take 1.5x a main block's
     shared memory, so the H200's 128 x (2 x 128) up tiles need num_stages <= 3 (Triton refuses more at launch).
-    PERSISTENT (the wgmma kernel only; default False): True runs one program per SM over the tiles, an int n runs
-    n programs. Keys outside these (and the caller's `extra_keys`) are refused by name."""
+    Keys outside these (and the caller's `extra_keys`) are refused by name."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
     missing = [k for k in CONFIG_KEYS if k not in config]
@@ -148,14 +146,11 @@ def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
     groups = config.get("EXPERT_GROUPS", True)
     if not isinstance(groups, (bool, int)) or groups < 0:
         raise ValueError(f"config['EXPERT_GROUPS'] must be True, False or a positive int, got {groups!r}")
-    persistent = config.get("PERSISTENT", False)
-    if not isinstance(persistent, (bool, int)) or persistent < 0:
-        raise ValueError(f"config['PERSISTENT'] must be True, False or a positive int, got {persistent!r}")
     return {**{k: config[k] for k in CONFIG_KEYS}, "USE_TMA": bool(config.get("USE_TMA", False)),
             "SPLIT_M": 0 if split == config["BLOCK_M"] else split, "A_TMA": bool(config.get("A_TMA", False)),
             "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "PERMUTE_A": bool(config.get("PERMUTE_A", False)),
             "WGMMA": bool(config.get("WGMMA", False)), "EXPERT_GROUPS": groups,
-            "PAIR_TAILS": bool(config.get("PAIR_TAILS", False)), "PERSISTENT": persistent}
+            "PAIR_TAILS": bool(config.get("PAIR_TAILS", False))}
 
 
 def wgmma_unsupported(cfg: dict, a: torch.Tensor, w: torch.Tensor, align: Alignment, swiglu: bool) -> str:
@@ -221,7 +216,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
             tables = block_tables(align, bm)
         return moe_gemm_wgmma(a, w, out, align, block_n=bn, stages=cfg["num_stages"], group_m=cfg["GROUP_M"],
                               expert_group=group, swiglu=swiglu, gather_a=gather_a, scatter_c=scatter_c, a_div=a_div,
-                              row_weights=row_weights, tables=tables, a_index=a_index, persistent=cfg["PERSISTENT"])
+                              row_weights=row_weights, tables=tables, a_index=a_index)
     # TMA needs 16-byte aligned rows; the interpreter emulates descriptors, so CPU tests cover the path
     tma_ok = (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
     use_tma = cfg["USE_TMA"] and tma_ok

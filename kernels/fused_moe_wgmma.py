@@ -19,12 +19,9 @@ TFLOP/s, against ~600 for DeepGEMM's warp-specialised kernels on the same GEMMs
     epilogue  (each half)  SwiGLU: silu(gate) * up from acc's two column halves (a register split); rows scaled
                           by their top-k weight (MUL_WEIGHT), stored at the row id (SCATTER_C) or the aligned row
 
-The partitions are in kernels/fused_moe_wgmma_parts.py. A program walks tiles (one 128-row block x one column tile):
-one tile each, or with `persistent` one program per SM over tiles pid, pid + SMs, ..., the ring's steps counted
-across tiles so the load warp fills the next tile's first stages while the consumers finish the last one's
-epilogue. Tiles follow kernels.moe_blocks' merged list (each expert's 128-row main blocks, then its 64-row tail
-block), GROUP_M row blocks per column tile so an expert's blocks share the weight tiles through L2 (with
-expert_group, groups of blocks of one expert only, as kernels/moe_blocks.expert_group). On a tail block the second
+Programs walk kernels.moe_blocks' merged list (each expert's 128-row main blocks, then its 64-row tail block), GROUP_M
+row blocks per column tile so an expert's blocks share the weight tiles through L2 (with expert_group, groups of
+blocks of one expert only, as kernels/moe_blocks.expert_group). On a tail block the second
 warpgroup computes nothing: it only paces the ring. Gathered rows (the up GEMM's: pair id // top-k, or through an
 index) keep S - 1 steps in flight. Rows past a tensor's end and padding rows read as zeros, and padding rows
 (sentinel ids) are never stored. Same outputs as the Triton kernel up to float32 summation order.
@@ -43,31 +40,179 @@ import triton
 from nanomoe_kernels.mla_decode_tuning import triton_at_least
 from nanomoe_kernels.mla_decode_wgmma import _is_sm90, gluon
 from nanomoe_kernels.moe_align import Alignment
-from nanomoe_kernels.moe_blocks import BlockTables, block_tables
+from nanomoe_kernels.moe_blocks import BlockTables, block_tables, expert_group
 
 BH, BK = 64, 64
 
 if gluon is not None:
-    from nanomoe_kernels.fused_moe_wgmma_parts import _consume_partition, _gather_partition, _load_partition
+    from nanomoe_kernels.mla_decode_wgmma import _tma_load
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    # cp.async into shared memory: async_load from Triton 3.7 (3.9 removed the old name), the old name in 3.6
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+
+    @gluon.jit
+    def _load_b(b_desc, bar, b_s, brow0, N, k, SWIGLU: gl.constexpr):
+        """TMA of one step's B tile into b_s; SwiGLU: the gate rows, then the up rows of the same columns (I
+        further), in one [2 * B_ROWS, BK] tile."""
+        B_ROWS: gl.constexpr = b_desc.block_type.shape[0]
+        if SWIGLU:
+            _tma_load(b_desc, [brow0, k], bar, b_s.slice(0, B_ROWS))
+            _tma_load(b_desc, [brow0 + N, k], bar, b_s.slice(B_ROWS, B_ROWS))
+        else:
+            _tma_load(b_desc, [brow0, k], bar, b_s)
+
+    @gluon.jit
+    def _load_partition(a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps, SWIGLU: gl.constexpr):
+        S: gl.constexpr = a0.type.shape[0]
+        a_bytes: gl.constexpr = a_desc.block_type.nbytes
+        b_bytes: gl.constexpr = b.type.shape[1] * b.type.shape[2] * b_desc.dtype.primitive_bitwidth // 8
+        for kk in range(k_steps):
+            s = kk % S
+            mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)     # fresh barriers pass phase 1
+            bar = ready.index(s)
+            k = kk * a_desc.block_type.shape[1]
+            if live1:
+                mbarrier.expect(bar, 2 * a_bytes + b_bytes)
+                _tma_load(a_desc, [row0 + a_desc.block_type.shape[0], k], bar, a1.index(s))
+            else:
+                mbarrier.expect(bar, a_bytes + b_bytes)
+            _tma_load(a_desc, [row0, k], bar, a0.index(s))
+            _load_b(b_desc, bar, b.index(s), brow0, N, k, SWIGLU)
+
+    @gluon.jit
+    def _a_rows(ids_ptr, a_index_ptr, pos, num_rows, A_DIV: gl.constexpr, A_INDEX: gl.constexpr):
+        """A's source row of each aligned row (pair id // A_DIV, then a_index), and whether the row is live."""
+        ids = gl.load(ids_ptr + pos)
+        ok = ids < num_rows
+        rows = gl.where(ok, ids, 0) // A_DIV
+        if A_INDEX:
+            rows = gl.load(a_index_ptr + rows, mask=ok, other=0)
+        return rows.to(gl.int64), ok
+
+    @gluon.jit
+    def _gather_partition(a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps,
+                          num_rows, stride_am, A_DIV: gl.constexpr, A_INDEX: gl.constexpr,
+                          SWIGLU: gl.constexpr, num_warps: gl.constexpr):
+        """A's rows gathered by cp.async (S - 1 steps in flight) and B by TMA, into the ring."""
+        S: gl.constexpr = a0.type.shape[0]
+        BLOCK_H: gl.constexpr = a0.type.shape[1]
+        BLOCK_K: gl.constexpr = a0.type.shape[2]
+        b_bytes: gl.constexpr = b.type.shape[1] * b.type.shape[2] * b_desc.dtype.primitive_bitwidth // 8
+        LD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])   # 16-byte copies
+        offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LD))
+        r = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, LD))
+        rows0, ok0 = _a_rows(ids_ptr, a_index_ptr, row0 + r, num_rows, A_DIV, A_INDEX)
+        rows1, ok1 = _a_rows(ids_ptr, a_index_ptr, row0 + BLOCK_H + r, num_rows, A_DIV, A_INDEX)
+        # row starts are 16-byte aligned (`unsupported` checks the stride), so each thread copies 16 bytes at once
+        p0 = a_ptr + gl.expand_dims(gl.multiple_of(rows0 * stride_am, 8), 1) + gl.expand_dims(offs_k, 0)
+        p1 = a_ptr + gl.expand_dims(gl.multiple_of(rows1 * stride_am, 8), 1) + gl.expand_dims(offs_k, 0)
+        ok0 = gl.expand_dims(ok0, 1)
+        ok1 = gl.expand_dims(ok1 & live1, 1)
+        for kk in range(k_steps):
+            # step kk - S + 1's copies have landed (S - 2 groups may stay in flight): its stage is ready. Done before
+            # waiting for stage kk's slot, which the consumers free only once they have that step.
+            if kk >= S - 1:
+                async_copy.wait_group(S - 2)
+                fence_async_shared()
+                mbarrier.arrive(ready.index((kk - S + 1) % S), count=1)
+            s = kk % S
+            mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)     # fresh barriers pass phase 1
+            bar = ready.index(s)
+            k = kk * BLOCK_K
+            mbarrier.expect(bar, b_bytes)
+            _load_b(b_desc, bar, b.index(s), brow0, N, k, SWIGLU)
+            _cp_async(a0.index(s), p0 + k, mask=ok0)   # K % BLOCK_K == 0
+            if live1:
+                _cp_async(a1.index(s), p1 + k, mask=ok1)
+            async_copy.commit_group()
+        async_copy.wait_group(0)
+        fence_async_shared()
+        for j in range(gl.maximum(k_steps - S + 1, 0), k_steps):
+            mbarrier.arrive(ready.index(j % S), count=1)
+
+    @gluon.jit
+    def _consume_partition(a_s, b, ready, free, k_steps, live, c_ptr, w_ptr, ids_ptr, row0, col0, num_rows, N,
+                           stride_cm, SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr):
+        S: gl.constexpr = a_s.type.shape[0]
+        BLOCK_H: gl.constexpr = a_s.type.shape[1]
+        ACC_N: gl.constexpr = b.type.shape[1]
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ACC_N, 16])
+        acc = gl.zeros([BLOCK_H, ACC_N], gl.float32, ACC)
+        if live:
+            for kk in range(k_steps):
+                s = kk % S
+                mbarrier.wait(ready.index(s), (kk // S) & 1)
+                acc = warpgroup_mma(a_s.index(s), b.index(s).permute((1, 0)), acc, is_async=True)
+                # the previous step's wgmma has retired: its stage goes back to the loader
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                mbarrier.arrive(free.index((kk + S - 1) % S), count=1, pred=kk > 0)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(free.index((k_steps + S - 1) % S), count=1)
+            if SWIGLU:   # [gate | up] columns -> silu(gate) * up, a register split (no data movement)
+                gate, up = acc.reshape([BLOCK_H, 2, ACC_N // 2]).permute((0, 2, 1)).split()
+                y = gate / (1.0 + gl.exp(-gate)) * up
+            else:
+                y = acc
+            OUT: gl.constexpr = y.type.layout
+            offs_m = row0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, OUT))
+            ids = gl.load(ids_ptr + offs_m)
+            row_ok = gl.expand_dims(ids < num_rows, 1)
+            if SCATTER_C:
+                c_rows = gl.expand_dims(ids.to(gl.int64) * stride_cm, 1)
+            else:
+                c_rows = gl.expand_dims(offs_m.to(gl.int64) * stride_cm, 1)
+            offs_n = gl.expand_dims(col0 + gl.arange(0, y.type.shape[1], layout=gl.SliceLayout(0, OUT)), 0)
+            if MUL_WEIGHT:
+                y = y * gl.expand_dims(gl.load(w_ptr + ids, mask=ids < num_rows, other=0.0), 1)
+            gl.store(c_ptr + c_rows + offs_n, y.to(c_ptr.dtype.element_ty), mask=row_ok & (offs_n < N))
+        else:   # a tail block's second half: no rows here, only keep the ring's phases in step
+            for kk in range(k_steps):
+                s = kk % S
+                mbarrier.wait(ready.index(s), (kk // S) & 1)
+                mbarrier.arrive(free.index(s), count=1)
 
     # token counts change every step: do not compile a variant per divisibility of these two
     @gluon.jit(do_not_specialize=["num_rows", "num_blocks"])
     def _moe_gemm_ws(a_desc, b_desc, a_ptr, a_index_ptr, c_ptr, w_ptr, ids_ptr, rows_ptr, codes_ptr, used_ptr,
-                     first_ptr, nblocks_ptr, sched_ptr, num_rows, N, K, NW, num_blocks, stride_am, stride_cm,
+                     first_ptr, nblocks_ptr, num_rows, N, K, NW, num_blocks, stride_am, stride_cm,
                      GATHER_A: gl.constexpr, A_DIV: gl.constexpr, A_INDEX: gl.constexpr, SWIGLU: gl.constexpr,
                      MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr, GROUP_M: gl.constexpr,
-                     EXPERT_GROUP: gl.constexpr, DYNAMIC: gl.constexpr, STAGES: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     EXPERT_GROUP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         dtype: gl.constexpr = a_desc.dtype
-        # each program walks tiles pid, pid + programs, ... (one each unless the launch is persistent)
-        tiling = (gl.load(used_ptr) + gl.load(used_ptr + 1), gl.cdiv(N, BLOCK_N), num_blocks, rows_ptr, codes_ptr,
-                  first_ptr, nblocks_ptr, NW)
+        pid = gl.program_id(0)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_pid_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = gl.minimum(num_blocks - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+        used = gl.load(used_ptr) + gl.load(used_ptr + 1)
+        if EXPERT_GROUP > 0:  # groups of blocks of one expert only (kernels/moe_blocks.expert_group)
+            if pid // num_pid_n >= used:
+                return
+            pid_m, pid_n = expert_group(pid, num_pid_n, codes_ptr, first_ptr, nblocks_ptr, EXPERT_GROUP)
+        elif pid_m >= used:
+            return
+        row0 = gl.load(rows_ptr + pid_m)
+        code = gl.load(codes_ptr + pid_m)
+        expert = code & 0x3FFFFFFF
+        live1 = code < 0x40000000          # a main block: both halves hold rows (a tail block: the first only)
+        col0 = pid_n * BLOCK_N
+        brow0 = expert * NW + col0
+        k_steps = gl.cdiv(K, BLOCK_K)
+
         a0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_H, BLOCK_K], a_desc.layout)
         a1 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_H, BLOCK_K], a_desc.layout)
         b = gl.allocate_shared_memory(dtype, [STAGES, 2 * BLOCK_N if SWIGLU else BLOCK_N, BLOCK_K], b_desc.layout)
@@ -76,35 +221,23 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=2 if GATHER_A else 1)   # gathered: B's expect + A's copies
             mbarrier.init(free.index(i), count=2)      # both warpgroups release a stage
-        # DYNAMIC: the producer claims each next tile and hands it over through a 2-slot ring
-        tile_s = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        tile_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        tile_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(tile_ready.index(i), count=1)
-            mbarrier.init(tile_free.index(i), count=2)
         if GATHER_A:
             gl.warp_specialize([
-                (_consume_partition, (a0, b, ready, free, 0, tiling, tile_s, tile_ready, tile_free, c_ptr, w_ptr,
-                                      ids_ptr, num_rows, N, K, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C, BLOCK_N,
-                                      GROUP_M, EXPERT_GROUP, DYNAMIC)),
-                (_gather_partition, (a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, b, ready, free, tiling, sched_ptr,
-                                     tile_s, tile_ready, tile_free, N, K, num_rows, stride_am, A_DIV, A_INDEX, SWIGLU,
-                                     BLOCK_N, GROUP_M, EXPERT_GROUP, DYNAMIC, 4)),
-                (_consume_partition, (a1, b, ready, free, 1, tiling, tile_s, tile_ready, tile_free, c_ptr, w_ptr,
-                                      ids_ptr, num_rows, N, K, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C, BLOCK_N,
-                                      GROUP_M, EXPERT_GROUP, DYNAMIC)),
+                (_consume_partition, (a0, b, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
+                                      num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+                (_gather_partition, (a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, b, ready, free, row0, brow0, N,
+                                     live1, k_steps, num_rows, stride_am, A_DIV, A_INDEX, SWIGLU, 4)),
+                (_consume_partition, (a1, b, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H,
+                                      col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
             ], [4, 4], [64, 224])   # the gatherer's row pointers fit in 64 registers
         else:
             gl.warp_specialize([
-                (_consume_partition, (a0, b, ready, free, 0, tiling, tile_s, tile_ready, tile_free, c_ptr, w_ptr,
-                                      ids_ptr, num_rows, N, K, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C, BLOCK_N,
-                                      GROUP_M, EXPERT_GROUP, DYNAMIC)),
-                (_load_partition, (a_desc, b_desc, a0, a1, b, ready, free, tiling, sched_ptr, tile_s, tile_ready,
-                                   tile_free, N, K, SWIGLU, BLOCK_N, GROUP_M, EXPERT_GROUP, DYNAMIC)),
-                (_consume_partition, (a1, b, ready, free, 1, tiling, tile_s, tile_ready, tile_free, c_ptr, w_ptr,
-                                      ids_ptr, num_rows, N, K, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C, BLOCK_N,
-                                      GROUP_M, EXPERT_GROUP, DYNAMIC)),
+                (_consume_partition, (a0, b, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
+                                      num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+                (_load_partition, (a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps,
+                                   SWIGLU)),
+                (_consume_partition, (a1, b, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H,
+                                      col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
             ], [1, 4], [24, 232])
 
 
@@ -135,11 +268,6 @@ def unsupported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, bl
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@functools.cache
 def _smem_layout(rows: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, BK], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
@@ -147,14 +275,11 @@ def _smem_layout(rows: int, dtype: torch.dtype):
 def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignment, *, block_n: int,
                    stages: int, group_m: int, swiglu: bool, gather_a: bool, scatter_c: bool, a_div: int = 1,
                    row_weights: torch.Tensor | None = None, tables: BlockTables | None = None,
-                   a_index: torch.Tensor | None = None, expert_group: int = 0, persistent: bool | int = False
-                   ) -> torch.Tensor:
+                   a_index: torch.Tensor | None = None, expert_group: int = 0) -> torch.Tensor:
     """kernels.fused_moe_kernel.moe_gemm on Hopper (its checks there; `unsupported` must be ''): a [*, K] rows
     gathered through the alignment (gather_a: row id // a_div, then a_index) or [>= R, K] aligned, w [E, NW, K],
     out [*, N]; block_n = output columns per program; expert_group > 0: program groups of at most that many
-    blocks of one expert (kernels/moe_blocks.expert_group), else group_m blocks a group; persistent True: one
-    program per SM walks the tiles (the load warp fills the ring with a tile's first steps while the consumers
-    finish the last one's), an int n: n programs, False: one program a tile. Returns out."""
+    blocks of one expert (kernels/moe_blocks.expert_group), else group_m blocks a group. Returns out."""
     E, NW, K = w.shape
     N = NW // 2 if swiglu else NW
     if tables is None:
@@ -165,16 +290,12 @@ def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: A
     a_desc = GluonDescriptor(a, [a.shape[0], K], [a.stride(0), 1], [BH, BK], _smem_layout(BH, a.dtype))
     w2 = w.view(E * NW, K)
     b_desc = GluonDescriptor(w2, [E * NW, K], [K, 1], [block_n, BK], _smem_layout(block_n, a.dtype))
-    tiles = num_blocks * triton.cdiv(N, block_n)   # a static bound: tiles past the blocks in use do nothing
-    programs = min(tiles, _sm_count(a.device.index or 0) if persistent is True else persistent or tiles)
-    # programs walking several tiles claim them through a counter (a tile's cost varies: tail blocks, unused ones)
-    sched = torch.zeros(1, device=a.device, dtype=torch.int32) if programs < tiles else None
-    _moe_gemm_ws[(programs,)](
+    _moe_gemm_ws[(num_blocks * triton.cdiv(N, block_n),)](
         a_desc, b_desc, a, a_index, out, row_weights, align.sorted_ids, tables.merged_rows, tables.merged_codes,
-        tables.counts, tables.expert_first, tables.expert_blocks, sched, align.num_rows, N, K, NW, num_blocks,
-        a.stride(0), out.stride(0), GATHER_A=gather_a, A_DIV=a_div, A_INDEX=a_index is not None, SWIGLU=swiglu,
+        tables.counts, tables.expert_first, tables.expert_blocks, align.num_rows, N, K, NW, num_blocks, a.stride(0),
+        out.stride(0), GATHER_A=gather_a, A_DIV=a_div, A_INDEX=a_index is not None, SWIGLU=swiglu,
         MUL_WEIGHT=row_weights is not None, SCATTER_C=scatter_c, GROUP_M=group_m, EXPERT_GROUP=expert_group,
-        DYNAMIC=programs < tiles, STAGES=stages,
+        STAGES=stages,
         num_warps=4, maxnreg=168,
     )
     return out

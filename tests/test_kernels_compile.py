@@ -200,12 +200,10 @@ def _gluon_moe_cases() -> list:
         descs = [m.GluonDescriptor(a, [256, K], [K, 1], [m.BH, m.BK], m._smem_layout(m.BH, a.dtype)),
                  m.GluonDescriptor(w, [2 * NW, K], [K, 1], [rows, m.BK], m._smem_layout(rows, a.dtype))]
         i32, f32 = torch.zeros(4, dtype=torch.int32), torch.zeros(4)
-        args = descs + [a, None, a, None if swiglu else f32, i32, i32, i32, i32, i32, i32, i32,
+        args = descs + [a, None, a, None if swiglu else f32, i32, i32, i32, i32, i32, i32,
                         5, NW // 2 if swiglu else NW, K, NW, 5, K, 64]
-        # DYNAMIC (persistent programs claiming tiles) on the gathered and the down GEMM, off on the other
         consts = dict(GATHER_A=gather, A_DIV=8 if gather else 1, A_INDEX=False, SWIGLU=swiglu, MUL_WEIGHT=not swiglu,
-                      SCATTER_C=not swiglu, GROUP_M=8, EXPERT_GROUP=13 if swiglu else 0, DYNAMIC=gather or not swiglu,
-                      STAGES=4, num_warps=4)
+                      SCATTER_C=not swiglu, GROUP_M=8, EXPERT_GROUP=13 if swiglu else 0, STAGES=4, num_warps=4)
         aligned = ("a_ptr", "c_ptr", "N", "K", "NW", "stride_am", "stride_cm")
         out.append((f"fused_moe_wgmma[swiglu {swiglu}, gather {gather}]", m._moe_gemm_ws, args, consts,
                     {"maxnreg": 168}, aligned))

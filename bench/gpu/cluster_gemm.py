@@ -17,7 +17,9 @@ counter in global memory (release / acquire) and CTA 0's loader polls it.
 CM = 2 gives CTA c the rows r0 + 64 c (first warpgroup) and r0 + 128 + 64 c (second) of a 256-row block: any
 partition of the rows works, and this one is a plain 2-D TMA box per warpgroup.
 
-An experiment (bench/gpu/ffn_cluster_probe.py), not a backend: the package's kernels stay on Triton 3.6's API.
+Measured (run 232, Triton 3.9): 2x1 and 1x2 within -1.5% / +3% of 1x1 at V3 shapes; with 3.8's global-counter
+handshake 26-57% slower (runs 229-230; bench/results/expert_ffn_notes.md). An experiment
+(bench/gpu/ffn_cluster_probe.py), not a backend: the package's kernels stay on Triton 3.6's API.
 """
 
 from __future__ import annotations

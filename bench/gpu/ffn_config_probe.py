@@ -16,8 +16,6 @@ tables' pair for the case:
   256 x 128, 64-row tails in the same launch;
 - `wg_up`: the up GEMM on the wgmma kernel (128 x (2 x 128), 4 stages); `wg_down`: the down GEMM on it
   (128 x 256, 4 stages); `wg_both`: both GEMMs on it.
-- `persist`: the tables with PERSISTENT (one program per SM) on every GEMM that runs on the wgmma kernel;
-  `wgp_down` / `wgp_both`: `wg_down` / `wg_both` with PERSISTENT.
 Each variant records which kernel its GEMMs ran on (`kernel`: "wgmma", or why not).
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
 `tuned` (bitwise, else relative error), then all are timed in interleaved rounds, each round starting one variant
@@ -51,7 +49,7 @@ K_TOP, H, I = 8, 7168, 2048
 TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_M": 64, "MERGE_TAIL": True,
            "USE_TMA": True, "WGMMA": False}
 ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256",
-       "wg_up", "wg_down", "wg_both", "persist", "wgp_down", "wgp_both")
+       "wg_up", "wg_down", "wg_both")
 WG2 = {"WGMMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_M": 64, "num_stages": 4}
 WG2_DOWN = {**WG2, "BLOCK_N": 256}
 PAIR = {"WGMMA": False, "MERGE_TAIL": True, "PAIR_TAILS": True, "num_stages": 3}
@@ -73,9 +71,7 @@ def variants(E: int, T: int, dev: torch.device, names: list[str]) -> dict[str, d
              "down256": {"up": up, "down": {**down, **TILE256, "BLOCK_N": 128}},
              "both256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": {**down, **TILE256, "BLOCK_N": 128}},
              "wg_up": {"up": {**up, **WG2}, "down": down}, "wg_down": {"up": up, "down": {**down, **WG2_DOWN}},
-             "wg_both": {"up": {**up, **WG2}, "down": {**down, **WG2_DOWN}}, "persist": both(PERSISTENT=True),
-             "wgp_down": {"up": up, "down": {**down, **WG2_DOWN, "PERSISTENT": True}},
-             "wgp_both": {"up": {**up, **WG2, "PERSISTENT": True}, "down": {**down, **WG2_DOWN, "PERSISTENT": True}}}
+             "wg_both": {"up": {**up, **WG2}, "down": {**down, **WG2_DOWN}}}
     return {"tuned": {"up": up, "down": down}, **{n: every[n] for n in names}}
 
 

@@ -9,7 +9,9 @@ there (bench/results/ffn_cluster_probe_run229_h200.json). Here each of P program
 ..., and the load warp runs one ring (a step counter across tiles) straight into the next tile's first S stages
 while the consumers store the last one. Written against Triton 3.6's Gluon API (the GPU machine's own Triton).
 
-An experiment (bench/gpu/ffn_cluster_probe.py), not a backend.
+Measured (runs 230, 232): 2-8% faster than one tile a program on these dense GEMMs, the down GEMM still 12-14%
+behind cuBLAS; the same idea in the grouped kernel was even with its one-tile grid (bench/results/expert_ffn_notes.md,
+thirty-sixth session). An experiment (bench/gpu/ffn_cluster_probe.py), not a backend.
 """
 
 from __future__ import annotations
