@@ -10,6 +10,9 @@ N = 7168) at M = 256 and 1024. Each variant first checked against a float32 bmm,
     1x2  two column tiles share each activation tile (multicast A)
     persistent  the 1x1 program on one program per SM looping over tiles (bench/gpu/persistent_gemm.py, runs on
                 Triton 3.6 too; the cluster variants fail their check there and are not timed)
+    persistent_nostore  the same with every epilogue store masked off (what the stores' memory traffic costs)
+
+    --variants picks some (default: all).
 
     python bench/gpu/ffn_cluster_probe.py --json $OUT/ffn_cluster_probe.json [--rounds 5]
 """
@@ -30,7 +33,9 @@ from cluster_gemm import HAS_MULTICAST, cluster_gemm  # noqa: E402
 from persistent_gemm import persistent_gemm  # noqa: E402
 
 VARIANTS = {"1x1": lambda a, w: cluster_gemm(a, w), "2x1": lambda a, w: cluster_gemm(a, w, cm=2),
-            "1x2": lambda a, w: cluster_gemm(a, w, cn=2), "persistent": lambda a, w: persistent_gemm(a, w)}
+            "1x2": lambda a, w: cluster_gemm(a, w, cn=2), "persistent": lambda a, w: persistent_gemm(a, w),
+            "persistent_nostore": lambda a, w: persistent_gemm(a, w, store=False)}
+TIMING_ONLY = {"persistent_nostore"}   # its output is never written: timed, not checked
 SHAPES = [("up", 32, 256, 7168, 4096), ("up", 32, 512, 7168, 4096), ("up", 32, 1024, 7168, 4096),
           ("down", 32, 256, 2048, 7168), ("down", 32, 1024, 2048, 7168)]
 
@@ -68,10 +73,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", required=True)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     args = p.parse_args()
+    names = [v for v in args.variants.split(",") if v]
+    if set(names) - set(VARIANTS):
+        raise SystemExit(f"--variants: unknown {sorted(set(names) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
     out = {"triton": triton.__version__, "torch": torch.__version__, "device": torch.cuda.get_device_name(),
            "has_multicast": HAS_MULTICAST, "checks": {}, "shapes": []}
-    for variant in VARIANTS:
+    for variant in [v for v in names if v not in TIMING_ONLY]:
         for _, E, M, K, N in [("small", 2, 256, 512, 512), *SHAPES[:1], SHAPES[3]]:
             key = f"{variant} E={E} M={M} K={K} N={N}"
             try:
@@ -84,12 +93,13 @@ def main() -> None:
     out["ceiling_tflops"] = 2 * 8192 ** 3 / ceil_us / 1e6
     print(f"bf16 ceiling {out['ceiling_tflops']:.0f} TFLOP/s", flush=True)
     failed = {k.split()[0] for k, v in out["checks"].items() if isinstance(v, str)}
-    passed = [v for v in VARIANTS if v not in failed]
+    passed = [v for v in names if v not in TIMING_ONLY and v not in failed]
+    passed += [v for v in names if v in TIMING_ONLY and v.split("_")[0] in passed]   # its checked twin passed
     for op, E, M, K, N in SHAPES:
         r = time_shape(E, M, K, N, args.rounds, passed)
         flops = 2 * E * M * K * N
         row = {"op": op, "E": E, "M": M, "K": K, "N": N, "failed_check": sorted(failed)}
-        for k in ("bmm", *VARIANTS):
+        for k in ("bmm", *names):
             if k in r:
                 row[k] = {"us": r[k], "tflops": flops / r[k] / 1e6, "floor_share": flops / r[k] / 1e6
                           / out["ceiling_tflops"], "rounds_us": r["rounds_us"][k]}

@@ -10,8 +10,9 @@ there (bench/results/ffn_cluster_probe_run229_h200.json). Here each of P program
 while the consumers store the last one. Written against Triton 3.6's Gluon API (the GPU machine's own Triton).
 
 Measured (runs 230, 232): 2-8% faster than one tile a program on these dense GEMMs, the down GEMM still 12-14%
-behind cuBLAS; the same idea in the grouped kernel was even with its one-tile grid (bench/results/expert_ffn_notes.md,
-thirty-sixth session). An experiment (bench/gpu/ffn_cluster_probe.py), not a backend.
+behind cuBLAS, all of it the epilogue's stores (run 235: 1-4% ahead of cuBLAS with them masked off); the same idea
+in the grouped kernel was even with its one-tile grid (bench/results/expert_ffn_notes.md, thirty-sixth session).
+An experiment (bench/gpu/ffn_cluster_probe.py), not a backend.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _load(a_desc, b_desc, a0, a1, b, ready, free, M, N, K, num_tiles):
 
 
 @gluon.jit
-def _consume(a_s, b, ready, free, c_ptr, M, N, K, num_tiles, half, stride_cm, ACC: gl.constexpr):
+def _consume(a_s, b, ready, free, c_ptr, M, N, K, num_tiles, half, stride_cm, store_rows, ACC: gl.constexpr):
     S: gl.constexpr = a_s.type.shape[0]
     BLOCK_H: gl.constexpr = a_s.type.shape[1]
     BLOCK_K: gl.constexpr = a_s.type.shape[2]
@@ -81,11 +82,11 @@ def _consume(a_s, b, ready, free, c_ptr, M, N, K, num_tiles, half, stride_cm, AC
         offs_m = r0 + half * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ACC))
         offs_n = c0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC))
         ptrs = c_ptr + gl.expand_dims(offs_m.to(gl.int64) * stride_cm, 1) + gl.expand_dims(offs_n, 0)
-        gl.store(ptrs, acc.to(c_ptr.dtype.element_ty))
+        gl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=gl.expand_dims(offs_m < store_rows, 1))
 
 
 @gluon.jit
-def _persistent_gemm(a_desc, b_desc, c_ptr, M, N, K, num_tiles, stride_cm, ACC: gl.constexpr,
+def _persistent_gemm(a_desc, b_desc, c_ptr, M, N, K, num_tiles, stride_cm, store_rows, ACC: gl.constexpr,
                      STAGES: gl.constexpr, num_warps: gl.constexpr):
     BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
@@ -100,16 +101,17 @@ def _persistent_gemm(a_desc, b_desc, c_ptr, M, N, K, num_tiles, stride_cm, ACC: 
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(free.index(i), count=2)      # both warpgroups release a stage
     gl.warp_specialize([
-        (_consume, (a0, b, ready, free, c_ptr, M, N, K, num_tiles, 0, stride_cm, ACC)),
+        (_consume, (a0, b, ready, free, c_ptr, M, N, K, num_tiles, 0, stride_cm, store_rows, ACC)),
         (_load, (a_desc, b_desc, a0, a1, b, ready, free, M, N, K, num_tiles)),
-        (_consume, (a1, b, ready, free, c_ptr, M, N, K, num_tiles, 1, stride_cm, ACC)),
+        (_consume, (a1, b, ready, free, c_ptr, M, N, K, num_tiles, 1, stride_cm, store_rows, ACC)),
     ], [1, 4], [24, 232])
 
 
-def persistent_gemm(a: torch.Tensor, w: torch.Tensor, *, stages: int = 4, programs: int | None = None
-                    ) -> torch.Tensor:
+def persistent_gemm(a: torch.Tensor, w: torch.Tensor, *, stages: int = 4, programs: int | None = None,
+                    store: bool = True) -> torch.Tensor:
     """c[e] = a[e] @ w[e]^T for a [E, M, K], w [E, N, K] (bf16/fp16, contiguous; M % 128, N % 256, K % 64 == 0)
-    on `programs` persistent programs (default: one per SM); c [E, M, N] in a's dtype."""
+    on `programs` persistent programs (default: one per SM); c [E, M, N] in a's dtype. store False: the
+    epilogue's stores all masked off (c left unwritten; a timing of what the stores' memory traffic costs)."""
     E, M, K = a.shape
     N = w.shape[1]
     if M % (2 * BH) or N % BN or K % BK:
@@ -124,6 +126,7 @@ def persistent_gemm(a: torch.Tensor, w: torch.Tensor, *, stages: int = 4, progra
     num_tiles = E * (M // (2 * BH)) * (N // BN)
     if programs is None:
         programs = torch.cuda.get_device_properties(a.device).multi_processor_count
-    _persistent_gemm[(min(programs, num_tiles),)](a_desc, b_desc, c, M, N, K, num_tiles, c.stride(1), ACC=acc,
+    _persistent_gemm[(min(programs, num_tiles),)](a_desc, b_desc, c, M, N, K, num_tiles, c.stride(1),
+                                                  E * M if store else 0, ACC=acc,
                                                   STAGES=stages, num_warps=4, maxnreg=168)
     return c
