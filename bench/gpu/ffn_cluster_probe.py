@@ -11,6 +11,7 @@ N = 7168) at M = 256 and 1024. Each variant first checked against a float32 bmm,
     persistent  the 1x1 program on one program per SM looping over tiles (bench/gpu/persistent_gemm.py, runs on
                 Triton 3.6 too; the cluster variants fail their check there and are not timed)
     persistent_nostore  the same with every epilogue store masked off (what the stores' memory traffic costs)
+    persistent_staged   the same with the tile stored through shared memory as 16-byte row pieces
 
     --variants picks some (default: all).
 
@@ -34,7 +35,8 @@ from persistent_gemm import persistent_gemm  # noqa: E402
 
 VARIANTS = {"1x1": lambda a, w: cluster_gemm(a, w), "2x1": lambda a, w: cluster_gemm(a, w, cm=2),
             "1x2": lambda a, w: cluster_gemm(a, w, cn=2), "persistent": lambda a, w: persistent_gemm(a, w),
-            "persistent_nostore": lambda a, w: persistent_gemm(a, w, store=False)}
+            "persistent_nostore": lambda a, w: persistent_gemm(a, w, store=False),
+            "persistent_staged": lambda a, w: persistent_gemm(a, w, staged=True)}
 TIMING_ONLY = {"persistent_nostore"}   # its output is never written: timed, not checked
 SHAPES = [("up", 32, 256, 7168, 4096), ("up", 32, 512, 7168, 4096), ("up", 32, 1024, 7168, 4096),
           ("down", 32, 256, 2048, 7168), ("down", 32, 1024, 2048, 7168)]
