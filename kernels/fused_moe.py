@@ -24,7 +24,7 @@ forward only looks up a dict; a missing table borrows the nearest tuned expert c
 expert, or falls back to `default_config` with a warning once per table name. `config=`: a flat dict for every
 GEMM or {"up"/"down"/"linear": dict}; keys BLOCK_M/N/K, GROUP_M, num_warps, num_stages, USE_TMA (weights by TMA),
 SPLIT_M (experts padded to SPLIT_M rows: BLOCK_M blocks + SPLIT_M-row tails; 0 = pad to BLOCK_M), WGMMA (Hopper),
-EXPERT_GROUPS (program groups of one expert's blocks; default True; kernels/fused_moe_kernel.check_config).
+STAGE_C (WGMMA's tiles out through shared memory), EXPERT_GROUPS (kernels/fused_moe_kernel.check_config).
 """
 
 from __future__ import annotations

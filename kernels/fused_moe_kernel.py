@@ -115,15 +115,17 @@ def runs_interpreted() -> bool:
 
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-OPTIONAL_KEYS = ("USE_TMA", "SPLIT_M", "A_TMA", "MERGE_TAIL", "PERMUTE_A", "WGMMA", "EXPERT_GROUPS", "PAIR_TAILS")
+OPTIONAL_KEYS = ("USE_TMA", "SPLIT_M", "A_TMA", "MERGE_TAIL", "PERMUTE_A", "WGMMA", "STAGE_C", "EXPERT_GROUPS",
+                 "PAIR_TAILS")
 
 
 def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
-    """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, PERMUTE_A, WGMMA and PAIR_TAILS default to False,
-    SPLIT_M to 0 = no tail split, EXPERT_GROUPS to True: see moe_blocks.expert_group_blocks). PERMUTE_A
+    """A launch config with every key (USE_TMA, A_TMA, MERGE_TAIL, PERMUTE_A, WGMMA, STAGE_C and PAIR_TAILS default
+    to False, SPLIT_M to 0 = no tail split, EXPERT_GROUPS to True: see moe_blocks.expert_group_blocks). PERMUTE_A
     (kernels/fused_moe.py, the first GEMM): copy the rows into aligned order first and load A through TMA instead of
     gathering it. WGMMA: run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised Hopper kernel where
-    `wgmma_unsupported` allows it, else this module's. PAIR_TAILS (with MERGE_TAIL, this module's kernel): each
+    `wgmma_unsupported` allows it, else this module's; STAGE_C (with WGMMA): that kernel stores its output
+    tile through shared memory as 16-byte row pieces. PAIR_TAILS (with MERGE_TAIL, this module's kernel): each
     tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR); its stages take 1.5x a main block's
     shared memory, so the H200's 128 x (2 x 128) up tiles need num_stages <= 3 (Triton refuses more at launch).
     Keys outside these (and the caller's `extra_keys`) are refused by name."""
@@ -143,13 +145,16 @@ def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
     bad_split = not isinstance(split, int) or split < 16 or split & (split - 1) or split > config["BLOCK_M"]
     if split and bad_split:
         raise ValueError(f"config['SPLIT_M'] must be 0 or a power of two in [16, BLOCK_M], got {split!r}")
+    if config.get("STAGE_C", False) and not config.get("WGMMA", False):   # else a key that silently does nothing
+        raise ValueError("config['STAGE_C'] stages the wgmma kernel's output tile: it needs WGMMA=True")
     groups = config.get("EXPERT_GROUPS", True)
     if not isinstance(groups, (bool, int)) or groups < 0:
         raise ValueError(f"config['EXPERT_GROUPS'] must be True, False or a positive int, got {groups!r}")
     return {**{k: config[k] for k in CONFIG_KEYS}, "USE_TMA": bool(config.get("USE_TMA", False)),
             "SPLIT_M": 0 if split == config["BLOCK_M"] else split, "A_TMA": bool(config.get("A_TMA", False)),
             "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "PERMUTE_A": bool(config.get("PERMUTE_A", False)),
-            "WGMMA": bool(config.get("WGMMA", False)), "EXPERT_GROUPS": groups,
+            "WGMMA": bool(config.get("WGMMA", False)), "STAGE_C": bool(config.get("STAGE_C", False)),
+            "EXPERT_GROUPS": groups,
             "PAIR_TAILS": bool(config.get("PAIR_TAILS", False))}
 
 
@@ -216,7 +221,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
             tables = block_tables(align, bm)
         return moe_gemm_wgmma(a, w, out, align, block_n=bn, stages=cfg["num_stages"], group_m=cfg["GROUP_M"],
                               expert_group=group, swiglu=swiglu, gather_a=gather_a, scatter_c=scatter_c, a_div=a_div,
-                              row_weights=row_weights, tables=tables, a_index=a_index)
+                              row_weights=row_weights, tables=tables, a_index=a_index, stage_c=cfg["STAGE_C"])
     # TMA needs 16-byte aligned rows; the interpreter emulates descriptors, so CPU tests cover the path
     tma_ok = (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
     use_tma = cfg["USE_TMA"] and tma_ok

@@ -17,7 +17,9 @@ TFLOP/s, against ~600 for DeepGEMM's warp-specialised kernels on the same GEMMs
     consume   (2 x 4 warps, half h = rows BH*h ..): acc [BH, NB] += A_h . B^T, one wgmma N = NB (A read once
                           per step), one k-step in flight, the stage before it released
     epilogue  (each half)  SwiGLU: silu(gate) * up from acc's two column halves (a register split); rows scaled
-                          by their top-k weight (MUL_WEIGHT), stored at the row id (SCATTER_C) or the aligned row
+                          by their top-k weight (MUL_WEIGHT), stored at the row id (SCATTER_C) or the aligned row;
+                          STAGE_C: through a [BH, min(BN, 128)] shared buffer a warpgroup, as 16-byte row pieces
+                          (kernels/fused_moe_wgmma_epilogue.py; 32 KB next to the ring: 224 KB at 4 stages)
 
 Programs walk kernels.moe_blocks' merged list (each expert's 128-row main blocks, then its 64-row tail block), GROUP_M
 row blocks per column tile so an expert's blocks share the weight tiles through L2 (with expert_group, groups of
@@ -27,8 +29,9 @@ index) keep S - 1 steps in flight. Rows past a tensor's end and padding rows rea
 (sentinel ids) are never stored. Same outputs as the Triton kernel up to float32 summation order.
 
 Measured on an H200 (bench/results/expert_ffn_notes.md, runs 133-141): 7-16% faster than the tl.dot kernel at the
-boost clock, but under the sustained power cap only the up GEMM at ~1024 rows per expert and more gains (2-7%);
-so kernels/tuned enables it (config key WGMMA) there and nowhere else.
+boost clock, but under the sustained power cap only the up GEMM at ~1024 rows per expert and more gained (2-7%).
+The staged epilogue (runs 237-240) made the down GEMM 3-9% faster and the up GEMM 0-2%, so kernels/tuned enables it
+(config keys WGMMA, STAGE_C) for the up GEMM at 128-1024 rows per expert and for the down GEMM at two sizes.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from nanomoe_kernels.moe_blocks import BlockTables, block_tables, expert_group
 BH, BK = 64, 64
 
 if gluon is not None:
+    from nanomoe_kernels.fused_moe_wgmma_epilogue import store_tile
     from nanomoe_kernels.mla_decode_wgmma import _tma_load
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -140,8 +144,9 @@ if gluon is not None:
             mbarrier.arrive(ready.index(j % S), count=1)
 
     @gluon.jit
-    def _consume_partition(a_s, b, ready, free, k_steps, live, c_ptr, w_ptr, ids_ptr, row0, col0, num_rows, N,
-                           stride_cm, SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr):
+    def _consume_partition(a_s, b, cs, ready, free, k_steps, live, c_ptr, w_ptr, ids_ptr, row0, col0, num_rows, N,
+                           stride_cm, SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr,
+                           STAGE_C: gl.constexpr):
         S: gl.constexpr = a_s.type.shape[0]
         BLOCK_H: gl.constexpr = a_s.type.shape[1]
         ACC_N: gl.constexpr = b.type.shape[1]
@@ -162,18 +167,8 @@ if gluon is not None:
                 y = gate / (1.0 + gl.exp(-gate)) * up
             else:
                 y = acc
-            OUT: gl.constexpr = y.type.layout
-            offs_m = row0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, OUT))
-            ids = gl.load(ids_ptr + offs_m)
-            row_ok = gl.expand_dims(ids < num_rows, 1)
-            if SCATTER_C:
-                c_rows = gl.expand_dims(ids.to(gl.int64) * stride_cm, 1)
-            else:
-                c_rows = gl.expand_dims(offs_m.to(gl.int64) * stride_cm, 1)
-            offs_n = gl.expand_dims(col0 + gl.arange(0, y.type.shape[1], layout=gl.SliceLayout(0, OUT)), 0)
-            if MUL_WEIGHT:
-                y = y * gl.expand_dims(gl.load(w_ptr + ids, mask=ids < num_rows, other=0.0), 1)
-            gl.store(c_ptr + c_rows + offs_n, y.to(c_ptr.dtype.element_ty), mask=row_ok & (offs_n < N))
+            store_tile(y, cs, c_ptr, w_ptr, ids_ptr, row0, col0, num_rows, N, stride_cm, MUL_WEIGHT, SCATTER_C,
+                       STAGE_C)
         else:   # a tail block's second half: no rows here, only keep the ring's phases in step
             for kk in range(k_steps):
                 s = kk % S
@@ -186,7 +181,8 @@ if gluon is not None:
                      first_ptr, nblocks_ptr, num_rows, N, K, NW, num_blocks, stride_am, stride_cm,
                      GATHER_A: gl.constexpr, A_DIV: gl.constexpr, A_INDEX: gl.constexpr, SWIGLU: gl.constexpr,
                      MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr, GROUP_M: gl.constexpr,
-                     EXPERT_GROUP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                     EXPERT_GROUP: gl.constexpr, STAGE_C: gl.constexpr, CS_N: gl.constexpr, CS_LAYOUT: gl.constexpr,
+                     STAGES: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -221,23 +217,29 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=2 if GATHER_A else 1)   # gathered: B's expect + A's copies
             mbarrier.init(free.index(i), count=2)      # both warpgroups release a stage
+        if STAGE_C:   # each warpgroup's [BH, CN] epilogue buffer (kernels/fused_moe_wgmma_epilogue.py)
+            cs = gl.allocate_shared_memory(dtype, [2, BLOCK_H, CS_N], CS_LAYOUT)
+        else:
+            cs = a0   # unused
+        # (the partitions' argument tuples are written out: a tuple bound to a name loses its constexprs)
         if GATHER_A:
             gl.warp_specialize([
-                (_consume_partition, (a0, b, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
-                                      num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+                (_consume_partition, (a0, b, cs.index(0), ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0,
+                                      col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C, STAGE_C)),
                 (_gather_partition, (a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, b, ready, free, row0, brow0, N,
                                      live1, k_steps, num_rows, stride_am, A_DIV, A_INDEX, SWIGLU, 4)),
-                (_consume_partition, (a1, b, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H,
-                                      col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+                (_consume_partition, (a1, b, cs.index(1), ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr,
+                                      row0 + BLOCK_H, col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C,
+                                      STAGE_C)),
             ], [4, 4], [64, 224])   # the gatherer's row pointers fit in 64 registers
         else:
             gl.warp_specialize([
-                (_consume_partition, (a0, b, ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0, col0,
-                                      num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                (_load_partition, (a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps,
-                                   SWIGLU)),
-                (_consume_partition, (a1, b, ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr, row0 + BLOCK_H,
-                                      col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C)),
+                (_consume_partition, (a0, b, cs.index(0), ready, free, k_steps, code >= 0, c_ptr, w_ptr, ids_ptr, row0,
+                                      col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C, STAGE_C)),
+                (_load_partition, (a_desc, b_desc, a0, a1, b, ready, free, row0, brow0, N, live1, k_steps, SWIGLU)),
+                (_consume_partition, (a1, b, cs.index(1), ready, free, k_steps, live1, c_ptr, w_ptr, ids_ptr,
+                                      row0 + BLOCK_H, col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT, SCATTER_C,
+                                      STAGE_C)),
             ], [1, 4], [24, 232])
 
 
@@ -268,18 +270,19 @@ def unsupported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, bl
 
 
 @functools.cache
-def _smem_layout(rows: int, dtype: torch.dtype):
-    return gl.NVMMASharedLayout.get_default_for([rows, BK], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+def _smem_layout(rows: int, dtype: torch.dtype, cols: int = BK):
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
 def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignment, *, block_n: int,
                    stages: int, group_m: int, swiglu: bool, gather_a: bool, scatter_c: bool, a_div: int = 1,
                    row_weights: torch.Tensor | None = None, tables: BlockTables | None = None,
-                   a_index: torch.Tensor | None = None, expert_group: int = 0) -> torch.Tensor:
+                   a_index: torch.Tensor | None = None, expert_group: int = 0, stage_c: bool = False) -> torch.Tensor:
     """kernels.fused_moe_kernel.moe_gemm on Hopper (its checks there; `unsupported` must be ''): a [*, K] rows
     gathered through the alignment (gather_a: row id // a_div, then a_index) or [>= R, K] aligned, w [E, NW, K],
     out [*, N]; block_n = output columns per program; expert_group > 0: program groups of at most that many
-    blocks of one expert (kernels/moe_blocks.expert_group), else group_m blocks a group. Returns out."""
+    blocks of one expert (kernels/moe_blocks.expert_group), else group_m blocks a group; stage_c: the output tile
+    goes out through shared memory as 16-byte row pieces (kernels/fused_moe_wgmma_epilogue.py). Returns out."""
     E, NW, K = w.shape
     N = NW // 2 if swiglu else NW
     if tables is None:
@@ -290,12 +293,12 @@ def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: A
     a_desc = GluonDescriptor(a, [a.shape[0], K], [a.stride(0), 1], [BH, BK], _smem_layout(BH, a.dtype))
     w2 = w.view(E * NW, K)
     b_desc = GluonDescriptor(w2, [E * NW, K], [K, 1], [block_n, BK], _smem_layout(block_n, a.dtype))
+    cs_n = min(block_n, 128)   # staging columns: [BH, 128] is 16 KB a warpgroup, so 4 ring stages still fit
     _moe_gemm_ws[(num_blocks * triton.cdiv(N, block_n),)](
         a_desc, b_desc, a, a_index, out, row_weights, align.sorted_ids, tables.merged_rows, tables.merged_codes,
         tables.counts, tables.expert_first, tables.expert_blocks, align.num_rows, N, K, NW, num_blocks, a.stride(0),
         out.stride(0), GATHER_A=gather_a, A_DIV=a_div, A_INDEX=a_index is not None, SWIGLU=swiglu,
         MUL_WEIGHT=row_weights is not None, SCATTER_C=scatter_c, GROUP_M=group_m, EXPERT_GROUP=expert_group,
-        STAGES=stages,
-        num_warps=4, maxnreg=168,
+        STAGE_C=stage_c, CS_N=cs_n, CS_LAYOUT=_smem_layout(BH, a.dtype, cs_n), STAGES=stages, num_warps=4, maxnreg=168,
     )
     return out

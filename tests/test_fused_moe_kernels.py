@@ -383,6 +383,17 @@ def test_tuned_tables_load_and_default_warns(tmp_path, monkeypatch):
     assert fm.get_config("up", 16, 32, 16, torch.float32, 1600, torch.device("cpu"))["BLOCK_M"] == 16
 
 
+def test_stage_c_needs_wgmma():
+    """STAGE_C only changes the wgmma kernel's epilogue: without WGMMA it is refused, with it kept (default off)."""
+    base = {**CONFIGS[3], "WGMMA": True}
+    assert fm.check_config(base)["STAGE_C"] is False
+    assert fm.check_config({**base, "STAGE_C": 1})["STAGE_C"] is True
+    with pytest.raises(ValueError, match="STAGE_C.*needs WGMMA"):
+        fm.check_config({**CONFIGS[3], "STAGE_C": True})
+    staged = [c for t in fm.TABLES.values() for c in t.values() if c.get("STAGE_C")]
+    assert staged and all(c["WGMMA"] for c in staged)   # the H200 tables use it, always with WGMMA
+
+
 def test_deepgemm_says_why_not():
     if torch.cuda.is_available():
         pytest.skip("the GPU tests cover DeepGEMM")

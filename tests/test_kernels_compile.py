@@ -186,15 +186,16 @@ def _gluon_mla_cases() -> list:
 
 def _gluon_moe_cases() -> list:
     """The Gluon wgmma expert GEMM (kernels/fused_moe_wgmma.py) at V3 dims: the up GEMM (SwiGLU) on gathered rows
-    (cp.async) and on aligned rows (TMA), and the down GEMM (top-k weights, scattered rows); pointers and strides
-    16-byte divisible, as the launcher specialises them."""
+    (cp.async) and on aligned rows (TMA, staged epilogue), and the down GEMM (top-k weights, scattered rows) with
+    both epilogues; pointers and strides 16-byte divisible, as the launcher specialises them."""
     import torch
     from nanomoe_kernels import fused_moe_wgmma as m
 
     if not m.supported_triton():
         return []
     out = []
-    for swiglu, gather, K, NW in ((True, True, 7168, 4096), (True, False, 7168, 4096), (False, False, 2048, 7168)):
+    for swiglu, gather, K, NW, stage in ((True, True, 7168, 4096, False), (True, False, 7168, 4096, True),
+                                         (False, False, 2048, 7168, False), (False, False, 2048, 7168, True)):
         a, w = torch.zeros(256, K, dtype=torch.bfloat16), torch.zeros(2 * NW, K, dtype=torch.bfloat16)
         rows = 128 if swiglu else 256
         descs = [m.GluonDescriptor(a, [256, K], [K, 1], [m.BH, m.BK], m._smem_layout(m.BH, a.dtype)),
@@ -203,10 +204,11 @@ def _gluon_moe_cases() -> list:
         args = descs + [a, None, a, None if swiglu else f32, i32, i32, i32, i32, i32, i32,
                         5, NW // 2 if swiglu else NW, K, NW, 5, K, 64]
         consts = dict(GATHER_A=gather, A_DIV=8 if gather else 1, A_INDEX=False, SWIGLU=swiglu, MUL_WEIGHT=not swiglu,
-                      SCATTER_C=not swiglu, GROUP_M=8, EXPERT_GROUP=13 if swiglu else 0, STAGES=4, num_warps=4)
+                      SCATTER_C=not swiglu, GROUP_M=8, EXPERT_GROUP=13 if swiglu else 0, STAGE_C=stage, CS_N=128,
+                      CS_LAYOUT=m._smem_layout(m.BH, a.dtype, 128), STAGES=4, num_warps=4)
         aligned = ("a_ptr", "c_ptr", "N", "K", "NW", "stride_am", "stride_cm")
-        out.append((f"fused_moe_wgmma[swiglu {swiglu}, gather {gather}]", m._moe_gemm_ws, args, consts,
-                    {"maxnreg": 168}, aligned))
+        out.append((f"fused_moe_wgmma[swiglu {swiglu}, gather {gather}, staged {stage}]", m._moe_gemm_ws, args,
+                    consts, {"maxnreg": 168}, aligned))
     return out
 
 

@@ -5,7 +5,8 @@
 
 DeepSeek-V3 expert dims (H 7168, I 2048), top-8. Variants, each a pair of (up, down) configs derived from the tuned
 tables' pair for the case:
-- `tuned`: the tables as they are;
+- `tuned`: the tables as they are; `baseline` (with --baseline DIR): the tables in DIR (an earlier set, timed in
+  the same run);
 - `split32` / `split16` / `split0`: both GEMMs with SPLIT_M = 32 / 16 / 0 (tails of 32 or 16 rows in the same
   launch, or every expert padded to BLOCK_M). The alignment block is the smaller SPLIT_M of the pair, so these
   also take the up GEMM off the wgmma kernel (it runs 64-row tails only);
@@ -15,7 +16,8 @@ tables' pair for the case:
 - `up256` / `down256` / `both256` (run 101): 256-row tiles, the up GEMM as 256 x (2 x 64), the down GEMM as
   256 x 128, 64-row tails in the same launch;
 - `wg_up`: the up GEMM on the wgmma kernel (128 x (2 x 128), 4 stages); `wg_down`: the down GEMM on it
-  (128 x 256, 4 stages); `wg_both`: both GEMMs on it.
+  (128 x 256, 4 stages); `wg_both`: both GEMMs on it; `wg_up_st` / `wg_down_st` / `wg_both_st`: the same with
+  the output tile stored through shared memory (STAGE_C).
 Each variant records which kernel its GEMMs ran on (`kernel`: "wgmma", or why not).
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
 `tuned` (bitwise, else relative error), then all are timed in interleaved rounds, each round starting one variant
@@ -30,12 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 
 import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import nanomoe_kernels.fused_moe as fm  # noqa: E402
 from nanomoe_kernels.fused_moe import fused_moe_aligned, get_config  # noqa: E402
 from nanomoe_kernels.fused_moe_kernel import check_config, wgmma_unsupported  # noqa: E402
 from nanomoe_kernels.moe_align import moe_align  # noqa: E402
@@ -49,16 +53,32 @@ K_TOP, H, I = 8, 7168, 2048
 TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_M": 64, "MERGE_TAIL": True,
            "USE_TMA": True, "WGMMA": False}
 ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256",
-       "wg_up", "wg_down", "wg_both")
+       "wg_up", "wg_down", "wg_both", "wg_up_st", "wg_down_st", "wg_both_st")
 WG2 = {"WGMMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_M": 64, "num_stages": 4}
 WG2_DOWN = {**WG2, "BLOCK_N": 256}
 PAIR = {"WGMMA": False, "MERGE_TAIL": True, "PAIR_TAILS": True, "num_stages": 3}
 
 
-def variants(E: int, T: int, dev: torch.device, names: list[str]) -> dict[str, dict]:
-    """{name: {"up": config, "down": config}} for `tuned` and the asked variants."""
-    up = get_config("up", E, I, H, torch.bfloat16, T * K_TOP, dev)
-    down = get_config("down", E, H, I, torch.bfloat16, T * K_TOP, dev)
+def table_pair(E: int, T: int, dev: torch.device) -> tuple[dict, dict]:
+    """The (up, down) configs the loaded tables give this case."""
+    return (get_config("up", E, I, H, torch.bfloat16, T * K_TOP, dev),
+            get_config("down", E, H, I, torch.bfloat16, T * K_TOP, dev))
+
+
+def baseline_pair(E: int, T: int, dev: torch.device, directory: str) -> tuple[dict, dict]:
+    """The (up, down) configs of the tables in `directory` (the package's tables swapped in for the look-up)."""
+    saved = fm.TABLES
+    fm.TABLES = fm.load_tables(pathlib.Path(directory))
+    try:
+        return table_pair(E, T, dev)
+    finally:
+        fm.TABLES = saved
+
+
+def variants(E: int, T: int, dev: torch.device, names: list[str], baseline: str | None = None) -> dict[str, dict]:
+    """{name: {"up": config, "down": config}} for `tuned`, `baseline` (the tables in that directory) when given,
+    and the asked variants."""
+    up, down = table_pair(E, T, dev)
 
     def both(**kv) -> dict:
         return {"up": {**up, **kv}, "down": {**down, **kv}}
@@ -72,10 +92,14 @@ def variants(E: int, T: int, dev: torch.device, names: list[str]) -> dict[str, d
              "both256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": {**down, **TILE256, "BLOCK_N": 128}},
              "wg_up": {"up": {**up, **WG2}, "down": down}, "wg_down": {"up": up, "down": {**down, **WG2_DOWN}},
              "wg_both": {"up": {**up, **WG2}, "down": {**down, **WG2_DOWN}}}
-    return {"tuned": {"up": up, "down": down}, **{n: every[n] for n in names}}
+    every |= {f"{n}_st": {op: {**c, "STAGE_C": c.get("WGMMA", False)} for op, c in every[n].items()}
+              for n in ("wg_up", "wg_down", "wg_both")}
+    base = dict(zip(("up", "down"), baseline_pair(E, T, dev, baseline))) if baseline else None
+    return {"tuned": {"up": up, "down": down}, **({"baseline": base} if base else {}), **{n: every[n] for n in names}}
 
 
-def run_case(E: int, T: int, w: tuple[torch.Tensor, ...], names: list[str], rounds: int, rep_ms: int) -> dict:
+def run_case(E: int, T: int, w: tuple[torch.Tensor, ...], names: list[str], rounds: int, rep_ms: int,
+             baseline: str | None = None) -> dict:
     """One E x T case: check, then time every variant in interleaved rounds."""
     dev = w[0].device
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
@@ -83,7 +107,7 @@ def run_case(E: int, T: int, w: tuple[torch.Tensor, ...], names: list[str], roun
     row_w = tw.reshape(-1).contiguous()
     rec: dict = {"case": f"{E}x{T}", "variants": {}, "padded_rows": {}}
     fns, want = {}, None
-    for name, cfg in variants(E, T, dev, names).items():
+    for name, cfg in variants(E, T, dev, names, baseline).items():
         cfg = {k: check_config(c) for k, c in cfg.items()}
         tm = min(c["SPLIT_M"] or c["BLOCK_M"] for c in cfg.values())
         al = moe_align(ids, E, tm)
@@ -125,6 +149,7 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=int, default=150)
     ap.add_argument("--cases", default="32x1024,32x4096")
     ap.add_argument("--variants", default="split32,split0,tiles", help=f"of {','.join(ALL)} (`tuned` always)")
+    ap.add_argument("--baseline", default=None, help="a directory of tables: their configs as variant `baseline`")
     a = ap.parse_args()
     names = [n for n in a.variants.split(",") if n]
     unknown = sorted(set(names) - set(ALL))
@@ -140,7 +165,7 @@ def main() -> None:
         if E not in weights:
             weights.clear()  # one expert count's weights at a time (256 experts: 11 GB)
             weights[E] = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda")
-        out["cases"].append(run_case(E, T, weights[E], names, a.rounds, a.rep_ms))
+        out["cases"].append(run_case(E, T, weights[E], names, a.rounds, a.rep_ms, a.baseline))
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
     out["ceilings_after"] = measure_ceilings(dev, torch.bfloat16)

@@ -20,7 +20,7 @@
 # Env: STAGES (any of: tests tune ffn ffn_graph mla ranking pdl tiles layout route clock wgmma ffn_wgmma), TOTAL
 # (seconds, 560), TUNE_TOKENS
 # (tuner sizes, "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS / LAYOUT_FLAGS / WGMMA_FLAGS
-# / FFN_WGMMA_FLAGS / TILES_FLAGS (extra flags), MLA_LIMIT / LAYOUT_LIMIT / TEST_LIMIT (those steps' seconds), TESTS (the test files), PYTEST_K (their
+# / FFN_WGMMA_FLAGS / TILES_FLAGS (extra flags), MLA_LIMIT / LAYOUT_LIMIT / TILES_LIMIT / TEST_LIMIT (those steps' seconds), TESTS (the test files), PYTEST_K (their
 # -k). With two GPUs, GPU 1 runs the tests and then
 # the ranking while GPU 0 tunes and times.
 # $OUT gets results.tgz (results/: expert_ffn_h200.json, mla_h200.json, ranking_h200.json, tune_*.json,
@@ -88,7 +88,7 @@ has wgmma && step wgmma "${WGMMA_LIMIT:-200}" python3 bench/gpu/mla_small_probe.
 has pdl && step pdl 150 python3 bench/gpu/mla_small_probe.py --pdl --rounds 5 --out "$RES/mla_pdl_probe.json"
 has ffn_wgmma && step ffn_wgmma "${FFN_WGMMA_LIMIT:-300}" python3 bench/gpu/ffn_wgmma_probe.py ${FFN_WGMMA_FLAGS:-} \
   --json "$RES/ffn_wgmma_probe.json"
-has tiles && step tiles 240 python3 bench/gpu/ffn_config_probe.py --rounds 5 ${TILES_FLAGS:-} --json "$RES/ffn_tiles_probe.json"
+has tiles && step tiles "${TILES_LIMIT:-240}" python3 bench/gpu/ffn_config_probe.py --rounds 5 ${TILES_FLAGS:-} --json "$RES/ffn_tiles_probe.json"
 has ranking && run_ranking
 [ -n "${gpu1_pid:-}" ] && wait "$gpu1_pid"
 for f in ffn ffn_graph mla ranking pdl tiles layout route clock wgmma ffn_wgmma; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done

@@ -29,6 +29,11 @@ WG_SMALL = {"up": {**UP, "BLOCK_N": 64, "num_stages": 2, "GROUP_M": 1, "EXPERT_G
 TRITON = {op: {**c, "WGMMA": False, "MERGE_TAIL": True, "USE_TMA": True} for op, c in WG.items()}
 
 
+def staged(cfgs: dict) -> dict:
+    """The same configs with the output tile stored through shared memory (STAGE_C)."""
+    return {op: {**c, "STAGE_C": True} for op, c in cfgs.items()}
+
+
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
     assert torch.isfinite(out).all(), "output holds NaN/Inf"
     return float((out.double().cpu() - want.double().cpu()).norm() / want.double().norm().clamp_min(1e-30))
@@ -66,6 +71,8 @@ def test_fused_moe_wgmma_matches_reference(expert_type, kind, T, dtype):
         assert rel_err(out, reference.moe_experts(x, ids, tw, w, expert_type)) < TOL
         want = fused_moe(x, ids, tw, w, expert_type, config=TRITON)
         assert rel_err(out, want) < 5e-3
+        # the staged epilogue moves the same rounded values: the same bits
+        assert torch.equal(fused_moe(x, ids, tw, w, expert_type, config=staged(cfg)), out)
 
 
 @pytest.mark.parametrize("T", [64, 1024])
@@ -78,6 +85,7 @@ def test_deepseek_dims_against_the_triton_kernel(T):
     ids, tw = make_routing(T, E, k, "cuda", seed=4)
     out = fused_moe(x, ids, tw, w, config=WG)
     assert rel_err(out, fused_moe(x, ids, tw, w, config=TRITON)) < 5e-3
+    assert torch.equal(fused_moe(x, ids, tw, w, config=staged(WG)), out)
     rows = torch.arange(0, T, max(1, T // 16), device="cuda")
     w13, w2 = (t.float() for t in w)
     want = torch.zeros(rows.numel(), H, device="cuda")
@@ -113,7 +121,8 @@ def test_contiguous_gathered_and_masked_layouts():
         assert rel_err(got[e, :n], want[starts[e]:starts[e] + n]) < 5e-3
 
 
-def test_padding_rows_are_never_written():
+@pytest.mark.parametrize("stage_c", [False, True])
+def test_padding_rows_are_never_written(stage_c):
     """Rows the alignment pads (sentinel ids) and the second half of a tail block keep the output's old bytes."""
     E, H, I = 4, 128, 128
     w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=7)
@@ -127,9 +136,10 @@ def test_padding_rows_are_never_written():
     used = torch.arange(align.sorted_ids.numel(), device="cuda") < align.num_padded   # entries past it: garbage
     live = used & (align.sorted_ids >= 0) & (align.sorted_ids < N)
     a_sorted[live] = rows[align.sorted_ids[live].long()]
-    moe_gemm(a_sorted, w[0], inter, align, UP, gather_a=False, scatter_c=False, swiglu=True)
+    up, down = ({**c, "STAGE_C": stage_c} for c in (UP, DOWN))
+    moe_gemm(a_sorted, w[0], inter, align, up, gather_a=False, scatter_c=False, swiglu=True)
     assert (inter[~live] == 7.0).all(), "a padding row of the intermediate was written"
-    moe_gemm(inter, w[1], out, align, DOWN, gather_a=False, scatter_c=True)
+    moe_gemm(inter, w[1], out, align, down, gather_a=False, scatter_c=True)
     assert (out[N:] == 7.0).all(), "a row past the batch was written"
     assert rel_err(out[:N], fused_moe_contiguous(rows, counts, w, config=TRITON)) < 5e-3
 
