@@ -17,7 +17,9 @@ tables' pair for the case:
   256 x 128, 64-row tails in the same launch;
 - `wg_up`: the up GEMM on the wgmma kernel (128 x (2 x 128), 4 stages); `wg_down`: the down GEMM on it
   (128 x 256, 4 stages); `wg_both`: both GEMMs on it; `wg_up_st` / `wg_down_st` / `wg_both_st`: the same with
-  the output tile stored through shared memory (STAGE_C).
+  the output tile stored through shared memory (STAGE_C);
+- `wg_up_st64`: `wg_up_st` with 64-column up tiles (128 x (2 x 64): twice the programs, a shorter last wave);
+- `perm_up`: the tuned pair with PERMUTE_A in the up GEMM (the rows copied into aligned order first, then A by TMA).
 Each variant records which kernel its GEMMs ran on (`kernel`: "wgmma", or why not).
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
 `tuned` (bitwise, else relative error), then all are timed in interleaved rounds, each round starting one variant
@@ -53,7 +55,8 @@ K_TOP, H, I = 8, 7168, 2048
 TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLIT_M": 64, "MERGE_TAIL": True,
            "USE_TMA": True, "WGMMA": False}
 ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256",
-       "wg_up", "wg_down", "wg_both", "wg_up_st", "wg_down_st", "wg_both_st")
+       "wg_up", "wg_down", "wg_both", "wg_up_st", "wg_down_st", "wg_both_st", "perm_up",
+       "wg_up_st64")
 WG2 = {"WGMMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_M": 64, "num_stages": 4}
 WG2_DOWN = {**WG2, "BLOCK_N": 256}
 PAIR = {"WGMMA": False, "MERGE_TAIL": True, "PAIR_TAILS": True, "num_stages": 3}
@@ -92,6 +95,8 @@ def variants(E: int, T: int, dev: torch.device, names: list[str], baseline: str 
              "both256": {"up": {**up, **TILE256, "BLOCK_N": 64}, "down": {**down, **TILE256, "BLOCK_N": 128}},
              "wg_up": {"up": {**up, **WG2}, "down": down}, "wg_down": {"up": up, "down": {**down, **WG2_DOWN}},
              "wg_both": {"up": {**up, **WG2}, "down": {**down, **WG2_DOWN}}}
+    every["perm_up"] = {"up": {**up, "PERMUTE_A": True}, "down": down}
+    every["wg_up_st64"] = {"up": {**up, **WG2, "BLOCK_N": 64, "STAGE_C": True}, "down": down}
     every |= {f"{n}_st": {op: {**c, "STAGE_C": c.get("WGMMA", False)} for op, c in every[n].items()}
               for n in ("wg_up", "wg_down", "wg_both")}
     base = dict(zip(("up", "down"), baseline_pair(E, T, dev, baseline))) if baseline else None
