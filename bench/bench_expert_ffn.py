@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from nanomoe_kernels.fp8_quant import dequant_fp8_blocks, quant_fp8_blocks  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights, reference_rows  # noqa: E402
 
-from bench.common import measure_ceilings, sig, time_fn, write_record  # noqa: E402
+from bench.common import measure_ceilings, round_order, sig, time_fn, write_record  # noqa: E402
 from bench.expert_ffn_variants import FP8_VARIANTS, PEERS, VARIANTS, build_variants  # noqa: E402
 
 QUICK_TOKENS = (64, 256, 1024, 4096)
@@ -130,14 +130,15 @@ def run_case(E: int, T: int, k: int, H: int, I: int, expert_type: str, weights: 
             continue
         want = ref8 if name in FP8_VARIANTS else ref
         checked[name] = float((out[sample].float() - want).norm() / want.norm())
-    # interleaved rounds, each starting one variant later: under the H200's power cap a variant timed right after
-    # a heavy one runs up to ~10% slower (bench/results/expert_ffn_notes.md), so no variant keeps one position
+    # interleaved rounds in bench.common.round_order: under the H200's power cap a variant timed right after a
+    # heavy one runs up to ~10% slower (bench/results/expert_ffn_notes.md), so no variant keeps a position or a
+    # neighbour
     times: dict[str, list[float]] = {n: [] for n in checked}
     stats: dict[str, list[dict]] = {n: [] for n in checked}  # --gpu-stats: the GPU's state around each window
     graphs = {n: opts.cuda_graph and n in GRAPH_VARIANTS for n in checked}
     order = list(checked)
     for rnd in range(max(1, opts.rounds)):
-        for name in order[rnd % len(order):] + order[:rnd % len(order)] if order else []:
+        for name in round_order(order, rnd):
             before = gpu_state() if opts.gpu_stats else None
             try:
                 times[name].append(time_ms(built.fns[name], dev, rep_ms, graphs[name], opts.settle_ms,

@@ -345,6 +345,20 @@ def release_comm(comm: object) -> None:
         torch.cuda.empty_cache()
 
 
+def round_order(names: list[str], rnd: int) -> list[str]:
+    """Round rnd's timing order of interleaved variants, a Williams design: row rnd % n of the Latin square whose
+    first row is 0, 1, n-1, 2, n-2, ... (odd n: every other n rounds reversed). Over n rounds (2n for odd n) each
+    variant runs first, and right after each other variant, equally often: under the H200's power cap the
+    variant just before moves a window's median by a few percent, and a plain rotation keeps every variant after
+    the same neighbour."""
+    n = len(names)
+    if n == 0:
+        return []
+    first_row = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]
+    order = [names[(i + rnd) % n] for i in first_row]
+    return order[::-1] if n % 2 and (rnd // n) % 2 else order
+
+
 def measure_ceilings(device: torch.device, dtype: torch.dtype, rep_ms: int = 200) -> dict:
     """Copy bandwidth (GB/s, read + written) and matmul rate (TFLOP/s) measured here and now.
 

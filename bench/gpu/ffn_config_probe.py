@@ -22,8 +22,8 @@ tables' pair for the case:
 - `perm_up`: the tuned pair with PERMUTE_A in the up GEMM (the rows copied into aligned order first, then A by TMA).
 Each variant records which kernel its GEMMs ran on (`kernel`: "wgmma", or why not).
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
-`tuned` (bitwise, else relative error), then all are timed in interleaved rounds, each round starting one variant
-later (do_bench median, L2 flushed); the bf16 matmul ceiling before and after. A padded-row count per alignment
+`tuned` (bitwise, else relative error), then all are timed in interleaved rounds (bench.common.round_order;
+do_bench median, L2 flushed); the bf16 matmul ceiling before and after. A padded-row count per alignment
 block says how many rows the MMAs run for the pairs.
 
 Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate.

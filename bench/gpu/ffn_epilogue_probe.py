@@ -9,7 +9,7 @@ reads it and scatters weighted pair rows):
 - down: `down_tuned`, `down_wg` (wgmma, 128 x 256, 4 stages), `down_wg_st` (staged), `down_wg128_st` (128 x 128).
 Each op's variants are checked against its first variant's output (the down GEMM's: the first on the same
 alignment, since Case draws its input per alignment) (bitwise, else relative error), then timed in
-interleaved rounds (do_bench median, L2 flushed), each round starting one variant later. FLOPs count the real
+interleaved rounds (do_bench median, L2 flushed) in bench.common.round_order's order. FLOPs count the real
 rows (T * k), so `tflops` is comparable across alignments.
 
 Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate.

@@ -5,7 +5,7 @@ the GROUP_M swizzle over the merged block list (EXPERT_GROUPS False), next to `b
 
 DeepSeek-V3 expert dims (H 7168, I 2048), top-8, uniform routing, the tuned tables' configs. Only the order of the
 programs differs, so the two `triton` outputs must be equal bit for bit (asserted). do_bench medians (L2 flushed)
-over interleaved rounds, each round starting one variant later.
+over interleaved rounds in bench.common.round_order's order.
 
 Dimension legend: T tokens, k top-k, E experts, H hidden, I intermediate.
 """

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.testing
 
-from bench.common import measure_ceilings
+from bench.common import measure_ceilings, round_order
 
 
 def run_cases(bench: str, path: str, items: list[str], run: Callable[[str], list[dict]],
@@ -41,11 +41,11 @@ def run_cases(bench: str, path: str, items: list[str], run: Callable[[str], list
 
 def rounds_us(fns: dict[str, Callable[[], object]], rounds: int, rep_ms: int) -> dict[str, list[float]]:
     """{name: [us per round]}: each fn timed once a round (do_bench median, 25 ms warm-up, rep_ms window, L2
-    flushed), each round starting one fn later, so no fn keeps the place after the same neighbour (under the
-    H200's power cap a window's median moves with what ran just before it)."""
+    flushed), in bench.common.round_order's order, so no fn keeps its place or its neighbour (under the H200's
+    power cap a window's median moves with what ran just before it)."""
     order, us = list(fns), {n: [] for n in fns}
     for rnd in range(rounds):
-        for name in order[rnd % len(order):] + order[:rnd % len(order)]:
+        for name in round_order(order, rnd):
             ms = triton.testing.do_bench(fns[name], warmup=25, rep=rep_ms, return_mode="median")
             us[name].append(round(ms * 1e3, 1))
     return us
