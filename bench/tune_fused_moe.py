@@ -74,6 +74,10 @@ _DOWN = _space(
 _LINEAR = _space(
     (SMALL, [(16, 128, 128, 4, 4, 8, True), (16, 128, 128, 4, 4), (16, 256, 128, 8, 3, 8, True),
              (16, 64, 128, 4, 4), (16, 128, 256, 4, 3), (32, 128, 128, 4, 4, 8, True)]))
+# the warp-specialised Hopper kernel with its staged epilogue (kernels/fused_moe_wgmma.py; elsewhere these run the
+# Triton kernel, the same as their non-WGMMA twins): the H200 tables' prefill entries (runs 237-240)
+_UP += [(LARGE, {**_cfg(128, 128, 64, 8, 4, 8, True, 64), "WGMMA": True, "STAGE_C": True})]
+_DOWN += [(LARGE, {**_cfg(128, 256, 64, 8, 4, 8, True, 64), "WGMMA": True, "STAGE_C": True})]
 SPACE = {"up": _UP, "down": _DOWN, "linear": _LINEAR}
 
 
