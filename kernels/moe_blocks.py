@@ -13,8 +13,10 @@ block), `main_experts[NM]`, `tail_rows[NT]`, `tail_experts[NT]`, `counts[2]` = (
 the merged list for a single launch: `merged_rows[NM + NT]`, `merged_codes[NM + NT]` = expert | 2^30
 for a tail block, each expert's main blocks followed by its tail blocks (so they run side by side), and per
 expert its first merged entry and its entry count, `expert_first[E]`, `expert_blocks[E]` (a GEMM's
-program order then groups only blocks of one expert: expert_group below). One launch fills every list, BB
-entries per program.
+program order then groups only blocks of one expert: expert_group below), and `merged_tails[NM + NT]`, the
+carried-tail flags of kernels/fused_moe_wgmma_tail.py: for TN = 32 (bits 0-1) and TN = 16 (bits 2-3), bit 0 / 2
+on an expert's last main block when its tail has at most TN real rows (the tail's row TN is padding: alignments
+put padding last), bit 1 / 3 on that tail block. One launch fills every list, BB entries per program.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class BlockTables(NamedTuple):
     counts: torch.Tensor
     merged_rows: torch.Tensor
     merged_codes: torch.Tensor
+    merged_tails: torch.Tensor
     expert_first: torch.Tensor
     expert_blocks: torch.Tensor
     block_m: int
@@ -44,9 +47,9 @@ class BlockTables(NamedTuple):
 
 
 @triton.jit
-def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, tail_experts_ptr,
-                   counts_ptr, merged_rows_ptr, merged_codes_ptr, first_ptr, nblocks_ptr, E, P_MAIN, P_TAIL,
-                   BM: tl.constexpr,
+def _tables_kernel(padded_ptr, ids_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, tail_experts_ptr,
+                   counts_ptr, merged_rows_ptr, merged_codes_ptr, merged_tails_ptr, first_ptr, nblocks_ptr, E,
+                   num_rows, P_MAIN, P_TAIL, BM: tl.constexpr,
                    TM: tl.constexpr, NBIN: tl.constexpr, BB: tl.constexpr):
     # BB entries per program: programs [0, P_MAIN) of the main list, the next P_TAIL of the tail list, the
     # rest of the merged list; each recomputes the per-expert sums (NBIN values) instead of waiting on another
@@ -86,6 +89,17 @@ def _tables_kernel(padded_ptr, main_rows_ptr, main_experts_ptr, tail_rows_ptr, t
         ok = i < tl.sum(n_all, axis=0)
         tl.store(merged_rows_ptr + i, row, mask=ok)
         tl.store(merged_codes_ptr + i, owner | tl.where(tail, 0x40000000, 0), mask=ok)
+        # carried tails: the expert's last main block and its (first) tail block, when that tail is short
+        has_tail = tl.sum(tl.where(sel, n_tail[None, :], 0), axis=1) > 0
+        pair = ok & (nm > 0) & has_tail & ((j == nm - 1) | (j == nm))
+        t_row = seg + nm * BM
+        bit = tl.where(tail, 2, 1)
+        flags = tl.zeros_like(bit)
+        if TM > 32:
+            flags = tl.where(pair & (tl.load(ids_ptr + t_row + 32, mask=pair, other=0) >= num_rows), bit, 0)
+        if TM > 16:
+            flags |= tl.where(pair & (tl.load(ids_ptr + t_row + 16, mask=pair, other=0) >= num_rows), bit * 4, 0)
+        tl.store(merged_tails_ptr + i, flags, mask=ok)
 
 
 @triton.jit
@@ -110,9 +124,10 @@ def block_tables(align: Alignment, block_m: int) -> BlockTables:
     R = align.sorted_ids.numel()
     dev = align.sorted_ids.device
     n_main, n_tail = R // block_m, min(R // tm, E * (block_m // tm - 1))
-    buf = torch.empty(4 * n_main + 4 * n_tail + 2 + 2 * E, dtype=torch.int32, device=dev)
-    main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes, first, nblocks = \
-        torch.split(buf, [n_main, n_main, n_tail, n_tail, 2, n_main + n_tail, n_main + n_tail, E, E])
+    buf = torch.empty(5 * n_main + 5 * n_tail + 2 + 2 * E, dtype=torch.int32, device=dev)
+    n_all = n_main + n_tail
+    main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes, merged_tails, first, \
+        nblocks = torch.split(buf, [n_main, n_main, n_tail, n_tail, 2, n_all, n_all, n_all, E, E])
     if E:
         nbin = triton.next_power_of_2(E + 1)
         bb = max(1, min(64, 8192 // nbin))
@@ -120,13 +135,13 @@ def block_tables(align: Alignment, block_m: int) -> BlockTables:
         # the single-program loop this replaced took 68 us at 32 experts and 315 us at 256 (4096 tokens, H200)
         p_main, p_tail = triton.cdiv(n_main, bb), triton.cdiv(n_tail, bb)
         grid = (max(1, p_main + p_tail + triton.cdiv(n_main + n_tail, bb)),)
-        _tables_kernel[grid](align.padded_counts, main_rows, main_experts, tail_rows, tail_experts, counts,
-                             merged_rows, merged_codes, first, nblocks, E, p_main, p_tail, BM=block_m, TM=tm,
-                             NBIN=nbin, BB=bb)
+        _tables_kernel[grid](align.padded_counts, align.sorted_ids, main_rows, main_experts, tail_rows, tail_experts,
+                             counts, merged_rows, merged_codes, merged_tails, first, nblocks, E, align.num_rows,
+                             p_main, p_tail, BM=block_m, TM=tm, NBIN=nbin, BB=bb)
     else:
         counts.zero_()
-    return BlockTables(main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes, first,
-                       nblocks, block_m, tm)
+    return BlockTables(main_rows, main_experts, tail_rows, tail_experts, counts, merged_rows, merged_codes,
+                       merged_tails, first, nblocks, block_m, tm)
 
 
 GROUP_BYTES = 24 << 20  # the A rows one expert group may hold in L2 while its programs sweep the column tiles

@@ -229,6 +229,27 @@ def test_align_groups_rows_by_expert(prob, block_m):
         seen += block
     assert sorted(seen) == list(range(len(flat)))  # every row exactly once
     assert all(sorted(r for r in seen if flat[r] == e) == [r for r in seen if flat[r] == e] for e in range(E))
+    assert_padding_last(al, len(flat))
+
+
+def assert_padding_last(al: ma.Alignment, sentinel: int) -> None:
+    """Each expert's padded segment lists its real rows first, then padding: the wgmma kernel's carried tails
+    (kernels/fused_moe_wgmma_tail.py) count a tail's rows by where its padding starts."""
+    start = 0
+    for p in al.padded_counts.tolist():
+        seg = al.sorted_ids[start:start + p].tolist()
+        real = sum(r != sentinel for r in seg)
+        assert all(r != sentinel for r in seg[:real]) and all(r == sentinel for r in seg[real:]), seg
+        start += p
+
+
+@settings(max_examples=15)
+@given(st.lists(st.integers(0, 70), min_size=1, max_size=6), st.sampled_from([16, 64]), st.integers(0, 9))
+def test_contiguous_and_masked_alignments_put_padding_last(counts, block_m, slack):
+    c = torch.tensor(counts, dtype=torch.int32, device=DEV)
+    assert_padding_last(ma.moe_align_contiguous(c, sum(counts), block_m), sum(counts))
+    cap = max(counts) + slack
+    assert_padding_last(ma.moe_align_masked(c, cap, block_m), len(counts) * cap)
 
 
 @settings(max_examples=20)
@@ -254,6 +275,32 @@ def test_block_tables_cover_each_segment(prob, sizes):
     n_all = [pc[e] // bm + pc[e] % bm // tm for e in range(E)]
     assert bt.expert_blocks.tolist() == n_all
     assert bt.expert_first.tolist() == [sum(n_all[:e]) for e in range(E)]
+    # carried-tail flags (kernels/fused_moe_wgmma_tail.py): TN = 32 in bits 0-1, 16 in bits 2-3
+    real = [ids.reshape(-1).tolist().count(e) for e in range(E)]
+    want_flags = []
+    for e in range(E):
+        nm, nt = pc[e] // bm, pc[e] % bm // tm
+        rest = real[e] - nm * bm   # the real rows past the main blocks, all in the first tail block
+        for j in range(nm + nt):
+            bit = 0
+            if nm and nt and j in (nm - 1, nm):
+                bit = sum((2 if j == nm else 1) << s for s, n in ((0, 32), (2, 16)) if n < tm and rest <= n)
+            want_flags.append(bit)
+    assert bt.merged_tails[:n_main + n_tail].tolist() == want_flags
+
+
+def test_carried_tail_flags_at_the_edges():
+    """The flags at counts around TN: carried for a tail of 1..TN rows after a main block, never for TN + 1 rows,
+    a lone tail (no main block), an exact main block or an empty expert."""
+    counts = [129, 160, 161, 3, 128, 0, 67, 296, 130, 144, 145]
+    al = ma.moe_align_contiguous(torch.tensor(counts, dtype=torch.int32, device=DEV), sum(counts), 64)
+    bt = mb.block_tables(al, 128)
+    used = int(bt.counts.sum())
+    codes, flags = bt.merged_codes[:used].tolist(), bt.merged_tails[:used].tolist()
+    carry = {(c & 0x3FFFFFFF, c >= 1 << 30): f for c, f in zip(codes, flags) if f}
+    # expert: flags of (its last main block, its tail block); 32 in bits 0-1, 16 in bits 2-3
+    want = {0: (5, 10), 1: (1, 2), 8: (5, 10), 9: (5, 10), 10: (1, 2)}
+    assert carry == {(e, t): f[t] for e, f in want.items() for t in (False, True)}
 
 
 @triton.jit
@@ -392,6 +439,22 @@ def test_stage_c_needs_wgmma():
         fm.check_config({**CONFIGS[3], "STAGE_C": True})
     staged = [c for t in fm.TABLES.values() for c in t.values() if c.get("STAGE_C")]
     assert staged and all(c["WGMMA"] for c in staged)   # the H200 tables use it, always with WGMMA
+
+
+def test_tail_n_needs_wgmma_and_fits():
+    """TAIL_N (carried tails) is 0, 16 or 32 and needs WGMMA; the wgmma kernel's shared-memory budget refuses the
+    combinations that do not fit (a 32-row tail ring with the staged epilogue at 4 stages) and takes the rest."""
+    base = {**CONFIGS[3], "WGMMA": True}
+    assert fmk.check_config(base)["TAIL_N"] == 0
+    assert fmk.check_config({**base, "TAIL_N": 32})["TAIL_N"] == 32
+    for bad in ({**base, "TAIL_N": 8}, {**base, "TAIL_N": True}, {**CONFIGS[3], "TAIL_N": 16}):
+        with pytest.raises(ValueError, match="TAIL_N"):
+            fmk.check_config(bad)
+    from nanomoe_kernels.fused_moe_wgmma import SMEM_BYTES, smem_bytes
+
+    assert smem_bytes(128, True, 0, 4, True) == 229376 <= SMEM_BYTES   # the tables' staged up entries
+    assert smem_bytes(128, True, 32, 4, False) <= SMEM_BYTES < smem_bytes(128, True, 32, 4, True)
+    assert smem_bytes(256, False, 32, 3, True) <= SMEM_BYTES < smem_bytes(256, False, 32, 4, True)
 
 
 def test_deepgemm_says_why_not():

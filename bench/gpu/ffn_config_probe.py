@@ -19,7 +19,11 @@ tables' pair for the case:
   (128 x 256, 4 stages); `wg_both`: both GEMMs on it; `wg_up_st` / `wg_down_st` / `wg_both_st`: the same with
   the output tile stored through shared memory (STAGE_C);
 - `wg_up_st64`: `wg_up_st` with 64-column up tiles (128 x (2 x 64): twice the programs, a shorter last wave);
-- `perm_up`: the tuned pair with PERMUTE_A in the up GEMM (the rows copied into aligned order first, then A by TMA).
+- `perm_up`: the tuned pair with PERMUTE_A in the up GEMM (the rows copied into aligned order first, then A by TMA);
+- carried tails (TAIL_N, kernels/fused_moe_wgmma_tail.py): `tail_up32` / `tail_up16` the up GEMM on the wgmma kernel
+  with TAIL_N = 32 / 16 (unstaged: a tail ring and the staging buffers do not both fit at 4 stages; compare with
+  `wg_up`); `tail_down32` the down GEMM on it (128 x 256, TAIL_N = 32, staged at 3 stages; compare with
+  `wg_down_st`), `tail_down32_s4` the same unstaged at 4 stages; `tail_both32` = `tail_up32` + `tail_down32`.
 Each variant records which kernel its GEMMs ran on (`kernel`: "wgmma", or why not).
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
 `tuned` (bitwise, else relative error), then all are timed in interleaved rounds (bench.common.round_order;
@@ -56,7 +60,7 @@ TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLI
            "USE_TMA": True, "WGMMA": False}
 ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256",
        "wg_up", "wg_down", "wg_both", "wg_up_st", "wg_down_st", "wg_both_st", "perm_up",
-       "wg_up_st64")
+       "wg_up_st64", "tail_up32", "tail_up16", "tail_down32", "tail_down32_s4", "tail_both32")
 WG2 = {"WGMMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_M": 64, "num_stages": 4}
 WG2_DOWN = {**WG2, "BLOCK_N": 256}
 PAIR = {"WGMMA": False, "MERGE_TAIL": True, "PAIR_TAILS": True, "num_stages": 3}
@@ -99,6 +103,12 @@ def variants(E: int, T: int, dev: torch.device, names: list[str], baseline: str 
     every["wg_up_st64"] = {"up": {**up, **WG2, "BLOCK_N": 64, "STAGE_C": True}, "down": down}
     every |= {f"{n}_st": {op: {**c, "STAGE_C": c.get("WGMMA", False)} for op, c in every[n].items()}
               for n in ("wg_up", "wg_down", "wg_both")}
+    t_up = {n: {**up, **WG2, "TAIL_N": n, "STAGE_C": False} for n in (16, 32)}
+    t_down = {**down, **WG2_DOWN, "TAIL_N": 32, "STAGE_C": True, "num_stages": 3}
+    every |= {"tail_up32": {"up": t_up[32], "down": down}, "tail_up16": {"up": t_up[16], "down": down},
+              "tail_down32": {"up": up, "down": t_down},
+              "tail_down32_s4": {"up": up, "down": {**t_down, "STAGE_C": False, "num_stages": 4}},
+              "tail_both32": {"up": t_up[32], "down": t_down}}
     base = dict(zip(("up", "down"), baseline_pair(E, T, dev, baseline))) if baseline else None
     return {"tuned": {"up": up, "down": down}, **({"baseline": base} if base else {}), **{n: every[n] for n in names}}
 

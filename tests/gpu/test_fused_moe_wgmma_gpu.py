@@ -27,6 +27,12 @@ WG_SMALL = {"up": {**UP, "BLOCK_N": 64, "num_stages": 2, "GROUP_M": 1, "EXPERT_G
             "down": {**DOWN, "BLOCK_N": 128, "num_stages": 3, "EXPERT_GROUPS": False},
             "linear": {**DOWN, "BLOCK_N": 128, "num_stages": 3, "EXPERT_GROUPS": 2}}
 TRITON = {op: {**c, "WGMMA": False, "MERGE_TAIL": True, "USE_TMA": True} for op, c in WG.items()}
+# carried tails (kernels/fused_moe_wgmma_tail.py): 32 rows with two B pieces a warpgroup (SwiGLU gate / up, and the
+# 256-column down tile, staged at 3 stages to fit), 16 rows with one piece (128-column down tile)
+TAIL32 = {"up": {**UP, "TAIL_N": 32}, "down": {**DOWN, "TAIL_N": 32, "STAGE_C": True, "num_stages": 3},
+          "linear": {**DOWN, "TAIL_N": 32, "STAGE_C": True, "num_stages": 3}}
+TAIL16 = {"up": {**UP, "TAIL_N": 16}, "down": {**DOWN, "BLOCK_N": 128, "TAIL_N": 16},
+          "linear": {**DOWN, "BLOCK_N": 128, "TAIL_N": 16}}
 
 
 def staged(cfgs: dict) -> dict:
@@ -121,9 +127,10 @@ def test_contiguous_gathered_and_masked_layouts():
         assert rel_err(got[e, :n], want[starts[e]:starts[e] + n]) < 5e-3
 
 
-@pytest.mark.parametrize("stage_c", [False, True])
-def test_padding_rows_are_never_written(stage_c):
-    """Rows the alignment pads (sentinel ids) and the second half of a tail block keep the output's old bytes."""
+@pytest.mark.parametrize("stage_c, tail_n", [(False, 0), (True, 0), (False, 32), (True, 16)])
+def test_padding_rows_are_never_written(stage_c, tail_n):
+    """Rows the alignment pads (sentinel ids) and the second half of a tail block keep the output's old bytes;
+    with carried tails too (expert 3's two tail rows ride on its main block)."""
     E, H, I = 4, 128, 128
     w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=7)
     counts = torch.tensor([1, 0, 65, 130], dtype=torch.int32, device="cuda")   # tails of 64 after 128-row blocks
@@ -136,7 +143,7 @@ def test_padding_rows_are_never_written(stage_c):
     used = torch.arange(align.sorted_ids.numel(), device="cuda") < align.num_padded   # entries past it: garbage
     live = used & (align.sorted_ids >= 0) & (align.sorted_ids < N)
     a_sorted[live] = rows[align.sorted_ids[live].long()]
-    up, down = ({**c, "STAGE_C": stage_c} for c in (UP, DOWN))
+    up, down = ({**c, "STAGE_C": stage_c, "TAIL_N": tail_n, "num_stages": 3} for c in (UP, DOWN))
     moe_gemm(a_sorted, w[0], inter, align, up, gather_a=False, scatter_c=False, swiglu=True)
     assert (inter[~live] == 7.0).all(), "a padding row of the intermediate was written"
     moe_gemm(inter, w[1], out, align, down, gather_a=False, scatter_c=True)
@@ -154,6 +161,81 @@ def test_cuda_graph_replay_follows_new_routing():
     with torch.cuda.graph(g):
         out = fused_moe(x, ids, tw, w, config=WG)
     new_ids, new_tw = routing(T, E, k, "hot", seed=10)
+    ids.copy_(new_ids)
+    tw.copy_(new_tw)
+    g.replay()
+    assert rel_err(out, reference.moe_experts(x, ids, tw, w, "swiglu")) < TOL
+
+
+def tail_counts(tail_n: int) -> list[int]:
+    """Expert row counts around the carried-tail rule: tails of 1, tail_n and tail_n + 1 rows after one or two main
+    blocks, a lone tail (no main block), an exact main block, an empty expert, a main block of 67 rows."""
+    return [128 + 1, 128 + tail_n, 128 + tail_n + 1, 256 + tail_n, 3, 128, 0, 67, 256 + 40, 130]
+
+
+@pytest.mark.parametrize("tails", ["TAIL32", "TAIL16"])
+@pytest.mark.parametrize("expert_type", ["swiglu", "linear"])
+def test_carried_tails_match(tails, expert_type):
+    """Carried tails against float64 and the Triton kernel, at counts around the rule; the rows outside carried
+    tails are the same bits as without them (the main blocks' MMAs are unchanged), the carried rows within float32
+    summation order."""
+    cfg = {"TAIL32": TAIL32, "TAIL16": TAIL16}[tails]
+    tail_n = cfg["up"]["TAIL_N"]
+    E, H, I = 10, 256, 256
+    counts = torch.tensor(tail_counts(tail_n), dtype=torch.int32, device="cuda")
+    N = int(counts.sum())
+    w = make_weights(E, H, I, expert_type, torch.bfloat16, "cuda", seed=11)
+    rows = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+    op = "up" if expert_type == "swiglu" else "linear"
+    assert_runs_wgmma(cfg[op], rows, w[0], expert_type == "swiglu")
+    assert_runs_wgmma(cfg["down"], rows.new_empty(1, I), w[-1], False)
+    got = fused_moe_contiguous(rows, counts, w, expert_type, config=cfg)
+    base = fused_moe_contiguous(rows, counts, w, expert_type, config=WG)
+    want = fused_moe_contiguous(rows, counts, w, expert_type, config=TRITON)
+    assert rel_err(got, want) < 5e-3
+    # carried: rows past each expert's main blocks when they number at most tail_n (and there is a main block)
+    carried = torch.zeros(N, dtype=torch.bool)
+    start = 0
+    for n in counts.tolist():
+        tail = n % 128
+        if n >= 128 and 0 < tail <= tail_n:
+            carried[start + n - tail:start + n] = True
+        start += n
+    assert carried.sum() == 1 + tail_n + tail_n + 2   # experts 0, 1, 3 and 9 carry; 2, 4 and 8 do not
+    assert torch.equal(got[~carried], base[~carried])
+    assert rel_err(got[carried], base[carried]) < 5e-3
+    # float64: each row through its expert (top-1 routing with weight 1 is the contiguous layout's math)
+    expert_of = torch.repeat_interleave(torch.arange(E, device="cuda"), counts.long()).to(torch.int32)[:, None]
+    ref = reference.moe_experts(rows, expert_of, torch.ones(N, 1, device="cuda"), w, expert_type)
+    assert rel_err(got, ref) < TOL
+
+
+@pytest.mark.parametrize("T", [37, 1024])
+def test_carried_tails_routed(T):
+    """fused_moe (gathered up GEMM, scattered down GEMM with top-k weights) with carried tails against float64
+    and against the same configs without them; V3 dims at T = 1024 (32 experts: ~256 rows an expert)."""
+    E, k, H, I = (8, 3, 256, 192) if T < 100 else (32, 8, 7168, 2048)
+    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=T)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids, tw = make_routing(T, E, k, "cuda", seed=T + 2)
+    for cfg in (TAIL32, TAIL16):
+        out = fused_moe(x, ids, tw, w, config=cfg)
+        assert rel_err(out, fused_moe(x, ids, tw, w, config=WG)) < 5e-3
+        if T < 100:
+            assert rel_err(out, reference.moe_experts(x, ids, tw, w, "swiglu")) < TOL
+
+
+def test_carried_tails_graph_replay():
+    """A captured call with carried tails follows new routing (which tails are carried changes per call)."""
+    E, k, H, I, T = 16, 4, 512, 256, 600
+    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=12)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids, tw = make_routing(T, E, k, "cuda", seed=13)
+    fused_moe(x, ids, tw, w, config=TAIL32)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fused_moe(x, ids, tw, w, config=TAIL32)
+    new_ids, new_tw = routing(T, E, k, "hot", seed=14)
     ids.copy_(new_ids)
     tw.copy_(new_tw)
     g.replay()
