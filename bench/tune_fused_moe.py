@@ -79,7 +79,7 @@ _LINEAR = _space(
 _UP += [(LARGE, {**_cfg(128, 128, 64, 8, 4, 8, True, 64), "WGMMA": True, "STAGE_C": True})]
 _DOWN += [(LARGE, {**_cfg(128, 256, 64, 8, 4, 8, True, 64), "WGMMA": True, "STAGE_C": True})]
 # and with carried tails (kernels/fused_moe_wgmma_tail.py; the up GEMM unstaged and the down GEMM at 3 stages, so
-# the tail ring fits): the tables' entries at ~128 rows per expert (runs 244-245)
+# the tail ring fits): the tables' entries at 64 x 1024, 128 x 4096 and 256 x 4096 (runs 244-245)
 _UP += [(LARGE, {**_cfg(128, 128, 64, 8, 4, 8, True, 64), "WGMMA": True, "TAIL_N": 32})]
 _DOWN += [(LARGE, {**_cfg(128, 256, 64, 8, 3, 8, True, 64), "WGMMA": True, "STAGE_C": True, "TAIL_N": 32})]
 SPACE = {"up": _UP, "down": _DOWN, "linear": _LINEAR}
