@@ -35,7 +35,9 @@ if gluon is not None:
 
     @gluon.jit
     def load_partition(a_desc, b_desc, t_desc, a0, a1, b, t, ready, free, row0, brow0, N, live1, carry, k_steps,
-                        SWIGLU: gl.constexpr, TAIL_N: gl.constexpr):
+                       SWIGLU: gl.constexpr, TAIL_N: gl.constexpr):
+        """Aligned A rows (the down GEMM's) by TMA: A's live halves, B and, when carrying, the tail's TN rows after
+        the block's, one expect per stage."""
         S: gl.constexpr = a0.type.shape[0]
         a_bytes: gl.constexpr = a_desc.block_type.nbytes
         b_bytes: gl.constexpr = b.type.shape[1] * b.type.shape[2] * b_desc.dtype.primitive_bitwidth // 8
