@@ -234,7 +234,7 @@ def unsupported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, bl
         return f"the wgmma expert GEMM needs a depth (K) that is a multiple of {BK}, got {a.shape[1]}"
     if a.stride(0) * a.element_size() % 16 or a.data_ptr() % 16 or w.data_ptr() % 16:
         return "the wgmma expert GEMM needs 16-byte aligned rows of A and w (TMA and 16-byte copies)"
-    if tail_n and (tail_n not in (16, 32) or block_n != (128 if swiglu else block_n)):
+    if tail_n not in (0, 16, 32) or (tail_n and swiglu and block_n != 128):
         return f"carried tails need TAIL_N in (16, 32) and, with SwiGLU, BLOCK_N=128; got {tail_n}, {block_n}"
     smem = smem_bytes(block_n, swiglu, tail_n, stages, stage_c)
     if smem > SMEM_BYTES:
