@@ -469,6 +469,8 @@ def write_record(path: str, bench: str, device: torch.device, world_size: int, c
         **(extra or {}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"  # then renamed: a run killed mid-write leaves the last whole record
+    with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)
