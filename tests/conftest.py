@@ -1,4 +1,4 @@
-"""Shared test settings: hypothesis profiles, the `gpu` marker, tolerances, reference helpers."""
+"""Shared test settings: hypothesis profiles, the `gpu` marker, and the order and threads of xdist workers."""
 
 from __future__ import annotations
 
@@ -18,9 +18,22 @@ settings.register_profile("dev", deadline=None, max_examples=60,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# under pytest-xdist (the README's `-n 2`) two workers share the cores: one intra-op thread each
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `gpu` tests where CUDA is missing."""
+    """Under xdist, modules with a `slow` test first; skip `gpu` tests where CUDA is missing.
+
+    `--dist loadfile` keeps a module on one worker (its module-scoped fixtures run once) and
+    `--no-loadscope-reorder` hands modules out in this order: the long ones start first, so the run
+    does not end with one worker busy on a long module while the other idles.
+    """
+    if XDIST_WORKER:
+        slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.module not in slow_modules)  # stable: same order within each part
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

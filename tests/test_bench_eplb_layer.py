@@ -39,6 +39,7 @@ def runs(tmp_path_factory) -> dict:
     return {"json": out, **run_commands(cmds)}
 
 
+@pytest.mark.slow
 def test_bench_eplb_layer_gloo(runs):
     assert runs["run"].returncode == 0, runs["run"].stderr[-2000:]
     rec = json.loads(runs["json"].read_text())

@@ -36,6 +36,7 @@ def runs(tmp_path_factory) -> dict:
     return {"procs": procs, "recs": recs}
 
 
+@pytest.mark.slow
 def test_every_variant_checked_or_skipped_with_reason(runs):
     proc = runs["procs"]["all"]
     assert proc.returncode == 0, proc.stderr[-3000:]

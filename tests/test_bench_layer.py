@@ -11,12 +11,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULES = ("sequential", "shared_overlap", "shared_stream", "shared_stream_after_route", "shared_stream_after_send",
              "tbo", "tbo+shared", "tbo+shared_stream", "tbo_compute_first")
 STAGES = {"route", "dispatch_send", "dispatch_recv", "experts", "combine_send", "combine_recv", "shared", "add"}
 
 
+@pytest.mark.slow
 def test_layer_bench_quick_rows(tmp_path):
     out = tmp_path / "layer.json"
     proc = subprocess.run([sys.executable, "bench/bench_layer.py", "--quick", "--comms", "torch,torch_fixed",
@@ -47,6 +50,7 @@ def test_layer_bench_quick_rows(tmp_path):
     assert {f"moe/{s}/mb{mb}" for s in STAGES for mb in (0, 1)} <= tbo
 
 
+@pytest.mark.slow
 def test_layer_bench_decoder_rows(tmp_path):
     """--layer decoder: the whole decoder layer (MLA + MoE) per schedule, its decode step also compiled as one
     graph (OpComm and MLA's custom ops), prefill's one-graph variant skipped with the reason. Two schedules keep

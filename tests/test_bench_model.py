@@ -13,6 +13,7 @@ from tests.helpers import ROOT, run_commands
 pytest.importorskip("transformers")
 
 
+@pytest.mark.slow
 def test_bench_model_rows(tmp_path):
     one, two, fp8 = tmp_path / "one.json", tmp_path / "two.json", tmp_path / "fp8.json"
     base = ["bench/bench_model.py", "--preset", "tiny", "--batch", "1", "2", "--prompt-len", "6",

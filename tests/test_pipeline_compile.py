@@ -21,6 +21,7 @@ from nanomoe_fn.pipeline import sequential
 from tests import pipeline_worker
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["decode", "gathered", "gathered+capacity"])
 def test_every_schedule_compiles_as_one_graph_over_a_real_comm(tmp_path, mode):
     # gathered: the prefill mode, ragged token counts (a rank's micro-batch may be empty), triton experts (their

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 
+@pytest.mark.slow
 def test_every_fp8_candidate_runs_and_pairs_agree():
     r = subprocess.run([sys.executable, "bench/tune_fused_moe_fp8.py", "--check", "cpu"], cwd=ROOT,
                        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
