@@ -252,11 +252,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _write(args: argparse.Namespace, dev: torch.device, ceilings: dict, rows: list[dict],
-           skipped: list[dict]) -> None:
+           skipped: list[dict], window_ms: int) -> None:
     """The JSON record of the rows so far (with --ranking, their order table too); nothing without --json."""
     if not args.json or args.warm_only:
         return
-    extra: dict = {"skipped": skipped, "window_ms": 100 if args.ranking else 200}
+    extra: dict = {"skipped": skipped, "window_ms": window_ms}
     if args.ranking and rows:
         extra["ranking"] = ranking_table(rows)
     write_record(args.json, "expert_ffn", dev, 1, ceilings, rows, extra)
@@ -287,13 +287,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 skipped.append({"variant": "loop", "case": {"tokens": T, "experts": E}, "reason": why})
             rows += run_case(E, T, k, H, I, "swiglu", weights, names, ceilings, args.warm_only, args, skipped,
                              rep_ms=rep_ms)
-            _write(args, dev, ceilings, rows, skipped)  # after every case: a run cut by a time limit keeps its rows
+            _write(args, dev, ceilings, rows, skipped, rep_ms)  # after every case: a cut run keeps its rows
         del weights
     if args.seed_shape:
         weights = make_weights(256, 2048, 0, "linear", dtype, args.device)
         rows += run_case(256, 128, 8, 2048, 0, "linear", weights, args.names, ceilings, args.warm_only, args,
                          skipped)
-    _write(args, dev, ceilings, rows, skipped)
+    _write(args, dev, ceilings, rows, skipped, rep_ms)
     print(f"\n{'E':>4} {'T':>6} {'variant':14s} {'us':>9} {'roofline':>8}")
     for r in rows:
         c = r["case"]
