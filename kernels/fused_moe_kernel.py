@@ -116,7 +116,7 @@ def runs_interpreted() -> bool:
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 OPTIONAL_KEYS = ("USE_TMA", "SPLIT_M", "A_TMA", "MERGE_TAIL", "PERMUTE_A", "WGMMA", "STAGE_C", "EXPERT_GROUPS",
-                 "PAIR_TAILS", "TAIL_N", "TAIL_SWAP")
+                 "PAIR_TAILS", "TAIL_N")
 
 
 def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
@@ -126,11 +126,10 @@ def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
     gathering it. WGMMA: run the GEMM on kernels/fused_moe_wgmma.py's warp-specialised Hopper kernel where
     `wgmma_unsupported` allows it, else this module's; STAGE_C (with WGMMA): that kernel stores its output
     tile through shared memory as 16-byte row pieces; TAIL_N (16 or 32, 0 = off; with WGMMA): an expert's last main
-    block carries a tail of at most that many rows (kernels/fused_moe_wgmma_tail.py); TAIL_SWAP (with TAIL_N): no
-    block carries, a tail block of at most TAIL_N rows runs swapped on its own instead (same file). PAIR_TAILS (with
-    MERGE_TAIL, this module's kernel): each tail program computes two column tiles (kernels/moe_gemm_tile.py's
-    PAIR); its stages take 1.5x a main block's shared memory, so the H200's 128 x (2 x 128) up tiles need
-    num_stages <= 3 (Triton refuses more at launch).
+    block carries a tail of at most that many rows (kernels/fused_moe_wgmma_tail.py). PAIR_TAILS (with MERGE_TAIL,
+    this module's kernel): each tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR); its
+    stages take 1.5x a main block's shared memory, so the H200's 128 x (2 x 128) up tiles need num_stages <= 3
+    (Triton refuses more at launch).
     Keys outside these (and the caller's `extra_keys`) are refused by name."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
@@ -153,8 +152,6 @@ def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
     tail_n = config.get("TAIL_N", 0)
     if tail_n not in (0, 16, 32) or isinstance(tail_n, bool) or (tail_n and not config.get("WGMMA", False)):
         raise ValueError(f"config['TAIL_N'] must be 0, 16 or 32 (16 and 32 need WGMMA=True), got {tail_n!r}")
-    if config.get("TAIL_SWAP", False) and not tail_n:
-        raise ValueError("config['TAIL_SWAP'] swaps tails of at most TAIL_N rows: it needs TAIL_N = 16 or 32")
     groups = config.get("EXPERT_GROUPS", True)
     if not isinstance(groups, (bool, int)) or groups < 0:
         raise ValueError(f"config['EXPERT_GROUPS'] must be True, False or a positive int, got {groups!r}")
@@ -163,8 +160,7 @@ def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
             "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "PERMUTE_A": bool(config.get("PERMUTE_A", False)),
             "WGMMA": bool(config.get("WGMMA", False)), "STAGE_C": bool(config.get("STAGE_C", False)),
             "EXPERT_GROUPS": groups,
-            "PAIR_TAILS": bool(config.get("PAIR_TAILS", False)), "TAIL_N": tail_n,
-            "TAIL_SWAP": bool(config.get("TAIL_SWAP", False))}
+            "PAIR_TAILS": bool(config.get("PAIR_TAILS", False)), "TAIL_N": tail_n}
 
 
 def wgmma_unsupported(cfg: dict, a: torch.Tensor, w: torch.Tensor, align: Alignment, swiglu: bool) -> str:
@@ -175,7 +171,7 @@ def wgmma_unsupported(cfg: dict, a: torch.Tensor, w: torch.Tensor, align: Alignm
     if not 2 <= cfg["num_stages"] <= 4:
         return f"the wgmma expert GEMM needs num_stages in 2..4, got {cfg['num_stages']}"
     return unsupported(a, w, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], align.block_m, swiglu, cfg["TAIL_N"],
-                       cfg["num_stages"], cfg["STAGE_C"], cfg["TAIL_SWAP"])
+                       cfg["num_stages"], cfg["STAGE_C"])
 
 
 def _tma_descriptor(w: torch.Tensor, rows: int, block_n: int, block_k: int):
@@ -232,7 +228,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
         return moe_gemm_wgmma(a, w, out, align, block_n=bn, stages=cfg["num_stages"], group_m=cfg["GROUP_M"],
                               expert_group=group, swiglu=swiglu, gather_a=gather_a, scatter_c=scatter_c, a_div=a_div,
                               row_weights=row_weights, tables=tables, a_index=a_index, stage_c=cfg["STAGE_C"],
-                              tail_n=cfg["TAIL_N"], tail_swap=cfg["TAIL_SWAP"])
+                              tail_n=cfg["TAIL_N"])
     # TMA needs 16-byte aligned rows; the interpreter emulates descriptors, so CPU tests cover the path
     tma_ok = (w.is_cuda or runs_interpreted()) and (K * w.element_size()) % 16 == 0
     use_tma = cfg["USE_TMA"] and tma_ok

@@ -53,7 +53,7 @@ SMEM_BYTES = 232448   # the dynamic shared memory one block may use on sm_90
 if gluon is not None:
     from nanomoe_kernels.fused_moe_wgmma_epilogue import store_tile
     from nanomoe_kernels.fused_moe_wgmma_load import gather_partition, load_partition
-    from nanomoe_kernels.fused_moe_wgmma_tail import carry_loop, store_carried, swap_loop
+    from nanomoe_kernels.fused_moe_wgmma_tail import carry_loop, store_carried
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         mbarrier,
@@ -89,8 +89,7 @@ if gluon is not None:
     @gluon.jit
     def _consume_partition(a_s, b, t, cs, ready, free, k_steps, live, carry, c_ptr, w_ptr, ids_ptr, row0, trow0, col0,
                            num_rows, N, stride_cm, SWIGLU: gl.constexpr, MUL_WEIGHT: gl.constexpr,
-                           SCATTER_C: gl.constexpr, STAGE_C: gl.constexpr, H: gl.constexpr, TAIL_N: gl.constexpr,
-                           TAIL_SWAP: gl.constexpr):
+                           SCATTER_C: gl.constexpr, STAGE_C: gl.constexpr, H: gl.constexpr, TAIL_N: gl.constexpr):
         S: gl.constexpr = a_s.type.shape[0]
         BLOCK_H: gl.constexpr = a_s.type.shape[1]
         ACC_N: gl.constexpr = b.type.shape[1]
@@ -98,21 +97,7 @@ if gluon is not None:
         acc = gl.zeros([BLOCK_H, ACC_N], gl.float32, ACC)
         if live:
             # the carried tail's loop and epilogue in a branch of their own: the plain path keeps its registers
-            if TAIL_SWAP:
-                if carry:   # a short tail block, swapped: t is the first half's A ring (fused_moe_wgmma_tail.py)
-                    TL: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                 instr_shape=[16, TAIL_N, 16])
-                    R1: gl.constexpr = 128 + 64 * H if ACC_N == 256 else -1
-                    t0 = gl.zeros([BLOCK_H, TAIL_N], gl.float32, TL)
-                    t1 = gl.zeros([BLOCK_H, TAIL_N], gl.float32, TL)
-                    t0, t1 = swap_loop(t, b, ready, free, k_steps, t0, t1, 64 * H, R1)
-                    store_carried(t0, t1, c_ptr, w_ptr, ids_ptr, trow0, col0 + 64 * H, num_rows, N, stride_cm, SWIGLU,
-                                  MUL_WEIGHT, SCATTER_C, R1)
-                else:
-                    acc = _main_loop(a_s, b, ready, free, k_steps, acc)
-                    _finish(acc, cs, c_ptr, w_ptr, ids_ptr, row0, col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT,
-                            SCATTER_C, STAGE_C)
-            elif TAIL_N > 0:
+            if TAIL_N > 0:
                 if carry:   # warpgroup H's pieces of the B tile (fused_moe_wgmma_tail.py)
                     TL: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                                  instr_shape=[16, TAIL_N, 16])
@@ -145,7 +130,7 @@ if gluon is not None:
                      GATHER_A: gl.constexpr, A_DIV: gl.constexpr, A_INDEX: gl.constexpr, SWIGLU: gl.constexpr,
                      MUL_WEIGHT: gl.constexpr, SCATTER_C: gl.constexpr, GROUP_M: gl.constexpr,
                      EXPERT_GROUP: gl.constexpr, STAGE_C: gl.constexpr, CS_N: gl.constexpr, CS_LAYOUT: gl.constexpr,
-                     TAIL_N: gl.constexpr, TAIL_SWAP: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                     TAIL_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -168,20 +153,13 @@ if gluon is not None:
         code = gl.load(codes_ptr + pid_m)
         expert = code & 0x3FFFFFFF
         live1 = code < 0x40000000          # a main block: both halves hold rows (a tail block: the first only)
-        # kernels/fused_moe_wgmma_tail.py, from kernels/moe_blocks' merged_tails: `carry` is this block's tail work
-        if TAIL_SWAP:    # swapped tails: a tail block with at most TAIL_N real rows runs swapped, both halves busy
-            carry = (gl.load(tails_ptr + pid_m) & (16 if TAIL_N == 32 else 32)) != 0
-            busy1 = live1 | carry   # the second warpgroup computes (its loads stay those of live1)
+        if TAIL_N > 0:   # carried tails (kernels/fused_moe_wgmma_tail.py): a carried tail block has nothing to do
+            flags = gl.load(tails_ptr + pid_m) >> (0 if TAIL_N == 32 else 2)   # kernels/moe_blocks' merged_tails
+            if (flags & 2) != 0:
+                return
+            carry = (flags & 1) != 0
         else:
-            busy1 = live1
-            if TAIL_N > 0:   # carried tails: a carried tail block has nothing to do
-                flags = gl.load(tails_ptr + pid_m) >> (0 if TAIL_N == 32 else 2)
-                if (flags & 2) != 0:
-                    return
-                carry = (flags & 1) != 0
-            else:
-                carry = False
-        LOAD_TN: gl.constexpr = 0 if TAIL_SWAP else TAIL_N   # the loaders' carried rows (swapped: in A's tile)
+            carry = False
         col0 = pid_n * BLOCK_N
         brow0 = expert * NW + col0
         k_steps = gl.cdiv(K, BLOCK_K)
@@ -198,33 +176,33 @@ if gluon is not None:
             cs = gl.allocate_shared_memory(dtype, [2, BLOCK_H, CS_N], CS_LAYOUT)
         else:
             cs = a0   # unused
-        if LOAD_TN > 0:
+        if TAIL_N > 0:
             t = gl.allocate_shared_memory(dtype, [STAGES, TAIL_N, BLOCK_K], t_desc.layout)
         else:
-            t = a0   # swapped tails: the tail rows' ring (else unused)
-        trow0 = row0 + (0 if TAIL_SWAP else 2 * BLOCK_H)
+            t = a0   # unused
+        trow0 = row0 + 2 * BLOCK_H
         # (the partitions' argument tuples are written out: a tuple bound to a name loses its constexprs)
         if GATHER_A:
             gl.warp_specialize([
                 (_consume_partition, (a0, b, t, cs.index(0), ready, free, k_steps, code >= 0, carry, c_ptr, w_ptr,
                                       ids_ptr, row0, trow0, col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT,
-                                      SCATTER_C, STAGE_C, 0, TAIL_N, TAIL_SWAP)),
+                                      SCATTER_C, STAGE_C, 0, TAIL_N)),
                 (gather_partition, (a_ptr, a_index_ptr, ids_ptr, b_desc, a0, a1, b, t, ready, free, row0, brow0, N,
-                                     live1, carry, k_steps, num_rows, stride_am, A_DIV, A_INDEX, SWIGLU, LOAD_TN, 4)),
-                (_consume_partition, (a1, b, t, cs.index(1), ready, free, k_steps, busy1, carry, c_ptr, w_ptr, ids_ptr,
+                                     live1, carry, k_steps, num_rows, stride_am, A_DIV, A_INDEX, SWIGLU, TAIL_N, 4)),
+                (_consume_partition, (a1, b, t, cs.index(1), ready, free, k_steps, live1, carry, c_ptr, w_ptr, ids_ptr,
                                       row0 + BLOCK_H, trow0, col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT,
-                                      SCATTER_C, STAGE_C, 1, TAIL_N, TAIL_SWAP)),
+                                      SCATTER_C, STAGE_C, 1, TAIL_N)),
             ], [4, 4], [64, 224])   # the gatherer's row pointers fit in 64 registers
         else:
             gl.warp_specialize([
                 (_consume_partition, (a0, b, t, cs.index(0), ready, free, k_steps, code >= 0, carry, c_ptr, w_ptr,
                                       ids_ptr, row0, trow0, col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT,
-                                      SCATTER_C, STAGE_C, 0, TAIL_N, TAIL_SWAP)),
+                                      SCATTER_C, STAGE_C, 0, TAIL_N)),
                 (load_partition, (a_desc, b_desc, t_desc, a0, a1, b, t, ready, free, row0, brow0, N, live1, carry,
-                                   k_steps, SWIGLU, LOAD_TN)),
-                (_consume_partition, (a1, b, t, cs.index(1), ready, free, k_steps, busy1, carry, c_ptr, w_ptr, ids_ptr,
+                                   k_steps, SWIGLU, TAIL_N)),
+                (_consume_partition, (a1, b, t, cs.index(1), ready, free, k_steps, live1, carry, c_ptr, w_ptr, ids_ptr,
                                       row0 + BLOCK_H, trow0, col0, num_rows, N, stride_cm, SWIGLU, MUL_WEIGHT,
-                                      SCATTER_C, STAGE_C, 1, TAIL_N, TAIL_SWAP)),
+                                      SCATTER_C, STAGE_C, 1, TAIL_N)),
             ], [1, 4], [24, 232])
 
 
@@ -234,13 +212,12 @@ def supported_triton() -> bool:
 
 
 def smem_bytes(block_n: int, swiglu: bool, tail_n: int, stages: int, stage_c: bool) -> int:
-    """Shared memory of the ring (A halves, the B tile, the carried tail's rows: pass tail_n = 0 for swapped tails,
-    whose rows sit in A's tile) and the staging buffers (16-bit)."""
+    """Shared memory of the ring (A halves, the B tile, the carried tail's rows) and the staging buffers (16-bit)."""
     return stages * (2 * BH + (2 if swiglu else 1) * block_n + tail_n) * BK * 2 + (2 * BH * 128 * 2 if stage_c else 0)
 
 
 def unsupported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, block_k: int, align_block: int,
-                swiglu: bool, tail_n: int = 0, stages: int = 4, stage_c: bool = False, tail_swap: bool = False) -> str:
+                swiglu: bool, tail_n: int = 0, stages: int = 4, stage_c: bool = False) -> str:
     """Why the wgmma kernel cannot run this GEMM ('' when it can); the caller then uses the Triton kernel."""
     if not supported_triton():
         return "the wgmma expert GEMM needs Triton >= 3.6 with Gluon's Hopper API"
@@ -257,10 +234,9 @@ def unsupported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, bl
         return f"the wgmma expert GEMM needs a depth (K) that is a multiple of {BK}, got {a.shape[1]}"
     if a.stride(0) * a.element_size() % 16 or a.data_ptr() % 16 or w.data_ptr() % 16:
         return "the wgmma expert GEMM needs 16-byte aligned rows of A and w (TMA and 16-byte copies)"
-    if tail_n not in (0, 16, 32) or (tail_n and swiglu and block_n != 128) or (tail_swap and not tail_n):
-        return f"carried or swapped tails need TAIL_N in (16, 32) and, with SwiGLU, BLOCK_N=128; got {tail_n}, " \
-               f"{block_n} (swapped: {tail_swap})"
-    smem = smem_bytes(block_n, swiglu, 0 if tail_swap else tail_n, stages, stage_c)
+    if tail_n not in (0, 16, 32) or (tail_n and swiglu and block_n != 128):
+        return f"carried tails need TAIL_N in (16, 32) and, with SwiGLU, BLOCK_N=128; got {tail_n}, {block_n}"
+    smem = smem_bytes(block_n, swiglu, tail_n, stages, stage_c)
     if smem > SMEM_BYTES:
         return f"the wgmma expert GEMM's shared memory ({smem} bytes at {stages} stages, TAIL_N={tail_n}, " \
                f"STAGE_C={stage_c}) exceeds the {SMEM_BYTES} an H100/H200 block may use"
@@ -276,14 +252,14 @@ def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: A
                    stages: int, group_m: int, swiglu: bool, gather_a: bool, scatter_c: bool, a_div: int = 1,
                    row_weights: torch.Tensor | None = None, tables: BlockTables | None = None,
                    a_index: torch.Tensor | None = None, expert_group: int = 0, stage_c: bool = False,
-                   tail_n: int = 0, tail_swap: bool = False) -> torch.Tensor:
+                   tail_n: int = 0) -> torch.Tensor:
     """kernels.fused_moe_kernel.moe_gemm on Hopper (its checks there; `unsupported` must be ''): a [*, K] rows
     gathered through the alignment (gather_a: row id // a_div, then a_index) or [>= R, K] aligned, w [E, NW, K],
     out [*, N]; block_n = output columns per program; expert_group > 0: program groups of at most that many
     blocks of one expert (kernels/moe_blocks.expert_group), else group_m blocks a group; stage_c: the output tile
     goes out through shared memory as 16-byte row pieces (kernels/fused_moe_wgmma_epilogue.py); tail_n (16 or 32):
-    an expert's last main block carries its tail of at most that many rows (kernels/fused_moe_wgmma_tail.py), or with
-    tail_swap such a tail's own block runs swapped (MMAs on tail_n rows, not 64). Returns out."""
+    an expert's last main block carries its tail of at most that many rows (kernels/fused_moe_wgmma_tail.py).
+    Returns out."""
     E, NW, K = w.shape
     N = NW // 2 if swiglu else NW
     if tables is None:
@@ -296,14 +272,13 @@ def moe_gemm_wgmma(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: A
     b_desc = GluonDescriptor(w2, [E * NW, K], [K, 1], [block_n, BK], _smem_layout(block_n, a.dtype))
     cs_n = min(block_n, 128)   # staging columns: [BH, 128] is 16 KB a warpgroup, so 4 ring stages still fit
     t_desc = GluonDescriptor(a, [a.shape[0], K], [a.stride(0), 1], [tail_n, BK], _smem_layout(tail_n, a.dtype)) \
-        if tail_n and not tail_swap else None
+        if tail_n else None
     _moe_gemm_ws[(num_blocks * triton.cdiv(N, block_n),)](
         a_desc, b_desc, t_desc, a, a_index, out, row_weights, align.sorted_ids, tables.merged_rows, tables.merged_codes,
         tables.merged_tails, tables.counts, tables.expert_first, tables.expert_blocks, align.num_rows, N, K, NW,
         num_blocks, a.stride(0), out.stride(0), GATHER_A=gather_a, A_DIV=a_div, A_INDEX=a_index is not None,
         SWIGLU=swiglu, MUL_WEIGHT=row_weights is not None, SCATTER_C=scatter_c, GROUP_M=group_m,
         EXPERT_GROUP=expert_group, STAGE_C=stage_c, CS_N=cs_n, CS_LAYOUT=_smem_layout(BH, a.dtype, cs_n),
-        TAIL_N=tail_n, TAIL_SWAP=tail_swap, STAGES=stages,
-        num_warps=4, maxnreg=168,   # 12 warps x 168 fill the register file
+        TAIL_N=tail_n, STAGES=stages, num_warps=4, maxnreg=168,   # 12 warps x 168 fill the register file
     )
     return out

@@ -16,11 +16,6 @@ carry: kernels/moe_blocks' merged_tails flags, set where the tables are made). W
 takes the B tile's rows 64h.. (piece 0) and, for NB = 256, 128 + 64h.. (piece 1): with SwiGLU the gate and up rows
 of the same 64 output columns, else two column slices. Tails need their real rows first in the segment (the
 alignments put padding last) and at most TN of them: the TN-th aligned row of the tail must be padding.
-
-Swapped tails (TAIL_SWAP, with TAIL_N): no block carries; instead a tail block with at most TN real rows (any
-expert's, kernels/moe_blocks' bits 4 / 5) runs the same swapped MMAs on its own, both warpgroups taking their
-pieces of the B tile against the first TN rows of its A tile (loaded as for any tail block). Such a block still
-streams the expert's weight tile, but runs MMAs on TN rows instead of 64 (one warpgroup's m64 x NB).
 """
 
 from __future__ import annotations
@@ -52,28 +47,6 @@ if gluon is not None:
         acc, t0, t1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, t0, t1))
         mbarrier.arrive(free.index((k_steps + S - 1) % S), count=1)
         return acc, t0, t1
-
-    @gluon.jit
-    def swap_loop(a_s, b, ready, free, k_steps, t0, t1, R0: gl.constexpr, R1: gl.constexpr):
-        """A swapped tail block's mainloop (TAIL_SWAP): t0 / t1 [BH, TN] += B[R0 / R1 .. + 64] . T^T with T the first
-        TN rows of the block's A tile (a_s: the ring of its first half); no [BH, NB] accumulator at all."""
-        S: gl.constexpr = a_s.type.shape[0]
-        TN: gl.constexpr = t0.type.shape[1]
-        for kk in range(k_steps):
-            s = kk % S
-            mbarrier.wait(ready.index(s), (kk // S) & 1)
-            bs = b.index(s)
-            tt = a_s.index(s).slice(0, TN).permute((1, 0))
-            t0 = warpgroup_mma(bs.slice(R0, 64), tt, t0, is_async=True)
-            if R1 >= 0:
-                t1 = warpgroup_mma(bs.slice(R1, 64), tt, t1, is_async=True)
-                t0, t1 = warpgroup_mma_wait(num_outstanding=2, deps=(t0, t1))
-            else:
-                t0 = warpgroup_mma_wait(num_outstanding=1, deps=(t0, ))
-            mbarrier.arrive(free.index((kk + S - 1) % S), count=1, pred=kk > 0)
-        t0, t1 = warpgroup_mma_wait(num_outstanding=0, deps=(t0, t1))
-        mbarrier.arrive(free.index((k_steps + S - 1) % S), count=1)
-        return t0, t1
 
     @gluon.jit
     def _store_t(y, c_ptr, rows, ok, col0, N):

@@ -16,9 +16,7 @@ expert its first merged entry and its entry count, `expert_first[E]`, `expert_bl
 program order then groups only blocks of one expert: expert_group below), and `merged_tails[NM + NT]`, the
 carried-tail flags of kernels/fused_moe_wgmma_tail.py: for TN = 32 (bits 0-1) and TN = 16 (bits 2-3), bit 0 / 2
 on an expert's last main block when its tail has at most TN real rows (the tail's row TN is padding: alignments
-put padding last), bit 1 / 3 on that tail block; and bit 4 / 5 on every tail block with at most 32 / 16 real rows,
-whether or not its expert has a main block (the swapped tails of the same file). One launch fills every list, BB
-entries per program.
+put padding last), bit 1 / 3 on that tail block. One launch fills every list, BB entries per program.
 """
 
 from __future__ import annotations
@@ -101,12 +99,6 @@ def _tables_kernel(padded_ptr, ids_ptr, main_rows_ptr, main_experts_ptr, tail_ro
             flags = tl.where(pair & (tl.load(ids_ptr + t_row + 32, mask=pair, other=0) >= num_rows), bit, 0)
         if TM > 16:
             flags |= tl.where(pair & (tl.load(ids_ptr + t_row + 16, mask=pair, other=0) >= num_rows), bit * 4, 0)
-        # swapped tails: any tail block (main blocks before it or not) whose own row 32 / 16 is padding
-        short = ok & tail
-        if TM > 32:
-            flags |= tl.where(short & (tl.load(ids_ptr + row + 32, mask=short, other=0) >= num_rows), 16, 0)
-        if TM > 16:
-            flags |= tl.where(short & (tl.load(ids_ptr + row + 16, mask=short, other=0) >= num_rows), 32, 0)
         tl.store(merged_tails_ptr + i, flags, mask=ok)
 
 

@@ -285,9 +285,6 @@ def test_block_tables_cover_each_segment(prob, sizes):
             bit = 0
             if nm and nt and j in (nm - 1, nm):
                 bit = sum((2 if j == nm else 1) << s for s, n in ((0, 32), (2, 16)) if n < tm and rest <= n)
-            if j >= nm:   # swapped tails: any tail block with at most 32 (bit 4) / 16 (bit 5) real rows
-                own = rest - (j - nm) * tm
-                bit |= sum(1 << s for s, n in ((4, 32), (5, 16)) if n < tm and own <= n)
             want_flags.append(bit)
     assert bt.merged_tails[:n_main + n_tail].tolist() == want_flags
 
@@ -300,15 +297,10 @@ def test_carried_tail_flags_at_the_edges():
     bt = mb.block_tables(al, 128)
     used = int(bt.counts.sum())
     codes, flags = bt.merged_codes[:used].tolist(), bt.merged_tails[:used].tolist()
-    carry = {(c & 0x3FFFFFFF, c >= 1 << 30): f & 15 for c, f in zip(codes, flags) if f & 15}
+    carry = {(c & 0x3FFFFFFF, c >= 1 << 30): f for c, f in zip(codes, flags) if f}
     # expert: flags of (its last main block, its tail block); 32 in bits 0-1, 16 in bits 2-3
     want = {0: (5, 10), 1: (1, 2), 8: (5, 10), 9: (5, 10), 10: (1, 2)}
     assert carry == {(e, t): f[t] for e, f in want.items() for t in (False, True)}
-    # swapped tails: every tail block with at most 32 (bit 4) / 16 (bit 5) real rows, a lone tail (expert 3) too;
-    # main blocks never
-    short = {c & 0x3FFFFFFF: f >> 4 for c, f in zip(codes, flags) if c >= 1 << 30}
-    assert short == {0: 3, 1: 1, 2: 0, 3: 3, 7: 0, 8: 3, 9: 3, 10: 1}
-    assert all(f >> 4 == 0 for c, f in zip(codes, flags) if c < 1 << 30)
 
 
 @triton.jit
@@ -463,16 +455,6 @@ def test_tail_n_needs_wgmma_and_fits():
     assert smem_bytes(128, True, 0, 4, True) == 229376 <= SMEM_BYTES   # the tables' staged up entries
     assert smem_bytes(128, True, 32, 4, False) <= SMEM_BYTES < smem_bytes(128, True, 32, 4, True)
     assert smem_bytes(256, False, 32, 3, True) <= SMEM_BYTES < smem_bytes(256, False, 32, 4, True)
-
-
-def test_tail_swap_needs_tail_n():
-    """TAIL_SWAP (swapped tails) names the rows a tail block may hold: it is refused without TAIL_N, kept with it
-    (default off)."""
-    base = {**CONFIGS[3], "WGMMA": True}
-    assert fmk.check_config(base)["TAIL_SWAP"] is False
-    assert fmk.check_config({**base, "TAIL_N": 16, "TAIL_SWAP": True})["TAIL_SWAP"] is True
-    with pytest.raises(ValueError, match="TAIL_SWAP.*needs TAIL_N"):
-        fmk.check_config({**base, "TAIL_SWAP": True})
 
 
 def test_deepgemm_says_why_not():

@@ -188,37 +188,31 @@ def _gluon_moe_cases() -> list:
     """The Gluon wgmma expert GEMM (kernels/fused_moe_wgmma.py) at V3 dims: the up GEMM (SwiGLU) on gathered rows
     (cp.async) and on aligned rows (TMA, staged epilogue), and the down GEMM (top-k weights, scattered rows) with
     both epilogues; then carried tails (TAIL_N, kernels/fused_moe_wgmma_tail.py) on each load path and B tile
-    width, and swapped ones (TAIL_SWAP) on both load paths, staged, with one and two B pieces a warpgroup; pointers
-    and strides 16-byte divisible, as the launcher specialises them."""
+    width; pointers and strides 16-byte divisible, as the launcher specialises them."""
     import torch
     from nanomoe_kernels import fused_moe_wgmma as m
 
     if not m.supported_triton():
         return []
     out = []
-    for swiglu, gather, K, NW, stage, tail, rows, stages, swap in (
-            (True, True, 7168, 4096, False, 0, 128, 4, False), (True, False, 7168, 4096, True, 0, 128, 4, False),
-            (False, False, 2048, 7168, False, 0, 256, 4, False), (False, False, 2048, 7168, True, 0, 256, 4, False),
-            (True, True, 7168, 4096, False, 32, 128, 4, False), (True, True, 7168, 4096, False, 16, 128, 4, False),
-            (True, False, 7168, 4096, False, 16, 128, 4, False),
-            (False, False, 2048, 7168, True, 32, 256, 3, False), (False, False, 2048, 7168, False, 16, 128, 4, False),
-            (True, True, 7168, 4096, True, 32, 128, 4, True), (True, True, 7168, 4096, True, 16, 128, 4, True),
-            (False, False, 2048, 7168, True, 32, 256, 4, True), (False, False, 2048, 7168, False, 16, 128, 4, True)):
+    for swiglu, gather, K, NW, stage, tail, rows, stages in (
+            (True, True, 7168, 4096, False, 0, 128, 4), (True, False, 7168, 4096, True, 0, 128, 4),
+            (False, False, 2048, 7168, False, 0, 256, 4), (False, False, 2048, 7168, True, 0, 256, 4),
+            (True, True, 7168, 4096, False, 32, 128, 4), (True, True, 7168, 4096, False, 16, 128, 4),
+            (True, False, 7168, 4096, False, 16, 128, 4),
+            (False, False, 2048, 7168, True, 32, 256, 3), (False, False, 2048, 7168, False, 16, 128, 4)):
         a, w = torch.zeros(256, K, dtype=torch.bfloat16), torch.zeros(2 * NW, K, dtype=torch.bfloat16)
         descs = [m.GluonDescriptor(a, [256, K], [K, 1], [m.BH, m.BK], m._smem_layout(m.BH, a.dtype)),
                  m.GluonDescriptor(w, [2 * NW, K], [K, 1], [rows, m.BK], m._smem_layout(rows, a.dtype)),
-                 m.GluonDescriptor(a, [256, K], [K, 1], [tail, m.BK], m._smem_layout(tail, a.dtype))
-                 if tail and not swap else None]
+                 m.GluonDescriptor(a, [256, K], [K, 1], [tail, m.BK], m._smem_layout(tail, a.dtype)) if tail else None]
         i32, f32 = torch.zeros(4, dtype=torch.int32), torch.zeros(4)
         args = descs + [a, None, a, None if swiglu else f32, i32, i32, i32, i32, i32, i32, i32,
                         5, NW // 2 if swiglu else NW, K, NW, 5, K, 64]
         consts = dict(GATHER_A=gather, A_DIV=8 if gather else 1, A_INDEX=False, SWIGLU=swiglu, MUL_WEIGHT=not swiglu,
                       SCATTER_C=not swiglu, GROUP_M=8, EXPERT_GROUP=13 if swiglu else 0, STAGE_C=stage, CS_N=128,
-                      CS_LAYOUT=m._smem_layout(m.BH, a.dtype, 128), TAIL_N=tail, TAIL_SWAP=swap, STAGES=stages,
-                      num_warps=4)
+                      CS_LAYOUT=m._smem_layout(m.BH, a.dtype, 128), TAIL_N=tail, STAGES=stages, num_warps=4)
         aligned = ("a_ptr", "c_ptr", "N", "K", "NW", "stride_am", "stride_cm")
-        out.append((f"fused_moe_wgmma[swiglu {swiglu}, gather {gather}, staged {stage}, tail {tail}, swap {swap}, "
-                    f"BN {rows}]",
+        out.append((f"fused_moe_wgmma[swiglu {swiglu}, gather {gather}, staged {stage}, tail {tail}, BN {rows}]",
                     m._moe_gemm_ws, args, consts, {"maxnreg": 168}, aligned))
     return out
 

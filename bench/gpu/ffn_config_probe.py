@@ -23,11 +23,7 @@ tables' pair for the case:
 - carried tails (TAIL_N, kernels/fused_moe_wgmma_tail.py): `tail_up32` / `tail_up16` the up GEMM on the wgmma kernel
   with TAIL_N = 32 / 16 (unstaged: a tail ring and the staging buffers do not both fit at 4 stages; compare with
   `wg_up`); `tail_down32` the down GEMM on it (128 x 256, TAIL_N = 32, staged at 3 stages; compare with
-  `wg_down_st`), `tail_down32_s4` the same unstaged at 4 stages; `tail_both32` = `tail_up32` + `tail_down32`;
-- swapped tails (TAIL_SWAP: a tail block of at most TN rows runs its MMAs on TN rows, swapped, instead of 64):
-  `swap_up32` / `swap_up16` the up GEMM on the wgmma kernel, staged at 4 stages (compare with `wg_up_st`);
-  `swap_down32` / `swap_down16` the down GEMM on it (128 x 256, staged, 4 stages; compare with `wg_down_st`);
-  `swap_both32` / `swap_both16` both.
+  `wg_down_st`), `tail_down32_s4` the same unstaged at 4 stages; `tail_both32` = `tail_up32` + `tail_down32`.
 Each variant records which kernel its GEMMs ran on (`kernel`: "wgmma", or why not).
 Rows are aligned once per alignment block, untimed (the bench's `triton` row); each variant is checked against
 `tuned` (bitwise, else relative error), then all are timed in interleaved rounds (bench.common.round_order;
@@ -64,8 +60,7 @@ TILE256 = {"BLOCK_M": 256, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "SPLI
            "USE_TMA": True, "WGMMA": False}
 ALL = ("split32", "split16", "split0", "tiles", "tiles_s3", "pair_up", "pair_both", "up256", "down256", "both256",
        "wg_up", "wg_down", "wg_both", "wg_up_st", "wg_down_st", "wg_both_st", "perm_up",
-       "wg_up_st64", "tail_up32", "tail_up16", "tail_down32", "tail_down32_s4", "tail_both32",
-       "swap_up32", "swap_up16", "swap_down32", "swap_down16", "swap_both32", "swap_both16")
+       "wg_up_st64", "tail_up32", "tail_up16", "tail_down32", "tail_down32_s4", "tail_both32")
 WG2 = {"WGMMA": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_M": 64, "num_stages": 4}
 WG2_DOWN = {**WG2, "BLOCK_N": 256}
 PAIR = {"WGMMA": False, "MERGE_TAIL": True, "PAIR_TAILS": True, "num_stages": 3}
@@ -114,11 +109,6 @@ def variants(E: int, T: int, dev: torch.device, names: list[str], baseline: str 
               "tail_down32": {"up": up, "down": t_down},
               "tail_down32_s4": {"up": up, "down": {**t_down, "STAGE_C": False, "num_stages": 4}},
               "tail_both32": {"up": t_up[32], "down": t_down}}
-    s_up = {n: {**up, **WG2, "TAIL_N": n, "TAIL_SWAP": True, "STAGE_C": True} for n in (16, 32)}
-    s_down = {n: {**down, **WG2_DOWN, "TAIL_N": n, "TAIL_SWAP": True, "STAGE_C": True} for n in (16, 32)}
-    for n in (16, 32):
-        every |= {f"swap_up{n}": {"up": s_up[n], "down": down}, f"swap_down{n}": {"up": up, "down": s_down[n]},
-                  f"swap_both{n}": {"up": s_up[n], "down": s_down[n]}}
     base = dict(zip(("up", "down"), baseline_pair(E, T, dev, baseline))) if baseline else None
     return {"tuned": {"up": up, "down": down}, **({"baseline": base} if base else {}), **{n: every[n] for n in names}}
 

@@ -14,7 +14,6 @@ from nanomoe_kernels import fused_moe_wgmma
 from nanomoe_kernels.fused_moe import fused_moe, fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
 from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, wgmma_unsupported
 from nanomoe_kernels.moe_align import moe_align, moe_align_contiguous
-from nanomoe_kernels.moe_blocks import block_tables
 from nanomoe_reference.expert_rows import make_routing, make_weights
 
 _OK = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and fused_moe_wgmma.supported_triton()
@@ -34,11 +33,6 @@ TAIL32 = {"up": {**UP, "TAIL_N": 32}, "down": {**DOWN, "TAIL_N": 32, "STAGE_C": 
           "linear": {**DOWN, "TAIL_N": 32, "STAGE_C": True, "num_stages": 3}}
 TAIL16 = {"up": {**UP, "TAIL_N": 16}, "down": {**DOWN, "BLOCK_N": 128, "TAIL_N": 16},
           "linear": {**DOWN, "BLOCK_N": 128, "TAIL_N": 16}}
-# swapped tails (TAIL_SWAP): a tail block of at most TAIL_N rows runs swapped on its own; staged at 4 stages (no tail
-# ring), and 16 rows with one piece
-SWAP32 = {op: {**c, "TAIL_N": 32, "TAIL_SWAP": True, "STAGE_C": True} for op, c in WG.items()}
-SWAP16 = {op: {**c, "TAIL_SWAP": True} for op, c in TAIL16.items()}
-TAILS = {"TAIL32": TAIL32, "TAIL16": TAIL16, "SWAP32": SWAP32, "SWAP16": SWAP16}
 
 
 def staged(cfgs: dict) -> dict:
@@ -133,12 +127,10 @@ def test_contiguous_gathered_and_masked_layouts():
         assert rel_err(got[e, :n], want[starts[e]:starts[e] + n]) < 5e-3
 
 
-@pytest.mark.parametrize("stage_c, tail_n, swap", [(False, 0, False), (True, 0, False), (False, 32, False),
-                                                   (True, 16, False), (True, 32, True), (False, 16, True)])
-def test_padding_rows_are_never_written(stage_c, tail_n, swap):
+@pytest.mark.parametrize("stage_c, tail_n", [(False, 0), (True, 0), (False, 32), (True, 16)])
+def test_padding_rows_are_never_written(stage_c, tail_n):
     """Rows the alignment pads (sentinel ids) and the second half of a tail block keep the output's old bytes;
-    with carried tails too (expert 3's two tail rows ride on its main block), and swapped ones (expert 0's lone row
-    and expert 3's two rows run swapped in their own blocks)."""
+    with carried tails too (expert 3's two tail rows ride on its main block)."""
     E, H, I = 4, 128, 128
     w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=7)
     counts = torch.tensor([1, 0, 65, 130], dtype=torch.int32, device="cuda")   # tails of 64 after 128-row blocks
@@ -151,7 +143,7 @@ def test_padding_rows_are_never_written(stage_c, tail_n, swap):
     used = torch.arange(align.sorted_ids.numel(), device="cuda") < align.num_padded   # entries past it: garbage
     live = used & (align.sorted_ids >= 0) & (align.sorted_ids < N)
     a_sorted[live] = rows[align.sorted_ids[live].long()]
-    up, down = ({**c, "STAGE_C": stage_c, "TAIL_N": tail_n, "TAIL_SWAP": swap, "num_stages": 3} for c in (UP, DOWN))
+    up, down = ({**c, "STAGE_C": stage_c, "TAIL_N": tail_n, "num_stages": 3} for c in (UP, DOWN))
     moe_gemm(a_sorted, w[0], inter, align, up, gather_a=False, scatter_c=False, swiglu=True)
     assert (inter[~live] == 7.0).all(), "a padding row of the intermediate was written"
     moe_gemm(inter, w[1], out, align, down, gather_a=False, scatter_c=True)
@@ -159,41 +151,12 @@ def test_padding_rows_are_never_written(stage_c, tail_n, swap):
     assert rel_err(out[:N], fused_moe_contiguous(rows, counts, w, config=TRITON)) < 5e-3
 
 
-def test_swap_flag_selects_the_swapped_path():
-    """White-box: a tail block flagged short (merged_tails bit 4) runs swapped and computes only its first TAIL_N = 32
-    rows. With the flag forced onto a 40-row tail, its rows 32..39 keep the output's old bytes and rows 0..31 match
-    the plain kernel; the lone 3-row tail, flagged by the tables themselves, matches too."""
-    E, H, I = 2, 128, 128
-    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=5)
-    counts = torch.tensor([128 + 40, 3], dtype=torch.int32, device="cuda")
-    N = int(counts.sum())
-    rows = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
-    align = moe_align_contiguous(counts, N, 64)   # expert 0: aligned rows 0..191, expert 1: 192..255
-    a_sorted = torch.zeros(align.sorted_ids.numel(), H, device="cuda", dtype=torch.bfloat16)
-    a_sorted[:168], a_sorted[192:195] = rows[:168], rows[168:]
-    tables = block_tables(align, 128)
-    used = int(tables.counts.sum())
-    at = {r: i for i, r in enumerate(tables.merged_rows[:used].tolist())}
-    assert int(tables.merged_tails[at[128]]) & 16 == 0 and int(tables.merged_tails[at[192]]) & 16
-    tables.merged_tails[at[128]] |= 16
-    cfg = {**UP, "TAIL_N": 32, "TAIL_SWAP": True, "STAGE_C": True}
-    assert_runs_wgmma(cfg, a_sorted, w[0], True)
-    got = torch.full((a_sorted.shape[0], I), 7.0, device="cuda", dtype=torch.bfloat16)
-    want = torch.full_like(got, 7.0)
-    moe_gemm(a_sorted, w[0], got, align, cfg, gather_a=False, scatter_c=False, swiglu=True, tables=tables)
-    moe_gemm(a_sorted, w[0], want, align, UP, gather_a=False, scatter_c=False, swiglu=True)
-    assert torch.equal(got[:128], want[:128])
-    assert rel_err(got[128:160], want[128:160]) < 5e-3 and rel_err(got[192:195], want[192:195]) < 5e-3
-    assert (got[160:168] == 7.0).all(), "the forced swapped block computed rows past TAIL_N"
-    assert (want[160:168] != 7.0).all()
-
-
-@pytest.mark.parametrize("tails, T", [("", 96), ("TAIL32", 600), ("SWAP32", 600)])
+@pytest.mark.parametrize("tails, T", [(False, 96), (True, 600)])
 def test_cuda_graph_replay_follows_new_routing(tails, T):
-    """A captured call follows new routing; with carried or swapped tails (T = 600: ~150 rows an expert) which
-    blocks carry or swap changes with the routing too."""
+    """A captured call follows new routing; with carried tails (T = 600: ~150 rows an expert) which blocks carry
+    changes with the routing too."""
     E, k, H, I = 16, 4, 512, 256
-    cfg = TAILS[tails] if tails else WG
+    cfg = TAIL32 if tails else WG
     w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=8)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids, tw = make_routing(T, E, k, "cuda", seed=9)
@@ -214,14 +177,14 @@ def tail_counts(tail_n: int) -> list[int]:
     return [128 + 1, 128 + tail_n, 128 + tail_n + 1, 256 + tail_n, 3, 128, 0, 67, 256 + 40, 130]
 
 
-@pytest.mark.parametrize("tails", ["TAIL32", "TAIL16", "SWAP32", "SWAP16"])
+@pytest.mark.parametrize("tails", ["TAIL32", "TAIL16"])
 @pytest.mark.parametrize("expert_type", ["swiglu", "linear"])
 def test_carried_tails_match(tails, expert_type):
-    """Carried and swapped tails against float64 and the Triton kernel, at counts around the rule; the rows outside
-    carried (swapped) tails are the same bits as without them (the other blocks' MMAs are unchanged), the carried
-    (swapped) rows within float32 summation order."""
-    cfg = TAILS[tails]
-    tail_n, swap = cfg["up"]["TAIL_N"], cfg["up"].get("TAIL_SWAP", False)
+    """Carried tails against float64 and the Triton kernel, at counts around the rule; the rows outside carried
+    tails are the same bits as without them (the main blocks' MMAs are unchanged), the carried rows within float32
+    summation order."""
+    cfg = {"TAIL32": TAIL32, "TAIL16": TAIL16}[tails]
+    tail_n = cfg["up"]["TAIL_N"]
     E, H, I = 10, 256, 256
     counts = torch.tensor(tail_counts(tail_n), dtype=torch.int32, device="cuda")
     N = int(counts.sum())
@@ -234,17 +197,15 @@ def test_carried_tails_match(tails, expert_type):
     base = fused_moe_contiguous(rows, counts, w, expert_type, config=WG)
     want = fused_moe_contiguous(rows, counts, w, expert_type, config=TRITON)
     assert rel_err(got, want) < 5e-3
-    # carried: rows past each expert's main blocks when they number at most tail_n (and there is a main block);
-    # swapped: the same, and a lone tail of at most tail_n rows too (its 64-row padded segment is a tail block)
+    # carried: rows past each expert's main blocks when they number at most tail_n (and there is a main block)
     carried = torch.zeros(N, dtype=torch.bool)
     start = 0
     for n in counts.tolist():
         tail = n % 128
-        if (n >= 128 or swap) and 0 < tail <= tail_n:
+        if n >= 128 and 0 < tail <= tail_n:
             carried[start + n - tail:start + n] = True
         start += n
-    # experts 0, 1, 3 and 9 carry (swapped: and the lone tail of 4); 2 and 8 do not, 7 is one main block of 67 rows
-    assert carried.sum() == 1 + tail_n + tail_n + 2 + (3 if swap else 0)
+    assert carried.sum() == 1 + tail_n + tail_n + 2   # experts 0, 1, 3 and 9 carry; 2, 4 and 8 do not
     assert torch.equal(got[~carried], base[~carried])
     assert rel_err(got[carried], base[carried]) < 5e-3
     # float64: each row through its expert (top-1 routing with weight 1 is the contiguous layout's math)
@@ -262,7 +223,7 @@ def test_carried_tails_routed(T):
     w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=T)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids, tw = make_routing(T, E, k, "cuda", seed=T + 2)
-    for cfg in TAILS.values():
+    for cfg in (TAIL32, TAIL16):
         out = fused_moe(x, ids, tw, w, config=cfg)
         assert rel_err(out, fused_moe(x, ids, tw, w, config=WG)) < 5e-3
         if T < 100:
