@@ -24,7 +24,6 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import nanomoe_reference as reference  # noqa: E402
@@ -33,9 +32,9 @@ from nanomoe_kernels.moe_align import moe_align  # noqa: E402
 from nanomoe_kernels.moe_sum import sum_pairs  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
 
-from bench.common import measure_ceilings  # noqa: E402
-from bench.gpu.probe_cases import add_medians, rounds_us  # noqa: E402
+from bench.gpu.probe_cases import add_medians, rounds_us, run_cases  # noqa: E402
 from bench.gpu.ragged_swap_gemm import ragged_swap_gemm  # noqa: E402
+from bench.gpu.ragged_swap_probe import rel  # noqa: E402
 
 H, I, K_TOP = 7168, 2048, 8
 
@@ -67,10 +66,6 @@ def swap_ffn(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, w: tuple[torc
         gemms()
         return sum_pairs(pairs, k)
     return {"ffn": ffn, "gemms": gemms, "permute": permute}
-
-
-def rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 
 
 def check_small(dev: torch.device) -> dict:
@@ -117,24 +112,21 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=int, default=150)
     ap.add_argument("--cases", default="32x1024,32x2048,64x2048")
     a = ap.parse_args()
-    dev = torch.device("cuda")
-    out = {"bench": "ragged_swap_ffn_probe", "torch": torch.__version__, "triton": triton.__version__,
-           "command": "python " + " ".join(sys.argv), "small_check": check_small(dev)}
-    print(json.dumps(out["small_check"]), flush=True)
-    out["ceilings_before"] = measure_ceilings(dev, torch.bfloat16)
-    out["cases"], weights = [], {}
-    for case in a.cases.split(","):
+    small = check_small(torch.device("cuda"))
+    print(json.dumps(small), flush=True)
+    weights: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def run(case: str) -> list[dict]:
         E, T = (int(v) for v in case.split("x"))
         if E not in weights:
-            weights.clear()
+            weights.clear()   # one expert count's weights at a time (256 experts: 11 GB)
             weights[E] = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda")
-        out["cases"].append(run_case(E, T, weights[E], a.rounds, a.rep_ms))
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
-    out["ceilings_after"] = measure_ceilings(dev, torch.bfloat16)
+        return [run_case(E, T, weights[E], a.rounds, a.rep_ms)]
+
+    out = run_cases("ragged_swap_ffn_probe", a.json, a.cases.split(","), run)
+    out |= {"command": "python " + " ".join(sys.argv), "small_check": small}
     with open(a.json, "w") as f:
         json.dump(out, f, indent=1)
-    print(json.dumps({"ceilings_before": out["ceilings_before"], "ceilings_after": out["ceilings_after"]}))
 
 
 if __name__ == "__main__":

@@ -30,15 +30,13 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, wgmma_unsupported  # noqa: E402
 from nanomoe_kernels.moe_align import moe_align_contiguous  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing  # noqa: E402
 
-from bench.common import measure_ceilings  # noqa: E402
-from bench.gpu.probe_cases import add_medians, rounds_us  # noqa: E402
+from bench.gpu.probe_cases import add_medians, rounds_us, run_cases  # noqa: E402
 from bench.gpu.ragged_swap_gemm import ragged_blocks, ragged_swap_gemm  # noqa: E402
 
 H, I, K_TOP = 7168, 2048, 8
@@ -150,7 +148,6 @@ def run_case(case: str, rounds: int, rep_ms: int, only: list[str]) -> list[dict]
                                              "swap_blocks")}
                          | {n: v["median_us"] for n, v in rec["variants"].items()}), flush=True)
         recs.append(rec)
-        torch.cuda.empty_cache()
     return recs
 
 
@@ -162,20 +159,13 @@ def main() -> None:
     ap.add_argument("--cases", default="32x1024,64x1024,32x4096", help="ExT (routed) or E@C (C rows each)")
     ap.add_argument("--variants", default="", help="time only these (comma-separated; default: all)")
     a = ap.parse_args()
-    dev = torch.device("cuda")
-    out = {"bench": "ragged_swap_probe", "torch": torch.__version__, "triton": triton.__version__,
-           "command": "python " + " ".join(sys.argv), "small_check": check_small(dev)}
-    print(json.dumps(out["small_check"]), flush=True)
-    out["ceilings_before"] = measure_ceilings(dev, torch.bfloat16)
-    out["cases"] = []
-    for case in a.cases.split(","):
-        out["cases"] += run_case(case, a.rounds, a.rep_ms, [v for v in a.variants.split(",") if v])
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
-    out["ceilings_after"] = measure_ceilings(dev, torch.bfloat16)
+    small = check_small(torch.device("cuda"))
+    print(json.dumps(small), flush=True)
+    only = [v for v in a.variants.split(",") if v]
+    out = run_cases("ragged_swap_probe", a.json, a.cases.split(","), lambda c: run_case(c, a.rounds, a.rep_ms, only))
+    out |= {"command": "python " + " ".join(sys.argv), "small_check": small}
     with open(a.json, "w") as f:
         json.dump(out, f, indent=1)
-    print(json.dumps({"ceilings_before": out["ceilings_before"], "ceilings_after": out["ceilings_after"]}))
 
 
 if __name__ == "__main__":
