@@ -37,10 +37,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from nanomoe_kernels.fused_moe_swap import moe_gemm_swap
+from nanomoe_kernels.fused_moe_swap import unsupported as swap_unsupported
 from nanomoe_kernels.fused_moe_wgmma import moe_gemm_wgmma, unsupported
 from nanomoe_kernels.moe_align import Alignment
 from nanomoe_kernels.moe_blocks import BlockTables, block_tables, expert_group, expert_group_blocks
 from nanomoe_kernels.moe_gemm_tile import gemm_tile
+from nanomoe_kernels.moe_swap_blocks import GRAIN, SwapBlocks
 
 
 # token counts change every step: do not compile a variant per divisibility of these two
@@ -116,7 +119,7 @@ def runs_interpreted() -> bool:
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 OPTIONAL_KEYS = ("USE_TMA", "SPLIT_M", "A_TMA", "MERGE_TAIL", "PERMUTE_A", "WGMMA", "STAGE_C", "EXPERT_GROUPS",
-                 "PAIR_TAILS", "TAIL_N")
+                 "PAIR_TAILS", "TAIL_N", "SWAP")
 
 
 def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
@@ -129,7 +132,9 @@ def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
     block carries a tail of at most that many rows (kernels/fused_moe_wgmma_tail.py). PAIR_TAILS (with MERGE_TAIL,
     this module's kernel): each tail program computes two column tiles (kernels/moe_gemm_tile.py's PAIR); its
     stages take 1.5x a main block's shared memory, so the H200's 128 x (2 x 128) up tiles need num_stages <= 3
-    (Triton refuses more at launch).
+    (Triton refuses more at launch). SWAP (BLOCK_M = 16, the alignment's grain): run the GEMM on
+    kernels/fused_moe_swap.py's swap-AB Hopper kernel (tokens as wgmma's N, one block per expert of up to 288 rows)
+    where `swap_unsupported` allows it, else this module's kernel on the same 16-row alignment.
     Keys outside these (and the caller's `extra_keys`) are refused by name."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict with keys {CONFIG_KEYS}, got {type(config).__name__}")
@@ -152,6 +157,10 @@ def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
     tail_n = config.get("TAIL_N", 0)
     if tail_n not in (0, 16, 32) or isinstance(tail_n, bool) or (tail_n and not config.get("WGMMA", False)):
         raise ValueError(f"config['TAIL_N'] must be 0, 16 or 32 (16 and 32 need WGMMA=True), got {tail_n!r}")
+    swap = config.get("SWAP", False)
+    if not isinstance(swap, bool) or (swap and (config["BLOCK_M"] != GRAIN or config.get("WGMMA", False) or tail_n)):
+        raise ValueError(f"config['SWAP'] must be a bool; True needs BLOCK_M={GRAIN} (the rows' alignment) and no "
+                         f"WGMMA or TAIL_N, got SWAP={swap!r}, BLOCK_M={config['BLOCK_M']}")
     groups = config.get("EXPERT_GROUPS", True)
     if not isinstance(groups, (bool, int)) or groups < 0:
         raise ValueError(f"config['EXPERT_GROUPS'] must be True, False or a positive int, got {groups!r}")
@@ -160,7 +169,7 @@ def check_config(config: dict, extra_keys: tuple[str, ...] = ()) -> dict:
             "MERGE_TAIL": bool(config.get("MERGE_TAIL", False)), "PERMUTE_A": bool(config.get("PERMUTE_A", False)),
             "WGMMA": bool(config.get("WGMMA", False)), "STAGE_C": bool(config.get("STAGE_C", False)),
             "EXPERT_GROUPS": groups,
-            "PAIR_TAILS": bool(config.get("PAIR_TAILS", False)), "TAIL_N": tail_n}
+            "PAIR_TAILS": bool(config.get("PAIR_TAILS", False)), "TAIL_N": tail_n, "SWAP": swap}
 
 
 def wgmma_unsupported(cfg: dict, a: torch.Tensor, w: torch.Tensor, align: Alignment, swiglu: bool) -> str:
@@ -182,7 +191,7 @@ def _tma_descriptor(w: torch.Tensor, rows: int, block_n: int, block_k: int):
 
 def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignment, config: dict, *,
              gather_a: bool, scatter_c: bool, a_div: int = 1, swiglu: bool = False,
-             row_weights: torch.Tensor | None = None, tables: BlockTables | None = None,
+             row_weights: torch.Tensor | None = None, tables: BlockTables | SwapBlocks | None = None,
              a_index: torch.Tensor | None = None) -> torch.Tensor:
     """out[rows] = epilogue(A[rows] @ w[expert].T) for the aligned rows (see the module docstring).
 
@@ -192,7 +201,8 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
     values in [0, a.shape[0]) (the caller's check). BLOCK_M larger than
     align.block_m runs main blocks of BLOCK_M rows and tail blocks of align.block_m rows (two launches,
     or one with MERGE_TAIL; `tables` = kernels.moe_blocks.block_tables(align, BLOCK_M), made here when
-    not given). A_TMA loads A tiles through TMA when A is not gathered (the down GEMM). Returns out.
+    not given). A_TMA loads A tiles through TMA when A is not gathered (the down GEMM). SWAP: `tables` may be the
+    alignment's kernels.moe_swap_blocks.swap_blocks (shared by the FFN's two GEMMs). Returns out.
     """
     cfg = check_config(config)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -221,6 +231,10 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, align: Alignme
                          f"{tuple(row_weights.shape)}")
     if R == 0 or N == 0:
         return out
+    if cfg["SWAP"] and not swap_unsupported(a, w, bn, bk, tm, swiglu, row_weights is not None, cfg["num_stages"]):
+        return moe_gemm_swap(a, w, out, align, stages=cfg["num_stages"], group=cfg["GROUP_M"], swiglu=swiglu,
+                             gather_a=gather_a, scatter_c=scatter_c, a_div=a_div, row_weights=row_weights,
+                             a_index=a_index, blocks=tables if isinstance(tables, SwapBlocks) else None)
     group = expert_group_blocks(cfg["EXPERT_GROUPS"], bm, K, a.element_size(), cfg["GROUP_M"])
     if not wgmma_unsupported(cfg, a, w, align, swiglu):
         if tables is None:

@@ -28,11 +28,12 @@ import nanomoe_kernels.fused_moe_kernel as fmk  # noqa: E402
 import nanomoe_kernels.moe_align as ma  # noqa: E402
 import nanomoe_kernels.moe_blocks as mb  # noqa: E402
 import nanomoe_kernels.moe_sum as ms  # noqa: E402
+import nanomoe_kernels.moe_swap_blocks as msb  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not fmk.runs_interpreted():
-    for mod in (ma, mb, ms, fq, fmk, fm, f8t, f8k, f8):  # imported before the variable was set: decorate again
+    for mod in (ma, mb, ms, msb, fq, fmk, fm, f8t, f8k, f8):  # imported before the variable was set: decorate again
         importlib.reload(mod)
 
 pytestmark = pytest.mark.skipif(not fmk.runs_interpreted(),

@@ -21,6 +21,7 @@ import nanomoe_kernels.fused_moe_kernel as fmk  # noqa: E402
 import nanomoe_kernels.moe_align as ma  # noqa: E402
 import nanomoe_kernels.moe_blocks as mb  # noqa: E402
 import nanomoe_kernels.moe_sum as ms  # noqa: E402
+import nanomoe_kernels.moe_swap_blocks as msb  # noqa: E402
 import nanomoe_reference as reference  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
@@ -31,7 +32,7 @@ from nanomoe_kernels import deepgemm  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and not fmk.runs_interpreted():
     # another test module imported kernels/ before the variable was set: decorate the kernels again
-    for mod in (ma, mb, ms, fmk, fm):
+    for mod in (ma, mb, ms, msb, fmk, fm):
         importlib.reload(mod)
 
 # these are the interpreter's float32/float16 checks; on a GPU machine (no TRITON_INTERPRET) the kernels

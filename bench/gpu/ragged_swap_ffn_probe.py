@@ -74,7 +74,7 @@ def check_small(dev: torch.device) -> dict:
     x = torch.randn(T, h, device=dev, dtype=torch.bfloat16)
     ids, tw = make_routing(T, E, k, "cuda", seed=4)
     got = swap_ffn(x, ids, tw, w)["ffn"]()
-    err = rel(got, reference.moe_experts(x, ids, tw, w, "swiglu"))
+    err = rel(got, reference.moe_experts(x, ids, tw, w, "swiglu").to(got.device))
     return {"rel_err_float64": err, "ok": err < 2e-2}
 
 

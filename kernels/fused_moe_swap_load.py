@@ -1,0 +1,131 @@
+"""The producer partitions of the swap-AB expert GEMM (kernels/fused_moe_swap.py): each k-step's weight tile and
+the block's token rows into the S-stage ring.
+
+Dimension legend: BW = 128 weight rows a program, BT = 256 tokens in the main ring, QX = 32 tokens in the extra ring
+(a block's rows 256..287), Q = 16 tokens a TMA box, BK = 64 deep steps, S ring stages, V = the block's rows / 16.
+
+    load    (1 warp)   TMA of the weight tile [BW, BK] and the block's V boxes of [Q, BK] aligned rows (the down
+                       GEMM's), one expect per stage; rows past the block are loaded and never stored
+    gather  (4 warps)  the block's rows gathered by 16-byte cp.async (pair id // A_DIV, then a_index), S - 1 steps
+                       in flight, the weight tile by TMA
+SwiGLU: the weight tile is 16 boxes of 8 rows, a column block's gate rows then its up rows, alternating, so that
+wgmma's accumulator holds a column's gate and up in one thread (rows r and r + 8).
+"""
+
+from __future__ import annotations
+
+from nanomoe_kernels.mla_decode_wgmma import gluon
+
+if gluon is not None:
+    from nanomoe_kernels.fused_moe_wgmma_load import _cp_async
+    from nanomoe_kernels.mla_decode_wgmma import _tma_load
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+
+    @gluon.jit
+    def load_weights(w_desc, bar, w_s, w_row0, up_off, k, SWIGLU: gl.constexpr):
+        """TMA of one step's weight tile [BW, BK] into w_s; SwiGLU: 8-row boxes, gate rows 8q.. then their up rows
+        (up_off further) at tile rows 16q.. / 16q + 8.."""
+        BW: gl.constexpr = w_s.type.shape[0]
+        if SWIGLU:
+            for q in gl.static_range(BW // 16):
+                _tma_load(w_desc, [w_row0 + 8 * q, k], bar, w_s.slice(16 * q, 8))
+                _tma_load(w_desc, [w_row0 + up_off + 8 * q, k], bar, w_s.slice(16 * q + 8, 8))
+        else:
+            _tma_load(w_desc, [w_row0, k], bar, w_s)
+
+    @gluon.jit
+    def _load_v(w_desc, t_desc, wb, tb, tx, ready, free, w_row0, up_off, t_row0, k_steps, V: gl.constexpr,
+                SWIGLU: gl.constexpr):
+        S: gl.constexpr = wb.type.shape[0]
+        BT: gl.constexpr = tb.type.shape[1]
+        BK: gl.constexpr = tb.type.shape[2]
+        Q: gl.constexpr = t_desc.block_type.shape[0]
+        nbytes: gl.constexpr = wb.type.shape[1] * BK * w_desc.dtype.primitive_bitwidth // 8 \
+            + V * t_desc.block_type.nbytes
+        for kk in range(k_steps):
+            s = kk % S
+            mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)   # fresh barriers pass phase 1
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            k = kk * BK
+            load_weights(w_desc, bar, wb.index(s), w_row0, up_off, k, SWIGLU)
+            for q in gl.static_range(V):
+                if q < BT // Q:
+                    _tma_load(t_desc, [t_row0 + Q * q, k], bar, tb.index(s).slice(Q * q, Q))
+                else:   # rows 256..287 in the extra ring (shared-memory shapes are powers of two)
+                    _tma_load(t_desc, [t_row0 + Q * q, k], bar, tx.index(s).slice(Q * q - BT, Q))
+
+    @gluon.jit
+    def load_partition(w_desc, t_desc, wb, tb, tx, ready, free, w_row0, up_off, t_row0, nq, k_steps,
+                       NV: gl.constexpr, SWIGLU: gl.constexpr):
+        """Aligned rows by TMA: one unrolled copy per V (mbarrier.expect takes a constant byte count)."""
+        for v in gl.static_range(1, NV + 1):
+            if nq == v:
+                _load_v(w_desc, t_desc, wb, tb, tx, ready, free, w_row0, up_off, t_row0, k_steps, v, SWIGLU)
+
+    @gluon.jit
+    def _row_offsets(a_index_ptr, ids_ptr, t_row0, n_rows, num_rows, stride_am, ROWS: gl.constexpr,
+                     OFF: gl.constexpr, BK: gl.constexpr, A_DIV: gl.constexpr, A_INDEX: gl.constexpr,
+                     num_warps: gl.constexpr):
+        """Offsets [ROWS, BK] (elements of A) of the source rows of the block's rows OFF.., and whether each is live
+        (in the block, not padding)."""
+        LD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])   # 16-byte copies
+        j = OFF + gl.arange(0, ROWS, layout=gl.SliceLayout(1, LD))
+        ids = gl.load(ids_ptr + t_row0 + j, mask=j < n_rows, other=num_rows)
+        ok = ids < num_rows
+        rows = gl.where(ok, ids, 0) // A_DIV
+        if A_INDEX:
+            rows = gl.load(a_index_ptr + rows, mask=ok, other=0)
+        offs_k = gl.arange(0, BK, layout=gl.SliceLayout(0, LD))
+        # row starts are 16-byte aligned (`unsupported` checks the stride): 16-byte copies
+        p = gl.expand_dims(gl.multiple_of(rows.to(gl.int64) * stride_am, 8), 1) + gl.expand_dims(offs_k, 0)
+        return p, gl.expand_dims(ok, 1)
+
+    @gluon.jit
+    def _gather_rows(a_ptr, a_index_ptr, ids_ptr, dst, t_row0, n_rows, num_rows, stride_am, k, OFF: gl.constexpr,
+                     A_DIV: gl.constexpr, A_INDEX: gl.constexpr, num_warps: gl.constexpr):
+        """cp.async of the block's rows OFF.. (dst's row count) at depth k into dst; rows past the block and
+        padding rows are skipped (never stored)."""
+        offs, ok = _row_offsets(a_index_ptr, ids_ptr, t_row0, n_rows, num_rows, stride_am, dst.type.shape[0], OFF,
+                                dst.type.shape[1], A_DIV, A_INDEX, num_warps)
+        _cp_async(dst, a_ptr + (offs + k), mask=ok)   # K % BK == 0
+
+    @gluon.jit
+    def gather_partition(a_ptr, a_index_ptr, ids_ptr, w_desc, wb, tb, tx, ready, free, w_row0, up_off, t_row0,
+                         n_rows, k_steps, num_rows, stride_am, A_DIV: gl.constexpr, A_INDEX: gl.constexpr,
+                         SWIGLU: gl.constexpr, num_warps: gl.constexpr):
+        """The block's rows gathered by cp.async (S - 1 steps in flight), the weight tile by TMA, into the ring.
+        The row offsets are made again each step, 64 rows at a time: kept, 18 rows a thread would not fit the
+        gatherer's 64 registers (the consumers need 224)."""
+        S: gl.constexpr = wb.type.shape[0]
+        BT: gl.constexpr = tb.type.shape[1]
+        BK: gl.constexpr = tb.type.shape[2]
+        CH: gl.constexpr = 64
+        w_bytes: gl.constexpr = wb.type.shape[1] * BK * w_desc.dtype.primitive_bitwidth // 8
+        for kk in range(k_steps):
+            # step kk - S + 1's copies have landed (S - 2 groups may stay in flight): its stage is ready. Done before
+            # waiting for stage kk's slot, which the consumers free only once they have that step.
+            if kk >= S - 1:
+                async_copy.wait_group(S - 2)
+                fence_async_shared()
+                mbarrier.arrive(ready.index((kk - S + 1) % S), count=1)
+            s = kk % S
+            mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)     # fresh barriers pass phase 1
+            bar = ready.index(s)
+            k = kk * BK
+            mbarrier.expect(bar, w_bytes)
+            load_weights(w_desc, bar, wb.index(s), w_row0, up_off, k, SWIGLU)
+            for c in gl.static_range(BT // CH):
+                if CH * c < n_rows:
+                    _gather_rows(a_ptr, a_index_ptr, ids_ptr, tb.index(s).slice(CH * c, CH), t_row0, n_rows,
+                                 num_rows, stride_am, k, CH * c, A_DIV, A_INDEX, num_warps)
+            if n_rows > BT:
+                _gather_rows(a_ptr, a_index_ptr, ids_ptr, tx.index(s), t_row0, n_rows, num_rows, stride_am, k, BT,
+                             A_DIV, A_INDEX, num_warps)
+            async_copy.commit_group()
+        async_copy.wait_group(0)
+        fence_async_shared()
+        for j in range(gl.maximum(k_steps - S + 1, 0), k_steps):
+            mbarrier.arrive(ready.index(j % S), count=1)
