@@ -6,7 +6,8 @@
 DeepSeek-V3 dims (H 7168, I 2048), top-8 uniform routing. Variants, median us of interleaved do_bench rounds (L2
 flushed): `grouped`: the tables' configs for E = 32, T = 1024 before SWAP (128 x 128 up tiles with WGMMA and
 STAGE_C, the Triton kernel's 128 x 256 down tiles, 64-row tails merged); `swap`: SWAP for both GEMMs (blocks of up to
-288 rows an expert); `tables`: whatever kernels/tuned picks now. Each case is
+288 rows an expert; the up GEMM's rows gathered by cp.async); `swap_perm`: the same with the rows
+copied into aligned order first (PERMUTE_A) and loaded by TMA; `tables`: whatever kernels/tuned picks now. Each case is
 checked first: `swap` against float64 on 16 sampled tokens and against `grouped` (relative error).
 Dimension legend: T tokens, k top-k, E experts.
 """
@@ -35,6 +36,7 @@ GROUPED_DOWN = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8
 SWAP_UP = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, SWAP=True)
 SWAP_DOWN = {**SWAP_UP, "BLOCK_N": 128}
 CONFIGS = {"grouped": {"up": GROUPED_UP, "down": GROUPED_DOWN}, "swap": {"up": SWAP_UP, "down": SWAP_DOWN},
+           "swap_perm": {"up": {**SWAP_UP, "PERMUTE_A": True}, "down": SWAP_DOWN},
            "tables": None}
 
 
