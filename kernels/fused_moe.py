@@ -23,9 +23,8 @@ the nearest M (in log scale) wins. The directory is read once, when this module 
 forward only looks up a dict; a missing table borrows the nearest tuned expert count's at the same rows per
 expert, or falls back to `default_config` with a warning once per table name. `config=`: a flat dict for every
 GEMM or {"up"/"down"/"linear": dict}; keys BLOCK_M/N/K, GROUP_M, num_warps, num_stages, USE_TMA (weights by TMA),
-SPLIT_M (experts padded to SPLIT_M rows: BLOCK_M blocks + SPLIT_M-row tails; 0 = pad to BLOCK_M), WGMMA (Hopper),
-STAGE_C (WGMMA's tiles out through shared memory), EXPERT_GROUPS, SWAP (Hopper's swap-AB kernel on rows aligned to 16)
-(kernels/fused_moe_kernel.check_config).
+SPLIT_M (experts padded to SPLIT_M rows: BLOCK_M blocks + SPLIT_M-row tails; 0 = pad to BLOCK_M), WGMMA, STAGE_C,
+EXPERT_GROUPS, SWAP (Hopper kernels; kernels/fused_moe_kernel.check_config).
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from nanomoe_kernels.moe_align import Alignment, _check_ids, moe_align, moe_alig
 from nanomoe_kernels.moe_blocks import block_tables
 from nanomoe_kernels.moe_permute import permute_rows
 from nanomoe_kernels.moe_sum import sum_pairs
-from nanomoe_kernels.moe_swap_blocks import GRAIN, swap_blocks
+from nanomoe_kernels.moe_swap_blocks import swap_blocks
 
 EXPERT_TYPES = ("swiglu", "linear")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -203,14 +202,10 @@ def fused_moe_aligned(a: torch.Tensor, align: Alignment, weights: tuple[torch.Te
     (expert(a[a_index[r // a_div]]) with a_index), scaled by row_weights[r] when given. Checks are the
     caller's (the public wrappers)."""
     w = weights
-    H_out = w[-1].shape[1]
-    if out is None:
-        out = a.new_empty((align.num_rows, H_out))
-    # one block table per BLOCK_M above the alignment block (SWAP: one block list), shared by the two GEMMs
-    tables = {c["BLOCK_M"]: block_tables(align, c["BLOCK_M"]) for c in (first, down)
-              if c is not None and c["BLOCK_M"] > align.block_m}
-    if any(c is not None and c["SWAP"] for c in (first, down)) and align.block_m == GRAIN:
-        tables[GRAIN] = swap_blocks(align)
+    out = a.new_empty((align.num_rows, w[-1].shape[1])) if out is None else out
+    # one block table per BLOCK_M above the alignment block (SWAP: its block list), shared by the two GEMMs
+    tables = {c["BLOCK_M"]: swap_blocks(align) if c["SWAP"] else block_tables(align, c["BLOCK_M"])
+              for c in (first, down) if c is not None and (c["BLOCK_M"] > align.block_m or c["SWAP"])}
     if expert_type == "linear":
         return moe_gemm(a, w[0], out, align, first, gather_a=True, scatter_c=True, a_div=a_div,
                         row_weights=row_weights, tables=tables.get(first["BLOCK_M"]), a_index=a_index)

@@ -20,7 +20,14 @@ runs 253-258).
 
 Programs take GROUP_M consecutive blocks per sweep of the column tiles (an expert's blocks and the next's share the
 weight tiles and the token rows through L2). Padding rows (sentinel ids) read as zeros or stale rows and are never
-stored with SCATTER_C. Same sums as the grouped kernel (bitwise equal on the FFN at 32 x 1024, run 258).
+stored with SCATTER_C. Same sums as the grouped kernel: the FFN's outputs are bitwise equal (runs 258-261).
+
+Measured on an H200, the whole FFN at V3 dims, 32 experts x 1024 tokens (bench/gpu/swap_ffn_probe.py, runs 260-261):
+with the up GEMM's rows copied into aligned order first (PERMUTE_A, TMA loads) 3.1-3.2% faster than the grouped
+kernels' entries, at 64 x 2048 1.0-1.1%; kernels/tuned uses that at those two sizes only (at 32 x 2048, ~512 rows an
+expert, it is 5% slower). With the rows gathered by cp.async it is 14% slower (run 261; the offsets wait in shared
+memory) to 50% (run 259; the offsets made again every step): the 4-warp gatherer, 64 registers a thread next to
+consumers that need 224, does not keep up with 288 rows a step. Not yet measured: the gatherer's issue rate alone.
 """
 
 from __future__ import annotations
@@ -75,6 +82,10 @@ if gluon is not None:
         wb = gl.allocate_shared_memory(dtype, [STAGES, W_ROWS, DEPTH], t_desc.layout)   # 128-byte swizzle
         tb = gl.allocate_shared_memory(dtype, [STAGES, TOKENS, DEPTH], t_desc.layout)
         tx = gl.allocate_shared_memory(dtype, [STAGES, 2 * Q, DEPTH], t_desc.layout)    # rows 256..287
+        if GATHER_A:   # the gathered rows' offsets in A (kernels/fused_moe_swap_load.py)
+            ROW_L: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+            rs = gl.allocate_shared_memory(gl.int64, [TOKENS], ROW_L)
+            rsx = gl.allocate_shared_memory(gl.int64, [2 * Q], ROW_L)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -87,8 +98,8 @@ if gluon is not None:
             gl.warp_specialize([
                 (consume_partition, (wb, tb, tx, ready, free, c_ptr, ids_ptr, w_ptr, t_row0, n_rows, num_rows, nq,
                                      col0, k_steps, stride_cm, 0, FULL, NV, SWIGLU, MUL_WEIGHT, SCATTER_C)),
-                (gather_partition, (a_ptr, a_index_ptr, ids_ptr, w_desc, wb, tb, tx, ready, free, w_row0, N, t_row0,
-                                    n_rows, k_steps, num_rows, stride_am, A_DIV, A_INDEX, SWIGLU, 4)),
+                (gather_partition, (a_ptr, a_index_ptr, ids_ptr, w_desc, wb, tb, tx, rs, rsx, ready, free, w_row0, N,
+                                    t_row0, n_rows, k_steps, num_rows, stride_am, A_DIV, A_INDEX, SWIGLU, 4)),
                 (consume_partition, (wb, tb, tx, ready, free, c_ptr, ids_ptr, w_ptr, t_row0, n_rows, num_rows, nq,
                                      col0, k_steps, stride_cm, 1, FULL, NV, SWIGLU, MUL_WEIGHT, SCATTER_C)),
             ], [4, 4], [64, 224])   # 224 + 224 + 64 registers a thread: the consumers fit 224, not 208

@@ -66,44 +66,46 @@ if gluon is not None:
                 _load_v(w_desc, t_desc, wb, tb, tx, ready, free, w_row0, up_off, t_row0, k_steps, v, SWIGLU)
 
     @gluon.jit
-    def _row_offsets(a_index_ptr, ids_ptr, t_row0, n_rows, num_rows, stride_am, ROWS: gl.constexpr,
-                     OFF: gl.constexpr, BK: gl.constexpr, A_DIV: gl.constexpr, A_INDEX: gl.constexpr,
-                     num_warps: gl.constexpr):
-        """Offsets [ROWS, BK] (elements of A) of the source rows of the block's rows OFF.., and whether each is live
-        (in the block, not padding)."""
+    def _stash_offsets(a_index_ptr, ids_ptr, rs, t_row0, n_rows, num_rows, stride_am, OFF: gl.constexpr,
+                       A_DIV: gl.constexpr, A_INDEX: gl.constexpr, num_warps: gl.constexpr):
+        """rs[i] = the element offset in A of the block's row OFF + i (-1: past the block, or padding). Written and
+        read back (`_gather_rows`) in the same layout, so each thread reads only what it wrote: no barrier."""
         LD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])   # 16-byte copies
-        j = OFF + gl.arange(0, ROWS, layout=gl.SliceLayout(1, LD))
+        j = OFF + gl.arange(0, rs.type.shape[0], layout=gl.SliceLayout(1, LD))
         ids = gl.load(ids_ptr + t_row0 + j, mask=j < n_rows, other=num_rows)
         ok = ids < num_rows
         rows = gl.where(ok, ids, 0) // A_DIV
         if A_INDEX:
             rows = gl.load(a_index_ptr + rows, mask=ok, other=0)
-        offs_k = gl.arange(0, BK, layout=gl.SliceLayout(0, LD))
+        rs.store(gl.where(ok, rows.to(gl.int64) * stride_am, -1))
+
+    @gluon.jit
+    def _gather_rows(a_ptr, rs, dst, k, num_warps: gl.constexpr):
+        """cp.async of dst's rows from the offsets in rs, at depth k; rows at -1 are skipped."""
+        LD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        o = rs.load(gl.SliceLayout(1, LD))
+        ok = gl.expand_dims(o >= 0, 1)
+        offs_k = gl.arange(0, dst.type.shape[1], layout=gl.SliceLayout(0, LD))
         # row starts are 16-byte aligned (`unsupported` checks the stride): 16-byte copies
-        p = gl.expand_dims(gl.multiple_of(rows.to(gl.int64) * stride_am, 8), 1) + gl.expand_dims(offs_k, 0)
-        return p, gl.expand_dims(ok, 1)
+        p = a_ptr + gl.expand_dims(gl.multiple_of(gl.maximum(o, 0), 8), 1) + gl.expand_dims(offs_k, 0)
+        _cp_async(dst, p + k, mask=ok)   # K % BK == 0
 
     @gluon.jit
-    def _gather_rows(a_ptr, a_index_ptr, ids_ptr, dst, t_row0, n_rows, num_rows, stride_am, k, OFF: gl.constexpr,
-                     A_DIV: gl.constexpr, A_INDEX: gl.constexpr, num_warps: gl.constexpr):
-        """cp.async of the block's rows OFF.. (dst's row count) at depth k into dst; rows past the block and
-        padding rows are skipped (never stored)."""
-        offs, ok = _row_offsets(a_index_ptr, ids_ptr, t_row0, n_rows, num_rows, stride_am, dst.type.shape[0], OFF,
-                                dst.type.shape[1], A_DIV, A_INDEX, num_warps)
-        _cp_async(dst, a_ptr + (offs + k), mask=ok)   # K % BK == 0
-
-    @gluon.jit
-    def gather_partition(a_ptr, a_index_ptr, ids_ptr, w_desc, wb, tb, tx, ready, free, w_row0, up_off, t_row0,
-                         n_rows, k_steps, num_rows, stride_am, A_DIV: gl.constexpr, A_INDEX: gl.constexpr,
+    def gather_partition(a_ptr, a_index_ptr, ids_ptr, w_desc, wb, tb, tx, rs, rsx, ready, free, w_row0, up_off,
+                         t_row0, n_rows, k_steps, num_rows, stride_am, A_DIV: gl.constexpr, A_INDEX: gl.constexpr,
                          SWIGLU: gl.constexpr, num_warps: gl.constexpr):
         """The block's rows gathered by cp.async (S - 1 steps in flight), the weight tile by TMA, into the ring.
-        The row offsets are made again each step, 64 rows at a time: kept, 18 rows a thread would not fit the
-        gatherer's 64 registers (the consumers need 224)."""
+        The rows' offsets wait in shared memory (rs: rows 0..255, rsx: 256..287), read 64 rows at a time each step:
+        in registers, 18 rows a thread do not fit the gatherer's 64 (the consumers need 224)."""
         S: gl.constexpr = wb.type.shape[0]
         BT: gl.constexpr = tb.type.shape[1]
         BK: gl.constexpr = tb.type.shape[2]
         CH: gl.constexpr = 64
         w_bytes: gl.constexpr = wb.type.shape[1] * BK * w_desc.dtype.primitive_bitwidth // 8
+        for c in gl.static_range(BT // CH):
+            _stash_offsets(a_index_ptr, ids_ptr, rs.slice(CH * c, CH), t_row0, n_rows, num_rows, stride_am, CH * c,
+                           A_DIV, A_INDEX, num_warps)
+        _stash_offsets(a_index_ptr, ids_ptr, rsx, t_row0, n_rows, num_rows, stride_am, BT, A_DIV, A_INDEX, num_warps)
         for kk in range(k_steps):
             # step kk - S + 1's copies have landed (S - 2 groups may stay in flight): its stage is ready. Done before
             # waiting for stage kk's slot, which the consumers free only once they have that step.
@@ -119,11 +121,9 @@ if gluon is not None:
             load_weights(w_desc, bar, wb.index(s), w_row0, up_off, k, SWIGLU)
             for c in gl.static_range(BT // CH):
                 if CH * c < n_rows:
-                    _gather_rows(a_ptr, a_index_ptr, ids_ptr, tb.index(s).slice(CH * c, CH), t_row0, n_rows,
-                                 num_rows, stride_am, k, CH * c, A_DIV, A_INDEX, num_warps)
+                    _gather_rows(a_ptr, rs.slice(CH * c, CH), tb.index(s).slice(CH * c, CH), k, num_warps)
             if n_rows > BT:
-                _gather_rows(a_ptr, a_index_ptr, ids_ptr, tx.index(s), t_row0, n_rows, num_rows, stride_am, k, BT,
-                             A_DIV, A_INDEX, num_warps)
+                _gather_rows(a_ptr, rsx, tx.index(s), k, num_warps)
             async_copy.commit_group()
         async_copy.wait_group(0)
         fence_async_shared()

@@ -23,6 +23,8 @@ UP = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages
 DOWN = {**UP, "BLOCK_N": 128}
 SWAP = {"up": UP, "down": DOWN, "linear": DOWN}
 SWAP_SMALL = {op: {**c, "GROUP_M": 1, "num_stages": 2} for op, c in SWAP.items()}
+# the tables' entry at 32 x 1024: the up GEMM's rows copied into aligned order first, loaded by TMA (SwiGLU boxes)
+SWAP_PERM = {**SWAP, "up": {**UP, "PERMUTE_A": True}}
 TRITON = {op: {**c, "SWAP": False, "BLOCK_M": 64, "BLOCK_K": 32, "num_stages": 3} for op, c in SWAP.items()}
 
 
@@ -51,7 +53,7 @@ def test_fused_moe_swap_matches_reference(expert_type, kind, T):
         ids[:, 1:] = ids[:, 1:] % (E - 1) + 1
     want64 = reference.moe_experts(x, ids, tw, w, expert_type)
     want = fused_moe(x, ids, tw, w, expert_type, config=TRITON)
-    for cfg in (SWAP, SWAP_SMALL):
+    for cfg in (SWAP, SWAP_SMALL, SWAP_PERM):
         op = "up" if expert_type == "swiglu" else "linear"
         assert_runs_swap(cfg[op], x, w[0], expert_type == "swiglu", expert_type == "linear")
         out = fused_moe(x, ids, tw, w, expert_type, config=cfg)
@@ -81,6 +83,7 @@ def test_every_block_size_and_split_experts():
     want = fused_moe_contiguous(rows, counts, w, config=TRITON)
     assert_runs_swap(UP, rows, w[0], True, False)
     assert rel_err(fused_moe_contiguous(rows, counts, w, config=SWAP), want) < 5e-3
+    assert rel_err(fused_moe_contiguous(rows, counts, w, config=SWAP_PERM), want) < 5e-3
     align = moe_align_contiguous(counts, N, 16)
     out = torch.full((N + 64, H), 7.0, device="cuda", dtype=torch.bfloat16)
     inter = torch.zeros(align.sorted_ids.numel(), I, device="cuda", dtype=torch.bfloat16)
