@@ -26,7 +26,6 @@ from nanomoe_kernels.fused_moe import fused_moe  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
 
 from bench.gpu.probe_cases import add_medians, rounds_us, run_cases  # noqa: E402
-from bench.gpu.ragged_swap_probe import rel  # noqa: E402
 
 H, I, K_TOP = 7168, 2048, 8
 GROUPED_UP = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=True,
@@ -38,6 +37,11 @@ SWAP_DOWN = {**SWAP_UP, "BLOCK_N": 128}
 CONFIGS = {"grouped": {"up": GROUPED_UP, "down": GROUPED_DOWN}, "swap": {"up": SWAP_UP, "down": SWAP_DOWN},
            "swap_perm": {"up": {**SWAP_UP, "PERMUTE_A": True}, "down": SWAP_DOWN},
            "tables": None}
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float32."""
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
 
 
 def sampled_float32(x, ids, tw, w, rows) -> torch.Tensor:
