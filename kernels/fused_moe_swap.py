@@ -115,8 +115,9 @@ if gluon is not None:
 
 
 def smem_bytes(stages: int) -> int:
-    """Shared memory of the ring: the weight tile, the main and the extra token rings (16-bit)."""
-    return stages * (BW + BT + QX) * BK * 2
+    """Shared memory of the ring (the weight tile, the main and the extra token rings, 16-bit) and the gathered
+    rows' int64 offsets."""
+    return stages * (BW + BT + QX) * BK * 2 + (BT + QX) * 8
 
 
 def unsupported(a: torch.Tensor, w: torch.Tensor, block_n: int, block_k: int, align_block: int, swiglu: bool,

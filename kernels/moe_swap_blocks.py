@@ -69,10 +69,12 @@ def swap_blocks(align: Alignment) -> SwapBlocks:
         raise ValueError(f"swap blocks need an alignment to {GRAIN} rows, got block_m={align.block_m}")
     E = align.padded_counts.numel()
     nb = max_swap_blocks(align)
-    out = torch.empty(3, nb, dtype=torch.int32, device=align.sorted_ids.device)
-    count = torch.zeros(1, dtype=torch.int32, device=out.device)
-    if E:
+    buf = torch.empty(3 * nb + 1, dtype=torch.int32, device=align.sorted_ids.device)   # one allocation
+    rows, sizes, experts, count = buf[:nb], buf[nb:2 * nb], buf[2 * nb:3 * nb], buf[3 * nb:]
+    if E:   # the kernel writes every entry, the count too
         ep = triton.next_power_of_2(E)
-        _swap_blocks_kernel[(1,)](align.padded_counts, out[0], out[1], out[2], count, E, nb, MOST=MOST, GRAIN=GRAIN,
+        _swap_blocks_kernel[(1,)](align.padded_counts, rows, sizes, experts, count, E, nb, MOST=MOST, GRAIN=GRAIN,
                                   EP=ep, BB=max(16, 4096 // ep))
-    return SwapBlocks(out[0], out[1], out[2], count)
+    else:
+        count.zero_()
+    return SwapBlocks(rows, sizes, experts, count)

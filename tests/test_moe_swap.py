@@ -73,6 +73,14 @@ def test_swap_blocks_need_the_16_row_alignment():
         msb.swap_blocks(align)
 
 
+def test_swap_blocks_of_no_experts_and_the_ring_fits():
+    b = msb.swap_blocks(ma.moe_align_contiguous(torch.zeros(0, dtype=torch.int32), 0, 16))
+    assert int(b.count) == 0 and b.rows.numel() == 0
+    # 4 stages of the weight tile and 288 token rows, plus the offsets, fit an H100 / H200 block; 5 do not
+    assert fused_moe_swap.smem_bytes(4) == 4 * (128 + 288) * 64 * 2 + 288 * 8 <= fused_moe_swap.SMEM_BYTES
+    assert fused_moe_swap.smem_bytes(5) > fused_moe_swap.SMEM_BYTES
+
+
 def test_swap_config_key():
     base = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     assert fmk.check_config({**base, "SWAP": True})["SWAP"] is True
