@@ -17,11 +17,11 @@ from __future__ import annotations
 from nanomoe_kernels.mla_decode_wgmma import gluon
 
 if gluon is not None:
-    from nanomoe_kernels.fused_moe_wgmma_load import _cp_async
+    from nanomoe_kernels.fused_moe_wgmma_load import _cp_async, cp_async_drain, cp_async_landed
     from nanomoe_kernels.mla_decode_wgmma import _tma_load
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
     @gluon.jit
     def load_weights(w_desc, bar, w_s, w_row0, up_off, k, SWIGLU: gl.constexpr):
@@ -107,12 +107,7 @@ if gluon is not None:
                            A_DIV, A_INDEX, num_warps)
         _stash_offsets(a_index_ptr, ids_ptr, rsx, t_row0, n_rows, num_rows, stride_am, BT, A_DIV, A_INDEX, num_warps)
         for kk in range(k_steps):
-            # step kk - S + 1's copies have landed (S - 2 groups may stay in flight): its stage is ready. Done before
-            # waiting for stage kk's slot, which the consumers free only once they have that step.
-            if kk >= S - 1:
-                async_copy.wait_group(S - 2)
-                fence_async_shared()
-                mbarrier.arrive(ready.index((kk - S + 1) % S), count=1)
+            cp_async_landed(ready, kk, S)
             s = kk % S
             mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)     # fresh barriers pass phase 1
             bar = ready.index(s)
@@ -125,7 +120,4 @@ if gluon is not None:
             if n_rows > BT:
                 _gather_rows(a_ptr, rsx, tx.index(s), k, num_warps)
             async_copy.commit_group()
-        async_copy.wait_group(0)
-        fence_async_shared()
-        for j in range(gl.maximum(k_steps - S + 1, 0), k_steps):
-            mbarrier.arrive(ready.index(j % S), count=1)
+        cp_async_drain(ready, k_steps, S)

@@ -109,12 +109,7 @@ if gluon is not None:
         BLOCK_K: gl.constexpr = a0.type.shape[2]
         b_bytes: gl.constexpr = b.type.shape[1] * b.type.shape[2] * b_desc.dtype.primitive_bitwidth // 8
         for kk in range(k_steps):
-            # step kk - S + 1's copies have landed (S - 2 groups may stay in flight): its stage is ready. Done before
-            # waiting for stage kk's slot, which the consumers free only once they have that step.
-            if kk >= S - 1:
-                async_copy.wait_group(S - 2)
-                fence_async_shared()
-                mbarrier.arrive(ready.index((kk - S + 1) % S), count=1)
+            cp_async_landed(ready, kk, S)
             s = kk % S
             mbarrier.wait(free.index(s), ((kk // S) & 1) ^ 1)     # fresh barriers pass phase 1
             bar = ready.index(s)
@@ -127,6 +122,21 @@ if gluon is not None:
             if CARRY:
                 _cp_async(t.index(s), p_t + k, mask=ok_t)
             async_copy.commit_group()
+        cp_async_drain(ready, k_steps, S)
+
+    @gluon.jit
+    def cp_async_landed(ready, kk, S: gl.constexpr):
+        """A cp.async ring's step kk: step kk - S + 1's copies have landed (S - 2 groups may stay in flight), so its
+        stage is ready. Called before waiting for stage kk's slot, which the consumers free only once they have
+        that step."""
+        if kk >= S - 1:
+            async_copy.wait_group(S - 2)
+            fence_async_shared()
+            mbarrier.arrive(ready.index((kk - S + 1) % S), count=1)
+
+    @gluon.jit
+    def cp_async_drain(ready, k_steps, S: gl.constexpr):
+        """After a cp.async ring's last step: every copy has landed; the last S - 1 steps' stages are ready."""
         async_copy.wait_group(0)
         fence_async_shared()
         for j in range(gl.maximum(k_steps - S + 1, 0), k_steps):

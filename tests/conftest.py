@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,26 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
+
+
+def _import_installed_kernels() -> None:
+    """Bind the name `kernels` to Hugging Face's `kernels` distribution when it is installed.
+
+    pytest puts the repo root on sys.path, where this repo's kernels/ folder (installed as nanomoe_kernels) would
+    shadow it, and transformers >= 5.25 imports it in every model. Nothing here imports the folder as `kernels`.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if os.path.realpath(p or os.curdir) != root]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:  # not installed: transformers below 5.25 does not need it
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed_kernels()
 
 settings.register_profile("ci", deadline=None, max_examples=60, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
