@@ -203,9 +203,10 @@ def fused_moe_aligned(a: torch.Tensor, align: Alignment, weights: tuple[torch.Te
     caller's (the public wrappers)."""
     w = weights
     out = a.new_empty((align.num_rows, w[-1].shape[1])) if out is None else out
-    # one block table per BLOCK_M above the alignment block (SWAP: its block list), shared by the two GEMMs
-    tables = {c["BLOCK_M"]: swap_blocks(align) if c["SWAP"] else block_tables(align, c["BLOCK_M"])
-              for c in (first, down) if c is not None and (c["BLOCK_M"] > align.block_m or c["SWAP"])}
+    tables = {}   # one block table per BLOCK_M above the alignment block (SWAP: its block list), made once
+    for c in (first, down):
+        if c is not None and (c["BLOCK_M"] > align.block_m or c["SWAP"]) and c["BLOCK_M"] not in tables:
+            tables[c["BLOCK_M"]] = swap_blocks(align) if c["SWAP"] else block_tables(align, c["BLOCK_M"])
     if expert_type == "linear":
         return moe_gemm(a, w[0], out, align, first, gather_a=True, scatter_c=True, a_div=a_div,
                         row_weights=row_weights, tables=tables.get(first["BLOCK_M"]), a_index=a_index)

@@ -7,7 +7,8 @@ Expert e's c = padded_counts[e] aligned rows (a multiple of 16, starting at the 
 counts) are split into nb = ceil(c / MOST) blocks of ceil(c / nb) rows rounded up to 16; the last takes the rest.
 So an expert of up to 288 rows is one block, and every block streams each weight tile once: the grouped kernel's
 time follows its weight-tile streams, not its MMA rows (bench/results/expert_ffn_notes.md, runs 253-258).
-One program writes every list; sizes are static, so nothing syncs with the host.
+Programs of BB blocks each write the lists (each sums the E counts itself); sizes are static, so nothing syncs
+with the host.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class SwapBlocks(NamedTuple):
 @triton.jit
 def _swap_blocks_kernel(counts_ptr, rows_ptr, sizes_ptr, experts_ptr, count_ptr, E, NB, MOST: tl.constexpr,
                         GRAIN: tl.constexpr, EP: tl.constexpr, BB: tl.constexpr):
+    # program p lists blocks p*BB .. p*BB + BB - 1; each program sums the E counts itself (a few hundred values)
     offs = tl.arange(0, EP)
     c = tl.load(counts_ptr + offs, mask=offs < E, other=0)
     nb = (c + MOST - 1) // MOST
@@ -43,19 +45,20 @@ def _swap_blocks_kernel(counts_ptr, rows_ptr, sizes_ptr, experts_ptr, count_ptr,
     ends = tl.cumsum(nb, axis=0)               # expert e's blocks are ends[e] - nb[e] .. ends[e] - 1
     starts = tl.cumsum(c, axis=0) - c          # expert e's first aligned row
     total = tl.sum(nb, axis=0)
-    tl.store(count_ptr, total)
-    for b0 in range(0, NB, BB):
-        b = b0 + tl.arange(0, BB)
-        e = tl.sum((ends[None, :] <= b[:, None]).to(tl.int32), axis=1)   # [BB]: the expert of block b
-        mine = offs[None, :] == e[:, None]                                  # [BB, EP]
-        c_e = tl.sum(tl.where(mine, c[None, :], 0), axis=1)
-        chunk_e = tl.sum(tl.where(mine, chunk[None, :], 0), axis=1)
-        j = b - tl.sum(tl.where(mine, (ends - nb)[None, :], 0), axis=1)
-        row = tl.sum(tl.where(mine, starts[None, :], 0), axis=1) + j * chunk_e
-        used = b < total
-        tl.store(rows_ptr + b, tl.where(used, row, 0), mask=b < NB)
-        tl.store(sizes_ptr + b, tl.where(used, tl.minimum(chunk_e, c_e - j * chunk_e), 0), mask=b < NB)
-        tl.store(experts_ptr + b, tl.where(used, e, 0), mask=b < NB)
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(count_ptr, total)
+    b = pid * BB + tl.arange(0, BB)
+    e = tl.sum((ends[None, :] <= b[:, None]).to(tl.int32), axis=1)   # [BB]: the expert of block b
+    mine = offs[None, :] == e[:, None]                                  # [BB, EP]
+    c_e = tl.sum(tl.where(mine, c[None, :], 0), axis=1)
+    chunk_e = tl.sum(tl.where(mine, chunk[None, :], 0), axis=1)
+    j = b - tl.sum(tl.where(mine, (ends - nb)[None, :], 0), axis=1)
+    row = tl.sum(tl.where(mine, starts[None, :], 0), axis=1) + j * chunk_e
+    used = b < total
+    tl.store(rows_ptr + b, tl.where(used, row, 0), mask=b < NB)
+    tl.store(sizes_ptr + b, tl.where(used, tl.minimum(chunk_e, c_e - j * chunk_e), 0), mask=b < NB)
+    tl.store(experts_ptr + b, tl.where(used, e, 0), mask=b < NB)
 
 
 def max_swap_blocks(align: Alignment) -> int:
@@ -73,8 +76,9 @@ def swap_blocks(align: Alignment) -> SwapBlocks:
     rows, sizes, experts, count = buf[:nb], buf[nb:2 * nb], buf[2 * nb:3 * nb], buf[3 * nb:]
     if E:   # the kernel writes every entry, the count too
         ep = triton.next_power_of_2(E)
-        _swap_blocks_kernel[(1,)](align.padded_counts, rows, sizes, experts, count, E, nb, MOST=MOST, GRAIN=GRAIN,
-                                  EP=ep, BB=max(16, 4096 // ep))
+        bb = max(16, 4096 // ep)   # [BB, EP] tiles of 4096 values
+        _swap_blocks_kernel[(triton.cdiv(nb, bb),)](align.padded_counts, rows, sizes, experts, count, E, nb,
+                                                    MOST=MOST, GRAIN=GRAIN, EP=ep, BB=bb)
     else:
         count.zero_()
     return SwapBlocks(rows, sizes, experts, count)

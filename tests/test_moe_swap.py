@@ -49,9 +49,8 @@ def model_blocks(padded: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(0, 700), min_size=1, max_size=40))
-def test_swap_blocks_match_the_rule(counts):
+def check_blocks(counts: list[int]) -> None:
+    """swap_blocks over an alignment of these counts equals model_blocks, count and padding entries included."""
     c = torch.tensor(counts, dtype=torch.int32)
     align = ma.moe_align_contiguous(c, int(c.sum()), 16)
     b = msb.swap_blocks(align)
@@ -65,6 +64,19 @@ def test_swap_blocks_match_the_rule(counts):
     # every aligned row in exactly one block of its own expert, every block at most MOST rows, in 16-row steps
     assert sum(s for _, s, _ in got) == sum(padded)
     assert all(0 < s <= msb.MOST and s % 16 == 0 for _, s, _ in got)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 700), min_size=1, max_size=40))
+def test_swap_blocks_match_the_rule(counts):
+    check_blocks(counts)
+
+
+@pytest.mark.parametrize("counts", [[300] * 256, [200, 0, 77] * 70, [300_000, 5, 0, 1000]],
+                         ids=["256x300", "210_mixed", "few_huge"])
+def test_swap_blocks_over_many_programs(counts):
+    # programs of BB blocks each (16 at 256 experts, 1024 at 4): these lists need several of them
+    check_blocks(counts)
 
 
 def test_swap_blocks_need_the_16_row_alignment():

@@ -1,7 +1,7 @@
 """One GPU: the whole expert FFN (kernels.fused_moe.fused_moe: align, the two GEMMs, the k-sum) with `SWAP` configs
 (kernels/fused_moe_swap.py) against the grouped wgmma kernel's configs, in the same run.
 
-    python bench/gpu/swap_ffn_probe.py --json out.json [--rounds 7] [--cases 32x1024,64x2048,32x2048]
+    python bench/gpu/swap_ffn_probe.py --json out.json [--rounds 7] [--cases 32x1024,64x2048,32x2048] [--kernels]
 
 DeepSeek-V3 dims (H 7168, I 2048), top-8 uniform routing. Variants, median us of interleaved do_bench rounds (L2
 flushed): `grouped`: the tables' configs for E = 32, T = 1024 before SWAP (128 x 128 up tiles with WGMMA and
@@ -10,7 +10,8 @@ STAGE_C, the Triton kernel's 128 x 256 down tiles, 64-row tails merged); `swap`:
 copied into aligned order first (PERMUTE_A) and loaded by TMA; `tables`: whatever kernels/tuned picks now;
 `swap_up` / `swap_down`: `swap_perm`'s config for one GEMM, the tables' for the other. Each case is checked
 first: every variant against float64 on 16 sampled tokens and against the first variant named (relative error,
-bitwise).
+bitwise). --kernels: each variant's kernels in launch order, us per call from torch.profiler (3 calls after the
+rounds, no flush between them).
 Dimension legend: T tokens, k top-k, E experts.
 """
 
@@ -68,7 +69,23 @@ def sampled_float32(x, ids, tw, w, rows) -> torch.Tensor:
     return want
 
 
-def run_case(E: int, T: int, w: tuple[torch.Tensor, ...], rounds: int, rep_ms: int, names: list[str]) -> dict:
+def kernel_sequence(fn, calls: int = 3) -> list[list]:
+    """[[kernel name, us], ...] of one call of fn in launch order, each the mean over `calls` profiled calls."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda e: e.time_range.start)
+    n = len(evs) // calls
+    return [[evs[i].name[:60], round(sum(evs[i + c * n].device_time for c in range(calls)) / calls, 1)]
+            for i in range(n)]
+
+
+def run_case(E: int, T: int, w: tuple[torch.Tensor, ...], rounds: int, rep_ms: int, names: list[str],
+             kernels: bool = False) -> dict:
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids, tw = make_routing(T, E, K_TOP, "cuda", seed=T)
     cfgs = {n: case_config(n, E, T * K_TOP) for n in names}
@@ -82,6 +99,10 @@ def run_case(E: int, T: int, w: tuple[torch.Tensor, ...], rounds: int, rep_ms: i
            "bitwise_vs_baseline": {n: bool(torch.equal(o, outs[names[0]])) for n, o in outs.items()}}
     rec["variants"] = {n: {"us": us} for n, us in rounds_us(fns, rounds, rep_ms).items()}
     add_medians(rec["variants"], 2 * T * K_TOP * 3 * H * I)
+    if kernels:
+        for n, f in fns.items():
+            rec["variants"][n]["kernels"] = kernel_sequence(f)
+            print(json.dumps({"case": rec["case"], "variant": n, "kernels": rec["variants"][n]["kernels"]}), flush=True)
     print(json.dumps({"case": rec["case"], "err": rec["rel_err_vs_baseline"]}
                      | {n: v["median_us"] for n, v in rec["variants"].items()}), flush=True)
     return rec
@@ -94,6 +115,7 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=int, default=150)
     ap.add_argument("--cases", default="32x1024,64x2048,32x2048")
     ap.add_argument("--variants", default="grouped,swap,tables")
+    ap.add_argument("--kernels", action="store_true", help="each variant's kernels in launch order (torch.profiler)")
     a = ap.parse_args()
     weights: dict[int, tuple[torch.Tensor, ...]] = {}
 
@@ -102,7 +124,7 @@ def main() -> None:
         if E not in weights:
             weights.clear()   # one expert count's weights at a time (256 experts: 11 GB)
             weights[E] = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda")
-        return [run_case(E, T, weights[E], a.rounds, a.rep_ms, a.variants.split(","))]
+        return [run_case(E, T, weights[E], a.rounds, a.rep_ms, a.variants.split(","), a.kernels)]
 
     out = run_cases("swap_ffn_probe", a.json, a.cases.split(","), run)
     out["command"] = "python " + " ".join(sys.argv)
