@@ -54,19 +54,32 @@ K_TOP, H, I = 8, 7168, 2048
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run (--dims, TRITON_INTERPRET=1)
 
 
-def kernel_breakdown(fn, calls: int = 3) -> dict[str, float]:
-    """us per call of each CUDA kernel `fn` launches (torch.profiler over `calls` calls after a warm-up)."""
+def cuda_events(fn, calls: int) -> list:
+    """The CUDA kernels of `calls` calls of fn in launch order (torch.profiler events, after one warm-up call)."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)
+
+
+def kernel_breakdown(fn, calls: int = 3) -> dict[str, float]:
+    """us per call of each CUDA kernel `fn` launches (torch.profiler over `calls` calls after a warm-up)."""
     acc: dict[str, float] = collections.defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            acc[ev.name[:90]] += ev.device_time / calls
+    for ev in cuda_events(fn, calls):
+        acc[ev.name[:90]] += ev.device_time / calls
     return {k: round(v, 1) for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
+
+
+def kernel_sequence(fn, calls: int = 3) -> list[list]:
+    """[[kernel name, us], ...] of one call of fn in launch order, each the mean over `calls` profiled calls."""
+    evs = cuda_events(fn, calls)
+    n = len(evs) // calls
+    return [[evs[i].name[:60], round(sum(evs[i + c * n].device_time for c in range(calls)) / calls, 1)]
+            for i in range(n)]
 
 
 def masked_inputs(x: torch.Tensor, ids: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from nanomoe_kernels.fused_moe import fused_moe, get_config  # noqa: E402
 from nanomoe_reference.expert_rows import make_routing, make_weights  # noqa: E402
 
+from bench.gpu.ffn_layout_probe import kernel_sequence  # noqa: E402
 from bench.gpu.probe_cases import add_medians, rounds_us, run_cases  # noqa: E402
 
 H, I, K_TOP = 7168, 2048, 8
@@ -67,21 +68,6 @@ def sampled_float32(x, ids, tw, w, rows) -> torch.Tensor:
         h = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
         want += tw[rows, j, None].float() * torch.einsum("ti,thi->th", h.bfloat16().float(), w2[e])
     return want
-
-
-def kernel_sequence(fn, calls: int = 3) -> list[list]:
-    """[[kernel name, us], ...] of one call of fn in launch order, each the mean over `calls` profiled calls."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                 key=lambda e: e.time_range.start)
-    n = len(evs) // calls
-    return [[evs[i].name[:60], round(sum(evs[i + c * n].device_time for c in range(calls)) / calls, 1)]
-            for i in range(n)]
 
 
 def run_case(E: int, T: int, w: tuple[torch.Tensor, ...], rounds: int, rep_ms: int, names: list[str],
