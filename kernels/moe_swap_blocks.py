@@ -1,7 +1,7 @@
 """Blocks sized to each expert for the swap-AB expert GEMM (kernels/fused_moe_swap.py), listed on the device.
 
 Dimension legend: E experts, EP = next power of two >= E, R aligned rows (kernels.moe_align with block_m = GRAIN =
-16), MOST = 288 rows a block at most, NB = cdiv(R, MOST) + E, the static bound of the blocks, BB blocks per step.
+16), MOST = 288 rows a block at most, NB = cdiv(R, MOST) + E, the static bound of the blocks, BB blocks per program.
 
 Expert e's c = padded_counts[e] aligned rows (a multiple of 16, starting at the exclusive cumsum of the padded
 counts) are split into nb = ceil(c / MOST) blocks of ceil(c / nb) rows rounded up to 16; the last takes the rest.

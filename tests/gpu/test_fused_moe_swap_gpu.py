@@ -11,10 +11,12 @@ import nanomoe_reference as reference
 import pytest
 import torch
 from nanomoe_kernels import fused_moe_swap, fused_moe_wgmma
-from nanomoe_kernels.fused_moe import fused_moe, fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
+from nanomoe_kernels.fused_moe import fused_moe, fused_moe_contiguous
 from nanomoe_kernels.fused_moe_kernel import moe_gemm
 from nanomoe_kernels.moe_align import moe_align_contiguous
 from nanomoe_reference.expert_rows import make_routing, make_weights
+
+from tests.gpu.expert_layouts import check_layouts, rel_err
 
 _OK = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and fused_moe_wgmma.supported_triton()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _OK, reason="needs an sm_90 GPU and Triton >= 3.6")]
@@ -26,11 +28,6 @@ SWAP_SMALL = {op: {**c, "GROUP_M": 1, "num_stages": 2} for op, c in SWAP.items()
 # the tables' entry at 32 x 1024: the up GEMM's rows copied into aligned order first, loaded by TMA (SwiGLU boxes)
 SWAP_PERM = {**SWAP, "up": {**UP, "PERMUTE_A": True}}
 TRITON = {op: {**c, "SWAP": False, "BLOCK_M": 64, "BLOCK_K": 32, "num_stages": 3} for op, c in SWAP.items()}
-
-
-def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "output holds NaN/Inf"
-    return float((out.double().cpu() - want.double().cpu()).norm() / want.double().norm().clamp_min(1e-30))
 
 
 def assert_runs_swap(cfg: dict, a: torch.Tensor, w: torch.Tensor, swiglu: bool, weighted: bool) -> None:
@@ -94,27 +91,7 @@ def test_every_block_size_and_split_experts():
 
 
 def test_contiguous_gathered_and_masked_layouts():
-    E, k, H, I, T = 8, 2, 256, 128, 700
-    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=5)
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    ids, tw = make_routing(T, E, k, "cuda", seed=6)
-    flat = ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E).to(torch.int32)
-    rows = x[order // k]
-    want = fused_moe_contiguous(rows, counts, w, config=TRITON)
-    assert rel_err(fused_moe_contiguous(rows, counts, w, config=SWAP), want) < 5e-3
-    got = fused_moe_gathered(x, (order // k).to(torch.int32), counts, w, config=SWAP)
-    assert rel_err(got, want) < 5e-3
-    cap = int(counts.max()) + 5
-    xm = torch.zeros(E, cap, H, device="cuda", dtype=torch.bfloat16)
-    starts = torch.cumsum(counts, 0) - counts
-    for e in range(E):
-        xm[e, :counts[e]] = rows[starts[e]:starts[e] + counts[e]]
-    got = fused_moe_masked(xm, counts, w, config=SWAP)
-    for e in range(E):
-        n = int(counts[e])
-        assert rel_err(got[e, :n], want[starts[e]:starts[e] + n]) < 5e-3
+    check_layouts(SWAP, TRITON, T=700)
 
 
 def test_deepseek_dims_against_the_tables():

@@ -11,10 +11,12 @@ import nanomoe_reference as reference
 import pytest
 import torch
 from nanomoe_kernels import fused_moe_wgmma
-from nanomoe_kernels.fused_moe import fused_moe, fused_moe_contiguous, fused_moe_gathered, fused_moe_masked
+from nanomoe_kernels.fused_moe import fused_moe, fused_moe_contiguous
 from nanomoe_kernels.fused_moe_kernel import check_config, moe_gemm, wgmma_unsupported
 from nanomoe_kernels.moe_align import moe_align, moe_align_contiguous
 from nanomoe_reference.expert_rows import make_routing, make_weights
+
+from tests.gpu.expert_layouts import check_layouts, rel_err
 
 _OK = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and fused_moe_wgmma.supported_triton()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _OK, reason="needs an sm_90 GPU and Triton >= 3.6")]
@@ -38,11 +40,6 @@ TAIL16 = {"up": {**UP, "TAIL_N": 16}, "down": {**DOWN, "BLOCK_N": 128, "TAIL_N":
 def staged(cfgs: dict) -> dict:
     """The same configs with the output tile stored through shared memory (STAGE_C)."""
     return {op: {**c, "STAGE_C": True} for op, c in cfgs.items()}
-
-
-def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "output holds NaN/Inf"
-    return float((out.double().cpu() - want.double().cpu()).norm() / want.double().norm().clamp_min(1e-30))
 
 
 def routing(T: int, E: int, k: int, kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,27 +101,7 @@ def test_deepseek_dims_against_the_triton_kernel(T):
 
 
 def test_contiguous_gathered_and_masked_layouts():
-    E, k, H, I, T = 8, 2, 256, 128, 200
-    w = make_weights(E, H, I, "swiglu", torch.bfloat16, "cuda", seed=5)
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    ids, tw = make_routing(T, E, k, "cuda", seed=6)
-    flat = ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E).to(torch.int32)
-    rows = x[order // k]
-    want = fused_moe_contiguous(rows, counts, w, config=TRITON)
-    assert rel_err(fused_moe_contiguous(rows, counts, w, config=WG), want) < 5e-3
-    got = fused_moe_gathered(x, (order // k).to(torch.int32), counts, w, config=WG)
-    assert rel_err(got, want) < 5e-3
-    cap = int(counts.max()) + 5
-    xm = torch.zeros(E, cap, H, device="cuda", dtype=torch.bfloat16)
-    starts = torch.cumsum(counts, 0) - counts
-    for e in range(E):
-        xm[e, :counts[e]] = rows[starts[e]:starts[e] + counts[e]]
-    got = fused_moe_masked(xm, counts, w, config=WG)
-    for e in range(E):
-        n = int(counts[e])
-        assert rel_err(got[e, :n], want[starts[e]:starts[e] + n]) < 5e-3
+    check_layouts(WG, TRITON, T=200)
 
 
 @pytest.mark.parametrize("stage_c, tail_n", [(False, 0), (True, 0), (False, 32), (True, 16)])
