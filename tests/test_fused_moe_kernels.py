@@ -217,6 +217,33 @@ def test_masked_matches_reference(counts, slack, expert_type, dtype, ci, seed):
 @given(problems(), st.sampled_from([16, 32, 64]))
 def test_align_groups_rows_by_expert(prob, block_m):
     T, k, E, *_, ids, _ = prob
+    check_alignment(ids, E, block_m)
+
+
+@pytest.mark.parametrize("n, E, block_m, chunks", [(20000, 64, 16, (1024, 128)), (33000, 256, 16, (1024,)),
+                                                    (9000, 8, 64, (1024, 128))])
+def test_align_over_many_programs(n, E, block_m, chunks):
+    # the offsets kernel's grid: 21 / 128 programs (the second wraps: 2115 blocks over 128 programs of 16)
+    # and 3 programs of 64 blocks at 8 experts; skewed counts, a few experts with none
+    g = torch.Generator().manual_seed(n)
+    ids = (torch.rand(n, generator=g) ** 3 * (E - 3)).to(torch.int32)
+    al = check_alignment(ids, E, block_m)
+    # the default chunking: one chunk up to 1024 rows, then ~128 chunks of 256-1024 rows
+    assert [ma.chunk_rows(m) for m in (5, 1000, 1025, n, 10 ** 6)] == [16, 1024, 256, ma.chunk_rows(n), 1024]
+    assert 256 <= ma.chunk_rows(n) <= 512
+    # other chunkings (1024: 9-33 chunks; 128: the sub-chunk is the whole chunk) give the same alignment
+    for chunk in chunks:
+        other = ma.moe_align(ids, E, block_m, chunk=chunk)
+        used = int(al.num_padded[0])
+        assert int(other.num_padded[0]) == used
+        assert torch.equal(other.sorted_ids[:used], al.sorted_ids[:used])
+        assert torch.equal(other.expert_ids[:used // block_m], al.expert_ids[:used // block_m])
+    with pytest.raises(ValueError, match="chunk must be a power of two >= 16"):
+        ma.moe_align(ids, E, block_m, chunk=100)
+
+
+def check_alignment(ids: torch.Tensor, E: int, block_m: int) -> ma.Alignment:
+    """moe_align(ids) against the rows' expert ids: full blocks of one expert, every row once, stable order."""
     al = ma.moe_align(ids.to(DEV), E, block_m)
     flat = ids.reshape(-1).tolist()
     npad = int(al.num_padded[0])
@@ -231,6 +258,7 @@ def test_align_groups_rows_by_expert(prob, block_m):
     assert sorted(seen) == list(range(len(flat)))  # every row exactly once
     assert all(sorted(r for r in seen if flat[r] == e) == [r for r in seen if flat[r] == e] for e in range(E))
     assert_padding_last(al, len(flat))
+    return al
 
 
 def assert_padding_last(al: ma.Alignment, sentinel: int) -> None:

@@ -1,9 +1,10 @@
 """One GPU: where the whole expert FFN's do_bench time goes beyond its kernels. For each case and config variant:
 the eager call under do_bench (L2 flushed), the same call captured in a CUDA graph and replayed under do_bench,
 the host's time to issue one call (perf_counter around the call, the GPU idle before it), and the kernels' sum
-from torch.profiler.
+from torch.profiler; with --host-profile, the functions that take the host's time (cProfile).
 
     python bench/gpu/ffn_host_probe.py --json out.json [--cases 32x1024,128x4096] [--variants tables,swap_perm]
+                                       [--host-profile]
 
 Variants as in bench/gpu/swap_ffn_probe.py. Dimension legend: T tokens, E experts.
 """
@@ -11,8 +12,10 @@ Variants as in bench/gpu/swap_ffn_probe.py. Dimension legend: T tokens, E expert
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -39,6 +42,23 @@ def host_us(fn, calls: int = 20) -> float:
     return round(statistics.median(out), 1)
 
 
+def host_profile(fn, calls: int = 20, top: int = 25) -> list[list]:
+    """cProfile of `calls` calls: [[function, calls per call, own us per call, cumulative us per call], ...], the
+    `top` largest own times (the GPU synchronised once, after the calls)."""
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    rows = []
+    for (file, line, name), (_, ncalls, own, cum, _) in pstats.Stats(prof).stats.items():
+        rows.append([f"{name} ({os.path.basename(file)}:{line})", round(ncalls / calls, 2),
+                     round(own / calls * 1e6, 1), round(cum / calls * 1e6, 1)])
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
 def graph_of(fn) -> torch.cuda.CUDAGraph:
     """fn captured once (after warm-up on a side stream)."""
     s = torch.cuda.Stream()
@@ -59,6 +79,7 @@ def main() -> None:
     ap.add_argument("--cases", default="32x1024,128x4096")
     ap.add_argument("--variants", default="tables,swap_perm")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--host-profile", action="store_true", help="where the host's time goes (cProfile, 20 calls)")
     a = ap.parse_args()
     out = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "cases": []}
     for case in a.cases.split(","):
@@ -80,6 +101,8 @@ def main() -> None:
                 rec["graph_us"].append(round(triton.testing.do_bench(g.replay, rep=150, return_mode="median") * 1e3,
                                              1))
             rec["kernel_sum_us"] = round(sum(k[1] for k in rec["kernels"]), 1)
+            if a.host_profile:
+                rec["host_profile"] = host_profile(fn)
             print(json.dumps({k: v for k, v in rec.items() if k != "kernels"}), flush=True)
             out["cases"].append(rec)
             del g

@@ -17,7 +17,11 @@
 #   STAGES="ffn_wgmma" bash bench/gpu/kernels_gpu.sh                 (probe: the Gluon wgmma expert GEMM against
 #                                                                   the tuned Triton configs and the peers)
 #
-# Env: STAGES (any of: tests tune ffn ffn_graph mla ranking pdl tiles layout route clock wgmma ffn_wgmma), TOTAL
+#   STAGES="align host" bash bench/gpu/kernels_gpu.sh                (probes: moe_align's grids; the FFN call's
+#                                                                   host time and kernels, HOST_FLAGS)
+#
+# Env: STAGES (any of: tests tune ffn ffn_graph mla ranking pdl tiles layout route clock wgmma ffn_wgmma align
+# host), TOTAL
 # (seconds, 560), TUNE_TOKENS
 # (tuner sizes, "1024 4096"), TUNE_EXPERTS ("32"), FFN_FLAGS / MLA_FLAGS / RANKING_FLAGS / LAYOUT_FLAGS / WGMMA_FLAGS
 # / FFN_WGMMA_FLAGS / TILES_FLAGS (extra flags), MLA_LIMIT / LAYOUT_LIMIT / TILES_LIMIT / TEST_LIMIT (those steps' seconds), TESTS (the test files), PYTEST_K (their
@@ -88,10 +92,13 @@ has wgmma && step wgmma "${WGMMA_LIMIT:-200}" python3 bench/gpu/mla_small_probe.
 has pdl && step pdl 150 python3 bench/gpu/mla_small_probe.py --pdl --rounds 5 --out "$RES/mla_pdl_probe.json"
 has ffn_wgmma && step ffn_wgmma "${FFN_WGMMA_LIMIT:-300}" python3 bench/gpu/ffn_wgmma_probe.py ${FFN_WGMMA_FLAGS:-} \
   --json "$RES/ffn_wgmma_probe.json"
+has align && step align "${ALIGN_LIMIT:-150}" python3 bench/gpu/align_probe.py --json "$RES/align_probe.json"
+# shellcheck disable=SC2086
+has host && step host "${HOST_LIMIT:-200}" python3 bench/gpu/ffn_host_probe.py ${HOST_FLAGS:-} --json "$RES/ffn_host_probe.json"
 has tiles && step tiles "${TILES_LIMIT:-240}" python3 bench/gpu/ffn_config_probe.py --rounds 5 ${TILES_FLAGS:-} --json "$RES/ffn_tiles_probe.json"
 has ranking && run_ranking
 [ -n "${gpu1_pid:-}" ] && wait "$gpu1_pid"
-for f in ffn ffn_graph mla ranking pdl tiles layout route clock wgmma ffn_wgmma; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
+for f in ffn ffn_graph mla ranking pdl tiles layout route clock wgmma ffn_wgmma align host; do [ -f "$LOGS/$f.log" ] && tail -n 40 "$LOGS/$f.log" >> "$OUT/summary.txt"; done
 # one archive: the device tool returns a limited number of files
 tar czf "$OUT/results.tgz" -C "$OUT" results logs && rm -rf "$RES" "$LOGS"
 cat "$OUT/summary.txt"
