@@ -228,9 +228,9 @@ def test_align_over_many_programs(n, E, block_m, chunks):
     g = torch.Generator().manual_seed(n)
     ids = (torch.rand(n, generator=g) ** 3 * (E - 3)).to(torch.int32)
     al = check_alignment(ids, E, block_m)
-    # the default chunking: one chunk up to 1024 rows, then ~128 chunks of 256-1024 rows
-    assert [ma.chunk_rows(m) for m in (5, 1000, 1025, n, 10 ** 6)] == [16, 1024, 256, ma.chunk_rows(n), 1024]
-    assert 256 <= ma.chunk_rows(n) <= 512
+    # the default chunking: one chunk up to 128 rows, then chunks of 128-1024 rows (~128 of them past 16k)
+    assert [ma.chunk_rows(m) for m in (5, 128, 1000, 16384, 16385, 10 ** 6)] == [16, 128, 128, 128, 256, 1024]
+    assert 128 <= ma.chunk_rows(n) <= 512
     # other chunkings (1024: 9-33 chunks; 128: the sub-chunk is the whole chunk) give the same alignment
     for chunk in chunks:
         other = ma.moe_align(ids, E, block_m, chunk=chunk)

@@ -29,6 +29,7 @@ from bench.gpu.ffn_layout_probe import kernel_breakdown  # noqa: E402
 
 K_TOP = 8
 # name -> (offsets programs cap, chunk): "one_1024" is the kernels as they were before the grid and chunk_rows
+# (in run 270, chunk_rows had a 256-row floor)
 VARIANTS = {"one_1024": (1, 1024), "grid_1024": (ma._OFFSET_PROGRAMS, 1024), "one_auto": (1, None),
             "grid_auto": (ma._OFFSET_PROGRAMS, None)}
 
